@@ -1,0 +1,79 @@
+"""``esp-medsam prepare``: build the domains' datasets (from downloaded data, or synthetic) and optionally push them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--domains", nargs="+", default=None, metavar="DOMAIN",
+        help="domain names, or the groups all/source/unseen (default: all with --synthetic, else required)",
+    )
+    parser.add_argument("--data-dir", help="folder holding the downloaded data in an accepted layout")
+    parser.add_argument("--output", required=True, help="output folder (one sub-folder per domain + README.md)")
+    parser.add_argument("--layout", help="force a layout (default: detected); see docs/data.md")
+    parser.add_argument("--strict", action="store_true", help="fail if a listed file is missing or a found file is unlisted")
+    parser.add_argument("--skip-invalid", action="store_true", help="skip bad files (counted and reported) instead of failing")
+    parser.add_argument("--mask-threshold", type=float, help="binarise masks as value > T instead of requiring binary masks")
+    parser.add_argument("--size", type=int, help="resize images (bilinear) and masks (nearest) to SIZE x SIZE")
+    parser.add_argument("--overwrite", action="store_true", help="replace domains already in the output folder")
+    parser.add_argument("--synthetic", action="store_true", help="write SYNTHETIC domains instead of reading data")
+    parser.add_argument("--num-per-split", type=int, default=8, help="synthetic images per split (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the output folder to this Hub dataset repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--token", help="Hub token (default: the logged-in one)")
+
+
+def _summary_line(report) -> str:
+    rows = ", ".join(f"{split} {count}" for split, count in report.rows.items())
+    return (
+        f"{report.domain}: layout {report.layout}; rows {rows}; missing {len(report.missing)}, "
+        f"unlisted {len(report.unlisted)}, skipped {len(report.skipped)}; {report.images_per_second:.1f} images/s"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from ..data.domains import resolve_domains
+    from ..data.layouts import LayoutError
+    from ..data.prepare import PreparationError, prepare_domain, push_to_hub, write_output
+    from ..data.synthetic import DEFAULT_SIZE, synthetic_domain
+
+    try:
+        domains = resolve_domains(args.domains)
+        if args.synthetic:
+            size = args.size or DEFAULT_SIZE
+            for domain in domains:
+                start = time.perf_counter()
+                dataset_dict = synthetic_domain(domain.name, args.num_per_split, seed=args.seed, size=size)
+                seconds = time.perf_counter() - start
+                report = {"domain": domain.name, "synthetic": True, "seed": args.seed, "size": size,
+                          "rows": {split: len(ds) for split, ds in dataset_dict.items()}, "seconds": seconds}
+                write_output(dataset_dict, args.output, domain.name, report, overwrite=args.overwrite, synthetic=True)
+                total = sum(report["rows"].values())
+                print(f"{domain.name}: SYNTHETIC, {total} rows, {total / seconds:.1f} images/s")
+        elif args.data_dir or not args.push_to_hub:
+            if not args.data_dir or not args.domains:
+                raise PreparationError("--domains and --data-dir are required (or pass --synthetic)")
+            for domain in domains:
+                _, report = prepare_domain(
+                    domain.name, args.data_dir, args.output, overwrite=args.overwrite, layout=args.layout,
+                    strict=args.strict, skip_invalid=args.skip_invalid, mask_threshold=args.mask_threshold,
+                    size=args.size,
+                )
+                print(_summary_line(report))
+                for label, names in (("missing", report.missing), ("unlisted", report.unlisted)):
+                    if names:
+                        print(f"  {label}: {', '.join(names)}")
+                for skipped in report.skipped:
+                    print(f"  skipped {skipped['file_name']}: {skipped['reason']}")
+        if args.push_to_hub:
+            print(f"pushed: {push_to_hub(args.output, args.push_to_hub, token=args.token, private=args.private)}")
+    except (PreparationError, LayoutError, KeyError, FileExistsError, ConnectionError) as error:
+        print(f"esp-medsam prepare: error: {error.args[0] if error.args else error}", file=sys.stderr)
+        return 1
+    return 0

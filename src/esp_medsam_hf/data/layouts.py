@@ -1,0 +1,337 @@
+"""Input layouts: where the image and the mask file(s) of each official file name lie in a folder on disk.
+
+Two kinds of layout are accepted:
+
+* ``official``: the official release's preprocessed folders, ``image_1024/NAME.png`` and ``mask_1024/NAME.png``
+  (in the given folder or in its ``<domain>/`` subfolder), for every domain.
+* the public dataset's own layout, as distributed, wherever the official file names can be derived from it
+  (see :data:`LAYOUTS`). Masks that come as several files (one per nucleus in DSB 2018, ``_mask_1`` ... in BUSI,
+  left and right lung in Montgomery) are merged with a logical OR.
+
+Each layout only maps names to paths; reading and checking the files is :mod:`esp_medsam_hf.data.prepare`'s.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .domains import DOMAIN_NAMES, get_domain
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm")
+
+
+class LayoutError(ValueError):
+    """The folder does not hold a layout this package can read."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """The files of one official file name: an image and the mask files to merge (none if no mask was found)."""
+
+    name: str
+    image: Path
+    masks: tuple[Path, ...]
+
+
+KeyFunction = Callable[[Path], "str | None"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A named way of finding images and masks under a folder."""
+
+    name: str
+    description: str
+    finder: Callable[[Path, str], dict[str, SourceItem]]
+
+    def find(self, root: Path, domain: str) -> dict[str, SourceItem]:
+        """Official file name -> files, for everything this layout recognises under ``root``."""
+        return self.finder(Path(root), domain)
+
+
+def _list_files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise LayoutError(f"{root}: not a folder")
+    files: list[Path] = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        files.extend(Path(folder) / name for name in sorted(names) if not name.startswith("."))
+    return files
+
+
+def _assemble(files: list[Path], image_key: KeyFunction, mask_key: KeyFunction) -> dict[str, SourceItem]:
+    """Pair images and masks by official name: ``mask_key``/``image_key`` give the name of a file, or None."""
+    images: dict[str, Path] = {}
+    masks: dict[str, list[Path]] = defaultdict(list)
+    for path in files:
+        key = mask_key(path)
+        if key is not None:
+            masks[key].append(path)
+            continue
+        key = image_key(path)
+        if key is None:
+            continue
+        if key in images:
+            raise LayoutError(f"two images give the official name {key}: {images[key]} and {path}")
+        images[key] = path
+    return {key: SourceItem(key, path, tuple(sorted(masks.get(key, ())))) for key, path in sorted(images.items())}
+
+
+def _match(pattern: str, flags: int = 0) -> Callable[[str], "re.Match[str] | None"]:
+    compiled = re.compile(pattern, flags)
+    return compiled.fullmatch
+
+
+def _find_official(root: Path, domain: str) -> dict[str, SourceItem]:
+    for base in (root, root / domain):
+        image_dir, mask_dir = base / "image_1024", base / "mask_1024"
+        if image_dir.is_dir():
+            break
+    else:
+        return {}
+    items: dict[str, SourceItem] = {}
+    for image in sorted(image_dir.iterdir()):
+        if image.suffix.lower() not in IMAGE_SUFFIXES or image.name.startswith("."):
+            continue
+        mask = mask_dir / image.name
+        items[image.name] = SourceItem(image.name, image, (mask,) if mask.is_file() else ())
+    return items
+
+
+def _regex_layout(image_pattern: str, mask_pattern: str, name: Callable[[re.Match[str]], str]):
+    """A finder for layouts where the file names alone tell images from masks."""
+    image_match, mask_match = _match(image_pattern, re.I), _match(mask_pattern, re.I)
+
+    def finder(root: Path, domain: str) -> dict[str, SourceItem]:
+        def key(match_function):
+            def inner(path: Path) -> str | None:
+                found = match_function(path.name)
+                return name(found) if found else None
+
+            return inner
+
+        return _assemble(_list_files(root), key(image_match), key(mask_match))
+
+    return finder
+
+
+def _find_lung(root: Path, domain: str) -> dict[str, SourceItem]:
+    # Shenzhen: CXR_png/CHNCXR_0001_0.png + masks/CHNCXR_0001_0_mask.png; Montgomery: CXR_png/MCUCXR_0001_0.png +
+    # ManualMask/leftMask/MCUCXR_0001_0.png + ManualMask/rightMask/MCUCXR_0001_0.png (same name: the folder tells).
+    shenzhen_image = _match(r"(CHNCXR_\d{4}_[01])\.png", re.I)
+    shenzhen_mask = _match(r"(CHNCXR_\d{4}_[01])_mask\.png", re.I)
+    montgomery = _match(r"(MCUCXR_\d{4}_[01])\.png", re.I)
+
+    def mask_key(path: Path) -> str | None:
+        if found := shenzhen_mask(path.name):
+            return found[1] + ".png"
+        if (found := montgomery(path.name)) and path.parent.name.lower() in ("leftmask", "rightmask"):
+            return found[1] + ".png"
+        return None
+
+    def image_key(path: Path) -> str | None:
+        found = shenzhen_image(path.name) or montgomery(path.name)
+        return found[1] + ".png" if found else None
+
+    return _assemble(_list_files(root), image_key, mask_key)
+
+
+def _find_drive(root: Path, domain: str) -> dict[str, SourceItem]:
+    # DRIVE: {training,test}/images/21_training.tif + {training,test}/1st_manual/21_manual1.gif; images 01-20 are
+    # the test set, 21-40 the training set, so the manual's number alone gives the official name.
+    image_match = _match(r"(\d{2})_(training|test)\.(tif|tiff|png|gif)", re.I)
+    mask_match = _match(r"(\d{2})_manual1\.(gif|png|tif|tiff)", re.I)
+
+    def image_key(path: Path) -> str | None:
+        found = image_match(path.name)
+        return f"{found[1]}_{found[2].lower()}.png" if found else None
+
+    def mask_key(path: Path) -> str | None:
+        found = mask_match(path.name)
+        if not found:
+            return None
+        return f"{found[1]}_{'training' if int(found[1]) > 20 else 'test'}.png"
+
+    return _assemble(_list_files(root), image_key, mask_key)
+
+
+def _find_dsb(root: Path, domain: str) -> dict[str, SourceItem]:
+    # DSB 2018: stage1_train/<id>/images/<id>.png + stage1_train/<id>/masks/<one file per nucleus>.png
+    hex_id = _match(r"[0-9a-f]{64}")
+
+    def image_key(path: Path) -> str | None:
+        sample = path.parent.parent.name
+        if path.parent.name == "images" and hex_id(sample) and path.stem == sample:
+            return sample + ".png"
+        return None
+
+    def mask_key(path: Path) -> str | None:
+        sample = path.parent.parent.name
+        if path.parent.name == "masks" and hex_id(sample) and path.suffix.lower() in IMAGE_SUFFIXES:
+            return sample + ".png"
+        return None
+
+    return _assemble(_list_files(root), image_key, mask_key)
+
+
+def _find_tnbc(root: Path, domain: str) -> dict[str, SourceItem]:
+    # TNBC: Slide_01/01_1.png + GT_01/01_1.png -> TNBC_01_1.png
+    file_match = _match(r"(\d{2})_(\d+)\.png", re.I)
+
+    def key(folder_pattern: str) -> KeyFunction:
+        folder_match = _match(folder_pattern, re.I)
+
+        def inner(path: Path) -> str | None:
+            folder, found = folder_match(path.parent.name), file_match(path.name)
+            return f"TNBC_{found[1]}_{found[2]}.png" if folder and found and folder[1] == found[1] else None
+
+        return inner
+
+    return _assemble(_list_files(root), key(r"Slide_(\d{2})"), key(r"GT_(\d{2})"))
+
+
+def _paired_folders(image_folders: tuple[str, ...], mask_folders: tuple[str, ...], name: Callable[[str], str]):
+    """A finder for ``<image folder>/N.ext`` + ``<mask folder>/N.ext`` layouts with numbered files."""
+    number = _match(r"p?(\d+)\.(png|tif|tiff|bmp|jpg|jpeg)", re.I)
+
+    def key(folders: tuple[str, ...]) -> KeyFunction:
+        def inner(path: Path) -> str | None:
+            found = number(path.name)
+            if found and path.parent.name.lower() in folders:
+                return name(str(int(found[1])))
+            return None
+
+        return inner
+
+    def finder(root: Path, domain: str) -> dict[str, SourceItem]:
+        return _assemble(_list_files(root), key(image_folders), key(mask_folders))
+
+    return finder
+
+
+OFFICIAL = Layout(
+    "official", "the official preprocessed folders: image_1024/NAME.png + mask_1024/NAME.png", _find_official
+)
+
+LAYOUTS: dict[str, tuple[Layout, ...]] = {
+    "isic": (
+        OFFICIAL,
+        Layout(
+            "isic2018",
+            "ISIC 2018 task 1 as distributed: ISIC2018_Task1-2_{Training,Validation,Test}_Input/ISIC_NNNNNNN.jpg + "
+            "ISIC2018_Task1_{Training,Validation,Test}_GroundTruth/ISIC_NNNNNNN_segmentation.png",
+            _regex_layout(r"(ISIC_\d{7})\.(jpg|jpeg|png)", r"(ISIC_\d{7})_segmentation\.png", lambda m: m[1] + ".png"),
+        ),
+    ),
+    "ph2": (
+        OFFICIAL,
+        Layout(
+            "ph2",
+            "PH2 as distributed: PH2 Dataset images/IMDNNN/IMDNNN_Dermoscopic_Image/IMDNNN.bmp + "
+            "IMDNNN/IMDNNN_lesion/IMDNNN_lesion.bmp",
+            _regex_layout(r"(IMD\d{3})\.bmp", r"(IMD\d{3})_lesion\.bmp", lambda m: m[1] + ".png"),
+        ),
+    ),
+    "lung": (
+        OFFICIAL,
+        Layout(
+            "shenzhen-montgomery",
+            "Shenzhen CXR_png/CHNCXR_NNNN_D.png + masks/CHNCXR_NNNN_D_mask.png, and Montgomery "
+            "CXR_png/MCUCXR_NNNN_D.png + ManualMask/leftMask/ and ManualMask/rightMask/ (merged), in any sub-folders",
+            _find_lung,
+        ),
+    ),
+    "nih": (OFFICIAL,),
+    "ultrasound": (OFFICIAL,),
+    "busi": (
+        OFFICIAL,
+        Layout(
+            "busi",
+            "Dataset_BUSI_with_GT/{benign,malignant,normal}/'benign (N).png' + 'benign (N)_mask.png', "
+            "'benign (N)_mask_1.png', ... (merged)",
+            _regex_layout(
+                r"((?:benign|malignant|normal) \(\d+\))\.png",
+                r"((?:benign|malignant|normal) \(\d+\))_mask(?:_\d+)?\.png",
+                lambda m: m[1] + ".png",
+            ),
+        ),
+    ),
+    "retinal": (
+        OFFICIAL,
+        Layout(
+            "drive",
+            "DRIVE: {training,test}/images/NN_{training,test}.tif + {training,test}/1st_manual/NN_manual1.gif",
+            _find_drive,
+        ),
+    ),
+    "stare": (
+        OFFICIAL,
+        Layout(
+            "stare",
+            "STARE: imNNNN.ppm (or .ppm.gz, as distributed) + Hoover's labels imNNNN.ah.ppm (or .ah.ppm.gz)",
+            _regex_layout(r"(im\d{4})\.ppm(?:\.gz)?", r"(im\d{4})\.ah\.ppm(?:\.gz)?", lambda m: m[1] + ".png"),
+        ),
+    ),
+    "dsb": (
+        OFFICIAL,
+        Layout(
+            "dsb2018",
+            "DSB 2018 stage1_train/<id>/images/<id>.png + stage1_train/<id>/masks/*.png (one per nucleus, merged)",
+            _find_dsb,
+        ),
+    ),
+    "tnbc": (
+        OFFICIAL,
+        Layout("tnbc", "TNBC_NucleiSegmentation/Slide_XX/XX_N.png + GT_XX/XX_N.png", _find_tnbc),
+    ),
+    "cvccdb": (
+        OFFICIAL,
+        Layout(
+            "cvc-clinicdb",
+            "CVC-ClinicDB: Original/N.tif + 'Ground Truth'/N.tif (or PNG/Original + PNG/'Ground Truth', or "
+            "images/N.png + masks/N.png)",
+            _paired_folders(("original", "images"), ("ground truth", "groundtruth", "masks"), lambda n: f"{n}.png"),
+        ),
+    ),
+    "colon": (
+        OFFICIAL,
+        Layout(
+            "cvc-colondb",
+            "CVC-ColonDB as in the polyp benchmarks: images/N.png + masks/N.png (or Original/ + 'Ground Truth'/)",
+            _paired_folders(
+                ("images", "original"), ("masks", "ground truth", "groundtruth"), lambda n: f"colondb_{n}.png"
+            ),
+        ),
+    ),
+}
+assert tuple(LAYOUTS) == DOMAIN_NAMES
+
+
+def get_layout(domain: str, name: str) -> Layout:
+    """The layout ``name`` of ``domain``; raises ``LayoutError`` listing the accepted ones otherwise."""
+    for layout in LAYOUTS[domain]:
+        if layout.name == name:
+            return layout
+    accepted = ", ".join(layout.name for layout in LAYOUTS[domain])
+    raise LayoutError(f"layout {name!r} is not accepted for domain {domain!r}; accepted: {accepted}")
+
+
+def detect_layout(root: Path, domain: str) -> tuple[Layout, dict[str, SourceItem]]:
+    """The accepted layout of ``domain`` that finds the most official names under ``root``, and what it found."""
+    official_names = get_domain(domain).all_file_names()
+    best: tuple[int, Layout, dict[str, SourceItem]] | None = None
+    for layout in LAYOUTS[domain]:
+        items = layout.find(root, domain)
+        score = sum(name in official_names for name in items)
+        if items and (best is None or score > best[0]):
+            best = (score, layout, items)
+    if best is None:
+        accepted = "; ".join(f"{layout.name}: {layout.description}" for layout in LAYOUTS[domain])
+        raise LayoutError(f"{root}: no image of domain {domain!r} found in any accepted layout ({accepted})")
+    return best[1], best[2]
+

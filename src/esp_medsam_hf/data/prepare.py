@@ -1,0 +1,456 @@
+"""Turn a downloaded copy of a public dataset into a ``datasets.DatasetDict`` with the official splits.
+
+``prepare_domain`` finds the files (:mod:`.layouts`), reads and checks every image and mask, and writes
+``OUTPUT/<domain>/arrow`` (``save_to_disk``) and ``OUTPUT/<domain>/data/<split>-NNNNN-of-NNNNN.parquet`` (shards
+that ``load_dataset("parquet", data_files=..., streaming=True)`` streams), plus a report and a dataset card
+``OUTPUT/README.md`` whose ``configs`` make ``load_dataset(OUTPUT, "<domain>")`` work. ``push_to_hub`` uploads the
+same folder to a Hub dataset repo, so the local folder and the repo have one layout.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
+
+from ..assets import to_uint8_rgb
+from .domains import DOMAINS, Domain, all_official_names, get_domain
+from .layouts import Layout, LayoutError, SourceItem, detect_layout, get_layout
+from .schema import encode_mask, encode_png, features
+
+logger = logging.getLogger(__name__)
+
+MAX_SHARD_BYTES = 256 * 1024 * 1024
+
+
+class PreparationError(ValueError):
+    """A file cannot be turned into a dataset row (the message names it), or the file lists do not match."""
+
+
+@dataclass
+class PreparationReport:
+    """What preparing one domain found: rows per split, names not found or not listed, files skipped."""
+
+    domain: str
+    layout: str
+    data_dir: str
+    rows: dict[str, int] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        total = sum(self.rows.values()) + len(self.skipped)
+        return total / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "images_per_second": self.images_per_second}
+
+
+def _open_bytes(path: Path) -> io.BytesIO:
+    data = path.read_bytes()
+    if path.suffix.lower() == ".gz":
+        data = gzip.decompress(data)
+    return io.BytesIO(data)
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """Pixels of an image file (PNG, JPEG, TIFF, BMP, GIF, PPM, optionally gzipped) as a numpy array."""
+    try:
+        with PILImage.open(_open_bytes(path)) as image:
+            if image.mode in ("P", "PA"):
+                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+            elif image.mode == "1":
+                image = image.convert("L")
+            return np.asarray(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            try:
+                return np.asarray(tifffile.imread(path))
+            except Exception as tiff_error:  # tifffile raises many types; all mean "unreadable"
+                raise PreparationError(f"{path}: unreadable image ({tiff_error})") from tiff_error
+        raise PreparationError(f"{path}: unreadable image ({error})") from error
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as HxWx3 uint8 RGB (grey is repeated, alpha dropped, other depths min-max stretched)."""
+    array = _read_array(path)
+    if array.ndim not in (2, 3) or array.size == 0:
+        raise PreparationError(f"{path}: expected a 2-D image, got an array of shape {array.shape}")
+    return to_uint8_rgb(array)
+
+
+def read_mask(path: Path, threshold: float | None = None) -> np.ndarray:
+    """A mask file as an HxW bool array.
+
+    Without ``threshold`` the file must be binary (its values are 0 and at most one other value, in every
+    channel); otherwise foreground is ``value > threshold``. Colour masks count as foreground where any channel is.
+    """
+    array = _read_array(path)
+    if array.ndim == 3:
+        array = array[..., :3].max(axis=-1) if array.shape[-1] in (3, 4) else array[..., 0]
+    if array.ndim != 2:
+        raise PreparationError(f"{path}: expected a 2-D mask, got an array of shape {array.shape}")
+    if threshold is not None:
+        return array > threshold
+    values = np.unique(array)
+    if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+        shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
+        raise PreparationError(
+            f"{path}: mask is not binary (values {shown}); expected 0 and one foreground value "
+            "(pass a mask threshold to binarise it)"
+        )
+    return array > 0
+
+
+def load_item(
+    item: SourceItem, *, mask_threshold: float | None = None, size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read, check and merge one item: (HxWx3 uint8 image, HxW bool mask), resized to ``size`` if given."""
+    if not item.masks:
+        raise PreparationError(f"{item.image}: no mask found for {item.name}")
+    image = read_image(item.image)
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    for mask_path in item.masks:
+        part = read_mask(mask_path, mask_threshold)
+        if part.shape != mask.shape:
+            raise PreparationError(
+                f"{mask_path}: mask size {part.shape[1]}x{part.shape[0]} differs from the image size "
+                f"{image.shape[1]}x{image.shape[0]} of {item.image}"
+            )
+        mask |= part
+    if size is not None and image.shape[:2] != (size, size):
+        image = np.asarray(PILImage.fromarray(image).resize((size, size), PILImage.BILINEAR))
+        mask = np.asarray(PILImage.fromarray(mask).resize((size, size), PILImage.NEAREST))
+    return image, mask
+
+
+def _split_items(domain: Domain, items: dict[str, SourceItem], report: PreparationReport, strict: bool):
+    known = all_official_names()
+    listed = domain.all_file_names()
+    report.missing = sorted(listed - set(items))
+    report.unlisted = sorted(name for name in items if name not in known)
+    for label, names in (("listed but not found", report.missing), ("found but not listed", report.unlisted)):
+        if names:
+            shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+            message = f"{domain.name}: {len(names)} file(s) {label}: {shown}"
+            if strict:
+                raise PreparationError(message + " (--strict)")
+            logger.warning(message)
+    return {split: [items[name] for name in names if name in items] for split, names in domain.splits().items()}
+
+
+def build_domain(
+    domain: str,
+    data_dir: str | Path,
+    *,
+    cache_dir: str | Path,
+    layout: str | None = None,
+    strict: bool = False,
+    skip_invalid: bool = False,
+    mask_threshold: float | None = None,
+    size: int | None = None,
+    progress: bool = True,
+):
+    """Build the ``DatasetDict`` (train/validation/test) of one domain from a folder in an accepted layout.
+
+    Bad files raise :class:`PreparationError` naming the file, or with ``skip_invalid`` are skipped and listed in
+    the report. The Arrow files live in ``cache_dir``. Returns ``(DatasetDict, PreparationReport)``.
+    """
+    import datasets
+    from tqdm.auto import tqdm
+
+    spec = get_domain(domain)
+    data_dir = Path(data_dir)
+    chosen: Layout
+    if layout is None:
+        chosen, items = detect_layout(data_dir, domain)
+    else:
+        chosen = get_layout(domain, layout)
+        items = chosen.find(data_dir, domain)
+    report = PreparationReport(domain, chosen.name, str(data_dir))
+    splits = _split_items(spec, items, report, strict)
+    logger.info("%s: layout %s, %d item(s) found in %s", domain, chosen.name, len(items), data_dir)
+
+    def rows(split_items: list[SourceItem], split: str):
+        for item in tqdm(split_items, desc=f"{domain}/{split}", unit="img", disable=not progress):
+            try:
+                image, mask = load_item(item, mask_threshold=mask_threshold, size=size)
+            except PreparationError as error:
+                if not skip_invalid:
+                    raise
+                report.skipped.append({"file_name": item.name, "split": split, "reason": str(error)})
+                logger.warning("skipped %s", error)
+                continue
+            yield {
+                "image": encode_png(image),
+                "mask": encode_mask(mask),
+                "modality": spec.modality_index,
+                "domain": spec.index,
+                "file_name": item.name,
+            }
+
+    start = time.perf_counter()
+    bars_were_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    result = {}
+    try:
+        for split, split_items in splits.items():
+            skipped_before = len(report.skipped)
+            try:
+                result[split] = datasets.Dataset.from_generator(
+                    rows,
+                    features=features(),
+                    cache_dir=str(cache_dir),
+                    gen_kwargs={"split_items": split_items, "split": split},
+                    split=datasets.Split(split),
+                )
+            except datasets.exceptions.DatasetGenerationError as error:
+                cause = error.__cause__
+                if isinstance(cause, PreparationError):
+                    raise PreparationError(str(cause)) from cause
+                raise
+            except ValueError:
+                # datasets cannot build a split from a generator that yields no row: make it empty explicitly
+                if len(report.skipped) - skipped_before != len(split_items):
+                    raise
+                result[split] = datasets.Dataset.from_dict(
+                    {name: [] for name in features()}, features=features(), split=datasets.Split(split)
+                )
+    finally:
+        if bars_were_enabled:
+            datasets.enable_progress_bars()
+    report.seconds = time.perf_counter() - start
+    report.rows = {split: len(dataset) for split, dataset in result.items()}
+    if report.skipped:
+        logger.warning("%s: %d file(s) skipped (listed in the report)", domain, len(report.skipped))
+    dataset_dict = datasets.DatasetDict(result)
+    describe(dataset_dict, spec)
+    return dataset_dict, report
+
+
+def describe(dataset_dict, domain: Domain, synthetic: bool = False) -> None:
+    """Set the description and citation of every split's ``DatasetInfo``."""
+    if synthetic:
+        description = (
+            f"SYNTHETIC stand-in for the {domain.name} domain ({domain.modality}, target: {domain.target}, "
+            f"{domain.role} domain): procedurally generated images, not real patient data."
+        )
+        citation = ""
+    else:
+        description = (
+            f"{domain.dataset}: {domain.modality} images with binary {domain.target} masks (0/255), "
+            f"ESP-MedSAM {domain.role} domain '{domain.name}', official train/valid/test lists."
+        )
+        citation = domain.citation
+    for dataset in dataset_dict.values():
+        dataset.info.description = description
+        dataset.info.citation = citation
+
+
+def _atomic_directory(target: Path, overwrite: bool) -> Path:
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, target)
+
+
+def save_domain(dataset_dict, domain_dir: Path, report: dict | None = None, max_shard_bytes: int = MAX_SHARD_BYTES):
+    """Write ``domain_dir/arrow`` (save_to_disk), ``domain_dir/data/*.parquet`` and the report, in place."""
+    dataset_dict.save_to_disk(str(domain_dir / "arrow"))
+    data_dir = domain_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for split, dataset in dataset_dict.items():
+        shards = max(1, math.ceil(dataset.data.nbytes / max_shard_bytes))
+        for index in range(shards):
+            shard = dataset.shard(shards, index, contiguous=True)
+            shard.to_parquet(str(data_dir / f"{split}-{index:05d}-of-{shards:05d}.parquet"))
+    if report is not None:
+        (domain_dir / "preparation_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def write_output(
+    dataset_dict,
+    output_dir: str | Path,
+    domain: str,
+    report: dict | None = None,
+    overwrite: bool = False,
+    synthetic: bool = False,
+) -> Path:
+    """Save one domain's DatasetDict under ``output_dir/<domain>`` atomically and refresh the dataset card.
+
+    A folder holds either real or synthetic domains (marked by an ``.synthetic`` file), never both.
+    """
+    output_dir = Path(output_dir)
+    target = output_dir / domain
+    marker = output_dir / ".synthetic"
+    existing = [name for name in prepared_domains(output_dir) if name != domain]
+    if existing and marker.exists() != synthetic:
+        kind = "synthetic" if marker.exists() else "real"
+        raise PreparationError(f"{output_dir} holds {kind} domains ({', '.join(existing)}); use another folder")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if synthetic:
+        marker.touch()
+    elif marker.exists():
+        marker.unlink()
+    staging = _atomic_directory(target, overwrite)
+    try:
+        save_domain(dataset_dict, staging, report)
+        _replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    write_card(output_dir)
+    return target
+
+
+def prepare_domain(
+    domain: str,
+    data_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    **options,
+):
+    """Build one domain from ``data_dir`` and write it to ``output_dir/<domain>``; returns (DatasetDict, report).
+
+    ``options`` are those of :func:`build_domain` (layout, strict, skip_invalid, mask_threshold, size, progress).
+    The returned DatasetDict is read back from ``output_dir/<domain>/arrow``.
+    """
+    import datasets
+
+    output_dir = Path(output_dir)
+    if (output_dir / domain).exists() and not overwrite:
+        raise FileExistsError(f"{output_dir / domain} already exists; pass overwrite=True (--overwrite) to replace it")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".cache-", dir=output_dir) as cache_dir:
+        dataset_dict, report = build_domain(domain, data_dir, cache_dir=cache_dir, **options)
+        target = write_output(dataset_dict, output_dir, domain, report.to_dict(), overwrite=overwrite)
+        del dataset_dict
+    return datasets.load_from_disk(str(target / "arrow")), report
+
+
+def prepared_domains(output_dir: str | Path) -> list[str]:
+    """Domains that have Parquet shards under ``output_dir``, in registry order."""
+    output_dir = Path(output_dir)
+    return [d.name for d in DOMAINS if any((output_dir / d.name / "data").glob("*.parquet"))]
+
+
+def write_card(output_dir: str | Path, synthetic: bool | None = None) -> Path:
+    """(Re)write ``output_dir/README.md``: a dataset card with one config per prepared domain."""
+    from huggingface_hub import DatasetCard
+
+    output_dir = Path(output_dir)
+    names = prepared_domains(output_dir)
+    if synthetic is None:
+        synthetic = (output_dir / ".synthetic").exists()
+    configs = []
+    for name in names:
+        splits = sorted({p.name.split("-")[0] for p in (output_dir / name / "data").glob("*.parquet")})
+        configs.append(
+            {
+                "config_name": name,
+                "data_files": [{"split": split, "path": f"{name}/data/{split}-*.parquet"} for split in splits],
+            }
+        )
+    header = {
+        "license": "other",
+        "task_categories": ["image-segmentation"],
+        "tags": ["medical", "esp-medsam"] + (["synthetic"] if synthetic else []),
+        "configs": configs,
+    }
+    lines = ["# ESP-MedSAM domains" + (" (SYNTHETIC)" if synthetic else ""), ""]
+    if synthetic:
+        lines += [
+            "**Synthetic data**: procedurally generated stand-ins for the 12 domains of ESP-MedSAM, made by "
+            "`esp_medsam_hf.data.synthetic`. Not real images; for demos and tests only.",
+            "",
+        ]
+    else:
+        lines += [
+            "Binary segmentation data of ESP-MedSAM's domains, prepared with `esp-medsam prepare` from the public "
+            "datasets with the official train/valid/test lists. Each dataset keeps its own licence: check it "
+            "before redistributing.",
+            "",
+        ]
+    lines += [
+        "Columns: `image` (RGB), `mask` (PNG, 0 background / 255 target), `modality` (ClassLabel, official query "
+        "index), `domain` (ClassLabel), `file_name`.",
+        "",
+        "| config | modality | role | dataset | citation |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in names:
+        domain = get_domain(name)
+        source = "synthetic" if synthetic else domain.dataset
+        citation = "" if synthetic else domain.citation
+        lines.append(f"| {name} | {domain.modality} | {domain.role} | {source} | {citation} |")
+    import yaml
+
+    content = "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n" + "\n".join(lines) + "\n"
+    card = DatasetCard(content)
+    path = output_dir / "README.md"
+    temporary = path.with_name(f".README.md.{os.getpid()}")
+    temporary.write_text(str(card))
+    os.replace(temporary, path)
+    return path
+
+
+def push_to_hub(output_dir: str | Path, repo_id: str, *, token: str | None = None, private: bool = False) -> str:
+    """Upload a prepared folder (README.md and every ``<domain>/data/*.parquet``) to a Hub dataset repo.
+
+    Returns the commit URL. Raises ``ConnectionError`` naming the endpoint if the Hub cannot be reached.
+    """
+    from huggingface_hub import HfApi, constants
+
+    output_dir = Path(output_dir)
+    if not prepared_domains(output_dir):
+        raise PreparationError(f"{output_dir}: no prepared domain (no <domain>/data/*.parquet) to push")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        commit = api.upload_folder(
+            folder_path=str(output_dir),
+            repo_id=repo_id,
+            repo_type="dataset",
+            allow_patterns=["README.md", "*/data/*.parquet"],
+            commit_message=f"Add ESP-MedSAM domains: {', '.join(prepared_domains(output_dir))}",
+        )
+    except (OSError, ConnectionError, _transport_error()) as error:
+        raise ConnectionError(f"cannot push to {repo_id}: the Hub at {constants.ENDPOINT} is unreachable ({error})") from error
+    return str(commit)
+
+
+def _transport_error() -> type[Exception]:
+    """The HTTP client's connection error class (huggingface_hub 2 uses httpx2, earlier versions httpx)."""
+    try:
+        from httpx2 import TransportError
+    except ImportError:
+        from httpx import TransportError
+    return TransportError

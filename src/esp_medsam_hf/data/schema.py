@@ -1,0 +1,62 @@
+"""The one schema every ESP-MedSAM dataset of this package has (prepared, synthetic or the real embedded case).
+
+Columns: ``image`` (RGB PNG), ``mask`` (single-channel PNG, binary with values 0 and 255: 255 is the target),
+``modality`` (ClassLabel of the 6 modalities, index = official query index), ``domain`` (ClassLabel of the 12
+domains) and ``file_name`` (the official file name, or ``synthetic_<domain>_<i>.png`` for synthetic rows).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from datasets import ClassLabel, Features, Image, Value
+from PIL import Image as PILImage
+
+from .domains import DOMAIN_NAMES, MODALITY_NAMES
+
+MASK_FOREGROUND = 255
+"""Pixel value of the target in stored masks (the background is 0)."""
+
+
+def features() -> Features:
+    """The ``datasets.Features`` of every dataset of this package."""
+    return Features(
+        {
+            "image": Image(),
+            "mask": Image(),
+            "modality": ClassLabel(names=list(MODALITY_NAMES)),
+            "domain": ClassLabel(names=list(DOMAIN_NAMES)),
+            "file_name": Value("string"),
+        }
+    )
+
+
+def encode_png(array: np.ndarray) -> dict[str, bytes | None]:
+    """Encode a uint8 HxW or HxWx3 array as a PNG in the form ``datasets.Image`` stores."""
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=1)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, bytes | None]:
+    """Encode a boolean HxW mask as a 0/255 single-channel PNG."""
+    return encode_png(np.where(np.asarray(mask, dtype=bool), MASK_FOREGROUND, 0).astype(np.uint8))
+
+
+def mask_to_bool(mask: PILImage.Image | np.ndarray) -> np.ndarray:
+    """A stored mask (PIL image or array, 0/255 or 0/1) as an HxW boolean array (foreground = value > 0)."""
+    array = np.asarray(mask)
+    if array.ndim == 3:
+        array = array[..., 0]
+    return array > 0
+
+
+def image_to_rgb(image: PILImage.Image | np.ndarray) -> np.ndarray:
+    """A stored image (PIL image or array) as an HxWx3 uint8 array."""
+    if isinstance(image, PILImage.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    return array[..., :3].astype(np.uint8)
