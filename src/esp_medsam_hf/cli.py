@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("esp_medsam_hf.commands.prepare", "build the 12 domains as datasets (downloaded data or synthetic)"),
     "convert": ("esp_medsam_hf.commands.convert", "convert official ESP-MedSAM or LiteMedSAM weights"),
+    "hub": ("esp_medsam_hf.commands.hub", "run the local Hub (start/stop/status) and publish stages to a Hub repo"),
 }
 
 
