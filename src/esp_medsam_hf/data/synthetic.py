@@ -148,7 +148,7 @@ def _fundus(rng, size, unseen):
             x_lo, x_hi = int(max(min(x, x1) - margin, 0) * size), int(min(max(x, x1) + margin, 1) * size) + 1
             if y_hi > y_lo and x_hi > x_lo:
                 window = _segment_distance(yy[y_lo:y_hi, x_lo:x_hi], xx[y_lo:y_hi, x_lo:x_hi], y, x, y1, x1)
-                mask[y_lo:y_hi, x_lo:x_hi] |= window < width / 2
+                mask[y_lo:y_hi, x_lo:x_hi] |= window < max(width / 2, 0.75 / size)  # never thinner than 1.5 px
             y, x = y1, x1
         if depth < 4 and width > 0.004:
             for turn in (-1, 1):
