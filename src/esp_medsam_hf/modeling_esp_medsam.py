@@ -492,13 +492,23 @@ def segmentation_losses(
 
 
 class EspMedSamPreTrainedModel(PreTrainedModel):
-    config: EspMedSamConfig
+    config_class = EspMedSamConfig
     base_model_prefix = "esp_medsam"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["AggregatorBlock", "QueryDecoupledModalityDecoder"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves as transformers does; with remote code registered, also maps ``AutoModelForImageSegmentation``
+        (which the stock image-segmentation pipeline loads) to this class in ``config.json``."""
+        if self._auto_class is not None:
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModelForImageSegmentation", f"{module}.{type(self).__name__}")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

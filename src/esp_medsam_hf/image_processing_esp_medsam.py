@@ -1,0 +1,175 @@
+"""Image processor of ESP-MedSAM: square resize to the model size, normalisation, and mask post-processing.
+
+ESP-MedSAM is trained on images stored already resized to a square (the official ``image_1024`` layout), so images
+are resized to ``size`` without keeping the aspect ratio (SAM's longest-edge resize and padding do not apply).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    ImageInput,
+    PILImageResampling,
+    SizeDict,
+)
+
+
+def _to_supported_dtype(image: ImageInput) -> ImageInput:
+    """Bring 16-bit and float images to uint8 with a per-image min-max stretch; uint8 passes through untouched.
+
+    torchvision resizes only uint8 and float images, and a 12-16 bit medical image would otherwise be read as
+    0..65535 "pixels" against a 0..255 normalisation.
+    """
+    array = None
+    if isinstance(image, np.ndarray):
+        array = image
+    elif isinstance(image, torch.Tensor):
+        array = image.detach().cpu().numpy()
+    elif getattr(image, "mode", None) in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(image)
+    if array is None or array.dtype == np.uint8:
+        return image
+    if array.dtype == bool:
+        return (array * 255).astype(np.uint8)
+    data = array.astype(np.float64)
+    low, high = float(np.nanmin(data)), float(np.nanmax(data))
+    scale = 255.0 / (high - low) if high > low else 0.0
+    return np.clip((np.nan_to_num(data, nan=low) - low) * scale + 0.5, 0, 255).astype(np.uint8)
+
+
+class EspMedSamImageProcessor(TorchvisionBackend):
+    r"""Resizes images to ``size`` (square, bilinear), rescales and normalises them; post-processes mask logits.
+
+    Defaults (rescale by 1/255, ImageNet mean and std, 1024 px) suit models trained by this package. Converted
+    official checkpoints use the official preprocessing instead: no rescale, mean = std = (123.675, 116.28, 103.53)
+    (``EspMedSamImageProcessor.official()``).
+
+    Outputs: ``pixel_values`` (B, 3, S, S), ``original_sizes`` (B, 2) as (height, width), and ``labels`` (B, 1, S, S)
+    binary float masks when ``segmentation_maps`` are given.
+    """
+
+    model_input_names = ["pixel_values", "original_sizes"]
+    resample = PILImageResampling.BILINEAR
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    size = {"height": 1024, "width": 1024}
+    do_resize = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    do_convert_rgb = True
+
+    @classmethod
+    def official(cls, image_size: int = 1024) -> "EspMedSamImageProcessor":
+        """The official release's preprocessing: no rescale, and the std equal to the mean (an upstream bug)."""
+        mean = [123.675, 116.28, 103.53]
+        return cls(size={"height": image_size, "width": image_size}, do_rescale=False, image_mean=mean, image_std=mean)
+
+    def preprocess(self, images: ImageInput, segmentation_maps: ImageInput | None = None, **kwargs) -> BatchFeature:
+        r"""
+        segmentation_maps: binary masks (any non-zero value is foreground), one per image, at the image's size.
+        """
+        return super().preprocess(images, segmentation_maps, **kwargs)
+
+    def resize(self, image: torch.Tensor, size: SizeDict, resample=None, **kwargs) -> torch.Tensor:
+        """Resize to (size.height, size.width); an image already at that size is returned untouched."""
+        if tuple(image.shape[-2:]) == (size.height, size.width):
+            return image
+        return super().resize(image, size, resample=resample, **kwargs)
+
+    def _preprocess_image_like_inputs(
+        self,
+        images: ImageInput,
+        segmentation_maps: ImageInput | None,
+        do_convert_rgb: bool,
+        input_data_format: ChannelDimension | None,
+        return_tensors=None,
+        device=None,
+        **kwargs,
+    ) -> BatchFeature:
+        images = self._prepare_images_structure(images)
+        images = [_to_supported_dtype(image) for image in images]
+        images = self._prepare_image_like_inputs(
+            images=images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=device
+        )
+        for index, image in enumerate(images):
+            if image.shape[0] != 3:
+                raise ValueError(
+                    f"image {index} has {image.shape[0]} channels after conversion; expected 3 (RGB). "
+                    "Pass do_convert_rgb=True for greyscale or RGBA images."
+                )
+        original_sizes = [list(image.shape[-2:]) for image in images]
+        data = dict(self._preprocess(images, return_tensors=None, **kwargs))
+        data["original_sizes"] = original_sizes
+        if segmentation_maps is not None:
+            data["labels"] = self._preprocess_masks(segmentation_maps, original_sizes, kwargs["size"])
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _preprocess_masks(
+        self, segmentation_maps: ImageInput, original_sizes: list[list[int]], size: SizeDict
+    ) -> list[torch.Tensor]:
+        masks = self._prepare_images_structure(segmentation_maps, expected_ndims=2)
+        if len(masks) != len(original_sizes):
+            raise ValueError(f"got {len(masks)} segmentation maps for {len(original_sizes)} images")
+        labels = []
+        for index, (mask, original) in enumerate(zip(masks, original_sizes)):
+            tensor = torch.as_tensor(np.asarray(mask))
+            if tensor.dim() == 3:
+                tensor = tensor[..., 0] if tensor.shape[-1] in (1, 3, 4) else tensor[0]
+            if list(tensor.shape) != original:
+                raise ValueError(
+                    f"segmentation map {index} has size {list(tensor.shape)} but its image has {original}"
+                )
+            binary = (tensor > 0).float()[None, None]
+            labels.append(F.interpolate(binary, size=(size.height, size.width), mode="nearest")[0])
+        return labels
+
+    def post_process_masks(
+        self,
+        pred_masks: torch.Tensor,
+        original_sizes: torch.Tensor | list,
+        threshold: float = 0.5,
+        binarize: bool = True,
+    ) -> list[torch.Tensor]:
+        """Low-resolution logits (B, 1, h, w) -> one (H, W) mask per image at its original size.
+
+        The logits are upsampled bilinearly to the model input size (as the official forward does), then to the
+        original size; ``binarize`` keeps ``sigmoid >= threshold`` (official: 0.5), otherwise probabilities.
+        """
+        if isinstance(original_sizes, torch.Tensor):
+            original_sizes = original_sizes.tolist()
+        if len(original_sizes) != pred_masks.shape[0]:
+            raise ValueError(f"got {len(original_sizes)} original sizes for {pred_masks.shape[0]} masks")
+        model_size = SizeDict(**self.size) if isinstance(self.size, dict) else self.size
+        size = (model_size.height, model_size.width)
+        logits = F.interpolate(pred_masks.float(), size=size, mode="bilinear", align_corners=False)
+        results = []
+        for index, (height, width) in enumerate(original_sizes):
+            mask = logits[index : index + 1]
+            if (int(height), int(width)) != size:
+                mask = F.interpolate(mask, size=(int(height), int(width)), mode="bilinear", align_corners=False)
+            probabilities = torch.sigmoid(mask[0, 0])
+            results.append(probabilities >= threshold if binarize else probabilities)
+        return results
+
+    def post_process_semantic_segmentation(self, outputs, target_sizes=None, threshold: float = 0.5):
+        """Label maps for transformers' image-segmentation pipeline: 0 background, modality index + 1 foreground.
+
+        The labels match ``config.id2label`` (0: "background", m + 1: the target of modality m).
+        """
+        pred_masks = outputs["pred_masks"]
+        modality = outputs["modality"]
+        if target_sizes is None:
+            target_sizes = [pred_masks.shape[-2:]] * pred_masks.shape[0]
+        masks = self.post_process_masks(pred_masks, [list(s) for s in target_sizes], threshold=threshold)
+        return [mask.long() * (int(m) + 1) for mask, m in zip(masks, modality)]
+
+
+__all__ = ["EspMedSamImageProcessor"]

@@ -1,0 +1,70 @@
+"""Processor of ESP-MedSAM: the image processor plus the mapping of modality names to mask-query indices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers.image_processing_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .configuration_esp_medsam import MODALITY_NAMES
+
+
+class EspMedSamProcessor(ProcessorMixin):
+    r"""Wraps [`EspMedSamImageProcessor`] and turns modality names into the model's ``modality`` indices.
+
+    ``processor(images, modality="x-ray")`` (one name or index for all images, or one per image) returns
+    ``pixel_values``, ``original_sizes`` and ``modality``; ``segmentation_maps`` add ``labels``.
+    """
+
+    def __init__(self, image_processor=None, modality_names: Sequence[str] | None = None, **kwargs):
+        self.modality_names = list(modality_names or MODALITY_NAMES)
+        super().__init__(image_processor, **kwargs)
+
+    def modality_index(self, modality: int | str) -> int:
+        """Index of one modality given by name or index; ``ValueError`` names the valid choices."""
+        if isinstance(modality, str):
+            if modality not in self.modality_names:
+                raise ValueError(f"unknown modality {modality!r}; expected one of {self.modality_names}")
+            return self.modality_names.index(modality)
+        index = int(modality)
+        if not 0 <= index < len(self.modality_names):
+            raise ValueError(
+                f"modality index {index} is out of range; expected 0..{len(self.modality_names) - 1} "
+                f"({', '.join(self.modality_names)})"
+            )
+        return index
+
+    def __call__(
+        self,
+        images=None,
+        modality: int | str | Sequence[int | str] | torch.Tensor | None = None,
+        segmentation_maps=None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        if images is None:
+            raise ValueError("images are required")
+        inputs = self.image_processor(images, segmentation_maps=segmentation_maps, return_tensors=return_tensors, **kwargs)
+        if modality is not None:
+            batch = len(inputs["original_sizes"])
+            if isinstance(modality, torch.Tensor):
+                modality = modality.tolist()
+            if isinstance(modality, (str, int)):
+                modality = [modality] * batch
+            if len(modality) != batch:
+                raise ValueError(f"got {len(modality)} modalities for {batch} images")
+            inputs["modality"] = torch.tensor([self.modality_index(m) for m in modality], dtype=torch.long)
+        return inputs
+
+    def post_process_masks(self, *args, **kwargs) -> list[torch.Tensor]:
+        """See [`EspMedSamImageProcessor.post_process_masks`]."""
+        return self.image_processor.post_process_masks(*args, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return [*self.image_processor.model_input_names, "modality"]
+
+
+__all__ = ["EspMedSamProcessor"]
