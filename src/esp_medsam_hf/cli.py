@@ -14,6 +14,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("esp_medsam_hf.commands.prepare", "build the 12 domains as datasets (downloaded data or synthetic)"),
+    "evaluate": ("esp_medsam_hf.commands.evaluate", "score a model on the test splits: Dice/HD tables, plot, overlays"),
     "convert": ("esp_medsam_hf.commands.convert", "convert official ESP-MedSAM or LiteMedSAM weights"),
     "hub": ("esp_medsam_hf.commands.hub", "run the local Hub (start/stop/status) and publish stages to a Hub repo"),
 }

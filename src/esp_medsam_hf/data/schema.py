@@ -55,7 +55,7 @@ def mask_to_bool(mask: PILImage.Image | np.ndarray) -> np.ndarray:
 def image_to_rgb(image: PILImage.Image | np.ndarray) -> np.ndarray:
     """A stored image (PIL image or array) as an HxWx3 uint8 array."""
     if isinstance(image, PILImage.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))
     array = np.asarray(image)
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)

@@ -1,0 +1,287 @@
+"""Score a model on the domains' test splits the way the paper does, and write the report (tables, plot, overlays).
+
+:func:`evaluate_model` is the library entry point (the training loop calls it for validation Dice);
+:func:`write_report` turns its result into ``results.md`` (the paper's Tables 3 and 5 beside ours),
+``results.json``, ``dice_hd.png`` and ``cases/<domain>_{best,worst}.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ..metrics.functional import dice_score, hausdorff_distance, mean_dice, mean_hausdorff
+from .domains import DOMAIN_NAMES, get_domain
+from .schema import image_to_rgb, mask_to_bool
+from .visualize import overlay, save_png
+
+logger = logging.getLogger(__name__)
+
+
+def _as_split(dataset, split: str):
+    """A ``Dataset`` from a Dataset or a DatasetDict (its ``split``)."""
+    if hasattr(dataset, "keys") and not hasattr(dataset, "features"):
+        if split not in dataset:
+            raise KeyError(f"split {split!r} not in the dataset (it has {', '.join(dataset)})")
+        return dataset[split]
+    return dataset
+
+
+def predict(model, processor, images: list, modality: list[int] | None) -> list[np.ndarray]:
+    """Binary masks (HxW bool, each at its image's size) for a batch of images; ``modality`` None = predicted."""
+    import torch
+
+    device = next(model.parameters()).device
+    inputs = processor(images=images, modality=modality, return_tensors="pt")
+    kwargs = {"pixel_values": inputs["pixel_values"].to(device)}
+    if modality is not None:
+        kwargs["modality"] = inputs["modality"].to(device)
+    with torch.inference_mode():
+        outputs = model(**kwargs)
+    masks = processor.post_process_masks(outputs.pred_masks.float().cpu(), inputs["original_sizes"])
+    return [mask.numpy().astype(bool) for mask in masks]
+
+
+def _domain_of(dataset) -> str:
+    names = dataset.features["domain"].names
+    return names[dataset[0]["domain"]] if len(dataset) else ""
+
+
+def evaluate_model(
+    model,
+    processor,
+    datasets: Mapping,
+    *,
+    split: str = "test",
+    batch_size: int = 8,
+    compute_hausdorff: bool = True,
+    given_modality: bool = True,
+    max_images: int | None = None,
+    progress: bool = True,
+    cases: dict | None = None,
+) -> dict:
+    """Run ``model`` over ``datasets[name][split]`` for every name and score Dice (%) and Hausdorff distance (px).
+
+    ``datasets`` maps a report name (usually the domain) to a Dataset or DatasetDict in the package schema.
+    Each image is decoded with its own modality (``given_modality``, as the official evaluation does) or with the
+    one the model predicts. Masks are compared at the stored mask size (1024 px for data prepared as the paper's).
+    Returns a JSON-ready dict: per domain ``dice``, ``hd``, ``hd95`` (means; HD means over the images where both
+    masks are non-empty, see :mod:`esp_medsam_hf.metrics.functional`), the paper's figures, per-image values, and
+    averages over source and unseen domains. If ``cases`` is a dict it receives, per name, the best and worst
+    image by Dice as ``{"best"|"worst": {"image", "mask", "prediction", "dice", "file_name"}}``.
+    The model's train/eval mode is restored afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    report: dict = {"split": split, "domains": {}, "given_modality": given_modality}
+    total_images, model_seconds = 0, 0.0
+    start = time.perf_counter()
+    try:
+        for name, data in datasets.items():
+            dataset = _as_split(data, split)
+            if max_images is not None:
+                dataset = dataset.select(range(min(max_images, len(dataset))))
+            domain = _domain_of(dataset)
+            per_image: list[dict] = []
+            sizes: set[str] = set()
+            best = worst = None
+            bar = tqdm(total=len(dataset), desc=f"evaluate {name}", unit="img", disable=not progress)
+            for batch in dataset.iter(batch_size=batch_size):
+                images = [image_to_rgb(image) for image in batch["image"]]
+                references = [mask_to_bool(mask) for mask in batch["mask"]]
+                tick = time.perf_counter()
+                predictions = predict(model, processor, images, batch["modality"] if given_modality else None)
+                model_seconds += time.perf_counter() - tick
+                for image, reference, prediction, file_name in zip(
+                    images, references, predictions, batch["file_name"]
+                ):
+                    entry = {"file_name": file_name, "dice": dice_score(prediction, reference)}
+                    sizes.add(f"{reference.shape[0]}x{reference.shape[1]}")
+                    if compute_hausdorff:
+                        entry["hd"], entry["hd95"] = hausdorff_distance(prediction, reference)
+                    per_image.append(entry)
+                    if cases is not None:
+                        case = {"image": image, "mask": reference, "prediction": prediction,
+                                "dice": entry["dice"], "file_name": file_name}
+                        if best is None or entry["dice"] > best["dice"]:
+                            best = case
+                        if worst is None or entry["dice"] < worst["dice"]:
+                            worst = case
+                bar.update(len(images))
+            bar.close()
+            total_images += len(per_image)
+            report["domains"][name] = _domain_summary(domain, per_image, compute_hausdorff)
+            report["domains"][name]["mask_sizes"] = sorted(sizes)
+            if cases is not None and best is not None:
+                cases[name] = {"best": best, "worst": worst}
+            logger.info("%s: Dice %.2f%% over %d image(s)", name, report["domains"][name]["dice"], len(per_image))
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    report["num_images"] = total_images
+    report["seconds"] = seconds
+    report["images_per_second"] = total_images / seconds if seconds > 0 else math.nan
+    report["model_images_per_second"] = total_images / model_seconds if model_seconds > 0 else math.nan
+    report["summary"] = _role_summary(report["domains"])
+    return report
+
+
+def _domain_summary(domain: str, per_image: list[dict], compute_hausdorff: bool) -> dict:
+    summary: dict = {"domain": domain, "num_images": len(per_image), "dice": mean_dice([e["dice"] for e in per_image])}
+    if domain in DOMAIN_NAMES:
+        spec = get_domain(domain)
+        summary.update(modality=spec.modality, role=spec.role, paper={"dice": spec.paper.dice, "hd": spec.paper.hd})
+    if compute_hausdorff:
+        summary["hd"], summary["hd_undefined"] = mean_hausdorff([e["hd"] for e in per_image])
+        summary["hd95"], _ = mean_hausdorff([e["hd95"] for e in per_image])
+    summary["per_image"] = per_image
+    return summary
+
+
+def _role_summary(domains: dict) -> dict:
+    result = {}
+    for role in ("source", "unseen"):
+        rows = [row for row in domains.values() if row.get("role") == role and row["num_images"]]
+        if rows:
+            entry = {"domains": len(rows), "dice": float(np.mean([row["dice"] for row in rows]))}
+            entry["paper_dice"] = float(np.mean([row["paper"]["dice"] for row in rows]))
+            hds = [row["hd"] for row in rows if "hd" in row and math.isfinite(row["hd"])]
+            if hds:
+                entry["hd"] = float(np.mean(hds))
+            entry["paper_hd"] = float(np.mean([row["paper"]["hd"] for row in rows]))
+            result[role] = entry
+    return result
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(report: dict, data_label: str = "") -> str:
+    """The per-domain results as Markdown: source domains (paper's Table 3) and unseen domains (Table 5)."""
+    lines = []
+    if data_label:
+        lines += [f"Data: {data_label}. Split: {report['split']}.", ""]
+    groups = (
+        ("Source domains (paper: Table 3)", "source"),
+        ("Unseen domains, zero-shot (paper: Table 5)", "unseen"),
+        ("Other", None),
+    )
+    for title, role in groups:
+        rows = [(name, row) for name, row in report["domains"].items() if row.get("role") == role]
+        if not rows:
+            continue
+        lines += [
+            f"### {title}",
+            "",
+            "| domain | modality | images | Dice % (ours) | Dice % (paper) | HD px (ours) | HD px (paper) | HD95 px |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, row in rows:
+            paper = row.get("paper", {})
+            hd = _number(row.get("hd"))
+            if row.get("hd_undefined"):
+                hd += f" ({row['hd_undefined']} undefined)"
+            lines.append(
+                f"| {name} | {row.get('modality', '')} | {row['num_images']} | {_number(row['dice'])} | "
+                f"{_number(paper.get('dice'))} | {hd} | {_number(paper.get('hd'))} | {_number(row.get('hd95'))} |"
+            )
+        if role in report.get("summary", {}):
+            mean = report["summary"][role]
+            lines.append(
+                f"| **mean** | | | **{_number(mean['dice'])}** | {_number(mean['paper_dice'])} | "
+                f"**{_number(mean.get('hd'))}** | {_number(mean['paper_hd'])} | |"
+            )
+        lines.append("")
+    sizes = sorted({size for row in report["domains"].values() for size in row.get("mask_sizes", [])})
+    lines.append(
+        f"Hausdorff distances are in pixels of the stored masks ({', '.join(sizes) or 'none'}); the paper's are on "
+        "1024x1024 masks, so HD is comparable only for data prepared at 1024 px. HD means leave out images where "
+        "a mask is empty (counted as undefined)."
+    )
+    lines.append("")
+    lines.append(
+        f"{report['num_images']} images in {report['seconds']:.1f} s: {report['images_per_second']:.2f} images/s "
+        f"end to end, {report['model_images_per_second']:.2f} images/s in the model (pre/post-processing included)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(report: dict, path: Path, title: str = "") -> Path:
+    """Grouped bars of Dice and HD per domain, ours beside the paper's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["domains"])
+    rows = [report["domains"][name] for name in names]
+    x = np.arange(len(names))
+    figure, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names) + 4), 4), constrained_layout=True)
+    for axis, key, label in ((axes[0], "dice", "Dice (%)"), (axes[1], "hd", "Hausdorff distance (px)")):
+        ours = [row.get(key, math.nan) for row in rows]
+        paper = [row.get("paper", {}).get(key, math.nan) for row in rows]
+        axis.bar(x - 0.2, [v if math.isfinite(v) else 0 for v in ours], 0.4, label="ours", color="tab:blue")
+        axis.bar(x + 0.2, [v if math.isfinite(v) else 0 for v in paper], 0.4, label="paper", color="tab:gray")
+        axis.set_xticks(x, [f"{n}\n({r.get('role', '')})" for n, r in zip(names, rows)], fontsize=8)
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
+
+
+def case_picture(case: dict) -> np.ndarray:
+    """Image | ground truth (green) | prediction (magenta outline over the ground truth), side by side."""
+    factor = max(1, 256 // max(case["image"].shape[:2]))  # small images are enlarged to be seen
+    image, mask, prediction = (
+        case[key].repeat(factor, axis=0).repeat(factor, axis=1) for key in ("image", "mask", "prediction")
+    )
+    gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
+    return np.concatenate(
+        [image, gap, overlay(image, mask), gap, overlay(image, mask, prediction)], axis=1
+    )
+
+
+def write_report(
+    report: dict, output_dir: str | Path, *, cases: dict | None = None, data_label: str = "", overwrite: bool = False
+) -> Path:
+    """Write ``results.md``, ``results.json``, ``dice_hd.png`` and ``cases/`` into ``output_dir`` atomically."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists and is not empty; pass overwrite=True (--overwrite)")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        (staging / "results.md").write_text(f"# Evaluation\n\n{markdown_table(report, data_label)}")
+        (staging / "results.json").write_text(json.dumps({**report, "data": data_label}, indent=2) + "\n")
+        bar_chart(report, staging / "dice_hd.png", title=data_label)
+        for name, pair in (cases or {}).items():
+            for which in ("best", "worst"):
+                save_png(case_picture(pair[which]), staging / "cases" / f"{name}_{which}.png")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+

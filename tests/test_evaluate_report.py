@@ -1,0 +1,153 @@
+"""evaluate_model on a tiny random model and synthetic data; the written report; the evaluate command."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _data_helpers import run_command
+from esp_medsam_hf import EspMedSamConfig, EspMedSamImageProcessor, EspMedSamModel, EspMedSamProcessor
+from esp_medsam_hf.commands import evaluate as evaluate_command
+from esp_medsam_hf.data.evaluation import evaluate_model, markdown_table, predict, write_report
+from esp_medsam_hf.data.prepare import write_output
+from esp_medsam_hf.data.schema import image_to_rgb, mask_to_bool
+from esp_medsam_hf.data.synthetic import synthetic_domain, synthetic_domains
+from esp_medsam_hf.metrics.functional import dice_score, hausdorff_distance
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    torch.manual_seed(0)
+    model = EspMedSamModel(EspMedSamConfig.tiny(image_size=SIZE))
+    processor = EspMedSamProcessor(EspMedSamImageProcessor(size={"height": SIZE, "width": SIZE}))
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_domains(["isic", "tnbc"], {"test": 3}, size=96)
+
+
+@pytest.fixture(scope="module")
+def evaluated(model_and_processor, data):
+    model, processor = model_and_processor
+    model.train()
+    cases: dict = {}
+    report = evaluate_model(model, processor, data, batch_size=2, cases=cases, progress=False)
+    return report, cases
+
+
+def test_report_numbers_match_an_independent_scoring(model_and_processor, data, evaluated):
+    model, processor = model_and_processor
+    report, _ = evaluated
+    assert model.training  # the caller's mode is restored
+    assert set(report["domains"]) == {"isic", "tnbc"} and report["num_images"] == 6
+    model.eval()
+    for name, dataset_dict in data.items():
+        test = dataset_dict["test"]
+        images = [image_to_rgb(row["image"]) for row in test]
+        predictions = predict(model, processor, images, test["modality"])
+        references = [mask_to_bool(row["mask"]) for row in test]
+        row = report["domains"][name]
+        dice = [dice_score(p, r) for p, r in zip(predictions, references)]
+        assert [e["dice"] for e in row["per_image"]] == pytest.approx(dice, abs=1e-9)
+        assert row["dice"] == pytest.approx(np.mean(dice), abs=1e-9)
+        hd = [hausdorff_distance(p, r)[0] for p, r in zip(predictions, references)]
+        finite = [value for value in hd if math.isfinite(value)]
+        assert row["hd_undefined"] == len(hd) - len(finite)
+        if finite:
+            assert row["hd"] == pytest.approx(np.mean(finite), abs=1e-9)
+        assert [e["file_name"] for e in row["per_image"]] == test["file_name"]
+        assert row["mask_sizes"] == ["96x96"]
+    assert report["domains"]["isic"]["role"] == "source" and report["domains"]["tnbc"]["role"] == "unseen"
+    assert report["domains"]["tnbc"]["paper"] == {"dice": 64.21, "hd": 248.47}
+    assert report["summary"]["source"]["dice"] == pytest.approx(report["domains"]["isic"]["dice"])
+    assert report["images_per_second"] > 0
+
+
+def test_best_and_worst_cases(evaluated):
+    report, cases = evaluated
+    for name, pair in cases.items():
+        dice = [e["dice"] for e in report["domains"][name]["per_image"]]
+        assert pair["best"]["dice"] == max(dice) and pair["worst"]["dice"] == min(dice)
+        assert pair["best"]["prediction"].shape == pair["best"]["mask"].shape == (96, 96)
+
+
+def test_write_report(tmp_path, evaluated):
+    report, cases = evaluated
+    output = write_report(report, tmp_path / "eval", cases=cases, data_label="SYNTHETIC test data")
+    markdown = (output / "results.md").read_text()
+    assert "Source domains (paper: Table 3)" in markdown and "Unseen domains, zero-shot (paper: Table 5)" in markdown
+    assert "| isic | dermoscopy | 3 |" in markdown and "88.52" in markdown and "248.47" in markdown
+    assert "SYNTHETIC" in markdown
+    saved = json.loads((output / "results.json").read_text())
+    assert saved["domains"]["isic"]["dice"] == pytest.approx(report["domains"]["isic"]["dice"])
+    with Image.open(output / "dice_hd.png") as chart:
+        assert chart.size[0] > 600
+    for name in ("isic", "tnbc"):
+        for which in ("best", "worst"):
+            with Image.open(output / "cases" / f"{name}_{which}.png") as picture:
+                assert picture.size == (3 * 96 * 2 + 8, 96 * 2)  # enlarged x2, three panels
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_report(report, output)
+    write_report(report, output, overwrite=True)
+    assert not (output / "cases").exists()
+
+
+def test_markdown_marks_undefined_hausdorff():
+    report = {
+        "split": "test", "num_images": 2, "seconds": 1.0, "images_per_second": 2.0, "model_images_per_second": 2.0,
+        "domains": {"busi": {"role": "unseen", "modality": "ultrasound", "num_images": 2, "dice": 50.0,
+                             "hd": 3.0, "hd95": 2.0, "hd_undefined": 1, "paper": {"dice": 61.62, "hd": 199.74},
+                             "mask_sizes": ["1024x1024"]}},
+        "summary": {},
+    }
+    table = markdown_table(report)
+    assert "| busi | ultrasound | 2 | 50.00 | 61.62 | 3.00 (1 undefined) | 199.74 | 2.00 |" in table
+
+
+def test_evaluate_command_end_to_end(tmp_path, model_and_processor, capsys):
+    model, processor = model_and_processor
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    code = run_command(
+        evaluate_command,
+        ["--model", str(tmp_path / "model"), "--domains", "dsb", "colon", "--num-per-split", "2",
+         "--size", "64", "--output", str(tmp_path / "eval")],
+    )
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert list(saved["domains"]) == ["dsb", "colon"] and saved["num_images"] == 4
+    assert saved["data"].startswith("SYNTHETIC")
+    assert (tmp_path / "eval" / "cases" / "colon_worst.png").is_file()
+    # a prepared folder as data, and an existing output folder without --overwrite is an error
+    write_output(synthetic_domain("ph2", {"test": 2}, size=64), tmp_path / "prepared", "ph2", synthetic=True)
+    args = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "prepared"), "--output", str(tmp_path / "eval")]
+    assert run_command(evaluate_command, args) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert run_command(evaluate_command, args + ["--overwrite"]) == 0
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert list(saved["domains"]) == ["ph2"] and saved["domains"]["ph2"]["num_images"] == 2
+    assert run_command(evaluate_command, args[:4] + ["--domains", "isic", "--output", str(tmp_path / "e2")]) == 1
+    assert "no prepared data for isic" in capsys.readouterr().err
+
+
+def test_evaluate_command_on_the_real_case(tmp_path, model_and_processor):
+    pytest.importorskip("tifffile")
+    model, processor = model_and_processor
+    model.save_pretrained(tmp_path / "model")  # no processor saved: the default one of the model's size is used
+    code = run_command(
+        evaluate_command,
+        ["--model", str(tmp_path / "model"), "--data", "real", "--no-hausdorff", "--output", str(tmp_path / "eval")],
+    )
+    assert code == 0
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["domains"]["dsb"]["num_images"] == 1 and saved["domains"]["dsb"]["mask_sizes"] == ["512x512"]
+    assert saved["data"].startswith("REAL")
