@@ -1,0 +1,193 @@
+"""Model cards (one per stage branch) and dataset cards, built with huggingface_hub's ModelCard/DatasetCard.
+
+Metrics, parameter counts, FLOPs and throughput are passed in as data (evaluation and benchmarking compute them);
+this module only lays them out: per-domain Dice and Hausdorff distance go into the card's ``model-index`` as
+``eval_results`` so that the Hub (and ``ModelCard.load``) can read them back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
+
+TEMPLATES = Path(__file__).with_name("templates")
+PAPER_URL = "https://arxiv.org/abs/2407.14153"
+CITATION_BIBTEX = """@article{xu2024espmedsam,
+  title   = {{ESP-MedSAM}: Efficient Self-Prompting {SAM} for Universal Domain-Generalized Medical Image Segmentation},
+  author  = {Xu, Qing and Li, Jiaxuan and He, Xiangjian and Liu, Ziyu and Chen, Zhen and Duan, Wenting and Li, Chenxin
+             and He, Maggie M. and Tesema, Fiseha B. and Cheah, Wooi P. and Wang, Yi and Qu, Rong
+             and Garibaldi, Jonathan M.},
+  journal = {arXiv preprint arXiv:2407.14153},
+  year    = {2024},
+  doi     = {10.48550/arXiv.2407.14153},
+  url     = {https://arxiv.org/abs/2407.14153}
+}"""
+STAGE_DESCRIPTIONS = {
+    "stage-1-teacher": (
+        "Stage 1, the medical teacher: SAM's frozen ViT image encoder with learnable medical tokens on every "
+        "attention layer and a learnable MLP beside every block's MLP, plus the self-patch prompt generator and the "
+        "query-decoupled modality decoder, fine-tuned on the six source domains."
+    ),
+    "stage-2-distill": (
+        "Stage 2, multi-modal decoupled knowledge distillation: the student's modality aggregator learns SAM's "
+        "image embeddings (modality-common) and each modality's parameter bag learns the stage-1 teacher's "
+        "embeddings on that modality (modality-specific)."
+    ),
+    "stage-3-esp-medsam": (
+        "Stage 3, ESP-MedSAM: the distilled image encoder with the self-patch prompt generator and the "
+        "query-decoupled modality decoder, trained on the six source domains."
+    ),
+    "main": "The released ESP-MedSAM model: the final stage of training.",
+}
+
+
+@dataclass
+class DomainResult:
+    """Test metrics of one domain: Dice in percent, Hausdorff distance in pixels (None when not measured)."""
+
+    modality: str
+    dataset: str
+    dataset_id: str
+    dice: float
+    hd: float | None = None
+    split: str = "test"
+    unseen: bool = False
+
+
+@dataclass
+class ModelCardInfo:
+    """Everything a stage's model card shows. ``flops`` is in GFLOPs per image, ``throughput`` in images/s."""
+
+    model_name: str
+    stage: str
+    repo_id: str | None = None
+    training_config: dict[str, Any] = field(default_factory=dict)
+    results: list[DomainResult] = field(default_factory=list)
+    parameters: int | None = None
+    flops: float | None = None
+    throughput: float | None = None
+    throughput_device: str | None = None
+    image_size: int | None = None
+    base_model: str | None = None
+    license: str = "apache-2.0"
+    notes: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelCardInfo":
+        """Build from plain data (e.g. a JSON file); unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model card fields {unknown}; expected some of {sorted(known)}")
+        data = dict(data)
+        data["results"] = [r if isinstance(r, DomainResult) else DomainResult(**r) for r in data.get("results", [])]
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelCardInfo":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: not a valid model card description ({err})") from err
+
+
+def eval_results(info: ModelCardInfo) -> list[EvalResult]:
+    """Two EvalResults (Dice, Hausdorff distance) per domain, in the card's model-index."""
+    results = []
+    for r in info.results:
+        common = dict(
+            task_type="image-segmentation",
+            task_name=f"{r.modality} segmentation",
+            dataset_type=r.dataset_id,
+            dataset_name=r.dataset + (" (unseen domain)" if r.unseen else ""),
+            dataset_split=r.split,
+        )
+        results.append(EvalResult(metric_type="dice", metric_name="Dice (%)", metric_value=float(r.dice), **common))
+        if r.hd is not None:
+            results.append(
+                EvalResult(
+                    metric_type="hausdorff_distance", metric_name="Hausdorff distance (px)",
+                    metric_value=float(r.hd), **common,
+                )
+            )
+    return results
+
+
+def build_model_card(info: ModelCardInfo) -> ModelCard:
+    """The model card of one stage branch (``info.stage``), ready for ``card.save`` or upload as README.md."""
+    card_data = ModelCardData(
+        model_name=info.model_name,
+        license=info.license,
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        base_model=info.base_model,
+        tags=["medical-imaging", "image-segmentation", "segment-anything", "esp-medsam", info.stage],
+        metrics=["dice", "hausdorff_distance"] if info.results else None,
+        eval_results=eval_results(info) or None,
+        training_stage=info.stage,
+        parameters=info.parameters,
+        gflops=info.flops,
+        throughput_images_per_s=info.throughput,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATES / "model_card.md"),
+        info=asdict(info),
+        stage_description=STAGE_DESCRIPTIONS.get(info.stage, f"Training stage {info.stage}."),
+        training_config_yaml=yaml.safe_dump(info.training_config, sort_keys=True).strip()
+        if info.training_config
+        else "",
+        citation=CITATION_BIBTEX,
+        paper_url=PAPER_URL,
+    )
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return name
+    return "n>1M"
+
+
+def build_dataset_card(
+    pretty_name: str,
+    *,
+    modality: str,
+    target: str,
+    splits: dict[str, int],
+    source: str,
+    license: str = "other",
+    description: str = "",
+    source_url: str | None = None,
+    image_size: int | None = None,
+    citation: str | None = None,
+) -> DatasetCard:
+    """The card of a prepared (resized, split) segmentation dataset: ``splits`` maps split name to image count."""
+    if not splits or any(int(n) < 0 for n in splits.values()):
+        raise ValueError(f"splits must map split names to image counts >= 0, got {splits!r}")
+    card_data = DatasetCardData(
+        pretty_name=pretty_name,
+        license=license,
+        task_categories=["image-segmentation"],
+        size_categories=_size_category(sum(int(n) for n in splits.values())),
+        tags=["medical-imaging", modality, "esp-medsam"],
+    )
+    return DatasetCard.from_template(
+        card_data,
+        template_path=str(TEMPLATES / "dataset_card.md"),
+        pretty_name=pretty_name,
+        modality=modality,
+        target=target,
+        splits=splits,
+        source=source,
+        source_url=source_url,
+        description=description,
+        image_size=image_size,
+        citation=citation,
+        esp_medsam_citation=CITATION_BIBTEX,
+    )

@@ -1,0 +1,224 @@
+"""Hub-style repositories kept as plain git repositories on disk, written with the ``git`` binary.
+
+Commits are built with git plumbing (a private index file, ``commit-tree``, ``update-ref`` with the expected old
+value) so that the working tree is never touched, concurrent writers cannot lose each other's commits, and a failed
+commit leaves every branch exactly as it was. Large files are stored the git-lfs way: a pointer blob in git and the
+content under ``.git/lfs/objects/aa/bb/<sha256>``, which is where olah (the read-side server) looks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+ZERO_OID = "0" * 40
+LFS_POINTER_RE = re.compile(
+    rb"version https://git-lfs\.github\.com/spec/v1\noid sha256:([0-9a-f]{64})\nsize ([0-9]+)\n"
+)
+# Same defaults as the Hub's .gitattributes for new repositories (the binary formats people push).
+LFS_SUFFIXES = (
+    ".7z .arrow .bin .bz2 .ckpt .ftz .gz .h5 .joblib .mlmodel .model .msgpack .npy .npz .onnx .ot .parquet .pb "
+    ".pickle .pkl .pt .pth .rar .safetensors .tar .tflite .tgz .wasm .xz .zip .zst"
+).split()
+LFS_MIN_SIZE = 10 * 1024 * 1024
+GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
+_IDENTITY = {
+    "GIT_AUTHOR_NAME": "esp-medsam local hub",
+    "GIT_AUTHOR_EMAIL": "local-hub@127.0.0.1",
+    "GIT_COMMITTER_NAME": "esp-medsam local hub",
+    "GIT_COMMITTER_EMAIL": "local-hub@127.0.0.1",
+}
+
+
+class GitError(RuntimeError):
+    """A git command failed or a repository operation was refused."""
+
+
+class CommitConflict(GitError):
+    """The branch moved while a commit was being built (or the given parent is not the branch head)."""
+
+
+@dataclass(frozen=True)
+class FileAdd:
+    """Add or replace ``path`` with ``content`` (regular blob) or with an LFS pointer to ``lfs_oid``."""
+
+    path: str
+    content: bytes | None = None
+    lfs_oid: str | None = None
+    lfs_size: int | None = None
+
+
+@dataclass(frozen=True)
+class PathDelete:
+    """Delete a file, or every file below a folder when ``folder`` is true."""
+
+    path: str
+    folder: bool = False
+
+
+def check_repo_path(path: str) -> str:
+    """Return ``path`` normalised to a relative POSIX path, or raise ValueError for paths that escape the repo."""
+    parts = PurePosixPath(path.strip("/")).parts
+    if not parts or any(part in ("", ".", "..", ".git") for part in parts) or "\\" in path or "\0" in path:
+        raise ValueError(f"invalid path in repository: {path!r}")
+    return "/".join(parts)
+
+
+def lfs_pointer(oid: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n".encode()
+
+
+class GitRepo:
+    """One Hub repository (``<root>/<type>s/<namespace>/<name>``) as a non-bare git repository."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    # -- low level -------------------------------------------------------------------------------------------
+    def git(self, *args: str, input: bytes | None = None, env: dict[str, str] | None = None, check: bool = True) -> str:
+        full_env = {**os.environ, **_IDENTITY, **(env or {})}
+        proc = subprocess.run(
+            ["git", "-C", str(self.path), *args], input=input, capture_output=True, env=full_env, check=False
+        )
+        if check and proc.returncode != 0:
+            stderr = proc.stderr.decode(errors="replace").strip()
+            raise GitError(f"git {' '.join(args)} failed in {self.path}: {stderr}")
+        return proc.stdout.decode(errors="replace")
+
+    @property
+    def lfs_dir(self) -> Path:
+        return self.path / ".git" / "lfs" / "objects"
+
+    def exists(self) -> bool:
+        return (self.path / ".git" / "HEAD").is_file()
+
+    @classmethod
+    def create(cls, path: Path) -> "GitRepo":
+        """Create the repository with a first commit on ``main`` holding the Hub's default ``.gitattributes``."""
+        path.mkdir(parents=True, exist_ok=False)
+        repo = cls(path)
+        repo.git("init", "-q", "-b", "main")
+        repo.commit("main", [FileAdd(".gitattributes", GITATTRIBUTES.encode())], "initial commit", parent=None)
+        return repo
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    def resolve(self, revision: str) -> str | None:
+        """The commit id a branch, tag or (abbreviated) commit id points at, or None."""
+        if not revision or revision.startswith("-"):
+            return None
+        out = self.git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{revision}^{{commit}}", check=False)
+        return out.strip() or None
+
+    def branch_head(self, branch: str) -> str | None:
+        out = self.git("rev-parse", "--verify", "--quiet", f"refs/heads/{branch}", check=False)
+        return out.strip() or None
+
+    def branches(self) -> dict[str, str]:
+        out = self.git("for-each-ref", "--format=%(refname:lstrip=2) %(objectname)", "refs/heads")
+        return dict(line.split(" ", 1) for line in out.splitlines())
+
+    def has_path(self, commit: str, path: str) -> bool:
+        proc = subprocess.run(["git", "-C", str(self.path), "cat-file", "-e", f"{commit}:{path}"], capture_output=True)
+        return proc.returncode == 0
+
+    def file_oids(self, commit: str) -> dict[str, str]:
+        """Path -> the oid the Hub reports: the sha256 for LFS files, the git blob id for the others."""
+        oids: dict[str, str] = {}
+        for line in self.git("ls-tree", "-r", "-l", "-z", commit).split("\0"):
+            if not line:
+                continue
+            meta, path = line.split("\t", 1)
+            _mode, _type, blob, size = meta.split()
+            oids[path] = blob
+            if size.isdigit() and 100 < int(size) < 200:
+                match = LFS_POINTER_RE.fullmatch(self._blob(blob))
+                if match:
+                    oids[path] = match.group(1).decode()
+        return oids
+
+    def _blob(self, blob: str) -> bytes:
+        proc = subprocess.run(["git", "-C", str(self.path), "cat-file", "blob", blob], capture_output=True, check=True)
+        return proc.stdout
+
+    def lfs_object(self, oid: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", oid):
+            raise ValueError(f"invalid LFS oid {oid!r}: expected 64 lowercase hex digits")
+        return self.lfs_dir / oid[:2] / oid[2:4] / oid
+
+    def has_lfs_object(self, oid: str, size: int) -> bool:
+        path = self.lfs_object(oid)
+        return path.is_file() and path.stat().st_size == size
+
+    # -- writing ----------------------------------------------------------------------------------------------
+    def store_lfs_object(self, oid: str, size: int, chunks) -> None:
+        """Write an LFS object from an iterable of byte chunks; keep it only if its size and sha256 match."""
+        target = self.lfs_object(oid)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest, written = hashlib.sha256(), 0
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    written += len(chunk)
+                    handle.write(chunk)
+            if written != size or digest.hexdigest() != oid:
+                raise ValueError(
+                    f"LFS object {oid}: received {written} bytes with sha256 {digest.hexdigest()}, "
+                    f"expected {size} bytes with sha256 {oid}"
+                )
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def create_branch(self, branch: str, start: str) -> str:
+        """Create ``branch`` at commit ``start``; GitError if it already exists."""
+        self.git("check-ref-format", "--branch", branch)
+        self.git("update-ref", f"refs/heads/{branch}", start, ZERO_OID)
+        return start
+
+    def delete_branch(self, branch: str) -> None:
+        self.git("update-ref", "-d", f"refs/heads/{branch}")
+
+    def commit(self, branch: str, operations: list[FileAdd | PathDelete], message: str, parent: str | None) -> str:
+        """Commit ``operations`` on top of ``parent``; move ``branch`` there only if it still points at ``parent``."""
+        with tempfile.TemporaryDirectory(prefix="esp-medsam-index-") as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            if parent is not None:
+                self.git("read-tree", parent, env=env)
+            entries: list[str] = []
+            for op in operations:
+                if isinstance(op, PathDelete):
+                    listed = self.git("ls-files", "-z", "--", op.path, env=env).split("\0")
+                    targets = [p for p in listed if p and (op.folder or p == op.path)]
+                    if not targets:
+                        kind = "folder" if op.folder else "file"
+                        raise FileNotFoundError(f"cannot delete {op.path!r}: no such {kind}")
+                    entries += [f"0 {ZERO_OID}\t{p}" for p in targets]
+                    continue
+                if op.lfs_oid is not None:
+                    if not self.has_lfs_object(op.lfs_oid, op.lfs_size or 0):
+                        raise FileNotFoundError(f"LFS object {op.lfs_oid} for {op.path!r} was not uploaded")
+                    data = lfs_pointer(op.lfs_oid, op.lfs_size or 0)
+                else:
+                    data = op.content or b""
+                blob = self.git("hash-object", "-w", "--stdin", input=data).strip()
+                entries.append(f"100644 {blob}\t{op.path}")
+            if entries:
+                self.git("update-index", "--index-info", input=("\n".join(entries) + "\n").encode(), env=env)
+            tree = self.git("write-tree", env=env).strip()
+        args = ["commit-tree", tree, "-m", message] + (["-p", parent] if parent else [])
+        commit = self.git(*args).strip()
+        old = parent if parent is not None else ZERO_OID
+        proc = subprocess.run(
+            ["git", "-C", str(self.path), "update-ref", f"refs/heads/{branch}", commit, old], capture_output=True
+        )
+        if proc.returncode != 0:
+            raise CommitConflict(f"branch {branch!r} moved while committing (expected parent {parent})")
+        return commit

@@ -1,0 +1,268 @@
+"""Start and stop the embedded local Hub: olah (read side) behind our write server, both on 127.0.0.1.
+
+Layout under ``root``::
+
+    repos/models/<namespace>/<name>/   git repositories (olah's ``mirrors-path``), one branch per stage
+    olah/                              olah's config, cache database and logs
+    logs/                              the write server's log
+    hub.json                           state while running: endpoint, ports and process ids
+
+The endpoint that clients use (``HF_ENDPOINT``) is the write server's: it answers the write API itself and
+proxies every read to olah, so one URL serves ``push_to_hub``, ``snapshot_download`` and ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from shutil import which
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "hub.json"
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+OLAH_CONFIG = """[basic]
+host = "127.0.0.1"
+port = {olah_port}
+repos-path = "{state}"
+mirrors-path = ["{mirrors}"]
+hf-scheme = "http"
+hf-netloc = "127.0.0.1:9"
+hf-lfs-netloc = "127.0.0.1:9"
+mirror-scheme = "http"
+mirror-netloc = "127.0.0.1:{port}"
+mirror-lfs-netloc = "127.0.0.1:{port}"
+
+[accessibility]
+offline = true
+"""
+# hf-netloc points at a closed loopback port (the discard port) so that olah never reaches out to the internet.
+
+
+class LocalHubError(RuntimeError):
+    """The local Hub could not be started, found or stopped."""
+
+
+def client_env(endpoint: str) -> dict[str, str]:
+    """Environment for a huggingface_hub client talking to ``endpoint`` (Xet is only spoken by the real Hub)."""
+    return {
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_TOKEN": "hf_local_hub",
+    }
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def find_olah() -> Path:
+    """olah-cli from this interpreter's environment, else from the project's ``.venv-olah``, else from PATH."""
+    project = Path(__file__).resolve().parents[3]
+    candidates = [Path(sys.executable).parent / "olah-cli", project / ".venv-olah" / "bin" / "olah-cli"]
+    found = which("olah-cli")
+    candidates += [Path(found)] if found else []
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise LocalHubError(
+        "olah-cli was not found (looked in " + ", ".join(map(str, candidates)) + "); install it with "
+        "`pip install olah==0.5.4` (the dev extra) or run scripts/install.sh"
+    )
+
+
+def _http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def _alive(pid: int, marker: str) -> bool:
+    """True when ``pid`` runs and its command line contains ``marker`` (guards against recycled pids)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return marker in cmdline
+
+
+def _terminate(pid: int, marker: str) -> None:
+    if not _alive(pid, marker):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline and _alive(pid, marker):
+        time.sleep(0.05)
+    if _alive(pid, marker):
+        os.kill(pid, signal.SIGKILL)
+
+
+def read_state(root: Path) -> dict | None:
+    try:
+        return json.loads((Path(root) / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# state key -> a string the process's command line must contain before we signal it
+_MARKERS = {"server_pid": "esp_medsam_local_hub", "olah_pid": "olah"}
+# The write server needs only this subpackage and the standard library. Importing it as `esp_medsam_hf.hub` would
+# run the parent package's __init__, which imports torch and transformers (seconds and ~1 GB per server), so the
+# server process loads this folder as a stand-alone package named `esp_medsam_local_hub` instead.
+_SERVER_LAUNCHER = (
+    "import importlib.util, sys; "
+    "spec = importlib.util.spec_from_file_location('esp_medsam_local_hub', sys.argv[1] + '/__init__.py', "
+    "submodule_search_locations=[sys.argv[1]]); "
+    "package = importlib.util.module_from_spec(spec); sys.modules['esp_medsam_local_hub'] = package; "
+    "spec.loader.exec_module(package); "
+    "from esp_medsam_local_hub.server import main; sys.exit(main(sys.argv[2:]))"
+)
+
+
+def is_running(root: Path) -> bool:
+    state = read_state(root)
+    return bool(state) and all(_alive(int(state.get(k, 0)), m) for k, m in _MARKERS.items())
+
+
+class LocalHub:
+    """The local Hub as a context manager: ``with LocalHub(tmp) as hub: os.environ.update(hub.env)``.
+
+    ``port`` is the endpoint's port (a free one when None). ``allow_faults`` enables the write server's
+    fault-injection route, for tests of interrupted uploads.
+    """
+
+    def __init__(self, root: str | Path, port: int | None = None, *, allow_faults: bool = False) -> None:
+        self.root = Path(root).resolve()
+        self.port = port
+        self.allow_faults = allow_faults
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._logs: list = []
+
+    @property
+    def endpoint(self) -> str:
+        if self.port is None:
+            raise LocalHubError("the local hub is not started")
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return client_env(self.endpoint)
+
+    @property
+    def repos_dir(self) -> Path:
+        return self.root / "repos"
+
+    def start(self) -> "LocalHub":
+        if is_running(self.root):
+            raise LocalHubError(f"a local hub already runs for {self.root} at {read_state(self.root)['endpoint']}")
+        olah_cli = find_olah()
+        port, olah_port = self.port or free_port(), free_port()
+        for sub in ("repos/models", "repos/datasets", "olah/state", "olah/logs", "logs"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        config = self.root / "olah" / "config.toml"
+        config.write_text(
+            OLAH_CONFIG.format(
+                olah_port=olah_port, port=port, state=self.root / "olah" / "state", mirrors=self.repos_dir
+            )
+        )
+        self.port = port
+        try:
+            self._spawn("olah_pid", [str(olah_cli), "-c", str(config), "--log-path", str(self.root / "olah" / "logs")],
+                        self.root / "olah" / "olah.out")
+            self._spawn("server_pid", [sys.executable, "-c", _SERVER_LAUNCHER, str(Path(__file__).parent),
+                                       "--root", str(self.repos_dir), "--port", str(port),
+                                       "--olah-url", f"http://127.0.0.1:{olah_port}"]
+                        + (["--allow-faults"] if self.allow_faults else []), self.root / "logs" / "server.log")
+            # readiness: an API route on olah (its HTML index answers 500), the health route on ours
+            self._wait_ready(olah_port, "/api/models/local-hub/ready/refs", "olah_pid")
+            self._wait_ready(port, "/_local/health", "server_pid")
+        except BaseException:
+            self.stop()
+            raise
+        state = {"endpoint": self.endpoint, "port": port, "olah_port": olah_port, "root": str(self.root),
+                 **{key: proc.pid for key, proc in self._procs.items()}}
+        tmp = self.root / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.root / STATE_FILE)
+        logger.info(
+            "local hub ready at %s (olah on port %d, repositories in %s)", self.endpoint, olah_port, self.repos_dir
+        )
+        return self
+
+    def _spawn(self, key: str, cmd: list[str], log_path: Path) -> None:
+        log = open(log_path, "ab")
+        self._logs.append(log)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # olah's own start-up would otherwise try to reach the Hub through any inherited HF_ENDPOINT
+        env.pop("HF_ENDPOINT", None)
+        self._procs[key] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=env, cwd=self.root, start_new_session=True)
+
+    def _wait_ready(self, port: int, path: str, key: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._procs[key].poll() is not None:
+                raise LocalHubError(f"{key.split('_')[0]} exited with code {self._procs[key].returncode} on start; "
+                                    f"see the logs under {self.root}")
+            if _http_status(port, path) is not None:
+                return
+            time.sleep(0.1)
+        raise LocalHubError(f"{key.split('_')[0]} did not answer on 127.0.0.1:{port} within {START_TIMEOUT_S:.0f} s")
+
+    def stop(self) -> None:
+        """Stop both servers (those this object started, else those recorded in the state file)."""
+        state = read_state(self.root) or {}
+        for key, marker in _MARKERS.items():
+            proc = self._procs.pop(key, None)
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(STOP_TIMEOUT_S)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+            elif key in state:
+                _terminate(int(state[key]), marker)
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+        (self.root / STATE_FILE).unlink(missing_ok=True)
+
+    def kill_write_server(self) -> None:
+        """Kill the write server abruptly (SIGKILL), as a crash would; for tests of a server that goes down."""
+        proc = self._procs["server_pid"]
+        proc.kill()
+        proc.wait()
+
+    def __enter__(self) -> "LocalHub":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def stop_local_hub(root: str | Path) -> bool:
+    """Stop the local hub recorded in ``root``'s state file; False when none was running."""
+    root = Path(root).resolve()
+    if read_state(root) is None:
+        return False
+    LocalHub(root).stop()
+    return True

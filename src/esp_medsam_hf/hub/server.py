@@ -1,0 +1,486 @@
+"""The local Hub's front server: the Hub's write API on loopback, read routes proxied to olah.
+
+Why we write it: no package on PyPI, Debian or npm serves the Hub's write API (create repo, branch, preupload,
+LFS batch, commit; see HUB.md), and olah, the only packaged Hub-API server that runs here, is read-only. So this
+small ``http.server`` answers the calls huggingface_hub 2.4 makes to publish (with ``HF_HUB_DISABLE_XET=1``) and
+commits into the git repositories that olah serves. Read requests are checked against git first (so that a missing
+repository, revision or file gets the Hub's error code, which olah 0.5.4 reports as 401 RepoNotFound in all three
+cases) and then proxied to olah unchanged. Only loopback addresses are accepted.
+
+``LocalHub`` (local.py) launches it; by hand: ``python -m esp_medsam_hf.hub.server --root DIR --port P --olah-url URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import logging
+import re
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import yaml
+
+from .gitrepo import (
+    LFS_MIN_SIZE,
+    LFS_SUFFIXES,
+    CommitConflict,
+    FileAdd,
+    GitError,
+    GitRepo,
+    PathDelete,
+    check_repo_path,
+)
+
+logger = logging.getLogger(__name__)
+
+REPO_TYPES = {"model": "models", "dataset": "datasets", "space": "spaces"}
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+_T = r"(?P<type>models|datasets|spaces)"
+_REPO = rf"(?P<ns>{_NAME})/(?P<name>{_NAME})"
+_PREFIX = r"(?:(?P<type>datasets|spaces)/)?"
+ROUTES: list[tuple[str, re.Pattern[str], str]] = [
+    (m, re.compile(p), h)
+    for m, p, h in [
+        ("POST", r"/api/repos/create", "create_repo"),
+        ("POST", r"/api/validate-yaml", "validate_yaml"),
+        ("GET", r"/api/agent-harnesses", "not_found"),
+        ("POST", rf"/api/{_T}/{_REPO}/branch/(?P<rev>[^/]+)", "create_branch"),
+        ("DELETE", rf"/api/{_T}/{_REPO}/branch/(?P<rev>[^/]+)", "delete_branch"),
+        ("POST", rf"/api/{_T}/{_REPO}/preupload/(?P<rev>[^/]+)", "preupload"),
+        ("POST", rf"/api/{_T}/{_REPO}/commit/(?P<rev>[^/]+)", "commit"),
+        ("POST", rf"/{_PREFIX}{_REPO}\.git/info/lfs/objects/batch", "lfs_batch"),
+        ("PUT", rf"/_lfs/{_T}/{_REPO}/(?P<oid>[0-9a-f]{{64}})/(?P<size>[0-9]+)", "lfs_put"),
+        ("GET", r"/_local/health", "health"),
+        ("POST", r"/_local/faults", "set_faults"),
+        # read side: validated here, then proxied to olah
+        ("GET", rf"/api/{_T}/{_REPO}", "read_repo_info"),
+        ("GET", rf"/api/{_T}/{_REPO}/refs", "read_repo"),
+        ("GET", rf"/api/{_T}/{_REPO}/(?:revision|tree|commits)/(?P<rev>[^/]+)(?:/.*)?", "read_revision"),
+        ("POST", rf"/api/{_T}/{_REPO}/paths-info/(?P<rev>[^/]+)", "read_revision"),
+        ("GET", rf"/{_PREFIX}{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "read_file"),
+    ]
+]
+
+
+class HubError(Exception):
+    """An error answered the way the Hub answers it: status, X-Error-Code and a JSON ``error`` message."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, **extra) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.extra = status, message, code, extra
+
+
+class LocalHubServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: Path, port: int, olah_url: str, allow_faults: bool = False) -> None:
+        super().__init__(("127.0.0.1", port), HubRequestHandler)
+        self.root = Path(root)
+        self.olah = urlsplit(olah_url)
+        self.allow_faults = allow_faults
+        self.faults: list[dict] = []
+        self.locks: dict[str, threading.Lock] = {}
+        self.guard = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def repo(self, repo_type: str | None, namespace: str, name: str) -> GitRepo:
+        return GitRepo(self.root / (repo_type or "models") / namespace / name)
+
+    def lock(self, repo: GitRepo) -> threading.Lock:
+        with self.guard:
+            return self.locks.setdefault(str(repo.path), threading.Lock())
+
+    def take_fault(self, route: str, revision: str | None) -> dict | None:
+        with self.guard:
+            for fault in self.faults:
+                if fault["route"] == route and fault["times"] > 0 and fault["revision"] in (None, revision):
+                    fault["times"] -= 1
+                    return fault
+        return None
+
+
+class HubRequestHandler(BaseHTTPRequestHandler):
+    server: LocalHubServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - signature of the base class
+        logger.debug("%s %s", self.address_string(), format % args)
+
+    # -- dispatch ---------------------------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        self.query = parse_qs(url.query)
+        lookup = "GET" if method == "HEAD" else method
+        try:
+            for route_method, pattern, handler in ROUTES:
+                match = pattern.fullmatch(url.path)
+                if match and route_method == lookup:
+                    params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                    getattr(self, f"h_{handler}")(**params)
+                    return
+            self._proxy()
+        except HubError as err:
+            self._send_json({"error": err.message, **err.extra}, err.status, code=err.code)
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+        except Exception as err:  # answer 500 rather than dropping the connection, and keep the server up
+            logger.exception("local hub: %s %s failed", method, self.path)
+            self._send_json({"error": f"internal error: {err}"}, 500)
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def _send_json(self, payload, status: int = 200, code: str | None = None, ctype: str = "application/json") -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        if code:
+            self.send_header("X-Error-Code", code)
+        if status >= 400:
+            self.send_header("X-Error-Message", str(payload.get("error", ""))[:500].replace("\n", " "))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _body_chunks(self) -> Iterator[bytes]:
+        """The request body in pieces, from Content-Length or chunked transfer encoding."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return
+                yield self.rfile.read(size)
+                self.rfile.readline()
+        remaining = int(self.headers.get("Content-Length") or 0)
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 1 << 20))
+            if not chunk:
+                raise ConnectionError("client closed the connection mid-body")
+            remaining -= len(chunk)
+            yield chunk
+
+    def _body(self) -> bytes:
+        return b"".join(self._body_chunks())
+
+    def _json_body(self) -> dict:
+        try:
+            data = json.loads(self._body() or b"{}")
+        except json.JSONDecodeError as err:
+            raise HubError(400, f"request body is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise HubError(400, "request body must be a JSON object")
+        return data
+
+    def _existing(self, type: str | None, ns: str, name: str) -> GitRepo:
+        repo = self.server.repo(type, ns, name)
+        if not repo.exists():
+            raise HubError(404, f"Repository not found: {ns}/{name}", "RepoNotFound")
+        return repo
+
+    def _revision(self, repo: GitRepo, rev: str) -> str:
+        commit = repo.resolve(rev)
+        if commit is None:
+            raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+        return commit
+
+    def _fault(self, route: str, revision: str | None = None) -> bool:
+        """Apply an injected fault for ``route``; True when the request must not be handled further."""
+        fault = self.server.take_fault(route, revision)
+        if fault is None:
+            return False
+        if fault["action"] == "drop":
+            # simulate a server that dies mid-request: read part of the body, then close without an answer
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(min(length // 2, 1 << 16))
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return True
+        self._body()
+        self._send_json({"error": f"injected fault on {route}"}, int(fault["action"]))
+        return True
+
+    # -- write API --------------------------------------------------------------------------------------------
+    def h_create_repo(self) -> None:
+        data = self._json_body()
+        repo_type = REPO_TYPES.get(data.get("type") or "model")
+        ns, name = data.get("organization"), data.get("name")
+        if repo_type is None or not ns or not name or not re.fullmatch(_NAME, ns) or not re.fullmatch(_NAME, name):
+            raise HubError(400, "repo id must be 'namespace/name' of letters, digits, '.', '_' or '-' "
+                                "(the local hub has no user accounts, so the namespace is required)")
+        repo = self.server.repo(repo_type, ns, name)
+        prefix = "" if repo_type == "models" else f"{repo_type}/"
+        url = f"{self.server.endpoint}/{prefix}{ns}/{name}"
+        with self.server.lock(repo):
+            if repo.exists():
+                # the client reads "url" from the 409 answer when exist_ok=True, as the Hub sends it
+                raise HubError(409, f"You already created this {data.get('type') or 'model'} repo", url=url)
+            GitRepo.create(repo.path)
+        self._send_json({"url": url, "name": f"{ns}/{name}", "id": f"{ns}/{name}"})
+
+    def h_validate_yaml(self) -> None:
+        content = self._json_body().get("content", "")
+        match = re.match(r"\s*---\n(.*?)\n---", content, flags=re.S)
+        try:
+            if match and not isinstance(yaml.safe_load(match.group(1)) or {}, dict):
+                raise yaml.YAMLError("the metadata block must be a mapping")
+        except yaml.YAMLError as err:
+            self._send_json({"error": "invalid metadata", "errors": [{"message": str(err)}]}, 400)
+            return
+        self._send_json({"warnings": []})
+
+    def h_not_found(self) -> None:
+        raise HubError(404, f"{self.path} is not served by the local hub")
+
+    def h_create_branch(self, type: str, ns: str, name: str, rev: str) -> None:
+        repo = self._existing(type, ns, name)
+        start = self._json_body().get("startingPoint") or "main"
+        with self.server.lock(repo):
+            if repo.branch_head(rev) is not None:
+                raise HubError(409, f"Reference already exists: refs/heads/{rev}")
+            try:
+                repo.create_branch(rev, self._revision(repo, start))
+            except GitError as err:
+                raise HubError(400, f"invalid branch name {rev!r}: {err}") from err
+        self._send_json({})
+
+    def h_delete_branch(self, type: str, ns: str, name: str, rev: str) -> None:
+        repo = self._existing(type, ns, name)
+        if rev == "main":
+            raise HubError(403, "the main branch cannot be deleted")
+        with self.server.lock(repo):
+            if repo.branch_head(rev) is None:
+                raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+            repo.delete_branch(rev)
+        self._send_json({})
+
+    def h_preupload(self, type: str, ns: str, name: str, rev: str) -> None:
+        if self._fault("preupload", rev):
+            return
+        repo = self._existing(type, ns, name)
+        files = self._json_body().get("files", [])
+        remote = repo.file_oids(self._revision(repo, rev))
+        answer = []
+        for entry in files:
+            path, size = str(entry.get("path", "")), int(entry.get("size", 0))
+            lfs = size >= LFS_MIN_SIZE or path.lower().endswith(tuple(LFS_SUFFIXES))
+            answer.append(
+                {
+                    "path": path,
+                    "uploadMode": "lfs" if lfs else "regular",
+                    "shouldIgnore": False,
+                    "oid": remote.get(path),
+                }
+            )
+        self._send_json({"files": answer, "commitOid": repo.resolve(rev)})
+
+    def h_lfs_batch(self, ns: str, name: str, type: str | None = None) -> None:
+        repo = self._existing(type or "models", ns, name)
+        data = self._json_body()
+        if data.get("operation") != "upload":
+            raise HubError(400, "the local hub's LFS batch endpoint only accepts uploads; download through resolve")
+        objects = []
+        for obj in data.get("objects", []):
+            oid, size = str(obj.get("oid", "")), int(obj.get("size", -1))
+            if not re.fullmatch(r"[0-9a-f]{64}", oid) or size < 0:
+                error = {"code": 422, "message": "invalid oid or size"}
+                objects.append({"oid": oid, "size": max(size, 0), "error": error})
+            elif repo.has_lfs_object(oid, size):
+                objects.append({"oid": oid, "size": size})
+            else:
+                href = f"{self.server.endpoint}/_lfs/{type or 'models'}/{ns}/{name}/{oid}/{size}"
+                objects.append({"oid": oid, "size": size, "actions": {"upload": {"href": href, "header": {}}}})
+        self._send_json({"transfer": "basic", "objects": objects}, ctype="application/vnd.git-lfs+json")
+
+    def h_lfs_put(self, type: str, ns: str, name: str, oid: str, size: str) -> None:
+        if self._fault("lfs-upload"):
+            return
+        repo = self._existing(type, ns, name)
+        try:
+            repo.store_lfs_object(oid, int(size), self._body_chunks())
+        except ValueError as err:
+            raise HubError(400, str(err)) from err
+        self._send_json({})
+
+    def h_commit(self, type: str, ns: str, name: str, rev: str) -> None:
+        if self._fault("commit", rev):
+            return
+        repo = self._existing(type, ns, name)
+        if self.query.get("create_pr", ["0"])[0] not in ("0", "false", ""):
+            raise HubError(400, "the local hub does not support pull requests; commit to a branch instead")
+        lines = [line for line in self._body().splitlines() if line.strip()]
+        try:
+            items = [json.loads(line) for line in lines]
+        except json.JSONDecodeError as err:
+            raise HubError(400, f"commit payload is not valid NDJSON: {err}") from err
+        if not items or items[0].get("key") != "header":
+            raise HubError(400, "commit payload must start with a header line")
+        header = items[0].get("value", {})
+        operations: list[FileAdd | PathDelete] = []
+        try:
+            for item in items[1:]:
+                key, value = item.get("key"), item.get("value", {})
+                path = check_repo_path(str(value.get("path", "")))
+                if key == "file":
+                    operations.append(FileAdd(path, content=base64.b64decode(value.get("content", ""))))
+                elif key == "lfsFile":
+                    operations.append(FileAdd(path, lfs_oid=value.get("oid"), lfs_size=int(value.get("size", -1))))
+                elif key in ("deletedFile", "deletedFolder"):
+                    operations.append(PathDelete(path, folder=key == "deletedFolder"))
+                else:
+                    raise HubError(400, f"unsupported commit operation {key!r}")
+        except ValueError as err:
+            raise HubError(400, str(err)) from err
+        message = header.get("summary") or "Upload files"
+        if header.get("description"):
+            message += "\n\n" + header["description"]
+        with self.server.lock(repo):
+            head = repo.branch_head(rev)
+            if head is None:
+                raise HubError(404, f"Invalid rev id: {rev} (commits go to an existing branch)", "RevisionNotFound")
+            parent = header.get("parentCommit")
+            if parent and repo.resolve(parent) != head:
+                raise HubError(412, f"parent commit {parent} is not the head of {rev} ({head})")
+            try:
+                commit = repo.commit(rev, operations, message, parent=head)
+            except FileNotFoundError as err:
+                raise HubError(404, str(err), "EntryNotFound") from err
+            except CommitConflict as err:
+                raise HubError(412, str(err)) from err
+        prefix = "" if type == "models" else f"{type}/"
+        url = f"{self.server.endpoint}/{prefix}{ns}/{name}/commit/{commit}"
+        self._send_json({"commitOid": commit, "commitUrl": url, "pullRequestUrl": None, "success": True})
+
+    def h_health(self) -> None:
+        self._send_json({"status": "ok", "olah": f"{self.server.olah.scheme}://{self.server.olah.netloc}"})
+
+    def h_set_faults(self) -> None:
+        if not self.server.allow_faults:
+            raise HubError(403, "fault injection is off (start the server with --allow-faults)")
+        faults = self._json_body().get("faults", [])
+        for fault in faults:
+            if fault.get("route") not in ("preupload", "lfs-upload", "commit") or str(fault.get("action")) not in (
+                "drop", "500", "502", "503", "504"
+            ):
+                raise HubError(400, f"invalid fault {fault}")
+        with self.server.guard:
+            self.server.faults = [
+                {"route": f["route"], "action": str(f["action"]), "times": int(f.get("times", 1)),
+                 "revision": f.get("revision")}
+                for f in faults
+            ]
+        self._send_json({"faults": self.server.faults})
+
+    # -- read API: validate, then proxy to olah ---------------------------------------------------------------
+    def h_read_repo_info(self, type: str, ns: str, name: str) -> None:
+        # olah 0.5.4 answers 401 for repo info without a revision on mirrored repos: ask for main explicitly
+        self._existing(type, ns, name)
+        url = urlsplit(self.path)
+        self._proxy(f"{url.path.rstrip('/')}/revision/main" + (f"?{url.query}" if url.query else ""))
+
+    def h_read_repo(self, type: str, ns: str, name: str) -> None:
+        self._existing(type, ns, name)
+        self._proxy()
+
+    def h_read_revision(self, type: str, ns: str, name: str, rev: str) -> None:
+        self._revision(self._existing(type, ns, name), rev)
+        self._proxy()
+
+    def h_read_file(self, ns: str, name: str, rev: str, path: str, type: str | None = None) -> None:
+        repo = self._existing(type or "models", ns, name)
+        commit = self._revision(repo, rev)
+        if not repo.has_path(commit, path):
+            raise HubError(404, f"{path} does not exist on {rev!r}", "EntryNotFound")
+        self._proxy()
+
+    def _proxy(self, path: str | None = None) -> None:
+        """Forward the request to olah and stream its answer back, with olah's origin rewritten to ours."""
+        olah = self.server.olah
+        body = self._body() if self.command in ("POST", "PUT") else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+        headers["Host"] = olah.netloc
+        conn = http.client.HTTPConnection(olah.hostname, olah.port, timeout=60)
+        try:
+            conn.request(self.command, path or self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+        except OSError as err:
+            conn.close()
+            raise HubError(502, f"the read-side server (olah at {olah.netloc}) is not reachable: {err}") from err
+        try:
+            length = resp.getheader("Content-Length")
+            payload = None if length is not None or self.command == "HEAD" else resp.read()
+            self.send_response(resp.status)
+            for key, value in resp.getheaders():
+                if key.lower() in _HOP_HEADERS or key.lower() == "content-length":
+                    continue
+                if key.lower() == "location":
+                    value = value.replace(f"{olah.scheme}://{olah.netloc}", self.server.endpoint)
+                self.send_header(key, value)
+            self.send_header("Content-Length", length if length is not None else str(len(payload or b"")))
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            if payload is not None:
+                self.wfile.write(payload)
+            else:
+                shutil.copyfileobj(resp, self.wfile, 1 << 20)
+        finally:
+            conn.close()
+
+
+_HOP_HEADERS = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+    "transfer-encoding", "upgrade", "host", "accept-encoding",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, required=True, help="folder holding <type>s/<namespace>/<name> git repos")
+    parser.add_argument("--port", type=int, required=True, help="loopback port to listen on")
+    parser.add_argument("--olah-url", required=True, help="olah's base URL, e.g. http://127.0.0.1:8091")
+    parser.add_argument("--allow-faults", action="store_true", help="enable POST /_local/faults (tests only)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if urlsplit(args.olah_url).hostname not in ("127.0.0.1", "localhost"):
+        parser.error(f"--olah-url must be a loopback address, got {args.olah_url}")
+    server = LocalHubServer(args.root, args.port, args.olah_url, allow_faults=args.allow_faults)
+    logger.info("local hub write server on %s (reads proxied to %s)", server.endpoint, args.olah_url)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""The Hub round trip on loopback: publish per stage with the real huggingface_hub client to our write server,
+read back through olah (refs, snapshot_download, model cards), and the failure cases (unknown revision, missing
+repo, server down, interrupted upload). One local Hub is started for the whole module and always stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx2
+import pytest
+from _hub_helpers import BRANCHES, make_stage_folder, tree_hashes
+from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+from esp_medsam_hf.hub import (
+    DomainResult,
+    HubUnavailableError,
+    LocalHub,
+    ModelCardInfo,
+    PublishError,
+    RetryPolicy,
+    StageRelease,
+    build_dataset_card,
+    publish_dataset,
+    publish_model,
+)
+from esp_medsam_hf.hub.local import free_port
+
+FAST = RetryPolicy(attempts=3, base_wait_s=0.05, max_wait_s=0.1)
+REPO = "esp/roundtrip"
+
+
+def card_for(branch: str, index: int) -> ModelCardInfo:
+    return ModelCardInfo(
+        model_name="esp-medsam-test",
+        stage=branch,
+        training_config={"epochs": 2 + index, "lr": 1e-4, "stage": branch},
+        results=[
+            DomainResult("dermoscopy", "ISIC 2018", "isic2018", dice=80.0 + index, hd=90.5 - index),
+            DomainResult("dermoscopy", "PH2", "ph2", dice=70.25 + index, hd=None, unseen=True),
+        ],
+        parameters=28_460_000,
+        flops=113.4,
+        throughput=12.87,
+        throughput_device="A6000",
+        image_size=1024,
+    )
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "HF_HUB_OFFLINE", False)
+        with LocalHub(tmp_path_factory.mktemp("localhub"), allow_faults=True) as local_hub:
+            yield local_hub
+
+
+@pytest.fixture(scope="module")
+def api(hub) -> HfApi:
+    return HfApi(endpoint=hub.endpoint, token="hf_local_hub")
+
+
+@pytest.fixture(scope="module")
+def published(hub, api, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    folders = {branch: make_stage_folder(root / branch, seed=i) for i, branch in enumerate(BRANCHES)}
+    before = {branch: tree_hashes(folder) for branch, folder in folders.items()}
+    releases = [StageRelease(b, folders[b], card_for(b, i)) for i, b in enumerate(BRANCHES)]
+    commits = publish_model(REPO, releases, api=api, retry=FAST)
+    return {"folders": folders, "before": before, "commits": commits}
+
+
+def download(hub, tmp_path, repo: str, revision: str, **kwargs) -> Path:
+    return Path(snapshot_download(repo, revision=revision, endpoint=hub.endpoint, cache_dir=tmp_path / "cache",
+                                  token="hf_local_hub", **kwargs))
+
+
+def set_faults(hub, *faults: dict) -> None:
+    httpx2.post(f"{hub.endpoint}/_local/faults", json={"faults": list(faults)}).raise_for_status()
+
+
+def test_refs_list_every_stage_branch(api, published):
+    refs = api.list_repo_refs(REPO)
+    assert {b.name: b.target_commit for b in refs.branches} == published["commits"]
+
+
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_each_branch_downloads_byte_identical_through_olah(hub, published, tmp_path, branch):
+    snapshot = download(hub, tmp_path, REPO, branch)
+    folder = published["folders"][branch]
+    assert tree_hashes(folder) == published["before"][branch]  # publishing did not touch the local files
+    local = tree_hashes(folder)
+    remote = {k: v for k, v in tree_hashes(snapshot).items() if k not in ("README.md", ".gitattributes")}
+    assert remote == local
+    assert snapshot.name == published["commits"][branch]  # the snapshot is the commit the branch points at
+
+
+@pytest.mark.parametrize("index,branch", list(enumerate(BRANCHES)))
+def test_each_card_parses_and_carries_its_metrics(hub, published, tmp_path, index, branch):
+    card = ModelCard.load(hf_hub_download(REPO, "README.md", revision=branch, endpoint=hub.endpoint,
+                                          cache_dir=tmp_path / "cache"))
+    assert card.data.training_stage == branch
+    assert card.data.parameters == 28_460_000
+    metrics = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert metrics == {
+        ("isic2018", "dice"): 80.0 + index,
+        ("isic2018", "hausdorff_distance"): 90.5 - index,
+        ("ph2", "dice"): 70.25 + index,
+    }
+    assert "not a medical device" in card.text and "arXiv:2407.14153" in card.text
+    assert f"epochs: {2 + index}" in card.text
+
+
+def test_unknown_revision_is_a_clear_error(hub, published, tmp_path):
+    with pytest.raises(RevisionNotFoundError, match="stage-9-missing"):
+        download(hub, tmp_path, REPO, "stage-9-missing")
+
+
+def test_missing_repo_is_a_clear_error(hub, api, tmp_path):
+    with pytest.raises(RepositoryNotFoundError):
+        download(hub, tmp_path, "esp/does-not-exist", "main")
+    with pytest.raises(RepositoryNotFoundError):
+        api.list_repo_refs("esp/does-not-exist")
+
+
+def test_missing_file_is_entry_not_found(hub, published, tmp_path):
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download(REPO, "no_such_file.bin", revision="main", endpoint=hub.endpoint, cache_dir=tmp_path)
+
+
+def test_transient_faults_are_retried(hub, api, tmp_path):
+    folder = make_stage_folder(tmp_path / "retry", seed=42)
+    # an LFS upload cut off mid-body (huggingface_hub retries it) and a commit answered 503 (we retry it)
+    set_faults(hub, {"route": "lfs-upload", "action": "drop", "times": 1},
+               {"route": "commit", "action": "503", "times": 1})
+    commits = publish_model("esp/retried", [StageRelease("stage-1-teacher", folder)], api=api, retry=FAST)
+    snapshot = download(hub, tmp_path, "esp/retried", "stage-1-teacher")
+    assert snapshot.name == commits["stage-1-teacher"]
+    assert tree_hashes(folder) == {k: v for k, v in tree_hashes(snapshot).items() if k != ".gitattributes"}
+
+
+def test_interrupted_upload_says_what_was_uploaded(hub, api, tmp_path):
+    folders = {b: make_stage_folder(tmp_path / b, seed=10 + i) for i, b in enumerate(BRANCHES)}
+    before = {b: tree_hashes(f) for b, f in folders.items()}
+    # the server drops the connection in the middle of every commit to stage-2-distill
+    set_faults(hub, {"route": "commit", "action": "drop", "times": 100, "revision": "stage-2-distill"})
+    try:
+        with pytest.raises(PublishError) as info:
+            publish_model("esp/interrupted", [StageRelease(b, folders[b]) for b in BRANCHES], api=api, retry=FAST)
+    finally:
+        set_faults(hub)
+    err = info.value
+    assert list(err.uploaded) == ["stage-1-teacher"]
+    assert err.not_uploaded == ["stage-2-distill", "stage-3-esp-medsam", "main"]
+    assert "Uploaded: stage-1-teacher" in str(err) and "Not uploaded: stage-2-distill" in str(err)
+    assert {b: tree_hashes(f) for b, f in folders.items()} == before
+    refs = {b.name: b.target_commit for b in api.list_repo_refs("esp/interrupted").branches}
+    assert refs["stage-1-teacher"] == err.uploaded["stage-1-teacher"]
+    assert refs["stage-2-distill"] == refs["main"]  # created from main, but no commit landed on it
+    assert "model.safetensors" not in api.list_repo_files("esp/interrupted", revision="stage-2-distill")
+
+
+def test_server_down_is_a_clear_error_and_nothing_changes(tmp_path):
+    folder = make_stage_folder(tmp_path / "model", seed=3)
+    before = tree_hashes(folder)
+    api = HfApi(endpoint=f"http://127.0.0.1:{free_port()}", token="hf_local_hub")  # nothing listens there
+    with pytest.raises(HubUnavailableError, match="not reachable.*Nothing was uploaded"):
+        publish_model("esp/down", [StageRelease("main", folder)], api=api, retry=FAST)
+    assert tree_hashes(folder) == before
+
+
+def test_write_server_killed_midway(tmp_path):
+    folders = {b: make_stage_folder(tmp_path / b, seed=20 + i) for i, b in enumerate(BRANCHES[:2])}
+    before = {b: tree_hashes(f) for b, f in folders.items()}
+    with LocalHub(tmp_path / "hub") as local_hub:
+        api = HfApi(endpoint=local_hub.endpoint, token="hf_local_hub")
+        publish_model("esp/killed", [StageRelease(BRANCHES[0], folders[BRANCHES[0]])], api=api, retry=FAST)
+        local_hub.kill_write_server()
+        with pytest.raises(HubUnavailableError, match="not reachable"):
+            publish_model("esp/killed", [StageRelease(BRANCHES[1], folders[BRANCHES[1]])], api=api, retry=FAST)
+    assert {b: tree_hashes(f) for b, f in folders.items()} == before
+    assert not (tmp_path / "hub" / "hub.json").exists()
+
+
+def test_bad_local_input_fails_before_any_request(api, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        publish_model("esp/bad", [StageRelease("main", tmp_path / "missing")], api=api)
+    folder = make_stage_folder(tmp_path / "m", seed=1)
+    with pytest.raises(ValueError, match="describes stage"):
+        publish_model("esp/bad", [StageRelease("main", folder, card_for("stage-2-distill", 0))], api=api)
+    with pytest.raises(RepositoryNotFoundError):
+        api.list_repo_refs("esp/bad")
+
+
+def test_dataset_card_and_dataset_repo(hub, api, tmp_path):
+    folder = tmp_path / "isic"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "train.parquet").write_bytes(os.urandom(4096))
+    card = build_dataset_card("ISIC 2018 (prepared)", modality="dermoscopy", target="skin lesion",
+                              splits={"train": 2594, "test": 1000}, source="ISIC 2018 task 1", image_size=1024)
+    commit = publish_dataset("esp/isic-prepared", folder, card=card, api=api, retry=FAST)
+    path = Path(snapshot_download("esp/isic-prepared", repo_type="dataset", endpoint=hub.endpoint,
+                                  cache_dir=tmp_path / "cache"))
+    assert path.name == commit
+    assert (path / "data" / "train.parquet").read_bytes() == (folder / "data" / "train.parquet").read_bytes()
+    text = (path / "README.md").read_text()
+    assert "size_categories: 1K<n<10K" in text and "| train | 2594 |" in text
+
+
+def test_esp_medsam_model_round_trip_through_olah(hub, tmp_path):
+    """Acceptance: tiny EspMedSamModels pushed per branch load with from_pretrained(revision=) and match."""
+    env = {**os.environ, **hub.env, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0"}
+    script = Path(__file__).with_name("_hub_helpers.py")
+    proc = subprocess.run([sys.executable, str(script), hub.endpoint, str(tmp_path / "work")], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["untouched"]
+    assert all(diff == 0.0 for diff in result["diffs"].values()), result
+    assert all(diff > 1e-3 for diff in result["distinct"].values()), result  # each branch has its own weights
+    assert result["push_diff"] == 0.0
