@@ -131,12 +131,17 @@ def test_prepared_dataset_round_trips_through_disk_and_parquet_streaming(tmp_pat
 
 
 def test_push_to_unreachable_hub_is_a_clear_error(tmp_path, official, monkeypatch):
+    from esp_medsam_hf.hub import HubUnavailableError, RetryPolicy
+
     root, _, _ = official
     prepare_domain(DOMAIN, root, tmp_path / "out", progress=False)
-    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    with pytest.raises(ConnectionError, match=r"cannot push to someone/esp-medsam-data.*127\.0\.0\.1:9"):
-        push_to_hub(tmp_path / "out", "someone/esp-medsam-data", token="hf_dummy")
+    with pytest.raises(HubUnavailableError, match=r"127\.0\.0\.1:9 is not reachable.*Nothing was uploaded"):
+        push_to_hub(
+            tmp_path / "out", "someone/esp-medsam-data", token="hf_dummy", endpoint="http://127.0.0.1:9",
+            retry=RetryPolicy(attempts=1),
+        )
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".push-")]
 
 
 def test_push_refuses_a_folder_without_prepared_domains(tmp_path):
@@ -174,3 +179,34 @@ def test_prepare_command_synthetic(tmp_path, capsys):
     save(as255(np.ones((20, 24), bool)), root / "mask_1024" / "TNBC_01_1.png")
     assert run_command(prepare_command, ["--domains", DOMAIN, "--data-dir", str(root), "--output", str(tmp_path / "syn")]) == 1
     assert "holds synthetic domains" in capsys.readouterr().err
+
+
+def test_push_to_the_local_hub(tmp_path, official):
+    from huggingface_hub import HfApi, constants, hf_hub_download
+
+    from esp_medsam_hf.hub import LocalHub
+
+    root, names, _ = official
+    prepare_domain(DOMAIN, root, tmp_path / "out", progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_OFFLINE", False)
+        with LocalHub(tmp_path / "hub") as hub:
+            commit = push_to_hub(tmp_path / "out", "esp/domains", token="hf_local_hub", endpoint=hub.endpoint)
+            api = HfApi(endpoint=hub.endpoint, token="hf_local_hub")
+            files = api.list_repo_files("esp/domains", repo_type="dataset", revision="main")
+            downloaded = {
+                name: hf_hub_download(
+                    "esp/domains", name, repo_type="dataset", revision="main", endpoint=hub.endpoint,
+                    cache_dir=tmp_path / "cache", token="hf_local_hub",
+                )
+                for name in ("README.md", f"{DOMAIN}/data/test-00000-of-00001.parquet")
+            }
+    assert len(commit) == 40
+    shards = {f"{DOMAIN}/data/{split}-00000-of-00001.parquet" for split in names}
+    assert {name for name in files if name != ".gitattributes"} == shards | {"README.md"}
+    local = tmp_path / "out" / DOMAIN / "data" / "test-00000-of-00001.parquet"
+    parquet = downloaded[f"{DOMAIN}/data/test-00000-of-00001.parquet"]
+    assert open(parquet, "rb").read() == local.read_bytes()
+    assert open(downloaded["README.md"]).read() == (tmp_path / "out" / "README.md").read_text()
+    rows = list(datasets.load_dataset("parquet", data_files={"test": parquet}, streaming=True)["test"])
+    assert [row["file_name"] for row in rows] == names["test"]

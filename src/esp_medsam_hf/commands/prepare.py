@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.layouts import LayoutError
     from ..data.prepare import PreparationError, prepare_domain, push_to_hub, write_output
     from ..data.synthetic import DEFAULT_SIZE, synthetic_domain
+    from ..hub import PublishError
 
     try:
         domains = resolve_domains(args.domains)
@@ -72,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
                 for skipped in report.skipped:
                     print(f"  skipped {skipped['file_name']}: {skipped['reason']}")
         if args.push_to_hub:
-            print(f"pushed: {push_to_hub(args.output, args.push_to_hub, token=args.token, private=args.private)}")
-    except (PreparationError, LayoutError, KeyError, FileExistsError, ConnectionError) as error:
+            print(f"pushed {args.output} to {args.push_to_hub}, commit {push_to_hub(args.output, args.push_to_hub, token=args.token, private=args.private)}")
+    except (PreparationError, LayoutError, KeyError, FileExistsError, ConnectionError, PublishError) as error:
         print(f"esp-medsam prepare: error: {error.args[0] if error.args else error}", file=sys.stderr)
         return 1
     return 0

@@ -422,35 +422,42 @@ def write_card(output_dir: str | Path, synthetic: bool | None = None) -> Path:
     return path
 
 
-def push_to_hub(output_dir: str | Path, repo_id: str, *, token: str | None = None, private: bool = False) -> str:
-    """Upload a prepared folder (README.md and every ``<domain>/data/*.parquet``) to a Hub dataset repo.
+def push_to_hub(
+    output_dir: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    endpoint: str | None = None,
+    retry=None,
+) -> str:
+    """Upload a prepared folder (its dataset card and every ``<domain>/data/*.parquet``) to a Hub dataset repo.
 
-    Returns the commit URL. Raises ``ConnectionError`` naming the endpoint if the Hub cannot be reached.
+    Uses the package's publisher (:func:`esp_medsam_hf.hub.publish_dataset`: one commit, retries, no Xet for
+    servers other than the Hub). ``endpoint`` defaults to ``HF_ENDPOINT``; ``retry`` is a
+    :class:`esp_medsam_hf.hub.RetryPolicy`. Returns the commit id. Raises ``HubUnavailableError`` (a
+    ``ConnectionError``) naming the endpoint if it cannot be reached, ``PublishError`` if the upload fails.
     """
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import DatasetCard, HfApi
+
+    from ..hub import RetryPolicy, publish_dataset
 
     output_dir = Path(output_dir)
-    if not prepared_domains(output_dir):
+    domains = prepared_domains(output_dir)
+    if not domains:
         raise PreparationError(f"{output_dir}: no prepared domain (no <domain>/data/*.parquet) to push")
-    api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        commit = api.upload_folder(
-            folder_path=str(output_dir),
-            repo_id=repo_id,
-            repo_type="dataset",
-            allow_patterns=["README.md", "*/data/*.parquet"],
-            commit_message=f"Add ESP-MedSAM domains: {', '.join(prepared_domains(output_dir))}",
+    api = HfApi(endpoint=endpoint, token=token)
+    card = DatasetCard.load(output_dir / "README.md")
+    # Only the Parquet shards and the card go up (not the Arrow copy or the reports): stage them as hard links.
+    with tempfile.TemporaryDirectory(prefix=".push-", dir=output_dir) as staging:
+        for name in domains:
+            for shard in sorted((output_dir / name / "data").glob("*.parquet")):
+                target = Path(staging) / name / "data" / shard.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(shard, target)
+                except OSError:
+                    shutil.copyfile(shard, target)
+        return publish_dataset(
+            repo_id, staging, card=card, api=api, private=private, retry=retry or RetryPolicy()
         )
-    except (OSError, ConnectionError, _transport_error()) as error:
-        raise ConnectionError(f"cannot push to {repo_id}: the Hub at {constants.ENDPOINT} is unreachable ({error})") from error
-    return str(commit)
-
-
-def _transport_error() -> type[Exception]:
-    """The HTTP client's connection error class (huggingface_hub 2 uses httpx2, earlier versions httpx)."""
-    try:
-        from httpx2 import TransportError
-    except ImportError:
-        from httpx import TransportError
-    return TransportError
