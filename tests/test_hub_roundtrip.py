@@ -223,3 +223,35 @@ def test_esp_medsam_model_round_trip_through_olah(hub, tmp_path):
     assert all(diff == 0.0 for diff in result["diffs"].values()), result
     assert all(diff > 1e-3 for diff in result["distinct"].values()), result  # each branch has its own weights
     assert result["push_diff"] == 0.0
+
+
+def test_republish_mirrors_the_folder(hub, api, tmp_path):
+    folder = make_stage_folder(tmp_path / "m", seed=5)
+    publish_model("esp/mirror", [StageRelease("stage-3-esp-medsam", folder)], api=api, retry=FAST)
+    (folder / "sub" / "notes.txt").unlink()
+    (folder / "config.json").write_text('{"changed": true}')
+    publish_model("esp/mirror", [StageRelease("stage-3-esp-medsam", folder)], api=api, retry=FAST)
+    files = api.list_repo_files("esp/mirror", revision="stage-3-esp-medsam")
+    assert sorted(files) == sorted([".gitattributes", *tree_hashes(folder)])
+    snapshot = download(hub, tmp_path, "esp/mirror", "stage-3-esp-medsam")
+    assert (snapshot / "config.json").read_text() == '{"changed": true}'
+
+
+def test_write_api_refusals_are_clear(api):
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import BadRequestError, HfHubHTTPError
+
+    with pytest.raises(BadRequestError, match="namespace is required"):
+        api.create_repo("no-namespace")
+    api.create_repo("esp/refusals")
+    with pytest.raises(ValueError, match="Invalid metadata"):
+        api.upload_file(path_or_fileobj=b"---\nkey: [unclosed\n---\ntext\n", path_in_repo="README.md",
+                        repo_id="esp/refusals")
+    with pytest.raises(HfHubHTTPError, match="412") as info:
+        api.create_commit("esp/refusals", operations=[CommitOperationAdd("a.txt", b"a")], commit_message="x",
+                          parent_commit="0" * 40)
+    assert "is not the head of main" in str(info.value)
+    with pytest.raises(RevisionNotFoundError):
+        api.create_commit("esp/refusals", operations=[CommitOperationAdd("a.txt", b"a")], commit_message="x",
+                          revision="no-such-branch")
+    assert api.list_repo_files("esp/refusals") == [".gitattributes"]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, RepoCard, constants
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, RepoCard, constants
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from .cards import ModelCardInfo, build_model_card
@@ -59,13 +59,18 @@ class RetryPolicy:
 
 @dataclass
 class StageRelease:
-    """One branch to publish: the saved model folder and (optionally) what its model card shows."""
+    """One branch to publish: the saved model folder and (optionally) what its model card shows.
+
+    With ``delete_stale`` (the default) the same commit removes files the branch holds that the folder does not
+    (e.g. the shards of an earlier, sharded save), so that the branch mirrors the folder.
+    """
 
     branch: str
     folder: Path
     card: ModelCardInfo | ModelCard | None = None
     commit_message: str | None = None
     extra_files: dict[str, bytes] = field(default_factory=dict)
+    delete_stale: bool = True
 
 
 def is_transient(err: BaseException) -> bool:
@@ -200,8 +205,10 @@ def _publish(
             message = release.commit_message or f"Upload {branch} from {Path(release.folder).name}"
             info = with_retries(
                 lambda: api.create_commit(
-                    repo_id, operations=_fresh(operations), commit_message=message,
-                    revision=branch, repo_type=repo_type,
+                    repo_id, commit_message=message, revision=branch, repo_type=repo_type,
+                    operations=_fresh(operations) + (
+                        _stale(api, repo_id, branch, repo_type, operations) if release.delete_stale else []
+                    ),
                 ),
                 f"uploading {release.folder} to {repo_id}@{branch}", retry,
             )
@@ -217,6 +224,15 @@ def _publish(
         uploaded[branch] = info.oid
         logger.info("published %s to %s@%s (commit %s)", release.folder, repo_id, branch, info.oid[:12])
     return uploaded
+
+
+def _stale(
+    api: HfApi, repo_id: str, branch: str, repo_type: str, operations: list[CommitOperationAdd]
+) -> list[CommitOperationDelete]:
+    """Deletions of the files on ``branch`` that this commit does not add (``.gitattributes`` stays)."""
+    keep = {op.path_in_repo for op in operations} | {".gitattributes"}
+    remote = api.list_repo_files(repo_id, revision=branch, repo_type=repo_type)
+    return [CommitOperationDelete(path_in_repo=path) for path in remote if path not in keep]
 
 
 def _fresh(operations: list[CommitOperationAdd]) -> list[CommitOperationAdd]:
