@@ -151,7 +151,9 @@ def test_push_refuses_a_folder_without_prepared_domains(tmp_path):
 
 def test_prepare_command(tmp_path, official, capsys):
     root, names, _ = official
-    code = run_command(prepare_command, ["--domains", DOMAIN, "--data-dir", str(root), "--output", str(tmp_path / "out")])
+    code = run_command(
+        prepare_command, ["--domains", DOMAIN, "--data-dir", str(root), "--output", str(tmp_path / "out")]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "tnbc" in printed and "unlisted_case.png" in printed
@@ -177,7 +179,8 @@ def test_prepare_command_synthetic(tmp_path, capsys):
     root = tmp_path / "raw"
     save(random_image(np.random.default_rng(0)), root / "image_1024" / "TNBC_01_1.png")
     save(as255(np.ones((20, 24), bool)), root / "mask_1024" / "TNBC_01_1.png")
-    assert run_command(prepare_command, ["--domains", DOMAIN, "--data-dir", str(root), "--output", str(tmp_path / "syn")]) == 1
+    args = ["--domains", DOMAIN, "--data-dir", str(root), "--output", str(tmp_path / "syn")]
+    assert run_command(prepare_command, args) == 1
     assert "holds synthetic domains" in capsys.readouterr().err
 
 

@@ -129,7 +129,8 @@ def test_evaluate_command_end_to_end(tmp_path, model_and_processor, capsys):
     assert (tmp_path / "eval" / "cases" / "colon_worst.png").is_file()
     # a prepared folder as data, and an existing output folder without --overwrite is an error
     write_output(synthetic_domain("ph2", {"test": 2}, size=64), tmp_path / "prepared", "ph2", synthetic=True)
-    args = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "prepared"), "--output", str(tmp_path / "eval")]
+    args = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "prepared")]
+    args += ["--output", str(tmp_path / "eval")]
     assert run_command(evaluate_command, args) == 1
     assert "not empty" in capsys.readouterr().err
     assert run_command(evaluate_command, args + ["--overwrite"]) == 0

@@ -14,9 +14,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder holding the downloaded data in an accepted layout")
     parser.add_argument("--output", required=True, help="output folder (one sub-folder per domain + README.md)")
     parser.add_argument("--layout", help="force a layout (default: detected); see docs/data.md")
-    parser.add_argument("--strict", action="store_true", help="fail if a listed file is missing or a found file is unlisted")
-    parser.add_argument("--skip-invalid", action="store_true", help="skip bad files (counted and reported) instead of failing")
-    parser.add_argument("--mask-threshold", type=float, help="binarise masks as value > T instead of requiring binary masks")
+    parser.add_argument(
+        "--strict", action="store_true", help="fail if a listed file is missing or a found file is unlisted"
+    )
+    parser.add_argument(
+        "--skip-invalid", action="store_true", help="skip bad files (counted and reported) instead of failing"
+    )
+    parser.add_argument(
+        "--mask-threshold", type=float, help="binarise masks as value > T instead of requiring binary masks"
+    )
     parser.add_argument("--size", type=int, help="resize images (bilinear) and masks (nearest) to SIZE x SIZE")
     parser.add_argument("--overwrite", action="store_true", help="replace domains already in the output folder")
     parser.add_argument("--synthetic", action="store_true", help="write SYNTHETIC domains instead of reading data")
@@ -73,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
                 for skipped in report.skipped:
                     print(f"  skipped {skipped['file_name']}: {skipped['reason']}")
         if args.push_to_hub:
-            print(f"pushed {args.output} to {args.push_to_hub}, commit {push_to_hub(args.output, args.push_to_hub, token=args.token, private=args.private)}")
+            commit = push_to_hub(args.output, args.push_to_hub, token=args.token, private=args.private)
+            print(f"pushed {args.output} to {args.push_to_hub}, commit {commit}")
     except (PreparationError, LayoutError, KeyError, FileExistsError, ConnectionError, PublishError) as error:
         print(f"esp-medsam prepare: error: {error.args[0] if error.args else error}", file=sys.stderr)
         return 1

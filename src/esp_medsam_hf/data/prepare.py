@@ -27,7 +27,7 @@ from PIL import UnidentifiedImageError
 
 from ..assets import to_uint8_rgb
 from .domains import DOMAINS, Domain, all_official_names, get_domain
-from .layouts import Layout, LayoutError, SourceItem, detect_layout, get_layout
+from .layouts import Layout, SourceItem, detect_layout, get_layout
 from .schema import encode_mask, encode_png, features
 
 logger = logging.getLogger(__name__)
