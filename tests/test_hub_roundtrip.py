@@ -255,3 +255,13 @@ def test_write_api_refusals_are_clear(api):
         api.create_commit("esp/refusals", operations=[CommitOperationAdd("a.txt", b"a")], commit_message="x",
                           revision="no-such-branch")
     assert api.list_repo_files("esp/refusals") == [".gitattributes"]
+
+
+def test_start_refuses_a_busy_port_or_a_running_root(hub, tmp_path):
+    from esp_medsam_hf.hub import LocalHubError
+
+    with pytest.raises(LocalHubError, match=f"port {hub.port} .* in use"):
+        LocalHub(tmp_path / "other", port=hub.port).start()
+    with pytest.raises(LocalHubError, match="already runs"):
+        LocalHub(hub.root).start()
+    assert httpx2.get(f"{hub.endpoint}/_local/health").json()["status"] == "ok"  # the running hub is unharmed

@@ -68,10 +68,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def find_olah() -> Path:
-    """olah-cli from this interpreter's environment, else from the project's ``.venv-olah``, else from PATH."""
-    project = Path(__file__).resolve().parents[3]
-    candidates = [Path(sys.executable).parent / "olah-cli", project / ".venv-olah" / "bin" / "olah-cli"]
+    """olah-cli from this interpreter's environment (it installs beside our dependencies), else from PATH."""
+    candidates = [Path(sys.executable).parent / "olah-cli"]
     found = which("olah-cli")
     candidates += [Path(found)] if found else []
     for candidate in candidates:
@@ -173,6 +181,8 @@ class LocalHub:
         if is_running(self.root):
             raise LocalHubError(f"a local hub already runs for {self.root} at {read_state(self.root)['endpoint']}")
         olah_cli = find_olah()
+        if self.port is not None and not port_is_free(self.port):
+            raise LocalHubError(f"port {self.port} on 127.0.0.1 is already in use; pick another --port or leave it out")
         port, olah_port = self.port or free_port(), free_port()
         for sub in ("repos/models", "repos/datasets", "olah/state", "olah/logs", "logs"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)

@@ -253,8 +253,12 @@ def publish_dataset(
     api: HfApi | None = None,
     private: bool | None = None,
     retry: RetryPolicy = RetryPolicy(),
+    delete_stale: bool = True,
 ) -> str:
-    """Upload a prepared dataset folder (and its DatasetCard as README.md) to a dataset repo; returns the commit id."""
-    release = StageRelease(branch=revision, folder=Path(folder), card=card)
+    """Upload a prepared dataset folder (and its DatasetCard as README.md) to a dataset repo; returns the commit id.
+
+    With ``delete_stale`` the revision ends up holding exactly the folder's files (plus the card).
+    """
+    release = StageRelease(branch=revision, folder=Path(folder), card=card, delete_stale=delete_stale)
     return publish_model(repo_id, [release], api=api, private=private, repo_type="dataset", retry=retry)[revision]
 
