@@ -24,7 +24,8 @@ def repo(tmp_path) -> GitRepo:
 
 
 def show(repo: GitRepo, rev: str, path: str) -> bytes:
-    return subprocess.run(["git", "-C", str(repo.path), "show", f"{rev}:{path}"], capture_output=True, check=True).stdout
+    cmd = ["git", "-C", str(repo.path), "show", f"{rev}:{path}"]
+    return subprocess.run(cmd, capture_output=True, check=True).stdout
 
 
 def test_create_starts_main_with_gitattributes(repo):
