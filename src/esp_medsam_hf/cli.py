@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("esp_medsam_hf.commands.evaluate", "score a model on the test splits: Dice/HD tables, plot, overlays"),
     "convert": ("esp_medsam_hf.commands.convert", "convert official ESP-MedSAM or LiteMedSAM weights"),
     "hub": ("esp_medsam_hf.commands.hub", "run the local Hub (start/stop/status) and publish stages to a Hub repo"),
+    "segment": ("esp_medsam_hf.commands.segment", "segment image files and folders (DICOM too): masks, overlays, CSV"),
 }
 
 

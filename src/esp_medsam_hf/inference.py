@@ -1,0 +1,303 @@
+"""Segmenting files and folders: masks, overlays and a CSV, batched, across processes under ``accelerate launch``.
+
+Used by ``esp-medsam segment``. Every image is read with ``io.load_image`` (DICOM included: its Modality tag gives the
+modality where unambiguous), segmented by the "medical-image-segmentation" pipeline, and written as
+``<name>_mask.png`` (0/255, original size) and ``<name>_overlay.png`` (the image with the mask tinted and outlined,
+labelled with the modality and its probability). ``segmentation.csv`` gets one row per input. A file that cannot
+be read is reported and skipped; existing outputs are never replaced unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .data.visualize import overlay, save_png
+from .io import SUPPORTED_SUFFIXES, ImageLoadError, load_image
+
+logger = logging.getLogger(__name__)
+
+CSV_NAME = "segmentation.csv"
+MASK_COLOUR = np.array((255, 0, 255), dtype=np.float32)
+
+
+@dataclass
+class SegmentationRecord:
+    """One CSV row. ``seconds``: the wall time of the image's batch (reading, model, writing) over its size."""
+
+    file: str
+    status: str = "ok"
+    modality: str = ""
+    modality_probability: float | None = None
+    modality_source: str = ""
+    score: float | None = None
+    mask_area: int | None = None
+    mask_fraction: float | None = None
+    height: int | None = None
+    width: int | None = None
+    seconds: float | None = None
+    mask: str = ""
+    overlay: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """An image to segment and the stem of its outputs (relative to the output folder)."""
+
+    path: Path
+    output_stem: Path
+
+
+class OutputExistsError(FileExistsError):
+    """An output that would be replaced although ``overwrite`` is off."""
+
+
+def collect_inputs(paths: Iterable[str | os.PathLike]) -> list[InputFile]:
+    """Files as given and the image files under folders (recursively, by suffix), in a stable order.
+
+    Outputs of a folder's files keep their path relative to that folder; a file given directly keeps its name.
+    Raises ``FileNotFoundError`` for a path that does not exist and ``ValueError`` when two inputs would write the
+    same outputs.
+    """
+    inputs: list[InputFile] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not found:
+                logger.warning("no image files (%s) under %s", ", ".join(SUPPORTED_SUFFIXES), path)
+            inputs += [InputFile(p, p.relative_to(path).with_suffix("")) for p in found]
+        elif path.is_file():
+            inputs.append(InputFile(path, Path(path.stem)))
+        else:
+            raise FileNotFoundError(f"input path {str(path)!r} does not exist")
+    seen: dict[Path, Path] = {}
+    for item in inputs:
+        if item.output_stem in seen and seen[item.output_stem] != item.path:
+            raise ValueError(
+                f"{seen[item.output_stem]} and {item.path} would both write {item.output_stem}_mask.png; "
+                "segment them into different --output folders"
+            )
+        seen[item.output_stem] = item.path
+    unique = {item.path.resolve(): item for item in inputs}
+    return list(unique.values())
+
+
+def output_paths(item: InputFile, output_dir: Path) -> tuple[Path, Path]:
+    """(mask PNG, overlay PNG) of an input."""
+    stem = output_dir / item.output_stem
+    return stem.with_name(stem.name + "_mask.png"), stem.with_name(stem.name + "_overlay.png")
+
+
+def overlay_picture(image: np.ndarray, mask: np.ndarray, caption: str, alpha: float = 0.4) -> np.ndarray:
+    """The image with the mask tinted magenta and outlined, and a caption in the top-left corner."""
+    picture = image.astype(np.float32)
+    picture[mask] = (1 - alpha) * picture[mask] + alpha * MASK_COLOUR
+    picture = overlay(np.clip(picture, 0, 255).astype(np.uint8), prediction=mask)
+    canvas = Image.fromarray(picture)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(10, min(canvas.size) // 40))
+    box = draw.textbbox((4, 4), caption, font=font)
+    draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
+    draw.text((4, 4), caption, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
+
+
+def write_csv(records: Sequence[SegmentationRecord], path: Path, overwrite: bool = False) -> Path:
+    """Write the records atomically; refuses to replace an existing file unless ``overwrite``."""
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
+    buffer = _stdio.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(SegmentationRecord)], lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow({k: ("" if v is None else v) for k, v in asdict(record).items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(buffer.getvalue(), encoding="utf-8")
+    os.replace(temporary, path)
+    return path
+
+
+def _run_pipeline(pipe, loaded, modality) -> list[dict[str, Any] | Exception]:
+    """The pipeline's segment for each loaded image; if the batch fails, images are retried one by one so that
+    only the offending image is reported."""
+    inputs = [
+        {"image": image, "modality": modality, "file_modality": metadata.get("modality")}
+        for _, image, metadata, _ in loaded
+    ]
+    try:
+        return [result[0] for result in pipe(inputs, batch_size=len(inputs))]
+    except Exception as error:  # isolate the failing image; the exception is reported in its CSV row
+        if len(inputs) == 1:
+            return [error]
+    outcomes: list[dict[str, Any] | Exception] = []
+    for single in inputs:
+        try:
+            outcomes.append(pipe([single], batch_size=1)[0][0])
+        except Exception as error:
+            outcomes.append(error)
+    return outcomes
+
+
+def _batches(items: Sequence[InputFile], size: int) -> Iterable[list[InputFile]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def segment_files(
+    items: Sequence[InputFile],
+    pipe,
+    output_dir: str | os.PathLike,
+    *,
+    modality: str | int | None = None,
+    batch_size: int = 4,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[SegmentationRecord]:
+    """Segment ``items`` with ``pipe`` (an ``EspMedSamSegmentationPipeline``); write masks and overlays.
+
+    Returns one record per item, in order; unreadable files and files whose outputs exist (without
+    ``overwrite``) get ``status="error"`` and a message, and the others go on.
+    """
+    from tqdm.auto import tqdm
+
+    output_dir = Path(output_dir)
+    records: list[SegmentationRecord] = []
+    bar = tqdm(total=len(items), desc="segment", unit="image", disable=not progress)
+    for batch in _batches(items, max(1, batch_size)):
+        start = time.perf_counter()
+        loaded: list[tuple[InputFile, np.ndarray, dict[str, Any], SegmentationRecord]] = []
+        batch_records: list[SegmentationRecord] = []
+        for item in batch:
+            record = SegmentationRecord(file=str(item.path))
+            batch_records.append(record)
+            mask_path, overlay_path = output_paths(item, output_dir)
+            existing = [p for p in (mask_path, overlay_path) if p.exists()]
+            if existing and not overwrite:
+                record.status, record.error = "error", f"{existing[0]} exists; pass --overwrite to replace it"
+                logger.error("%s: %s", item.path, record.error)
+                continue
+            try:
+                image, metadata = load_image(item.path)
+            except (ImageLoadError, ImportError) as error:
+                record.status, record.error = "error", str(error)
+                logger.error("%s", error)
+                continue
+            loaded.append((item, image, metadata, record))
+        if loaded:
+            for (item, image, metadata, record), segment in zip(loaded, _run_pipeline(pipe, loaded, modality)):
+                if isinstance(segment, Exception):
+                    record.status, record.error = "error", f"segmentation failed: {segment}"
+                    logger.error("%s: %s", item.path, record.error)
+                    continue
+                mask = np.asarray(segment["mask"]) > 0
+                mask_path, overlay_path = output_paths(item, output_dir)
+                caption = f"{segment['modality']} (p={segment['modality_probability']:.2f}, {segment['modality_source']})"
+                save_png((mask.astype(np.uint8) * 255), mask_path)
+                save_png(overlay_picture(image, mask, caption), overlay_path)
+                record.modality = segment["modality"]
+                record.modality_probability = round(segment["modality_probability"], 6)
+                record.modality_source = segment["modality_source"]
+                record.score = round(segment["score"], 6)
+                record.mask_area = int(mask.sum())
+                record.mask_fraction = round(float(mask.mean()), 6)
+                record.height, record.width = mask.shape
+                record.mask, record.overlay = str(mask_path), str(overlay_path)
+        seconds = (time.perf_counter() - start) / len(batch)
+        for record in batch_records:
+            record.seconds = round(seconds, 4)
+        records += batch_records
+        bar.update(len(batch))
+    bar.close()
+    return records
+
+
+def load_pipeline(model: str, revision: str | None = None, device: str | None = None):
+    """The segmentation pipeline for a saved folder or Hub repo, on ``device`` (default: accelerate's device)."""
+    from accelerate import PartialState
+    from transformers import AutoImageProcessor, AutoModelForImageSegmentation
+
+    from .pipeline_esp_medsam import TASK, EspMedSamSegmentationPipeline
+
+    device = device or str(PartialState().device)
+    network = AutoModelForImageSegmentation.from_pretrained(model, revision=revision)
+    image_processor = AutoImageProcessor.from_pretrained(model, revision=revision)
+    return EspMedSamSegmentationPipeline(
+        model=network.eval(), image_processor=image_processor, task=TASK, device=device
+    )
+
+
+def run_segmentation(
+    inputs: Sequence[str | os.PathLike],
+    pipe,
+    output_dir: str | os.PathLike,
+    *,
+    modality: str | int | None = None,
+    batch_size: int = 4,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[SegmentationRecord]:
+    """Collect the inputs, split them across accelerate's processes, segment, gather, and write one CSV.
+
+    Every process writes its own images' outputs; the main process writes ``segmentation.csv`` with all rows
+    (input order). Returns all records on every process.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    output_dir = Path(output_dir)
+    csv_path = output_dir / CSV_NAME
+    if csv_path.exists() and not overwrite:
+        raise OutputExistsError(f"{csv_path} exists; pass --overwrite to replace it")
+    if modality is not None:
+        pipe.model.config.modality_index(modality)  # fail before any work on an unknown modality
+    items = collect_inputs(inputs)
+    with state.split_between_processes(list(enumerate(items))) as shard:
+        records = segment_files(
+            [item for _, item in shard],
+            pipe,
+            output_dir,
+            modality=modality,
+            batch_size=batch_size,
+            overwrite=overwrite,
+            progress=progress and state.is_local_main_process,
+        )
+        indexed = list(zip([index for index, _ in shard], records))
+    if state.num_processes > 1:
+        indexed = gather_object(indexed)
+    records = [record for _, record in sorted(indexed, key=lambda pair: pair[0])]
+    if state.is_main_process:
+        write_csv(records, csv_path, overwrite=overwrite)
+    state.wait_for_everyone()
+    return records
+
+
+__all__ = [
+    "CSV_NAME",
+    "InputFile",
+    "OutputExistsError",
+    "SegmentationRecord",
+    "collect_inputs",
+    "load_pipeline",
+    "output_paths",
+    "overlay_picture",
+    "run_segmentation",
+    "segment_files",
+    "write_csv",
+]

@@ -1,0 +1,226 @@
+"""Reading medical images from disk as RGB uint8 arrays, with a modality hint where the file carries one.
+
+``load_image(path)`` reads DICOM (through pydicom: modality LUT or rescale, VOI LUT or window, MONOCHROME1
+inversion, then 8 bit), 16-bit and float PNG/TIFF (min-max stretched per image, as the image processor does with
+non-uint8 arrays), greyscale, RGBA (alpha dropped) and palette images. The DICOM Modality tag gives the modality
+where it is unambiguous (``DICOM_MODALITIES``); otherwise the hint is ``None`` and the model's classifier decides.
+
+This module ships with saved models as remote code (the custom pipeline imports it), so it depends only on numpy and
+Pillow at import time; pydicom and tifffile are imported when needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+DICOM_MODALITIES: dict[str, str] = {
+    "CR": "x-ray",
+    "DX": "x-ray",
+    "US": "ultrasound",
+    "OP": "fundus",
+    "SM": "microscopy",
+    "ES": "colonoscopy",
+}
+"""DICOM Modality (0008,0060) codes that name one of the model's modalities unambiguously."""
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+SUPPORTED_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
+
+
+class ImageLoadError(ValueError):
+    """An image file that cannot be read; the message names the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path!r}: {reason}")
+
+
+def stretch_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Min-max stretch of any numeric array to uint8 (uint8 passes through; a constant image becomes 0).
+
+    Same arithmetic as ``EspMedSamImageProcessor`` applies to non-uint8 inputs, so loading a 16-bit file here and
+    passing the raw array to the image processor give the same pixels.
+    """
+    array = np.asarray(array)
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    data = array.astype(np.float64)
+    low, high = float(np.nanmin(data)), float(np.nanmax(data))
+    scale = 255.0 / (high - low) if high > low else 0.0
+    return np.clip((np.nan_to_num(data, nan=low) - low) * scale + 0.5, 0, 255).astype(np.uint8)
+
+
+def to_rgb_uint8(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Any PIL image or HxW / HxWx{1,2,3,4} array -> HxWx3 uint8 RGB (alpha dropped, 16-bit/float stretched)."""
+    if isinstance(image, Image.Image):
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            array = np.asarray(image)
+        else:
+            # PIL's conversion resolves palettes, drops alpha, and handles 1-bit, CMYK and YCbCr.
+            return np.array(image.convert("RGB"))
+    else:
+        array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] in (2, 4):  # grey+alpha or RGBA: drop alpha
+        array = array[..., : array.shape[-1] - 1]
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+        raise ValueError(f"expected an HxW or HxWxC (C in 1..4) image, got an array of shape {array.shape}")
+    array = stretch_to_uint8(array)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    return np.ascontiguousarray(array)
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    """True for a ``.dcm``/``.dicom`` file or any file with the DICOM preamble ("DICM" at byte 128)."""
+    if str(path).lower().endswith(DICOM_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _voi_output_range(ds: Any, apply_voi_lut) -> tuple[float, float] | None:
+    """The value range that pydicom's VOI transform maps into, or ``None`` when the file has no VOI transform.
+
+    A VOI LUT maps into the range of its table (read through pydicom at every input it covers); a window maps into ``[y_min, y_max]`` of the stored bit depth
+    (pydicom computes these bounds internally), so the window is evaluated at the two extremes to read them.
+    """
+    sequence = ds.get("VOILUTSequence")
+    if sequence:
+        count, first = int(sequence[0].LUTDescriptor[0]) or 65536, int(sequence[0].LUTDescriptor[1])
+        table = np.asarray(apply_voi_lut(np.arange(first, first + count), ds), dtype=np.float64)
+        return float(table.min()), float(table.max())
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        extremes = np.array([-np.finfo(np.float64).max, np.finfo(np.float64).max])
+        with np.errstate(over="ignore"):
+            low, high = apply_voi_lut(extremes, ds)
+        return float(low), float(high)
+    return None
+
+
+def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    """A DICOM file -> (HxWx3 uint8 RGB, metadata). Multi-frame files give their first frame."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as error:  # optional for remote-code users who never read DICOM
+        raise ImportError("reading DICOM files needs pydicom: pip install pydicom") from error
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+    except Exception as error:  # pydicom raises many types (InvalidDicomError, AttributeError, ValueError...)
+        raise ImageLoadError(path, f"not a readable DICOM image ({type(error).__name__}: {error})") from error
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        logger.warning("%s has %d frames; using the first", path, frames)
+        pixels = pixels[0]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if int(ds.get("SamplesPerPixel", 1)) > 1:  # colour: pydicom already converted YBR to RGB
+        image = to_rgb_uint8(pixels)
+    else:
+        values = apply_modality_lut(pixels, ds)
+        voi_range = _voi_output_range(ds, apply_voi_lut)
+        if voi_range is not None:
+            values = apply_voi_lut(values, ds)
+            low, high = voi_range
+            scale = 255.0 / (high - low) if high > low else 0.0
+            grey = np.clip((np.asarray(values, dtype=np.float64) - low) * scale + 0.5, 0, 255).astype(np.uint8)
+        else:
+            grey = stretch_to_uint8(values)
+        if photometric == "MONOCHROME1":  # MONOCHROME1: the lowest value is displayed white
+            grey = 255 - grey
+        image = np.repeat(grey[..., None], 3, axis=-1)
+    code = str(ds.get("Modality", "") or "").upper()
+    metadata = {
+        "path": str(path),
+        "format": "dicom",
+        "dicom_modality": code or None,
+        "modality": DICOM_MODALITIES.get(code),
+        "photometric_interpretation": photometric,
+        "frames": frames,
+        "original_dtype": str(pixels.dtype),
+    }
+    return image, metadata
+
+
+def read_raster(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    """PNG, JPEG, TIFF, BMP, GIF or WebP -> (HxWx3 uint8 RGB, metadata). EXIF orientation is applied."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        # tifffile reads what PIL cannot (16-bit RGB, float, many samples); PIL remains the fallback.
+        try:
+            import tifffile
+        except ImportError:
+            tifffile = None
+        if tifffile is not None:
+            try:
+                array = tifffile.imread(path, key=0)
+            except Exception as error:
+                raise ImageLoadError(path, f"not a readable TIFF image ({type(error).__name__}: {error})") from error
+            if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+                array = np.moveaxis(array, 0, -1)  # planar (C, H, W) storage
+            try:
+                image = to_rgb_uint8(array)
+            except ValueError as error:
+                raise ImageLoadError(path, str(error)) from error
+            return image, {"path": str(path), "format": "tiff", "modality": None, "original_dtype": str(array.dtype)}
+    try:
+        with Image.open(path) as opened:
+            opened.seek(0)
+            file_format = opened.format
+            pil = ImageOps.exif_transpose(opened)
+            pil.load()
+    except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise ImageLoadError(path, f"not a readable image ({type(error).__name__}: {error})") from error
+    metadata = {
+        "path": str(path),
+        "format": (file_format or suffix.lstrip(".") or "unknown").lower(),
+        "modality": None,
+        "original_mode": pil.mode,
+    }
+    return to_rgb_uint8(pil), metadata
+
+
+def load_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read an image file -> (HxWx3 uint8 RGB array, metadata).
+
+    metadata: ``path``, ``format`` ("dicom", "png", "tiff", ...), ``modality`` (a modality name given by the file,
+    i.e. an unambiguous DICOM Modality tag, else ``None``), plus format details (``dicom_modality``,
+    ``photometric_interpretation``, ``original_dtype``/``original_mode``). Raises ``ImageLoadError`` (a
+    ``ValueError``) naming the file when it is missing or unreadable.
+    """
+    if not os.path.isfile(path):
+        raise ImageLoadError(path, "no such file")
+    if is_dicom(path):
+        return read_dicom(path)
+    return read_raster(path)
+
+
+__all__ = [
+    "DICOM_MODALITIES",
+    "ImageLoadError",
+    "SUPPORTED_SUFFIXES",
+    "is_dicom",
+    "load_image",
+    "read_dicom",
+    "read_raster",
+    "stretch_to_uint8",
+    "to_rgb_uint8",
+]

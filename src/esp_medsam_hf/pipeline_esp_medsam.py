@@ -1,0 +1,214 @@
+"""The "medical-image-segmentation" pipeline: ESP-MedSAM with a modality per call or per image, batched.
+
+``pipeline("medical-image-segmentation", model=DIR, trust_remote_code=True)`` builds it from a folder saved with
+``save_pretrained_with_pipeline`` (the class ships as remote code through ``config.json["custom_pipelines"]``);
+with this package imported, ``pipeline(..., pipeline_class=EspMedSamSegmentationPipeline)`` works without remote code.
+
+Each image gives one segment, in the image-segmentation pipeline's format plus the modality:
+``[{"label": target, "score": s, "mask": PIL "L" (0/255, original size), "modality": name,
+"modality_probability": p, "modality_source": "given" | "file" | "classifier"}]``.
+The modality comes from, in order: the image's own ``{"image": ..., "modality": ...}`` or the per-image list
+``modality=[...]``; the call's ``modality=``; the file (an unambiguous DICOM Modality tag, see ``io.py``); the
+model's modality classifier. ``modality_probability`` is the classifier's probability of the modality used;
+``score`` = P(label) x mean mask probability inside the mask (transformers' Mask2Former convention), where
+P(label) is 1 for a given modality (argument or file) and the classifier's probability otherwise; an empty mask
+scores 0.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModelForImageSegmentation
+from transformers.image_utils import load_image as load_image_from_url
+from transformers.models.auto import modeling_auto
+from transformers.pipelines import PIPELINE_REGISTRY, ImageSegmentationPipeline
+
+from .io import load_image, to_rgb_uint8
+
+TASK = "medical-image-segmentation"
+UNKNOWN_MODALITY = -1
+"""Placeholder index in a batch for images whose modality the classifier chooses (never reaches the model)."""
+
+
+class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
+    """Segments each image's modality target with ESP-MedSAM; see the module docstring for inputs and outputs.
+
+    Call arguments: ``modality`` (name or index, or a list with one per image), ``mask_threshold`` (0.5),
+    ``batch_size``, ``timeout`` (for URLs). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
+    or dicts ``{"image": ..., "modality": ..., "file_modality": ...}`` (``file_modality``: a hint read from the
+    file by the caller, used like a DICOM tag when no modality is given).
+    """
+
+    def check_model_type(self, supported_models):
+        supported = dict(supported_models) if not isinstance(supported_models, list) else {}
+        supported[self.model.config.model_type] = type(self.model).__name__
+        return super().check_model_type(supported)
+
+    def _sanitize_parameters(self, modality=None, mask_threshold=None, timeout=None, **kwargs):
+        preprocess: dict[str, Any] = {}
+        postprocess: dict[str, Any] = {}
+        if modality is not None:
+            preprocess["modality"] = modality
+        if timeout is not None:
+            preprocess["timeout"] = timeout
+        if mask_threshold is not None:
+            postprocess["mask_threshold"] = mask_threshold
+        return preprocess, {}, postprocess
+
+    def __call__(self, inputs=None, **kwargs):
+        """``modality`` may be a list with one entry per input image (``None`` entries: automatic)."""
+        modality = kwargs.get("modality")
+        if isinstance(modality, (list, tuple)):
+            if not isinstance(inputs, (list, tuple)) or len(inputs) != len(modality):
+                count = len(inputs) if isinstance(inputs, (list, tuple)) else 1
+                raise ValueError(f"got {len(modality)} modalities for {count} image(s); give one per image")
+            kwargs.pop("modality")
+            inputs = [
+                {**item, "modality": item.get("modality", m)} if isinstance(item, dict) else {"image": item, "modality": m}
+                for item, m in zip(inputs, modality)
+            ]
+        return super().__call__(inputs, **kwargs)
+
+    def _read(self, image: Any, timeout: float | None) -> tuple[np.ndarray, str | None, str]:
+        """(RGB uint8 array, modality hint from the file, a name for the image)."""
+        if isinstance(image, (str, os.PathLike)):
+            name = str(image)
+            if name.startswith(("http://", "https://")):
+                return to_rgb_uint8(load_image_from_url(name, timeout=timeout)), None, name
+            array, metadata = load_image(image)
+            return array, metadata.get("modality"), name
+        if isinstance(image, (Image.Image, np.ndarray)):
+            return to_rgb_uint8(image), None, "<image>"
+        if isinstance(image, torch.Tensor):
+            array = image.detach().cpu().numpy()
+            if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+                array = np.moveaxis(array, 0, -1)
+            return to_rgb_uint8(array), None, "<image>"
+        raise TypeError(
+            f"unsupported image input of type {type(image).__name__}; expected a path, URL, PIL image, numpy array, "
+            "tensor, or a dict {'image': ..., 'modality': ...}"
+        )
+
+    def preprocess(self, image, modality=None, timeout=None):
+        hint = None
+        if isinstance(image, dict):
+            if "image" not in image:
+                raise ValueError(f"a dict input needs an 'image' key, got keys {sorted(image)}")
+            modality = image["modality"] if image.get("modality") is not None else modality
+            hint = image.get("file_modality")
+            image = image["image"]
+        array, file_modality, name = self._read(image, timeout)
+        file_modality = file_modality or hint
+        if modality is not None:
+            index, source = self.model.config.modality_index(modality), "given"
+        elif file_modality is not None and file_modality in self.model.config.modality_names:
+            index, source = self.model.config.modality_index(file_modality), "file"
+        else:
+            index, source = UNKNOWN_MODALITY, "classifier"
+        inputs = self.image_processor(images=[array], return_tensors="pt")
+        inputs = inputs.to(self.dtype)
+        inputs["modality"] = torch.tensor([index], dtype=torch.long)
+        inputs["modality_source"] = source
+        inputs["target_size"] = tuple(array.shape[:2])
+        inputs["source"] = name
+        return inputs
+
+    def _forward(self, model_inputs):
+        requested = model_inputs.pop("modality")
+        extras = {key: model_inputs.pop(key) for key in ("modality_source", "target_size", "source")}
+        pixel_values = model_inputs["pixel_values"]
+        unknown = requested == UNKNOWN_MODALITY
+        if bool(unknown.all()):
+            outputs = self.model(pixel_values=pixel_values)
+        else:
+            modality = requested
+            if bool(unknown.any()):
+                # A batch mixing given and automatic modalities: the classifier (on the bag-free stem) fills the
+                # gaps first, so the whole batch still runs through the model in one call.
+                logits = self.model.modality_classifier(self.model.aggregator.stem(pixel_values))
+                modality = torch.where(unknown, logits.argmax(-1), requested)
+            outputs = self.model(pixel_values=pixel_values, modality=modality)
+        probabilities = outputs.modality_logits.float().softmax(-1)
+        return {
+            "pred_masks": outputs.pred_masks,
+            "modality": outputs.modality,
+            "modality_probability": probabilities.gather(1, outputs.modality.view(-1, 1))[:, 0],
+            **extras,
+        }
+
+    def postprocess(self, model_outputs, mask_threshold: float = 0.5):
+        target_size = model_outputs["target_size"]
+        if isinstance(target_size, list):  # batch of one that was not unrolled by the pipeline's loader
+            target_size = target_size[0]
+        source = model_outputs["modality_source"]
+        source = source[0] if isinstance(source, list) else source
+        probabilities = self.image_processor.post_process_masks(
+            model_outputs["pred_masks"], [list(target_size)], binarize=False
+        )[0]
+        mask = probabilities >= mask_threshold
+        index = int(model_outputs["modality"].reshape(-1)[0])
+        modality_probability = float(model_outputs["modality_probability"].reshape(-1)[0])
+        label_probability = modality_probability if source == "classifier" else 1.0
+        mask_score = float(probabilities[mask].mean()) if bool(mask.any()) else 0.0
+        config = self.model.config
+        return [
+            {
+                "label": config.id2label[index + 1],
+                "score": label_probability * mask_score,
+                "mask": Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L"),
+                "modality": config.modality_names[index],
+                "modality_probability": modality_probability,
+                "modality_source": source,
+            }
+        ]
+
+
+def register() -> None:
+    """Register the task (idempotent) and declare the model to transformers' image-segmentation pipelines.
+
+    The declaration only silences the stock pipeline's "model is not supported" log line in this process.
+    """
+    registered = PIPELINE_REGISTRY.supported_tasks.get(TASK, {}).get("impl")
+    if registered is None or registered.__qualname__ != EspMedSamSegmentationPipeline.__qualname__:
+        PIPELINE_REGISTRY.register_pipeline(
+            TASK, pipeline_class=EspMedSamSegmentationPipeline, pt_model=AutoModelForImageSegmentation, type="image"
+        )
+    else:  # already registered (e.g. by the installed package): keep its entry and make this class savable too
+        EspMedSamSegmentationPipeline._registered_impl = {TASK: {**PIPELINE_REGISTRY.supported_tasks[TASK]}}
+        EspMedSamSegmentationPipeline._registered_impl[TASK]["impl"] = EspMedSamSegmentationPipeline
+    modeling_auto.MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES.setdefault("esp_medsam", "EspMedSamModel")
+
+
+def save_pretrained_with_pipeline(model, processor, directory: str | os.PathLike) -> Path:
+    """Save a model folder that both pipelines load: model and code, image processor, processor, custom pipeline.
+
+    ``processor`` is an ``EspMedSamProcessor`` or an ``EspMedSamImageProcessor``. ``config.json`` gets
+    ``custom_pipelines`` (the "medical-image-segmentation" task) and the folder gets this file and ``io.py``.
+    """
+    image_processor = getattr(processor, "image_processor", processor)
+    pipe = EspMedSamSegmentationPipeline(model=model, image_processor=image_processor, task=TASK)
+    directory = Path(directory)
+    pipe.save_pretrained(directory)
+    if processor is not image_processor:
+        processor.save_pretrained(directory)
+    return directory
+
+
+def segment(
+    images: Any | Sequence[Any], model, image_processor, modality=None, batch_size: int = 1, **kwargs
+) -> list[list[dict[str, Any]]] | list[dict[str, Any]]:
+    """Run the pipeline on an in-memory model (no folder needed): same inputs and outputs as the pipeline."""
+    pipe = EspMedSamSegmentationPipeline(model=model, image_processor=image_processor, task=TASK)
+    return pipe(images, modality=modality, batch_size=batch_size, **kwargs)
+
+
+register()
+
+__all__ = ["TASK", "EspMedSamSegmentationPipeline", "register", "save_pretrained_with_pipeline", "segment"]

@@ -1,0 +1,94 @@
+"""Shared helpers of the inference tests: a tiny saved model, small DICOM files, a Python that cannot import us."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from esp_medsam_hf import EspMedSamConfig, EspMedSamImageProcessor, EspMedSamModel, EspMedSamProcessor
+from esp_medsam_hf.pipeline_esp_medsam import save_pretrained_with_pipeline
+
+IMAGE_SIZE = 64
+
+
+def tiny_model(seed: int = 0, image_size: int = IMAGE_SIZE) -> tuple[EspMedSamModel, EspMedSamProcessor]:
+    """A random tiny model (eval mode) and its processor, deterministic by seed."""
+    torch.manual_seed(seed)
+    config = EspMedSamConfig.tiny(image_size=image_size)
+    model = EspMedSamModel(config).eval()
+    image_processor = EspMedSamImageProcessor(size={"height": image_size, "width": image_size})
+    return model, EspMedSamProcessor(image_processor, config.modality_names)
+
+
+def save_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """Save a tiny model with both pipelines' files (config, weights, code, preprocessor, custom pipeline)."""
+    model, processor = tiny_model(seed)
+    return save_pretrained_with_pipeline(model, processor, directory)
+
+
+def write_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
+    """A minimal valid DICOM file (explicit VR little endian) holding ``pixels`` and the given tags."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = tags.pop("Modality", "OT")
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    colour = pixels.ndim == 3
+    ds.SamplesPerPixel = 3 if colour else 1
+    ds.PhotometricInterpretation = tags.pop("PhotometricInterpretation", "RGB" if colour else "MONOCHROME2")
+    if colour:
+        ds.PlanarConfiguration = 0
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated = bits
+    ds.BitsStored = tags.pop("BitsStored", bits)
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    for name, value in tags.items():
+        setattr(ds, name, value)
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+HIDE_PACKAGE = textwrap.dedent(
+    """
+    import sys
+    sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+    sys.path = [p for p in sys.path if not p.rstrip("/").endswith("/src")]
+    for name in list(sys.modules):
+        if name.startswith("esp_medsam_hf"):
+            del sys.modules[name]
+    try:
+        import esp_medsam_hf
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("esp_medsam_hf is still importable: the test would not exercise remote code")
+    """
+)
+
+
+def run_without_package(code: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python where esp_medsam_hf cannot be imported (only remote code is available)."""
+    script = cwd / "fresh_process.py"
+    script.write_text(HIDE_PACKAGE + textwrap.dedent(code))
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(cwd),
+           "HF_HOME": str(cwd / "hf_home"), "PYTHONHASHSEED": "0"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"fresh process failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
