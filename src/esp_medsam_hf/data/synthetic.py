@@ -168,11 +168,16 @@ def _microscopy(rng, size, unseen):
     radius = (0.035 if not unseen else 0.028) * rng.uniform(0.85, 1.15)
     for _ in range(count):
         cy, cx = rng.uniform(0.05, 0.95, 2)
-        r = _blob(yy, xx, cy, cx, radius * rng.uniform(0.7, 1.3), rng, wobble=0.15, harmonics=2,
-                  aspect=rng.uniform(0.7, 1.4), angle=rng.uniform(0, np.pi))
+        # each nucleus only touches a small window: compute it there (the whole image would be ~10x slower)
+        half = radius * 2.5
+        rows = slice(max(int((cy - half) * size), 0), min(int((cy + half) * size) + 1, size))
+        cols = slice(max(int((cx - half) * size), 0), min(int((cx + half) * size) + 1, size))
+        r = _blob(yy[rows, cols], xx[rows, cols], cy, cx, radius * rng.uniform(0.7, 1.3), rng, wobble=0.15,
+                  harmonics=2, aspect=rng.uniform(0.7, 1.4), angle=rng.uniform(0, np.pi))
         nucleus = r < 1
-        mask |= nucleus
-        brightness = np.maximum(brightness, np.where(nucleus, rng.uniform(0.5, 1.0) * (1.1 - 0.3 * r), 0))
+        mask[rows, cols] |= nucleus
+        shade = np.where(nucleus, rng.uniform(0.5, 1.0) * (1.1 - 0.3 * r), 0)
+        brightness[rows, cols] = np.maximum(brightness[rows, cols], shade)
     texture = _smooth_noise(rng, size, 24)
     if not unseen:  # fluorescence (DSB-like): bright nuclei on black
         grey = 0.03 + brightness * (0.8 + 0.2 * texture) + rng.normal(0, 0.02, (size, size))
