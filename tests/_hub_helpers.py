@@ -78,6 +78,14 @@ def acceptance(workdir: Path) -> dict:
         diffs[branch] = float((out - references[branch]).abs().max())
         other = references[BRANCHES[(BRANCHES.index(branch) + 1) % len(BRANCHES)]]
         distinct[branch] = float((out - other).abs().max())
+    # the Auto class (as the model card shows it) loads a branch too; in this process the package's own
+    # registration provides the class, the uploaded code files are compared byte for byte by the snapshot test
+    from transformers import AutoModel
+
+    auto = AutoModel.from_pretrained("esp/tiny-esp-medsam", revision="stage-2-distill", trust_remote_code=True)
+    with torch.no_grad():
+        out = auto.eval()(pixel_values=pixels, modality=modality).pred_masks
+    auto_diff = float((out - references["stage-2-distill"]).abs().max())
     # transformers' own push_to_hub(revision=...) against the write server, then a load of that branch
     pushed = EspMedSamModel(config).eval()
     pushed.push_to_hub("esp/pushed", revision="stage-2-distill")
@@ -86,7 +94,8 @@ def acceptance(workdir: Path) -> dict:
         push_diff = float((reloaded(pixel_values=pixels, modality=modality).pred_masks
                            - pushed(pixel_values=pixels, modality=modality).pred_masks).abs().max())
     untouched = all(tree_hashes(workdir / branch) == before[branch] for branch in BRANCHES)
-    return {"diffs": diffs, "distinct": distinct, "push_diff": push_diff, "untouched": untouched}
+    return {"diffs": diffs, "distinct": distinct, "push_diff": push_diff, "auto_diff": auto_diff,
+            "untouched": untouched}
 
 
 if __name__ == "__main__":

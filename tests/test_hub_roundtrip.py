@@ -223,6 +223,7 @@ def test_esp_medsam_model_round_trip_through_olah(hub, tmp_path):
     assert all(diff == 0.0 for diff in result["diffs"].values()), result
     assert all(diff > 1e-3 for diff in result["distinct"].values()), result  # each branch has its own weights
     assert result["push_diff"] == 0.0
+    assert result["auto_diff"] == 0.0
 
 
 def test_republish_mirrors_the_folder(hub, api, tmp_path):
@@ -265,3 +266,11 @@ def test_start_refuses_a_busy_port_or_a_running_root(hub, tmp_path):
     with pytest.raises(LocalHubError, match="already runs"):
         LocalHub(hub.root).start()
     assert httpx2.get(f"{hub.endpoint}/_local/health").json()["status"] == "ok"  # the running hub is unharmed
+
+
+def test_a_refused_request_does_not_poison_the_keep_alive_connection(hub):
+    with httpx2.Client() as client:
+        refused = client.post(f"{hub.endpoint}/api/models/esp/nope/preupload/main",
+                              json={"files": [{"path": "x", "size": 1, "sample": "eA==" * 5000}]})
+        assert refused.status_code == 404 and refused.headers["X-Error-Code"] == "RepoNotFound"
+        assert client.get(f"{hub.endpoint}/_local/health").json()["status"] == "ok"

@@ -136,6 +136,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
+        self.body_pending = bool(int(self.headers.get("Content-Length") or 0)) or (
+            self.headers.get("Transfer-Encoding", "").lower() == "chunked"
+        )
         lookup = "GET" if method == "HEAD" else method
         try:
             for route_method, pattern, handler in ROUTES:
@@ -163,6 +166,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self.send_header("X-Error-Code", code)
         if status >= 400:
             self.send_header("X-Error-Message", str(payload.get("error", ""))[:500].replace("\n", " "))
+        if self.body_pending:  # refused before reading the body: the connection cannot carry another request
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -175,6 +181,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 if size == 0:
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
+                    self.body_pending = False
                     return
                 yield self.rfile.read(size)
                 self.rfile.readline()
@@ -185,6 +192,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 raise ConnectionError("client closed the connection mid-body")
             remaining -= len(chunk)
             yield chunk
+        self.body_pending = False
 
     def _body(self) -> bytes:
         return b"".join(self._body_chunks())
