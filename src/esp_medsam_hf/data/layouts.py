@@ -325,13 +325,21 @@ def detect_layout(root: Path, domain: str) -> tuple[Layout, dict[str, SourceItem
     """The accepted layout of ``domain`` that finds the most official names under ``root``, and what it found."""
     official_names = get_domain(domain).all_file_names()
     best: tuple[int, Layout, dict[str, SourceItem]] | None = None
+    problems: list[str] = []
     for layout in LAYOUTS[domain]:
-        items = layout.find(root, domain)
+        try:
+            items = layout.find(root, domain)
+        except LayoutError as error:  # e.g. official folders also match a native layout's file names twice
+            if not Path(root).is_dir():
+                raise
+            problems.append(f"{layout.name}: {error}")
+            continue
         score = sum(name in official_names for name in items)
         if items and (best is None or score > best[0]):
             best = (score, layout, items)
     if best is None:
         accepted = "; ".join(f"{layout.name}: {layout.description}" for layout in LAYOUTS[domain])
-        raise LayoutError(f"{root}: no image of domain {domain!r} found in any accepted layout ({accepted})")
+        found = f"; {'; '.join(problems)}" if problems else ""
+        raise LayoutError(f"{root}: no image of domain {domain!r} found in any accepted layout ({accepted}){found}")
     return best[1], best[2]
 
