@@ -8,8 +8,9 @@ import datasets
 import numpy as np
 import pytest
 
-from _data_helpers import as255, build_replica, random_image, run_command, save
+from _data_helpers import as255, build_replica, random_image, run_command, save, write_official
 from esp_medsam_hf.commands import prepare as prepare_command
+from esp_medsam_hf.data.domains import get_domain
 from esp_medsam_hf.data.prepare import PreparationError, build_domain, prepare_domain, push_to_hub
 from esp_medsam_hf.data.schema import mask_to_bool
 
@@ -213,3 +214,27 @@ def test_push_to_the_local_hub(tmp_path, official):
     assert open(downloaded["README.md"]).read() == (tmp_path / "out" / "README.md").read_text()
     rows = list(datasets.load_dataset("parquet", data_files={"test": parquet}, streaming=True)["test"])
     assert [row["file_name"] for row in rows] == names["test"]
+
+
+def test_empty_splits_are_saved_and_loaded(tmp_path, official):
+    root, names, _ = official
+    for split in ("train", "validation"):
+        for name in names[split]:
+            (root / "image_1024" / name).unlink()
+    loaded, report = prepare_domain(DOMAIN, root, tmp_path / "out", progress=False)
+    assert {split: len(dataset) for split, dataset in loaded.items()} == {"train": 0, "validation": 0, "test": 1}
+    assert report.rows == {"train": 0, "validation": 0, "test": 1}
+    streamed = datasets.load_dataset(
+        "parquet", data_files={"train": str(tmp_path / "out" / DOMAIN / "data" / "train-*.parquet")}, streaming=True
+    )
+    assert list(streamed["train"]) == []
+
+
+def test_progress_bar_counts_every_image_of_a_split(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    test_names = get_domain(DOMAIN).splits()["test"]
+    for name in test_names:
+        write_official(tmp_path / "raw", name, random_image(rng), [np.eye(20, 24, dtype=bool)])
+    build_domain(DOMAIN, tmp_path / "raw", cache_dir=tmp_path / "cache")
+    err = capsys.readouterr().err
+    assert f"{DOMAIN}/test: 100%" in err and f"{len(test_names)}/{len(test_names)}" in err

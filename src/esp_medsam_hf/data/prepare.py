@@ -141,6 +141,21 @@ def load_item(
     return image, mask
 
 
+def _stored_png(path: Path, pixels: np.ndarray, mode: str) -> dict[str, bytes | None] | None:
+    """The file's own bytes when it already is what would be stored (an 8-bit PNG in ``mode``; for masks only the
+    values 0 and 255), so that checked files are not re-encoded; None otherwise."""
+    if path.suffix.lower() != ".png":
+        return None
+    with PILImage.open(path) as image:
+        if image.format != "PNG" or image.mode != mode or "transparency" in image.info:
+            return None
+    if mode == "L":
+        stored = np.asarray(PILImage.open(path))
+        if not np.array_equal(stored > 0, pixels) or not np.isin(stored, (0, 255)).all():
+            return None
+    return {"bytes": path.read_bytes(), "path": None}
+
+
 def _split_items(domain: Domain, items: dict[str, SourceItem], report: PreparationReport, strict: bool):
     known = all_official_names()
     listed = domain.all_file_names()
@@ -188,7 +203,7 @@ def build_domain(
     splits = _split_items(spec, items, report, strict)
     logger.info("%s: layout %s, %d item(s) found in %s", domain, chosen.name, len(items), data_dir)
 
-    def rows(split_items: list[SourceItem], split: str):
+    def rows(split_items: tuple[SourceItem, ...], split: str):
         for item in tqdm(split_items, desc=f"{domain}/{split}", unit="img", disable=not progress):
             try:
                 image, mask = load_item(item, mask_threshold=mask_threshold, size=size)
@@ -198,9 +213,11 @@ def build_domain(
                 report.skipped.append({"file_name": item.name, "split": split, "reason": str(error)})
                 logger.warning("skipped %s", error)
                 continue
+            resized = size is not None
             yield {
-                "image": encode_png(image),
-                "mask": encode_mask(mask),
+                "image": (not resized and _stored_png(item.image, image, "RGB")) or encode_png(image),
+                "mask": (not resized and len(item.masks) == 1 and _stored_png(item.masks[0], mask, "L"))
+                or encode_mask(mask),
                 "modality": spec.modality_index,
                 "domain": spec.index,
                 "file_name": item.name,
@@ -218,7 +235,8 @@ def build_domain(
                     rows,
                     features=features(),
                     cache_dir=str(cache_dir),
-                    gen_kwargs={"split_items": split_items, "split": split},
+                    # a tuple, not a list: datasets would shard a list into one generator call per item
+                    gen_kwargs={"split_items": tuple(split_items), "split": split},
                     split=datasets.Split(split),
                 )
             except datasets.exceptions.DatasetGenerationError as error:
@@ -283,11 +301,15 @@ def _replace_directory(staging: Path, target: Path) -> None:
 
 def save_domain(dataset_dict, domain_dir: Path, report: dict | None = None, max_shard_bytes: int = MAX_SHARD_BYTES):
     """Write ``domain_dir/arrow`` (save_to_disk), ``domain_dir/data/*.parquet`` and the report, in place."""
-    dataset_dict.save_to_disk(str(domain_dir / "arrow"))
+    # an explicit shard count keeps empty splits loadable (datasets writes no shard for them otherwise)
+    num_shards = {
+        split: max(1, math.ceil(dataset.data.nbytes / max_shard_bytes)) for split, dataset in dataset_dict.items()
+    }
+    dataset_dict.save_to_disk(str(domain_dir / "arrow"), num_shards=num_shards)
     data_dir = domain_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     for split, dataset in dataset_dict.items():
-        shards = max(1, math.ceil(dataset.data.nbytes / max_shard_bytes))
+        shards = num_shards[split]
         for index in range(shards):
             shard = dataset.shard(shards, index, contiguous=True)
             shard.to_parquet(str(data_dir / f"{split}-{index:05d}-of-{shards:05d}.parquet"))
