@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("esp_medsam_hf.commands.convert", "convert official ESP-MedSAM or LiteMedSAM weights"),
     "hub": ("esp_medsam_hf.commands.hub", "run the local Hub (start/stop/status) and publish stages to a Hub repo"),
     "segment": ("esp_medsam_hf.commands.segment", "segment image files and folders (DICOM too): masks, overlays, CSV"),
+    "train": ("esp_medsam_hf.commands.train", "train one stage (teacher, distill, espmedsam) on Accelerate"),
+    "demo": ("esp_medsam_hf.commands.demo", "the main job: train all stages on embedded data, evaluate, publish, reload"),
 }
 
 
