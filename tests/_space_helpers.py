@@ -40,13 +40,13 @@ def import_app():
     return module
 
 
-def save_tiny_model(folder: Path, image_size: int = 64) -> Path:
+def save_tiny_model(folder: Path, image_size: int = 64, seed: int = 0) -> Path:
     """A randomly initialised tiny ESP-MedSAM with its processor, saved as a Space would load it."""
     import torch
 
     from esp_medsam_hf import EspMedSamConfig, EspMedSamImageProcessor, EspMedSamModel, EspMedSamProcessor
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = EspMedSamModel(EspMedSamConfig.tiny(image_size=image_size)).eval()
     image_processor = EspMedSamImageProcessor(size={"height": image_size, "width": image_size})
     processor = EspMedSamProcessor(image_processor, modality_names=model.config.modality_names)

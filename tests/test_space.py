@@ -3,15 +3,19 @@ error messages, and the Space metadata (README front matter, requirements)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import pytest
 import torch
-from _space_helpers import APP_PATH, SPACE_DIR, import_app, save_tiny_model
+from _space_helpers import APP_PATH, OFFLINE_ENV, SPACE_DIR, import_app, save_tiny_model
 from PIL import Image
 
 from esp_medsam_hf import assets
@@ -78,7 +82,7 @@ def test_chosen_modality_drives_the_model_and_the_label(tmp_path, loaded, segmen
     image = _rgb_image(64, 48)
     path = tmp_path / "eye.jpg"
     Image.fromarray(image).save(path, quality=95)
-    read_back = np.asarray(Image.open(path).convert("RGB"))
+    read_back = np.array(Image.open(path).convert("RGB"))
     _, mask, label, summary, _ = segment(str(path), "fundus")
     np.testing.assert_array_equal(mask > 0, _direct_mask(loaded, read_back, 3))
     assert list(label) == ["fundus"] and 0 < label["fundus"] < 1
@@ -205,3 +209,56 @@ def test_space_metadata():
     assert "image-segmentation" in card.tags and 0 < len(card.short_description) <= 60
     requirements = (SPACE_DIR / "requirements.txt").read_text()
     assert f"gradio=={gr.__version__}" in requirements and "esp-medsam-hf" in requirements
+
+
+# Runs in a subprocess because huggingface_hub reads HF_ENDPOINT once, at import. The LiteMedSAM default is swapped
+# for the random tiny one there only to keep the fallback case fast; which loader runs is tested above.
+HUB_CLIENT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from _space_helpers import import_app
+app = import_app()
+app.load_litemedsam_default = app.load_random_tiny
+results = []
+for revision in sys.argv[4:]:
+    loaded = app.load_model(sys.argv[2], revision)
+    _, mask, label, summary, _ = app.make_segment(loaded)(sys.argv[3], "microscopy")
+    results.append({"source": loaded.source, "trained": loaded.trained, "notice": loaded.notice,
+                     "mask": (mask > 0).astype(int).tolist()})
+print(json.dumps(results))
+"""
+
+
+def test_hub_repo_and_revision_through_the_local_hub(tmp_path):
+    from huggingface_hub import HfApi
+
+    from esp_medsam_hf.hub import LocalHub
+    from esp_medsam_hf.hub.publish import RetryPolicy, StageRelease, publish_model
+
+    folders = {branch: save_tiny_model(tmp_path / branch, seed=seed) for seed, branch in enumerate(["main", "stage-2-distill"])}
+    image_path = tmp_path / "cells.png"
+    image = _rgb_image(48, 40)
+    Image.fromarray(image).save(image_path)
+    expected = {}
+    for branch, folder in folders.items():
+        local = app.load_model(str(folder))
+        expected[branch] = _direct_mask(local, image, 4).astype(int).tolist()
+    assert expected["main"] != expected["stage-2-distill"], "the two branches must give different masks"
+
+    with LocalHub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint, token="hf_local_hub")
+        publish_model("esp/space-tiny", [StageRelease(b, f) for b, f in folders.items()], api=api,
+                      retry=RetryPolicy(attempts=2, base_wait_s=0.1))
+        env = {**os.environ, **OFFLINE_ENV, **hub.env}
+        env.pop("HF_HUB_OFFLINE")
+        result = subprocess.run(
+            [sys.executable, "-c", HUB_CLIENT, str(Path(__file__).parent), "esp/space-tiny", str(image_path),
+             "stage-2-distill", "main", "no-such-branch"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    distill, main, missing = json.loads(result.stdout.strip().splitlines()[-1])
+    assert distill["trained"], distill["notice"]
+    assert distill["source"] == "Hub repo `esp/space-tiny` @ `stage-2-distill`"
+    assert distill["mask"] == expected["stage-2-distill"] and main["mask"] == expected["main"]
+    assert not missing["trained"] and "Could not load `esp/space-tiny` @ `no-such-branch`" in missing["notice"]

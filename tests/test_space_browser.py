@@ -98,6 +98,13 @@ def test_browser_upload_segment_and_download(app_url, nuclei_png):
             assert body[:8] == b"\x89PNG\r\n\x1a\n" and mask.shape == (512, 512)
             assert set(np.unique(mask)) <= {0, 255} and 0 < (mask > 0).mean() < 1
             page.screenshot(path=str(screenshot), full_page=True)
+
+            # A real example runs on click: the fundus photograph with its modality preset.
+            page.get_by_role("button", name="Retina fundus photograph (real, scikit-image)").click()
+            expect(page.get_by_role("combobox", name="Modality")).to_have_value("fundus")
+            expect(page.locator("#out-label")).to_contain_text("fundus", timeout=30_000)
+            expect(page.locator("#out-file").get_by_role("cell", name="retina-mask.png")).to_be_visible()
+            assert page.locator(".toast-body").count() == 0
         finally:
             browser.close()
     print(f"\nscreenshot of the Space: {screenshot}")

@@ -81,13 +81,16 @@ def _finish(model: torch.nn.Module, processor, source: str, trained: bool, notic
 
 def load_pretrained(source: str, revision: str | None = None) -> LoadedModel:
     """A saved folder, or a Hub repo id through its remote code (``trust_remote_code=True``)."""
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoImageProcessor, AutoModel
 
     is_folder = Path(source).expanduser().is_dir()
     location = str(Path(source).expanduser()) if is_folder else source
     options = {} if is_folder else {"revision": revision, "trust_remote_code": True}
     model = AutoModel.from_pretrained(location, **options)
-    processor = AutoProcessor.from_pretrained(location, **options)
+    # The processor is the repo's image processor plus the model's modality names (all that processor_config.json
+    # adds), so repos that carry only preprocessor_config.json, as the stock pipeline needs, work too.
+    image_processor = AutoImageProcessor.from_pretrained(location, **options)
+    processor = esp_medsam_hf.EspMedSamProcessor(image_processor, modality_names=model.config.modality_names)
     where = f"folder `{location}`" if is_folder else f"Hub repo `{source}` @ `{revision or 'main'}`"
     return _finish(model, processor, where, trained=True, notice="")
 
