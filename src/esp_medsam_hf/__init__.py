@@ -15,6 +15,7 @@ from .configuration_esp_medsam import (
 from .image_processing_esp_medsam import EspMedSamImageProcessor
 from .metrics import metric_path
 from .modeling_esp_medsam import EspMedSamModel, EspMedSamOutput, EspMedSamPreTrainedModel
+from .modeling_esp_medsam_teacher import EspMedSamTeacherModel  # registers the teacher's Auto classes
 from .processing_esp_medsam import EspMedSamProcessor
 
 AutoConfig.register(EspMedSamConfig.model_type, EspMedSamConfig, exist_ok=True)
