@@ -101,6 +101,16 @@ def test_write_report(tmp_path, evaluated):
     assert not (output / "cases").exists()
 
 
+def test_results_json_is_strict_json_with_null_for_undefined_distances(tmp_path, evaluated):
+    report, _ = evaluated
+    broken = json.loads(json.dumps(report))
+    broken["domains"]["isic"]["per_image"][0].update(hd=math.inf, hd95=math.nan)
+    output = write_report(broken, tmp_path / "eval")
+    saved = json.loads((output / "results.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert saved["domains"]["isic"]["per_image"][0]["hd"] is None
+    assert saved["domains"]["isic"]["per_image"][0]["hd95"] is None
+
+
 def test_markdown_marks_undefined_hausdorff():
     report = {
         "split": "test", "num_images": 2, "seconds": 1.0, "images_per_second": 2.0, "model_images_per_second": 2.0,

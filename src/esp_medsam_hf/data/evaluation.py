@@ -261,10 +261,22 @@ def case_picture(case: dict) -> np.ndarray:
     )
 
 
+def _json_safe(value):
+    """Strict JSON: undefined distances (MONAI's inf and nan) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
 def write_report(
     report: dict, output_dir: str | Path, *, cases: dict | None = None, data_label: str = "", overwrite: bool = False
 ) -> Path:
-    """Write ``results.md``, ``results.json``, ``dice_hd.png`` and ``cases/`` into ``output_dir`` atomically."""
+    """Write ``results.md``, ``results.json`` (strict JSON: undefined values are null), ``dice_hd.png`` and
+    ``cases/`` into ``output_dir`` atomically."""
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} already exists and is not empty; pass overwrite=True (--overwrite)")
@@ -272,7 +284,8 @@ def write_report(
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         (staging / "results.md").write_text(f"# Evaluation\n\n{markdown_table(report, data_label)}")
-        (staging / "results.json").write_text(json.dumps({**report, "data": data_label}, indent=2) + "\n")
+        saved = _json_safe({**report, "data": data_label})
+        (staging / "results.json").write_text(json.dumps(saved, indent=2, allow_nan=False) + "\n")
         bar_chart(report, staging / "dice_hd.png", title=data_label)
         for name, pair in (cases or {}).items():
             for which in ("best", "worst"):
