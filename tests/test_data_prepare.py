@@ -238,3 +238,13 @@ def test_progress_bar_counts_every_image_of_a_split(tmp_path, capsys):
     build_domain(DOMAIN, tmp_path / "raw", cache_dir=tmp_path / "cache")
     err = capsys.readouterr().err
     assert f"{DOMAIN}/test: 100%" in err and f"{len(test_names)}/{len(test_names)}" in err
+
+
+def test_rebuilding_with_the_same_cache_folder_reads_the_files_again(tmp_path, official):
+    root, names, _ = official
+    first, _ = build_domain(DOMAIN, root, cache_dir=tmp_path / "cache", progress=False)
+    name = names["test"][0]
+    save(as255(np.ones((20, 24), bool)), root / "mask_1024" / name)
+    second, _ = build_domain(DOMAIN, root, cache_dir=tmp_path / "cache", progress=False)
+    assert not mask_to_bool(first["test"][0]["mask"]).all()
+    assert mask_to_bool(second["test"][0]["mask"]).all()

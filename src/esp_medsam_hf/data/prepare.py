@@ -223,6 +223,10 @@ def build_domain(
                 "file_name": item.name,
             }
 
+    # a fresh folder per build: datasets would otherwise reuse a cached build of the same file list even when the
+    # files changed on disk (its fingerprint hashes the generator's arguments, not the files)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    build_cache = tempfile.mkdtemp(prefix="build-", dir=cache_dir)
     start = time.perf_counter()
     bars_were_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
@@ -234,7 +238,7 @@ def build_domain(
                 result[split] = datasets.Dataset.from_generator(
                     rows,
                     features=features(),
-                    cache_dir=str(cache_dir),
+                    cache_dir=build_cache,
                     # a tuple, not a list: datasets would shard a list into one generator call per item
                     gen_kwargs={"split_items": tuple(split_items), "split": split},
                     split=datasets.Split(split),
