@@ -168,6 +168,7 @@ def test_unreadable_files_name_the_file(tmp_path, content):
         load_image(path)
 
 
+@pytest.mark.filterwarnings("ignore:.*VR:UserWarning")
 def test_missing_and_broken_dicom_name_the_file(tmp_path):
     with pytest.raises(ImageLoadError, match="missing.png.*no such file"):
         load_image(tmp_path / "missing.png")

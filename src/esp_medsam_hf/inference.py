@@ -227,14 +227,26 @@ def segment_files(
     return records
 
 
+def process_state(device: str | None = None):
+    """accelerate's ``PartialState`` for this process (one per process: the first call's settings stay).
+
+    On a machine without an accelerator, or with ``device="cpu"``, it is built with ``cpu=True``: only then does
+    accelerate recognise several CPU processes (``torchrun``/``mpirun``) as one distributed run.
+    """
+    import torch
+    from accelerate import PartialState
+
+    cpu = (device or "").startswith("cpu") or not torch.accelerator.is_available()
+    return PartialState(cpu=cpu)
+
+
 def load_pipeline(model: str, revision: str | None = None, device: str | None = None):
     """The segmentation pipeline for a saved folder or Hub repo, on ``device`` (default: accelerate's device)."""
-    from accelerate import PartialState
     from transformers import AutoImageProcessor, AutoModelForImageSegmentation
 
     from .pipeline_esp_medsam import TASK, EspMedSamSegmentationPipeline
 
-    device = device or str(PartialState().device)
+    device = device or str(process_state().device)
     network = AutoModelForImageSegmentation.from_pretrained(model, revision=revision)
     image_processor = AutoImageProcessor.from_pretrained(model, revision=revision)
     return EspMedSamSegmentationPipeline(
@@ -257,10 +269,9 @@ def run_segmentation(
     Every process writes its own images' outputs; the main process writes ``segmentation.csv`` with all rows
     (input order). Returns all records on every process.
     """
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    state = PartialState()
+    state = process_state(str(pipe.device))
     output_dir = Path(output_dir)
     csv_path = output_dir / CSV_NAME
     if csv_path.exists() and not overwrite:
@@ -269,6 +280,9 @@ def run_segmentation(
         pipe.model.config.modality_index(modality)  # fail before any work on an unknown modality
     items = collect_inputs(inputs)
     with state.split_between_processes(list(enumerate(items))) as shard:
+        if state.num_processes > 1:
+            logger.info("process %d of %d: %d of %d inputs", state.process_index + 1, state.num_processes,
+                        len(shard), len(items))
         records = segment_files(
             [item for _, item in shard],
             pipe,
@@ -296,6 +310,7 @@ __all__ = [
     "collect_inputs",
     "load_pipeline",
     "output_paths",
+    "process_state",
     "overlay_picture",
     "run_segmentation",
     "segment_files",
