@@ -47,9 +47,9 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
     """
 
     def check_model_type(self, supported_models):
-        supported = dict(supported_models) if not isinstance(supported_models, list) else {}
-        supported[self.model.config.model_type] = type(self.model).__name__
-        return super().check_model_type(supported)
+        if isinstance(supported_models, list):
+            return super().check_model_type([*supported_models, type(self.model).__name__])
+        return super().check_model_type({**supported_models, self.model.config.model_type: type(self.model).__name__})
 
     def _sanitize_parameters(self, modality=None, mask_threshold=None, timeout=None, **kwargs):
         preprocess: dict[str, Any] = {}
@@ -144,11 +144,8 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         }
 
     def postprocess(self, model_outputs, mask_threshold: float = 0.5):
-        target_size = model_outputs["target_size"]
-        if isinstance(target_size, list):  # batch of one that was not unrolled by the pipeline's loader
-            target_size = target_size[0]
-        source = model_outputs["modality_source"]
-        source = source[0] if isinstance(source, list) else source
+        # Non-tensor entries reach here as preprocess made them: the loader unrolls batches back to single items.
+        target_size, source = model_outputs["target_size"], model_outputs["modality_source"]
         probabilities = self.image_processor.post_process_masks(
             model_outputs["pred_masks"], [list(target_size)], binarize=False
         )[0]
