@@ -78,6 +78,19 @@ def test_segment_png_matches_the_model_and_writes_the_mask(tmp_path, loaded, seg
     assert re.search(r"time: \d+ ms", summary) and f"mask: {expected.mean():.1%}" in summary
 
 
+def test_mask_files_older_than_the_cache_age_are_removed(tmp_path, segment):
+    old = Path(app.MASK_DIR.name) / "old-call"
+    old.mkdir()
+    (old / "x-mask.png").write_bytes(b"")
+    os.utime(old, (0, 0))
+    recent = Path(app.MASK_DIR.name) / "recent-call"
+    recent.mkdir()
+    path = tmp_path / "scan.png"
+    Image.fromarray(_rgb_image(20, 20)).save(path)
+    mask_png = segment(str(path), "automatic")[-1]
+    assert not old.exists() and recent.exists() and Path(mask_png).parent.parent == Path(app.MASK_DIR.name)
+
+
 def test_chosen_modality_drives_the_model_and_the_label(tmp_path, loaded, segment):
     image = _rgb_image(64, 48)
     path = tmp_path / "eye.jpg"

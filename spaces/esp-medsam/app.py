@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ RANDOM_NOTICE = (
     "nothing."
 )
 DISCLAIMER = "Research demo, not a medical device: do not use it for diagnosis."
+CACHE_SECONDS = 3600
+"""Uploads and results are medical images: Gradio deletes its copies after an hour, and all of them on restart."""
+MASK_DIR = tempfile.TemporaryDirectory(prefix="esp-medsam-masks-")
+"""Mask PNGs before Gradio copies them into its cache; removed when the process exits."""
 
 
 @dataclass
@@ -197,7 +202,11 @@ def overlay_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _write_mask_png(mask: np.ndarray, stem: str) -> str:
-    folder = Path(tempfile.mkdtemp(prefix="esp-medsam-mask-"))
+    expired = time.time() - CACHE_SECONDS
+    for old in Path(MASK_DIR.name).iterdir():
+        if old.stat().st_mtime < expired:
+            shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(dir=MASK_DIR.name))  # one folder per call, so the file keeps the input's name
     path = folder / f"{stem}-mask.png"
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)
     return str(path)
@@ -281,7 +290,9 @@ def available_examples() -> list[tuple[str, str, str]]:
 def build_demo(loaded: LoadedModel) -> gr.Blocks:
     examples = available_examples()
     limit = max_upload_mb()
-    with gr.Blocks(title="ESP-MedSAM", analytics_enabled=False) as demo:
+    with gr.Blocks(
+        title="ESP-MedSAM", analytics_enabled=False, delete_cache=(CACHE_SECONDS, CACHE_SECONDS)
+    ) as demo:
         gr.Markdown(
             "# ESP-MedSAM: self-prompting segmentation of medical images\n"
             "Upload an image or a DICOM file, or pick an example; choose the modality or leave it on *automatic*. "
