@@ -1,0 +1,41 @@
+"""``esp-medsam demo``: the main job. Trains the three stages on the embedded data, evaluates, publishes every stage
+to the embedded local Hub, reloads the final model from its revision and segments the real images."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="outputs/demo", help="folder for everything the demo writes")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo run")
+    parser.add_argument("--quick", action="store_true", help="a reduced run (64 px, a few steps) to check the wiring")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..hub.local import LocalHubError
+    from ..training.data import TrainingDataError
+    from ..training.demo import run_demo
+    from ..training.loop import NonFiniteLossError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-checkpoint INFO lines drown the progress
+    try:
+        summary = run_demo(args.output, quick=args.quick, overwrite=args.overwrite, seed=args.seed,
+                           progress=not args.no_progress)
+    except (FileExistsError, FileNotFoundError, TrainingDataError, NonFiniteLossError, LocalHubError,
+            RuntimeError) as error:
+        print(f"esp-medsam demo: error: {error}", file=sys.stderr)
+        return 1
+    print(Path(summary["output"], "SUMMARY.md").read_text())
+    print(f"everything is in {summary['output']} (SUMMARY.md, summary.json, evaluation/, real_images/, hub/)")
+    return 0

@@ -1,0 +1,83 @@
+"""``esp-medsam train``: one training stage (teacher, distill, espmedsam) on Accelerate; also run as
+``accelerate launch scripts/train.py --stage ...`` for several GPUs or nodes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stage", required=True, choices=("teacher", "distill", "espmedsam"))
+    parser.add_argument("--config", help="YAML file of the stage's options (see docs/training.md)")
+    parser.add_argument("--output-dir", help="run folder (checkpoints/, best/, final/, log.csv)")
+    parser.add_argument("--data", help="'synthetic' or a folder written by `esp-medsam prepare`")
+    parser.add_argument("--domains", nargs="+", help="training domains (default: the six source domains)")
+    parser.add_argument("--model-size", choices=("official", "tiny"))
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--gradient-accumulation-steps", type=int)
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--checkpoint-every", type=int, help="also checkpoint every N optimizer steps")
+    parser.add_argument("--resume", help="'latest' or a checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run folder")
+    parser.add_argument("--report-to", nargs="+", help="accelerate trackers (tensorboard, wandb, ...)")
+    parser.add_argument("--sam-checkpoint", help="teacher: SAM weights (facebook/sam-vit-b|l|huge or a folder)")
+    parser.add_argument("--sam-preset", choices=("vit-b", "vit-l", "vit-h"), help="teacher: SAM encoder size")
+    parser.add_argument("--teacher", help="distill: the stage-1 teacher folder")
+    parser.add_argument("--natural-images", help="distill: folder or dataset of natural images (default: skimage)")
+    parser.add_argument("--init-from", help="distill/espmedsam: initial student folder, or 'litemedsam'")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="publish the stage to REPO on its branch when done")
+    parser.add_argument("--also-main", action="store_true", help="with --push-to-hub: also publish it as main")
+
+
+OPTION_NAMES = (
+    "output_dir", "data", "domains", "model_size", "image_size", "epochs", "batch_size", "learning_rate",
+    "gradient_accumulation_steps", "mixed_precision", "max_steps", "seed", "checkpoint_every", "resume", "overwrite",
+    "report_to",
+)
+STAGE_OPTION_NAMES = {
+    "teacher": ("sam_checkpoint", "sam_preset"),
+    "distill": ("teacher", "natural_images", "init_from"),
+    "espmedsam": ("init_from",),
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import NonFiniteLossError, TrainingDataError, load_config, run_stage
+
+    overrides = {name: getattr(args, name) for name in OPTION_NAMES + STAGE_OPTION_NAMES[args.stage]}
+    try:
+        config = load_config(args.stage, args.config, **overrides)
+        result = run_stage(config)
+        if args.push_to_hub:
+            from accelerate import PartialState
+
+            if PartialState().is_main_process:
+                publish(args, config, result)
+    except (FileExistsError, FileNotFoundError, TrainingDataError, NonFiniteLossError, ValueError) as error:
+        print(f"esp-medsam train: error: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.stage}: release folder {result.release_dir}; metrics {result.metrics}")
+    return 0
+
+
+def publish(args: argparse.Namespace, config, result) -> None:
+    """Publish the stage's release folder (and optionally main) with a model card."""
+    from ..training.publishing import STAGE_TO_BRANCH, publish_stages, stage_card
+
+    branch = STAGE_TO_BRANCH[args.stage]
+    card = stage_card(branch, args.push_to_hub.split("/")[-1], training_config=config.to_dict(),
+                      image_size=config.image_size, notes=f"Validation metrics: {result.metrics}.")
+    releases = [(branch, result.release_dir, card)]
+    if args.also_main:
+        import dataclasses
+
+        releases.append(("main", result.release_dir, dataclasses.replace(card, stage="main")))
+    commits = publish_stages(args.push_to_hub, releases)
+    for name, commit in commits.items():
+        print(f"{args.push_to_hub}@{name}: {commit}")

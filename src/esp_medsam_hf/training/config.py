@@ -1,0 +1,177 @@
+"""Per-stage training configurations as dataclasses, with the paper's defaults, loadable from YAML.
+
+Paper (arXiv 2407.14153, section 4.2): Adam, exponential learning-rate decay with factor 0.98 per epoch, batch 4,
+200 epochs, 1024x1024 images, lambda = 0.7 for the focal/dice mix; the learning rate is not printed, 1e-4 is the
+usual choice for SAM fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+STAGES = ("teacher", "distill", "espmedsam")
+
+
+@dataclass
+class TrainingConfig:
+    """Options shared by the three stages (one ``accelerate launch scripts/train.py --stage ...`` run each).
+
+    output_dir: run folder: ``checkpoints/`` (accelerate states), ``best/`` and ``final/`` (save_pretrained
+        folders), ``log.csv`` / ``log.jsonl`` and ``config.yaml``.
+    data: ``"synthetic"`` (generated on the fly) or a folder written by ``esp-medsam prepare``.
+    domains: training domains (default: the six source domains; unseen domains are never trained on).
+    model_size: ``"official"`` (1024 px architecture) or ``"tiny"`` (the small test/demo configuration).
+    max_steps: stop after this many optimizer steps (for short runs); None = ``epochs`` full epochs.
+    checkpoint_every: also save an accelerate state every N optimizer steps (0: only at the end of each epoch).
+    resume: ``"latest"`` (the newest complete checkpoint in ``output_dir``), a checkpoint folder, or None.
+    """
+
+    stage: ClassVar[str] = ""
+    output_dir: str = "outputs/train"
+    data: str = "synthetic"
+    domains: list[str] | None = None
+    synthetic_train_images: int = 64
+    synthetic_valid_images: int = 8
+    model_size: str = "official"
+    image_size: int = 1024
+    epochs: int = 200
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    lr_decay: float = 0.98
+    weight_decay: float = 0.0
+    focal_loss_weight: float = 0.7
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"
+    max_steps: int | None = None
+    seed: int = 0
+    augment: bool = True
+    num_workers: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    validate: bool = True
+    validation_images: int | None = None
+    log_every: int = 1
+    report_to: list[str] = field(default_factory=list)
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.model_size not in ("official", "tiny"):
+            raise ValueError(f"model_size must be 'official' or 'tiny', got {self.model_size!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, **dataclasses.asdict(self)}
+
+    def to_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainingConfig":
+        """Build from plain data; unknown keys are an error that names them."""
+        data = {k: v for k, v in data.items() if k != "stage"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.stage or 'training'} option(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class TeacherConfig(TrainingConfig):
+    """Stage 1: SAM's frozen ViT encoder with medical tokens and MLPs, plus SPPG and QDMD, on the source domains.
+
+    sam_checkpoint: SAM weights to start from (``facebook/sam-vit-b|l|huge`` or a local SamModel folder); None builds
+        the encoder from ``sam_preset`` with random weights (only useful for tests and the offline demo).
+    """
+
+    stage: ClassVar[str] = "teacher"
+    output_dir: str = "outputs/teacher"
+    sam_preset: str = "vit-b"
+    sam_checkpoint: str | None = None
+    num_medical_tokens: int = 4
+
+
+@dataclass
+class DistillConfig(TrainingConfig):
+    """Stage 2 (MMDKD): modality-common then modality-specific distillation into the student's encoder.
+
+    teacher: the stage-1 teacher folder (save_pretrained). Its SAM encoder alone is the modality-common target,
+        with the medical tokens and MLPs the modality-specific target.
+    natural_images: folder of photographs (or a ``save_to_disk`` dataset with an ``image`` column) for the
+        modality-common phase; None: the natural photographs scikit-image ships.
+    common_epochs / specific_epochs: epochs of the two phases (None: ``epochs`` each).
+    init_from: initial student (a saved EspMedSamModel folder, or ``"litemedsam"``); None: random.
+    """
+
+    stage: ClassVar[str] = "distill"
+    output_dir: str = "outputs/distill"
+    teacher: str = "outputs/teacher/final"
+    natural_images: str | None = None
+    common_epochs: int | None = None
+    specific_epochs: int | None = None
+    common_max_steps: int | None = None
+    specific_max_steps: int | None = None
+    natural_repeats: int = 8
+    init_from: str | None = None
+
+
+@dataclass
+class EspMedSamStageConfig(TrainingConfig):
+    """Stage 3: the distilled encoder with SPPG and QDMD on the source domains (the modality classifier trains
+    jointly through the model's loss).
+
+    init_from: the stage-2 folder, ``"litemedsam"`` (LiteMedSAM weights through the converter), or None (random).
+    classifier_domains: after training, fit the modality classifier alone (encoder frozen) on the train splits of
+        these domains, e.g. all 12; the classifier reads detached stage-0 features, so segmentation is unchanged.
+    classifier_epochs: epochs of that fit.
+    """
+
+    stage: ClassVar[str] = "espmedsam"
+    output_dir: str = "outputs/espmedsam"
+    init_from: str | None = "outputs/distill/final"
+    classifier_domains: list[str] | None = None
+    classifier_epochs: int = 0
+
+
+STAGE_CONFIGS: dict[str, type[TrainingConfig]] = {
+    "teacher": TeacherConfig,
+    "distill": DistillConfig,
+    "espmedsam": EspMedSamStageConfig,
+}
+
+
+def load_config(stage: str, path: str | Path | None = None, **overrides: Any) -> TrainingConfig:
+    """The configuration of ``stage``: defaults, then the YAML file at ``path``, then ``overrides`` (not None)."""
+    if stage not in STAGE_CONFIGS:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    data: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of options, got {type(loaded).__name__}")
+        if loaded.get("stage", stage) != stage:
+            raise ValueError(f"{path} is a config for stage {loaded['stage']!r}, not {stage!r}")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return STAGE_CONFIGS[stage].from_dict(data)

@@ -1,0 +1,471 @@
+"""The three training stages of ESP-MedSAM as ``StageTask``s for the loop, and ``run_stage`` to run one.
+
+- teacher: SAM's frozen ViT + medical tokens and MLPs + SPPG + QDMD on the source domains (mask and patch losses).
+- distill (MMDKD): modality-common (the student's aggregator learns the frozen SAM encoder's embeddings on natural
+  photographs, parameter bags unplugged) then modality-specific (bag m learns the medical teacher's embeddings on
+  modality m, aggregator frozen; bags of modalities absent from a step get no gradient at all, so Adam leaves them
+  alone). MSE on the embeddings.
+- espmedsam: the distilled encoder with SPPG and QDMD on the source domains; the modality classifier trains jointly
+  through the model's loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configuration_esp_medsam import EspMedSamConfig
+from ..configuration_esp_medsam_teacher import EspMedSamTeacherConfig
+from ..image_processing_esp_medsam import EspMedSamImageProcessor
+from ..modeling_esp_medsam import EspMedSamModel, GatheredBagBlock
+from ..modeling_esp_medsam_teacher import EspMedSamTeacherModel
+from ..processing_esp_medsam import EspMedSamProcessor
+from .config import DistillConfig, EspMedSamStageConfig, TeacherConfig, TrainingConfig
+from .data import (
+    Collator,
+    NaturalImageDataset,
+    SegmentationDataset,
+    TrainingDataError,
+    check_not_empty,
+    load_domains,
+    load_natural_images,
+)
+from .loop import StageTask, TrainingResult, replace_folder, train
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: ``release_dir`` is the folder to publish (model, processor)."""
+
+    stage: str
+    release_dir: Path
+    results: list[TrainingResult]
+    metrics: dict
+
+
+def make_processor(image_size: int, modality_names) -> EspMedSamProcessor:
+    image_processor = EspMedSamImageProcessor(size={"height": image_size, "width": image_size})
+    return EspMedSamProcessor(image_processor, modality_names=list(modality_names))
+
+
+def save_with_processor(model: nn.Module, processor: EspMedSamProcessor, folder: Path) -> None:
+    """``save_pretrained`` of the model and processor, plus preprocessor_config.json for the stock pipeline."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+
+
+def freeze_all_but(model: nn.Module, trainable: list[nn.Module]) -> None:
+    model.requires_grad_(False)
+    for module in trainable:
+        module.requires_grad_(True)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def source_data(config: TrainingConfig) -> dict:
+    """The training domains with ``train`` and ``validation`` splits; empty domains are an error."""
+    splits = {"train": config.synthetic_train_images, "validation": config.synthetic_valid_images}
+    data = load_domains(config.data, config.domains, splits=splits, seed=config.seed, size=config.image_size)
+    check_not_empty(data, "train")
+    return data
+
+
+def dice_validation(model: nn.Module, processor: EspMedSamProcessor, data: dict, config: TrainingConfig) -> dict:
+    """Mean validation Dice (%) over the domains, with the data engineer's ``evaluate_model``."""
+    from ..data.evaluation import evaluate_model
+
+    usable = {name: dataset for name, dataset in data.items() if len(dataset["validation"])}
+    if not usable:
+        return {"dice": float("nan")}
+    report = evaluate_model(
+        model, processor, usable, split="validation", batch_size=max(8, config.batch_size),
+        compute_hausdorff=False, max_images=config.validation_images, progress=False,
+    )
+    per_domain = {f"dice/{name}": row["dice"] for name, row in report["domains"].items()}
+    return {"dice": float(np.mean(list(per_domain.values()))), **per_domain}
+
+
+def segmentation_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(pixel_values=batch["pixel_values"], modality=batch["modality"], labels=batch["labels"]).loss
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1: teacher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_teacher(config: TeacherConfig) -> EspMedSamTeacherModel:
+    """The teacher of ``config``: SAM weights from ``sam_checkpoint`` when given, else a randomly initialised ViT."""
+    options = dict(num_medical_tokens=config.num_medical_tokens, focal_loss_weight=config.focal_loss_weight)
+    if config.model_size == "tiny":
+        teacher_config = EspMedSamTeacherConfig.tiny(image_size=config.image_size, **options)
+    else:
+        teacher_config = EspMedSamTeacherConfig.from_preset(config.sam_preset, image_size=config.image_size, **options)
+    if config.sam_checkpoint:
+        return EspMedSamTeacherModel.from_sam_pretrained(config.sam_checkpoint, teacher_config)
+    logger.warning("teacher: no sam_checkpoint given, the SAM encoder is randomly initialised (and frozen)")
+    teacher_config.vision_config.initializer_range = 0.02  # SAM's 1e-10 would give an all-zero random encoder
+    return EspMedSamTeacherModel(teacher_config)
+
+
+def teacher_task(config: TeacherConfig, model: EspMedSamTeacherModel | None = None, data: dict | None = None):
+    """(task, processor, data) of stage 1."""
+    data = data or source_data(config)
+    model = model or build_teacher(config)
+    processor = make_processor(model.config.image_size, model.config.modality_names)
+    logger.info("teacher: %d trainable of %d parameters (SAM encoder frozen)",
+                count_parameters(model, True), count_parameters(model))
+    task = StageTask(
+        name="teacher",
+        model=model,
+        train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed),
+        collate_fn=Collator(processor.image_processor),
+        compute_loss=segmentation_loss,
+        save=lambda m, folder: save_with_processor(m, processor, folder),
+        validate=lambda m: dice_validation(m, processor, data, config),
+    )
+    return task, processor, data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 2: multi-modal decoupled knowledge distillation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class UnpluggedBags:
+    """A stand-in for the modality controller that plugs in no parameter bag: no tokens, a parallel MLP of zero.
+
+    The modality-common phase trains the shared aggregator alone, so the bags must not take part.
+    """
+
+    def __init__(self, model: EspMedSamModel):
+        self.controller = model.modality_controller
+
+    def gather(self, block_index: int, modality: torch.LongTensor) -> GatheredBagBlock:
+        block = self.controller.gather(block_index, modality)
+        return dataclasses.replace(
+            block, tokens=None, token_bias=None,
+            fc2_weight=torch.zeros_like(block.fc2_weight), fc2_bias=torch.zeros_like(block.fc2_bias),
+        )
+
+
+class EncoderDistillation(nn.Module):
+    """The student's image encoder as one module (so accelerate/DDP see its forward): embeddings of a batch.
+
+    phase ``"common"``: aggregator without bags; ``"specific"``: aggregator with each image's bag, and the frozen
+    aggregator kept in eval mode (its batch-norm statistics must not move either).
+    """
+
+    def __init__(self, student: EspMedSamModel, phase: str):
+        super().__init__()
+        if phase not in ("common", "specific"):
+            raise ValueError(f"phase must be 'common' or 'specific', got {phase!r}")
+        self.student, self.phase = student, phase
+
+    def train(self, mode: bool = True) -> "EncoderDistillation":
+        super().train(mode)
+        if self.phase == "specific":
+            self.student.aggregator.eval()
+        return self
+
+    def forward(self, pixel_values: torch.Tensor, modality: torch.LongTensor) -> torch.Tensor:
+        aggregator = self.student.aggregator
+        features = aggregator.stem(pixel_values)
+        if self.phase == "common":
+            modality = torch.zeros(pixel_values.shape[0], dtype=torch.long, device=pixel_values.device)
+            return aggregator.forward_stages(features, modality, UnpluggedBags(self.student))
+        return aggregator.forward_stages(features, modality, self.student.modality_controller)
+
+
+def drop_absent_bag_gradients(wrapper: EncoderDistillation, modalities: set[int]) -> None:
+    """Bags of modalities absent from this optimizer step get ``grad = None``: Adam then leaves them untouched
+    (a zero gradient would still move them through Adam's running moments)."""
+    for index, bag in enumerate(wrapper.student.modality_controller.bags):
+        if index not in modalities:
+            for parameter in bag.parameters():
+                parameter.grad = None
+
+
+def build_student(config: TrainingConfig, init_from: str | None) -> EspMedSamModel:
+    """A student from a saved folder, from LiteMedSAM (``"litemedsam"``, 256 px), or freshly initialised."""
+    if init_from == "litemedsam":
+        from ..assets import LITEMEDSAM_WEIGHTS
+        from ..conversion import convert_litemedsam
+
+        model, report = convert_litemedsam(LITEMEDSAM_WEIGHTS.path())
+        logger.info("student initialised from LiteMedSAM: %s", report.summary())
+    elif init_from:
+        if not Path(init_from).is_dir():
+            raise FileNotFoundError(f"init_from {init_from} is not a saved model folder (or 'litemedsam')")
+        model = EspMedSamModel.from_pretrained(init_from)
+    elif config.model_size == "tiny":
+        model = EspMedSamModel(EspMedSamConfig.tiny(image_size=config.image_size))
+    else:
+        model = EspMedSamModel(EspMedSamConfig(image_size=config.image_size))
+    if model.config.image_size != config.image_size:
+        raise ValueError(
+            f"the student works at {model.config.image_size} px but image_size is {config.image_size}; set "
+            f"image_size: {model.config.image_size} (LiteMedSAM's converted model works at 256 px)"
+        )
+    model.config.focal_loss_weight = config.focal_loss_weight
+    return model
+
+
+def load_teacher(path: str | Path) -> EspMedSamTeacherModel:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"teacher folder {path} holds no saved model; train stage 1 first (--stage teacher)")
+    return EspMedSamTeacherModel.from_pretrained(path).eval().requires_grad_(False)
+
+
+def distill_tasks(config: DistillConfig, teacher: EspMedSamTeacherModel, student: EspMedSamModel,
+                  data: dict | None = None):
+    """(common task, specific task, processor, data) of stage 2, sharing one student."""
+    if teacher.config.image_size != student.config.image_size or (
+        teacher.config.embedding_grid_size != student.config.embedding_grid_size
+        or teacher.config.vision_config.output_channels != student.config.aggregator_config.neck_dim
+    ):
+        raise ValueError(
+            f"teacher embeddings ({teacher.config.vision_config.output_channels} x {teacher.config.embedding_grid_size}"
+            f"^2 at {teacher.config.image_size} px) and student embeddings ({student.config.aggregator_config.neck_dim}"
+            f" x {student.config.embedding_grid_size}^2 at {student.config.image_size} px) must have the same shape"
+        )
+    data = data or source_data(config)
+    processor = make_processor(student.config.image_size, student.config.modality_names)
+    collate = Collator(processor.image_processor)
+    photographs = load_natural_images(config.natural_images)
+    validation_photographs = NaturalImageDataset(photographs, seed=config.seed + 1)
+
+    def embedding_loss(medical: bool):
+        def compute(model: nn.Module, batch: dict) -> torch.Tensor:
+            device = batch["pixel_values"].device
+            teacher.to(device)
+            with torch.no_grad():
+                target = teacher.get_image_embeddings(batch["pixel_values"], medical=medical)
+            predicted = model(batch["pixel_values"], batch["modality"].clamp(min=0))
+            return F.mse_loss(predicted.float(), target.float())
+
+        return compute
+
+    def mse_validation(dataset, medical: bool):
+        def validate(wrapper: EncoderDistillation) -> dict:
+            was_training = wrapper.training
+            wrapper.eval()
+            device = next(wrapper.parameters()).device
+            loader = torch.utils.data.DataLoader(dataset, batch_size=max(8, config.batch_size), collate_fn=collate)
+            errors = []
+            with torch.no_grad():
+                for batch in loader:
+                    pixels, modality = batch["pixel_values"].to(device), batch["modality"].clamp(min=0).to(device)
+                    teacher.to(device)
+                    target = teacher.get_image_embeddings(pixels, medical=medical)
+                    errors.append(F.mse_loss(wrapper(pixels, modality).float(), target.float()).item() * len(pixels))
+            wrapper.train(was_training)
+            return {"mse": sum(errors) / len(dataset)}
+
+        return validate
+
+    common_model = EncoderDistillation(student, "common")
+    freeze_all_but(student, [student.aggregator])
+    common = StageTask(
+        name="distill-common",
+        model=common_model,
+        train_dataset=NaturalImageDataset(photographs, repeats=config.natural_repeats, seed=config.seed),
+        collate_fn=collate,
+        compute_loss=embedding_loss(medical=False),
+        save=lambda m, folder: save_with_processor(m.student, processor, folder),
+        validate=mse_validation(validation_photographs, medical=False),
+        metric_name="mse",
+        greater_is_better=False,
+    )
+    specific_validation = SegmentationDataset(
+        {name: d for name, d in data.items() if len(d["validation"])}, "validation"
+    ) if any(len(d["validation"]) for d in data.values()) else None
+    specific = StageTask(
+        name="distill-specific",
+        model=EncoderDistillation(student, "specific"),
+        train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed),
+        collate_fn=collate,
+        compute_loss=embedding_loss(medical=True),
+        save=lambda m, folder: save_with_processor(m.student, processor, folder),
+        validate=mse_validation(specific_validation, medical=True) if specific_validation else None,
+        metric_name="mse",
+        greater_is_better=False,
+        before_optimizer_step=drop_absent_bag_gradients,
+    )
+    return common, specific, processor, data
+
+
+def run_distill(config: DistillConfig, teacher: EspMedSamTeacherModel | None = None, data: dict | None = None,
+                student: EspMedSamModel | None = None) -> StageResult:
+    """Both phases, in ``output_dir/common`` and ``output_dir/specific``; the release is ``output_dir/final``."""
+    teacher = teacher if teacher is not None else load_teacher(config.teacher)
+    student = student if student is not None else build_student(config, config.init_from)
+    common, specific, processor, data = distill_tasks(config, teacher, student, data)
+    root = Path(config.output_dir)
+    common_config = dataclasses.replace(
+        config, epochs=config.common_epochs or config.epochs, max_steps=config.common_max_steps or config.max_steps
+    )
+    first = train(common_config, common, root / "common")
+    # the specific phase starts from the last common weights; from here on only the bags train
+    freeze_all_but(student, [student.modality_controller])
+    specific_config = dataclasses.replace(
+        config, epochs=config.specific_epochs or config.epochs,
+        max_steps=config.specific_max_steps or config.max_steps,
+    )
+    second = train(specific_config, specific, root / "specific")
+    release = root / "final"
+    staging = root / ".final.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(second.final_dir, staging)
+    replace_folder(staging, release)
+    metrics = {"common_mse": first.best_metric, "specific_mse": second.best_metric}
+    return StageResult("distill", release, [first, second], metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 3: ESP-MedSAM
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def espmedsam_task(config: EspMedSamStageConfig, model: EspMedSamModel | None = None, data: dict | None = None):
+    """(task, processor, data) of stage 3: everything trains (the modality classifier on detached features)."""
+    data = data or source_data(config)
+    model = model if model is not None else build_student(config, config.init_from)
+    model.requires_grad_(True)
+    processor = make_processor(model.config.image_size, model.config.modality_names)
+    task = StageTask(
+        name="espmedsam",
+        model=model,
+        train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed),
+        collate_fn=Collator(processor.image_processor),
+        compute_loss=segmentation_loss,
+        save=lambda m, folder: save_with_processor(m, processor, folder),
+        validate=lambda m: dice_validation(m, processor, data, config),
+    )
+    return task, processor, data
+
+
+def fit_modality_classifier(
+    model: EspMedSamModel, processor: EspMedSamProcessor, data: dict, *, epochs: int, seed: int = 0,
+    batch_size: int = 32, learning_rate: float = 3e-3, progress: bool = True,
+) -> dict:
+    """Train the modality classifier alone on the ``train`` splits of ``data`` (the encoder stays frozen).
+
+    The classifier reads detached stage-0 features, so the segmentation is unchanged. Stage-0 features of every
+    image (and of its mirror image) are computed once; the head then trains for ``epochs`` epochs.
+    Returns {"accuracy": training accuracy (%), "images": count}.
+    """
+    from tqdm.auto import tqdm
+
+    dataset = SegmentationDataset(data, "train")
+    collate = Collator(processor.image_processor)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    features, labels = [], []
+    with torch.no_grad():
+        for batch in loader:
+            pixels = batch["pixel_values"].to(device)
+            for view in (pixels, pixels.flip(-1)):
+                features.append(model.aggregator.stem(view).float().cpu())
+                labels.append(batch["modality"])
+    features, labels = torch.cat(features), torch.cat(labels)
+    classifier = model.modality_classifier
+    classifier.train()
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(epochs), desc="modality classifier", unit="epoch", disable=not progress):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            loss = F.cross_entropy(classifier(features[index].to(device)), labels[index].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        predicted = torch.cat([classifier(features[i : i + 256].to(device)).argmax(-1).cpu()
+                               for i in range(0, len(labels), 256)])
+    model.train(was_training)
+    return {"accuracy": float((predicted == labels).float().mean() * 100), "images": len(labels) // 2}
+
+
+def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = None,
+                  data: dict | None = None) -> StageResult:
+    """Stage 3; the release (``output_dir/release``) is the best validation model (the final one without
+    validation), with the modality classifier fitted on ``classifier_domains`` when asked."""
+    task, processor, data = espmedsam_task(config, model, data)
+    result = train(config, task)
+    chosen = result.best_dir or result.final_dir
+    release = Path(config.output_dir) / "release"
+    staging = release.with_name(".release.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    metrics: dict = {"validation_dice": result.best_metric}
+    if config.classifier_domains and config.classifier_epochs:
+        best = EspMedSamModel.from_pretrained(chosen)
+        classifier_data = load_domains(
+            config.data, config.classifier_domains, splits={"train": config.synthetic_train_images},
+            seed=config.seed, size=config.image_size,
+        )
+        check_not_empty(classifier_data, "train")
+        fit = fit_modality_classifier(best, processor, classifier_data, epochs=config.classifier_epochs,
+                                      seed=config.seed, progress=config.progress)
+        metrics["classifier_train_accuracy"] = fit["accuracy"]
+        logger.info("modality classifier fitted on %d images of %d domains: %.2f%% training accuracy",
+                    fit["images"], len(classifier_data), fit["accuracy"])
+        save_with_processor(best, processor, staging)
+    else:
+        shutil.copytree(chosen, staging)
+    replace_folder(staging, release)
+    return StageResult("espmedsam", release, [result], metrics)
+
+
+def run_teacher(config: TeacherConfig, data: dict | None = None) -> StageResult:
+    """Stage 1; the release is the best validation model (the final one without validation)."""
+    task, _, _ = teacher_task(config, data=data)
+    result = train(config, task)
+    return StageResult("teacher", result.best_dir or result.final_dir, [result], {"validation_dice": result.best_metric})
+
+
+def run_stage(config: TrainingConfig) -> StageResult:
+    """Run the stage that ``config`` describes (a TeacherConfig, DistillConfig or EspMedSamStageConfig)."""
+    if isinstance(config, TeacherConfig):
+        return run_teacher(config)
+    if isinstance(config, DistillConfig):
+        return run_distill(config)
+    if isinstance(config, EspMedSamStageConfig):
+        return run_espmedsam(config)
+    raise TypeError(f"unknown stage configuration {type(config).__name__}")
+
+
+__all__ = [
+    "EncoderDistillation",
+    "StageResult",
+    "TrainingDataError",
+    "UnpluggedBags",
+    "build_student",
+    "build_teacher",
+    "distill_tasks",
+    "drop_absent_bag_gradients",
+    "espmedsam_task",
+    "fit_modality_classifier",
+    "run_distill",
+    "run_espmedsam",
+    "run_stage",
+    "run_teacher",
+    "teacher_task",
+]
