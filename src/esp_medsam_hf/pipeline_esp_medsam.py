@@ -76,21 +76,20 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             ]
         return super().__call__(inputs, **kwargs)
 
-    def _read(self, image: Any, timeout: float | None) -> tuple[np.ndarray, str | None, str]:
-        """(RGB uint8 array, modality hint from the file, a name for the image)."""
+    def _read(self, image: Any, timeout: float | None) -> tuple[np.ndarray, str | None]:
+        """(RGB uint8 array, modality hint from the file)."""
         if isinstance(image, (str, os.PathLike)):
-            name = str(image)
-            if name.startswith(("http://", "https://")):
-                return to_rgb_uint8(load_image_from_url(name, timeout=timeout)), None, name
+            if str(image).startswith(("http://", "https://")):
+                return to_rgb_uint8(load_image_from_url(str(image), timeout=timeout)), None
             array, metadata = load_image(image)
-            return array, metadata.get("modality"), name
+            return array, metadata.get("modality")
         if isinstance(image, (Image.Image, np.ndarray)):
-            return to_rgb_uint8(image), None, "<image>"
+            return to_rgb_uint8(image), None
         if isinstance(image, torch.Tensor):
             array = image.detach().cpu().numpy()
             if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
                 array = np.moveaxis(array, 0, -1)
-            return to_rgb_uint8(array), None, "<image>"
+            return to_rgb_uint8(array), None
         raise TypeError(
             f"unsupported image input of type {type(image).__name__}; expected a path, URL, PIL image, numpy array, "
             "tensor, or a dict {'image': ..., 'modality': ...}"
@@ -104,7 +103,7 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             modality = image["modality"] if image.get("modality") is not None else modality
             hint = image.get("file_modality")
             image = image["image"]
-        array, file_modality, name = self._read(image, timeout)
+        array, file_modality = self._read(image, timeout)
         file_modality = file_modality or hint
         if modality is not None:
             index, source = self.model.config.modality_index(modality), "given"
@@ -117,12 +116,11 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         inputs["modality"] = torch.tensor([index], dtype=torch.long)
         inputs["modality_source"] = source
         inputs["target_size"] = tuple(array.shape[:2])
-        inputs["source"] = name
         return inputs
 
     def _forward(self, model_inputs):
         requested = model_inputs.pop("modality")
-        extras = {key: model_inputs.pop(key) for key in ("modality_source", "target_size", "source")}
+        extras = {key: model_inputs.pop(key) for key in ("modality_source", "target_size")}
         pixel_values = model_inputs["pixel_values"]
         unknown = requested == UNKNOWN_MODALITY
         if bool(unknown.all()):
