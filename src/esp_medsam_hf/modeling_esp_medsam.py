@@ -105,10 +105,11 @@ class GatheredBagBlock:
     fc2_weight: torch.Tensor  # (B, C, hidden)
     fc2_bias: torch.Tensor
     eps: float
+    normalized_shape: tuple[int, ...]  # a Python tuple, so tracing exporters keep it constant
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The bag's parallel MLP on x (B, L, C), each image with its own weights."""
-        x = F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.norm_weight[:, None] + self.norm_bias[:, None]
+        x = F.layer_norm(x, self.normalized_shape, eps=self.eps) * self.norm_weight[:, None] + self.norm_bias[:, None]
         x = torch.baddbmm(self.fc1_bias[:, None], x, self.fc1_weight.transpose(1, 2))
         x = F.gelu(x)
         return torch.baddbmm(self.fc2_bias[:, None], x, self.fc2_weight.transpose(1, 2))
@@ -142,6 +143,7 @@ class ModalityController(nn.Module):
             fc2_weight=pick([b.mlp.fc2.weight for b in blocks]),
             fc2_bias=pick([b.mlp.fc2.bias for b in blocks]),
             eps=blocks[0].mlp.norm.eps,
+            normalized_shape=tuple(blocks[0].mlp.norm.normalized_shape),
         )
 
 
