@@ -132,6 +132,14 @@ def test_missing_file_is_entry_not_found(hub, published, tmp_path):
         hf_hub_download(REPO, "no_such_file.bin", revision="main", endpoint=hub.endpoint, cache_dir=tmp_path)
 
 
+def test_missing_folder_listing_is_entry_not_found(api, published):
+    """transformers lists optional folders (additional_chat_templates) and tolerates only the Hub's 404."""
+    with pytest.raises(EntryNotFoundError):
+        list(api.list_repo_tree(REPO, path_in_repo="additional_chat_templates", revision="main"))
+    listed = {entry.path for entry in api.list_repo_tree(REPO, revision="main")}
+    assert "config.json" in listed
+
+
 def test_transient_faults_are_retried(hub, api, tmp_path):
     folder = make_stage_folder(tmp_path / "retry", seed=42)
     # an LFS upload cut off mid-body (huggingface_hub retries it) and a commit answered 503 (we retry it)

@@ -63,6 +63,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         # read side: validated here, then proxied to olah
         ("GET", rf"/api/{_T}/{_REPO}", "read_repo_info"),
         ("GET", rf"/api/{_T}/{_REPO}/refs", "read_repo"),
+        ("GET", rf"/api/{_T}/{_REPO}/tree/(?P<rev>[^/]+)/(?P<path>.+)", "read_tree_path"),
         ("GET", rf"/api/{_T}/{_REPO}/(?:revision|tree|commits)/(?P<rev>[^/]+)(?:/.*)?", "read_revision"),
         ("POST", rf"/api/{_T}/{_REPO}/paths-info/(?P<rev>[^/]+)", "read_revision"),
         ("GET", rf"/{_PREFIX}{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "read_file"),
@@ -419,6 +420,14 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def h_read_revision(self, type: str, ns: str, name: str, rev: str) -> None:
         self._revision(self._existing(type, ns, name), rev)
+        self._proxy()
+
+    def h_read_tree_path(self, type: str, ns: str, name: str, rev: str, path: str) -> None:
+        """A folder listing: 404 EntryNotFound for a path the revision lacks, as the Hub answers (olah says 401)."""
+        repo = self._existing(type, ns, name)
+        commit = self._revision(repo, rev)
+        if not repo.has_path(commit, path.rstrip("/")):
+            raise HubError(404, f"{path} does not exist on {rev!r}", "EntryNotFound")
         self._proxy()
 
     def h_read_file(self, ns: str, name: str, rev: str, path: str, type: str | None = None) -> None:
