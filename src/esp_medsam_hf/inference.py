@@ -207,7 +207,7 @@ def segment_files(
                     continue
                 mask = np.asarray(segment["mask"]) > 0
                 mask_path, overlay_path = output_paths(item, output_dir)
-                caption = f"{segment['modality']} (p={segment['modality_probability']:.2f}, {segment['modality_source']})"
+                caption = f"{segment['modality']} {segment['modality_probability']:.2f} ({segment['modality_source']})"
                 save_png((mask.astype(np.uint8) * 255), mask_path)
                 save_png(overlay_picture(image, mask, caption), overlay_path)
                 record.modality = segment["modality"]
