@@ -1,0 +1,89 @@
+"""``esp-medsam benchmark``: parameters, FLOPs, latency, throughput and peak memory of ESP-MedSAM and its peers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+MODEL_NAMES = ("esp-medsam-fast", "esp-medsam-plain", "litemedsam", "sam-vit-b", "sam-vit-h", "esp-medsam-onnx")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True, help="folder for benchmark.json, benchmark.md and benchmark.png")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument(
+        "--models", nargs="+", choices=MODEL_NAMES, metavar="MODEL",
+        help=f"models to measure (default: all that fit the device; choices: {', '.join(MODEL_NAMES)})",
+    )
+    parser.add_argument("--batch-sizes", nargs="+", type=int, help="default: 1 8 on the CPU, 1 8 32 on a GPU")
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=("fp32", "bf16"), help="default: fp32 on the CPU, fp32 bf16 (autocast) on a GPU"
+    )
+    parser.add_argument("--image-size", type=int, help="ESP-MedSAM and SAM input size (default 1024; quick: 64)")
+    parser.add_argument("--warmup", type=int, help="untimed calls before timing (default 1 on the CPU, 5 on a GPU)")
+    parser.add_argument("--iterations", type=int, help="timed calls (default 3 on the CPU, 20 on a GPU)")
+    parser.add_argument(
+        "--compile", choices=("auto", "on", "off"), default="auto",
+        help="torch.compile the fast configuration (auto: on a GPU only; inductor's C++ build is slow on small CPUs)",
+    )
+    parser.add_argument(
+        "--compile-mode", default=None,
+        help="torch.compile mode of the fast configuration (default: reduce-overhead on a GPU, default on the CPU)",
+    )
+    parser.add_argument("--channels-last", action="store_true", help="run the fast configuration channels-last")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--onnx-threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="CI mode: tiny ESP-MedSAM and SAM configurations at 64 px, batch 1 and 2, one timed call each; "
+        "LiteMedSAM (real, 256 px) only if named in --models",
+    )
+
+
+def settings_from_args(args: argparse.Namespace):
+    """``BenchmarkSettings`` from the parsed arguments, with device-dependent defaults."""
+    from ..benchmark import ALL_MODELS, BenchmarkSettings
+
+    gpu = args.device.startswith("cuda")
+    if args.quick:
+        defaults = dict(batch_sizes=(1, 2), dtypes=("fp32",), image_size=64, warmup=1, iterations=1)
+    elif gpu:
+        defaults = dict(batch_sizes=(1, 8, 32), dtypes=("fp32", "bf16"), image_size=1024, warmup=5, iterations=20)
+    else:
+        defaults = dict(batch_sizes=(1, 8), dtypes=("fp32",), image_size=1024, warmup=1, iterations=3)
+    skip = {"litemedsam", "sam-vit-h"} if args.quick else ({"esp-medsam-onnx"} if gpu else {"sam-vit-h"})
+    models = tuple(args.models) if args.models else tuple(m for m in ALL_MODELS if m not in skip)
+    compile_on = args.compile == "on" or (args.compile == "auto" and gpu)
+    return BenchmarkSettings(
+        device=args.device,
+        batch_sizes=tuple(args.batch_sizes or defaults["batch_sizes"]),
+        dtypes=tuple(args.dtypes or defaults["dtypes"]),
+        models=models,
+        warmup=defaults["warmup"] if args.warmup is None else args.warmup,
+        iterations=args.iterations or defaults["iterations"],
+        image_size=args.image_size or defaults["image_size"],
+        quick=args.quick,
+        compile=compile_on,
+        channels_last=args.channels_last,
+        compile_mode=args.compile_mode or ("reduce-overhead" if gpu and compile_on else None),
+        onnx_threads=args.onnx_threads,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..benchmark import format_table, run_benchmark
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"--device {args.device}: CUDA is not available on this machine", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = settings_from_args(args)
+    with tqdm(desc="benchmark", unit="step") as bar:
+        report = run_benchmark(settings, args.output, progress=lambda message: (bar.set_postfix_str(message), bar.update()))
+    print(format_table(report))
+    print(f"wrote {args.output}/benchmark.json, benchmark.md, benchmark.png")
+    return 0

