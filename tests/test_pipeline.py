@@ -146,23 +146,13 @@ def test_stock_pipeline_returns_the_target_at_original_size(saved, pipe, images)
     for image in images:
         segments = stock(Image.fromarray(image))
         automatic = pipe(image)[0]
-        target = [s for s in segments if s["label"] != "background"]
-        # An empty mask has no target segment in the stock semantic route.
-        if target:
-            assert target[0]["label"] == automatic["label"]
-            assert target[0]["mask"].size == (image.shape[1], image.shape[0])
-            np.testing.assert_array_equal(_mask(target), _mask([automatic]))
-        else:
-            assert not _mask([automatic]).any()
+        assert len(segments) == 1 and segments[0]["label"] == automatic["label"]
+        assert segments[0]["mask"].size == (image.shape[1], image.shape[0])
+        np.testing.assert_array_equal(_mask(segments), _mask([automatic]))
     batched = stock([Image.fromarray(image) for image in images], batch_size=3)
     assert len(batched) == 3
 
 
-@pytest.mark.xfail(
-    not hasattr(EspMedSamImageProcessor, "post_process_instance_segmentation"),
-    reason="needs EspMedSamImageProcessor.post_process_instance_segmentation (requested in docs/inference.md)",
-    strict=True,
-)
 def test_stock_pipeline_gives_one_scored_target_segment(saved, pipe, images):
     stock = pipeline("image-segmentation", model=str(saved))
     for image in images:

@@ -24,6 +24,8 @@ from transformers.image_utils import (
 def _to_supported_dtype(image: ImageInput) -> ImageInput:
     """Bring 16-bit and float images to uint8 with a per-image min-max stretch; uint8 passes through untouched.
 
+    2-D arrays gain a trailing channel axis (transformers reads a bare 2-D array as ambiguous).
+
     torchvision resizes only uint8 and float images, and a 12-16 bit medical image would otherwise be read as
     0..65535 "pixels" against a 0..255 normalisation.
     """
@@ -34,14 +36,18 @@ def _to_supported_dtype(image: ImageInput) -> ImageInput:
         array = image.detach().cpu().numpy()
     elif getattr(image, "mode", None) in ("I", "I;16", "I;16B", "I;16L", "F"):
         array = np.asarray(image)
-    if array is None or array.dtype == np.uint8:
+    if array is None:
         return image
+    if array.dtype == np.uint8:
+        return array[..., None] if array.ndim == 2 else image
     if array.dtype == bool:
-        return (array * 255).astype(np.uint8)
+        array = array.astype(np.uint8) * 255
+        return array[..., None] if array.ndim == 2 else array
     data = array.astype(np.float64)
     low, high = float(np.nanmin(data)), float(np.nanmax(data))
     scale = 255.0 / (high - low) if high > low else 0.0
-    return np.clip((np.nan_to_num(data, nan=low) - low) * scale + 0.5, 0, 255).astype(np.uint8)
+    result = np.clip((np.nan_to_num(data, nan=low) - low) * scale + 0.5, 0, 255).astype(np.uint8)
+    return result[..., None] if result.ndim == 2 else result
 
 
 class EspMedSamImageProcessor(TorchvisionBackend):
@@ -94,8 +100,11 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         device=None,
         **kwargs,
     ) -> BatchFeature:
+        if isinstance(images, (list, tuple)):
+            images = [_to_supported_dtype(image) for image in images]
+        else:
+            images = _to_supported_dtype(images)
         images = self._prepare_images_structure(images)
-        images = [_to_supported_dtype(image) for image in images]
         images = self._prepare_image_like_inputs(
             images=images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=device
         )
@@ -157,6 +166,36 @@ class EspMedSamImageProcessor(TorchvisionBackend):
                 mask = F.interpolate(mask, size=(int(height), int(width)), mode="bilinear", align_corners=False)
             probabilities = torch.sigmoid(mask[0, 0])
             results.append(probabilities >= threshold if binarize else probabilities)
+        return results
+
+    def post_process_instance_segmentation(
+        self,
+        outputs,
+        threshold: float | None = None,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float | None = None,
+        target_sizes=None,
+    ) -> list[dict]:
+        """One segment per image for transformers' image-segmentation pipeline: the target of its modality.
+
+        Returns ``{"segmentation": (H, W) long tensor, 1 inside the mask, "segments_info": [{"id": 1, "label_id":
+        modality + 1, "score": ...}]}`` per image. The score is the classifier's probability of the modality times
+        the mean mask probability inside the mask (Mask2Former's convention; 0 for an empty mask).
+        ``threshold`` and ``overlap_mask_area_threshold`` come from the pipeline's call and do not apply: every
+        image has exactly one target.
+        """
+        pred_masks, modality = outputs["pred_masks"], outputs["modality"]
+        if target_sizes is None:
+            target_sizes = [pred_masks.shape[-2:]] * pred_masks.shape[0]
+        probabilities = self.post_process_masks(pred_masks, [list(s) for s in target_sizes], binarize=False)
+        label_probability = outputs["modality_logits"].float().softmax(-1).gather(1, modality.view(-1, 1))[:, 0]
+        results = []
+        for probs, index, p in zip(probabilities, modality.tolist(), label_probability.tolist()):
+            mask = probs >= mask_threshold
+            mask_score = float(probs[mask].mean()) if bool(mask.any()) else 0.0
+            results.append(
+                {"segmentation": mask.long(), "segments_info": [{"id": 1, "label_id": index + 1, "score": p * mask_score}]}
+            )
         return results
 
     def post_process_semantic_segmentation(self, outputs, target_sizes=None, threshold: float = 0.5):
