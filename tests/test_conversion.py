@@ -91,7 +91,8 @@ def test_unreadable_checkpoint_names_the_file(tmp_path):
 def test_cli_converts_and_never_overwrites(tmp_path):
     output = tmp_path / "converted"
     assert main(["convert", "--checkpoint", str(PARITY_WEIGHTS), "--output", str(output)]) == 0
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "processor_config.json"} <= {
+    expected = {"config.json", "model.safetensors", "preprocessor_config.json", "processor_config.json", "pipeline_esp_medsam.py"}
+    assert expected <= {
         p.name for p in output.iterdir()
     }
     assert "dropped 20 tensors" in (output / "conversion_report.txt").read_text()
@@ -101,6 +102,7 @@ def test_cli_converts_and_never_overwrites(tmp_path):
     assert (output / "model.safetensors").stat().st_mtime_ns == before
     reloaded = EspMedSamModel.from_pretrained(output)
     assert reloaded.config.image_size == 1024
+    assert "medical-image-segmentation" in reloaded.config.custom_pipelines
 
 
 @needs_litemedsam

@@ -32,6 +32,8 @@ EspMedSamModel.register_for_auto_class("AutoModel")
 EspMedSamImageProcessor.register_for_auto_class()
 EspMedSamProcessor.register_for_auto_class()
 
+from . import pipeline_esp_medsam  # noqa: E402  registers the "medical-image-segmentation" task
+
 __all__ = [
     "MODALITY_NAMES",
     "TARGET_NAMES",

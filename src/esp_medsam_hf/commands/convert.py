@@ -51,9 +51,11 @@ def convert_to_folder(
     litemedsam: str | None = None,
     overwrite: bool = False,
 ):
-    """Convert and save model + processor into ``output`` atomically (a temp folder renamed into place)."""
+    """Convert and save model, processors and the custom pipeline into ``output`` atomically (a temp folder renamed
+    into place), so both pipelines and ``trust_remote_code`` load it."""
     from ..conversion import OFFICIAL_PIXEL_MEAN, convert_litemedsam, convert_original_checkpoints
     from ..image_processing_esp_medsam import EspMedSamImageProcessor
+    from ..pipeline_esp_medsam import save_pretrained_with_pipeline
     from ..processing_esp_medsam import EspMedSamProcessor
 
     if output.exists() and not overwrite:
@@ -77,9 +79,7 @@ def convert_to_folder(
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        image_processor.save_pretrained(staging)
+        save_pretrained_with_pipeline(model, processor, staging)
         (staging / "conversion_report.txt").write_text(report.summary() + "\n")
         if output.exists():
             shutil.rmtree(output)
