@@ -14,7 +14,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo run")
     parser.add_argument("--quick", action="store_true", help="a reduced run (64 px, a few steps) to check the wiring")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default 1: the tiny models are dominated by per-operator overhead, and one thread "
+             "stays fast when the CPU is shared; 0 = torch's choice)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
 

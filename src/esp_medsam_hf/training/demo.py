@@ -155,7 +155,7 @@ def run_demo(output: str | Path, *, quick: bool = False, overwrite: bool = False
         epochs=settings.espmedsam_epochs, classifier_domains=["all"], classifier_epochs=settings.classifier_epochs,
         **common,
     )
-    esp = run_espmedsam(esp_config, data=source)
+    esp = run_espmedsam(esp_config, data=source, classifier_data=everything)
     tick = lap("stage 3 (ESP-MedSAM)", tick)
 
     # 5. Evaluation: Dice/HD on the synthetic test splits of the 12 domains and on the real DSB image.
@@ -223,8 +223,9 @@ def run_demo(output: str | Path, *, quick: bool = False, overwrite: bool = False
         "data": label,
         "validation_dice": {"teacher": teacher.metrics["validation_dice"], "espmedsam": esp.metrics["validation_dice"]},
         "distillation_mse": distill.metrics,
-        "test": {"source_dice": report["summary"].get("source", {}).get("dice"),
-                 "unseen_dice": report["summary"].get("unseen", {}).get("dice"),
+        "test": {"source_dice": float(np.mean([report["domains"][n]["dice"] for n in SOURCE_DOMAINS])),
+                 "unseen_dice": float(np.mean([report["domains"][n]["dice"] for n in DOMAIN_NAMES
+                                               if n not in SOURCE_DOMAINS])),
                  "dsb_real_dice": report["domains"]["dsb-real"]["dice"],
                  "per_domain_dice": {name: row["dice"] for name, row in report["domains"].items()},
                  "teacher_source_dice": teacher_model_report["summary"].get("source", {}).get("dice")},
@@ -249,7 +250,8 @@ def summary_markdown(summary: dict, table: str) -> str:
         "**SYNTHETIC data** (tiny models at "
         f"{summary['settings']['image_size']} px, random SAM encoder): the numbers show that the pipeline learns, "
         "not the paper's accuracy.", "",
-        f"- Test Dice, synthetic source domains: {test['source_dice']:.2f} % (teacher: {test['teacher_source_dice']:.2f} %)",
+        f"- Test Dice, synthetic source domains: {test['source_dice']:.2f} % (teacher: {test['teacher_source_dice']:.2f} %)"
+        " (the evaluation table's source mean also counts the real DSB image)",
         f"- Test Dice, synthetic unseen domains (zero-shot): {test['unseen_dice']:.2f} %",
         f"- Dice on the REAL DSB 2018 image: {test['dsb_real_dice']:.2f} %",
         f"- Modality classifier on {clf['images']} held-out synthetic images of the 12 domains: "

@@ -405,9 +405,10 @@ def fit_modality_classifier(
 
 
 def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = None,
-                  data: dict | None = None) -> StageResult:
+                  data: dict | None = None, classifier_data: dict | None = None) -> StageResult:
     """Stage 3; the release (``output_dir/release``) is the best validation model (the final one without
-    validation), with the modality classifier fitted on ``classifier_domains`` when asked."""
+    validation), with the modality classifier fitted on ``classifier_domains`` (or ``classifier_data``, already
+    loaded domains) when asked."""
     task, processor, data = espmedsam_task(config, model, data)
     result = train(config, task)
     chosen = result.best_dir or result.final_dir
@@ -415,12 +416,13 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
     staging = release.with_name(".release.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     metrics: dict = {"validation_dice": result.best_metric}
-    if config.classifier_domains and config.classifier_epochs:
+    if (config.classifier_domains or classifier_data) and config.classifier_epochs:
         best = EspMedSamModel.from_pretrained(chosen)
-        classifier_data = load_domains(
-            config.data, config.classifier_domains, splits={"train": config.synthetic_train_images},
-            seed=config.seed, size=config.image_size,
-        )
+        if classifier_data is None:
+            classifier_data = load_domains(
+                config.data, config.classifier_domains, splits={"train": config.synthetic_train_images},
+                seed=config.seed, size=config.image_size,
+            )
         check_not_empty(classifier_data, "train")
         fit = fit_modality_classifier(best, processor, classifier_data, epochs=config.classifier_epochs,
                                       seed=config.seed, progress=config.progress)
