@@ -140,6 +140,8 @@ class EspMedSamTeacherModel(EspMedSamTeacherPreTrainedModel):
 
     def __init__(self, config: EspMedSamTeacherConfig):
         super().__init__(config)
+        # the medical attention always uses SDPA; naming it keeps transformers from warning about an unset choice
+        config.vision_config._attn_implementation = "sdpa"
         self.vision_encoder = SamVisionEncoder(config.vision_config)
         self.medical_layers = nn.ModuleList(
             [MedicalLayer(config.vision_config, config) for _ in range(config.vision_config.num_hidden_layers)]

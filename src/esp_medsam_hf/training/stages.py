@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from torch import nn
 
 from ..configuration_esp_medsam import EspMedSamConfig
@@ -328,10 +329,13 @@ def run_distill(config: DistillConfig, teacher: EspMedSamTeacherModel | None = N
     )
     second = train(specific_config, specific, root / "specific")
     release = root / "final"
-    staging = root / ".final.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(second.final_dir, staging)
-    replace_folder(staging, release)
+    state = PartialState()
+    if state.is_main_process:  # under accelerate launch, one process writes the release folder
+        staging = root / ".final.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(second.final_dir, staging)
+        replace_folder(staging, release)
+    state.wait_for_everyone()
     metrics = {"common_mse": first.best_metric, "specific_mse": second.best_metric}
     return StageResult("distill", release, [first, second], metrics)
 
@@ -413,9 +417,20 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
     result = train(config, task)
     chosen = result.best_dir or result.final_dir
     release = Path(config.output_dir) / "release"
+    metrics: dict = {"validation_dice": result.best_metric}
+    state = PartialState()
+    if state.is_main_process:  # under accelerate launch, one process fits the classifier and writes the release
+        metrics.update(_write_release(config, chosen, release, processor, classifier_data))
+    state.wait_for_everyone()
+    return StageResult("espmedsam", release, [result], metrics)
+
+
+def _write_release(config: EspMedSamStageConfig, chosen: Path, release: Path, processor: EspMedSamProcessor,
+                   classifier_data: dict | None) -> dict:
+    """Copy ``chosen`` to ``release`` atomically, fitting the modality classifier first when asked."""
     staging = release.with_name(".release.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    metrics: dict = {"validation_dice": result.best_metric}
+    metrics: dict = {}
     if (config.classifier_domains or classifier_data) and config.classifier_epochs:
         best = EspMedSamModel.from_pretrained(chosen)
         if classifier_data is None:
@@ -433,7 +448,7 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
     else:
         shutil.copytree(chosen, staging)
     replace_folder(staging, release)
-    return StageResult("espmedsam", release, [result], metrics)
+    return metrics
 
 
 def run_teacher(config: TeacherConfig, data: dict | None = None) -> StageResult:
