@@ -68,11 +68,10 @@ def test_fuse_batchnorm_removes_every_batchnorm_and_keeps_the_outputs(inputs):
 
 
 def test_forward_compiles_as_one_graph_without_breaks(inputs):
+    # fullgraph=True raises on any graph break; the "eager" backend checks the capture without inductor's slow C++
+    # build, so the test stays fast on a CPU.
     model = _model().fuse_batchnorm()
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(model)(inputs[0], modality=inputs[1])
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    assert explanation.graph_count == 1
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     for a, b in zip(_outputs(model, inputs), _outputs(compiled, inputs)):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)

@@ -325,7 +325,7 @@ def build_sam(settings: BenchmarkSettings, name: str) -> Candidate:
         pixels, boxes = inputs(1)
         return model(pixel_values=pixels, input_boxes=boxes, multimask_output=False)
 
-    layout = "tiny quick-mode layout" if settings.quick else name[-5:].upper().replace("-", "/")
+    layout = "tiny quick-mode layout" if settings.quick else "ViT-" + name[-1].upper()
     return Candidate(
         name=name,
         description=f"transformers SamModel ({layout}, random init), one box prompt",
