@@ -32,6 +32,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert summary["reload"]["auto_model_max_abs_difference"] < 1e-5
     for stage in ("stage-1-teacher/best", "stage-2-distill/final", "stage-3-esp-medsam/release"):
         assert (output / stage / "model.safetensors").is_file(), stage
+    assert (output / "stage-3-esp-medsam/release/pipeline_esp_medsam.py").is_file()  # the custom pipeline ships
     for name in ("results.md", "results.json", "dice_hd.png"):
         assert (output / "evaluation" / name).is_file()
     names = {record["name"] for record in summary["real_images"]}

@@ -28,6 +28,7 @@ from ..configuration_esp_medsam_teacher import EspMedSamTeacherConfig
 from ..image_processing_esp_medsam import EspMedSamImageProcessor
 from ..modeling_esp_medsam import EspMedSamModel, GatheredBagBlock
 from ..modeling_esp_medsam_teacher import EspMedSamTeacherModel
+from ..pipeline_esp_medsam import save_pretrained_with_pipeline
 from ..processing_esp_medsam import EspMedSamProcessor
 from .config import DistillConfig, EspMedSamStageConfig, TeacherConfig, TrainingConfig
 from .data import (
@@ -60,7 +61,11 @@ def make_processor(image_size: int, modality_names) -> EspMedSamProcessor:
 
 
 def save_with_processor(model: nn.Module, processor: EspMedSamProcessor, folder: Path) -> None:
-    """``save_pretrained`` of the model and processor, plus preprocessor_config.json for the stock pipeline."""
+    """``save_pretrained`` of the model and processor, plus preprocessor_config.json for the stock pipeline; a
+    student folder also carries the "medical-image-segmentation" pipeline as remote code."""
+    if isinstance(model, EspMedSamModel):
+        save_pretrained_with_pipeline(model, processor, folder)
+        return
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     processor.image_processor.save_pretrained(folder)
