@@ -114,7 +114,7 @@ def test_loss_combines_mask_patch_and_modality_terms_and_trains():
     torch.testing.assert_close(out.loss, expected)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     first = out.loss.item()
-    for _ in range(10):
+    for _ in range(25):
         optimizer.zero_grad()
         loss = model(pixel_values, modality=modality, labels=labels).loss
         loss.backward()
