@@ -469,6 +469,15 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) 
     return (1 - (2 * intersection + smooth) / (probs.sum(1) + targets.sum(1) + smooth)).mean()
 
 
+def segmentation_loss(
+    pred_masks: torch.Tensor, patch_logits: torch.Tensor, labels: torch.Tensor, config
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, mask loss, patch loss) with the weights of ``config`` (``focal_loss_weight``, ``patch_loss_weight``),
+    shared by the student and the teacher."""
+    mask_loss, patch_loss = segmentation_losses(pred_masks, patch_logits, labels, config.focal_loss_weight)
+    return mask_loss + config.patch_loss_weight * patch_loss, mask_loss, patch_loss
+
+
 def segmentation_losses(
     pred_masks: torch.Tensor, patch_logits: torch.Tensor, labels: torch.Tensor, focal_loss_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -626,10 +635,7 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
 
         loss = mask_loss = patch_loss = modality_loss = None
         if labels is not None:
-            mask_loss, patch_loss = segmentation_losses(
-                pred_masks, patch_logits, labels, self.config.focal_loss_weight
-            )
-            loss = mask_loss + self.config.patch_loss_weight * patch_loss
+            loss, mask_loss, patch_loss = segmentation_loss(pred_masks, patch_logits, labels, self.config)
             if given is not None and self.config.modality_loss_weight > 0:
                 modality_loss = F.cross_entropy(modality_logits, given)
                 loss = loss + self.config.modality_loss_weight * modality_loss
@@ -678,5 +684,6 @@ __all__ = [
     "QueryDecoupledModalityDecoder",
     "SelfPatchPromptGenerator",
     "dice_loss",
+    "segmentation_loss",
     "segmentation_losses",
 ]

@@ -32,7 +32,7 @@ from .modeling_esp_medsam import (
     QueryDecoupledModalityDecoder,
     RandomFourierPositionalEncoding,
     SelfPatchPromptGenerator,
-    segmentation_losses,
+    segmentation_loss,
 )
 
 
@@ -228,8 +228,7 @@ class EspMedSamTeacherModel(EspMedSamTeacherPreTrainedModel):
         pred_masks = self.mask_decoder(image_embeddings, dense_prompt, modality)
         loss = mask_loss = patch_loss = None
         if labels is not None:
-            mask_loss, patch_loss = segmentation_losses(pred_masks, patch_logits, labels, self.config.focal_loss_weight)
-            loss = mask_loss + self.config.patch_loss_weight * patch_loss
+            loss, mask_loss, patch_loss = segmentation_loss(pred_masks, patch_logits, labels, self.config)
         return EspMedSamOutput(
             loss=loss,
             pred_masks=pred_masks,

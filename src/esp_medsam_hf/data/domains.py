@@ -13,15 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-MODALITY_NAMES: tuple[str, ...] = ("dermoscopy", "x-ray", "ultrasound", "fundus", "microscopy", "colonoscopy")
-TARGET_NAMES: tuple[str, ...] = (
-    "skin lesion",
-    "lung fields",
-    "breast tumour",
-    "retinal vessels",
-    "cell nuclei",
-    "polyp",
-)
+from ..configuration_esp_medsam import MODALITY_NAMES, TARGET_NAMES
 SPLIT_NAMES: dict[str, str] = {"train": "train", "valid": "validation", "test": "test"}
 """Official split key -> ``datasets`` split name."""
 
