@@ -26,6 +26,21 @@ TARGET_NAMES: tuple[str, ...] = (
 """What is segmented for each modality, in the same order as ``MODALITY_NAMES``."""
 
 
+def modality_index(modality: int | str, modality_names: list[str] | tuple[str, ...]) -> int:
+    """Index of ``modality`` (a name or an index) among ``modality_names``; ``ValueError`` names the choices."""
+    if isinstance(modality, str):
+        if modality not in modality_names:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {list(modality_names)}")
+        return list(modality_names).index(modality)
+    index = int(modality)
+    if not 0 <= index < len(modality_names):
+        raise ValueError(
+            f"modality index {index} is out of range; expected 0..{len(modality_names) - 1} "
+            f"({', '.join(modality_names)})"
+        )
+    return index
+
+
 @strict
 class EspMedSamAggregatorConfig(PreTrainedConfig):
     r"""The modality aggregator: TinyViT as modified by MobileSAM (shared by all modalities).
@@ -231,17 +246,7 @@ class EspMedSamConfig(PreTrainedConfig):
 
     def modality_index(self, modality: int | str) -> int:
         """Index of a modality given by name or index; raises ``ValueError`` naming the valid choices."""
-        if isinstance(modality, str):
-            if modality not in self.modality_names:
-                raise ValueError(f"unknown modality {modality!r}; expected one of {self.modality_names}")
-            return self.modality_names.index(modality)
-        index = int(modality)
-        if not 0 <= index < self.num_modalities:
-            raise ValueError(
-                f"modality index {index} is out of range; expected 0..{self.num_modalities - 1} "
-                f"({', '.join(self.modality_names)})"
-            )
-        return index
+        return modality_index(modality, self.modality_names)
 
     @classmethod
     def tiny(cls, image_size: int = 128, **kwargs) -> "EspMedSamConfig":
@@ -270,4 +275,5 @@ __all__ = [
     "EspMedSamDecoderConfig",
     "EspMedSamParameterBagConfig",
     "EspMedSamPromptGeneratorConfig",
+    "modality_index",
 ]

@@ -15,6 +15,7 @@ from .configuration_esp_medsam import (
     TARGET_NAMES,
     EspMedSamDecoderConfig,
     EspMedSamPromptGeneratorConfig,
+    modality_index,
 )
 
 # SAM's three image encoders (Kirillov et al. 2023, Table 8 / the released checkpoints).
@@ -107,14 +108,7 @@ class EspMedSamTeacherConfig(PreTrainedConfig):
         return self.embedding_grid_size * 4
 
     def modality_index(self, modality: int | str) -> int:
-        if isinstance(modality, str):
-            if modality not in self.modality_names:
-                raise ValueError(f"unknown modality {modality!r}; expected one of {self.modality_names}")
-            return self.modality_names.index(modality)
-        index = int(modality)
-        if not 0 <= index < self.num_modalities:
-            raise ValueError(f"modality index {index} is out of range; expected 0..{self.num_modalities - 1}")
-        return index
+        return modality_index(modality, self.modality_names)
 
     @classmethod
     def from_preset(cls, name: str = "vit-b", image_size: int = 1024, **kwargs) -> "EspMedSamTeacherConfig":

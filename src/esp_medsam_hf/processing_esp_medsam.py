@@ -8,7 +8,7 @@ import torch
 from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .configuration_esp_medsam import MODALITY_NAMES
+from .configuration_esp_medsam import MODALITY_NAMES, modality_index
 
 
 class EspMedSamProcessor(ProcessorMixin):
@@ -24,17 +24,7 @@ class EspMedSamProcessor(ProcessorMixin):
 
     def modality_index(self, modality: int | str) -> int:
         """Index of one modality given by name or index; ``ValueError`` names the valid choices."""
-        if isinstance(modality, str):
-            if modality not in self.modality_names:
-                raise ValueError(f"unknown modality {modality!r}; expected one of {self.modality_names}")
-            return self.modality_names.index(modality)
-        index = int(modality)
-        if not 0 <= index < len(self.modality_names):
-            raise ValueError(
-                f"modality index {index} is out of range; expected 0..{len(self.modality_names) - 1} "
-                f"({', '.join(self.modality_names)})"
-            )
-        return index
+        return modality_index(modality, self.modality_names)
 
     def __call__(
         self,
