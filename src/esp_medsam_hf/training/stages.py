@@ -131,11 +131,16 @@ def teacher_task(config: TeacherConfig, model: EspMedSamTeacherModel | None = No
     """(task, processor, data) of stage 1."""
     data = data or source_data(config)
     model = model or build_teacher(config)
-    processor = make_processor(model.config.image_size, model.config.modality_names)
     logger.info("teacher: %d trainable of %d parameters (SAM encoder frozen)",
                 count_parameters(model, True), count_parameters(model))
+    return segmentation_task("teacher", model, config, data)
+
+
+def segmentation_task(name: str, model: nn.Module, config: TrainingConfig, data: dict):
+    """(task, processor, data) of a stage trained with the segmentation loss and validated by Dice (1 and 3)."""
+    processor = make_processor(model.config.image_size, model.config.modality_names)
     task = StageTask(
-        name="teacher",
+        name=name,
         model=model,
         train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed),
         collate_fn=Collator(processor.image_processor),
@@ -355,17 +360,7 @@ def espmedsam_task(config: EspMedSamStageConfig, model: EspMedSamModel | None = 
     data = data or source_data(config)
     model = model if model is not None else build_student(config, config.init_from)
     model.requires_grad_(True)
-    processor = make_processor(model.config.image_size, model.config.modality_names)
-    task = StageTask(
-        name="espmedsam",
-        model=model,
-        train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed),
-        collate_fn=Collator(processor.image_processor),
-        compute_loss=segmentation_loss,
-        save=lambda m, folder: save_with_processor(m, processor, folder),
-        validate=lambda m: dice_validation(m, processor, data, config),
-    )
-    return task, processor, data
+    return segmentation_task("espmedsam", model, config, data)
 
 
 def fit_modality_classifier(
