@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fileio import atomic_file
+
 logger = logging.getLogger(__name__)
 
 ALL_MODELS = ("esp-medsam-fast", "esp-medsam-plain", "litemedsam", "sam-vit-b", "sam-vit-h", "esp-medsam-onnx")
@@ -558,9 +560,8 @@ def _write_json(report: dict[str, Any], path: Path) -> None:
 
 
 def _write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as temporary:
+        temporary.write_text(text)
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -628,10 +629,9 @@ def plot_benchmark(report: dict[str, Any], path: Path) -> None:
     machine = report["machine"]
     fig.suptitle(f"{machine.get('gpu') or machine['cpu']} ({report['settings']['device']})", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as temporary:
+        fig.savefig(temporary, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 __all__ = [

@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .fileio import atomic_file
 from .modeling_esp_medsam import EspMedSamModel
 
 logger = logging.getLogger(__name__)
@@ -64,25 +64,17 @@ def export_onnx(
     pixel_values = torch.randn(batch_size, channels, size, size)
     modality = torch.arange(batch_size, dtype=torch.long) % config.num_modalities
     dynamic_axes = {name: {0: "batch"} for name in ("pixel_values", "modality", *OUTPUT_NAMES)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(
-                graph,
-                (pixel_values, modality),
-                tmp_name,
-                input_names=["pixel_values", "modality"],
-                output_names=list(OUTPUT_NAMES),
-                dynamic_axes=dynamic_axes,
-                opset_version=opset_version,
-                dynamo=False,
-            )
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
+    with atomic_file(path) as temporary, torch.no_grad():
+        torch.onnx.export(
+            graph,
+            (pixel_values, modality),
+            str(temporary),
+            input_names=["pixel_values", "modality"],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic_axes,
+            opset_version=opset_version,
+            dynamo=False,
+        )
     logger.info("exported ONNX graph to %s (%.1f MB)", path, path.stat().st_size / 2**20)
     return path
 

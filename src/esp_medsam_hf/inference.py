@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.visualize import overlay, save_png
+from .fileio import atomic_file
 from .io import SUPPORTED_SUFFIXES, ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
@@ -126,10 +127,8 @@ def write_csv(records: Sequence[SegmentationRecord], path: Path, overwrite: bool
     writer.writeheader()
     for record in records:
         writer.writerow({k: ("" if v is None else v) for k, v in asdict(record).items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(temporary, path)
+    with atomic_file(path) as temporary:
+        temporary.write_text(buffer.getvalue(), encoding="utf-8")
     return path
 
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -53,7 +50,8 @@ def convert_to_folder(
 ):
     """Convert and save model, processors and the custom pipeline into ``output`` atomically (a temp folder renamed
     into place), so both pipelines and ``trust_remote_code`` load it."""
-    from ..conversion import OFFICIAL_PIXEL_MEAN, convert_litemedsam, convert_original_checkpoints
+    from ..conversion import convert_litemedsam, convert_original_checkpoints
+    from ..fileio import staging_directory
     from ..image_processing_esp_medsam import EspMedSamImageProcessor
     from ..pipeline_esp_medsam import save_pretrained_with_pipeline
     from ..processing_esp_medsam import EspMedSamProcessor
@@ -76,17 +74,9 @@ def convert_to_folder(
             image_std=[1.0, 1.0, 1.0],
         )
     processor = EspMedSamProcessor(image_processor, modality_names=model.config.modality_names)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staging_directory(output) as staging:
         save_pretrained_with_pipeline(model, processor, staging)
         (staging / "conversion_report.txt").write_text(report.summary() + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return model, report
 
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_file, staging_directory
 from ..metrics.functional import dice_score, hausdorff_distance, mean_dice, mean_hausdorff
 from .domains import DOMAIN_NAMES, get_domain
 from .schema import image_to_rgb, mask_to_bool
@@ -241,11 +239,9 @@ def bar_chart(report: dict, path: Path, title: str = "") -> Path:
         axis.legend(fontsize=8)
     if title:
         figure.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.png")
-    figure.savefig(temporary, dpi=100)
+    with atomic_file(path) as temporary:
+        figure.savefig(temporary, dpi=100)
     plt.close(figure)
-    os.replace(temporary, path)
     return path
 
 
@@ -280,9 +276,7 @@ def write_report(
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} already exists and is not empty; pass overwrite=True (--overwrite)")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with staging_directory(output_dir) as staging:
         (staging / "results.md").write_text(f"# Evaluation\n\n{markdown_table(report, data_label)}")
         saved = _json_safe({**report, "data": data_label})
         (staging / "results.json").write_text(json.dumps(saved, indent=2, allow_nan=False) + "\n")
@@ -290,11 +284,5 @@ def write_report(
         for name, pair in (cases or {}).items():
             for which in ("best", "worst"):
                 save_png(case_picture(pair[which]), staging / "cases" / f"{name}_{which}.png")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 

@@ -26,6 +26,7 @@ from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
 from ..assets import to_uint8_rgb
+from ..fileio import atomic_file, staging_directory
 from .domains import DOMAINS, Domain, all_official_names, get_domain
 from .layouts import Layout, SourceItem, detect_layout, get_layout
 from .schema import encode_mask, encode_png, features
@@ -286,23 +287,6 @@ def describe(dataset_dict, domain: Domain, synthetic: bool = False) -> None:
         dataset.info.citation = citation
 
 
-def _atomic_directory(target: Path, overwrite: bool) -> Path:
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, target)
-
-
 def save_domain(dataset_dict, domain_dir: Path, report: dict | None = None, max_shard_bytes: int = MAX_SHARD_BYTES):
     """Write ``domain_dir/arrow`` (save_to_disk), ``domain_dir/data/*.parquet`` and the report, in place."""
     # an explicit shard count keeps empty splits loadable (datasets writes no shard for them otherwise)
@@ -345,13 +329,10 @@ def write_output(
         marker.touch()
     elif marker.exists():
         marker.unlink()
-    staging = _atomic_directory(target, overwrite)
-    try:
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+    with staging_directory(target) as staging:
         save_domain(dataset_dict, staging, report)
-        _replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     write_card(output_dir)
     return target
 
@@ -442,9 +423,8 @@ def write_card(output_dir: str | Path, synthetic: bool | None = None) -> Path:
     content = "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n" + "\n".join(lines) + "\n"
     card = DatasetCard(content)
     path = output_dir / "README.md"
-    temporary = path.with_name(f".README.md.{os.getpid()}")
-    temporary.write_text(str(card))
-    os.replace(temporary, path)
+    with atomic_file(path) as temporary:
+        temporary.write_text(str(card))
     return path
 
 

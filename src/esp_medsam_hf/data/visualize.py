@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..fileio import atomic_file
 from .domains import DOMAIN_NAMES, get_domain
 
 GROUND_TRUTH_COLOUR = (0, 255, 0)
@@ -39,12 +39,10 @@ def overlay(
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
-    """Write a PNG atomically (temporary file + os.replace)."""
+    """Write a PNG atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(array).save(temporary, format="PNG")
-    os.replace(temporary, path)
+    with atomic_file(path) as temporary:
+        Image.fromarray(array).save(temporary, format="PNG")
     return path
 
 

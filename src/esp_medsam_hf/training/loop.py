@@ -13,7 +13,6 @@ import csv
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fileio import replace_directory, staging_directory
 from .config import TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -96,27 +96,10 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def replace_folder(staging: Path, target: Path) -> None:
-    """Move a finished ``staging`` folder to ``target``, replacing what was there, without a moment of no target."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, target)
-
-
 def save_model_atomically(task: StageTask, model: nn.Module, target: Path) -> Path:
     """``task.save`` into a temporary sibling folder, then rename it to ``target``."""
-    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staging_directory(target) as staging:
         task.save(model, staging)
-        replace_folder(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -132,7 +115,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        replace_folder(staging, target)
+        replace_directory(staging, target)
         done = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
         for old in done[: max(0, len(done) - max(1, keep))]:
             shutil.rmtree(old)

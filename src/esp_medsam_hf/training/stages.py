@@ -25,6 +25,7 @@ from torch import nn
 
 from ..configuration_esp_medsam import EspMedSamConfig
 from ..configuration_esp_medsam_teacher import EspMedSamTeacherConfig
+from ..fileio import replace_directory
 from ..image_processing_esp_medsam import EspMedSamImageProcessor
 from ..modeling_esp_medsam import EspMedSamModel, GatheredBagBlock
 from ..modeling_esp_medsam_teacher import EspMedSamTeacherModel
@@ -40,7 +41,7 @@ from .data import (
     load_domains,
     load_natural_images,
 )
-from .loop import StageTask, TrainingResult, replace_folder, train
+from .loop import StageTask, TrainingResult, train
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +345,7 @@ def run_distill(config: DistillConfig, teacher: EspMedSamTeacherModel | None = N
         staging = root / ".final.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(second.final_dir, staging)
-        replace_folder(staging, release)
+        replace_directory(staging, release)
     state.wait_for_everyone()
     metrics = {"common_mse": first.best_metric, "specific_mse": second.best_metric}
     return StageResult("distill", release, [first, second], metrics)
@@ -447,7 +448,7 @@ def _write_release(config: EspMedSamStageConfig, chosen: Path, release: Path, pr
         save_with_processor(best, processor, staging)
     else:
         shutil.copytree(chosen, staging)
-    replace_folder(staging, release)
+    replace_directory(staging, release)
     return metrics
 
 

@@ -1,0 +1,56 @@
+"""Atomic writes: every file and folder the package produces appears complete or not at all.
+
+One place for the temporary-sibling-then-``os.replace`` pattern that checkpoints, prepared datasets, reports,
+masks and converted models all use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix, for writers that infer the format from it); it is
+    renamed onto ``path`` when the block succeeds and removed when it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Move a finished ``staging`` folder to ``target``, replacing what was there, with no moment without a target."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, target)
+
+
+@contextmanager
+def staging_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``target``; it replaces ``target`` when the block succeeds (see
+    ``replace_directory``) and is removed when it fails, leaving ``target`` as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
