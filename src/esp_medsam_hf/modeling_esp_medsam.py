@@ -502,6 +502,29 @@ def segmentation_losses(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def init_common_weights(module: nn.Module, std: float, positional_encoding_scale: float) -> None:
+    """Initialisation of the layer types the student and the teacher share (norms, embeddings, linear and conv
+    layers, the positional encoding); transformers' ``init`` helpers skip tensors loaded from a checkpoint."""
+    if isinstance(module, nn.BatchNorm2d):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+        init.zeros_(module.running_mean)
+        init.ones_(module.running_var)
+        init.zeros_(module.num_batches_tracked)
+    elif isinstance(module, (nn.LayerNorm, LayerNorm2d)):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        init.normal_(module.weight, std=1.0)
+    elif isinstance(module, RandomFourierPositionalEncoding):
+        init.normal_(module.gaussian_matrix, std=positional_encoding_scale)
+    elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        init.trunc_normal_(module.weight, std=std)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+
+
 class EspMedSamPreTrainedModel(PreTrainedModel):
     config_class = EspMedSamConfig
     base_model_prefix = "esp_medsam"
@@ -531,23 +554,8 @@ class EspMedSamPreTrainedModel(PreTrainedModel):
             init.normal_(module.tokens, std=self.config.parameter_bag_config.token_init_std)
             if module.token_bias is not None:
                 init.zeros_(module.token_bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-            init.zeros_(module.running_mean)
-            init.ones_(module.running_var)
-            init.zeros_(module.num_batches_tracked)
-        elif isinstance(module, (nn.LayerNorm, LayerNorm2d)):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, std=1.0)
-        elif isinstance(module, RandomFourierPositionalEncoding):
-            init.normal_(module.gaussian_matrix, std=self.config.decoder_config.positional_encoding_scale)
-        elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-            init.trunc_normal_(module.weight, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
+        else:
+            init_common_weights(module, std, self.config.decoder_config.positional_encoding_scale)
 
 
 class EspMedSamModel(EspMedSamPreTrainedModel):
@@ -684,6 +692,7 @@ __all__ = [
     "QueryDecoupledModalityDecoder",
     "SelfPatchPromptGenerator",
     "dice_loss",
+    "init_common_weights",
     "segmentation_loss",
     "segmentation_losses",
 ]

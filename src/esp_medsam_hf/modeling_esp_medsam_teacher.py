@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
 from torch import nn
 from transformers import PreTrainedModel, SamVisionConfig
 from transformers import initialization as init
@@ -30,8 +29,8 @@ from .configuration_esp_medsam_teacher import SAM_CHECKPOINTS, EspMedSamTeacherC
 from .modeling_esp_medsam import (
     EspMedSamOutput,
     QueryDecoupledModalityDecoder,
-    RandomFourierPositionalEncoding,
     SelfPatchPromptGenerator,
+    init_common_weights,
     segmentation_loss,
 )
 
@@ -117,17 +116,8 @@ class EspMedSamTeacherPreTrainedModel(PreTrainedModel):
             init.zeros_(module.fc1.bias)
             init.zeros_(module.fc2.weight)
             init.zeros_(module.fc2.bias)
-        elif isinstance(module, (nn.LayerNorm, LayerNorm2d)):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, std=1.0)
-        elif isinstance(module, RandomFourierPositionalEncoding):
-            init.normal_(module.gaussian_matrix, std=self.config.decoder_config.positional_encoding_scale)
-        elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-            init.trunc_normal_(module.weight, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
+        else:
+            init_common_weights(module, std, self.config.decoder_config.positional_encoding_scale)
 
 
 class EspMedSamTeacherModel(EspMedSamTeacherPreTrainedModel):
