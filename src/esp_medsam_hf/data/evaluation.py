@@ -34,8 +34,10 @@ def _as_split(dataset, split: str):
     return dataset
 
 
-def predict(model, processor, images: list, modality: list[int] | None) -> list[np.ndarray]:
-    """Binary masks (HxW bool, each at its image's size) for a batch of images; ``modality`` None = predicted."""
+def predict(model, processor, images: list, modality: list[int] | None, *, return_classifier: bool = False):
+    """Binary masks (HxW bool, each at its image's size) for a batch of images; ``modality`` None = predicted.
+    With ``return_classifier``, also the modality the classifier picks for each image (None for models without
+    one), whatever modality was given."""
     import torch
 
     device = next(model.parameters()).device
@@ -46,12 +48,16 @@ def predict(model, processor, images: list, modality: list[int] | None) -> list[
     with torch.inference_mode():
         outputs = model(**kwargs)
     masks = processor.post_process_masks(outputs.pred_masks.float().cpu(), inputs["original_sizes"])
-    return [mask.numpy().astype(bool) for mask in masks]
+    masks = [mask.numpy().astype(bool) for mask in masks]
+    if not return_classifier:
+        return masks
+    logits = getattr(outputs, "modality_logits", None)
+    picked = logits.argmax(-1).tolist() if logits is not None else [None] * len(masks)
+    return masks, picked
 
 
 def _domain_of(dataset) -> str:
-    names = dataset.features["domain"].names
-    return names[dataset[0]["domain"]] if len(dataset) else ""
+    return dataset[0]["domain"] if len(dataset) else ""
 
 
 def evaluate_model(
@@ -66,6 +72,7 @@ def evaluate_model(
     max_images: int | None = None,
     progress: bool = True,
     cases: dict | None = None,
+    references: Mapping | None = None,
 ) -> dict:
     """Run ``model`` over ``datasets[name][split]`` for every name and score Dice (%) and Hausdorff distance (px).
 
@@ -76,8 +83,13 @@ def evaluate_model(
     masks are non-empty, see :mod:`esp_medsam_hf.metrics.functional`), the paper's figures, per-image values, and
     averages over source and unseen domains. If ``cases`` is a dict it receives, per name, the best and worst
     image by Dice as ``{"best"|"worst": {"image", "mask", "prediction", "dice", "file_name"}}``.
-    The model's train/eval mode is restored afterwards.
+    ``references`` maps a reference method's name to ``predict(image, mask, modality name) -> mask`` (see
+    :mod:`.baselines`): each is scored on the same images (``dice_<name>`` per image, ``references`` per domain).
+    Each image also records the modality the model's classifier picks (``classifier_modality``) and each domain
+    its accuracy (``classifier_accuracy``, %). The model's train/eval mode is restored afterwards.
     """
+    from ..configuration_esp_medsam import MODALITY_NAMES
+
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -97,14 +109,20 @@ def evaluate_model(
             bar = tqdm(total=len(dataset), desc=f"evaluate {name}", unit="img", disable=not progress)
             for batch in dataset.iter(batch_size=batch_size):
                 images = [image_to_rgb(image) for image in batch["image"]]
-                references = [mask_to_bool(mask) for mask in batch["mask"]]
+                masks = [mask_to_bool(mask) for mask in batch["mask"]]
                 tick = time.perf_counter()
-                predictions = predict(model, processor, images, batch["modality"] if given_modality else None)
+                predictions, picked = predict(model, processor, images, batch["modality"] if given_modality else None,
+                                              return_classifier=True)
                 model_seconds += time.perf_counter() - tick
-                for image, reference, prediction, file_name in zip(
-                    images, references, predictions, batch["file_name"]
+                for image, reference, prediction, file_name, modality, guess in zip(
+                    images, masks, predictions, batch["file_name"], batch["modality"], picked
                 ):
-                    entry = {"file_name": file_name, "dice": dice_score(prediction, reference)}
+                    entry = {"file_name": file_name, "dice": dice_score(prediction, reference),
+                             "modality": MODALITY_NAMES[modality],
+                             "classifier_modality": None if guess is None else MODALITY_NAMES[guess]}
+                    for method, run in (references or {}).items():
+                        entry[f"dice_{method}"] = dice_score(run(image, reference, MODALITY_NAMES[modality]),
+                                                             reference)
                     sizes.add(f"{reference.shape[0]}x{reference.shape[1]}")
                     if compute_hausdorff:
                         entry["hd"], entry["hd95"] = hausdorff_distance(prediction, reference)
@@ -119,7 +137,7 @@ def evaluate_model(
                 bar.update(len(images))
             bar.close()
             total_images += len(per_image)
-            report["domains"][name] = _domain_summary(domain, per_image, compute_hausdorff)
+            report["domains"][name] = _domain_summary(domain, per_image, compute_hausdorff, list(references or ()))
             report["domains"][name]["mask_sizes"] = sorted(sizes)
             if cases is not None and best is not None:
                 cases[name] = {"best": best, "worst": worst}
@@ -135,11 +153,24 @@ def evaluate_model(
     return report
 
 
-def _domain_summary(domain: str, per_image: list[dict], compute_hausdorff: bool) -> dict:
+def _domain_summary(domain: str, per_image: list[dict], compute_hausdorff: bool, references: list[str]) -> dict:
     summary: dict = {"domain": domain, "num_images": len(per_image), "dice": mean_dice([e["dice"] for e in per_image])}
-    if domain in DOMAIN_NAMES:
+    try:
         spec = get_domain(domain)
-        summary.update(modality=spec.modality, role=spec.role, paper={"dice": spec.paper.dice, "hd": spec.paper.hd})
+    except KeyError:
+        spec = None
+    if spec is not None:
+        summary.update(modality=spec.modality, role=spec.role)
+        if spec.paper is not None:
+            summary["paper"] = {"dice": spec.paper.dice, "hd": spec.paper.hd}
+    elif per_image:
+        summary.update(modality=per_image[0]["modality"], role="custom")
+    if references:
+        summary["references"] = {name: mean_dice([e[f"dice_{name}"] for e in per_image]) for name in references}
+    guessed = [e for e in per_image if e.get("classifier_modality") is not None]
+    if guessed:
+        summary["classifier_accuracy"] = 100.0 * float(np.mean([e["classifier_modality"] == e["modality"]
+                                                                 for e in guessed]))
     if compute_hausdorff:
         summary["hd"], summary["hd_undefined"] = mean_hausdorff([e["hd"] for e in per_image])
         summary["hd95"], _ = mean_hausdorff([e["hd95"] for e in per_image])
@@ -178,6 +209,7 @@ def markdown_table(report: dict, data_label: str = "") -> str:
         ("Unseen domains, zero-shot (paper: Table 5)", "unseen"),
         ("Other", None),
     )
+    lines += reference_table(report)
     for title, role in groups:
         rows = [(name, row) for name, row in report["domains"].items() if row.get("role") == role]
         if not rows:
@@ -216,6 +248,37 @@ def markdown_table(report: dict, data_label: str = "") -> str:
         f"end to end, {report['model_images_per_second']:.2f} images/s in the model (pre/post-processing included)."
     )
     return "\n".join(lines) + "\n"
+
+
+REFERENCE_TITLES = {"otsu": "Otsu", "litemedsam-boxes": "LiteMedSAM + GT boxes"}
+
+
+def reference_table(report: dict) -> list[str]:
+    """Markdown lines: the real and user domains with ours beside the reference methods, per domain and per image
+    (prompt-free ours and Otsu; LiteMedSAM is given one ground-truth box per object)."""
+    rows = [(name, row) for name, row in report["domains"].items() if row.get("role") in ("real", "custom")]
+    if not rows:
+        return []
+    methods = list(dict.fromkeys(m for _, row in rows for m in row.get("references", {})))
+    titles = [REFERENCE_TITLES.get(m, m) for m in methods]
+    lines = ["### Real images and your own data: ours (prompt-free) beside the references, Dice %", "",
+             "| domain | modality | images | ours | " + " | ".join(titles) + " | classifier accuracy % |",
+             "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in methods) + " | ---: |"]
+    for name, row in rows:
+        references = row.get("references", {})
+        lines.append(f"| {name} | {row.get('modality', '')} | {row['num_images']} | **{_number(row['dice'])}** | "
+                     + " | ".join(_number(references.get(m)) for m in methods)
+                     + f" | {_number(row.get('classifier_accuracy'), 1)} |")
+    lines += ["", "<details><summary>per image</summary>", "",
+              "| domain | image | ours | " + " | ".join(titles) + " | classifier says |",
+              "| --- | --- | ---: | " + " | ".join("---:" for _ in methods) + " | --- |"]
+    for name, row in rows:
+        for entry in row["per_image"]:
+            lines.append(f"| {name} | {entry['file_name']} | {_number(entry['dice'])} | "
+                         + " | ".join(_number(entry.get(f"dice_{m}")) for m in methods)
+                         + f" | {entry.get('classifier_modality') or 'n/a'} |")
+    lines += ["", "</details>", ""]
+    return lines
 
 
 def bar_chart(report: dict, path: Path, title: str = "") -> Path:

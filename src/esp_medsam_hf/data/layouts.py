@@ -1,6 +1,9 @@
 """Input layouts: where the image and the mask file(s) of each official file name lie in a folder on disk.
 
-Two kinds of layout are accepted:
+Three kinds of layout are accepted:
+
+* ``plain`` (:data:`PLAIN`), for any domain, a user's own included: an ``images/`` folder and a ``masks/`` folder
+  with matching names, or a CSV/JSON listing of image and mask paths with an optional split per pair;
 
 * ``official``: the official release's preprocessed folders, ``image_1024/NAME.png`` and ``mask_1024/NAME.png``
   (in the given folder or in its ``<domain>/`` subfolder), for every domain.
@@ -31,11 +34,13 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class SourceItem:
-    """The files of one official file name: an image and the mask files to merge (none if no mask was found)."""
+    """The files of one file name: an image and the mask files to merge (none if no mask was found), and the split
+    the layout assigns (None: the official lists, or a seeded split, decide)."""
 
     name: str
     image: Path
     masks: tuple[Path, ...]
+    split: str | None = None
 
 
 KeyFunction = Callable[[Path], "str | None"]
@@ -311,18 +316,113 @@ LAYOUTS: dict[str, tuple[Layout, ...]] = {
 }
 assert tuple(LAYOUTS) == DOMAIN_NAMES
 
+SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                 "val": "validation", "test": "test", "testing": "test"}
+"""Split names a listing or a sub-folder may use, and the ``datasets`` split each stands for."""
+MASK_NAME_SUFFIXES = ("", "_mask", "-mask", "_masks", "_seg", "_segmentation", "_label", "_labels", "_gt")
+"""What a mask's file stem may add to its image's stem in the plain layout (``case1.png`` -> ``case1_mask.png``)."""
+
+
+def _split_name(value: str, where: str) -> str | None:
+    value = (value or "").strip().lower()
+    if not value:
+        return None
+    if value not in SPLIT_ALIASES:
+        raise LayoutError(f"{where}: unknown split {value!r}; expected one of {', '.join(sorted(SPLIT_ALIASES))}")
+    return SPLIT_ALIASES[value]
+
+
+def _read_listing(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV (header ``image,mask[,split]``) or JSON (a list of such objects, or ``{"pairs": [...]}``)."""
+    if path.suffix.lower() == ".json":
+        import json
+
+        data = json.loads(path.read_text())
+        rows = data.get("pairs") if isinstance(data, dict) else data
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise LayoutError(f"{path}: expected a list of {{\"image\", \"mask\", \"split\"}} objects")
+        return rows
+    import csv
+
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and not {"image", "mask"} <= set(rows[0]):
+        raise LayoutError(f"{path}: the CSV header must name the columns image and mask (and optionally split), "
+                          f"got {', '.join(rows[0])}")
+    return rows
+
+
+def _find_listing(path: Path) -> dict[str, SourceItem]:
+    items: dict[str, SourceItem] = {}
+    for number, row in enumerate(_read_listing(path), start=1):
+        where = f"{path}, entry {number}"
+        if not row.get("image") or not row.get("mask"):
+            raise LayoutError(f"{where}: an image and a mask path are required")
+        image, mask = (path.parent / row["image"]), (path.parent / row["mask"])
+        for label, file in (("image", image), ("mask", mask)):
+            if not file.is_file():
+                raise LayoutError(f"{where}: {label} file {file} does not exist")
+        name = row.get("name") or image.name
+        if name in items:
+            raise LayoutError(f"{where}: the name {name} is listed twice (give a distinct 'name' column)")
+        items[name] = SourceItem(name, image, (mask,), _split_name(row.get("split", ""), where))
+    return items
+
+
+def _find_plain(root: Path, domain: str) -> dict[str, SourceItem]:
+    """``root`` a CSV/JSON listing, or a folder with ``images/`` and ``masks/`` (optionally with split sub-folders
+    ``train/``, ``validation/``, ``test/`` inside both): images and masks paired by file stem."""
+    if root.is_file():
+        return _find_listing(root)
+    image_root, mask_root = root / "images", root / "masks"
+    if not image_root.is_dir() or not mask_root.is_dir():
+        raise LayoutError(f"{root}: the plain layout needs images/ and masks/ folders (or a CSV/JSON listing file)")
+    masks: dict[tuple[str, str], Path] = {}
+    for path in _list_files(mask_root):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            relative = path.relative_to(mask_root)
+            masks[(str(relative.parent), path.stem)] = path
+    items: dict[str, SourceItem] = {}
+    for path in _list_files(image_root):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        relative = path.relative_to(image_root)
+        folder, top = str(relative.parent), relative.parts[0].lower()
+        split = SPLIT_ALIASES[top] if len(relative.parts) > 1 and top in SPLIT_ALIASES else None
+        found = [masks[key] for suffix in MASK_NAME_SUFFIXES if (key := (folder, path.stem + suffix)) in masks]
+        name = str(relative.with_suffix(".png")).replace(os.sep, "/")
+        if name in items:
+            raise LayoutError(f"two images give the name {name}: {items[name].image} and {path}")
+        items[name] = SourceItem(name, path, tuple(found[:1]), split)
+    return items
+
+
+PLAIN = Layout(
+    "plain",
+    "images/NAME.ext + masks/NAME[_mask].ext (optionally inside train/, validation/, test/), or a CSV/JSON listing "
+    "of image,mask[,split] paths relative to the listing",
+    _find_plain,
+)
+
 
 def get_layout(domain: str, name: str) -> Layout:
     """The layout ``name`` of ``domain``; raises ``LayoutError`` listing the accepted ones otherwise."""
+    if name == PLAIN.name:
+        return PLAIN
+    if domain not in LAYOUTS:
+        raise LayoutError(f"domain {domain!r} is not an official domain: its data comes in the plain layout")
     for layout in LAYOUTS[domain]:
         if layout.name == name:
             return layout
-    accepted = ", ".join(layout.name for layout in LAYOUTS[domain])
+    accepted = ", ".join(layout.name for layout in LAYOUTS[domain] + (PLAIN,))
     raise LayoutError(f"layout {name!r} is not accepted for domain {domain!r}; accepted: {accepted}")
 
 
 def detect_layout(root: Path, domain: str) -> tuple[Layout, dict[str, SourceItem]]:
-    """The accepted layout of ``domain`` that finds the most official names under ``root``, and what it found."""
+    """The accepted layout of ``domain`` that finds the most official names under ``root``, and what it found.
+    Domains other than the official 12 take the plain layout."""
+    if domain not in LAYOUTS:
+        return PLAIN, PLAIN.find(root, domain)
     official_names = get_domain(domain).all_file_names()
     best: tuple[int, Layout, dict[str, SourceItem]] | None = None
     problems: list[str] = []

