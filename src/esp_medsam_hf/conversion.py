@@ -311,6 +311,15 @@ def litemedsam_config(**kwargs) -> EspMedSamConfig:
     return EspMedSamConfig(image_size=256, aggregator_config=aggregator, **kwargs)
 
 
+def litemedsam_image_processor(image_size: int = 256):
+    """LiteMedSAM's own preprocessing: intensities to [0, 1], no mean/std normalisation, at ``image_size``."""
+    from .image_processing_esp_medsam import EspMedSamImageProcessor
+
+    return EspMedSamImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]
+    )
+
+
 NEUTRAL_TOKEN_BIAS = -20.0
 """Token logit bias of a neutral bag: exp(-20) ~ 2e-9, so the token takes no attention, yet Adam can raise it."""
 

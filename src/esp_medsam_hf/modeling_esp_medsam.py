@@ -326,12 +326,17 @@ class ModalityClassifier(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_size, num_modalities)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def pool(features: torch.Tensor) -> torch.Tensor:
+        """(B, 17 C) pooled stage-0 features (detached): what the head reads, and what a feature cache stores."""
         features = features.detach().float()
-        pooled = torch.cat(
-            [F.adaptive_avg_pool2d(features, 4).flatten(1), features.flatten(2).std(dim=-1)], dim=1
-        )
+        return torch.cat([F.adaptive_avg_pool2d(features, 4).flatten(1), features.flatten(2).std(dim=-1)], dim=1)
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(self.norm(pooled))))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(features))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def convert_to_folder(
 ):
     """Convert and save model, processors and the custom pipeline into ``output`` atomically (a temp folder renamed
     into place), so both pipelines and ``trust_remote_code`` load it."""
-    from ..conversion import convert_litemedsam, convert_original_checkpoints
+    from ..conversion import convert_litemedsam, convert_original_checkpoints, litemedsam_image_processor
     from ..fileio import staging_directory
     from ..image_processing_esp_medsam import EspMedSamImageProcessor
     from ..pipeline_esp_medsam import save_pretrained_with_pipeline
@@ -67,12 +67,7 @@ def convert_to_folder(
         from ..assets import LITEMEDSAM_WEIGHTS
 
         model, report = convert_litemedsam(litemedsam or LITEMEDSAM_WEIGHTS.path())
-        # LiteMedSAM's own preprocessing: min-max to [0, 1], no mean/std normalisation.
-        image_processor = EspMedSamImageProcessor(
-            size={"height": model.config.image_size, "width": model.config.image_size},
-            image_mean=[0.0, 0.0, 0.0],
-            image_std=[1.0, 1.0, 1.0],
-        )
+        image_processor = litemedsam_image_processor(model.config.image_size)
     processor = EspMedSamProcessor(image_processor, modality_names=model.config.modality_names)
     with staging_directory(output) as staging:
         save_pretrained_with_pipeline(model, processor, staging)

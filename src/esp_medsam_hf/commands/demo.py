@@ -12,12 +12,11 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="outputs/demo", help="folder for everything the demo writes")
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo run")
-    parser.add_argument("--quick", action="store_true", help="a reduced run (64 px, a few steps) to check the wiring")
+    parser.add_argument("--quick", action="store_true", help="a reduced run (a few images and steps) to check the wiring")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--threads", type=int, default=1,
-        help="torch CPU threads (default 1: the tiny models are dominated by per-operator overhead, and one thread "
-             "stays fast when the CPU is shared; 0 = torch's choice)",
+        "--threads", type=int, default=0,
+        help="torch CPU threads (default 0: torch's choice, one per core)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
@@ -35,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-checkpoint INFO lines drown the progress
     try:
         summary = run_demo(args.output, quick=args.quick, overwrite=args.overwrite, seed=args.seed,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, threads=args.threads or None)
     except (FileExistsError, FileNotFoundError, TrainingDataError, NonFiniteLossError, LocalHubError,
             RuntimeError) as error:
         print(f"esp-medsam demo: error: {error}", file=sys.stderr)

@@ -6,13 +6,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..training.config import FREEZABLE
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", required=True, choices=("teacher", "distill", "espmedsam"))
     parser.add_argument("--config", help="YAML file of the stage's options (see docs/training.md)")
-    parser.add_argument("--output-dir", help="run folder (checkpoints/, best/, final/, log.csv)")
+    parser.add_argument("--output-dir", help="run folder (checkpoints/, best/, final/, release/, log.csv)")
     parser.add_argument("--data", help="'synthetic' or a folder written by `esp-medsam prepare`")
-    parser.add_argument("--domains", nargs="+", help="training domains (default: the six source domains)")
+    parser.add_argument(
+        "--domains", nargs="+",
+        help="training domains, by name or group (source, real); default: the source domains of --data, else all "
+        "its domains",
+    )
     parser.add_argument("--model-size", choices=("official", "tiny"))
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--epochs", type=int)
@@ -30,7 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sam-preset", choices=("vit-b", "vit-l", "vit-h"), help="teacher: SAM encoder size")
     parser.add_argument("--teacher", help="distill: the stage-1 teacher folder")
     parser.add_argument("--natural-images", help="distill: folder or dataset of natural images (default: skimage)")
-    parser.add_argument("--init-from", help="distill/espmedsam: initial student folder, or 'litemedsam'")
+    parser.add_argument(
+        "--init-from", help="initial ESP-MedSAM folder, or 'litemedsam' (teacher: an ESP-MedSAM teacher on it)"
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--freeze", nargs="+", choices=FREEZABLE,
+        help="teacher/espmedsam with an ESP-MedSAM model: parts kept frozen (encoder = aggregator + bags)",
+    )
+    parser.add_argument(
+        "--cache-features", action="store_true", default=None,
+        help="with --freeze encoder: encode every training image once and train the rest on the stored features",
+    )
+    parser.add_argument("--feature-views", type=int, help="with --cache-features: views per image (1-4, default 2)")
+    parser.add_argument("--intensity-augment", action="store_true", default=None,
+                        help="distill: the student sees intensity-shifted images, the teacher the images themselves")
     parser.add_argument("--push-to-hub", metavar="REPO", help="publish the stage to REPO on its branch when done")
     parser.add_argument("--also-main", action="store_true", help="with --push-to-hub: also publish it as main")
 
@@ -38,21 +58,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 OPTION_NAMES = (
     "output_dir", "data", "domains", "model_size", "image_size", "epochs", "batch_size", "learning_rate",
     "gradient_accumulation_steps", "mixed_precision", "max_steps", "seed", "checkpoint_every", "resume", "overwrite",
-    "report_to",
+    "report_to", "threads", "freeze", "cache_features", "feature_views",
 )
 STAGE_OPTION_NAMES = {
-    "teacher": ("sam_checkpoint", "sam_preset"),
-    "distill": ("teacher", "natural_images", "init_from"),
+    "teacher": ("sam_checkpoint", "sam_preset", "init_from"),
+    "distill": ("teacher", "natural_images", "init_from", "intensity_augment"),
     "espmedsam": ("init_from",),
 }
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..training import NonFiniteLossError, TrainingDataError, load_config, run_stage
 
     overrides = {name: getattr(args, name) for name in OPTION_NAMES + STAGE_OPTION_NAMES[args.stage]}
     try:
         config = load_config(args.stage, args.config, **overrides)
+        if config.threads:
+            torch.set_num_threads(config.threads)
         result = run_stage(config)
         if args.push_to_hub:
             from accelerate import PartialState

@@ -27,6 +27,10 @@ class TrainingConfig:
     max_steps: stop after this many optimizer steps (for short runs); None = ``epochs`` full epochs.
     checkpoint_every: also save an accelerate state every N optimizer steps (0: only at the end of each epoch).
     resume: ``"latest"`` (the newest complete checkpoint in ``output_dir``), a checkpoint folder, or None.
+    threads: torch's CPU threads for this run (None: torch's choice).
+    freeze: parts of an ESP-MedSAM model kept frozen (:data:`FREEZABLE`; stages 1 and 3 with an ESP-MedSAM model).
+    cache_features: with the encoder frozen, encode every training image once per view (``feature_views``: 1-4 of
+        identity, horizontal flip, vertical flip, 180 degree rotation) and train the rest on the stored features.
     """
 
     stage: ClassVar[str] = ""
@@ -59,6 +63,10 @@ class TrainingConfig:
     report_to: list[str] = field(default_factory=list)
     overwrite: bool = False
     progress: bool = True
+    threads: int | None = None
+    freeze: list[str] = field(default_factory=list)
+    cache_features: bool = False
+    feature_views: int = 2
 
     def __post_init__(self) -> None:
         if self.model_size not in ("official", "tiny"):
@@ -72,6 +80,13 @@ class TrainingConfig:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        check_freeze(self.freeze)
+        if self.cache_features and "encoder" not in expand_freeze(self.freeze):
+            raise ValueError("cache_features needs the encoder frozen: add 'encoder' to freeze")
+        if not 1 <= self.feature_views <= 4:
+            raise ValueError(f"feature_views must be in 1..4, got {self.feature_views}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, **dataclasses.asdict(self)}
@@ -97,7 +112,9 @@ class TeacherConfig(TrainingConfig):
     """Stage 1: SAM's frozen ViT encoder with medical tokens and MLPs, plus SPPG and QDMD, on the source domains.
 
     sam_checkpoint: SAM weights to start from (``facebook/sam-vit-b|l|huge`` or a local SamModel folder); None builds
-        the encoder from ``sam_preset`` with random weights (only useful for tests and the offline demo).
+        the encoder from ``sam_preset`` with random weights (only useful for tests).
+    init_from: ``"litemedsam"`` (or a saved ESP-MedSAM folder): the teacher is then an ESP-MedSAM model on
+        LiteMedSAM's real encoder instead of a SAM ViT, for machines where no SAM weights can be had (the demo).
     """
 
     stage: ClassVar[str] = "teacher"
@@ -105,6 +122,7 @@ class TeacherConfig(TrainingConfig):
     sam_preset: str = "vit-b"
     sam_checkpoint: str | None = None
     num_medical_tokens: int = 4
+    init_from: str | None = None
 
 
 @dataclass
@@ -115,13 +133,17 @@ class DistillConfig(TrainingConfig):
         with the medical tokens and MLPs the modality-specific target.
     natural_images: folder of photographs (or a ``save_to_disk`` dataset with an ``image`` column) for the
         modality-common phase; None: the natural photographs scikit-image ships.
-    common_epochs / specific_epochs: epochs of the two phases (None: ``epochs`` each).
+    common_epochs / specific_epochs: epochs of the two phases (None: ``epochs`` each); ``common_max_steps: 0``
+        skips the modality-common phase (for a student whose aggregator is already distilled, like LiteMedSAM's).
     init_from: initial student (a saved EspMedSamModel folder, or ``"litemedsam"``); None: random.
+    intensity_augment: in the modality-specific phase the student sees the image with random gamma, contrast,
+        brightness, colour balance and noise, the teacher the image itself: the bags learn embeddings that do
+        not move with the intensity shifts between hospitals and scanners.
     """
 
     stage: ClassVar[str] = "distill"
     output_dir: str = "outputs/distill"
-    teacher: str = "outputs/teacher/final"
+    teacher: str = "outputs/teacher/release"
     natural_images: str | None = None
     common_epochs: int | None = None
     specific_epochs: int | None = None
@@ -129,6 +151,7 @@ class DistillConfig(TrainingConfig):
     specific_max_steps: int | None = None
     natural_repeats: int = 8
     init_from: str | None = None
+    intensity_augment: bool = False
 
 
 @dataclass
@@ -144,9 +167,29 @@ class EspMedSamStageConfig(TrainingConfig):
 
     stage: ClassVar[str] = "espmedsam"
     output_dir: str = "outputs/espmedsam"
-    init_from: str | None = "outputs/distill/final"
+    init_from: str | None = "outputs/distill/release"
     classifier_domains: list[str] | None = None
     classifier_epochs: int = 0
+
+
+FREEZABLE = ("encoder", "aggregator", "bags", "prompt_generator", "mask_decoder", "modality_classifier")
+"""Parts of an ``EspMedSamModel`` that ``freeze`` may name (``encoder`` = ``aggregator`` + ``bags``)."""
+
+
+def check_freeze(names: list[str]) -> None:
+    unknown = sorted(set(names) - set(FREEZABLE))
+    if unknown:
+        raise ValueError(f"freeze: unknown part(s) {unknown}; expected some of {', '.join(FREEZABLE)}")
+
+
+def expand_freeze(names: list[str]) -> set[str]:
+    """The frozen parts, with ``encoder`` standing for ``aggregator`` and ``bags`` (and both for ``encoder``)."""
+    parts = set(names)
+    if "encoder" in parts:
+        parts |= {"aggregator", "bags"}
+    if {"aggregator", "bags"} <= parts:
+        parts.add("encoder")
+    return parts
 
 
 STAGE_CONFIGS: dict[str, type[TrainingConfig]] = {

@@ -1,10 +1,22 @@
-"""The project's main job: all three training stages on the embedded data, evaluation, publishing to the embedded
-local Hub, a reload from the published revision, and the real images segmented.
+"""The project's main job: three training stages from LiteMedSAM's real weights on real and synthetic images,
+evaluation on real images beside two references, publishing to the embedded local Hub, a reload from the published
+revision, and the real images segmented.
 
-Data: the SYNTHETIC stand-ins of the 12 domains (training on the 6 source domains only) and the REAL DSB 2018
-microscopy image with its 125-nucleus mask (evaluation only). Models: the tiny configurations (``EspMedSamConfig.tiny``
-and ``EspMedSamTeacherConfig.tiny``) at 128 px, with a randomly initialised SAM encoder (no SAM weights can be
-downloaded here), so the figures show the pipeline working, not the paper's accuracy.
+Data: the REAL domains that install offline (:mod:`esp_medsam_hf.data.real`: mnfinder's fluorescence nuclei with
+the package's own split, vascx's fundus photographs with model-made vessel masks, stardist's DSB 2018 image), plus
+SYNTHETIC stand-ins for the modalities no real data ships for (dermoscopy, chest X-ray, breast ultrasound,
+colonoscopy: a source domain for training and the unseen domain for zero-shot testing). Models: ESP-MedSAM at
+LiteMedSAM's 256 px input (its TinyViT has exactly the aggregator's layout; SAM ViT weights cannot be had offline).
+
+Stages (what runs on a 2-core CPU within the main job's budget; docs/training.md has the reasons):
+
+1. teacher: an ESP-MedSAM model on LiteMedSAM's real encoder, kept frozen; the self-patch prompt generator and the
+   query-decoupled decoder learn prompt-free segmentation on the frozen encoder's cached features.
+2. MMDKD, modality-specific phase: a student starts as the teacher, and its parameter bags learn to give, from an
+   intensity-shifted image, the teacher's embedding of the image itself (the modality-common phase was done
+   upstream: LiteMedSAM's TinyViT is distilled from MedSAM's ViT-B).
+3. ESP-MedSAM: the student's encoder frozen with its bags, features cached once, the prompt generator, decoder and
+   modality queries fine-tuned, then the modality classifier fitted on every domain's training images.
 """
 
 from __future__ import annotations
@@ -23,34 +35,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.domains import DOMAIN_NAMES, SOURCE_DOMAINS
+from ..data.domains import DOMAIN_NAMES, SOURCE_DOMAINS, get_domain
 from .config import DistillConfig, EspMedSamStageConfig, TeacherConfig
 
 logger = logging.getLogger(__name__)
 
 REPO_ID = "esp-medsam/esp-medsam-demo"
 # what a demo run writes into its output folder (and all that --overwrite removes)
-OUTPUTS = ("stage-1-teacher", "stage-2-distill", "stage-3-esp-medsam", "evaluation", "hub", "real_images",
+OUTPUTS = ("data", "stage-1-teacher", "stage-2-distill", "stage-3-esp-medsam", "evaluation", "hub", "real_images",
            "summary.json", "SUMMARY.md")
+REAL_TRAINING = ("mnfinder", "vascx")
+"""Real domains with training images; ``dsb-stardist`` (one image) is test only."""
+SYNTHETIC_SOURCE = ("isic", "lung", "ultrasound", "cvccdb")
+"""Source domains of the modalities no real data with masks ships for: SYNTHETIC stand-ins."""
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo. ``full()`` is README command 1 (a few minutes on 2 cores), ``quick()`` is for tests."""
+    """Sizes of the demo. ``full()`` is README command 1 (about 15 minutes on 2 cores), ``quick()`` is for tests."""
 
-    image_size: int = 128
-    train_images: int = 48
-    valid_images: int = 4
-    test_images: int = 8
+    image_size: int = 256
+    real_limit: int | None = None
+    synthetic_train: int = 3
+    synthetic_test: int = 2
     batch_size: int = 8
-    learning_rate: float = 2e-3
-    teacher_epochs: int = 3
-    common_epochs: int = 2
-    specific_epochs: int = 2
-    natural_repeats: int = 8
-    espmedsam_epochs: int = 10
+    teacher_learning_rate: float = 4e-4
+    teacher_epochs: int = 12
+    teacher_views: int = 1
+    distill_steps: int = 4
+    distill_batch_size: int = 2
+    espmedsam_learning_rate: float = 1e-4
+    espmedsam_epochs: int = 2
+    espmedsam_batch_size: int = 2
     classifier_epochs: int = 60
-    max_steps: int | None = None
+    classifier_images: int = 4
 
     @classmethod
     def full(cls) -> "DemoSettings":
@@ -58,9 +76,9 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(image_size=64, train_images=4, valid_images=1, test_images=2, batch_size=8, teacher_epochs=1,
-                   common_epochs=1, specific_epochs=1, natural_repeats=1, espmedsam_epochs=1, classifier_epochs=5,
-                   max_steps=2)
+        return cls(real_limit=1, synthetic_train=1, synthetic_test=1, batch_size=4, teacher_epochs=1,
+                   distill_steps=1, espmedsam_epochs=1, espmedsam_batch_size=4, classifier_epochs=3,
+                   classifier_images=1)
 
 
 def check_output(output: Path, overwrite: bool) -> None:
@@ -69,46 +87,113 @@ def check_output(output: Path, overwrite: bool) -> None:
     if output.exists() and any(output.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{output} already holds files; choose another --output or pass --overwrite")
+        left = sorted(p.name for p in output.iterdir() if p.name not in OUTPUTS)
+        if left:
+            raise FileExistsError(f"{output} holds files that are not a demo's ({', '.join(left[:5])}); not touching it")
         for name in existing:
             path = output / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        left = sorted(p.name for p in output.iterdir())
-        if left:
-            raise FileExistsError(f"{output} holds files that are not a demo's ({', '.join(left[:5])}); not touching it")
     output.mkdir(parents=True, exist_ok=True)
 
 
-def classifier_accuracy(model, processor, data: dict, split: str = "test") -> dict:
-    """Accuracy (%) of the modality classifier on ``split`` of every domain (held-out images)."""
-    from .data import Collator, SegmentationDataset
+@dataclass
+class DemoData:
+    """What the stages train on, what the evaluation scores, and what the classifier learns from."""
 
-    dataset = SegmentationDataset(data, split)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=32, collate_fn=Collator(processor.image_processor))
-    correct = total = 0
-    model.eval()
-    with torch.inference_mode():
-        for batch in loader:
-            logits = model(pixel_values=batch["pixel_values"]).modality_logits
-            correct += int((logits.argmax(-1) == batch["modality"]).sum())
-            total += len(batch["modality"])
-    return {"accuracy": 100.0 * correct / max(total, 1), "images": total}
+    train: dict
+    real_test: dict
+    synthetic_test: dict
+    classifier: dict
+    label: str
+
+
+def build_data(output: Path, settings: DemoSettings, seed: int, progress: bool) -> DemoData:
+    """The real domains prepared through ``esp-medsam prepare``'s plain layout, and the synthetic stand-ins."""
+    from ..data.real import archive_dir, prepare_real_domains
+    from ..data.synthetic import synthetic_domains
+    from .data import load_domains
+
+    real_names = [*REAL_TRAINING, "dsb-stardist"]
+    cache = archive_dir().parent / ("real" if settings.real_limit is None else f"real-limit{settings.real_limit}")
+    prepare_real_domains(real_names, output / "data", cache=cache, limit=settings.real_limit, progress=progress)
+    real = load_domains(str(output / "data"), real_names, splits={"train": 0, "validation": 0, "test": 0})
+    splits = {"train": settings.synthetic_train, "validation": 1, "test": settings.synthetic_test}
+    source = synthetic_domains(list(SYNTHETIC_SOURCE), splits, seed=seed, size=settings.image_size)
+    unseen_names = [n for n in DOMAIN_NAMES if n not in SOURCE_DOMAINS and get_domain(n).modality in
+                    {get_domain(s).modality for s in SYNTHETIC_SOURCE}]
+    unseen = synthetic_domains(unseen_names, {"train": settings.classifier_images,
+                                              "test": settings.synthetic_test}, seed=seed, size=settings.image_size)
+    others = synthetic_domains([n for n in DOMAIN_NAMES if n not in SYNTHETIC_SOURCE and n not in unseen_names],
+                               {"train": settings.classifier_images}, seed=seed, size=settings.image_size)
+    train = {**{name: real[name] for name in REAL_TRAINING}, **source}
+    label = ("REAL images: mnfinder nuclei (hand-made masks), vascx fundus (vessel masks made by vascx's models), "
+             "the stardist DSB 2018 image (hand-made); SYNTHETIC stand-ins for dermoscopy, chest X-ray, breast "
+             f"ultrasound and colonoscopy ({settings.image_size} px)")
+    return DemoData(
+        train=train,
+        real_test={name: real[name] for name in real_names},
+        synthetic_test={**source, **unseen},
+        classifier={**train, **unseen, **others},
+        label=label,
+    )
+
+
+def stage_configs(output: Path, settings: DemoSettings, seed: int, progress: bool, threads: int | None):
+    """The three stage configurations of the demo (each also written as ``config.yaml`` in its run folder)."""
+    common = dict(model_size="official", image_size=settings.image_size, seed=seed, progress=progress,
+                  threads=threads, checkpoint_every=0, keep_checkpoints=1)
+    teacher = TeacherConfig(
+        output_dir=str(output / "stage-1-teacher"), init_from="litemedsam", freeze=["encoder"],
+        cache_features=True, feature_views=settings.teacher_views, epochs=settings.teacher_epochs,
+        batch_size=settings.batch_size, learning_rate=settings.teacher_learning_rate, lr_decay=0.9, **common,
+    )
+    distill = DistillConfig(
+        output_dir=str(output / "stage-2-distill"), teacher=str(output / "stage-1-teacher" / "release"),
+        init_from=str(output / "stage-1-teacher" / "release"), common_max_steps=0,
+        specific_max_steps=settings.distill_steps, intensity_augment=True, epochs=1,
+        batch_size=settings.distill_batch_size, learning_rate=1e-3, validate=False, **common,
+    )
+    espmedsam = EspMedSamStageConfig(
+        output_dir=str(output / "stage-3-esp-medsam"), init_from=str(output / "stage-2-distill" / "release"),
+        epochs=settings.espmedsam_epochs, batch_size=settings.espmedsam_batch_size,
+        learning_rate=settings.espmedsam_learning_rate, classifier_domains=["all"],
+        classifier_epochs=settings.classifier_epochs, **common,
+    )
+    return teacher, distill, espmedsam
+
+
+def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool) -> dict:
+    """Dice/HD of the final model on the real test images (beside Otsu and LiteMedSAM with ground-truth boxes) and
+    on the synthetic test images; the report in ``output/evaluation``."""
+    from ..data.baselines import reference_methods
+    from ..data.evaluation import evaluate_model, write_report
+    from ..modeling_esp_medsam import EspMedSamModel
+    from ..processing_esp_medsam import EspMedSamProcessor
+
+    model = EspMedSamModel.from_pretrained(model_dir).eval()
+    processor = EspMedSamProcessor.from_pretrained(model_dir)
+    cases: dict = {}
+    report = evaluate_model(model, processor, data.real_test, split="test", cases=cases, progress=progress,
+                            references=reference_methods())
+    synthetic = evaluate_model(model, processor, data.synthetic_test, split="test", cases=cases, progress=progress,
+                               references=reference_methods(("otsu",)))
+    report["domains"].update(synthetic["domains"])
+    report["summary"] = synthetic["summary"]
+    for key in ("num_images", "seconds"):
+        report[key] += synthetic[key]
+    report["images_per_second"] = report["num_images"] / report["seconds"]
+    write_report(report, output / "evaluation", cases=cases, data_label=data.label)
+    return report
 
 
 def run_demo(output: str | Path, *, quick: bool = False, overwrite: bool = False, seed: int = 0,
-             progress: bool = True) -> dict:
+             progress: bool = True, threads: int | None = None) -> dict:
     """Run the demo into ``output``; returns the summary (also written as summary.json and SUMMARY.md)."""
-    from ..data.evaluation import evaluate_model, markdown_table, write_report
-    from ..data.real import dsb2018_real_case
-    from ..data.synthetic import synthetic_domains
-    from ..hub.local import LocalHub
-    from ..modeling_esp_medsam import EspMedSamModel
-    from ..processing_esp_medsam import EspMedSamProcessor
-    from .publishing import STAGE_TO_BRANCH, publish_stages, stage_card
-    from .stages import count_parameters, run_distill, run_espmedsam, run_teacher
+    from .stages import run_distill, run_espmedsam, run_teacher
 
     output = Path(output).resolve()
-    check_output(output, overwrite)
     settings = DemoSettings.quick() if quick else DemoSettings.full()
+    check_output(output, overwrite)
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -117,156 +202,154 @@ def run_demo(output: str | Path, *, quick: bool = False, overwrite: bool = False
         logger.info("demo: %s done in %.1f s (%.1f s so far)", name, timings[name], time.perf_counter() - started)
         return time.perf_counter()
 
-    # 1. Data: synthetic 12 domains (train/validation/test), the real DSB 2018 case for evaluation.
     tick = time.perf_counter()
-    logger.info("demo: generating SYNTHETIC data for the 12 domains at %d px", settings.image_size)
-    splits = {"train": settings.train_images, "validation": settings.valid_images, "test": settings.test_images}
-    source = synthetic_domains(list(SOURCE_DOMAINS), splits, seed=seed, size=settings.image_size)
-    unseen_splits = {"train": settings.train_images, "test": settings.test_images}
-    unseen = synthetic_domains([n for n in DOMAIN_NAMES if n not in SOURCE_DOMAINS], unseen_splits, seed=seed,
-                               size=settings.image_size)
-    everything = {name: (source | unseen)[name] for name in DOMAIN_NAMES}
+    data = build_data(output, settings, seed, progress)
     tick = lap("data", tick)
+    teacher_config, distill_config, esp_config = stage_configs(output, settings, seed, progress, threads)
 
-    common = dict(
-        model_size="tiny", image_size=settings.image_size, batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate, seed=seed, max_steps=settings.max_steps, progress=progress,
-        synthetic_train_images=settings.train_images, synthetic_valid_images=settings.valid_images,
-    )
-
-    # 2. Stage 1: the medical teacher.
-    teacher_config = TeacherConfig(output_dir=str(output / "stage-1-teacher"), epochs=settings.teacher_epochs,
-                                   num_medical_tokens=2, **common)
-    teacher = run_teacher(teacher_config, data=source)
+    teacher = run_teacher(teacher_config, data=data.train)
     tick = lap("stage 1 (teacher)", tick)
-
-    # 3. Stage 2: MMDKD (modality-common on scikit-image's photographs, then modality-specific).
-    distill_config = DistillConfig(
-        output_dir=str(output / "stage-2-distill"), teacher=str(teacher.release_dir),
-        epochs=max(settings.common_epochs, settings.specific_epochs), common_epochs=settings.common_epochs,
-        specific_epochs=settings.specific_epochs, natural_repeats=settings.natural_repeats, **common,
-    )
-    distill = run_distill(distill_config, data=source)
+    distill = run_distill(distill_config, data=data.train)
     tick = lap("stage 2 (distillation)", tick)
-
-    # 4. Stage 3: ESP-MedSAM from the distilled encoder; then the modality classifier on all 12 domains.
-    esp_config = EspMedSamStageConfig(
-        output_dir=str(output / "stage-3-esp-medsam"), init_from=str(distill.release_dir),
-        epochs=settings.espmedsam_epochs, classifier_domains=["all"], classifier_epochs=settings.classifier_epochs,
-        **common,
-    )
-    esp = run_espmedsam(esp_config, data=source, classifier_data=everything)
+    esp = run_espmedsam(esp_config, data=data.train, classifier_data=data.classifier)
     tick = lap("stage 3 (ESP-MedSAM)", tick)
 
-    # 5. Evaluation: Dice/HD on the synthetic test splits of the 12 domains and on the real DSB image.
-    model = EspMedSamModel.from_pretrained(esp.release_dir).eval()
-    processor = EspMedSamProcessor.from_pretrained(esp.release_dir)
-    cases: dict = {}
-    evaluation_data = {**everything, "dsb-real": dsb2018_real_case()}
-    report = evaluate_model(model, processor, evaluation_data, split="test", cases=cases, progress=progress)
-    label = (f"SYNTHETIC test images ({settings.test_images} per domain, {settings.image_size} px) and the REAL "
-             "DSB 2018 image (dsb-real)")
-    write_report(report, output / "evaluation", cases=cases, data_label=label)
-    classifier = classifier_accuracy(model, processor, everything)
+    report = evaluate_final(esp.release_dir, data, output, progress)
     tick = lap("evaluation", tick)
 
-    # 6. Publishing: one branch per stage and main, each with its model card, to the embedded local Hub.
-    synthetic_source = {name: everything[name] for name in SOURCE_DOMAINS}
-    from ..modeling_esp_medsam_teacher import EspMedSamTeacherModel
+    releases = demo_releases(teacher, distill, esp, report, (teacher_config, distill_config, esp_config), data,
+                             settings)
+    commits, reload = publish_and_reload(output, releases, esp.release_dir)
+    lap("publishing, reload and real images", tick)
 
-    teacher_model = EspMedSamTeacherModel.from_pretrained(teacher.release_dir).eval()
-    teacher_model_report = evaluate_model(teacher_model, processor, synthetic_source, split="test",
-                                          compute_hausdorff=False, progress=False)
-    distilled = EspMedSamModel.from_pretrained(distill.release_dir)
-    note = ("Trained by `esp-medsam demo` on SYNTHETIC images (tiny configuration, 128 px, randomly initialised SAM "
-            "encoder): a demonstration of the training pipeline, not a medical model.")
+    summary = demo_summary(output, quick, settings, timings, time.perf_counter() - started, data, report,
+                           teacher, distill, esp, commits, reload)
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (output / "SUMMARY.md").write_text(summary_markdown(summary, report))
+    return summary
+
+
+def demo_releases(teacher, distill, esp, report: dict, configs: tuple, data: DemoData, settings: DemoSettings):
+    """``(branch, folder, card)`` of every stage and of ``main``."""
+    from ..modeling_esp_medsam import EspMedSamModel
+    from .publishing import STAGE_TO_BRANCH, stage_card
+    from .stages import count_parameters
+
+    teacher_config, distill_config, esp_config = configs
+    model = EspMedSamModel.from_pretrained(esp.release_dir)
+    note = (f"Trained by `esp-medsam demo` from LiteMedSAM's real weights at {settings.image_size} px on {data.label}. "
+            "A demonstration of the training pipeline on a 2-core CPU, not a medical device.")
     cards = {
         "teacher": stage_card(STAGE_TO_BRANCH["teacher"], "esp-medsam-demo-teacher",
-                              training_config=teacher_config.to_dict(), report=teacher_model_report,
-                              parameters=count_parameters(teacher_model), image_size=settings.image_size, notes=note),
+                              training_config=teacher_config.to_dict(), parameters=count_parameters(model),
+                              image_size=settings.image_size, base_model="bowang-lab/LiteMedSAM",
+                              notes=note + f" Validation Dice {teacher.metrics['validation_dice']}."),
         "distill": stage_card(STAGE_TO_BRANCH["distill"], "esp-medsam-demo", training_config=distill_config.to_dict(),
-                              parameters=count_parameters(distilled), image_size=settings.image_size,
+                              parameters=count_parameters(model), image_size=settings.image_size,
+                              base_model="bowang-lab/LiteMedSAM",
                               notes=note + f" Embedding MSE: {distill.metrics}."),
         "espmedsam": stage_card(STAGE_TO_BRANCH["espmedsam"], "esp-medsam-demo", training_config=esp_config.to_dict(),
                                 report=report, parameters=count_parameters(model), image_size=settings.image_size,
-                                notes=note),
+                                base_model="bowang-lab/LiteMedSAM", notes=note,
+                                synthetic=set(data.synthetic_test)),
     }
     main_card = dataclasses.replace(cards["espmedsam"], stage="main")
-    releases = [
+    return [
         (STAGE_TO_BRANCH["teacher"], teacher.release_dir, cards["teacher"]),
         (STAGE_TO_BRANCH["distill"], distill.release_dir, cards["distill"]),
         (STAGE_TO_BRANCH["espmedsam"], esp.release_dir, cards["espmedsam"]),
         ("main", esp.release_dir, main_card),
     ]
+
+
+def publish_and_reload(output: Path, releases: list, final_dir: Path) -> tuple[dict, dict]:
+    """Publish every branch to the embedded local Hub, then reload ``main`` in a fresh process (HF_ENDPOINT must be
+    set before huggingface_hub loads) that compares it with ``final_dir`` and segments the real images."""
+    from ..hub.local import LocalHub
+    from .publishing import publish_stages
+
     with LocalHub(output / "hub") as hub:
         logger.info("demo: local Hub at %s", hub.endpoint)
         commits = publish_stages(REPO_ID, releases, endpoint=hub.endpoint)
-        tick = lap("publishing", tick)
-        # 7. Reload main from the Hub in a fresh process (HF_ENDPOINT must be set before huggingface_hub loads)
-        #    and segment the real images with it.
         env = {**os.environ, **hub.env, "HF_HUB_CACHE": str(output / "hub" / "cache"),
                "HF_MODULES_CACHE": str(output / "hub" / "modules")}
         command = [sys.executable, "-m", "esp_medsam_hf.training.reload_check", "--repo", REPO_ID,
-                   "--revision", "main", "--reference", str(esp.release_dir), "--output", str(output / "real_images")]
+                   "--revision", "main", "--reference", str(final_dir), "--output", str(output / "real_images")]
         completed = subprocess.run(command, env=env, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"reloading {REPO_ID}@main from the local Hub failed:\n{completed.stderr[-3000:]}")
     reload = json.loads(next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    lap("reload and real images", tick)
+    return commits, reload
 
-    summary = {
+
+def _mean(report: dict, names) -> float:
+    values = [report["domains"][n]["dice"] for n in names if n in report["domains"]]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def demo_summary(output: Path, quick: bool, settings: DemoSettings, timings: dict, seconds: float, data: DemoData,
+                 report: dict, teacher, distill, esp, commits: dict, reload: dict) -> dict:
+    """The figures of the run (summary.json)."""
+    real = {name: {"dice": row["dice"], "references": row.get("references", {}),
+                   "classifier_accuracy": row.get("classifier_accuracy"), "images": row["num_images"]}
+            for name, row in report["domains"].items() if row.get("role") == "real"}
+    synthetic_source = [n for n in data.synthetic_test if n in SOURCE_DOMAINS]
+    synthetic_unseen = [n for n in data.synthetic_test if n not in SOURCE_DOMAINS]
+    real_images = [r for r in reload["real_images"]]
+    return {
         "output": str(output),
+        "final_model": str(esp.release_dir),
         "quick": quick,
         "settings": dataclasses.asdict(settings),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(seconds, 1),
         "timings_s": timings,
-        "data": label,
+        "data": data.label,
         "validation_dice": {"teacher": teacher.metrics["validation_dice"], "espmedsam": esp.metrics["validation_dice"]},
         "distillation_mse": distill.metrics,
-        "test": {"source_dice": float(np.mean([report["domains"][n]["dice"] for n in SOURCE_DOMAINS])),
-                 "unseen_dice": float(np.mean([report["domains"][n]["dice"] for n in DOMAIN_NAMES
-                                               if n not in SOURCE_DOMAINS])),
-                 "dsb_real_dice": report["domains"]["dsb-real"]["dice"],
-                 "per_domain_dice": {name: row["dice"] for name, row in report["domains"].items()},
-                 "teacher_source_dice": teacher_model_report["summary"].get("source", {}).get("dice")},
-        "modality_classifier": {"held_out_accuracy": classifier["accuracy"], "images": classifier["images"],
-                                "train_accuracy": esp.metrics.get("classifier_train_accuracy")},
+        "real": real,
+        "synthetic": {"source_dice": _mean(report, synthetic_source), "unseen_dice": _mean(report, synthetic_unseen),
+                      "per_domain_dice": {n: report["domains"][n]["dice"] for n in data.synthetic_test}},
+        "modality_classifier": {"train_accuracy": esp.metrics.get("classifier_train_accuracy"),
+                                "real_test_accuracy": {n: r["classifier_accuracy"] for n, r in real.items()},
+                                "real_images": {r["name"]: r["classifier_modality"] for r in real_images}},
         "hub": {"repo": REPO_ID, "commits": commits},
         "reload": {k: v for k, v in reload.items() if k != "real_images"},
-        "real_images": reload["real_images"],
+        "real_images": real_images,
     }
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (output / "SUMMARY.md").write_text(summary_markdown(summary, markdown_table(report, label)))
-    return summary
 
 
-def summary_markdown(summary: dict, table: str) -> str:
+def summary_markdown(summary: dict, report: dict) -> str:
     """A human-readable page of the demo's results."""
-    test, clf = summary["test"], summary["modality_classifier"]
+    from ..data.evaluation import markdown_table
+
     lines = [
         "# esp-medsam demo", "",
-        f"All three stages trained, evaluated, published and reloaded in {summary['seconds']:.0f} s "
-        f"({', '.join(f'{k} {v:.0f} s' for k, v in summary['timings_s'].items())}).", "",
-        "**SYNTHETIC data** (tiny models at "
-        f"{summary['settings']['image_size']} px, random SAM encoder): the numbers show that the pipeline learns, "
-        "not the paper's accuracy.", "",
-        f"- Test Dice, synthetic source domains: {test['source_dice']:.2f} % (teacher: {test['teacher_source_dice']:.2f} %)"
-        " (the evaluation table's source mean also counts the real DSB image)",
-        f"- Test Dice, synthetic unseen domains (zero-shot): {test['unseen_dice']:.2f} %",
-        f"- Dice on the REAL DSB 2018 image: {test['dsb_real_dice']:.2f} %",
-        f"- Modality classifier on {clf['images']} held-out synthetic images of the 12 domains: "
-        f"{clf['held_out_accuracy']:.2f} %",
-        f"- Published to the local Hub as {summary['hub']['repo']}: "
+        f"All three stages trained from LiteMedSAM's real weights, evaluated, published and reloaded in "
+        f"{summary['seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in summary['timings_s'].items())}).", "",
+        f"Data: {summary['data']}. Final model: `{summary['final_model']}`.", "",
+        "## Real test images, prompt-free (Dice %)", "",
+        "| domain | images | ours | Otsu | LiteMedSAM + GT boxes | classifier accuracy % |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, row in summary["real"].items():
+        refs = row["references"]
+        lines.append(f"| {name} | {row['images']} | **{row['dice']:.2f}** | {refs.get('otsu', float('nan')):.2f} | "
+                     f"{refs.get('litemedsam-boxes', float('nan')):.2f} | {row['classifier_accuracy'] or 0:.1f} |")
+    synthetic = summary["synthetic"]
+    lines += [
+        "", f"SYNTHETIC test images: source {synthetic['source_dice']:.2f} %, unseen (zero-shot) "
+        f"{synthetic['unseen_dice']:.2f} %.",
+        f"Published to the local Hub as {summary['hub']['repo']}: "
         + ", ".join(f"`{b}` ({c[:8]})" for b, c in summary["hub"]["commits"].items()),
-        f"- Reloaded `main` with from_pretrained(revision='main'): max |difference| "
+        f"Reloaded `main` with from_pretrained(revision='main'): max |difference| "
         f"{summary['reload']['max_abs_difference']:.2e}; through AutoModel: "
         f"{summary['reload']['auto_model_max_abs_difference']:.2e}", "",
-        "## Real images (overlays in real_images/)", "",
+        "## Other real images (overlays in real_images/)", "",
         "| image | modality given | classifier says | foreground % | Dice % |", "| --- | --- | --- | ---: | ---: |",
     ]
     for record in summary["real_images"]:
         dice = f"{record['dice']:.2f}" if "dice" in record else "n/a (no mask)"
         lines.append(f"| {record['name']} | {record['modality']} | {record['classifier_modality']} "
                      f"({record['classifier_probability']:.2f}) | {record['foreground_percent']:.1f} | {dice} |")
-    lines += ["", "## Evaluation (evaluation/results.md)", "", table]
+    lines += ["", "## Evaluation (evaluation/results.md)", "", markdown_table(report, summary["data"])]
     return "\n".join(lines) + "\n"

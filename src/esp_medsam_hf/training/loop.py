@@ -207,6 +207,8 @@ def _train(config: TrainingConfig, task: StageTask, output_dir: str | Path | Non
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
     set_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     resume = None
     if accelerator.is_main_process:
         resume = prepare_output_dir(config, output_dir)

@@ -10,26 +10,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.domains import DOMAIN_NAMES, get_domain
+from ..data.domains import get_domain
 from ..hub.cards import DomainResult, ModelCardInfo
 from ..hub.publish import MAIN_BRANCH, STAGE_BRANCHES, RetryPolicy, StageRelease, publish_model
 
 STAGE_TO_BRANCH = dict(zip(("teacher", "distill", "espmedsam"), STAGE_BRANCHES))
 
 
-def domain_results(report: dict, synthetic: bool) -> list[DomainResult]:
-    """The per-domain Dice/HD of an ``evaluate_model`` report as model card results."""
+def domain_results(report: dict, synthetic: bool | set[str]) -> list[DomainResult]:
+    """The per-domain Dice/HD of an ``evaluate_model`` report as model card results; ``synthetic`` says which
+    domains are synthetic stand-ins (True: all, a set: those named)."""
     results = []
     for name, row in report.get("domains", {}).items():
-        if name in DOMAIN_NAMES:
+        is_synthetic = name in synthetic if isinstance(synthetic, set) else synthetic
+        try:
             spec = get_domain(name)
-            dataset = f"SYNTHETIC {name}" if synthetic else spec.dataset
-            modality, unseen = spec.modality, not spec.is_source
+        except KeyError:
+            spec = None
+        if spec is not None:
+            dataset = f"SYNTHETIC {name}" if is_synthetic else spec.dataset
+            modality, unseen = spec.modality, spec.role == "unseen"
         else:
             dataset, modality, unseen = name, row.get("modality", "unknown"), False
         hd = row.get("hd")
         results.append(DomainResult(
-            modality=modality, dataset=dataset, dataset_id=f"{'synthetic-' if synthetic else ''}{name}",
+            modality=modality, dataset=dataset, dataset_id=f"{'synthetic-' if is_synthetic else ''}{name}",
             dice=float(row["dice"]), hd=float(hd) if hd is not None and hd == hd and hd != float("inf") else None,
             split=report.get("split", "test"), unseen=unseen,
         ))
@@ -42,7 +47,7 @@ def stage_card(
     *,
     training_config: dict | None = None,
     report: dict | None = None,
-    synthetic: bool = True,
+    synthetic: bool | set[str] = True,
     parameters: int | None = None,
     image_size: int | None = None,
     notes: str | None = None,

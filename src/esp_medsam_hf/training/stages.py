@@ -25,13 +25,12 @@ from torch import nn
 
 from ..configuration_esp_medsam import EspMedSamConfig
 from ..configuration_esp_medsam_teacher import EspMedSamTeacherConfig
-from ..fileio import replace_directory
 from ..image_processing_esp_medsam import EspMedSamImageProcessor
 from ..modeling_esp_medsam import EspMedSamModel, GatheredBagBlock
 from ..modeling_esp_medsam_teacher import EspMedSamTeacherModel
 from ..pipeline_esp_medsam import save_pretrained_with_pipeline
 from ..processing_esp_medsam import EspMedSamProcessor
-from .config import DistillConfig, EspMedSamStageConfig, TeacherConfig, TrainingConfig
+from .config import DistillConfig, EspMedSamStageConfig, TeacherConfig, TrainingConfig, expand_freeze
 from .data import (
     Collator,
     NaturalImageDataset,
@@ -114,8 +113,11 @@ def segmentation_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_teacher(config: TeacherConfig) -> EspMedSamTeacherModel:
-    """The teacher of ``config``: SAM weights from ``sam_checkpoint`` when given, else a randomly initialised ViT."""
+def build_teacher(config: TeacherConfig) -> EspMedSamTeacherModel | EspMedSamModel:
+    """The teacher of ``config``: an ESP-MedSAM model on LiteMedSAM's encoder (``init_from``), SAM weights from
+    ``sam_checkpoint``, else a randomly initialised SAM ViT."""
+    if config.init_from:
+        return build_student(config, config.init_from)
     options = dict(num_medical_tokens=config.num_medical_tokens, focal_loss_weight=config.focal_loss_weight)
     if config.model_size == "tiny":
         teacher_config = EspMedSamTeacherConfig.tiny(image_size=config.image_size, **options)
@@ -128,18 +130,29 @@ def build_teacher(config: TeacherConfig) -> EspMedSamTeacherModel:
     return EspMedSamTeacherModel(teacher_config)
 
 
-def teacher_task(config: TeacherConfig, model: EspMedSamTeacherModel | None = None, data: dict | None = None):
+def teacher_task(config: TeacherConfig, model: nn.Module | None = None, data: dict | None = None):
     """(task, processor, data) of stage 1."""
     data = data or source_data(config)
     model = model or build_teacher(config)
+    if isinstance(model, EspMedSamModel):
+        processor = student_processor(model, config.init_from)
+        apply_freeze(model, config.freeze)
+        logger.info("teacher: ESP-MedSAM on %s, %d trainable of %d parameters", config.init_from,
+                    count_parameters(model, True), count_parameters(model))
+        if config.cache_features:
+            return cached_feature_task("teacher", model, config, data, processor)
+        return segmentation_task("teacher", model, config, data, processor)
+    if config.cache_features or config.freeze:
+        raise ValueError("freeze and cache_features apply to an ESP-MedSAM teacher (init_from), not a SAM ViT one")
     logger.info("teacher: %d trainable of %d parameters (SAM encoder frozen)",
                 count_parameters(model, True), count_parameters(model))
     return segmentation_task("teacher", model, config, data)
 
 
-def segmentation_task(name: str, model: nn.Module, config: TrainingConfig, data: dict):
+def segmentation_task(name: str, model: nn.Module, config: TrainingConfig, data: dict,
+                      processor: EspMedSamProcessor | None = None):
     """(task, processor, data) of a stage trained with the segmentation loss and validated by Dice (1 and 3)."""
-    processor = make_processor(model.config.image_size, model.config.modality_names)
+    processor = processor or make_processor(model.config.image_size, model.config.modality_names)
     task = StageTask(
         name=name,
         model=model,
@@ -211,6 +224,29 @@ def drop_absent_bag_gradients(wrapper: EncoderDistillation, modalities: set[int]
                 parameter.grad = None
 
 
+def student_processor(model: EspMedSamModel, init_from: str | None) -> EspMedSamProcessor:
+    """The preprocessing the student was trained with: its folder's processor, LiteMedSAM's for ``"litemedsam"``,
+    else this package's default."""
+    if init_from == "litemedsam":
+        from ..conversion import litemedsam_image_processor
+
+        return EspMedSamProcessor(litemedsam_image_processor(model.config.image_size),
+                                  modality_names=list(model.config.modality_names))
+    if init_from and (Path(init_from) / "preprocessor_config.json").is_file():
+        return EspMedSamProcessor.from_pretrained(init_from)
+    return make_processor(model.config.image_size, model.config.modality_names)
+
+
+def apply_freeze(model: EspMedSamModel, names: list[str]) -> None:
+    """Everything trains except the parts ``names`` lists (see ``training.config.FREEZABLE``)."""
+    parts = {"aggregator": model.aggregator, "bags": model.modality_controller,
+             "prompt_generator": model.prompt_generator, "mask_decoder": model.mask_decoder,
+             "modality_classifier": model.modality_classifier}
+    model.requires_grad_(True)
+    for name in expand_freeze(names) - {"encoder"}:
+        parts[name].requires_grad_(False)
+
+
 def build_student(config: TrainingConfig, init_from: str | None) -> EspMedSamModel:
     """A student from a saved folder, from LiteMedSAM (``"litemedsam"``, 256 px), or freshly initialised."""
     if init_from == "litemedsam":
@@ -236,41 +272,96 @@ def build_student(config: TrainingConfig, init_from: str | None) -> EspMedSamMod
     return model
 
 
-def load_teacher(path: str | Path) -> EspMedSamTeacherModel:
+class EspMedSamEmbeddingTeacher(nn.Module):
+    """An ESP-MedSAM teacher (stage 1 on LiteMedSAM's encoder) seen as distillation needs it: its image embeddings
+    with its own parameter bags (``medical=True``) or with them unplugged (``medical=False``)."""
+
+    def __init__(self, model: EspMedSamModel):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def get_image_embeddings(self, pixel_values: torch.Tensor, medical: bool = True,
+                             modality: torch.LongTensor | None = None) -> torch.Tensor:
+        aggregator = self.model.aggregator
+        if modality is None:
+            modality = torch.zeros(pixel_values.shape[0], dtype=torch.long, device=pixel_values.device)
+        controller = self.model.modality_controller if medical else UnpluggedBags(self.model)
+        return aggregator.forward_stages(aggregator.stem(pixel_values), modality, controller)
+
+
+def load_teacher(path: str | Path) -> EspMedSamTeacherModel | EspMedSamEmbeddingTeacher:
+    """The stage-1 teacher saved in ``path``: a SAM ViT teacher, or an ESP-MedSAM one (wrapped for distillation)."""
+    import json
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"teacher folder {path} holds no saved model; train stage 1 first (--stage teacher)")
+    if json.loads((path / "config.json").read_text()).get("model_type") == EspMedSamConfig.model_type:
+        model = EspMedSamModel.from_pretrained(path).eval().requires_grad_(False)
+        return EspMedSamEmbeddingTeacher(model).eval()
     return EspMedSamTeacherModel.from_pretrained(path).eval().requires_grad_(False)
 
 
-def distill_tasks(config: DistillConfig, teacher: EspMedSamTeacherModel, student: EspMedSamModel,
-                  data: dict | None = None):
+def intensity_augment(pixel_values: torch.Tensor, image_processor, generator: torch.Generator) -> torch.Tensor:
+    """The batch under a random intensity shift per image (gamma 0.6-1.6, contrast 0.6-1.4, brightness +-0.15,
+    per-channel gain 0.85-1.15, Gaussian noise sd <= 0.03), applied in [0, 1] intensities and normalised again."""
+    mean = torch.tensor(image_processor.image_mean, dtype=pixel_values.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std, dtype=pixel_values.dtype).view(1, 3, 1, 1)
+    # pixel = (value * rescale - mean) / std, value in 0..255 (rescale = 1 without do_rescale)
+    rescale = image_processor.rescale_factor if image_processor.do_rescale else 1.0
+    intensities = ((pixel_values.cpu() * std + mean) / (rescale * 255)).clamp(0, 1)
+    batch = pixel_values.shape[0]
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return low + (high - low) * torch.rand(batch, *shape, 1, 1, generator=generator)
+
+    shifted = intensities ** uniform(0.6, 1.6, 1)
+    shifted = (shifted - 0.5) * uniform(0.6, 1.4, 1) + 0.5 + uniform(-0.15, 0.15, 1)
+    shifted = shifted * uniform(0.85, 1.15, 3)
+    shifted = shifted + uniform(0.0, 0.03, 1) * torch.randn(shifted.shape, generator=generator)
+    shifted = shifted.clamp(0, 1)
+    return ((shifted * 255 * rescale - mean) / std).to(pixel_values.device)
+
+
+def distill_tasks(config: DistillConfig, teacher: EspMedSamTeacherModel | EspMedSamEmbeddingTeacher,
+                  student: EspMedSamModel, data: dict | None = None):
     """(common task, specific task, processor, data) of stage 2, sharing one student."""
-    if teacher.config.image_size != student.config.image_size or (
-        teacher.config.embedding_grid_size != student.config.embedding_grid_size
-        or teacher.config.vision_config.output_channels != student.config.aggregator_config.neck_dim
-    ):
-        raise ValueError(
-            f"teacher embeddings ({teacher.config.vision_config.output_channels} x {teacher.config.embedding_grid_size}"
-            f"^2 at {teacher.config.image_size} px) and student embeddings ({student.config.aggregator_config.neck_dim}"
-            f" x {student.config.embedding_grid_size}^2 at {student.config.image_size} px) must have the same shape"
-        )
+    def shape(config) -> tuple[int, int, int]:
+        channels = (config.aggregator_config.neck_dim if isinstance(config, EspMedSamConfig)
+                    else config.vision_config.output_channels)
+        return channels, config.embedding_grid_size, config.image_size
+
+    if shape(teacher.config) != shape(student.config):
+        (tc, tg, ts), (sc, sg, ss) = shape(teacher.config), shape(student.config)
+        raise ValueError(f"teacher embeddings ({tc} x {tg}^2 at {ts} px) and student embeddings ({sc} x {sg}^2 at "
+                         f"{ss} px) must have the same shape")
     data = data or source_data(config)
-    processor = make_processor(student.config.image_size, student.config.modality_names)
+    processor = student_processor(student, config.init_from)
     collate = Collator(processor.image_processor)
     photographs = load_natural_images(config.natural_images)
     validation_photographs = NaturalImageDataset(photographs, seed=config.seed + 1)
+    generator = torch.Generator().manual_seed(config.seed)
 
     def embedding_loss(medical: bool):
         def compute(model: nn.Module, batch: dict) -> torch.Tensor:
             device = batch["pixel_values"].device
             teacher.to(device)
+            modality = batch["modality"].clamp(min=0)
             with torch.no_grad():
-                target = teacher.get_image_embeddings(batch["pixel_values"], medical=medical)
-            predicted = model(batch["pixel_values"], batch["modality"].clamp(min=0))
+                target = teacher_embeddings(batch["pixel_values"], medical, modality)
+            pixels = batch["pixel_values"]
+            if medical and config.intensity_augment:
+                pixels = intensity_augment(pixels, processor.image_processor, generator)
+            predicted = model(pixels, modality)
             return F.mse_loss(predicted.float(), target.float())
 
         return compute
+
+    def teacher_embeddings(pixels: torch.Tensor, medical: bool, modality: torch.LongTensor) -> torch.Tensor:
+        if isinstance(teacher, EspMedSamEmbeddingTeacher):
+            return teacher.get_image_embeddings(pixels, medical=medical, modality=modality)
+        return teacher.get_image_embeddings(pixels, medical=medical)
 
     def mse_validation(dataset, medical: bool):
         def validate(wrapper: EncoderDistillation) -> dict:
@@ -283,7 +374,10 @@ def distill_tasks(config: DistillConfig, teacher: EspMedSamTeacherModel, student
                 for batch in loader:
                     pixels, modality = batch["pixel_values"].to(device), batch["modality"].clamp(min=0).to(device)
                     teacher.to(device)
-                    target = teacher.get_image_embeddings(pixels, medical=medical)
+                    target = teacher_embeddings(pixels, medical, modality)
+                    if medical and config.intensity_augment:
+                        pixels = intensity_augment(pixels, processor.image_processor,
+                                                   torch.Generator().manual_seed(config.seed + 1))
                     errors.append(F.mse_loss(wrapper(pixels, modality).float(), target.float()).item() * len(pixels))
             wrapper.train(was_training)
             return {"mse": sum(errors) / len(dataset)}
@@ -323,15 +417,21 @@ def distill_tasks(config: DistillConfig, teacher: EspMedSamTeacherModel, student
 
 def run_distill(config: DistillConfig, teacher: EspMedSamTeacherModel | None = None, data: dict | None = None,
                 student: EspMedSamModel | None = None) -> StageResult:
-    """Both phases, in ``output_dir/common`` and ``output_dir/specific``; the release is ``output_dir/final``."""
+    """Both phases, in ``output_dir/common`` and ``output_dir/specific``; the release (``output_dir/release``) is the
+    last modality-specific model."""
     teacher = teacher if teacher is not None else load_teacher(config.teacher)
     student = student if student is not None else build_student(config, config.init_from)
     common, specific, processor, data = distill_tasks(config, teacher, student, data)
     root = Path(config.output_dir)
-    common_config = dataclasses.replace(
-        config, epochs=config.common_epochs or config.epochs, max_steps=config.common_max_steps or config.max_steps
-    )
-    first = train(common_config, common, root / "common")
+    first = None
+    if config.common_max_steps != 0:
+        common_config = dataclasses.replace(
+            config, epochs=config.common_epochs or config.epochs,
+            max_steps=config.common_max_steps or config.max_steps,
+        )
+        first = train(common_config, common, root / "common")
+    else:
+        logger.info("distill: modality-common phase skipped (common_max_steps: 0)")
     # the specific phase starts from the last common weights; from here on only the bags train
     freeze_all_but(student, [student.modality_controller])
     specific_config = dataclasses.replace(
@@ -339,16 +439,9 @@ def run_distill(config: DistillConfig, teacher: EspMedSamTeacherModel | None = N
         max_steps=config.specific_max_steps or config.max_steps,
     )
     second = train(specific_config, specific, root / "specific")
-    release = root / "final"
-    state = PartialState()
-    if state.is_main_process:  # under accelerate launch, one process writes the release folder
-        staging = root / ".final.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(second.final_dir, staging)
-        replace_directory(staging, release)
-    state.wait_for_everyone()
-    metrics = {"common_mse": first.best_metric, "specific_mse": second.best_metric}
-    return StageResult("distill", release, [first, second], metrics)
+    release = write_release(second.final_dir, root)
+    metrics = {"common_mse": first.best_metric if first else None, "specific_mse": second.best_metric}
+    return StageResult("distill", release, [r for r in (first, second) if r], metrics)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -357,11 +450,61 @@ def run_distill(config: DistillConfig, teacher: EspMedSamTeacherModel | None = N
 
 
 def espmedsam_task(config: EspMedSamStageConfig, model: EspMedSamModel | None = None, data: dict | None = None):
-    """(task, processor, data) of stage 3: everything trains (the modality classifier on detached features)."""
+    """(task, processor, data) of stage 3: everything but the ``freeze`` parts trains (the modality classifier on
+    detached features); with ``cache_features`` the frozen encoder's features are computed once."""
     data = data or source_data(config)
+    processor = student_processor(model, None) if model is not None else None
     model = model if model is not None else build_student(config, config.init_from)
-    model.requires_grad_(True)
-    return segmentation_task("espmedsam", model, config, data)
+    processor = processor or student_processor(model, config.init_from)
+    apply_freeze(model, config.freeze)
+    if config.cache_features:
+        return cached_feature_task("espmedsam", model, config, data, processor)
+    return segmentation_task("espmedsam", model, config, data, processor)
+
+
+def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig, data: dict,
+                        processor: EspMedSamProcessor):
+    """(task, processor, data) of a segmentation stage on the frozen encoder's cached features
+    (:mod:`esp_medsam_hf.training.features`); validation Dice (%) on cached validation features at model size."""
+    from .features import EspMedSamHeads, cache_features, collate_features, heads_loss
+
+    train_rows = SegmentationDataset(data, "train", augment=config.augment, seed=config.seed)
+    views = config.feature_views if config.augment else 1
+    features = cache_features(model, processor.image_processor, train_rows, views=views,
+                              progress=config.progress, desc=f"{name}: encoding training images")
+    usable = {n: d for n, d in data.items() if len(d["validation"])}
+    validation = None
+    if usable and config.validate:
+        rows = SegmentationDataset(usable, "validation")
+        validation = cache_features(model, processor.image_processor, rows, views=1, progress=config.progress,
+                                    desc=f"{name}: encoding validation images")
+    heads = EspMedSamHeads(model)
+
+    def validate(module: EspMedSamHeads) -> dict:
+        from ..metrics.functional import dice_score
+
+        was_training = module.training
+        module.eval()
+        scores = []
+        for start in range(0, validation.num_images, 16):
+            logits = module.predict(validation.embeddings[start : start + 16, 0],
+                                    validation.modality[start : start + 16])
+            labels = validation.labels[start : start + 16, 0]
+            masks = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear") > 0
+            scores += [dice_score(m[0].numpy(), l[0].numpy() > 0) for m, l in zip(masks, labels)]
+        module.train(was_training)
+        return {"dice": float(np.mean(scores))}
+
+    task = StageTask(
+        name=name,
+        model=heads,
+        train_dataset=features,
+        collate_fn=collate_features,
+        compute_loss=heads_loss,
+        save=lambda m, folder: save_with_processor(m.model, processor, folder),
+        validate=validate if validation is not None else None,
+    )
+    return task, processor, data
 
 
 def fit_modality_classifier(
@@ -417,20 +560,41 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
     task, processor, data = espmedsam_task(config, model, data)
     result = train(config, task)
     chosen = result.best_dir or result.final_dir
-    release = Path(config.output_dir) / "release"
     metrics: dict = {"validation_dice": result.best_metric}
-    state = PartialState()
-    if state.is_main_process:  # under accelerate launch, one process fits the classifier and writes the release
-        metrics.update(_write_release(config, chosen, release, processor, classifier_data))
-    state.wait_for_everyone()
+    fitted: dict = {}
+
+    def fit_classifier(staging: Path) -> None:
+        fitted.update(_fit_classifier_into(config, chosen, staging, processor, classifier_data))
+
+    release = write_release(chosen, Path(config.output_dir), fit_classifier)
+    metrics.update(fitted)
     return StageResult("espmedsam", release, [result], metrics)
 
 
-def _write_release(config: EspMedSamStageConfig, chosen: Path, release: Path, processor: EspMedSamProcessor,
-                   classifier_data: dict | None) -> dict:
-    """Copy ``chosen`` to ``release`` atomically, fitting the modality classifier first when asked."""
-    staging = release.with_name(".release.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+RELEASE = "release"
+"""The folder of a stage run that is published (``<output_dir>/release``), the same name for every stage."""
+
+
+def write_release(chosen: Path, output_dir: Path, build=None) -> Path:
+    """``output_dir/release``: a copy of ``chosen`` (or what ``build(staging)`` writes), replaced atomically, by the
+    main process only under ``accelerate launch``."""
+    from ..fileio import staging_directory
+
+    release = Path(output_dir) / RELEASE
+    state = PartialState()
+    if state.is_main_process:
+        with staging_directory(release) as staging:
+            if build is not None:
+                build(staging)
+            if not (staging / "config.json").is_file():
+                shutil.copytree(chosen, staging, dirs_exist_ok=True)
+    state.wait_for_everyone()
+    return release
+
+
+def _fit_classifier_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, processor: EspMedSamProcessor,
+                         classifier_data: dict | None) -> dict:
+    """Fit the modality classifier of ``chosen`` when asked and save the model into ``staging``."""
     metrics: dict = {}
     if (config.classifier_domains or classifier_data) and config.classifier_epochs:
         best = EspMedSamModel.from_pretrained(chosen)
@@ -446,17 +610,16 @@ def _write_release(config: EspMedSamStageConfig, chosen: Path, release: Path, pr
         logger.info("modality classifier fitted on %d images of %d domains: %.2f%% training accuracy",
                     fit["images"], len(classifier_data), fit["accuracy"])
         save_with_processor(best, processor, staging)
-    else:
-        shutil.copytree(chosen, staging)
-    replace_directory(staging, release)
     return metrics
 
 
 def run_teacher(config: TeacherConfig, data: dict | None = None) -> StageResult:
-    """Stage 1; the release is the best validation model (the final one without validation)."""
+    """Stage 1; the release (``output_dir/release``) is the best validation model (the final one without
+    validation)."""
     task, _, _ = teacher_task(config, data=data)
     result = train(config, task)
-    return StageResult("teacher", result.best_dir or result.final_dir, [result], {"validation_dice": result.best_metric})
+    release = write_release(result.best_dir or result.final_dir, Path(config.output_dir))
+    return StageResult("teacher", release, [result], {"validation_dice": result.best_metric})
 
 
 def run_stage(config: TrainingConfig) -> StageResult:

@@ -1,0 +1,153 @@
+"""Training on a frozen encoder's cached features: same loss as the full forward, seeded views, frozen parts,
+the options' checks, and an ESP-MedSAM teacher with intensity-augmented distillation."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
+from esp_medsam_hf.data.synthetic import synthetic_domains
+from esp_medsam_hf.training import DistillConfig, EspMedSamStageConfig, TeacherConfig, train
+from esp_medsam_hf.training.data import SegmentationDataset
+from esp_medsam_hf.training.features import VIEWS, EspMedSamHeads, apply_view, cache_features
+from esp_medsam_hf.training.stages import (
+    apply_freeze,
+    espmedsam_task,
+    intensity_augment,
+    make_processor,
+    run_distill,
+    run_teacher,
+)
+
+SIZE = 64
+COMMON = dict(model_size="tiny", image_size=SIZE, progress=False, synthetic_valid_images=1, learning_rate=1e-3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_domains(["isic", "dsb"], {"train": 3, "validation": 1}, seed=0, size=SIZE)
+
+
+def tiny_model() -> EspMedSamModel:
+    torch.manual_seed(0)
+    model = EspMedSamModel(EspMedSamConfig.tiny(image_size=SIZE))
+    with torch.no_grad():  # bags that do something, so a wrong bag in the cache would show
+        for bag in model.modality_controller.bags:
+            for block in bag.blocks:
+                block.mlp.fc2.weight.normal_(std=0.05)
+    return model
+
+
+def test_views_are_the_flips_and_rotation():
+    array = np.arange(6).reshape(2, 3)
+    assert [apply_view(array, v).tolist() for v in VIEWS] == [
+        [[0, 1, 2], [3, 4, 5]], [[2, 1, 0], [5, 4, 3]], [[3, 4, 5], [0, 1, 2]], [[5, 4, 3], [2, 1, 0]]]
+    with pytest.raises(ValueError, match="unknown view"):
+        apply_view(array, "rot90")
+
+
+def test_heads_on_cached_features_give_the_models_own_loss(data):
+    model = tiny_model()
+    apply_freeze(model, ["encoder"])
+    processor = make_processor(SIZE, model.config.modality_names)
+    rows = SegmentationDataset(data, "train", augment=True, seed=0)
+    features = cache_features(model, processor.image_processor, rows, views=2, progress=False)
+    assert features.embeddings.shape[:2] == (6, 2) and len(features) == 6
+    heads = EspMedSamHeads(model).eval()
+    row = rows.rows[4]
+    for view in (0, 1):
+        image = apply_view(np.asarray(row["image"].convert("RGB")), VIEWS[view])
+        mask = apply_view(np.asarray(row["mask"]) > 0, VIEWS[view]).astype(np.uint8)
+        inputs = processor.image_processor([image], segmentation_maps=[mask], return_tensors="pt")
+        modality = torch.tensor([row["modality"]])
+        with torch.no_grad():
+            expected = model(pixel_values=inputs["pixel_values"], modality=modality, labels=inputs["labels"]).loss
+            cached = heads(features.embeddings[4:5, view], features.pooled[4:5, view], modality,
+                           features.labels[4:5, view])
+        torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-5)
+    # the view an item shows is drawn from (seed, epoch, index): the same again, another epoch may differ
+    drawn = [[features[i]["image_embeddings"] for i in range(6)] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*drawn))
+    picked = set()
+    for epoch in range(6):
+        features.set_epoch(epoch)
+        picked |= {int(torch.equal(features[i]["image_embeddings"], features.embeddings[i, 1])) for i in range(6)}
+    assert picked == {0, 1}
+
+
+def test_cached_training_moves_only_the_heads(tmp_path, data):
+    config = EspMedSamStageConfig(output_dir=str(tmp_path / "run"), init_from=None, epochs=2, batch_size=2,
+                                  freeze=["encoder", "modality_classifier"], cache_features=True, feature_views=2,
+                                  **COMMON)
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    task, _, _ = espmedsam_task(config, model=model, data=data)
+    result = train(config, task)
+    after = load_file(result.final_dir / "model.safetensors")
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith(("prompt_generator.", "mask_decoder.")) for k in changed)
+    assert any(k.startswith("prompt_generator.") for k in changed)
+    assert result.best_metric is not None and 0 <= result.best_metric <= 100
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="needs the encoder frozen"):
+        EspMedSamStageConfig(cache_features=True, freeze=["aggregator"])
+    assert EspMedSamStageConfig(cache_features=True, freeze=["aggregator", "bags"]).cache_features
+    with pytest.raises(ValueError, match="unknown part"):
+        TeacherConfig(freeze=["neck"])
+    with pytest.raises(ValueError, match="feature_views"):
+        EspMedSamStageConfig(feature_views=5)
+    with pytest.raises(ValueError, match="threads"):
+        EspMedSamStageConfig(threads=0)
+
+
+def test_intensity_augment_stays_in_range_and_is_seeded():
+    processor = make_processor(SIZE, ("a",) * 6).image_processor
+    pixels = processor([np.full((SIZE, SIZE, 3), v, dtype=np.uint8) for v in (0, 128, 255)],
+                       return_tensors="pt")["pixel_values"]
+    first = intensity_augment(pixels, processor, torch.Generator().manual_seed(1))
+    again = intensity_augment(pixels, processor, torch.Generator().manual_seed(1))
+    assert torch.equal(first, again) and not torch.allclose(first, pixels)
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    values = (first * std + mean)
+    assert values.min() >= -1e-5 and values.max() <= 1 + 1e-5
+
+
+def test_esp_medsam_teacher_then_intensity_distillation(tmp_path, data, monkeypatch):
+    """Stage 1 with an ESP-MedSAM teacher on cached features, stage 2 distilling it into the bags under intensity
+    shifts (the main job's path, with a tiny random model instead of LiteMedSAM's weights)."""
+    from esp_medsam_hf.training import stages
+
+    teacher_dir = tmp_path / "init"
+    tiny_model().save_pretrained(teacher_dir)
+    teacher_config = TeacherConfig(output_dir=str(tmp_path / "teacher"), init_from=str(teacher_dir), epochs=1,
+                                   batch_size=2, freeze=["encoder"], cache_features=True, feature_views=1, **COMMON)
+    teacher = run_teacher(teacher_config, data=data)
+    assert teacher.release_dir == tmp_path / "teacher" / "release"
+    assert (teacher.release_dir / "model.safetensors").is_file()
+    distill_config = DistillConfig(output_dir=str(tmp_path / "distill"), teacher=str(teacher.release_dir),
+                                   init_from=str(teacher.release_dir), common_max_steps=0, specific_max_steps=2,
+                                   intensity_augment=True, batch_size=2, **COMMON)
+    distill = run_distill(distill_config, data=data)
+    assert not (tmp_path / "distill" / "common").exists() and distill.metrics["common_mse"] is None
+    assert distill.metrics["specific_mse"] > 0  # the student sees shifted images: it must learn, not copy
+    before = load_file(teacher.release_dir / "model.safetensors")
+    after = load_file(distill.release_dir / "model.safetensors")
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("modality_controller.") for k in changed)
+    touched = {int(k.split(".")[2]) for k in changed}
+    assert touched <= {0, 4}  # isic (dermoscopy) and dsb (microscopy) bags only
+    dataclasses.replace(distill_config)  # the config stays a valid dataclass
