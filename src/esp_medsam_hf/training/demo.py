@@ -200,7 +200,7 @@ def run_demo(output: str | Path, *, quick: bool = False, overwrite: bool = False
     ]
     with LocalHub(output / "hub") as hub:
         logger.info("demo: local Hub at %s", hub.endpoint)
-        commits = publish_stages(REPO_ID, releases, endpoint=hub.endpoint)
+        commits = publish_stages(REPO_ID, releases, endpoint=hub.endpoint, token=hub.token)
         tick = lap("publishing", tick)
         # 7. Reload main from the Hub in a fresh process (HF_ENDPOINT must be set before huggingface_hub loads)
         #    and segment the real images with it.
