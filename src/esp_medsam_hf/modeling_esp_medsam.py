@@ -478,6 +478,18 @@ def segmentation_loss(
     return mask_loss + config.patch_loss_weight * patch_loss, mask_loss, patch_loss
 
 
+def check_binary_labels(labels: torch.Tensor) -> None:
+    """Refuse labels that are not 0/1 masks (0/255 masks or NaN would give a meaningless, even negative, loss)."""
+    if labels.dtype == torch.bool:
+        return
+    values = labels.detach()
+    if not bool(((values == 0) | (values == 1)).all()):
+        bad = values[(values != 0) & (values != 1)]
+        shown = ", ".join(f"{v:g}" for v in bad.flatten()[:5].float().tolist())
+        raise ValueError(f"labels must be binary masks of 0 and 1; found other values ({shown}); "
+                         "divide 0/255 masks by 255 or threshold them")
+
+
 def segmentation_losses(
     pred_masks: torch.Tensor, patch_logits: torch.Tensor, labels: torch.Tensor, focal_loss_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -486,6 +498,7 @@ def segmentation_losses(
     The mask logits are upsampled bilinearly to the label size; the mask loss is
     ``lambda * focal + (1 - lambda) * dice``; the patch loss is BCE against the label max-pooled to the patch grid.
     """
+    check_binary_labels(labels)
     labels = labels.to(pred_masks.dtype)
     if labels.dim() == 3:
         labels = labels.unsqueeze(1)

@@ -27,6 +27,7 @@ from PIL import UnidentifiedImageError
 
 from ..assets import to_uint8_rgb
 from ..fileio import atomic_file, staging_directory
+from ..io import ImageLoadError, check_pixel_count, repair_non_finite
 from .domains import DOMAINS, Domain, all_official_names, get_domain
 from .layouts import Layout, SourceItem, detect_layout, get_layout
 from .schema import encode_mask, encode_png, features
@@ -69,21 +70,56 @@ def _open_bytes(path: Path) -> io.BytesIO:
     return io.BytesIO(data)
 
 
+def _check_size(path: Path, height: int, width: int) -> None:
+    """The package's one pixel limit (``esp_medsam_hf.io.MAX_IMAGE_PIXELS``), checked before decoding."""
+    try:
+        check_pixel_count(path, height, width)
+    except ImageLoadError as error:
+        raise PreparationError(f"{path}: {error.reason}") from error
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        _check_size(path, page.imagelength, page.imagewidth)
+        array = page.asarray()
+        return np.moveaxis(array, 0, -1) if array.ndim == 3 and page.axes.startswith("S") else array
+
+
 def _read_array(path: Path) -> np.ndarray:
-    """Pixels of an image file (PNG, JPEG, TIFF, BMP, GIF, PPM, optionally gzipped) as a numpy array."""
+    """Pixels of an image file (PNG, JPEG, TIFF, BMP, GIF, PPM, optionally gzipped) as a numpy array.
+
+    The size is checked from the header before decoding; NaN/inf pixels of float images are repaired with a warning.
+    """
+    try:
+        return repair_non_finite(_read_pixels(path), path)
+    except ValueError as error:
+        if isinstance(error, PreparationError):
+            raise
+        raise PreparationError(f"{path}: {error}") from error
+
+
+def _read_pixels(path: Path) -> np.ndarray:
     try:
         with PILImage.open(_open_bytes(path)) as image:
+            _check_size(path, image.height, image.width)
             if image.mode in ("P", "PA"):
                 image = image.convert("RGBA" if "transparency" in image.info else "RGB")
             elif image.mode == "1":
                 image = image.convert("L")
             return np.asarray(image)
+    except PreparationError:
+        raise
+    except PILImage.DecompressionBombError as error:
+        raise PreparationError(f"{path}: image exceeds the limit of the package's image readers ({error})") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
             try:
-                return np.asarray(tifffile.imread(path))
+                return _read_tiff(path)
+            except PreparationError:
+                raise
             except Exception as tiff_error:  # tifffile raises many types; all mean "unreadable"
                 raise PreparationError(f"{path}: unreadable image ({tiff_error})") from tiff_error
         raise PreparationError(f"{path}: unreadable image ({error})") from error
