@@ -1,7 +1,8 @@
 """Atomic writes: every file and folder the package produces appears complete or not at all.
 
 One place for the temporary-sibling-then-``os.replace`` pattern that checkpoints, prepared datasets, reports,
-masks and converted models all use.
+masks and converted models all use. What appears gets the permissions a plain ``open``/``mkdir`` would give
+under the process's umask (``tempfile`` alone would leave files 0600 and folders 0700).
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix, for writers that infer the format from it); it is
@@ -21,6 +28,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     temporary = Path(name)
     try:
@@ -48,6 +56,7 @@ def staging_directory(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o777 & ~_umask())
     try:
         yield staging
         replace_directory(staging, target)
