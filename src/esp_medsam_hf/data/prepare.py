@@ -35,6 +35,8 @@ from .schema import encode_mask, encode_png, features
 logger = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 256 * 1024 * 1024
+CACHE_PREFIX = ".cache-"  # + the pid of the run that owns it
+CARD_TITLE = "# ESP-MedSAM domains"
 
 
 class PreparationError(ValueError):
@@ -360,17 +362,44 @@ def write_output(
     if existing and marker.exists() != synthetic:
         kind = "synthetic" if marker.exists() else "real"
         raise PreparationError(f"{output_dir} holds {kind} domains ({', '.join(existing)}); use another folder")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+    check_card_replaceable(output_dir, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
+    with staging_directory(target) as staging:
+        save_domain(dataset_dict, staging, report)
+    # marked only once the domain is written: a refused or failed run leaves the folder as it was
     if synthetic:
         marker.touch()
     elif marker.exists():
         marker.unlink()
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
-    with staging_directory(target) as staging:
-        save_domain(dataset_dict, staging, report)
     write_card(output_dir)
     return target
+
+
+def check_card_replaceable(output_dir: Path, overwrite: bool) -> None:
+    """A ``README.md`` that is not this package's dataset card is the user's: replaced only with ``--overwrite``."""
+    readme = Path(output_dir) / "README.md"
+    if overwrite or not readme.is_file():
+        return
+    if CARD_TITLE not in readme.read_text(errors="replace"):
+        raise FileExistsError(f"{readme} is not a dataset card written by esp-medsam prepare; pass --overwrite to "
+                              "replace it with one, or choose another output folder")
+
+
+def _remove_stale_caches(output_dir: Path) -> None:
+    """Build caches of runs that were killed (SIGKILL, power loss) before they could clean up after themselves."""
+    for folder in output_dir.glob(f"{CACHE_PREFIX}*"):
+        pid = folder.name[len(CACHE_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            logger.info("removing %s, left by an interrupted run (process %s)", folder, pid)
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def prepare_domain(
@@ -391,8 +420,10 @@ def prepare_domain(
     output_dir = Path(output_dir)
     if (output_dir / domain).exists() and not overwrite:
         raise FileExistsError(f"{output_dir / domain} already exists; pass overwrite=True (--overwrite) to replace it")
+    check_card_replaceable(output_dir, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".cache-", dir=output_dir) as cache_dir:
+    _remove_stale_caches(output_dir)
+    with tempfile.TemporaryDirectory(prefix=f"{CACHE_PREFIX}{os.getpid()}-", dir=output_dir) as cache_dir:
         dataset_dict, report = build_domain(domain, data_dir, cache_dir=cache_dir, **options)
         target = write_output(dataset_dict, output_dir, domain, report.to_dict(), overwrite=overwrite)
         del dataset_dict
@@ -428,7 +459,7 @@ def write_card(output_dir: str | Path, synthetic: bool | None = None) -> Path:
         "tags": ["medical", "esp-medsam"] + (["synthetic"] if synthetic else []),
         "configs": configs,
     }
-    lines = ["# ESP-MedSAM domains" + (" (SYNTHETIC)" if synthetic else ""), ""]
+    lines = [CARD_TITLE + (" (SYNTHETIC)" if synthetic else ""), ""]
     if synthetic:
         lines += [
             "**Synthetic data**: procedurally generated stand-ins for the 12 domains of ESP-MedSAM, made by "

@@ -311,13 +311,34 @@ def prepare_output_dir(config: TrainingConfig, output_dir: Path) -> Path | None:
             raise FileExistsError(
                 f"{output_dir} already holds a run; pass --resume latest to continue it or --overwrite to replace it"
             )
-        for name in ("checkpoints", "final", "best", "log.csv", "log.jsonl"):
+        check_inputs_survive(config, [output_dir / name for name in RUN_ENTRIES])
+        for name in RUN_ENTRIES:
             path = output_dir / name
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
     return resume
+
+
+RUN_ENTRIES = ("checkpoints", "final", "best", "log.csv", "log.jsonl")
+"""What ``--overwrite`` removes from a run folder (nothing else in it is touched)."""
+INPUT_OPTIONS = ("init_from", "teacher", "data", "natural_images", "sam_checkpoint")
+
+
+def check_inputs_survive(config: TrainingConfig, doomed: list[Path]) -> None:
+    """Refuse an ``--overwrite`` that would delete one of the run's own inputs (``init_from: run/final``, ...)."""
+    for option in INPUT_OPTIONS:
+        value = getattr(config, option, None)
+        if not value or value in ("synthetic", "litemedsam"):
+            continue
+        source = Path(value).resolve()
+        for path in doomed:
+            target = path.resolve()
+            if source == target or target in source.parents:
+                raise FileExistsError(
+                    f"--overwrite would delete {path}, which holds {option} ({value}); choose another output folder"
+                )
 
 
 def check_resume_options(config: TrainingConfig, output_dir: Path) -> None:
