@@ -165,3 +165,19 @@ def test_labels_must_be_zero_or_one(bad):
     labels[labels != 0] = 1
     mask_loss, patch_loss = segmentation_losses(pred, patches, labels, 0.5)
     assert mask_loss.item() > 0 and patch_loss.item() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.uint8, torch.float16])
+def test_pixel_values_of_another_dtype_are_a_clear_error(dtype):
+    model = EspMedSamModel(EspMedSamConfig.tiny()).eval()
+    size = model.config.image_size
+    with pytest.raises(TypeError, match=f"pixel_values has dtype {dtype} but the model's weights are torch.float32"):
+        model(pixel_values=torch.zeros(1, 3, size, size, dtype=dtype), modality=torch.tensor([0]))
+
+
+def test_nan_pixel_values_are_refused_by_the_model():
+    model = EspMedSamModel(EspMedSamConfig.tiny()).eval()
+    pixels = torch.zeros(1, 3, model.config.image_size, model.config.image_size)
+    pixels[0, 1, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="pixel_values hold NaN or inf"):
+        model(pixel_values=pixels, modality=torch.tensor([0]))

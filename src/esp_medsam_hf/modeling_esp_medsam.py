@@ -478,6 +478,18 @@ def segmentation_loss(
     return mask_loss + config.patch_loss_weight * patch_loss, mask_loss, patch_loss
 
 
+def check_pixel_values(pixel_values: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse pixel values of another dtype than the weights, or holding NaN/inf (they would make every logit NaN
+    and return an empty mask)."""
+    if pixel_values.dtype != dtype:
+        raise TypeError(
+            f"pixel_values has dtype {pixel_values.dtype} but the model's weights are {dtype}; pass "
+            "pixel_values.to(model.dtype) (EspMedSamImageProcessor gives float32 from any image)"
+        )
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError("pixel_values hold NaN or inf; EspMedSamImageProcessor repairs such pixels (with a warning)")
+
+
 def check_binary_labels(labels: torch.Tensor) -> None:
     """Refuse labels that are not 0/1 masks (0/255 masks or NaN would give a meaningless, even negative, loss)."""
     if labels.dtype == torch.bool:
@@ -611,6 +623,7 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
                 f"pixel_values must have shape (batch, {channels}, {size}, {size}), got {tuple(pixel_values.shape)}; "
                 "use EspMedSamImageProcessor to resize and normalise images"
             )
+        check_pixel_values(pixel_values, self.dtype)
         if modality is None:
             return None
         modality = torch.as_tensor(modality, device=pixel_values.device)
