@@ -237,3 +237,24 @@ def test_a_stalled_body_times_out_and_frees_the_thread(server):
     sock.close()
     assert answer.startswith(b"HTTP/1.1 408")
     assert request(server, "GET", "/_local/health")[0] == 200
+
+
+def test_malformed_bodies_are_bad_requests_not_500(server):
+    create(server)
+    base = "/api/models/esp/target"
+    status, _, _ = request(server, "POST", f"{base}/preupload/main",
+                           json.dumps({"files": [{"path": "a", "size": "many"}]}).encode())
+    assert status == 400
+    status, _, _ = request(server, "POST", "/esp/target.git/info/lfs/objects/batch",
+                           json.dumps({"operation": "upload", "objects": [{"oid": "a" * 64, "size": [1]}]}).encode(),
+                           {"Content-Type": "application/vnd.git-lfs+json"})
+    assert status == 400
+    status, headers, _ = request(server, "POST", f"{base}/branch/new", json.dumps({"startingPoint": "main\0"}).encode())
+    assert status == 404 and headers["X-Error-Code"] == "RevisionNotFound"
+    lines = [{"key": "header", "value": {"summary": "x", "parentCommit": "HEAD\n--all"}},
+             {"key": "file", "value": {"path": "ok.txt", "content": "eA==", "encoding": "base64"}}]
+    status, _, _ = request(server, "POST", f"{base}/commit/main", "\n".join(map(json.dumps, lines)).encode(),
+                           {"Content-Type": "application/x-ndjson"})
+    assert status == 412
+    assert set(repo_of(server).branches()) == {"main"}
+    assert tree(repo_of(server)) == ["100644 .gitattributes"]

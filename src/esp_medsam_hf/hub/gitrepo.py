@@ -115,7 +115,7 @@ class GitRepo:
     # -- reading ----------------------------------------------------------------------------------------------
     def resolve(self, revision: str) -> str | None:
         """The commit id a branch, tag or (abbreviated) commit id points at, or None."""
-        if not revision or revision.startswith("-"):
+        if not revision or revision.startswith("-") or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in revision):
             return None
         out = self.git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{revision}^{{commit}}", check=False)
         return out.strip() or None

@@ -75,6 +75,13 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
 ]
 
 
+def _size(value) -> int:
+    """A size field of a request body: an integer (400 otherwise, as the Hub answers malformed bodies)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+        raise HubError(400, f"invalid size {value!r}: expected an integer")
+    return int(value)
+
+
 class HubError(Exception):
     """An error answered the way the Hub answers it: status, X-Error-Code and a JSON ``error`` message."""
 
@@ -328,7 +335,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         remote = repo.file_oids(self._revision(repo, rev))
         answer = []
         for entry in files:
-            path, size = str(entry.get("path", "")), int(entry.get("size", 0))
+            path, size = str(entry.get("path", "")), _size(entry.get("size", 0))
             lfs = size >= LFS_MIN_SIZE or path.lower().endswith(tuple(LFS_SUFFIXES))
             answer.append(
                 {
@@ -347,7 +354,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             raise HubError(400, "the local hub's LFS batch endpoint only accepts uploads; download through resolve")
         objects = []
         for obj in data.get("objects", []):
-            oid, size = str(obj.get("oid", "")), int(obj.get("size", -1))
+            oid, size = str(obj.get("oid", "")), _size(obj.get("size", -1))
             if not re.fullmatch(r"[0-9a-f]{64}", oid) or size < 0:
                 error = {"code": 422, "message": "invalid oid or size"}
                 objects.append({"oid": oid, "size": max(size, 0), "error": error})
