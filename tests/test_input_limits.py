@@ -181,3 +181,21 @@ def test_nan_pixel_values_are_refused_by_the_model():
     pixels[0, 1, 5, 5] = float("nan")
     with pytest.raises(ValueError, match="pixel_values hold NaN or inf"):
         model(pixel_values=pixels, modality=torch.tensor([0]))
+
+
+def test_prepare_skip_invalid_skips_an_oversize_image(tmp_path, monkeypatch):
+    from _data_helpers import build_replica, save
+
+    from esp_medsam_hf.data.prepare import build_domain
+
+    root = tmp_path / "raw"
+    names, _, _ = build_replica(root, "official", "tnbc")
+    name = names["train"][0]
+    save(np.zeros((20, 25, 3), np.uint8), root / "image_1024" / name)
+    save(np.zeros((20, 25), np.uint8), root / "mask_1024" / name)
+    monkeypatch.setattr(esp_io, "MAX_IMAGE_PIXELS", 20 * 24)
+    with pytest.raises(PreparationError, match=rf"{name}: image of 25 x 20 pixels exceeds the limit"):
+        build_domain("tnbc", root, cache_dir=tmp_path / "cache", progress=False)
+    dataset_dict, report = build_domain("tnbc", root, cache_dir=tmp_path / "cache2", skip_invalid=True, progress=False)
+    assert name not in dataset_dict["train"]["file_name"]
+    assert report.skipped[0]["file_name"] == name and "exceeds the limit" in report.skipped[0]["reason"]
