@@ -284,3 +284,18 @@ def test_a_refused_request_does_not_poison_the_keep_alive_connection(hub):
                               headers={"Authorization": f"Bearer {hub.token}"})
         assert refused.status_code == 404 and refused.headers["X-Error-Code"] == "RepoNotFound"
         assert client.get(f"{hub.endpoint}/_local/health").json()["status"] == "ok"
+
+
+def test_a_forged_index_entry_cannot_be_planted_and_the_repo_still_downloads(hub, api, tmp_path):
+    """Issue 13: a commit path holding a newline and a tab used to plant a symlink; snapshot_download then gave 500."""
+    api.create_repo("esp/planted")
+    api.upload_file(path_or_fileobj=b"ok", path_in_repo="ok.txt", repo_id="esp/planted")
+    lines = [{"key": "header", "value": {"summary": "attack"}},
+             {"key": "file", "value": {"path": "x\n120000 " + "1" * 40 + "\tlink", "content": "eA==",
+                                       "encoding": "base64"}}]
+    answer = httpx2.post(f"{hub.endpoint}/api/models/esp/planted/commit/main",
+                         content="\n".join(json.dumps(line) for line in lines).encode(),
+                         headers={"Authorization": f"Bearer {hub.token}", "Content-Type": "application/x-ndjson"})
+    assert answer.status_code == 400 and "invalid path" in answer.json()["error"]
+    snapshot = download(hub, tmp_path, "esp/planted", "main")
+    assert sorted(p.name for p in snapshot.iterdir()) == [".gitattributes", "ok.txt"]

@@ -96,8 +96,12 @@ def test_writes_without_the_right_token_are_refused(server, token):
         client.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="esp/guarded")
     with pytest.raises(HfHubHTTPError, match="401"):
         client.create_branch("esp/guarded", branch="planted")
+    api(server).create_branch("esp/guarded", branch="keep")
+    with pytest.raises(HfHubHTTPError, match="401"):
+        client.delete_branch("esp/guarded", branch="keep")
+    head = repo.branches()
     assert not repo_of(server, "esp/other").exists()
-    assert repo.branches() == {"main": head}
+    assert repo.branches() == head and set(head) == {"main", "keep"}
 
 
 def test_branch_deletion_and_faults_need_the_token(server):
