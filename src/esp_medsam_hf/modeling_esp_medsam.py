@@ -486,7 +486,8 @@ def check_pixel_values(pixel_values: torch.Tensor, dtype: torch.dtype) -> None:
             f"pixel_values has dtype {pixel_values.dtype} but the model's weights are {dtype}; pass "
             "pixel_values.to(model.dtype) (EspMedSamImageProcessor gives float32 from any image)"
         )
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()  # exported graphs check nothing data-dependent
+    if not tracing and not bool(torch.isfinite(pixel_values).all()):
         raise ValueError("pixel_values hold NaN or inf; EspMedSamImageProcessor repairs such pixels (with a warning)")
 
 
