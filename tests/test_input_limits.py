@@ -199,3 +199,14 @@ def test_prepare_skip_invalid_skips_an_oversize_image(tmp_path, monkeypatch):
     dataset_dict, report = build_domain("tnbc", root, cache_dir=tmp_path / "cache2", skip_invalid=True, progress=False)
     assert name not in dataset_dict["train"]["file_name"]
     assert report.skipped[0]["file_name"] == name and "exceeds the limit" in report.skipped[0]["reason"]
+
+
+
+@pytest.mark.parametrize("height", [1, 3, 4])
+def test_a_thin_array_gives_the_pixels_of_the_same_image_as_a_tensor(height):
+    """H x W x 3 numpy (as load_image gives it) and the unambiguous 3 x H x W tensor: the same pixel values."""
+    processor = EspMedSamImageProcessor(size={"height": 32, "width": 32})
+    image = np.random.default_rng(height).integers(0, 256, (height, 50, 3), dtype=np.uint8)
+    from_array = processor(image, return_tensors="pt")["pixel_values"]
+    from_tensor = processor(torch.from_numpy(image).permute(2, 0, 1), return_tensors="pt")["pixel_values"]
+    assert torch.equal(from_array, from_tensor)
