@@ -195,13 +195,13 @@ def test_push_to_the_local_hub(tmp_path, official):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(constants, "HF_HUB_OFFLINE", False)
         with LocalHub(tmp_path / "hub") as hub:
-            commit = push_to_hub(tmp_path / "out", "esp/domains", token="hf_local_hub", endpoint=hub.endpoint)
-            api = HfApi(endpoint=hub.endpoint, token="hf_local_hub")
+            commit = push_to_hub(tmp_path / "out", "esp/domains", token=hub.token, endpoint=hub.endpoint)
+            api = HfApi(endpoint=hub.endpoint, token=hub.token)
             files = api.list_repo_files("esp/domains", repo_type="dataset", revision="main")
             downloaded = {
                 name: hf_hub_download(
                     "esp/domains", name, repo_type="dataset", revision="main", endpoint=hub.endpoint,
-                    cache_dir=tmp_path / "cache", token="hf_local_hub",
+                    cache_dir=tmp_path / "cache", token=hub.token,
                 )
                 for name in ("README.md", f"{DOMAIN}/data/test-00000-of-00001.parquet")
             }

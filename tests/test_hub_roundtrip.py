@@ -61,7 +61,7 @@ def hub(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api(hub) -> HfApi:
-    return HfApi(endpoint=hub.endpoint, token="hf_local_hub")
+    return HfApi(endpoint=hub.endpoint, token=hub.token)
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +76,12 @@ def published(hub, api, tmp_path_factory):
 
 def download(hub, tmp_path, repo: str, revision: str, **kwargs) -> Path:
     return Path(snapshot_download(repo, revision=revision, endpoint=hub.endpoint, cache_dir=tmp_path / "cache",
-                                  token="hf_local_hub", **kwargs))
+                                  token=hub.token, **kwargs))
 
 
 def set_faults(hub, *faults: dict) -> None:
-    httpx2.post(f"{hub.endpoint}/_local/faults", json={"faults": list(faults)}).raise_for_status()
+    httpx2.post(f"{hub.endpoint}/_local/faults", json={"faults": list(faults)},
+                headers={"Authorization": f"Bearer {hub.token}"}).raise_for_status()
 
 
 def test_refs_list_every_stage_branch(api, published):
@@ -185,7 +186,7 @@ def test_write_server_killed_midway(tmp_path):
     folders = {b: make_stage_folder(tmp_path / b, seed=20 + i) for i, b in enumerate(BRANCHES[:2])}
     before = {b: tree_hashes(f) for b, f in folders.items()}
     with LocalHub(tmp_path / "hub") as local_hub:
-        api = HfApi(endpoint=local_hub.endpoint, token="hf_local_hub")
+        api = HfApi(endpoint=local_hub.endpoint, token=local_hub.token)
         publish_model("esp/killed", [StageRelease(BRANCHES[0], folders[BRANCHES[0]])], api=api, retry=FAST)
         local_hub.kill_write_server()
         with pytest.raises(HubUnavailableError, match="not reachable"):
@@ -279,6 +280,22 @@ def test_start_refuses_a_busy_port_or_a_running_root(hub, tmp_path):
 def test_a_refused_request_does_not_poison_the_keep_alive_connection(hub):
     with httpx2.Client() as client:
         refused = client.post(f"{hub.endpoint}/api/models/esp/nope/preupload/main",
-                              json={"files": [{"path": "x", "size": 1, "sample": "eA==" * 5000}]})
+                              json={"files": [{"path": "x", "size": 1, "sample": "eA==" * 5000}]},
+                              headers={"Authorization": f"Bearer {hub.token}"})
         assert refused.status_code == 404 and refused.headers["X-Error-Code"] == "RepoNotFound"
         assert client.get(f"{hub.endpoint}/_local/health").json()["status"] == "ok"
+
+
+def test_a_forged_index_entry_cannot_be_planted_and_the_repo_still_downloads(hub, api, tmp_path):
+    """Issue 13: a commit path holding a newline and a tab used to plant a symlink; snapshot_download then gave 500."""
+    api.create_repo("esp/planted")
+    api.upload_file(path_or_fileobj=b"ok", path_in_repo="ok.txt", repo_id="esp/planted")
+    lines = [{"key": "header", "value": {"summary": "attack"}},
+             {"key": "file", "value": {"path": "x\n120000 " + "1" * 40 + "\tlink", "content": "eA==",
+                                       "encoding": "base64"}}]
+    answer = httpx2.post(f"{hub.endpoint}/api/models/esp/planted/commit/main",
+                         content="\n".join(json.dumps(line) for line in lines).encode(),
+                         headers={"Authorization": f"Bearer {hub.token}", "Content-Type": "application/x-ndjson"})
+    assert answer.status_code == 400 and "invalid path" in answer.json()["error"]
+    snapshot = download(hub, tmp_path, "esp/planted", "main")
+    assert sorted(p.name for p in snapshot.iterdir()) == [".gitattributes", "ok.txt"]

@@ -260,7 +260,7 @@ def test_hub_repo_and_revision_through_the_local_hub(tmp_path):
     assert expected["main"] != expected["stage-2-distill"], "the two branches must give different masks"
 
     with LocalHub(tmp_path / "hub") as hub:
-        api = HfApi(endpoint=hub.endpoint, token="hf_local_hub")
+        api = HfApi(endpoint=hub.endpoint, token=hub.token)
         publish_model("esp/space-tiny", [StageRelease(b, f) for b, f in folders.items()], api=api,
                       retry=RetryPolicy(attempts=2, base_wait_s=0.1))
         env = {**os.environ, **OFFLINE_ENV, **hub.env}

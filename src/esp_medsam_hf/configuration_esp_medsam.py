@@ -9,6 +9,8 @@ extra query that only takes part in attention.
 
 from __future__ import annotations
 
+import numbers
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -32,6 +34,11 @@ def modality_index(modality: int | str, modality_names: list[str] | tuple[str, .
         if modality not in modality_names:
             raise ValueError(f"unknown modality {modality!r}; expected one of {list(modality_names)}")
         return list(modality_names).index(modality)
+    if isinstance(modality, bool) or not isinstance(modality, numbers.Integral):
+        raise TypeError(
+            f"modality must be a name ({', '.join(modality_names)}) or an integer index, "
+            f"got {type(modality).__name__} {modality!r}"
+        )
     index = int(modality)
     if not 0 <= index < len(modality_names):
         raise ValueError(

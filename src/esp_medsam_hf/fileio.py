@@ -1,17 +1,25 @@
 """Atomic writes: every file and folder the package produces appears complete or not at all.
 
 One place for the temporary-sibling-then-``os.replace`` pattern that checkpoints, prepared datasets, reports,
-masks and converted models all use.
+masks and converted models all use. What appears gets the permissions a plain ``open``/``mkdir`` would give
+under the process's umask (``tempfile`` alone would leave files 0600 and folders 0700).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -21,6 +29,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     temporary = Path(name)
     try:
@@ -48,9 +57,44 @@ def staging_directory(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o777 & ~_umask())
     try:
         yield staging
         replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def check_replaceable(
+    output: str | os.PathLike,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    owned: Iterable[str] = (),
+    command: str = "this command",
+) -> None:
+    """Refuse (``FileExistsError``) to let ``--overwrite`` replace ``output`` when it is or holds one of the
+    ``inputs`` (the model, the checkpoint, the data), or holds entries that ``command`` does not write (names
+    matching none of the ``owned`` glob patterns). Called before anything is read or written."""
+    output = Path(output)
+    if not output.exists():
+        return
+    resolved = output.resolve()
+    for item in inputs:
+        if item is None or str(item) == "":
+            continue
+        path = Path(item).resolve()
+        if path == resolved or resolved in path.parents:
+            raise FileExistsError(
+                f"{output} holds the input {item}: --overwrite would delete it; choose another output folder"
+            )
+    if not output.is_dir():
+        raise FileExistsError(f"{output} is a file, not a folder; choose another output folder")
+    patterns = tuple(owned)
+    unrelated = sorted(p.name for p in output.iterdir() if not any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
+    if unrelated:
+        shown = ", ".join(unrelated[:5]) + (", ..." if len(unrelated) > 5 else "")
+        raise FileExistsError(
+            f"{output} holds files that {command} does not write ({shown}); --overwrite only replaces a folder of "
+            "its own outputs: move them or choose another output folder"
+        )

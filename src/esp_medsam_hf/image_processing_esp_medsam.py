@@ -6,6 +6,8 @@ are resized to ``size`` without keeping the aspect ratio (SAM's longest-edge res
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,8 +22,32 @@ from transformers.image_utils import (
     SizeDict,
 )
 
+logger = logging.getLogger(__name__)
 
-def _to_supported_dtype(image: ImageInput) -> ImageInput:
+
+def _finite(data: np.ndarray, index: int | None = None) -> np.ndarray:
+    """NaN and -inf -> the lowest finite value, +inf -> the highest, with a warning; ValueError if none is finite."""
+    finite = np.isfinite(data)
+    if finite.all():
+        return data
+    name = "image" if index is None else f"image {index}"
+    if not finite.any():
+        raise ValueError(f"{name} has no finite pixel (all NaN or infinite)")
+    low, high = float(data[finite].min()), float(data[finite].max())
+    logger.warning("%s: %d pixel(s) are NaN or infinite; set to the image's finite range [%g, %g]",
+                   name, int((~finite).sum()), low, high)
+    return np.nan_to_num(data, nan=low, posinf=high, neginf=low)
+
+
+def _channels_first(image: ImageInput) -> ImageInput:
+    """A numpy H x W x C array (C in 1, 3, 4) as a C x H x W tensor, so that an image 1, 3 or 4 pixels tall is not
+    taken for channels-first (transformers guesses channels-first whenever the first axis could be channels)."""
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] in (1, 3, 4):
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0)))
+    return image
+
+
+def _to_supported_dtype(image: ImageInput, index: int | None = None) -> ImageInput:
     """Bring 16-bit and float images to uint8 with a per-image min-max stretch; uint8 passes through untouched.
 
     2-D arrays gain a trailing channel axis (transformers reads a bare 2-D array as ambiguous).
@@ -43,10 +69,12 @@ def _to_supported_dtype(image: ImageInput) -> ImageInput:
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
         return array[..., None] if array.ndim == 2 else array
-    data = array.astype(np.float64)
-    low, high = float(np.nanmin(data)), float(np.nanmax(data))
+    data = _finite(array.astype(np.float64), index)
+    low, high = float(data.min()), float(data.max())
     scale = 255.0 / (high - low) if high > low else 0.0
-    result = np.clip((np.nan_to_num(data, nan=low) - low) * scale + 0.5, 0, 255).astype(np.uint8)
+    result = np.clip((data - low) * scale + 0.5, 0, 255).astype(np.uint8)
+    if isinstance(image, torch.Tensor):  # a tensor keeps its own (channels-first) layout
+        return torch.from_numpy(result[None] if result.ndim == 2 else result)
     return result[..., None] if result.ndim == 2 else result
 
 
@@ -101,9 +129,11 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         **kwargs,
     ) -> BatchFeature:
         if isinstance(images, (list, tuple)):
-            images = [_to_supported_dtype(image) for image in images]
+            images = [_to_supported_dtype(image, index) for index, image in enumerate(images)]
         else:
             images = _to_supported_dtype(images)
+        if input_data_format is None:  # numpy arrays are H x W x C (as PIL and esp_medsam_hf.io give them)
+            images = [_channels_first(i) for i in images] if isinstance(images, list) else _channels_first(images)
         images = self._prepare_images_structure(images)
         images = self._prepare_image_like_inputs(
             images=images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=device

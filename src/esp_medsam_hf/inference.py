@@ -64,20 +64,25 @@ class OutputExistsError(FileExistsError):
     """An output that would be replaced although ``overwrite`` is off."""
 
 
-def collect_inputs(paths: Iterable[str | os.PathLike]) -> list[InputFile]:
+def collect_inputs(paths: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None) -> list[InputFile]:
     """Files as given and the image files under folders (recursively, by suffix), in a stable order.
+
+    Files under ``exclude`` (the output folder, when it lies inside an input folder) are not collected from folders,
+    so that a rerun does not segment its own masks and overlays.
 
     Outputs of a folder's files keep their path relative to that folder; a file given directly keeps its name.
     Raises ``FileNotFoundError`` for a path that does not exist and ``ValueError`` when two inputs would write the
     same outputs.
     """
     inputs: list[InputFile] = []
+    excluded = Path(exclude).resolve() if exclude is not None else None
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             found = sorted(
                 p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and (excluded is None or excluded not in p.resolve().parents)
             )
             if not found:
                 logger.warning("no image files (%s) under %s", ", ".join(SUPPORTED_SUFFIXES), path)
@@ -277,7 +282,7 @@ def run_segmentation(
         raise OutputExistsError(f"{csv_path} exists; pass --overwrite to replace it")
     if modality is not None:
         pipe.model.config.modality_index(modality)  # fail before any work on an unknown modality
-    items = collect_inputs(inputs)
+    items = collect_inputs(inputs, exclude=output_dir)
     with state.split_between_processes(list(enumerate(items))) as shard:
         if state.num_processes > 1:
             logger.info("process %d of %d: %d of %d inputs", state.process_index + 1, state.num_processes,

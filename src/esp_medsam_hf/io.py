@@ -5,6 +5,12 @@ inversion, then 8 bit), 16-bit and float PNG/TIFF (min-max stretched per image, 
 non-uint8 arrays), greyscale, RGBA (alpha dropped) and palette images. The DICOM Modality tag gives the modality
 where it is unambiguous (``DICOM_MODALITIES``); otherwise the hint is ``None`` and the model's classifier decides.
 
+Every reader checks the image's size from its header before decoding anything: more than ``MAX_IMAGE_PIXELS``
+pixels (width x height x frames) is refused with an ``ImageLoadError`` naming the file, the same limit for PIL,
+tifffile (tiled and compressed TIFF included) and DICOM. Float images with NaN or infinite pixels are repaired
+(NaN and -inf to the lowest finite value, +inf to the highest) with a warning naming the file; an image with no
+finite pixel is refused.
+
 This module ships with saved models as remote code (the custom pipeline imports it), so it depends only on numpy and
 Pillow at import time; pydicom and tifffile are imported when needed.
 """
@@ -31,6 +37,10 @@ DICOM_MODALITIES: dict[str, str] = {
 }
 """DICOM Modality (0008,0060) codes that name one of the model's modalities unambiguously."""
 
+MAX_IMAGE_PIXELS = 100_000_000
+"""Largest image (width x height, times frames) any reader decodes: 10000 x 10000. Checked from the file's header
+before decoding (PIL's own decompression-bomb check, at about 179 million pixels, may refuse a file first)."""
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
@@ -45,6 +55,37 @@ class ImageLoadError(ValueError):
         super().__init__(f"cannot read image {self.path!r}: {reason}")
 
 
+def check_pixel_count(path: str | os.PathLike, height: int, width: int, frames: int = 1) -> None:
+    """Refuse an image larger than ``MAX_IMAGE_PIXELS`` before it is decoded (a decompression bomb)."""
+    pixels = int(height) * int(width) * max(int(frames), 1)
+    if pixels > MAX_IMAGE_PIXELS:
+        frames_text = f" x {frames} frames" if frames > 1 else ""
+        raise ImageLoadError(
+            path, f"image of {width} x {height} pixels{frames_text} exceeds the limit of {MAX_IMAGE_PIXELS:,} "
+                  "pixels (esp_medsam_hf.io.MAX_IMAGE_PIXELS); downsample it first"
+        )
+
+
+def repair_non_finite(array: np.ndarray, source: str | os.PathLike = "image") -> np.ndarray:
+    """Replace NaN and -inf by the lowest finite value and +inf by the highest, with a warning naming ``source``.
+
+    Raises ``ValueError`` when no pixel is finite. Integer arrays pass through untouched.
+    """
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating):
+        return array
+    finite = np.isfinite(array)
+    if finite.all():
+        return array
+    if not finite.any():
+        raise ValueError(f"{source}: no pixel has a finite value (all NaN or infinite)")
+    low, high = float(array[finite].min()), float(array[finite].max())
+    bad = int((~finite).sum())
+    logger.warning("%s: %d pixel(s) are NaN or infinite; set to the image's finite range [%g, %g]",
+                   source, bad, low, high)
+    return np.nan_to_num(array, nan=low, posinf=high, neginf=low)
+
+
 def stretch_to_uint8(array: np.ndarray) -> np.ndarray:
     """Min-max stretch of any numeric array to uint8 (uint8 passes through; a constant image becomes 0).
 
@@ -56,10 +97,10 @@ def stretch_to_uint8(array: np.ndarray) -> np.ndarray:
         return array
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
-    data = array.astype(np.float64)
-    low, high = float(np.nanmin(data)), float(np.nanmax(data))
+    data = repair_non_finite(array.astype(np.float64))
+    low, high = float(data.min()), float(data.max())
     scale = 255.0 / (high - low) if high > low else 0.0
-    return np.clip((np.nan_to_num(data, nan=low) - low) * scale + 0.5, 0, 255).astype(np.uint8)
+    return np.clip((data - low) * scale + 0.5, 0, 255).astype(np.uint8)
 
 
 def to_rgb_uint8(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -124,6 +165,11 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         raise ImportError("reading DICOM files needs pydicom: pip install pydicom") from error
     try:
         ds = pydicom.dcmread(path)
+    except Exception as error:  # pydicom raises many types (InvalidDicomError, AttributeError, ValueError...)
+        raise ImageLoadError(path, f"not a readable DICOM file ({type(error).__name__}: {error})") from error
+    check_pixel_count(path, int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0),
+                      int(ds.get("NumberOfFrames", 1) or 1))
+    try:
         pixels = ds.pixel_array
     except Exception as error:  # pydicom raises many types (InvalidDicomError, AttributeError, ValueError...)
         raise ImageLoadError(path, f"not a readable DICOM image ({type(error).__name__}: {error})") from error
@@ -135,7 +181,7 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     if int(ds.get("SamplesPerPixel", 1)) > 1:  # colour: pydicom already converted YBR to RGB
         image = to_rgb_uint8(pixels)
     else:
-        values = apply_modality_lut(pixels, ds)
+        values = repair_non_finite(np.asarray(apply_modality_lut(pixels, ds)), path)
         voi_range = _voi_output_range(ds, apply_voi_lut)
         if voi_range is not None:
             values = apply_voi_lut(values, ds)
@@ -171,22 +217,34 @@ def read_raster(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
             tifffile = None
         if tifffile is not None:
             try:
-                array = tifffile.imread(path, key=0)
+                with tifffile.TiffFile(path) as tif:
+                    page = tif.pages[0]
+                    # the header gives the size; tiles and compression are only decoded after this check
+                    check_pixel_count(path, page.imagelength, page.imagewidth, max(page.imagedepth, 1))
+                    array = page.asarray()
+                    axes = page.axes
+            except ImageLoadError:
+                raise
             except Exception as error:
                 raise ImageLoadError(path, f"not a readable TIFF image ({type(error).__name__}: {error})") from error
-            if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
-                array = np.moveaxis(array, 0, -1)  # planar (C, H, W) storage
+            if array.ndim == 3 and axes.startswith("S"):
+                array = np.moveaxis(array, 0, -1)  # planar (C, H, W) storage, known from the header, not guessed
             try:
-                image = to_rgb_uint8(array)
+                image = to_rgb_uint8(repair_non_finite(array, path))
             except ValueError as error:
                 raise ImageLoadError(path, str(error)) from error
             return image, {"path": str(path), "format": "tiff", "modality": None, "original_dtype": str(array.dtype)}
     try:
         with Image.open(path) as opened:
+            check_pixel_count(path, opened.height, opened.width)
             opened.seek(0)
             file_format = opened.format
             pil = ImageOps.exif_transpose(opened)
             pil.load()
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(path, f"image exceeds the limit of {MAX_IMAGE_PIXELS:,} pixels ({error})") from error
     except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise ImageLoadError(path, f"not a readable image ({type(error).__name__}: {error})") from error
     metadata = {
@@ -195,6 +253,8 @@ def read_raster(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         "modality": None,
         "original_mode": pil.mode,
     }
+    if pil.mode == "F":  # float images may hold NaN or inf
+        return to_rgb_uint8(repair_non_finite(np.asarray(pil), path)), metadata
     return to_rgb_uint8(pil), metadata
 
 
@@ -216,6 +276,9 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
 __all__ = [
     "DICOM_MODALITIES",
     "ImageLoadError",
+    "MAX_IMAGE_PIXELS",
+    "check_pixel_count",
+    "repair_non_finite",
     "SUPPORTED_SUFFIXES",
     "is_dicom",
     "load_image",

@@ -483,6 +483,31 @@ def segmentation_loss(
     return mask_loss + config.patch_loss_weight * patch_loss, mask_loss, patch_loss
 
 
+def check_pixel_values(pixel_values: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse pixel values of another dtype than the weights, or holding NaN/inf (they would make every logit NaN
+    and return an empty mask)."""
+    if pixel_values.dtype != dtype:
+        raise TypeError(
+            f"pixel_values has dtype {pixel_values.dtype} but the model's weights are {dtype}; pass "
+            "pixel_values.to(model.dtype) (EspMedSamImageProcessor gives float32 from any image)"
+        )
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()  # exported graphs check nothing data-dependent
+    if not tracing and not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError("pixel_values hold NaN or inf; EspMedSamImageProcessor repairs such pixels (with a warning)")
+
+
+def check_binary_labels(labels: torch.Tensor) -> None:
+    """Refuse labels that are not 0/1 masks (0/255 masks or NaN would give a meaningless, even negative, loss)."""
+    if labels.dtype == torch.bool:
+        return
+    values = labels.detach()
+    if not bool(((values == 0) | (values == 1)).all()):
+        bad = values[(values != 0) & (values != 1)]
+        shown = ", ".join(f"{v:g}" for v in bad.flatten()[:5].float().tolist())
+        raise ValueError(f"labels must be binary masks of 0 and 1; found other values ({shown}); "
+                         "divide 0/255 masks by 255 or threshold them")
+
+
 def segmentation_losses(
     pred_masks: torch.Tensor, patch_logits: torch.Tensor, labels: torch.Tensor, focal_loss_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -491,6 +516,7 @@ def segmentation_losses(
     The mask logits are upsampled bilinearly to the label size; the mask loss is
     ``lambda * focal + (1 - lambda) * dice``; the patch loss is BCE against the label max-pooled to the patch grid.
     """
+    check_binary_labels(labels)
     labels = labels.to(pred_masks.dtype)
     if labels.dim() == 3:
         labels = labels.unsqueeze(1)
@@ -603,6 +629,7 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
                 f"pixel_values must have shape (batch, {channels}, {size}, {size}), got {tuple(pixel_values.shape)}; "
                 "use EspMedSamImageProcessor to resize and normalise images"
             )
+        check_pixel_values(pixel_values, self.dtype)
         if modality is None:
             return None
         modality = torch.as_tensor(modality, device=pixel_values.device)

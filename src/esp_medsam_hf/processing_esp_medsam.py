@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from collections.abc import Sequence
 
 import torch
@@ -41,7 +43,7 @@ class EspMedSamProcessor(ProcessorMixin):
             batch = len(inputs["original_sizes"])
             if isinstance(modality, torch.Tensor):
                 modality = modality.tolist()
-            if isinstance(modality, (str, int)):
+            if isinstance(modality, (str, numbers.Number)):  # one for every image (a float is refused below)
                 modality = [modality] * batch
             if len(modality) != batch:
                 raise ValueError(f"got {len(modality)} modalities for {batch} images")

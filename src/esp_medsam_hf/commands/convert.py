@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", required=True, type=Path, help="folder to write the converted model to")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+MODEL_FOLDER_FILES = ("*.json", "*.safetensors", "*.py", "*.md", "conversion_report.txt", ".gitattributes")
+"""What ``convert`` writes (a save_pretrained folder with the pipeline code): all that ``--overwrite`` may replace."""
 
 
 def parse_checkpoints(values: list[str]) -> dict[str | None, str]:
@@ -56,10 +61,14 @@ def convert_to_folder(
     from ..pipeline_esp_medsam import save_pretrained_with_pipeline
     from ..processing_esp_medsam import EspMedSamProcessor
 
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"output folder {output} exists; pass --overwrite to replace it")
+    from ..fileio import check_replaceable
+
     if bool(checkpoints) == (litemedsam is not None):
         raise ValueError("give either --checkpoint (official weights) or --litemedsam, not both and not neither")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"output folder {output} exists; pass --overwrite to replace it")
+    check_replaceable(output, inputs=[*(checkpoints or {}).values(), litemedsam or None], owned=MODEL_FOLDER_FILES,
+                      command="esp-medsam convert")
     if checkpoints:
         model, report = convert_original_checkpoints(checkpoints)
         image_processor = EspMedSamImageProcessor.official(model.config.image_size)
@@ -76,8 +85,12 @@ def convert_to_folder(
 
 
 def run(args: argparse.Namespace) -> int:
-    checkpoints = parse_checkpoints(args.checkpoint) if args.checkpoint else None
-    _, report = convert_to_folder(args.output, checkpoints, args.litemedsam, args.overwrite)
+    try:
+        checkpoints = parse_checkpoints(args.checkpoint) if args.checkpoint else None
+        _, report = convert_to_folder(args.output, checkpoints, args.litemedsam, args.overwrite)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        print(f"esp-medsam convert: error: {error}", file=sys.stderr)
+        return 1
     for line in report.summary().splitlines():
         logger.info(line)
     logger.info("saved to %s", args.output)

@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
+REPORT_FILES = ("results.md", "results.json", "dice_hd.png", "cases")
+"""What ``evaluate`` writes into its output folder (all that ``--overwrite`` may replace)."""
+
+
 def load_model(path: str, device: str | None = None):
     """``(model, processor)`` from a folder; the processor defaults to the model's input size if none was saved."""
     import torch
@@ -89,7 +93,13 @@ def run(args: argparse.Namespace) -> int:
     from ..data.evaluation import evaluate_model, write_report
     from ..data.prepare import PreparationError
 
+    from ..fileio import check_replaceable
+
     try:
+        if args.overwrite:
+            data = None if args.data in ("synthetic", "real") else args.data
+            check_replaceable(args.output, inputs=[args.model, data], owned=REPORT_FILES,
+                              command="esp-medsam evaluate")
         model, processor = load_model(args.model, args.device)
         data, label = load_data(args, model.config.image_size)
         cases: dict = {}

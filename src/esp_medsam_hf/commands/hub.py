@@ -38,7 +38,15 @@ def _pairs(values: list[str], flag: str) -> dict[str, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from esp_medsam_hf.hub.local import LocalHub, LocalHubError, client_env, is_running, read_state, stop_local_hub
+    from esp_medsam_hf.hub.local import (
+        LocalHub,
+        LocalHubError,
+        client_env,
+        is_running,
+        read_state,
+        read_token,
+        stop_local_hub,
+    )
 
     if args.hub_command == "start":
         try:
@@ -47,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {err}")
             return 1
         print(f"local hub running at {hub.endpoint} (repositories in {hub.repos_dir})")
-        print("use it with:")
-        for key, value in client_env(hub.endpoint).items():
+        print("use it with (HF_TOKEN is this run's write token; every upload needs it):")
+        for key, value in client_env(hub.endpoint, hub.token).items():
             print(f"  export {key}={value}")
         print(f"stop it with: esp-medsam hub stop --root {args.root}")
         return 0
@@ -58,8 +66,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.hub_command == "status":
         state = read_state(args.root)
-        if state and is_running(args.root):
+        token = read_token(args.root)
+        if state and is_running(args.root) and token:
             print(json.dumps(state, indent=2))
+            print("use it with:")
+            for key, value in client_env(state["endpoint"], token).items():
+                print(f"  export {key}={value}")
             return 0
         print(f"no local hub is running for {args.root}")
         return 1

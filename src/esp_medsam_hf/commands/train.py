@@ -70,7 +70,7 @@ STAGE_OPTION_NAMES = {
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..training import NonFiniteLossError, TrainingDataError, load_config, run_stage
+    from ..training import CheckpointError, NonFiniteLossError, TrainingDataError, load_config, run_stage
 
     overrides = {name: getattr(args, name) for name in OPTION_NAMES + STAGE_OPTION_NAMES[args.stage]}
     try:
@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
             if PartialState().is_main_process:
                 publish(args, config, result)
-    except (FileExistsError, FileNotFoundError, TrainingDataError, NonFiniteLossError, ValueError) as error:
+    except (FileExistsError, FileNotFoundError, TrainingDataError, NonFiniteLossError, CheckpointError,
+            ValueError) as error:
         print(f"esp-medsam train: error: {error}", file=sys.stderr)
         return 1
     print(f"{args.stage}: release folder {result.release_dir}; metrics {result.metrics}")

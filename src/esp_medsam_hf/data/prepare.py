@@ -27,6 +27,7 @@ from PIL import UnidentifiedImageError
 
 from ..assets import to_uint8_rgb
 from ..fileio import atomic_file, staging_directory
+from ..io import ImageLoadError, check_pixel_count, repair_non_finite
 from .domains import DOMAINS, REAL_DOMAINS, Domain, all_official_names, get_domain
 from .layouts import PLAIN, Layout, SourceItem, detect_layout, get_layout
 from .schema import encode_mask, encode_png, features
@@ -34,6 +35,8 @@ from .schema import encode_mask, encode_png, features
 logger = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 256 * 1024 * 1024
+CACHE_PREFIX = ".cache-"  # + the pid of the run that owns it
+CARD_TITLE = "# ESP-MedSAM domains"
 
 
 class PreparationError(ValueError):
@@ -69,21 +72,56 @@ def _open_bytes(path: Path) -> io.BytesIO:
     return io.BytesIO(data)
 
 
+def _check_size(path: Path, height: int, width: int) -> None:
+    """The package's one pixel limit (``esp_medsam_hf.io.MAX_IMAGE_PIXELS``), checked before decoding."""
+    try:
+        check_pixel_count(path, height, width)
+    except ImageLoadError as error:
+        raise PreparationError(f"{path}: {error.reason}") from error
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        _check_size(path, page.imagelength, page.imagewidth)
+        array = page.asarray()
+        return np.moveaxis(array, 0, -1) if array.ndim == 3 and page.axes.startswith("S") else array
+
+
 def _read_array(path: Path) -> np.ndarray:
-    """Pixels of an image file (PNG, JPEG, TIFF, BMP, GIF, PPM, optionally gzipped) as a numpy array."""
+    """Pixels of an image file (PNG, JPEG, TIFF, BMP, GIF, PPM, optionally gzipped) as a numpy array.
+
+    The size is checked from the header before decoding; NaN/inf pixels of float images are repaired with a warning.
+    """
+    try:
+        return repair_non_finite(_read_pixels(path), path)
+    except ValueError as error:
+        if isinstance(error, PreparationError):
+            raise
+        raise PreparationError(f"{path}: {error}") from error
+
+
+def _read_pixels(path: Path) -> np.ndarray:
     try:
         with PILImage.open(_open_bytes(path)) as image:
+            _check_size(path, image.height, image.width)
             if image.mode in ("P", "PA"):
                 image = image.convert("RGBA" if "transparency" in image.info else "RGB")
             elif image.mode == "1":
                 image = image.convert("L")
             return np.asarray(image)
+    except PreparationError:
+        raise
+    except PILImage.DecompressionBombError as error:
+        raise PreparationError(f"{path}: image exceeds the limit of the package's image readers ({error})") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
             try:
-                return np.asarray(tifffile.imread(path))
+                return _read_tiff(path)
+            except PreparationError:
+                raise
             except Exception as tiff_error:  # tifffile raises many types; all mean "unreadable"
                 raise PreparationError(f"{path}: unreadable image ({tiff_error})") from tiff_error
         raise PreparationError(f"{path}: unreadable image ({error})") from error
@@ -383,18 +421,45 @@ def write_output(
     if existing and marker.exists() != synthetic:
         kind = "synthetic" if marker.exists() else "real"
         raise PreparationError(f"{output_dir} holds {kind} domains ({', '.join(existing)}); use another folder")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+    check_card_replaceable(output_dir, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
+    with staging_directory(target) as staging:
+        save_domain(dataset_dict, staging, report)
+        (staging / "domain.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    # marked only once the domain is written: a refused or failed run leaves the folder as it was
     if synthetic:
         marker.touch()
     elif marker.exists():
         marker.unlink()
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
-    with staging_directory(target) as staging:
-        save_domain(dataset_dict, staging, report)
-        (staging / "domain.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     write_card(output_dir)
     return target
+
+
+def check_card_replaceable(output_dir: Path, overwrite: bool) -> None:
+    """A ``README.md`` that is not this package's dataset card is the user's: replaced only with ``--overwrite``."""
+    readme = Path(output_dir) / "README.md"
+    if overwrite or not readme.is_file():
+        return
+    if CARD_TITLE not in readme.read_text(errors="replace"):
+        raise FileExistsError(f"{readme} is not a dataset card written by esp-medsam prepare; pass --overwrite to "
+                              "replace it with one, or choose another output folder")
+
+
+def _remove_stale_caches(output_dir: Path) -> None:
+    """Build caches of runs that were killed (SIGKILL, power loss) before they could clean up after themselves."""
+    for folder in output_dir.glob(f"{CACHE_PREFIX}*"):
+        pid = folder.name[len(CACHE_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            logger.info("removing %s, left by an interrupted run (process %s)", folder, pid)
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def prepare_domain(
@@ -418,8 +483,10 @@ def prepare_domain(
         raise FileExistsError(
             f"{output_dir / spec.name} already exists; pass overwrite=True (--overwrite) to replace it"
         )
+    check_card_replaceable(output_dir, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".cache-", dir=output_dir) as cache_dir:
+    _remove_stale_caches(output_dir)
+    with tempfile.TemporaryDirectory(prefix=f"{CACHE_PREFIX}{os.getpid()}-", dir=output_dir) as cache_dir:
         dataset_dict, report = build_domain(spec, data_dir, cache_dir=cache_dir, **options)
         target = write_output(dataset_dict, output_dir, spec, report.to_dict(), overwrite=overwrite)
         del dataset_dict
@@ -468,7 +535,7 @@ def write_card(output_dir: str | Path, synthetic: bool | None = None) -> Path:
         "tags": ["medical", "esp-medsam"] + (["synthetic"] if synthetic else []),
         "configs": configs,
     }
-    lines = ["# ESP-MedSAM domains" + (" (SYNTHETIC)" if synthetic else ""), ""]
+    lines = [CARD_TITLE + (" (SYNTHETIC)" if synthetic else ""), ""]
     if synthetic:
         lines += [
             "**Synthetic data**: procedurally generated stand-ins for the 12 domains of ESP-MedSAM, made by "

@@ -62,9 +62,15 @@ class PathDelete:
 
 
 def check_repo_path(path: str) -> str:
-    """Return ``path`` normalised to a relative POSIX path, or raise ValueError for paths that escape the repo."""
+    """Return ``path`` normalised to a relative POSIX path, or raise ValueError for paths that escape the repo,
+    name git's own folder (``.git`` in any case) or hold control characters (NUL, newline, tab, ...)."""
     parts = PurePosixPath(path.strip("/")).parts
-    if not parts or any(part in ("", ".", "..", ".git") for part in parts) or "\\" in path or "\0" in path:
+    if (
+        not parts
+        or any(part in ("", ".", "..") or part.lower().rstrip(". ") == ".git" for part in parts)
+        or "\\" in path
+        or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path)
+    ):
         raise ValueError(f"invalid path in repository: {path!r}")
     return "/".join(parts)
 
@@ -109,7 +115,7 @@ class GitRepo:
     # -- reading ----------------------------------------------------------------------------------------------
     def resolve(self, revision: str) -> str | None:
         """The commit id a branch, tag or (abbreviated) commit id points at, or None."""
-        if not revision or revision.startswith("-"):
+        if not revision or revision.startswith("-") or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in revision):
             return None
         out = self.git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{revision}^{{commit}}", check=False)
         return out.strip() or None
@@ -195,7 +201,9 @@ class GitRepo:
             entries: list[str] = []
             for op in operations:
                 if isinstance(op, PathDelete):
-                    listed = self.git("ls-files", "-z", "--", op.path, env=env).split("\0")
+                    # literal pathspecs: a path like "*" or ":(glob)**" names itself, not a pattern
+                    listed = self.git("ls-files", "-z", "--", op.path,
+                                      env={**env, "GIT_LITERAL_PATHSPECS": "1"}).split("\0")
                     targets = [p for p in listed if p and (op.folder or p == op.path)]
                     if not targets:
                         kind = "folder" if op.folder else "file"
@@ -210,8 +218,9 @@ class GitRepo:
                     data = op.content or b""
                 blob = self.git("hash-object", "-w", "--stdin", input=data).strip()
                 entries.append(f"100644 {blob}\t{op.path}")
-            if entries:
-                self.git("update-index", "--index-info", input=("\n".join(entries) + "\n").encode(), env=env)
+            if entries:  # NUL-terminated records: no path can end an entry early or start a forged one
+                self.git("update-index", "-z", "--index-info", input="".join(e + "\0" for e in entries).encode(),
+                         env=env)
             tree = self.git("write-tree", env=env).strip()
         args = ["commit-tree", tree, "-m", message] + (["-p", parent] if parent else [])
         commit = self.git(*args).strip()

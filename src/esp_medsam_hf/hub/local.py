@@ -6,9 +6,11 @@ Layout under ``root``::
     olah/                              olah's config, cache database and logs
     logs/                              the write server's log
     hub.json                           state while running: endpoint, ports and process ids
+    token                              the write token (mode 0600), new at each start
 
 The endpoint that clients use (``HF_ENDPOINT``) is the write server's: it answers the write API itself and
 proxies every read to olah, so one URL serves ``push_to_hub``, ``snapshot_download`` and ``from_pretrained``.
+Every write needs the token generated at start (``HF_TOKEN`` in ``LocalHub.env``); see guard.py for the checks.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ import time
 from pathlib import Path
 from shutil import which
 
+from .guard import new_token
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "hub.json"
+TOKEN_FILE = "token"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 OLAH_CONFIG = """[basic]
@@ -52,14 +57,34 @@ class LocalHubError(RuntimeError):
     """The local Hub could not be started, found or stopped."""
 
 
-def client_env(endpoint: str) -> dict[str, str]:
-    """Environment for a huggingface_hub client talking to ``endpoint`` (Xet is only spoken by the real Hub)."""
+def client_env(endpoint: str, token: str) -> dict[str, str]:
+    """Environment for a huggingface_hub client talking to ``endpoint`` with the hub's write ``token`` (Xet is
+    only spoken by the real Hub)."""
     return {
         "HF_ENDPOINT": endpoint,
         "HF_HUB_DISABLE_XET": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_TOKEN": "hf_local_hub",
+        "HF_TOKEN": token,
     }
+
+
+def read_token(root: Path) -> str | None:
+    """The write token of the local hub started for ``root`` (None when there is none)."""
+    try:
+        return (Path(root) / TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _write_token(root: Path) -> str:
+    """A new token in ``root/token``, readable by this user only."""
+    token = new_token()
+    path = Path(root) / TOKEN_FILE
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return token
 
 
 def free_port() -> int:
@@ -156,10 +181,14 @@ class LocalHub:
     fault-injection route, for tests of interrupted uploads.
     """
 
-    def __init__(self, root: str | Path, port: int | None = None, *, allow_faults: bool = False) -> None:
+    def __init__(
+        self, root: str | Path, port: int | None = None, *, allow_faults: bool = False, body_timeout_s: float = 60.0
+    ) -> None:
         self.root = Path(root).resolve()
         self.port = port
         self.allow_faults = allow_faults
+        self.body_timeout_s = body_timeout_s
+        self._token: str | None = None
         self._procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
 
@@ -170,8 +199,16 @@ class LocalHub:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def token(self) -> str:
+        """The write token (``Authorization: Bearer``; ``HF_TOKEN`` for huggingface_hub)."""
+        token = self._token or read_token(self.root)
+        if token is None:
+            raise LocalHubError(f"no local hub token in {self.root} (start the hub first)")
+        return token
+
+    @property
     def env(self) -> dict[str, str]:
-        return client_env(self.endpoint)
+        return client_env(self.endpoint, self.token)
 
     @property
     def repos_dir(self) -> Path:
@@ -193,12 +230,15 @@ class LocalHub:
             )
         )
         self.port = port
+        self._token = _write_token(self.root)
         try:
             self._spawn("olah_pid", [str(olah_cli), "-c", str(config), "--log-path", str(self.root / "olah" / "logs")],
                         self.root / "olah" / "olah.out")
             self._spawn("server_pid", [sys.executable, "-c", _SERVER_LAUNCHER, str(Path(__file__).parent),
                                        "--root", str(self.repos_dir), "--port", str(port),
-                                       "--olah-url", f"http://127.0.0.1:{olah_port}"]
+                                       "--olah-url", f"http://127.0.0.1:{olah_port}",
+                                       "--token-file", str(self.root / TOKEN_FILE),
+                                       "--body-timeout", str(self.body_timeout_s)]
                         + (["--allow-faults"] if self.allow_faults else []), self.root / "logs" / "server.log")
             # readiness: an API route on olah (its HTML index answers 500), the health route on ours
             self._wait_ready(olah_port, "/api/models/local-hub/ready/refs", "olah_pid")
@@ -255,6 +295,7 @@ class LocalHub:
             log.close()
         self._logs.clear()
         (self.root / STATE_FILE).unlink(missing_ok=True)
+        (self.root / TOKEN_FILE).unlink(missing_ok=True)
 
     def kill_write_server(self) -> None:
         """Kill the write server abruptly (SIGKILL), as a crash would; for tests of a server that goes down."""

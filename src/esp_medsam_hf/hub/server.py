@@ -5,9 +5,12 @@ LFS batch, commit; see HUB.md), and olah, the only packaged Hub-API server that 
 small ``http.server`` answers the calls huggingface_hub 2.4 makes to publish (with ``HF_HUB_DISABLE_XET=1``) and
 commits into the git repositories that olah serves. Read requests are checked against git first (so that a missing
 repository, revision or file gets the Hub's error code, which olah 0.5.4 reports as 401 RepoNotFound in all three
-cases) and then proxied to olah unchanged. Only loopback addresses are accepted.
+cases) and then proxied to olah unchanged. Only loopback addresses are accepted. Every request first passes
+``guard.check_request`` (Host/Origin, the write token, Content-Type, and every name before git sees it), and a
+request body that stalls longer than ``body_timeout_s`` is answered 408 and its connection closed.
 
-``LocalHub`` (local.py) launches it; by hand: ``python -m esp_medsam_hf.hub.server --root DIR --port P --olah-url URL``.
+``LocalHub`` (local.py) launches it; by hand:
+``python -m esp_medsam_hf.hub.server --root DIR --port P --olah-url URL --token-file FILE``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from .gitrepo import (
     PathDelete,
     check_repo_path,
 )
+from .guard import GuardError, check_repo_name, check_request, upload_signature
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +75,13 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
 ]
 
 
+def _size(value) -> int:
+    """A size field of a request body: an integer (400 otherwise, as the Hub answers malformed bodies)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+        raise HubError(400, f"invalid size {value!r}: expected an integer")
+    return int(value)
+
+
 class HubError(Exception):
     """An error answered the way the Hub answers it: status, X-Error-Code and a JSON ``error`` message."""
 
@@ -82,9 +93,16 @@ class HubError(Exception):
 class LocalHubServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path, port: int, olah_url: str, allow_faults: bool = False) -> None:
+    def __init__(
+        self, root: Path, port: int, olah_url: str, allow_faults: bool = False, *, token: str,
+        body_timeout_s: float = 60.0,
+    ) -> None:
+        if not token:
+            raise ValueError("the local hub's write server needs a token")
         super().__init__(("127.0.0.1", port), HubRequestHandler)
         self.root = Path(root)
+        self.token = token
+        self.body_timeout_s = body_timeout_s
         self.olah = urlsplit(olah_url)
         self.allow_faults = allow_faults
         self.faults: list[dict] = []
@@ -114,6 +132,10 @@ class LocalHubServer(ThreadingHTTPServer):
 class HubRequestHandler(BaseHTTPRequestHandler):
     server: LocalHubServer
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        self.timeout = self.server.body_timeout_s  # applied to the socket by StreamRequestHandler.setup
+        super().setup()
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - signature of the base class
         logger.debug("%s %s", self.address_string(), format % args)
@@ -146,16 +168,30 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 match = pattern.fullmatch(url.path)
                 if match and route_method == lookup:
                     params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                    self._guard(method, handler, params)
                     getattr(self, f"h_{handler}")(**params)
                     return
+            self._guard(method, None, {})
             self._proxy()
-        except HubError as err:
+        except (HubError, GuardError) as err:
             self._send_json({"error": err.message, **err.extra}, err.status, code=err.code)
-        except (ConnectionError, socket.timeout):
+        except TimeoutError:  # a stalled body: answer if the socket still takes it, then drop the connection
+            self.body_pending = True
+            try:
+                self._send_json({"error": f"request body not received within {self.server.body_timeout_s:g} s"}, 408)
+            except OSError:
+                self.close_connection = True
+        except ConnectionError:
             self.close_connection = True
         except Exception as err:  # answer 500 rather than dropping the connection, and keep the server up
             logger.exception("local hub: %s %s failed", method, self.path)
             self._send_json({"error": f"internal error: {err}"}, 500)
+
+    def _guard(self, method: str, handler: str | None, params: dict[str, str]) -> None:
+        url = urlsplit(self.path)
+        check_request(method=method, handler=handler, params=params, headers=self.headers, query=self.query,
+                      path=url.path if handler else unquote(url.path), port=self.server.server_address[1],
+                      token=self.server.token, has_body=self.body_pending)
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def _send_json(self, payload, status: int = 200, code: str | None = None, ctype: str = "application/json") -> None:
@@ -244,6 +280,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if repo_type is None or not ns or not name or not re.fullmatch(_NAME, ns) or not re.fullmatch(_NAME, name):
             raise HubError(400, "repo id must be 'namespace/name' of letters, digits, '.', '_' or '-' "
                                 "(the local hub has no user accounts, so the namespace is required)")
+        check_repo_name(ns, name)
         repo = self.server.repo(repo_type, ns, name)
         prefix = "" if repo_type == "models" else f"{repo_type}/"
         url = f"{self.server.endpoint}/{prefix}{ns}/{name}"
@@ -298,7 +335,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         remote = repo.file_oids(self._revision(repo, rev))
         answer = []
         for entry in files:
-            path, size = str(entry.get("path", "")), int(entry.get("size", 0))
+            path, size = str(entry.get("path", "")), _size(entry.get("size", 0))
             lfs = size >= LFS_MIN_SIZE or path.lower().endswith(tuple(LFS_SUFFIXES))
             answer.append(
                 {
@@ -317,14 +354,15 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             raise HubError(400, "the local hub's LFS batch endpoint only accepts uploads; download through resolve")
         objects = []
         for obj in data.get("objects", []):
-            oid, size = str(obj.get("oid", "")), int(obj.get("size", -1))
+            oid, size = str(obj.get("oid", "")), _size(obj.get("size", -1))
             if not re.fullmatch(r"[0-9a-f]{64}", oid) or size < 0:
                 error = {"code": 422, "message": "invalid oid or size"}
                 objects.append({"oid": oid, "size": max(size, 0), "error": error})
             elif repo.has_lfs_object(oid, size):
                 objects.append({"oid": oid, "size": size})
             else:
-                href = f"{self.server.endpoint}/_lfs/{type or 'models'}/{ns}/{name}/{oid}/{size}"
+                route = f"/_lfs/{type or 'models'}/{ns}/{name}/{oid}/{size}"
+                href = f"{self.server.endpoint}{route}?sig={upload_signature(self.server.token, route)}"
                 objects.append({"oid": oid, "size": size, "actions": {"upload": {"href": href, "header": {}}}})
         self._send_json({"transfer": "basic", "objects": objects}, ctype="application/vnd.git-lfs+json")
 
@@ -484,11 +522,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="loopback port to listen on")
     parser.add_argument("--olah-url", required=True, help="olah's base URL, e.g. http://127.0.0.1:8091")
     parser.add_argument("--allow-faults", action="store_true", help="enable POST /_local/faults (tests only)")
+    parser.add_argument("--token-file", type=Path, required=True,
+                        help="file holding the token every write must carry (Authorization: Bearer TOKEN)")
+    parser.add_argument("--body-timeout", type=float, default=60.0,
+                        help="seconds a request may stall before it is answered 408 and closed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if urlsplit(args.olah_url).hostname not in ("127.0.0.1", "localhost"):
         parser.error(f"--olah-url must be a loopback address, got {args.olah_url}")
-    server = LocalHubServer(args.root, args.port, args.olah_url, allow_faults=args.allow_faults)
+    token = args.token_file.read_text().strip()
+    if not token:
+        parser.error(f"--token-file {args.token_file} is empty")
+    server = LocalHubServer(args.root, args.port, args.olah_url, allow_faults=args.allow_faults, token=token,
+                            body_timeout_s=args.body_timeout)
     logger.info("local hub write server on %s (reads proxied to %s)", server.endpoint, args.olah_url)
     try:
         server.serve_forever(poll_interval=0.2)

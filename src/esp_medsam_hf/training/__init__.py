@@ -13,11 +13,20 @@ from .config import (
     load_config,
 )
 from .data import TrainingDataError
-from .loop import NonFiniteLossError, StageTask, TrainingResult, latest_checkpoint, train
+from .loop import (
+    CheckpointError,
+    NonFiniteLossError,
+    StageTask,
+    TrainingResult,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+    train,
+)
 from .stages import StageResult, run_distill, run_espmedsam, run_stage, run_teacher
 
 __all__ = [
     "STAGES",
+    "CheckpointError",
     "DistillConfig",
     "EspMedSamStageConfig",
     "NonFiniteLossError",
@@ -28,6 +37,7 @@ __all__ = [
     "TrainingDataError",
     "TrainingResult",
     "latest_checkpoint",
+    "latest_intact_checkpoint",
     "load_config",
     "run_distill",
     "run_espmedsam",

@@ -8,6 +8,7 @@ usual choice for SAM fine-tuning.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -87,6 +88,31 @@ class TrainingConfig:
             raise ValueError("cache_features needs the encoder frozen: add 'encoder' to freeze")
         if not 1 <= self.feature_views <= 4:
             raise ValueError(f"feature_views must be in 1..4, got {self.feature_views}")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Every option is checked before anything is touched (a bad one must not cost the previous run)."""
+        def finite(name: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
+                (low < value if low_open else low <= value) and value <= high
+            ):
+                bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high != math.inf else "")
+                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+        finite("learning_rate", 0, low_open=True)
+        finite("weight_decay", 0)
+        finite("focal_loss_weight", 0, 1)
+        if self.max_grad_norm is not None:
+            finite("max_grad_norm", 0, low_open=True)
+        for name in ("num_workers", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("keep_checkpoints", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, **dataclasses.asdict(self)}
@@ -104,7 +130,32 @@ class TrainingConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown {cls.stage or 'training'} option(s) {unknown}; expected some of {sorted(known)}")
-        return cls(**data)
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        return cls(**{name: _coerce(name, value, types[name]) for name, value in data.items()})
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string: numbers given as strings become numbers where the option is
+    numeric; anything else of the wrong type is an error naming the option."""
+    kinds = [part.strip() for part in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return value
+    if "float" in kinds and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if "int" in kinds and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if kinds == ["bool"] and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 @dataclass

@@ -270,7 +270,7 @@ def publish_and_reload(output: Path, releases: list, final_dir: Path) -> tuple[d
 
     with LocalHub(output / "hub") as hub:
         logger.info("demo: local Hub at %s", hub.endpoint)
-        commits = publish_stages(REPO_ID, releases, endpoint=hub.endpoint)
+        commits = publish_stages(REPO_ID, releases, endpoint=hub.endpoint, token=hub.token)
         env = {**os.environ, **hub.env, "HF_HUB_CACHE": str(output / "hub" / "cache"),
                "HF_MODULES_CACHE": str(output / "hub" / "modules")}
         command = [sys.executable, "-m", "esp_medsam_hf.training.reload_check", "--repo", REPO_ID,

@@ -624,6 +624,9 @@ def run_teacher(config: TeacherConfig, data: dict | None = None) -> StageResult:
 
 def run_stage(config: TrainingConfig) -> StageResult:
     """Run the stage that ``config`` describes (a TeacherConfig, DistillConfig or EspMedSamStageConfig)."""
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)  # before any model is built: two runs with one seed start from the same weights
     if isinstance(config, TeacherConfig):
         return run_teacher(config)
     if isinstance(config, DistillConfig):
