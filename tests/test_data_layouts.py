@@ -18,7 +18,7 @@ def _check(dataset_dict, report, domain, names, expected, unlisted):
     for split, split_names in names.items():
         dataset = dataset_dict[split]
         assert dataset["file_name"] == split_names
-        assert set(dataset["domain"]) == {DOMAIN_NAMES.index(domain)}
+        assert set(dataset["domain"]) == {domain}
         assert set(dataset["modality"]) == {MODALITY_NAMES.index(spec.modality)}
         for row in dataset:
             assert row["image"].mode == "RGB"
@@ -78,5 +78,5 @@ def test_no_layout_found_names_the_folder_and_the_accepted_layouts(tmp_path):
         detect_layout(tmp_path / "empty", "busi")
     with pytest.raises(LayoutError, match="not a folder"):
         build_domain("isic", tmp_path / "nowhere", cache_dir=tmp_path / "cache", layout="isic2018")
-    with pytest.raises(LayoutError, match="accepted: official$"):
+    with pytest.raises(LayoutError, match="accepted: official, plain$"):
         build_domain("nih", tmp_path / "empty", cache_dir=tmp_path / "cache", layout="isic2018")

@@ -120,7 +120,7 @@ def test_prepared_dataset_round_trips_through_disk_and_parquet_streaming(tmp_pat
     # the card's configs make the folder loadable by name, and the report is next to the data
     by_config = datasets.load_dataset(str(output), DOMAIN, split="test", cache_dir=str(tmp_path / "hf"))
     assert by_config["file_name"] == names["test"]
-    assert by_config.features["domain"].names[by_config[0]["domain"]] == DOMAIN
+    assert by_config[0]["domain"] == DOMAIN
     saved_report = json.loads((output / DOMAIN / "preparation_report.json").read_text())
     assert saved_report["rows"] == {split: len(n) for split, n in names.items()}
     assert "Naylor" in (output / "README.md").read_text()

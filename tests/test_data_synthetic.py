@@ -1,4 +1,4 @@
-"""Synthetic domains: schema, determinism, domain shift, labelling; the real DSB 2018 case; the registry."""
+"""Synthetic domains: schema, determinism, domain shift, labelling; the registry."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from esp_medsam_hf.data.domains import (
     get_domain,
     resolve_domains,
 )
-from esp_medsam_hf.data.real import FILE_NAME, dsb2018_real_case
 from esp_medsam_hf.data.schema import features, mask_to_bool
 from esp_medsam_hf.data.synthetic import synthetic_domain, synthetic_domains, synthetic_example
 from esp_medsam_hf.data.visualize import synthetic_contact_sheet
@@ -70,7 +69,7 @@ def test_synthetic_domains_schema_labels_and_targets():
         test = dataset_dict["test"]
         assert test.features == features()
         assert test["file_name"] == [f"synthetic_{name}_test_0000.png"]
-        assert test["domain"] == [spec.index] and test["modality"] == [spec.modality_index]
+        assert test["domain"] == [spec.name] and test["modality"] == [spec.modality_index]
         assert "SYNTHETIC" in test.info.description
         image, mask = test[0]["image"], mask_to_bool(test[0]["mask"])
         assert image.mode == "RGB" and image.size == (64, 64)
@@ -120,19 +119,3 @@ def test_contact_sheet(tmp_path):
 
     with Image.open(path) as sheet:
         assert sheet.size[0] == 4 * 160 and sheet.size[1] > 6 * 160
-
-
-def test_real_dsb2018_case():
-    pytest.importorskip("tifffile")
-    case = dsb2018_real_case()
-    assert list(case) == ["test"]
-    row = case["test"][0]
-    assert row["file_name"] == FILE_NAME
-    assert case["test"].features["domain"].int2str(row["domain"]) == "dsb"
-    assert case["test"].features["modality"].int2str(row["modality"]) == "microscopy"
-    assert row["image"].size == (512, 512) and row["image"].mode == "RGB"
-    mask = mask_to_bool(row["mask"])
-    from scipy.ndimage import label
-
-    assert 100 <= label(mask)[1] <= 125  # 125 annotated nuclei, a few touching ones merge in the binary mask
-    assert "REAL" in case["test"].info.description

@@ -156,9 +156,14 @@ def test_evaluate_command_on_the_real_case(tmp_path, model_and_processor):
     model.save_pretrained(tmp_path / "model")  # no processor saved: the default one of the model's size is used
     code = run_command(
         evaluate_command,
-        ["--model", str(tmp_path / "model"), "--data", "real", "--no-hausdorff", "--output", str(tmp_path / "eval")],
+        ["--model", str(tmp_path / "model"), "--data", "real", "--domains", "dsb-stardist", "--references", "otsu",
+         "--no-hausdorff", "--output", str(tmp_path / "eval")],
     )
     assert code == 0
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert saved["domains"]["dsb"]["num_images"] == 1 and saved["domains"]["dsb"]["mask_sizes"] == ["512x512"]
+    row = saved["domains"]["dsb-stardist"]
+    assert row["num_images"] == 1 and row["mask_sizes"] == ["512x512"] and row["role"] == "real"
     assert saved["data"].startswith("REAL")
+    # Otsu on the same image, beside ours, in the JSON and in the real-image table
+    assert 60 < row["references"]["otsu"] < 100 and "dice_otsu" in row["per_image"][0]
+    assert "| dsb-stardist | microscopy | 1 |" in (tmp_path / "eval" / "results.md").read_text()

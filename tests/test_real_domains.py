@@ -173,3 +173,19 @@ def test_vascx_fixed_split_and_vessel_masks(tmp_path):
     mask = np.asarray(Image.open(listing.parent / rows[0]["mask"]))
     assert set(np.unique(mask)) == {0, 1} and 0.02 < mask.mean() < 0.3  # vessels, {0,1}
     assert np.asarray(Image.open(listing.parent / rows[0]["image"])).shape == (1024, 1024, 3)
+
+
+def test_dsb_stardist_image_prepares_from_its_label_map(tmp_path):
+    pytest.importorskip("tifffile")
+    from scipy.ndimage import label
+
+    from esp_medsam_hf.data.real import unpack_dsb_stardist
+
+    dataset, _ = prepare_domain("dsb-stardist", unpack_dsb_stardist(tmp_path / "dsb"), tmp_path / "out",
+                                layout="plain", progress=False)
+    assert {s: len(dataset[s]) for s in dataset} == {"train": 0, "validation": 0, "test": 1}
+    row = dataset["test"][0]
+    assert row["image"].size == (512, 512) and row["modality"] == 4 and row["domain"] == "dsb-stardist"
+    mask = np.asarray(row["mask"]) > 0
+    assert 100 <= label(mask)[1] <= 125  # 125 annotated nuclei, a few touching ones merge in the binary mask
+    assert "hand-annotated" in dataset["test"].info.description

@@ -276,3 +276,19 @@ def test_hub_repo_and_revision_through_the_local_hub(tmp_path):
     assert distill["source"] == "Hub repo `esp/space-tiny` @ `stage-2-distill`"
     assert distill["mask"] == expected["stage-2-distill"] and main["mask"] == expected["main"]
     assert not missing["trained"] and "Could not load `esp/space-tiny` @ `no-such-branch`" in missing["notice"]
+
+
+def test_default_is_the_main_jobs_trained_model_else_a_run_it_first_notice(tmp_path, monkeypatch):
+    output = tmp_path / "demo"
+    monkeypatch.setenv("ESP_MEDSAM_DEMO_OUTPUT", str(output))
+    monkeypatch.setattr(app, "load_litemedsam_default", app.load_random_tiny)
+    waiting = app.load_model()
+    assert not waiting.trained and "Run the main job first" in waiting.notice
+    assert str(output / "summary.json") in waiting.notice
+    folder = save_tiny_model(output / "stage-3-esp-medsam" / "release")
+    (output / "summary.json").write_text(json.dumps({"final_model": str(folder)}))
+    assert app.main_job_model() == folder
+    ready = app.load_model()
+    assert ready.trained and ready.notice == "" and "main job's trained model" in ready.source
+    (output / "summary.json").write_text(json.dumps({"final_model": "stage-3-esp-medsam/release"}))
+    assert app.main_job_model() == folder  # a relative final_model is read against the run folder

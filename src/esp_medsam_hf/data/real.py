@@ -202,28 +202,3 @@ def prepare_real_domains(names: list[str], output_dir: str | Path, *, cache: str
                                    progress=progress)
         reports[name] = report
     return reports
-
-
-def dsb2018_real_case():
-    """``DatasetDict({"test": 1 row})``: the real DSB 2018 image (512x512 RGB) and its binary nuclei mask, in the
-    package schema (domain ``dsb-stardist``), built in memory.
-
-    Raises ``FileNotFoundError`` naming the pip requirement if stardist is not installed.
-    """
-    import datasets
-
-    from ..assets import load_dsb2018_pair
-    from .schema import encode_mask, encode_png, features
-
-    image, mask = load_dsb2018_pair()
-    domain = get_domain("dsb-stardist")
-    row = {
-        "image": [encode_png(image)],
-        "mask": [encode_mask(mask)],
-        "modality": [domain.modality_index],
-        "domain": [domain.name],
-        "file_name": ["stardist_dsb2018_img2d.png"],
-    }
-    info = datasets.DatasetInfo(description=domain.description, citation=domain.citation, features=features())
-    test = datasets.Dataset.from_dict(row, info=info, split=datasets.Split.TEST)
-    return datasets.DatasetDict({"test": test})

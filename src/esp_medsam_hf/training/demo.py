@@ -67,6 +67,7 @@ class DemoSettings:
     espmedsam_learning_rate: float = 1e-4
     espmedsam_epochs: int = 2
     espmedsam_batch_size: int = 2
+    espmedsam_cached: bool = False
     classifier_epochs: int = 60
     classifier_images: int = 4
 
@@ -77,8 +78,8 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> "DemoSettings":
         return cls(real_limit=1, synthetic_train=1, synthetic_test=1, batch_size=4, teacher_epochs=1,
-                   distill_steps=1, espmedsam_epochs=1, espmedsam_batch_size=4, classifier_epochs=3,
-                   classifier_images=1)
+                   distill_steps=1, espmedsam_epochs=1, espmedsam_batch_size=4, espmedsam_cached=True,
+                   classifier_epochs=3, classifier_images=1)
 
 
 def check_output(output: Path, overwrite: bool) -> None:
@@ -156,6 +157,8 @@ def stage_configs(output: Path, settings: DemoSettings, seed: int, progress: boo
     espmedsam = EspMedSamStageConfig(
         output_dir=str(output / "stage-3-esp-medsam"), init_from=str(output / "stage-2-distill" / "release"),
         epochs=settings.espmedsam_epochs, batch_size=settings.espmedsam_batch_size,
+        freeze=["encoder"] if settings.espmedsam_cached else [], cache_features=settings.espmedsam_cached,
+        feature_views=1,
         learning_rate=settings.espmedsam_learning_rate, classifier_domains=["all"],
         classifier_epochs=settings.classifier_epochs, **common,
     )
