@@ -282,3 +282,44 @@ def test_a_refused_request_does_not_poison_the_keep_alive_connection(hub):
                               json={"files": [{"path": "x", "size": 1, "sample": "eA==" * 5000}]})
         assert refused.status_code == 404 and refused.headers["X-Error-Code"] == "RepoNotFound"
         assert client.get(f"{hub.endpoint}/_local/health").json()["status"] == "ok"
+
+
+def test_push_to_hub_of_a_remote_code_model_keeps_both_pipelines(hub, api, tmp_path):
+    """AutoModel.from_pretrained(repo, trust_remote_code=True).push_to_hub(copy): the copy still serves the custom
+    pipeline (its code travels with the model) and the stock image-segmentation pipeline, package hidden."""
+    import numpy as np
+    from _inference_helpers import run_without_package, save_tiny_model
+
+    saved = save_tiny_model(tmp_path / "saved")
+    publish_model("esp/with-pipeline", [StageRelease("main", saved)], api=api, retry=FAST)
+    image = (np.arange(40 * 48 * 3) % 251).astype(np.uint8).reshape(40, 48, 3)
+    np.save(tmp_path / "image.npy", image)
+    run_without_package(
+        """
+        import json, numpy as np
+        from huggingface_hub import HfApi
+        from PIL import Image
+        from transformers import AutoModel, AutoProcessor, pipeline
+        model = AutoModel.from_pretrained("esp/with-pipeline", trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        model.push_to_hub("esp/pushed-copy")
+        AutoProcessor.from_pretrained("esp/with-pipeline", trust_remote_code=True).push_to_hub("esp/pushed-copy")
+        image = np.load("image.npy")
+        results = {}
+        for repo in ("esp/with-pipeline", "esp/pushed-copy"):
+            custom = pipeline(model=repo, trust_remote_code=True)
+            stock = pipeline("image-segmentation", model=repo, trust_remote_code=True)
+            segment = custom(image, modality="x-ray")[0]
+            results[repo] = {"label": segment["label"], "score": segment["score"],
+                             "mask": int((np.asarray(segment["mask"]) > 0).sum()),
+                             "stock": [s["label"] for s in stock(Image.fromarray(image))]}
+        results["files"] = sorted(HfApi().list_repo_files("esp/pushed-copy"))
+        json.dump(results, open("result.json", "w"))
+        """,
+        tmp_path,
+        hub_env=hub.env,
+    )
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert {"pipeline_esp_medsam.py", "io.py", "modeling_esp_medsam.py", "config.json"} <= set(result["files"])
+    assert result["esp/pushed-copy"] == result["esp/with-pipeline"]
+    assert result["esp/pushed-copy"]["label"] == "lung fields" and result["esp/pushed-copy"]["stock"]

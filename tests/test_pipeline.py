@@ -212,3 +212,44 @@ def test_in_memory_model_without_a_folder(images):
     network, processor = tiny_model(seed=3)
     out = segment(images[:2], network, processor.image_processor, modality="x-ray", batch_size=2)
     assert [s[0]["label"] for s in out] == ["lung fields", "lung fields"]
+
+
+def test_resaved_model_keeps_the_pipelines_its_config_advertises(saved, pipe, images, tmp_path):
+    """save_pretrained of a reloaded model (package class, then remote code) keeps custom_pipelines' code."""
+    from esp_medsam_hf import EspMedSamModel
+
+    copy = tmp_path / "copy"
+    EspMedSamModel.from_pretrained(saved).save_pretrained(copy)
+    EspMedSamProcessor.from_pretrained(saved).save_pretrained(copy)
+    assert json.loads((copy / "config.json").read_text())["custom_pipelines"][TASK]["impl"] == (
+        "pipeline_esp_medsam.EspMedSamSegmentationPipeline")
+    np.save(tmp_path / "image.npy", images[0])
+    run_without_package(
+        f"""
+        import json, numpy as np
+        from PIL import Image
+        from transformers import AutoModel, AutoProcessor, pipeline
+        image = np.load("image.npy")
+        remote = AutoModel.from_pretrained({str(copy)!r}, trust_remote_code=True)
+        assert type(remote).__module__.startswith("transformers_modules"), type(remote).__module__
+        remote.save_pretrained("copy2")
+        AutoProcessor.from_pretrained({str(copy)!r}, trust_remote_code=True).save_pretrained("copy2")
+        results = {{}}
+        for folder in ({str(copy)!r}, "copy2"):
+            custom = pipeline(model=folder, trust_remote_code=True)
+            stock = pipeline("image-segmentation", model=folder, trust_remote_code=True)
+            segment = custom(image, modality="dermoscopy")[0]
+            np.save(f"{{len(results)}}.npy", np.asarray(segment["mask"]) > 0)
+            results[folder] = [segment["label"], segment["score"], [s["label"] for s in stock(Image.fromarray(image))]]
+        json.dump(results, open("result.json", "w"))
+        """,
+        tmp_path,
+    )
+    result = json.loads((tmp_path / "result.json").read_text())
+    expected = pipe(images[0], modality="dermoscopy")[0]
+    automatic = pipe(images[0])[0]["label"]
+    for i, (label, score, stock_labels) in enumerate(result.values()):
+        assert label == expected["label"] and score == pytest.approx(expected["score"], abs=1e-5)
+        np.testing.assert_array_equal(np.load(tmp_path / f"{i}.npy"), _mask([expected]))
+        assert stock_labels and set(stock_labels) <= {"background", automatic}
+    assert (tmp_path / "copy2" / "pipeline_esp_medsam.py").read_text() == (saved / "pipeline_esp_medsam.py").read_text()

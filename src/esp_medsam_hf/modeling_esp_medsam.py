@@ -13,6 +13,7 @@ The forward pass reproduces the official release numerically (see tests/test_par
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.sam.modeling_sam import SamFeedForward, SamTwoWayTransformer
 from transformers.utils import ModelOutput
@@ -37,6 +39,8 @@ from .configuration_esp_medsam import (
     EspMedSamParameterBagConfig,
     EspMedSamPromptGeneratorConfig,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -536,13 +540,43 @@ class EspMedSamPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves as transformers does; with remote code registered, also maps ``AutoModelForImageSegmentation``
-        (which the stock image-segmentation pipeline loads) to this class in ``config.json``."""
+        (which the stock image-segmentation pipeline loads) to this class in ``config.json``.
+
+        A config that advertises ``custom_pipelines`` (a model loaded from a folder saved with its pipeline) keeps
+        them only together with their code: this package's pipeline file and the modules it imports are written
+        next to the model code, and entries whose code is not available here are dropped with a warning. So
+        ``save_pretrained``/``push_to_hub`` of a reloaded model give a repo where both pipelines still load.
+        """
         if self._auto_class is not None:
             module = type(self).__module__.rsplit(".", 1)[-1]
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map.setdefault("AutoModelForImageSegmentation", f"{module}.{type(self).__name__}")
             self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        pipeline_class = self._advertised_pipeline_class()
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if pipeline_class is not None and kwargs.get("is_main_process", True):
+            custom_object_save(pipeline_class, save_directory)
+        return result
+
+    def _advertised_pipeline_class(self) -> type | None:
+        """The pipeline class to save with the model when the config advertises it (other entries are dropped)."""
+        advertised = getattr(self.config, "custom_pipelines", None)
+        if not advertised:
+            return None
+        # A lazy relative import: remote code loading this module also fetches the pipeline's files.
+        from .pipeline_esp_medsam import EspMedSamSegmentationPipeline
+
+        ours = f"{EspMedSamSegmentationPipeline.__module__.rsplit('.', 1)[-1]}.{EspMedSamSegmentationPipeline.__name__}"
+        kept = {task: entry for task, entry in advertised.items() if entry.get("impl") == ours}
+        if len(kept) != len(advertised):
+            dropped = sorted(set(advertised) - set(kept))
+            logger.warning("custom_pipelines %s left out of the saved config: their code is not part of this model",
+                           dropped)
+        if kept:
+            self.config.custom_pipelines = kept
+            return EspMedSamSegmentationPipeline
+        del self.config.custom_pipelines
+        return None
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
