@@ -302,3 +302,65 @@ def test_post_process_masks_returns_original_sizes():
     assert not masks[1].any()
     probabilities = processor.post_process_masks(logits, [[64, 64], [64, 64]], binarize=False)
     assert 0 < probabilities[0].min() < 0.01 and probabilities[0].max() > 0.99
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+def test_half_precision_weights_run_and_agree_with_float32(tiny_model, tmp_path, dtype, tolerance):
+    """from_pretrained(dtype=...) keeps _keep_in_fp32_modules in float32; .to(dtype) casts all; both run."""
+    tiny_model.save_pretrained(tmp_path)
+    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = tiny_model(pixel_values)
+    loaded = EspMedSamModel.from_pretrained(tmp_path, dtype=dtype).eval()
+    assert loaded.aggregator.neck[0].weight.dtype == dtype
+    assert loaded.mask_decoder.transformer.layers[0].mlp.lin1.weight.dtype == dtype
+    assert loaded.modality_classifier.fc1.weight.dtype == torch.float32
+    assert loaded.mask_decoder.positional_encoding.gaussian_matrix.dtype == torch.float32
+    for model in (loaded, EspMedSamModel.from_pretrained(tmp_path).eval().to(dtype)):
+        with torch.no_grad():
+            out = model(pixel_values)  # float32 pixels, as the image processor returns them
+        assert out.pred_masks.dtype == dtype
+        assert out.modality.tolist() == reference.modality.tolist()
+        for name in ("pred_masks", "image_embeddings", "patch_logits", "modality_logits"):
+            expected, got = getattr(reference, name), getattr(out, name).float()
+            assert (got - expected).abs().max() <= tolerance * expected.abs().max(), name
+
+
+def test_forward_refuses_unknown_arguments(tiny_model):
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with pytest.raises(TypeError, match="modalty"):
+        tiny_model(pixel_values, modalty=torch.tensor([1]))
+    processor = EspMedSamProcessor(EspMedSamImageProcessor(size={"height": 64, "width": 64}))
+    inputs = processor(images=np.zeros((30, 40, 3), np.uint8), modality="fundus")
+    with torch.no_grad():
+        assert tiny_model(**inputs).modality.tolist() == [3]  # the processor's whole output is accepted
+
+
+def test_return_dict_false_gives_the_output_tuple(tiny_model):
+    pixel_values = torch.randn(2, 3, 64, 64)
+    modality = torch.tensor([1, 2])
+    with torch.no_grad():
+        as_dict = tiny_model(pixel_values, modality)
+        as_tuple = tiny_model(pixel_values, modality, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(as_dict.to_tuple()) == 5
+    for got, expected in zip(as_tuple, as_dict.to_tuple()):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(as_tuple[0], as_dict.pred_masks, rtol=0, atol=0)
+
+
+def test_output_hidden_states_are_the_encoder_stage_outputs(tiny_model):
+    config = tiny_model.config.aggregator_config
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = tiny_model(pixel_values, torch.tensor([0, 4]))
+        out = tiny_model(pixel_values, torch.tensor([0, 4]), output_hidden_states=True)
+    assert plain.hidden_states is None
+    states = out.hidden_states
+    assert len(states) == len(config.embed_dims) + 1
+    assert [s.shape[1] for s in states] == [*config.embed_dims, config.neck_dim]
+    assert states[0].shape[-1] == 64 // 4 and states[-1].shape[-1] == tiny_model.config.embedding_grid_size
+    torch.testing.assert_close(states[-1], out.image_embeddings, rtol=0, atol=0)
+    torch.testing.assert_close(out.pred_masks, plain.pred_masks, rtol=0, atol=0)
+    with torch.no_grad():
+        neck = tiny_model.aggregator.neck(states[-2])
+    torch.testing.assert_close(neck, out.image_embeddings)

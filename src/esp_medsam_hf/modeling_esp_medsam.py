@@ -54,6 +54,8 @@ class EspMedSamOutput(ModelOutput):
     modality_logits: (B, M) logits of the modality classifier on the aggregator's stage-0 features.
     modality: (B,) the modality index each image was decoded with (given, or chosen by the classifier).
     mask_loss, patch_loss, modality_loss: the loss terms, for logging.
+    hidden_states: with ``output_hidden_states``, the image encoder's stage outputs (B, C_i, H_i, W_i): the stem
+        (patch embedding and stage 0), each TinyViT stage, then the neck (the same tensor as ``image_embeddings``).
     """
 
     loss: torch.FloatTensor | None = None
@@ -65,6 +67,7 @@ class EspMedSamOutput(ModelOutput):
     mask_loss: torch.FloatTensor | None = None
     patch_loss: torch.FloatTensor | None = None
     modality_loss: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,12 +301,21 @@ class ModalityAggregator(nn.Module):
         )
 
     def stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.stage0(self.patch_embed(pixel_values))
+        """Patch embedding and stage 0 on ``pixel_values`` cast to the encoder's dtype (a bf16/fp16 model takes
+        the image processor's float32 output as is)."""
+        return self.stage0(self.patch_embed(pixel_values.to(self.neck[0].weight.dtype)))
 
     def forward_stages(
-        self, features: torch.Tensor, modality: torch.LongTensor, controller: ModalityController
+        self,
+        features: torch.Tensor,
+        modality: torch.LongTensor,
+        controller: ModalityController,
+        hidden_states: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Stages 1.. with each image's parameter bag plugged in, then the neck: (B, C, g, g)."""
+        """Stages 1.. with each image's parameter bag plugged in, then the neck: (B, C, g, g).
+
+        When a list is given as ``hidden_states``, each stage's output (B, C, H, W) is appended to it.
+        """
         block_index = 0
         x = features
         for stage in self.stages:
@@ -312,6 +324,8 @@ class ModalityAggregator(nn.Module):
                 x = block(x, controller.gather(block_index, modality))
                 block_index += 1
             x = x.permute(0, 3, 1, 2)
+            if hidden_states is not None:
+                hidden_states.append(x)
         return self.neck(x)
 
 
@@ -331,11 +345,12 @@ class ModalityClassifier(nn.Module):
         self.fc2 = nn.Linear(hidden_size, num_modalities)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooling in float32 (a bf16 standard deviation is too coarse), then the layers in their own dtype."""
         features = features.detach().float()
         pooled = torch.cat(
             [F.adaptive_avg_pool2d(features, 4).flatten(1), features.flatten(2).std(dim=-1)], dim=1
         )
-        return self.fc2(self.act(self.fc1(self.norm(pooled))))
+        return self.fc2(self.act(self.fc1(self.norm(pooled.to(self.fc1.weight.dtype)))))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,8 +406,9 @@ class RandomFourierPositionalEncoding(nn.Module):
         self.register_buffer("gaussian_matrix", scale * torch.randn(2, num_features))
 
     def forward(self, size: int) -> torch.Tensor:
-        """(1, 2 * num_features, size, size), cell centres mapped to [-1, 1], x before y."""
-        matrix = self.gaussian_matrix
+        """(1, 2 * num_features, size, size), cell centres mapped to [-1, 1], x before y; computed in float32
+        whatever the model's dtype (sines of bf16 arguments are too coarse)."""
+        matrix = self.gaussian_matrix.float()
         centres = (torch.arange(size, device=matrix.device, dtype=matrix.dtype) + 0.5) / size
         y, x = torch.meshgrid(centres, centres, indexing="ij")
         coords = (2 * torch.stack([x, y], dim=-1) - 1) @ matrix
@@ -535,6 +551,10 @@ class EspMedSamPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["AggregatorBlock", "QueryDecoupledModalityDecoder"]
+    # Stay float32 when loaded with dtype=torch.float16 / torch.bfloat16: the modality classifier (its argmax
+    # routes every image) and the positional encoding's Gaussian matrix (the argument of its sines).
+    _keep_in_fp32_modules = ["modality_classifier", "positional_encoding"]
+    _keep_in_fp32_modules_strict = ["modality_classifier", "positional_encoding"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
@@ -657,21 +677,35 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         pixel_values: torch.FloatTensor,
         modality: torch.LongTensor | None = None,
         labels: torch.FloatTensor | None = None,
-        **kwargs,
-    ) -> EspMedSamOutput:
+        original_sizes: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> EspMedSamOutput | tuple[torch.Tensor, ...]:
         r"""
-        pixel_values: (B, 3, S, S) images from ``EspMedSamImageProcessor``.
+        pixel_values: (B, 3, S, S) images from ``EspMedSamImageProcessor`` (cast to the model's dtype).
         modality: (B,) modality indices (``config.modality_names``); a batch may mix modalities. ``None``: the
             modality classifier decides per image.
         labels: (B, 1, H, W) binary masks; when given, ``loss`` is returned. The modality classifier is trained on
             ``modality`` only when the modality is given.
-        Other keyword arguments (such as ``original_sizes`` from the image processor) are ignored.
+        original_sizes: the image processor's (B, 2) sizes, accepted so that ``model(**processor(...))`` works;
+            the forward does not use them (``post_process_masks`` does).
+        output_hidden_states: also return the image encoder's stage outputs (``config.output_hidden_states``).
+        return_dict: ``False`` returns ``EspMedSamOutput.to_tuple()`` (``config.return_dict``).
+        Any other argument is a ``TypeError``.
         """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         given = self.check_inputs(pixel_values, modality)
         features = self.aggregator.stem(pixel_values)
         modality_logits = self.modality_classifier(features)
         chosen = given if given is not None else modality_logits.argmax(dim=-1)
-        image_embeddings = self.aggregator.forward_stages(features, chosen, self.modality_controller)
+        hidden_states = [features] if output_hidden_states else None
+        image_embeddings = self.aggregator.forward_stages(
+            features, chosen, self.modality_controller, hidden_states=hidden_states
+        )
+        if hidden_states is not None:
+            hidden_states.append(image_embeddings)
         patch_logits, dense_prompt = self.prompt_generator(image_embeddings)
         pred_masks = self.mask_decoder(image_embeddings, dense_prompt, chosen)
 
@@ -681,7 +715,7 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
             if given is not None and self.config.modality_loss_weight > 0:
                 modality_loss = F.cross_entropy(modality_logits, given)
                 loss = loss + self.config.modality_loss_weight * modality_loss
-        return EspMedSamOutput(
+        output = EspMedSamOutput(
             loss=loss,
             pred_masks=pred_masks,
             patch_logits=patch_logits,
@@ -691,7 +725,9 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
             mask_loss=mask_loss,
             patch_loss=patch_loss,
             modality_loss=modality_loss,
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
         )
+        return output if return_dict else output.to_tuple()
 
     def upscale_masks(self, pred_masks: torch.Tensor) -> torch.Tensor:
         """Low-resolution logits to the input size (bilinear, as the official forward's last step)."""
