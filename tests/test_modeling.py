@@ -300,8 +300,39 @@ def test_post_process_masks_returns_original_sizes():
     assert masks[0].shape == (100, 60) and masks[1].shape == (64, 64)
     assert masks[0][:45].all() and not masks[0][55:].any()
     assert not masks[1].any()
-    probabilities = processor.post_process_masks(logits, [[64, 64], [64, 64]], binarize=False)
+    probabilities = processor.post_process_masks(logits, [[64, 64], [64, 64]], binarize=False,
+                                                 return_probabilities=True)
     assert 0 < probabilities[0].min() < 0.01 and probabilities[0].max() > 0.99
+
+
+def test_post_process_masks_follows_sams_conventions():
+    """SamImageProcessor's arguments: mask_threshold on logits, binarize=False gives logits, reshaped sizes crop."""
+    from transformers import SamImageProcessor
+
+    processor = EspMedSamImageProcessor(size={"height": 64, "width": 64})
+    logits = torch.linspace(-4.0, 4.0, 16).repeat(16, 1).reshape(1, 1, 16, 16)  # rising from left to right
+    upscaled = processor.post_process_masks(logits, [[64, 64]], binarize=False)[0]
+    assert upscaled.shape == (64, 64) and float(upscaled.min()) < -3.5 and float(upscaled.max()) > 3.5
+    default = processor.post_process_masks(logits, [[64, 64]])[0]
+    torch.testing.assert_close(default, upscaled > 0.0)
+    strict = processor.post_process_masks(logits, [[64, 64]], mask_threshold=2.0)[0]
+    torch.testing.assert_close(strict, upscaled > 2.0)
+    assert 0 < strict.sum() < default.sum()
+    probabilities = processor.post_process_masks(logits, [[64, 64]], binarize=False, return_probabilities=True)[0]
+    torch.testing.assert_close(probabilities, torch.sigmoid(upscaled))
+    # SAM's processor gives the same masks when the whole input is the resized image (no padding)
+    sam = SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
+    for threshold in (0.0, 2.0):
+        expected = sam.post_process_masks([logits], [[40, 30]], [[64, 64]], mask_threshold=threshold)[0][0, 0]
+        got = processor.post_process_masks(logits, [[40, 30]], [[64, 64]], mask_threshold=threshold)[0]
+        torch.testing.assert_close(got, expected)
+    # the resized image in the top-left 32x64 of the input: the crop keeps the left half, then upsamples it
+    cropped = processor.post_process_masks(logits, [[40, 30]], reshaped_input_sizes=[[64, 32]], binarize=False)[0]
+    expected = torch.nn.functional.interpolate(upscaled[None, None, :, :32], size=(40, 30), mode="bilinear",
+                                               align_corners=False)[0, 0]
+    torch.testing.assert_close(cropped, expected)
+    with pytest.raises(ValueError, match="reshaped_input_sizes"):
+        processor.post_process_masks(logits, [[40, 30]], reshaped_input_sizes=[[80, 32]])
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])

@@ -49,7 +49,8 @@ def _reference(pipe, image, modality=None):
     inputs = processor(images=[image], modality=modality, return_tensors="pt")
     with torch.no_grad():
         outputs = pipe.model(pixel_values=inputs["pixel_values"], modality=inputs.get("modality"))
-    probs = processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"], binarize=False)[0]
+    probs = processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"], binarize=False,
+                                         return_probabilities=True)[0]
     modality_probability = outputs.modality_logits.softmax(-1)[0, outputs.modality[0]]
     return probs.numpy(), int(outputs.modality[0]), float(modality_probability)
 
@@ -144,23 +145,35 @@ def test_stock_pipeline_returns_the_target_at_original_size(saved, pipe, images)
     stock = pipeline("image-segmentation", model=str(saved))
     assert type(stock).__name__ == "ImageSegmentationPipeline"
     for image in images:
-        segments = stock(Image.fromarray(image))
+        segments = stock(Image.fromarray(image), threshold=0.0)
         automatic = pipe(image)[0]
         assert len(segments) == 1 and segments[0]["label"] == automatic["label"]
         assert segments[0]["mask"].size == (image.shape[1], image.shape[0])
         np.testing.assert_array_equal(_mask(segments), _mask([automatic]))
-    batched = stock([Image.fromarray(image) for image in images], batch_size=3)
+    batched = stock([Image.fromarray(image) for image in images], batch_size=3, threshold=0.0)
     assert len(batched) == 3
 
 
 def test_stock_pipeline_gives_one_scored_target_segment(saved, pipe, images):
     stock = pipeline("image-segmentation", model=str(saved))
     for image in images:
-        segments = stock(Image.fromarray(image))
+        segments = stock(Image.fromarray(image), threshold=0.0)
         automatic = pipe(image)[0]
         assert [s["label"] for s in segments] == [automatic["label"]]
         assert segments[0]["score"] == pytest.approx(automatic["score"], abs=1e-5)
         np.testing.assert_array_equal(_mask(segments), _mask([automatic]))
+
+
+def test_stock_pipeline_leaves_out_segments_scoring_below_threshold(saved, pipe, images):
+    """transformers' convention: threshold= (0.9 by default) filters segments by score."""
+    stock = pipeline("image-segmentation", model=str(saved))
+    scores = [pipe(image)[0]["score"] for image in images]
+    assert max(scores) > 0
+    for image, score in zip(images, scores):
+        below, above = stock(Image.fromarray(image), threshold=score + 1e-3), stock(Image.fromarray(image),
+                                                                                     threshold=score - 1e-3)
+        assert below == [] and len(above) == 1 and above[0]["score"] == pytest.approx(score, abs=1e-5)
+        assert stock(Image.fromarray(image)) == ([] if score < 0.9 else stock(Image.fromarray(image), threshold=0.9))
 
 
 def test_remote_code_in_a_fresh_process(saved, pipe, tmp_path):
@@ -178,7 +191,7 @@ def test_remote_code_in_a_fresh_process(saved, pipe, tmp_path):
         custom = pipeline(model={str(saved)!r}, trust_remote_code=True)   # task from custom_pipelines
         assert type(custom.model).__module__.startswith("transformers_modules"), type(custom.model).__module__
         assert type(custom).__module__.startswith("transformers_modules"), type(custom).__module__
-        stock_out = stock(Image.open({retina!r}))
+        stock_out = stock(Image.open({retina!r}), threshold=0.0)
         out = custom([{retina!r}, {chest!r}, synthetic], modality=[None, None, "colonoscopy"], batch_size=3)
         for i, (segments,) in enumerate(out):
             np.save(f"mask{{i}}.npy", np.asarray(segments["mask"]) > 0)
@@ -240,7 +253,7 @@ def test_resaved_model_keeps_the_pipelines_its_config_advertises(saved, pipe, im
             stock = pipeline("image-segmentation", model=folder, trust_remote_code=True)
             segment = custom(image, modality="dermoscopy")[0]
             np.save(f"{{len(results)}}.npy", np.asarray(segment["mask"]) > 0)
-            results[folder] = [segment["label"], segment["score"], [s["label"] for s in stock(Image.fromarray(image))]]
+            results[folder] = [segment["label"], segment["score"], [s["label"] for s in stock(Image.fromarray(image), threshold=0.0)]]
         json.dump(results, open("result.json", "w"))
         """,
         tmp_path,

@@ -145,7 +145,7 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         # Non-tensor entries reach here as preprocess made them: the loader unrolls batches back to single items.
         target_size, source = model_outputs["target_size"], model_outputs["modality_source"]
         probabilities = self.image_processor.post_process_masks(
-            model_outputs["pred_masks"], [list(target_size)], binarize=False
+            model_outputs["pred_masks"], [list(target_size)], binarize=False, return_probabilities=True
         )[0]
         mask = probabilities >= mask_threshold
         index = int(model_outputs["modality"].reshape(-1)[0])
