@@ -8,32 +8,59 @@ when it is imported.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from ..data.domains import DOMAIN_NAMES, get_domain
-from ..hub.cards import DomainResult, ModelCardInfo
+from ..hub.cards import DomainResult, ModelCardInfo, TrainingData
 from ..hub.publish import MAIN_BRANCH, STAGE_BRANCHES, RetryPolicy, StageRelease, publish_model
 
 STAGE_TO_BRANCH = dict(zip(("teacher", "distill", "espmedsam"), STAGE_BRANCHES))
 
 
-def domain_results(report: dict, synthetic: bool) -> list[DomainResult]:
-    """The per-domain Dice/HD of an ``evaluate_model`` report as model card results."""
+def _is_synthetic(name: str, synthetic: bool | Collection[str]) -> bool:
+    if isinstance(synthetic, bool):
+        return synthetic and name in DOMAIN_NAMES
+    return name in synthetic
+
+
+def domain_results(report: dict, synthetic: bool | Collection[str] = True) -> list[DomainResult]:
+    """The per-domain Dice/HD of an ``evaluate_model`` report as model card results.
+
+    ``synthetic``: ``True`` marks the rows named after one of the 12 domains as synthetic (the demo's generated
+    data) and any other row (e.g. ``dsb-real``) as real; ``False`` marks every row real; a collection names the
+    synthetic rows. A row that is not a domain name but carries one in ``row["domain"]`` takes that domain's
+    dataset name and modality.
+    """
     results = []
     for name, row in report.get("domains", {}).items():
-        if name in DOMAIN_NAMES:
-            spec = get_domain(name)
-            dataset = f"SYNTHETIC {name}" if synthetic else spec.dataset
-            modality, unseen = spec.modality, not spec.is_source
+        fake = _is_synthetic(name, synthetic)
+        domain = name if name in DOMAIN_NAMES else row.get("domain")
+        if domain in DOMAIN_NAMES:
+            spec = get_domain(domain)
+            dataset, modality, unseen = spec.dataset, spec.modality, not spec.is_source
         else:
             dataset, modality, unseen = name, row.get("modality", "unknown"), False
         hd = row.get("hd")
         results.append(DomainResult(
-            modality=modality, dataset=dataset, dataset_id=f"{'synthetic-' if synthetic else ''}{name}",
+            modality=modality, dataset=f"SYNTHETIC {dataset}" if fake else dataset,
+            dataset_id=f"synthetic-{name}" if fake else name,
             dice=float(row["dice"]), hd=float(hd) if hd is not None and hd == hd and hd != float("inf") else None,
-            split=report.get("split", "test"), unseen=unseen,
+            split=report.get("split", "test"), unseen=unseen, synthetic=fake,
+            mask_sizes=list(row.get("mask_sizes", [])),
         ))
     return results
+
+
+def training_data(domains: Collection[str], synthetic: bool | Collection[str] = True) -> list[TrainingData]:
+    """The card's training datasets for the given domain names (``synthetic`` as in ``domain_results``)."""
+    data = []
+    for name in domains:
+        fake = _is_synthetic(name, synthetic)
+        dataset = get_domain(name).dataset if name in DOMAIN_NAMES else name
+        data.append(TrainingData(name=f"SYNTHETIC {dataset}" if fake else dataset,
+                                 dataset_id=f"synthetic-{name}" if fake else name, synthetic=fake))
+    return data
 
 
 def stage_card(
@@ -42,13 +69,20 @@ def stage_card(
     *,
     training_config: dict | None = None,
     report: dict | None = None,
-    synthetic: bool = True,
+    synthetic: bool | Collection[str] = True,
     parameters: int | None = None,
     image_size: int | None = None,
     notes: str | None = None,
     base_model: str | None = None,
+    datasets: list[TrainingData] | None = None,
+    flops: float | None = None,
+    throughput: float | None = None,
+    throughput_device: str | None = None,
+    config_root: str | Path | None = None,
 ) -> ModelCardInfo:
-    """The ``ModelCardInfo`` of one branch."""
+    """The ``ModelCardInfo`` of one branch: the run's facts (training ``datasets``, evaluation ``report`` with
+    ``synthetic`` saying which rows are synthetic, ``base_model``, efficiency) as parameters. The teacher's branch
+    ships no pipeline, so its card shows the Auto-class code only."""
     if branch not in (*STAGE_BRANCHES, MAIN_BRANCH):
         raise ValueError(f"unknown branch {branch!r}; expected one of {', '.join((*STAGE_BRANCHES, MAIN_BRANCH))}")
     return ModelCardInfo(
@@ -57,9 +91,15 @@ def stage_card(
         training_config=dict(training_config or {}),
         results=domain_results(report, synthetic) if report else [],
         parameters=parameters,
+        flops=flops,
+        throughput=throughput,
+        throughput_device=throughput_device,
         image_size=image_size,
         notes=notes,
         base_model=base_model,
+        datasets=list(datasets or []),
+        pipelines=branch != STAGE_TO_BRANCH["teacher"],
+        config_root=str(config_root) if config_root is not None else None,
     )
 
 
