@@ -323,3 +323,81 @@ def test_push_to_hub_of_a_remote_code_model_keeps_both_pipelines(hub, api, tmp_p
     assert {"pipeline_esp_medsam.py", "io.py", "modeling_esp_medsam.py", "config.json"} <= set(result["files"])
     assert result["esp/pushed-copy"] == result["esp/with-pipeline"]
     assert result["esp/pushed-copy"]["label"] == "lung fields" and result["esp/pushed-copy"]["stock"]
+
+
+@pytest.mark.parametrize("branch", ["stage-2-distill", "main"])
+def test_model_info_answers_like_the_hub(api, published, branch):
+    """model_info: card metadata (pipeline tag, library, tags), safetensors summary, file sizes and LFS info."""
+    import hashlib
+
+    folder = published["folders"][branch]
+    info = api.model_info(REPO, revision=branch)
+    assert info.sha == published["commits"][branch] and info.id == REPO
+    assert info.pipeline_tag == "image-segmentation" and info.library_name == "transformers"
+    assert {"medical-imaging", "esp-medsam", branch, "safetensors", "license:apache-2.0"} <= set(info.tags)
+    assert info.card_data.training_stage == branch and info.card_data.parameters == 28_460_000
+    assert info.safetensors.parameters == {"F32": 64 * 96 + 17} and info.safetensors.total == 64 * 96 + 17
+    assert {s.rfilename for s in info.siblings} == {".gitattributes", "README.md", *tree_hashes(folder)}
+    assert all(s.size is None for s in info.siblings)
+    detailed = api.model_info(REPO, revision=branch, files_metadata=True)
+    sizes = {s.rfilename: s.size for s in detailed.siblings}
+    for path in tree_hashes(folder):
+        assert sizes[path] == (folder / path).stat().st_size, path
+    weights = next(s for s in detailed.siblings if s.rfilename == "model.safetensors")
+    assert weights.lfs.sha256 == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert weights.lfs.size == weights.size
+
+
+def test_list_repo_commits_newest_first(api, published):
+    commits = api.list_repo_commits(REPO, revision="stage-3-esp-medsam")
+    assert commits[0].commit_id == published["commits"]["stage-3-esp-medsam"]
+    assert commits[-1].title == "initial commit" and all(c.authors for c in commits)
+    assert commits[0].created_at >= commits[-1].created_at
+    with pytest.raises(RevisionNotFoundError):
+        api.list_repo_commits(REPO, revision="no-such-branch")
+
+
+def test_list_models_and_datasets_filter_like_the_hub(api, published):
+    api.create_repo("esp/listed-data", repo_type="dataset", exist_ok=True)
+    models = list(api.list_models(search="roundtrip"))
+    assert [m.id for m in models] == [REPO] and models[0].pipeline_tag == "image-segmentation"
+    assert REPO in {m.id for m in api.list_models(author="esp")}
+    assert REPO in {m.id for m in api.list_models(filter="esp-medsam")}
+    assert list(api.list_models(author="nobody")) == []
+    assert len(list(api.list_models(limit=1))) == 1
+    assert [d.id for d in api.list_datasets(search="listed-data")] == ["esp/listed-data"]
+
+
+def test_whoami_names_the_local_user(api, published):
+    me = api.whoami()
+    assert me["name"] == "local" and me["auth"]["accessToken"]["role"] == "write"
+    assert "esp" in {org["name"] for org in me["orgs"]}
+
+
+def test_create_tag_and_download_by_tag(hub, api, published, tmp_path):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api.create_tag(REPO, tag="v1.0", revision="stage-2-distill", tag_message="first release")
+    assert api.model_info(REPO, revision="v1.0").sha == published["commits"]["stage-2-distill"]
+    tags = {t.name: t.target_commit for t in api.list_repo_refs(REPO).tags}
+    assert tags["v1.0"] == published["commits"]["stage-2-distill"]
+    path = hf_hub_download(REPO, "config.json", revision="v1.0", endpoint=hub.endpoint, cache_dir=tmp_path / "c")
+    assert Path(path).read_text() == (published["folders"]["stage-2-distill"] / "config.json").read_text()
+    with pytest.raises(HfHubHTTPError, match="already exists") as info:
+        api.create_tag(REPO, tag="v1.0", revision="main")
+    assert info.value.response.status_code == 409
+    api.create_tag(REPO, tag="v1.0", revision="main", exist_ok=True)
+    with pytest.raises(RevisionNotFoundError):
+        api.create_tag(REPO, tag="v2", revision="no-such-branch")
+
+
+def test_discussions_are_refused_like_a_repo_without_them(api, published):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with pytest.raises(HfHubHTTPError, match="Discussions are disabled") as info:
+        list(api.get_repo_discussions(REPO))
+    assert info.value.response.status_code == 403
+    with pytest.raises(HfHubHTTPError, match="Discussions are disabled"):
+        api.create_discussion(REPO, title="hello")
+    with pytest.raises(RepositoryNotFoundError):
+        list(api.get_repo_discussions("esp/no-such-repo"))
