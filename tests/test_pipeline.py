@@ -266,3 +266,20 @@ def test_resaved_model_keeps_the_pipelines_its_config_advertises(saved, pipe, im
         np.testing.assert_array_equal(np.load(tmp_path / f"{i}.npy"), _mask([expected]))
         assert stock_labels and set(stock_labels) <= {"background", automatic}
     assert (tmp_path / "copy2" / "pipeline_esp_medsam.py").read_text() == (saved / "pipeline_esp_medsam.py").read_text()
+
+
+def test_pipeline_class_path_runs_no_remote_code_prompt(saved, monkeypatch):
+    """pipeline(..., pipeline_class=...) loads the package's classes without asking about remote code."""
+    import builtins
+
+    questions = []
+
+    def answer_no(prompt=""):
+        questions.append(prompt)
+        return "n"
+
+    monkeypatch.setattr(builtins, "input", answer_no)
+    pipe = pipeline(TASK, model=str(saved), pipeline_class=EspMedSamSegmentationPipeline)
+    assert questions == []
+    assert type(pipe.image_processor).__module__ == "esp_medsam_hf.image_processing_esp_medsam"
+    assert type(pipe.model).__module__ == "esp_medsam_hf.modeling_esp_medsam"

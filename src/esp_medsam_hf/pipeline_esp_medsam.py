@@ -46,6 +46,14 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
     file by the caller, used like a DICOM tag when no modality is given).
     """
 
+    # Only the image processor: with these unset, pipeline() also looks for a video processor and, finding the
+    # image processor's remote-code entry, asks whether to run remote code although the class is given here.
+    _load_image_processor = True
+    _load_processor = False
+    _load_video_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
     def check_model_type(self, supported_models):
         if isinstance(supported_models, list):
             return super().check_model_type([*supported_models, type(self.model).__name__])
