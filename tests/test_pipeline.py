@@ -283,3 +283,22 @@ def test_pipeline_class_path_runs_no_remote_code_prompt(saved, monkeypatch):
     assert questions == []
     assert type(pipe.image_processor).__module__ == "esp_medsam_hf.image_processing_esp_medsam"
     assert type(pipe.model).__module__ == "esp_medsam_hf.modeling_esp_medsam"
+
+
+def test_stock_pipeline_reads_a_dicom_path_by_content(saved, pipe, tmp_path):
+    """pydicom-data's RG1_UNCR.dcm also carries a TIFF header: Pillow must read it as DICOM (windowed pixels)."""
+    from esp_medsam_hf.io import load_image
+
+    source = assets.CHEST_XRAY_DICOM.path()
+    path = tmp_path / "chest"  # no suffix: recognised by the DICM preamble alone
+    path.write_bytes(source.read_bytes())
+    opened = Image.open(path)
+    pixels, _ = load_image(path)
+    assert opened.format == "DICOM" and opened.info["modality"] == "x-ray"
+    np.testing.assert_array_equal(np.asarray(opened.convert("RGB")), pixels)
+    stock = pipeline("image-segmentation", model=str(saved))
+    segments = stock(str(path), threshold=0.0)
+    expected = pipe(pixels)[0]  # an array: the classifier chooses, as in the stock pipeline
+    assert [s["label"] for s in segments] == [expected["label"]]
+    assert segments[0]["score"] == pytest.approx(expected["score"], abs=1e-5)
+    np.testing.assert_array_equal(_mask(segments), _mask([expected]))

@@ -20,6 +20,11 @@ from transformers.image_utils import (
     SizeDict,
 )
 
+from .dicom_plugin import register as register_dicom_plugin
+
+# Pillow then reads DICOM files by content, so the stock pipeline's load_image(path) gets the windowed pixels.
+register_dicom_plugin()
+
 
 def _to_supported_dtype(image: ImageInput) -> ImageInput:
     """Bring 16-bit and float images to uint8 with a per-image min-max stretch; uint8 passes through untouched.
