@@ -5,7 +5,8 @@ LFS batch, commit; see HUB.md), and olah, the only packaged Hub-API server that 
 small ``http.server`` answers the calls huggingface_hub 2.4 makes to publish (with ``HF_HUB_DISABLE_XET=1``) and
 commits into the git repositories that olah serves. Read requests are checked against git first (so that a missing
 repository, revision or file gets the Hub's error code, which olah 0.5.4 reports as 401 RepoNotFound in all three
-cases) and then proxied to olah unchanged. Only loopback addresses are accepted.
+cases) and then proxied to olah unchanged. The metadata routes olah leaves empty or broken (repo info, commits,
+listings, whoami, tags, discussions) are answered from git (``repoinfo.py``). Only loopback addresses are accepted.
 
 ``LocalHub`` (local.py) launches it; by hand: ``python -m esp_medsam_hf.hub.server --root DIR --port P --olah-url URL``.
 """
@@ -71,7 +72,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("GET", rf"/api/{_T}/{_REPO}/discussions(?:/.*)?", "discussions"),
         ("POST", rf"/api/{_T}/{_REPO}/discussions(?:/.*)?", "discussions"),
         # read side: validated here, then proxied to olah
-        ("GET", rf"/api/{_T}/{_REPO}", "repo_info"),
+        ("GET", rf"/api/{_T}/{_REPO}", "read_repo_info"),
         ("GET", rf"/api/{_T}/{_REPO}/refs", "read_repo"),
         ("GET", rf"/api/{_T}/{_REPO}/tree/(?P<rev>[^/]+)/(?P<path>.+)", "read_tree_path"),
         ("GET", rf"/api/{_T}/{_REPO}/(?:revision|tree|commits)/(?P<rev>[^/]+)(?:/.*)?", "read_revision"),
@@ -464,6 +465,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                             "requests; publish to a branch instead", "DiscussionsDisabled")
 
     # -- read API: validate, then proxy to olah ---------------------------------------------------------------
+    def h_read_repo_info(self, type: str, ns: str, name: str) -> None:
+        # olah 0.5.4 answers repo info without card metadata, safetensors or sizes: answered from git for main
+        self.h_repo_info(type, ns, name)
 
     def h_read_repo(self, type: str, ns: str, name: str) -> None:
         self._existing(type, ns, name)
