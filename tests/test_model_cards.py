@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from huggingface_hub import ModelCard, constants
 from PIL import Image
 
@@ -132,3 +133,22 @@ def test_usage_snippets_run_verbatim_on_every_branch(tmp_path):
         "stage-1-teacher": 1, "stage-2-distill": 2, "stage-3-esp-medsam": 2, "main": 2}
     assert all("dsb-real" in types for _, types in ran.values())
     assert re.search(r"synthetic-dsb-real", json.dumps(ran)) is None
+
+
+def test_measured_efficiency_goes_into_the_card():
+    from _inference_helpers import tiny_model
+    from esp_medsam_hf.benchmark import count_flops
+    from esp_medsam_hf.training.publishing import measured_efficiency
+
+    model, _ = tiny_model()
+    facts = measured_efficiency(model, {"model_images_per_second": 12.5})
+    pixels, modality = torch.zeros(1, 3, 64, 64), torch.zeros(1, dtype=torch.long)
+    assert all(p.requires_grad for p in model.parameters()) and model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")
+    model.requires_grad_(False)
+    assert facts["flops"] == pytest.approx(count_flops(lambda: model(pixels, modality)) / 1e9) and facts["flops"] > 0
+    assert facts["throughput"] == 12.5 and facts["throughput_device"].startswith("cpu (")
+    text = _card("main", **facts).text
+    assert f"FLOPs per image: {facts['flops']:.2f} G at 64x64" in text and "throughput: 12.50 images/s on cpu" in text
+    assert "not measured" not in text
+    assert "throughput" not in measured_efficiency(model)

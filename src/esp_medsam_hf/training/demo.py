@@ -103,7 +103,7 @@ def run_demo(output: str | Path, *, quick: bool = False, overwrite: bool = False
     from ..hub.local import LocalHub
     from ..modeling_esp_medsam import EspMedSamModel
     from ..processing_esp_medsam import EspMedSamProcessor
-    from .publishing import STAGE_TO_BRANCH, publish_stages, stage_card, training_data
+    from .publishing import STAGE_TO_BRANCH, measured_efficiency, publish_stages, stage_card, training_data
     from .stages import count_parameters, run_distill, run_espmedsam, run_teacher
 
     output = Path(output).resolve()
@@ -180,19 +180,21 @@ def run_demo(output: str | Path, *, quick: bool = False, overwrite: bool = False
     distilled = EspMedSamModel.from_pretrained(distill.release_dir)
     distilled_report = evaluate_model(distilled, processor, synthetic_source, split="test", compute_hausdorff=False,
                                       progress=False)
-    note = ("Trained by `esp-medsam demo` on SYNTHETIC images (tiny configuration, 128 px, randomly initialised SAM "
-            "encoder): a demonstration of the training pipeline, not a medical model.")
-    facts = {"image_size": settings.image_size, "notes": note, "datasets": training_data(SOURCE_DOMAINS),
-             "config_root": output}
+    note = (f"Trained by `esp-medsam demo` on SYNTHETIC images (tiny configuration, {settings.image_size} px, randomly "
+            "initialised SAM encoder): a demonstration of the training pipeline, not a medical model.")
+    facts = {"notes": note, "datasets": training_data(SOURCE_DOMAINS), "config_root": output}
     cards = {
         "teacher": stage_card(STAGE_TO_BRANCH["teacher"], "esp-medsam-demo-teacher",
                               training_config=teacher_config.to_dict(), report=teacher_model_report,
-                              parameters=count_parameters(teacher_model), **facts),
+                              parameters=count_parameters(teacher_model), **facts,
+                              **measured_efficiency(teacher_model, teacher_model_report)),
         "distill": stage_card(STAGE_TO_BRANCH["distill"], "esp-medsam-demo", training_config=distill_config.to_dict(),
                               report=distilled_report, parameters=count_parameters(distilled),
-                              **{**facts, "notes": note + f" Embedding MSE: {distill.metrics}."}),
+                              **{**facts, "notes": note + f" Embedding MSE: {distill.metrics}."},
+                              **measured_efficiency(distilled, distilled_report)),
         "espmedsam": stage_card(STAGE_TO_BRANCH["espmedsam"], "esp-medsam-demo", training_config=esp_config.to_dict(),
-                                report=report, parameters=count_parameters(model), **facts),
+                                report=report, parameters=count_parameters(model), **facts,
+                                **measured_efficiency(model, report)),
     }
     main_card = dataclasses.replace(cards["espmedsam"], stage="main")
     releases = [

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 from ..data.domains import DOMAIN_NAMES, get_domain
 from ..hub.cards import DomainResult, ModelCardInfo, TrainingData
+from ..modeling_esp_medsam import EspMedSamModel
 from ..hub.publish import MAIN_BRANCH, STAGE_BRANCHES, RetryPolicy, StageRelease, publish_model
 
 STAGE_TO_BRANCH = dict(zip(("teacher", "distill", "espmedsam"), STAGE_BRANCHES))
@@ -61,6 +63,43 @@ def training_data(domains: Collection[str], synthetic: bool | Collection[str] = 
         data.append(TrainingData(name=f"SYNTHETIC {dataset}" if fake else dataset,
                                  dataset_id=f"synthetic-{name}" if fake else name, synthetic=fake))
     return data
+
+
+def measured_efficiency(model, report: dict | None = None) -> dict[str, Any]:
+    """The card's efficiency facts measured in this run: for an ``EspMedSamModel``, GFLOPs of one batch-1 forward
+    at its input size (torch's ``FlopCounterMode`` with eager attention, as the benchmark counts them; the
+    teacher's attention calls SDPA, which the counter does not count on every device, so its FLOPs are left
+    unmeasured), and, from an ``evaluate_model`` report, the evaluation's throughput (images/s through processor,
+    model and post-processing) with the device it ran on."""
+    import torch
+
+    from ..benchmark import count_flops, machine_info
+
+    parameter = next(model.parameters())
+    size = model.config.image_size
+    facts: dict[str, Any] = {"image_size": size}
+    if isinstance(model, EspMedSamModel):
+        pixels = torch.zeros(1, 3, size, size, device=parameter.device)
+        modality = torch.zeros(1, dtype=torch.long, device=parameter.device)
+        implementation = model.config._attn_implementation
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        model.set_attn_implementation("eager")
+        model.requires_grad_(False)  # the counter's module hooks fail on parameters that require grad
+        try:
+            facts["flops"] = count_flops(lambda: model(pixels, modality)) / 1e9
+        finally:
+            model.set_attn_implementation(implementation)
+            for parameter in trainable:
+                parameter.requires_grad_(True)
+    speed = (report or {}).get("model_images_per_second")
+    if speed is not None and speed == speed:
+        device = str(parameter.device)
+        machine = machine_info(device)
+        where = machine.get("gpu") or machine["cpu"]
+        facts["throughput"] = float(speed)
+        facts["throughput_device"] = (f"{device} ({where}, {torch.get_num_threads()} threads), evaluation "
+                                      "including pre- and post-processing")
+    return facts
 
 
 def stage_card(
