@@ -66,6 +66,9 @@ def test_metadata_has_no_stray_keys_and_efficiency_says_what_was_measured():
     assert "not measured" not in _card("main", parameters=1, flops=2.5, throughput=3.0, image_size=128).text
     with_results = _card("stage-2-distill", report=REPORT)
     assert with_results.data.to_dict()["model-index"][0]["name"] == "esp-medsam-test"
+    assert with_results.data.metrics == ["dice", "hausdorff_distance"]
+    dice_only = {"domains": {"isic": {"domain": "isic", "dice": 50.0, "mask_sizes": ["64x64"]}}}
+    assert _card("stage-2-distill", report=dice_only).data.metrics == ["dice"]
 
 
 def test_training_config_holds_relative_paths_only(tmp_path):
@@ -149,6 +152,6 @@ def test_measured_efficiency_goes_into_the_card():
     assert facts["flops"] == pytest.approx(count_flops(lambda: model(pixels, modality)) / 1e9) and facts["flops"] > 0
     assert facts["throughput"] == 12.5 and facts["throughput_device"].startswith("cpu (")
     text = _card("main", **facts).text
-    assert f"FLOPs per image: {facts['flops']:.2f} G at 64x64" in text and "throughput: 12.50 images/s on cpu" in text
+    assert f"FLOPs per image: {facts['flops']:.3g} G at 64x64" in text and "throughput: 12.50 images/s on cpu" in text
     assert "not measured" not in text
     assert "throughput" not in measured_efficiency(model)

@@ -192,7 +192,7 @@ def build_model_card(info: ModelCardInfo) -> ModelCard:
         base_model=info.base_model,
         datasets=[d.dataset_id for d in info.datasets] or None,
         tags=["medical-imaging", "image-segmentation", "segment-anything", "esp-medsam", info.stage],
-        metrics=["dice", "hausdorff_distance"] if info.results else None,
+        metrics=sorted({result.metric_type for result in results}) or None,
         eval_results=results or None,
         training_stage=info.stage,
         parameters=info.parameters,
@@ -205,7 +205,7 @@ def build_model_card(info: ModelCardInfo) -> ModelCard:
         efficiency.append(f"parameters: {info.parameters / 1e6:.2f} M")
     if info.flops is not None:
         at = f" at {info.image_size}x{info.image_size}" if info.image_size else ""
-        efficiency.append(f"FLOPs per image: {info.flops:.2f} G{at}")
+        efficiency.append(f"FLOPs per image: {info.flops:.3g} G{at}")
     else:
         missing.append("FLOPs")
     if info.throughput is not None:

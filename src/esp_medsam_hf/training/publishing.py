@@ -97,8 +97,9 @@ def measured_efficiency(model, report: dict | None = None) -> dict[str, Any]:
         machine = machine_info(device)
         where = machine.get("gpu") or machine["cpu"]
         facts["throughput"] = float(speed)
-        facts["throughput_device"] = (f"{device} ({where}, {torch.get_num_threads()} threads), evaluation "
-                                      "including pre- and post-processing")
+        threads = torch.get_num_threads()
+        facts["throughput_device"] = (f"{device} ({where}, {threads} thread{'s' if threads != 1 else ''}), "
+                                      "evaluation including pre- and post-processing")
     return facts
 
 
