@@ -253,7 +253,8 @@ def test_resaved_model_keeps_the_pipelines_its_config_advertises(saved, pipe, im
             stock = pipeline("image-segmentation", model=folder, trust_remote_code=True)
             segment = custom(image, modality="dermoscopy")[0]
             np.save(f"{{len(results)}}.npy", np.asarray(segment["mask"]) > 0)
-            results[folder] = [segment["label"], segment["score"], [s["label"] for s in stock(Image.fromarray(image), threshold=0.0)]]
+            stock_labels = [s["label"] for s in stock(Image.fromarray(image), threshold=0.0)]
+            results[folder] = [segment["label"], segment["score"], stock_labels]
         json.dump(results, open("result.json", "w"))
         """,
         tmp_path,

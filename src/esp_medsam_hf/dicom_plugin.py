@@ -8,8 +8,8 @@ DICOM file. With this plugin, ``PIL.Image.open`` gives the same 8-bit RGB pixels
 Modality tag names, if any.
 
 The image processor registers the plugin when it is imported, so it is in place wherever the model's image
-processor is loaded, with the package or as remote code. It is tried before every other format, because a DICOM file can look
-like a TIFF to the TIFF plugin; for other files it only reads the 4 bytes at offset 128.
+processor is loaded, with the package or as remote code. It is tried before every other format, because a DICOM
+file can look like a TIFF to the TIFF plugin; for other files it only reads the 4 bytes at offset 128.
 """
 
 from __future__ import annotations

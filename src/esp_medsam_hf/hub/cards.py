@@ -216,7 +216,8 @@ def build_model_card(info: ModelCardInfo) -> ModelCard:
     not_measured = ""
     if missing:
         what = " and ".join(missing)
-        not_measured = f"{what[:1].upper()}{what[1:]} {'was' if len(missing) == 1 else 'were'} not measured for this run."
+        verb = "was" if len(missing) == 1 else "were"
+        not_measured = f"{what[:1].upper()}{what[1:]} {verb} not measured for this run."
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATES / "model_card.md"),
