@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,6 @@ def _commit_date(repo: GitRepo, commit: str) -> str:
 
 def _iso(date: str) -> str:
     """git's ISO 8601 date (``2026-11-28T21:00:00+00:00``) in the Hub's form (``2026-11-28T21:00:00.000Z``)."""
-    from datetime import datetime, timezone
-
     return datetime.fromisoformat(date).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
@@ -132,9 +131,7 @@ def _tags(card: dict[str, Any], files: list[dict[str, Any]], config: dict[str, A
     return list(dict.fromkeys(tags))
 
 
-def repo_info(
-    repo: GitRepo, kind: str, repo_id: str, commit: str, *, blobs: bool = False
-) -> dict[str, Any]:
+def repo_info(repo: GitRepo, kind: str, repo_id: str, commit: str, *, blobs: bool = False) -> dict[str, Any]:
     """The Hub's answer to ``GET /api/{kind}/{repo_id}[/revision/{rev}]`` for ``commit``."""
     files = list_files(repo, commit)
     card = card_metadata(repo, commit, files)
@@ -160,9 +157,7 @@ def repo_info(
         "likes": 0,
         "tags": _tags(card, files, config),
         "cardData": card or None,
-        "siblings": [
-            entry if blobs else {"rfilename": entry["rfilename"]} for entry in files
-        ],
+        "siblings": [entry if blobs else {"rfilename": entry["rfilename"]} for entry in files],
         "usedStorage": sum(f["size"] for f in files),
     }
     if kind == "models":
