@@ -90,12 +90,17 @@ HIDE_PACKAGE = textwrap.dedent(
 )
 
 
-def run_without_package(code: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh Python where esp_medsam_hf cannot be imported (only remote code is available)."""
+def run_without_package(
+    code: str, cwd: Path, timeout: float = 240, hub_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python where esp_medsam_hf cannot be imported (only remote code is available);
+    offline, unless ``hub_env`` (a local Hub's client environment) is given."""
     script = cwd / "fresh_process.py"
     script.write_text(HIDE_PACKAGE + textwrap.dedent(code))
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(cwd),
            "HF_HOME": str(cwd / "hf_home"), "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    if hub_env is not None:
+        env.update({**hub_env, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"})
     proc = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:

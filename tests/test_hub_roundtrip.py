@@ -299,3 +299,122 @@ def test_a_forged_index_entry_cannot_be_planted_and_the_repo_still_downloads(hub
     assert answer.status_code == 400 and "invalid path" in answer.json()["error"]
     snapshot = download(hub, tmp_path, "esp/planted", "main")
     assert sorted(p.name for p in snapshot.iterdir()) == [".gitattributes", "ok.txt"]
+
+
+def test_push_to_hub_of_a_remote_code_model_keeps_both_pipelines(hub, api, tmp_path):
+    """AutoModel.from_pretrained(repo, trust_remote_code=True).push_to_hub(copy): the copy still serves the custom
+    pipeline (its code travels with the model) and the stock image-segmentation pipeline, package hidden."""
+    import numpy as np
+    from _inference_helpers import run_without_package, save_tiny_model
+
+    saved = save_tiny_model(tmp_path / "saved")
+    publish_model("esp/with-pipeline", [StageRelease("main", saved)], api=api, retry=FAST)
+    image = (np.arange(40 * 48 * 3) % 251).astype(np.uint8).reshape(40, 48, 3)
+    np.save(tmp_path / "image.npy", image)
+    run_without_package(
+        """
+        import json, numpy as np
+        from huggingface_hub import HfApi
+        from PIL import Image
+        from transformers import AutoModel, AutoProcessor, pipeline
+        model = AutoModel.from_pretrained("esp/with-pipeline", trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        model.push_to_hub("esp/pushed-copy")
+        AutoProcessor.from_pretrained("esp/with-pipeline", trust_remote_code=True).push_to_hub("esp/pushed-copy")
+        image = np.load("image.npy")
+        results = {}
+        for repo in ("esp/with-pipeline", "esp/pushed-copy"):
+            custom = pipeline(model=repo, trust_remote_code=True)
+            stock = pipeline("image-segmentation", model=repo, trust_remote_code=True)
+            segment = custom(image, modality="x-ray")[0]
+            results[repo] = {"label": segment["label"], "score": segment["score"],
+                             "mask": int((np.asarray(segment["mask"]) > 0).sum()),
+                             "stock": [s["label"] for s in stock(Image.fromarray(image), threshold=0.0)]}
+        results["files"] = sorted(HfApi().list_repo_files("esp/pushed-copy"))
+        json.dump(results, open("result.json", "w"))
+        """,
+        tmp_path,
+        hub_env=hub.env,
+    )
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert {"pipeline_esp_medsam.py", "io.py", "modeling_esp_medsam.py", "config.json"} <= set(result["files"])
+    assert result["esp/pushed-copy"] == result["esp/with-pipeline"]
+    assert result["esp/pushed-copy"]["label"] == "lung fields" and result["esp/pushed-copy"]["stock"]
+
+
+@pytest.mark.parametrize("branch", ["stage-2-distill", "main"])
+def test_model_info_answers_like_the_hub(api, published, branch):
+    """model_info: card metadata (pipeline tag, library, tags), safetensors summary, file sizes and LFS info."""
+    import hashlib
+
+    folder = published["folders"][branch]
+    info = api.model_info(REPO, revision=branch)
+    assert info.sha == published["commits"][branch] and info.id == REPO
+    assert info.pipeline_tag == "image-segmentation" and info.library_name == "transformers"
+    assert {"medical-imaging", "esp-medsam", branch, "safetensors", "license:apache-2.0"} <= set(info.tags)
+    assert info.card_data.training_stage == branch and info.card_data.parameters == 28_460_000
+    assert info.safetensors.parameters == {"F32": 64 * 96 + 17} and info.safetensors.total == 64 * 96 + 17
+    assert {s.rfilename for s in info.siblings} == {".gitattributes", "README.md", *tree_hashes(folder)}
+    assert all(s.size is None for s in info.siblings)
+    detailed = api.model_info(REPO, revision=branch, files_metadata=True)
+    sizes = {s.rfilename: s.size for s in detailed.siblings}
+    for path in tree_hashes(folder):
+        assert sizes[path] == (folder / path).stat().st_size, path
+    weights = next(s for s in detailed.siblings if s.rfilename == "model.safetensors")
+    assert weights.lfs.sha256 == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert weights.lfs.size == weights.size
+
+
+def test_list_repo_commits_newest_first(api, published):
+    commits = api.list_repo_commits(REPO, revision="stage-3-esp-medsam")
+    assert commits[0].commit_id == published["commits"]["stage-3-esp-medsam"]
+    assert commits[-1].title == "initial commit" and all(c.authors for c in commits)
+    assert commits[0].created_at >= commits[-1].created_at
+    with pytest.raises(RevisionNotFoundError):
+        api.list_repo_commits(REPO, revision="no-such-branch")
+
+
+def test_list_models_and_datasets_filter_like_the_hub(api, published):
+    api.create_repo("esp/listed-data", repo_type="dataset", exist_ok=True)
+    models = list(api.list_models(search="roundtrip"))
+    assert [m.id for m in models] == [REPO] and models[0].pipeline_tag == "image-segmentation"
+    assert REPO in {m.id for m in api.list_models(author="esp")}
+    assert REPO in {m.id for m in api.list_models(filter="esp-medsam")}
+    assert list(api.list_models(author="nobody")) == []
+    assert len(list(api.list_models(limit=1))) == 1
+    assert [d.id for d in api.list_datasets(search="listed-data")] == ["esp/listed-data"]
+
+
+def test_whoami_names_the_local_user(api, published):
+    me = api.whoami()
+    assert me["name"] == "local" and me["auth"]["accessToken"]["role"] == "write"
+    assert "esp" in {org["name"] for org in me["orgs"]}
+
+
+def test_create_tag_and_download_by_tag(hub, api, published, tmp_path):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api.create_tag(REPO, tag="v1.0", revision="stage-2-distill", tag_message="first release")
+    assert api.model_info(REPO, revision="v1.0").sha == published["commits"]["stage-2-distill"]
+    tags = {t.name: t.target_commit for t in api.list_repo_refs(REPO).tags}
+    assert tags["v1.0"] == published["commits"]["stage-2-distill"]
+    path = hf_hub_download(REPO, "config.json", revision="v1.0", endpoint=hub.endpoint, cache_dir=tmp_path / "c")
+    assert Path(path).read_text() == (published["folders"]["stage-2-distill"] / "config.json").read_text()
+    with pytest.raises(HfHubHTTPError, match="already exists") as info:
+        api.create_tag(REPO, tag="v1.0", revision="main")
+    assert info.value.response.status_code == 409
+    api.create_tag(REPO, tag="v1.0", revision="main", exist_ok=True)
+    with pytest.raises(RevisionNotFoundError):
+        api.create_tag(REPO, tag="v2", revision="no-such-branch")
+
+
+def test_discussions_are_refused_like_a_repo_without_them(api, published):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with pytest.raises(HfHubHTTPError, match="Discussions are disabled") as info:
+        list(api.get_repo_discussions(REPO))
+    assert info.value.response.status_code == 403
+    with pytest.raises(HfHubHTTPError, match="Discussions are disabled"):
+        api.create_discussion(REPO, title="hello")
+    with pytest.raises(RepositoryNotFoundError):
+        list(api.get_repo_discussions("esp/no-such-repo"))

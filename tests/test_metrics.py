@@ -167,3 +167,29 @@ def test_modules_load_offline_and_fast(tmp_path, monkeypatch):
     assert metrics[0].compute(predictions=[mask], references=[mask])["dice"] == 100.0
     assert metrics[1].compute(predictions=[mask], references=[mask])["hd"] == 0.0
     assert seconds < 2.0
+
+
+def test_modules_take_the_datasets_own_pil_masks():
+    """A prepared dataset's mask column (PIL images) goes straight into compute, add_batch and add."""
+    from esp_medsam_hf.data.synthetic import synthetic_domains
+
+    test = synthetic_domains(["isic"], {"test": 3}, seed=0, size=32)["isic"]["test"]
+    references = test["mask"]
+    assert all(hasattr(mask, "mode") for mask in references)  # PIL images, as datasets decodes them
+    arrays = [np.asarray(mask) > 0 for mask in references]
+    shifted = [np.roll(mask, 2, axis=1) for mask in arrays]
+    dice = evaluate.load(esp_medsam_hf.metric_path("dice"))
+    expected = dice.compute(predictions=shifted, references=arrays)
+    assert 0 < expected["dice"] < 100
+    from PIL import Image
+
+    as_pil = [Image.fromarray(mask.astype(np.uint8) * 255, mode="L") for mask in shifted]
+    assert dice.compute(predictions=as_pil, references=references) == expected
+    dice.add_batch(predictions=as_pil[:2], references=references[:2])
+    dice.add(prediction=as_pil[2], reference=references[2])
+    assert dice.compute() == expected
+    hausdorff = evaluate.load(esp_medsam_hf.metric_path("hausdorff"))
+    assert hausdorff.compute(predictions=as_pil, references=references) == hausdorff.compute(
+        predictions=shifted, references=arrays)
+    with pytest.raises(ValueError, match=r"predictions\[0\]: expected an HxW mask"):
+        dice.compute(predictions=[np.zeros((2, 3, 4))], references=[arrays[0]])

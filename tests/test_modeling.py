@@ -300,5 +300,98 @@ def test_post_process_masks_returns_original_sizes():
     assert masks[0].shape == (100, 60) and masks[1].shape == (64, 64)
     assert masks[0][:45].all() and not masks[0][55:].any()
     assert not masks[1].any()
-    probabilities = processor.post_process_masks(logits, [[64, 64], [64, 64]], binarize=False)
+    probabilities = processor.post_process_masks(logits, [[64, 64], [64, 64]], binarize=False,
+                                                 return_probabilities=True)
     assert 0 < probabilities[0].min() < 0.01 and probabilities[0].max() > 0.99
+
+
+def test_post_process_masks_follows_sams_conventions():
+    """SamImageProcessor's arguments: mask_threshold on logits, binarize=False gives logits, reshaped sizes crop."""
+    from transformers import SamImageProcessor
+
+    processor = EspMedSamImageProcessor(size={"height": 64, "width": 64})
+    logits = torch.linspace(-4.0, 4.0, 16).repeat(16, 1).reshape(1, 1, 16, 16)  # rising from left to right
+    upscaled = processor.post_process_masks(logits, [[64, 64]], binarize=False)[0]
+    assert upscaled.shape == (64, 64) and float(upscaled.min()) < -3.5 and float(upscaled.max()) > 3.5
+    default = processor.post_process_masks(logits, [[64, 64]])[0]
+    torch.testing.assert_close(default, upscaled > 0.0)
+    strict = processor.post_process_masks(logits, [[64, 64]], mask_threshold=2.0)[0]
+    torch.testing.assert_close(strict, upscaled > 2.0)
+    assert 0 < strict.sum() < default.sum()
+    probabilities = processor.post_process_masks(logits, [[64, 64]], binarize=False, return_probabilities=True)[0]
+    torch.testing.assert_close(probabilities, torch.sigmoid(upscaled))
+    # SAM's processor gives the same masks when the whole input is the resized image (no padding)
+    sam = SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
+    for threshold in (0.0, 2.0):
+        expected = sam.post_process_masks([logits], [[40, 30]], [[64, 64]], mask_threshold=threshold)[0][0, 0]
+        got = processor.post_process_masks(logits, [[40, 30]], [[64, 64]], mask_threshold=threshold)[0]
+        torch.testing.assert_close(got, expected)
+    # the resized image in the top-left 32x64 of the input: the crop keeps the left half, then upsamples it
+    cropped = processor.post_process_masks(logits, [[40, 30]], reshaped_input_sizes=[[64, 32]], binarize=False)[0]
+    expected = torch.nn.functional.interpolate(upscaled[None, None, :, :32], size=(40, 30), mode="bilinear",
+                                               align_corners=False)[0, 0]
+    torch.testing.assert_close(cropped, expected)
+    with pytest.raises(ValueError, match="reshaped_input_sizes"):
+        processor.post_process_masks(logits, [[40, 30]], reshaped_input_sizes=[[80, 32]])
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+def test_half_precision_weights_run_and_agree_with_float32(tiny_model, tmp_path, dtype, tolerance):
+    """from_pretrained(dtype=...) keeps _keep_in_fp32_modules in float32; .to(dtype) casts all; both run."""
+    tiny_model.save_pretrained(tmp_path)
+    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = tiny_model(pixel_values)
+    loaded = EspMedSamModel.from_pretrained(tmp_path, dtype=dtype).eval()
+    assert loaded.aggregator.neck[0].weight.dtype == dtype
+    assert loaded.mask_decoder.transformer.layers[0].mlp.lin1.weight.dtype == dtype
+    assert loaded.modality_classifier.fc1.weight.dtype == torch.float32
+    assert loaded.mask_decoder.positional_encoding.gaussian_matrix.dtype == torch.float32
+    for model in (loaded, EspMedSamModel.from_pretrained(tmp_path).eval().to(dtype)):
+        with torch.no_grad():
+            out = model(pixel_values)  # float32 pixels, as the image processor returns them
+        assert out.pred_masks.dtype == dtype
+        assert out.modality.tolist() == reference.modality.tolist()
+        for name in ("pred_masks", "image_embeddings", "patch_logits", "modality_logits"):
+            expected, got = getattr(reference, name), getattr(out, name).float()
+            assert (got - expected).abs().max() <= tolerance * expected.abs().max(), name
+
+
+def test_forward_refuses_unknown_arguments(tiny_model):
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with pytest.raises(TypeError, match="modalty"):
+        tiny_model(pixel_values, modalty=torch.tensor([1]))
+    processor = EspMedSamProcessor(EspMedSamImageProcessor(size={"height": 64, "width": 64}))
+    inputs = processor(images=np.zeros((30, 40, 3), np.uint8), modality="fundus")
+    with torch.no_grad():
+        assert tiny_model(**inputs).modality.tolist() == [3]  # the processor's whole output is accepted
+
+
+def test_return_dict_false_gives_the_output_tuple(tiny_model):
+    pixel_values = torch.randn(2, 3, 64, 64)
+    modality = torch.tensor([1, 2])
+    with torch.no_grad():
+        as_dict = tiny_model(pixel_values, modality)
+        as_tuple = tiny_model(pixel_values, modality, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(as_dict.to_tuple()) == 5
+    for got, expected in zip(as_tuple, as_dict.to_tuple()):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(as_tuple[0], as_dict.pred_masks, rtol=0, atol=0)
+
+
+def test_output_hidden_states_are_the_encoder_stage_outputs(tiny_model):
+    config = tiny_model.config.aggregator_config
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = tiny_model(pixel_values, torch.tensor([0, 4]))
+        out = tiny_model(pixel_values, torch.tensor([0, 4]), output_hidden_states=True)
+    assert plain.hidden_states is None
+    states = out.hidden_states
+    assert len(states) == len(config.embed_dims) + 1
+    assert [s.shape[1] for s in states] == [*config.embed_dims, config.neck_dim]
+    assert states[0].shape[-1] == 64 // 4 and states[-1].shape[-1] == tiny_model.config.embedding_grid_size
+    torch.testing.assert_close(states[-1], out.image_embeddings, rtol=0, atol=0)
+    torch.testing.assert_close(out.pred_masks, plain.pred_masks, rtol=0, atol=0)
+    with torch.no_grad():
+        neck = tiny_model.aggregator.neck(states[-2])
+    torch.testing.assert_close(neck, out.image_embeddings)

@@ -49,7 +49,8 @@ def _reference(pipe, image, modality=None):
     inputs = processor(images=[image], modality=modality, return_tensors="pt")
     with torch.no_grad():
         outputs = pipe.model(pixel_values=inputs["pixel_values"], modality=inputs.get("modality"))
-    probs = processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"], binarize=False)[0]
+    probs = processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"], binarize=False,
+                                         return_probabilities=True)[0]
     modality_probability = outputs.modality_logits.softmax(-1)[0, outputs.modality[0]]
     return probs.numpy(), int(outputs.modality[0]), float(modality_probability)
 
@@ -144,23 +145,35 @@ def test_stock_pipeline_returns_the_target_at_original_size(saved, pipe, images)
     stock = pipeline("image-segmentation", model=str(saved))
     assert type(stock).__name__ == "ImageSegmentationPipeline"
     for image in images:
-        segments = stock(Image.fromarray(image))
+        segments = stock(Image.fromarray(image), threshold=0.0)
         automatic = pipe(image)[0]
         assert len(segments) == 1 and segments[0]["label"] == automatic["label"]
         assert segments[0]["mask"].size == (image.shape[1], image.shape[0])
         np.testing.assert_array_equal(_mask(segments), _mask([automatic]))
-    batched = stock([Image.fromarray(image) for image in images], batch_size=3)
+    batched = stock([Image.fromarray(image) for image in images], batch_size=3, threshold=0.0)
     assert len(batched) == 3
 
 
 def test_stock_pipeline_gives_one_scored_target_segment(saved, pipe, images):
     stock = pipeline("image-segmentation", model=str(saved))
     for image in images:
-        segments = stock(Image.fromarray(image))
+        segments = stock(Image.fromarray(image), threshold=0.0)
         automatic = pipe(image)[0]
         assert [s["label"] for s in segments] == [automatic["label"]]
         assert segments[0]["score"] == pytest.approx(automatic["score"], abs=1e-5)
         np.testing.assert_array_equal(_mask(segments), _mask([automatic]))
+
+
+def test_stock_pipeline_leaves_out_segments_scoring_below_threshold(saved, pipe, images):
+    """transformers' convention: threshold= (0.9 by default) filters segments by score."""
+    stock = pipeline("image-segmentation", model=str(saved))
+    scores = [pipe(image)[0]["score"] for image in images]
+    assert max(scores) > 0
+    for image, score in zip(images, scores):
+        below, above = stock(Image.fromarray(image), threshold=score + 1e-3), stock(Image.fromarray(image),
+                                                                                     threshold=score - 1e-3)
+        assert below == [] and len(above) == 1 and above[0]["score"] == pytest.approx(score, abs=1e-5)
+        assert stock(Image.fromarray(image)) == ([] if score < 0.9 else stock(Image.fromarray(image), threshold=0.9))
 
 
 def test_remote_code_in_a_fresh_process(saved, pipe, tmp_path):
@@ -178,7 +191,7 @@ def test_remote_code_in_a_fresh_process(saved, pipe, tmp_path):
         custom = pipeline(model={str(saved)!r}, trust_remote_code=True)   # task from custom_pipelines
         assert type(custom.model).__module__.startswith("transformers_modules"), type(custom.model).__module__
         assert type(custom).__module__.startswith("transformers_modules"), type(custom).__module__
-        stock_out = stock(Image.open({retina!r}))
+        stock_out = stock(Image.open({retina!r}), threshold=0.0)
         out = custom([{retina!r}, {chest!r}, synthetic], modality=[None, None, "colonoscopy"], batch_size=3)
         for i, (segments,) in enumerate(out):
             np.save(f"mask{{i}}.npy", np.asarray(segments["mask"]) > 0)
@@ -212,3 +225,81 @@ def test_in_memory_model_without_a_folder(images):
     network, processor = tiny_model(seed=3)
     out = segment(images[:2], network, processor.image_processor, modality="x-ray", batch_size=2)
     assert [s[0]["label"] for s in out] == ["lung fields", "lung fields"]
+
+
+def test_resaved_model_keeps_the_pipelines_its_config_advertises(saved, pipe, images, tmp_path):
+    """save_pretrained of a reloaded model (package class, then remote code) keeps custom_pipelines' code."""
+    from esp_medsam_hf import EspMedSamModel
+
+    copy = tmp_path / "copy"
+    EspMedSamModel.from_pretrained(saved).save_pretrained(copy)
+    EspMedSamProcessor.from_pretrained(saved).save_pretrained(copy)
+    assert json.loads((copy / "config.json").read_text())["custom_pipelines"][TASK]["impl"] == (
+        "pipeline_esp_medsam.EspMedSamSegmentationPipeline")
+    np.save(tmp_path / "image.npy", images[0])
+    run_without_package(
+        f"""
+        import json, numpy as np
+        from PIL import Image
+        from transformers import AutoModel, AutoProcessor, pipeline
+        image = np.load("image.npy")
+        remote = AutoModel.from_pretrained({str(copy)!r}, trust_remote_code=True)
+        assert type(remote).__module__.startswith("transformers_modules"), type(remote).__module__
+        remote.save_pretrained("copy2")
+        AutoProcessor.from_pretrained({str(copy)!r}, trust_remote_code=True).save_pretrained("copy2")
+        results = {{}}
+        for folder in ({str(copy)!r}, "copy2"):
+            custom = pipeline(model=folder, trust_remote_code=True)
+            stock = pipeline("image-segmentation", model=folder, trust_remote_code=True)
+            segment = custom(image, modality="dermoscopy")[0]
+            np.save(f"{{len(results)}}.npy", np.asarray(segment["mask"]) > 0)
+            stock_labels = [s["label"] for s in stock(Image.fromarray(image), threshold=0.0)]
+            results[folder] = [segment["label"], segment["score"], stock_labels]
+        json.dump(results, open("result.json", "w"))
+        """,
+        tmp_path,
+    )
+    result = json.loads((tmp_path / "result.json").read_text())
+    expected = pipe(images[0], modality="dermoscopy")[0]
+    automatic = pipe(images[0])[0]["label"]
+    for i, (label, score, stock_labels) in enumerate(result.values()):
+        assert label == expected["label"] and score == pytest.approx(expected["score"], abs=1e-5)
+        np.testing.assert_array_equal(np.load(tmp_path / f"{i}.npy"), _mask([expected]))
+        assert stock_labels and set(stock_labels) <= {"background", automatic}
+    assert (tmp_path / "copy2" / "pipeline_esp_medsam.py").read_text() == (saved / "pipeline_esp_medsam.py").read_text()
+
+
+def test_pipeline_class_path_runs_no_remote_code_prompt(saved, monkeypatch):
+    """pipeline(..., pipeline_class=...) loads the package's classes without asking about remote code."""
+    import builtins
+
+    questions = []
+
+    def answer_no(prompt=""):
+        questions.append(prompt)
+        return "n"
+
+    monkeypatch.setattr(builtins, "input", answer_no)
+    pipe = pipeline(TASK, model=str(saved), pipeline_class=EspMedSamSegmentationPipeline)
+    assert questions == []
+    assert type(pipe.image_processor).__module__ == "esp_medsam_hf.image_processing_esp_medsam"
+    assert type(pipe.model).__module__ == "esp_medsam_hf.modeling_esp_medsam"
+
+
+def test_stock_pipeline_reads_a_dicom_path_by_content(saved, pipe, tmp_path):
+    """pydicom-data's RG1_UNCR.dcm also carries a TIFF header: Pillow must read it as DICOM (windowed pixels)."""
+    from esp_medsam_hf.io import load_image
+
+    source = assets.CHEST_XRAY_DICOM.path()
+    path = tmp_path / "chest"  # no suffix: recognised by the DICM preamble alone
+    path.write_bytes(source.read_bytes())
+    opened = Image.open(path)
+    pixels, _ = load_image(path)
+    assert opened.format == "DICOM" and opened.info["modality"] == "x-ray"
+    np.testing.assert_array_equal(np.asarray(opened.convert("RGB")), pixels)
+    stock = pipeline("image-segmentation", model=str(saved))
+    segments = stock(str(path), threshold=0.0)
+    expected = pipe(pixels)[0]  # an array: the classifier chooses, as in the stock pipeline
+    assert [s["label"] for s in segments] == [expected["label"]]
+    assert segments[0]["score"] == pytest.approx(expected["score"], abs=1e-5)
+    np.testing.assert_array_equal(_mask(segments), _mask([expected]))

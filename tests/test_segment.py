@@ -133,3 +133,18 @@ def test_run_segmentation_single_process_split_and_gather(saved, inputs, tmp_pat
     records = run_segmentation([histology, folder], pipe, tmp_path / "out", batch_size=2, progress=False)
     assert [r.file.split("/")[-1] for r in records] == ["histo.jpg", "dsb.tif", "isic.png", "lung16.png", "us.dcm"]
     assert [row["file"] for row in _rows(tmp_path / "out" / "segmentation.csv")] == [r.file for r in records]
+
+
+def test_dicom_without_suffix_is_found_by_its_preamble_and_no_progress_is_quiet(saved, tmp_path, capfd):
+    folder = tmp_path / "series"
+    folder.mkdir()
+    write_dicom(folder / "IM0001", np.arange(30 * 20, dtype=np.uint16).reshape(30, 20), Modality="US")
+    (folder / "README").write_text("not an image")
+    assert [item.path.name for item in collect_inputs([folder])] == ["IM0001"]
+    capfd.readouterr()
+    out = tmp_path / "out"
+    assert main(["segment", str(folder), "--model", str(saved), "--output", str(out), "--no-progress"]) == 0
+    (row,) = _rows(out / "segmentation.csv")
+    assert row["file"].endswith("IM0001") and row["status"] == "ok"
+    assert (row["modality"], row["modality_source"], row["height"], row["width"]) == ("ultrasound", "file", "30", "20")
+    assert "it/s" not in capfd.readouterr().err  # no tqdm bar: neither weight loading nor segmentation

@@ -141,3 +141,15 @@ def test_presets_give_the_students_embedding_grid():
         assert config.vision_config.output_channels == 256
     with pytest.raises(ValueError, match="unknown SAM preset"):
         EspMedSamTeacherConfig.from_preset("vit-x")
+
+
+def test_forward_is_strict_and_honours_return_dict():
+    teacher = tiny_teacher().eval()
+    pixels = torch.randn(1, 3, SIZE, SIZE)
+    with pytest.raises(TypeError, match="modalty"):
+        teacher(pixels, modalty=torch.tensor([1]))
+    with torch.no_grad():
+        as_dict = teacher(pixels, torch.tensor([2]), original_sizes=torch.tensor([[30, 40]]))
+        as_tuple = teacher(pixels, torch.tensor([2]), return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.pred_masks, rtol=0, atol=0)

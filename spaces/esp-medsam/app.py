@@ -290,9 +290,10 @@ def make_segment(loaded: LoadedModel):
         )
         if not loaded.trained:
             summary += " · untrained model (see the notice above)"
-        # The label's headline is always the modality used: the whole distribution when the classifier chose it,
-        # otherwise the used modality alone, with the probability the classifier gives it.
-        label = probabilities if chosen is None else {used: probabilities[used]}
+        # The label's headline is always the modality used, with the confidence of its source: the classifier's
+        # distribution when it chose, certainty when the modality was given or read from the DICOM tag (as the
+        # pipelines' segment score counts it); the summary keeps the classifier's probability for comparison.
+        label = probabilities if chosen is None else {used: 1.0}
         mask_png = _write_mask_png(mask, Path(path).stem)
         return overlay_mask(image, mask), mask.astype(np.uint8) * 255, label, summary, mask_png
 
@@ -352,7 +353,7 @@ def build_demo(loaded: LoadedModel) -> gr.Blocks:
                 mask = gr.Image(
                     label="Mask", type="numpy", format="png", image_mode="L", elem_id="out-mask", height=200
                 )
-                label = gr.Label(label="Modality (classifier probability)", num_top_classes=6, elem_id="out-label")
+                label = gr.Label(label="Modality (confidence)", num_top_classes=6, elem_id="out-label")
                 summary = gr.Textbox(label="Result", interactive=False, elem_id="out-summary")
                 mask_file = gr.File(label="Mask (PNG)", elem_id="out-file")
         segment = make_segment(loaded)

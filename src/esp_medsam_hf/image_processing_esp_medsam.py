@@ -22,6 +22,11 @@ from transformers.image_utils import (
     SizeDict,
 )
 
+from .dicom_plugin import register as register_dicom_plugin
+
+# Pillow then reads DICOM files by content, so the stock pipeline's load_image(path) gets the windowed pixels.
+register_dicom_plugin()
+
 logger = logging.getLogger(__name__)
 
 
@@ -172,30 +177,51 @@ class EspMedSamImageProcessor(TorchvisionBackend):
 
     def post_process_masks(
         self,
-        pred_masks: torch.Tensor,
+        masks: torch.Tensor,
         original_sizes: torch.Tensor | list,
-        threshold: float = 0.5,
+        reshaped_input_sizes: torch.Tensor | list | None = None,
+        mask_threshold: float = 0.0,
         binarize: bool = True,
+        return_probabilities: bool = False,
     ) -> list[torch.Tensor]:
-        """Low-resolution logits (B, 1, h, w) -> one (H, W) mask per image at its original size.
+        """Low-resolution mask logits (B, 1, h, w) -> one (H, W) mask per image at its original size.
 
-        The logits are upsampled bilinearly to the model input size (as the official forward does), then to the
-        original size; ``binarize`` keeps ``sigmoid >= threshold`` (official: 0.5), otherwise probabilities.
+        SAM's conventions (``SamImageProcessor.post_process_masks``): the logits are upsampled bilinearly to the
+        model input size (as the official forward does), cropped to ``reshaped_input_sizes`` (the resized image
+        inside the input; this processor resizes to the full input, so the default is the whole input), then
+        upsampled to ``original_sizes``. ``binarize`` keeps ``logits > mask_threshold`` (0.0: probability 0.5,
+        the official threshold); otherwise the logits are returned, or their sigmoid with ``return_probabilities``.
         """
         if isinstance(original_sizes, torch.Tensor):
             original_sizes = original_sizes.tolist()
-        if len(original_sizes) != pred_masks.shape[0]:
-            raise ValueError(f"got {len(original_sizes)} original sizes for {pred_masks.shape[0]} masks")
+        if len(original_sizes) != masks.shape[0]:
+            raise ValueError(f"got {len(original_sizes)} original sizes for {masks.shape[0]} masks")
         model_size = SizeDict(**self.size) if isinstance(self.size, dict) else self.size
         size = (model_size.height, model_size.width)
-        logits = F.interpolate(pred_masks.float(), size=size, mode="bilinear", align_corners=False)
+        if reshaped_input_sizes is None:
+            reshaped_input_sizes = [size] * masks.shape[0]
+        elif isinstance(reshaped_input_sizes, torch.Tensor):
+            reshaped_input_sizes = reshaped_input_sizes.tolist()
+        if len(reshaped_input_sizes) != masks.shape[0]:
+            raise ValueError(f"got {len(reshaped_input_sizes)} reshaped input sizes for {masks.shape[0]} masks")
+        logits = F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False)
         results = []
-        for index, (height, width) in enumerate(original_sizes):
-            mask = logits[index : index + 1]
-            if (int(height), int(width)) != size:
+        for index, ((height, width), (input_height, input_width)) in enumerate(
+            zip(original_sizes, reshaped_input_sizes)
+        ):
+            if not (0 < int(input_height) <= size[0] and 0 < int(input_width) <= size[1]):
+                raise ValueError(
+                    f"reshaped_input_sizes[{index}] = ({input_height}, {input_width}) must lie within the model "
+                    f"input size {size}"
+                )
+            mask = logits[index : index + 1, :, : int(input_height), : int(input_width)]
+            if (int(height), int(width)) != tuple(mask.shape[-2:]):
                 mask = F.interpolate(mask, size=(int(height), int(width)), mode="bilinear", align_corners=False)
-            probabilities = torch.sigmoid(mask[0, 0])
-            results.append(probabilities >= threshold if binarize else probabilities)
+            mask = mask[0, 0]
+            if binarize:
+                results.append(mask > mask_threshold)
+            else:
+                results.append(torch.sigmoid(mask) if return_probabilities else mask)
         return results
 
     def post_process_instance_segmentation(
@@ -211,21 +237,27 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         Returns ``{"segmentation": (H, W) long tensor, 1 inside the mask, "segments_info": [{"id": 1, "label_id":
         modality + 1, "score": ...}]}`` per image. The score is the classifier's probability of the modality times
         the mean mask probability inside the mask (Mask2Former's convention; 0 for an empty mask).
-        ``threshold`` and ``overlap_mask_area_threshold`` come from the pipeline's call and do not apply: every
-        image has exactly one target.
+        As in transformers' Mask2Former post-processing, a segment scoring below ``threshold`` (the pipeline's
+        ``threshold=``, 0.9 by default there; ``None`` keeps every segment) is left out and its pixels stay 0.
+        ``mask_threshold`` is a probability; ``overlap_mask_area_threshold`` does not apply (one target per image).
         """
         pred_masks, modality = outputs["pred_masks"], outputs["modality"]
         if target_sizes is None:
             target_sizes = [pred_masks.shape[-2:]] * pred_masks.shape[0]
-        probabilities = self.post_process_masks(pred_masks, [list(s) for s in target_sizes], binarize=False)
+        probabilities = self.post_process_masks(
+            pred_masks, [list(s) for s in target_sizes], binarize=False, return_probabilities=True
+        )
         label_probability = outputs["modality_logits"].float().softmax(-1).gather(1, modality.view(-1, 1))[:, 0]
         results = []
         for probs, index, p in zip(probabilities, modality.tolist(), label_probability.tolist()):
             mask = probs >= mask_threshold
-            mask_score = float(probs[mask].mean()) if bool(mask.any()) else 0.0
-            results.append(
-                {"segmentation": mask.long(), "segments_info": [{"id": 1, "label_id": index + 1, "score": p * mask_score}]}
-            )
+            score = p * (float(probs[mask].mean()) if bool(mask.any()) else 0.0)
+            if threshold is not None and score < threshold:
+                results.append({"segmentation": torch.zeros_like(mask, dtype=torch.long), "segments_info": []})
+            else:
+                results.append(
+                    {"segmentation": mask.long(), "segments_info": [{"id": 1, "label_id": index + 1, "score": score}]}
+                )
         return results
 
     def post_process_semantic_segmentation(self, outputs, target_sizes=None, threshold: float = 0.5):
@@ -237,7 +269,10 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         modality = outputs["modality"]
         if target_sizes is None:
             target_sizes = [pred_masks.shape[-2:]] * pred_masks.shape[0]
-        masks = self.post_process_masks(pred_masks, [list(s) for s in target_sizes], threshold=threshold)
+        probabilities = self.post_process_masks(
+            pred_masks, [list(s) for s in target_sizes], binarize=False, return_probabilities=True
+        )
+        masks = [probs >= threshold for probs in probabilities]
         return [mask.long() * (int(m) + 1) for mask, m in zip(masks, modality)]
 
 

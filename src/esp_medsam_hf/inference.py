@@ -14,7 +14,8 @@ import io as _stdio
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data.visualize import overlay, save_png
 from .fileio import atomic_file
-from .io import SUPPORTED_SUFFIXES, ImageLoadError, load_image
+from .io import SUPPORTED_SUFFIXES, ImageLoadError, is_dicom, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class OutputExistsError(FileExistsError):
 
 
 def collect_inputs(paths: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None) -> list[InputFile]:
-    """Files as given and the image files under folders (recursively, by suffix), in a stable order.
+    """Files as given and the image files under folders (recursively, by suffix, or by the DICOM preamble for
+    files such as ``IM0001`` without one), in a stable order.
 
     Files under ``exclude`` (the output folder, when it lies inside an input folder) are not collected from folders,
     so that a rerun does not segment its own masks and overlays.
@@ -80,7 +82,7 @@ def collect_inputs(paths: Iterable[str | os.PathLike], exclude: str | os.PathLik
         path = Path(raw)
         if path.is_dir():
             found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
+                p for p in path.rglob("*") if p.is_file() and (p.suffix.lower() in SUPPORTED_SUFFIXES or is_dicom(p))
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
                 and (excluded is None or excluded not in p.resolve().parents)
             )
@@ -244,15 +246,40 @@ def process_state(device: str | None = None):
     return PartialState(cpu=cpu)
 
 
-def load_pipeline(model: str, revision: str | None = None, device: str | None = None):
-    """The segmentation pipeline for a saved folder or Hub repo, on ``device`` (default: accelerate's device)."""
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' and huggingface_hub's progress bars (weight loading, downloads) off inside the block unless
+    ``enabled``; their previous state is restored afterwards."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    hub_was_disabled = are_progress_bars_disabled()
+    transformers_was_enabled = transformers_logging.is_progress_bar_enabled()
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not hub_was_disabled:
+            enable_progress_bars()
+        if transformers_was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def load_pipeline(model: str, revision: str | None = None, device: str | None = None, progress: bool = True):
+    """The segmentation pipeline for a saved folder or Hub repo, on ``device`` (default: accelerate's device);
+    ``progress=False`` hides the download and weight-loading bars."""
     from transformers import AutoImageProcessor, AutoModelForImageSegmentation
 
     from .pipeline_esp_medsam import TASK, EspMedSamSegmentationPipeline
 
     device = device or str(process_state().device)
-    network = AutoModelForImageSegmentation.from_pretrained(model, revision=revision)
-    image_processor = AutoImageProcessor.from_pretrained(model, revision=revision)
+    with progress_bars(progress):
+        network = AutoModelForImageSegmentation.from_pretrained(model, revision=revision)
+        image_processor = AutoImageProcessor.from_pretrained(model, revision=revision)
     return EspMedSamSegmentationPipeline(
         model=network.eval(), image_processor=image_processor, task=TASK, device=device
     )

@@ -13,6 +13,7 @@ The forward pass reproduces the official release numerically (see tests/test_par
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.sam.modeling_sam import SamFeedForward, SamTwoWayTransformer
 from transformers.utils import ModelOutput
@@ -37,6 +39,8 @@ from .configuration_esp_medsam import (
     EspMedSamParameterBagConfig,
     EspMedSamPromptGeneratorConfig,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +54,8 @@ class EspMedSamOutput(ModelOutput):
     modality_logits: (B, M) logits of the modality classifier on the aggregator's stage-0 features.
     modality: (B,) the modality index each image was decoded with (given, or chosen by the classifier).
     mask_loss, patch_loss, modality_loss: the loss terms, for logging.
+    hidden_states: with ``output_hidden_states``, the image encoder's stage outputs (B, C_i, H_i, W_i): the stem
+        (patch embedding and stage 0), each TinyViT stage, then the neck (the same tensor as ``image_embeddings``).
     """
 
     loss: torch.FloatTensor | None = None
@@ -61,6 +67,7 @@ class EspMedSamOutput(ModelOutput):
     mask_loss: torch.FloatTensor | None = None
     patch_loss: torch.FloatTensor | None = None
     modality_loss: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,12 +301,21 @@ class ModalityAggregator(nn.Module):
         )
 
     def stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.stage0(self.patch_embed(pixel_values))
+        """Patch embedding and stage 0 on ``pixel_values`` cast to the encoder's dtype (a bf16/fp16 model takes
+        the image processor's float32 output as is)."""
+        return self.stage0(self.patch_embed(pixel_values.to(self.neck[0].weight.dtype)))
 
     def forward_stages(
-        self, features: torch.Tensor, modality: torch.LongTensor, controller: ModalityController
+        self,
+        features: torch.Tensor,
+        modality: torch.LongTensor,
+        controller: ModalityController,
+        hidden_states: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Stages 1.. with each image's parameter bag plugged in, then the neck: (B, C, g, g)."""
+        """Stages 1.. with each image's parameter bag plugged in, then the neck: (B, C, g, g).
+
+        When a list is given as ``hidden_states``, each stage's output (B, C, H, W) is appended to it.
+        """
         block_index = 0
         x = features
         for stage in self.stages:
@@ -308,6 +324,8 @@ class ModalityAggregator(nn.Module):
                 x = block(x, controller.gather(block_index, modality))
                 block_index += 1
             x = x.permute(0, 3, 1, 2)
+            if hidden_states is not None:
+                hidden_states.append(x)
         return self.neck(x)
 
 
@@ -328,12 +346,14 @@ class ModalityClassifier(nn.Module):
 
     @staticmethod
     def pool(features: torch.Tensor) -> torch.Tensor:
-        """(B, 17 C) pooled stage-0 features (detached): what the head reads, and what a feature cache stores."""
+        """(B, 17 C) pooled stage-0 features (detached, in float32: a bf16 standard deviation is too coarse): what
+        the head reads, and what a feature cache stores."""
         features = features.detach().float()
         return torch.cat([F.adaptive_avg_pool2d(features, 4).flatten(1), features.flatten(2).std(dim=-1)], dim=1)
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(pooled))))
+        """The layers, in their own dtype."""
+        return self.fc2(self.act(self.fc1(self.norm(pooled.to(self.fc1.weight.dtype)))))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(features))
@@ -392,8 +412,9 @@ class RandomFourierPositionalEncoding(nn.Module):
         self.register_buffer("gaussian_matrix", scale * torch.randn(2, num_features))
 
     def forward(self, size: int) -> torch.Tensor:
-        """(1, 2 * num_features, size, size), cell centres mapped to [-1, 1], x before y."""
-        matrix = self.gaussian_matrix
+        """(1, 2 * num_features, size, size), cell centres mapped to [-1, 1], x before y; computed in float32
+        whatever the model's dtype (sines of bf16 arguments are too coarse)."""
+        matrix = self.gaussian_matrix.float()
         centres = (torch.arange(size, device=matrix.device, dtype=matrix.dtype) + 0.5) / size
         y, x = torch.meshgrid(centres, centres, indexing="ij")
         coords = (2 * torch.stack([x, y], dim=-1) - 1) @ matrix
@@ -562,18 +583,52 @@ class EspMedSamPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["AggregatorBlock", "QueryDecoupledModalityDecoder"]
+    # Stay float32 when loaded with dtype=torch.float16 / torch.bfloat16: the modality classifier (its argmax
+    # routes every image) and the positional encoding's Gaussian matrix (the argument of its sines).
+    _keep_in_fp32_modules = ["modality_classifier", "positional_encoding"]
+    _keep_in_fp32_modules_strict = ["modality_classifier", "positional_encoding"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves as transformers does; with remote code registered, also maps ``AutoModelForImageSegmentation``
-        (which the stock image-segmentation pipeline loads) to this class in ``config.json``."""
+        (which the stock image-segmentation pipeline loads) to this class in ``config.json``.
+
+        A config that advertises ``custom_pipelines`` (a model loaded from a folder saved with its pipeline) keeps
+        them only together with their code: this package's pipeline file and the modules it imports are written
+        next to the model code, and entries whose code is not available here are dropped with a warning. So
+        ``save_pretrained``/``push_to_hub`` of a reloaded model give a repo where both pipelines still load.
+        """
         if self._auto_class is not None:
             module = type(self).__module__.rsplit(".", 1)[-1]
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map.setdefault("AutoModelForImageSegmentation", f"{module}.{type(self).__name__}")
             self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        pipeline_class = self._advertised_pipeline_class()
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if pipeline_class is not None and kwargs.get("is_main_process", True):
+            custom_object_save(pipeline_class, save_directory)
+        return result
+
+    def _advertised_pipeline_class(self) -> type | None:
+        """The pipeline class to save with the model when the config advertises it (other entries are dropped)."""
+        advertised = getattr(self.config, "custom_pipelines", None)
+        if not advertised:
+            return None
+        # A lazy relative import: remote code loading this module also fetches the pipeline's files.
+        from .pipeline_esp_medsam import EspMedSamSegmentationPipeline
+
+        ours = f"{EspMedSamSegmentationPipeline.__module__.rsplit('.', 1)[-1]}.{EspMedSamSegmentationPipeline.__name__}"
+        kept = {task: entry for task, entry in advertised.items() if entry.get("impl") == ours}
+        if len(kept) != len(advertised):
+            dropped = sorted(set(advertised) - set(kept))
+            logger.warning("custom_pipelines %s left out of the saved config: their code is not part of this model",
+                           dropped)
+        if kept:
+            self.config.custom_pipelines = kept
+            return EspMedSamSegmentationPipeline
+        del self.config.custom_pipelines
+        return None
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -655,21 +710,35 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         pixel_values: torch.FloatTensor,
         modality: torch.LongTensor | None = None,
         labels: torch.FloatTensor | None = None,
-        **kwargs,
-    ) -> EspMedSamOutput:
+        original_sizes: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> EspMedSamOutput | tuple[torch.Tensor, ...]:
         r"""
-        pixel_values: (B, 3, S, S) images from ``EspMedSamImageProcessor``.
+        pixel_values: (B, 3, S, S) images from ``EspMedSamImageProcessor`` (cast to the model's dtype).
         modality: (B,) modality indices (``config.modality_names``); a batch may mix modalities. ``None``: the
             modality classifier decides per image.
         labels: (B, 1, H, W) binary masks; when given, ``loss`` is returned. The modality classifier is trained on
             ``modality`` only when the modality is given.
-        Other keyword arguments (such as ``original_sizes`` from the image processor) are ignored.
+        original_sizes: the image processor's (B, 2) sizes, accepted so that ``model(**processor(...))`` works;
+            the forward does not use them (``post_process_masks`` does).
+        output_hidden_states: also return the image encoder's stage outputs (``config.output_hidden_states``).
+        return_dict: ``False`` returns ``EspMedSamOutput.to_tuple()`` (``config.return_dict``).
+        Any other argument is a ``TypeError``.
         """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         given = self.check_inputs(pixel_values, modality)
         features = self.aggregator.stem(pixel_values)
         modality_logits = self.modality_classifier(features)
         chosen = given if given is not None else modality_logits.argmax(dim=-1)
-        image_embeddings = self.aggregator.forward_stages(features, chosen, self.modality_controller)
+        hidden_states = [features] if output_hidden_states else None
+        image_embeddings = self.aggregator.forward_stages(
+            features, chosen, self.modality_controller, hidden_states=hidden_states
+        )
+        if hidden_states is not None:
+            hidden_states.append(image_embeddings)
         patch_logits, dense_prompt = self.prompt_generator(image_embeddings)
         pred_masks = self.mask_decoder(image_embeddings, dense_prompt, chosen)
 
@@ -679,7 +748,7 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
             if given is not None and self.config.modality_loss_weight > 0:
                 modality_loss = F.cross_entropy(modality_logits, given)
                 loss = loss + self.config.modality_loss_weight * modality_loss
-        return EspMedSamOutput(
+        output = EspMedSamOutput(
             loss=loss,
             pred_masks=pred_masks,
             patch_logits=patch_logits,
@@ -689,7 +758,9 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
             mask_loss=mask_loss,
             patch_loss=patch_loss,
             modality_loss=modality_loss,
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
         )
+        return output if return_dict else output.to_tuple()
 
     def upscale_masks(self, pred_masks: torch.Tensor) -> torch.Tensor:
         """Low-resolution logits to the input size (bilinear, as the official forward's last step)."""

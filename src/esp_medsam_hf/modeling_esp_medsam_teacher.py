@@ -102,6 +102,9 @@ class EspMedSamTeacherPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["SamVisionLayer", "QueryDecoupledModalityDecoder"]
+    # The decoder's positional encoding stays float32 under dtype=torch.float16 / torch.bfloat16 (see the student).
+    _keep_in_fp32_modules = ["positional_encoding"]
+    _keep_in_fp32_modules_strict = ["positional_encoding"]
     _supports_sdpa = True
 
     @torch.no_grad()
@@ -205,13 +208,18 @@ class EspMedSamTeacherModel(EspMedSamTeacherPreTrainedModel):
         pixel_values: torch.FloatTensor,
         modality: torch.LongTensor | None = None,
         labels: torch.FloatTensor | None = None,
-        **kwargs,
-    ) -> EspMedSamOutput:
+        original_sizes: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+    ) -> EspMedSamOutput | tuple[torch.Tensor, ...]:
         r"""
         pixel_values: (B, 3, S, S) images from ``EspMedSamImageProcessor``.
         modality: (B,) modality indices (required); a batch may mix modalities.
         labels: (B, 1, H, W) binary masks; when given, ``loss`` = mask loss + patch_loss_weight * patch loss.
+        original_sizes: the image processor's sizes, accepted so that ``model(**processor(...))`` works; unused.
+        return_dict: ``False`` returns ``EspMedSamOutput.to_tuple()`` (``config.return_dict``).
+        Any other argument is a ``TypeError``.
         """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         modality = self.check_inputs(pixel_values, modality)
         image_embeddings = self.get_image_embeddings(pixel_values)
         patch_logits, dense_prompt = self.prompt_generator(image_embeddings)
@@ -219,7 +227,7 @@ class EspMedSamTeacherModel(EspMedSamTeacherPreTrainedModel):
         loss = mask_loss = patch_loss = None
         if labels is not None:
             loss, mask_loss, patch_loss = segmentation_loss(pred_masks, patch_logits, labels, self.config)
-        return EspMedSamOutput(
+        output = EspMedSamOutput(
             loss=loss,
             pred_masks=pred_masks,
             patch_logits=patch_logits,
@@ -228,6 +236,7 @@ class EspMedSamTeacherModel(EspMedSamTeacherPreTrainedModel):
             mask_loss=mask_loss,
             patch_loss=patch_loss,
         )
+        return output if return_dict else output.to_tuple()
 
     def upscale_masks(self, pred_masks: torch.Tensor) -> torch.Tensor:
         size = self.config.image_size

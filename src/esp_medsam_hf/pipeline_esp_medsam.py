@@ -46,6 +46,14 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
     file by the caller, used like a DICOM tag when no modality is given).
     """
 
+    # Only the image processor: with these unset, pipeline() also looks for a video processor and, finding the
+    # image processor's remote-code entry, asks whether to run remote code although the class is given here.
+    _load_image_processor = True
+    _load_processor = False
+    _load_video_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
     def check_model_type(self, supported_models):
         if isinstance(supported_models, list):
             return super().check_model_type([*supported_models, type(self.model).__name__])
@@ -145,7 +153,7 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         # Non-tensor entries reach here as preprocess made them: the loader unrolls batches back to single items.
         target_size, source = model_outputs["target_size"], model_outputs["modality_source"]
         probabilities = self.image_processor.post_process_masks(
-            model_outputs["pred_masks"], [list(target_size)], binarize=False
+            model_outputs["pred_masks"], [list(target_size)], binarize=False, return_probabilities=True
         )[0]
         mask = probabilities >= mask_threshold
         index = int(model_outputs["modality"].reshape(-1)[0])

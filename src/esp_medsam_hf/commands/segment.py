@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     modality = int(args.modality) if args.modality is not None and args.modality.isdigit() else args.modality
     try:
-        pipe = load_pipeline(args.model, revision=args.revision, device=args.device)
+        pipe = load_pipeline(args.model, revision=args.revision, device=args.device, progress=not args.no_progress)
         records = run_segmentation(
             args.paths,
             pipe,

@@ -11,6 +11,7 @@ _EXPORTS = {
     "CITATION_BIBTEX": "cards",
     "DomainResult": "cards",
     "ModelCardInfo": "cards",
+    "TrainingData": "cards",
     "build_dataset_card": "cards",
     "build_model_card": "cards",
     "LocalHub": "local",

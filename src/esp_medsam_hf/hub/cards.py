@@ -8,6 +8,7 @@ this module only lays them out: per-domain Dice and Hausdorff distance go into t
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,11 @@ STAGE_DESCRIPTIONS = {
 
 @dataclass
 class DomainResult:
-    """Test metrics of one domain: Dice in percent, Hausdorff distance in pixels (None when not measured)."""
+    """Test metrics of one domain: Dice in percent, Hausdorff distance in pixels (None when not measured).
+
+    ``synthetic``: the test images are synthetic; ``mask_sizes``: the sizes (``"HxW"``) of the masks the metrics
+    were computed on, so that the Hausdorff distance in pixels can be read.
+    """
 
     modality: str
     dataset: str
@@ -57,11 +62,32 @@ class DomainResult:
     hd: float | None = None
     split: str = "test"
     unseen: bool = False
+    synthetic: bool = False
+    mask_sizes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainingData:
+    """One dataset a revision was trained on: ``dataset_id`` goes into the card's ``datasets`` metadata (a Hub
+    dataset id where one exists), ``synthetic`` says whether its images were generated rather than real."""
+
+    name: str
+    dataset_id: str
+    synthetic: bool = False
 
 
 @dataclass
 class ModelCardInfo:
-    """Everything a stage's model card shows. ``flops`` is in GFLOPs per image, ``throughput`` in images/s."""
+    """The facts of one run that a stage's model card shows. ``flops`` is in GFLOPs per image, ``throughput`` in
+    images/s (None: not measured, and the card says so).
+
+    ``datasets``: the training data (``datasets`` metadata, and the Limitations section says whether it was real
+    or synthetic); ``base_model``: the Hub id of the weights training started from; ``pipelines``: whether the
+    revision carries both pipelines (a student saved with ``save_pretrained_with_pipeline``); without them the card
+    shows the Auto-class code only. ``config_root``: absolute paths in ``training_config`` are written relative to
+    it (by default, to the deepest folder that holds all of them), so a card never shows the training machine's
+    paths.
+    """
 
     model_name: str
     stage: str
@@ -76,6 +102,10 @@ class ModelCardInfo:
     base_model: str | None = None
     license: str = "apache-2.0"
     notes: str | None = None
+    datasets: list[TrainingData] = field(default_factory=list)
+    pipelines: bool = True
+    usage_modality: str = "dermoscopy"
+    config_root: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelCardInfo":
@@ -86,6 +116,7 @@ class ModelCardInfo:
             raise ValueError(f"unknown model card fields {unknown}; expected some of {sorted(known)}")
         data = dict(data)
         data["results"] = [r if isinstance(r, DomainResult) else DomainResult(**r) for r in data.get("results", [])]
+        data["datasets"] = [d if isinstance(d, TrainingData) else TrainingData(**d) for d in data.get("datasets", [])]
         return cls(**data)
 
     @classmethod
@@ -118,30 +149,85 @@ def eval_results(info: ModelCardInfo) -> list[EvalResult]:
     return results
 
 
+def _absolute_paths(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _absolute_paths(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _absolute_paths(v)]
+    return [value] if isinstance(value, str) and os.path.isabs(value) else []
+
+
+def portable_config(config: dict[str, Any], root: str | None = None) -> dict[str, Any]:
+    """``config`` with every absolute path (a string value, at any depth) made relative to ``root``, or by default
+    to the deepest folder holding all of them (``"."`` for that folder itself)."""
+    paths = _absolute_paths(config)
+    if not paths:
+        return dict(config)
+    base = root or os.path.commonpath([os.path.dirname(p.rstrip("/")) or "/" for p in paths])
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value):
+            return Path(os.path.relpath(value, base)).as_posix()
+        return value
+
+    return convert(config)
+
+
 def build_model_card(info: ModelCardInfo) -> ModelCard:
-    """The model card of one stage branch (``info.stage``), ready for ``card.save`` or upload as README.md."""
+    """The model card of one stage branch (``info.stage``), ready for ``card.save`` or upload as README.md.
+
+    Metadata: library, pipeline tag, tags, license, ``base_model`` and ``datasets`` when given, and the
+    ``model-index`` (named ``info.model_name``) when the revision has results.
+    """
+    results = eval_results(info)
     card_data = ModelCardData(
-        model_name=info.model_name,
+        model_name=info.model_name if results else None,
         license=info.license,
         library_name="transformers",
         pipeline_tag="image-segmentation",
         base_model=info.base_model,
+        datasets=[d.dataset_id for d in info.datasets] or None,
         tags=["medical-imaging", "image-segmentation", "segment-anything", "esp-medsam", info.stage],
-        metrics=["dice", "hausdorff_distance"] if info.results else None,
-        eval_results=eval_results(info) or None,
+        metrics=sorted({result.metric_type for result in results}) or None,
+        eval_results=results or None,
         training_stage=info.stage,
         parameters=info.parameters,
         gflops=info.flops,
         throughput_images_per_s=info.throughput,
     )
+    config = portable_config(info.training_config, info.config_root)
+    efficiency, missing = [], []
+    if info.parameters is not None:
+        efficiency.append(f"parameters: {info.parameters / 1e6:.2f} M")
+    if info.flops is not None:
+        at = f" at {info.image_size}x{info.image_size}" if info.image_size else ""
+        efficiency.append(f"FLOPs per image: {info.flops:.3g} G{at}")
+    else:
+        missing.append("FLOPs")
+    if info.throughput is not None:
+        on = f" on {info.throughput_device}" if info.throughput_device else ""
+        efficiency.append(f"throughput: {info.throughput:.2f} images/s{on}")
+    else:
+        missing.append("throughput")
+    not_measured = ""
+    if missing:
+        what = " and ".join(missing)
+        verb = "was" if len(missing) == 1 else "were"
+        not_measured = f"{what[:1].upper()}{what[1:]} {verb} not measured for this run."
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATES / "model_card.md"),
         info=asdict(info),
         stage_description=STAGE_DESCRIPTIONS.get(info.stage, f"Training stage {info.stage}."),
-        training_config_yaml=yaml.safe_dump(info.training_config, sort_keys=True).strip()
-        if info.training_config
-        else "",
+        training_config_yaml=yaml.safe_dump(config, sort_keys=True).strip() if config else "",
+        efficiency=efficiency,
+        not_measured=not_measured,
+        synthetic_data=[d.name for d in info.datasets if d.synthetic],
+        real_data=[d.name for d in info.datasets if not d.synthetic],
         citation=CITATION_BIBTEX,
         paper_url=PAPER_URL,
     )

@@ -151,6 +151,25 @@ class GitRepo:
         proc = subprocess.run(["git", "-C", str(self.path), "cat-file", "blob", blob], capture_output=True, check=True)
         return proc.stdout
 
+    def read_blob(self, name: str) -> bytes:
+        """The bytes of a blob, named by its id or as ``<commit>:<path>``."""
+        return self._blob(name)
+
+    def tags(self) -> dict[str, str]:
+        """Tag name -> the commit it points at."""
+        out = self.git("for-each-ref", "--format=%(refname:lstrip=2) %(objectname) %(*objectname)", "refs/tags")
+        return {name: (peeled or oid) for name, oid, *rest in (line.split(" ") for line in out.splitlines())
+                for peeled in [rest[0] if rest else ""]}
+
+    def create_tag(self, tag: str, commit: str, message: str | None = None) -> None:
+        """Tag ``commit`` (annotated when there is a message); an existing tag is a ``CommitConflict``."""
+        if self.resolve(f"refs/tags/{tag}") is not None:
+            raise CommitConflict(f"tag {tag!r} already exists")
+        check_ref = subprocess.run(["git", "check-ref-format", f"refs/tags/{tag}"], capture_output=True)
+        if check_ref.returncode != 0 or tag.startswith("-"):
+            raise ValueError(f"invalid tag name {tag!r}")
+        self.git("tag", *(["-a", "-m", message] if message else []), tag, commit)
+
     def lfs_object(self, oid: str) -> Path:
         if not re.fullmatch(r"[0-9a-f]{64}", oid):
             raise ValueError(f"invalid LFS oid {oid!r}: expected 64 lowercase hex digits")

@@ -5,9 +5,11 @@ LFS batch, commit; see HUB.md), and olah, the only packaged Hub-API server that 
 small ``http.server`` answers the calls huggingface_hub 2.4 makes to publish (with ``HF_HUB_DISABLE_XET=1``) and
 commits into the git repositories that olah serves. Read requests are checked against git first (so that a missing
 repository, revision or file gets the Hub's error code, which olah 0.5.4 reports as 401 RepoNotFound in all three
-cases) and then proxied to olah unchanged. Only loopback addresses are accepted. Every request first passes
-``guard.check_request`` (Host/Origin, the write token, Content-Type, and every name before git sees it), and a
-request body that stalls longer than ``body_timeout_s`` is answered 408 and its connection closed.
+cases) and then proxied to olah unchanged. The metadata routes olah leaves empty or broken (repo info, commits,
+listings, whoami, tags, discussions) are answered from git (``repoinfo.py``). Only loopback addresses are accepted.
+Every request first passes ``guard.check_request`` (Host/Origin, the write token, Content-Type, and every name
+before git sees it), and a request body that stalls longer than ``body_timeout_s`` is answered 408 and its
+connection closed.
 
 ``LocalHub`` (local.py) launches it; by hand:
 ``python -m esp_medsam_hf.hub.server --root DIR --port P --olah-url URL --token-file FILE``.
@@ -31,6 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+from . import repoinfo
 from .gitrepo import (
     LFS_MIN_SIZE,
     LFS_SUFFIXES,
@@ -46,6 +49,7 @@ from .guard import GuardError, check_repo_name, check_request, upload_signature
 logger = logging.getLogger(__name__)
 
 REPO_TYPES = {"model": "models", "dataset": "datasets", "space": "spaces"}
+LOCAL_USER = "local"
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 _T = r"(?P<type>models|datasets|spaces)"
 _REPO = rf"(?P<ns>{_NAME})/(?P<name>{_NAME})"
@@ -64,6 +68,14 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("PUT", rf"/_lfs/{_T}/{_REPO}/(?P<oid>[0-9a-f]{{64}})/(?P<size>[0-9]+)", "lfs_put"),
         ("GET", r"/_local/health", "health"),
         ("POST", r"/_local/faults", "set_faults"),
+        # read side answered from git (olah leaves these empty or broken; see repoinfo.py)
+        ("GET", r"/api/whoami-v2", "whoami"),
+        ("GET", rf"/api/{_T}", "list_repos"),
+        ("GET", rf"/api/{_T}/{_REPO}/revision/(?P<rev>[^/]+)", "repo_info"),
+        ("GET", rf"/api/{_T}/{_REPO}/commits/(?P<rev>[^/]+)", "repo_commits"),
+        ("POST", rf"/api/{_T}/{_REPO}/tag/(?P<rev>[^/]+)", "create_tag"),
+        ("GET", rf"/api/{_T}/{_REPO}/discussions(?:/.*)?", "discussions"),
+        ("POST", rf"/api/{_T}/{_REPO}/discussions(?:/.*)?", "discussions"),
         # read side: validated here, then proxied to olah
         ("GET", rf"/api/{_T}/{_REPO}", "read_repo_info"),
         ("GET", rf"/api/{_T}/{_REPO}/refs", "read_repo"),
@@ -445,12 +457,56 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             ]
         self._send_json({"faults": self.server.faults})
 
+    # -- read API answered from git ----------------------------------------------------------------------------
+    def h_repo_info(self, type: str, ns: str, name: str, rev: str = "main") -> None:
+        """model_info / dataset_info: card metadata, tags, siblings (sizes with ?blobs=True), safetensors."""
+        repo = self._existing(type, ns, name)
+        commit = self._revision(repo, rev)
+        blobs = (self.query.get("blobs") or ["false"])[0].lower() in ("1", "true")
+        self._send_json(repoinfo.repo_info(repo, type, f"{ns}/{name}", commit, blobs=blobs))
+
+    def h_repo_commits(self, type: str, ns: str, name: str, rev: str) -> None:
+        repo = self._existing(type, ns, name)
+        self._send_json(repoinfo.repo_commits(repo, self._revision(repo, rev)))
+
+    def h_list_repos(self, type: str) -> None:
+        self._send_json(repoinfo.list_repos(self.server.root, type, self.query))
+
+    def h_whoami(self) -> None:
+        """The local Hub has one user, who owns every namespace and writes with any token."""
+        namespaces = sorted({p.name for kind in REPO_TYPES.values() for p in (self.server.root / kind).glob("*")})
+        self._send_json({
+            "type": "user", "id": "local", "name": LOCAL_USER, "fullname": "Local Hub user", "isPro": False,
+            "orgs": [{"type": "org", "name": ns} for ns in namespaces],
+            "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}},
+        })
+
+    def h_create_tag(self, type: str, ns: str, name: str, rev: str) -> None:
+        repo = self._existing(type, ns, name)
+        body = self._json_body()
+        tag = body.get("tag")
+        if not isinstance(tag, str) or not tag:
+            raise HubError(400, "the request body needs a 'tag' (string)")
+        with self.server.lock(repo):
+            commit = self._revision(repo, rev)
+            try:
+                repo.create_tag(tag, commit, body.get("message") or None)
+            except CommitConflict as err:
+                raise HubError(409, f"Tag {tag} already exists", "TagAlreadyExists") from err
+            except ValueError as err:
+                raise HubError(400, str(err)) from err
+        self._send_json({"tag": tag, "commit": commit})
+
+    def h_discussions(self, type: str, ns: str, name: str) -> None:
+        self._existing(type, ns, name)
+        self._body()
+        raise HubError(403, "Discussions are disabled for this repo: the local Hub has no discussions or pull "
+                            "requests; publish to a branch instead", "DiscussionsDisabled")
+
     # -- read API: validate, then proxy to olah ---------------------------------------------------------------
     def h_read_repo_info(self, type: str, ns: str, name: str) -> None:
-        # olah 0.5.4 answers 401 for repo info without a revision on mirrored repos: ask for main explicitly
-        self._existing(type, ns, name)
-        url = urlsplit(self.path)
-        self._proxy(f"{url.path.rstrip('/')}/revision/main" + (f"?{url.query}" if url.query else ""))
+        # olah 0.5.4 answers repo info without card metadata, safetensors or sizes: answered from git for main
+        self.h_repo_info(type, ns, name)
 
     def h_read_repo(self, type: str, ns: str, name: str) -> None:
         self._existing(type, ns, name)

@@ -35,6 +35,14 @@ def _as_mask(array, name: str) -> np.ndarray:
     return mask.astype(bool, copy=False) if mask.dtype == bool else mask > 0
 
 
+def as_masks(masks, name: str) -> list[np.ndarray] | None:
+    """Boolean HxW arrays from a list of masks: bool, 0/1 or 0/255 arrays or tensors, or PIL images (a dataset's
+    own ``mask`` column); ``None`` passes through (an ``evaluate`` call without that argument)."""
+    if masks is None:
+        return None
+    return [_as_mask(mask, f"{name}[{index}]") for index, mask in enumerate(masks)]
+
+
 def _pair(prediction, reference) -> tuple[np.ndarray, np.ndarray]:
     prediction, reference = _as_mask(prediction, "prediction"), _as_mask(reference, "reference")
     if prediction.shape != reference.shape:

@@ -8,37 +8,100 @@ when it is imported.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
-from ..data.domains import get_domain
-from ..hub.cards import DomainResult, ModelCardInfo
+from ..data.domains import DOMAIN_NAMES, REAL_DOMAIN_NAMES, get_domain
+from ..hub.cards import DomainResult, ModelCardInfo, TrainingData
+from ..modeling_esp_medsam import EspMedSamModel
 from ..hub.publish import MAIN_BRANCH, STAGE_BRANCHES, RetryPolicy, StageRelease, publish_model
 
 STAGE_TO_BRANCH = dict(zip(("teacher", "distill", "espmedsam"), STAGE_BRANCHES))
+REGISTERED = DOMAIN_NAMES + REAL_DOMAIN_NAMES
 
 
-def domain_results(report: dict, synthetic: bool | set[str]) -> list[DomainResult]:
-    """The per-domain Dice/HD of an ``evaluate_model`` report as model card results; ``synthetic`` says which
-    domains are synthetic stand-ins (True: all, a set: those named)."""
+def _is_synthetic(name: str, synthetic: bool | Collection[str]) -> bool:
+    if isinstance(synthetic, bool):
+        return synthetic and name in DOMAIN_NAMES
+    return name in synthetic
+
+
+def domain_results(report: dict, synthetic: bool | Collection[str] = True) -> list[DomainResult]:
+    """The per-domain Dice/HD of an ``evaluate_model`` report as model card results.
+
+    ``synthetic``: ``True`` marks the rows named after one of the 12 domains as synthetic (the demo's generated
+    data) and any other row (e.g. ``dsb-real``) as real; ``False`` marks every row real; a collection names the
+    synthetic rows. A row that is not a domain name but carries one in ``row["domain"]`` takes that domain's
+    dataset name and modality.
+    """
     results = []
     for name, row in report.get("domains", {}).items():
-        is_synthetic = name in synthetic if isinstance(synthetic, set) else synthetic
-        try:
-            spec = get_domain(name)
-        except KeyError:
-            spec = None
-        if spec is not None:
-            dataset = f"SYNTHETIC {name}" if is_synthetic else spec.dataset
-            modality, unseen = spec.modality, spec.role == "unseen"
+        fake = _is_synthetic(name, synthetic)
+        domain = name if name in REGISTERED else row.get("domain")
+        if domain in REGISTERED:
+            spec = get_domain(domain)
+            dataset, modality, unseen = spec.dataset, spec.modality, spec.role == "unseen"
         else:
             dataset, modality, unseen = name, row.get("modality", "unknown"), False
         hd = row.get("hd")
         results.append(DomainResult(
-            modality=modality, dataset=dataset, dataset_id=f"{'synthetic-' if is_synthetic else ''}{name}",
+            modality=modality, dataset=f"SYNTHETIC {dataset}" if fake else dataset,
+            dataset_id=f"synthetic-{name}" if fake else name,
             dice=float(row["dice"]), hd=float(hd) if hd is not None and hd == hd and hd != float("inf") else None,
-            split=report.get("split", "test"), unseen=unseen,
+            split=report.get("split", "test"), unseen=unseen, synthetic=fake,
+            mask_sizes=list(row.get("mask_sizes", [])),
         ))
     return results
+
+
+def training_data(domains: Collection[str], synthetic: bool | Collection[str] = True) -> list[TrainingData]:
+    """The card's training datasets for the given domain names (``synthetic`` as in ``domain_results``)."""
+    data = []
+    for name in domains:
+        fake = _is_synthetic(name, synthetic)
+        dataset = get_domain(name).dataset if name in REGISTERED else name
+        data.append(TrainingData(name=f"SYNTHETIC {dataset}" if fake else dataset,
+                                 dataset_id=f"synthetic-{name}" if fake else name, synthetic=fake))
+    return data
+
+
+def measured_efficiency(model, report: dict | None = None) -> dict[str, Any]:
+    """The card's efficiency facts measured in this run: for an ``EspMedSamModel``, GFLOPs of one batch-1 forward
+    at its input size (torch's ``FlopCounterMode`` with eager attention, as the benchmark counts them; the
+    teacher's attention calls SDPA, which the counter does not count on every device, so its FLOPs are left
+    unmeasured), and, from an ``evaluate_model`` report, the evaluation's throughput (images/s through processor,
+    model and post-processing) with the device it ran on."""
+    import torch
+
+    from ..benchmark import count_flops, machine_info
+
+    parameter = next(model.parameters())
+    size = model.config.image_size
+    facts: dict[str, Any] = {"image_size": size}
+    if isinstance(model, EspMedSamModel):
+        pixels = torch.zeros(1, 3, size, size, device=parameter.device)
+        modality = torch.zeros(1, dtype=torch.long, device=parameter.device)
+        implementation = model.config._attn_implementation
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        model.set_attn_implementation("eager")
+        model.requires_grad_(False)  # the counter's module hooks fail on parameters that require grad
+        try:
+            facts["flops"] = count_flops(lambda: model(pixels, modality)) / 1e9
+        finally:
+            model.set_attn_implementation(implementation)
+            for parameter in trainable:
+                parameter.requires_grad_(True)
+    speed = (report or {}).get("model_images_per_second")
+    if speed is not None and speed == speed:
+        device = str(parameter.device)
+        machine = machine_info(device)
+        where = machine.get("gpu") or machine["cpu"]
+        facts["throughput"] = float(speed)
+        threads = torch.get_num_threads()
+        facts["throughput_device"] = (f"{device} ({where}, {threads} thread{'s' if threads != 1 else ''}), "
+                                      "evaluation including pre- and post-processing")
+    return facts
 
 
 def stage_card(
@@ -47,13 +110,20 @@ def stage_card(
     *,
     training_config: dict | None = None,
     report: dict | None = None,
-    synthetic: bool | set[str] = True,
+    synthetic: bool | Collection[str] = True,
     parameters: int | None = None,
     image_size: int | None = None,
     notes: str | None = None,
     base_model: str | None = None,
+    datasets: list[TrainingData] | None = None,
+    flops: float | None = None,
+    throughput: float | None = None,
+    throughput_device: str | None = None,
+    config_root: str | Path | None = None,
 ) -> ModelCardInfo:
-    """The ``ModelCardInfo`` of one branch."""
+    """The ``ModelCardInfo`` of one branch: the run's facts (training ``datasets``, evaluation ``report`` with
+    ``synthetic`` saying which rows are synthetic, ``base_model``, efficiency) as parameters. The teacher's branch
+    ships no pipeline, so its card shows the Auto-class code only."""
     if branch not in (*STAGE_BRANCHES, MAIN_BRANCH):
         raise ValueError(f"unknown branch {branch!r}; expected one of {', '.join((*STAGE_BRANCHES, MAIN_BRANCH))}")
     return ModelCardInfo(
@@ -62,9 +132,15 @@ def stage_card(
         training_config=dict(training_config or {}),
         results=domain_results(report, synthetic) if report else [],
         parameters=parameters,
+        flops=flops,
+        throughput=throughput,
+        throughput_device=throughput_device,
         image_size=image_size,
         notes=notes,
         base_model=base_model,
+        datasets=list(datasets or []),
+        pipelines=branch != STAGE_TO_BRANCH["teacher"],
+        config_root=str(config_root) if config_root is not None else None,
     )
 
 

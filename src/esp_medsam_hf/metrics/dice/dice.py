@@ -3,7 +3,7 @@
 import datasets
 import evaluate
 
-from esp_medsam_hf.metrics.functional import dice_score, mean_dice
+from esp_medsam_hf.metrics.functional import as_masks, dice_score, mean_dice
 
 _DESCRIPTION = """Dice coefficient 2|P & R| / (|P| + |R|) in %, per image and averaged over images. Masks are HxW
 arrays; any non-zero value is foreground. Both masks empty: 100. Empty reference, non-empty prediction: 0
@@ -11,7 +11,8 @@ arrays; any non-zero value is foreground. Both masks empty: 100. Empty reference
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions: list of HxW binary masks (bool or 0/1 or 0/255 arrays).
+    predictions: list of HxW binary masks (bool, 0/1 or 0/255 arrays or tensors, or PIL images such as a dataset's
+        own mask column).
     references: list of HxW binary masks of the same sizes.
 Returns:
     dice: mean Dice over images, in %.
@@ -43,6 +44,24 @@ class Dice(evaluate.Metric):
                 }
             ),
         )
+
+    def compute(self, *, predictions=None, references=None, **kwargs):
+        """As ``evaluate.Metric.compute``; masks may also be PIL images or 0/255 arrays (see ``as_masks``)."""
+        return super().compute(
+            predictions=as_masks(predictions, "predictions"), references=as_masks(references, "references"), **kwargs
+        )
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """As ``evaluate.Metric.add_batch``, with the inputs of ``compute``."""
+        return super().add_batch(
+            predictions=as_masks(predictions, "predictions"), references=as_masks(references, "references"), **kwargs
+        )
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """As ``evaluate.Metric.add``, with the inputs of ``compute``."""
+        prediction = None if prediction is None else as_masks([prediction], "prediction")[0]
+        reference = None if reference is None else as_masks([reference], "reference")[0]
+        return super().add(prediction=prediction, reference=reference, **kwargs)
 
     def _compute(self, predictions, references):
         if len(predictions) != len(references):

@@ -3,7 +3,7 @@
 import datasets
 import evaluate
 
-from esp_medsam_hf.metrics.functional import hausdorff_distance, mean_hausdorff
+from esp_medsam_hf.metrics.functional import as_masks, hausdorff_distance, mean_hausdorff
 
 _DESCRIPTION = """Symmetric Hausdorff distance in pixels, the same definition as MONAI's compute_hausdorff_distance
 (Euclidean, include_background=False): edges are the mask minus its erosion (4-connected cross, background
@@ -14,7 +14,8 @@ use only the images where both masks are non-empty; num_undefined counts the oth
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions: list of HxW binary masks (bool or 0/1 or 0/255 arrays).
+    predictions: list of HxW binary masks (bool, 0/1 or 0/255 arrays or tensors, or PIL images such as a dataset's
+        own mask column).
     references: list of HxW binary masks of the same sizes.
 Returns:
     hd: mean Hausdorff distance (the maximum) over the images where it is defined, in pixels.
@@ -51,6 +52,24 @@ class Hausdorff(evaluate.Metric):
                 }
             ),
         )
+
+    def compute(self, *, predictions=None, references=None, **kwargs):
+        """As ``evaluate.Metric.compute``; masks may also be PIL images or 0/255 arrays (see ``as_masks``)."""
+        return super().compute(
+            predictions=as_masks(predictions, "predictions"), references=as_masks(references, "references"), **kwargs
+        )
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """As ``evaluate.Metric.add_batch``, with the inputs of ``compute``."""
+        return super().add_batch(
+            predictions=as_masks(predictions, "predictions"), references=as_masks(references, "references"), **kwargs
+        )
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """As ``evaluate.Metric.add``, with the inputs of ``compute``."""
+        prediction = None if prediction is None else as_masks([prediction], "prediction")[0]
+        reference = None if reference is None else as_masks([reference], "reference")[0]
+        return super().add(prediction=prediction, reference=reference, **kwargs)
 
     def _compute(self, predictions, references):
         if len(predictions) != len(references):

@@ -1,0 +1,158 @@
+"""Model cards: true for the run that wrote them (training data, real vs synthetic, mask sizes, efficiency,
+relative paths, metadata per branch), and usage snippets that run verbatim on every branch through the local Hub
+in a process that cannot import this package."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard, constants
+from PIL import Image
+
+from _inference_helpers import run_without_package, save_tiny_model, single_thread
+from esp_medsam_hf.data.domains import SOURCE_DOMAINS, get_domain
+from esp_medsam_hf.hub import LocalHub, RetryPolicy, StageRelease, build_model_card, publish_model
+from esp_medsam_hf.hub.cards import ModelCardInfo, TrainingData, portable_config
+from esp_medsam_hf.training.publishing import STAGE_TO_BRANCH, stage_card, training_data
+
+BRANCHES = ("stage-1-teacher", "stage-2-distill", "stage-3-esp-medsam", "main")
+REPORT = {
+    "split": "test",
+    "domains": {
+        "isic": {"domain": "isic", "dice": 61.5, "hd": 9.25, "mask_sizes": ["128x128"]},
+        "ph2": {"domain": "ph2", "dice": 40.0, "hd": float("nan"), "mask_sizes": ["128x128"]},
+        "dsb-real": {"domain": "dsb", "dice": 28.0, "hd": 40.5, "mask_sizes": ["512x512"]},
+    },
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from single_thread()
+
+
+def _card(branch: str, **kwargs) -> ModelCard:
+    info = stage_card(branch, "esp-medsam-test", **kwargs)
+    info.repo_id = "esp/cards"
+    return ModelCard(str(build_model_card(info)))
+
+
+def test_synthetic_and_real_rows_are_typed_by_the_runs_facts():
+    card = _card("stage-3-esp-medsam", report=REPORT, datasets=training_data(SOURCE_DOMAINS), image_size=128)
+    by_type = {r.dataset_type: r for r in card.data.eval_results}
+    assert {"synthetic-isic", "synthetic-ph2", "dsb-real"} <= set(by_type)
+    dsb = get_domain("dsb").dataset
+    assert by_type["dsb-real"].dataset_name == dsb and by_type["synthetic-isic"].dataset_name.startswith(
+        "SYNTHETIC ")
+    assert f"| microscopy | {dsb} | source | test | 512x512 | 28.00 | 40.50 |" in card.text
+    assert "| 128x128 | 61.50 | 9.25 |" in card.text and "1024x1024" not in card.text
+    assert card.data.datasets == [f"synthetic-{name}" for name in SOURCE_DOMAINS]
+    assert "Trained on SYNTHETIC images" in card.text and "a few public datasets" not in card.text
+    real = _card("main", report=REPORT, synthetic=False, datasets=training_data(["dsb"], synthetic=False),
+                 base_model="esp/litemedsam")
+    assert {r.dataset_type for r in real.data.eval_results} == {"isic", "ph2", "dsb-real"}
+    assert real.data.datasets == ["dsb"] and real.data.base_model == "esp/litemedsam"
+    assert f"Trained on {get_domain('dsb').dataset} only" in real.text and "SYNTHETIC" not in real.text
+
+
+def test_metadata_has_no_stray_keys_and_efficiency_says_what_was_measured():
+    without = _card("stage-2-distill", parameters=1_500_000)
+    assert "model_name" not in without.data.to_dict() and not without.data.eval_results
+    assert "parameters: 1.50 M" in without.text
+    assert "FLOPs and throughput were not measured for this run." in without.text
+    assert "not measured" not in _card("main", parameters=1, flops=2.5, throughput=3.0, image_size=128).text
+    with_results = _card("stage-2-distill", report=REPORT)
+    assert with_results.data.to_dict()["model-index"][0]["name"] == "esp-medsam-test"
+    assert with_results.data.metrics == ["dice", "hausdorff_distance"]
+    dice_only = {"domains": {"isic": {"domain": "isic", "dice": 50.0, "mask_sizes": ["64x64"]}}}
+    assert _card("stage-2-distill", report=dice_only).data.metrics == ["dice"]
+
+
+def test_training_config_holds_relative_paths_only(tmp_path):
+    root = tmp_path / "run"
+    config = {"output_dir": str(root / "stage-3"), "init_from": str(root / "stage-2" / "release"), "lr": 1e-4,
+              "data": {"folders": [str(root / "data" / "isic")]}, "name": "plain"}
+    text = str(build_model_card(ModelCardInfo("m", "main", training_config=config)))
+    assert str(tmp_path) not in text
+    assert "output_dir: stage-3" in text and "init_from: stage-2/release" in text and "- data/isic" in text
+    assert portable_config(config, str(tmp_path))["output_dir"] == "run/stage-3"
+    assert portable_config({"a": "relative/x", "b": 2}) == {"a": "relative/x", "b": 2}
+
+
+def test_teacher_card_says_what_the_branch_is_for():
+    teacher = _card(STAGE_TO_BRANCH["teacher"])
+    assert "pipeline(" not in teacher.text and "intermediate training stage" in teacher.text
+    assert 'pipeline("medical-image-segmentation"' in _card("stage-2-distill").text
+
+
+def test_usage_snippets_run_verbatim_on_every_branch(tmp_path):
+    """Publish a tiny teacher and student per branch with their cards; run each card's code as written."""
+    from esp_medsam_hf.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
+    from esp_medsam_hf.modeling_esp_medsam_teacher import EspMedSamTeacherModel
+    from esp_medsam_hf.training.stages import make_processor, save_with_processor
+
+    teacher = EspMedSamTeacherModel(EspMedSamTeacherConfig.tiny(image_size=64)).eval()
+    save_with_processor(teacher, make_processor(64, teacher.config.modality_names), tmp_path / "teacher")
+    student = save_tiny_model(tmp_path / "student")
+    folders = {"stage-1-teacher": tmp_path / "teacher"}
+    Image.fromarray((np.arange(50 * 70 * 3) % 253).astype(np.uint8).reshape(50, 70, 3)).save(tmp_path / "image.png")
+    datasets = [TrainingData("SYNTHETIC ISIC 2018", "synthetic-isic", synthetic=True)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "HF_HUB_OFFLINE", False)
+        with LocalHub(tmp_path / "hub") as hub:
+            releases = []
+            for branch in BRANCHES:
+                info = stage_card(branch, "esp-medsam-test", report=REPORT, datasets=datasets, image_size=64)
+                releases.append(StageRelease(branch, folders.get(branch, student), info))
+            publish_model("esp/cards", releases, retry=RetryPolicy(attempts=2, base_wait_s=0.1),
+                          api=__import__("huggingface_hub").HfApi(endpoint=hub.endpoint, token="hf_local_hub"))
+            run_without_package(
+                f"""
+                import json, re
+                from huggingface_hub import ModelCard, hf_hub_download
+                ran = {{}}
+                for branch in {list(BRANCHES)!r}:
+                    card = ModelCard.load(hf_hub_download("esp/cards", "README.md", revision=branch))
+                    blocks = re.findall(r"```python\\n(.*?)```", card.text, flags=re.S)
+                    for code in blocks:
+                        namespace = {{}}
+                        exec(compile(code, f"{{branch}} card", "exec"), namespace)
+                        if "mask" in namespace:
+                            assert tuple(namespace["mask"].shape) == (50, 70), branch
+                        else:
+                            assert [s["mask"].size for s in namespace["segments"]] == [(70, 50)], branch
+                    ran[branch] = [len(blocks), [r.dataset_type for r in card.data.eval_results]]
+                json.dump(ran, open("ran.json", "w"))
+                """,
+                tmp_path,
+                timeout=400,
+                hub_env=hub.env,
+            )
+    ran = json.loads((tmp_path / "ran.json").read_text())
+    assert {branch: n for branch, (n, _) in ran.items()} == {
+        "stage-1-teacher": 1, "stage-2-distill": 2, "stage-3-esp-medsam": 2, "main": 2}
+    assert all("dsb-real" in types for _, types in ran.values())
+    assert re.search(r"synthetic-dsb-real", json.dumps(ran)) is None
+
+
+def test_measured_efficiency_goes_into_the_card():
+    from _inference_helpers import tiny_model
+    from esp_medsam_hf.benchmark import count_flops
+    from esp_medsam_hf.training.publishing import measured_efficiency
+
+    model, _ = tiny_model()
+    facts = measured_efficiency(model, {"model_images_per_second": 12.5})
+    pixels, modality = torch.zeros(1, 3, 64, 64), torch.zeros(1, dtype=torch.long)
+    assert all(p.requires_grad for p in model.parameters()) and model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")
+    model.requires_grad_(False)
+    assert facts["flops"] == pytest.approx(count_flops(lambda: model(pixels, modality)) / 1e9) and facts["flops"] > 0
+    assert facts["throughput"] == 12.5 and facts["throughput_device"].startswith("cpu (")
+    text = _card("main", **facts).text
+    assert f"FLOPs per image: {facts['flops']:.3g} G at 64x64" in text and "throughput: 12.50 images/s on cpu" in text
+    assert "not measured" not in text
+    assert "throughput" not in measured_efficiency(model)
