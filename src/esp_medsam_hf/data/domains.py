@@ -183,7 +183,8 @@ REAL_DOMAINS: tuple[Domain, ...] = (
         "package's own split: 30 training, 3 validation, 16 test.",
     ),
     Domain(
-        "vascx", "fundus", "real", "retinalysis-vascx 2.1.0 fundus photographs (DRIVE, CHASEDB1, HRF), MODEL-MADE vessel masks",
+        "vascx", "fundus", "real",
+        "retinalysis-vascx 2.1.0 fundus photographs (DRIVE, CHASEDB1, HRF), MODEL-MADE vessel masks",
         "Retinalysis, VascX: retinal vessel segmentation models (retinalysis-vascx on PyPI); images from DRIVE "
         "(Staal et al. 2004), CHASEDB1 (Fraz et al. 2012) and HRF (Budai et al. 2013)",
         origin="real",
