@@ -147,7 +147,7 @@ def test_evaluate_command_end_to_end(tmp_path, model_and_processor, capsys):
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert list(saved["domains"]) == ["ph2"] and saved["domains"]["ph2"]["num_images"] == 2
     assert run_command(evaluate_command, args[:4] + ["--domains", "isic", "--output", str(tmp_path / "e2")]) == 1
-    assert "no prepared data for isic" in capsys.readouterr().err
+    assert "no prepared data for domain 'isic'" in capsys.readouterr().err
 
 
 def test_evaluate_command_on_the_real_case(tmp_path, model_and_processor):

@@ -109,7 +109,7 @@ def test_usage_snippets_run_verbatim_on_every_branch(tmp_path):
                 info = stage_card(branch, "esp-medsam-test", report=REPORT, datasets=datasets, image_size=64)
                 releases.append(StageRelease(branch, folders.get(branch, student), info))
             publish_model("esp/cards", releases, retry=RetryPolicy(attempts=2, base_wait_s=0.1),
-                          api=__import__("huggingface_hub").HfApi(endpoint=hub.endpoint, token="hf_local_hub"))
+                          api=__import__("huggingface_hub").HfApi(endpoint=hub.endpoint, token=hub.token))
             run_without_package(
                 f"""
                 import json, re
