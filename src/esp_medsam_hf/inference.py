@@ -239,8 +239,9 @@ def process_state(device: str | None = None):
     return PartialState(cpu=cpu)
 
 
-def load_pipeline(model: str, revision: str | None = None, device: str | None = None):
-    """The segmentation pipeline for a saved folder or Hub repo, on ``device`` (default: accelerate's device)."""
+def load_pipeline(model: str, revision: str | None = None, device: str | None = None, backend: str | None = None):
+    """The segmentation pipeline for a saved folder or Hub repo, on ``device`` (default: accelerate's device);
+    ``backend`` as in ``backends.resolve_backend`` (default: automatic)."""
     from transformers import AutoImageProcessor, AutoModelForImageSegmentation
 
     from .pipeline_esp_medsam import TASK, EspMedSamSegmentationPipeline
@@ -249,7 +250,7 @@ def load_pipeline(model: str, revision: str | None = None, device: str | None = 
     network = AutoModelForImageSegmentation.from_pretrained(model, revision=revision)
     image_processor = AutoImageProcessor.from_pretrained(model, revision=revision)
     return EspMedSamSegmentationPipeline(
-        model=network.eval(), image_processor=image_processor, task=TASK, device=device
+        model=network.eval(), image_processor=image_processor, task=TASK, device=device, backend=backend
     )
 
 
