@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -206,6 +207,13 @@ def _train(config: TrainingConfig, task: StageTask, output_dir: str | Path | Non
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        raise RuntimeError(
+            f"{launched} processes were launched but accelerate runs {accelerator.num_processes} (they would train "
+            "separately); on CPUs launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
+            "(see docs/training.md)"
+        )
     set_seed(config.seed)
     resume = None
     if accelerator.is_main_process:
