@@ -183,7 +183,8 @@ def save_pretrained_with_pipeline(model, processor, directory: str | os.PathLike
     """Save a model folder that both pipelines load: model and code, image processor, processor, custom pipeline.
 
     ``processor`` is an ``EspMedSamProcessor`` or an ``EspMedSamImageProcessor``. ``config.json`` gets
-    ``custom_pipelines`` (the "medical-image-segmentation" task) and the folder gets this file and ``io.py``.
+    ``custom_pipelines`` (the "medical-image-segmentation" task) and the folder gets this file and the modules it
+    imports (``io.py``, and ``backends.py`` with ``export.py`` and ``fileio.py`` for the onnxruntime backend).
     """
     image_processor = getattr(processor, "image_processor", processor)
     pipe = EspMedSamSegmentationPipeline(model=model, image_processor=image_processor, task=TASK)
