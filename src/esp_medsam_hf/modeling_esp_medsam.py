@@ -361,13 +361,24 @@ class ModalityAggregator(nn.Module):
         """Stages 1.. with each image's parameter bag plugged in, then the neck: (B, C, g, g)."""
         block_index = 0
         x = features
-        # Training keeps the gathered path: it reaches every bag's parameters, as distributed data parallel needs
-        # (a bag unused on one process would leave its gradient reduction waiting).
-        single = None if self.training else single_modality(modality)
+        # While bags are trained the gathered path is kept: it reaches every bag's parameters, as distributed data
+        # parallel needs (a bag unused on one process would leave its gradient reduction waiting) and as Adam does
+        # for the bags of absent modalities (zero gradients, not none).
+        # Other controllers (stand-ins with their own ``gather(block_index, modality)``) keep their gathering.
+        single = None
+        if isinstance(controller, ModalityController) and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in controller.parameters())
+        ):
+            single = single_modality(modality)
         for stage in self.stages:
             x = stage.downsample(x).permute(0, 2, 3, 1)
             for block in stage.blocks:
-                x = block(x, controller.gather(block_index, modality, single))
+                bag = (
+                    controller.gather(block_index, modality)
+                    if single is None
+                    else controller.gather(block_index, modality, single)
+                )
+                x = block(x, bag)
                 block_index += 1
             x = x.permute(0, 3, 1, 2)
         return self.neck(x)
