@@ -206,7 +206,7 @@ def _train(config: TrainingConfig, task: StageTask, output_dir: str | Path | Non
         log_with=list(config.report_to) or None,
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-        dynamo_backend="inductor" if config.compile else "no",
+        dynamo_backend="inductor" if config.compile else None,  # None: what accelerate launch was given
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
