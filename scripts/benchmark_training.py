@@ -2,6 +2,16 @@
 
     python scripts/benchmark_training.py                                   # CPU, batch 1, both models
     python scripts/benchmark_training.py --device cuda --bf16 --batch-size 4 --json OUT.json
+    python scripts/benchmark_training.py --device cuda --bf16 --batch-size 16 --models student --compile \
+        --data synthetic --workers 8 --json OUT.json
+
+One training step = forward with labels, backward of the model's loss (mask focal + dice, patch BCE, and for the
+student the modality cross-entropy), Adam step (fused on CUDA unless ``--fused-adam off``), optionally compiled
+(``--compile``: ``torch.compile`` of the model; the warm-up steps, compile included, are timed separately).
+``--data tensors`` (default) feeds one fixed batch already on the device; ``--data synthetic`` feeds the training
+pipeline (synthetic domains -> ``SegmentationDataset`` -> ``Collator`` with the image processor -> DataLoader with
+``--workers`` processes, pinned memory on CUDA), and the time spent waiting for the next batch and copying it to
+the device is reported apart from the step time.
 
 One training step = forward with labels, backward of the model's loss (mask focal + dice, patch BCE, and for the
 student the modality cross-entropy), Adam step. The teacher's SAM encoder is frozen as in stage 1, so only its
@@ -22,7 +32,7 @@ import time
 from pathlib import Path
 
 
-def build(model_name: str, image_size: int):
+def build(model_name: str, image_size: int, tiny: bool = False):
     import torch
 
     from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
@@ -31,7 +41,7 @@ def build(model_name: str, image_size: int):
 
     torch.manual_seed(0)
     if model_name == "student":
-        return EspMedSamModel(EspMedSamConfig(image_size=image_size))
+        return EspMedSamModel((EspMedSamConfig.tiny if tiny else EspMedSamConfig)(image_size=image_size))
     # SAM's initializer_range of 1e-10 would fill a random encoder with denormal numbers, which are slow on CPUs
     config = EspMedSamTeacherConfig.from_preset("vit-b", image_size=image_size,
                                                 vision_config=dict(initializer_range=0.02))
@@ -45,41 +55,48 @@ def measure(model_name: str, args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = build(model_name, args.image_size).to(device).train()
+    model = build(model_name, args.image_size, args.tiny).to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=1e-4)
-    size, batch = args.image_size, args.batch_size
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(batch, 3, size, size, generator=generator).to(device)
-    labels = (torch.rand(batch, 1, size, size, generator=generator) > 0.5).float().to(device)
-    modality = (torch.arange(batch) % 6).to(device)
+    fused = args.fused_adam == "on" or (args.fused_adam == "auto" and device.type == "cuda")
+    optimizer = torch.optim.Adam(trainable, lr=1e-4, fused=fused or None)
+    forward = torch.compile(model) if args.compile else model
+    batch = args.batch_size
+    batches = batch_source(args, device, args.warmup + args.steps)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
-    def step() -> float:
+    def step(inputs: dict) -> torch.Tensor:
         with autocast:
-            loss = model(pixel_values=pixels, modality=modality, labels=labels).loss
+            loss = forward(pixel_values=inputs["pixel_values"], modality=inputs["modality"],
+                           labels=inputs["labels"]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.detach()
 
     def synchronize() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    warmup_start = time.perf_counter()
     for _ in range(args.warmup):
-        step()
+        step(next(batches))
     synchronize()
+    warmup_seconds = time.perf_counter() - warmup_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, data_times = [], []
     cpu_start = time.process_time()
     for _ in range(args.steps):
         start = time.perf_counter()
-        loss = step()
+        inputs = next(batches)
         synchronize()
-        times.append(time.perf_counter() - start)
+        loaded = time.perf_counter()
+        loss = float(step(inputs))
+        synchronize()
+        times.append(time.perf_counter() - loaded)
+        data_times.append(loaded - start)
     seconds = sum(times) / len(times)
+    data_seconds = sum(data_times) / len(data_times)
     # CPU time of this process per step: with one thread, what the wall time would be on an otherwise idle machine
     cpu_seconds = (time.process_time() - cpu_start) / args.steps
     if device.type == "cuda":
@@ -96,18 +113,60 @@ def measure(model_name: str, args: argparse.Namespace) -> dict:
         "device_name": device_name,
         "dtype": "bf16 autocast" if args.bf16 else "fp32",
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "image_size": size,
+        "image_size": args.image_size,
         "batch_size": batch,
         "steps": args.steps,
+        "data": args.data,
+        "fused_adam": fused,
+        "compiled": args.compile,
+        "warmup_steps": args.warmup,
+        "warmup_seconds": warmup_seconds,
         "seconds_per_step": seconds,
+        "data_seconds_per_step": data_seconds,
         "cpu_seconds_per_step": cpu_seconds,
         "images_per_second": batch / seconds,
+        "images_per_second_with_data": batch / (seconds + data_seconds),
         "peak_memory_mb": peak_mb,
         "peak_memory_kind": peak_kind,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable),
         "last_loss": loss,
     }
+
+
+def batch_source(args: argparse.Namespace, device, count: int):
+    """An iterator of ``count`` training batches on ``device``: one fixed random batch (``--data tensors``), or the
+    training data pipeline on synthetic domains (``--data synthetic``)."""
+    import torch
+
+    size, batch = args.image_size, args.batch_size
+    if args.data == "tensors":
+        generator = torch.Generator().manual_seed(0)
+        fixed = {
+            "pixel_values": torch.randn(batch, 3, size, size, generator=generator).to(device),
+            "labels": (torch.rand(batch, 1, size, size, generator=generator) > 0.5).float().to(device),
+            "modality": (torch.arange(batch) % 6).to(device),
+        }
+        return iter([fixed] * count)
+
+    from esp_medsam_hf import EspMedSamImageProcessor
+    from esp_medsam_hf.training.data import Collator, SegmentationDataset, load_domains
+
+    images_per_domain = -(-batch * count // 6)
+    domains = load_domains("synthetic", None, splits={"train": images_per_domain}, size=size)
+    dataset = SegmentationDataset(domains, "train", augment=True)
+    processor = EspMedSamImageProcessor(size={"height": size, "width": size})
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, shuffle=True, drop_last=True, collate_fn=Collator(processor),
+        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+    )
+
+    def batches():
+        while True:
+            for inputs in loader:
+                yield {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+    return batches()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,6 +179,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--models", nargs="+", default=["student", "teacher"], choices=["student", "teacher"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--data", choices=["tensors", "synthetic"], default="tensors",
+                        help="a fixed batch on the device, or the training data pipeline on synthetic domains")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (--data synthetic)")
+    parser.add_argument("--fused-adam", choices=["auto", "on", "off"], default="auto",
+                        help="torch's fused Adam (auto: on CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
+    parser.add_argument("--tiny", action="store_true", help="the student's tiny configuration (smoke runs)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # child-process mode: one model, JSON on stdout
     args = parser.parse_args(argv)
@@ -145,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             return child.returncode
         result = json.loads(next(l for l in child.stdout.splitlines() if l.startswith("RESULT "))[7:])
         results.append(result)
-        print(f"  {result['images_per_second']:.3f} images/s ({result['seconds_per_step']:.2f} s/step), peak "
+        print(f"  {result['images_per_second']:.3f} images/s ({result['seconds_per_step']:.2f} s/step; data "
+              f"{result['data_seconds_per_step']:.3f} s/step apart; warm-up {result['warmup_seconds']:.1f} s), peak "
               f"memory {result['peak_memory_mb']:.0f} MB ({result['peak_memory_kind']}), "
               f"{result['trainable_parameters'] / 1e6:.2f} M of {result['parameters'] / 1e6:.2f} M parameters trained",
               flush=True)

@@ -106,3 +106,20 @@ def test_merged_runs_get_ratios_across_runs(tmp_path):
     write_report(merged, tmp_path, stem="merged")
     assert json.loads((tmp_path / "merged.json").read_text())["results"][0]["ratio_to_plain"] == 0.25
     assert (tmp_path / "merged.png").is_file() and "0.25" in (tmp_path / "merged.md").read_text()
+
+
+def test_user_path_row_is_measured_with_its_baseline(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.delenv("ESP_MEDSAM_BACKEND", raising=False)
+    parser = __import__("argparse").ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args(
+        ["--quick", "--threads", "1", "--batch-sizes", "1", "--models", "esp-medsam-plain", "esp-medsam-user",
+         "--output", str(tmp_path)]
+    )
+    assert command.run(args) == 0
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert "backend onnxruntime" in report["models"]["esp-medsam-user"]["description"]
+    user = [r for r in report["results"] if r["model"] == "esp-medsam-user"]
+    assert len(user) == 1 and user[0]["ratio_to_plain"] > 0
+    assert "| esp-medsam-user |" in (tmp_path / "benchmark.md").read_text()

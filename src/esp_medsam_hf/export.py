@@ -1,7 +1,8 @@
 """ONNX export of the ESP-MedSAM inference graph and an onnxruntime session to run it.
 
-The exported graph takes ``pixel_values`` (B, 3, S, S) float32 and ``modality`` (B,) int64 and returns
-``pred_masks`` (B, 1, S/4, S/4) logits, ``patch_logits`` and ``modality_logits``; the batch size is dynamic.
+The exported graph takes ``pixel_values`` (B, 3, S, S) float32 and ``modality`` (B,) int64 (``-1``: the modality
+classifier chooses that image's modality) and returns ``pred_masks`` (B, 1, S/4, S/4) logits, ``patch_logits``,
+``modality_logits`` and ``decoded_modality`` (the index each image was decoded with); the batch size is dynamic.
 BatchNorm is folded into the convolutions before export and attention uses SDPA with its mask.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,19 +22,27 @@ from .modeling_esp_medsam import EspMedSamModel
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_NAMES = ("pred_masks", "patch_logits", "modality_logits")
+OUTPUT_NAMES = ("pred_masks", "patch_logits", "modality_logits", "decoded_modality")
 
 
 class EspMedSamInferenceGraph(nn.Module):
-    """The inference forward with tensor outputs only (what ONNX needs): modality given, no labels, no loss."""
+    """The model's inference forward with tensor outputs only (what ONNX needs): no labels, no loss, and a
+    modality of ``-1`` for the images whose modality the classifier chooses (so one graph serves given, automatic
+    and mixed batches). Inputs are not validated here: the caller checks the modality range."""
 
     def __init__(self, model: EspMedSamModel):
         super().__init__()
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(pixel_values, modality=modality)
-        return out.pred_masks, out.patch_logits, out.modality_logits
+        model = self.model
+        features = model.aggregator.stem(pixel_values)
+        modality_logits = model.modality_classifier(features)
+        chosen = torch.where(modality < 0, modality_logits.argmax(dim=-1), modality)
+        image_embeddings = model.aggregator.forward_stages(features, chosen, model.modality_controller)
+        patch_logits, dense_prompt = model.prompt_generator(image_embeddings)
+        pred_masks = model.mask_decoder(image_embeddings, dense_prompt, chosen)
+        return pred_masks, patch_logits, modality_logits, chosen
 
 
 def export_onnx(
@@ -63,8 +73,13 @@ def export_onnx(
     size, channels = config.image_size, config.aggregator_config.num_channels
     pixel_values = torch.randn(batch_size, channels, size, size)
     modality = torch.arange(batch_size, dtype=torch.long) % config.num_modalities
+    modality[0] = -1  # traced with one automatic image, so both branches of the modality choice are in the graph
     dynamic_axes = {name: {0: "batch"} for name in ("pixel_values", "modality", *OUTPUT_NAMES)}
-    with atomic_file(path) as temporary, torch.no_grad():
+    with atomic_file(path) as temporary, torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about every Python-level shape decision; the traced graph is checked against the
+        # PyTorch forward in tests/test_export.py and tests/test_backends.py.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is chosen on purpose
         torch.onnx.export(
             graph,
             (pixel_values, modality),
@@ -81,8 +96,10 @@ def export_onnx(
 
 def onnxruntime_session(path: str | os.PathLike, num_threads: int | None = None):
     """An onnxruntime CPU ``InferenceSession`` for an exported graph (all graph optimisations on)."""
-    import onnxruntime as ort
-
+    try:
+        import onnxruntime as ort
+    except ImportError as error:
+        raise ImportError("running an exported graph needs onnxruntime: pip install 'esp-medsam-hf[onnx]'") from error
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if num_threads:

@@ -269,9 +269,11 @@ def progress_bars(enabled: bool) -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def load_pipeline(model: str, revision: str | None = None, device: str | None = None, progress: bool = True):
+def load_pipeline(model: str, revision: str | None = None, device: str | None = None, progress: bool = True,
+                  backend: str | None = None):
     """The segmentation pipeline for a saved folder or Hub repo, on ``device`` (default: accelerate's device);
-    ``progress=False`` hides the download and weight-loading bars."""
+    ``progress=False`` hides the download and weight-loading bars; ``backend`` as in ``backends.resolve_backend``
+    (default: automatic)."""
     from transformers import AutoImageProcessor, AutoModelForImageSegmentation
 
     from .pipeline_esp_medsam import TASK, EspMedSamSegmentationPipeline
@@ -281,7 +283,7 @@ def load_pipeline(model: str, revision: str | None = None, device: str | None = 
         network = AutoModelForImageSegmentation.from_pretrained(model, revision=revision)
         image_processor = AutoImageProcessor.from_pretrained(model, revision=revision)
     return EspMedSamSegmentationPipeline(
-        model=network.eval(), image_processor=image_processor, task=TASK, device=device
+        model=network.eval(), image_processor=image_processor, task=TASK, device=device, backend=backend
     )
 
 

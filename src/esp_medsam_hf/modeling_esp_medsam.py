@@ -101,25 +101,41 @@ class ParameterBag(nn.Module):
 
 @dataclass
 class GatheredBagBlock:
-    """One block's bag parameters gathered per image (leading dimension B)."""
+    """One block's bag parameters: gathered per image (leading dimension B), or, when every image of the batch
+    has the same modality, that bag's own parameters used directly (``shared``: no batch dimension, no copy)."""
 
-    tokens: torch.Tensor | None  # (B, heads, T, head_dim)
-    token_bias: torch.Tensor | None  # (B, T)
-    norm_weight: torch.Tensor  # (B, C)
+    tokens: torch.Tensor | None  # (B, heads, T, head_dim); shared: (heads, T, head_dim)
+    token_bias: torch.Tensor | None  # (B, T); shared: (T,)
+    norm_weight: torch.Tensor  # (B, C); shared: (C,)
     norm_bias: torch.Tensor
-    fc1_weight: torch.Tensor  # (B, hidden, C)
+    fc1_weight: torch.Tensor  # (B, hidden, C); shared: (hidden, C)
     fc1_bias: torch.Tensor
-    fc2_weight: torch.Tensor  # (B, C, hidden)
+    fc2_weight: torch.Tensor  # (B, C, hidden); shared: (C, hidden)
     fc2_bias: torch.Tensor
     eps: float
     normalized_shape: tuple[int, ...]  # a Python tuple, so tracing exporters keep it constant
+    shared: bool = False
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The bag's parallel MLP on x (B, L, C), each image with its own weights."""
+        if self.shared:
+            x = F.layer_norm(x, self.normalized_shape, self.norm_weight, self.norm_bias, self.eps)
+            return F.linear(F.gelu(F.linear(x, self.fc1_weight, self.fc1_bias)), self.fc2_weight, self.fc2_bias)
         x = F.layer_norm(x, self.normalized_shape, eps=self.eps) * self.norm_weight[:, None] + self.norm_bias[:, None]
         x = torch.baddbmm(self.fc1_bias[:, None], x, self.fc1_weight.transpose(1, 2))
         x = F.gelu(x)
         return torch.baddbmm(self.fc2_bias[:, None], x, self.fc2_weight.transpose(1, 2))
+
+
+def single_modality(modality: torch.LongTensor) -> int | None:
+    """The modality of a batch whose images all share one (then the bags' weights are used directly), else None.
+
+    One host read per forward; while compiling it answers None so the graph has no data-dependent branch.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or modality.numel() == 0:
+        return None
+    first = modality[0]
+    return int(first) if bool((modality == first).all()) else None
 
 
 class ModalityController(nn.Module):
@@ -131,8 +147,24 @@ class ModalityController(nn.Module):
             [ParameterBag(config.aggregator_config, config.parameter_bag_config) for _ in config.modality_names]
         )
 
-    def gather(self, block_index: int, modality: torch.LongTensor) -> GatheredBagBlock:
-        """Stack block ``block_index`` of every bag and pick each image's row: no loop over images."""
+    def gather(self, block_index: int, modality: torch.LongTensor, single: int | None = None) -> GatheredBagBlock:
+        """Block ``block_index`` of each image's bag: with ``single`` (every image of that modality) the bag's own
+        parameters, else every bag stacked and each image's row picked (no loop over images)."""
+        if single is not None:
+            block = self.bags[single].blocks[block_index]
+            return GatheredBagBlock(
+                tokens=block.tokens if block.tokens.shape[1] else None,
+                token_bias=block.token_bias,
+                norm_weight=block.mlp.norm.weight,
+                norm_bias=block.mlp.norm.bias,
+                fc1_weight=block.mlp.fc1.weight,
+                fc1_bias=block.mlp.fc1.bias,
+                fc2_weight=block.mlp.fc2.weight,
+                fc2_bias=block.mlp.fc2.bias,
+                eps=block.mlp.norm.eps,
+                normalized_shape=tuple(block.mlp.norm.normalized_shape),
+                shared=True,
+            )
         blocks = [bag.blocks[block_index] for bag in self.bags]
 
         def pick(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -210,7 +242,20 @@ class WindowAttention(TinyVitAttention):
         )
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         mask = bias.unsqueeze(0)
-        if bag.tokens is not None:
+        if bag.tokens is not None and bag.shared:
+            # One bag for the whole batch: its tokens are broadcast to every window (no per-window copy before the
+            # join) and the mask is one (1, heads, N, N + T) tensor that SDPA broadcasts over the windows.
+            num_tokens = bag.tokens.shape[1]
+            tokens = bag.tokens.to(x.dtype).expand(num_windows, -1, -1, -1)
+            k = torch.cat([k, tokens], dim=2)
+            v = torch.cat([v, tokens], dim=2)
+            token_bias = (
+                bag.token_bias.to(x.dtype).expand(self.num_heads, length, num_tokens)
+                if bag.token_bias is not None
+                else bias.new_zeros(self.num_heads, length, num_tokens)
+            )
+            mask = torch.cat([bias, token_bias], dim=-1).unsqueeze(0)
+        elif bag.tokens is not None:
             tokens = bag.tokens.to(x.dtype).repeat_interleave(windows_per_image, dim=0)
             k = torch.cat([k, tokens], dim=2)
             v = torch.cat([v, tokens], dim=2)
@@ -254,8 +299,22 @@ class AggregatorBlock(GradientCheckpointingLayer):
         x = hidden_states + x[:, :height, :width]
         x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         tokens = x.reshape(batch, height * width, channels)
+        if bag.shared and bag.eps == self.mlp.norm.eps:
+            return (tokens + self.joint_mlp(tokens, bag)).view(batch, height, width, channels)
         tokens = tokens + self.mlp(tokens) + bag.mlp(tokens)
         return tokens.view(batch, height, width, channels)
+
+    def joint_mlp(self, tokens: torch.Tensor, bag: GatheredBagBlock) -> torch.Tensor:
+        """``mlp(x) + bag.mlp(x)`` for one bag shared by the batch, as one MLP: the LayerNorm statistics are taken
+        once, both LayerNorm affines are folded into the first linear layers, and the two hidden layers are joined,
+        so one normalisation, two matrix products and one GELU pass replace two of each (same function)."""
+        mlp = self.mlp
+        normalized = F.layer_norm(tokens, bag.normalized_shape, eps=bag.eps)
+        fc1_weight = torch.cat([mlp.fc1.weight * mlp.norm.weight, bag.fc1_weight * bag.norm_weight])
+        fc1_bias = torch.cat([mlp.fc1.bias + mlp.fc1.weight @ mlp.norm.bias, bag.fc1_bias + bag.fc1_weight @ bag.norm_bias])
+        hidden = F.gelu(F.linear(normalized, fc1_weight, fc1_bias))
+        fc2_weight = torch.cat([mlp.fc2.weight, bag.fc2_weight], dim=1)
+        return F.linear(hidden, fc2_weight, mlp.fc2.bias + bag.fc2_bias)
 
 
 class AggregatorStage(nn.Module):
@@ -318,10 +377,24 @@ class ModalityAggregator(nn.Module):
         """
         block_index = 0
         x = features
+        # While bags are trained the gathered path is kept: it reaches every bag's parameters, as distributed data
+        # parallel needs (a bag unused on one process would leave its gradient reduction waiting) and as Adam does
+        # for the bags of absent modalities (zero gradients, not none).
+        # Other controllers (stand-ins with their own ``gather(block_index, modality)``) keep their gathering.
+        single = None
+        if isinstance(controller, ModalityController) and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in controller.parameters())
+        ):
+            single = single_modality(modality)
         for stage in self.stages:
             x = stage.downsample(x).permute(0, 2, 3, 1)
             for block in stage.blocks:
-                x = block(x, controller.gather(block_index, modality))
+                bag = (
+                    controller.gather(block_index, modality)
+                    if single is None
+                    else controller.gather(block_index, modality, single)
+                )
+                x = block(x, bag)
                 block_index += 1
             x = x.permute(0, 3, 1, 2)
             if hidden_states is not None:

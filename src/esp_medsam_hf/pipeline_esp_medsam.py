@@ -13,6 +13,10 @@ model's modality classifier. ``modality_probability`` is the classifier's probab
 ``score`` = P(label) x mean mask probability inside the mask (transformers' Mask2Former convention), where
 P(label) is 1 for a given modality (argument or file) and the classifier's probability otherwise; an empty mask
 scores 0.
+
+The forward runs on the fastest correct backend available (``backends.py``: onnxruntime for an fp32 model on the
+CPU when it is installed, else the PyTorch model); ``backend="eager"`` / ``"onnxruntime"`` when building or calling
+the pipeline, or ``$ESP_MEDSAM_BACKEND``, overrides the automatic choice.
 """
 
 from __future__ import annotations
@@ -30,18 +34,20 @@ from transformers.image_utils import load_image as load_image_from_url
 from transformers.models.auto import modeling_auto
 from transformers.pipelines import PIPELINE_REGISTRY, ImageSegmentationPipeline
 
+from .backends import AUTOMATIC_MODALITY, run_inference
 from .io import load_image, to_rgb_uint8
 
 TASK = "medical-image-segmentation"
-UNKNOWN_MODALITY = -1
-"""Placeholder index in a batch for images whose modality the classifier chooses (never reaches the model)."""
+UNKNOWN_MODALITY = AUTOMATIC_MODALITY
+"""Index in a batch for images whose modality the classifier chooses."""
 
 
 class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
     """Segments each image's modality target with ESP-MedSAM; see the module docstring for inputs and outputs.
 
     Call arguments: ``modality`` (name or index, or a list with one per image), ``mask_threshold`` (0.5),
-    ``batch_size``, ``timeout`` (for URLs). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
+    ``batch_size``, ``timeout`` (for URLs), ``backend`` (``"auto"``, ``"onnxruntime"``, ``"eager"``; also accepted
+    when building the pipeline). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
     or dicts ``{"image": ..., "modality": ..., "file_modality": ...}`` (``file_modality``: a hint read from the
     file by the caller, used like a DICOM tag when no modality is given).
     """
@@ -59,16 +65,19 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             return super().check_model_type([*supported_models, type(self.model).__name__])
         return super().check_model_type({**supported_models, self.model.config.model_type: type(self.model).__name__})
 
-    def _sanitize_parameters(self, modality=None, mask_threshold=None, timeout=None, **kwargs):
+    def _sanitize_parameters(self, modality=None, mask_threshold=None, timeout=None, backend=None, **kwargs):
         preprocess: dict[str, Any] = {}
+        forward: dict[str, Any] = {}
         postprocess: dict[str, Any] = {}
+        if backend is not None:
+            forward["backend"] = backend
         if modality is not None:
             preprocess["modality"] = modality
         if timeout is not None:
             preprocess["timeout"] = timeout
         if mask_threshold is not None:
             postprocess["mask_threshold"] = mask_threshold
-        return preprocess, {}, postprocess
+        return preprocess, forward, postprocess
 
     def __call__(self, inputs=None, **kwargs):
         """``modality`` may be a list with one entry per input image (``None`` entries: automatic)."""
@@ -126,21 +135,10 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         inputs["target_size"] = tuple(array.shape[:2])
         return inputs
 
-    def _forward(self, model_inputs):
+    def _forward(self, model_inputs, backend: str | None = None):
         requested = model_inputs.pop("modality")
         extras = {key: model_inputs.pop(key) for key in ("modality_source", "target_size")}
-        pixel_values = model_inputs["pixel_values"]
-        unknown = requested == UNKNOWN_MODALITY
-        if bool(unknown.all()):
-            outputs = self.model(pixel_values=pixel_values)
-        else:
-            modality = requested
-            if bool(unknown.any()):
-                # A batch mixing given and automatic modalities: the classifier (on the bag-free stem) fills the
-                # gaps first, so the whole batch still runs through the model in one call.
-                logits = self.model.modality_classifier(self.model.aggregator.stem(pixel_values))
-                modality = torch.where(unknown, logits.argmax(-1), requested)
-            outputs = self.model(pixel_values=pixel_values, modality=modality)
+        outputs = run_inference(self.model, model_inputs["pixel_values"], requested, backend=backend)
         probabilities = outputs.modality_logits.float().softmax(-1)
         return {
             "pred_masks": outputs.pred_masks,
@@ -193,7 +191,8 @@ def save_pretrained_with_pipeline(model, processor, directory: str | os.PathLike
     """Save a model folder that both pipelines load: model and code, image processor, processor, custom pipeline.
 
     ``processor`` is an ``EspMedSamProcessor`` or an ``EspMedSamImageProcessor``. ``config.json`` gets
-    ``custom_pipelines`` (the "medical-image-segmentation" task) and the folder gets this file and ``io.py``.
+    ``custom_pipelines`` (the "medical-image-segmentation" task) and the folder gets this file and the modules it
+    imports (``io.py``, and ``backends.py`` with ``export.py`` and ``fileio.py`` for the onnxruntime backend).
     """
     image_processor = getattr(processor, "image_processor", processor)
     pipe = EspMedSamSegmentationPipeline(model=model, image_processor=image_processor, task=TASK)

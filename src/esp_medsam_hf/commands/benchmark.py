@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-MODEL_NAMES = ("esp-medsam-fast", "esp-medsam-plain", "litemedsam", "sam-vit-b", "sam-vit-h", "esp-medsam-onnx")
+MODEL_NAMES = (
+    "esp-medsam-fast",
+    "esp-medsam-plain",
+    "litemedsam",
+    "sam-vit-b",
+    "sam-vit-h",
+    "esp-medsam-onnx",
+    "esp-medsam-user",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--channels-last", action="store_true", help="run the fast configuration channels-last")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument(
+        "--backend", choices=("auto", "onnxruntime", "eager"),
+        help="backend of esp-medsam-user, the path users take (default: $ESP_MEDSAM_BACKEND, else auto)",
+    )
     parser.add_argument("--onnx-threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     parser.add_argument(
         "--quick", action="store_true",
@@ -67,6 +79,7 @@ def settings_from_args(args: argparse.Namespace):
         channels_last=args.channels_last,
         compile_mode=args.compile_mode or ("reduce-overhead" if gpu and compile_on else None),
         onnx_threads=args.onnx_threads,
+        backend=args.backend,
     )
 
 

@@ -18,6 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="segmentation", help="output folder (default: ./segmentation)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     parser.add_argument("--device", help="torch device (default: accelerate's device for this process)")
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "onnxruntime", "eager"),
+        help="inference backend (default: $ESP_MEDSAM_BACKEND, else auto: onnxruntime for fp32 on the CPU when "
+        "installed, exported once and cached; else the PyTorch model)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing masks, overlays and CSV")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -30,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     modality = int(args.modality) if args.modality is not None and args.modality.isdigit() else args.modality
     try:
-        pipe = load_pipeline(args.model, revision=args.revision, device=args.device, progress=not args.no_progress)
+        pipe = load_pipeline(args.model, revision=args.revision, device=args.device, progress=not args.no_progress,
+                             backend=args.backend)
         records = run_segmentation(
             args.paths,
             pipe,
@@ -40,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except (OutputExistsError, FileNotFoundError, ValueError, OSError) as error:
+    except (OutputExistsError, FileNotFoundError, ValueError, OSError, ImportError) as error:
         logger.error("%s", error)
         return 2
     failed = [record for record in records if record.status != "ok"]

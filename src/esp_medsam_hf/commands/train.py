@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--gradient-accumulation-steps", type=int)
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the model for training (accelerate's inductor backend; worth it on GPUs)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--checkpoint-every", type=int, help="also checkpoint every N optimizer steps")
@@ -57,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 OPTION_NAMES = (
     "output_dir", "data", "domains", "model_size", "image_size", "epochs", "batch_size", "learning_rate",
-    "gradient_accumulation_steps", "mixed_precision", "max_steps", "seed", "checkpoint_every", "resume", "overwrite",
-    "report_to", "threads", "freeze", "cache_features", "feature_views",
+    "gradient_accumulation_steps", "mixed_precision", "compile", "max_steps", "seed", "checkpoint_every", "resume",
+    "overwrite", "report_to", "threads", "freeze", "cache_features", "feature_views",
 )
 STAGE_OPTION_NAMES = {
     "teacher": ("sam_checkpoint", "sam_preset", "init_from"),

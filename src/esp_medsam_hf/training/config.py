@@ -26,6 +26,7 @@ class TrainingConfig:
     domains: training domains (default: the six source domains; unseen domains are never trained on).
     model_size: ``"official"`` (1024 px architecture) or ``"tiny"`` (the small test/demo configuration).
     max_steps: stop after this many optimizer steps (for short runs); None = ``epochs`` full epochs.
+    compile: ``torch.compile`` the model for training (accelerate's inductor backend); worth it on GPUs.
     checkpoint_every: also save an accelerate state every N optimizer steps (0: only at the end of each epoch).
     resume: ``"latest"`` (the newest complete checkpoint in ``output_dir``), a checkpoint folder, or None.
     threads: torch's CPU threads for this run (None: torch's choice).
@@ -51,6 +52,7 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"
+    compile: bool = False
     max_steps: int | None = None
     seed: int = 0
     augment: bool = True

@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -390,7 +391,15 @@ def _train(config: TrainingConfig, task: StageTask, output_dir: str | Path | Non
         log_with=list(config.report_to) or None,
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        dynamo_backend="inductor" if config.compile else None,  # None: what accelerate launch was given
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        raise RuntimeError(
+            f"{launched} processes were launched but accelerate runs {accelerator.num_processes} (they would train "
+            "separately); on CPUs launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
+            "(see docs/training.md)"
+        )
     set_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -416,7 +425,13 @@ def _train(config: TrainingConfig, task: StageTask, output_dir: str | Path | Non
     trainable = [p for p in task.model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"{task.name}: the model has no trainable parameters")
-    optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # Fused Adam (one kernel per step for all parameters) where it exists: on CUDA, with the model moved there first.
+    fused = accelerator.device.type == "cuda"
+    if fused:
+        task.model.to(accelerator.device)
+    optimizer = torch.optim.Adam(
+        trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True if fused else None
+    )
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
     model, optimizer, train_dataloader, scheduler = accelerator.prepare(
         task.model, optimizer, train_dataloader, scheduler
