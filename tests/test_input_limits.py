@@ -167,12 +167,25 @@ def test_labels_must_be_zero_or_one(bad):
     assert mask_loss.item() > 0 and patch_loss.item() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.uint8, torch.float16])
-def test_pixel_values_of_another_dtype_are_a_clear_error(dtype):
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_pixel_values_that_are_not_floating_point_are_a_clear_error(dtype):
     model = EspMedSamModel(EspMedSamConfig.tiny()).eval()
     size = model.config.image_size
-    with pytest.raises(TypeError, match=f"pixel_values has dtype {dtype} but the model's weights are torch.float32"):
+    with pytest.raises(TypeError, match=f"pixel_values has dtype {dtype} but must be floating point"):
         model(pixel_values=torch.zeros(1, 3, size, size, dtype=dtype), modality=torch.tensor([0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_floating_pixel_values_of_another_precision_are_cast(dtype):
+    torch.manual_seed(0)
+    model = EspMedSamModel(EspMedSamConfig.tiny()).eval()
+    size = model.config.image_size
+    pixels = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels, modality=torch.tensor([0])).pred_masks
+        got = model(pixel_values=pixels.to(dtype), modality=torch.tensor([0])).pred_masks
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=2e-2 if dtype == torch.float16 else 1e-5, rtol=1e-2)
 
 
 def test_nan_pixel_values_are_refused_by_the_model():

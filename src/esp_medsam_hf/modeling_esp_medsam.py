@@ -578,12 +578,13 @@ def segmentation_loss(
 
 
 def check_pixel_values(pixel_values: torch.Tensor, dtype: torch.dtype) -> None:
-    """Refuse pixel values of another dtype than the weights, or holding NaN/inf (they would make every logit NaN
-    and return an empty mask)."""
-    if pixel_values.dtype != dtype:
+    """Refuse pixel values that are not floating point (raw image bytes), or that hold NaN/inf (they would make
+    every logit NaN and return an empty mask). Floating pixel values of another precision are cast to the weights'
+    ``dtype`` by the encoder (the image processor gives float32, also for a bf16 model)."""
+    if not pixel_values.dtype.is_floating_point:
         raise TypeError(
-            f"pixel_values has dtype {pixel_values.dtype} but the model's weights are {dtype}; pass "
-            "pixel_values.to(model.dtype) (EspMedSamImageProcessor gives float32 from any image)"
+            f"pixel_values has dtype {pixel_values.dtype} but must be floating point (the model's weights are "
+            f"{dtype}); use EspMedSamImageProcessor, which gives normalised float32 pixel values from any image"
         )
     tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()  # exported graphs check nothing data-dependent
     if not tracing and not bool(torch.isfinite(pixel_values).all()):
