@@ -31,7 +31,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-checkpoint INFO lines drown the progress
+    # accelerate's per-checkpoint and the HTTP clients' per-request INFO lines drown the progress
+    for name in ("accelerate", "httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         summary = run_demo(args.output, quick=args.quick, overwrite=args.overwrite, seed=args.seed,
                            progress=not args.no_progress, threads=args.threads or None)
