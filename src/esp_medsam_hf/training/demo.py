@@ -282,8 +282,10 @@ def publish_and_reload(output: Path, releases: list, final_dir: Path) -> tuple[d
     with LocalHub(output / "hub") as hub:
         logger.info("demo: local Hub at %s", hub.endpoint)
         commits = publish_stages(REPO_ID, releases, endpoint=hub.endpoint, token=hub.token)
+        # generous client timeouts: on a loaded CPU the loopback Hub can take longer than huggingface_hub's 10 s
         env = {**os.environ, **hub.env, "HF_HUB_CACHE": str(output / "hub" / "cache"),
-               "HF_MODULES_CACHE": str(output / "hub" / "modules")}
+               "HF_MODULES_CACHE": str(output / "hub" / "modules"), "HF_HUB_ETAG_TIMEOUT": "120",
+               "HF_HUB_DOWNLOAD_TIMEOUT": "120"}
         command = [sys.executable, "-m", "esp_medsam_hf.training.reload_check", "--repo", REPO_ID,
                    "--revision", "main", "--reference", str(final_dir), "--output", str(output / "real_images")]
         completed = subprocess.run(command, env=env, capture_output=True, text=True)
