@@ -6,6 +6,9 @@ import os
 import shutil
 import tempfile
 
+import pytest
+import torch
+
 
 def pytest_configure(config):
     # Set before any test (and inherited by the subprocesses tests start), removed at the end of the session.
@@ -18,3 +21,20 @@ def pytest_unconfigure(config):
     folder = getattr(config, "_esp_medsam_onnx_cache", None)
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are dominated by per-operator overhead: one torch thread is as fast and immune to a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Two synthetic source domains at 64 px, 3 training and 1 validation image each."""
+    from esp_medsam_hf.data.synthetic import synthetic_domains
+
+    return synthetic_domains(["isic", "dsb"], {"train": 3, "validation": 1}, seed=0, size=64)

@@ -1,15 +1,12 @@
 """Training on a frozen encoder's cached features: same loss as the full forward, seeded views, frozen parts,
 the options' checks, and an ESP-MedSAM teacher with intensity-augmented distillation."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
-from esp_medsam_hf.data.synthetic import synthetic_domains
 from esp_medsam_hf.training import DistillConfig, EspMedSamStageConfig, TeacherConfig, train
 from esp_medsam_hf.training.data import SegmentationDataset
 from esp_medsam_hf.training.features import VIEWS, EspMedSamHeads, apply_view, cache_features
@@ -22,21 +19,9 @@ from esp_medsam_hf.training.stages import (
     run_teacher,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64
 COMMON = dict(model_size="tiny", image_size=SIZE, progress=False, synthetic_valid_images=1, learning_rate=1e-3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_domains(["isic", "dsb"], {"train": 3, "validation": 1}, seed=0, size=SIZE)
 
 
 def tiny_model() -> EspMedSamModel:
@@ -126,11 +111,9 @@ def test_intensity_augment_stays_in_range_and_is_seeded():
     assert values.min() >= -1e-5 and values.max() <= 1 + 1e-5
 
 
-def test_esp_medsam_teacher_then_intensity_distillation(tmp_path, data, monkeypatch):
+def test_esp_medsam_teacher_then_intensity_distillation(tmp_path, data):
     """Stage 1 with an ESP-MedSAM teacher on cached features, stage 2 distilling it into the bags under intensity
     shifts (the main job's path, with a tiny random model instead of LiteMedSAM's weights)."""
-    from esp_medsam_hf.training import stages
-
     teacher_dir = tmp_path / "init"
     tiny_model().save_pretrained(teacher_dir)
     teacher_config = TeacherConfig(output_dir=str(tmp_path / "teacher"), init_from=str(teacher_dir), epochs=1,
@@ -150,4 +133,3 @@ def test_esp_medsam_teacher_then_intensity_distillation(tmp_path, data, monkeypa
     assert changed and all(k.startswith("modality_controller.") for k in changed)
     touched = {int(k.split(".")[2]) for k in changed}
     assert touched <= {0, 4}  # isic (dermoscopy) and dsb (microscopy) bags only
-    dataclasses.replace(distill_config)  # the config stays a valid dataclass

@@ -11,16 +11,8 @@ from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
 from esp_medsam_hf.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
 from esp_medsam_hf.modeling_esp_medsam_teacher import EspMedSamTeacherModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dominated by per-operator overhead: one thread is as fast and immune to a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_teacher(**kwargs) -> EspMedSamTeacherModel:

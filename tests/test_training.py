@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
 from esp_medsam_hf.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
-from esp_medsam_hf.data.synthetic import synthetic_domains
 from esp_medsam_hf.modeling_esp_medsam_teacher import EspMedSamTeacherModel
 from esp_medsam_hf.training import (
     DistillConfig,
@@ -30,23 +29,9 @@ from esp_medsam_hf.training.stages import (
     teacher_task,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64
 COMMON = dict(model_size="tiny", image_size=SIZE, progress=False, synthetic_valid_images=1, learning_rate=1e-3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models are dominated by per-operator overhead: one thread is as fast and immune to a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data():
-    """Two source domains, 3 training images each (6 images: 3 batches of 2)."""
-    return synthetic_domains(["isic", "dsb"], {"train": 3, "validation": 1}, seed=0, size=SIZE)
 
 
 def student() -> EspMedSamModel:

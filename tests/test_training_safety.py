@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
-from esp_medsam_hf.data.synthetic import synthetic_domains
 from esp_medsam_hf.training import (
     CheckpointError,
     EspMedSamStageConfig,
@@ -28,22 +27,10 @@ from esp_medsam_hf.training import (
 )
 from esp_medsam_hf.training.stages import espmedsam_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64
 COMMON = dict(model_size="tiny", image_size=SIZE, progress=False, synthetic_valid_images=1, learning_rate=1e-3,
               init_from=None, validate=False, batch_size=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_domains(["isic", "dsb"], {"train": 3, "validation": 1}, seed=0, size=SIZE)
 
 
 def student() -> EspMedSamModel:

@@ -113,10 +113,15 @@ RUN_MAIN_JOB_NOTICE = (
 )
 
 
+def main_job_summary() -> Path:
+    """Where the main job writes its ``summary.json`` (``ESP_MEDSAM_DEMO_OUTPUT``, default ``outputs/demo``)."""
+    return Path(os.environ.get("ESP_MEDSAM_DEMO_OUTPUT") or REPOSITORY_ROOT / "outputs" / "demo") / "summary.json"
+
+
 def main_job_model() -> Path | None:
     """The final model folder of the main job's run (``summary.json``'s ``final_model``), if there is one."""
-    output = Path(os.environ.get("ESP_MEDSAM_DEMO_OUTPUT") or REPOSITORY_ROOT / "outputs" / "demo")
-    summary = output / "summary.json"
+    summary = main_job_summary()
+    output = summary.parent
     if not summary.is_file():
         return None
     import json
@@ -163,8 +168,7 @@ def load_model(source: str | None = None, revision: str | None = None) -> Loaded
         if trained is not None:
             source = str(trained)
         else:
-            summary = Path(os.environ.get("ESP_MEDSAM_DEMO_OUTPUT") or REPOSITORY_ROOT / "outputs" / "demo")
-            problems.append(RUN_MAIN_JOB_NOTICE.format(summary=summary / "summary.json"))
+            problems.append(RUN_MAIN_JOB_NOTICE.format(summary=main_job_summary()))
     if source:
         try:
             loaded = load_pretrained(source, revision)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..fileio import atomic_file, staging_directory
 from ..metrics.functional import dice_score, hausdorff_distance, mean_dice, mean_hausdorff
-from .domains import DOMAIN_NAMES, get_domain
+from .domains import get_domain
 from .schema import image_to_rgb, mask_to_bool
 from .visualize import overlay, save_png
 

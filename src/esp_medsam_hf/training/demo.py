@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..data.domains import DOMAIN_NAMES, SOURCE_DOMAINS, get_domain
 from .config import DistillConfig, EspMedSamStageConfig, TeacherConfig
@@ -308,7 +307,7 @@ def demo_summary(output: Path, quick: bool, settings: DemoSettings, timings: dic
             for name, row in report["domains"].items() if row.get("role") == "real"}
     synthetic_source = [n for n in data.synthetic_test if n in SOURCE_DOMAINS]
     synthetic_unseen = [n for n in data.synthetic_test if n not in SOURCE_DOMAINS]
-    real_images = [r for r in reload["real_images"]]
+    real_images = reload["real_images"]
     return {
         "output": str(output),
         "final_model": str(esp.release_dir),

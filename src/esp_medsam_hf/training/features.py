@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.schema import image_to_rgb, mask_to_bool
 from ..modeling_esp_medsam import EspMedSamModel, segmentation_loss
 
 logger = logging.getLogger(__name__)
@@ -103,8 +104,6 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
     model.eval()
     device = next(model.parameters()).device
     rows = [dataset.rows[i] for i in range(len(dataset))]
-    from ..data.schema import image_to_rgb, mask_to_bool
-
     items = [(image_to_rgb(row["image"]), mask_to_bool(row["mask"]), int(row["modality"])) for row in rows]
     jobs = [(i, v) for i in range(len(items)) for v in range(views)]
     embeddings: dict[tuple[int, int], torch.Tensor] = {}
