@@ -513,8 +513,8 @@ def fit_modality_classifier(
 ) -> dict:
     """Train the modality classifier alone on the ``train`` splits of ``data`` (the encoder stays frozen).
 
-    The classifier reads detached stage-0 features, so the segmentation is unchanged. Stage-0 features of every
-    image (and of its mirror image) are computed once; the head then trains for ``epochs`` epochs.
+    The classifier reads detached stage-0 features, so the segmentation is unchanged. The pooled stage-0 features
+    of every image (and of its mirror image) are computed once; the head then trains on them for ``epochs`` epochs.
     Returns {"accuracy": training accuracy (%), "images": count}.
     """
     from tqdm.auto import tqdm
@@ -530,7 +530,7 @@ def fit_modality_classifier(
         for batch in loader:
             pixels = batch["pixel_values"].to(device)
             for view in (pixels, pixels.flip(-1)):
-                features.append(model.aggregator.stem(view).float().cpu())
+                features.append(model.modality_classifier.pool(model.aggregator.stem(view)).cpu())
                 labels.append(batch["modality"])
     features, labels = torch.cat(features), torch.cat(labels)
     classifier = model.modality_classifier
@@ -541,12 +541,12 @@ def fit_modality_classifier(
         order = torch.randperm(len(labels), generator=generator)
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
-            loss = F.cross_entropy(classifier(features[index].to(device)), labels[index].to(device))
+            loss = F.cross_entropy(classifier.head(features[index].to(device)), labels[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     with torch.no_grad():
-        predicted = torch.cat([classifier(features[i : i + 256].to(device)).argmax(-1).cpu()
+        predicted = torch.cat([classifier.head(features[i : i + 256].to(device)).argmax(-1).cpu()
                                for i in range(0, len(labels), 256)])
     model.train(was_training)
     return {"accuracy": float((predicted == labels).float().mean() * 100), "images": len(labels) // 2}
