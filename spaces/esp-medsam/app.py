@@ -32,7 +32,7 @@ from scipy import ndimage
 import esp_medsam_hf
 from esp_medsam_hf import assets
 from esp_medsam_hf.backends import run_inference
-from esp_medsam_hf.io import SUPPORTED_SUFFIXES, is_dicom, load_image
+from esp_medsam_hf.imaging import SUPPORTED_SUFFIXES, is_dicom, load_image
 
 logger = logging.getLogger("esp_medsam_space")
 

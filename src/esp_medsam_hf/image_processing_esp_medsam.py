@@ -137,7 +137,7 @@ class EspMedSamImageProcessor(TorchvisionBackend):
             images = [_to_supported_dtype(image, index) for index, image in enumerate(images)]
         else:
             images = _to_supported_dtype(images)
-        if input_data_format is None:  # numpy arrays are H x W x C (as PIL and esp_medsam_hf.io give them)
+        if input_data_format is None:  # numpy arrays are H x W x C (as PIL and esp_medsam_hf.imaging give them)
             images = [_channels_first(i) for i in images] if isinstance(images, list) else _channels_first(images)
         images = self._prepare_images_structure(images)
         images = self._prepare_image_like_inputs(

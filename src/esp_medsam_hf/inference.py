@@ -10,7 +10,7 @@ be read is reported and skipped; existing outputs are never replaced unless ``ov
 from __future__ import annotations
 
 import csv
-import io as _stdio
+import io
 import logging
 import os
 import time
@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data.visualize import overlay, save_png
 from .fileio import atomic_file
-from .io import SUPPORTED_SUFFIXES, ImageLoadError, is_dicom, load_image
+from .imaging import SUPPORTED_SUFFIXES, ImageLoadError, is_dicom, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def write_csv(records: Sequence[SegmentationRecord], path: Path, overwrite: bool
     """Write the records atomically; refuses to replace an existing file unless ``overwrite``."""
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
-    buffer = _stdio.StringIO()
+    buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(SegmentationRecord)], lineterminator="\n")
     writer.writeheader()
     for record in records:

@@ -27,7 +27,7 @@ from PIL import UnidentifiedImageError
 
 from ..assets import to_uint8_rgb
 from ..fileio import atomic_file, staging_directory
-from ..io import ImageLoadError, check_pixel_count, repair_non_finite
+from ..imaging import ImageLoadError, check_pixel_count, repair_non_finite
 from .domains import DOMAINS, REAL_DOMAINS, Domain, all_official_names, get_domain
 from .layouts import PLAIN, Layout, SourceItem, detect_layout, get_layout
 from .schema import encode_mask, encode_png, features
@@ -73,7 +73,7 @@ def _open_bytes(path: Path) -> io.BytesIO:
 
 
 def _check_size(path: Path, height: int, width: int) -> None:
-    """The package's one pixel limit (``esp_medsam_hf.io.MAX_IMAGE_PIXELS``), checked before decoding."""
+    """The package's one pixel limit (``esp_medsam_hf.imaging.MAX_IMAGE_PIXELS``), checked before decoding."""
     try:
         check_pixel_count(path, height, width)
     except ImageLoadError as error:

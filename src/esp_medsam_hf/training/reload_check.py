@@ -30,7 +30,7 @@ def real_images() -> list[dict]:
         NUCLEAR_IMAGE,
         load_dsb2018_pair,
     )
-    from ..io import load_image
+    from ..imaging import load_image
 
     items = []
     for name, asset, modality in (

@@ -1,4 +1,4 @@
-"""Image and DICOM loading (esp_medsam_hf.io): every supported format, written small in tmp folders."""
+"""Image and DICOM loading (esp_medsam_hf.imaging): every supported format, written small in tmp folders."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from _inference_helpers import write_dicom
 from esp_medsam_hf import EspMedSamImageProcessor, assets
-from esp_medsam_hf.io import ImageLoadError, load_image, stretch_to_uint8, to_rgb_uint8
+from esp_medsam_hf.imaging import ImageLoadError, load_image, stretch_to_uint8, to_rgb_uint8
 
 
 def _gradient(height=12, width=16, high=65535, dtype=np.uint16) -> np.ndarray:

@@ -62,7 +62,7 @@ def check_pixel_count(path: str | os.PathLike, height: int, width: int, frames: 
         frames_text = f" x {frames} frames" if frames > 1 else ""
         raise ImageLoadError(
             path, f"image of {width} x {height} pixels{frames_text} exceeds the limit of {MAX_IMAGE_PIXELS:,} "
-                  "pixels (esp_medsam_hf.io.MAX_IMAGE_PIXELS); downsample it first"
+                  "pixels (esp_medsam_hf.imaging.MAX_IMAGE_PIXELS); downsample it first"
         )
 
 
