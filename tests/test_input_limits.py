@@ -97,7 +97,7 @@ def test_nan_pixel_in_a_float_image_is_repaired_with_a_warning(tmp_path, caplog)
 
 def test_an_image_with_no_finite_pixel_is_refused(tmp_path):
     tifffile.imwrite(tmp_path / "void.tif", np.full((4, 4), np.nan, np.float32))
-    with pytest.raises(ImageLoadError, match=r"void\.tif.*no pixel has a finite value"):
+    with pytest.raises(ImageLoadError, match=r"void\.tif: no finite pixel"):
         load_image(tmp_path / "void.tif")
 
 

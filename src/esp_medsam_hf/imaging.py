@@ -78,7 +78,7 @@ def repair_non_finite(array: np.ndarray, source: str | os.PathLike = "image") ->
     if finite.all():
         return array
     if not finite.any():
-        raise ValueError(f"{source}: no pixel has a finite value (all NaN or infinite)")
+        raise ValueError(f"{source}: no finite pixel (all NaN or infinite)")
     low, high = float(array[finite].min()), float(array[finite].max())
     bad = int((~finite).sum())
     logger.warning("%s: %d pixel(s) are NaN or infinite; set to the image's finite range [%g, %g]",
@@ -86,21 +86,26 @@ def repair_non_finite(array: np.ndarray, source: str | os.PathLike = "image") ->
     return np.nan_to_num(array, nan=low, posinf=high, neginf=low)
 
 
-def stretch_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Min-max stretch of any numeric array to uint8 (uint8 passes through; a constant image becomes 0).
+def scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map ``[low, high]`` linearly onto 0..255 (rounded to nearest, clipped); an empty range gives 0."""
+    scale = 255.0 / (high - low) if high > low else 0.0
+    return np.clip((np.asarray(values, dtype=np.float64) - low) * scale + 0.5, 0, 255).astype(np.uint8)
 
-    Same arithmetic as ``EspMedSamImageProcessor`` applies to non-uint8 inputs, so loading a 16-bit file here and
-    passing the raw array to the image processor give the same pixels.
+
+def stretch_to_uint8(array: np.ndarray, source: str | os.PathLike = "image") -> np.ndarray:
+    """Min-max stretch of any numeric array to uint8 (uint8 passes through; bool becomes 0/255; a constant image
+    becomes 0). NaN and infinite pixels are repaired first (``repair_non_finite``, warnings name ``source``).
+
+    ``EspMedSamImageProcessor`` applies this to non-uint8 inputs, so loading a 16-bit file here and passing the raw
+    array to the image processor give the same pixels.
     """
     array = np.asarray(array)
     if array.dtype == np.uint8:
         return array
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
-    data = repair_non_finite(array.astype(np.float64))
-    low, high = float(data.min()), float(data.max())
-    scale = 255.0 / (high - low) if high > low else 0.0
-    return np.clip((data - low) * scale + 0.5, 0, 255).astype(np.uint8)
+    data = repair_non_finite(array.astype(np.float64), source)
+    return scale_to_uint8(data, float(data.min()), float(data.max()))
 
 
 def to_rgb_uint8(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -184,10 +189,7 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         values = repair_non_finite(np.asarray(apply_modality_lut(pixels, ds)), path)
         voi_range = _voi_output_range(ds, apply_voi_lut)
         if voi_range is not None:
-            values = apply_voi_lut(values, ds)
-            low, high = voi_range
-            scale = 255.0 / (high - low) if high > low else 0.0
-            grey = np.clip((np.asarray(values, dtype=np.float64) - low) * scale + 0.5, 0, 255).astype(np.uint8)
+            grey = scale_to_uint8(apply_voi_lut(values, ds), *voi_range)
         else:
             grey = stretch_to_uint8(values)
         if photometric == "MONOCHROME1":  # MONOCHROME1: the lowest value is displayed white
@@ -284,6 +286,7 @@ __all__ = [
     "load_image",
     "read_dicom",
     "read_raster",
+    "scale_to_uint8",
     "stretch_to_uint8",
     "to_rgb_uint8",
 ]
