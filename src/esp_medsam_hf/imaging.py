@@ -42,7 +42,9 @@ MAX_IMAGE_PIXELS = 100_000_000
 before decoding (PIL's own decompression-bomb check, at about 179 million pixels, may refuse a file first)."""
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm")
+"""Raster image files by suffix: what ``esp-medsam segment`` collects from folders, the dataset layouts read and
+natural-image folders hold."""
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
 
 
@@ -277,6 +279,7 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
 
 __all__ = [
     "DICOM_MODALITIES",
+    "IMAGE_SUFFIXES",
     "ImageLoadError",
     "MAX_IMAGE_PIXELS",
     "check_pixel_count",
