@@ -27,18 +27,17 @@ import gradio as gr
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
 
 import esp_medsam_hf
 from esp_medsam_hf import assets
 from esp_medsam_hf.backends import run_inference
-from esp_medsam_hf.imaging import SUPPORTED_SUFFIXES, is_dicom, load_image
+from esp_medsam_hf.imaging import SUPPORTED_SUFFIXES, draw_mask, is_dicom, load_image
 
 logger = logging.getLogger("esp_medsam_space")
 
 AUTOMATIC = "automatic"
 DEFAULT_MAX_UPLOAD_MB = 20.0
-OVERLAY_COLOUR = np.array([255, 214, 0], dtype=np.float32)
+OVERLAY_COLOUR = (255, 214, 0)
 OVERLAY_ALPHA = 0.45
 NOT_TRAINED_NOTICE = (
     "**This is not a trained ESP-MedSAM.** The demo runs its documented default model, used when "
@@ -230,13 +229,9 @@ def read_upload(path: str | Path) -> tuple[np.ndarray, str | None]:
 
 
 def overlay_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The image (uint8 RGB) with the mask tinted and its outline drawn in full colour."""
-    rgb = image.astype(np.float32)
-    tinted = np.where(mask[..., None], (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * OVERLAY_COLOUR, rgb)
-    thickness = max(1, round(max(mask.shape) / 400))
-    edge = mask & ~ndimage.binary_erosion(mask, iterations=thickness, border_value=0)
-    tinted[edge] = OVERLAY_COLOUR
-    return tinted.round().astype(np.uint8)
+    """The image (uint8 RGB) with the mask tinted and its outline, thicker on large images, in full colour."""
+    width = max(1, round(max(mask.shape) / 400))
+    return draw_mask(image, mask, OVERLAY_COLOUR, alpha=OVERLAY_ALPHA, outline_width=width)
 
 
 def _write_mask_png(mask: np.ndarray, stem: str) -> str:

@@ -1,9 +1,15 @@
-"""Reading medical images from disk as RGB uint8 arrays, with a modality hint where the file carries one.
+"""Images in and out of the model, in one place: reading, normalising, drawing, predicting.
 
-``load_image(path)`` reads DICOM (through pydicom: modality LUT or rescale, VOI LUT or window, MONOCHROME1
-inversion, then 8 bit), 16-bit and float PNG/TIFF (min-max stretched per image, as the image processor does with
-non-uint8 arrays), greyscale, RGBA (alpha dropped) and palette images. The DICOM Modality tag gives the modality
-where it is unambiguous (``DICOM_MODALITIES``); otherwise the hint is ``None`` and the model's classifier decides.
+- Reading: ``load_image(path)`` reads DICOM (through pydicom: modality LUT or rescale, VOI LUT or window,
+  MONOCHROME1 inversion, then 8 bit), 16-bit and float PNG/TIFF, greyscale, RGBA (alpha dropped) and palette images
+  as HxWx3 uint8 RGB. The DICOM Modality tag gives the modality where it is unambiguous (``DICOM_MODALITIES``);
+  otherwise the hint is ``None`` and the model's classifier decides.
+- Normalising: ``to_rgb_uint8`` turns any image into HxWx3 uint8 RGB with ``stretch_to_uint8``, the package's one
+  min-max stretch (the image processor applies it to non-uint8 inputs too).
+- Drawing: ``draw_mask`` (a mask tinted and outlined, through ``torchvision.utils.draw_segmentation_masks``),
+  ``overlay`` (ground truth beside a prediction), ``draw_caption`` and ``save_png``.
+- Predicting: ``predict`` runs processor -> model -> post-processing on a batch of images; the pipeline and
+  ``esp-medsam segment`` use the same steps through transformers' pipeline API.
 
 Every reader checks the image's size from its header before decoding anything: more than ``MAX_IMAGE_PIXELS``
 pixels (width x height x frames) is refused with an ``ImageLoadError`` naming the file, the same limit for PIL,
@@ -12,7 +18,7 @@ tifffile (tiled and compressed TIFF included) and DICOM. Float images with NaN o
 finite pixel is refused.
 
 This module ships with saved models as remote code (the custom pipeline imports it), so it depends only on numpy and
-Pillow at import time; pydicom and tifffile are imported when needed.
+Pillow at import time; pydicom, tifffile, torch and torchvision are imported when needed.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from .fileio import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +155,9 @@ def is_dicom(path: str | os.PathLike) -> bool:
 def _voi_output_range(ds: Any, apply_voi_lut) -> tuple[float, float] | None:
     """The value range that pydicom's VOI transform maps into, or ``None`` when the file has no VOI transform.
 
-    A VOI LUT maps into the range of its table (read through pydicom at every input it covers); a window maps into ``[y_min, y_max]`` of the stored bit depth
-    (pydicom computes these bounds internally), so the window is evaluated at the two extremes to read them.
+    A VOI LUT maps into the range of its table (read through pydicom at every input it covers); a window maps into
+    ``[y_min, y_max]`` of the stored bit depth (pydicom computes these bounds internally), so the window is evaluated
+    at the two extremes to read them.
     """
     sequence = ds.get("VOILUTSequence")
     if sequence:
@@ -277,18 +286,91 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     return read_raster(path)
 
 
+
+GROUND_TRUTH_COLOUR = (0, 255, 0)
+PREDICTION_COLOUR = (255, 0, 255)
+
+
+def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """The pixels of ``mask`` less than ``width`` pixels (4-connected) from its boundary; the image's edge is not
+    a boundary."""
+    mask = np.asarray(mask, dtype=bool)
+    interior = mask
+    for _ in range(width):
+        padded = np.pad(interior, 1, mode="edge")
+        interior = interior & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
+
+
+def draw_mask(
+    image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], *, alpha: float = 0.4, outline_width: int = 1
+) -> np.ndarray:
+    """``image`` as HxWx3 uint8 with ``mask`` tinted towards ``colour`` by ``alpha`` (0: no tint) and its outline,
+    ``outline_width`` pixels wide (0: none), in full colour. Pixels outside the mask are left as they are."""
+    import torch
+    from torchvision.utils import draw_segmentation_masks
+
+    picture = torch.from_numpy(to_rgb_uint8(image).copy()).permute(2, 0, 1)
+    region = torch.from_numpy(np.asarray(mask, dtype=bool))
+    if alpha > 0:
+        tinted = draw_segmentation_masks(picture, region, alpha=alpha, colors=colour)
+        picture = torch.where(region, tinted, picture)  # the blend's float rounding may move pixels outside by 1
+    if outline_width > 0:
+        edge = torch.from_numpy(outline(region.numpy(), outline_width))
+        picture = draw_segmentation_masks(picture, edge, alpha=1.0, colors=colour)
+    return np.ascontiguousarray(picture.permute(1, 2, 0).numpy())
+
+
+def overlay(
+    image: np.ndarray, mask: np.ndarray | None = None, prediction: np.ndarray | None = None, alpha: float = 0.35
+) -> np.ndarray:
+    """An RGB uint8 picture: ground truth tinted green with a green outline, prediction as a magenta outline."""
+    picture = to_rgb_uint8(image)
+    if mask is not None:
+        picture = draw_mask(picture, mask, GROUND_TRUTH_COLOUR, alpha=alpha)
+    if prediction is not None:
+        picture = draw_mask(picture, prediction, PREDICTION_COLOUR, alpha=0.0)
+    return picture
+
+
+def draw_caption(image: np.ndarray, caption: str) -> np.ndarray:
+    """``image`` (HxWx3 uint8) with ``caption`` in white on black in the top-left corner, sized to the image."""
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(10, min(canvas.size) // 40))
+    box = draw.textbbox((4, 4), caption, font=font)
+    draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
+    draw.text((4, 4), caption, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
+
+
+def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a PNG atomically."""
+    path = Path(path)
+    with atomic_file(path) as temporary:
+        Image.fromarray(array).save(temporary, format="PNG")
+    return path
+
+
 __all__ = [
     "DICOM_MODALITIES",
+    "GROUND_TRUTH_COLOUR",
     "IMAGE_SUFFIXES",
     "ImageLoadError",
     "MAX_IMAGE_PIXELS",
+    "PREDICTION_COLOUR",
     "check_pixel_count",
+    "draw_caption",
+    "draw_mask",
     "repair_non_finite",
     "SUPPORTED_SUFFIXES",
     "is_dicom",
     "load_image",
+    "outline",
+    "overlay",
     "read_dicom",
     "read_raster",
+    "save_png",
     "scale_to_uint8",
     "stretch_to_uint8",
     "to_rgb_uint8",

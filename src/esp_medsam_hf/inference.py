@@ -1,7 +1,7 @@
 """Segmenting files and folders: masks, overlays and a CSV, batched, across processes under ``accelerate launch``.
 
-Used by ``esp-medsam segment``. Every image is read with ``io.load_image`` (DICOM included: its Modality tag gives the
-modality where unambiguous), segmented by the "medical-image-segmentation" pipeline, and written as
+Used by ``esp-medsam segment``. Every image is read with ``imaging.load_image`` (DICOM included: its Modality tag
+gives the modality where unambiguous), segmented by the "medical-image-segmentation" pipeline, and written as
 ``<name>_mask.png`` (0/255, original size) and ``<name>_overlay.png`` (the image with the mask tinted and outlined,
 labelled with the modality and its probability). ``segmentation.csv`` gets one row per input. A file that cannot
 be read is reported and skipped; existing outputs are never replaced unless ``overwrite=True``.
@@ -21,16 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
-from .data.visualize import overlay, save_png
 from .fileio import atomic_file
-from .imaging import SUPPORTED_SUFFIXES, ImageLoadError, is_dicom, load_image
+from .imaging import (
+    PREDICTION_COLOUR,
+    SUPPORTED_SUFFIXES,
+    ImageLoadError,
+    draw_caption,
+    draw_mask,
+    is_dicom,
+    load_image,
+    save_png,
+)
 
 logger = logging.getLogger(__name__)
 
 CSV_NAME = "segmentation.csv"
-MASK_COLOUR = np.array((255, 0, 255), dtype=np.float32)
 
 
 @dataclass
@@ -109,20 +114,6 @@ def output_paths(item: InputFile, output_dir: Path) -> tuple[Path, Path]:
     """(mask PNG, overlay PNG) of an input."""
     stem = output_dir / item.output_stem
     return stem.with_name(stem.name + "_mask.png"), stem.with_name(stem.name + "_overlay.png")
-
-
-def overlay_picture(image: np.ndarray, mask: np.ndarray, caption: str, alpha: float = 0.4) -> np.ndarray:
-    """The image with the mask tinted magenta and outlined, and a caption in the top-left corner."""
-    picture = image.astype(np.float32)
-    picture[mask] = (1 - alpha) * picture[mask] + alpha * MASK_COLOUR
-    picture = overlay(np.clip(picture, 0, 255).astype(np.uint8), prediction=mask)
-    canvas = Image.fromarray(picture)
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=max(10, min(canvas.size) // 40))
-    box = draw.textbbox((4, 4), caption, font=font)
-    draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
-    draw.text((4, 4), caption, fill=(255, 255, 255), font=font)
-    return np.asarray(canvas)
 
 
 def write_csv(records: Sequence[SegmentationRecord], path: Path, overwrite: bool = False) -> Path:
@@ -215,7 +206,7 @@ def segment_files(
                 mask_path, overlay_path = output_paths(item, output_dir)
                 caption = f"{segment['modality']} {segment['modality_probability']:.2f} ({segment['modality_source']})"
                 save_png((mask.astype(np.uint8) * 255), mask_path)
-                save_png(overlay_picture(image, mask, caption), overlay_path)
+                save_png(draw_caption(draw_mask(image, mask, PREDICTION_COLOUR, alpha=0.4), caption), overlay_path)
                 record.modality = segment["modality"]
                 record.modality_probability = round(segment["modality_probability"], 6)
                 record.modality_source = segment["modality_source"]
@@ -344,7 +335,6 @@ __all__ = [
     "load_pipeline",
     "output_paths",
     "process_state",
-    "overlay_picture",
     "run_segmentation",
     "segment_files",
     "write_csv",

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ..fileio import atomic_file, staging_directory
+from ..imaging import overlay, save_png
 from ..metrics.functional import dice_score, hausdorff_distance, mean_dice, mean_hausdorff
 from .domains import get_domain
 from .schema import image_to_rgb, mask_to_bool
-from .visualize import overlay, save_png
 
 logger = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ def segment_real_images(model, processor, output_dir: Path) -> list[dict]:
     """Segment every real image with its modality given (and report the classifier's own choice); overlays."""
     import torch
 
-    from ..data.visualize import overlay, save_png
+    from ..imaging import overlay, save_png
     from ..metrics.functional import dice_score
 
     records = []
