@@ -30,8 +30,7 @@ from PIL import Image
 
 import esp_medsam_hf
 from esp_medsam_hf import assets
-from esp_medsam_hf.backends import run_inference
-from esp_medsam_hf.imaging import SUPPORTED_SUFFIXES, draw_mask, is_dicom, load_image
+from esp_medsam_hf.imaging import SUPPORTED_SUFFIXES, draw_mask, is_dicom, load_image, predict
 
 logger = logging.getLogger("esp_medsam_space")
 
@@ -252,22 +251,15 @@ def preview(path: str | None) -> np.ndarray | None:
     return read_upload(path)[0]
 
 
-@torch.inference_mode()
 def run_model(loaded: LoadedModel, image: np.ndarray, modality: str | None) -> tuple[np.ndarray, dict[str, float], str]:
-    """One image -> (bool mask at the image size, classifier probability per modality, modality used)."""
-    inputs = loaded.processor(images=[image], modality=modality, return_tensors="pt")
-    device = next(loaded.model.parameters()).device
-    # The fastest correct backend on this machine (onnxruntime on a CPU when installed; $ESP_MEDSAM_BACKEND
-    # overrides), exported once per model and cached.
-    outputs = run_inference(
-        loaded.model,
-        inputs["pixel_values"].to(device),
-        inputs["modality"].to(device) if "modality" in inputs else None,
-    )
-    mask = loaded.processor.post_process_masks(outputs.pred_masks.cpu(), inputs["original_sizes"])[0].numpy()
-    probabilities = torch.softmax(outputs.modality_logits[0].float(), dim=-1).cpu().tolist()
+    """One image -> (bool mask at the image size, classifier probability per modality, modality used).
+
+    The forward runs on the fastest correct backend on this machine (onnxruntime on a CPU when installed;
+    $ESP_MEDSAM_BACKEND overrides), exported once per model and cached.
+    """
+    prediction = predict(loaded.model, loaded.processor, [image], modality, backend=None)
     names = loaded.modality_names
-    return mask, dict(zip(names, probabilities)), names[int(outputs.modality[0])]
+    return prediction.masks[0], dict(zip(names, prediction.modality_probabilities[0])), names[prediction.modality[0]]
 
 
 def make_segment(loaded: LoadedModel):

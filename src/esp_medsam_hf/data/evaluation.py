@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fileio import atomic_file, staging_directory
-from ..imaging import overlay, save_png
+from ..imaging import overlay, predict, save_png
 from ..metrics.functional import dice_score, hausdorff_distance, mean_dice, mean_hausdorff
 from .domains import get_domain
 from .schema import image_to_rgb, mask_to_bool
@@ -32,28 +32,6 @@ def _as_split(dataset, split: str):
             raise KeyError(f"split {split!r} not in the dataset (it has {', '.join(dataset)})")
         return dataset[split]
     return dataset
-
-
-def predict(model, processor, images: list, modality: list[int] | None, *, return_classifier: bool = False):
-    """Binary masks (HxW bool, each at its image's size) for a batch of images; ``modality`` None = predicted.
-    With ``return_classifier``, also the modality the classifier picks for each image (None for models without
-    one), whatever modality was given."""
-    import torch
-
-    device = next(model.parameters()).device
-    inputs = processor(images=images, modality=modality, return_tensors="pt")
-    kwargs = {"pixel_values": inputs["pixel_values"].to(device)}
-    if modality is not None:
-        kwargs["modality"] = inputs["modality"].to(device)
-    with torch.inference_mode():
-        outputs = model(**kwargs)
-    masks = processor.post_process_masks(outputs.pred_masks.float().cpu(), inputs["original_sizes"])
-    masks = [mask.numpy().astype(bool) for mask in masks]
-    if not return_classifier:
-        return masks
-    logits = getattr(outputs, "modality_logits", None)
-    picked = logits.argmax(-1).tolist() if logits is not None else [None] * len(masks)
-    return masks, picked
 
 
 def _domain_of(dataset) -> str:
@@ -111,8 +89,8 @@ def evaluate_model(
                 images = [image_to_rgb(image) for image in batch["image"]]
                 masks = [mask_to_bool(mask) for mask in batch["mask"]]
                 tick = time.perf_counter()
-                predictions, picked = predict(model, processor, images, batch["modality"] if given_modality else None,
-                                              return_classifier=True)
+                prediction = predict(model, processor, images, batch["modality"] if given_modality else None)
+                predictions, picked = prediction.masks, prediction.classifier_modality
                 model_seconds += time.perf_counter() - tick
                 for image, reference, prediction, file_name, modality, guess in zip(
                     images, masks, predictions, batch["file_name"], batch["modality"], picked
