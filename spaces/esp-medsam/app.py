@@ -131,14 +131,10 @@ def main_job_model() -> Path | None:
 
 def load_litemedsam_default() -> LoadedModel:
     """The documented default: ESP-MedSAM initialised from LiteMedSAM's weights, with LiteMedSAM's preprocessing."""
-    from esp_medsam_hf.conversion import convert_litemedsam
+    from esp_medsam_hf.conversion import convert_litemedsam, litemedsam_image_processor
 
     model, _ = convert_litemedsam(assets.LITEMEDSAM_WEIGHTS.path())
-    size = model.config.image_size
-    # LiteMedSAM's own preprocessing: min-max to [0, 1], no mean/std normalisation (as `esp-medsam convert`).
-    image_processor = esp_medsam_hf.EspMedSamImageProcessor(
-        size={"height": size, "width": size}, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]
-    )
+    image_processor = litemedsam_image_processor(model.config.image_size)  # as `esp-medsam convert` saves it
     processor = esp_medsam_hf.EspMedSamProcessor(image_processor, modality_names=model.config.modality_names)
     source = "LiteMedSAM-initialised ESP-MedSAM (converted on the fly)"
     return _finish(model, processor, source, False, NOT_TRAINED_NOTICE)
