@@ -13,10 +13,11 @@ from PIL import Image
 from _data_helpers import run_command
 from esp_medsam_hf import EspMedSamConfig, EspMedSamImageProcessor, EspMedSamModel, EspMedSamProcessor
 from esp_medsam_hf.commands import evaluate as evaluate_command
-from esp_medsam_hf.data.evaluation import evaluate_model, markdown_table, predict, write_report
+from esp_medsam_hf.data.evaluation import evaluate_model, markdown_table, write_report
 from esp_medsam_hf.data.prepare import write_output
 from esp_medsam_hf.data.schema import image_to_rgb, mask_to_bool
 from esp_medsam_hf.data.synthetic import synthetic_domain, synthetic_domains
+from esp_medsam_hf.imaging import predict
 from esp_medsam_hf.metrics.functional import dice_score, hausdorff_distance
 
 SIZE = 128
@@ -53,7 +54,7 @@ def test_report_numbers_match_an_independent_scoring(model_and_processor, data, 
     for name, dataset_dict in data.items():
         test = dataset_dict["test"]
         images = [image_to_rgb(row["image"]) for row in test]
-        predictions = predict(model, processor, images, test["modality"])
+        predictions = predict(model, processor, images, test["modality"]).masks
         references = [mask_to_bool(row["mask"]) for row in test]
         row = report["domains"][name]
         dice = [dice_score(p, r) for p, r in zip(predictions, references)]

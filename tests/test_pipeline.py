@@ -59,7 +59,7 @@ def test_saved_folder_holds_both_pipelines(saved):
     config = json.loads((saved / "config.json").read_text())
     assert config["custom_pipelines"][TASK]["impl"] == "pipeline_esp_medsam.EspMedSamSegmentationPipeline"
     assert config["auto_map"]["AutoModelForImageSegmentation"] == "modeling_esp_medsam.EspMedSamModel"
-    for name in ("pipeline_esp_medsam.py", "io.py", "preprocessor_config.json", "processor_config.json"):
+    for name in ("pipeline_esp_medsam.py", "imaging.py", "preprocessor_config.json", "processor_config.json"):
         assert (saved / name).is_file(), name
 
 
@@ -288,7 +288,7 @@ def test_pipeline_class_path_runs_no_remote_code_prompt(saved, monkeypatch):
 
 def test_stock_pipeline_reads_a_dicom_path_by_content(saved, pipe, tmp_path):
     """pydicom-data's RG1_UNCR.dcm also carries a TIFF header: Pillow must read it as DICOM (windowed pixels)."""
-    from esp_medsam_hf.io import load_image
+    from esp_medsam_hf.imaging import load_image
 
     source = assets.CHEST_XRAY_DICOM.path()
     path = tmp_path / "chest"  # no suffix: recognised by the DICM preamble alone

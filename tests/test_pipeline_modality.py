@@ -90,3 +90,15 @@ def test_pipeline_uses_the_trained_classifier(trained):
     results = segment(images, model, processor, batch_size=3)
     assert [r[0]["modality"] for r in results] == [get_domain(d).modality for d in domains]
     assert all(r[0]["modality_source"] == "classifier" and r[0]["modality_probability"] > 0.5 for r in results)
+
+
+def test_predict_modality_gives_the_forward_modality_logits(trained):
+    """Callers with images of unknown modality ask the model (``predict_modality``) instead of reaching into it."""
+    model, processor = trained
+    images, _, _ = _domain_images("test", 1)
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        logits = model.predict_modality(pixel_values)
+        outputs = model(pixel_values)
+    assert logits.shape == (len(images), model.config.num_modalities)
+    torch.testing.assert_close(logits, outputs.modality_logits, rtol=0, atol=0)

@@ -27,18 +27,16 @@ import gradio as gr
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
 
 import esp_medsam_hf
 from esp_medsam_hf import assets
-from esp_medsam_hf.backends import run_inference
-from esp_medsam_hf.io import SUPPORTED_SUFFIXES, is_dicom, load_image
+from esp_medsam_hf.imaging import SUPPORTED_SUFFIXES, draw_mask, is_dicom, load_image, predict
 
 logger = logging.getLogger("esp_medsam_space")
 
 AUTOMATIC = "automatic"
 DEFAULT_MAX_UPLOAD_MB = 20.0
-OVERLAY_COLOUR = np.array([255, 214, 0], dtype=np.float32)
+OVERLAY_COLOUR = (255, 214, 0)
 OVERLAY_ALPHA = 0.45
 NOT_TRAINED_NOTICE = (
     "**This is not a trained ESP-MedSAM.** The demo runs its documented default model, used when "
@@ -133,14 +131,10 @@ def main_job_model() -> Path | None:
 
 def load_litemedsam_default() -> LoadedModel:
     """The documented default: ESP-MedSAM initialised from LiteMedSAM's weights, with LiteMedSAM's preprocessing."""
-    from esp_medsam_hf.conversion import convert_litemedsam
+    from esp_medsam_hf.conversion import convert_litemedsam, litemedsam_image_processor
 
     model, _ = convert_litemedsam(assets.LITEMEDSAM_WEIGHTS.path())
-    size = model.config.image_size
-    # LiteMedSAM's own preprocessing: min-max to [0, 1], no mean/std normalisation (as `esp-medsam convert`).
-    image_processor = esp_medsam_hf.EspMedSamImageProcessor(
-        size={"height": size, "width": size}, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]
-    )
+    image_processor = litemedsam_image_processor(model.config.image_size)  # as `esp-medsam convert` saves it
     processor = esp_medsam_hf.EspMedSamProcessor(image_processor, modality_names=model.config.modality_names)
     source = "LiteMedSAM-initialised ESP-MedSAM (converted on the fly)"
     return _finish(model, processor, source, False, NOT_TRAINED_NOTICE)
@@ -230,13 +224,9 @@ def read_upload(path: str | Path) -> tuple[np.ndarray, str | None]:
 
 
 def overlay_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The image (uint8 RGB) with the mask tinted and its outline drawn in full colour."""
-    rgb = image.astype(np.float32)
-    tinted = np.where(mask[..., None], (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * OVERLAY_COLOUR, rgb)
-    thickness = max(1, round(max(mask.shape) / 400))
-    edge = mask & ~ndimage.binary_erosion(mask, iterations=thickness, border_value=0)
-    tinted[edge] = OVERLAY_COLOUR
-    return tinted.round().astype(np.uint8)
+    """The image (uint8 RGB) with the mask tinted and its outline, thicker on large images, in full colour."""
+    width = max(1, round(max(mask.shape) / 400))
+    return draw_mask(image, mask, OVERLAY_COLOUR, alpha=OVERLAY_ALPHA, outline_width=width)
 
 
 def _write_mask_png(mask: np.ndarray, stem: str) -> str:
@@ -257,22 +247,15 @@ def preview(path: str | None) -> np.ndarray | None:
     return read_upload(path)[0]
 
 
-@torch.inference_mode()
 def run_model(loaded: LoadedModel, image: np.ndarray, modality: str | None) -> tuple[np.ndarray, dict[str, float], str]:
-    """One image -> (bool mask at the image size, classifier probability per modality, modality used)."""
-    inputs = loaded.processor(images=[image], modality=modality, return_tensors="pt")
-    device = next(loaded.model.parameters()).device
-    # The fastest correct backend on this machine (onnxruntime on a CPU when installed; $ESP_MEDSAM_BACKEND
-    # overrides), exported once per model and cached.
-    outputs = run_inference(
-        loaded.model,
-        inputs["pixel_values"].to(device),
-        inputs["modality"].to(device) if "modality" in inputs else None,
-    )
-    mask = loaded.processor.post_process_masks(outputs.pred_masks.cpu(), inputs["original_sizes"])[0].numpy()
-    probabilities = torch.softmax(outputs.modality_logits[0].float(), dim=-1).cpu().tolist()
+    """One image -> (bool mask at the image size, classifier probability per modality, modality used).
+
+    The forward runs on the fastest correct backend on this machine (onnxruntime on a CPU when installed;
+    $ESP_MEDSAM_BACKEND overrides), exported once per model and cached.
+    """
+    prediction = predict(loaded.model, loaded.processor, [image], modality, backend=None)
     names = loaded.modality_names
-    return mask, dict(zip(names, probabilities)), names[int(outputs.modality[0])]
+    return prediction.masks[0], dict(zip(names, prediction.modality_probabilities[0])), names[prediction.modality[0]]
 
 
 def make_segment(loaded: LoadedModel):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .imaging import to_rgb_uint8
+
 
 @dataclass(frozen=True)
 class RealAsset:
@@ -72,25 +74,10 @@ ALL_ASSETS = (
 )
 
 
-def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
-    """Scale any 2-D or HxWxC array (uint8, uint16, float) to uint8 RGB with a min-max stretch per image."""
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[-1] == 4:
-        array = array[..., :3]
-    if array.dtype != np.uint8:
-        array = array.astype(np.float64)
-        low, high = float(array.min()), float(array.max())
-        scale = 255.0 / (high - low) if high > low else 0.0
-        array = np.clip((array - low) * scale + 0.5, 0, 255).astype(np.uint8)
-    if array.ndim == 2:
-        array = np.stack([array] * 3, axis=-1)
-    return array
-
-
 def load_dsb2018_pair() -> tuple[np.ndarray, np.ndarray]:
     """The real DSB 2018 microscopy pair: uint8 RGB image (512x512x3) and its binary nuclei mask (bool)."""
     import tifffile
 
     image = tifffile.imread(DSB2018_IMAGE.path())
     labels = tifffile.imread(DSB2018_MASK.path())
-    return to_uint8_rgb(image), labels > 0
+    return to_rgb_uint8(image), labels > 0

@@ -187,10 +187,9 @@ def run_inference(
         outputs = model(pixel_values=pixel_values)
     else:
         if bool(automatic.any()):
-            # Given and automatic modalities mixed: the classifier (on the bag-free stem) fills the gaps first, so
-            # the whole batch still runs through the model in one call.
-            logits = model.modality_classifier(model.aggregator.stem(pixel_values))
-            modality = torch.where(automatic, logits.argmax(-1), modality)
+            # Given and automatic modalities mixed: the classifier fills the gaps first, so the whole batch still
+            # runs through the model in one call.
+            modality = torch.where(automatic, model.predict_modality(pixel_values).argmax(-1), modality)
         outputs = model(pixel_values=pixel_values, modality=modality)
     return InferenceOutput(outputs.pred_masks, outputs.patch_logits, outputs.modality_logits, outputs.modality)
 

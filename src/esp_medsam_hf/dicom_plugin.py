@@ -18,7 +18,7 @@ import os
 
 from PIL import Image, ImageFile
 
-from .io import read_dicom
+from .imaging import read_dicom
 
 FORMAT = "DICOM"
 

@@ -6,8 +6,6 @@ are resized to ``size`` without keeping the aspect ratio (SAM's longest-edge res
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,25 +21,10 @@ from transformers.image_utils import (
 )
 
 from .dicom_plugin import register as register_dicom_plugin
+from .imaging import stretch_to_uint8
 
 # Pillow then reads DICOM files by content, so the stock pipeline's load_image(path) gets the windowed pixels.
 register_dicom_plugin()
-
-logger = logging.getLogger(__name__)
-
-
-def _finite(data: np.ndarray, index: int | None = None) -> np.ndarray:
-    """NaN and -inf -> the lowest finite value, +inf -> the highest, with a warning; ValueError if none is finite."""
-    finite = np.isfinite(data)
-    if finite.all():
-        return data
-    name = "image" if index is None else f"image {index}"
-    if not finite.any():
-        raise ValueError(f"{name} has no finite pixel (all NaN or infinite)")
-    low, high = float(data[finite].min()), float(data[finite].max())
-    logger.warning("%s: %d pixel(s) are NaN or infinite; set to the image's finite range [%g, %g]",
-                   name, int((~finite).sum()), low, high)
-    return np.nan_to_num(data, nan=low, posinf=high, neginf=low)
 
 
 def _channels_first(image: ImageInput) -> ImageInput:
@@ -53,7 +36,8 @@ def _channels_first(image: ImageInput) -> ImageInput:
 
 
 def _to_supported_dtype(image: ImageInput, index: int | None = None) -> ImageInput:
-    """Bring 16-bit and float images to uint8 with a per-image min-max stretch; uint8 passes through untouched.
+    """Bring 16-bit, float and bool images to uint8 with ``imaging.stretch_to_uint8`` (a per-image min-max
+    stretch; NaN and inf repaired with a warning); uint8 passes through untouched.
 
     2-D arrays gain a trailing channel axis (transformers reads a bare 2-D array as ambiguous).
 
@@ -71,13 +55,7 @@ def _to_supported_dtype(image: ImageInput, index: int | None = None) -> ImageInp
         return image
     if array.dtype == np.uint8:
         return array[..., None] if array.ndim == 2 else image
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-        return array[..., None] if array.ndim == 2 else array
-    data = _finite(array.astype(np.float64), index)
-    low, high = float(data.min()), float(data.max())
-    scale = 255.0 / (high - low) if high > low else 0.0
-    result = np.clip((data - low) * scale + 0.5, 0, 255).astype(np.uint8)
+    result = stretch_to_uint8(array, "image" if index is None else f"image {index}")
     if isinstance(image, torch.Tensor):  # a tensor keeps its own (channels-first) layout
         return torch.from_numpy(result[None] if result.ndim == 2 else result)
     return result[..., None] if result.ndim == 2 else result
@@ -137,7 +115,7 @@ class EspMedSamImageProcessor(TorchvisionBackend):
             images = [_to_supported_dtype(image, index) for index, image in enumerate(images)]
         else:
             images = _to_supported_dtype(images)
-        if input_data_format is None:  # numpy arrays are H x W x C (as PIL and esp_medsam_hf.io give them)
+        if input_data_format is None:  # numpy arrays are H x W x C (as PIL and esp_medsam_hf.imaging give them)
             images = [_channels_first(i) for i in images] if isinstance(images, list) else _channels_first(images)
         images = self._prepare_images_structure(images)
         images = self._prepare_image_like_inputs(

@@ -1,7 +1,7 @@
 """Segmenting files and folders: masks, overlays and a CSV, batched, across processes under ``accelerate launch``.
 
-Used by ``esp-medsam segment``. Every image is read with ``io.load_image`` (DICOM included: its Modality tag gives the
-modality where unambiguous), segmented by the "medical-image-segmentation" pipeline, and written as
+Used by ``esp-medsam segment``. Every image is read with ``imaging.load_image`` (DICOM included: its Modality tag
+gives the modality where unambiguous), segmented by the "medical-image-segmentation" pipeline, and written as
 ``<name>_mask.png`` (0/255, original size) and ``<name>_overlay.png`` (the image with the mask tinted and outlined,
 labelled with the modality and its probability). ``segmentation.csv`` gets one row per input. A file that cannot
 be read is reported and skipped; existing outputs are never replaced unless ``overwrite=True``.
@@ -10,7 +10,7 @@ be read is reported and skipped; existing outputs are never replaced unless ``ov
 from __future__ import annotations
 
 import csv
-import io as _stdio
+import io
 import logging
 import os
 import time
@@ -21,16 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
-from .data.visualize import overlay, save_png
 from .fileio import atomic_file
-from .io import SUPPORTED_SUFFIXES, ImageLoadError, is_dicom, load_image
+from .imaging import (
+    PREDICTION_COLOUR,
+    SUPPORTED_SUFFIXES,
+    ImageLoadError,
+    draw_caption,
+    draw_mask,
+    is_dicom,
+    load_image,
+    save_png,
+)
 
 logger = logging.getLogger(__name__)
 
 CSV_NAME = "segmentation.csv"
-MASK_COLOUR = np.array((255, 0, 255), dtype=np.float32)
 
 
 @dataclass
@@ -111,25 +116,11 @@ def output_paths(item: InputFile, output_dir: Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + "_mask.png"), stem.with_name(stem.name + "_overlay.png")
 
 
-def overlay_picture(image: np.ndarray, mask: np.ndarray, caption: str, alpha: float = 0.4) -> np.ndarray:
-    """The image with the mask tinted magenta and outlined, and a caption in the top-left corner."""
-    picture = image.astype(np.float32)
-    picture[mask] = (1 - alpha) * picture[mask] + alpha * MASK_COLOUR
-    picture = overlay(np.clip(picture, 0, 255).astype(np.uint8), prediction=mask)
-    canvas = Image.fromarray(picture)
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=max(10, min(canvas.size) // 40))
-    box = draw.textbbox((4, 4), caption, font=font)
-    draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
-    draw.text((4, 4), caption, fill=(255, 255, 255), font=font)
-    return np.asarray(canvas)
-
-
 def write_csv(records: Sequence[SegmentationRecord], path: Path, overwrite: bool = False) -> Path:
     """Write the records atomically; refuses to replace an existing file unless ``overwrite``."""
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
-    buffer = _stdio.StringIO()
+    buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(SegmentationRecord)], lineterminator="\n")
     writer.writeheader()
     for record in records:
@@ -139,7 +130,11 @@ def write_csv(records: Sequence[SegmentationRecord], path: Path, overwrite: bool
     return path
 
 
-def _run_pipeline(pipe, loaded, modality) -> list[dict[str, Any] | Exception]:
+Loaded = tuple[InputFile, np.ndarray, dict[str, Any], SegmentationRecord]
+"""An input read for segmentation: the file, its RGB pixels, its metadata and its CSV record."""
+
+
+def _run_pipeline(pipe, loaded: Sequence[Loaded], modality: str | int | None) -> list[dict[str, Any] | Exception]:
     """The pipeline's segment for each loaded image; if the batch fails, images are retried one by one so that
     only the offending image is reported."""
     inputs = [
@@ -165,17 +160,61 @@ def _batches(items: Sequence[InputFile], size: int) -> Iterable[list[InputFile]]
         yield list(items[start : start + size])
 
 
+def _read_batch(
+    batch: Sequence[InputFile], output_dir: Path, overwrite: bool
+) -> tuple[list[SegmentationRecord], list[Loaded]]:
+    """One record per item, and the items to segment: those whose outputs may be written and whose file could be
+    read. The others' records say why not."""
+    records: list[SegmentationRecord] = []
+    loaded: list[Loaded] = []
+    for item in batch:
+        record = SegmentationRecord(file=str(item.path))
+        records.append(record)
+        existing = [p for p in output_paths(item, output_dir) if p.exists()]
+        if existing and not overwrite:
+            record.status, record.error = "error", f"{existing[0]} exists; pass --overwrite to replace it"
+            logger.error("%s: %s", item.path, record.error)
+            continue
+        try:
+            image, metadata = load_image(item.path)
+        except (ImageLoadError, ImportError) as error:
+            record.status, record.error = "error", str(error)
+            logger.error("%s", error)
+            continue
+        loaded.append((item, image, metadata, record))
+    return records, loaded
+
+
+def _write_segment(item: InputFile, image: np.ndarray, segment: dict[str, Any], record: SegmentationRecord,
+                   output_dir: Path) -> None:
+    """Write one image's mask and captioned overlay, and fill its record from the pipeline's segment."""
+    mask = np.asarray(segment["mask"]) > 0
+    mask_path, overlay_path = output_paths(item, output_dir)
+    caption = f"{segment['modality']} {segment['modality_probability']:.2f} ({segment['modality_source']})"
+    save_png((mask.astype(np.uint8) * 255), mask_path)
+    save_png(draw_caption(draw_mask(image, mask, PREDICTION_COLOUR, alpha=0.4), caption), overlay_path)
+    record.modality = segment["modality"]
+    record.modality_probability = round(segment["modality_probability"], 6)
+    record.modality_source = segment["modality_source"]
+    record.score = round(segment["score"], 6)
+    record.mask_area = int(mask.sum())
+    record.mask_fraction = round(float(mask.mean()), 6)
+    record.height, record.width = mask.shape
+    record.mask, record.overlay = str(mask_path), str(overlay_path)
+
+
 def segment_files(
     items: Sequence[InputFile],
     pipe,
     output_dir: str | os.PathLike,
     *,
-    modality: str | int | None = None,
-    batch_size: int = 4,
-    overwrite: bool = False,
-    progress: bool = True,
+    modality: str | int | None,
+    batch_size: int,
+    overwrite: bool,
+    progress: bool,
 ) -> list[SegmentationRecord]:
-    """Segment ``items`` with ``pipe`` (an ``EspMedSamSegmentationPipeline``); write masks and overlays.
+    """Segment ``items`` with ``pipe`` (an ``EspMedSamSegmentationPipeline``); write masks and overlays. This is
+    one process's share of :func:`run_segmentation`, which documents the options.
 
     Returns one record per item, in order; unreadable files and files whose outputs exist (without
     ``overwrite``) get ``status="error"`` and a message, and the others go on.
@@ -187,43 +226,14 @@ def segment_files(
     bar = tqdm(total=len(items), desc="segment", unit="image", disable=not progress)
     for batch in _batches(items, max(1, batch_size)):
         start = time.perf_counter()
-        loaded: list[tuple[InputFile, np.ndarray, dict[str, Any], SegmentationRecord]] = []
-        batch_records: list[SegmentationRecord] = []
-        for item in batch:
-            record = SegmentationRecord(file=str(item.path))
-            batch_records.append(record)
-            mask_path, overlay_path = output_paths(item, output_dir)
-            existing = [p for p in (mask_path, overlay_path) if p.exists()]
-            if existing and not overwrite:
-                record.status, record.error = "error", f"{existing[0]} exists; pass --overwrite to replace it"
+        batch_records, loaded = _read_batch(batch, output_dir, overwrite)
+        outcomes = _run_pipeline(pipe, loaded, modality) if loaded else []
+        for (item, image, _, record), segment in zip(loaded, outcomes):
+            if isinstance(segment, Exception):
+                record.status, record.error = "error", f"segmentation failed: {segment}"
                 logger.error("%s: %s", item.path, record.error)
-                continue
-            try:
-                image, metadata = load_image(item.path)
-            except (ImageLoadError, ImportError) as error:
-                record.status, record.error = "error", str(error)
-                logger.error("%s", error)
-                continue
-            loaded.append((item, image, metadata, record))
-        if loaded:
-            for (item, image, metadata, record), segment in zip(loaded, _run_pipeline(pipe, loaded, modality)):
-                if isinstance(segment, Exception):
-                    record.status, record.error = "error", f"segmentation failed: {segment}"
-                    logger.error("%s: %s", item.path, record.error)
-                    continue
-                mask = np.asarray(segment["mask"]) > 0
-                mask_path, overlay_path = output_paths(item, output_dir)
-                caption = f"{segment['modality']} {segment['modality_probability']:.2f} ({segment['modality_source']})"
-                save_png((mask.astype(np.uint8) * 255), mask_path)
-                save_png(overlay_picture(image, mask, caption), overlay_path)
-                record.modality = segment["modality"]
-                record.modality_probability = round(segment["modality_probability"], 6)
-                record.modality_source = segment["modality_source"]
-                record.score = round(segment["score"], 6)
-                record.mask_area = int(mask.sum())
-                record.mask_fraction = round(float(mask.mean()), 6)
-                record.height, record.width = mask.shape
-                record.mask, record.overlay = str(mask_path), str(overlay_path)
+            else:
+                _write_segment(item, image, segment, record, output_dir)
         seconds = (time.perf_counter() - start) / len(batch)
         for record in batch_records:
             record.seconds = round(seconds, 4)
@@ -299,6 +309,10 @@ def run_segmentation(
 ) -> list[SegmentationRecord]:
     """Collect the inputs, split them across accelerate's processes, segment, gather, and write one CSV.
 
+    ``modality``: a name or index for every image (``None``: the file's DICOM tag, else the model's classifier);
+    ``batch_size``: images per pipeline call; ``overwrite``: replace existing outputs; ``progress``: a progress bar
+    on the main process.
+
     Every process writes its own images' outputs; the main process writes ``segmentation.csv`` with all rows
     (input order). Returns all records on every process.
     """
@@ -344,7 +358,6 @@ __all__ = [
     "load_pipeline",
     "output_paths",
     "process_state",
-    "overlay_picture",
     "run_segmentation",
     "segment_files",
     "write_csv",

@@ -836,6 +836,12 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
+    def predict_modality(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """The modality classifier's logits (B, num_modalities) for images of unknown modality, without decoding a
+        mask: the classifier on the encoder's bag-free stem, the same logits ``forward`` returns."""
+        self.check_inputs(pixel_values, None)
+        return self.modality_classifier(self.aggregator.stem(pixel_values))
+
     def upscale_masks(self, pred_masks: torch.Tensor) -> torch.Tensor:
         """Low-resolution logits to the input size (bilinear, as the official forward's last step)."""
         size = self.config.image_size

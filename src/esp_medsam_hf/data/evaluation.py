@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ..fileio import atomic_file, staging_directory
+from ..imaging import overlay, predict, save_png
 from ..metrics.functional import dice_score, hausdorff_distance, mean_dice, mean_hausdorff
-from .domains import get_domain
+from .domains import MODALITY_NAMES, get_domain
 from .schema import image_to_rgb, mask_to_bool
-from .visualize import overlay, save_png
 
 logger = logging.getLogger(__name__)
 
@@ -34,30 +34,36 @@ def _as_split(dataset, split: str):
     return dataset
 
 
-def predict(model, processor, images: list, modality: list[int] | None, *, return_classifier: bool = False):
-    """Binary masks (HxW bool, each at its image's size) for a batch of images; ``modality`` None = predicted.
-    With ``return_classifier``, also the modality the classifier picks for each image (None for models without
-    one), whatever modality was given."""
-    import torch
-
-    device = next(model.parameters()).device
-    inputs = processor(images=images, modality=modality, return_tensors="pt")
-    kwargs = {"pixel_values": inputs["pixel_values"].to(device)}
-    if modality is not None:
-        kwargs["modality"] = inputs["modality"].to(device)
-    with torch.inference_mode():
-        outputs = model(**kwargs)
-    masks = processor.post_process_masks(outputs.pred_masks.float().cpu(), inputs["original_sizes"])
-    masks = [mask.numpy().astype(bool) for mask in masks]
-    if not return_classifier:
-        return masks
-    logits = getattr(outputs, "modality_logits", None)
-    picked = logits.argmax(-1).tolist() if logits is not None else [None] * len(masks)
-    return masks, picked
-
-
 def _domain_of(dataset) -> str:
     return dataset[0]["domain"] if len(dataset) else ""
+
+
+def _score_image(
+    image: np.ndarray,
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    modality: int,
+    guess: int | None,
+    references: Mapping | None,
+    compute_hausdorff: bool,
+) -> dict:
+    """One image's scores: Dice (and HD, HD95) of the prediction, each reference method's Dice, and the modality
+    beside the classifier's pick."""
+    entry = {"dice": dice_score(prediction, reference), "modality": MODALITY_NAMES[modality],
+             "classifier_modality": None if guess is None else MODALITY_NAMES[guess]}
+    for method, run in (references or {}).items():
+        entry[f"dice_{method}"] = dice_score(run(image, reference, MODALITY_NAMES[modality]), reference)
+    if compute_hausdorff:
+        entry["hd"], entry["hd95"] = hausdorff_distance(prediction, reference)
+    return entry
+
+
+def _keep_extremes(extremes: dict, case: dict) -> None:
+    """Keep the best and the worst case by Dice seen so far in ``extremes`` (keys ``best`` and ``worst``)."""
+    if "best" not in extremes or case["dice"] > extremes["best"]["dice"]:
+        extremes["best"] = case
+    if "worst" not in extremes or case["dice"] < extremes["worst"]["dice"]:
+        extremes["worst"] = case
 
 
 def evaluate_model(
@@ -88,8 +94,6 @@ def evaluate_model(
     Each image also records the modality the model's classifier picks (``classifier_modality``) and each domain
     its accuracy (``classifier_accuracy``, %). The model's train/eval mode is restored afterwards.
     """
-    from ..configuration_esp_medsam import MODALITY_NAMES
-
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -105,42 +109,32 @@ def evaluate_model(
             domain = _domain_of(dataset)
             per_image: list[dict] = []
             sizes: set[str] = set()
-            best = worst = None
+            extremes: dict = {}
             bar = tqdm(total=len(dataset), desc=f"evaluate {name}", unit="img", disable=not progress)
             for batch in dataset.iter(batch_size=batch_size):
                 images = [image_to_rgb(image) for image in batch["image"]]
                 masks = [mask_to_bool(mask) for mask in batch["mask"]]
                 tick = time.perf_counter()
-                predictions, picked = predict(model, processor, images, batch["modality"] if given_modality else None,
-                                              return_classifier=True)
+                prediction = predict(model, processor, images, batch["modality"] if given_modality else None)
+                predictions, picked = prediction.masks, prediction.classifier_modality
                 model_seconds += time.perf_counter() - tick
                 for image, reference, prediction, file_name, modality, guess in zip(
                     images, masks, predictions, batch["file_name"], batch["modality"], picked
                 ):
-                    entry = {"file_name": file_name, "dice": dice_score(prediction, reference),
-                             "modality": MODALITY_NAMES[modality],
-                             "classifier_modality": None if guess is None else MODALITY_NAMES[guess]}
-                    for method, run in (references or {}).items():
-                        entry[f"dice_{method}"] = dice_score(run(image, reference, MODALITY_NAMES[modality]),
-                                                             reference)
+                    entry = _score_image(image, reference, prediction, modality, guess, references, compute_hausdorff)
+                    entry = {"file_name": file_name, **entry}
                     sizes.add(f"{reference.shape[0]}x{reference.shape[1]}")
-                    if compute_hausdorff:
-                        entry["hd"], entry["hd95"] = hausdorff_distance(prediction, reference)
                     per_image.append(entry)
                     if cases is not None:
-                        case = {"image": image, "mask": reference, "prediction": prediction,
-                                "dice": entry["dice"], "file_name": file_name}
-                        if best is None or entry["dice"] > best["dice"]:
-                            best = case
-                        if worst is None or entry["dice"] < worst["dice"]:
-                            worst = case
+                        _keep_extremes(extremes, {"image": image, "mask": reference, "prediction": prediction,
+                                                  "dice": entry["dice"], "file_name": file_name})
                 bar.update(len(images))
             bar.close()
             total_images += len(per_image)
             report["domains"][name] = _domain_summary(domain, per_image, compute_hausdorff, list(references or ()))
             report["domains"][name]["mask_sizes"] = sorted(sizes)
-            if cases is not None and best is not None:
-                cases[name] = {"best": best, "worst": worst}
+            if cases is not None and extremes:
+                cases[name] = extremes
             logger.info("%s: Dice %.2f%% over %d image(s)", name, report["domains"][name]["dice"], len(per_image))
     finally:
         model.train(was_training)

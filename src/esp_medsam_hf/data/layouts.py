@@ -23,9 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..imaging import IMAGE_SUFFIXES
 from .domains import DOMAIN_NAMES, get_domain
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm")
 
 
 class LayoutError(ValueError):

@@ -25,9 +25,8 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
-from ..assets import to_uint8_rgb
 from ..fileio import atomic_file, staging_directory
-from ..io import ImageLoadError, check_pixel_count, repair_non_finite
+from ..imaging import ImageLoadError, check_pixel_count, repair_non_finite, to_rgb_uint8
 from .domains import DOMAINS, REAL_DOMAINS, Domain, all_official_names, get_domain
 from .layouts import PLAIN, Layout, SourceItem, detect_layout, get_layout
 from .schema import encode_mask, encode_png, features
@@ -73,7 +72,7 @@ def _open_bytes(path: Path) -> io.BytesIO:
 
 
 def _check_size(path: Path, height: int, width: int) -> None:
-    """The package's one pixel limit (``esp_medsam_hf.io.MAX_IMAGE_PIXELS``), checked before decoding."""
+    """The package's one pixel limit (``esp_medsam_hf.imaging.MAX_IMAGE_PIXELS``), checked before decoding."""
     try:
         check_pixel_count(path, height, width)
     except ImageLoadError as error:
@@ -132,7 +131,7 @@ def read_image(path: Path) -> np.ndarray:
     array = _read_array(path)
     if array.ndim not in (2, 3) or array.size == 0:
         raise PreparationError(f"{path}: expected a 2-D image, got an array of shape {array.shape}")
-    return to_uint8_rgb(array)
+    return to_rgb_uint8(array)
 
 
 def read_mask(path: Path, threshold: float | None = None, labels: bool = False) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Pictures of data and predictions: mask overlays and a contact sheet of the 12 domains."""
+"""Pictures of the data: a contact sheet of the 12 domains (overlays are drawn by :mod:`esp_medsam_hf.imaging`)."""
 
 from __future__ import annotations
 
@@ -7,43 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..fileio import atomic_file
+from ..imaging import overlay, save_png
 from .domains import DOMAIN_NAMES, get_domain
-
-GROUND_TRUTH_COLOUR = (0, 255, 0)
-PREDICTION_COLOUR = (255, 0, 255)
-
-
-def _outline(mask: np.ndarray) -> np.ndarray:
-    padded = np.pad(mask, 1, mode="edge")
-    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~interior
-
-
-def overlay(
-    image: np.ndarray, mask: np.ndarray | None = None, prediction: np.ndarray | None = None, alpha: float = 0.35
-) -> np.ndarray:
-    """An RGB uint8 picture: ground truth tinted green with a green outline, prediction as a magenta outline."""
-    picture = np.asarray(image, dtype=np.float32).copy()
-    if picture.ndim == 2:
-        picture = np.repeat(picture[..., None], 3, axis=-1)
-    picture = picture[..., :3]
-    if mask is not None:
-        mask = np.asarray(mask, dtype=bool)
-        colour = np.array(GROUND_TRUTH_COLOUR, dtype=np.float32)
-        picture[mask] = (1 - alpha) * picture[mask] + alpha * colour
-        picture[_outline(mask)] = colour
-    if prediction is not None:
-        picture[_outline(np.asarray(prediction, dtype=bool))] = np.array(PREDICTION_COLOUR, dtype=np.float32)
-    return np.clip(picture, 0, 255).astype(np.uint8)
-
-
-def save_png(array: np.ndarray, path: str | Path) -> Path:
-    """Write a PNG atomically."""
-    path = Path(path)
-    with atomic_file(path) as temporary:
-        Image.fromarray(array).save(temporary, format="PNG")
-    return path
 
 
 def contact_sheet(examples: dict[str, tuple[np.ndarray, np.ndarray]], tile: int = 160, title: str = "") -> np.ndarray:

@@ -17,10 +17,10 @@ import torch
 
 from ..data.domains import SOURCE_DOMAINS, get_domain, resolve_domains
 from ..data.schema import image_to_rgb, mask_to_bool
+from ..imaging import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 # Natural photographs shipped inside scikit-image (skimage/data; CC0 / public domain, see its README.txt).
 SKIMAGE_PHOTOGRAPHS = (
     "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
@@ -161,7 +161,7 @@ def load_natural_images(source: str | None) -> list[np.ndarray]:
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         images = [image_to_rgb(Image.open(p)) for p in files]
     if not images:
-        raise TrainingDataError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise TrainingDataError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
 
 

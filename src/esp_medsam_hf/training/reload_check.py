@@ -30,7 +30,7 @@ def real_images() -> list[dict]:
         NUCLEAR_IMAGE,
         load_dsb2018_pair,
     )
-    from ..io import load_image
+    from ..imaging import load_image
 
     items = []
     for name, asset, modality in (
@@ -55,26 +55,20 @@ def real_images() -> list[dict]:
 
 def segment_real_images(model, processor, output_dir: Path) -> list[dict]:
     """Segment every real image with its modality given (and report the classifier's own choice); overlays."""
-    import torch
-
-    from ..data.visualize import overlay, save_png
+    from ..imaging import overlay, predict, save_png
     from ..metrics.functional import dice_score
 
     records = []
     for item in real_images():
-        inputs = processor(images=[item["image"]], modality=[item["modality"]], return_tensors="pt")
-        with torch.inference_mode():
-            given = model(pixel_values=inputs["pixel_values"], modality=inputs["modality"])
-            free = model(pixel_values=inputs["pixel_values"])
-        mask = processor.post_process_masks(given.pred_masks, inputs["original_sizes"])[0].numpy().astype(bool)
-        predicted = model.config.modality_names[int(free.modality[0])]
-        probability = float(torch.softmax(free.modality_logits.float(), -1).max())
+        prediction = predict(model, processor, [item["image"]], [item["modality"]])
+        mask = prediction.masks[0]
         picture = overlay(item["image"], item["mask"], mask)
         path = save_png(picture, output_dir / f"{item['name']}_overlay.png")
         record = {
             "name": item["name"], "source": item["source"], "modality": item["modality"],
             "size": list(item["image"].shape[:2]), "foreground_percent": float(mask.mean() * 100),
-            "classifier_modality": predicted, "classifier_probability": probability, "overlay": str(path),
+            "classifier_modality": model.config.modality_names[prediction.classifier_modality[0]],
+            "classifier_probability": max(prediction.modality_probabilities[0]), "overlay": str(path),
         }
         if item["mask"] is not None:
             record["dice"] = dice_score(mask, item["mask"])

@@ -1,4 +1,5 @@
-"""Image and DICOM loading (esp_medsam_hf.io): every supported format, written small in tmp folders."""
+"""esp_medsam_hf.imaging: image and DICOM loading (every supported format, written small in tmp folders) and the
+overlays."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from PIL import Image
 
 from _inference_helpers import write_dicom
 from esp_medsam_hf import EspMedSamImageProcessor, assets
-from esp_medsam_hf.io import ImageLoadError, load_image, stretch_to_uint8, to_rgb_uint8
+from esp_medsam_hf.imaging import (
+    ImageLoadError,
+    draw_mask,
+    load_image,
+    outline,
+    overlay,
+    stretch_to_uint8,
+    to_rgb_uint8,
+)
 
 
 def _gradient(height=12, width=16, high=65535, dtype=np.uint16) -> np.ndarray:
@@ -175,3 +184,28 @@ def test_missing_and_broken_dicom_name_the_file(tmp_path):
     (tmp_path / "scan.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage")
     with pytest.raises(ImageLoadError, match="scan.dcm.*DICOM"):
         load_image(tmp_path / "scan.dcm")
+
+
+def test_draw_mask_tints_inside_outlines_the_boundary_and_leaves_the_rest():
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    mask = np.zeros((20, 30), bool)
+    mask[5:15, 10:30] = True  # touches the right edge: the image's edge is not outlined
+    colour = (255, 214, 0)
+    picture = draw_mask(image, mask, colour, alpha=0.45, outline_width=2)
+    edge = outline(mask, 2)
+    assert edge.sum() == 4 * 20 + 2 * 6 and not edge[7:13, 12:].any()
+    np.testing.assert_array_equal(picture[~mask], image[~mask])
+    np.testing.assert_array_equal(picture[edge], np.broadcast_to(colour, (edge.sum(), 3)))
+    inside = mask & ~edge
+    expected = (0.55 * image[inside].astype(np.float32) + 0.45 * np.array(colour, np.float32)).astype(np.uint8)
+    np.testing.assert_allclose(picture[inside], expected, atol=1)
+
+
+def test_overlay_outlines_the_prediction_over_the_tinted_ground_truth():
+    image = np.full((12, 12), 100, np.uint8)  # greyscale becomes RGB
+    truth, prediction = np.zeros((12, 12), bool), np.zeros((12, 12), bool)
+    truth[2:8, 2:8], prediction[4:10, 4:10] = True, True
+    picture = overlay(image, truth, prediction)
+    assert picture.shape == (12, 12, 3) and picture.dtype == np.uint8
+    assert tuple(picture[9, 9]) == (255, 0, 255) and tuple(picture[2, 2]) == (0, 255, 0)
+    assert tuple(picture[0, 0]) == (100, 100, 100) and tuple(picture[5, 5]) == (65, 154, 65)
