@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
 from esp_medsam_hf.training import DistillConfig, EspMedSamStageConfig, TeacherConfig, train
 from esp_medsam_hf.training.data import SegmentationDataset
-from esp_medsam_hf.training.features import VIEWS, EspMedSamHeads, apply_view, cache_features
+from esp_medsam_hf.training.features import VIEWS, EspMedSamAfterCache, apply_view, cache_features
 from esp_medsam_hf.training.stages import (
     apply_freeze,
     espmedsam_task,
@@ -48,8 +48,8 @@ def test_heads_on_cached_features_give_the_models_own_loss(data):
     processor = make_processor(SIZE, model.config.modality_names)
     rows = SegmentationDataset(data, "train", augment=True, seed=0)
     features = cache_features(model, processor.image_processor, rows, views=2, progress=False)
-    assert features.embeddings.shape[:2] == (6, 2) and len(features) == 6
-    heads = EspMedSamHeads(model).eval()
+    assert features.features.shape[:2] == (6, 2) and len(features) == 6
+    heads = EspMedSamAfterCache(model).eval()
     row = rows.rows[4]
     for view in (0, 1):
         image = apply_view(np.asarray(row["image"].convert("RGB")), VIEWS[view])
@@ -58,16 +58,16 @@ def test_heads_on_cached_features_give_the_models_own_loss(data):
         modality = torch.tensor([row["modality"]])
         with torch.no_grad():
             expected = model(pixel_values=inputs["pixel_values"], modality=modality, labels=inputs["labels"]).loss
-            cached = heads(features.embeddings[4:5, view], features.pooled[4:5, view], modality,
+            cached = heads(features.features[4:5, view], features.pooled[4:5, view], modality,
                            features.labels[4:5, view])
         torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-5)
     # the view an item shows is drawn from (seed, epoch, index): the same again, another epoch may differ
-    drawn = [[features[i]["image_embeddings"] for i in range(6)] for _ in range(2)]
+    drawn = [[features[i]["features"] for i in range(6)] for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*drawn))
     picked = set()
     for epoch in range(6):
         features.set_epoch(epoch)
-        picked |= {int(torch.equal(features[i]["image_embeddings"], features.embeddings[i, 1])) for i in range(6)}
+        picked |= {int(torch.equal(features[i]["features"], features.features[i, 1])) for i in range(6)}
     assert picked == {0, 1}
 
 
@@ -86,6 +86,55 @@ def test_cached_training_moves_only_the_heads(tmp_path, data):
     assert result.best_metric is not None and 0 <= result.best_metric <= 100
 
 
+@pytest.mark.parametrize("frozen_stages", [1, 2, 4])
+def test_a_frozen_prefix_cache_gives_the_models_own_loss_and_gradients(data, frozen_stages):
+    """Features cached after the first stages give, through the later stages, the full forward's loss and the same
+    gradients on every part that still trains; the frozen prefix gets none."""
+    model = tiny_model()
+    apply_freeze(model, ["modality_classifier"], frozen_stages)
+    processor = make_processor(SIZE, model.config.modality_names)
+    rows = SegmentationDataset(data, "train", augment=False, seed=0)
+    features = cache_features(model, processor.image_processor, rows, views=1, frozen_stages=frozen_stages,
+                              progress=False)
+    row = rows.rows[4]
+    inputs = processor.image_processor([np.asarray(row["image"].convert("RGB"))],
+                                       segmentation_maps=[(np.asarray(row["mask"]) > 0).astype(np.uint8)],
+                                       return_tensors="pt")
+    modality = torch.tensor([row["modality"]])
+    trainable = EspMedSamAfterCache(model, frozen_stages).eval()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert {n.split(".")[1] for n in frozen if n.startswith("aggregator.")} == {
+        "patch_embed", "stage0", *(["stages"] if frozen_stages > 1 else [])}
+    assert any(n.startswith("aggregator.neck.") for n in names)
+    expected = model(pixel_values=inputs["pixel_values"], modality=modality, labels=inputs["labels"]).loss
+    expected_grads = torch.autograd.grad(expected, [dict(model.named_parameters())[n] for n in names])
+    cached = trainable(features.features[4:5, 0], features.pooled[4:5, 0], modality, features.labels[4:5, 0])
+    cached_grads = torch.autograd.grad(cached, [dict(model.named_parameters())[n] for n in names])
+    torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-5)
+    for name, a, b in zip(names, cached_grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_prefix_cached_training_leaves_the_prefix_untouched(tmp_path, data):
+    config = EspMedSamStageConfig(output_dir=str(tmp_path / "run"), init_from=None, epochs=1, batch_size=2,
+                                  frozen_encoder_stages=2, cache_features=True, feature_views=2, **COMMON)
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    task, _, _ = espmedsam_task(config, model=model, data=data)
+    result = train(config, task)
+    after = load_file(result.final_dir / "model.safetensors")
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    blocks_before = len(model.aggregator.stages[0].blocks)  # stage 1's blocks are the bags' first blocks
+    prefix = ("aggregator.patch_embed.", "aggregator.stage0.", "aggregator.stages.0.")
+    assert not {k for k in changed if k.startswith(prefix)}
+    assert not {k for k in changed if k.startswith("modality_controller.") and
+                int(k.split(".")[4]) < blocks_before}
+    assert any(k.startswith("aggregator.stages.1.") for k in changed)
+    assert any(k.startswith("aggregator.neck.") for k in changed)
+    assert any(k.startswith("mask_decoder.") for k in changed)
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match="needs the encoder frozen"):
         EspMedSamStageConfig(cache_features=True, freeze=["aggregator"])
@@ -94,6 +143,10 @@ def test_options_are_checked():
         TeacherConfig(freeze=["neck"])
     with pytest.raises(ValueError, match="feature_views"):
         EspMedSamStageConfig(feature_views=5)
+    with pytest.raises(ValueError, match="frozen_encoder_stages"):
+        EspMedSamStageConfig(frozen_encoder_stages=5)
+    assert EspMedSamStageConfig(cache_features=True, frozen_encoder_stages=3).cache_point == 3
+    assert EspMedSamStageConfig(cache_features=True, freeze=["encoder"], frozen_encoder_stages=3).cache_point is None
     with pytest.raises(ValueError, match="threads"):
         EspMedSamStageConfig(threads=0)
 

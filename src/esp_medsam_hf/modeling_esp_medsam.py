@@ -370,12 +370,17 @@ class ModalityAggregator(nn.Module):
         modality: torch.LongTensor,
         controller: ModalityController,
         hidden_states: list[torch.Tensor] | None = None,
+        first: int = 1,
+        last: int | None = None,
     ) -> torch.Tensor:
-        """Stages 1.. with each image's parameter bag plugged in, then the neck: (B, C, g, g).
+        """Stages ``first``..``last`` (1-based; stage 0 is the stem) with each image's parameter bag plugged in, then
+        the neck when ``last`` is None (run to the end): (B, C, g, g). ``features`` is the output of stage
+        ``first - 1``; a frozen prefix of the encoder can so be computed once and the rest run on it.
 
         When a list is given as ``hidden_states``, each stage's output (B, C, H, W) is appended to it.
         """
-        block_index = 0
+        stages = self.stages[first - 1 : last]
+        block_index = sum(len(stage.blocks) for stage in self.stages[: first - 1])
         x = features
         # While bags are trained the gathered path is kept: it reaches every bag's parameters, as distributed data
         # parallel needs (a bag unused on one process would leave its gradient reduction waiting) and as Adam does
@@ -386,7 +391,7 @@ class ModalityAggregator(nn.Module):
             torch.is_grad_enabled() and any(p.requires_grad for p in controller.parameters())
         ):
             single = single_modality(modality)
-        for stage in self.stages:
+        for stage in stages:
             x = stage.downsample(x).permute(0, 2, 3, 1)
             for block in stage.blocks:
                 bag = (
@@ -399,7 +404,7 @@ class ModalityAggregator(nn.Module):
             x = x.permute(0, 3, 1, 2)
             if hidden_states is not None:
                 hidden_states.append(x)
-        return self.neck(x)
+        return self.neck(x) if last is None else x
 
 
 class ModalityClassifier(nn.Module):

@@ -48,8 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cache-features", action="store_true", default=None,
-        help="with --freeze encoder: encode every training image once and train the rest on the stored features",
+        help="with --freeze encoder or --frozen-encoder-stages: encode every training image once up to there and "
+             "train the rest on the stored features",
     )
+    parser.add_argument("--frozen-encoder-stages", type=int, metavar="N",
+                        help="keep the encoder's first N stages frozen (1: the stem; 2-4: also TinyViT stages 1-3 "
+                             "with their bags)")
     parser.add_argument("--feature-views", type=int, help="with --cache-features: views per image (1-4, default 2)")
     parser.add_argument("--intensity-augment", action="store_true", default=None,
                         help="distill: the student sees intensity-shifted images, the teacher the images themselves")
@@ -60,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 OPTION_NAMES = (
     "output_dir", "data", "domains", "model_size", "image_size", "epochs", "batch_size", "learning_rate",
     "gradient_accumulation_steps", "mixed_precision", "compile", "max_steps", "seed", "checkpoint_every", "resume",
-    "overwrite", "report_to", "threads", "freeze", "cache_features", "feature_views",
+    "overwrite", "report_to", "threads", "freeze", "frozen_encoder_stages", "cache_features",
+    "feature_views",
 )
 STAGE_OPTION_NAMES = {
     "teacher": ("sam_checkpoint", "sam_preset", "init_from"),

@@ -31,8 +31,11 @@ class TrainingConfig:
     resume: ``"latest"`` (the newest complete checkpoint in ``output_dir``), a checkpoint folder, or None.
     threads: torch's CPU threads for this run (None: torch's choice).
     freeze: parts of an ESP-MedSAM model kept frozen (:data:`FREEZABLE`; stages 1 and 3 with an ESP-MedSAM model).
-    cache_features: with the encoder frozen, encode every training image once per view (``feature_views``: 1-4 of
-        identity, horizontal flip, vertical flip, 180 degree rotation) and train the rest on the stored features.
+    frozen_encoder_stages: the encoder's first N stages stay frozen (1: the stem, patch embedding and MBConv stage
+        0, which no parameter bag touches; 2-4: also TinyViT stages 1-3 with their bags; 0: none).
+    cache_features: with the encoder frozen (``freeze: [encoder]``) or its first stages (``frozen_encoder_stages``),
+        encode every training image once per view (``feature_views``: 1-4 of identity, horizontal flip, vertical
+        flip, 180 degree rotation) up to there and train the rest on the stored features.
     """
 
     stage: ClassVar[str] = ""
@@ -68,6 +71,7 @@ class TrainingConfig:
     progress: bool = True
     threads: int | None = None
     freeze: list[str] = field(default_factory=list)
+    frozen_encoder_stages: int = 0
     cache_features: bool = False
     feature_views: int = 2
 
@@ -86,8 +90,13 @@ class TrainingConfig:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         check_freeze(self.freeze)
-        if self.cache_features and "encoder" not in expand_freeze(self.freeze):
-            raise ValueError("cache_features needs the encoder frozen: add 'encoder' to freeze")
+        if isinstance(self.frozen_encoder_stages, bool) or not isinstance(self.frozen_encoder_stages, int) or not (
+            0 <= self.frozen_encoder_stages <= 4
+        ):
+            raise ValueError(f"frozen_encoder_stages must be an integer in 0..4, got {self.frozen_encoder_stages!r}")
+        if self.cache_features and "encoder" not in expand_freeze(self.freeze) and not self.frozen_encoder_stages:
+            raise ValueError("cache_features needs the encoder frozen: add 'encoder' to freeze, or freeze its first "
+                             "stages with frozen_encoder_stages")
         if not 1 <= self.feature_views <= 4:
             raise ValueError(f"feature_views must be in 1..4, got {self.feature_views}")
         self._check_numbers()
@@ -115,6 +124,11 @@ class TrainingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    @property
+    def cache_point(self) -> int | None:
+        """Where a feature cache stops: None (the whole encoder, when it is frozen) or frozen encoder stages."""
+        return None if "encoder" in expand_freeze(self.freeze) else self.frozen_encoder_stages
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, **dataclasses.asdict(self)}

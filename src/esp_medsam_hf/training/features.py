@@ -1,11 +1,17 @@
-"""Training on a frozen encoder's features, computed once.
+"""Training on a frozen encoder prefix's features, computed once.
 
-When the image encoder (the modality aggregator and the parameter bags) is frozen, its output for an image never
-changes, so recomputing it every epoch is wasted work: on a CPU the encoder is over 90 % of a training step. Here
-every training image is encoded once per *view* (the identity and the flips that augmentation would draw), and the
-parts that still learn (the self-patch prompt generator, the query-decoupled modality decoder and the modality
-classifier's head) train on the stored image embeddings and pooled classifier features. Augmentation stays exact
-and seeded: each epoch draws, per image, one of its views from ``(seed, epoch, index)``.
+When the first stages of the image encoder are frozen (the stem, then TinyViT stages with their parameter bags,
+or the whole encoder with its neck), their output for an image never changes, so recomputing it every step is
+wasted work: on a CPU the encoder is over 90 % of a training step, its stem and first two stages over half of it.
+Here every training image is encoded once per *view* (the identity and the flips that augmentation would draw) up
+to the *cache point*, and the parts that still learn (the encoder's later stages, the neck, their parameter bags,
+the self-patch prompt generator, the query-decoupled modality decoder and the modality classifier's head) train on
+the stored features. Augmentation stays exact and seeded: each epoch draws, per image, one of its views from
+``(seed, epoch, index)``.
+
+The cache point is a number of frozen encoder stages (``frozen_encoder_stages``: 1 = the stem, the patch
+embedding and MBConv stage 0 that no bag touches; 2..4 = also TinyViT stages 1..3 with their bags), or ``None``
+for the whole encoder with its neck (``freeze: [encoder]``; the features are then the image embeddings).
 """
 
 from __future__ import annotations
@@ -39,36 +45,58 @@ def apply_view(array: np.ndarray, view: str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def frozen_encoder_modules(model: EspMedSamModel) -> list[nn.Module]:
-    """The modules whose output a feature cache stores: the aggregator and the parameter bags."""
-    return [model.aggregator, model.modality_controller]
+def frozen_prefix_modules(model: EspMedSamModel, frozen_stages: int | None) -> list[nn.Module]:
+    """The modules whose output a feature cache stores: the first ``frozen_stages`` encoder stages (stage 0 = patch
+    embedding and MBConv stage) with those stages' blocks of every parameter bag; None: the whole encoder."""
+    aggregator = model.aggregator
+    if frozen_stages is None:
+        return [aggregator, model.modality_controller]
+    check_frozen_stages(model, frozen_stages)
+    stages = list(aggregator.stages[: frozen_stages - 1])
+    blocks = sum(len(stage.blocks) for stage in stages)
+    bag_blocks = [block for bag in model.modality_controller.bags for block in bag.blocks[:blocks]]
+    return [aggregator.patch_embed, aggregator.stage0, *stages, *bag_blocks]
 
 
-def check_encoder_frozen(model: EspMedSamModel) -> None:
-    trainable = [name for module, name in zip(frozen_encoder_modules(model), ("aggregator", "modality_controller"))
+def check_frozen_stages(model: EspMedSamModel, frozen_stages: int) -> None:
+    """``frozen_stages`` must name a cache point inside the encoder: 1 (the stem) .. the number of stages."""
+    count = len(model.aggregator.stages) + 1
+    if not 1 <= frozen_stages <= count:
+        raise ValueError(f"frozen_encoder_stages must be in 1..{count} for this model (stage 0 is the stem), got "
+                         f"{frozen_stages}")
+
+
+def check_prefix_frozen(model: EspMedSamModel, frozen_stages: int | None) -> None:
+    trainable = [type(module).__name__ for module in frozen_prefix_modules(model, frozen_stages)
                  if any(p.requires_grad for p in module.parameters())]
     if trainable:
-        raise ValueError(f"cache_features needs a frozen encoder, but {', '.join(trainable)} would train; add "
-                         "'encoder' to freeze")
+        what = "the encoder" if frozen_stages is None else f"the first {frozen_stages} encoder stage(s)"
+        raise ValueError(f"cache_features needs {what} frozen, but {', '.join(sorted(set(trainable)))} would train; "
+                         "add 'encoder' to freeze or set frozen_encoder_stages")
 
 
 @torch.no_grad()
-def encode(model: EspMedSamModel, pixel_values: torch.Tensor, modality: torch.LongTensor
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image embeddings, pooled classifier features) of a batch, as the model's forward computes them."""
+def encode(model: EspMedSamModel, pixel_values: torch.Tensor, modality: torch.LongTensor,
+           frozen_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features at the cache point, pooled classifier features) of a batch, as the model's forward computes
+    them: the image embeddings when ``frozen_stages`` is None, else the output of stage ``frozen_stages - 1``."""
     stem = model.aggregator.stem(pixel_values)
-    embeddings = model.aggregator.forward_stages(stem, modality, model.modality_controller)
-    return embeddings, model.modality_classifier.pool(stem)
+    pooled = model.modality_classifier.pool(stem)
+    if frozen_stages == 1:
+        return stem, pooled
+    last = None if frozen_stages is None else frozen_stages - 1
+    return model.aggregator.forward_stages(stem, modality, model.modality_controller, last=last), pooled
 
 
 class FeatureDataset(torch.utils.data.Dataset):
-    """The cached views of a ``SegmentationDataset``'s rows: per item the embeddings, pooled features, labels and
-    modality of one view, drawn per epoch from ``(seed, epoch, index)`` (identity only without ``augment``)."""
+    """The cached views of a ``SegmentationDataset``'s rows: per item the features at the cache point, pooled
+    classifier features, labels and modality of one view, drawn per epoch from ``(seed, epoch, index)`` (identity
+    only without ``augment``)."""
 
-    def __init__(self, embeddings: torch.Tensor, pooled: torch.Tensor, labels: torch.Tensor,
+    def __init__(self, features: torch.Tensor, pooled: torch.Tensor, labels: torch.Tensor,
                  modality: torch.Tensor, *, augment: bool, seed: int):
-        self.embeddings, self.pooled, self.labels, self.modality = embeddings, pooled, labels, modality
-        self.num_images, self.num_views = embeddings.shape[0], embeddings.shape[1]
+        self.features, self.pooled, self.labels, self.modality = features, pooled, labels, modality
+        self.num_images, self.num_views = features.shape[0], features.shape[1]
         self.augment, self.seed, self.epoch = augment, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -84,7 +112,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         view = 0
         if self.augment and self.num_views > 1:
             view = int(np.random.default_rng([self.seed, self.epoch, int(index)]).integers(self.num_views))
-        return {"image_embeddings": self.embeddings[index, view], "pooled_features": self.pooled[index, view],
+        return {"features": self.features[index, view], "pooled_features": self.pooled[index, view],
                 "labels": self.labels[index, view], "modality": self.modality[index]}
 
 
@@ -92,21 +120,22 @@ def collate_features(rows: list[dict]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
 
-def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: int, batch_size: int = 4,
-                   progress: bool = True, desc: str = "encoding") -> FeatureDataset:
-    """Encode every row of ``dataset`` (a ``SegmentationDataset``) under the first ``views`` views, once."""
+def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: int, frozen_stages: int | None = None,
+                   batch_size: int = 4, progress: bool = True, desc: str = "encoding") -> FeatureDataset:
+    """Encode every row of ``dataset`` (a ``SegmentationDataset``) under the first ``views`` views, once, up to the
+    cache point ``frozen_stages`` (None: the whole encoder)."""
     from tqdm.auto import tqdm
 
     if not 1 <= views <= len(VIEWS):
         raise ValueError(f"feature_views must be in 1..{len(VIEWS)}, got {views}")
-    check_encoder_frozen(model)
+    check_prefix_frozen(model, frozen_stages)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     rows = [dataset.rows[i] for i in range(len(dataset))]
     items = [(image_to_rgb(row["image"]), mask_to_bool(row["mask"]), int(row["modality"])) for row in rows]
     jobs = [(i, v) for i in range(len(items)) for v in range(views)]
-    embeddings: dict[tuple[int, int], torch.Tensor] = {}
+    features: dict[tuple[int, int], torch.Tensor] = {}
     pooled: dict[tuple[int, int], torch.Tensor] = {}
     labels: dict[tuple[int, int], torch.Tensor] = {}
     bar = tqdm(total=len(jobs), desc=desc, unit="view", disable=not progress)
@@ -116,9 +145,9 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
         masks = [apply_view(items[i][1], VIEWS[v]).astype(np.uint8) for i, v in chunk]
         inputs = image_processor(images, segmentation_maps=masks, return_tensors="pt")
         modality = torch.tensor([items[i][2] for i, _ in chunk], device=device)
-        embedding, pool = encode(model, inputs["pixel_values"].to(device), modality)
+        feature, pool = encode(model, inputs["pixel_values"].to(device), modality, frozen_stages)
         for j, key in enumerate(chunk):
-            embeddings[key], pooled[key] = embedding[j].cpu(), pool[j].float().cpu()
+            features[key], pooled[key] = feature[j].cpu(), pool[j].float().cpu()
             labels[key] = inputs["labels"][j].float()
         bar.update(len(chunk))
     bar.close()
@@ -127,28 +156,37 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
     def stacked(table: Mapping) -> torch.Tensor:
         return torch.stack([torch.stack([table[(i, v)] for v in range(views)]) for i in range(len(items))])
 
-    return FeatureDataset(stacked(embeddings), stacked(pooled), stacked(labels),
+    return FeatureDataset(stacked(features), stacked(pooled), stacked(labels),
                           torch.tensor([item[2] for item in items]), augment=dataset.augment, seed=dataset.seed)
 
 
-class EspMedSamHeads(nn.Module):
+class EspMedSamAfterCache(nn.Module):
     """The parts of an ``EspMedSamModel`` that learn on cached features, as one module for ``accelerate.prepare``:
-    self-patch prompt generator, query-decoupled modality decoder and the modality classifier's head. Its forward
-    returns the model's loss (the same terms and weights as ``EspMedSamModel.forward`` with labels)."""
+    the encoder's stages after the cache point with their bags and the neck (none when the whole encoder is frozen),
+    the self-patch prompt generator, the query-decoupled modality decoder and the modality classifier's head. Its
+    forward returns the model's loss (the same terms and weights as ``EspMedSamModel.forward`` with labels)."""
 
-    def __init__(self, model: EspMedSamModel):
+    def __init__(self, model: EspMedSamModel, frozen_stages: int | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.frozen_stages = model, frozen_stages
 
-    def train(self, mode: bool = True) -> "EspMedSamHeads":
+    def train(self, mode: bool = True) -> "EspMedSamAfterCache":
         super().train(mode)
-        for module in frozen_encoder_modules(self.model):
+        for module in frozen_prefix_modules(self.model, self.frozen_stages):
             module.eval()
         return self
 
-    def forward(self, image_embeddings: torch.Tensor, pooled_features: torch.Tensor, modality: torch.LongTensor,
+    def embed(self, features: torch.Tensor, modality: torch.LongTensor) -> torch.Tensor:
+        """Image embeddings from features at the cache point."""
+        if self.frozen_stages is None:
+            return features
+        model = self.model
+        return model.aggregator.forward_stages(features, modality, model.modality_controller, first=self.frozen_stages)
+
+    def forward(self, features: torch.Tensor, pooled_features: torch.Tensor, modality: torch.LongTensor,
                 labels: torch.Tensor) -> torch.Tensor:
         model = self.model
+        image_embeddings = self.embed(features, modality)
         patch_logits, dense_prompt = model.prompt_generator(image_embeddings)
         pred_masks = model.mask_decoder(image_embeddings, dense_prompt, modality)
         loss, _, _ = segmentation_loss(pred_masks, patch_logits, labels, model.config)
@@ -158,11 +196,12 @@ class EspMedSamHeads(nn.Module):
         return loss
 
     @torch.no_grad()
-    def predict(self, image_embeddings: torch.Tensor, modality: torch.LongTensor) -> torch.Tensor:
-        """Low-resolution mask logits (B, 1, h, w) from cached embeddings."""
+    def predict(self, features: torch.Tensor, modality: torch.LongTensor) -> torch.Tensor:
+        """Low-resolution mask logits (B, 1, h, w) from cached features."""
+        image_embeddings = self.embed(features, modality)
         patch_logits, dense_prompt = self.model.prompt_generator(image_embeddings)
         return self.model.mask_decoder(image_embeddings, dense_prompt, modality)
 
 
-def heads_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return model(batch["image_embeddings"], batch["pooled_features"], batch["modality"], batch["labels"])
+def cached_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(batch["features"], batch["pooled_features"], batch["modality"], batch["labels"])

@@ -136,14 +136,14 @@ def teacher_task(config: TeacherConfig, model: nn.Module | None = None, data: di
     model = model or build_teacher(config)
     if isinstance(model, EspMedSamModel):
         processor = student_processor(model, config.init_from)
-        apply_freeze(model, config.freeze)
+        apply_freeze(model, config.freeze, config.frozen_encoder_stages)
         logger.info("teacher: ESP-MedSAM on %s, %d trainable of %d parameters", config.init_from,
                     count_parameters(model, True), count_parameters(model))
         if config.cache_features:
             return cached_feature_task("teacher", model, config, data, processor)
         return segmentation_task("teacher", model, config, data, processor)
-    if config.cache_features or config.freeze:
-        raise ValueError("freeze and cache_features apply to an ESP-MedSAM teacher (init_from), not a SAM ViT one")
+    if config.cache_features or config.freeze or config.frozen_encoder_stages:
+        raise ValueError("freeze, frozen_encoder_stages and cache_features apply to an ESP-MedSAM teacher (init_from), not a SAM ViT one")
     logger.info("teacher: %d trainable of %d parameters (SAM encoder frozen)",
                 count_parameters(model, True), count_parameters(model))
     return segmentation_task("teacher", model, config, data)
@@ -237,14 +237,20 @@ def student_processor(model: EspMedSamModel, init_from: str | None) -> EspMedSam
     return make_processor(model.config.image_size, model.config.modality_names)
 
 
-def apply_freeze(model: EspMedSamModel, names: list[str]) -> None:
-    """Everything trains except the parts ``names`` lists (see ``training.config.FREEZABLE``)."""
+def apply_freeze(model: EspMedSamModel, names: list[str], frozen_encoder_stages: int = 0) -> None:
+    """Everything trains except the parts ``names`` lists (see ``training.config.FREEZABLE``) and the encoder's
+    first ``frozen_encoder_stages`` stages with their bags."""
+    from .features import frozen_prefix_modules
+
     parts = {"aggregator": model.aggregator, "bags": model.modality_controller,
              "prompt_generator": model.prompt_generator, "mask_decoder": model.mask_decoder,
              "modality_classifier": model.modality_classifier}
     model.requires_grad_(True)
     for name in expand_freeze(names) - {"encoder"}:
         parts[name].requires_grad_(False)
+    if frozen_encoder_stages:
+        for module in frozen_prefix_modules(model, frozen_encoder_stages):
+            module.requires_grad_(False)
 
 
 def build_student(config: TrainingConfig, init_from: str | None) -> EspMedSamModel:
@@ -456,7 +462,7 @@ def espmedsam_task(config: EspMedSamStageConfig, model: EspMedSamModel | None = 
     processor = student_processor(model, None) if model is not None else None
     model = model if model is not None else build_student(config, config.init_from)
     processor = processor or student_processor(model, config.init_from)
-    apply_freeze(model, config.freeze)
+    apply_freeze(model, config.freeze, config.frozen_encoder_stages)
     if config.cache_features:
         return cached_feature_task("espmedsam", model, config, data, processor)
     return segmentation_task("espmedsam", model, config, data, processor)
@@ -464,30 +470,31 @@ def espmedsam_task(config: EspMedSamStageConfig, model: EspMedSamModel | None = 
 
 def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig, data: dict,
                         processor: EspMedSamProcessor):
-    """(task, processor, data) of a segmentation stage on the frozen encoder's cached features
+    """(task, processor, data) of a segmentation stage on a frozen encoder prefix's cached features
     (:mod:`esp_medsam_hf.training.features`); validation Dice (%) on cached validation features at model size."""
-    from .features import EspMedSamHeads, cache_features, collate_features, heads_loss
+    from .features import EspMedSamAfterCache, cache_features, cached_loss, collate_features
 
+    point = config.cache_point
     train_rows = SegmentationDataset(data, "train", augment=config.augment, seed=config.seed)
     views = config.feature_views if config.augment else 1
-    features = cache_features(model, processor.image_processor, train_rows, views=views,
+    features = cache_features(model, processor.image_processor, train_rows, views=views, frozen_stages=point,
                               progress=config.progress, desc=f"{name}: encoding training images")
     usable = {n: d for n, d in data.items() if len(d["validation"])}
     validation = None
     if usable and config.validate:
         rows = SegmentationDataset(usable, "validation")
-        validation = cache_features(model, processor.image_processor, rows, views=1, progress=config.progress,
-                                    desc=f"{name}: encoding validation images")
-    heads = EspMedSamHeads(model)
+        validation = cache_features(model, processor.image_processor, rows, views=1, frozen_stages=point,
+                                    progress=config.progress, desc=f"{name}: encoding validation images")
+    trainable = EspMedSamAfterCache(model, point)
 
-    def validate(module: EspMedSamHeads) -> dict:
+    def validate(module: EspMedSamAfterCache) -> dict:
         from ..metrics.functional import dice_score
 
         was_training = module.training
         module.eval()
         scores = []
         for start in range(0, validation.num_images, 16):
-            logits = module.predict(validation.embeddings[start : start + 16, 0],
+            logits = module.predict(validation.features[start : start + 16, 0],
                                     validation.modality[start : start + 16])
             labels = validation.labels[start : start + 16, 0]
             masks = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear") > 0
@@ -497,10 +504,10 @@ def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig
 
     task = StageTask(
         name=name,
-        model=heads,
+        model=trainable,
         train_dataset=features,
         collate_fn=collate_features,
-        compute_loss=heads_loss,
+        compute_loss=cached_loss,
         save=lambda m, folder: save_with_processor(m.model, processor, folder),
         validate=validate if validation is not None else None,
     )
