@@ -15,8 +15,10 @@ Stages (what runs on a 2-core CPU within the main job's budget; docs/training.md
 2. MMDKD, modality-specific phase: a student starts as the teacher, and its parameter bags learn to give, from an
    intensity-shifted image, the teacher's embedding of the image itself (the modality-common phase was done
    upstream: LiteMedSAM's TinyViT is distilled from MedSAM's ViT-B).
-3. ESP-MedSAM: the student's encoder frozen with its bags, features cached once, the prompt generator, decoder and
-   modality queries fine-tuned, then the modality classifier fitted on every domain's training images.
+3. ESP-MedSAM: the student's stem and TinyViT stages 1-2 frozen with their bags and their output cached once per
+   view (``frozen_encoder_stages``); the last TinyViT stage with its bags, the neck, the prompt generator, the
+   decoder and its modality queries fine-tuned on real and synthetic images; then the modality classifier fitted
+   on every domain's training images (the training images' pooled stem features come from the cache).
 """
 
 from __future__ import annotations
@@ -51,24 +53,25 @@ SYNTHETIC_SOURCE = ("isic", "lung", "ultrasound", "cvccdb")
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo. ``full()`` is README command 1 (about 15 minutes on 2 cores), ``quick()`` is for tests."""
+    """Sizes of the demo. ``full()`` is README command 1, ``quick()`` is for tests."""
 
     image_size: int = 256
     real_limit: int | None = None
-    synthetic_train: int = 3
-    synthetic_test: int = 2
+    synthetic_train: int = 2
+    synthetic_test: int = 1
     batch_size: int = 8
     teacher_learning_rate: float = 4e-4
-    teacher_epochs: int = 12
+    teacher_epochs: int = 6
     teacher_views: int = 1
-    distill_steps: int = 4
+    distill_steps: int = 3
     distill_batch_size: int = 2
-    espmedsam_learning_rate: float = 1e-4
-    espmedsam_epochs: int = 2
+    espmedsam_learning_rate: float = 2e-4
+    espmedsam_steps: int = 90
     espmedsam_batch_size: int = 2
-    espmedsam_cached: bool = False
+    espmedsam_frozen_stages: int = 3
+    espmedsam_views: int = 2
     classifier_epochs: int = 60
-    classifier_images: int = 4
+    classifier_images: int = 3
 
     @classmethod
     def full(cls) -> "DemoSettings":
@@ -77,7 +80,7 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> "DemoSettings":
         return cls(real_limit=1, synthetic_train=1, synthetic_test=1, batch_size=4, teacher_epochs=1,
-                   distill_steps=1, espmedsam_epochs=1, espmedsam_batch_size=4, espmedsam_cached=True,
+                   distill_steps=1, espmedsam_steps=2, espmedsam_batch_size=4, espmedsam_views=1,
                    classifier_epochs=3, classifier_images=1)
 
 
@@ -155,11 +158,10 @@ def stage_configs(output: Path, settings: DemoSettings, seed: int, progress: boo
     )
     espmedsam = EspMedSamStageConfig(
         output_dir=str(output / "stage-3-esp-medsam"), init_from=str(output / "stage-2-distill" / "release"),
-        epochs=settings.espmedsam_epochs, batch_size=settings.espmedsam_batch_size,
-        freeze=["encoder"] if settings.espmedsam_cached else [], cache_features=settings.espmedsam_cached,
-        feature_views=1,
-        learning_rate=settings.espmedsam_learning_rate, classifier_domains=["all"],
-        classifier_epochs=settings.classifier_epochs, **common,
+        epochs=100, max_steps=settings.espmedsam_steps, batch_size=settings.espmedsam_batch_size, lr_decay=0.8,
+        frozen_encoder_stages=settings.espmedsam_frozen_stages, cache_features=True,
+        feature_views=settings.espmedsam_views, learning_rate=settings.espmedsam_learning_rate,
+        classifier_domains=["all"], classifier_epochs=settings.classifier_epochs, **common,
     )
     return teacher, distill, espmedsam
 

@@ -40,6 +40,14 @@ from .data import (
     load_domains,
     load_natural_images,
 )
+from .features import (
+    EspMedSamAfterCache,
+    FeatureDataset,
+    cache_features,
+    cached_loss,
+    collate_features,
+    frozen_prefix_modules,
+)
 from .loop import StageTask, TrainingResult, train
 
 logger = logging.getLogger(__name__)
@@ -240,8 +248,6 @@ def student_processor(model: EspMedSamModel, init_from: str | None) -> EspMedSam
 def apply_freeze(model: EspMedSamModel, names: list[str], frozen_encoder_stages: int = 0) -> None:
     """Everything trains except the parts ``names`` lists (see ``training.config.FREEZABLE``) and the encoder's
     first ``frozen_encoder_stages`` stages with their bags."""
-    from .features import frozen_prefix_modules
-
     parts = {"aggregator": model.aggregator, "bags": model.modality_controller,
              "prompt_generator": model.prompt_generator, "mask_decoder": model.mask_decoder,
              "modality_classifier": model.modality_classifier}
@@ -472,8 +478,6 @@ def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig
                         processor: EspMedSamProcessor):
     """(task, processor, data) of a segmentation stage on a frozen encoder prefix's cached features
     (:mod:`esp_medsam_hf.training.features`); validation Dice (%) on cached validation features at model size."""
-    from .features import EspMedSamAfterCache, cache_features, cached_loss, collate_features
-
     point = config.cache_point
     train_rows = SegmentationDataset(data, "train", augment=config.augment, seed=config.seed)
     views = config.feature_views if config.augment else 1
@@ -517,28 +521,30 @@ def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig
 def fit_modality_classifier(
     model: EspMedSamModel, processor: EspMedSamProcessor, data: dict, *, epochs: int, seed: int = 0,
     batch_size: int = 32, learning_rate: float = 3e-3, progress: bool = True,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict:
     """Train the modality classifier alone on the ``train`` splits of ``data`` (the encoder stays frozen).
 
     The classifier reads detached stage-0 features, so the segmentation is unchanged. The pooled stage-0 features
     of every image (and of its mirror image) are computed once; the head then trains on them for ``epochs`` epochs.
-    Returns {"accuracy": training accuracy (%), "images": count}.
+    ``known``: (pooled features, modalities) of more views already computed (a stage-3 feature cache's).
+    Returns {"accuracy": training accuracy (%), "images": views seen / 2}.
     """
     from tqdm.auto import tqdm
 
-    dataset = SegmentationDataset(data, "train")
-    collate = Collator(processor.image_processor)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    features, labels = [], []
-    with torch.no_grad():
-        for batch in loader:
-            pixels = batch["pixel_values"].to(device)
-            for view in (pixels, pixels.flip(-1)):
-                features.append(model.modality_classifier.pool(model.aggregator.stem(view)).cpu())
-                labels.append(batch["modality"])
+    features, labels = [known[0]] if known else [], [known[1]] if known else []
+    if data:
+        loader = torch.utils.data.DataLoader(SegmentationDataset(data, "train"), batch_size=batch_size,
+                                             collate_fn=Collator(processor.image_processor))
+        with torch.no_grad():
+            for batch in loader:
+                pixels = batch["pixel_values"].to(device)
+                for view in (pixels, pixels.flip(-1)):
+                    features.append(model.modality_classifier.pool(model.aggregator.stem(view)).cpu())
+                    labels.append(batch["modality"])
     features, labels = torch.cat(features), torch.cat(labels)
     classifier = model.modality_classifier
     classifier.train()
@@ -569,9 +575,15 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
     chosen = result.best_dir or result.final_dir
     metrics: dict = {"validation_dice": result.best_metric}
     fitted: dict = {}
+    known = None
+    if isinstance(task.train_dataset, FeatureDataset) and classifier_data is not None:
+        # the stem is frozen below a feature cache: its pooled features of the training images are still right
+        cache = task.train_dataset
+        known = (cache.pooled.flatten(0, 1), cache.modality.repeat_interleave(cache.num_views))
+        classifier_data = {name: domain for name, domain in classifier_data.items() if name not in data}
 
     def fit_classifier(staging: Path) -> None:
-        fitted.update(_fit_classifier_into(config, chosen, staging, processor, classifier_data))
+        fitted.update(_fit_classifier_into(config, chosen, staging, processor, classifier_data, known))
 
     release = write_release(chosen, Path(config.output_dir), fit_classifier)
     metrics.update(fitted)
@@ -600,19 +612,21 @@ def write_release(chosen: Path, output_dir: Path, build=None) -> Path:
 
 
 def _fit_classifier_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, processor: EspMedSamProcessor,
-                         classifier_data: dict | None) -> dict:
-    """Fit the modality classifier of ``chosen`` when asked and save the model into ``staging``."""
+                         classifier_data: dict | None, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Fit the modality classifier of ``chosen`` when asked (``known``: pooled features already computed) and save
+    the model into ``staging``."""
     metrics: dict = {}
-    if (config.classifier_domains or classifier_data) and config.classifier_epochs:
+    if (config.classifier_domains or classifier_data or known) and config.classifier_epochs:
         best = EspMedSamModel.from_pretrained(chosen)
         if classifier_data is None:
             classifier_data = load_domains(
                 config.data, config.classifier_domains, splits={"train": config.synthetic_train_images},
                 seed=config.seed, size=config.image_size,
             )
-        check_not_empty(classifier_data, "train")
+        if known is None:
+            check_not_empty(classifier_data, "train")
         fit = fit_modality_classifier(best, processor, classifier_data, epochs=config.classifier_epochs,
-                                      seed=config.seed, progress=config.progress)
+                                      seed=config.seed, progress=config.progress, known=known)
         metrics["classifier_train_accuracy"] = fit["accuracy"]
         logger.info("modality classifier fitted on %d images of %d domains: %.2f%% training accuracy",
                     fit["images"], len(classifier_data), fit["accuracy"])
