@@ -122,11 +122,11 @@ def build_teacher(config: TeacherConfig) -> EspMedSamTeacherModel | EspMedSamMod
     if config.model_size == "tiny":
         teacher_config = EspMedSamTeacherConfig.tiny(image_size=config.image_size, **options)
     else:
-        teacher_config = EspMedSamTeacherConfig.from_preset(config.sam_preset, image_size=config.image_size, **options)
+        teacher_config = EspMedSamTeacherConfig.from_preset(config.sam_preset, image_size=config.image_size,
+                                                            random_init=not config.sam_checkpoint, **options)
     if config.sam_checkpoint:
         return EspMedSamTeacherModel.from_sam_pretrained(config.sam_checkpoint, teacher_config)
     logger.warning("teacher: no sam_checkpoint given, the SAM encoder is randomly initialised (and frozen)")
-    teacher_config.vision_config.initializer_range = 0.02  # SAM's 1e-10 would give an all-zero random encoder
     return EspMedSamTeacherModel(teacher_config)
 
 
