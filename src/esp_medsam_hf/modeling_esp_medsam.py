@@ -24,7 +24,6 @@ from timm.models.tiny_vit import Attention as TinyVitAttention
 from timm.models.tiny_vit import ConvLayer, ConvNorm, NormMlp
 from timm.models.tiny_vit import PatchMerging as TinyVitPatchMerging
 from torch import nn
-from torchvision.ops import sigmoid_focal_loss
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.dynamic_module_utils import custom_object_save
@@ -39,6 +38,7 @@ from .configuration_esp_medsam import (
     EspMedSamParameterBagConfig,
     EspMedSamPromptGeneratorConfig,
 )
+from .losses import segmentation_loss
 
 logger = logging.getLogger(__name__)
 
@@ -556,25 +556,8 @@ class QueryDecoupledModalityDecoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Losses
+# Models
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss per image, averaged over the batch (torchvision has focal loss but no Dice loss)."""
-    probs = torch.sigmoid(logits).flatten(1)
-    targets = targets.flatten(1)
-    intersection = (probs * targets).sum(1)
-    return (1 - (2 * intersection + smooth) / (probs.sum(1) + targets.sum(1) + smooth)).mean()
-
-
-def segmentation_loss(
-    pred_masks: torch.Tensor, patch_logits: torch.Tensor, labels: torch.Tensor, config
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, mask loss, patch loss) with the weights of ``config`` (``focal_loss_weight``, ``patch_loss_weight``),
-    shared by the student and the teacher."""
-    mask_loss, patch_loss = segmentation_losses(pred_masks, patch_logits, labels, config.focal_loss_weight)
-    return mask_loss + config.patch_loss_weight * patch_loss, mask_loss, patch_loss
 
 
 def check_pixel_values(pixel_values: torch.Tensor, dtype: torch.dtype) -> None:
@@ -589,43 +572,6 @@ def check_pixel_values(pixel_values: torch.Tensor, dtype: torch.dtype) -> None:
     tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()  # exported graphs check nothing data-dependent
     if not tracing and not bool(torch.isfinite(pixel_values).all()):
         raise ValueError("pixel_values hold NaN or inf; EspMedSamImageProcessor repairs such pixels (with a warning)")
-
-
-def check_binary_labels(labels: torch.Tensor) -> None:
-    """Refuse labels that are not 0/1 masks (0/255 masks or NaN would give a meaningless, even negative, loss)."""
-    if labels.dtype == torch.bool:
-        return
-    values = labels.detach()
-    if not bool(((values == 0) | (values == 1)).all()):
-        bad = values[(values != 0) & (values != 1)]
-        shown = ", ".join(f"{v:g}" for v in bad.flatten()[:5].float().tolist())
-        raise ValueError(f"labels must be binary masks of 0 and 1; found other values ({shown}); "
-                         "divide 0/255 masks by 255 or threshold them")
-
-
-def segmentation_losses(
-    pred_masks: torch.Tensor, patch_logits: torch.Tensor, labels: torch.Tensor, focal_loss_weight: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask loss, patch loss) of the paper.
-
-    The mask logits are upsampled bilinearly to the label size; the mask loss is
-    ``lambda * focal + (1 - lambda) * dice``; the patch loss is BCE against the label max-pooled to the patch grid.
-    """
-    check_binary_labels(labels)
-    labels = labels.to(pred_masks.dtype)
-    if labels.dim() == 3:
-        labels = labels.unsqueeze(1)
-    logits = F.interpolate(pred_masks, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    focal = sigmoid_focal_loss(logits, labels, reduction="mean")
-    mask_loss = focal_loss_weight * focal + (1 - focal_loss_weight) * dice_loss(logits, labels)
-    patch_targets = F.adaptive_max_pool2d(labels, patch_logits.shape[-2:])
-    patch_loss = F.binary_cross_entropy_with_logits(patch_logits, patch_targets)
-    return mask_loss, patch_loss
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -868,8 +814,5 @@ __all__ = [
     "ParameterBag",
     "QueryDecoupledModalityDecoder",
     "SelfPatchPromptGenerator",
-    "dice_loss",
     "init_common_weights",
-    "segmentation_loss",
-    "segmentation_losses",
 ]

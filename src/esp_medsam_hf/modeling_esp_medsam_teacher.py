@@ -31,8 +31,8 @@ from .modeling_esp_medsam import (
     QueryDecoupledModalityDecoder,
     SelfPatchPromptGenerator,
     init_common_weights,
-    segmentation_loss,
 )
+from .losses import segmentation_loss
 
 
 class MedicalLayer(nn.Module):

@@ -26,6 +26,7 @@ from torch import nn
 from ..configuration_esp_medsam import EspMedSamConfig
 from ..configuration_esp_medsam_teacher import EspMedSamTeacherConfig
 from ..image_processing_esp_medsam import EspMedSamImageProcessor
+from ..losses import batch_loss
 from ..modeling_esp_medsam import EspMedSamModel, GatheredBagBlock
 from ..modeling_esp_medsam_teacher import EspMedSamTeacherModel
 from ..pipeline_esp_medsam import save_pretrained_with_pipeline
@@ -104,10 +105,6 @@ def dice_validation(model: nn.Module, processor: EspMedSamProcessor, data: dict,
     return {"dice": float(np.mean(list(per_domain.values()))), **per_domain}
 
 
-def segmentation_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return model(pixel_values=batch["pixel_values"], modality=batch["modality"], labels=batch["labels"]).loss
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Stage 1: teacher
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,7 +155,7 @@ def segmentation_task(name: str, model: nn.Module, config: TrainingConfig, data:
         model=model,
         train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed),
         collate_fn=Collator(processor.image_processor),
-        compute_loss=segmentation_loss,
+        compute_loss=batch_loss,
         save=lambda m, folder: save_with_processor(m, processor, folder),
         validate=lambda m: dice_validation(m, processor, data, config),
     )
