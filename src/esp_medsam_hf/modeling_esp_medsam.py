@@ -28,7 +28,8 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.models.sam.modeling_sam import SamFeedForward, SamTwoWayTransformer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.sam.modeling_sam import SamFeedForward, SamTwoWayTransformer, eager_attention_forward
 from transformers.utils import ModelOutput
 
 from .configuration_esp_medsam import (
@@ -191,7 +192,7 @@ class ModalityController(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class PatchEmbed(nn.Module):
+class EspMedSamPatchEmbed(nn.Module):
     """Two Conv-BN layers with a GELU between them (3x3 stride 2 officially, 1x1 stride 1 in LiteMedSAM).
 
     timm's ``PatchEmbed`` hard-codes 3x3 stride-2 convolutions, so LiteMedSAM's variant needs this one.
@@ -208,7 +209,7 @@ class PatchEmbed(nn.Module):
         return self.conv2(self.act(self.conv1(pixel_values)))
 
 
-class PatchMerging(TinyVitPatchMerging):
+class EspMedSamPatchMerging(TinyVitPatchMerging):
     """timm's TinyViT patch merging with a configurable depthwise stride (MobileSAM keeps the last grid)."""
 
     def __init__(self, dim: int, out_dim: int, stride: int):
@@ -217,18 +218,21 @@ class PatchMerging(TinyVitPatchMerging):
             self.conv2 = ConvNorm(out_dim, out_dim, 3, stride, 1, groups=out_dim)
 
 
-class WindowAttention(TinyVitAttention):
+class EspMedSamWindowAttention(TinyVitAttention):
     """TinyViT window attention with the parameter bag's tokens appended to the keys and values.
 
-    The relative-position bias and the tokens' logit bias are passed to ``F.scaled_dot_product_attention`` as the
-    attention mask (``attn_implementation="sdpa"``) or added to an explicit attention matrix (``"eager"``).
+    The relative-position bias and the tokens' logit bias form the attention mask. The attention itself is the
+    function of transformers' attention interface that ``config._attn_implementation`` names, read at every call:
+    ``"sdpa"`` (``F.scaled_dot_product_attention`` with the mask), ``"eager"`` (SAM's explicit softmax attention).
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, eps: float):
+    is_causal = False
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, config: EspMedSamAggregatorConfig):
         head_dim = dim // num_heads
         super().__init__(dim, head_dim, num_heads, attn_ratio=1, resolution=(window_size, window_size))
-        self.norm.eps = eps
-        self.attn_implementation = "sdpa"
+        self.norm.eps = config.layer_norm_eps
+        self.config = config
 
     def forward(self, x: torch.Tensor, bag: GatheredBagBlock, windows_per_image: int) -> torch.Tensor:
         num_windows, length, _ = x.shape
@@ -266,12 +270,9 @@ class WindowAttention(TinyVitAttention):
             else:
                 token_bias = x.new_zeros(num_windows, self.num_heads, length, num_tokens)
             mask = torch.cat([mask.expand(num_windows, -1, -1, -1), token_bias], dim=-1)
-        if self.attn_implementation == "eager":
-            attn = (q @ k.transpose(-2, -1)) * self.scale + mask
-            out = attn.softmax(dim=-1) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(num_windows, length, self.out_dim))
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(self, q, k, v, mask, scaling=self.scale, dropout=0.0)
+        return self.proj(out.reshape(num_windows, length, self.out_dim))
 
 
 class AggregatorBlock(GradientCheckpointingLayer):
@@ -280,7 +281,7 @@ class AggregatorBlock(GradientCheckpointingLayer):
     def __init__(self, dim: int, num_heads: int, window_size: int, config: EspMedSamAggregatorConfig):
         super().__init__()
         self.window_size = window_size
-        self.attn = WindowAttention(dim, num_heads, window_size, config.layer_norm_eps)
+        self.attn = EspMedSamWindowAttention(dim, num_heads, window_size, config)
         pad = config.local_conv_size // 2
         self.local_conv = ConvNorm(dim, dim, config.local_conv_size, 1, pad, groups=dim)
         self.mlp = NormMlp(dim, int(dim * config.mlp_ratio), norm_layer=nn.LayerNorm, act_layer=nn.GELU)
@@ -323,7 +324,7 @@ class AggregatorStage(nn.Module):
     def __init__(self, in_dim: int, config: EspMedSamAggregatorConfig, stage: int, merge_stride: int):
         super().__init__()
         dim = config.embed_dims[stage]
-        self.downsample = PatchMerging(in_dim, dim, merge_stride)
+        self.downsample = EspMedSamPatchMerging(in_dim, dim, merge_stride)
         self.blocks = nn.ModuleList(
             [
                 AggregatorBlock(dim, config.num_heads[stage], config.window_sizes[stage], config)
@@ -341,7 +342,7 @@ class ModalityAggregator(nn.Module):
     def __init__(self, config: EspMedSamAggregatorConfig):
         super().__init__()
         dims = config.embed_dims
-        self.patch_embed = PatchEmbed(config)
+        self.patch_embed = EspMedSamPatchEmbed(config)
         self.stage0 = ConvLayer(dims[0], config.depths[0], nn.GELU, conv_expand_ratio=config.mbconv_expand_ratio)
         num_stages = len(dims)
         self.stages = nn.ModuleList(
@@ -653,7 +654,7 @@ class EspMedSamPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, WindowAttention):
+        if isinstance(module, EspMedSamWindowAttention):
             init.zeros_(module.attention_biases)
             module.init_non_persistent_buffers()
         elif isinstance(module, ParameterBagBlock):
@@ -673,6 +674,7 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
 
     def __init__(self, config: EspMedSamConfig):
         super().__init__(config)
+        self._share_attn_implementation()
         self.aggregator = ModalityAggregator(config.aggregator_config)
         self.modality_controller = ModalityController(config)
         self.modality_classifier = ModalityClassifier(
@@ -683,18 +685,16 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         )
         self.mask_decoder = QueryDecoupledModalityDecoder(config.decoder_config, config.num_modalities)
         self.post_init()
-        self._sync_attn_implementation()
 
-    def _sync_attn_implementation(self) -> None:
-        implementation = "eager" if self.config._attn_implementation == "eager" else "sdpa"
-        self.config.decoder_config._attn_implementation = implementation
-        for module in self.modules():
-            if isinstance(module, WindowAttention):
-                module.attn_implementation = implementation
+    def _share_attn_implementation(self) -> None:
+        """Give the sub-configs the model's attention implementation, as ``SamModel`` does for its mask decoder.
 
-    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
-        super().set_attn_implementation(attn_implementation, *args, **kwargs)
-        self._sync_attn_implementation()
+        The attention layers read ``_attn_implementation`` from the sub-config they are built from; transformers
+        resolves only the top-level config's when the model is built (``set_attn_implementation`` and
+        ``from_pretrained(attn_implementation=...)`` reach the sub-configs themselves).
+        """
+        for key in self.config.sub_configs:
+            getattr(self.config, key)._attn_implementation = self.config._attn_implementation
 
     def check_inputs(self, pixel_values: torch.Tensor, modality: torch.Tensor | None) -> torch.LongTensor | None:
         """Validate shapes and modality indices; returns the modality as a (B,) LongTensor on the right device."""
@@ -807,7 +807,10 @@ __all__ = [
     "AggregatorBlock",
     "EspMedSamModel",
     "EspMedSamOutput",
+    "EspMedSamPatchEmbed",
+    "EspMedSamPatchMerging",
     "EspMedSamPreTrainedModel",
+    "EspMedSamWindowAttention",
     "ModalityAggregator",
     "ModalityClassifier",
     "ModalityController",
