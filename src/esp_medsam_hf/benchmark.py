@@ -37,6 +37,7 @@ from torch import nn
 
 from .configuration_esp_medsam_teacher import sam_vision_config
 from .fileio import atomic_file
+from .modeling_esp_medsam import count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +141,6 @@ def _dist_version(package: str) -> str | None:
         return version(package.replace("_", "-"))
     except PackageNotFoundError:
         return None
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def count_flops(step: Callable[[], Any]) -> int:

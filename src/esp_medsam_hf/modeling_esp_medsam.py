@@ -575,6 +575,11 @@ def check_pixel_values(pixel_values: torch.Tensor, dtype: torch.dtype) -> None:
         raise ValueError("pixel_values hold NaN or inf; EspMedSamImageProcessor repairs such pixels (with a warning)")
 
 
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``module`` (any ``nn.Module``), or of those that require grad."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
 @torch.no_grad()
 def init_common_weights(module: nn.Module, std: float, positional_encoding_scale: float) -> None:
     """Initialisation of the layer types the student and the teacher share (norms, embeddings, linear and conv
@@ -817,5 +822,6 @@ __all__ = [
     "ParameterBag",
     "QueryDecoupledModalityDecoder",
     "SelfPatchPromptGenerator",
+    "count_parameters",
     "init_common_weights",
 ]

@@ -27,7 +27,7 @@ from ..configuration_esp_medsam import EspMedSamConfig
 from ..configuration_esp_medsam_teacher import EspMedSamTeacherConfig
 from ..image_processing_esp_medsam import EspMedSamImageProcessor
 from ..losses import batch_loss
-from ..modeling_esp_medsam import EspMedSamModel, GatheredBagBlock
+from ..modeling_esp_medsam import EspMedSamModel, GatheredBagBlock, count_parameters
 from ..modeling_esp_medsam_teacher import EspMedSamTeacherModel
 from ..pipeline_esp_medsam import save_pretrained_with_pipeline
 from ..processing_esp_medsam import EspMedSamProcessor
@@ -76,10 +76,6 @@ def freeze_all_but(model: nn.Module, trainable: list[nn.Module]) -> None:
     model.requires_grad_(False)
     for module in trainable:
         module.requires_grad_(True)
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def source_data(config: TrainingConfig) -> dict:
