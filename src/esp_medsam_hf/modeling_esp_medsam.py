@@ -580,41 +580,142 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-@torch.no_grad()
-def init_common_weights(module: nn.Module, std: float, positional_encoding_scale: float) -> None:
-    """Initialisation of the layer types the student and the teacher share (norms, embeddings, linear and conv
-    layers, the positional encoding); transformers' ``init`` helpers skip tensors loaded from a checkpoint."""
-    if isinstance(module, nn.BatchNorm2d):
-        init.ones_(module.weight)
-        init.zeros_(module.bias)
-        init.zeros_(module.running_mean)
-        init.ones_(module.running_var)
-        init.zeros_(module.num_batches_tracked)
-    elif isinstance(module, (nn.LayerNorm, LayerNorm2d)):
-        init.ones_(module.weight)
-        init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        init.normal_(module.weight, std=1.0)
-    elif isinstance(module, RandomFourierPositionalEncoding):
-        init.normal_(module.gaussian_matrix, std=positional_encoding_scale)
-    elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-        init.trunc_normal_(module.weight, std=std)
-        if module.bias is not None:
-            init.zeros_(module.bias)
+class EspMedSamModelMixin:
+    """What the student and the teacher share around their image encoders: the input checks, the heads (self-patch
+    prompt generator and query-decoupled modality decoder, with the segmentation loss), the upscaling of the mask
+    logits, the initialisation of the common layer types and the attention implementation of the sub-configs.
 
+    ``forward`` checks the inputs and hands them to the model's ``segment``, which encodes the images and decodes
+    them with ``decode_embeddings``. The model has ``config`` (an ``EspMedSamConfigMixin``, with ``image_size`` and
+    ``decoder_config``), ``num_channels``, ``prompt_generator`` and ``mask_decoder``.
+    """
 
-class EspMedSamPreTrainedModel(PreTrainedModel):
-    config_class = EspMedSamConfig
-    base_model_prefix = "esp_medsam"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    _supports_sdpa = True
+
+    def _share_attn_implementation(self) -> None:
+        """Give the sub-configs the model's attention implementation, as ``SamModel`` does for its mask decoder.
+
+        The attention layers read ``_attn_implementation`` from the sub-config they are built from; transformers
+        resolves only the top-level config's when the model is built (``set_attn_implementation`` and
+        ``from_pretrained(attn_implementation=...)`` reach the sub-configs themselves).
+        """
+        for key in self.config.sub_configs:
+            getattr(self.config, key)._attn_implementation = self.config._attn_implementation
+
+    @torch.no_grad()
+    def _init_common_weights(self, module: nn.Module) -> None:
+        """Initialisation of the layer types the student and the teacher share (norms, embeddings, linear and conv
+        layers, the positional encoding); transformers' ``init`` helpers skip tensors loaded from a checkpoint."""
+        if isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, (nn.LayerNorm, LayerNorm2d)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=1.0)
+        elif isinstance(module, RandomFourierPositionalEncoding):
+            init.normal_(module.gaussian_matrix, std=self.config.decoder_config.positional_encoding_scale)
+        elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        modality: torch.LongTensor | None = None,
+        labels: torch.FloatTensor | None = None,
+        original_sizes: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **options: bool | None,
+    ) -> EspMedSamOutput | tuple[torch.Tensor, ...]:
+        r"""
+        pixel_values: (B, 3, S, S) images from ``EspMedSamImageProcessor`` (cast to the model's dtype).
+        modality: (B,) modality indices (``config.modality_names``); a batch may mix modalities. ``None``: the
+            student's modality classifier decides per image (the teacher needs the modality).
+        labels: (B, 1, H, W) binary masks; when given, ``loss`` is returned: the mask loss plus
+            ``patch_loss_weight`` times the patch loss (the student adds the modality classifier's, trained on
+            ``modality`` only when the modality is given).
+        original_sizes: the image processor's (B, 2) sizes, accepted so that ``model(**processor(...))`` works;
+            the forward does not use them (``post_process_masks`` does).
+        return_dict: ``False`` returns ``EspMedSamOutput.to_tuple()`` (``config.return_dict``).
+        options: the model's own options, those of its ``segment`` (the student's ``output_hidden_states``); any
+            other argument is a ``TypeError``.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output = self.segment(pixel_values, self.check_inputs(pixel_values, modality), labels, **options)
+        return output if return_dict else output.to_tuple()
+
+    def check_inputs(self, pixel_values: torch.Tensor, modality: torch.Tensor | None) -> torch.LongTensor | None:
+        """Validate shapes, pixel values and modality indices; returns the modality as a (B,) LongTensor on the
+        pixels' device (``None`` when not given)."""
+        size, channels = self.config.image_size, self.num_channels
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels or pixel_values.shape[-2:] != (size, size):
+            raise ValueError(
+                f"pixel_values must have shape (batch, {channels}, {size}, {size}), got {tuple(pixel_values.shape)}; "
+                "use EspMedSamImageProcessor to resize and normalise images"
+            )
+        check_pixel_values(pixel_values, self.dtype)
+        if modality is None:
+            return None
+        modality = torch.as_tensor(modality, device=pixel_values.device)
+        if modality.dim() == 0:
+            modality = modality.expand(pixel_values.shape[0])
+        if modality.shape != (pixel_values.shape[0],) or modality.dtype.is_floating_point:
+            raise ValueError(
+                f"modality must be an integer tensor of shape ({pixel_values.shape[0]},), got "
+                f"{tuple(modality.shape)} {modality.dtype}"
+            )
+        if not torch.compiler.is_compiling():
+            low, high = int(modality.min()), int(modality.max())
+            if low < 0 or high >= self.config.num_modalities:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"modality index {bad} is out of range; expected 0..{self.config.num_modalities - 1} "
+                    f"({', '.join(self.config.modality_names)})"
+                )
+        return modality.long()
+
+    def decode_embeddings(
+        self,
+        image_embeddings: torch.Tensor,
+        modality: torch.LongTensor,
+        labels: torch.Tensor | None = None,
+        **outputs: torch.Tensor | tuple[torch.Tensor, ...] | None,
+    ) -> EspMedSamOutput:
+        """The heads on (B, C, g, g) image embeddings: patch logits and dense prompt, then each image's mask logits
+        from its modality's query; with ``labels``, the segmentation loss. ``outputs`` are further output fields."""
+        patch_logits, dense_prompt = self.prompt_generator(image_embeddings)
+        pred_masks = self.mask_decoder(image_embeddings, dense_prompt, modality)
+        loss = mask_loss = patch_loss = None
+        if labels is not None:
+            loss, mask_loss, patch_loss = segmentation_loss(pred_masks, patch_logits, labels, self.config)
+        return EspMedSamOutput(
+            loss=loss, pred_masks=pred_masks, patch_logits=patch_logits, image_embeddings=image_embeddings,
+            modality=modality, mask_loss=mask_loss, patch_loss=patch_loss, **outputs,
+        )
+
+    def upscale_masks(self, pred_masks: torch.Tensor) -> torch.Tensor:
+        """Low-resolution logits to the input size (bilinear, as the official forward's last step)."""
+        size = self.config.image_size
+        return F.interpolate(pred_masks, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class EspMedSamPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
+    config_class = EspMedSamConfig
+    base_model_prefix = "esp_medsam"
     _no_split_modules = ["AggregatorBlock", "QueryDecoupledModalityDecoder"]
     # Stay float32 when loaded with dtype=torch.float16 / torch.bfloat16: the modality classifier (its argmax
     # routes every image) and the positional encoding's Gaussian matrix (the argument of its sines).
     _keep_in_fp32_modules = ["modality_classifier", "positional_encoding"]
     _keep_in_fp32_modules_strict = ["modality_classifier", "positional_encoding"]
     supports_gradient_checkpointing = True
-    _supports_sdpa = True
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves as transformers does; with remote code registered, also maps ``AutoModelForImageSegmentation``
@@ -658,7 +759,6 @@ class EspMedSamPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
         if isinstance(module, EspMedSamWindowAttention):
             init.zeros_(module.attention_biases)
             module.init_non_persistent_buffers()
@@ -667,7 +767,7 @@ class EspMedSamPreTrainedModel(PreTrainedModel):
             if module.token_bias is not None:
                 init.zeros_(module.token_bias)
         else:
-            init_common_weights(module, std, self.config.decoder_config.positional_encoding_scale)
+            self._init_common_weights(module)
 
 
 class EspMedSamModel(EspMedSamPreTrainedModel):
@@ -691,70 +791,22 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         self.mask_decoder = QueryDecoupledModalityDecoder(config.decoder_config, config.num_modalities)
         self.post_init()
 
-    def _share_attn_implementation(self) -> None:
-        """Give the sub-configs the model's attention implementation, as ``SamModel`` does for its mask decoder.
+    @property
+    def num_channels(self) -> int:
+        """Channels of the input images (``check_inputs``)."""
+        return self.config.aggregator_config.num_channels
 
-        The attention layers read ``_attn_implementation`` from the sub-config they are built from; transformers
-        resolves only the top-level config's when the model is built (``set_attn_implementation`` and
-        ``from_pretrained(attn_implementation=...)`` reach the sub-configs themselves).
-        """
-        for key in self.config.sub_configs:
-            getattr(self.config, key)._attn_implementation = self.config._attn_implementation
-
-    def check_inputs(self, pixel_values: torch.Tensor, modality: torch.Tensor | None) -> torch.LongTensor | None:
-        """Validate shapes and modality indices; returns the modality as a (B,) LongTensor on the right device."""
-        size, channels = self.config.image_size, self.config.aggregator_config.num_channels
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels or pixel_values.shape[-2:] != (size, size):
-            raise ValueError(
-                f"pixel_values must have shape (batch, {channels}, {size}, {size}), got {tuple(pixel_values.shape)}; "
-                "use EspMedSamImageProcessor to resize and normalise images"
-            )
-        check_pixel_values(pixel_values, self.dtype)
-        if modality is None:
-            return None
-        modality = torch.as_tensor(modality, device=pixel_values.device)
-        if modality.dim() == 0:
-            modality = modality.expand(pixel_values.shape[0])
-        if modality.shape != (pixel_values.shape[0],) or modality.dtype.is_floating_point:
-            raise ValueError(
-                f"modality must be an integer tensor of shape ({pixel_values.shape[0]},), got "
-                f"{tuple(modality.shape)} {modality.dtype}"
-            )
-        if not torch.compiler.is_compiling():
-            low, high = int(modality.min()), int(modality.max())
-            if low < 0 or high >= self.config.num_modalities:
-                bad = low if low < 0 else high
-                raise ValueError(
-                    f"modality index {bad} is out of range; expected 0..{self.config.num_modalities - 1} "
-                    f"({', '.join(self.config.modality_names)})"
-                )
-        return modality.long()
-
-    def forward(
+    def segment(
         self,
         pixel_values: torch.FloatTensor,
-        modality: torch.LongTensor | None = None,
+        given: torch.LongTensor | None,
         labels: torch.FloatTensor | None = None,
-        original_sizes: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> EspMedSamOutput | tuple[torch.Tensor, ...]:
-        r"""
-        pixel_values: (B, 3, S, S) images from ``EspMedSamImageProcessor`` (cast to the model's dtype).
-        modality: (B,) modality indices (``config.modality_names``); a batch may mix modalities. ``None``: the
-            modality classifier decides per image.
-        labels: (B, 1, H, W) binary masks; when given, ``loss`` is returned. The modality classifier is trained on
-            ``modality`` only when the modality is given.
-        original_sizes: the image processor's (B, 2) sizes, accepted so that ``model(**processor(...))`` works;
-            the forward does not use them (``post_process_masks`` does).
-        output_hidden_states: also return the image encoder's stage outputs (``config.output_hidden_states``).
-        return_dict: ``False`` returns ``EspMedSamOutput.to_tuple()`` (``config.return_dict``).
-        Any other argument is a ``TypeError``.
-        """
+    ) -> EspMedSamOutput:
+        """The forward after the input checks: the modality ``given`` per image, else the classifier's; with
+        ``output_hidden_states`` (``config.output_hidden_states``) also the image encoder's stage outputs."""
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        given = self.check_inputs(pixel_values, modality)
         features = self.aggregator.stem(pixel_values)
         modality_logits = self.modality_classifier(features)
         chosen = given if given is not None else modality_logits.argmax(dim=-1)
@@ -764,33 +816,16 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         )
         if hidden_states is not None:
             hidden_states.append(image_embeddings)
-        patch_logits, dense_prompt = self.prompt_generator(image_embeddings)
-        pred_masks = self.mask_decoder(image_embeddings, dense_prompt, chosen)
-
-        loss = mask_loss = patch_loss = modality_loss = None
-        if labels is not None:
-            loss, mask_loss, patch_loss = segmentation_loss(pred_masks, patch_logits, labels, self.config)
-            if given is not None and self.config.modality_loss_weight > 0:
-                modality_loss = F.cross_entropy(modality_logits, given)
-                loss = loss + self.config.modality_loss_weight * modality_loss
-        output = EspMedSamOutput(
-            loss=loss,
-            pred_masks=pred_masks,
-            patch_logits=patch_logits,
-            image_embeddings=image_embeddings,
-            modality_logits=modality_logits,
-            modality=chosen,
-            mask_loss=mask_loss,
-            patch_loss=patch_loss,
-            modality_loss=modality_loss,
+        modality_loss = None
+        if labels is not None and given is not None and self.config.modality_loss_weight > 0:
+            modality_loss = F.cross_entropy(modality_logits, given)
+        output = self.decode_embeddings(
+            image_embeddings, chosen, labels, modality_logits=modality_logits, modality_loss=modality_loss,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
         )
-        return output if return_dict else output.to_tuple()
-
-    def upscale_masks(self, pred_masks: torch.Tensor) -> torch.Tensor:
-        """Low-resolution logits to the input size (bilinear, as the official forward's last step)."""
-        size = self.config.image_size
-        return F.interpolate(pred_masks, size=(size, size), mode="bilinear", align_corners=False)
+        if modality_loss is not None:
+            output.loss = output.loss + self.config.modality_loss_weight * modality_loss
+        return output
 
     @torch.no_grad()
     def fuse_batchnorm(self) -> "EspMedSamModel":
@@ -811,6 +846,7 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
 __all__ = [
     "AggregatorBlock",
     "EspMedSamModel",
+    "EspMedSamModelMixin",
     "EspMedSamOutput",
     "EspMedSamPatchEmbed",
     "EspMedSamPatchMerging",
@@ -823,5 +859,4 @@ __all__ = [
     "QueryDecoupledModalityDecoder",
     "SelfPatchPromptGenerator",
     "count_parameters",
-    "init_common_weights",
 ]
