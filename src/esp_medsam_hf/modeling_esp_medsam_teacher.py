@@ -254,22 +254,6 @@ class EspMedSamTeacherModel(EspMedSamTeacherPreTrainedModel):
         return self.decode_embeddings(self.get_image_embeddings(pixel_values), modality, labels)
 
 
-
-def register() -> None:
-    """Register the teacher with the Auto classes, and for remote code (saved folders load with trust_remote_code)."""
-    from transformers import AutoConfig, AutoModel
-
-    AutoConfig.register(EspMedSamTeacherConfig.model_type, EspMedSamTeacherConfig, exist_ok=True)
-    AutoModel.register(EspMedSamTeacherConfig, EspMedSamTeacherModel, exist_ok=True)
-    EspMedSamTeacherConfig.register_for_auto_class()
-    EspMedSamTeacherModel.register_for_auto_class("AutoModel")
-
-
-# Only the installed package registers: a copy loaded as remote code (transformers_modules.*) must not replace
-# the package's classes in the Auto mappings of a process that has both.
-if __name__.startswith("esp_medsam_hf."):
-    register()
-
 __all__ = [
     "EspMedSamTeacherModel",
     "EspMedSamTeacherPreTrainedModel",
