@@ -42,9 +42,7 @@ def build(model_name: str, image_size: int, tiny: bool = False):
     torch.manual_seed(0)
     if model_name == "student":
         return EspMedSamModel((EspMedSamConfig.tiny if tiny else EspMedSamConfig)(image_size=image_size))
-    # SAM's initializer_range of 1e-10 would fill a random encoder with denormal numbers, which are slow on CPUs
-    config = EspMedSamTeacherConfig.from_preset("vit-b", image_size=image_size,
-                                                vision_config=dict(initializer_range=0.02))
+    config = EspMedSamTeacherConfig.from_preset("vit-b", image_size=image_size, random_init=True)
     return EspMedSamTeacherModel(config)
 
 

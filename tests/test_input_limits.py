@@ -17,7 +17,7 @@ from esp_medsam_hf import EspMedSamConfig, EspMedSamImageProcessor, EspMedSamMod
 from esp_medsam_hf import imaging
 from esp_medsam_hf.data.prepare import PreparationError, read_image
 from esp_medsam_hf.imaging import ImageLoadError, load_image
-from esp_medsam_hf.modeling_esp_medsam import segmentation_losses
+from esp_medsam_hf.losses import mask_and_patch_losses
 
 
 def _zero_tiles(count: int, tile: int = 512):
@@ -161,9 +161,9 @@ def test_labels_must_be_zero_or_one(bad):
     labels = torch.zeros(1, 1, 16, 16)
     labels[0, 0, :4, :4] = bad
     with pytest.raises(ValueError, match="labels must be binary masks of 0 and 1"):
-        segmentation_losses(pred, patches, labels, 0.5)
+        mask_and_patch_losses(pred, patches, labels, 0.5)
     labels[labels != 0] = 1
-    mask_loss, patch_loss = segmentation_losses(pred, patches, labels, 0.5)
+    mask_loss, patch_loss = mask_and_patch_losses(pred, patches, labels, 0.5)
     assert mask_loss.item() > 0 and patch_loss.item() > 0
 
 

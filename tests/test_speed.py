@@ -9,8 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.sam.modeling_sam import SamAttention
+
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
-from esp_medsam_hf.modeling_esp_medsam import WindowAttention
+from esp_medsam_hf.modeling_esp_medsam import EspMedSamWindowAttention
 
 SIZE = 64
 
@@ -46,13 +50,25 @@ def _outputs(model: nn.Module, inputs) -> tuple[torch.Tensor, torch.Tensor]:
 def test_eager_and_sdpa_attention_agree_and_the_switch_reaches_every_layer(inputs):
     sdpa = _model("sdpa")
     eager = _model("eager")
-    assert {m.attn_implementation for m in sdpa.modules() if isinstance(m, WindowAttention)} == {"sdpa"}
-    assert {m.attn_implementation for m in eager.modules() if isinstance(m, WindowAttention)} == {"eager"}
-    assert eager.config.decoder_config._attn_implementation == "eager"
     for a, b in zip(_outputs(sdpa, inputs), _outputs(eager, inputs)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # Every attention layer reads the implementation from its config at each call, the transformers way: a function
+    # registered with transformers' attention interface and set on the model is what all of them call.
+    called = []
+
+    def recording_attention(module, *args, **kwargs):
+        called.append(module)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("recording", recording_attention)
+    sdpa.set_attn_implementation("recording")
+    _outputs(sdpa, inputs)
+    attention_layers = [m for m in sdpa.modules() if isinstance(m, (EspMedSamWindowAttention, SamAttention))]
+    assert any(isinstance(m, EspMedSamWindowAttention) for m in attention_layers)
+    assert {id(m) for m in called} == {id(m) for m in attention_layers}
     sdpa.set_attn_implementation("eager")
-    assert {m.attn_implementation for m in sdpa.modules() if isinstance(m, WindowAttention)} == {"eager"}
+    for a, b in zip(_outputs(sdpa, inputs), _outputs(eager, inputs)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_fuse_batchnorm_removes_every_batchnorm_and_keeps_the_outputs(inputs):

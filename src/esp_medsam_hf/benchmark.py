@@ -35,7 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .configuration_esp_medsam_teacher import sam_vision_config
 from .fileio import atomic_file
+from .modeling_esp_medsam import count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +141,6 @@ def _dist_version(package: str) -> str | None:
         return version(package.replace("_", "-"))
     except PackageNotFoundError:
         return None
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def count_flops(step: Callable[[], Any]) -> int:
@@ -297,14 +295,10 @@ def build_esp_medsam(settings: BenchmarkSettings, fast: bool) -> Candidate:
     )
 
 
-SAM_VISION = {
-    "sam-vit-b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=(2, 5, 8, 11)),
-    "sam-vit-h": dict(
-        hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, global_attn_indexes=(7, 15, 23, 31)
-    ),
-    # quick mode: a two-layer encoder at the benchmark's small size (checks the code path only)
-    "quick": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, global_attn_indexes=(1,), mlp_dim=64),
-}
+# quick mode: a two-layer encoder at the benchmark's small size (checks the code path only)
+QUICK_SAM_VISION = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, global_attn_indexes=(1,), mlp_dim=64
+)
 
 
 def build_sam(settings: BenchmarkSettings, name: str) -> Candidate:
@@ -312,8 +306,8 @@ def build_sam(settings: BenchmarkSettings, name: str) -> Candidate:
     from transformers import SamConfig, SamModel
 
     size = settings.image_size
-    # SamVisionConfig's initializer_range of 1e-10 fills a random encoder with denormal numbers, slow on CPUs
-    vision = dict(SAM_VISION["quick" if settings.quick else name], image_size=size, initializer_range=0.02)
+    overrides = QUICK_SAM_VISION if settings.quick else {}
+    vision = sam_vision_config(name.removeprefix("sam-"), size, random_init=True, **overrides)
     config = SamConfig(vision_config=vision, prompt_encoder_config=dict(image_size=size))
     torch.manual_seed(0)
     with torch.device(settings.device):

@@ -10,6 +10,7 @@ extra query that only takes part in attention.
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -28,24 +29,71 @@ TARGET_NAMES: tuple[str, ...] = (
 """What is segmented for each modality, in the same order as ``MODALITY_NAMES``."""
 
 
-def modality_index(modality: int | str, modality_names: list[str] | tuple[str, ...]) -> int:
-    """Index of ``modality`` (a name or an index) among ``modality_names``; ``ValueError`` names the choices."""
-    if isinstance(modality, str):
-        if modality not in modality_names:
-            raise ValueError(f"unknown modality {modality!r}; expected one of {list(modality_names)}")
-        return list(modality_names).index(modality)
-    if isinstance(modality, bool) or not isinstance(modality, numbers.Integral):
-        raise TypeError(
-            f"modality must be a name ({', '.join(modality_names)}) or an integer index, "
-            f"got {type(modality).__name__} {modality!r}"
-        )
-    index = int(modality)
-    if not 0 <= index < len(modality_names):
-        raise ValueError(
-            f"modality index {index} is out of range; expected 0..{len(modality_names) - 1} "
-            f"({', '.join(modality_names)})"
-        )
-    return index
+class EspMedSamModalitiesMixin:
+    """Lookup of modalities by name or index in ``self.modality_names``: the configs and the processor."""
+
+    modality_names: list[str]
+
+    @property
+    def num_modalities(self) -> int:
+        """Number of modalities (of mask queries, and of parameter bags in the student)."""
+        return len(self.modality_names)
+
+    def modality_index(self, modality: int | str) -> int:
+        """Index of ``modality`` (a name or an index) among ``modality_names``; ``ValueError`` names the choices."""
+        names = self.modality_names
+        if isinstance(modality, str):
+            if modality not in names:
+                raise ValueError(f"unknown modality {modality!r}; expected one of {list(names)}")
+            return list(names).index(modality)
+        if isinstance(modality, bool) or not isinstance(modality, numbers.Integral):
+            raise TypeError(
+                f"modality must be a name ({', '.join(names)}) or an integer index, "
+                f"got {type(modality).__name__} {modality!r}"
+            )
+        index = int(modality)
+        if not 0 <= index < len(names):
+            raise ValueError(
+                f"modality index {index} is out of range; expected 0..{len(names) - 1} ({', '.join(names)})"
+            )
+        return index
+
+
+@dataclass(kw_only=True)
+class EspMedSamConfigMixin(EspMedSamModalitiesMixin):
+    r"""The fields and checks the student's and the teacher's configs share.
+
+    modality_names: the modalities, in mask-query order (default: the official six); unique.
+    target_names: what is segmented for each modality; the labels (``id2label``) are background, then one target per
+        modality, as the pipelines report them.
+    focal_loss_weight: lambda of the mask loss ``lambda * focal + (1 - lambda) * dice`` (paper: 0.7).
+    patch_loss_weight: weight of the BCE loss of the patch logits against the max-pooled mask.
+    initializer_range: standard deviation of the (truncated normal) initialisation of linear and conv layers.
+
+    A dataclass, so that its fields become fields of the configs (dataclasses too) that list it before
+    ``PreTrainedConfig``.
+    """
+
+    modality_names: list[str] | tuple[str, ...] = MODALITY_NAMES
+    target_names: list[str] | tuple[str, ...] = TARGET_NAMES
+    focal_loss_weight: float = 0.7
+    patch_loss_weight: float = 1.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        self.modality_names = list(self.modality_names)
+        self.target_names = list(self.target_names)
+        if len(self.modality_names) != len(self.target_names) or not self.modality_names:
+            raise ValueError(
+                f"modality_names ({len(self.modality_names)}) and target_names ({len(self.target_names)}) must be "
+                "non-empty and of the same length"
+            )
+        if len(set(self.modality_names)) != len(self.modality_names):
+            raise ValueError(f"modality_names must be unique, got {self.modality_names}")
+        if self.id2label is None and "num_labels" not in kwargs:
+            self.id2label = {0: "background", **{i + 1: name for i, name in enumerate(self.target_names)}}
+            self.label2id = {name: i for i, name in self.id2label.items()}
+        super().__post_init__(**kwargs)
 
 
 @strict
@@ -171,14 +219,11 @@ class EspMedSamDecoderConfig(PreTrainedConfig):
 
 
 @strict
-class EspMedSamConfig(PreTrainedConfig):
+class EspMedSamConfig(EspMedSamConfigMixin, PreTrainedConfig):
     r"""Configuration of [`EspMedSamModel`].
 
-    modality_names: the modalities, in mask-query order (default: the official six).
-    target_names: what is segmented for each modality (used as labels by the pipelines).
+    modality_names / target_names / focal_loss_weight / patch_loss_weight: see ``EspMedSamConfigMixin``.
     image_size: square input size in pixels (official 1024); the embedding grid is image_size / total_stride.
-    focal_loss_weight: lambda of ``lambda * focal + (1 - lambda) * dice`` (paper: 0.7).
-    patch_loss_weight: weight of the BCE loss of the patch logits against the max-pooled mask.
     modality_loss_weight: weight of the cross-entropy of the modality classifier (not in the paper).
     modality_classifier_hidden_size: hidden width of the classifier on the aggregator's stage-0 features.
     """
@@ -195,28 +240,11 @@ class EspMedSamConfig(PreTrainedConfig):
     parameter_bag_config: dict | PreTrainedConfig | None = None
     prompt_generator_config: dict | PreTrainedConfig | None = None
     decoder_config: dict | PreTrainedConfig | None = None
-    modality_names: list[str] | tuple[str, ...] = MODALITY_NAMES
-    target_names: list[str] | tuple[str, ...] = TARGET_NAMES
     image_size: int = 1024
-    focal_loss_weight: float = 0.7
-    patch_loss_weight: float = 1.0
     modality_loss_weight: float = 1.0
     modality_classifier_hidden_size: int = 256
-    initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
-        self.modality_names = list(self.modality_names)
-        self.target_names = list(self.target_names)
-        if len(self.modality_names) != len(self.target_names) or not self.modality_names:
-            raise ValueError(
-                f"modality_names ({len(self.modality_names)}) and target_names ({len(self.target_names)}) must be "
-                "non-empty and of the same length"
-            )
-        if len(set(self.modality_names)) != len(self.modality_names):
-            raise ValueError(f"modality_names must be unique, got {self.modality_names}")
-        if self.id2label is None and "num_labels" not in kwargs:
-            self.id2label = {0: "background", **{i + 1: name for i, name in enumerate(self.target_names)}}
-            self.label2id = {name: i for i, name in self.id2label.items()}
         super().__post_init__(**kwargs)
         if self.aggregator_config.neck_dim != self.decoder_config.hidden_size:
             raise ValueError(
@@ -233,10 +261,6 @@ class EspMedSamConfig(PreTrainedConfig):
             )
 
     @property
-    def num_modalities(self) -> int:
-        return len(self.modality_names)
-
-    @property
     def embedding_grid_size(self) -> int:
         """Side of the image-embedding grid (64 for the official model at 1024 px)."""
         return self.image_size // self.aggregator_config.total_stride
@@ -250,10 +274,6 @@ class EspMedSamConfig(PreTrainedConfig):
     def mask_size(self) -> int:
         """Side of the low-resolution mask logits (4x the embedding grid: 256 at 1024 px)."""
         return self.embedding_grid_size * 4
-
-    def modality_index(self, modality: int | str) -> int:
-        """Index of a modality given by name or index; raises ``ValueError`` naming the valid choices."""
-        return modality_index(modality, self.modality_names)
 
     @classmethod
     def tiny(cls, image_size: int = 128, **kwargs) -> "EspMedSamConfig":
@@ -279,8 +299,9 @@ __all__ = [
     "TARGET_NAMES",
     "EspMedSamAggregatorConfig",
     "EspMedSamConfig",
+    "EspMedSamConfigMixin",
     "EspMedSamDecoderConfig",
+    "EspMedSamModalitiesMixin",
     "EspMedSamParameterBagConfig",
     "EspMedSamPromptGeneratorConfig",
-    "modality_index",
 ]

@@ -11,11 +11,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig, SamVisionConfig
 
 from .configuration_esp_medsam import (
-    MODALITY_NAMES,
-    TARGET_NAMES,
+    EspMedSamConfigMixin,
     EspMedSamDecoderConfig,
     EspMedSamPromptGeneratorConfig,
-    modality_index,
 )
 
 # SAM's three image encoders (Kirillov et al. 2023, Table 8 / the released checkpoints).
@@ -29,18 +27,36 @@ SAM_VIT_PRESETS: dict[str, dict] = {
 SAM_CHECKPOINTS = {name: f"facebook/sam-{name}" for name in SAM_VIT_PRESETS}
 """Hub repositories of SAM whose vision encoder weights ``EspMedSamTeacherModel.from_sam_pretrained`` loads."""
 
+RANDOM_SAM_INITIALIZER_RANGE = 0.02
+"""``initializer_range`` of a SAM encoder that is not loaded from a checkpoint. ``SamVisionConfig``'s 1e-10 assumes
+pretrained weights: a randomly initialised encoder would be all but zero, made of denormal numbers (slow on CPUs)."""
+
+
+def sam_vision_config(preset: str = "vit-b", image_size: int = 1024, random_init: bool = False, **overrides) -> dict:
+    """Keyword arguments of transformers' ``SamVisionConfig`` for SAM's ``preset`` encoder at ``image_size``.
+
+    ``random_init``: the encoder will not be loaded from a checkpoint (``RANDOM_SAM_INITIALIZER_RANGE``).
+    ``overrides`` replace any argument (a smaller encoder for tests and quick runs).
+    """
+    if preset not in SAM_VIT_PRESETS:
+        raise ValueError(f"unknown SAM preset {preset!r}; expected one of {', '.join(SAM_VIT_PRESETS)}")
+    vision = dict(SAM_VIT_PRESETS[preset], image_size=image_size)
+    if random_init:
+        vision["initializer_range"] = RANDOM_SAM_INITIALIZER_RANGE
+    return {**vision, **overrides}
+
 
 @strict
-class EspMedSamTeacherConfig(PreTrainedConfig):
+class EspMedSamTeacherConfig(EspMedSamConfigMixin, PreTrainedConfig):
     r"""Configuration of [`EspMedSamTeacherModel`].
 
     vision_config: transformers' ``SamVisionConfig`` of the frozen SAM encoder (default: ViT-B at 1024 px).
     num_medical_tokens: learnable tokens appended to the keys and values of every attention layer.
     use_token_bias: a learnable attention-logit bias (per head and token) for the token columns; the tokens have no
-        position, so they get no decomposed relative-position term (see ``MedicalAttention``).
+        position, so they get no decomposed relative-position term (see ``EspMedSamTeacherVisionAttention``).
     medical_mlp_ratio: hidden ratio of the learnable MLP beside each block's MLP (``x + mlp(y) + medical_mlp(y)``).
     freeze_vision_encoder: keep SAM's weights frozen (the paper's setting).
-    modality_names / target_names / focal_loss_weight / patch_loss_weight: as in ``EspMedSamConfig``.
+    modality_names / target_names / focal_loss_weight / patch_loss_weight: see ``EspMedSamConfigMixin``.
     """
 
     model_type = "esp_medsam_teacher"
@@ -53,25 +69,13 @@ class EspMedSamTeacherConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     prompt_generator_config: dict | PreTrainedConfig | None = None
     decoder_config: dict | PreTrainedConfig | None = None
-    modality_names: list[str] | tuple[str, ...] = MODALITY_NAMES
-    target_names: list[str] | tuple[str, ...] = TARGET_NAMES
     num_medical_tokens: int = 4
     use_token_bias: bool = True
     medical_mlp_ratio: float = 0.25
     token_init_std: float = 0.02
     freeze_vision_encoder: bool = True
-    focal_loss_weight: float = 0.7
-    patch_loss_weight: float = 1.0
-    initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
-        self.modality_names = list(self.modality_names)
-        self.target_names = list(self.target_names)
-        if len(self.modality_names) != len(self.target_names) or not self.modality_names:
-            raise ValueError("modality_names and target_names must be non-empty and of the same length")
-        if self.id2label is None and "num_labels" not in kwargs:
-            self.id2label = {0: "background", **{i + 1: name for i, name in enumerate(self.target_names)}}
-            self.label2id = {name: i for i, name in self.id2label.items()}
         if self.num_medical_tokens < 0:
             raise ValueError(f"num_medical_tokens must be >= 0, got {self.num_medical_tokens}")
         super().__post_init__(**kwargs)
@@ -95,10 +99,6 @@ class EspMedSamTeacherConfig(PreTrainedConfig):
         return int(self.vision_config.image_size)
 
     @property
-    def num_modalities(self) -> int:
-        return len(self.modality_names)
-
-    @property
     def embedding_grid_size(self) -> int:
         """Side of the image-embedding grid (64 for SAM at 1024 px, as the student's)."""
         return self.image_size // int(self.vision_config.patch_size)
@@ -107,26 +107,24 @@ class EspMedSamTeacherConfig(PreTrainedConfig):
     def mask_size(self) -> int:
         return self.embedding_grid_size * 4
 
-    def modality_index(self, modality: int | str) -> int:
-        return modality_index(modality, self.modality_names)
-
     @classmethod
-    def from_preset(cls, name: str = "vit-b", image_size: int = 1024, **kwargs) -> "EspMedSamTeacherConfig":
-        """A teacher on SAM's ViT-B, ViT-L or ViT-H (``"vit-b"``, ``"vit-l"``, ``"vit-h"``)."""
-        if name not in SAM_VIT_PRESETS:
-            raise ValueError(f"unknown SAM preset {name!r}; expected one of {', '.join(SAM_VIT_PRESETS)}")
-        vision = dict(SAM_VIT_PRESETS[name], image_size=image_size, **kwargs.pop("vision_config", {}))
+    def from_preset(
+        cls, name: str = "vit-b", image_size: int = 1024, random_init: bool = False, **kwargs
+    ) -> "EspMedSamTeacherConfig":
+        """A teacher on SAM's ViT-B, ViT-L or ViT-H (``"vit-b"``, ``"vit-l"``, ``"vit-h"``); ``random_init`` for an
+        encoder that will not be loaded from SAM's weights (see ``sam_vision_config``)."""
+        vision = sam_vision_config(name, image_size, random_init, **kwargs.pop("vision_config", {}))
         return cls(vision_config=vision, **kwargs)
 
     @classmethod
     def tiny(cls, image_size: int = 128, **kwargs) -> "EspMedSamTeacherConfig":
-        """A very small teacher with the same embedding grid and heads as ``EspMedSamConfig.tiny(image_size)``."""
+        """A very small teacher with the same embedding grid and heads as ``EspMedSamConfig.tiny(image_size)``; its
+        encoder is always randomly initialised."""
         defaults = dict(
-            vision_config=dict(
-                hidden_size=48, num_hidden_layers=2, num_attention_heads=2, mlp_dim=96, output_channels=32,
-                image_size=image_size, patch_size=16, window_size=4, global_attn_indexes=(1,), num_pos_feats=16,
-                # SAM's 1e-10 assumes pretrained weights; a tiny encoder is used with random ones
-                initializer_range=0.02,
+            vision_config=sam_vision_config(
+                image_size=image_size, random_init=True, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                mlp_dim=96, output_channels=32, patch_size=16, window_size=4, global_attn_indexes=(1,),
+                num_pos_feats=16,
             ),
             prompt_generator_config=dict(hidden_size=16),
             decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2),
@@ -137,4 +135,10 @@ class EspMedSamTeacherConfig(PreTrainedConfig):
         return cls(**defaults)
 
 
-__all__ = ["SAM_CHECKPOINTS", "SAM_VIT_PRESETS", "EspMedSamTeacherConfig"]
+__all__ = [
+    "RANDOM_SAM_INITIALIZER_RANGE",
+    "SAM_CHECKPOINTS",
+    "SAM_VIT_PRESETS",
+    "EspMedSamTeacherConfig",
+    "sam_vision_config",
+]

@@ -24,12 +24,12 @@ from timm.models.tiny_vit import Attention as TinyVitAttention
 from timm.models.tiny_vit import ConvLayer, ConvNorm, NormMlp
 from timm.models.tiny_vit import PatchMerging as TinyVitPatchMerging
 from torch import nn
-from torchvision.ops import sigmoid_focal_loss
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.models.sam.modeling_sam import SamFeedForward, SamTwoWayTransformer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.sam.modeling_sam import SamFeedForward, SamTwoWayTransformer, eager_attention_forward
 from transformers.utils import ModelOutput
 
 from .configuration_esp_medsam import (
@@ -39,6 +39,7 @@ from .configuration_esp_medsam import (
     EspMedSamParameterBagConfig,
     EspMedSamPromptGeneratorConfig,
 )
+from .losses import segmentation_loss
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class ModalityController(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class PatchEmbed(nn.Module):
+class EspMedSamPatchEmbed(nn.Module):
     """Two Conv-BN layers with a GELU between them (3x3 stride 2 officially, 1x1 stride 1 in LiteMedSAM).
 
     timm's ``PatchEmbed`` hard-codes 3x3 stride-2 convolutions, so LiteMedSAM's variant needs this one.
@@ -208,7 +209,7 @@ class PatchEmbed(nn.Module):
         return self.conv2(self.act(self.conv1(pixel_values)))
 
 
-class PatchMerging(TinyVitPatchMerging):
+class EspMedSamPatchMerging(TinyVitPatchMerging):
     """timm's TinyViT patch merging with a configurable depthwise stride (MobileSAM keeps the last grid)."""
 
     def __init__(self, dim: int, out_dim: int, stride: int):
@@ -217,18 +218,21 @@ class PatchMerging(TinyVitPatchMerging):
             self.conv2 = ConvNorm(out_dim, out_dim, 3, stride, 1, groups=out_dim)
 
 
-class WindowAttention(TinyVitAttention):
+class EspMedSamWindowAttention(TinyVitAttention):
     """TinyViT window attention with the parameter bag's tokens appended to the keys and values.
 
-    The relative-position bias and the tokens' logit bias are passed to ``F.scaled_dot_product_attention`` as the
-    attention mask (``attn_implementation="sdpa"``) or added to an explicit attention matrix (``"eager"``).
+    The relative-position bias and the tokens' logit bias form the attention mask. The attention itself is the
+    function of transformers' attention interface that ``config._attn_implementation`` names, read at every call:
+    ``"sdpa"`` (``F.scaled_dot_product_attention`` with the mask), ``"eager"`` (SAM's explicit softmax attention).
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, eps: float):
+    is_causal = False
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, config: EspMedSamAggregatorConfig):
         head_dim = dim // num_heads
         super().__init__(dim, head_dim, num_heads, attn_ratio=1, resolution=(window_size, window_size))
-        self.norm.eps = eps
-        self.attn_implementation = "sdpa"
+        self.norm.eps = config.layer_norm_eps
+        self.config = config
 
     def forward(self, x: torch.Tensor, bag: GatheredBagBlock, windows_per_image: int) -> torch.Tensor:
         num_windows, length, _ = x.shape
@@ -266,12 +270,9 @@ class WindowAttention(TinyVitAttention):
             else:
                 token_bias = x.new_zeros(num_windows, self.num_heads, length, num_tokens)
             mask = torch.cat([mask.expand(num_windows, -1, -1, -1), token_bias], dim=-1)
-        if self.attn_implementation == "eager":
-            attn = (q @ k.transpose(-2, -1)) * self.scale + mask
-            out = attn.softmax(dim=-1) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(num_windows, length, self.out_dim))
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(self, q, k, v, mask, scaling=self.scale, dropout=0.0)
+        return self.proj(out.reshape(num_windows, length, self.out_dim))
 
 
 class AggregatorBlock(GradientCheckpointingLayer):
@@ -280,7 +281,7 @@ class AggregatorBlock(GradientCheckpointingLayer):
     def __init__(self, dim: int, num_heads: int, window_size: int, config: EspMedSamAggregatorConfig):
         super().__init__()
         self.window_size = window_size
-        self.attn = WindowAttention(dim, num_heads, window_size, config.layer_norm_eps)
+        self.attn = EspMedSamWindowAttention(dim, num_heads, window_size, config)
         pad = config.local_conv_size // 2
         self.local_conv = ConvNorm(dim, dim, config.local_conv_size, 1, pad, groups=dim)
         self.mlp = NormMlp(dim, int(dim * config.mlp_ratio), norm_layer=nn.LayerNorm, act_layer=nn.GELU)
@@ -323,7 +324,7 @@ class AggregatorStage(nn.Module):
     def __init__(self, in_dim: int, config: EspMedSamAggregatorConfig, stage: int, merge_stride: int):
         super().__init__()
         dim = config.embed_dims[stage]
-        self.downsample = PatchMerging(in_dim, dim, merge_stride)
+        self.downsample = EspMedSamPatchMerging(in_dim, dim, merge_stride)
         self.blocks = nn.ModuleList(
             [
                 AggregatorBlock(dim, config.num_heads[stage], config.window_sizes[stage], config)
@@ -341,7 +342,7 @@ class ModalityAggregator(nn.Module):
     def __init__(self, config: EspMedSamAggregatorConfig):
         super().__init__()
         dims = config.embed_dims
-        self.patch_embed = PatchEmbed(config)
+        self.patch_embed = EspMedSamPatchEmbed(config)
         self.stage0 = ConvLayer(dims[0], config.depths[0], nn.GELU, conv_expand_ratio=config.mbconv_expand_ratio)
         num_stages = len(dims)
         self.stages = nn.ModuleList(
@@ -561,25 +562,8 @@ class QueryDecoupledModalityDecoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Losses
+# Models
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss per image, averaged over the batch (torchvision has focal loss but no Dice loss)."""
-    probs = torch.sigmoid(logits).flatten(1)
-    targets = targets.flatten(1)
-    intersection = (probs * targets).sum(1)
-    return (1 - (2 * intersection + smooth) / (probs.sum(1) + targets.sum(1) + smooth)).mean()
-
-
-def segmentation_loss(
-    pred_masks: torch.Tensor, patch_logits: torch.Tensor, labels: torch.Tensor, config
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, mask loss, patch loss) with the weights of ``config`` (``focal_loss_weight``, ``patch_loss_weight``),
-    shared by the student and the teacher."""
-    mask_loss, patch_loss = segmentation_losses(pred_masks, patch_logits, labels, config.focal_loss_weight)
-    return mask_loss + config.patch_loss_weight * patch_loss, mask_loss, patch_loss
 
 
 def check_pixel_values(pixel_values: torch.Tensor, dtype: torch.dtype) -> None:
@@ -596,78 +580,147 @@ def check_pixel_values(pixel_values: torch.Tensor, dtype: torch.dtype) -> None:
         raise ValueError("pixel_values hold NaN or inf; EspMedSamImageProcessor repairs such pixels (with a warning)")
 
 
-def check_binary_labels(labels: torch.Tensor) -> None:
-    """Refuse labels that are not 0/1 masks (0/255 masks or NaN would give a meaningless, even negative, loss)."""
-    if labels.dtype == torch.bool:
-        return
-    values = labels.detach()
-    if not bool(((values == 0) | (values == 1)).all()):
-        bad = values[(values != 0) & (values != 1)]
-        shown = ", ".join(f"{v:g}" for v in bad.flatten()[:5].float().tolist())
-        raise ValueError(f"labels must be binary masks of 0 and 1; found other values ({shown}); "
-                         "divide 0/255 masks by 255 or threshold them")
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``module`` (any ``nn.Module``), or of those that require grad."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def segmentation_losses(
-    pred_masks: torch.Tensor, patch_logits: torch.Tensor, labels: torch.Tensor, focal_loss_weight: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask loss, patch loss) of the paper.
+class EspMedSamModelMixin:
+    """What the student and the teacher share around their image encoders: the input checks, the heads (self-patch
+    prompt generator and query-decoupled modality decoder, with the segmentation loss), the upscaling of the mask
+    logits, the initialisation of the common layer types and the attention implementation of the sub-configs.
 
-    The mask logits are upsampled bilinearly to the label size; the mask loss is
-    ``lambda * focal + (1 - lambda) * dice``; the patch loss is BCE against the label max-pooled to the patch grid.
+    ``forward`` checks the inputs and hands them to the model's ``segment``, which encodes the images and decodes
+    them with ``decode_embeddings``. The model has ``config`` (an ``EspMedSamConfigMixin``, with ``image_size`` and
+    ``decoder_config``), ``num_channels``, ``prompt_generator`` and ``mask_decoder``.
     """
-    check_binary_labels(labels)
-    labels = labels.to(pred_masks.dtype)
-    if labels.dim() == 3:
-        labels = labels.unsqueeze(1)
-    logits = F.interpolate(pred_masks, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    focal = sigmoid_focal_loss(logits, labels, reduction="mean")
-    mask_loss = focal_loss_weight * focal + (1 - focal_loss_weight) * dice_loss(logits, labels)
-    patch_targets = F.adaptive_max_pool2d(labels, patch_logits.shape[-2:])
-    patch_loss = F.binary_cross_entropy_with_logits(patch_logits, patch_targets)
-    return mask_loss, patch_loss
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def init_common_weights(module: nn.Module, std: float, positional_encoding_scale: float) -> None:
-    """Initialisation of the layer types the student and the teacher share (norms, embeddings, linear and conv
-    layers, the positional encoding); transformers' ``init`` helpers skip tensors loaded from a checkpoint."""
-    if isinstance(module, nn.BatchNorm2d):
-        init.ones_(module.weight)
-        init.zeros_(module.bias)
-        init.zeros_(module.running_mean)
-        init.ones_(module.running_var)
-        init.zeros_(module.num_batches_tracked)
-    elif isinstance(module, (nn.LayerNorm, LayerNorm2d)):
-        init.ones_(module.weight)
-        init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        init.normal_(module.weight, std=1.0)
-    elif isinstance(module, RandomFourierPositionalEncoding):
-        init.normal_(module.gaussian_matrix, std=positional_encoding_scale)
-    elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-        init.trunc_normal_(module.weight, std=std)
-        if module.bias is not None:
-            init.zeros_(module.bias)
-
-
-class EspMedSamPreTrainedModel(PreTrainedModel):
-    config_class = EspMedSamConfig
-    base_model_prefix = "esp_medsam"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    _supports_sdpa = True
+
+    def _share_attn_implementation(self) -> None:
+        """Give the sub-configs the model's attention implementation, as ``SamModel`` does for its mask decoder.
+
+        The attention layers read ``_attn_implementation`` from the sub-config they are built from; transformers
+        resolves only the top-level config's when the model is built (``set_attn_implementation`` and
+        ``from_pretrained(attn_implementation=...)`` reach the sub-configs themselves).
+        """
+        for key in self.config.sub_configs:
+            getattr(self.config, key)._attn_implementation = self.config._attn_implementation
+
+    @torch.no_grad()
+    def _init_common_weights(self, module: nn.Module) -> None:
+        """Initialisation of the layer types the student and the teacher share (norms, embeddings, linear and conv
+        layers, the positional encoding); transformers' ``init`` helpers skip tensors loaded from a checkpoint."""
+        if isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, (nn.LayerNorm, LayerNorm2d)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=1.0)
+        elif isinstance(module, RandomFourierPositionalEncoding):
+            init.normal_(module.gaussian_matrix, std=self.config.decoder_config.positional_encoding_scale)
+        elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        modality: torch.LongTensor | None = None,
+        labels: torch.FloatTensor | None = None,
+        original_sizes: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **options: bool | None,
+    ) -> EspMedSamOutput | tuple[torch.Tensor, ...]:
+        r"""
+        pixel_values: (B, 3, S, S) images from ``EspMedSamImageProcessor`` (cast to the model's dtype).
+        modality: (B,) modality indices (``config.modality_names``); a batch may mix modalities. ``None``: the
+            student's modality classifier decides per image (the teacher needs the modality).
+        labels: (B, 1, H, W) binary masks; when given, ``loss`` is returned: the mask loss plus
+            ``patch_loss_weight`` times the patch loss (the student adds the modality classifier's, trained on
+            ``modality`` only when the modality is given).
+        original_sizes: the image processor's (B, 2) sizes, accepted so that ``model(**processor(...))`` works;
+            the forward does not use them (``post_process_masks`` does).
+        return_dict: ``False`` returns ``EspMedSamOutput.to_tuple()`` (``config.return_dict``).
+        options: the model's own options, those of its ``segment`` (the student's ``output_hidden_states``); any
+            other argument is a ``TypeError``.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output = self.segment(pixel_values, self.check_inputs(pixel_values, modality), labels, **options)
+        return output if return_dict else output.to_tuple()
+
+    def check_inputs(self, pixel_values: torch.Tensor, modality: torch.Tensor | None) -> torch.LongTensor | None:
+        """Validate shapes, pixel values and modality indices; returns the modality as a (B,) LongTensor on the
+        pixels' device (``None`` when not given)."""
+        size, channels = self.config.image_size, self.num_channels
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels or pixel_values.shape[-2:] != (size, size):
+            raise ValueError(
+                f"pixel_values must have shape (batch, {channels}, {size}, {size}), got {tuple(pixel_values.shape)}; "
+                "use EspMedSamImageProcessor to resize and normalise images"
+            )
+        check_pixel_values(pixel_values, self.dtype)
+        if modality is None:
+            return None
+        modality = torch.as_tensor(modality, device=pixel_values.device)
+        if modality.dim() == 0:
+            modality = modality.expand(pixel_values.shape[0])
+        if modality.shape != (pixel_values.shape[0],) or modality.dtype.is_floating_point:
+            raise ValueError(
+                f"modality must be an integer tensor of shape ({pixel_values.shape[0]},), got "
+                f"{tuple(modality.shape)} {modality.dtype}"
+            )
+        if not torch.compiler.is_compiling():
+            low, high = int(modality.min()), int(modality.max())
+            if low < 0 or high >= self.config.num_modalities:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"modality index {bad} is out of range; expected 0..{self.config.num_modalities - 1} "
+                    f"({', '.join(self.config.modality_names)})"
+                )
+        return modality.long()
+
+    def decode_embeddings(
+        self,
+        image_embeddings: torch.Tensor,
+        modality: torch.LongTensor,
+        labels: torch.Tensor | None = None,
+        **outputs: torch.Tensor | tuple[torch.Tensor, ...] | None,
+    ) -> EspMedSamOutput:
+        """The heads on (B, C, g, g) image embeddings: patch logits and dense prompt, then each image's mask logits
+        from its modality's query; with ``labels``, the segmentation loss. ``outputs`` are further output fields."""
+        patch_logits, dense_prompt = self.prompt_generator(image_embeddings)
+        pred_masks = self.mask_decoder(image_embeddings, dense_prompt, modality)
+        loss = mask_loss = patch_loss = None
+        if labels is not None:
+            loss, mask_loss, patch_loss = segmentation_loss(pred_masks, patch_logits, labels, self.config)
+        return EspMedSamOutput(
+            loss=loss, pred_masks=pred_masks, patch_logits=patch_logits, image_embeddings=image_embeddings,
+            modality=modality, mask_loss=mask_loss, patch_loss=patch_loss, **outputs,
+        )
+
+    def upscale_masks(self, pred_masks: torch.Tensor) -> torch.Tensor:
+        """Low-resolution logits to the input size (bilinear, as the official forward's last step)."""
+        size = self.config.image_size
+        return F.interpolate(pred_masks, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class EspMedSamPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
+    config_class = EspMedSamConfig
+    base_model_prefix = "esp_medsam"
     _no_split_modules = ["AggregatorBlock", "QueryDecoupledModalityDecoder"]
     # Stay float32 when loaded with dtype=torch.float16 / torch.bfloat16: the modality classifier (its argmax
     # routes every image) and the positional encoding's Gaussian matrix (the argument of its sines).
     _keep_in_fp32_modules = ["modality_classifier", "positional_encoding"]
     _keep_in_fp32_modules_strict = ["modality_classifier", "positional_encoding"]
     supports_gradient_checkpointing = True
-    _supports_sdpa = True
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves as transformers does; with remote code registered, also maps ``AutoModelForImageSegmentation``
@@ -711,8 +764,7 @@ class EspMedSamPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, WindowAttention):
+        if isinstance(module, EspMedSamWindowAttention):
             init.zeros_(module.attention_biases)
             module.init_non_persistent_buffers()
         elif isinstance(module, ParameterBagBlock):
@@ -720,7 +772,7 @@ class EspMedSamPreTrainedModel(PreTrainedModel):
             if module.token_bias is not None:
                 init.zeros_(module.token_bias)
         else:
-            init_common_weights(module, std, self.config.decoder_config.positional_encoding_scale)
+            self._init_common_weights(module)
 
 
 class EspMedSamModel(EspMedSamPreTrainedModel):
@@ -732,6 +784,7 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
 
     def __init__(self, config: EspMedSamConfig):
         super().__init__(config)
+        self._share_attn_implementation()
         self.aggregator = ModalityAggregator(config.aggregator_config)
         self.modality_controller = ModalityController(config)
         self.modality_classifier = ModalityClassifier(
@@ -742,73 +795,23 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         )
         self.mask_decoder = QueryDecoupledModalityDecoder(config.decoder_config, config.num_modalities)
         self.post_init()
-        self._sync_attn_implementation()
 
-    def _sync_attn_implementation(self) -> None:
-        implementation = "eager" if self.config._attn_implementation == "eager" else "sdpa"
-        self.config.decoder_config._attn_implementation = implementation
-        for module in self.modules():
-            if isinstance(module, WindowAttention):
-                module.attn_implementation = implementation
+    @property
+    def num_channels(self) -> int:
+        """Channels of the input images (``check_inputs``)."""
+        return self.config.aggregator_config.num_channels
 
-    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
-        super().set_attn_implementation(attn_implementation, *args, **kwargs)
-        self._sync_attn_implementation()
-
-    def check_inputs(self, pixel_values: torch.Tensor, modality: torch.Tensor | None) -> torch.LongTensor | None:
-        """Validate shapes and modality indices; returns the modality as a (B,) LongTensor on the right device."""
-        size, channels = self.config.image_size, self.config.aggregator_config.num_channels
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels or pixel_values.shape[-2:] != (size, size):
-            raise ValueError(
-                f"pixel_values must have shape (batch, {channels}, {size}, {size}), got {tuple(pixel_values.shape)}; "
-                "use EspMedSamImageProcessor to resize and normalise images"
-            )
-        check_pixel_values(pixel_values, self.dtype)
-        if modality is None:
-            return None
-        modality = torch.as_tensor(modality, device=pixel_values.device)
-        if modality.dim() == 0:
-            modality = modality.expand(pixel_values.shape[0])
-        if modality.shape != (pixel_values.shape[0],) or modality.dtype.is_floating_point:
-            raise ValueError(
-                f"modality must be an integer tensor of shape ({pixel_values.shape[0]},), got "
-                f"{tuple(modality.shape)} {modality.dtype}"
-            )
-        if not torch.compiler.is_compiling():
-            low, high = int(modality.min()), int(modality.max())
-            if low < 0 or high >= self.config.num_modalities:
-                bad = low if low < 0 else high
-                raise ValueError(
-                    f"modality index {bad} is out of range; expected 0..{self.config.num_modalities - 1} "
-                    f"({', '.join(self.config.modality_names)})"
-                )
-        return modality.long()
-
-    def forward(
+    def segment(
         self,
         pixel_values: torch.FloatTensor,
-        modality: torch.LongTensor | None = None,
+        given: torch.LongTensor | None,
         labels: torch.FloatTensor | None = None,
-        original_sizes: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> EspMedSamOutput | tuple[torch.Tensor, ...]:
-        r"""
-        pixel_values: (B, 3, S, S) images from ``EspMedSamImageProcessor`` (cast to the model's dtype).
-        modality: (B,) modality indices (``config.modality_names``); a batch may mix modalities. ``None``: the
-            modality classifier decides per image.
-        labels: (B, 1, H, W) binary masks; when given, ``loss`` is returned. The modality classifier is trained on
-            ``modality`` only when the modality is given.
-        original_sizes: the image processor's (B, 2) sizes, accepted so that ``model(**processor(...))`` works;
-            the forward does not use them (``post_process_masks`` does).
-        output_hidden_states: also return the image encoder's stage outputs (``config.output_hidden_states``).
-        return_dict: ``False`` returns ``EspMedSamOutput.to_tuple()`` (``config.return_dict``).
-        Any other argument is a ``TypeError``.
-        """
+    ) -> EspMedSamOutput:
+        """The forward after the input checks: the modality ``given`` per image, else the classifier's; with
+        ``output_hidden_states`` (``config.output_hidden_states``) also the image encoder's stage outputs."""
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        given = self.check_inputs(pixel_values, modality)
         features = self.aggregator.stem(pixel_values)
         modality_logits = self.modality_classifier(features)
         chosen = given if given is not None else modality_logits.argmax(dim=-1)
@@ -818,39 +821,22 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         )
         if hidden_states is not None:
             hidden_states.append(image_embeddings)
-        patch_logits, dense_prompt = self.prompt_generator(image_embeddings)
-        pred_masks = self.mask_decoder(image_embeddings, dense_prompt, chosen)
-
-        loss = mask_loss = patch_loss = modality_loss = None
-        if labels is not None:
-            loss, mask_loss, patch_loss = segmentation_loss(pred_masks, patch_logits, labels, self.config)
-            if given is not None and self.config.modality_loss_weight > 0:
-                modality_loss = F.cross_entropy(modality_logits, given)
-                loss = loss + self.config.modality_loss_weight * modality_loss
-        output = EspMedSamOutput(
-            loss=loss,
-            pred_masks=pred_masks,
-            patch_logits=patch_logits,
-            image_embeddings=image_embeddings,
-            modality_logits=modality_logits,
-            modality=chosen,
-            mask_loss=mask_loss,
-            patch_loss=patch_loss,
-            modality_loss=modality_loss,
+        modality_loss = None
+        if labels is not None and given is not None and self.config.modality_loss_weight > 0:
+            modality_loss = F.cross_entropy(modality_logits, given)
+        output = self.decode_embeddings(
+            image_embeddings, chosen, labels, modality_logits=modality_logits, modality_loss=modality_loss,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
         )
-        return output if return_dict else output.to_tuple()
+        if modality_loss is not None:
+            output.loss = output.loss + self.config.modality_loss_weight * modality_loss
+        return output
 
     def predict_modality(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """The modality classifier's logits (B, num_modalities) for images of unknown modality, without decoding a
         mask: the classifier on the encoder's bag-free stem, the same logits ``forward`` returns."""
         self.check_inputs(pixel_values, None)
         return self.modality_classifier(self.aggregator.stem(pixel_values))
-
-    def upscale_masks(self, pred_masks: torch.Tensor) -> torch.Tensor:
-        """Low-resolution logits to the input size (bilinear, as the official forward's last step)."""
-        size = self.config.image_size
-        return F.interpolate(pred_masks, size=(size, size), mode="bilinear", align_corners=False)
 
     @torch.no_grad()
     def fuse_batchnorm(self) -> "EspMedSamModel":
@@ -871,16 +857,17 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
 __all__ = [
     "AggregatorBlock",
     "EspMedSamModel",
+    "EspMedSamModelMixin",
     "EspMedSamOutput",
+    "EspMedSamPatchEmbed",
+    "EspMedSamPatchMerging",
     "EspMedSamPreTrainedModel",
+    "EspMedSamWindowAttention",
     "ModalityAggregator",
     "ModalityClassifier",
     "ModalityController",
     "ParameterBag",
     "QueryDecoupledModalityDecoder",
     "SelfPatchPromptGenerator",
-    "dice_loss",
-    "init_common_weights",
-    "segmentation_loss",
-    "segmentation_losses",
+    "count_parameters",
 ]

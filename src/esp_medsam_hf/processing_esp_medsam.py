@@ -10,23 +10,20 @@ import torch
 from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .configuration_esp_medsam import MODALITY_NAMES, modality_index
+from .configuration_esp_medsam import MODALITY_NAMES, EspMedSamModalitiesMixin
 
 
-class EspMedSamProcessor(ProcessorMixin):
+class EspMedSamProcessor(EspMedSamModalitiesMixin, ProcessorMixin):
     r"""Wraps [`EspMedSamImageProcessor`] and turns modality names into the model's ``modality`` indices.
 
     ``processor(images, modality="x-ray")`` (one name or index for all images, or one per image) returns
-    ``pixel_values``, ``original_sizes`` and ``modality``; ``segmentation_maps`` add ``labels``.
+    ``pixel_values``, ``original_sizes`` and ``modality``; ``segmentation_maps`` add ``labels``. Names are looked
+    up as the configs do (``modality_index``, from ``EspMedSamModalitiesMixin``).
     """
 
     def __init__(self, image_processor=None, modality_names: Sequence[str] | None = None, **kwargs):
         self.modality_names = list(modality_names or MODALITY_NAMES)
         super().__init__(image_processor, **kwargs)
-
-    def modality_index(self, modality: int | str) -> int:
-        """Index of one modality given by name or index; ``ValueError`` names the valid choices."""
-        return modality_index(modality, self.modality_names)
 
     def __call__(
         self,

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..data.schema import image_to_rgb, mask_to_bool
-from ..modeling_esp_medsam import EspMedSamModel, segmentation_loss
+from ..losses import segmentation_loss
+from ..modeling_esp_medsam import EspMedSamModel
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from torch import nn
 from ..configuration_esp_medsam import EspMedSamConfig
 from ..configuration_esp_medsam_teacher import EspMedSamTeacherConfig
 from ..image_processing_esp_medsam import EspMedSamImageProcessor
-from ..modeling_esp_medsam import EspMedSamModel, GatheredBagBlock
+from ..losses import batch_loss
+from ..modeling_esp_medsam import EspMedSamModel, GatheredBagBlock, count_parameters
 from ..modeling_esp_medsam_teacher import EspMedSamTeacherModel
 from ..pipeline_esp_medsam import save_pretrained_with_pipeline
 from ..processing_esp_medsam import EspMedSamProcessor
@@ -85,10 +86,6 @@ def freeze_all_but(model: nn.Module, trainable: list[nn.Module]) -> None:
         module.requires_grad_(True)
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 def source_data(config: TrainingConfig) -> dict:
     """The training domains with ``train`` and ``validation`` splits; empty domains are an error."""
     splits = {"train": config.synthetic_train_images, "validation": config.synthetic_valid_images}
@@ -112,10 +109,6 @@ def dice_validation(model: nn.Module, processor: EspMedSamProcessor, data: dict,
     return {"dice": float(np.mean(list(per_domain.values()))), **per_domain}
 
 
-def segmentation_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return model(pixel_values=batch["pixel_values"], modality=batch["modality"], labels=batch["labels"]).loss
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Stage 1: teacher
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,11 +123,11 @@ def build_teacher(config: TeacherConfig) -> EspMedSamTeacherModel | EspMedSamMod
     if config.model_size == "tiny":
         teacher_config = EspMedSamTeacherConfig.tiny(image_size=config.image_size, **options)
     else:
-        teacher_config = EspMedSamTeacherConfig.from_preset(config.sam_preset, image_size=config.image_size, **options)
+        teacher_config = EspMedSamTeacherConfig.from_preset(config.sam_preset, image_size=config.image_size,
+                                                            random_init=not config.sam_checkpoint, **options)
     if config.sam_checkpoint:
         return EspMedSamTeacherModel.from_sam_pretrained(config.sam_checkpoint, teacher_config)
     logger.warning("teacher: no sam_checkpoint given, the SAM encoder is randomly initialised (and frozen)")
-    teacher_config.vision_config.initializer_range = 0.02  # SAM's 1e-10 would give an all-zero random encoder
     return EspMedSamTeacherModel(teacher_config)
 
 
@@ -166,7 +159,7 @@ def segmentation_task(name: str, model: nn.Module, config: TrainingConfig, data:
         model=model,
         train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed),
         collate_fn=Collator(processor.image_processor),
-        compute_loss=segmentation_loss,
+        compute_loss=batch_loss,
         save=lambda m, folder: save_with_processor(m, processor, folder),
         validate=lambda m: dice_validation(m, processor, data, config),
     )
