@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from ..data.schema import image_to_rgb, mask_to_bool
-from ..losses import segmentation_loss
 from ..modeling_esp_medsam import EspMedSamModel
 
 logger = logging.getLogger(__name__)
@@ -187,10 +186,7 @@ class EspMedSamAfterCache(nn.Module):
     def forward(self, features: torch.Tensor, pooled_features: torch.Tensor, modality: torch.LongTensor,
                 labels: torch.Tensor) -> torch.Tensor:
         model = self.model
-        image_embeddings = self.embed(features, modality)
-        patch_logits, dense_prompt = model.prompt_generator(image_embeddings)
-        pred_masks = model.mask_decoder(image_embeddings, dense_prompt, modality)
-        loss, _, _ = segmentation_loss(pred_masks, patch_logits, labels, model.config)
+        loss = model.decode_embeddings(self.embed(features, modality), modality, labels).loss
         if model.config.modality_loss_weight > 0:
             logits = model.modality_classifier.head(pooled_features)
             loss = loss + model.config.modality_loss_weight * nn.functional.cross_entropy(logits, modality)
@@ -199,9 +195,7 @@ class EspMedSamAfterCache(nn.Module):
     @torch.no_grad()
     def predict(self, features: torch.Tensor, modality: torch.LongTensor) -> torch.Tensor:
         """Low-resolution mask logits (B, 1, h, w) from cached features."""
-        image_embeddings = self.embed(features, modality)
-        patch_logits, dense_prompt = self.model.prompt_generator(image_embeddings)
-        return self.model.mask_decoder(image_embeddings, dense_prompt, modality)
+        return self.model.decode_embeddings(self.embed(features, modality), modality).pred_masks
 
 
 def cached_loss(model: nn.Module, batch: dict) -> torch.Tensor:
