@@ -188,7 +188,7 @@ def test_prepare_command_synthetic(tmp_path, capsys):
 def test_push_to_the_local_hub(tmp_path, official):
     from huggingface_hub import HfApi, constants, hf_hub_download
 
-    from esp_medsam_hf.hub import LocalHub
+    from esp_medsam_hf.testing.localhub import LocalHub
 
     root, names, _ = official
     prepare_domain(DOMAIN, root, tmp_path / "out", progress=False)

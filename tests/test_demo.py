@@ -8,7 +8,7 @@ import torch
 
 from esp_medsam_hf.cli import main
 from esp_medsam_hf.data.real import MNFINDER_ARCHIVE, VASCX_ARCHIVE
-from esp_medsam_hf.hub.local import LocalHubError, find_olah
+from esp_medsam_hf.testing.localhub import LocalHubError, find_olah
 
 
 def olah_available() -> bool:

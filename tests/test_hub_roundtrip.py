@@ -19,7 +19,6 @@ from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, 
 from esp_medsam_hf.hub import (
     DomainResult,
     HubUnavailableError,
-    LocalHub,
     ModelCardInfo,
     PublishError,
     RetryPolicy,
@@ -28,7 +27,8 @@ from esp_medsam_hf.hub import (
     publish_dataset,
     publish_model,
 )
-from esp_medsam_hf.hub.local import free_port
+from esp_medsam_hf.testing.localhub import LocalHub, LocalHubError
+from esp_medsam_hf.testing.localhub.launcher import free_port
 
 FAST = RetryPolicy(attempts=3, base_wait_s=0.05, max_wait_s=0.1)
 REPO = "esp/roundtrip"
@@ -268,8 +268,6 @@ def test_write_api_refusals_are_clear(api):
 
 
 def test_start_refuses_a_busy_port_or_a_running_root(hub, tmp_path):
-    from esp_medsam_hf.hub import LocalHubError
-
     with pytest.raises(LocalHubError, match=f"port {hub.port} .* in use"):
         LocalHub(tmp_path / "other", port=hub.port).start()
     with pytest.raises(LocalHubError, match="already runs"):

@@ -112,7 +112,7 @@ def find_olah() -> Path:
             return candidate
     raise LocalHubError(
         "olah-cli was not found (looked in " + ", ".join(map(str, candidates)) + "); install it with "
-        "`pip install olah==0.5.4` (the dev extra) or run scripts/install.sh"
+        "`pip install \"esp-medsam-hf[testing]\"` (olah) or run scripts/install.sh"
     )
 
 
@@ -156,8 +156,8 @@ def read_state(root: Path) -> dict | None:
 
 # state key -> a string the process's command line must contain before we signal it
 _MARKERS = {"server_pid": "esp_medsam_local_hub", "olah_pid": "olah"}
-# The write server needs only this subpackage and the standard library. Importing it as `esp_medsam_hf.hub` would
-# run the parent package's __init__, which imports torch and transformers (seconds and ~1 GB per server), so the
+# The write server needs only this subpackage and the standard library. Importing it as
+# `esp_medsam_hf.testing.localhub` would run the parent package's __init__, which imports torch and transformers (seconds and ~1 GB per server), so the
 # server process loads this folder as a stand-alone package named `esp_medsam_local_hub` instead.
 _SERVER_LAUNCHER = (
     "import importlib.util, sys; "
