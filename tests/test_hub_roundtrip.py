@@ -240,11 +240,24 @@ def test_republish_mirrors_the_folder(hub, api, tmp_path):
     publish_model("esp/mirror", [StageRelease("stage-3-esp-medsam", folder)], api=api, retry=FAST)
     (folder / "sub" / "notes.txt").unlink()
     (folder / "config.json").write_text('{"changed": true}')
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "modeling_esp_medsam.cpython-311.pyc").write_bytes(b"local tool state")
     publish_model("esp/mirror", [StageRelease("stage-3-esp-medsam", folder)], api=api, retry=FAST)
     files = api.list_repo_files("esp/mirror", revision="stage-3-esp-medsam")
-    assert sorted(files) == sorted([".gitattributes", *tree_hashes(folder)])
+    published = {path: digest for path, digest in tree_hashes(folder).items() if not path.startswith("__pycache__")}
+    assert sorted(files) == sorted([".gitattributes", *published])  # stale notes.txt deleted, cache left out
     snapshot = download(hub, tmp_path, "esp/mirror", "stage-3-esp-medsam")
     assert (snapshot / "config.json").read_text() == '{"changed": true}'
+
+
+def test_xet_to_a_server_that_is_not_the_hub_is_refused_before_any_request(api, tmp_path, monkeypatch):
+    pytest.importorskip("hf_xet")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # as in a process started without the variable
+    folder = make_stage_folder(tmp_path / "m", seed=7)
+    with pytest.raises(PublishError, match="HF_HUB_DISABLE_XET=1"):
+        publish_model("esp/xet", [StageRelease("main", folder)], api=api, retry=FAST)
+    with pytest.raises(RepositoryNotFoundError):
+        api.list_repo_refs("esp/xet")
 
 
 def test_write_api_refusals_are_clear(api):

@@ -191,6 +191,7 @@ class LocalHub:
         self._token: str | None = None
         self._procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
+        self._xet_disabled_before: bool | None = None
 
     @property
     def endpoint(self) -> str:
@@ -304,9 +305,25 @@ class LocalHub:
         proc.wait()
 
     def __enter__(self) -> "LocalHub":
-        return self.start()
+        """Start the hub; until the block ends, this process's huggingface_hub uploads through LFS.
+
+        The local Hub does not speak Xet, and huggingface_hub reads ``HF_HUB_DISABLE_XET`` (which ``env`` gives
+        other processes) only when it is imported, so a test double that a running process talks to turns Xet
+        off in that process for as long as it runs, and restores the setting afterwards.
+        """
+        from huggingface_hub import constants
+
+        self.start()
+        self._xet_disabled_before = constants.HF_HUB_DISABLE_XET
+        constants.HF_HUB_DISABLE_XET = True
+        return self
 
     def __exit__(self, *exc) -> None:
+        from huggingface_hub import constants
+
+        if self._xet_disabled_before is not None:
+            constants.HF_HUB_DISABLE_XET = self._xet_disabled_before
+            self._xet_disabled_before = None
         self.stop()
 
 
