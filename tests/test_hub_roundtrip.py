@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx2
 import pytest
 from _hub_helpers import BRANCHES, make_stage_folder, tree_hashes
-from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, snapshot_download
+from huggingface_hub import DatasetCard, HfApi, ModelCard, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
 from esp_medsam_hf.hub import (
@@ -23,7 +23,6 @@ from esp_medsam_hf.hub import (
     PublishError,
     RetryPolicy,
     StageRelease,
-    build_dataset_card,
     publish_dataset,
     publish_model,
 )
@@ -209,15 +208,16 @@ def test_dataset_card_and_dataset_repo(hub, api, tmp_path):
     folder = tmp_path / "isic"
     (folder / "data").mkdir(parents=True)
     (folder / "data" / "train.parquet").write_bytes(os.urandom(4096))
-    card = build_dataset_card("ISIC 2018 (prepared)", modality="dermoscopy", target="skin lesion",
-                              splits={"train": 2594, "test": 1000}, source="ISIC 2018 task 1", image_size=1024)
-    commit = publish_dataset("esp/isic-prepared", folder, card=card, api=api, retry=FAST)
+    (folder / "notes.txt").write_text("not published\n")
+    card = DatasetCard("---\nlicense: other\npretty_name: ISIC 2018 (prepared)\n---\n\n# ISIC 2018 (prepared)\n")
+    commit = publish_dataset("esp/isic-prepared", folder, card=card, api=api, retry=FAST,
+                             allow_patterns=["data/*.parquet"])
     path = Path(snapshot_download("esp/isic-prepared", repo_type="dataset", endpoint=hub.endpoint,
                                   cache_dir=tmp_path / "cache"))
     assert path.name == commit
     assert (path / "data" / "train.parquet").read_bytes() == (folder / "data" / "train.parquet").read_bytes()
-    text = (path / "README.md").read_text()
-    assert "size_categories: 1K<n<10K" in text and "| train | 2594 |" in text
+    assert not (path / "notes.txt").exists()  # outside allow_patterns
+    assert DatasetCard.load(path / "README.md").data.pretty_name == "ISIC 2018 (prepared)"
 
 
 def test_esp_medsam_model_round_trip_through_olah(hub, tmp_path):

@@ -1,18 +1,13 @@
 """Publishing to the Hugging Face Hub: model cards and one branch per training stage, and prepared datasets.
 
+The card of a prepared dataset folder is written with the folder itself (:mod:`esp_medsam_hf.data.prepared`).
 The embedded local Hub that tests and the demo publish to is a test double: :mod:`esp_medsam_hf.testing.localhub`.
 """
 
 from __future__ import annotations
 
-from .cards import (
-    CITATION_BIBTEX,
-    DomainResult,
-    ModelCardInfo,
-    TrainingData,
-    build_dataset_card,
-    build_model_card,
-)
+from .cards import CITATION_BIBTEX, DomainResult, ModelCardInfo, TrainingData, build_model_card
+from .datasets import push_prepared
 from .publish import (
     MAIN_BRANCH,
     STAGE_BRANCHES,
@@ -35,8 +30,8 @@ __all__ = [
     "RetryPolicy",
     "StageRelease",
     "TrainingData",
-    "build_dataset_card",
     "build_model_card",
     "publish_dataset",
     "publish_model",
+    "push_prepared",
 ]
