@@ -247,6 +247,50 @@ def _split_items(domain: Domain, items: dict[str, SourceItem], report: Preparati
     return {split: [items[name] for name in names if name in items] for split, names in domain.splits().items()}
 
 
+def _generate_splits(
+    rows, splits: dict[str, list[SourceItem]], report: PreparationReport, cache_dir: Path
+) -> dict:
+    """One ``Dataset`` per split from the ``rows(split_items, split)`` generator, built in a new folder under
+    ``cache_dir``; a split whose every file was skipped is an empty ``Dataset``."""
+    import datasets
+
+    # a fresh folder per build: datasets would otherwise reuse a cached build of the same file list even when the
+    # files changed on disk (its fingerprint hashes the generator's arguments, not the files)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    build_cache = tempfile.mkdtemp(prefix="build-", dir=cache_dir)
+    bars_were_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    result = {}
+    try:
+        for split, split_items in splits.items():
+            skipped_before = len(report.skipped)
+            try:
+                result[split] = datasets.Dataset.from_generator(
+                    rows,
+                    features=features(),
+                    cache_dir=build_cache,
+                    # a tuple, not a list: datasets would shard a list into one generator call per item
+                    gen_kwargs={"split_items": tuple(split_items), "split": split},
+                    split=datasets.Split(split),
+                )
+            except datasets.exceptions.DatasetGenerationError as error:
+                cause = error.__cause__
+                if isinstance(cause, PreparationError):
+                    raise PreparationError(str(cause)) from cause
+                raise
+            except ValueError:
+                # datasets cannot build a split from a generator that yields no row: make it empty explicitly
+                if len(report.skipped) - skipped_before != len(split_items):
+                    raise
+                result[split] = datasets.Dataset.from_dict(
+                    {name: [] for name in features()}, features=features(), split=datasets.Split(split)
+                )
+    finally:
+        if bars_were_enabled:
+            datasets.enable_progress_bars()
+    return result
+
+
 def build_domain(
     domain: str | Domain,
     data_dir: str | Path,
@@ -309,41 +353,8 @@ def build_domain(
                 "file_name": item.name,
             }
 
-    # a fresh folder per build: datasets would otherwise reuse a cached build of the same file list even when the
-    # files changed on disk (its fingerprint hashes the generator's arguments, not the files)
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    build_cache = tempfile.mkdtemp(prefix="build-", dir=cache_dir)
     start = time.perf_counter()
-    bars_were_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    result = {}
-    try:
-        for split, split_items in splits.items():
-            skipped_before = len(report.skipped)
-            try:
-                result[split] = datasets.Dataset.from_generator(
-                    rows,
-                    features=features(),
-                    cache_dir=build_cache,
-                    # a tuple, not a list: datasets would shard a list into one generator call per item
-                    gen_kwargs={"split_items": tuple(split_items), "split": split},
-                    split=datasets.Split(split),
-                )
-            except datasets.exceptions.DatasetGenerationError as error:
-                cause = error.__cause__
-                if isinstance(cause, PreparationError):
-                    raise PreparationError(str(cause)) from cause
-                raise
-            except ValueError:
-                # datasets cannot build a split from a generator that yields no row: make it empty explicitly
-                if len(report.skipped) - skipped_before != len(split_items):
-                    raise
-                result[split] = datasets.Dataset.from_dict(
-                    {name: [] for name in features()}, features=features(), split=datasets.Split(split)
-                )
-    finally:
-        if bars_were_enabled:
-            datasets.enable_progress_bars()
+    result = _generate_splits(rows, splits, report, Path(cache_dir))
     report.seconds = time.perf_counter() - start
     report.rows = {split: len(dataset) for split, dataset in result.items()}
     if report.skipped:
