@@ -140,7 +140,7 @@ def _mirror(folder: Path, generated: dict[str, bytes]) -> Iterator[Path]:
     """A temporary mirror of ``folder`` made of symbolic links (nothing is copied, local tool state is left out),
     with the ``generated`` files written over it; removed when the block ends."""
     with tempfile.TemporaryDirectory(prefix="esp-medsam-publish-") as temporary:
-        mirror = Path(temporary) / folder.name
+        mirror = Path(temporary) / "folder"  # not folder.name: "." has none
         shutil.copytree(folder, mirror, ignore=shutil.ignore_patterns(*_SKIPPED_DIRS),
                         copy_function=lambda source, target: os.symlink(os.path.realpath(source), target))
         for name, data in generated.items():
