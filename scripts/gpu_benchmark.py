@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
-from esp_medsam_hf.benchmark import _autocast, machine_info, time_step
+from esp_medsam_hf.benchmark import machine_info, time_step
+from esp_medsam_hf.benchmark.timing import autocast
 
 HERE = Path(__file__).resolve().parent
 
@@ -101,7 +102,7 @@ def measure(report: Report, args, deadline: Deadline, label: str, mode: str, mod
     pixels, modality = inputs(model, run_batch, args.device, args.channels_last and label == "ours")
 
     def step():
-        with _autocast(args.device, dtype):
+        with autocast(args.device, dtype):
             return model_call(pixels, modality)
 
     try:

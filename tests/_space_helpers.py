@@ -17,7 +17,7 @@ SPACE_DIR = Path(__file__).resolve().parents[1] / "spaces" / "esp-medsam"
 APP_PATH = SPACE_DIR / "app.py"
 ARTIFACTS_DIR = Path(__file__).resolve().parents[1] / "outputs" / "test-artifacts"
 
-# No telemetry, no version check, no share link, loopback never through a proxy (SPACE_NOTES.md, pitfalls 2-4).
+# No telemetry, no version check, no share link, loopback never through a proxy.
 OFFLINE_ENV = {
     "GRADIO_ANALYTICS_ENABLED": "False",
     "HF_HUB_OFFLINE": "1",

@@ -63,9 +63,9 @@ def test_table_ratios_are_relative_to_the_plain_configuration():
         ],
         "skipped": {"litemedsam": "not installed"},
     }
-    from esp_medsam_hf.benchmark import _add_ratios
+    from esp_medsam_hf.benchmark.report import add_ratios
 
-    _add_ratios(report)
+    add_ratios(report)
     assert [r["ratio_to_plain"] for r in report["results"]] == [1.0, 0.5]
     table = format_table(report)
     assert "| esp-medsam-fast | 1.00 | 1.0 | 64 | fp32 | 1 | 5.0 | 200.00 |  | 0.50 |  |" in table

@@ -11,7 +11,9 @@ import pytest
 from _data_helpers import as255, build_replica, random_image, run_command, save, write_official
 from esp_medsam_hf.commands import prepare as prepare_command
 from esp_medsam_hf.data.domains import get_domain
-from esp_medsam_hf.data.prepare import PreparationError, build_domain, prepare_domain, push_to_hub
+from esp_medsam_hf.data.prepare import PreparationError, build_domain, prepare_domain
+from esp_medsam_hf.data.prepared import PreparedDataError
+from esp_medsam_hf.hub import push_prepared
 from esp_medsam_hf.data.schema import mask_to_bool
 
 DOMAIN = "tnbc"
@@ -136,18 +138,19 @@ def test_push_to_unreachable_hub_is_a_clear_error(tmp_path, official, monkeypatc
 
     root, _, _ = official
     prepare_domain(DOMAIN, root, tmp_path / "out", progress=False)
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     with pytest.raises(HubUnavailableError, match=r"127\.0\.0\.1:9 is not reachable.*Nothing was uploaded"):
-        push_to_hub(
+        push_prepared(
             tmp_path / "out", "someone/esp-medsam-data", token="hf_dummy", endpoint="http://127.0.0.1:9",
             retry=RetryPolicy(attempts=1),
         )
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".push-")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
 
 
 def test_push_refuses_a_folder_without_prepared_domains(tmp_path):
-    with pytest.raises(PreparationError, match="no prepared domain"):
-        push_to_hub(tmp_path, "someone/esp-medsam-data", token="hf_dummy")
+    with pytest.raises(PreparedDataError, match="no prepared domain"):
+        push_prepared(tmp_path, "someone/esp-medsam-data", token="hf_dummy")
 
 
 def test_prepare_command(tmp_path, official, capsys):
@@ -188,14 +191,14 @@ def test_prepare_command_synthetic(tmp_path, capsys):
 def test_push_to_the_local_hub(tmp_path, official):
     from huggingface_hub import HfApi, constants, hf_hub_download
 
-    from esp_medsam_hf.hub import LocalHub
+    from esp_medsam_hf.testing.localhub import LocalHub
 
     root, names, _ = official
     prepare_domain(DOMAIN, root, tmp_path / "out", progress=False)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(constants, "HF_HUB_OFFLINE", False)
         with LocalHub(tmp_path / "hub") as hub:
-            commit = push_to_hub(tmp_path / "out", "esp/domains", token=hub.token, endpoint=hub.endpoint)
+            commit = push_prepared(tmp_path / "out", "esp/domains", token=hub.token, endpoint=hub.endpoint)
             api = HfApi(endpoint=hub.endpoint, token=hub.token)
             files = api.list_repo_files("esp/domains", repo_type="dataset", revision="main")
             downloaded = {

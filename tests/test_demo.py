@@ -1,14 +1,20 @@
 """The main job in its reduced mode: LiteMedSAM's real weights, the real domains, three stages, evaluation beside
 the references, publishing every stage to the local Hub, reload, real images."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from esp_medsam_hf.cli import main
 from esp_medsam_hf.data.real import MNFINDER_ARCHIVE, VASCX_ARCHIVE
-from esp_medsam_hf.hub.local import LocalHubError, find_olah
+from esp_medsam_hf.testing.localhub import LocalHubError, find_olah
+from esp_medsam_hf.testing.localhub.gitrepo import GitRepo
+
+STAGES = ("stage-1-teacher", "stage-2-distill", "stage-3-esp-medsam")
 
 
 def olah_available() -> bool:
@@ -17,6 +23,27 @@ def olah_available() -> bool:
     except LocalHubError:
         return False
     return True
+
+
+def check_published_branches(output: Path, summary: dict) -> None:
+    """One branch per stage plus main in the local Hub's repository, at the commits the summary names, each holding
+    its stage's release folder (the same weights) and its own model card; main is the final stage."""
+    repo = GitRepo(output / "hub" / "repos" / "models" / summary["hub"]["repo"])
+    assert repo.branches() == summary["hub"]["commits"]
+    assert set(summary["hub"]["commits"]) == {*STAGES, "main"}
+    weights = {}
+    for branch, commit in summary["hub"]["commits"].items():
+        files = repo.file_oids(commit)
+        assert {"config.json", "model.safetensors", "pipeline_esp_medsam.py", "README.md"} <= set(files), branch
+        card = ModelCard(repo.read_blob(f"{commit}:README.md").decode())
+        assert card.data.training_stage == branch and branch in card.data.tags
+        assert f"**This revision: `{branch}`.**" in card.text
+        assert card.data.eval_results, f"{branch}: the card has no evaluation results"
+        weights[branch] = files["model.safetensors"]  # the sha256 of the LFS object
+    for stage in STAGES:
+        local = hashlib.sha256((output / stage / "release" / "model.safetensors").read_bytes()).hexdigest()
+        assert weights[stage] == local, f"{stage}: the branch does not hold the stage's release"
+    assert len({weights[stage] for stage in STAGES}) == 3 and weights["main"] == weights["stage-3-esp-medsam"]
 
 
 @pytest.mark.skipif(not olah_available(), reason="the local Hub needs olah (the dev extra)")
@@ -36,9 +63,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
     final = EspMedSamModel.from_pretrained(summary["final_model"])
     assert final.config.image_size == 256 and summary["final_model"].endswith("stage-3-esp-medsam/release")
-    # one branch per stage plus main, each release folder a loadable model
-    assert set(summary["hub"]["commits"]) == {"stage-1-teacher", "stage-2-distill", "stage-3-esp-medsam", "main"}
-    for stage in ("stage-1-teacher", "stage-2-distill", "stage-3-esp-medsam"):
+    # one branch per stage plus main, each with its stage's weights and its own model card
+    check_published_branches(output, summary)
+    for stage in STAGES:
         assert (output / stage / "release" / "model.safetensors").is_file(), stage
         assert (output / stage / "config.yaml").is_file() or (output / stage / "specific" / "config.yaml").is_file()
     assert (output / "stage-3-esp-medsam/release/pipeline_esp_medsam.py").is_file()  # the custom pipeline ships

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from esp_medsam_hf.hub.gitrepo import (
+from esp_medsam_hf.testing.localhub.gitrepo import (
     GITATTRIBUTES,
     CommitConflict,
     FileAdd,

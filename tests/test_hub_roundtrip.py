@@ -13,22 +13,21 @@ from pathlib import Path
 import httpx2
 import pytest
 from _hub_helpers import BRANCHES, make_stage_folder, tree_hashes
-from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, snapshot_download
+from huggingface_hub import DatasetCard, HfApi, ModelCard, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
 from esp_medsam_hf.hub import (
     DomainResult,
     HubUnavailableError,
-    LocalHub,
     ModelCardInfo,
     PublishError,
     RetryPolicy,
     StageRelease,
-    build_dataset_card,
     publish_dataset,
     publish_model,
 )
-from esp_medsam_hf.hub.local import free_port
+from esp_medsam_hf.testing.localhub import LocalHub, LocalHubError
+from esp_medsam_hf.testing.localhub.launcher import free_port
 
 FAST = RetryPolicy(attempts=3, base_wait_s=0.05, max_wait_s=0.1)
 REPO = "esp/roundtrip"
@@ -209,15 +208,16 @@ def test_dataset_card_and_dataset_repo(hub, api, tmp_path):
     folder = tmp_path / "isic"
     (folder / "data").mkdir(parents=True)
     (folder / "data" / "train.parquet").write_bytes(os.urandom(4096))
-    card = build_dataset_card("ISIC 2018 (prepared)", modality="dermoscopy", target="skin lesion",
-                              splits={"train": 2594, "test": 1000}, source="ISIC 2018 task 1", image_size=1024)
-    commit = publish_dataset("esp/isic-prepared", folder, card=card, api=api, retry=FAST)
+    (folder / "notes.txt").write_text("not published\n")
+    card = DatasetCard("---\nlicense: other\npretty_name: ISIC 2018 (prepared)\n---\n\n# ISIC 2018 (prepared)\n")
+    commit = publish_dataset("esp/isic-prepared", folder, card=card, api=api, retry=FAST,
+                             allow_patterns=["data/*.parquet"])
     path = Path(snapshot_download("esp/isic-prepared", repo_type="dataset", endpoint=hub.endpoint,
                                   cache_dir=tmp_path / "cache"))
     assert path.name == commit
     assert (path / "data" / "train.parquet").read_bytes() == (folder / "data" / "train.parquet").read_bytes()
-    text = (path / "README.md").read_text()
-    assert "size_categories: 1K<n<10K" in text and "| train | 2594 |" in text
+    assert not (path / "notes.txt").exists()  # outside allow_patterns
+    assert DatasetCard.load(path / "README.md").data.pretty_name == "ISIC 2018 (prepared)"
 
 
 def test_esp_medsam_model_round_trip_through_olah(hub, tmp_path):
@@ -240,11 +240,24 @@ def test_republish_mirrors_the_folder(hub, api, tmp_path):
     publish_model("esp/mirror", [StageRelease("stage-3-esp-medsam", folder)], api=api, retry=FAST)
     (folder / "sub" / "notes.txt").unlink()
     (folder / "config.json").write_text('{"changed": true}')
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "modeling_esp_medsam.cpython-311.pyc").write_bytes(b"local tool state")
     publish_model("esp/mirror", [StageRelease("stage-3-esp-medsam", folder)], api=api, retry=FAST)
     files = api.list_repo_files("esp/mirror", revision="stage-3-esp-medsam")
-    assert sorted(files) == sorted([".gitattributes", *tree_hashes(folder)])
+    published = {path: digest for path, digest in tree_hashes(folder).items() if not path.startswith("__pycache__")}
+    assert sorted(files) == sorted([".gitattributes", *published])  # stale notes.txt deleted, cache left out
     snapshot = download(hub, tmp_path, "esp/mirror", "stage-3-esp-medsam")
     assert (snapshot / "config.json").read_text() == '{"changed": true}'
+
+
+def test_xet_to_a_server_that_is_not_the_hub_is_refused_before_any_request(api, tmp_path, monkeypatch):
+    pytest.importorskip("hf_xet")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # as in a process started without the variable
+    folder = make_stage_folder(tmp_path / "m", seed=7)
+    with pytest.raises(PublishError, match="HF_HUB_DISABLE_XET=1"):
+        publish_model("esp/xet", [StageRelease("main", folder)], api=api, retry=FAST)
+    with pytest.raises(RepositoryNotFoundError):
+        api.list_repo_refs("esp/xet")
 
 
 def test_write_api_refusals_are_clear(api):
@@ -268,8 +281,6 @@ def test_write_api_refusals_are_clear(api):
 
 
 def test_start_refuses_a_busy_port_or_a_running_root(hub, tmp_path):
-    from esp_medsam_hf.hub import LocalHubError
-
     with pytest.raises(LocalHubError, match=f"port {hub.port} .* in use"):
         LocalHub(tmp_path / "other", port=hub.port).start()
     with pytest.raises(LocalHubError, match="already runs"):

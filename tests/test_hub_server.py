@@ -15,10 +15,10 @@ import pytest
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import BadRequestError, HfHubHTTPError
 
-from esp_medsam_hf.hub.gitrepo import FileAdd, GitRepo, PathDelete, check_repo_path
-from esp_medsam_hf.hub.guard import GuardError, check_branch_name, new_token
-from esp_medsam_hf.hub.local import free_port
-from esp_medsam_hf.hub.server import LocalHubServer
+from esp_medsam_hf.testing.localhub.gitrepo import FileAdd, GitRepo, PathDelete, check_repo_path
+from esp_medsam_hf.testing.localhub.guard import GuardError, check_branch_name, new_token
+from esp_medsam_hf.testing.localhub.launcher import free_port
+from esp_medsam_hf.testing.localhub.server import LocalHubServer
 
 TOKEN = new_token()
 

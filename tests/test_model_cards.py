@@ -15,8 +15,9 @@ from PIL import Image
 
 from _inference_helpers import run_without_package, save_tiny_model, single_thread
 from esp_medsam_hf.data.domains import SOURCE_DOMAINS, get_domain
-from esp_medsam_hf.hub import LocalHub, RetryPolicy, StageRelease, build_model_card, publish_model
+from esp_medsam_hf.hub import RetryPolicy, StageRelease, build_model_card, publish_model
 from esp_medsam_hf.hub.cards import ModelCardInfo, TrainingData, portable_config
+from esp_medsam_hf.testing.localhub import LocalHub
 from esp_medsam_hf.training.publishing import STAGE_TO_BRANCH, stage_card, training_data
 
 BRANCHES = ("stage-1-teacher", "stage-2-distill", "stage-3-esp-medsam", "main")

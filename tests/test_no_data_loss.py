@@ -14,7 +14,8 @@ import torch
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
 from esp_medsam_hf.cli import main
 from esp_medsam_hf.data.layouts import LayoutError
-from esp_medsam_hf.data.prepare import prepare_domain, prepared_domains, write_output
+from esp_medsam_hf.data.prepare import prepare_domain, write_output
+from esp_medsam_hf.data.prepared import prepared_domains
 from esp_medsam_hf.data.synthetic import synthetic_domain
 from esp_medsam_hf.fileio import atomic_file, check_replaceable, staging_directory
 from esp_medsam_hf.inference import collect_inputs

@@ -13,14 +13,8 @@ from PIL import Image
 from esp_medsam_hf.cli import main
 from esp_medsam_hf.data.domains import REAL_DOMAIN_NAMES, custom_domain, get_domain, resolve_domains
 from esp_medsam_hf.data.layouts import LayoutError, get_layout
-from esp_medsam_hf.data.prepare import (
-    PreparationError,
-    assign_splits,
-    prepare_domain,
-    prepared_domain_spec,
-    prepared_domains,
-    read_mask,
-)
+from esp_medsam_hf.data.prepare import PreparationError, assign_splits, prepare_domain, read_mask
+from esp_medsam_hf.data.prepared import prepared_domain_spec, prepared_domains
 from esp_medsam_hf.data.real import MNFINDER_ARCHIVE, VASCX_ARCHIVE, mnfinder_members, unpack_mnfinder, unpack_vascx
 from esp_medsam_hf.training.data import load_domains
 

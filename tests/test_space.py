@@ -245,8 +245,8 @@ print(json.dumps(results))
 def test_hub_repo_and_revision_through_the_local_hub(tmp_path):
     from huggingface_hub import HfApi
 
-    from esp_medsam_hf.hub import LocalHub
     from esp_medsam_hf.hub.publish import RetryPolicy, StageRelease, publish_model
+    from esp_medsam_hf.testing.localhub import LocalHub
 
     branches = ["main", "stage-2-distill"]
     folders = {branch: save_tiny_model(tmp_path / branch, seed=seed) for seed, branch in enumerate(branches)}

@@ -17,7 +17,7 @@ from esp_medsam_hf import assets
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Playwright already adds --headless, --no-sandbox and friends; the resolver rule stops every DNS query that is not
-# loopback (Chromium's update and account services), see SPACE_NOTES.md.
+# loopback (Chromium's update and account services).
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -76,7 +76,7 @@ def test_browser_upload_segment_and_download(app_url, nuclei_png):
             expect(page.get_by_role("combobox", name="Modality")).to_have_value("microscopy")
             run.click()
 
-            # Fail fast on an error toast rather than waiting out the timeout (SPACE_NOTES.md, pitfall 8).
+            # Fail fast on an error toast rather than waiting out the timeout.
             overlay = page.locator("#out-overlay img")
             page.locator("#out-overlay img, .toast-body").first.wait_for(timeout=30_000)
             assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").first.inner_text()
@@ -114,7 +114,7 @@ def test_api_dicom_and_rejected_files(app_url, tmp_path):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
-    # analytics_enabled=False: the client ignores GRADIO_ANALYTICS_ENABLED (SPACE_NOTES.md, pitfall 3).
+    # analytics_enabled=False: the client ignores GRADIO_ANALYTICS_ENABLED.
     client = Client(app_url, verbose=False, analytics_enabled=False)
     dicom = assets.CHEST_XRAY_DICOM.path()
     header = pydicom.dcmread(dicom, stop_before_pixels=True)

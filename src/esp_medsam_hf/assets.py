@@ -63,16 +63,6 @@ NUCLEAR_IMAGE = RealAsset(
     "mahotas", "demos/data/nuclear.png", "mahotas==1.4.19", "fluorescence nuclei (mahotas)"
 )
 
-ALL_ASSETS = (
-    LITEMEDSAM_WEIGHTS,
-    DSB2018_IMAGE,
-    DSB2018_MASK,
-    HISTOLOGY_IMAGE,
-    CHEST_XRAY_DICOM,
-    FUNDUS_IMAGE,
-    NUCLEAR_IMAGE,
-)
-
 
 def load_dsb2018_pair() -> tuple[np.ndarray, np.ndarray]:
     """The real DSB 2018 microscopy pair: uint8 RGB image (512x512x3) and its binary nuclei mask (bool)."""

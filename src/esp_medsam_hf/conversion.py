@@ -19,9 +19,6 @@ from .modeling_esp_medsam import EspMedSamModel
 
 logger = logging.getLogger(__name__)
 
-OFFICIAL_PIXEL_MEAN = (123.675, 116.28, 103.53)
-"""The official preprocessing: no rescale, and (a bug upstream) the std equal to the mean."""
-
 # Shared (modality-independent) weights. `{L}` stands for the official TinyViT layer index.
 ORIGINAL_TO_CONVERTED_KEY_MAPPING: dict[str, str | None] = {
     r"^SemiTViT\.patch_embed\.seq\.0\.c\.": "aggregator.patch_embed.conv1.conv.",

@@ -5,23 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-MODEL_NAMES = (
-    "esp-medsam-fast",
-    "esp-medsam-plain",
-    "litemedsam",
-    "sam-vit-b",
-    "sam-vit-h",
-    "esp-medsam-onnx",
-    "esp-medsam-user",
-)
+from ..benchmark.settings import ALL_MODELS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="folder for benchmark.json, benchmark.md and benchmark.png")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument(
-        "--models", nargs="+", choices=MODEL_NAMES, metavar="MODEL",
-        help=f"models to measure (default: all that fit the device; choices: {', '.join(MODEL_NAMES)})",
+        "--models", nargs="+", choices=ALL_MODELS, metavar="MODEL",
+        help=f"models to measure (default: all that fit the device; choices: {', '.join(ALL_MODELS)})",
     )
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="default: 1 8 on the CPU, 1 8 32 on a GPU")
     parser.add_argument(
@@ -54,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     """``BenchmarkSettings`` from the parsed arguments, with device-dependent defaults."""
-    from ..benchmark import ALL_MODELS, BenchmarkSettings
+    from ..benchmark import BenchmarkSettings
 
     gpu = args.device.startswith("cuda")
     if args.quick:

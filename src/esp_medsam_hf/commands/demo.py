@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..hub.local import LocalHubError
+    from ..testing.localhub import LocalHubError
     from ..training.data import TrainingDataError
     from ..training.demo import run_demo
     from ..training.loop import NonFiniteLossError

@@ -58,23 +58,18 @@ def load_model(path: str, device: str | None = None):
 
 
 def load_data(args: argparse.Namespace, image_size: int) -> tuple[dict, str]:
-    """``({name: Dataset or DatasetDict}, label)`` for ``--data``."""
+    """``({name: DatasetDict}, label)`` for ``--data``, through the loader that training uses too."""
     from pathlib import Path
 
-    from ..data.domains import resolve_domains
-    from ..data.prepare import PreparationError, prepared_domains
+    from ..data.domains import REAL_DOMAIN_NAMES, resolve_domains
+    from ..data.prepared import load_domains, prepared_domains
 
     if args.data == "synthetic":
-        from ..data.synthetic import synthetic_domains
-
         size = args.size or image_size
         names = [d.name for d in resolve_domains(args.domains)]
-        data = synthetic_domains(names, {args.split: args.num_per_split}, seed=args.seed, size=size)
+        data = load_domains("synthetic", names, splits={args.split: args.num_per_split}, seed=args.seed, size=size)
         return data, f"SYNTHETIC data ({args.num_per_split} images per domain, {size} px, seed {args.seed})"
-    from ..training.data import TrainingDataError, load_domains
-
     if args.data == "real":
-        from ..data.domains import REAL_DOMAIN_NAMES
         from ..data.real import archive_dir, prepare_real_domains
 
         root = archive_dir().parent / "prepared"
@@ -86,17 +81,14 @@ def load_data(args: argparse.Namespace, image_size: int) -> tuple[dict, str]:
         root = Path(args.data)
         names = args.domains or prepared_domains(root)
         label = f"{'SYNTHETIC' if (root / '.synthetic').exists() else 'prepared'} data from {root}"
-    try:
-        return load_domains(str(root), names, splits={args.split: 0}), label
-    except TrainingDataError as error:
-        raise PreparationError(str(error)) from error
+    return load_domains(root, names, splits={args.split: 0}), label
 
 
 def run(args: argparse.Namespace) -> int:
     from ..data.baselines import reference_methods
     from ..data.evaluation import evaluate_model, write_report
     from ..data.prepare import PreparationError
-
+    from ..data.prepared import PreparedDataError
     from ..fileio import check_replaceable
 
     try:
@@ -116,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         )
         report["model"] = str(args.model)
         output = write_report(report, args.output, cases=cases, data_label=label, overwrite=args.overwrite)
-    except (PreparationError, KeyError, FileExistsError, OSError) as error:
+    except (PreparationError, PreparedDataError, KeyError, FileExistsError, OSError) as error:
         print(f"esp-medsam evaluate: error: {error.args[0] if error.args else error}", file=sys.stderr)
         return 1
     print((output / "results.md").read_text())

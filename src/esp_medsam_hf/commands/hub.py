@@ -38,7 +38,7 @@ def _pairs(values: list[str], flag: str) -> dict[str, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from esp_medsam_hf.hub.local import (
+    from esp_medsam_hf.testing.localhub.launcher import (
         LocalHub,
         LocalHubError,
         client_env,

@@ -60,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.domains import GROUPS, custom_domain, get_domain, resolve_domains
     from ..data.layouts import LayoutError
-    from ..data.prepare import PreparationError, prepare_domain, push_to_hub, write_output
+    from ..data.prepare import PreparationError, prepare_domain, write_output
     from ..data.real import prepare_real_domains
     from ..data.synthetic import DEFAULT_SIZE, synthetic_domain
-    from ..hub import PublishError
+    from ..hub import PublishError, push_prepared
 
     try:
         if args.modality is not None:
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 for skipped in report.skipped:
                     print(f"  skipped {skipped['file_name']}: {skipped['reason']}")
         if args.push_to_hub:
-            commit = push_to_hub(args.output, args.push_to_hub, token=args.token, private=args.private)
+            commit = push_prepared(args.output, args.push_to_hub, token=args.token, private=args.private)
             print(f"pushed {args.output} to {args.push_to_hub}, commit {commit}")
     except (PreparationError, LayoutError, KeyError, ValueError, FileExistsError, FileNotFoundError, ConnectionError,
             PublishError) as error:

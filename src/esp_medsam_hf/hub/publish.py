@@ -1,18 +1,28 @@
 """Publish trained stages to a Hub repository: one branch per stage, ``main`` for the released model.
 
 Each stage's saved folder (config.json, model.safetensors, preprocessor config, remote-code .py files: whatever it
-holds) goes up as is, together with that stage's model card as README.md, in ONE commit on the stage's branch, so a
-branch is either fully updated or left as it was. Local files are only read, never written.
+holds) goes up as is, together with that stage's model card as README.md, with ``HfApi.upload_folder``: one commit
+on the stage's branch that also deletes the files the branch holds and the folder does not
+(``delete_patterns="*"``). Local files are only read, never written: the card is added in a temporary mirror of the
+folder made of symbolic links. A commit is all or nothing, so a branch is either fully updated or left as it was
+(huggingface_hub splits only folders of more than 256 files into several commits, when it uploads through Xet).
 
 Retries: huggingface_hub already retries its preupload and LFS transfers (``http_backoff``); the calls it does not
-retry (create repo, create branch, the commit itself) are retried here with exponential backoff on transient
-failures (5xx, 429, connection and timeout errors). A retried commit cannot duplicate a file change: the Hub
+retry (create repo, create branch, the upload itself) are retried here with exponential backoff on transient
+failures (5xx, 429, connection and timeout errors). A retried upload cannot duplicate a file change: the Hub
 reports the files it already holds and the client leaves unchanged files out of the commit.
+
+Only the Hugging Face Hub speaks Xet, which huggingface_hub uses whenever ``hf_xet`` is installed: another server
+needs ``HF_HUB_DISABLE_XET=1`` in the environment before huggingface_hub is imported.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, RepoCard, constants
+from huggingface_hub import HfApi, ModelCard, RepoCard, constants
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from .cards import ModelCardInfo, build_model_card
@@ -30,8 +40,9 @@ logger = logging.getLogger(__name__)
 
 STAGE_BRANCHES = ("stage-1-teacher", "stage-2-distill", "stage-3-esp-medsam")
 MAIN_BRANCH = "main"
-# Folders that are local tool state, never part of a model (upload_folder leaves the same ones out).
-_SKIPPED_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
+HUB_ENDPOINT = "https://huggingface.co"
+# Folders that are local tool state, never part of a model.
+_SKIPPED_DIRS = (".git", ".cache", "__pycache__", ".ipynb_checkpoints")
 T = TypeVar("T")
 
 
@@ -62,7 +73,9 @@ class StageRelease:
     """One branch to publish: the saved model folder and (optionally) what its model card shows.
 
     With ``delete_stale`` (the default) the same commit removes files the branch holds that the folder does not
-    (e.g. the shards of an earlier, sharded save), so that the branch mirrors the folder.
+    (e.g. the shards of an earlier, sharded save), so that the branch mirrors the folder. ``allow_patterns``
+    (``upload_folder``'s) publishes only the matching files of the folder; ``extra_files`` (name -> content) and
+    the card are added to them.
     """
 
     branch: str
@@ -71,6 +84,7 @@ class StageRelease:
     commit_message: str | None = None
     extra_files: dict[str, bytes] = field(default_factory=dict)
     delete_stale: bool = True
+    allow_patterns: list[str] | None = None
 
 
 def is_transient(err: BaseException) -> bool:
@@ -100,35 +114,41 @@ def _short(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def folder_operations(folder: Path, readme: bytes | None, extra: dict[str, bytes]) -> list[CommitOperationAdd]:
-    """One add operation per file below ``folder`` (read lazily from disk), plus the card and any extra files."""
-    folder = Path(folder)
+def _check_folder(folder: Path) -> None:
+    """``folder`` exists and holds a file to publish (checked before the first request)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist or is not a folder")
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and not _SKIPPED_DIRS.intersection(p.relative_to(folder).parts)
-    )
-    if not files:
+    skipped = set(_SKIPPED_DIRS)
+    if not any(p.is_file() and not skipped.intersection(p.relative_to(folder).parts) for p in folder.rglob("*")):
         raise FileNotFoundError(f"model folder {folder} holds no files to publish")
-    generated = {**extra, **({"README.md": readme} if readme is not None else {})}
-    operations = [
-        CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-        for p in files
-        if p.relative_to(folder).as_posix() not in generated
-    ]
-    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in generated.items()]
-    return operations
 
 
-def _card_bytes(card: ModelCardInfo | RepoCard | None, branch: str, repo_id: str) -> bytes | None:
-    if card is None:
-        return None
+def _generated_files(release: StageRelease, repo_id: str) -> dict[str, bytes]:
+    """What the commit adds to the folder's files: ``extra_files`` and the model card as README.md."""
+    card = release.card
     if isinstance(card, ModelCardInfo):
-        if card.stage != branch:
-            raise ValueError(f"the card for branch {branch!r} describes stage {card.stage!r}")
+        if card.stage != release.branch:
+            raise ValueError(f"the card for branch {release.branch!r} describes stage {card.stage!r}")
         card.repo_id = card.repo_id or repo_id
         card = build_model_card(card)
-    return str(card).encode()
+    readme = {"README.md": str(card).encode()} if card is not None else {}
+    return {**release.extra_files, **readme}
+
+
+@contextmanager
+def _mirror(folder: Path, generated: dict[str, bytes]) -> Iterator[Path]:
+    """A temporary mirror of ``folder`` made of symbolic links (nothing is copied, local tool state is left out),
+    with the ``generated`` files written over it; removed when the block ends."""
+    with tempfile.TemporaryDirectory(prefix="esp-medsam-publish-") as temporary:
+        mirror = Path(temporary) / "folder"  # not folder.name: "." has none
+        shutil.copytree(folder, mirror, ignore=shutil.ignore_patterns(*_SKIPPED_DIRS),
+                        copy_function=lambda source, target: os.symlink(os.path.realpath(source), target))
+        for name, data in generated.items():
+            path = mirror / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            path.write_bytes(data)
+        yield mirror
 
 
 def _check_reachable(api: HfApi, repo_id: str, policy: RetryPolicy) -> None:
@@ -145,17 +165,17 @@ def _check_reachable(api: HfApi, repo_id: str, policy: RetryPolicy) -> None:
         raise
 
 
-@contextmanager
-def _xet_only_on_the_hub(endpoint: str) -> Iterator[None]:
-    """Turn Xet uploads off while talking to a server that is not the Hub (huggingface_hub 2.4 uses Xet whenever
-    hf_xet is installed, without asking the server; other servers speak only the LFS protocol)."""
-    previous = constants.HF_HUB_DISABLE_XET
-    if endpoint.rstrip("/") != constants._HF_DEFAULT_ENDPOINT:
-        constants.HF_HUB_DISABLE_XET = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_DISABLE_XET = previous
+def _check_xet(api: HfApi, branches: list[str]) -> None:
+    """Refuse before any upload when huggingface_hub would speak Xet to a server that is not the Hub."""
+    if api.endpoint.rstrip("/") == HUB_ENDPOINT or constants.HF_HUB_DISABLE_XET:
+        return
+    if importlib.util.find_spec("hf_xet") is not None:
+        raise PublishError(
+            f"{api.endpoint} is not the Hugging Face Hub, and huggingface_hub uploads through Xet (hf_xet is "
+            "installed), which only the Hub speaks: set HF_HUB_DISABLE_XET=1 in the environment before Python "
+            "starts (`esp-medsam hub start` prints it). Nothing was uploaded.",
+            uploaded={}, not_uploaded=branches,
+        )
 
 
 def publish_model(
@@ -180,10 +200,11 @@ def publish_model(
         branches = [r.branch for r in releases]
         raise ValueError(f"each branch may be published once per call, got {branches}")
     # validate everything locally before the first request, so bad input never leaves a half-published repo
-    plans = [(r, folder_operations(r.folder, _card_bytes(r.card, r.branch, repo_id), r.extra_files)) for r in releases]
-
-    with _xet_only_on_the_hub(api.endpoint):
-        return _publish(api, repo_id, plans, private=private, repo_type=repo_type, retry=retry)
+    plans = []
+    for release in releases:
+        _check_folder(Path(release.folder))
+        plans.append((release, _generated_files(release, repo_id)))
+    return _publish(api, repo_id, plans, private=private, repo_type=repo_type, retry=retry)
 
 
 def _publish(
@@ -191,27 +212,14 @@ def _publish(
 ) -> dict[str, str]:
     branches = [release.branch for release, _ in plans]
     _check_reachable(api, repo_id, retry)
+    _check_xet(api, branches)
     with_retries(lambda: api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True),
                  f"creating {repo_id}", retry)
     uploaded: dict[str, str] = {}
-    for index, (release, operations) in enumerate(plans):
+    for index, (release, generated) in enumerate(plans):
         branch = release.branch
         try:
-            if branch != MAIN_BRANCH:
-                with_retries(
-                    lambda: api.create_branch(repo_id, branch=branch, repo_type=repo_type, exist_ok=True),
-                    f"creating branch {branch}", retry,
-                )
-            message = release.commit_message or f"Upload {branch} from {Path(release.folder).name}"
-            info = with_retries(
-                lambda: api.create_commit(
-                    repo_id, commit_message=message, revision=branch, repo_type=repo_type,
-                    operations=_fresh(operations) + (
-                        _stale(api, repo_id, branch, repo_type, operations) if release.delete_stale else []
-                    ),
-                ),
-                f"uploading {release.folder} to {repo_id}@{branch}", retry,
-            )
+            commit = _upload(api, repo_id, release, generated, repo_type=repo_type, retry=retry)
         except Exception as err:
             not_uploaded = branches[index:]
             raise PublishError(
@@ -221,23 +229,31 @@ def _publish(
                 f"(no commit was made on {branch!r}; a commit is all or nothing). Local files were not modified.",
                 uploaded=dict(uploaded), not_uploaded=not_uploaded,
             ) from err
-        uploaded[branch] = info.oid
-        logger.info("published %s to %s@%s (commit %s)", release.folder, repo_id, branch, info.oid[:12])
+        uploaded[branch] = commit
+        logger.info("published %s to %s@%s (commit %s)", release.folder, repo_id, branch, commit[:12])
     return uploaded
 
 
-def _stale(
-    api: HfApi, repo_id: str, branch: str, repo_type: str, operations: list[CommitOperationAdd]
-) -> list[CommitOperationDelete]:
-    """Deletions of the files on ``branch`` that this commit does not add (``.gitattributes`` stays)."""
-    keep = {op.path_in_repo for op in operations} | {".gitattributes"}
-    remote = api.list_repo_files(repo_id, revision=branch, repo_type=repo_type)
-    return [CommitOperationDelete(path_in_repo=path) for path in remote if path not in keep]
-
-
-def _fresh(operations: list[CommitOperationAdd]) -> list[CommitOperationAdd]:
-    """New operation objects for each try: huggingface_hub refuses to reuse ones from a finished commit."""
-    return [CommitOperationAdd(path_in_repo=op.path_in_repo, path_or_fileobj=op.path_or_fileobj) for op in operations]
+def _upload(
+    api: HfApi, repo_id: str, release: StageRelease, generated: dict[str, bytes], *, repo_type: str,
+    retry: RetryPolicy,
+) -> str:
+    """One release in one commit on its branch (created from ``main`` when missing); returns the commit id."""
+    branch = release.branch
+    if branch != MAIN_BRANCH:
+        with_retries(lambda: api.create_branch(repo_id, branch=branch, repo_type=repo_type, exist_ok=True),
+                     f"creating branch {branch}", retry)
+    message = release.commit_message or f"Upload {branch} from {Path(release.folder).name}"
+    allowed = None if release.allow_patterns is None else [*release.allow_patterns, *generated]
+    with _mirror(Path(release.folder), generated) as folder:
+        info = with_retries(
+            lambda: api.upload_folder(
+                repo_id=repo_id, folder_path=folder, revision=branch, repo_type=repo_type, commit_message=message,
+                allow_patterns=allowed, delete_patterns="*" if release.delete_stale else None,
+            ),
+            f"uploading {release.folder} to {repo_id}@{branch}", retry,
+        )
+    return info.oid
 
 
 def _describe(uploaded: dict[str, str]) -> str:
@@ -254,11 +270,14 @@ def publish_dataset(
     private: bool | None = None,
     retry: RetryPolicy = RetryPolicy(),
     delete_stale: bool = True,
+    allow_patterns: list[str] | None = None,
 ) -> str:
-    """Upload a prepared dataset folder (and its DatasetCard as README.md) to a dataset repo; returns the commit id.
+    """Upload a dataset folder (and its DatasetCard as README.md) to a dataset repo; returns the commit id.
 
-    With ``delete_stale`` the revision ends up holding exactly the folder's files (plus the card).
+    With ``delete_stale`` the revision ends up holding exactly the folder's files (those matching
+    ``allow_patterns`` when given) plus the card.
     """
-    release = StageRelease(branch=revision, folder=Path(folder), card=card, delete_stale=delete_stale)
+    release = StageRelease(branch=revision, folder=Path(folder), card=card, delete_stale=delete_stale,
+                           allow_patterns=allow_patterns)
     return publish_model(repo_id, [release], api=api, private=private, repo_type="dataset", retry=retry)[revision]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.domains import SOURCE_DOMAINS, get_domain, resolve_domains
+from ..data import prepared
 from ..data.schema import image_to_rgb, mask_to_bool
 from ..imaging import IMAGE_SUFFIXES
 
@@ -44,52 +44,13 @@ def load_domains(
     seed: int = 0,
     size: int = 128,
 ) -> dict:
-    """``{domain: DatasetDict}`` of ``domains`` with the given splits.
-
-    ``data`` is ``"synthetic"`` (``splits`` maps split name to images per domain; default domains: the source
-    domains) or a folder written by ``esp-medsam prepare`` (default domains: the source domains it holds, else all
-    it holds; a user's own domain is named as it was prepared). A missing folder, domain or split raises
-    ``TrainingDataError`` naming it.
-    """
-    if data == "synthetic":
-        from ..data.synthetic import synthetic_domains
-
-        names = [d.name for d in resolve_domains(domains)] if domains else list(SOURCE_DOMAINS)
-        return synthetic_domains(names, dict(splits), seed=seed, size=size)
-    import datasets
-
-    from ..data.domains import GROUPS
-    from ..data.prepare import prepared_domains
-
-    root = Path(data)
-    if not root.is_dir():
-        raise TrainingDataError(
-            f"dataset folder {root} does not exist; prepare it with `esp-medsam prepare` or use data: synthetic"
-        )
-    available = prepared_domains(root)
-    if domains:
-        names = list(dict.fromkeys(member for name in domains for member in GROUPS.get(name, (name,))))
-    else:
-        names = [name for name in available if name in SOURCE_DOMAINS] or available
-    result = {}
-    for name in names:
-        if name not in available:
-            raise TrainingDataError(
-                f"{root} has no prepared data for domain {name!r} (it has: {', '.join(available) or 'nothing'}); "
-                f"run `esp-medsam prepare --domains {name} --output {root}`"
-            )
-        arrow = root / name / "arrow"
-        if arrow.is_dir():
-            dataset = datasets.load_from_disk(str(arrow))
-        else:
-            files = {split: str(root / name / "data" / f"{split}-*.parquet") for split in splits}
-            dataset = datasets.load_dataset("parquet", data_files=files)
-        dataset = datasets.DatasetDict({split: dataset[split] for split in splits if split in dataset})
-        for split in splits:
-            if split not in dataset:
-                raise TrainingDataError(f"{root / name}: split {split!r} is missing (it has {', '.join(dataset)})")
-        result[name] = dataset
-    return result
+    """``{domain: DatasetDict}`` from :func:`esp_medsam_hf.data.prepared.load_domains` (synthetic data or a folder
+    written by ``esp-medsam prepare``, the loader evaluation uses too); a missing folder, domain or split raises
+    ``TrainingDataError`` naming it."""
+    try:
+        return prepared.load_domains(data, domains, splits=splits, seed=seed, size=size)
+    except prepared.PreparedDataError as error:
+        raise TrainingDataError(str(error)) from error
 
 
 def check_not_empty(datasets: Mapping, split: str) -> None:
@@ -209,8 +170,3 @@ class Collator:
             batch["labels"] = inputs["labels"].float()
         return batch
 
-
-def domain_label(name: str) -> str:
-    """``"isic (dermoscopy, source)"`` for logs and reports."""
-    spec = get_domain(name)
-    return f"{name} ({spec.modality}, {spec.role})"

@@ -1,4 +1,4 @@
-"""Model cards and publishing of trained stages, through the hub engineer's ``esp_medsam_hf.hub`` module.
+"""Model cards and publishing of trained stages, through :mod:`esp_medsam_hf.hub`.
 
 ``stage_card`` turns a stage's configuration and evaluation report into a ``ModelCardInfo``; ``publish_stages``
 commits each stage folder to its branch (``stage-1-teacher``, ``stage-2-distill``, ``stage-3-esp-medsam``, ``main``)

@@ -4,7 +4,7 @@
 with ``HF_ENDPOINT`` already set (huggingface_hub reads it once, at import), which is why the demo runs it as a
 child process pointed at the local Hub. It checks that ``EspMedSamModel.from_pretrained(repo, revision=...)`` (and
 ``AutoModel``) give the outputs of the local folder ``--reference``, segments the real
-images of REAL_ASSETS.md with the reloaded model, writes one overlay PNG per image and prints one JSON line.
+images of :mod:`esp_medsam_hf.assets` with the reloaded model, writes one overlay PNG per image and prints one JSON line.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Hausdorff distance (pixels) between binary 2-D segmentation masks, as MONAI computes it (an ``evaluate`` module)."""
 
-import datasets
 import evaluate
 
-from esp_medsam_hf.metrics.functional import as_masks, hausdorff_distance, mean_hausdorff
+from esp_medsam_hf.metrics.functional import hausdorff_distance, mean_hausdorff
+from esp_medsam_hf.metrics.mask_metric import MASK_ARGUMENTS, MaskMetric
 
 _DESCRIPTION = """Symmetric Hausdorff distance in pixels, the same definition as MONAI's compute_hausdorff_distance
 (Euclidean, include_background=False): edges are the mask minus its erosion (4-connected cross, background
@@ -12,11 +12,7 @@ over both directions of the 95th percentile. The ESP-MedSAM paper reports hd on 
 Empty masks, per image (MONAI's values): exactly one empty -> hd inf, hd95 nan; both empty -> both nan. The means
 use only the images where both masks are non-empty; num_undefined counts the others."""
 
-_KWARGS_DESCRIPTION = """
-Args:
-    predictions: list of HxW binary masks (bool, 0/1 or 0/255 arrays or tensors, or PIL images such as a dataset's
-        own mask column).
-    references: list of HxW binary masks of the same sizes.
+_KWARGS_DESCRIPTION = MASK_ARGUMENTS + """
 Returns:
     hd: mean Hausdorff distance (the maximum) over the images where it is defined, in pixels.
     hd95: mean 95th-percentile Hausdorff distance over the same images, in pixels.
@@ -39,41 +35,10 @@ _CITATION = """@article{huttenlocher1993,
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class Hausdorff(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("bool"))),
-                    "references": datasets.Sequence(datasets.Sequence(datasets.Value("bool"))),
-                }
-            ),
-        )
+class Hausdorff(MaskMetric):
+    DESCRIPTION, CITATION, INPUTS_DESCRIPTION = _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION
 
-    def compute(self, *, predictions=None, references=None, **kwargs):
-        """As ``evaluate.Metric.compute``; masks may also be PIL images or 0/255 arrays (see ``as_masks``)."""
-        return super().compute(
-            predictions=as_masks(predictions, "predictions"), references=as_masks(references, "references"), **kwargs
-        )
-
-    def add_batch(self, *, predictions=None, references=None, **kwargs):
-        """As ``evaluate.Metric.add_batch``, with the inputs of ``compute``."""
-        return super().add_batch(
-            predictions=as_masks(predictions, "predictions"), references=as_masks(references, "references"), **kwargs
-        )
-
-    def add(self, *, prediction=None, reference=None, **kwargs):
-        """As ``evaluate.Metric.add``, with the inputs of ``compute``."""
-        prediction = None if prediction is None else as_masks([prediction], "prediction")[0]
-        reference = None if reference is None else as_masks([reference], "reference")[0]
-        return super().add(prediction=prediction, reference=reference, **kwargs)
-
-    def _compute(self, predictions, references):
-        if len(predictions) != len(references):
-            raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    def _compute_masks(self, predictions, references):
         per_image = [hausdorff_distance(p, r) for p, r in zip(predictions, references)]
         hd, undefined = mean_hausdorff([value[0] for value in per_image])
         hd95, _ = mean_hausdorff([value[1] for value in per_image])

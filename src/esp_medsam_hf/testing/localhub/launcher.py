@@ -112,7 +112,7 @@ def find_olah() -> Path:
             return candidate
     raise LocalHubError(
         "olah-cli was not found (looked in " + ", ".join(map(str, candidates)) + "); install it with "
-        "`pip install olah==0.5.4` (the dev extra) or run scripts/install.sh"
+        "`pip install \"esp-medsam-hf[testing]\"` (olah) or run scripts/install.sh"
     )
 
 
@@ -156,8 +156,8 @@ def read_state(root: Path) -> dict | None:
 
 # state key -> a string the process's command line must contain before we signal it
 _MARKERS = {"server_pid": "esp_medsam_local_hub", "olah_pid": "olah"}
-# The write server needs only this subpackage and the standard library. Importing it as `esp_medsam_hf.hub` would
-# run the parent package's __init__, which imports torch and transformers (seconds and ~1 GB per server), so the
+# The write server needs only this subpackage and the standard library. Importing it as
+# `esp_medsam_hf.testing.localhub` would run the parent package's __init__, which imports torch and transformers (seconds and ~1 GB per server), so the
 # server process loads this folder as a stand-alone package named `esp_medsam_local_hub` instead.
 _SERVER_LAUNCHER = (
     "import importlib.util, sys; "
@@ -191,6 +191,7 @@ class LocalHub:
         self._token: str | None = None
         self._procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
+        self._xet_disabled_before: bool | None = None
 
     @property
     def endpoint(self) -> str:
@@ -304,9 +305,25 @@ class LocalHub:
         proc.wait()
 
     def __enter__(self) -> "LocalHub":
-        return self.start()
+        """Start the hub; until the block ends, this process's huggingface_hub uploads through LFS.
+
+        The local Hub does not speak Xet, and huggingface_hub reads ``HF_HUB_DISABLE_XET`` (which ``env`` gives
+        other processes) only when it is imported, so a test double that a running process talks to turns Xet
+        off in that process for as long as it runs, and restores the setting afterwards.
+        """
+        from huggingface_hub import constants
+
+        self.start()
+        self._xet_disabled_before = constants.HF_HUB_DISABLE_XET
+        constants.HF_HUB_DISABLE_XET = True
+        return self
 
     def __exit__(self, *exc) -> None:
+        from huggingface_hub import constants
+
+        if self._xet_disabled_before is not None:
+            constants.HF_HUB_DISABLE_XET = self._xet_disabled_before
+            self._xet_disabled_before = None
         self.stop()
 
 

@@ -1,7 +1,7 @@
 """The local Hub's front server: the Hub's write API on loopback, read routes proxied to olah.
 
 Why we write it: no package on PyPI, Debian or npm serves the Hub's write API (create repo, branch, preupload,
-LFS batch, commit; see HUB.md), and olah, the only packaged Hub-API server that runs here, is read-only. So this
+LFS batch, commit), and olah, the only packaged Hub-API server that runs here, is read-only. So this
 small ``http.server`` answers the calls huggingface_hub 2.4 makes to publish (with ``HF_HUB_DISABLE_XET=1``) and
 commits into the git repositories that olah serves. Read requests are checked against git first (so that a missing
 repository, revision or file gets the Hub's error code, which olah 0.5.4 reports as 401 RepoNotFound in all three
@@ -11,8 +11,8 @@ Every request first passes ``guard.check_request`` (Host/Origin, the write token
 before git sees it), and a request body that stalls longer than ``body_timeout_s`` is answered 408 and its
 connection closed.
 
-``LocalHub`` (local.py) launches it; by hand:
-``python -m esp_medsam_hf.hub.server --root DIR --port P --olah-url URL --token-file FILE``.
+``LocalHub`` (launcher.py) launches it; by hand:
+``python -m esp_medsam_hf.testing.localhub.server --root DIR --port P --olah-url URL --token-file FILE``.
 """
 
 from __future__ import annotations
