@@ -392,7 +392,7 @@ class _Run:
     run_log: RunLog
     progress: TrainingProgress = field(default_factory=TrainingProgress)
     bar: Any = None  # the tqdm progress bar, made once the resumed step is known
-    start: float = field(default_factory=time.perf_counter)
+    start: float = 0.0  # time.perf_counter() when the epochs begin (the log's time column counts from there)
     seen_modalities: set[int] = field(default_factory=set)  # by the batches accumulated into the next step
     last_validated_step: int | None = None
 
@@ -437,6 +437,7 @@ def train(config: TrainingConfig, task: StageTask, output_dir: str | Path | None
         run.bar = tqdm(total=run.total_steps, initial=min(run.progress.global_step, run.total_steps), desc=task.name,
                        unit="step", disable=not (accelerator.is_local_main_process and config.progress),
                        dynamic_ncols=True)
+        run.start = time.perf_counter()
         for epoch in range(run.progress.epoch, config.epochs):
             if run.finished or not _train_epoch(run, epoch):
                 break
