@@ -230,6 +230,30 @@ def test_yaml_config_defaults_and_errors(tmp_path):
         load_config("distill", path)
 
 
+def test_default_inputs_chain_the_stages_through_their_release_folders(tmp_path, monkeypatch):
+    """What stage 1 releases is stage 2's default teacher, what stage 2 releases stage 3's default initial model,
+    for the configs and for the train command without flags."""
+    import argparse
+
+    from esp_medsam_hf.commands.train import add_arguments, stage_config
+    from esp_medsam_hf.training import STAGES
+    from esp_medsam_hf.training.stages import write_release
+
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    configs = {stage: stage_config(parser.parse_args(["--stage", stage])) for stage in STAGES}
+    assert configs == {stage: load_config(stage) for stage in STAGES}
+    chosen = tmp_path / "model"
+    chosen.mkdir()
+    (chosen / "config.json").write_text("{}")
+    teacher_release = write_release(chosen, Path(configs["teacher"].output_dir))
+    assert Path(configs["distill"].teacher) == teacher_release and teacher_release.name == "release"
+    distill_release = write_release(chosen, Path(configs["distill"].output_dir))
+    assert Path(configs["espmedsam"].init_from) == distill_release
+    assert (Path(configs["espmedsam"].init_from) / "config.json").is_file()
+
+
 def test_train_command_reports_a_missing_dataset(tmp_path, capsys):
     from esp_medsam_hf.cli import main
 

@@ -25,6 +25,7 @@ from esp_medsam_hf.training import (
     run_stage,
     train,
 )
+from esp_medsam_hf.training.loop import save_checkpoint
 from esp_medsam_hf.training.stages import espmedsam_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,6 +100,27 @@ def test_non_finite_gradients_stop_before_the_step_is_applied(tmp_path, data):
     with pytest.raises(NonFiniteLossError, match="gradient norm is (nan|inf) .* Last good checkpoint: .*step-00000001"):
         train(config, task)
     assert all(torch.isfinite(p).all() for p in task.model.parameters())
+
+
+def test_old_checkpoints_are_kept_when_the_new_one_fails_half_way(tmp_path):
+    """Rotation deletes the old checkpoints only after the new one is complete (accelerate's deletes first)."""
+
+    class DiesWhileSaving:
+        is_main_process = True
+
+        def wait_for_everyone(self) -> None:
+            pass
+
+        def save_state(self, folder: str) -> None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "model.safetensors").write_bytes(b"partial")
+            raise OSError("disk full")
+
+    old = tmp_path / "checkpoints" / "step-00000001"
+    old.mkdir(parents=True)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(DiesWhileSaving(), tmp_path, 2, keep=1)
+    assert latest_checkpoint(tmp_path) == old and old.is_dir()
 
 
 def test_a_checkpoint_with_nan_weights_is_not_the_last_good_one(finished, caplog):

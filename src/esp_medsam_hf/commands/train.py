@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from ..training.config import FREEZABLE
+from ..training.config import FREEZABLE, DistillConfig, EspMedSamStageConfig, TrainingConfig, load_config
+
+if TYPE_CHECKING:
+    from ..training.stages import StageResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's flags; a flag not given is None, so ``--config`` and the stage's defaults fill it.
+
+    Written with argparse rather than ``transformers.HfArgumentParser``, which fills every flag with its dataclass
+    default (so a ``--config`` YAML value could not sit between the defaults and the flags) and cannot register the
+    options the three stage dataclasses share (``init_from``, every ``TrainingConfig`` field) in one parser.
+    """
     parser.add_argument("--stage", required=True, choices=("teacher", "distill", "espmedsam"))
     parser.add_argument("--config", help="YAML file of the stage's options (see docs/training.md)")
     parser.add_argument("--output-dir", help="run folder (checkpoints/, best/, final/, release/, log.csv)")
@@ -36,10 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-to", nargs="+", help="accelerate trackers (tensorboard, wandb, ...)")
     parser.add_argument("--sam-checkpoint", help="teacher: SAM weights (facebook/sam-vit-b|l|huge or a folder)")
     parser.add_argument("--sam-preset", choices=("vit-b", "vit-l", "vit-h"), help="teacher: SAM encoder size")
-    parser.add_argument("--teacher", help="distill: the stage-1 teacher folder")
+    parser.add_argument("--teacher", help=f"distill: the stage-1 teacher folder (default: {DistillConfig.teacher})")
     parser.add_argument("--natural-images", help="distill: folder or dataset of natural images (default: skimage)")
     parser.add_argument(
-        "--init-from", help="initial ESP-MedSAM folder, or 'litemedsam' (teacher: an ESP-MedSAM teacher on it)"
+        "--init-from", help="initial ESP-MedSAM folder, or 'litemedsam' (teacher: an ESP-MedSAM teacher on it); "
+        f"espmedsam default: {EspMedSamStageConfig.init_from}",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
@@ -74,14 +85,20 @@ STAGE_OPTION_NAMES = {
 }
 
 
+def stage_config(args: argparse.Namespace) -> TrainingConfig:
+    """The stage's options: its defaults, then the ``--config`` file, then the flags given."""
+    overrides = {name: getattr(args, name) for name in OPTION_NAMES + STAGE_OPTION_NAMES[args.stage]}
+    return load_config(args.stage, args.config, **overrides)
+
+
 def run(args: argparse.Namespace) -> int:
+    """Train the stage (and publish it with ``--push-to-hub``); 1 with a one-line error for bad options or data."""
     import torch
 
-    from ..training import CheckpointError, NonFiniteLossError, TrainingDataError, load_config, run_stage
+    from ..training import CheckpointError, NonFiniteLossError, TrainingDataError, run_stage
 
-    overrides = {name: getattr(args, name) for name in OPTION_NAMES + STAGE_OPTION_NAMES[args.stage]}
     try:
-        config = load_config(args.stage, args.config, **overrides)
+        config = stage_config(args)
         if config.threads:
             torch.set_num_threads(config.threads)
         result = run_stage(config)
@@ -98,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def publish(args: argparse.Namespace, config, result) -> None:
+def publish(args: argparse.Namespace, config: TrainingConfig, result: StageResult) -> None:
     """Publish the stage's release folder (and optionally main) with a model card."""
     from ..training.publishing import STAGE_TO_BRANCH, publish_stages, stage_card
 

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 STAGES = ("teacher", "distill", "espmedsam")
+RELEASE = "release"
+"""The folder of a stage run that is published (``<output_dir>/release``), the same name for every stage; the next
+stage's input defaults to the previous stage's default ``release`` folder."""
 
 
 @dataclass
@@ -196,8 +199,8 @@ class TeacherConfig(TrainingConfig):
 class DistillConfig(TrainingConfig):
     """Stage 2 (MMDKD): modality-common then modality-specific distillation into the student's encoder.
 
-    teacher: the stage-1 teacher folder (save_pretrained). Its SAM encoder alone is the modality-common target,
-        with the medical tokens and MLPs the modality-specific target.
+    teacher: the stage-1 teacher folder (save_pretrained; default: stage 1's default ``release`` folder). Its SAM
+        encoder alone is the modality-common target, with the medical tokens and MLPs the modality-specific target.
     natural_images: folder of photographs (or a ``save_to_disk`` dataset with an ``image`` column) for the
         modality-common phase; None: the natural photographs scikit-image ships.
     common_epochs / specific_epochs: epochs of the two phases (None: ``epochs`` each); ``common_max_steps: 0``
@@ -210,7 +213,7 @@ class DistillConfig(TrainingConfig):
 
     stage: ClassVar[str] = "distill"
     output_dir: str = "outputs/distill"
-    teacher: str = "outputs/teacher/release"
+    teacher: str = f"{TeacherConfig.output_dir}/{RELEASE}"
     natural_images: str | None = None
     common_epochs: int | None = None
     specific_epochs: int | None = None
@@ -226,7 +229,8 @@ class EspMedSamStageConfig(TrainingConfig):
     """Stage 3: the distilled encoder with SPPG and QDMD on the source domains (the modality classifier trains
     jointly through the model's loss).
 
-    init_from: the stage-2 folder, ``"litemedsam"`` (LiteMedSAM weights through the converter), or None (random).
+    init_from: the stage-2 folder (default: stage 2's default ``release`` folder), ``"litemedsam"`` (LiteMedSAM
+        weights through the converter), or None (random).
     classifier_domains: after training, fit the modality classifier alone (encoder frozen) on the train splits of
         these domains, e.g. all 12; the classifier reads detached stage-0 features, so segmentation is unchanged.
     classifier_epochs: epochs of that fit.
@@ -234,7 +238,7 @@ class EspMedSamStageConfig(TrainingConfig):
 
     stage: ClassVar[str] = "espmedsam"
     output_dir: str = "outputs/espmedsam"
-    init_from: str | None = "outputs/distill/release"
+    init_from: str | None = f"{DistillConfig.output_dir}/{RELEASE}"
     classifier_domains: list[str] | None = None
     classifier_epochs: int = 0
 

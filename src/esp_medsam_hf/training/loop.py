@@ -1,4 +1,5 @@
-"""The training loop, on Accelerate: one function that reads top to bottom, like accelerate's examples.
+"""The training loop, on Accelerate: ``train`` reads top to bottom, like accelerate's examples, each of its steps
+(accelerator and run folder, prepare, resume, one epoch, one optimizer step, validation, final save) a function below.
 
 It runs on one CPU, one GPU, or many GPUs and nodes (``accelerate launch``), with mixed precision, gradient
 accumulation, checkpoints written by ``save_state`` (atomically: a temporary folder renamed into place) and exact
@@ -26,13 +27,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..fileio import atomic_file, replace_directory, staging_directory
 from .config import TrainingConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +85,7 @@ class StageTask:
 
 
 class TrainingProgress:
-    """Where training stands; saved and restored with the accelerate state (``register_for_checkpointing``)."""
+    """Where training stands; saved as ``progress.json`` beside the accelerate state of each checkpoint."""
 
     def __init__(self) -> None:
         self.epoch = 0
@@ -111,6 +115,11 @@ class TrainingResult:
     global_step: int
     best_metric: float | None
     history: list[dict] = field(default_factory=list)
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint taken after optimizer step ``step`` (``step-NNNNNNNN``)."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -216,15 +225,19 @@ def save_model_atomically(task: StageTask, model: nn.Module, target: Path) -> Pa
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, progress: TrainingProgress | None = None,
                     model: nn.Module | None = None) -> Path:
-    """``accelerator.save_state`` into ``checkpoints/.tmp-step-N``, renamed to ``checkpoints/step-N`` when complete.
+    """``accelerator.save_state`` into ``checkpoints/.tmp-step-N``, renamed to ``checkpoints/step-N`` when complete;
+    only then are the checkpoints beyond the newest ``keep`` deleted.
 
     ``model``: checked finite first (a NaN model is never saved as a checkpoint); ``progress``: saved as JSON.
+    accelerate's own rotation (``ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=...)``) is not
+    used: it deletes the oldest checkpoints before writing the new one, straight into its final folder, so a crash
+    mid-save would leave fewer good checkpoints and a partial one under a checkpoint's name.
     """
     if model is not None:
         check_parameters_finite(model, f"step {step}: not saved as a checkpoint")
     folder = output_dir / "checkpoints"
-    target = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
-    staging = folder / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
+    target = folder / checkpoint_name(step)
+    staging = folder / f".tmp-{checkpoint_name(step)}"
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
@@ -362,28 +375,91 @@ def check_resume_options(config: TrainingConfig, output_dir: Path) -> None:
         )
 
 
+@dataclass
+class _Run:
+    """What the steps of one ``train`` call share: the prepared objects, the counters, the logs."""
+
+    config: TrainingConfig
+    task: StageTask
+    output_dir: Path
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    dataloader: torch.utils.data.DataLoader
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    trainable: list[nn.Parameter]
+    total_steps: int
+    run_log: RunLog
+    progress: TrainingProgress = field(default_factory=TrainingProgress)
+    bar: Any = None  # the tqdm progress bar, made once the resumed step is known
+    start: float = 0.0  # time.perf_counter() when the epochs begin (the log's time column counts from there)
+    seen_modalities: set[int] = field(default_factory=set)  # by the batches accumulated into the next step
+    last_validated_step: int | None = None
+
+    @property
+    def best_dir(self) -> Path:
+        return self.output_dir / "best"
+
+    @property
+    def finished(self) -> bool:
+        return self.progress.global_step >= self.total_steps
+
+    def unwrapped_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.accelerator, self.output_dir, self.progress.global_step,
+                               self.config.keep_checkpoints, self.progress, self.unwrapped_model())
+
+
 def train(config: TrainingConfig, task: StageTask, output_dir: str | Path | None = None) -> TrainingResult:
     """Train ``task`` with ``config``; returns where the final and best models are. See the module docstring."""
     from accelerate.state import AcceleratorState, GradientState
+    from tqdm.auto import tqdm
 
+    output_dir = Path(output_dir or config.output_dir)
     try:
-        return _train(config, task, output_dir)
+        # 1. Accelerator (devices, processes, mixed precision, gradient accumulation) and the run folder.
+        accelerator = _build_accelerator(config, output_dir)
+        resume = _prepare_run_folder(accelerator, config, output_dir)
+        if config.report_to:
+            accelerator.init_trackers(f"esp-medsam-{task.name}",
+                                      config={k: str(v) for k, v in config.to_dict().items()})
+
+        # 2. Data, optimizer (Adam on the trainable parameters) and the per-epoch decay, through accelerate.
+        run = _prepare_training(accelerator, config, task, output_dir)
+
+        # 3. Resume: parameters, optimizer, scheduler, RNG states (all verified first) and the progress counters.
+        if resume is not None:
+            _resume(run, resume)
+
+        # 4. The epochs: optimizer steps; a complete epoch ends with the decay, validation, best model, checkpoint.
+        run.bar = tqdm(total=run.total_steps, initial=min(run.progress.global_step, run.total_steps), desc=task.name,
+                       unit="step", disable=not (accelerator.is_local_main_process and config.progress),
+                       dynamic_ncols=True)
+        run.start = time.perf_counter()
+        for epoch in range(run.progress.epoch, config.epochs):
+            if run.finished or not _train_epoch(run, epoch):
+                break
+            _end_epoch(run, epoch)
+        run.bar.close()
+
+        # 5. A stop inside an epoch (max_steps) validates and checkpoints there too; then the final model.
+        return _finish(run)
     finally:
         # accelerate keeps its settings in process-wide singletons; the next run (next stage or phase, possibly
         # with other mixed-precision or accumulation settings) starts from a clean state. The process group stays.
+        # accelerate has no public way to reset them (transformers' TrainingArguments calls the same private method).
         AcceleratorState._reset_state()
         GradientState._reset_state()
 
 
-def _train(config: TrainingConfig, task: StageTask, output_dir: str | Path | None) -> TrainingResult:
+def _build_accelerator(config: TrainingConfig, output_dir: Path) -> Accelerator:
+    """The accelerator of the run, refusing processes it did not join; seeds every RNG. The learning rate decays
+    once per epoch (the paper's schedule), so the scheduler is not stepped with the optimizer."""
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    output_dir = Path(output_dir or config.output_dir)
-
-    # 1. Accelerator: devices, processes, mixed precision, gradient accumulation. The learning rate decays once
-    #    per epoch (the paper's schedule), so the scheduler is not stepped with the optimizer.
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -403,6 +479,12 @@ def _train(config: TrainingConfig, task: StageTask, output_dir: str | Path | Non
     set_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
+    return accelerator
+
+
+def _prepare_run_folder(accelerator: Accelerator, config: TrainingConfig, output_dir: Path) -> Path | None:
+    """The main process checks the run folder (``prepare_output_dir``) and writes ``config.yaml`` for a fresh run;
+    returns the checkpoint to resume from, on every process."""
     resume = None
     if accelerator.is_main_process:
         resume = prepare_output_dir(config, output_dir)
@@ -412,12 +494,13 @@ def _train(config: TrainingConfig, task: StageTask, output_dir: str | Path | Non
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         resume = (latest_intact_checkpoint(output_dir) if config.resume == "latest"
-                  else (config.resume and Path(config.resume)))
-    run_log = RunLog(output_dir, accelerator.is_main_process)
-    if config.report_to:
-        accelerator.init_trackers(f"esp-medsam-{task.name}", config={k: str(v) for k, v in config.to_dict().items()})
+                  else Path(config.resume) if config.resume else None)
+    return resume
 
-    # 2. Data, optimizer (Adam on the trainable parameters only) and the per-epoch exponential decay.
+
+def _prepare_training(accelerator: Accelerator, config: TrainingConfig, task: StageTask, output_dir: Path) -> _Run:
+    """Data loader, Adam on the trainable parameters only and the per-epoch exponential decay, prepared by
+    ``accelerator``; the number of optimizer steps the run will take."""
     train_dataloader = torch.utils.data.DataLoader(
         task.train_dataset, batch_size=config.batch_size, shuffle=True, collate_fn=task.collate_fn,
         num_workers=config.num_workers,
@@ -436,139 +519,151 @@ def _train(config: TrainingConfig, task: StageTask, output_dir: str | Path | Non
     model, optimizer, train_dataloader, scheduler = accelerator.prepare(
         task.model, optimizer, train_dataloader, scheduler
     )
-    progress = TrainingProgress()  # saved as JSON beside the accelerate state (not a pickled custom state)
-
-    # 3. Resume: parameters, optimizer, scheduler, RNG states (all verified first) and the progress counters.
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        progress.load_state_dict(json.loads((Path(resume) / PROGRESS_FILE).read_text()))
-        run_log.truncate_after(progress.global_step)
-        logger.info("%s: resumed from %s (epoch %d, batch %d, step %d)",
-                    task.name, resume, progress.epoch, progress.batch, progress.global_step)
-
-    steps_per_epoch = math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = config.epochs * math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    if resume is not None and progress.global_step >= total_steps:
+    return _Run(config, task, output_dir, accelerator, model, optimizer, train_dataloader, scheduler, trainable,
+                total_steps, RunLog(output_dir, accelerator.is_main_process))
+
+
+def _resume(run: _Run, checkpoint: Path) -> None:
+    """Load the accelerate state of ``checkpoint`` (verified before) and its ``progress.json``; the logs lose the
+    steps logged after it."""
+    progress = run.progress
+    run.accelerator.load_state(str(checkpoint))
+    progress.load_state_dict(json.loads((Path(checkpoint) / PROGRESS_FILE).read_text()))
+    run.run_log.truncate_after(progress.global_step)
+    logger.info("%s: resumed from %s (epoch %d, batch %d, step %d)",
+                run.task.name, checkpoint, progress.epoch, progress.batch, progress.global_step)
+    if run.finished:
         logger.info("%s: the resumed run is already complete (%d of %d steps); nothing to train",
-                    task.name, progress.global_step, total_steps)
-    bar = tqdm(total=total_steps, initial=min(progress.global_step, total_steps), desc=task.name, unit="step",
-               disable=not (accelerator.is_local_main_process and config.progress), dynamic_ncols=True)
-    best_dir = output_dir / "best"
-    last_validated_step = None
+                    run.task.name, progress.global_step, run.total_steps)
 
-    def validate_and_keep_best(epoch: int) -> None:
-        nonlocal last_validated_step
-        last_validated_step = progress.global_step
-        if task.validate is None or not config.validate:
-            return
-        if accelerator.is_main_process:
-            metrics = task.validate(accelerator.unwrap_model(model))
-            value = float(metrics[task.metric_name])
-            better = progress.best_metric is None or (
-                value > progress.best_metric if task.greater_is_better else value < progress.best_metric
-            )
-            if better and math.isfinite(value):
-                progress.best_metric, progress.best_step = value, progress.global_step
-                save_model_atomically(task, accelerator.unwrap_model(model), best_dir)
-            run_log.write({"event": "validation", "task": task.name, "epoch": epoch, "step": progress.global_step,
-                           **metrics, "best": progress.best_metric})
-            logger.info("%s: epoch %d step %d: validation %s %.4f (best %.4f at step %s)", task.name, epoch,
-                        progress.global_step, task.metric_name, value, progress.best_metric, progress.best_step)
-            accelerator.log({f"validation/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
-                            step=progress.global_step)
-        accelerator.wait_for_everyone()
 
-    # 4. The loop.
-    seen_modalities: set[int] = set()
-    start = time.perf_counter()
-    stop = progress.global_step >= total_steps
-    for epoch in range(progress.epoch, config.epochs):
-        if stop:
-            break
-        model.train()
-        train_dataloader.set_epoch(epoch)
-        if hasattr(task.train_dataset, "set_epoch"):
-            task.train_dataset.set_epoch(epoch)
-        batches = (
-            accelerator.skip_first_batches(train_dataloader, progress.batch) if progress.batch else train_dataloader
-        )
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss = task.compute_loss(model, batch)
-                # every process must agree before anything is applied: a bad loss on any of them stops all
-                if not bool(torch.isfinite(accelerator.gather(loss.detach().float().reshape(1))).all()):
-                    last = latest_intact_checkpoint(output_dir)
-                    raise NonFiniteLossError(
-                        f"{task.name}: the loss is {loss.item()} at epoch {epoch}, step {progress.global_step + 1}; "
-                        f"training stopped before applying it. Last good checkpoint: {last or 'none'}; "
-                        f"best model: {best_dir if best_dir.exists() else 'none'}"
-                    )
-                accelerator.backward(loss)
-                seen_modalities.update(int(m) for m in accelerator.gather(batch["modality"]).tolist())
-                if accelerator.sync_gradients:
-                    if config.max_grad_norm:
-                        norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                        if norm is not None and not bool(torch.isfinite(torch.as_tensor(norm))):
-                            raise NonFiniteLossError(
-                                f"{task.name}: the gradient norm is {float(norm)} at epoch {epoch}, step "
-                                f"{progress.global_step + 1}; training stopped before applying it. Last good "
-                                f"checkpoint: {latest_intact_checkpoint(output_dir) or 'none'}"
-                            )
-                    if task.before_optimizer_step is not None:
-                        task.before_optimizer_step(accelerator.unwrap_model(model), seen_modalities)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            progress.batch += 1
-            if not accelerator.sync_gradients:
-                continue
-            progress.global_step += 1
-            seen_modalities = set()
-            bar.update(1)
-            lr = scheduler.get_last_lr()[0]
-            if progress.global_step % config.log_every == 0 or progress.global_step == total_steps:
-                value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", epoch=epoch)
-                run_log.write({"event": "train", "time": round(time.perf_counter() - start, 3), "task": task.name,
-                               "epoch": epoch, "step": progress.global_step, "loss": value, "lr": lr})
-                accelerator.log({"train/loss": value, "train/lr": lr}, step=progress.global_step)
-            if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0:
-                save_checkpoint(accelerator, output_dir, progress.global_step, config.keep_checkpoints, progress,
-                                accelerator.unwrap_model(model))
-            if progress.global_step >= total_steps:
-                stop = True
-                break
-        else:
-            # the epoch is complete: decay the learning rate, validate, keep the best model, checkpoint
-            scheduler.step()
-            progress.epoch, progress.batch = epoch + 1, 0
-            validate_and_keep_best(epoch)
-            save_checkpoint(accelerator, output_dir, progress.global_step, config.keep_checkpoints, progress,
-                            accelerator.unwrap_model(model))
-    bar.close()
+def _train_epoch(run: _Run, epoch: int) -> bool:
+    """The batches of ``epoch`` not consumed yet; False when the run takes its last step inside the epoch (which
+    is then not complete)."""
+    run.model.train()
+    run.dataloader.set_epoch(epoch)
+    if hasattr(run.task.train_dataset, "set_epoch"):
+        run.task.train_dataset.set_epoch(epoch)
+    consumed = run.progress.batch
+    batches = run.accelerator.skip_first_batches(run.dataloader, consumed) if consumed else run.dataloader
+    for batch in batches:
+        loss = _training_step(run, batch, epoch)
+        run.progress.batch += 1
+        if run.accelerator.sync_gradients:
+            _after_optimizer_step(run, epoch, loss)
+            if run.finished:
+                return False
+    return True
 
-    # 5. A stop inside an epoch (max_steps): validate and checkpoint there too, then save the final model.
-    if last_validated_step != progress.global_step:
-        validate_and_keep_best(progress.epoch)
-        if latest_checkpoint(output_dir) is None or not latest_checkpoint(output_dir).name.endswith(
-            f"{progress.global_step:08d}"
-        ):
-            save_checkpoint(accelerator, output_dir, progress.global_step, config.keep_checkpoints, progress,
-                            accelerator.unwrap_model(model))
-    final_dir = output_dir / "final"
+
+def _training_step(run: _Run, batch: dict, epoch: int) -> torch.Tensor:
+    """Forward and backward on one batch, and the optimizer step once the gradients are accumulated; a loss or
+    gradient norm that is not finite on any process stops training before anything is applied."""
+    accelerator, task, config = run.accelerator, run.task, run.config
+    with accelerator.accumulate(run.model):
+        loss = task.compute_loss(run.model, batch)
+        # every process must agree before anything is applied: a bad loss on any of them stops all
+        if not bool(torch.isfinite(accelerator.gather(loss.detach().float().reshape(1))).all()):
+            raise _non_finite(run, f"the loss is {loss.item()}", epoch)
+        accelerator.backward(loss)
+        run.seen_modalities.update(int(m) for m in accelerator.gather(batch["modality"]).tolist())
+        if accelerator.sync_gradients:
+            if config.max_grad_norm:
+                norm = accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)
+                if norm is not None and not bool(torch.isfinite(torch.as_tensor(norm))):
+                    raise _non_finite(run, f"the gradient norm is {float(norm)}", epoch)
+            if task.before_optimizer_step is not None:
+                task.before_optimizer_step(run.unwrapped_model(), run.seen_modalities)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def _non_finite(run: _Run, what: str, epoch: int) -> NonFiniteLossError:
+    """The error for a non-finite loss or gradient norm, naming the last good checkpoint and the best model."""
+    best_dir = run.best_dir
+    return NonFiniteLossError(
+        f"{run.task.name}: {what} at epoch {epoch}, step {run.progress.global_step + 1}; training stopped before "
+        f"applying it. Last good checkpoint: {latest_intact_checkpoint(run.output_dir) or 'none'}; "
+        f"best model: {best_dir if best_dir.exists() else 'none'}"
+    )
+
+
+def _after_optimizer_step(run: _Run, epoch: int, loss: torch.Tensor) -> None:
+    """Count the step; log it every ``log_every`` steps (and the last one); checkpoint every ``checkpoint_every``."""
+    progress, config, accelerator = run.progress, run.config, run.accelerator
+    progress.global_step += 1
+    run.seen_modalities = set()
+    run.bar.update(1)
+    if progress.global_step % config.log_every == 0 or progress.global_step == run.total_steps:
+        lr = run.scheduler.get_last_lr()[0]
+        value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+        run.bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+        run.run_log.write({"event": "train", "time": round(time.perf_counter() - run.start, 3),
+                           "task": run.task.name, "epoch": epoch, "step": progress.global_step, "loss": value,
+                           "lr": lr})
+        accelerator.log({"train/loss": value, "train/lr": lr}, step=progress.global_step)
+    if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0:
+        run.save_checkpoint()
+
+
+def _end_epoch(run: _Run, epoch: int) -> None:
+    """A complete epoch: decay the learning rate, validate, keep the best model, checkpoint."""
+    run.scheduler.step()
+    run.progress.epoch, run.progress.batch = epoch + 1, 0
+    _validate_and_keep_best(run, epoch)
+    run.save_checkpoint()
+
+
+def _validate_and_keep_best(run: _Run, epoch: int) -> None:
+    """Validate on the main process (when the task can and ``config.validate``), save ``best/`` when the metric
+    improved, log it; the other processes wait."""
+    task, progress, accelerator = run.task, run.progress, run.accelerator
+    run.last_validated_step = progress.global_step
+    if task.validate is None or not run.config.validate:
+        return
     if accelerator.is_main_process:
-        save_model_atomically(task, accelerator.unwrap_model(model), final_dir)
+        metrics = task.validate(run.unwrapped_model())
+        value = float(metrics[task.metric_name])
+        better = progress.best_metric is None or (
+            value > progress.best_metric if task.greater_is_better else value < progress.best_metric
+        )
+        if better and math.isfinite(value):
+            progress.best_metric, progress.best_step = value, progress.global_step
+            save_model_atomically(task, run.unwrapped_model(), run.best_dir)
+        run.run_log.write({"event": "validation", "task": task.name, "epoch": epoch, "step": progress.global_step,
+                           **metrics, "best": progress.best_metric})
+        logger.info("%s: epoch %d step %d: validation %s %.4f (best %.4f at step %s)", task.name, epoch,
+                    progress.global_step, task.metric_name, value, progress.best_metric, progress.best_step)
+        accelerator.log({f"validation/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                        step=progress.global_step)
     accelerator.wait_for_everyone()
-    if config.report_to:
+
+
+def _finish(run: _Run) -> TrainingResult:
+    """Validate and checkpoint where the run stopped unless its last epoch did; save ``final/``; end the trackers."""
+    progress, accelerator = run.progress, run.accelerator
+    if run.last_validated_step != progress.global_step:
+        _validate_and_keep_best(run, progress.epoch)
+        latest = latest_checkpoint(run.output_dir)
+        if latest is None or latest.name != checkpoint_name(progress.global_step):
+            run.save_checkpoint()
+    final_dir = run.output_dir / "final"
+    if accelerator.is_main_process:
+        save_model_atomically(run.task, run.unwrapped_model(), final_dir)
+    accelerator.wait_for_everyone()
+    if run.config.report_to:
         accelerator.end_training()
-    logger.info("%s: done, %d optimizer steps in %.1f s; final model in %s", task.name, progress.global_step,
-                time.perf_counter() - start, final_dir)
+    logger.info("%s: done, %d optimizer steps in %.1f s; final model in %s", run.task.name, progress.global_step,
+                time.perf_counter() - run.start, final_dir)
     return TrainingResult(
-        output_dir=output_dir,
+        output_dir=run.output_dir,
         final_dir=final_dir,
-        best_dir=best_dir if best_dir.exists() else None,
+        best_dir=run.best_dir if run.best_dir.exists() else None,
         global_step=progress.global_step,
         best_metric=progress.best_metric,
-        history=run_log.history,
+        history=run.run_log.history,
     )
