@@ -277,7 +277,7 @@ def demo_releases(teacher, distill, esp, report: dict, configs: tuple, data: Dem
 def publish_and_reload(output: Path, releases: list, final_dir: Path) -> tuple[dict, dict]:
     """Publish every branch to the embedded local Hub, then reload ``main`` in a fresh process (HF_ENDPOINT must be
     set before huggingface_hub loads) that compares it with ``final_dir`` and segments the real images."""
-    from ..hub.local import LocalHub
+    from ..testing.localhub import LocalHub
     from .publishing import publish_stages
 
     with LocalHub(output / "hub") as hub:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from ..modeling_esp_medsam import EspMedSamModel, GatheredBagBlock, count_parame
 from ..modeling_esp_medsam_teacher import EspMedSamTeacherModel
 from ..pipeline_esp_medsam import save_pretrained_with_pipeline
 from ..processing_esp_medsam import EspMedSamProcessor
-from .config import DistillConfig, EspMedSamStageConfig, TeacherConfig, TrainingConfig, expand_freeze
+from .config import RELEASE, DistillConfig, EspMedSamStageConfig, TeacherConfig, TrainingConfig, expand_freeze
 from .data import (
     Collator,
     NaturalImageDataset,
@@ -95,7 +96,7 @@ def source_data(config: TrainingConfig) -> dict:
 
 
 def dice_validation(model: nn.Module, processor: EspMedSamProcessor, data: dict, config: TrainingConfig) -> dict:
-    """Mean validation Dice (%) over the domains, with the data engineer's ``evaluate_model``."""
+    """Mean validation Dice (%) over the domains, with ``data.evaluation.evaluate_model``."""
     from ..data.evaluation import evaluate_model
 
     usable = {name: dataset for name, dataset in data.items() if len(dataset["validation"])}
@@ -329,66 +330,79 @@ def intensity_augment(pixel_values: torch.Tensor, image_processor, generator: to
     return ((shifted * 255 * rescale - mean) / std).to(pixel_values.device)
 
 
-def distill_tasks(config: DistillConfig, teacher: EspMedSamTeacherModel | EspMedSamEmbeddingTeacher,
-                  student: EspMedSamModel, data: dict | None = None):
-    """(common task, specific task, processor, data) of stage 2, sharing one student."""
+def check_embedding_shapes(teacher_config, student_config) -> None:
+    """Teacher and student must give embeddings of one shape (channels, grid, input size)."""
     def shape(config) -> tuple[int, int, int]:
         channels = (config.aggregator_config.neck_dim if isinstance(config, EspMedSamConfig)
                     else config.vision_config.output_channels)
         return channels, config.embedding_grid_size, config.image_size
 
-    if shape(teacher.config) != shape(student.config):
-        (tc, tg, ts), (sc, sg, ss) = shape(teacher.config), shape(student.config)
+    if shape(teacher_config) != shape(student_config):
+        (tc, tg, ts), (sc, sg, ss) = shape(teacher_config), shape(student_config)
         raise ValueError(f"teacher embeddings ({tc} x {tg}^2 at {ts} px) and student embeddings ({sc} x {sg}^2 at "
                          f"{ss} px) must have the same shape")
-    data = data or source_data(config)
-    processor = student_processor(student, config.init_from)
-    collate = Collator(processor.image_processor)
-    photographs = load_natural_images(config.natural_images)
-    validation_photographs = NaturalImageDataset(photographs, seed=config.seed + 1)
-    generator = torch.Generator().manual_seed(config.seed)
 
-    def embedding_loss(medical: bool):
+
+class EmbeddingDistillation:
+    """The loss and validation of both distillation phases: the student's embedding against the teacher's, the
+    student seeing an intensity-shifted copy of a medical image when ``intensity_augment`` is on."""
+
+    def __init__(self, config: DistillConfig, teacher: EspMedSamTeacherModel | EspMedSamEmbeddingTeacher,
+                 processor: EspMedSamProcessor):
+        self.config, self.teacher, self.processor = config, teacher, processor
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def targets(self, pixels: torch.Tensor, medical: bool, modality: torch.LongTensor) -> torch.Tensor:
+        self.teacher.to(pixels.device)
+        with torch.no_grad():
+            if isinstance(self.teacher, EspMedSamEmbeddingTeacher):
+                return self.teacher.get_image_embeddings(pixels, medical=medical, modality=modality)
+            return self.teacher.get_image_embeddings(pixels, medical=medical)
+
+    def student_view(self, pixels: torch.Tensor, medical: bool, generator: torch.Generator) -> torch.Tensor:
+        if medical and self.config.intensity_augment:
+            return intensity_augment(pixels, self.processor.image_processor, generator)
+        return pixels
+
+    def loss(self, medical: bool) -> Callable[[nn.Module, dict], torch.Tensor]:
         def compute(model: nn.Module, batch: dict) -> torch.Tensor:
-            device = batch["pixel_values"].device
-            teacher.to(device)
             modality = batch["modality"].clamp(min=0)
-            with torch.no_grad():
-                target = teacher_embeddings(batch["pixel_values"], medical, modality)
-            pixels = batch["pixel_values"]
-            if medical and config.intensity_augment:
-                pixels = intensity_augment(pixels, processor.image_processor, generator)
-            predicted = model(pixels, modality)
+            target = self.targets(batch["pixel_values"], medical, modality)
+            predicted = model(self.student_view(batch["pixel_values"], medical, self.generator), modality)
             return F.mse_loss(predicted.float(), target.float())
 
         return compute
 
-    def teacher_embeddings(pixels: torch.Tensor, medical: bool, modality: torch.LongTensor) -> torch.Tensor:
-        if isinstance(teacher, EspMedSamEmbeddingTeacher):
-            return teacher.get_image_embeddings(pixels, medical=medical, modality=modality)
-        return teacher.get_image_embeddings(pixels, medical=medical)
+    def validation(self, dataset, medical: bool) -> Callable[[EncoderDistillation], dict]:
+        collate = Collator(self.processor.image_processor)
+        batch_size = max(8, self.config.batch_size)
 
-    def mse_validation(dataset, medical: bool):
         def validate(wrapper: EncoderDistillation) -> dict:
             was_training = wrapper.training
             wrapper.eval()
             device = next(wrapper.parameters()).device
-            loader = torch.utils.data.DataLoader(dataset, batch_size=max(8, config.batch_size), collate_fn=collate)
             errors = []
             with torch.no_grad():
-                for batch in loader:
+                for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
                     pixels, modality = batch["pixel_values"].to(device), batch["modality"].clamp(min=0).to(device)
-                    teacher.to(device)
-                    target = teacher_embeddings(pixels, medical, modality)
-                    if medical and config.intensity_augment:
-                        pixels = intensity_augment(pixels, processor.image_processor,
-                                                   torch.Generator().manual_seed(config.seed + 1))
+                    target = self.targets(pixels, medical, modality)
+                    pixels = self.student_view(pixels, medical, torch.Generator().manual_seed(self.config.seed + 1))
                     errors.append(F.mse_loss(wrapper(pixels, modality).float(), target.float()).item() * len(pixels))
             wrapper.train(was_training)
             return {"mse": sum(errors) / len(dataset)}
 
         return validate
 
+
+def distill_tasks(config: DistillConfig, teacher: EspMedSamTeacherModel | EspMedSamEmbeddingTeacher,
+                  student: EspMedSamModel, data: dict | None = None):
+    """(common task, specific task, processor, data) of stage 2, sharing one student."""
+    check_embedding_shapes(teacher.config, student.config)
+    data = data or source_data(config)
+    processor = student_processor(student, config.init_from)
+    collate = Collator(processor.image_processor)
+    photographs = load_natural_images(config.natural_images)
+    distillation = EmbeddingDistillation(config, teacher, processor)
     common_model = EncoderDistillation(student, "common")
     freeze_all_but(student, [student.aggregator])
     common = StageTask(
@@ -396,9 +410,9 @@ def distill_tasks(config: DistillConfig, teacher: EspMedSamTeacherModel | EspMed
         model=common_model,
         train_dataset=NaturalImageDataset(photographs, repeats=config.natural_repeats, seed=config.seed),
         collate_fn=collate,
-        compute_loss=embedding_loss(medical=False),
+        compute_loss=distillation.loss(medical=False),
         save=lambda m, folder: save_with_processor(m.student, processor, folder),
-        validate=mse_validation(validation_photographs, medical=False),
+        validate=distillation.validation(NaturalImageDataset(photographs, seed=config.seed + 1), medical=False),
         metric_name="mse",
         greater_is_better=False,
     )
@@ -410,9 +424,9 @@ def distill_tasks(config: DistillConfig, teacher: EspMedSamTeacherModel | EspMed
         model=EncoderDistillation(student, "specific"),
         train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed),
         collate_fn=collate,
-        compute_loss=embedding_loss(medical=True),
+        compute_loss=distillation.loss(medical=True),
         save=lambda m, folder: save_with_processor(m.student, processor, folder),
-        validate=mse_validation(specific_validation, medical=True) if specific_validation else None,
+        validate=distillation.validation(specific_validation, medical=True) if specific_validation else None,
         metric_name="mse",
         greater_is_better=False,
         before_optimizer_step=drop_absent_bag_gradients,
@@ -582,9 +596,6 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
     metrics.update(fitted)
     return StageResult("espmedsam", release, [result], metrics)
 
-
-RELEASE = "release"
-"""The folder of a stage run that is published (``<output_dir>/release``), the same name for every stage."""
 
 
 def write_release(chosen: Path, output_dir: Path, build=None) -> Path:
