@@ -16,6 +16,7 @@ from esp_medsam_hf.training.stages import (
     intensity_augment,
     make_processor,
     run_distill,
+    run_espmedsam,
     run_teacher,
 )
 
@@ -133,6 +134,20 @@ def test_prefix_cached_training_leaves_the_prefix_untouched(tmp_path, data):
     assert any(k.startswith("aggregator.stages.1.") for k in changed)
     assert any(k.startswith("aggregator.neck.") for k in changed)
     assert any(k.startswith("mask_decoder.") for k in changed)
+
+
+def test_a_stage_called_directly_is_seeded_by_its_config(tmp_path, data):
+    """The main job calls the stages directly (not through run_stage): whatever the global RNG was before, one seed
+    gives one model (torch's initial seed differs between processes)."""
+    hashes = []
+    for run, noise in enumerate((1, 2)):
+        torch.manual_seed(noise)
+        config = EspMedSamStageConfig(output_dir=str(tmp_path / f"run{run}"), init_from=None, epochs=1, batch_size=2,
+                                      frozen_encoder_stages=2, cache_features=True, feature_views=1, **COMMON)
+        result = run_espmedsam(config, data=data)
+        hashes.append(load_file(result.release_dir / "model.safetensors"))
+    assert hashes[0].keys() == hashes[1].keys()
+    assert all(torch.equal(hashes[0][k], hashes[1][k]) for k in hashes[0])
 
 
 def test_options_are_checked():

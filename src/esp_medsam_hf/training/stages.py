@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
+from accelerate.utils import set_seed
 from torch import nn
 
 from ..configuration_esp_medsam import EspMedSamConfig
@@ -437,7 +438,8 @@ def distill_tasks(config: DistillConfig, teacher: EspMedSamTeacherModel | EspMed
 def run_distill(config: DistillConfig, teacher: EspMedSamTeacherModel | None = None, data: dict | None = None,
                 student: EspMedSamModel | None = None) -> StageResult:
     """Both phases, in ``output_dir/common`` and ``output_dir/specific``; the release (``output_dir/release``) is the
-    last modality-specific model."""
+    last modality-specific model. Seeded with ``config.seed`` before any model is built, as every stage."""
+    set_seed(config.seed)
     teacher = teacher if teacher is not None else load_teacher(config.teacher)
     student = student if student is not None else build_student(config, config.init_from)
     common, specific, processor, data = distill_tasks(config, teacher, student, data)
@@ -576,7 +578,8 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
                   data: dict | None = None, classifier_data: dict | None = None) -> StageResult:
     """Stage 3; the release (``output_dir/release``) is the best validation model (the final one without
     validation), with the modality classifier fitted on ``classifier_domains`` (or ``classifier_data``, already
-    loaded domains) when asked."""
+    loaded domains) when asked. Seeded with ``config.seed`` before any model is built."""
+    set_seed(config.seed)
     task, processor, data = espmedsam_task(config, model, data)
     result = train(config, task)
     chosen = result.best_dir or result.final_dir
@@ -640,7 +643,8 @@ def _fit_classifier_into(config: EspMedSamStageConfig, chosen: Path, staging: Pa
 
 def run_teacher(config: TeacherConfig, data: dict | None = None) -> StageResult:
     """Stage 1; the release (``output_dir/release``) is the best validation model (the final one without
-    validation)."""
+    validation). Seeded with ``config.seed`` before any model is built: one seed, one result."""
+    set_seed(config.seed)
     task, _, _ = teacher_task(config, data=data)
     result = train(config, task)
     release = write_release(result.best_dir or result.final_dir, Path(config.output_dir))
@@ -649,9 +653,6 @@ def run_teacher(config: TeacherConfig, data: dict | None = None) -> StageResult:
 
 def run_stage(config: TrainingConfig) -> StageResult:
     """Run the stage that ``config`` describes (a TeacherConfig, DistillConfig or EspMedSamStageConfig)."""
-    from accelerate.utils import set_seed
-
-    set_seed(config.seed)  # before any model is built: two runs with one seed start from the same weights
     if isinstance(config, TeacherConfig):
         return run_teacher(config)
     if isinstance(config, DistillConfig):
