@@ -72,16 +72,21 @@ def test_heads_on_cached_features_give_the_models_own_loss(data):
     assert picked == {0, 1}
 
 
-def test_cached_training_moves_only_the_heads(tmp_path, data):
-    config = EspMedSamStageConfig(output_dir=str(tmp_path / "run"), init_from=None, epochs=2, batch_size=2,
-                                  freeze=["encoder", "modality_classifier"], cache_features=True, feature_views=2,
-                                  **COMMON)
+def train_and_compare(config: EspMedSamStageConfig, data) -> tuple[set[str], object, EspMedSamModel]:
+    """Train a tiny model with ``config``; (the state-dict keys that changed, the result, the model)."""
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     task, _, _ = espmedsam_task(config, model=model, data=data)
     result = train(config, task)
     after = load_file(result.final_dir / "model.safetensors")
-    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    return {k for k in after if not torch.equal(after[k], before[k])}, result, model
+
+
+def test_cached_training_moves_only_the_heads(tmp_path, data):
+    config = EspMedSamStageConfig(output_dir=str(tmp_path / "run"), init_from=None, epochs=2, batch_size=2,
+                                  freeze=["encoder", "modality_classifier"], cache_features=True, feature_views=2,
+                                  **COMMON)
+    changed, result, _ = train_and_compare(config, data)
     assert changed and all(k.startswith(("prompt_generator.", "mask_decoder.")) for k in changed)
     assert any(k.startswith("prompt_generator.") for k in changed)
     assert result.best_metric is not None and 0 <= result.best_metric <= 100
@@ -120,12 +125,7 @@ def test_a_frozen_prefix_cache_gives_the_models_own_loss_and_gradients(data, fro
 def test_prefix_cached_training_leaves_the_prefix_untouched(tmp_path, data):
     config = EspMedSamStageConfig(output_dir=str(tmp_path / "run"), init_from=None, epochs=1, batch_size=2,
                                   frozen_encoder_stages=2, cache_features=True, feature_views=2, **COMMON)
-    model = tiny_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    task, _, _ = espmedsam_task(config, model=model, data=data)
-    result = train(config, task)
-    after = load_file(result.final_dir / "model.safetensors")
-    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    changed, _, model = train_and_compare(config, data)
     blocks_before = len(model.aggregator.stages[0].blocks)  # stage 1's blocks are the bags' first blocks
     prefix = ("aggregator.patch_embed.", "aggregator.stage0.", "aggregator.stages.0.")
     assert not {k for k in changed if k.startswith(prefix)}
