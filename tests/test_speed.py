@@ -130,3 +130,16 @@ def test_fusing_a_copy_leaves_the_original_unfused():
     fused = copy.deepcopy(model).fuse_batchnorm()
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+
+
+def test_optimize_for_inference_folds_batchnorm_goes_channels_last_and_keeps_the_outputs(inputs):
+    model = _model().train()
+    reference = _outputs(model.eval(), inputs)
+    model.train()
+    optimized = model.optimize_for_inference()
+    assert optimized is model and not model.training
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    convolutions = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions)
+    for a, b in zip(reference, _outputs(model, inputs)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)

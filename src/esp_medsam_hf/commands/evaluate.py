@@ -54,7 +54,7 @@ def load_model(path: str, device: str | None = None):
         size = model.config.image_size
         processor = EspMedSamProcessor(EspMedSamImageProcessor(size={"height": size, "width": size}))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), processor
+    return model.to(device).optimize_for_inference(), processor
 
 
 def load_data(args: argparse.Namespace, image_size: int) -> tuple[dict, str]:

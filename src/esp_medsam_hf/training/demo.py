@@ -174,7 +174,7 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
     from ..modeling_esp_medsam import EspMedSamModel
     from ..processing_esp_medsam import EspMedSamProcessor
 
-    model = EspMedSamModel.from_pretrained(model_dir).eval()
+    model = EspMedSamModel.from_pretrained(model_dir).optimize_for_inference()
     processor = EspMedSamProcessor.from_pretrained(model_dir)
     cases: dict = {}
     report = evaluate_model(model, processor, data.real_test, split="test", cases=cases, progress=progress,

@@ -16,6 +16,7 @@ for the whole encoder with its neck (``freeze: [encoder]``; the features are the
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 
@@ -129,8 +130,8 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
     if not 1 <= views <= len(VIEWS):
         raise ValueError(f"feature_views must be in 1..{len(VIEWS)}, got {views}")
     check_prefix_frozen(model, frozen_stages)
-    was_training = model.training
-    model.eval()
+    # the prefix is frozen: an inference-optimized copy computes its output (the model itself keeps training)
+    encoder = copy.deepcopy(model).optimize_for_inference()
     device = next(model.parameters()).device
     rows = [dataset.rows[i] for i in range(len(dataset))]
     items = [(image_to_rgb(row["image"]), mask_to_bool(row["mask"]), int(row["modality"])) for row in rows]
@@ -145,13 +146,13 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
         masks = [apply_view(items[i][1], VIEWS[v]).astype(np.uint8) for i, v in chunk]
         inputs = image_processor(images, segmentation_maps=masks, return_tensors="pt")
         modality = torch.tensor([items[i][2] for i, _ in chunk], device=device)
-        feature, pool = encode(model, inputs["pixel_values"].to(device), modality, frozen_stages)
+        feature, pool = encode(encoder, inputs["pixel_values"].to(device), modality, frozen_stages)
         for j, key in enumerate(chunk):
-            features[key], pooled[key] = feature[j].cpu(), pool[j].float().cpu()
+            features[key], pooled[key] = feature[j].cpu().contiguous(), pool[j].float().cpu()
             labels[key] = inputs["labels"][j].float()
         bar.update(len(chunk))
     bar.close()
-    model.train(was_training)
+    del encoder
 
     def stacked(table: Mapping) -> torch.Tensor:
         return torch.stack([torch.stack([table[(i, v)] for v in range(views)]) for i in range(len(items))])

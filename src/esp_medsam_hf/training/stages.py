@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import shutil
@@ -535,25 +536,28 @@ def fit_modality_classifier(
     """Train the modality classifier alone on the ``train`` splits of ``data`` (the encoder stays frozen).
 
     The classifier reads detached stage-0 features, so the segmentation is unchanged. The pooled stage-0 features
-    of every image (and of its mirror image) are computed once; the head then trains on them for ``epochs`` epochs.
+    of every image (and of its mirror image) are computed once, by an inference-optimized copy of the model, a few
+    images at a time (the full-resolution stem's activations are large); the head then trains on them for
+    ``epochs`` epochs.
     ``known``: (pooled features, modalities) of more views already computed (a stage-3 feature cache's).
     Returns {"accuracy": training accuracy (%), "images": views seen / 2}.
     """
     from tqdm.auto import tqdm
 
     was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     features, labels = [known[0]] if known else [], [known[1]] if known else []
     if data:
-        loader = torch.utils.data.DataLoader(SegmentationDataset(data, "train"), batch_size=batch_size,
+        encoder = copy.deepcopy(model).optimize_for_inference()
+        loader = torch.utils.data.DataLoader(SegmentationDataset(data, "train"), batch_size=4,
                                              collate_fn=Collator(processor.image_processor))
         with torch.no_grad():
             for batch in loader:
                 pixels = batch["pixel_values"].to(device)
                 for view in (pixels, pixels.flip(-1)):
-                    features.append(model.modality_classifier.pool(model.aggregator.stem(view)).cpu())
+                    features.append(encoder.modality_classifier.pool(encoder.aggregator.stem(view)).cpu())
                     labels.append(batch["modality"])
+        del encoder
     features, labels = torch.cat(features), torch.cat(labels)
     classifier = model.modality_classifier
     classifier.train()
