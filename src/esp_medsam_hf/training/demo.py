@@ -250,6 +250,7 @@ def demo_releases(teacher, distill, esp, report: dict, configs: tuple, data: Dem
     facts = {"notes": note, "datasets": training_data(list(data.train), synthetic), "config_root": output,
              "base_model": "bowang-lab/LiteMedSAM", "synthetic": synthetic}
     cards = {}
+    flops: dict[str, float] = {}  # GFLOPs per configuration: the three stages usually share one
     for stage, result, config, name in (("teacher", teacher, teacher_config, "esp-medsam-demo-teacher"),
                                         ("distill", distill, distill_config, "esp-medsam-demo"),
                                         ("espmedsam", esp, esp_config, "esp-medsam-demo")):
@@ -262,9 +263,14 @@ def demo_releases(teacher, distill, esp, report: dict, configs: tuple, data: Dem
                                           compute_hausdorff=False, progress=False)
         extra = {"teacher": f" Validation Dice {result.metrics.get('validation_dice')}.",
                  "distill": f" Embedding MSE: {result.metrics}.", "espmedsam": ""}[stage]
+        architecture = json.dumps({k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"},
+                                  sort_keys=True, default=str)
+        efficiency = measured_efficiency(model, stage_report, flops.get(architecture))
+        if "flops" in efficiency:
+            flops[architecture] = efficiency["flops"]
         cards[stage] = stage_card(STAGE_TO_BRANCH[stage], name, training_config=config.to_dict(), report=stage_report,
                                   parameters=count_parameters(model), **{**facts, "notes": note + extra},
-                                  **measured_efficiency(model, stage_report))
+                                  **efficiency)
     main_card = dataclasses.replace(cards["espmedsam"], stage="main")
     return [
         (STAGE_TO_BRANCH["teacher"], teacher.release_dir, cards["teacher"]),

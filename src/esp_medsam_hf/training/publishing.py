@@ -66,12 +66,13 @@ def training_data(domains: Collection[str], synthetic: bool | Collection[str] = 
     return data
 
 
-def measured_efficiency(model, report: dict | None = None) -> dict[str, Any]:
+def measured_efficiency(model, report: dict | None = None, flops: float | None = None) -> dict[str, Any]:
     """The card's efficiency facts measured in this run: for an ``EspMedSamModel``, GFLOPs of one batch-1 forward
     at its input size (torch's ``FlopCounterMode`` with eager attention, as the benchmark counts them; the
     teacher's attention calls SDPA, which the counter does not count on every device, so its FLOPs are left
     unmeasured), and, from an ``evaluate_model`` report, the evaluation's throughput (images/s through processor,
-    model and post-processing) with the device it ran on."""
+    model and post-processing) with the device it ran on. ``flops`` (GFLOPs) skips the count: a figure already
+    measured on a model of the same configuration."""
     import torch
 
     from ..benchmark import count_flops, machine_info
@@ -79,7 +80,9 @@ def measured_efficiency(model, report: dict | None = None) -> dict[str, Any]:
     parameter = next(model.parameters())
     size = model.config.image_size
     facts: dict[str, Any] = {"image_size": size}
-    if isinstance(model, EspMedSamModel):
+    if flops is not None:
+        facts["flops"] = flops
+    elif isinstance(model, EspMedSamModel):
         pixels = torch.zeros(1, 3, size, size, device=parameter.device)
         modality = torch.zeros(1, dtype=torch.long, device=parameter.device)
         implementation = model.config._attn_implementation
