@@ -13,7 +13,7 @@ from PIL import Image
 from _data_helpers import run_command
 from esp_medsam_hf import EspMedSamConfig, EspMedSamImageProcessor, EspMedSamModel, EspMedSamProcessor
 from esp_medsam_hf.commands import evaluate as evaluate_command
-from esp_medsam_hf.data.evaluation import evaluate_model, markdown_table, write_report
+from esp_medsam_hf.data.evaluation import below_baseline, error_split, evaluate_model, markdown_table, write_report
 from esp_medsam_hf.data.prepare import write_output
 from esp_medsam_hf.data.schema import image_to_rgb, mask_to_bool
 from esp_medsam_hf.data.synthetic import synthetic_domain, synthetic_domains
@@ -167,4 +167,42 @@ def test_evaluate_command_on_the_real_case(tmp_path, model_and_processor):
     assert saved["data"].startswith("REAL")
     # Otsu on the same image, beside ours, in the JSON and in the real-image table
     assert 60 < row["references"]["otsu"] < 100 and "dice_otsu" in row["per_image"][0]
-    assert "| dsb-stardist | microscopy | 1 |" in (tmp_path / "eval" / "results.md").read_text()
+    markdown = (tmp_path / "eval" / "results.md").read_text()
+    assert "| dsb-stardist | microscopy | 1 |" in markdown
+    # a random model is below Otsu: the report names the image and splits both methods' errors
+    entry = row["per_image"][0]
+    assert entry["dice"] < entry["dice_otsu"]
+    assert "Images where ours is below Otsu (1 of 1), and why" in markdown
+    assert f"| {_two(entry['missed'], 1)} / {_two(entry['missed_otsu'], 1)} |" in markdown
+
+
+def _two(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}"
+
+
+def test_error_split_counts_missed_and_extra_pixels_in_percent_of_the_mask():
+    reference = np.zeros((10, 10), bool)
+    reference[:4, :5] = True  # 20 pixels
+    prediction = np.zeros((10, 10), bool)
+    prediction[:2, :5] = True  # 10 of them found
+    prediction[9, :6] = True  # 6 outside
+    missed, extra = error_split(prediction, reference)
+    assert (missed, extra) == (50.0, 30.0)
+    assert all(math.isnan(v) for v in error_split(prediction, np.zeros((10, 10), bool)))
+
+
+def test_below_baseline_names_each_losing_image_with_the_larger_error():
+    def entry(name, dice, otsu, missed, extra):
+        return {"file_name": name, "dice": dice, "dice_otsu": otsu, "missed": missed, "extra": extra,
+                "missed_otsu": 5.0, "extra_otsu": 5.0}
+
+    rows = [("nuclei", {"per_image": [entry("a.png", 80.0, 90.0, 20.0, 6.0), entry("b.png", 85.0, 90.0, 5.0, 25.0),
+                                      entry("c.png", 95.0, 90.0, 1.0, 1.0)]})]
+    lines = below_baseline(rows)
+    assert lines[0] == "### Images where ours is below Otsu (2 of 3), and why"
+    table = "\n".join(lines)
+    assert "| nuclei | a.png | 80.00 | 90.00 | 20.0 / 5.0 | 6.0 / 5.0 | ours leaves out mask pixels that Otsu finds |" in table
+    assert "| nuclei | b.png | 85.00 | 90.00 | 5.0 / 5.0 | 25.0 / 5.0 | ours marks pixels outside the mask that Otsu leaves out |" in table
+    assert "c.png" not in table
+    assert below_baseline([("nuclei", {"per_image": [entry("c.png", 95.0, 90.0, 1.0, 1.0)]})]) == [
+        "Ours is at or above Otsu on all 1 images.", ""]

@@ -47,15 +47,29 @@ def _score_image(
     references: Mapping | None,
     compute_hausdorff: bool,
 ) -> dict:
-    """One image's scores: Dice (and HD, HD95) of the prediction, each reference method's Dice, and the modality
-    beside the classifier's pick."""
+    """One image's scores: Dice (and HD, HD95) of the prediction, each reference method's Dice, the errors of
+    both (:func:`error_split`), and the modality beside the classifier's pick."""
     entry = {"dice": dice_score(prediction, reference), "modality": MODALITY_NAMES[modality],
              "classifier_modality": None if guess is None else MODALITY_NAMES[guess]}
+    if references:
+        entry["missed"], entry["extra"] = error_split(prediction, reference)
     for method, run in (references or {}).items():
-        entry[f"dice_{method}"] = dice_score(run(image, reference, MODALITY_NAMES[modality]), reference)
+        mask = run(image, reference, MODALITY_NAMES[modality])
+        entry[f"dice_{method}"] = dice_score(mask, reference)
+        entry[f"missed_{method}"], entry[f"extra_{method}"] = error_split(mask, reference)
     if compute_hausdorff:
         entry["hd"], entry["hd95"] = hausdorff_distance(prediction, reference)
     return entry
+
+
+def error_split(prediction: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(missed, extra): the reference's pixels the prediction leaves out and the prediction's pixels outside the
+    reference, both in % of the reference's pixels (NaN for an empty reference): where a Dice is lost."""
+    prediction, reference = np.asarray(prediction, dtype=bool), np.asarray(reference, dtype=bool)
+    area = int(reference.sum())
+    if area == 0:
+        return math.nan, math.nan
+    return (100.0 * int((reference & ~prediction).sum()) / area, 100.0 * int((prediction & ~reference).sum()) / area)
 
 
 def _keep_extremes(extremes: dict, case: dict) -> None:
@@ -272,7 +286,33 @@ def reference_table(report: dict) -> list[str]:
                          + " | ".join(_number(entry.get(f"dice_{m}")) for m in methods)
                          + f" | {entry.get('classifier_modality') or 'n/a'} |")
     lines += ["", "</details>", ""]
-    return lines
+    return lines + below_baseline(rows)
+
+
+def below_baseline(rows: list[tuple[str, dict]], method: str = "otsu") -> list[str]:
+    """Markdown lines naming every image where ours scores below ``method`` and what the loss is made of: the
+    mask's pixels ours misses and the pixels it adds, beside the same two errors of ``method``."""
+    title = REFERENCE_TITLES.get(method, method)
+    lines = []
+    for name, row in rows:
+        for entry in row["per_image"]:
+            theirs = entry.get(f"dice_{method}")
+            if theirs is None or entry.get("missed") is None or not entry["dice"] < theirs:
+                continue
+            missed, extra = entry["missed"] - entry[f"missed_{method}"], entry["extra"] - entry[f"extra_{method}"]
+            why = (f"ours leaves out mask pixels that {title} finds" if missed >= extra
+                   else f"ours marks pixels outside the mask that {title} leaves out")
+            lines.append(f"| {name} | {entry['file_name']} | {_number(entry['dice'])} | {_number(theirs)} | "
+                         f"{_number(entry['missed'], 1)} / {_number(entry[f'missed_{method}'], 1)} | "
+                         f"{_number(entry['extra'], 1)} / {_number(entry[f'extra_{method}'], 1)} | {why} |")
+    total = sum(len(row["per_image"]) for _, row in rows)
+    if not lines:
+        return [f"Ours is at or above {title} on all {total} images.", ""]
+    return [f"### Images where ours is below {title} ({len(lines)} of {total}), and why", "",
+            "Missed: the mask's pixels left out; extra: pixels marked outside the mask; both in % of the mask's "
+            f"pixels, ours / {title}.", "",
+            f"| domain | image | ours | {title} | missed % | extra % | the difference |",
+            "| --- | --- | ---: | ---: | ---: | ---: | --- |", *lines, ""]
 
 
 def bar_chart(report: dict, path: Path, title: str = "") -> Path:
