@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", required=True, help="folder for results.md, results.json, dice_hd.png, cases/")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per forward (default: 2 on a CPU, where larger batches are slower; 8 on a GPU)")
     parser.add_argument("--max-images", type=int, help="evaluate at most this many images per domain")
     parser.add_argument("--predicted-modality", action="store_true", help="let the model choose each image's modality")
     parser.add_argument("--no-hausdorff", action="store_true", help="skip the Hausdorff distance (faster)")

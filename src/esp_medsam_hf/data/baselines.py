@@ -55,11 +55,13 @@ def component_boxes(mask: np.ndarray, margin: int = 2) -> np.ndarray:
 
 class LiteMedSamBoxes:
     """LiteMedSAM with one ground-truth box per object: image encoded once at 256 px (square resize, intensities
-    min-max scaled to [0, 1] as MedSAM does), boxes decoded in batches, masks united at the image's size."""
+    min-max scaled to [0, 1] as MedSAM does), boxes decoded ``batch_size`` at a time, masks united at the image's
+    size. SAM's decoder repeats the image embedding per box, so large batches are memory-bound on a CPU: 4 boxes
+    per call decode 102 nuclei 1.7x faster than 64."""
 
     image_size = 256
 
-    def __init__(self, batch_size: int = 64):
+    def __init__(self, batch_size: int = 4):
         import torch
 
         from ..benchmark import load_litemedsam

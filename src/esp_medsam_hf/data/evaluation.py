@@ -86,7 +86,7 @@ def evaluate_model(
     datasets: Mapping,
     *,
     split: str = "test",
-    batch_size: int = 8,
+    batch_size: int | None = None,
     compute_hausdorff: bool = True,
     given_modality: bool = True,
     max_images: int | None = None,
@@ -97,6 +97,7 @@ def evaluate_model(
     """Run ``model`` over ``datasets[name][split]`` for every name and score Dice (%) and Hausdorff distance (px).
 
     ``datasets`` maps a report name (usually the domain) to a Dataset or DatasetDict in the package schema.
+    ``batch_size`` images go through the model at a time (default: ``backends.inference_batch_size``).
     Each image is decoded with its own modality (``given_modality``, as the official evaluation does) or with the
     one the model predicts. Masks are compared at the stored mask size (1024 px for data prepared as the paper's).
     Returns a JSON-ready dict: per domain ``dice``, ``hd``, ``hd95`` (means; HD means over the images where both
@@ -110,8 +111,11 @@ def evaluate_model(
     """
     from tqdm.auto import tqdm
 
+    from ..backends import inference_batch_size
+
     was_training = model.training
     model.eval()
+    batch_size = batch_size or inference_batch_size(next(model.parameters()).device)
     report: dict = {"split": split, "domains": {}, "given_modality": given_modality}
     total_images, model_seconds = 0, 0.0
     start = time.perf_counter()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backends import inference_batch_size
 from ..data.schema import image_to_rgb, mask_to_bool
 from ..modeling_esp_medsam import EspMedSamModel
 
@@ -122,9 +123,10 @@ def collate_features(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: int, frozen_stages: int | None = None,
-                   batch_size: int = 4, progress: bool = True, desc: str = "encoding") -> FeatureDataset:
+                   batch_size: int | None = None, progress: bool = True, desc: str = "encoding") -> FeatureDataset:
     """Encode every row of ``dataset`` (a ``SegmentationDataset``) under the first ``views`` views, once, up to the
-    cache point ``frozen_stages`` (None: the whole encoder)."""
+    cache point ``frozen_stages`` (None: the whole encoder), ``batch_size`` images at a time (default:
+    ``backends.inference_batch_size`` of the model's device)."""
     from tqdm.auto import tqdm
 
     if not 1 <= views <= len(VIEWS):
@@ -133,6 +135,7 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
     # the prefix is frozen: an inference-optimized copy computes its output (the model itself keeps training)
     encoder = copy.deepcopy(model).optimize_for_inference()
     device = next(model.parameters()).device
+    batch_size = batch_size or inference_batch_size(device)
     rows = [dataset.rows[i] for i in range(len(dataset))]
     items = [(image_to_rgb(row["image"]), mask_to_bool(row["mask"]), int(row["modality"])) for row in rows]
     jobs = [(i, v) for i in range(len(items)) for v in range(views)]

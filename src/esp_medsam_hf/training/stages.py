@@ -26,6 +26,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from torch import nn
 
+from ..backends import inference_batch_size
 from ..configuration_esp_medsam import EspMedSamConfig
 from ..configuration_esp_medsam_teacher import EspMedSamTeacherConfig
 from ..image_processing_esp_medsam import EspMedSamImageProcessor
@@ -105,7 +106,7 @@ def dice_validation(model: nn.Module, processor: EspMedSamProcessor, data: dict,
     if not usable:
         return {"dice": float("nan")}
     report = evaluate_model(
-        model, processor, usable, split="validation", batch_size=max(8, config.batch_size),
+        model, processor, usable, split="validation",
         compute_hausdorff=False, max_images=config.validation_images, progress=False,
     )
     per_domain = {f"dice/{name}": row["dice"] for name, row in report["domains"].items()}
@@ -536,9 +537,8 @@ def fit_modality_classifier(
     """Train the modality classifier alone on the ``train`` splits of ``data`` (the encoder stays frozen).
 
     The classifier reads detached stage-0 features, so the segmentation is unchanged. The pooled stage-0 features
-    of every image (and of its mirror image) are computed once, by an inference-optimized copy of the model, a few
-    images at a time (the full-resolution stem's activations are large); the head then trains on them for
-    ``epochs`` epochs.
+    of every image (and of its mirror image) are computed once, by an inference-optimized copy of the model,
+    ``backends.inference_batch_size`` images at a time; the head then trains on them for ``epochs`` epochs.
     ``known``: (pooled features, modalities) of more views already computed (a stage-3 feature cache's).
     Returns {"accuracy": training accuracy (%), "images": views seen / 2}.
     """
@@ -549,7 +549,7 @@ def fit_modality_classifier(
     features, labels = [known[0]] if known else [], [known[1]] if known else []
     if data:
         encoder = copy.deepcopy(model).optimize_for_inference()
-        loader = torch.utils.data.DataLoader(SegmentationDataset(data, "train"), batch_size=4,
+        loader = torch.utils.data.DataLoader(SegmentationDataset(data, "train"), batch_size=inference_batch_size(device),
                                              collate_fn=Collator(processor.image_processor))
         with torch.no_grad():
             for batch in loader:
