@@ -190,3 +190,10 @@ def test_segment_command_takes_the_backend_option(saved, images, tmp_path, monke
     eager = np.asarray(Image.open(tmp_path / "eager" / "a_mask.png")) > 0
     fast = np.asarray(Image.open(tmp_path / "auto" / "a_mask.png")) > 0
     assert (eager == fast).mean() > 0.99
+
+
+def test_inference_batch_size_is_small_on_a_cpu_and_larger_on_an_accelerator():
+    from esp_medsam_hf.backends import CPU_INFERENCE_BATCH, inference_batch_size
+
+    assert inference_batch_size("cpu") == inference_batch_size(torch.device("cpu")) == CPU_INFERENCE_BATCH == 2
+    assert inference_batch_size("cuda:0") == 8 and inference_batch_size("cuda", accelerator_batch=32) == 32
