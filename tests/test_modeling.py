@@ -292,6 +292,24 @@ def test_processor_round_trip_and_modality_names(tmp_path):
         reloaded(images=images, segmentation_maps=[np.ones((10, 10)), np.ones((64, 64))])
 
 
+def test_labels_follow_the_resized_image_and_commute_with_flips():
+    processor = EspMedSamImageProcessor(size={"height": 64, "width": 64})
+    rows, cols = np.mgrid[:256, :256]
+    disk = ((rows - 90.3) ** 2 + (cols - 151.7) ** 2 < 40.5**2).astype(np.uint8)
+    line = np.zeros((256, 256), np.uint8)
+    line[1:4] = 1  # three rows inside the first 4x4 footprints: nearest sampling (rows 0, 4, ...) dropped them
+    image = np.zeros((256, 256), np.uint8)
+
+    def labels(mask: np.ndarray) -> np.ndarray:
+        return processor([image], segmentation_maps=[mask], return_tensors="pt")["labels"][0, 0].numpy()
+
+    assert labels(line)[0].all() and labels(line)[1:].sum() == 0
+    for flip in (np.fliplr, np.flipud):
+        np.testing.assert_array_equal(labels(np.ascontiguousarray(flip(disk))), flip(labels(disk)))
+    # the label's area is the disk's area at the new scale (within one ring of border pixels)
+    assert abs(labels(disk).sum() - disk.sum() / 16) < 2 * np.pi * 40.5 / 4
+
+
 def test_post_process_masks_returns_original_sizes():
     processor = EspMedSamImageProcessor(size={"height": 64, "width": 64})
     logits = torch.full((2, 1, 16, 16), -5.0)

