@@ -61,12 +61,12 @@ class DemoSettings:
     synthetic_test: int = 1
     batch_size: int = 8
     teacher_learning_rate: float = 4e-4
-    teacher_epochs: int = 6
+    teacher_epochs: int = 5
     teacher_views: int = 1
     distill_steps: int = 3
     distill_batch_size: int = 2
     espmedsam_learning_rate: float = 2e-4
-    espmedsam_steps: int = 120
+    espmedsam_steps: int = 105
     espmedsam_batch_size: int = 2
     espmedsam_frozen_stages: int = 3
     espmedsam_views: int = 2
