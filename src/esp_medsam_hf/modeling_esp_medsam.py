@@ -775,6 +775,17 @@ class EspMedSamPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
             self._init_common_weights(module)
 
 
+@torch.no_grad()
+def fuse_conv_norms(module: nn.Module, kinds: tuple[type[nn.Module], ...]) -> nn.Module:
+    """Replace, in place, every submodule of one of ``kinds`` (a Conv-BN pair whose ``fuse()`` returns the single
+    equivalent convolution, as timm's TinyViT ``ConvNorm`` and MobileSAM's ``Conv2d_BN`` do) by that convolution."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, kinds):
+                setattr(parent, name, child.fuse())
+    return module
+
+
 class EspMedSamModel(EspMedSamPreTrainedModel):
     """ESP-MedSAM: semi-parameter-sharing encoder, self-patch prompt generator, query-decoupled modality decoder.
 
@@ -847,10 +858,7 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         """
         if self.training:
             raise RuntimeError("fuse_batchnorm() needs eval mode: call model.eval() first")
-        for parent in list(self.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, ConvNorm):
-                    setattr(parent, name, child.fuse())
+        fuse_conv_norms(self, (ConvNorm,))
         return self
 
     @torch.no_grad()
@@ -880,4 +888,5 @@ __all__ = [
     "QueryDecoupledModalityDecoder",
     "SelfPatchPromptGenerator",
     "count_parameters",
+    "fuse_conv_norms",
 ]
