@@ -36,8 +36,8 @@ def build(model_name: str, image_size: int, tiny: bool = False):
     import torch
 
     from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
-    from esp_medsam_hf.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
-    from esp_medsam_hf.modeling_esp_medsam_teacher import EspMedSamTeacherModel
+    from esp_medsam_hf.models.esp_medsam.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
+    from esp_medsam_hf.models.esp_medsam.modeling_esp_medsam_teacher import EspMedSamTeacherModel
 
     torch.manual_seed(0)
     if model_name == "student":

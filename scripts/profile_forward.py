@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
-from esp_medsam_hf import modeling_esp_medsam as modeling
+from esp_medsam_hf.models.esp_medsam import modeling_esp_medsam as modeling
 
 
 def profile_forward(model: EspMedSamModel, pixels: torch.Tensor, modality: torch.Tensor, gathered: bool) -> dict:

@@ -47,9 +47,9 @@ def acceptance(workdir: Path) -> dict:
     import torch
     from huggingface_hub import HfApi
 
-    from esp_medsam_hf.configuration_esp_medsam import EspMedSamConfig
+    from esp_medsam_hf.models.esp_medsam.configuration_esp_medsam import EspMedSamConfig
     from esp_medsam_hf.hub.publish import RetryPolicy, StageRelease, publish_model
-    from esp_medsam_hf.modeling_esp_medsam import EspMedSamModel
+    from esp_medsam_hf.models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 
     config = EspMedSamConfig.tiny()
     size = config.image_size

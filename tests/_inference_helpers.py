@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamImageProcessor, EspMedSamModel, EspMedSamProcessor
-from esp_medsam_hf.pipeline_esp_medsam import save_pretrained_with_pipeline
+from esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam import save_pretrained_with_pipeline
 
 IMAGE_SIZE = 64
 
@@ -106,3 +106,16 @@ def run_without_package(
     if proc.returncode != 0:
         raise AssertionError(f"fresh process failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
     return proc
+
+
+MASK_AGREEMENT = 0.9999
+"""Masks from two code paths (another process, backend or CPU) may differ where a logit sits at the threshold: they
+must agree on this share of pixels. One machine differed on 3 of 1,990,921 pixels (0.00015 %)."""
+
+
+def assert_masks_agree(actual: np.ndarray, expected: np.ndarray, min_agreement: float = MASK_AGREEMENT) -> None:
+    """Two boolean masks of one shape agree on at least ``min_agreement`` of their pixels."""
+    actual, expected = np.asarray(actual, dtype=bool), np.asarray(expected, dtype=bool)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    agreement = float((actual == expected).mean())
+    assert agreement >= min_agreement, f"masks agree on {agreement:.6%} of pixels, expected >= {min_agreement:.4%}"

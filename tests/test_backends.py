@@ -10,9 +10,10 @@ from PIL import Image
 from transformers import pipeline
 
 from _inference_helpers import save_tiny_model, single_thread
-from esp_medsam_hf import EspMedSamConfig, EspMedSamModel, backends
+from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
+from esp_medsam_hf.models.esp_medsam import backends
 from esp_medsam_hf.data.synthetic import synthetic_example
-from esp_medsam_hf.pipeline_esp_medsam import TASK, EspMedSamSegmentationPipeline
+from esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam import TASK, EspMedSamSegmentationPipeline
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -39,7 +40,7 @@ def model():
 @pytest.fixture
 def export_counter(monkeypatch):
     """Counts the exports the backends module starts."""
-    from esp_medsam_hf import export
+    from esp_medsam_hf.models.esp_medsam import export
 
     calls = []
     original = export.export_onnx
@@ -193,7 +194,7 @@ def test_segment_command_takes_the_backend_option(saved, images, tmp_path, monke
 
 
 def test_inference_batch_size_is_small_on_a_cpu_and_larger_on_an_accelerator():
-    from esp_medsam_hf.backends import CPU_INFERENCE_BATCH, inference_batch_size
+    from esp_medsam_hf.models.esp_medsam.backends import CPU_INFERENCE_BATCH, inference_batch_size
 
     assert inference_batch_size("cpu") == inference_batch_size(torch.device("cpu")) == CPU_INFERENCE_BATCH == 2
     assert inference_batch_size("cuda:0") == 8 and inference_batch_size("cuda", accelerator_batch=32) == 32

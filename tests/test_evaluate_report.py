@@ -17,7 +17,7 @@ from esp_medsam_hf.data.evaluation import below_baseline, error_split, evaluate_
 from esp_medsam_hf.data.prepare import write_output
 from esp_medsam_hf.data.schema import image_to_rgb, mask_to_bool
 from esp_medsam_hf.data.synthetic import synthetic_domain, synthetic_domains
-from esp_medsam_hf.imaging import predict
+from esp_medsam_hf.models.esp_medsam.prediction import predict
 from esp_medsam_hf.metrics.functional import dice_score, hausdorff_distance
 
 SIZE = 128

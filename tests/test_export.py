@@ -11,7 +11,7 @@ from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from esp_medsam_hf.export import OUTPUT_NAMES, export_onnx, onnxruntime_session  # noqa: E402
+from esp_medsam_hf.models.esp_medsam.export import OUTPUT_NAMES, export_onnx, onnxruntime_session  # noqa: E402
 
 SIZE = 64
 

@@ -348,7 +348,7 @@ def test_push_to_hub_of_a_remote_code_model_keeps_both_pipelines(hub, api, tmp_p
         hub_env=hub.env,
     )
     result = json.loads((tmp_path / "result.json").read_text())
-    assert {"pipeline_esp_medsam.py", "imaging.py", "modeling_esp_medsam.py", "config.json"} <= set(result["files"])
+    assert {"pipeline_esp_medsam.py", "image_reading.py", "modeling_esp_medsam.py", "config.json"} <= set(result["files"])
     assert result["esp/pushed-copy"] == result["esp/with-pipeline"]
     assert result["esp/pushed-copy"]["label"] == "lung fields" and result["esp/pushed-copy"]["stock"]
 

@@ -1,4 +1,4 @@
-"""esp_medsam_hf.imaging: image and DICOM loading (every supported format, written small in tmp folders) and the
+"""esp_medsam_hf.models.esp_medsam.image_reading: image and DICOM loading (every supported format, written small in tmp folders) and the
 overlays."""
 
 from __future__ import annotations
@@ -11,15 +11,8 @@ from PIL import Image
 
 from _inference_helpers import write_dicom
 from esp_medsam_hf import EspMedSamImageProcessor, assets
-from esp_medsam_hf.imaging import (
-    ImageLoadError,
-    draw_mask,
-    load_image,
-    outline,
-    overlay,
-    stretch_to_uint8,
-    to_rgb_uint8,
-)
+from esp_medsam_hf.drawing import draw_mask, outline, overlay
+from esp_medsam_hf.models.esp_medsam.image_reading import ImageLoadError, load_image, stretch_to_uint8, to_rgb_uint8
 
 
 def _gradient(height=12, width=16, high=65535, dtype=np.uint16) -> np.ndarray:

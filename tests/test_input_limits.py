@@ -14,10 +14,10 @@ from PIL import Image
 
 from _inference_helpers import write_dicom
 from esp_medsam_hf import EspMedSamConfig, EspMedSamImageProcessor, EspMedSamModel, EspMedSamProcessor
-from esp_medsam_hf import imaging
+from esp_medsam_hf.models.esp_medsam import image_reading as imaging
 from esp_medsam_hf.data.prepare import PreparationError, read_image
-from esp_medsam_hf.imaging import ImageLoadError, load_image
-from esp_medsam_hf.losses import mask_and_patch_losses
+from esp_medsam_hf.models.esp_medsam.image_reading import ImageLoadError, load_image
+from esp_medsam_hf.models.esp_medsam.losses import mask_and_patch_losses
 
 
 def _zero_tiles(count: int, tile: int = 512):
@@ -79,7 +79,7 @@ def test_float_tiff_with_one_inf_pixel_is_not_read_as_black(tmp_path, caplog):
     data = np.linspace(0, 1, 12 * 16, dtype=np.float32).reshape(12, 16)
     data[3, 4] = np.inf
     tifffile.imwrite(tmp_path / "inf.tif", data)
-    with caplog.at_level(logging.WARNING, logger="esp_medsam_hf.imaging"):
+    with caplog.at_level(logging.WARNING, logger="esp_medsam_hf.models.esp_medsam.image_reading"):
         image, _ = load_image(tmp_path / "inf.tif")
     assert "inf.tif: 1 pixel(s) are NaN or infinite" in caplog.text
     assert image[..., 0].max() == 255 and image[0, 0, 0] == 0 and image[11, 15, 0] == 255

@@ -92,8 +92,8 @@ def test_teacher_card_says_what_the_branch_is_for():
 
 def test_usage_snippets_run_verbatim_on_every_branch(tmp_path):
     """Publish a tiny teacher and student per branch with their cards; run each card's code as written."""
-    from esp_medsam_hf.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
-    from esp_medsam_hf.modeling_esp_medsam_teacher import EspMedSamTeacherModel
+    from esp_medsam_hf.models.esp_medsam.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
+    from esp_medsam_hf.models.esp_medsam.modeling_esp_medsam_teacher import EspMedSamTeacherModel
     from esp_medsam_hf.training.stages import make_processor, save_with_processor
 
     teacher = EspMedSamTeacherModel(EspMedSamTeacherConfig.tiny(image_size=64)).eval()

@@ -17,7 +17,7 @@ from esp_medsam_hf.data.layouts import LayoutError
 from esp_medsam_hf.data.prepare import prepare_domain, write_output
 from esp_medsam_hf.data.prepared import prepared_domains
 from esp_medsam_hf.data.synthetic import synthetic_domain
-from esp_medsam_hf.fileio import atomic_file, check_replaceable, staging_directory
+from esp_medsam_hf.models.esp_medsam.fileio import atomic_file, check_replaceable, staging_directory
 from esp_medsam_hf.inference import collect_inputs
 from esp_medsam_hf.training import EspMedSamStageConfig
 from esp_medsam_hf.training.loop import prepare_output_dir

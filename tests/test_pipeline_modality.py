@@ -12,7 +12,7 @@ from _inference_helpers import single_thread
 from esp_medsam_hf import EspMedSamConfig, EspMedSamImageProcessor, EspMedSamModel
 from esp_medsam_hf.data.domains import DOMAIN_NAMES, get_domain
 from esp_medsam_hf.data.synthetic import synthetic_example
-from esp_medsam_hf.pipeline_esp_medsam import segment
+from esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam import segment
 
 SIZE = 64
 TRAIN_PER_DOMAIN = 20

@@ -14,7 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.sam.modeling_sam import SamAttention
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
-from esp_medsam_hf.modeling_esp_medsam import EspMedSamWindowAttention
+from esp_medsam_hf.models.esp_medsam.modeling_esp_medsam import EspMedSamWindowAttention
 
 SIZE = 64
 

@@ -8,8 +8,8 @@ from transformers import AutoModel, SamConfig, SamModel, SamVisionConfig
 from transformers.models.sam.modeling_sam import SamVisionEncoder
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
-from esp_medsam_hf.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
-from esp_medsam_hf.modeling_esp_medsam_teacher import EspMedSamTeacherModel
+from esp_medsam_hf.models.esp_medsam.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
+from esp_medsam_hf.models.esp_medsam.modeling_esp_medsam_teacher import EspMedSamTeacherModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
-from esp_medsam_hf.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
-from esp_medsam_hf.modeling_esp_medsam_teacher import EspMedSamTeacherModel
+from esp_medsam_hf.models.esp_medsam.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
+from esp_medsam_hf.models.esp_medsam.modeling_esp_medsam_teacher import EspMedSamTeacherModel
 from esp_medsam_hf.training import (
     DistillConfig,
     EspMedSamStageConfig,

@@ -30,7 +30,9 @@ from PIL import Image
 
 import esp_medsam_hf
 from esp_medsam_hf import assets
-from esp_medsam_hf.imaging import SUPPORTED_SUFFIXES, draw_mask, is_dicom, load_image, predict
+from esp_medsam_hf.drawing import draw_mask
+from esp_medsam_hf.models.esp_medsam.image_reading import is_dicom, load_image, SUPPORTED_SUFFIXES
+from esp_medsam_hf.models.esp_medsam.prediction import predict
 
 logger = logging.getLogger("esp_medsam_space")
 

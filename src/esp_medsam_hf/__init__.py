@@ -3,8 +3,8 @@ the Hugging Face ecosystem. Importing the package registers the models with tran
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageSegmentation, AutoProcessor
 
-from . import pipeline_esp_medsam
-from .configuration_esp_medsam import (
+from .models.esp_medsam import pipeline_esp_medsam
+from .models.esp_medsam.configuration_esp_medsam import (
     MODALITY_NAMES,
     TARGET_NAMES,
     EspMedSamAggregatorConfig,
@@ -13,12 +13,12 @@ from .configuration_esp_medsam import (
     EspMedSamParameterBagConfig,
     EspMedSamPromptGeneratorConfig,
 )
-from .configuration_esp_medsam_teacher import EspMedSamTeacherConfig
-from .image_processing_esp_medsam import EspMedSamImageProcessor
+from .models.esp_medsam.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
+from .models.esp_medsam.image_processing_esp_medsam import EspMedSamImageProcessor
 from .metrics import metric_path
-from .modeling_esp_medsam import EspMedSamModel, EspMedSamOutput, EspMedSamPreTrainedModel
-from .modeling_esp_medsam_teacher import EspMedSamTeacherModel
-from .processing_esp_medsam import EspMedSamProcessor
+from .models.esp_medsam.modeling_esp_medsam import EspMedSamModel, EspMedSamOutput, EspMedSamPreTrainedModel
+from .models.esp_medsam.modeling_esp_medsam_teacher import EspMedSamTeacherModel
+from .models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
 
 
 def register() -> None:

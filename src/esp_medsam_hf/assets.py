@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .imaging import to_rgb_uint8
+from .models.esp_medsam.image_reading import to_rgb_uint8
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .configuration_esp_medsam import EspMedSamConfig
-from .modeling_esp_medsam import EspMedSamModel
+from .models.esp_medsam.configuration_esp_medsam import EspMedSamConfig
+from .models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def litemedsam_config(**kwargs) -> EspMedSamConfig:
 
 def litemedsam_image_processor(image_size: int = 256):
     """LiteMedSAM's own preprocessing: intensities to [0, 1], no mean/std normalisation, at ``image_size``."""
-    from .image_processing_esp_medsam import EspMedSamImageProcessor
+    from .models.esp_medsam.image_processing_esp_medsam import EspMedSamImageProcessor
 
     return EspMedSamImageProcessor(
         size={"height": image_size, "width": image_size}, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]

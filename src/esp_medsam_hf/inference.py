@@ -1,6 +1,6 @@
 """Segmenting files and folders: masks, overlays and a CSV, batched, across processes under ``accelerate launch``.
 
-Used by ``esp-medsam segment``. Every image is read with ``imaging.load_image`` (DICOM included: its Modality tag
+Used by ``esp-medsam segment``. Every image is read with ``image_reading.load_image`` (DICOM included: its Modality tag
 gives the modality where unambiguous), segmented by the "medical-image-segmentation" pipeline, and written as
 ``<name>_mask.png`` (0/255, original size) and ``<name>_overlay.png`` (the image with the mask tinted and outlined,
 labelled with the modality and its probability). ``segmentation.csv`` gets one row per input. A file that cannot
@@ -21,17 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from .fileio import atomic_file
-from .imaging import (
-    PREDICTION_COLOUR,
-    SUPPORTED_SUFFIXES,
-    ImageLoadError,
-    draw_caption,
-    draw_mask,
-    is_dicom,
-    load_image,
-    save_png,
-)
+from .models.esp_medsam.fileio import atomic_file
+from .drawing import draw_caption, draw_mask, PREDICTION_COLOUR, save_png
+from .models.esp_medsam.image_reading import ImageLoadError, is_dicom, load_image, SUPPORTED_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +278,7 @@ def load_pipeline(model: str, revision: str | None = None, device: str | None = 
     (default: automatic)."""
     from transformers import AutoImageProcessor, AutoModelForImageSegmentation
 
-    from .pipeline_esp_medsam import TASK, EspMedSamSegmentationPipeline
+    from .models.esp_medsam.pipeline_esp_medsam import TASK, EspMedSamSegmentationPipeline
 
     device = device or str(process_state().device)
     with progress_bars(progress):

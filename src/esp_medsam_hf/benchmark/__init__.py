@@ -21,7 +21,7 @@ the table and the chart).
 
 from __future__ import annotations
 
-from ..modeling_esp_medsam import count_parameters
+from ..models.esp_medsam.modeling_esp_medsam import count_parameters
 from .candidates import build_candidate, load_litemedsam
 from .machine import machine_info
 from .report import format_table, merge_reports, plot_benchmark, write_report

@@ -13,14 +13,14 @@ from torch import nn
 
 from .machine import dist_version
 from .settings import BenchmarkSettings, Candidate
-from ..configuration_esp_medsam_teacher import sam_vision_config
-from ..modeling_esp_medsam import count_parameters
+from ..models.esp_medsam.configuration_esp_medsam_teacher import sam_vision_config
+from ..models.esp_medsam.modeling_esp_medsam import count_parameters
 from .timing import autocast
 
 
 def esp_medsam_config(settings: BenchmarkSettings):
     """The official architecture (six bags) at ``settings.image_size``, or the tiny one in quick mode."""
-    from ..configuration_esp_medsam import EspMedSamConfig
+    from ..models.esp_medsam.configuration_esp_medsam import EspMedSamConfig
 
     if settings.quick:
         return EspMedSamConfig.tiny(image_size=settings.image_size)
@@ -28,7 +28,7 @@ def esp_medsam_config(settings: BenchmarkSettings):
 
 
 def build_esp_medsam(settings: BenchmarkSettings, fast: bool) -> Candidate:
-    from ..modeling_esp_medsam import EspMedSamModel
+    from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 
     config = esp_medsam_config(settings)
     config._attn_implementation = "sdpa" if fast else "eager"
@@ -191,8 +191,8 @@ def build_onnx(settings: BenchmarkSettings, workdir: Path) -> Candidate:
     """ESP-MedSAM exported to ONNX (BatchNorm folded, SDPA) and run by onnxruntime's CPU provider."""
     import numpy as np
 
-    from ..export import export_onnx, onnxruntime_session
-    from ..modeling_esp_medsam import EspMedSamModel
+    from ..models.esp_medsam.export import export_onnx, onnxruntime_session
+    from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 
     config = esp_medsam_config(settings)
     torch.manual_seed(0)
@@ -224,7 +224,7 @@ def build_user_path(settings: BenchmarkSettings, workdir: Path) -> Candidate:
     fp32 weights) through ``backends.run_inference`` with the backend it resolves; a bf16 row runs under autocast
     on the eager backend, as a user's autocast would."""
     from .. import backends
-    from ..modeling_esp_medsam import EspMedSamModel
+    from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 
     config = esp_medsam_config(settings)
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_file
+from ..models.esp_medsam.fileio import atomic_file
 from .settings import ALL_MODELS, BASELINE
 
 

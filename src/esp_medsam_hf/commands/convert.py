@@ -56,12 +56,12 @@ def convert_to_folder(
     """Convert and save model, processors and the custom pipeline into ``output`` atomically (a temp folder renamed
     into place), so both pipelines and ``trust_remote_code`` load it."""
     from ..conversion import convert_litemedsam, convert_original_checkpoints, litemedsam_image_processor
-    from ..fileio import staging_directory
-    from ..image_processing_esp_medsam import EspMedSamImageProcessor
-    from ..pipeline_esp_medsam import save_pretrained_with_pipeline
-    from ..processing_esp_medsam import EspMedSamProcessor
+    from ..models.esp_medsam.fileio import staging_directory
+    from ..models.esp_medsam.image_processing_esp_medsam import EspMedSamImageProcessor
+    from ..models.esp_medsam.pipeline_esp_medsam import save_pretrained_with_pipeline
+    from ..models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
 
-    from ..fileio import check_replaceable
+    from ..models.esp_medsam.fileio import check_replaceable
 
     if bool(checkpoints) == (litemedsam is not None):
         raise ValueError("give either --checkpoint (official weights) or --litemedsam, not both and not neither")

@@ -44,9 +44,9 @@ def load_model(path: str, device: str | None = None):
     """``(model, processor)`` from a folder; the processor defaults to the model's input size if none was saved."""
     import torch
 
-    from ..image_processing_esp_medsam import EspMedSamImageProcessor
-    from ..modeling_esp_medsam import EspMedSamModel
-    from ..processing_esp_medsam import EspMedSamProcessor
+    from ..models.esp_medsam.image_processing_esp_medsam import EspMedSamImageProcessor
+    from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
+    from ..models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
 
     model = EspMedSamModel.from_pretrained(path)
     try:
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.evaluation import evaluate_model, write_report
     from ..data.prepare import PreparationError
     from ..data.prepared import PreparedDataError
-    from ..fileio import check_replaceable
+    from ..models.esp_medsam.fileio import check_replaceable
 
     try:
         if args.overwrite:

@@ -65,7 +65,7 @@ class LiteMedSamBoxes:
         import torch
 
         from ..benchmark import load_litemedsam
-        from ..modeling_esp_medsam import fuse_conv_norms
+        from ..models.esp_medsam.modeling_esp_medsam import fuse_conv_norms
 
         self.model = load_litemedsam()
         self.batch_size = batch_size

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-from ..configuration_esp_medsam import MODALITY_NAMES, TARGET_NAMES
+from ..models.esp_medsam.configuration_esp_medsam import MODALITY_NAMES, TARGET_NAMES
 SPLIT_NAMES: dict[str, str] = {"train": "train", "valid": "validation", "test": "test"}
 """Official split key -> ``datasets`` split name."""
 

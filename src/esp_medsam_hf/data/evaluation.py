@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import atomic_file, staging_directory
-from ..imaging import overlay, predict, save_png
+from ..models.esp_medsam.fileio import atomic_file, staging_directory
+from ..drawing import overlay, save_png
+from ..models.esp_medsam.prediction import predict
 from ..metrics.functional import dice_score, hausdorff_distance, mean_dice, mean_hausdorff
 from .domains import MODALITY_NAMES, get_domain
 from .schema import image_to_rgb, mask_to_bool
@@ -111,7 +112,7 @@ def evaluate_model(
     """
     from tqdm.auto import tqdm
 
-    from ..backends import inference_batch_size
+    from ..models.esp_medsam.backends import inference_batch_size
 
     was_training = model.training
     model.eval()

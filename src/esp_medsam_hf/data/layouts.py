@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..imaging import IMAGE_SUFFIXES
+from ..models.esp_medsam.image_reading import IMAGE_SUFFIXES
 from .domains import DOMAIN_NAMES, get_domain
 
 

@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
-from ..fileio import staging_directory
-from ..imaging import ImageLoadError, check_pixel_count, repair_non_finite, to_rgb_uint8
+from ..models.esp_medsam.fileio import staging_directory
+from ..models.esp_medsam.image_reading import check_pixel_count, ImageLoadError, repair_non_finite, to_rgb_uint8
 from .domains import Domain, all_official_names, get_domain
 from .layouts import PLAIN, Layout, SourceItem, detect_layout, get_layout
 from .prepared import check_card_replaceable, prepared_domains, write_card
@@ -70,7 +70,7 @@ def _open_bytes(path: Path) -> io.BytesIO:
 
 
 def _check_size(path: Path, height: int, width: int) -> None:
-    """The package's one pixel limit (``esp_medsam_hf.imaging.MAX_IMAGE_PIXELS``), checked before decoding."""
+    """The package's one pixel limit (``esp_medsam_hf.models.esp_medsam.image_reading.MAX_IMAGE_PIXELS``), checked before decoding."""
     try:
         check_pixel_count(path, height, width)
     except ImageLoadError as error:

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..fileio import atomic_file
+from ..models.esp_medsam.fileio import atomic_file
 from .domains import DOMAINS, GROUPS, REAL_DOMAINS, SOURCE_DOMAINS, Domain, get_domain, resolve_domains
 
 CARD_TITLE = "# ESP-MedSAM domains"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..assets import DSB2018_IMAGE, DSB2018_MASK
-from ..fileio import atomic_file, staging_directory
+from ..models.esp_medsam.fileio import atomic_file, staging_directory
 from .domains import get_domain
 
 logger = logging.getLogger(__name__)

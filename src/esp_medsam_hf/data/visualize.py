@@ -1,4 +1,4 @@
-"""Pictures of the data: a contact sheet of the 12 domains (overlays are drawn by :mod:`esp_medsam_hf.imaging`)."""
+"""Pictures of the data: a contact sheet of the 12 domains (overlays are drawn by :mod:`esp_medsam_hf.drawing`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..imaging import overlay, save_png
+from ..drawing import overlay, save_png
 from .domains import DOMAIN_NAMES, get_domain
 
 

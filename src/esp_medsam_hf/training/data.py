@@ -17,7 +17,7 @@ import torch
 
 from ..data import prepared
 from ..data.schema import image_to_rgb, mask_to_bool
-from ..imaging import IMAGE_SUFFIXES
+from ..models.esp_medsam.image_reading import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 

@@ -171,8 +171,8 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
     on the synthetic test images; the report in ``output/evaluation``."""
     from ..data.baselines import reference_methods
     from ..data.evaluation import evaluate_model, write_report
-    from ..modeling_esp_medsam import EspMedSamModel
-    from ..processing_esp_medsam import EspMedSamProcessor
+    from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
+    from ..models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
 
     model = EspMedSamModel.from_pretrained(model_dir).optimize_for_inference()
     processor = EspMedSamProcessor.from_pretrained(model_dir)
@@ -238,8 +238,8 @@ def demo_releases(teacher, distill, esp, report: dict, configs: tuple, data: Dem
     """``(branch, folder, card)`` of every stage and of ``main``. The teacher and the distilled student are scored
     on the real DSB 2018 image for their cards (the final model's card has the whole evaluation)."""
     from ..data.evaluation import evaluate_model
-    from ..modeling_esp_medsam import EspMedSamModel
-    from ..processing_esp_medsam import EspMedSamProcessor
+    from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
+    from ..models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
     from .publishing import STAGE_TO_BRANCH, measured_efficiency, stage_card, training_data
     from .stages import count_parameters
 

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backends import inference_batch_size
+from ..models.esp_medsam.backends import inference_batch_size
 from ..data.schema import image_to_rgb, mask_to_bool
-from ..modeling_esp_medsam import EspMedSamModel
+from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..fileio import atomic_file, replace_directory, staging_directory
+from ..models.esp_medsam.fileio import atomic_file, replace_directory, staging_directory
 from .config import TrainingConfig
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..data.domains import DOMAIN_NAMES, REAL_DOMAIN_NAMES, get_domain
 from ..hub.cards import DomainResult, ModelCardInfo, TrainingData
-from ..modeling_esp_medsam import EspMedSamModel
+from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 from ..hub.publish import MAIN_BRANCH, STAGE_BRANCHES, RetryPolicy, StageRelease, publish_model
 
 STAGE_TO_BRANCH = dict(zip(("teacher", "distill", "espmedsam"), STAGE_BRANCHES))

@@ -30,7 +30,7 @@ def real_images() -> list[dict]:
         NUCLEAR_IMAGE,
         load_dsb2018_pair,
     )
-    from ..imaging import load_image
+    from ..models.esp_medsam.image_reading import load_image
 
     items = []
     for name, asset, modality in (
@@ -55,7 +55,8 @@ def real_images() -> list[dict]:
 
 def segment_real_images(model, processor, output_dir: Path) -> list[dict]:
     """Segment every real image with its modality given (and report the classifier's own choice); overlays."""
-    from ..imaging import overlay, predict, save_png
+    from ..drawing import overlay, save_png
+    from ..models.esp_medsam.prediction import predict
     from ..metrics.functional import dice_score
 
     records = []

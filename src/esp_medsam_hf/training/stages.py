@@ -26,15 +26,15 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from torch import nn
 
-from ..backends import inference_batch_size
-from ..configuration_esp_medsam import EspMedSamConfig
-from ..configuration_esp_medsam_teacher import EspMedSamTeacherConfig
-from ..image_processing_esp_medsam import EspMedSamImageProcessor
-from ..losses import batch_loss
-from ..modeling_esp_medsam import EspMedSamModel, GatheredBagBlock, count_parameters
-from ..modeling_esp_medsam_teacher import EspMedSamTeacherModel
-from ..pipeline_esp_medsam import save_pretrained_with_pipeline
-from ..processing_esp_medsam import EspMedSamProcessor
+from ..models.esp_medsam.backends import inference_batch_size
+from ..models.esp_medsam.configuration_esp_medsam import EspMedSamConfig
+from ..models.esp_medsam.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
+from ..models.esp_medsam.image_processing_esp_medsam import EspMedSamImageProcessor
+from ..models.esp_medsam.losses import batch_loss
+from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel, GatheredBagBlock, count_parameters
+from ..models.esp_medsam.modeling_esp_medsam_teacher import EspMedSamTeacherModel
+from ..models.esp_medsam.pipeline_esp_medsam import save_pretrained_with_pipeline
+from ..models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
 from .config import RELEASE, DistillConfig, EspMedSamStageConfig, TeacherConfig, TrainingConfig, expand_freeze
 from .data import (
     Collator,
@@ -608,7 +608,7 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
 def write_release(chosen: Path, output_dir: Path, build=None) -> Path:
     """``output_dir/release``: a copy of ``chosen`` (or what ``build(staging)`` writes), replaced atomically, by the
     main process only under ``accelerate launch``."""
-    from ..fileio import staging_directory
+    from ..models.esp_medsam.fileio import staging_directory
 
     release = Path(output_dir) / RELEASE
     state = PartialState()

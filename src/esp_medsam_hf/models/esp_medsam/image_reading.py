@@ -1,4 +1,4 @@
-"""Images in and out of the model, in one place: reading, normalising, drawing, predicting.
+"""Reading and normalising images for the model.
 
 - Reading: ``load_image(path)`` reads DICOM (through pydicom: modality LUT or rescale, VOI LUT or window,
   MONOCHROME1 inversion, then 8 bit), 16-bit and float PNG/TIFF, greyscale, RGBA (alpha dropped) and palette images
@@ -6,10 +6,6 @@
   otherwise the hint is ``None`` and the model's classifier decides.
 - Normalising: ``to_rgb_uint8`` turns any image into HxWx3 uint8 RGB with ``stretch_to_uint8``, the package's one
   min-max stretch (the image processor applies it to non-uint8 inputs too).
-- Drawing: ``draw_mask`` (a mask tinted and outlined, through ``torchvision.utils.draw_segmentation_masks``),
-  ``overlay`` (ground truth beside a prediction), ``draw_caption`` and ``save_png``.
-- Predicting: ``predict`` runs processor -> model -> post-processing on a batch of images; the pipeline and
-  ``esp-medsam segment`` use the same steps through transformers' pipeline API.
 
 Every reader checks the image's size from its header before decoding anything: more than ``MAX_IMAGE_PIXELS``
 pixels (width x height x frames) is refused with an ``ImageLoadError`` naming the file, the same limit for PIL,
@@ -18,25 +14,18 @@ tifffile (tiled and compressed TIFF included) and DICOM. Float images with NaN o
 finite pixel is refused.
 
 This module ships with saved models as remote code (the custom pipeline imports it), so it depends only on numpy and
-Pillow at import time; pydicom, tifffile, torch and torchvision are imported when needed.
+Pillow at import time; pydicom and tifffile are imported when needed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
-
-from .fileio import atomic_file
-
-if TYPE_CHECKING:
-    import torch
+from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +66,7 @@ def check_pixel_count(path: str | os.PathLike, height: int, width: int, frames: 
         frames_text = f" x {frames} frames" if frames > 1 else ""
         raise ImageLoadError(
             path, f"image of {width} x {height} pixels{frames_text} exceeds the limit of {MAX_IMAGE_PIXELS:,} "
-                  "pixels (esp_medsam_hf.imaging.MAX_IMAGE_PIXELS); downsample it first"
+                  "pixels (esp_medsam_hf.models.esp_medsam.image_reading.MAX_IMAGE_PIXELS); downsample it first"
         )
 
 
@@ -291,143 +280,19 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     return read_raster(path)
 
 
-
-GROUND_TRUTH_COLOUR = (0, 255, 0)
-PREDICTION_COLOUR = (255, 0, 255)
-
-
-def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
-    """The pixels of ``mask`` less than ``width`` pixels (4-connected) from its boundary; the image's edge is not
-    a boundary."""
-    mask = np.asarray(mask, dtype=bool)
-    interior = mask
-    for _ in range(width):
-        padded = np.pad(interior, 1, mode="edge")
-        interior = interior & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~interior
-
-
-def draw_mask(
-    image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], *, alpha: float = 0.4, outline_width: int = 1
-) -> np.ndarray:
-    """``image`` as HxWx3 uint8 with ``mask`` tinted towards ``colour`` by ``alpha`` (0: no tint) and its outline,
-    ``outline_width`` pixels wide (0: none), in full colour. Pixels outside the mask are left as they are."""
-    import torch
-    from torchvision.utils import draw_segmentation_masks
-
-    picture = torch.from_numpy(to_rgb_uint8(image).copy()).permute(2, 0, 1)
-    region = torch.from_numpy(np.asarray(mask, dtype=bool))
-    if alpha > 0:
-        tinted = draw_segmentation_masks(picture, region, alpha=alpha, colors=colour)
-        picture = torch.where(region, tinted, picture)  # the blend's float rounding may move pixels outside by 1
-    if outline_width > 0:
-        edge = torch.from_numpy(outline(region.numpy(), outline_width))
-        picture = draw_segmentation_masks(picture, edge, alpha=1.0, colors=colour)
-    return np.ascontiguousarray(picture.permute(1, 2, 0).numpy())
-
-
-def overlay(
-    image: np.ndarray, mask: np.ndarray | None = None, prediction: np.ndarray | None = None, alpha: float = 0.35
-) -> np.ndarray:
-    """An RGB uint8 picture: ground truth tinted green with a green outline, prediction as a magenta outline."""
-    picture = to_rgb_uint8(image)
-    if mask is not None:
-        picture = draw_mask(picture, mask, GROUND_TRUTH_COLOUR, alpha=alpha)
-    if prediction is not None:
-        picture = draw_mask(picture, prediction, PREDICTION_COLOUR, alpha=0.0)
-    return picture
-
-
-def draw_caption(image: np.ndarray, caption: str) -> np.ndarray:
-    """``image`` (HxWx3 uint8) with ``caption`` in white on black in the top-left corner, sized to the image."""
-    canvas = Image.fromarray(image)
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=max(10, min(canvas.size) // 40))
-    box = draw.textbbox((4, 4), caption, font=font)
-    draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
-    draw.text((4, 4), caption, fill=(255, 255, 255), font=font)
-    return np.asarray(canvas)
-
-
-def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write a PNG atomically."""
-    path = Path(path)
-    with atomic_file(path) as temporary:
-        Image.fromarray(array).save(temporary, format="PNG")
-    return path
-
-
-@dataclass
-class Prediction:
-    """What :func:`predict` gives for a batch: a mask per image and what the modality classifier said."""
-
-    masks: list[np.ndarray]
-    """HxW bool masks, each at its image's size."""
-    modality: list[int]
-    """The modality index each image was decoded with: the given one, else the classifier's choice."""
-    modality_logits: torch.Tensor | None
-    """(B, M) float32 classifier logits on the CPU; ``None`` for a model without a classifier (the teacher)."""
-
-    @property
-    def classifier_modality(self) -> list[int | None]:
-        """The modality the classifier picks for each image, whatever modality was given."""
-        if self.modality_logits is None:
-            return [None] * len(self.masks)
-        return self.modality_logits.argmax(-1).tolist()
-
-    @property
-    def modality_probabilities(self) -> list[list[float]] | None:
-        """The classifier's probability of each modality, per image (``None`` without a classifier)."""
-        if self.modality_logits is None:
-            return None
-        return self.modality_logits.softmax(-1).tolist()
-
-
-def predict(
-    model, processor, images: Sequence[Any], modality: Any = None, *, backend: str | None = "eager"
-) -> Prediction:
-    """Segment a batch of images: ``processor`` -> ``model`` -> ``processor.post_process_masks``.
-
-    ``processor`` is an ``EspMedSamProcessor``; ``modality`` is what it takes (a name or index for every image, or
-    one per image), or ``None`` for the classifier to choose. The pixel values go to the model's device and through
-    ``backends.run_inference`` with ``backend`` (``"eager"``: the PyTorch model; ``None``: the automatic choice,
-    onnxruntime for an fp32 model on the CPU when installed). Masks keep the logits above 0 (probability 0.5).
-    """
-    from .backends import run_inference
-
-    device = next(model.parameters()).device
-    inputs = processor(images=images, modality=modality, return_tensors="pt")
-    outputs = run_inference(model, inputs["pixel_values"].to(device), inputs.get("modality"), backend=backend)
-    masks = processor.post_process_masks(outputs.pred_masks.float().cpu(), inputs["original_sizes"])
-    logits = outputs.modality_logits
-    return Prediction(
-        masks=[mask.numpy().astype(bool) for mask in masks],
-        modality=outputs.modality.tolist(),
-        modality_logits=None if logits is None else logits.float().cpu(),
-    )
-
-
 __all__ = [
     "DICOM_MODALITIES",
-    "GROUND_TRUTH_COLOUR",
+    "DICOM_SUFFIXES",
     "IMAGE_SUFFIXES",
     "ImageLoadError",
     "MAX_IMAGE_PIXELS",
-    "PREDICTION_COLOUR",
-    "Prediction",
-    "check_pixel_count",
-    "draw_caption",
-    "draw_mask",
-    "repair_non_finite",
     "SUPPORTED_SUFFIXES",
+    "check_pixel_count",
     "is_dicom",
     "load_image",
-    "outline",
-    "overlay",
-    "predict",
     "read_dicom",
     "read_raster",
-    "save_png",
+    "repair_non_finite",
     "scale_to_uint8",
     "stretch_to_uint8",
     "to_rgb_uint8",

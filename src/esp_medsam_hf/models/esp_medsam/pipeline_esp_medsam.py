@@ -8,7 +8,7 @@ Each image gives one segment, in the image-segmentation pipeline's format plus t
 ``[{"label": target, "score": s, "mask": PIL "L" (0/255, original size), "modality": name,
 "modality_probability": p, "modality_source": "given" | "file" | "classifier"}]``.
 The modality comes from, in order: the image's own ``{"image": ..., "modality": ...}`` or the per-image list
-``modality=[...]``; the call's ``modality=``; the file (an unambiguous DICOM Modality tag, see ``imaging.py``); the
+``modality=[...]``; the call's ``modality=``; the file (an unambiguous DICOM Modality tag, see ``image_reading.py``); the
 model's modality classifier. ``modality_probability`` is the classifier's probability of the modality used;
 ``score`` = P(label) x mean mask probability inside the mask (transformers' Mask2Former convention), where
 P(label) is 1 for a given modality (argument or file) and the classifier's probability otherwise; an empty mask
@@ -35,7 +35,7 @@ from transformers.models.auto import modeling_auto
 from transformers.pipelines import PIPELINE_REGISTRY, ImageSegmentationPipeline
 
 from .backends import AUTOMATIC_MODALITY, run_inference
-from .imaging import load_image, to_rgb_uint8
+from .image_reading import load_image, to_rgb_uint8
 
 TASK = "medical-image-segmentation"
 UNKNOWN_MODALITY = AUTOMATIC_MODALITY
@@ -192,7 +192,7 @@ def save_pretrained_with_pipeline(model, processor, directory: str | os.PathLike
 
     ``processor`` is an ``EspMedSamProcessor`` or an ``EspMedSamImageProcessor``. ``config.json`` gets
     ``custom_pipelines`` (the "medical-image-segmentation" task) and the folder gets this file and the modules it
-    imports (``imaging.py``, and ``backends.py`` with ``export.py`` and ``fileio.py`` for the onnxruntime backend).
+    imports (``image_reading.py``, and ``backends.py`` with ``export.py`` and ``fileio.py`` for the onnxruntime backend).
     """
     image_processor = getattr(processor, "image_processor", processor)
     pipe = EspMedSamSegmentationPipeline(model=model, image_processor=image_processor, task=TASK)

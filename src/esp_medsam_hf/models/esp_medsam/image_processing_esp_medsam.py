@@ -21,7 +21,7 @@ from transformers.image_utils import (
 )
 
 from .dicom_plugin import register as register_dicom_plugin
-from .imaging import stretch_to_uint8
+from .image_reading import stretch_to_uint8
 
 # Pillow then reads DICOM files by content, so the stock pipeline's load_image(path) gets the windowed pixels.
 register_dicom_plugin()
@@ -36,7 +36,7 @@ def _channels_first(image: ImageInput) -> ImageInput:
 
 
 def _to_supported_dtype(image: ImageInput, index: int | None = None) -> ImageInput:
-    """Bring 16-bit, float and bool images to uint8 with ``imaging.stretch_to_uint8`` (a per-image min-max
+    """Bring 16-bit, float and bool images to uint8 with ``image_reading.stretch_to_uint8`` (a per-image min-max
     stretch; NaN and inf repaired with a warning); uint8 passes through untouched.
 
     2-D arrays gain a trailing channel axis (transformers reads a bare 2-D array as ambiguous).
@@ -115,7 +115,7 @@ class EspMedSamImageProcessor(TorchvisionBackend):
             images = [_to_supported_dtype(image, index) for index, image in enumerate(images)]
         else:
             images = _to_supported_dtype(images)
-        if input_data_format is None:  # numpy arrays are H x W x C (as PIL and esp_medsam_hf.imaging give them)
+        if input_data_format is None:  # numpy arrays are H x W x C (as PIL and esp_medsam_hf.models.esp_medsam.image_reading give them)
             images = [_channels_first(i) for i in images] if isinstance(images, list) else _channels_first(images)
         images = self._prepare_images_structure(images)
         images = self._prepare_image_like_inputs(

@@ -18,7 +18,7 @@ import os
 
 from PIL import Image, ImageFile
 
-from .imaging import read_dicom
+from .image_reading import read_dicom
 
 FORMAT = "DICOM"
 

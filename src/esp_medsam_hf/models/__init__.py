@@ -1,0 +1,1 @@
+"""The models that ship as remote code, one folder each (transformers' ``models/<name>/`` layout)."""
