@@ -413,3 +413,21 @@ def test_output_hidden_states_are_the_encoder_stage_outputs(tiny_model):
     with torch.no_grad():
         neck = tiny_model.aggregator.neck(states[-2])
     torch.testing.assert_close(neck, out.image_embeddings)
+
+
+def test_get_image_embeddings_is_the_forwards_encoder():
+    """The public encoder (SamModel's name) gives the embeddings the forward decodes, per image modality."""
+    torch.manual_seed(0)
+    model = EspMedSamModel(EspMedSamConfig.tiny(image_size=64)).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    modality = torch.tensor([0, 3])
+    with torch.no_grad():
+        embeddings = model.get_image_embeddings(pixels, modality)
+        outputs = model(pixels, modality=modality)
+        automatic = model.get_image_embeddings(pixels)
+        chosen = model(pixels).modality
+    torch.testing.assert_close(embeddings, outputs.image_embeddings, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(automatic, model.get_image_embeddings(pixels, chosen), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="modality index 6 is out of range"):
+        model.get_image_embeddings(pixels, torch.tensor([0, 6]))

@@ -823,15 +823,8 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         ``output_hidden_states`` (``config.output_hidden_states``) also the image encoder's stage outputs."""
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        features = self.aggregator.stem(pixel_values)
-        modality_logits = self.modality_classifier(features)
-        chosen = given if given is not None else modality_logits.argmax(dim=-1)
-        hidden_states = [features] if output_hidden_states else None
-        image_embeddings = self.aggregator.forward_stages(
-            features, chosen, self.modality_controller, hidden_states=hidden_states
-        )
-        if hidden_states is not None:
-            hidden_states.append(image_embeddings)
+        hidden_states = [] if output_hidden_states else None
+        image_embeddings, modality_logits, chosen = self.encode(pixel_values, given, hidden_states)
         modality_loss = None
         if labels is not None and given is not None and self.config.modality_loss_weight > 0:
             modality_loss = F.cross_entropy(modality_logits, given)
@@ -842,6 +835,34 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         if modality_loss is not None:
             output.loss = output.loss + self.config.modality_loss_weight * modality_loss
         return output
+
+    def encode(
+        self, pixel_values: torch.FloatTensor, given: torch.LongTensor | None, hidden_states: list | None = None
+    ) -> tuple[torch.FloatTensor, torch.FloatTensor, torch.LongTensor]:
+        """The image encoder, the one place its chain runs: stem, modality classifier on the stem's features, the
+        TinyViT stages with each image's parameter bag, neck. Returns the image embeddings (B, 256, 64, 64 at 1024
+        px), the classifier's logits and the modality each image was encoded with (``given``, else the
+        classifier's). A list passed as ``hidden_states`` receives the stem's and every stage's output."""
+        features = self.aggregator.stem(pixel_values)
+        modality_logits = self.modality_classifier(features)
+        chosen = given if given is not None else modality_logits.argmax(dim=-1)
+        if hidden_states is not None:
+            hidden_states.append(features)
+        image_embeddings = self.aggregator.forward_stages(
+            features, chosen, self.modality_controller, hidden_states=hidden_states
+        )
+        if hidden_states is not None:
+            hidden_states.append(image_embeddings)
+        return image_embeddings, modality_logits, chosen
+
+    def get_image_embeddings(
+        self, pixel_values: torch.FloatTensor, modality: torch.LongTensor | int | None = None
+    ) -> torch.FloatTensor:
+        """The image embeddings (B, 256, 64, 64 at 1024 px) of ``pixel_values``, each image encoded with its
+        modality's parameter bag (``modality`` as ``forward`` takes it; ``None``: the classifier's choice). SamModel's
+        name: encode an image once and decode it many times."""
+        given = self.check_inputs(pixel_values, modality)
+        return self.encode(pixel_values, given)[0]
 
     def predict_modality(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """The modality classifier's logits (B, num_modalities) for images of unknown modality, without decoding a
