@@ -82,12 +82,10 @@ def encode(model: EspMedSamModel, pixel_values: torch.Tensor, modality: torch.Lo
            frozen_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features at the cache point, pooled classifier features) of a batch, as the model's forward computes
     them: the image embeddings when ``frozen_stages`` is None, else the output of stage ``frozen_stages - 1``."""
-    stem = model.aggregator.stem(pixel_values)
-    pooled = model.modality_classifier.pool(stem)
-    if frozen_stages == 1:
-        return stem, pooled
+    hidden_states: list[torch.Tensor] = []
     last = None if frozen_stages is None else frozen_stages - 1
-    return model.aggregator.forward_stages(stem, modality, model.modality_controller, last=last), pooled
+    features = model.encode(pixel_values, modality, hidden_states, last_stage=last)[0]
+    return features, model.modality_classifier.pool(hidden_states[0])
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -184,8 +182,7 @@ class EspMedSamAfterCache(nn.Module):
         """Image embeddings from features at the cache point."""
         if self.frozen_stages is None:
             return features
-        model = self.model
-        return model.aggregator.forward_stages(features, modality, model.modality_controller, first=self.frozen_stages)
+        return self.model.encode_stages(features, modality, first=self.frozen_stages)
 
     def forward(self, features: torch.Tensor, pooled_features: torch.Tensor, modality: torch.LongTensor,
                 labels: torch.Tensor) -> torch.Tensor:

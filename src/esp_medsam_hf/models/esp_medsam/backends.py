@@ -224,6 +224,7 @@ class EspMedSamWithBackend(nn.Module):
         super().__init__()
         self.model = model
         self.backend = backend
+        self.train(model.training)  # the mode of the model it wraps (a new module starts in training mode)
 
     def __getattr__(self, name: str):
         try:
@@ -233,7 +234,7 @@ class EspMedSamWithBackend(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, modality=None, labels=None, **kwargs):
         model = self.model
-        if labels is not None or self.training or torch.is_grad_enabled() or (
+        if labels is not None or model.training or torch.is_grad_enabled() or (
             resolve_backend(model, self.backend) != "onnxruntime"
         ):
             return model(pixel_values, modality=modality, labels=labels, **kwargs)

@@ -36,10 +36,7 @@ class EspMedSamInferenceGraph(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model = self.model
-        features = model.aggregator.stem(pixel_values)
-        modality_logits = model.modality_classifier(features)
-        chosen = torch.where(modality < 0, modality_logits.argmax(dim=-1), modality)
-        image_embeddings = model.aggregator.forward_stages(features, chosen, model.modality_controller)
+        image_embeddings, modality_logits, chosen = model.encode(pixel_values, modality)
         patch_logits, dense_prompt = model.prompt_generator(image_embeddings)
         pred_masks = model.mask_decoder(image_embeddings, dense_prompt, chosen)
         return pred_masks, patch_logits, modality_logits, chosen

@@ -859,23 +859,52 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         return output
 
     def encode(
-        self, pixel_values: torch.FloatTensor, given: torch.LongTensor | None, hidden_states: list | None = None
+        self,
+        pixel_values: torch.FloatTensor,
+        given: torch.LongTensor | None,
+        hidden_states: list | None = None,
+        *,
+        controller: ModalityController | None = None,
+        last_stage: int | None = None,
     ) -> tuple[torch.FloatTensor, torch.FloatTensor, torch.LongTensor]:
         """The image encoder, the one place its chain runs: stem, modality classifier on the stem's features, the
         TinyViT stages with each image's parameter bag, neck. Returns the image embeddings (B, 256, 64, 64 at 1024
-        px), the classifier's logits and the modality each image was encoded with (``given``, else the
-        classifier's). A list passed as ``hidden_states`` receives the stem's and every stage's output."""
+        px), the classifier's logits and the modality each image was encoded with: ``given``, except where it is
+        ``-1`` (or ``None`` for all), the classifier's. A list passed as ``hidden_states`` receives the stem's and
+        every stage's output.
+
+        For training: ``controller`` replaces the model's parameter bags (a stand-in with the same ``gather``, such
+        as distillation's unplugged bags); ``last_stage`` stops after that stage (0: the stem), without the neck,
+        and returns its output in place of the embeddings (a frozen prefix's features, cached once).
+        """
         features = self.aggregator.stem(pixel_values)
         modality_logits = self.modality_classifier(features)
-        chosen = given if given is not None else modality_logits.argmax(dim=-1)
+        predicted = modality_logits.argmax(dim=-1)
+        chosen = predicted if given is None else torch.where(given < 0, predicted, given)
         if hidden_states is not None:
             hidden_states.append(features)
-        image_embeddings = self.aggregator.forward_stages(
-            features, chosen, self.modality_controller, hidden_states=hidden_states
+        image_embeddings = self.encode_stages(
+            features, chosen, last=last_stage, controller=controller, hidden_states=hidden_states
         )
-        if hidden_states is not None:
+        if hidden_states is not None and last_stage is None:
             hidden_states.append(image_embeddings)
         return image_embeddings, modality_logits, chosen
+
+    def encode_stages(
+        self,
+        features: torch.FloatTensor,
+        modality: torch.LongTensor,
+        *,
+        first: int = 1,
+        last: int | None = None,
+        controller: ModalityController | None = None,
+        hidden_states: list | None = None,
+    ) -> torch.FloatTensor:
+        """The encoder from the output of stage ``first - 1`` (the stem's for 1): stages ``first``..``last`` with
+        each image's parameter bag (``controller``: the model's bags unless given), then the neck when ``last`` is
+        None. ``encode`` runs it after the stem; a feature cache runs the rest of the chain on stored features."""
+        controller = self.modality_controller if controller is None else controller
+        return self.aggregator.forward_stages(features, modality, controller, hidden_states, first, last)
 
     def get_image_embeddings(
         self, pixel_values: torch.FloatTensor, modality: torch.LongTensor | int | None = None
