@@ -418,10 +418,11 @@ class ModalityClassifier(nn.Module):
     def __init__(self, in_dim: int, hidden_size: int, num_modalities: int):
         super().__init__()
         features = in_dim * 17
-        self.norm = nn.LayerNorm(features)
-        self.fc1 = nn.Linear(features, hidden_size)
+        # float32 whatever the default dtype: the module is in _keep_in_fp32_modules_strict
+        self.norm = nn.LayerNorm(features, dtype=torch.float32)
+        self.fc1 = nn.Linear(features, hidden_size, dtype=torch.float32)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_size, num_modalities)
+        self.fc2 = nn.Linear(hidden_size, num_modalities, dtype=torch.float32)
 
     @staticmethod
     def pool(features: torch.Tensor) -> torch.Tensor:
@@ -488,7 +489,8 @@ class RandomFourierPositionalEncoding(nn.Module):
 
     def __init__(self, num_features: int, scale: float):
         super().__init__()
-        self.register_buffer("gaussian_matrix", scale * torch.randn(2, num_features))
+        # float32 whatever the default dtype: the module is in _keep_in_fp32_modules_strict
+        self.register_buffer("gaussian_matrix", scale * torch.randn(2, num_features, dtype=torch.float32))
 
     def forward(self, size: int) -> torch.Tensor:
         """(1, 2 * num_features, size, size), cell centres mapped to [-1, 1], x before y; computed in float32
@@ -716,9 +718,9 @@ class EspMedSamPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
     config_class = EspMedSamConfig
     base_model_prefix = "esp_medsam"
     _no_split_modules = ["AggregatorBlock", "QueryDecoupledModalityDecoder"]
-    # Stay float32 when loaded with dtype=torch.float16 / torch.bfloat16: the modality classifier (its argmax
-    # routes every image) and the positional encoding's Gaussian matrix (the argument of its sines).
-    _keep_in_fp32_modules = ["modality_classifier", "positional_encoding"]
+    # Stay float32 when loaded or built with dtype=torch.float16 / torch.bfloat16 (strict: bf16 too, and the modules
+    # create their tensors in float32): the modality classifier (its argmax routes every image) and the positional
+    # encoding's Gaussian matrix (the argument of its sines).
     _keep_in_fp32_modules_strict = ["modality_classifier", "positional_encoding"]
     supports_gradient_checkpointing = True
 

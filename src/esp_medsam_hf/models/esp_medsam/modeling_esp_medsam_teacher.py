@@ -156,7 +156,6 @@ class EspMedSamTeacherPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
     base_model_prefix = "esp_medsam_teacher"
     _no_split_modules = ["EspMedSamTeacherVisionLayer", "QueryDecoupledModalityDecoder"]
     # The decoder's positional encoding stays float32 under dtype=torch.float16 / torch.bfloat16 (see the student).
-    _keep_in_fp32_modules = ["positional_encoding"]
     _keep_in_fp32_modules_strict = ["positional_encoding"]
 
     @torch.no_grad()
@@ -206,10 +205,11 @@ class EspMedSamTeacherModel(EspMedSamTeacherPreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """As transformers' (loading replaces the parameters, so the SAM encoder is frozen again afterwards)."""
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
         if model.config.freeze_vision_encoder:
             model.vision_encoder.requires_grad_(False)
-        return model
+        return loaded
 
     @classmethod
     def from_sam_pretrained(
