@@ -122,11 +122,14 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         images = self._prepare_image_like_inputs(
             images=images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=device
         )
+        # as many channels as image_mean has values (3, RGB, by default; a model built for other channels works)
+        mean = kwargs.get("image_mean")
+        channels = len(mean) if isinstance(mean, (list, tuple)) else 3
         for index, image in enumerate(images):
-            if image.shape[0] != 3:
+            if image.shape[0] != channels:
                 raise ValueError(
-                    f"image {index} has {image.shape[0]} channels after conversion; expected 3 (RGB). "
-                    "Pass do_convert_rgb=True for greyscale or RGBA images."
+                    f"image {index} has {image.shape[0]} channels after conversion; expected {channels} (as many as "
+                    "image_mean has values; 3 for RGB). Pass do_convert_rgb=True for greyscale or RGBA images."
                 )
         original_sizes = [list(image.shape[-2:]) for image in images]
         data = dict(self._preprocess(images, return_tensors=None, **kwargs))
@@ -278,7 +281,9 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         for label_map, probs, m in zip(labels, probabilities, modality.tolist()):
             scores = probs.new_zeros((num_labels, *probs.shape))
             scores[0], scores[m + 1] = 1 - probs, probs
-            results.append(SemanticSegmentationPostProcessorOutput(segmentation=label_map, segmentation_scores=scores))
+            results.append(
+                SemanticSegmentationPostProcessorOutput(data={"segmentation": label_map, "segmentation_scores": scores})
+            )
         return results
 
 

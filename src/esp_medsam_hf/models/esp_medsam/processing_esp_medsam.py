@@ -12,22 +12,16 @@ from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, Proces
 from .configuration_esp_medsam import MODALITY_NAMES, EspMedSamModalitiesMixin
 
 
-class EspMedSamImagesKwargs(ImagesKwargs, total=False):
-    """The image processor's keyword arguments, plus ``segmentation_maps`` (also a direct argument of the call)."""
-
-    segmentation_maps: ImageInput | None
-
-
 class EspMedSamProcessorKwargs(ProcessingKwargs, total=False):
     """Keyword arguments of ``EspMedSamProcessor.__call__``, merged by ``ProcessorMixin._merge_kwargs``: flat
     image-processor arguments or an ``images_kwargs`` dict, and ``return_tensors`` (default ``"pt"``). Prompt
     arguments go beside ``images_kwargs`` as further fields."""
 
-    images_kwargs: EspMedSamImagesKwargs
+    images_kwargs: ImagesKwargs
     _defaults = {"images_kwargs": {"return_tensors": "pt"}}
 
 
-class EspMedSamProcessor(EspMedSamModalitiesMixin, ProcessorMixin):
+class EspMedSamProcessor(ProcessorMixin, EspMedSamModalitiesMixin):
     r"""Wraps [`EspMedSamImageProcessor`] and turns modality names into the model's ``modality`` indices.
 
     ``processor(images, modality="x-ray")`` (one name or index for all images, or one per image) returns
@@ -35,7 +29,7 @@ class EspMedSamProcessor(EspMedSamModalitiesMixin, ProcessorMixin):
     up as the configs do (``modality_index``, from ``EspMedSamModalitiesMixin``). Without a modality the output
     has no ``modality`` (the model's classifier decides), so ``model_input_names`` are the image processor's.
     Other keyword arguments are the image processor's, flat or as ``images_kwargs={...}``
-    (``EspMedSamProcessorKwargs``); an unknown one is an error.
+    (``EspMedSamProcessorKwargs``); an unknown one is ignored with transformers' warning.
     """
 
     valid_processor_kwargs = EspMedSamProcessorKwargs
@@ -54,9 +48,7 @@ class EspMedSamProcessor(EspMedSamModalitiesMixin, ProcessorMixin):
         if images is None:
             raise ValueError("images are required")
         output_kwargs = self._merge_kwargs(EspMedSamProcessorKwargs, **kwargs)
-        images_kwargs = output_kwargs["images_kwargs"]
-        segmentation_maps = images_kwargs.pop("segmentation_maps", segmentation_maps)
-        inputs = self.image_processor(images, segmentation_maps=segmentation_maps, **images_kwargs)
+        inputs = self.image_processor(images, segmentation_maps=segmentation_maps, **output_kwargs["images_kwargs"])
         if modality is not None:
             batch = len(inputs["original_sizes"])
             if isinstance(modality, torch.Tensor):
