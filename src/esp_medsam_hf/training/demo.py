@@ -110,6 +110,13 @@ class DemoData:
     label: str
 
 
+def data_label(image_size: int) -> str:
+    """What the models are trained on, for the cards and the report: the DSB image is named as test data only."""
+    return ("REAL images: mnfinder nuclei (hand-made masks), vascx fundus (vessel masks made by vascx's models); "
+            "SYNTHETIC stand-ins for dermoscopy, chest X-ray, breast ultrasound and colonoscopy "
+            f"({image_size} px); the stardist DSB 2018 image (hand-made masks) is a test image only, never trained on")
+
+
 def build_data(output: Path, settings: DemoSettings, seed: int, progress: bool) -> DemoData:
     """The real domains prepared through ``esp-medsam prepare``'s plain layout, and the synthetic stand-ins."""
     from ..data.real import archive_dir, prepare_real_domains
@@ -129,9 +136,7 @@ def build_data(output: Path, settings: DemoSettings, seed: int, progress: bool) 
     others = synthetic_domains([n for n in DOMAIN_NAMES if n not in SYNTHETIC_SOURCE and n not in unseen_names],
                                {"train": settings.classifier_images}, seed=seed, size=settings.image_size)
     train = {**{name: real[name] for name in REAL_TRAINING}, **source}
-    label = ("REAL images: mnfinder nuclei (hand-made masks), vascx fundus (vessel masks made by vascx's models); "
-             "SYNTHETIC stand-ins for dermoscopy, chest X-ray, breast ultrasound and colonoscopy "
-             f"({settings.image_size} px); the stardist DSB 2018 image (hand-made masks) is a test image only")
+    label = data_label(settings.image_size)
     return DemoData(
         train=train,
         real_test={name: real[name] for name in real_names},
