@@ -11,6 +11,11 @@ import torch
 
 
 def pytest_configure(config):
+    # The test session is an entry point: the Auto classes, the pipeline task and the DICOM reader, declared once
+    # (tests/test_registration.py checks, in fresh processes, that importing the package declares nothing).
+    import esp_medsam_hf
+
+    esp_medsam_hf.register()
     # Set before any test (and inherited by the subprocesses tests start), removed at the end of the session.
     folder = tempfile.mkdtemp(prefix="esp_medsam_onnx_cache_")
     config._esp_medsam_onnx_cache = folder

@@ -35,6 +35,7 @@ from esp_medsam_hf.models.esp_medsam.image_reading import is_dicom, load_image, 
 from esp_medsam_hf.models.esp_medsam.prediction import predict
 
 logger = logging.getLogger("esp_medsam_space")
+esp_medsam_hf.register()  # the Space is an entry point: AutoModel then knows a saved folder's classes
 
 AUTOMATIC = "automatic"
 DEFAULT_MAX_UPLOAD_MB = 20.0

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    from .registration import register
+
+    register()  # an entry point: the models, the pipeline task and the DICOM reader, declared once
     return int(importlib.import_module(args._module).run(args) or 0)
 
 

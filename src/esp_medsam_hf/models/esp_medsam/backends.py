@@ -3,8 +3,9 @@
 - ``"onnxruntime"``: the model's inference graph exported once to ONNX (``export.export_onnx``: BatchNorm folded,
   SDPA) and run by onnxruntime's CPU provider, which fuses what eager PyTorch runs as separate kernels. The
   export is cached on disk, keyed by a hash of the configuration and the weights (``$ESP_MEDSAM_ONNX_CACHE``,
-  default ``$HF_HOME/esp_medsam_hf/onnx``), and its session is kept per model object, so a model is exported once
-  and loaded once per process. Outputs agree with the PyTorch forward within 1e-4 (tests/test_backends.py).
+  default ``$HF_HOME/esp_medsam_hf/onnx``), and its session is kept per model object while the model's weights
+  equal those it was exported from, so a model is exported once and loaded once per process. Outputs agree with
+  the PyTorch forward within 1e-4 (tests/test_backends.py).
   Each export is logged with its path and size. The cache is bounded: least recently used exports are removed
   once it holds more than ``$ESP_MEDSAM_ONNX_CACHE_MB`` megabytes (default 512; the export in use is always kept).
   ``clear_cache()`` (``esp-medsam cache clear``) removes every export; only files named like an export are touched.
@@ -52,7 +53,7 @@ _lock = threading.Lock()
 
 @dataclass
 class _CachedSession:
-    fingerprint: tuple
+    weights: list[tuple[str, torch.Tensor]]  # a copy of the weights the session was exported from
     path: Path
     session: Any
 
@@ -181,10 +182,16 @@ def _state_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return sorted(model.state_dict(keep_vars=True).items())
 
 
-def _fingerprint(model: nn.Module) -> tuple:
-    """Cheap identity of the weights in memory: an in-place update (optimizer step, ``load_state_dict``) changes a
-    tensor's version counter, a replaced or moved tensor its storage."""
-    return tuple((name, t.data_ptr(), t._version, t.dtype) for name, t in _state_tensors(model))
+def _same_weights(model: nn.Module, snapshot: list[tuple[str, torch.Tensor]]) -> bool:
+    """Whether ``model``'s weights are exactly ``snapshot`` (names, dtypes, shapes and values): any update, in place
+    (an optimizer step, ``load_state_dict``, a manual edit) or not, shows. One pass over the weights, a few per cent
+    of an inference forward."""
+    current = _state_tensors(model)
+    return len(current) == len(snapshot) and all(
+        name == kept_name and tensor.dtype == kept.dtype and tensor.shape == kept.shape
+        and torch.equal(tensor.detach(), kept)
+        for (name, tensor), (kept_name, kept) in zip(current, snapshot)
+    )
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -206,10 +213,9 @@ def onnx_session(model: nn.Module, num_threads: int | None = None):
     else exported now (once; logged). Re-exported when the model's weights changed since."""
     from .export import export_onnx, onnxruntime_session
 
-    fingerprint = _fingerprint(model)
     with _lock:
         cached = _sessions.get(model)
-        if cached is not None and cached.fingerprint == fingerprint:
+        if cached is not None and _same_weights(model, cached.weights):
             return cached.session
         path = cache_dir() / f"esp_medsam_{weights_hash(model)}.onnx"
         if not path.is_file():
@@ -224,7 +230,8 @@ def onnx_session(model: nn.Module, num_threads: int | None = None):
         os.utime(path)  # most recently used
         _evict(keep=path)
         session = onnxruntime_session(path, num_threads or torch.get_num_threads())
-        _sessions[model] = _CachedSession(fingerprint, path, session)
+        snapshot = [(name, tensor.detach().clone()) for name, tensor in _state_tensors(model)]
+        _sessions[model] = _CachedSession(snapshot, path, session)
         return session
 
 
@@ -268,31 +275,45 @@ def run_inference(
     return InferenceOutput(outputs.pred_masks, outputs.patch_logits, outputs.modality_logits, outputs.modality)
 
 
-def use_backend(model: nn.Module, backend: str | None = None) -> nn.Module:
-    """Route ``model(...)``'s own inference calls through :func:`run_inference`, for code that calls the model
-    directly, such as transformers' stock "image-segmentation" pipeline. Returns ``model``.
+class EspMedSamWithBackend(nn.Module):
+    """``model`` whose own inference calls run through :func:`run_inference` on ``backend``, for code that calls the
+    model directly, such as transformers' stock "image-segmentation" pipeline (``pipe.model = use_backend(pipe.model)``).
 
     Only calls that :func:`run_inference` answers exactly go there: eval mode, no gradient, no ``labels``, and a
-    model the backend can run (else the PyTorch forward runs, so training is unaffected). ``backend="eager"``
-    restores the plain forward.
+    model the backend can run; the others run the model's PyTorch forward, so training is unaffected. Every other
+    attribute (``config``, ``dtype``, ``device``, ...) is the wrapped model's.
     """
-    model.__dict__.pop("forward", None)
-    if (backend or "").lower() == "eager":
-        return model
-    resolve_backend(model, backend)  # fail now on an unknown name or a backend that is not installed
-    plain_forward = model.forward
-    output_class = sys.modules[type(model).__module__].EspMedSamOutput  # the model's own (remote code included)
 
-    def forward(pixel_values: torch.Tensor, modality=None, labels=None, **kwargs):
-        if labels is not None or model.training or torch.is_grad_enabled() or (
-            resolve_backend(model, backend) != "onnxruntime"
+    def __init__(self, model: nn.Module, backend: str | None = None):
+        super().__init__()
+        self.model = model
+        self.backend = backend
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    def forward(self, pixel_values: torch.Tensor, modality=None, labels=None, **kwargs):
+        model = self.model
+        if labels is not None or self.training or torch.is_grad_enabled() or (
+            resolve_backend(model, self.backend) != "onnxruntime"
         ):
-            return plain_forward(pixel_values, modality=modality, labels=labels, **kwargs)
+            return model(pixel_values, modality=modality, labels=labels, **kwargs)
         outputs = run_inference(model, pixel_values, modality, backend="onnxruntime")
+        output_class = sys.modules[type(model).__module__].EspMedSamOutput  # the model's own (remote code included)
         return output_class(**vars(outputs))
 
-    model.forward = forward
-    return model
+
+def use_backend(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """``model`` wrapped in :class:`EspMedSamWithBackend` (``backend``: as in :func:`resolve_backend`); with
+    ``backend="eager"``, the plain model (unwrapped if it was wrapped). The model itself is not modified."""
+    plain = model.model if isinstance(model, EspMedSamWithBackend) else model
+    if (backend or "").lower() == "eager":
+        return plain
+    resolve_backend(plain, backend)  # fail now on an unknown name or a backend that is not installed
+    return EspMedSamWithBackend(plain, backend)
 
 
 __all__ = [
@@ -302,6 +323,7 @@ __all__ = [
     "CACHE_ENV",
     "CACHE_SIZE_ENV",
     "CPU_INFERENCE_BATCH",
+    "EspMedSamWithBackend",
     "InferenceOutput",
     "cache_dir",
     "cache_limit_bytes",

@@ -24,9 +24,6 @@ from transformers.image_utils import (
 from .dicom_plugin import register as register_dicom_plugin
 from .image_reading import stretch_to_uint8
 
-# Pillow then reads DICOM files by content, so the stock pipeline's load_image(path) gets the windowed pixels.
-register_dicom_plugin()
-
 
 def _channels_first(image: ImageInput) -> ImageInput:
     """A numpy H x W x C array (C in 1, 3, 4) as a C x H x W tensor, so that an image 1, 3 or 4 pixels tall is not
@@ -83,6 +80,12 @@ class EspMedSamImageProcessor(TorchvisionBackend):
     rescale_factor = 1 / 255
     do_normalize = True
     do_convert_rgb = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        # Pillow then reads DICOM files by content, so the stock pipeline's load_image(path) (Pillow) gets the
+        # windowed pixels, with the package or as remote code. Done when a processor is built, never at import.
+        register_dicom_plugin()
 
     @classmethod
     def official(cls, image_size: int = 1024) -> "EspMedSamImageProcessor":

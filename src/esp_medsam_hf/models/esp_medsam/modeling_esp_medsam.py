@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +28,11 @@ from timm.models.tiny_vit import PatchMerging as TinyVitPatchMerging
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.dynamic_module_utils import custom_object_save
+from transformers.dynamic_module_utils import get_cached_module_file, get_relative_import_files
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.sam.modeling_sam import SamFeedForward, SamTwoWayTransformer, eager_attention_forward
-from transformers.utils import ModelOutput
+from transformers.utils import HF_MODULES_CACHE, ModelOutput
 
 from .configuration_esp_medsam import (
     EspMedSamAggregatorConfig,
@@ -729,6 +731,27 @@ class EspMedSamModelMixin:
         return F.interpolate(pred_masks, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def pipeline_code_files(impl: str, source: str | None) -> list[Path]:
+    """The file of the pipeline class ``impl`` (``"module.Class"``, as ``custom_pipelines`` names it) and the files
+    it imports: beside this module (the package, or remote code whose pipeline was loaded), else in ``source``
+    (the folder or Hub repo the model was loaded from). Empty when the code is nowhere to be found."""
+    module, _, class_name = impl.rpartition(".")
+    if not module.isidentifier() or not class_name.isidentifier():
+        return []
+    candidates = [Path(__file__).with_name(f"{module}.py")]
+    if source and Path(source).is_dir():
+        candidates.append(Path(source) / f"{module}.py")
+    elif source:
+        try:
+            candidates.append(Path(HF_MODULES_CACHE) / get_cached_module_file(source, f"{module}.py"))
+        except (OSError, ValueError) as error:
+            logger.info("no code for pipeline %s in %s: %s", impl, source, error)
+    for path in candidates:
+        if path.is_file() and f"class {class_name}(" in path.read_text():
+            return [path, *(Path(needed) for needed in get_relative_import_files(path))]
+    return []
+
+
 class EspMedSamPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
     config_class = EspMedSamConfig
     base_model_prefix = "esp_medsam"
@@ -744,40 +767,39 @@ class EspMedSamPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
         (which the stock image-segmentation pipeline loads) to this class in ``config.json``.
 
         A config that advertises ``custom_pipelines`` (a model loaded from a folder saved with its pipeline) keeps
-        them only together with their code: this package's pipeline file and the modules it imports are written
-        next to the model code, and entries whose code is not available here are dropped with a warning. So
-        ``save_pretrained``/``push_to_hub`` of a reloaded model give a repo where both pipelines still load.
+        them only together with their code: each pipeline's file and the files it imports are copied next to the
+        model code, and entries whose code cannot be found are dropped with a warning. So
+        ``save_pretrained``/``push_to_hub`` of a reloaded model give a repo where both pipelines still load. The
+        model never imports a pipeline: it copies the files the config names.
         """
         if self._auto_class is not None:
             module = type(self).__module__.rsplit(".", 1)[-1]
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map.setdefault("AutoModelForImageSegmentation", f"{module}.{type(self).__name__}")
             self.config.auto_map = auto_map
-        pipeline_class = self._advertised_pipeline_class()
+        pipeline_files = self._advertised_pipeline_files()
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        if pipeline_class is not None and kwargs.get("is_main_process", True):
-            custom_object_save(pipeline_class, save_directory)
+        if kwargs.get("is_main_process", True):
+            for path in pipeline_files:
+                shutil.copyfile(path, Path(save_directory) / path.name)
         return result
 
-    def _advertised_pipeline_class(self) -> type | None:
-        """The pipeline class to save with the model when the config advertises it (other entries are dropped)."""
+    def _advertised_pipeline_files(self) -> list[Path]:
+        """The code files of the pipelines that the config advertises; entries without code are dropped."""
         advertised = getattr(self.config, "custom_pipelines", None)
         if not advertised:
-            return None
-        # A lazy relative import: remote code loading this module also fetches the pipeline's files.
-        from .pipeline_esp_medsam import EspMedSamSegmentationPipeline
-
-        ours = f"{EspMedSamSegmentationPipeline.__module__.rsplit('.', 1)[-1]}.{EspMedSamSegmentationPipeline.__name__}"
-        kept = {task: entry for task, entry in advertised.items() if entry.get("impl") == ours}
+            return []
+        found = {task: pipeline_code_files(entry.get("impl", ""), self.name_or_path)
+                 for task, entry in advertised.items()}
+        kept = {task: entry for task, entry in advertised.items() if found[task]}
         if len(kept) != len(advertised):
-            dropped = sorted(set(advertised) - set(kept))
             logger.warning("custom_pipelines %s left out of the saved config: their code is not part of this model",
-                           dropped)
+                           sorted(set(advertised) - set(kept)))
         if kept:
             self.config.custom_pipelines = kept
-            return EspMedSamSegmentationPipeline
-        del self.config.custom_pipelines
-        return None
+        else:
+            del self.config.custom_pipelines
+        return sorted({path for paths in found.values() for path in paths})
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -2,7 +2,9 @@
 
 ``pipeline("medical-image-segmentation", model=DIR, trust_remote_code=True)`` builds it from a folder saved with
 ``save_pretrained_with_pipeline`` (the class ships as remote code through ``config.json["custom_pipelines"]``);
-with this package imported, ``pipeline(..., pipeline_class=EspMedSamSegmentationPipeline)`` works without remote code.
+with the package imported, ``pipeline(..., pipeline_class=EspMedSamSegmentationPipeline)`` works without remote
+code, and after ``esp_medsam_hf.register()`` so does ``pipeline("medical-image-segmentation", model=...)``. Importing
+this module registers nothing.
 
 Each image gives one segment, in the image-segmentation pipeline's format plus the modality:
 ``[{"label": target, "score": s, "mask": PIL "L" (0/255, original size), "modality": name,
@@ -26,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ from PIL import Image
 from transformers import AutoModelForImageSegmentation
 from transformers.image_utils import load_image as load_image_from_url
 from transformers.models.auto import modeling_auto
-from transformers.pipelines import PIPELINE_REGISTRY, ImageSegmentationPipeline
+from transformers.pipelines import PIPELINE_REGISTRY, ImageSegmentationPipeline, PipelineRegistry
 
 from .backends import AUTOMATIC_MODALITY, run_inference
 from .image_reading import load_image, to_rgb_uint8
@@ -203,20 +206,45 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         return [segment]
 
 
+# What ``Pipeline.save_pretrained`` reads to write ``custom_pipelines`` and the pipeline's code: set on the class
+# through a registry of its own, so that saving works without touching transformers' global PIPELINE_REGISTRY.
+PipelineRegistry(supported_tasks={}, task_aliases={}).register_pipeline(
+    TASK, pipeline_class=EspMedSamSegmentationPipeline, pt_model=AutoModelForImageSegmentation, type="image"
+)
+
+
 def register() -> None:
-    """Register the task (idempotent) and declare the model to transformers' image-segmentation pipelines.
+    """Register the task with transformers' ``pipeline()`` (idempotent) and declare the model to its stock
+    image-segmentation pipeline; ``esp_medsam_hf.register()`` calls it, importing this module does not.
 
     The declaration only silences the stock pipeline's "model is not supported" log line in this process.
     """
-    registered = PIPELINE_REGISTRY.supported_tasks.get(TASK, {}).get("impl")
-    if registered is None or registered.__qualname__ != EspMedSamSegmentationPipeline.__qualname__:
+    if PIPELINE_REGISTRY.supported_tasks.get(TASK, {}).get("impl") is not EspMedSamSegmentationPipeline:
         PIPELINE_REGISTRY.register_pipeline(
             TASK, pipeline_class=EspMedSamSegmentationPipeline, pt_model=AutoModelForImageSegmentation, type="image"
         )
-    else:  # already registered (e.g. by the installed package): keep its entry and make this class savable too
-        EspMedSamSegmentationPipeline._registered_impl = {TASK: {**PIPELINE_REGISTRY.supported_tasks[TASK]}}
-        EspMedSamSegmentationPipeline._registered_impl[TASK]["impl"] = EspMedSamSegmentationPipeline
     modeling_auto.MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES.setdefault("esp_medsam", "EspMedSamModel")
+
+
+_UNSET = object()
+
+
+@contextmanager
+def _as_remote_code(*objects: Any):
+    """Within the block, ``save_pretrained`` of ``objects`` (model, config, image processor, processor) writes their
+    code and ``auto_map`` as ``register_for_auto_class`` makes it; the classes are left as they were after."""
+    classes = {type(obj): auto_class for obj, auto_class in objects}
+    before = {cls: cls.__dict__.get("_auto_class", _UNSET) for cls in classes}
+    try:
+        for cls, auto_class in classes.items():
+            cls._auto_class = cls._auto_class or auto_class
+        yield
+    finally:
+        for cls, value in before.items():
+            if value is _UNSET:
+                del cls._auto_class
+            else:
+                cls._auto_class = value
 
 
 def save_pretrained_with_pipeline(model, processor, directory: str | os.PathLike) -> Path:
@@ -225,13 +253,18 @@ def save_pretrained_with_pipeline(model, processor, directory: str | os.PathLike
     ``processor`` is an ``EspMedSamProcessor`` or an ``EspMedSamImageProcessor``. ``config.json`` gets
     ``custom_pipelines`` (the "medical-image-segmentation" task) and the folder gets this file and the modules it
     imports (``image_reading.py``, and ``backends.py`` with ``export.py`` and ``fileio.py`` for the onnxruntime backend).
+    The code and ``auto_map`` are written whether or not ``esp_medsam_hf.register()`` ran.
     """
     image_processor = getattr(processor, "image_processor", processor)
     pipe = EspMedSamSegmentationPipeline(model=model, image_processor=image_processor, task=TASK)
     directory = Path(directory)
-    pipe.save_pretrained(directory)
+    shipped = [(model, "AutoModel"), (model.config, "AutoConfig"), (image_processor, "AutoImageProcessor")]
     if processor is not image_processor:
-        processor.save_pretrained(directory)
+        shipped.append((processor, "AutoProcessor"))
+    with _as_remote_code(*shipped):
+        pipe.save_pretrained(directory)
+        if processor is not image_processor:
+            processor.save_pretrained(directory)
     return directory
 
 
@@ -242,7 +275,5 @@ def segment(
     pipe = EspMedSamSegmentationPipeline(model=model, image_processor=image_processor, task=TASK)
     return pipe(images, modality=modality, batch_size=batch_size, **kwargs)
 
-
-register()
 
 __all__ = ["TASK", "EspMedSamSegmentationPipeline", "register", "save_pretrained_with_pipeline", "segment"]

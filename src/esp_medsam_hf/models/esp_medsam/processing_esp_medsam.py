@@ -64,5 +64,15 @@ class EspMedSamProcessor(ProcessorMixin, EspMedSamModalitiesMixin):
         """See [`EspMedSamImageProcessor.post_process_masks`]."""
         return self.image_processor.post_process_masks(*args, **kwargs)
 
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """As ``ProcessorMixin.save_pretrained``, without keeping the ``auto_map`` that saving as remote code sets
+        on the processor in memory (``from_pretrained`` drops it, so a save/load round trip would differ)."""
+        had_auto_map = "auto_map" in vars(self)
+        try:
+            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        finally:
+            if not had_auto_map:
+                vars(self).pop("auto_map", None)
+
 
 __all__ = ["EspMedSamProcessor"]
