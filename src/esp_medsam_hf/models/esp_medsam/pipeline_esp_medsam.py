@@ -54,8 +54,8 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
     """Segments each image's modality target with ESP-MedSAM; see the module docstring for inputs and outputs.
 
     Call arguments: ``modality`` (name or index, or a list with one per image), ``mask_threshold`` (0.5),
-    ``threshold`` (minimum segment score; ``None``), ``batch_size``, ``timeout`` (for URLs), ``backend`` (``"auto"``, ``"onnxruntime"``, ``"eager"``; also accepted
-    when building the pipeline). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
+    ``threshold`` (minimum segment score; ``None``), ``batch_size``, ``timeout`` (for URLs), ``backend``
+    (``"auto"``, ``"onnxruntime"``, ``"eager"``; also accepted when building the pipeline). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
     or dicts ``{"image": ..., "modality": ..., "file_modality": ...}`` (``file_modality``: a hint read from the
     file by the caller, used like a DICOM tag when no modality is given).
     """
