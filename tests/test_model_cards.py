@@ -186,3 +186,20 @@ def test_measured_efficiency_goes_into_the_card():
     assert f"FLOPs per image: {facts['flops']:.3g} G at 64x64" in text and "throughput: 12.50 images/s on cpu" in text
     assert "not measured" not in text
     assert "throughput" not in measured_efficiency(model)
+
+
+def test_card_image_reader_is_the_repos_own_and_reads_16_bit_tiff_as_the_evaluation(tmp_path):
+    """The cards' `get_class_from_dynamic_module("image_reading.load_image", repo)` gives the saved repo's reader,
+    which stretches a 16-bit TIFF as the package's loader does, where PIL's convert("RGB") clips it."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from esp_medsam_hf.models.esp_medsam.image_reading import load_image as package_reader
+
+    folder = save_tiny_model(tmp_path / "model")
+    repo_reader = get_class_from_dynamic_module("image_reading.load_image", str(folder))
+    path = tmp_path / "scan.tif"
+    Image.fromarray((np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 30)).save(path)
+    image, _ = repo_reader(str(path))
+    np.testing.assert_array_equal(image, package_reader(path)[0])
+    clipped = np.asarray(Image.open(path).convert("RGB"))
+    assert image.shape == clipped.shape == (40, 50, 3) and (image != clipped).mean() > 0.9
