@@ -4,7 +4,11 @@
   SDPA) and run by onnxruntime's CPU provider, which fuses what eager PyTorch runs as separate kernels. The
   export is cached on disk, keyed by a hash of the configuration and the weights (``$ESP_MEDSAM_ONNX_CACHE``,
   default ``$HF_HOME/esp_medsam_hf/onnx``), and its session is kept per model object while the model's weights
-  equal those it was exported from, so a model is exported once and loaded once per process. Outputs agree with the PyTorch forward within 1e-4 (tests/test_backends.py).
+  equal those it was exported from, so a model is exported once and loaded once per process. Outputs agree with
+  the PyTorch forward within 1e-4 (tests/test_backends.py).
+  Each export is logged with its path and size. The cache is bounded: least recently used exports are removed
+  once it holds more than ``$ESP_MEDSAM_ONNX_CACHE_MB`` megabytes (default 512; the export in use is always kept).
+  ``clear_cache()`` (``esp-medsam cache clear``) removes every export; only files named like an export are touched.
 - ``"eager"``: the PyTorch model itself.
 - ``"auto"`` (default): onnxruntime for an fp32 model on the CPU when ``onnxruntime`` is installed
   (``pip install esp-medsam-hf[onnx]``), else eager.
@@ -36,6 +40,10 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "eager")
 BACKEND_ENV = "ESP_MEDSAM_BACKEND"
 CACHE_ENV = "ESP_MEDSAM_ONNX_CACHE"
+CACHE_SIZE_ENV = "ESP_MEDSAM_ONNX_CACHE_MB"
+DEFAULT_CACHE_MB = 512.0
+"""Bound of the export cache: about four full-size (1024 px) student exports of 110 MB."""
+_EXPORT_GLOB = "esp_medsam_*.onnx"
 AUTOMATIC_MODALITY = -1
 _CACHE_FORMAT = 1  # bump when the exported graph changes so older cached files are not reused
 
@@ -118,6 +126,58 @@ def cache_dir() -> Path:
     return Path(constants.HF_HOME) / "esp_medsam_hf" / "onnx"
 
 
+def cache_limit_bytes() -> int:
+    """The cache's bound in bytes: ``$ESP_MEDSAM_ONNX_CACHE_MB`` megabytes (default 512)."""
+    value = os.environ.get(CACHE_SIZE_ENV)
+    if not value:
+        return int(DEFAULT_CACHE_MB * 1e6)
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise ValueError(f"${CACHE_SIZE_ENV} must be a number of megabytes, got {value!r}") from None
+    if megabytes < 0:
+        raise ValueError(f"${CACHE_SIZE_ENV} must not be negative, got {value!r}")
+    return int(megabytes * 1e6)
+
+
+def cached_exports(folder: Path | None = None) -> list[Path]:
+    """The exports in the cache, least recently used first (use refreshes a file's modification time)."""
+    folder = cache_dir() if folder is None else folder
+    files = [path for path in folder.glob(_EXPORT_GLOB) if path.is_file()]
+    return sorted(files, key=lambda path: path.stat().st_mtime)
+
+
+def _evict(keep: Path) -> None:
+    """Remove least recently used exports until the cache fits its bound; ``keep`` (in use) always stays."""
+    limit = cache_limit_bytes()
+    exports = cached_exports(keep.parent)
+    total = sum(path.stat().st_size for path in exports)
+    for path in exports:
+        if total <= limit:
+            break
+        if path == keep:
+            continue
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)
+        total -= size
+        logger.info("removed the least recently used ONNX export %s (%.1f MB) to keep the cache under %.0f MB "
+                    "($%s)", path, size / 1e6, limit / 1e6, CACHE_SIZE_ENV)
+
+
+def clear_cache(folder: Path | None = None) -> tuple[int, int]:
+    """Remove every cached export (only files named like one) and forget this process's sessions; returns the
+    number of files and bytes removed."""
+    count = size = 0
+    with _lock:
+        _sessions.clear()
+        for path in cached_exports(folder):
+            size += path.stat().st_size
+            path.unlink(missing_ok=True)
+            count += 1
+    logger.info("removed %d cached ONNX export(s), %.1f MB, from %s", count, size / 1e6, folder or cache_dir())
+    return count, size
+
+
 def _state_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return sorted(model.state_dict(keep_vars=True).items())
 
@@ -163,8 +223,12 @@ def onnx_session(model: nn.Module, num_threads: int | None = None):
             logger.info("exporting the model to ONNX once for onnxruntime: %s", path)
             try:
                 export_onnx(model, path)
+                logger.info("exported %s (%.1f MB; `esp-medsam cache clear` empties the cache)", path,
+                            path.stat().st_size / 1e6)
             except FileExistsError:  # another process exported the same weights meanwhile
                 pass
+        os.utime(path)  # most recently used
+        _evict(keep=path)
         session = onnxruntime_session(path, num_threads or torch.get_num_threads())
         snapshot = [(name, tensor.detach().clone()) for name, tensor in _state_tensors(model)]
         _sessions[model] = _CachedSession(snapshot, path, session)
@@ -258,10 +322,14 @@ __all__ = [
     "BACKENDS",
     "BACKEND_ENV",
     "CACHE_ENV",
+    "CACHE_SIZE_ENV",
     "CPU_INFERENCE_BATCH",
     "EspMedSamWithBackend",
     "InferenceOutput",
     "cache_dir",
+    "cache_limit_bytes",
+    "cached_exports",
+    "clear_cache",
     "check_modality",
     "inference_batch_size",
     "onnx_session",

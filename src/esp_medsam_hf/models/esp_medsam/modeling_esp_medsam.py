@@ -59,6 +59,9 @@ class EspMedSamOutput(ModelOutput):
     mask_loss, patch_loss, modality_loss: the loss terms, for logging.
     hidden_states: with ``output_hidden_states``, the image encoder's stage outputs (B, C_i, H_i, W_i): the stem
         (patch embedding and stage 0), each TinyViT stage, then the neck (the same tensor as ``image_embeddings``).
+        The teacher's: the patch embedding and each ViT layer's output (B, H, W, C), then the neck.
+    attentions: with ``output_attentions`` (student), each TinyViT block's window-attention weights
+        (B * windows, heads, N, N + bag tokens).
     """
 
     loss: torch.FloatTensor | None = None
@@ -71,6 +74,7 @@ class EspMedSamOutput(ModelOutput):
     patch_loss: torch.FloatTensor | None = None
     modality_loss: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,7 +240,11 @@ class EspMedSamWindowAttention(TinyVitAttention):
         self.norm.eps = config.layer_norm_eps
         self.config = config
 
-    def forward(self, x: torch.Tensor, bag: GatheredBagBlock, windows_per_image: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, bag: GatheredBagBlock, windows_per_image: int, attentions: list | None = None
+    ) -> torch.Tensor:
+        """Attention over each window and its bag's tokens. A list given as ``attentions`` receives the weights
+        (num_windows, heads, N, N + T), computed by the eager attention (SDPA does not return them)."""
         num_windows, length, _ = x.shape
         # Indexed on every call: timm's eval-mode cache goes stale when weights are loaded after .eval().
         bias = self.attention_biases[:, self.attention_bias_idxs].to(x.dtype)  # (heads, N, N)
@@ -272,8 +280,11 @@ class EspMedSamWindowAttention(TinyVitAttention):
             else:
                 token_bias = x.new_zeros(num_windows, self.num_heads, length, num_tokens)
             mask = torch.cat([mask.expand(num_windows, -1, -1, -1), token_bias], dim=-1)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, _ = attention(self, q, k, v, mask, scaling=self.scale, dropout=0.0)
+        implementation = "eager" if attentions is not None else self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        out, weights = attention(self, q, k, v, mask, scaling=self.scale, dropout=0.0)
+        if attentions is not None:
+            attentions.append(weights)
         return self.proj(out.reshape(num_windows, length, self.out_dim))
 
 
@@ -289,7 +300,9 @@ class AggregatorBlock(GradientCheckpointingLayer):
         self.mlp = NormMlp(dim, int(dim * config.mlp_ratio), norm_layer=nn.LayerNorm, act_layer=nn.GELU)
         self.mlp.norm.eps = config.layer_norm_eps
 
-    def forward(self, hidden_states: torch.Tensor, bag: GatheredBagBlock) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, bag: GatheredBagBlock, attentions: list | None = None
+    ) -> torch.Tensor:
         batch, height, width, channels = hidden_states.shape
         ws = self.window_size
         pad_b, pad_r = (ws - height % ws) % ws, (ws - width % ws) % ws
@@ -297,7 +310,7 @@ class AggregatorBlock(GradientCheckpointingLayer):
         ph, pw = height + pad_b, width + pad_r
         nh, nw = ph // ws, pw // ws
         windows = x.view(batch, nh, ws, nw, ws, channels).transpose(2, 3).reshape(batch * nh * nw, ws * ws, channels)
-        windows = self.attn(windows, bag, nh * nw)
+        windows = self.attn(windows, bag, nh * nw, attentions)
         x = windows.view(batch, nh, nw, ws, ws, channels).transpose(2, 3).reshape(batch, ph, pw, channels)
         x = hidden_states + x[:, :height, :width]
         x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -375,12 +388,14 @@ class ModalityAggregator(nn.Module):
         hidden_states: list[torch.Tensor] | None = None,
         first: int = 1,
         last: int | None = None,
+        attentions: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Stages ``first``..``last`` (1-based; stage 0 is the stem) with each image's parameter bag plugged in, then
         the neck when ``last`` is None (run to the end): (B, C, g, g). ``features`` is the output of stage
         ``first - 1``; a frozen prefix of the encoder can so be computed once and the rest run on it.
 
-        When a list is given as ``hidden_states``, each stage's output (B, C, H, W) is appended to it.
+        When a list is given as ``hidden_states``, each stage's output (B, C, H, W) is appended to it; a list given
+        as ``attentions`` receives each block's window-attention weights (eager attention).
         """
         stages = self.stages[first - 1 : last]
         block_index = sum(len(stage.blocks) for stage in self.stages[: first - 1])
@@ -402,7 +417,7 @@ class ModalityAggregator(nn.Module):
                     if single is None
                     else controller.gather(block_index, modality, single)
                 )
-                x = block(x, bag)
+                x = block(x, bag, attentions)
                 block_index += 1
             x = x.permute(0, 3, 1, 2)
             if hidden_states is not None:
@@ -420,10 +435,11 @@ class ModalityClassifier(nn.Module):
     def __init__(self, in_dim: int, hidden_size: int, num_modalities: int):
         super().__init__()
         features = in_dim * 17
-        self.norm = nn.LayerNorm(features)
-        self.fc1 = nn.Linear(features, hidden_size)
+        # float32 whatever the default dtype: the module is in _keep_in_fp32_modules_strict
+        self.norm = nn.LayerNorm(features, dtype=torch.float32)
+        self.fc1 = nn.Linear(features, hidden_size, dtype=torch.float32)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_size, num_modalities)
+        self.fc2 = nn.Linear(hidden_size, num_modalities, dtype=torch.float32)
 
     @staticmethod
     def pool(features: torch.Tensor) -> torch.Tensor:
@@ -490,7 +506,8 @@ class RandomFourierPositionalEncoding(nn.Module):
 
     def __init__(self, num_features: int, scale: float):
         super().__init__()
-        self.register_buffer("gaussian_matrix", scale * torch.randn(2, num_features))
+        # float32 whatever the default dtype: the module is in _keep_in_fp32_modules_strict
+        self.register_buffer("gaussian_matrix", scale * torch.randn(2, num_features, dtype=torch.float32))
 
     def forward(self, size: int) -> torch.Tensor:
         """(1, 2 * num_features, size, size), cell centres mapped to [-1, 1], x before y; computed in float32
@@ -652,8 +669,8 @@ class EspMedSamModelMixin:
         original_sizes: the image processor's (B, 2) sizes, accepted so that ``model(**processor(...))`` works;
             the forward does not use them (``post_process_masks`` does).
         return_dict: ``False`` returns ``EspMedSamOutput.to_tuple()`` (``config.return_dict``).
-        options: the model's own options, those of its ``segment`` (the student's ``output_hidden_states``); any
-            other argument is a ``TypeError``.
+        options: the model's own options, those of its ``segment`` (``output_hidden_states``, and the student's
+            ``output_attentions``); any other argument is a ``TypeError``.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output = self.segment(pixel_values, self.check_inputs(pixel_values, modality), labels, **options)
@@ -739,9 +756,9 @@ class EspMedSamPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
     config_class = EspMedSamConfig
     base_model_prefix = "esp_medsam"
     _no_split_modules = ["AggregatorBlock", "QueryDecoupledModalityDecoder"]
-    # Stay float32 when loaded with dtype=torch.float16 / torch.bfloat16: the modality classifier (its argmax
-    # routes every image) and the positional encoding's Gaussian matrix (the argument of its sines).
-    _keep_in_fp32_modules = ["modality_classifier", "positional_encoding"]
+    # Stay float32 when loaded or built with dtype=torch.float16 / torch.bfloat16 (strict: bf16 too, and the modules
+    # create their tensors in float32): the modality classifier (its argmax routes every image) and the positional
+    # encoding's Gaussian matrix (the argument of its sines).
     _keep_in_fp32_modules_strict = ["modality_classifier", "positional_encoding"]
     supports_gradient_checkpointing = True
 
@@ -840,19 +857,26 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         given: torch.LongTensor | None,
         labels: torch.FloatTensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> EspMedSamOutput:
         """The forward after the input checks: the modality ``given`` per image, else the classifier's; with
-        ``output_hidden_states`` (``config.output_hidden_states``) also the image encoder's stage outputs."""
+        ``output_hidden_states`` (``config.output_hidden_states``) also the image encoder's stage outputs, with
+        ``output_attentions`` (``config.output_attentions``) every TinyViT block's window-attention weights
+        (computed by the eager attention)."""
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         hidden_states = [] if output_hidden_states else None
-        image_embeddings, modality_logits, chosen = self.encode(pixel_values, given, hidden_states)
+        attentions = [] if output_attentions else None
+        image_embeddings, modality_logits, chosen = self.encode(pixel_values, given, hidden_states, attentions)
         modality_loss = None
         if labels is not None and given is not None and self.config.modality_loss_weight > 0:
             modality_loss = F.cross_entropy(modality_logits, given)
         output = self.decode_embeddings(
             image_embeddings, chosen, labels, modality_logits=modality_logits, modality_loss=modality_loss,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            attentions=tuple(attentions) if attentions is not None else None,
         )
         if modality_loss is not None:
             output.loss = output.loss + self.config.modality_loss_weight * modality_loss
@@ -863,6 +887,7 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         pixel_values: torch.FloatTensor,
         given: torch.LongTensor | None,
         hidden_states: list | None = None,
+        attentions: list | None = None,
         *,
         controller: ModalityController | None = None,
         last_stage: int | None = None,
@@ -871,7 +896,7 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         TinyViT stages with each image's parameter bag, neck. Returns the image embeddings (B, 256, 64, 64 at 1024
         px), the classifier's logits and the modality each image was encoded with: ``given``, except where it is
         ``-1`` (or ``None`` for all), the classifier's. A list passed as ``hidden_states`` receives the stem's and
-        every stage's output.
+        every stage's output, one passed as ``attentions`` every block's window-attention weights.
 
         For training: ``controller`` replaces the model's parameter bags (a stand-in with the same ``gather``, such
         as distillation's unplugged bags); ``last_stage`` stops after that stage (0: the stem), without the neck,
@@ -884,7 +909,8 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         if hidden_states is not None:
             hidden_states.append(features)
         image_embeddings = self.encode_stages(
-            features, chosen, last=last_stage, controller=controller, hidden_states=hidden_states
+            features, chosen, last=last_stage, controller=controller, hidden_states=hidden_states,
+            attentions=attentions,
         )
         if hidden_states is not None and last_stage is None:
             hidden_states.append(image_embeddings)
@@ -899,12 +925,15 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         last: int | None = None,
         controller: ModalityController | None = None,
         hidden_states: list | None = None,
+        attentions: list | None = None,
     ) -> torch.FloatTensor:
         """The encoder from the output of stage ``first - 1`` (the stem's for 1): stages ``first``..``last`` with
         each image's parameter bag (``controller``: the model's bags unless given), then the neck when ``last`` is
         None. ``encode`` runs it after the stem; a feature cache runs the rest of the chain on stored features."""
         controller = self.modality_controller if controller is None else controller
-        return self.aggregator.forward_stages(features, modality, controller, hidden_states, first, last)
+        return self.aggregator.forward_stages(
+            features, modality, controller, hidden_states, first, last, attentions=attentions
+        )
 
     def get_image_embeddings(
         self, pixel_values: torch.FloatTensor, modality: torch.LongTensor | int | None = None
