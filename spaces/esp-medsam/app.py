@@ -35,6 +35,7 @@ from esp_medsam_hf.models.esp_medsam.image_reading import is_dicom, load_image, 
 from esp_medsam_hf.models.esp_medsam.prediction import predict
 
 logger = logging.getLogger("esp_medsam_space")
+esp_medsam_hf.register()  # the Space is an entry point: AutoModel then knows a saved folder's classes
 
 AUTOMATIC = "automatic"
 DEFAULT_MAX_UPLOAD_MB = 20.0
@@ -281,12 +282,14 @@ def make_segment(loaded: LoadedModel):
             f"Modality: {used} ({how}; classifier probability {probabilities[used]:.0%}) · "
             f"mask: {mask.mean():.1%} of the image · time: {elapsed_ms:.0f} ms"
         )
+        preferred = max(probabilities, key=probabilities.get)
+        if preferred != used:
+            summary += f" · warning: the modality classifier prefers {preferred} ({probabilities[preferred]:.0%})"
         if not loaded.trained:
             summary += " · untrained model (see the notice above)"
-        # The label's headline is always the modality used, with the confidence of its source: the classifier's
-        # distribution when it chose, certainty when the modality was given or read from the DICOM tag (as the
-        # pipelines' segment score counts it); the summary keeps the classifier's probability for comparison.
-        label = probabilities if chosen is None else {used: 1.0}
+        # The label is the classifier's own distribution, whatever the modality's source (as the pipeline's score
+        # uses the classifier's probability of the modality used): a forced modality never reads as certain.
+        label = probabilities
         mask_png = _write_mask_png(mask, Path(path).stem)
         return overlay_mask(image, mask), mask.astype(np.uint8) * 255, label, summary, mask_png
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
@@ -22,9 +23,6 @@ from transformers.image_utils import (
 
 from .dicom_plugin import register as register_dicom_plugin
 from .image_reading import stretch_to_uint8
-
-# Pillow then reads DICOM files by content, so the stock pipeline's load_image(path) gets the windowed pixels.
-register_dicom_plugin()
 
 
 def _channels_first(image: ImageInput) -> ImageInput:
@@ -83,6 +81,12 @@ class EspMedSamImageProcessor(TorchvisionBackend):
     do_normalize = True
     do_convert_rgb = True
 
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        # Pillow then reads DICOM files by content, so the stock pipeline's load_image(path) (Pillow) gets the
+        # windowed pixels, with the package or as remote code. Done when a processor is built, never at import.
+        register_dicom_plugin()
+
     @classmethod
     def official(cls, image_size: int = 1024) -> "EspMedSamImageProcessor":
         """The official release's preprocessing: no rescale, and the std equal to the mean (an upstream bug)."""
@@ -121,11 +125,14 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         images = self._prepare_image_like_inputs(
             images=images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=device
         )
+        # as many channels as image_mean has values (3, RGB, by default; a model built for other channels works)
+        mean = kwargs.get("image_mean")
+        channels = len(mean) if isinstance(mean, (list, tuple)) else 3
         for index, image in enumerate(images):
-            if image.shape[0] != 3:
+            if image.shape[0] != channels:
                 raise ValueError(
-                    f"image {index} has {image.shape[0]} channels after conversion; expected 3 (RGB). "
-                    "Pass do_convert_rgb=True for greyscale or RGBA images."
+                    f"image {index} has {image.shape[0]} channels after conversion; expected {channels} (as many as "
+                    "image_mean has values; 3 for RGB). Pass do_convert_rgb=True for greyscale or RGBA images."
                 )
         original_sizes = [list(image.shape[-2:]) for image in images]
         data = dict(self._preprocess(images, return_tensors=None, **kwargs))
@@ -248,20 +255,39 @@ class EspMedSamImageProcessor(TorchvisionBackend):
                 )
         return results
 
-    def post_process_semantic_segmentation(self, outputs, target_sizes=None, threshold: float = 0.5):
+    def post_process_semantic_segmentation(
+        self, outputs, target_sizes=None, threshold: float = 0.5, return_segmentation_scores: bool = False
+    ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
         """Label maps for transformers' image-segmentation pipeline: 0 background, modality index + 1 foreground.
 
-        The labels match ``config.id2label`` (0: "background", m + 1: the target of modality m).
+        The labels match ``config.id2label`` (0: "background", m + 1: the target of modality m). With
+        ``return_segmentation_scores``, one ``SemanticSegmentationPostProcessorOutput`` per image whose
+        ``segmentation_scores`` (num_labels, H, W) hold the per-label probabilities: 1 - p for the background, p
+        for the image's modality target, 0 for the other targets (each image has one target).
         """
         pred_masks = outputs["pred_masks"]
         modality = outputs["modality"]
         if target_sizes is None:
             target_sizes = [pred_masks.shape[-2:]] * pred_masks.shape[0]
+        elif len(target_sizes) != pred_masks.shape[0]:
+            raise ValueError(f"target_sizes has {len(target_sizes)} sizes for {pred_masks.shape[0]} images")
         probabilities = self.post_process_masks(
             pred_masks, [list(s) for s in target_sizes], binarize=False, return_probabilities=True
         )
-        masks = [probs >= threshold for probs in probabilities]
-        return [mask.long() * (int(m) + 1) for mask, m in zip(masks, modality)]
+        labels = [(probs >= threshold).long() * (int(m) + 1) for probs, m in zip(probabilities, modality)]
+        if not return_segmentation_scores:
+            return labels
+        # background + one target per modality (the teacher has no classifier logits: up to the largest index here)
+        logits = outputs.get("modality_logits")
+        num_labels = logits.shape[-1] + 1 if logits is not None else int(modality.max()) + 2
+        results = []
+        for label_map, probs, m in zip(labels, probabilities, modality.tolist()):
+            scores = probs.new_zeros((num_labels, *probs.shape))
+            scores[0], scores[m + 1] = 1 - probs, probs
+            results.append(
+                SemanticSegmentationPostProcessorOutput(data={"segmentation": label_map, "segmentation_scores": scores})
+            )
+        return results
 
 
 __all__ = ["EspMedSamImageProcessor"]

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +28,11 @@ from timm.models.tiny_vit import PatchMerging as TinyVitPatchMerging
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.dynamic_module_utils import custom_object_save
+from transformers.dynamic_module_utils import get_cached_module_file, get_relative_import_files
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.sam.modeling_sam import SamFeedForward, SamTwoWayTransformer, eager_attention_forward
-from transformers.utils import ModelOutput
+from transformers.utils import HF_MODULES_CACHE, ModelOutput
 
 from .configuration_esp_medsam import (
     EspMedSamAggregatorConfig,
@@ -57,6 +59,9 @@ class EspMedSamOutput(ModelOutput):
     mask_loss, patch_loss, modality_loss: the loss terms, for logging.
     hidden_states: with ``output_hidden_states``, the image encoder's stage outputs (B, C_i, H_i, W_i): the stem
         (patch embedding and stage 0), each TinyViT stage, then the neck (the same tensor as ``image_embeddings``).
+        The teacher's: the patch embedding and each ViT layer's output (B, H, W, C), then the neck.
+    attentions: with ``output_attentions`` (student), each TinyViT block's window-attention weights
+        (B * windows, heads, N, N + bag tokens).
     """
 
     loss: torch.FloatTensor | None = None
@@ -69,6 +74,7 @@ class EspMedSamOutput(ModelOutput):
     patch_loss: torch.FloatTensor | None = None
     modality_loss: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,7 +240,11 @@ class EspMedSamWindowAttention(TinyVitAttention):
         self.norm.eps = config.layer_norm_eps
         self.config = config
 
-    def forward(self, x: torch.Tensor, bag: GatheredBagBlock, windows_per_image: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, bag: GatheredBagBlock, windows_per_image: int, attentions: list | None = None
+    ) -> torch.Tensor:
+        """Attention over each window and its bag's tokens. A list given as ``attentions`` receives the weights
+        (num_windows, heads, N, N + T), computed by the eager attention (SDPA does not return them)."""
         num_windows, length, _ = x.shape
         # Indexed on every call: timm's eval-mode cache goes stale when weights are loaded after .eval().
         bias = self.attention_biases[:, self.attention_bias_idxs].to(x.dtype)  # (heads, N, N)
@@ -270,8 +280,11 @@ class EspMedSamWindowAttention(TinyVitAttention):
             else:
                 token_bias = x.new_zeros(num_windows, self.num_heads, length, num_tokens)
             mask = torch.cat([mask.expand(num_windows, -1, -1, -1), token_bias], dim=-1)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, _ = attention(self, q, k, v, mask, scaling=self.scale, dropout=0.0)
+        implementation = "eager" if attentions is not None else self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        out, weights = attention(self, q, k, v, mask, scaling=self.scale, dropout=0.0)
+        if attentions is not None:
+            attentions.append(weights)
         return self.proj(out.reshape(num_windows, length, self.out_dim))
 
 
@@ -287,7 +300,9 @@ class AggregatorBlock(GradientCheckpointingLayer):
         self.mlp = NormMlp(dim, int(dim * config.mlp_ratio), norm_layer=nn.LayerNorm, act_layer=nn.GELU)
         self.mlp.norm.eps = config.layer_norm_eps
 
-    def forward(self, hidden_states: torch.Tensor, bag: GatheredBagBlock) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, bag: GatheredBagBlock, attentions: list | None = None
+    ) -> torch.Tensor:
         batch, height, width, channels = hidden_states.shape
         ws = self.window_size
         pad_b, pad_r = (ws - height % ws) % ws, (ws - width % ws) % ws
@@ -295,7 +310,7 @@ class AggregatorBlock(GradientCheckpointingLayer):
         ph, pw = height + pad_b, width + pad_r
         nh, nw = ph // ws, pw // ws
         windows = x.view(batch, nh, ws, nw, ws, channels).transpose(2, 3).reshape(batch * nh * nw, ws * ws, channels)
-        windows = self.attn(windows, bag, nh * nw)
+        windows = self.attn(windows, bag, nh * nw, attentions)
         x = windows.view(batch, nh, nw, ws, ws, channels).transpose(2, 3).reshape(batch, ph, pw, channels)
         x = hidden_states + x[:, :height, :width]
         x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -373,12 +388,14 @@ class ModalityAggregator(nn.Module):
         hidden_states: list[torch.Tensor] | None = None,
         first: int = 1,
         last: int | None = None,
+        attentions: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Stages ``first``..``last`` (1-based; stage 0 is the stem) with each image's parameter bag plugged in, then
         the neck when ``last`` is None (run to the end): (B, C, g, g). ``features`` is the output of stage
         ``first - 1``; a frozen prefix of the encoder can so be computed once and the rest run on it.
 
-        When a list is given as ``hidden_states``, each stage's output (B, C, H, W) is appended to it.
+        When a list is given as ``hidden_states``, each stage's output (B, C, H, W) is appended to it; a list given
+        as ``attentions`` receives each block's window-attention weights (eager attention).
         """
         stages = self.stages[first - 1 : last]
         block_index = sum(len(stage.blocks) for stage in self.stages[: first - 1])
@@ -400,7 +417,7 @@ class ModalityAggregator(nn.Module):
                     if single is None
                     else controller.gather(block_index, modality, single)
                 )
-                x = block(x, bag)
+                x = block(x, bag, attentions)
                 block_index += 1
             x = x.permute(0, 3, 1, 2)
             if hidden_states is not None:
@@ -418,10 +435,11 @@ class ModalityClassifier(nn.Module):
     def __init__(self, in_dim: int, hidden_size: int, num_modalities: int):
         super().__init__()
         features = in_dim * 17
-        self.norm = nn.LayerNorm(features)
-        self.fc1 = nn.Linear(features, hidden_size)
+        # float32 whatever the default dtype: the module is in _keep_in_fp32_modules_strict
+        self.norm = nn.LayerNorm(features, dtype=torch.float32)
+        self.fc1 = nn.Linear(features, hidden_size, dtype=torch.float32)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_size, num_modalities)
+        self.fc2 = nn.Linear(hidden_size, num_modalities, dtype=torch.float32)
 
     @staticmethod
     def pool(features: torch.Tensor) -> torch.Tensor:
@@ -488,7 +506,8 @@ class RandomFourierPositionalEncoding(nn.Module):
 
     def __init__(self, num_features: int, scale: float):
         super().__init__()
-        self.register_buffer("gaussian_matrix", scale * torch.randn(2, num_features))
+        # float32 whatever the default dtype: the module is in _keep_in_fp32_modules_strict
+        self.register_buffer("gaussian_matrix", scale * torch.randn(2, num_features, dtype=torch.float32))
 
     def forward(self, size: int) -> torch.Tensor:
         """(1, 2 * num_features, size, size), cell centres mapped to [-1, 1], x before y; computed in float32
@@ -650,8 +669,8 @@ class EspMedSamModelMixin:
         original_sizes: the image processor's (B, 2) sizes, accepted so that ``model(**processor(...))`` works;
             the forward does not use them (``post_process_masks`` does).
         return_dict: ``False`` returns ``EspMedSamOutput.to_tuple()`` (``config.return_dict``).
-        options: the model's own options, those of its ``segment`` (the student's ``output_hidden_states``); any
-            other argument is a ``TypeError``.
+        options: the model's own options, those of its ``segment`` (``output_hidden_states``, and the student's
+            ``output_attentions``); any other argument is a ``TypeError``.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output = self.segment(pixel_values, self.check_inputs(pixel_values, modality), labels, **options)
@@ -712,13 +731,34 @@ class EspMedSamModelMixin:
         return F.interpolate(pred_masks, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def pipeline_code_files(impl: str, source: str | None) -> list[Path]:
+    """The file of the pipeline class ``impl`` (``"module.Class"``, as ``custom_pipelines`` names it) and the files
+    it imports: beside this module (the package, or remote code whose pipeline was loaded), else in ``source``
+    (the folder or Hub repo the model was loaded from). Empty when the code is nowhere to be found."""
+    module, _, class_name = impl.rpartition(".")
+    if not module.isidentifier() or not class_name.isidentifier():
+        return []
+    candidates = [Path(__file__).with_name(f"{module}.py")]
+    if source and Path(source).is_dir():
+        candidates.append(Path(source) / f"{module}.py")
+    elif source:
+        try:
+            candidates.append(Path(HF_MODULES_CACHE) / get_cached_module_file(source, f"{module}.py"))
+        except (OSError, ValueError) as error:
+            logger.info("no code for pipeline %s in %s: %s", impl, source, error)
+    for path in candidates:
+        if path.is_file() and f"class {class_name}(" in path.read_text():
+            return [path, *(Path(needed) for needed in get_relative_import_files(path))]
+    return []
+
+
 class EspMedSamPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
     config_class = EspMedSamConfig
     base_model_prefix = "esp_medsam"
     _no_split_modules = ["AggregatorBlock", "QueryDecoupledModalityDecoder"]
-    # Stay float32 when loaded with dtype=torch.float16 / torch.bfloat16: the modality classifier (its argmax
-    # routes every image) and the positional encoding's Gaussian matrix (the argument of its sines).
-    _keep_in_fp32_modules = ["modality_classifier", "positional_encoding"]
+    # Stay float32 when loaded or built with dtype=torch.float16 / torch.bfloat16 (strict: bf16 too, and the modules
+    # create their tensors in float32): the modality classifier (its argmax routes every image) and the positional
+    # encoding's Gaussian matrix (the argument of its sines).
     _keep_in_fp32_modules_strict = ["modality_classifier", "positional_encoding"]
     supports_gradient_checkpointing = True
 
@@ -727,40 +767,39 @@ class EspMedSamPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
         (which the stock image-segmentation pipeline loads) to this class in ``config.json``.
 
         A config that advertises ``custom_pipelines`` (a model loaded from a folder saved with its pipeline) keeps
-        them only together with their code: this package's pipeline file and the modules it imports are written
-        next to the model code, and entries whose code is not available here are dropped with a warning. So
-        ``save_pretrained``/``push_to_hub`` of a reloaded model give a repo where both pipelines still load.
+        them only together with their code: each pipeline's file and the files it imports are copied next to the
+        model code, and entries whose code cannot be found are dropped with a warning. So
+        ``save_pretrained``/``push_to_hub`` of a reloaded model give a repo where both pipelines still load. The
+        model never imports a pipeline: it copies the files the config names.
         """
         if self._auto_class is not None:
             module = type(self).__module__.rsplit(".", 1)[-1]
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map.setdefault("AutoModelForImageSegmentation", f"{module}.{type(self).__name__}")
             self.config.auto_map = auto_map
-        pipeline_class = self._advertised_pipeline_class()
+        pipeline_files = self._advertised_pipeline_files()
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        if pipeline_class is not None and kwargs.get("is_main_process", True):
-            custom_object_save(pipeline_class, save_directory)
+        if kwargs.get("is_main_process", True):
+            for path in pipeline_files:
+                shutil.copyfile(path, Path(save_directory) / path.name)
         return result
 
-    def _advertised_pipeline_class(self) -> type | None:
-        """The pipeline class to save with the model when the config advertises it (other entries are dropped)."""
+    def _advertised_pipeline_files(self) -> list[Path]:
+        """The code files of the pipelines that the config advertises; entries without code are dropped."""
         advertised = getattr(self.config, "custom_pipelines", None)
         if not advertised:
-            return None
-        # A lazy relative import: remote code loading this module also fetches the pipeline's files.
-        from .pipeline_esp_medsam import EspMedSamSegmentationPipeline
-
-        ours = f"{EspMedSamSegmentationPipeline.__module__.rsplit('.', 1)[-1]}.{EspMedSamSegmentationPipeline.__name__}"
-        kept = {task: entry for task, entry in advertised.items() if entry.get("impl") == ours}
+            return []
+        found = {task: pipeline_code_files(entry.get("impl", ""), self.name_or_path)
+                 for task, entry in advertised.items()}
+        kept = {task: entry for task, entry in advertised.items() if found[task]}
         if len(kept) != len(advertised):
-            dropped = sorted(set(advertised) - set(kept))
             logger.warning("custom_pipelines %s left out of the saved config: their code is not part of this model",
-                           dropped)
+                           sorted(set(advertised) - set(kept)))
         if kept:
             self.config.custom_pipelines = kept
-            return EspMedSamSegmentationPipeline
-        del self.config.custom_pipelines
-        return None
+        else:
+            del self.config.custom_pipelines
+        return sorted({path for paths in found.values() for path in paths})
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -818,38 +857,50 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         given: torch.LongTensor | None,
         labels: torch.FloatTensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> EspMedSamOutput:
         """The forward after the input checks: the modality ``given`` per image, else the classifier's; with
-        ``output_hidden_states`` (``config.output_hidden_states``) also the image encoder's stage outputs."""
+        ``output_hidden_states`` (``config.output_hidden_states``) also the image encoder's stage outputs, with
+        ``output_attentions`` (``config.output_attentions``) every TinyViT block's window-attention weights
+        (computed by the eager attention)."""
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         hidden_states = [] if output_hidden_states else None
-        image_embeddings, modality_logits, chosen = self.encode(pixel_values, given, hidden_states)
+        attentions = [] if output_attentions else None
+        image_embeddings, modality_logits, chosen = self.encode(pixel_values, given, hidden_states, attentions)
         modality_loss = None
         if labels is not None and given is not None and self.config.modality_loss_weight > 0:
             modality_loss = F.cross_entropy(modality_logits, given)
         output = self.decode_embeddings(
             image_embeddings, chosen, labels, modality_logits=modality_logits, modality_loss=modality_loss,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            attentions=tuple(attentions) if attentions is not None else None,
         )
         if modality_loss is not None:
             output.loss = output.loss + self.config.modality_loss_weight * modality_loss
         return output
 
     def encode(
-        self, pixel_values: torch.FloatTensor, given: torch.LongTensor | None, hidden_states: list | None = None
+        self,
+        pixel_values: torch.FloatTensor,
+        given: torch.LongTensor | None,
+        hidden_states: list | None = None,
+        attentions: list | None = None,
     ) -> tuple[torch.FloatTensor, torch.FloatTensor, torch.LongTensor]:
         """The image encoder, the one place its chain runs: stem, modality classifier on the stem's features, the
         TinyViT stages with each image's parameter bag, neck. Returns the image embeddings (B, 256, 64, 64 at 1024
         px), the classifier's logits and the modality each image was encoded with (``given``, else the
-        classifier's). A list passed as ``hidden_states`` receives the stem's and every stage's output."""
+        classifier's). A list passed as ``hidden_states`` receives the stem's and every stage's output, one passed as
+        ``attentions`` every block's window-attention weights."""
         features = self.aggregator.stem(pixel_values)
         modality_logits = self.modality_classifier(features)
         chosen = given if given is not None else modality_logits.argmax(dim=-1)
         if hidden_states is not None:
             hidden_states.append(features)
         image_embeddings = self.aggregator.forward_stages(
-            features, chosen, self.modality_controller, hidden_states=hidden_states
+            features, chosen, self.modality_controller, hidden_states=hidden_states, attentions=attentions
         )
         if hidden_states is not None:
             hidden_states.append(image_embeddings)

@@ -2,17 +2,21 @@
 
 ``pipeline("medical-image-segmentation", model=DIR, trust_remote_code=True)`` builds it from a folder saved with
 ``save_pretrained_with_pipeline`` (the class ships as remote code through ``config.json["custom_pipelines"]``);
-with this package imported, ``pipeline(..., pipeline_class=EspMedSamSegmentationPipeline)`` works without remote code.
+with the package imported, ``pipeline(..., pipeline_class=EspMedSamSegmentationPipeline)`` works without remote
+code, and after ``esp_medsam_hf.register()`` so does ``pipeline("medical-image-segmentation", model=...)``. Importing
+this module registers nothing.
 
 Each image gives one segment, in the image-segmentation pipeline's format plus the modality:
 ``[{"label": target, "score": s, "mask": PIL "L" (0/255, original size), "modality": name,
 "modality_probability": p, "modality_source": "given" | "file" | "classifier"}]``.
 The modality comes from, in order: the image's own ``{"image": ..., "modality": ...}`` or the per-image list
 ``modality=[...]``; the call's ``modality=``; the file (an unambiguous DICOM Modality tag, see ``image_reading.py``); the
-model's modality classifier. ``modality_probability`` is the classifier's probability of the modality used;
-``score`` = P(label) x mean mask probability inside the mask (transformers' Mask2Former convention), where
-P(label) is 1 for a given modality (argument or file) and the classifier's probability otherwise; an empty mask
-scores 0.
+model's modality classifier. ``modality_probability`` is the classifier's probability of the modality used,
+whatever its source; ``score`` = that probability x mean mask probability inside the mask (transformers'
+Mask2Former convention; an empty mask scores 0). When the modality is given (argument or file) and the classifier
+prefers another one, a warning names both and the segment gets ``"classifier_modality"`` (the classifier's choice).
+``threshold`` (``None`` by default: keep every segment) leaves out segments scoring below it, as transformers'
+image-segmentation pipeline does. An unknown keyword argument is a ``TypeError``.
 
 The forward runs on the fastest correct backend available (``backends.py``: onnxruntime for an fp32 model on the
 CPU when it is installed, else the PyTorch model); ``backend="eager"`` / ``"onnxruntime"`` when building or calling
@@ -21,8 +25,10 @@ the pipeline, or ``$ESP_MEDSAM_BACKEND``, overrides the automatic choice.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +38,12 @@ from PIL import Image
 from transformers import AutoModelForImageSegmentation
 from transformers.image_utils import load_image as load_image_from_url
 from transformers.models.auto import modeling_auto
-from transformers.pipelines import PIPELINE_REGISTRY, ImageSegmentationPipeline
+from transformers.pipelines import PIPELINE_REGISTRY, ImageSegmentationPipeline, PipelineRegistry
 
 from .backends import AUTOMATIC_MODALITY, run_inference
 from .image_reading import load_image, to_rgb_uint8
+
+logger = logging.getLogger(__name__)
 
 TASK = "medical-image-segmentation"
 UNKNOWN_MODALITY = AUTOMATIC_MODALITY
@@ -46,8 +54,8 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
     """Segments each image's modality target with ESP-MedSAM; see the module docstring for inputs and outputs.
 
     Call arguments: ``modality`` (name or index, or a list with one per image), ``mask_threshold`` (0.5),
-    ``batch_size``, ``timeout`` (for URLs), ``backend`` (``"auto"``, ``"onnxruntime"``, ``"eager"``; also accepted
-    when building the pipeline). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
+    ``threshold`` (minimum segment score; ``None``), ``batch_size``, ``timeout`` (for URLs), ``backend``
+    (``"auto"``, ``"onnxruntime"``, ``"eager"``; also accepted when building the pipeline). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
     or dicts ``{"image": ..., "modality": ..., "file_modality": ...}`` (``file_modality``: a hint read from the
     file by the caller, used like a DICOM tag when no modality is given).
     """
@@ -65,7 +73,14 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             return super().check_model_type([*supported_models, type(self.model).__name__])
         return super().check_model_type({**supported_models, self.model.config.model_type: type(self.model).__name__})
 
-    def _sanitize_parameters(self, modality=None, mask_threshold=None, timeout=None, backend=None, **kwargs):
+    def _sanitize_parameters(
+        self, modality=None, mask_threshold=None, threshold=None, timeout=None, backend=None, **unknown
+    ):
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword argument(s) {', '.join(sorted(unknown))}; it takes "
+                "modality, mask_threshold, threshold, timeout, backend (and batch_size, num_workers)"
+            )
         preprocess: dict[str, Any] = {}
         forward: dict[str, Any] = {}
         postprocess: dict[str, Any] = {}
@@ -77,6 +92,8 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             preprocess["timeout"] = timeout
         if mask_threshold is not None:
             postprocess["mask_threshold"] = mask_threshold
+        if threshold is not None:
+            postprocess["threshold"] = threshold
         return preprocess, forward, postprocess
 
     def __call__(self, inputs=None, **kwargs):
@@ -144,10 +161,24 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             "pred_masks": outputs.pred_masks,
             "modality": outputs.modality,
             "modality_probability": probabilities.gather(1, outputs.modality.view(-1, 1))[:, 0],
+            "classifier_modality": probabilities.argmax(-1),
             **extras,
         }
 
-    def postprocess(self, model_outputs, mask_threshold: float = 0.5):
+    def _classifier_disagrees(self, index: int, source: str, model_outputs: dict) -> str | None:
+        """The classifier's modality name when it prefers another one than a given modality (logged), else None."""
+        choice = int(model_outputs["classifier_modality"].reshape(-1)[0])
+        if source == "classifier" or choice == index:
+            return None
+        names = self.model.config.modality_names
+        logger.warning(
+            "modality %r was %s but the modality classifier gives it %.1f%% and prefers %r",
+            names[index], "given" if source == "given" else "read from the file",
+            100 * float(model_outputs["modality_probability"].reshape(-1)[0]), names[choice],
+        )
+        return names[choice]
+
+    def postprocess(self, model_outputs, mask_threshold: float = 0.5, threshold: float | None = None):
         # Non-tensor entries reach here as preprocess made them: the loader unrolls batches back to single items.
         target_size, source = model_outputs["target_size"], model_outputs["modality_source"]
         probabilities = self.image_processor.post_process_masks(
@@ -156,35 +187,64 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         mask = probabilities >= mask_threshold
         index = int(model_outputs["modality"].reshape(-1)[0])
         modality_probability = float(model_outputs["modality_probability"].reshape(-1)[0])
-        label_probability = modality_probability if source == "classifier" else 1.0
         mask_score = float(probabilities[mask].mean()) if bool(mask.any()) else 0.0
+        score = modality_probability * mask_score
+        disagreement = self._classifier_disagrees(index, source, model_outputs)
+        if threshold is not None and score < threshold:
+            return []
         config = self.model.config
-        return [
-            {
-                "label": config.id2label[index + 1],
-                "score": label_probability * mask_score,
-                "mask": Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L"),
-                "modality": config.modality_names[index],
-                "modality_probability": modality_probability,
-                "modality_source": source,
-            }
-        ]
+        segment = {
+            "label": config.id2label[index + 1],
+            "score": score,
+            "mask": Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L"),
+            "modality": config.modality_names[index],
+            "modality_probability": modality_probability,
+            "modality_source": source,
+        }
+        if disagreement is not None:
+            segment["classifier_modality"] = disagreement
+        return [segment]
+
+
+# What ``Pipeline.save_pretrained`` reads to write ``custom_pipelines`` and the pipeline's code: set on the class
+# through a registry of its own, so that saving works without touching transformers' global PIPELINE_REGISTRY.
+PipelineRegistry(supported_tasks={}, task_aliases={}).register_pipeline(
+    TASK, pipeline_class=EspMedSamSegmentationPipeline, pt_model=AutoModelForImageSegmentation, type="image"
+)
 
 
 def register() -> None:
-    """Register the task (idempotent) and declare the model to transformers' image-segmentation pipelines.
+    """Register the task with transformers' ``pipeline()`` (idempotent) and declare the model to its stock
+    image-segmentation pipeline; ``esp_medsam_hf.register()`` calls it, importing this module does not.
 
     The declaration only silences the stock pipeline's "model is not supported" log line in this process.
     """
-    registered = PIPELINE_REGISTRY.supported_tasks.get(TASK, {}).get("impl")
-    if registered is None or registered.__qualname__ != EspMedSamSegmentationPipeline.__qualname__:
+    if PIPELINE_REGISTRY.supported_tasks.get(TASK, {}).get("impl") is not EspMedSamSegmentationPipeline:
         PIPELINE_REGISTRY.register_pipeline(
             TASK, pipeline_class=EspMedSamSegmentationPipeline, pt_model=AutoModelForImageSegmentation, type="image"
         )
-    else:  # already registered (e.g. by the installed package): keep its entry and make this class savable too
-        EspMedSamSegmentationPipeline._registered_impl = {TASK: {**PIPELINE_REGISTRY.supported_tasks[TASK]}}
-        EspMedSamSegmentationPipeline._registered_impl[TASK]["impl"] = EspMedSamSegmentationPipeline
     modeling_auto.MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES.setdefault("esp_medsam", "EspMedSamModel")
+
+
+_UNSET = object()
+
+
+@contextmanager
+def _as_remote_code(*objects: Any):
+    """Within the block, ``save_pretrained`` of ``objects`` (model, config, image processor, processor) writes their
+    code and ``auto_map`` as ``register_for_auto_class`` makes it; the classes are left as they were after."""
+    classes = {type(obj): auto_class for obj, auto_class in objects}
+    before = {cls: cls.__dict__.get("_auto_class", _UNSET) for cls in classes}
+    try:
+        for cls, auto_class in classes.items():
+            cls._auto_class = cls._auto_class or auto_class
+        yield
+    finally:
+        for cls, value in before.items():
+            if value is _UNSET:
+                del cls._auto_class
+            else:
+                cls._auto_class = value
 
 
 def save_pretrained_with_pipeline(model, processor, directory: str | os.PathLike) -> Path:
@@ -193,13 +253,18 @@ def save_pretrained_with_pipeline(model, processor, directory: str | os.PathLike
     ``processor`` is an ``EspMedSamProcessor`` or an ``EspMedSamImageProcessor``. ``config.json`` gets
     ``custom_pipelines`` (the "medical-image-segmentation" task) and the folder gets this file and the modules it
     imports (``image_reading.py``, and ``backends.py`` with ``export.py`` and ``fileio.py`` for the onnxruntime backend).
+    The code and ``auto_map`` are written whether or not ``esp_medsam_hf.register()`` ran.
     """
     image_processor = getattr(processor, "image_processor", processor)
     pipe = EspMedSamSegmentationPipeline(model=model, image_processor=image_processor, task=TASK)
     directory = Path(directory)
-    pipe.save_pretrained(directory)
+    shipped = [(model, "AutoModel"), (model.config, "AutoConfig"), (image_processor, "AutoImageProcessor")]
     if processor is not image_processor:
-        processor.save_pretrained(directory)
+        shipped.append((processor, "AutoProcessor"))
+    with _as_remote_code(*shipped):
+        pipe.save_pretrained(directory)
+        if processor is not image_processor:
+            processor.save_pretrained(directory)
     return directory
 
 
@@ -210,7 +275,5 @@ def segment(
     pipe = EspMedSamSegmentationPipeline(model=model, image_processor=image_processor, task=TASK)
     return pipe(images, modality=modality, batch_size=batch_size, **kwargs)
 
-
-register()
 
 __all__ = ["TASK", "EspMedSamSegmentationPipeline", "register", "save_pretrained_with_pipeline", "segment"]
