@@ -149,7 +149,7 @@ def build_data(output: Path, settings: DemoSettings, seed: int, progress: bool) 
 def stage_configs(output: Path, settings: DemoSettings, seed: int, progress: bool, threads: int | None):
     """The three stage configurations of the demo (each also written as ``config.yaml`` in its run folder)."""
     common = dict(model_size="official", image_size=settings.image_size, seed=seed, progress=progress,
-                  threads=threads, checkpoint_every=0, keep_checkpoints=1)
+                  threads=threads, checkpoint_every=0, keep_checkpoints=1, mixed_precision="auto")
     teacher = TeacherConfig(
         output_dir=str(output / "stage-1-teacher"), init_from="litemedsam", freeze=["encoder"],
         cache_features=True, feature_views=settings.teacher_views, epochs=settings.teacher_epochs,

@@ -121,10 +121,13 @@ def collate_features(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: int, frozen_stages: int | None = None,
-                   batch_size: int | None = None, progress: bool = True, desc: str = "encoding") -> FeatureDataset:
+                   batch_size: int | None = None, bf16: bool = False, progress: bool = True,
+                   desc: str = "encoding") -> FeatureDataset:
     """Encode every row of ``dataset`` (a ``SegmentationDataset``) under the first ``views`` views, once, up to the
     cache point ``frozen_stages`` (None: the whole encoder), ``batch_size`` images at a time (default:
-    ``backends.inference_batch_size`` of the model's device)."""
+    ``backends.inference_batch_size`` of the model's device); ``bf16``: under bfloat16 autocast (the training's
+    mixed precision; on a CPU with AMX about 40 % less time, features within about 2 % of their largest value),
+    stored in float32 either way."""
     from tqdm.auto import tqdm
 
     if not 1 <= views <= len(VIEWS):
@@ -147,9 +150,10 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
         masks = [apply_view(items[i][1], VIEWS[v]).astype(np.uint8) for i, v in chunk]
         inputs = image_processor(images, segmentation_maps=masks, return_tensors="pt")
         modality = torch.tensor([items[i][2] for i, _ in chunk], device=device)
-        feature, pool = encode(encoder, inputs["pixel_values"].to(device), modality, frozen_stages)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            feature, pool = encode(encoder, inputs["pixel_values"].to(device), modality, frozen_stages)
         for j, key in enumerate(chunk):
-            features[key], pooled[key] = feature[j].cpu().contiguous(), pool[j].float().cpu()
+            features[key], pooled[key] = feature[j].float().cpu().contiguous(), pool[j].float().cpu()
             labels[key] = inputs["labels"][j].float()
         bar.update(len(chunk))
     bar.close()

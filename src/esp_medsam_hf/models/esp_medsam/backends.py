@@ -41,6 +41,9 @@ BACKENDS = ("auto", "onnxruntime", "eager")
 BACKEND_ENV = "ESP_MEDSAM_BACKEND"
 CACHE_ENV = "ESP_MEDSAM_ONNX_CACHE"
 CACHE_SIZE_ENV = "ESP_MEDSAM_ONNX_CACHE_MB"
+INT8_ENV = "ESP_MEDSAM_INT8"
+"""``1``/``on``: onnxruntime runs an int8 copy of the export (``export.quantize_onnx``, cached beside it); ``0``/``off``
+(default) or unset: the float32 export. Off until its Dice against float32 is measured on the real test sets."""
 DEFAULT_CACHE_MB = 512.0
 """Bound of the export cache: about four full-size (1024 px) student exports of 110 MB."""
 _EXPORT_GLOB = "esp_medsam_*.onnx"
@@ -56,6 +59,7 @@ class _CachedSession:
     weights: list[tuple[str, torch.Tensor]]  # a copy of the weights the session was exported from
     path: Path
     session: Any
+    int8: bool = False
 
 
 @dataclass
@@ -208,31 +212,62 @@ def weights_hash(model: nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
-def onnx_session(model: nn.Module, num_threads: int | None = None):
-    """The onnxruntime session of ``model``'s exported graph: from this process's cache, else from the disk cache,
-    else exported now (once; logged). Re-exported when the model's weights changed since."""
-    from .export import export_onnx, onnxruntime_session
+def resolve_int8(int8: bool | None = None) -> bool:
+    """Whether onnxruntime runs the int8 copy: ``int8`` if given, else ``$ESP_MEDSAM_INT8`` (default off)."""
+    if int8 is not None:
+        return bool(int8)
+    value = os.environ.get(INT8_ENV, "").strip().lower()
+    if value in ("", "0", "off", "false", "no"):
+        return False
+    if value in ("1", "on", "true", "yes"):
+        return True
+    raise ValueError(f"${INT8_ENV} must be 1/on or 0/off, got {value!r}")
 
+
+def onnx_session(model: nn.Module, num_threads: int | None = None, int8: bool | None = None):
+    """The onnxruntime session of ``model``'s exported graph (its int8 copy when :func:`resolve_int8`): from this
+    process's cache, else from the disk cache, else exported now (once; logged). Re-exported when the model's
+    weights changed since."""
+    from .export import onnxruntime_session
+
+    int8 = resolve_int8(int8)
     with _lock:
         cached = _sessions.get(model)
-        if cached is not None and _same_weights(model, cached.weights):
+        if cached is not None and cached.int8 == int8 and _same_weights(model, cached.weights):
             return cached.session
-        path = cache_dir() / f"esp_medsam_{weights_hash(model)}.onnx"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            logger.info("exporting the model to ONNX once for onnxruntime: %s", path)
-            try:
-                export_onnx(model, path)
-                logger.info("exported %s (%.1f MB; `esp-medsam cache clear` empties the cache)", path,
-                            path.stat().st_size / 1e6)
-            except FileExistsError:  # another process exported the same weights meanwhile
-                pass
+        path = _cached_export(model, int8)
         os.utime(path)  # most recently used
         _evict(keep=path)
         session = onnxruntime_session(path, num_threads or torch.get_num_threads())
         snapshot = [(name, tensor.detach().clone()) for name, tensor in _state_tensors(model)]
-        _sessions[model] = _CachedSession(snapshot, path, session)
+        _sessions[model] = _CachedSession(snapshot, path, session, int8)
         return session
+
+
+def _cached_export(model: nn.Module, int8: bool) -> Path:
+    """The cached export of ``model`` (``esp_medsam_<hash>.onnx``), exported now if missing; with ``int8`` its int8
+    copy (``esp_medsam_<hash>.int8.onnx``, in the same bounded cache), quantised now if missing."""
+    from .export import export_onnx, quantize_onnx
+
+    path = cache_dir() / f"esp_medsam_{weights_hash(model)}.onnx"
+    if int8:
+        quantized = path.with_suffix(".int8.onnx")
+        if not quantized.is_file():
+            try:
+                quantize_onnx(_cached_export(model, False), quantized)
+            except FileExistsError:  # another process quantised the same weights meanwhile
+                pass
+        return quantized
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("exporting the model to ONNX once for onnxruntime: %s", path)
+        try:
+            export_onnx(model, path)
+            logger.info("exported %s (%.1f MB; `esp-medsam cache clear` empties the cache)", path,
+                        path.stat().st_size / 1e6)
+        except FileExistsError:  # another process exported the same weights meanwhile
+            pass
+    return path
 
 
 def check_modality(model: nn.Module, modality: torch.Tensor, batch: int) -> torch.LongTensor:
@@ -323,6 +358,7 @@ __all__ = [
     "BACKEND_ENV",
     "CACHE_ENV",
     "CACHE_SIZE_ENV",
+    "INT8_ENV",
     "CPU_INFERENCE_BATCH",
     "EspMedSamWithBackend",
     "InferenceOutput",
@@ -335,6 +371,7 @@ __all__ = [
     "onnx_session",
     "onnxruntime_available",
     "resolve_backend",
+    "resolve_int8",
     "run_inference",
     "use_backend",
     "weights_hash",
