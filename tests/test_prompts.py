@@ -168,3 +168,23 @@ def test_remote_code_handles_prompts(tmp_path, images):
     remote = np.load(tmp_path / "masks.npy")
     assert remote.shape == (1, 1, 40, 70)
     assert np.abs(remote - expected[0].numpy()).max() <= 1e-4
+
+
+def test_pipeline_points_and_boxes(model_and_processor, images):
+    from esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam import segment
+
+    model, processor = model_and_processor
+    image = images[0]
+    free = segment(image, model, processor.image_processor, modality=1)
+    whole = segment(image, model, processor.image_processor, modality=1, boxes=[[0, 0, 70, 40]])
+    assert len(whole) == 1 and np.array_equal(np.asarray(whole[0]["mask"]), np.asarray(free[0]["mask"]))
+    assert 0.0 <= whole[0]["iou_score"] <= 1.0
+    two = segment(image, model, processor.image_processor, modality=1, boxes=[[0, 0, 30, 20], [35, 5, 70, 40]])
+    assert len(two) == 2 and not np.asarray(two[0]["mask"])[25:].any()
+    clicked = segment(image, model, processor.image_processor, modality=1, points=[[10, 10], [60, 30]],
+                      point_labels=[1, 0])
+    assert len(clicked) == 1 and clicked[0]["mask"].size == (70, 40)
+    with pytest.raises(ValueError, match=r"points\[0, 0, 0\] = \[80.0, 10.0\] lies outside image 0"):
+        segment(image, model, processor.image_processor, modality=1, points=[[80, 10]])
+    with pytest.raises(ValueError, match="points= refine one object"):
+        segment(image, model, processor.image_processor, points=[[1, 1]], boxes=[[0, 0, 5, 5], [1, 1, 6, 6]])
