@@ -314,6 +314,7 @@ def test_click_to_correct_points_boxes_undo_and_reset(tmp_path, loaded, segment)
     assert tuple(overlay[20, 30]) == (0, 200, 0) and "1 click(s)" in summary and Path(mask_png).is_file()
     *_, prompts = click(str(path), "microscopy", prompts, app.CLICK_MODES[2], at(10, 5))  # first corner
     assert prompts["corner"] == (10.0, 5.0) and prompts["boxes"] == []
+    assert "box corner set" in click(str(path), "microscopy", app.empty_prompts(), app.CLICK_MODES[2], at(1, 1))[2]
     overlay, mask, summary, _, prompts = click(str(path), "microscopy", prompts, app.CLICK_MODES[2], at(60, 50))
     assert prompts["boxes"] == [(10.0, 5.0, 60.0, 50.0)] and not (mask[55:] > 0).any()
     assert np.array_equal(mask > 0, session.mask(points=[(30, 20)], labels=[1], boxes=[(10, 5, 60, 50)]))

@@ -338,6 +338,8 @@ def make_correct(loaded: LoadedModel):
         elapsed_ms = (time.perf_counter() - start) * 1000
         summary = (f"{len(points)} click(s), {len(prompts['boxes'])} box(es) · mask: {mask.mean():.1%} of the image "
                    f"· correction decoded from the cached embedding in {elapsed_ms:.0f} ms")
+        if prompts["corner"] is not None:
+            summary += " · box corner set: click the opposite corner"
         overlay = draw_prompts(overlay_mask(image, mask), prompts["points"], prompts["boxes"], prompts["corner"])
         return overlay, mask.astype(np.uint8) * 255, summary, _write_mask_png(mask, Path(path).stem), prompts
 
