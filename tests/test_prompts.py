@@ -9,7 +9,7 @@ import torch
 
 from _inference_helpers import IMAGE_SIZE, run_without_package, save_tiny_model, single_thread, tiny_model
 from esp_medsam_hf import EspMedSamModel
-from esp_medsam_hf.models.esp_medsam.modeling_esp_medsam import edit_patch_map, PromptRows
+from esp_medsam_hf.models.esp_medsam.modeling_esp_medsam import PromptRows, edit_patch_map
 
 TOLERANCE = 1e-5
 """Logits of a prompted and a prompt-free decoding that must be the same function (float32 rounding)."""

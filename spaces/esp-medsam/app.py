@@ -379,6 +379,24 @@ def make_correct(loaded: LoadedModel):
     return click, undo, reset
 
 
+def add_click_to_correct(loaded: LoadedModel, inputs: list, run: gr.Button, outputs: list) -> None:
+    """The click mode, undo and reset under the outputs, wired to the overlay (``outputs[0]``); a new file or a new
+    *Segment* starts with no prompt. Inside a ``gr.Blocks``."""
+    with gr.Row():
+        click_mode = gr.Radio(list(CLICK_MODES), value=CLICK_MODES[0], elem_id="click-mode",
+                              label="Correct the mask: a click on the overlay adds")
+        undo = gr.Button("Undo", elem_id="undo")
+        reset = gr.Button("Reset", elem_id="reset")
+    prompts = gr.State(empty_prompts())
+    on_click, on_undo, on_reset = make_correct(loaded)
+    corrected = [*outputs, prompts]
+    inputs[0].change(empty_prompts, outputs=prompts, api_visibility="private")
+    run.click(empty_prompts, outputs=prompts, api_visibility="private")
+    outputs[0].select(on_click, inputs=[*inputs, prompts, click_mode], outputs=corrected, api_visibility="private")
+    undo.click(on_undo, inputs=[*inputs, prompts], outputs=corrected, api_visibility="private")
+    reset.click(on_reset, inputs=[*inputs, prompts], outputs=corrected, api_visibility="private")
+
+
 @dataclass(frozen=True)
 class Example:
     asset: assets.RealAsset
@@ -436,24 +454,11 @@ def build_demo(loaded: LoadedModel) -> gr.Blocks:
                 label = gr.Label(label="Modality (confidence)", num_top_classes=6, elem_id="out-label")
                 summary = gr.Textbox(label="Result", interactive=False, elem_id="out-summary")
                 mask_file = gr.File(label="Mask (PNG)", elem_id="out-file")
-        with gr.Row():
-            click_mode = gr.Radio(list(CLICK_MODES), value=CLICK_MODES[0], elem_id="click-mode",
-                                  label="Correct the mask: a click on the overlay adds")
-            undo = gr.Button("Undo", elem_id="undo")
-            reset = gr.Button("Reset", elem_id="reset")
-        prompts = gr.State(empty_prompts())
         segment = make_segment(loaded)
-        on_click, on_undo, on_reset = make_correct(loaded)
         outputs = [overlay, mask, label, summary, mask_file]
-        corrected = [overlay, mask, summary, mask_file, prompts]
         file_in.change(preview, inputs=file_in, outputs=shown, api_visibility="private")
-        file_in.change(empty_prompts, outputs=prompts, api_visibility="private")
         run.click(segment, inputs=[file_in, modality], outputs=outputs, api_name="segment")
-        run.click(empty_prompts, outputs=prompts, api_visibility="private")
-        overlay.select(on_click, inputs=[file_in, modality, prompts, click_mode], outputs=corrected,
-                       api_visibility="private")
-        undo.click(on_undo, inputs=[file_in, modality, prompts], outputs=corrected, api_visibility="private")
-        reset.click(on_reset, inputs=[file_in, modality, prompts], outputs=corrected, api_visibility="private")
+        add_click_to_correct(loaded, [file_in, modality], run, [overlay, mask, summary, mask_file])
         if examples:
             gr.Examples(
                 examples=[[path, modality_name] for path, modality_name, _ in examples],
