@@ -192,6 +192,12 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
         report[key] += synthetic[key]
     report["images_per_second"] = report["num_images"] / report["seconds"]
     write_report(report, output / "evaluation", cases=cases, data_label=data.label)
+    from ..data.baselines import LiteMedSamBoxes
+    from ..data.interactive import evaluate_interactive
+
+    # Prompts on the real test images: one GT box per object beside LiteMedSAM's, and the click curve.
+    evaluate_interactive(model, processor, data.real_test, output / "evaluation", litemedsam=LiteMedSamBoxes(),
+                         progress=progress)
     return report
 
 

@@ -179,7 +179,8 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         binarize: bool = True,
         return_probabilities: bool = False,
     ) -> list[torch.Tensor]:
-        """Low-resolution mask logits (B, 1, h, w) -> one (H, W) mask per image at its original size.
+        """Low-resolution mask logits (B, 1, h, w) -> one (H, W) mask per image at its original size; prompted
+        logits (B, N, K, h, w) -> one (N, K, H, W) tensor per image, as ``SamProcessor.post_process_masks`` gives.
 
         SAM's conventions (``SamImageProcessor.post_process_masks``): the logits are upsampled bilinearly to the
         model input size (as the official forward does), cropped to ``reshaped_input_sizes`` (the resized image
@@ -199,7 +200,11 @@ class EspMedSamImageProcessor(TorchvisionBackend):
             reshaped_input_sizes = reshaped_input_sizes.tolist()
         if len(reshaped_input_sizes) != masks.shape[0]:
             raise ValueError(f"got {len(reshaped_input_sizes)} reshaped input sizes for {masks.shape[0]} masks")
-        logits = F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False)
+        prompted = masks.dim() == 5
+        if masks.dim() not in (4, 5):
+            raise ValueError(f"masks must be (B, 1, h, w) or prompted (B, N, K, h, w) logits, got {tuple(masks.shape)}")
+        inner = masks.shape[1:-2]
+        logits = F.interpolate(masks.float().flatten(1, -3), size=size, mode="bilinear", align_corners=False)
         results = []
         for index, ((height, width), (input_height, input_width)) in enumerate(
             zip(original_sizes, reshaped_input_sizes)
@@ -212,7 +217,7 @@ class EspMedSamImageProcessor(TorchvisionBackend):
             mask = logits[index : index + 1, :, : int(input_height), : int(input_width)]
             if (int(height), int(width)) != tuple(mask.shape[-2:]):
                 mask = F.interpolate(mask, size=(int(height), int(width)), mode="bilinear", align_corners=False)
-            mask = mask[0, 0]
+            mask = mask[0].view(*inner, *mask.shape[-2:]) if prompted else mask[0, 0]
             if binarize:
                 results.append(mask > mask_threshold)
             else:

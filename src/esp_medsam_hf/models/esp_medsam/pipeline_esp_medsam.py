@@ -18,6 +18,11 @@ prefers another one, a warning names both and the segment gets ``"classifier_mod
 ``threshold`` (``None`` by default: keep every segment) leaves out segments scoring below it, as transformers'
 image-segmentation pipeline does. An unknown keyword argument is a ``TypeError``.
 
+Optional prompts correct the self-prompted mask (``points=[[x, y], ...]`` with ``point_labels=[1, 0, ...]``, 1
+positive and 0 negative, default all positive; ``boxes=[[x0, y0, x1, y1], ...]``; original-image pixels): one
+segment per box (the points, if any, refine a single box's object), or one segment for points alone; each segment
+also has ``"iou_score"`` (the mask's stability score). Prompted calls run the PyTorch model, one image at a time.
+
 The forward runs on the fastest correct backend available (``backends.py``: onnxruntime for an fp32 model on the
 CPU when it is installed, else the PyTorch model); ``backend="eager"`` / ``"onnxruntime"`` when building or calling
 the pipeline, or ``$ESP_MEDSAM_BACKEND``, overrides the automatic choice.
@@ -42,12 +47,15 @@ from transformers.pipelines import PIPELINE_REGISTRY, ImageSegmentationPipeline,
 
 from .backends import AUTOMATIC_MODALITY, run_inference
 from .image_reading import load_image, to_rgb_uint8
+from .processing_esp_medsam import rescale_prompts
 
 logger = logging.getLogger(__name__)
 
 TASK = "medical-image-segmentation"
 UNKNOWN_MODALITY = AUTOMATIC_MODALITY
 """Index in a batch for images whose modality the classifier chooses."""
+PROMPT_ARGUMENTS = {"input_points": "points", "input_labels": "point_labels", "input_boxes": "boxes"}
+"""The pipeline's names of SAM's prompt arguments."""
 
 
 class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
@@ -74,16 +82,22 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         return super().check_model_type({**supported_models, self.model.config.model_type: type(self.model).__name__})
 
     def _sanitize_parameters(
-        self, modality=None, mask_threshold=None, threshold=None, timeout=None, backend=None, **unknown
+        self, modality=None, mask_threshold=None, threshold=None, timeout=None, backend=None, points=None,
+        point_labels=None, boxes=None, **unknown
     ):
         if unknown:
             raise TypeError(
                 f"{type(self).__name__} got unexpected keyword argument(s) {', '.join(sorted(unknown))}; it takes "
-                "modality, mask_threshold, threshold, timeout, backend (and batch_size, num_workers)"
+                "modality, mask_threshold, threshold, timeout, backend, points, point_labels, boxes (and batch_size, "
+                "num_workers)"
             )
         preprocess: dict[str, Any] = {}
         forward: dict[str, Any] = {}
         postprocess: dict[str, Any] = {}
+        if points is not None or point_labels is not None or boxes is not None:
+            if (getattr(self, "_batch_size", None) or 1) > 1:
+                raise ValueError("points= and boxes= prompt one image at a time: leave batch_size at 1")
+            preprocess["prompts"] = prompt_arguments(points, point_labels, boxes)
         if backend is not None:
             forward["backend"] = backend
         if modality is not None:
@@ -129,7 +143,7 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             "tensor, or a dict {'image': ..., 'modality': ...}"
         )
 
-    def preprocess(self, image, modality=None, timeout=None):
+    def preprocess(self, image, modality=None, timeout=None, prompts=None):
         hint = None
         if isinstance(image, dict):
             if "image" not in image:
@@ -147,6 +161,9 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             index, source = UNKNOWN_MODALITY, "classifier"
         inputs = self.image_processor(images=[array], return_tensors="pt")
         inputs = inputs.to(self.dtype)
+        if prompts is not None:
+            size = self.model.config.image_size
+            inputs.update(rescale_prompts([array.shape[:2]], (size, size), **prompts, names=PROMPT_ARGUMENTS))
         inputs["modality"] = torch.tensor([index], dtype=torch.long)
         inputs["modality_source"] = source
         inputs["target_size"] = tuple(array.shape[:2])
@@ -155,6 +172,8 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
     def _forward(self, model_inputs, backend: str | None = None):
         requested = model_inputs.pop("modality")
         extras = {key: model_inputs.pop(key) for key in ("modality_source", "target_size")}
+        if "input_points" in model_inputs or "input_boxes" in model_inputs:
+            return {**self._forward_prompted(model_inputs, requested), **extras}
         outputs = run_inference(self.model, model_inputs["pixel_values"], requested, backend=backend)
         probabilities = outputs.modality_logits.float().softmax(-1)
         return {
@@ -178,9 +197,23 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         )
         return names[choice]
 
+    def _forward_prompted(self, model_inputs: dict, requested: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The prompted branch: the PyTorch model on the whole image with the prompts (``input_*`` tensors)."""
+        modality = None if int(requested[0]) == UNKNOWN_MODALITY else requested.to(self.model.device)
+        prompts = {k: v.to(self.model.device) for k, v in model_inputs.items() if k.startswith("input_")}
+        outputs = self.model(pixel_values=model_inputs["pixel_values"].to(self.model.device), modality=modality,
+                             **prompts)
+        probabilities = outputs.modality_logits.float().softmax(-1)
+        return {
+            "pred_masks": outputs.pred_masks, "iou_scores": outputs.iou_scores, "modality": outputs.modality,
+            "modality_probability": probabilities.gather(1, outputs.modality.view(-1, 1))[:, 0],
+        }
+
     def postprocess(self, model_outputs, mask_threshold: float = 0.5, threshold: float | None = None):
         # Non-tensor entries reach here as preprocess made them: the loader unrolls batches back to single items.
         target_size, source = model_outputs["target_size"], model_outputs["modality_source"]
+        if "iou_scores" in model_outputs:
+            return self._postprocess_prompted(model_outputs, mask_threshold)
         probabilities = self.image_processor.post_process_masks(
             model_outputs["pred_masks"], [list(target_size)], binarize=False, return_probabilities=True
         )[0]
@@ -206,11 +239,61 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         return [segment]
 
 
+    def _postprocess_prompted(self, model_outputs, mask_threshold: float) -> list[dict[str, Any]]:
+        """One segment per prompted object: as the prompt-free segment, plus ``iou_score``."""
+        target_size, source = model_outputs["target_size"], model_outputs["modality_source"]
+        pred_masks = model_outputs["pred_masks"].float().cpu()
+        probabilities = self.image_processor.post_process_masks(
+            pred_masks.reshape(1, -1, 1, *pred_masks.shape[-2:]), [list(target_size)], binarize=False,
+            return_probabilities=True,
+        )[0][:, 0]
+        index = int(model_outputs["modality"].reshape(-1)[0])
+        modality_probability = float(model_outputs["modality_probability"].reshape(-1)[0])
+        config, segments = self.model.config, []
+        for probs, iou in zip(probabilities, model_outputs["iou_scores"].reshape(-1).tolist()):
+            mask = probs >= mask_threshold
+            mask_score = float(probs[mask].mean()) if bool(mask.any()) else 0.0
+            segments.append({
+                "label": config.id2label[index + 1], "score": modality_probability * mask_score,
+                "mask": Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L"),
+                "modality": config.modality_names[index], "modality_probability": modality_probability,
+                "modality_source": source, "iou_score": iou,
+            })
+        return segments
+
+
 # What ``Pipeline.save_pretrained`` reads to write ``custom_pipelines`` and the pipeline's code: set on the class
 # through a registry of its own, so that saving works without touching transformers' global PIPELINE_REGISTRY.
 PipelineRegistry(supported_tasks={}, task_aliases={}).register_pipeline(
     TASK, pipeline_class=EspMedSamSegmentationPipeline, pt_model=AutoModelForImageSegmentation, type="image"
 )
+
+
+
+def prompt_arguments(points, point_labels, boxes) -> dict[str, torch.Tensor]:
+    """The pipeline's ``points``/``point_labels``/``boxes`` (original-image pixels) as SAM's (1, N, P, 2),
+    (1, N, P) and (1, N, 4) tensors (``input_points``...): one object per box, or one object for points alone."""
+    prompts: dict[str, torch.Tensor] = {}
+    objects = 1
+    if boxes is not None:
+        box_tensor = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4) if len(boxes) else None
+        if box_tensor is None:
+            raise ValueError("boxes= must hold at least one [x0, y0, x1, y1] box")
+        objects = box_tensor.shape[0]
+        prompts["input_boxes"] = box_tensor[None]
+    if points is None:
+        if point_labels is not None:
+            raise ValueError("point_labels= needs points=")
+        return prompts
+    point_tensor = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)
+    labels = torch.ones(len(point_tensor), dtype=torch.long) if point_labels is None else torch.as_tensor(point_labels)
+    if labels.shape != (len(point_tensor),):
+        raise ValueError(f"point_labels= needs one label (1 positive, 0 negative) per point: {len(point_tensor)} "
+                         f"points, labels of shape {tuple(labels.shape)}")
+    if objects != 1:
+        raise ValueError(f"points= refine one object: give them with a single box, not {objects}")
+    prompts["input_points"], prompts["input_labels"] = point_tensor[None, None], labels.long()[None, None]
+    return prompts
 
 
 def register() -> None:
