@@ -32,7 +32,10 @@ def tiny_model(seed: int = 0, image_size: int = IMAGE_SIZE) -> tuple[EspMedSamMo
     torch.manual_seed(seed)
     config = EspMedSamConfig.tiny(image_size=image_size)
     model = EspMedSamModel(config).eval()
-    image_processor = EspMedSamImageProcessor(size={"height": image_size, "width": image_size})
+    # "whole": a random model's masks are noise, which the automatic scale would read as tiny objects and tile; the
+    # pipelines' tests compare against the whole-view forward and the stock pipeline (which is whole-view), and
+    # tests/test_tiling.py covers every scale
+    image_processor = EspMedSamImageProcessor(size={"height": image_size, "width": image_size}, inference_scale="whole")
     return model, EspMedSamProcessor(image_processor, config.modality_names)
 
 
