@@ -2,9 +2,7 @@
 
 ``pipeline("medical-image-segmentation", model=DIR, trust_remote_code=True)`` builds it from a folder saved with
 ``save_pretrained_with_pipeline`` (the class ships as remote code through ``config.json["custom_pipelines"]``);
-with the package imported, ``pipeline(..., pipeline_class=EspMedSamSegmentationPipeline)`` works without remote
-code, and after ``esp_medsam_hf.register()`` so does ``pipeline("medical-image-segmentation", model=...)``. Importing
-this module registers nothing.
+with this package imported, ``pipeline(..., pipeline_class=EspMedSamSegmentationPipeline)`` works without remote code.
 
 Each image gives one segment, in the image-segmentation pipeline's format plus the modality:
 ``[{"label": target, "score": s, "mask": PIL "L" (0/255, original size), "modality": name,
@@ -21,7 +19,13 @@ image-segmentation pipeline does. An unknown keyword argument is a ``TypeError``
 Optional prompts correct the self-prompted mask (``points=[[x, y], ...]`` with ``point_labels=[1, 0, ...]``, 1
 positive and 0 negative, default all positive; ``boxes=[[x0, y0, x1, y1], ...]``; original-image pixels): one
 segment per box (the points, if any, refine a single box's object), or one segment for points alone; each segment
-also has ``"iou_score"`` (the mask's stability score). Prompted calls run the PyTorch model, one image at a time.
+also has ``"iou_score"`` (the mask's stability score). Prompted calls run the PyTorch model on the whole view, one
+image at a time.
+
+Inference goes through ``prediction.predict``, the package's one front door: whole view or tiles at a scale
+(``scale``, ``tile_size``, ``overlap`` call arguments; default the image processor's saved ``inference_scale``,
+"auto"), and each result adds ``"scale"`` (the zoom factor of the native pixels it was segmented at, ``None`` for the
+whole view) and ``"object_size"`` (the objects' size "auto" estimated, native px).
 
 The forward runs on the fastest correct backend available (``backends.py``: onnxruntime for an fp32 model on the
 CPU when it is installed, else the PyTorch model); ``backend="eager"`` / ``"onnxruntime"`` when building or calling
@@ -45,8 +49,9 @@ from transformers.image_utils import load_image as load_image_from_url
 from transformers.models.auto import modeling_auto
 from transformers.pipelines import PIPELINE_REGISTRY, ImageSegmentationPipeline, PipelineRegistry
 
-from .backends import AUTOMATIC_MODALITY, run_inference
+from .backends import AUTOMATIC_MODALITY
 from .image_reading import load_image, to_rgb_uint8
+from .prediction import predict, tiling_options
 from .processing_esp_medsam import rescale_prompts
 
 logger = logging.getLogger(__name__)
@@ -63,7 +68,9 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
 
     Call arguments: ``modality`` (name or index, or a list with one per image), ``mask_threshold`` (0.5),
     ``threshold`` (minimum segment score; ``None``), ``batch_size``, ``timeout`` (for URLs), ``backend``
-    (``"auto"``, ``"onnxruntime"``, ``"eager"``; also accepted when building the pipeline). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
+    (``"auto"``, ``"onnxruntime"``, ``"eager"``; also accepted when building the pipeline), ``scale``,
+    ``tile_size``, ``overlap`` (``prediction.predict``), ``points``, ``point_labels``, ``boxes`` (prompts, see the
+    module docstring). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
     or dicts ``{"image": ..., "modality": ..., "file_modality": ...}`` (``file_modality``: a hint read from the
     file by the caller, used like a DICOM tag when no modality is given).
     """
@@ -82,14 +89,14 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         return super().check_model_type({**supported_models, self.model.config.model_type: type(self.model).__name__})
 
     def _sanitize_parameters(
-        self, modality=None, mask_threshold=None, threshold=None, timeout=None, backend=None, points=None,
-        point_labels=None, boxes=None, **unknown
+        self, modality=None, mask_threshold=None, threshold=None, timeout=None, backend=None, scale=None,
+        tile_size=None, overlap=None, points=None, point_labels=None, boxes=None, **unknown
     ):
         if unknown:
             raise TypeError(
                 f"{type(self).__name__} got unexpected keyword argument(s) {', '.join(sorted(unknown))}; it takes "
-                "modality, mask_threshold, threshold, timeout, backend, points, point_labels, boxes (and batch_size, "
-                "num_workers)"
+                "modality, mask_threshold, threshold, timeout, backend, scale, tile_size, overlap, points, "
+                "point_labels, boxes (and batch_size, num_workers)"
             )
         preprocess: dict[str, Any] = {}
         forward: dict[str, Any] = {}
@@ -100,6 +107,10 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             preprocess["prompts"] = prompt_arguments(points, point_labels, boxes)
         if backend is not None:
             forward["backend"] = backend
+        tiling = {"scale": scale, "tile_size": tile_size, "overlap": overlap}
+        forward.update({key: value for key, value in tiling.items() if value is not None})
+        if forward.keys() - {"backend"}:  # bad values fail now, naming the argument, before any image is read
+            tiling_options(self.image_processor, scale, tile_size, overlap)
         if modality is not None:
             preprocess["modality"] = modality
         if timeout is not None:
@@ -126,18 +137,19 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
 
     def _read(self, image: Any, timeout: float | None) -> tuple[np.ndarray, str | None]:
         """(RGB uint8 array, modality hint from the file)."""
+        percentiles = getattr(self.image_processor, "intensity_percentiles", None)  # as the processor stretches
         if isinstance(image, (str, os.PathLike)):
             if str(image).startswith(("http://", "https://")):
-                return to_rgb_uint8(load_image_from_url(str(image), timeout=timeout)), None
-            array, metadata = load_image(image)
+                return to_rgb_uint8(load_image_from_url(str(image), timeout=timeout), percentiles), None
+            array, metadata = load_image(image, percentiles)
             return array, metadata.get("modality")
         if isinstance(image, (Image.Image, np.ndarray)):
-            return to_rgb_uint8(image), None
+            return to_rgb_uint8(image, percentiles), None
         if isinstance(image, torch.Tensor):
             array = image.detach().cpu().numpy()
             if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
                 array = np.moveaxis(array, 0, -1)
-            return to_rgb_uint8(array), None
+            return to_rgb_uint8(array, percentiles), None
         raise TypeError(
             f"unsupported image input of type {type(image).__name__}; expected a path, URL, PIL image, numpy array, "
             "tensor, or a dict {'image': ..., 'modality': ...}"
@@ -159,46 +171,51 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             index, source = self.model.config.modality_index(file_modality), "file"
         else:
             index, source = UNKNOWN_MODALITY, "classifier"
-        inputs = self.image_processor(images=[array], return_tensors="pt")
-        inputs = inputs.to(self.dtype)
+        requested = torch.tensor([index], dtype=torch.long)
         if prompts is not None:
-            size = self.model.config.image_size
-            inputs.update(rescale_prompts([array.shape[:2]], (size, size), **prompts, names=PROMPT_ARGUMENTS))
-        inputs["modality"] = torch.tensor([index], dtype=torch.long)
-        inputs["modality_source"] = source
-        inputs["target_size"] = tuple(array.shape[:2])
-        return inputs
+            return self._preprocess_prompted(array, requested, source, prompts)
+        # The image stays an array: prediction.predict processes it (whole view or tiles); the loader batches
+        # arrays as lists.
+        return {"image": array, "modality": requested, "modality_source": source}
 
-    def _forward(self, model_inputs, backend: str | None = None):
+    def _preprocess_prompted(self, array: np.ndarray, requested: torch.Tensor, source: str, prompts: dict) -> dict:
+        """The prompted branch's inputs: the whole view's pixel values and the prompts rescaled to them."""
+        inputs = self.image_processor(images=[array], return_tensors="pt").to(self.dtype)
+        sizes = [array.shape[:2]]
+        inputs.update(rescale_prompts(sizes, self.image_processor.resized_sizes(sizes), **prompts, names=PROMPT_ARGUMENTS))
+        return {**inputs, "modality": requested, "modality_source": source, "target_size": tuple(array.shape[:2])}
+
+    def _forward(self, model_inputs, backend: str | None = None, **tiling):
+        """The batch through ``prediction.predict``: images with the classifier's modality in one call, images with a
+        given modality in another. Outputs are per-image lists (the loader unrolls them). Prompted inputs take
+        ``_forward_prompted``."""
+        if "input_points" in model_inputs or "input_boxes" in model_inputs:
+            return self._forward_prompted(model_inputs)
+        images, sources = model_inputs["image"], model_inputs["modality_source"]
+        if not isinstance(images, list):  # batch_size=1: the item as preprocess made it
+            images, sources = [images], [sources]
+        requested = model_inputs["modality"].view(-1).tolist()
+        rows: list[dict[str, Any]] = [{} for _ in images]
+        for automatic in (True, False):
+            picked = [i for i, m in enumerate(requested) if (m == UNKNOWN_MODALITY) == automatic]
+            if not picked:
+                continue
+            modality = None if automatic else [requested[i] for i in picked]
+            prediction = predict(self.model, self.image_processor, [images[i] for i in picked], modality,
+                                 backend=backend, **tiling)
+            probabilities = prediction.modality_logits.float().softmax(-1)
+            for j, i in enumerate(picked):
+                chosen = prediction.modality[j]
+                rows[i] = {"probabilities": torch.sigmoid(prediction.logits[j]), "modality": chosen,
+                           "modality_probability": float(probabilities[j, chosen]),
+                           "classifier_modality": int(probabilities[j].argmax()), "scale": prediction.scales[j],
+                           "object_size": prediction.object_sizes[j], "modality_source": sources[i]}
+        return {key: [row[key] for row in rows] for key in rows[0]}
+
+    def _forward_prompted(self, model_inputs: dict) -> dict[str, Any]:
+        """The prompted branch: the PyTorch model on the whole view with the prompts (``input_*`` tensors)."""
         requested = model_inputs.pop("modality")
         extras = {key: model_inputs.pop(key) for key in ("modality_source", "target_size")}
-        if "input_points" in model_inputs or "input_boxes" in model_inputs:
-            return {**self._forward_prompted(model_inputs, requested), **extras}
-        outputs = run_inference(self.model, model_inputs["pixel_values"], requested, backend=backend)
-        probabilities = outputs.modality_logits.float().softmax(-1)
-        return {
-            "pred_masks": outputs.pred_masks,
-            "modality": outputs.modality,
-            "modality_probability": probabilities.gather(1, outputs.modality.view(-1, 1))[:, 0],
-            "classifier_modality": probabilities.argmax(-1),
-            **extras,
-        }
-
-    def _classifier_disagrees(self, index: int, source: str, model_outputs: dict) -> str | None:
-        """The classifier's modality name when it prefers another one than a given modality (logged), else None."""
-        choice = int(model_outputs["classifier_modality"].reshape(-1)[0])
-        if source == "classifier" or choice == index:
-            return None
-        names = self.model.config.modality_names
-        logger.warning(
-            "modality %r was %s but the modality classifier gives it %.1f%% and prefers %r",
-            names[index], "given" if source == "given" else "read from the file",
-            100 * float(model_outputs["modality_probability"].reshape(-1)[0]), names[choice],
-        )
-        return names[choice]
-
-    def _forward_prompted(self, model_inputs: dict, requested: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The prompted branch: the PyTorch model on the whole image with the prompts (``input_*`` tensors)."""
         modality = None if int(requested[0]) == UNKNOWN_MODALITY else requested.to(self.model.device)
         prompts = {k: v.to(self.model.device) for k, v in model_inputs.items() if k.startswith("input_")}
         outputs = self.model(pixel_values=model_inputs["pixel_values"].to(self.model.device), modality=modality,
@@ -207,37 +224,52 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         return {
             "pred_masks": outputs.pred_masks, "iou_scores": outputs.iou_scores, "modality": outputs.modality,
             "modality_probability": probabilities.gather(1, outputs.modality.view(-1, 1))[:, 0],
+            "classifier_modality": probabilities.argmax(-1), **extras,
         }
 
-    def postprocess(self, model_outputs, mask_threshold: float = 0.5, threshold: float | None = None):
-        # Non-tensor entries reach here as preprocess made them: the loader unrolls batches back to single items.
-        target_size, source = model_outputs["target_size"], model_outputs["modality_source"]
-        if "iou_scores" in model_outputs:
-            return self._postprocess_prompted(model_outputs, mask_threshold)
-        probabilities = self.image_processor.post_process_masks(
-            model_outputs["pred_masks"], [list(target_size)], binarize=False, return_probabilities=True
-        )[0]
-        mask = probabilities >= mask_threshold
-        index = int(model_outputs["modality"].reshape(-1)[0])
-        modality_probability = float(model_outputs["modality_probability"].reshape(-1)[0])
+    def _classifier_disagrees(self, index: int, source: str, choice: int, probability: float) -> str | None:
+        """The classifier's modality name when it prefers another one than a given modality (logged), else None."""
+        if source == "classifier" or choice == index:
+            return None
+        names = self.model.config.modality_names
+        logger.warning(
+            "modality %r was %s but the modality classifier gives it %.1f%% and prefers %r",
+            names[index], "given" if source == "given" else "read from the file", 100 * probability, names[choice],
+        )
+        return names[choice]
+
+    def _segment(self, mask: torch.Tensor, probabilities: torch.Tensor, index: int, source: str,
+                 modality_probability: float, classifier_modality: int) -> dict[str, Any]:
+        """One segment: score = the classifier's probability of the modality used x mean mask probability."""
         mask_score = float(probabilities[mask].mean()) if bool(mask.any()) else 0.0
-        score = modality_probability * mask_score
-        disagreement = self._classifier_disagrees(index, source, model_outputs)
-        if threshold is not None and score < threshold:
-            return []
         config = self.model.config
         segment = {
             "label": config.id2label[index + 1],
-            "score": score,
+            "score": modality_probability * mask_score,
             "mask": Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L"),
             "modality": config.modality_names[index],
             "modality_probability": modality_probability,
             "modality_source": source,
         }
+        disagreement = self._classifier_disagrees(index, source, classifier_modality, modality_probability)
         if disagreement is not None:
             segment["classifier_modality"] = disagreement
-        return [segment]
+        return segment
 
+    def postprocess(self, model_outputs, mask_threshold: float = 0.5, threshold: float | None = None):
+        if "iou_scores" in model_outputs:
+            segments = self._postprocess_prompted(model_outputs, mask_threshold)
+        else:
+            # One image: the loader unrolls batches into single entries (a tensor gains a batch axis of 1); without
+            # batching the lists of one come as _forward made them.
+            item = {key: value[0] if isinstance(value, list) else value for key, value in model_outputs.items()}
+            probabilities = item["probabilities"].reshape(item["probabilities"].shape[-2:])
+            segment = self._segment(
+                probabilities >= mask_threshold, probabilities, int(item["modality"]), item["modality_source"],
+                float(item["modality_probability"]), int(item["classifier_modality"]),
+            )
+            segments = [{**segment, "scale": item["scale"], "object_size": item["object_size"]}]
+        return [s for s in segments if threshold is None or s["score"] >= threshold]
 
     def _postprocess_prompted(self, model_outputs, mask_threshold: float) -> list[dict[str, Any]]:
         """One segment per prompted object: as the prompt-free segment, plus ``iou_score``."""
@@ -249,17 +281,12 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         )[0][:, 0]
         index = int(model_outputs["modality"].reshape(-1)[0])
         modality_probability = float(model_outputs["modality_probability"].reshape(-1)[0])
-        config, segments = self.model.config, []
-        for probs, iou in zip(probabilities, model_outputs["iou_scores"].reshape(-1).tolist()):
-            mask = probs >= mask_threshold
-            mask_score = float(probs[mask].mean()) if bool(mask.any()) else 0.0
-            segments.append({
-                "label": config.id2label[index + 1], "score": modality_probability * mask_score,
-                "mask": Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L"),
-                "modality": config.modality_names[index], "modality_probability": modality_probability,
-                "modality_source": source, "iou_score": iou,
-            })
-        return segments
+        choice = int(model_outputs["classifier_modality"].reshape(-1)[0])
+        return [
+            {**self._segment(probs >= mask_threshold, probs, index, source, modality_probability, choice),
+             "iou_score": iou}
+            for probs, iou in zip(probabilities, model_outputs["iou_scores"].reshape(-1).tolist())
+        ]
 
 
 # What ``Pipeline.save_pretrained`` reads to write ``custom_pipelines`` and the pipeline's code: set on the class
@@ -267,7 +294,6 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
 PipelineRegistry(supported_tasks={}, task_aliases={}).register_pipeline(
     TASK, pipeline_class=EspMedSamSegmentationPipeline, pt_model=AutoModelForImageSegmentation, type="image"
 )
-
 
 
 def prompt_arguments(points, point_labels, boxes) -> dict[str, torch.Tensor]:

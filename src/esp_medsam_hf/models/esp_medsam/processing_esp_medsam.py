@@ -14,15 +14,15 @@ from .configuration_esp_medsam import MODALITY_NAMES, EspMedSamModalitiesMixin
 
 def rescale_prompts(
     original_sizes,
-    target_size: tuple[int, int],
+    resized_sizes,
     input_points=None,
     input_labels=None,
     input_boxes=None,
     names: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """SAM-style prompts in original-image pixels, checked against ``original_sizes`` (B, 2; height, width) and
-    rescaled to the (height, width) ``target_size`` of the model input (x and y apart: images are resized to a
-    square). Returns ``input_points`` (B, N, P, 2), ``input_labels`` (B, N, P) and ``input_boxes`` (B, N, 4) for
+    rescaled to ``resized_sizes`` (B, 2), the (height, width) each image has inside the model input
+    (``EspMedSamImageProcessor.resized_sizes``: x and y scale apart when the image is resized to the square). Returns ``input_points`` (B, N, P, 2), ``input_labels`` (B, N, P) and ``input_boxes`` (B, N, 4) for
     those given. ``names`` renames the arguments in error messages (the pipeline's ``points=``...)."""
     names = {"input_points": "input_points", "input_labels": "input_labels", "input_boxes": "input_boxes",
              **(names or {})}
@@ -31,7 +31,7 @@ def rescale_prompts(
         raise ValueError(f"{names['input_points']} and {names['input_labels']} go together: one label (1, 0 or -1 "
                          "padding) per point")
     sizes = torch.as_tensor(original_sizes, dtype=torch.float32).view(-1, 2)
-    scale = torch.tensor([target_size[1], target_size[0]], dtype=torch.float32) / sizes.flip(-1)  # x, y
+    scale = torch.as_tensor(resized_sizes, dtype=torch.float32).view(-1, 2).flip(-1) / sizes.flip(-1)  # x, y
     if input_points is not None:
         points = _as_tensor(names["input_points"], input_points, torch.float32, 4, sizes.shape[0])
         labels = _as_tensor(names["input_labels"], input_labels, torch.long, 3, sizes.shape[0])
@@ -127,9 +127,8 @@ class EspMedSamProcessor(ProcessorMixin, EspMedSamModalitiesMixin):
             raise ValueError("images are required")
         output_kwargs = self._merge_kwargs(EspMedSamProcessorKwargs, **kwargs)
         inputs = self.image_processor(images, segmentation_maps=segmentation_maps, **output_kwargs["images_kwargs"])
-        size = self.image_processor.size
-        inputs.update(rescale_prompts(inputs["original_sizes"], (size["height"], size["width"]), input_points,
-                                      input_labels, input_boxes))
+        resized = self.image_processor.resized_sizes(inputs["original_sizes"])
+        inputs.update(rescale_prompts(inputs["original_sizes"], resized, input_points, input_labels, input_boxes))
         if modality is not None:
             batch = len(inputs["original_sizes"])
             if isinstance(modality, torch.Tensor):

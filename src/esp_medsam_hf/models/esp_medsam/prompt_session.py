@@ -27,8 +27,7 @@ class EspMedSamPromptSession:
         self.device = next(model.parameters()).device
         inputs = processor(images=[image], modality=modality, return_tensors="pt")
         self.original_sizes = inputs["original_sizes"]
-        size = processor.image_processor.size
-        self.target_size = (size["height"], size["width"])
+        self.resized_sizes = processor.image_processor.resized_sizes(self.original_sizes)
         modality = inputs.get("modality")
         with torch.inference_mode():
             outputs = model(inputs["pixel_values"].to(self.device),
@@ -64,7 +63,7 @@ class EspMedSamPromptSession:
             point_labels = [1] * len(points) if labels is None else list(labels)
             given["input_points"] = [[list(map(list, points))] * objects]
             given["input_labels"] = [[point_labels] * objects]
-        prompts = rescale_prompts(self.original_sizes, self.target_size, **given)
+        prompts = rescale_prompts(self.original_sizes, self.resized_sizes, **given)
         logits = []
         with torch.inference_mode():
             for start in range(0, objects, OBJECTS_PER_DECODE):
