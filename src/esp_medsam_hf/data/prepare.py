@@ -7,7 +7,6 @@ card (:mod:`.prepared`). ``esp_medsam_hf.hub.datasets.push_prepared`` uploads th
 """
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import logging
@@ -24,7 +23,8 @@ from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
 from ..models.esp_medsam.fileio import staging_directory
-from ..models.esp_medsam.image_reading import check_pixel_count, ImageLoadError, repair_non_finite, to_rgb_uint8
+from ..models.esp_medsam.image_reading import (check_image_budget, check_pil_budget, ImageLoadError, read_input_bytes,
+                                               repair_non_finite, to_rgb_uint8)
 from .domains import Domain, all_official_names, get_domain
 from .layouts import PLAIN, Layout, SourceItem, detect_layout, get_layout
 from .prepared import check_card_replaceable, prepared_domains, write_card
@@ -63,16 +63,19 @@ class PreparationReport:
 
 
 def _open_bytes(path: Path) -> io.BytesIO:
-    data = path.read_bytes()
-    if path.suffix.lower() == ".gz":
-        data = gzip.decompress(data)
-    return io.BytesIO(data)
-
-
-def _check_size(path: Path, height: int, width: int) -> None:
-    """The package's one pixel limit (``esp_medsam_hf.models.esp_medsam.image_reading.MAX_IMAGE_PIXELS``), checked before decoding."""
+    """The file's bytes (``.gz`` inflated) under the package's file limits (``image_reading.read_input_bytes``:
+    regular files only, size-limited, gzip bombs refused while inflating)."""
     try:
-        check_pixel_count(path, height, width)
+        return io.BytesIO(read_input_bytes(path))
+    except ImageLoadError as error:
+        raise PreparationError(f"{path}: {error.reason}") from error
+
+
+def _check_budget(check, path: Path, *args, **kwargs) -> None:
+    """One of the package's memory-budget checks (``image_reading.check_image_budget``/``check_pil_budget``),
+    before decoding, as a ``PreparationError`` naming the file."""
+    try:
+        check(path, *args, **kwargs)
     except ImageLoadError as error:
         raise PreparationError(f"{path}: {error.reason}") from error
 
@@ -80,9 +83,10 @@ def _check_size(path: Path, height: int, width: int) -> None:
 def _read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
+    with tifffile.TiffFile(_open_bytes(path)) as tif:
         page = tif.pages[0]
-        _check_size(path, page.imagelength, page.imagewidth)
+        _check_budget(check_image_budget, path, page.imagelength, page.imagewidth, frames=max(page.imagedepth, 1),
+                      samples=page.samplesperpixel, bytes_per_sample=-(-page.bitspersample // 8))
         array = page.asarray()
         return np.moveaxis(array, 0, -1) if array.ndim == 3 and page.axes.startswith("S") else array
 
@@ -103,7 +107,7 @@ def _read_array(path: Path) -> np.ndarray:
 def _read_pixels(path: Path) -> np.ndarray:
     try:
         with PILImage.open(_open_bytes(path)) as image:
-            _check_size(path, image.height, image.width)
+            _check_budget(check_pil_budget, path, image)
             if image.mode in ("P", "PA"):
                 image = image.convert("RGBA" if "transparency" in image.info else "RGB")
             elif image.mode == "1":
