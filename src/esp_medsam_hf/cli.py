@@ -41,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    return int(importlib.import_module(args._module).run(args) or 0)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except OSError as error:  # a file, folder, permission, disk or network problem: the user's to fix, no traceback
+        from .commands import error_message
+
+        print(f"esp-medsam {args.command}: error: {error_message(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

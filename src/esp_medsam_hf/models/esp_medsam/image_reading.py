@@ -15,9 +15,10 @@ bounded chunks, before pydicom inflates them; encapsulated pixel data is checked
 regular files are read, at most ``MAX_FILE_BYTES`` of them (``check_regular_file``: a FIFO, a device such as
 ``/dev/zero`` or a socket is refused without being opened); ``read_input_bytes`` gives a file's bytes with a
 ``.gz`` inflated under the same limit. The limits are module attributes, and the environment variables
-``ESP_MEDSAM_MAX_DECODED_BYTES`` and ``ESP_MEDSAM_MAX_FILE_BYTES`` override the byte limits. Float images with NaN or infinite pixels are repaired
-(NaN and -inf to the lowest finite value, +inf to the highest) with a warning naming the file; an image with no
-finite pixel is refused.
+``ESP_MEDSAM_MAX_DECODED_BYTES`` and ``ESP_MEDSAM_MAX_FILE_BYTES`` override the byte limits.
+
+Float images with NaN or infinite pixels are repaired (NaN and -inf to the lowest finite value, +inf to the
+highest) with a warning naming the file; an image with no finite pixel is refused.
 
 This module ships with saved models as remote code (the custom pipeline imports it), so it depends only on numpy and
 Pillow at import time; pydicom and tifffile are imported when needed.
