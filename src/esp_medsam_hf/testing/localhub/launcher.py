@@ -127,24 +127,45 @@ def _http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
         conn.close()
 
 
-def _alive(pid: int, marker: str) -> bool:
-    """True when ``pid`` runs and its command line contains ``marker`` (guards against recycled pids)."""
+def process_start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, field 22 of ``/proc/PID/stat``), or None when it does not run:
+    with the pid, it names one process; a recycled pid has another start time."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        fields = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
+
+
+def _alive(pid: int, marker: str, started: int | None = None) -> bool:
+    """True when ``pid`` runs, its command line contains ``marker`` and, when ``started`` is given, it is the
+    process that started then (a stale or edited state file names another process: never signalled)."""
+    try:
+        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
         return False
-    return marker in cmdline
+    return marker in cmdline and (started is None or process_start_time(pid) == started)
 
 
-def _terminate(pid: int, marker: str) -> None:
-    if not _alive(pid, marker):
+def _terminate(pid: int, marker: str, started: int) -> None:
+    """Stop the process ``pid`` only while it is the one that started at ``started`` (SIGTERM, then SIGKILL)."""
+    if not _alive(pid, marker, started):
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline and _alive(pid, marker):
+    while time.monotonic() < deadline and _alive(pid, marker, started):
         time.sleep(0.05)
-    if _alive(pid, marker):
+    if _alive(pid, marker, started):
         os.kill(pid, signal.SIGKILL)
+
+
+def _recorded(state: dict, key: str) -> tuple[int, int] | None:
+    """``(pid, start time)`` of a process the state file records, or None when either is missing or not a number
+    (a state file written before start times were recorded, or edited, names no process we may stop)."""
+    pid, started = state.get(key), state.get(f"{key}_start")
+    if isinstance(pid, bool) or isinstance(started, bool) or not isinstance(pid, int) or not isinstance(started, int):
+        return None
+    return pid, started
 
 
 def read_state(root: Path) -> dict | None:
@@ -171,7 +192,8 @@ _SERVER_LAUNCHER = (
 
 def is_running(root: Path) -> bool:
     state = read_state(root)
-    return bool(state) and all(_alive(int(state.get(k, 0)), m) for k, m in _MARKERS.items())
+    return bool(state) and all((rec := _recorded(state, k)) is not None and _alive(rec[0], m, rec[1])
+                               for k, m in _MARKERS.items())
 
 
 class LocalHub:
@@ -248,7 +270,8 @@ class LocalHub:
             self.stop()
             raise
         state = {"endpoint": self.endpoint, "port": port, "olah_port": olah_port, "root": str(self.root),
-                 **{key: proc.pid for key, proc in self._procs.items()}}
+                 **{key: proc.pid for key, proc in self._procs.items()},
+                 **{f"{key}_start": process_start_time(proc.pid) for key, proc in self._procs.items()}}
         tmp = self.root / f".{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, self.root / STATE_FILE)
@@ -290,8 +313,8 @@ class LocalHub:
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait()
-            elif key in state:
-                _terminate(int(state[key]), marker)
+            elif (recorded := _recorded(state, key)) is not None:
+                _terminate(recorded[0], marker, recorded[1])
         for log in self._logs:
             log.close()
         self._logs.clear()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import http.client
 import json
 import logging
@@ -26,6 +27,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -41,6 +43,7 @@ from .gitrepo import (
     FileAdd,
     GitError,
     GitRepo,
+    PathConflict,
     PathDelete,
     check_repo_path,
 )
@@ -87,6 +90,23 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
 ]
 
 
+MAX_BODY_BYTES = 16 * 2**20
+"""Largest request body the server reads (JSON calls, proxied reads such as paths-info); more is answered 413
+before anything is read. Commits (regular files inline, base64) may carry ``MAX_COMMIT_BYTES``; LFS uploads are
+bounded by their declared size."""
+MAX_COMMIT_BYTES = 512 * 2**20
+
+
+def _strict_base64(value, path: str) -> bytes:
+    """A commit's inline file content: strict base64 (400 for anything else, not an empty or mangled file)."""
+    if not isinstance(value, str):
+        raise HubError(400, f"content of {path!r} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error as err:
+        raise HubError(400, f"content of {path!r} is not valid base64: {err}") from err
+
+
 def _size(value) -> int:
     """A size field of a request body: an integer (400 otherwise, as the Hub answers malformed bodies)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
@@ -126,7 +146,16 @@ class LocalHubServer(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
     def repo(self, repo_type: str | None, namespace: str, name: str) -> GitRepo:
-        return GitRepo(self.root / (repo_type or "models") / namespace / name)
+        """The repository ``namespace/name``, matched without regard to case as the Hub does (``Probe/R1`` is
+        ``probe/r1`` when that exists)."""
+        kind = self.root / (repo_type or "models")
+        exact = kind / namespace / name
+        if exact.exists():
+            return GitRepo(exact)
+        for folder in (kind.glob("*/*") if kind.is_dir() else ()):
+            if (folder.parent.name.casefold(), folder.name.casefold()) == (namespace.casefold(), name.casefold()):
+                return GitRepo(folder)
+        return GitRepo(exact)
 
     def lock(self, repo: GitRepo) -> threading.Lock:
         with self.guard:
@@ -171,11 +200,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
-        self.body_pending = bool(int(self.headers.get("Content-Length") or 0)) or (
-            self.headers.get("Transfer-Encoding", "").lower() == "chunked"
-        )
+        self.body_pending = True  # until the length is known: a refusal closes the connection
         lookup = "GET" if method == "HEAD" else method
         try:
+            self.body_pending = self._content_length() > 0 or self._chunked()
+            self.deadline = time.monotonic() + self.server.body_timeout_s
             for route_method, pattern, handler in ROUTES:
                 match = pattern.fullmatch(url.path)
                 if match and route_method == lookup:
@@ -195,9 +224,13 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
         except ConnectionError:
             self.close_connection = True
+        except (KeyError, TypeError, AttributeError, ValueError) as err:  # a body of the wrong shape
+            self._send_json({"error": f"malformed request body: {type(err).__name__}: {err}"}, 400)
         except Exception as err:  # answer 500 rather than dropping the connection, and keep the server up
             logger.exception("local hub: %s %s failed", method, self.path)
             self._send_json({"error": f"internal error: {err}"}, 500)
+        finally:
+            self.connection.settimeout(self.server.body_timeout_s)  # the next request's wait, after _read's deadline
 
     def _guard(self, method: str, handler: str | None, params: dict[str, str]) -> None:
         url = urlsplit(self.path)
@@ -222,29 +255,65 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _body_chunks(self) -> Iterator[bytes]:
-        """The request body in pieces, from Content-Length or chunked transfer encoding."""
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+    def _content_length(self) -> int:
+        """The Content-Length header as a count of bytes; 400 for anything else (``abc``, ``-1``, two values)."""
+        value = self.headers.get("Content-Length")
+        if value is None:
+            return 0
+        if not value.strip().isdigit():
+            raise HubError(400, f"invalid Content-Length {value!r}: expected a number of bytes")
+        return int(value)
+
+    def _chunked(self) -> bool:
+        return self.headers.get("Transfer-Encoding", "").lower() == "chunked"
+
+    def _read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the body, within the request's total-time limit (``body_timeout_s`` for the whole
+        body, so a body trickled a byte at a time cannot hold the connection longer)."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request body took longer than the limit")
+        self.connection.settimeout(left)
+        return self.rfile.read1(size)
+
+    def _read_exactly(self, size: int) -> Iterator[bytes]:
+        while size > 0:
+            chunk = self._read(min(size, 1 << 20))
+            if not chunk:
+                raise ConnectionError("client closed the connection mid-body")
+            size -= len(chunk)
+            yield chunk
+
+    def _body_chunks(self, limit: int | None = None) -> Iterator[bytes]:
+        """The request body in pieces, from Content-Length or chunked transfer encoding; more than ``limit`` bytes
+        (default ``MAX_BODY_BYTES``; LFS uploads pass their declared size) is answered 413 before it is read."""
+        limit = MAX_BODY_BYTES if limit is None else limit
+        if self._chunked():
+            total = 0
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                line = self.rfile.readline(100)
+                try:
+                    size = int(line.split(b";")[0].strip() or b"0", 16)
+                except ValueError:
+                    raise HubError(400, f"invalid chunk size {line[:40]!r}") from None
+                total += size
+                if total > limit:
+                    raise HubError(413, f"request body over the limit of {limit:,} bytes")
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    while self.rfile.readline(1000) not in (b"\r\n", b"\n", b""):
                         pass
                     self.body_pending = False
                     return
-                yield self.rfile.read(size)
-                self.rfile.readline()
-        remaining = int(self.headers.get("Content-Length") or 0)
-        while remaining > 0:
-            chunk = self.rfile.read(min(remaining, 1 << 20))
-            if not chunk:
-                raise ConnectionError("client closed the connection mid-body")
-            remaining -= len(chunk)
-            yield chunk
+                yield from self._read_exactly(size)
+                self.rfile.readline(10)
+        remaining = self._content_length()
+        if remaining > limit:
+            raise HubError(413, f"request body of {remaining:,} bytes is over the limit of {limit:,} bytes")
+        yield from self._read_exactly(remaining)
         self.body_pending = False
 
-    def _body(self) -> bytes:
-        return b"".join(self._body_chunks())
+    def _body(self, limit: int | None = None) -> bytes:
+        return b"".join(self._body_chunks(limit))
 
     def _json_body(self) -> dict:
         try:
@@ -383,7 +452,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return
         repo = self._existing(type, ns, name)
         try:
-            repo.store_lfs_object(oid, int(size), self._body_chunks())
+            repo.store_lfs_object(oid, int(size), self._body_chunks(limit=int(size)))
         except ValueError as err:
             raise HubError(400, str(err)) from err
         self._send_json({})
@@ -394,7 +463,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         repo = self._existing(type, ns, name)
         if self.query.get("create_pr", ["0"])[0] not in ("0", "false", ""):
             raise HubError(400, "the local hub does not support pull requests; commit to a branch instead")
-        lines = [line for line in self._body().splitlines() if line.strip()]
+        lines = [line for line in self._body(MAX_COMMIT_BYTES).splitlines() if line.strip()]
         try:
             items = [json.loads(line) for line in lines]
         except json.JSONDecodeError as err:
@@ -408,7 +477,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 key, value = item.get("key"), item.get("value", {})
                 path = check_repo_path(str(value.get("path", "")))
                 if key == "file":
-                    operations.append(FileAdd(path, content=base64.b64decode(value.get("content", ""))))
+                    operations.append(FileAdd(path, content=_strict_base64(value.get("content", ""), path)))
                 elif key == "lfsFile":
                     operations.append(FileAdd(path, lfs_oid=value.get("oid"), lfs_size=int(value.get("size", -1))))
                 elif key in ("deletedFile", "deletedFolder"):
@@ -433,6 +502,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 raise HubError(404, str(err), "EntryNotFound") from err
             except CommitConflict as err:
                 raise HubError(412, str(err)) from err
+            except PathConflict as err:
+                raise HubError(409, str(err)) from err
         prefix = "" if type == "models" else f"{type}/"
         url = f"{self.server.endpoint}/{prefix}{ns}/{name}/commit/{commit}"
         self._send_json({"commitOid": commit, "commitUrl": url, "pullRequestUrl": None, "success": True})
