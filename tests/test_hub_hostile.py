@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -150,7 +151,7 @@ def test_a_file_never_replaces_a_folder_without_a_delete(server):
     assert tree(repo) == ["100644 .gitattributes", "100644 model"]
 
 
-@pytest.mark.parametrize("content", ["!!!not base64", "eA", "eA==\n\x00"])
+@pytest.mark.parametrize("content", ["!!!!", "e A==", "eA==\n\x00"])  # old: an empty, a mangled file
 def test_invalid_base64_is_400_not_an_empty_file(server, content):
     """Row 9: invalid base64 committed an empty file."""
     repo = create(server)
@@ -175,6 +176,9 @@ def test_hub_stop_signals_only_the_processes_it_started(tmp_path):
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "olah",
                                   "esp_medsam_local_hub"])
     try:
+        cmdline = Path(f"/proc/{bystander.pid}/cmdline")
+        while b"olah" not in cmdline.read_bytes():  # until exec: a forked child still shows pytest's command line
+            time.sleep(0.01)
         for state in (
             {"server_pid": bystander.pid, "olah_pid": bystander.pid},  # stale: no start times
             {"server_pid": bystander.pid, "olah_pid": bystander.pid, "server_pid_start": 1, "olah_pid_start": 1},
