@@ -1,7 +1,8 @@
-"""The local Hub against hostile requests (issue 22, rows 8-11): bounded bodies and a total-time limit, 400 for
-malformed Content-Length and bodies (the connection stays usable), names case-insensitive, tags never shadow
-branches, no file/folder replacement without a delete, strict base64, unreadable Unicode paths refused, and
-``hub stop`` signals only the processes it started (pid and start time)."""
+"""The local Hub against hostile requests (issue 22, rows 7-11): private repositories read only with the token,
+bounded bodies and a total-time limit, 400 for malformed Content-Length and bodies (the connection stays usable),
+names case-insensitive, tags never shadow branches, no file/folder replacement without a delete, strict base64,
+unreadable Unicode paths refused, and ``hub stop`` signals only the processes it started (pid and start time).
+Private repositories through olah, on every port the launcher opens: tests/test_hub_roundtrip.py."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from esp_medsam_hf.testing.localhub.gitrepo import check_repo_path
 from esp_medsam_hf.testing.localhub.launcher import is_running, process_start_time, stop_local_hub
 from esp_medsam_hf.testing.localhub import server as hub_server
-from test_hub_server import TOKEN, create, repo_of, request, server, tree  # noqa: F401 - server is a fixture
+from test_hub_server import TOKEN, api, create, repo_of, request, server, tree  # noqa: F401 - server is a fixture
 
 BASE = "/api/models/esp/target"
 
@@ -197,3 +200,87 @@ def test_hub_stop_signals_only_the_processes_it_started(tmp_path):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+SECRET = "/api/models/esp/secret"
+PRIVATE_READS = [  # every read route of the Hub's API that names a repository
+    ("GET", SECRET), ("GET", f"{SECRET}/revision/main"), ("GET", f"{SECRET}/refs"), ("GET", f"{SECRET}/tree/main"),
+    ("GET", f"{SECRET}/tree/main/a"), ("GET", f"{SECRET}/commits/main"), ("POST", f"{SECRET}/paths-info/main"),
+    ("GET", "/esp/secret/resolve/main/a.txt"), ("HEAD", "/esp/secret/resolve/main/a.txt"),
+    ("GET", "/ESP/Secret/resolve/main/a.txt"), ("GET", f"{SECRET}/discussions"),
+]
+
+
+@pytest.mark.parametrize("method,path", PRIVATE_READS)
+@pytest.mark.parametrize("token", [None, "hf_local_wrong"])
+def test_a_private_repository_is_not_found_without_the_token(server, method, path, token):
+    """Row 7: ``create_repo(private=True)`` made a repository anyone could read. Without the token every read of it
+    is answered as the Hub answers a repository the caller may not see (401 RepoNotFound), exactly as a missing
+    one is, so that its existence does not show either."""
+    api(server).create_repo("esp/secret", private=True)
+    api(server).upload_file(path_or_fileobj=b"secret", path_in_repo="a.txt", repo_id="esp/secret")
+    body = b'{"paths": ["a.txt"]}' if method == "POST" else None
+    status, headers, answer = request(server, method, path, body, token=token)
+    missing = request(server, method, path.replace("secret", "missing").replace("Secret", "Missing"), body,
+                      token=token)
+    assert (status, headers.get("X-Error-Code")) == (401, "RepoNotFound") == (missing[0],
+                                                                             missing[1].get("X-Error-Code"))
+    assert b"secret" not in json.dumps(answer).encode()
+
+
+def test_huggingface_hub_sees_a_private_repository_only_with_the_token(server):
+    api(server).create_repo("esp/secret", private=True)
+    api(server).create_repo("esp/open")
+    anonymous = HfApi(endpoint=api(server).endpoint, token=False)
+    assert repo_of(server, "esp/secret").private and not repo_of(server, "esp/open").private
+    assert api(server).model_info("esp/secret").private is True
+    assert anonymous.model_info("esp/open").private is False  # public repositories unchanged
+    for call in (anonymous.model_info, anonymous.list_repo_refs, anonymous.list_repo_files):
+        with pytest.raises(RepositoryNotFoundError):
+            call("esp/secret")
+    listed = {m.id: m.private for m in api(server).list_models(author="esp")}
+    assert listed == {"esp/open": False, "esp/secret": True}
+    assert [m.id for m in anonymous.list_models(author="esp")] == ["esp/open"]
+    with pytest.raises(HfHubHTTPError) as info:  # whoami names the owners of private repositories
+        HfApi(endpoint=api(server).endpoint, token="hf_local_wrong").whoami()
+    assert info.value.response.status_code == 401
+
+
+@pytest.mark.parametrize("body,private", [
+    ({"visibility": "private"}, True), ({"private": True}, True), ({"visibility": "public"}, False), ({}, False),
+    ({"visibility": "private", "private": True}, True),
+])
+def test_create_bodies_set_the_stored_visibility(server, body, private):
+    status, _, _ = request(server, "POST", "/api/repos/create",
+                           json.dumps({"organization": "esp", "name": "v", **body}).encode())
+    assert status == 200 and repo_of(server, "esp/v").private is private
+
+
+@pytest.mark.parametrize("body", [{"visibility": "protected"}, {"private": "yes"},
+                                  {"visibility": "public", "private": True}])
+def test_unclear_visibility_is_400_and_creates_nothing(server, body):
+    status, _, _ = request(server, "POST", "/api/repos/create",
+                           json.dumps({"organization": "esp", "name": "v", **body}).encode())
+    assert status == 400 and not repo_of(server, "esp/v").exists()
+
+
+def test_the_visibility_flag_can_be_changed(server):
+    """The flag lives in the repository's git config (``GitRepo.set_private``), where a settings route changes it."""
+    repo = create(server, "esp/flip")
+    assert request(server, "GET", "/api/models/esp/flip", token=None)[0] == 200
+    repo.set_private(True)
+    assert request(server, "GET", "/api/models/esp/flip", token=None)[0] == 401
+    assert request(server, "GET", "/api/models/esp/flip")[2]["private"] is True
+    repo.set_private(False)
+    assert request(server, "GET", "/api/models/esp/flip", token=None)[2]["private"] is False
+
+
+@pytest.mark.parametrize("path", ["/api/models/esp%2Fsecret", "/esp%2Fsecret/resolve/main/a.txt",
+                                  "/models/esp/secret/resolve/main/a.txt", "/repos", "/esp/secret/a" + "0" * 63])
+def test_paths_no_route_parses_are_never_forwarded_to_olah(server, path):
+    """olah reads ``esp%2Fsecret`` as ``esp/secret`` and serves what our routes would check; such paths used to be
+    forwarded unchecked. Now they are 404 here, with the token or without (olah, absent in this fixture, would
+    have made it 502)."""
+    api(server).create_repo("esp/secret", private=True)
+    for token in (None, TOKEN):
+        assert request(server, "GET", path, token=token)[0] == 404

@@ -28,6 +28,8 @@ LFS_SUFFIXES = (
 ).split()
 LFS_MIN_SIZE = 10 * 1024 * 1024
 GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
+PRIVATE_KEY = "hub.private"
+"""The git config key holding a repository's visibility (``true``: private)."""
 _IDENTITY = {
     "GIT_AUTHOR_NAME": "esp-medsam local hub",
     "GIT_AUTHOR_EMAIL": "local-hub@127.0.0.1",
@@ -134,13 +136,30 @@ class GitRepo:
         return (self.path / ".git" / "HEAD").is_file()
 
     @classmethod
-    def create(cls, path: Path) -> "GitRepo":
-        """Create the repository with a first commit on ``main`` holding the Hub's default ``.gitattributes``."""
+    def create(cls, path: Path, *, private: bool = False) -> "GitRepo":
+        """Create the repository with a first commit on ``main`` holding the Hub's default ``.gitattributes``;
+        ``private`` is recorded before the first commit, so that its content is never readable as public."""
         path.mkdir(parents=True, exist_ok=False)
         repo = cls(path)
         repo.git("init", "-q", "-b", "main")
+        repo.set_private(private)
         repo.commit("main", [FileAdd(".gitattributes", GITATTRIBUTES.encode())], "initial commit", parent=None)
         return repo
+
+    # -- settings ---------------------------------------------------------------------------------------------
+    @property
+    def private(self) -> bool:
+        """Whether the repository is private: read only with the hub's token (``hub.private`` in its git config,
+        the one place the flag is kept; ``set_private`` changes it)."""
+        proc = subprocess.run(["git", "-C", str(self.path), "config", "--type=bool", "--get", PRIVATE_KEY],
+                              capture_output=True)
+        if proc.returncode == 1:  # the key is not set: public, as the Hub creates repositories by default
+            return False
+        return proc.returncode != 0 or proc.stdout.strip() == b"true"  # an unreadable setting counts as private
+
+    def set_private(self, private: bool) -> None:
+        """Make the repository private or public (git writes its config through a lock file)."""
+        self.git("config", "--type=bool", PRIVATE_KEY, "true" if private else "false")
 
     # -- reading ----------------------------------------------------------------------------------------------
     def resolve(self, revision: str) -> str | None:

@@ -5,14 +5,22 @@ LFS batch, commit), and olah, the only packaged Hub-API server that runs here, i
 small ``http.server`` answers the calls huggingface_hub 2.4 makes to publish (with ``HF_HUB_DISABLE_XET=1``) and
 commits into the git repositories that olah serves. Read requests are checked against git first (so that a missing
 repository, revision or file gets the Hub's error code, which olah 0.5.4 reports as 401 RepoNotFound in all three
-cases) and then proxied to olah unchanged. The metadata routes olah leaves empty or broken (repo info, commits,
-listings, whoami, tags, discussions) are answered from git (``repoinfo.py``). Only loopback addresses are accepted.
+cases, and a private repository is read only with the token) and then proxied to olah unchanged. The metadata routes
+olah leaves empty or broken (repo info, commits, listings, whoami, tags, discussions) are answered from git
+(``repoinfo.py``). Only loopback addresses are accepted.
+
+olah has no notion of private repositories: it serves every repository under its mirrors path to whoever reaches
+it. So it listens on a Unix socket in a folder only this user can enter (``--olah-socket``; launcher.py starts it
+so), never on a TCP port, and this server is the only way in: every read it forwards has passed the checks above,
+and a path that no route here parses (an encoded ``esp%2Fprivate``, olah's own ``/repos`` pages) is answered 404,
+never forwarded. Serving private reads from git here instead would duplicate olah's resolve, range and LFS
+handling, and olah's port would still serve them.
 Every request first passes ``guard.check_request`` (Host/Origin, the write token, Content-Type, and every name
 before git sees it), and a request body that stalls longer than ``body_timeout_s`` is answered 408 and its
 connection closed.
 
 ``LocalHub`` (launcher.py) launches it; by hand:
-``python -m esp_medsam_hf.testing.localhub.server --root DIR --port P --olah-url URL --token-file FILE``.
+``python -m esp_medsam_hf.testing.localhub.server --root DIR --port P --olah-socket PATH --token-file FILE``.
 """
 
 from __future__ import annotations
@@ -47,7 +55,15 @@ from .gitrepo import (
     PathDelete,
     check_repo_path,
 )
-from .guard import GuardError, check_repo_name, check_request, upload_signature
+from .guard import (
+    UNAUTHORIZED,
+    GuardError,
+    check_repo_access,
+    check_repo_name,
+    check_request,
+    has_token,
+    upload_signature,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +123,37 @@ def _strict_base64(value, path: str) -> bytes:
         raise HubError(400, f"content of {path!r} is not valid base64: {err}") from err
 
 
+def requested_privacy(body: dict) -> bool | None:
+    """The visibility a create (or settings) body asks for: ``visibility`` ("public"/"private", what
+    huggingface_hub 2.4 sends) or the older ``private`` boolean; None when it asks for neither."""
+    visibility, private = body.get("visibility"), body.get("private")
+    if visibility is not None and visibility not in ("public", "private"):
+        raise HubError(400, f"invalid visibility {visibility!r}: the local hub has 'public' and 'private'")
+    if private is not None and not isinstance(private, bool):
+        raise HubError(400, f"invalid private {private!r}: expected true or false")
+    if visibility is not None and private is not None and (visibility == "private") != private:
+        raise HubError(400, "'private' and 'visibility' disagree")
+    return (visibility == "private") if visibility is not None else private
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to a server listening on a Unix socket (olah's, see the module docstring)."""
+
+    def __init__(self, socket_path: str | Path, timeout: float = 60) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = str(socket_path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 def _size(value) -> int:
     """A size field of a request body: an integer (400 otherwise, as the Hub answers malformed bodies)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
@@ -126,7 +173,7 @@ class LocalHubServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, root: Path, port: int, olah_url: str, allow_faults: bool = False, *, token: str,
+        self, root: Path, port: int, olah_socket: str | Path, allow_faults: bool = False, *, token: str,
         body_timeout_s: float = 60.0,
     ) -> None:
         if not token:
@@ -135,7 +182,7 @@ class LocalHubServer(ThreadingHTTPServer):
         self.root = Path(root)
         self.token = token
         self.body_timeout_s = body_timeout_s
-        self.olah = urlsplit(olah_url)
+        self.olah_socket = Path(olah_socket)
         self.allow_faults = allow_faults
         self.faults: list[dict] = []
         self.locks: dict[str, threading.Lock] = {}
@@ -210,10 +257,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 if match and route_method == lookup:
                     params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
                     self._guard(method, handler, params)
+                    self._check_access(handler, params)
                     getattr(self, f"h_{handler}")(**params)
                     return
             self._guard(method, None, {})
-            self._proxy()
+            raise HubError(404, f"{url.path} is not served by the local hub")  # never forwarded: see the docstring
         except (HubError, GuardError) as err:
             self._send_json({"error": err.message, **err.extra}, err.status, code=err.code)
         except TimeoutError:  # a stalled body: answer if the socket still takes it, then drop the connection
@@ -237,6 +285,15 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         check_request(method=method, handler=handler, params=params, headers=self.headers, query=self.query,
                       path=url.path if handler else unquote(url.path), port=self.server.server_address[1],
                       token=self.server.token, has_body=self.body_pending)
+
+    def _check_access(self, handler: str, params: dict[str, str]) -> None:
+        """Every request naming a repository: a private (or missing) one needs the token (guard.check_repo_access).
+        LFS uploads carry a signature instead, which only the token could make."""
+        if "ns" not in params or handler in ("lfs_put",):
+            return
+        repo = self.server.repo(params.get("type") or "models", params["ns"], params["name"])
+        exists = repo.exists()
+        check_repo_access(self.headers, self.server.token, exists=exists, private=exists and repo.private)
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def _send_json(self, payload, status: int = 200, code: str | None = None, ctype: str = "application/json") -> None:
@@ -362,6 +419,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             raise HubError(400, "repo id must be 'namespace/name' of letters, digits, '.', '_' or '-' "
                                 "(the local hub has no user accounts, so the namespace is required)")
         check_repo_name(ns, name)
+        private = bool(requested_privacy(data))
         repo = self.server.repo(repo_type, ns, name)
         prefix = "" if repo_type == "models" else f"{repo_type}/"
         url = f"{self.server.endpoint}/{prefix}{ns}/{name}"
@@ -369,7 +427,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             if repo.exists():
                 # the client reads "url" from the 409 answer when exist_ok=True, as the Hub sends it
                 raise HubError(409, f"You already created this {data.get('type') or 'model'} repo", url=url)
-            GitRepo.create(repo.path)
+            GitRepo.create(repo.path, private=private)
         self._send_json({"url": url, "name": f"{ns}/{name}", "id": f"{ns}/{name}"})
 
     def h_validate_yaml(self) -> None:
@@ -509,7 +567,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self._send_json({"commitOid": commit, "commitUrl": url, "pullRequestUrl": None, "success": True})
 
     def h_health(self) -> None:
-        self._send_json({"status": "ok", "olah": f"{self.server.olah.scheme}://{self.server.olah.netloc}"})
+        self._send_json({"status": "ok"})
 
     def h_set_faults(self) -> None:
         if not self.server.allow_faults:
@@ -541,10 +599,15 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self._send_json(repoinfo.repo_commits(repo, self._revision(repo, rev)))
 
     def h_list_repos(self, type: str) -> None:
-        self._send_json(repoinfo.list_repos(self.server.root, type, self.query))
+        """The listing holds private repositories only for a caller with the token, as the Hub lists them."""
+        private = has_token(self.headers, self.server.token)
+        self._send_json(repoinfo.list_repos(self.server.root, type, self.query, include_private=private))
 
     def h_whoami(self) -> None:
-        """The local Hub has one user, who owns every namespace and writes with any token."""
+        """The local Hub has one user, who owns every namespace; as on the Hub, only a caller with the token
+        learns who that is (the namespaces name private repositories' owners too)."""
+        if not has_token(self.headers, self.server.token):
+            raise HubError(401, UNAUTHORIZED)
         namespaces = sorted({p.name for kind in REPO_TYPES.values() for p in (self.server.root / kind).glob("*")})
         self._send_json({
             "type": "user", "id": "local", "name": LOCAL_USER, "fullname": "Local Hub user", "isPro": False,
@@ -603,18 +666,18 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self._proxy()
 
     def _proxy(self, path: str | None = None) -> None:
-        """Forward the request to olah and stream its answer back, with olah's origin rewritten to ours."""
-        olah = self.server.olah
+        """Forward the request to olah (on its Unix socket) and stream its answer back."""
         body = self._body() if self.command in ("POST", "PUT") else None
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
-        headers["Host"] = olah.netloc
-        conn = http.client.HTTPConnection(olah.hostname, olah.port, timeout=60)
+        headers["Host"] = urlsplit(self.server.endpoint).netloc
+        conn = UnixHTTPConnection(self.server.olah_socket, timeout=60)
         try:
             conn.request(self.command, path or self.path, body=body, headers=headers)
             resp = conn.getresponse()
         except OSError as err:
             conn.close()
-            raise HubError(502, f"the read-side server (olah at {olah.netloc}) is not reachable: {err}") from err
+            raise HubError(502, f"the read-side server (olah at {self.server.olah_socket}) is not reachable: "
+                                f"{err}") from err
         try:
             length = resp.getheader("Content-Length")
             payload = None if length is not None or self.command == "HEAD" else resp.read()
@@ -622,8 +685,6 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             for key, value in resp.getheaders():
                 if key.lower() in _HOP_HEADERS or key.lower() == "content-length":
                     continue
-                if key.lower() == "location":
-                    value = value.replace(f"{olah.scheme}://{olah.netloc}", self.server.endpoint)
                 self.send_header(key, value)
             self.send_header("Content-Length", length if length is not None else str(len(payload or b"")))
             self.end_headers()
@@ -647,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True, help="folder holding <type>s/<namespace>/<name> git repos")
     parser.add_argument("--port", type=int, required=True, help="loopback port to listen on")
-    parser.add_argument("--olah-url", required=True, help="olah's base URL, e.g. http://127.0.0.1:8091")
+    parser.add_argument("--olah-socket", type=Path, required=True,
+                        help="the Unix socket olah listens on (in a folder only this user can enter)")
     parser.add_argument("--allow-faults", action="store_true", help="enable POST /_local/faults (tests only)")
     parser.add_argument("--token-file", type=Path, required=True,
                         help="file holding the token every write must carry (Authorization: Bearer TOKEN)")
@@ -655,14 +717,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds a request may stall before it is answered 408 and closed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if urlsplit(args.olah_url).hostname not in ("127.0.0.1", "localhost"):
-        parser.error(f"--olah-url must be a loopback address, got {args.olah_url}")
     token = args.token_file.read_text().strip()
     if not token:
         parser.error(f"--token-file {args.token_file} is empty")
-    server = LocalHubServer(args.root, args.port, args.olah_url, allow_faults=args.allow_faults, token=token,
+    server = LocalHubServer(args.root, args.port, args.olah_socket, allow_faults=args.allow_faults, token=token,
                             body_timeout_s=args.body_timeout)
-    logger.info("local hub write server on %s (reads proxied to %s)", server.endpoint, args.olah_url)
+    logger.info("local hub write server on %s (reads proxied to olah at %s)", server.endpoint, args.olah_socket)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
