@@ -283,7 +283,9 @@ def test_processor_round_trip_and_modality_names(tmp_path):
     assert inputs["pixel_values"].shape == (2, 3, 64, 64)
     assert inputs["original_sizes"].tolist() == [[30, 40], [64, 64]]
     assert inputs["modality"].tolist() == [1, 5]
-    assert inputs["labels"].shape == (2, 1, 64, 64) and inputs["labels"][0].min() == 1 and inputs["labels"][1].max() == 0
+    assert inputs["labels"].shape == (2, 1, 64, 64) and inputs["labels"][1].max() == 0
+    # aspect kept: the 30x40 label fills 48x64 like its image, the padding below it is background
+    assert inputs["labels"][0, :, :48].min() == 1 and inputs["labels"][0, :, 48:].max() == 0
     with pytest.raises(ValueError, match="unknown modality 'mri'"):
         reloaded(images=images, modality="mri")
     with pytest.raises(ValueError, match="out of range"):
