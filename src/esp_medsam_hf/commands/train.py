@@ -68,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-views", type=int, help="with --cache-features: views per image (1-4, default 2)")
     parser.add_argument("--intensity-augment", action="store_true", default=None,
                         help="distill: the student sees intensity-shifted images, the teacher the images themselves")
+    parser.add_argument("--new-target", metavar="NAME",
+                        help="espmedsam: add target NAME (its own bag and mask query) to --modality and train it")
+    parser.add_argument("--modality", dest="target_modality", help="espmedsam: the modality of --new-target")
+    parser.add_argument("--train-all", dest="only_new_target", action="store_false", default=None,
+                        help="with --new-target: also train the shared parts (default: only the new target's bag "
+                             "and query, so the other targets stay bit-identical)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="publish the stage to REPO on its branch when done")
     parser.add_argument("--also-main", action="store_true", help="with --push-to-hub: also publish it as main")
 
@@ -81,7 +87,7 @@ OPTION_NAMES = (
 STAGE_OPTION_NAMES = {
     "teacher": ("sam_checkpoint", "sam_preset", "init_from"),
     "distill": ("teacher", "natural_images", "init_from", "intensity_augment"),
-    "espmedsam": ("init_from",),
+    "espmedsam": ("init_from", "new_target", "target_modality", "only_new_target"),
 }
 
 

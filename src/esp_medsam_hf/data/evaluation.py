@@ -94,6 +94,7 @@ def evaluate_model(
     progress: bool = True,
     cases: dict | None = None,
     references: Mapping | None = None,
+    target: int | str | None = None,
 ) -> dict:
     """Run ``model`` over ``datasets[name][split]`` for every name and score Dice (%) and Hausdorff distance (px).
 
@@ -107,6 +108,8 @@ def evaluate_model(
     image by Dice as ``{"best"|"worst": {"image", "mask", "prediction", "dice", "file_name"}}``.
     ``references`` maps a reference method's name to ``predict(image, mask, modality name) -> mask`` (see
     :mod:`.baselines`): each is scored on the same images (``dice_<name>`` per image, ``references`` per domain).
+    ``target`` (one of ``model.config.all_target_names``) decodes that target for every image instead of each
+    image's modality's own.
     Each image also records the modality the model's classifier picks (``classifier_modality``) and each domain
     its accuracy (``classifier_accuracy``, %). The model's train/eval mode is restored afterwards.
     """
@@ -134,7 +137,8 @@ def evaluate_model(
                 images = [image_to_rgb(image) for image in batch["image"]]
                 masks = [mask_to_bool(mask) for mask in batch["mask"]]
                 tick = time.perf_counter()
-                prediction = predict(model, processor, images, batch["modality"] if given_modality else None)
+                prediction = predict(model, processor, images, batch["modality"] if given_modality else None,
+                                     target=target)
                 predictions, picked = prediction.masks, prediction.classifier_modality
                 model_seconds += time.perf_counter() - tick
                 for image, reference, prediction, file_name, modality, guess in zip(

@@ -54,6 +54,8 @@ class EspMedSamOutput(ModelOutput):
     image_embeddings: (B, C, g, g) neck output of the image encoder (256x64x64 at 1024 px).
     modality_logits: (B, M) logits of the modality classifier on the aggregator's stage-0 features.
     modality: (B,) the modality index each image was decoded with (given, or chosen by the classifier).
+    target: (B,) the target index each image was decoded with, for a model with extra targets (``None`` otherwise:
+        there the target is the modality's own).
     mask_loss, patch_loss, modality_loss: the loss terms, for logging.
     hidden_states: with ``output_hidden_states``, the image encoder's stage outputs (B, C_i, H_i, W_i): the stem
         (patch embedding and stage 0), each TinyViT stage, then the neck (the same tensor as ``image_embeddings``).
@@ -69,6 +71,7 @@ class EspMedSamOutput(ModelOutput):
     patch_loss: torch.FloatTensor | None = None
     modality_loss: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    target: torch.LongTensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,12 +143,13 @@ def single_modality(modality: torch.LongTensor) -> int | None:
 
 
 class ModalityController(nn.Module):
-    """Holds one ``ParameterBag`` per modality and plugs each image's bag into the aggregator's blocks."""
+    """Holds one ``ParameterBag`` per target (one per modality, then one per extra target) and plugs each image's
+    bag into the aggregator's blocks; ``modality`` below is the index of the bag (the image's target)."""
 
     def __init__(self, config: EspMedSamConfig):
         super().__init__()
         self.bags = nn.ModuleList(
-            [ParameterBag(config.aggregator_config, config.parameter_bag_config) for _ in config.modality_names]
+            [ParameterBag(config.aggregator_config, config.parameter_bag_config) for _ in range(config.num_targets)]
         )
 
     def gather(self, block_index: int, modality: torch.LongTensor, single: int | None = None) -> GatheredBagBlock:
@@ -505,14 +509,21 @@ class QueryDecoupledModalityDecoder(nn.Module):
     """SAM's two-way transformer over image embedding + dense prompt with one learned mask query per modality.
 
     Every image decodes only its own modality's query: the hypernetwork runs on that query alone and its dot
-    product with the upscaled image features gives the mask.
+    product with the upscaled image features gives the mask. An extra target of a modality (``target_modalities``
+    beyond the first ``num_modalities``) has its own query in ``target_queries``, which replaces its modality's
+    query for the images of that target, so the other targets' queries, and masks, stay as they were.
     """
 
-    def __init__(self, config: EspMedSamDecoderConfig, num_modalities: int):
+    def __init__(self, config: EspMedSamDecoderConfig, num_modalities: int, target_modalities: list[int] = ()):
         super().__init__()
         dim = config.hidden_size
         self.num_modalities = num_modalities
         self.mask_queries = nn.Embedding(num_modalities + config.num_extra_queries, dim)
+        extra = list(target_modalities)[num_modalities:]
+        if extra:
+            self.target_queries = nn.ParameterList([nn.Parameter(torch.zeros(dim)) for _ in extra])
+            # a plain list, not a buffer: from_pretrained leaves a non-persistent buffer uninitialised
+            self.query_rows = list(target_modalities)
         self.positional_encoding = RandomFourierPositionalEncoding(dim // 2, config.positional_encoding_scale)
         self.transformer = SamTwoWayTransformer(config)
         self.output_upscaling = nn.Sequential(
@@ -541,11 +552,26 @@ class QueryDecoupledModalityDecoder(nn.Module):
                 x = F.relu(x)
         return x.squeeze(1)
 
+    def queries_for(self, target: torch.LongTensor) -> tuple[torch.Tensor, torch.LongTensor]:
+        """(B, 1, N, C) queries of each image and the (B,) row of its own query: the stored queries, with an extra
+        target's query in its modality's row (the stored queries alone when no image is of an extra target)."""
+        batch = target.shape[0]
+        queries = self.mask_queries.weight.unsqueeze(0).expand(batch, -1, -1)
+        if not hasattr(self, "target_queries") or not bool((target >= self.num_modalities).any()):
+            return queries.unsqueeze(1), target
+        rows = torch.tensor(self.query_rows, device=target.device).index_select(0, target)
+        own = torch.cat([self.mask_queries.weight[: self.num_modalities], torch.stack(list(self.target_queries))])
+        chosen = torch.arange(queries.shape[1], device=target.device)[None] == rows[:, None]
+        queries = torch.where(chosen[..., None], own.index_select(0, target)[:, None], queries)
+        return queries.unsqueeze(1), rows
+
     def forward(
         self, image_embeddings: torch.Tensor, dense_prompt: torch.Tensor, modality: torch.LongTensor
     ) -> torch.Tensor:
+        """Mask logits (B, 1, 4g, 4g); ``modality`` is each image's target index (its modality's for a model
+        without extra targets)."""
         batch, channels, height, width = image_embeddings.shape
-        queries = self.mask_queries.weight.unsqueeze(0).expand(batch, -1, -1).unsqueeze(1)
+        queries, modality = self.queries_for(modality)
         positional = self.positional_encoding(height).to(image_embeddings.dtype)
         queries, keys = self.transformer(
             point_embeddings=queries,
@@ -638,6 +664,7 @@ class EspMedSamModelMixin:
         labels: torch.FloatTensor | None = None,
         original_sizes: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        target: torch.LongTensor | None = None,
         **options: bool | None,
     ) -> EspMedSamOutput | tuple[torch.Tensor, ...]:
         r"""
@@ -650,16 +677,20 @@ class EspMedSamModelMixin:
         original_sizes: the image processor's (B, 2) sizes, accepted so that ``model(**processor(...))`` works;
             the forward does not use them (``post_process_masks`` does).
         return_dict: ``False`` returns ``EspMedSamOutput.to_tuple()`` (``config.return_dict``).
+        target: (B,) target indices (``config.all_target_names``) instead of ``modality``, for a model with extra
+            targets; ``modality=m`` is the same as ``target=m`` (modality ``m``'s own target).
         options: the model's own options, those of its ``segment`` (the student's ``output_hidden_states``); any
             other argument is a ``TypeError``.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output = self.segment(pixel_values, self.check_inputs(pixel_values, modality), labels, **options)
+        output = self.segment(pixel_values, self.check_inputs(pixel_values, modality, target), labels, **options)
         return output if return_dict else output.to_tuple()
 
-    def check_inputs(self, pixel_values: torch.Tensor, modality: torch.Tensor | None) -> torch.LongTensor | None:
-        """Validate shapes, pixel values and modality indices; returns the modality as a (B,) LongTensor on the
-        pixels' device (``None`` when not given)."""
+    def check_inputs(
+        self, pixel_values: torch.Tensor, modality: torch.Tensor | None, target: torch.Tensor | None = None
+    ) -> torch.LongTensor | None:
+        """Validate shapes, pixel values and modality (or target) indices; returns the target as a (B,) LongTensor on
+        the pixels' device, modality ``m``'s own target being ``m`` (``None`` when neither is given)."""
         size, channels = self.config.image_size, self.num_channels
         if pixel_values.dim() != 4 or pixel_values.shape[1] != channels or pixel_values.shape[-2:] != (size, size):
             raise ValueError(
@@ -667,23 +698,30 @@ class EspMedSamModelMixin:
                 "use EspMedSamImageProcessor to resize and normalise images"
             )
         check_pixel_values(pixel_values, self.dtype)
+        if target is not None:
+            if modality is not None:
+                raise ValueError("give modality or target, not both (a target implies its modality)")
+            return self._checked_indices(pixel_values, target, "target", self.config.all_target_names)
         if modality is None:
             return None
+        return self._checked_indices(pixel_values, modality, "modality", self.config.modality_names)
+
+    def _checked_indices(self, pixel_values: torch.Tensor, modality, what: str, names: list[str]) -> torch.LongTensor:
+        """``modality`` (or a target) as a (B,) LongTensor of indices into ``names``; clear errors otherwise."""
         modality = torch.as_tensor(modality, device=pixel_values.device)
         if modality.dim() == 0:
             modality = modality.expand(pixel_values.shape[0])
         if modality.shape != (pixel_values.shape[0],) or modality.dtype.is_floating_point:
             raise ValueError(
-                f"modality must be an integer tensor of shape ({pixel_values.shape[0]},), got "
+                f"{what} must be an integer tensor of shape ({pixel_values.shape[0]},), got "
                 f"{tuple(modality.shape)} {modality.dtype}"
             )
         if not torch.compiler.is_compiling():
             low, high = int(modality.min()), int(modality.max())
-            if low < 0 or high >= self.config.num_modalities:
+            if low < 0 or high >= len(names):
                 bad = low if low < 0 else high
                 raise ValueError(
-                    f"modality index {bad} is out of range; expected 0..{self.config.num_modalities - 1} "
-                    f"({', '.join(self.config.modality_names)})"
+                    f"{what} index {bad} is out of range; expected 0..{len(names) - 1} ({', '.join(names)})"
                 )
         return modality.long()
 
@@ -804,7 +842,9 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         self.prompt_generator = SelfPatchPromptGenerator(
             config.prompt_generator_config, config.aggregator_config.neck_dim
         )
-        self.mask_decoder = QueryDecoupledModalityDecoder(config.decoder_config, config.num_modalities)
+        self.mask_decoder = QueryDecoupledModalityDecoder(
+            config.decoder_config, config.num_modalities, config.target_modalities
+        )
         self.post_init()
 
     @property
@@ -819,19 +859,21 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         labels: torch.FloatTensor | None = None,
         output_hidden_states: bool | None = None,
     ) -> EspMedSamOutput:
-        """The forward after the input checks: the modality ``given`` per image, else the classifier's; with
-        ``output_hidden_states`` (``config.output_hidden_states``) also the image encoder's stage outputs."""
+        """The forward after the input checks: the target ``given`` per image, else the classifier's modality's own;
+        with ``output_hidden_states`` (``config.output_hidden_states``) also the image encoder's stage outputs."""
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         hidden_states = [] if output_hidden_states else None
         image_embeddings, modality_logits, chosen = self.encode(pixel_values, given, hidden_states)
         modality_loss = None
         if labels is not None and given is not None and self.config.modality_loss_weight > 0:
-            modality_loss = F.cross_entropy(modality_logits, given)
+            modality_loss = F.cross_entropy(modality_logits, self.modality_of(given))
         output = self.decode_embeddings(
             image_embeddings, chosen, labels, modality_logits=modality_logits, modality_loss=modality_loss,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
         )
+        if self.config.extra_targets:
+            output.target, output.modality = chosen, self.modality_of(chosen)
         if modality_loss is not None:
             output.loss = output.loss + self.config.modality_loss_weight * modality_loss
         return output
@@ -855,13 +897,20 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
             hidden_states.append(image_embeddings)
         return image_embeddings, modality_logits, chosen
 
+    def modality_of(self, target: torch.LongTensor) -> torch.LongTensor:
+        """The modality index of each target index (the same tensor for a model without extra targets)."""
+        if not self.config.extra_targets:
+            return target
+        return torch.tensor(self.config.target_modalities, device=target.device).index_select(0, target)
+
     def get_image_embeddings(
-        self, pixel_values: torch.FloatTensor, modality: torch.LongTensor | int | None = None
+        self, pixel_values: torch.FloatTensor, modality: torch.LongTensor | int | None = None,
+        target: torch.LongTensor | int | None = None,
     ) -> torch.FloatTensor:
         """The image embeddings (B, 256, 64, 64 at 1024 px) of ``pixel_values``, each image encoded with its
         modality's parameter bag (``modality`` as ``forward`` takes it; ``None``: the classifier's choice). SamModel's
         name: encode an image once and decode it many times."""
-        given = self.check_inputs(pixel_values, modality)
+        given = self.check_inputs(pixel_values, modality, target)
         return self.encode(pixel_values, given)[0]
 
     def predict_modality(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:

@@ -40,7 +40,8 @@ class Prediction:
 
 
 def predict(
-    model, processor, images: Sequence[Any], modality: Any = None, *, backend: str | None = "eager"
+    model, processor, images: Sequence[Any], modality: Any = None, *, backend: str | None = "eager",
+    target: int | str | None = None,
 ) -> Prediction:
     """Segment a batch of images: ``processor`` -> ``model`` -> ``processor.post_process_masks``.
 
@@ -48,10 +49,13 @@ def predict(
     one per image), or ``None`` for the classifier to choose. The pixel values go to the model's device and through
     ``backends.run_inference`` with ``backend`` (``"eager"``: the PyTorch model; ``None``: the automatic choice,
     onnxruntime for an fp32 model on the CPU when installed). Masks keep the logits above 0 (probability 0.5).
+    ``target`` (a name or index in ``model.config.all_target_names``) decodes that target for every image instead.
     """
     device = next(model.parameters()).device
-    inputs = processor(images=images, modality=modality, return_tensors="pt")
-    outputs = run_inference(model, inputs["pixel_values"].to(device), inputs.get("modality"), backend=backend)
+    index = None if target is None else model.config.target_index(target)
+    inputs = processor(images=images, modality=None if index is not None else modality, return_tensors="pt")
+    outputs = run_inference(model, inputs["pixel_values"].to(device), inputs.get("modality"), backend=backend,
+                            target=index)
     masks = processor.post_process_masks(outputs.pred_masks.float().cpu(), inputs["original_sizes"])
     logits = outputs.modality_logits
     return Prediction(

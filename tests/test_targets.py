@@ -1,0 +1,88 @@
+"""Targets as first-class citizens: a target added to a modality has its own bag and query, starts as its
+modality's own target, survives saving and reloading, and training it alone leaves every other target bit-identical."""
+
+import pytest
+import torch
+
+from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
+from esp_medsam_hf.training import EspMedSamStageConfig, train
+from esp_medsam_hf.training.stages import espmedsam_task
+from esp_medsam_hf.training.targets import add_target, freeze_all_but_target
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZE = 64
+
+
+def base_model() -> EspMedSamModel:
+    torch.manual_seed(0)
+    return EspMedSamModel(EspMedSamConfig.tiny(image_size=SIZE)).eval()
+
+
+def masks(model: EspMedSamModel, images: torch.Tensor, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(images, **kwargs).pred_masks
+
+
+def test_added_target_starts_as_its_modality_and_is_named():
+    model, images = base_model(), torch.randn(3, 3, SIZE, SIZE)
+    grown = add_target(model, "optic disc", "fundus").eval()
+    assert grown.config.all_target_names[-1] == "optic disc"
+    assert grown.config.id2label[7] == "optic disc" and grown.config.targets_of("fundus") == ["retinal vessels",
+                                                                                               "optic disc"]
+    every = torch.tensor([0, 3, 4])
+    assert torch.equal(masks(model, images, modality=every), masks(grown, images, modality=every))
+    disc = grown(images, target=torch.tensor([6, 3, 6]))
+    assert disc.target.tolist() == [6, 3, 6] and disc.modality.tolist() == [3, 3, 3]
+    torch.testing.assert_close(disc.pred_masks[0], masks(model, images[:1], modality=3)[0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="already has a target named 'optic disc'"):
+        add_target(grown, "optic disc", "fundus")
+    with pytest.raises(ValueError, match="unknown modality 'retina'"):
+        add_target(model, "optic cup", "retina")
+    with pytest.raises(ValueError, match="target index 7 is out of range"):
+        grown(images, target=7)
+    with pytest.raises(ValueError, match="not both"):
+        grown(images, modality=3, target=6)
+
+
+def test_targets_survive_save_and_reload(tmp_path):
+    grown = add_target(base_model(), "optic disc", "fundus").eval()
+    with torch.no_grad():
+        grown.mask_decoder.target_queries[0].add_(0.5)
+    grown.save_pretrained(tmp_path)
+    reloaded = EspMedSamModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config.extra_targets == [{"name": "optic disc", "modality": "fundus"}]
+    images = torch.randn(2, 3, SIZE, SIZE)
+    assert torch.equal(masks(grown, images, target=6), masks(reloaded, images, target=6))
+
+
+def test_a_model_without_extra_targets_is_unchanged():
+    model = base_model()
+    assert not hasattr(model.mask_decoder, "target_queries") and len(model.modality_controller.bags) == 6
+    assert "extra_targets" in model.config.to_dict() and model.config.num_targets == 6
+
+
+def test_training_only_the_new_target_leaves_the_others_bit_identical(tmp_path, data):
+    model, images = base_model(), torch.randn(4, 3, SIZE, SIZE)
+    others = torch.tensor([0, 3, 4, 5])
+    before = masks(model, images, modality=others)
+    config = EspMedSamStageConfig(
+        output_dir=str(tmp_path), batch_size=3, epochs=2, validate=False, init_from="unused", model_size="tiny",
+        image_size=SIZE, progress=False, synthetic_valid_images=1, learning_rate=1e-2, new_target="optic disc",
+        target_modality="fundus", augment=False,
+    )
+    task, _, _ = espmedsam_task(config, model, data)
+    trained = task.model.model
+    start = masks(trained, images, target=6)
+    train(config, task)
+    trained.eval()
+    assert torch.equal(before, masks(trained, images, modality=others))
+    assert not torch.allclose(start, masks(trained, images, target=6))
+    reloaded = EspMedSamModel.from_pretrained(tmp_path / "final").eval()
+    assert torch.equal(before, masks(reloaded, images, modality=others))
+
+
+def test_only_an_added_target_can_train_alone():
+    with pytest.raises(ValueError, match="modality's own target"):
+        freeze_all_but_target(base_model(), "retinal vessels")
+    with pytest.raises(ValueError, match="new_target and target_modality go together"):
+        EspMedSamStageConfig(init_from="x", new_target="optic disc")
