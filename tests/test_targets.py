@@ -86,3 +86,20 @@ def test_only_an_added_target_can_train_alone():
         freeze_all_but_target(base_model(), "retinal vessels")
     with pytest.raises(ValueError, match="new_target and target_modality go together"):
         EspMedSamStageConfig(init_from="x", new_target="optic disc")
+
+
+def test_train_flags_reach_the_config_and_image_size_comes_from_init_from(tmp_path):
+    import argparse
+
+    from esp_medsam_hf.commands.train import add_arguments, stage_config
+
+    base_model().save_pretrained(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--stage", "espmedsam", "--init-from", str(tmp_path), "--lr-decay", "0.5",
+                              "--keep-checkpoints", "1", "--new-target", "optic disc", "--modality", "fundus"])
+    config = stage_config(args)
+    assert (config.image_size, config.lr_decay, config.keep_checkpoints) == (SIZE, 0.5, 1)
+    assert (config.new_target, config.target_modality, config.only_new_target) == ("optic disc", "fundus", True)
+    args = parser.parse_args(["--stage", "espmedsam", "--init-from", str(tmp_path), "--image-size", "128"])
+    assert stage_config(args).image_size == 128
