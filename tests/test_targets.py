@@ -103,3 +103,10 @@ def test_train_flags_reach_the_config_and_image_size_comes_from_init_from(tmp_pa
     assert (config.new_target, config.target_modality, config.only_new_target) == ("optic disc", "fundus", True)
     args = parser.parse_args(["--stage", "espmedsam", "--init-from", str(tmp_path), "--image-size", "128"])
     assert stage_config(args).image_size == 128
+
+
+def test_a_typo_in_a_domain_name_suggests_the_closest():
+    from esp_medsam_hf.data.domains import resolve_domains
+
+    with pytest.raises(KeyError, match="did you mean 'vascx'"):
+        resolve_domains(["vasxc"])
