@@ -1,6 +1,7 @@
 """Targets as first-class citizens: a target added to a modality has its own bag and query, starts as its
 modality's own target, survives saving and reloading, and training it alone leaves every other target bit-identical."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,9 +46,7 @@ def test_added_target_starts_as_its_modality_and_is_named():
 
 
 def test_targets_survive_save_and_reload(tmp_path):
-    grown = add_target(base_model(), "optic disc", "fundus").eval()
-    with torch.no_grad():
-        grown.mask_decoder.target_queries[0].add_(0.5)
+    grown = grown_model()
     grown.save_pretrained(tmp_path)
     reloaded = EspMedSamModel.from_pretrained(tmp_path).eval()
     assert reloaded.config.extra_targets == [{"name": "optic disc", "modality": "fundus"}]
@@ -59,6 +58,55 @@ def test_a_model_without_extra_targets_is_unchanged():
     model = base_model()
     assert not hasattr(model.mask_decoder, "target_queries") and len(model.modality_controller.bags) == 6
     assert "extra_targets" in model.config.to_dict() and model.config.num_targets == 6
+
+
+def grown_model() -> EspMedSamModel:
+    """The base model with "optic disc" added to fundus and its query moved, so its masks differ from fundus's."""
+    grown = add_target(base_model(), "optic disc", "fundus").eval()
+    with torch.no_grad():
+        grown.mask_decoder.target_queries[0].add_(0.5)
+    return grown
+
+
+def test_predict_decodes_the_target_in_the_whole_view_and_in_tiles():
+    from esp_medsam_hf import EspMedSamImageProcessor, EspMedSamProcessor
+    from esp_medsam_hf.models.esp_medsam.prediction import predict
+
+    grown = grown_model()
+    processor = EspMedSamProcessor(
+        EspMedSamImageProcessor(size={"height": SIZE, "width": SIZE}), grown.config.modality_names
+    )
+    images = [np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for seed in (0, 1)]
+    whole = predict(grown, processor, images, "dermoscopy", scale="whole", target="optic disc")
+    inputs = processor(images=images, return_tensors="pt")
+    direct = processor.image_processor.post_process_masks(
+        masks(grown, inputs["pixel_values"], target=6), inputs["original_sizes"], binarize=False
+    )
+    assert whole.modality == [3, 3] and whole.scales == [None, None]
+    torch.testing.assert_close(whole.logits[0], direct[0], rtol=0, atol=1e-4)
+    own = predict(grown, processor, images, "fundus", scale="whole")
+    assert not torch.allclose(whole.logits[0], own.logits[0])
+    tiled = predict(grown, processor, images, scale=2.0, target=6)
+    own_tiled = predict(grown, processor, images, "fundus", scale=2.0)
+    assert tiled.scales == [2.0, 2.0] and tiled.modality == [3, 3]
+    assert not torch.allclose(tiled.logits[0], own_tiled.logits[0])
+    fundus_by_target = predict(grown, processor, images, scale=2.0, target="retinal vessels")
+    torch.testing.assert_close(fundus_by_target.logits[0], own_tiled.logits[0], rtol=0, atol=1e-5)
+
+
+def test_prompts_decode_the_targets_query():
+    grown, images = grown_model(), torch.rand(2, 3, SIZE, SIZE)
+    points, labels = torch.tensor([[[[20.0, 30.0]]]] * 2), torch.ones(2, 1, 1, dtype=torch.long)
+    with torch.no_grad():
+        prompted = grown(images, target=6, input_points=points, input_labels=labels)
+        embeddings = grown.get_image_embeddings(images, target=6)
+        cached = grown(image_embeddings=embeddings, target=6, input_points=points, input_labels=labels)
+        own = grown(images, modality=3, input_points=points, input_labels=labels)
+    assert prompted.target.tolist() == [6, 6] and prompted.modality.tolist() == [3, 3]
+    torch.testing.assert_close(cached.pred_masks, prompted.pred_masks, rtol=0, atol=1e-5)
+    assert not torch.allclose(prompted.pred_masks, own.pred_masks)
+    with pytest.raises(ValueError, match="not both"):
+        grown(image_embeddings=embeddings, modality=3, target=6, input_points=points, input_labels=labels)
 
 
 def test_training_only_the_new_target_leaves_the_others_bit_identical(tmp_path, data):

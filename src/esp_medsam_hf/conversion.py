@@ -38,6 +38,8 @@ ORIGINAL_TO_CONVERTED_KEY_MAPPING: dict[str, str | None] = {
     r"^SemiTViT\.neck\.": "aggregator.neck.",
     r"^SemiTViT\.(norm_head|head)\.": None,
     r"^prompt_encoder\.pe_layer\.positional_encoding_gaussian_matrix$": "mask_decoder.positional_encoding.gaussian_matrix",
+    r"^prompt_encoder\.point_embeddings\.(\d+)\.weight$": r"prompt_encoder.point_embed.\1.weight",
+    r"^prompt_encoder\.not_a_point_embed\.weight$": "prompt_encoder.not_a_point_embed.weight",
     r"^prompt_encoder\.": None,
     r"^mask_decoder\.transformer\.(.*)\.norm(\d)\.": r"mask_decoder.transformer.\1.layer_norm\2.",
     r"^mask_decoder\.transformer\.norm_final_attn\.": "mask_decoder.transformer.layer_norm_final_attn.",
@@ -60,6 +62,7 @@ ORIGINAL_BAG_KEY_MAPPING: dict[str, str] = {
 LITEMEDSAM_TO_ORIGINAL_PREFIXES: dict[str, str | None] = {
     r"^image_encoder\.": "SemiTViT.",
     r"^prompt_encoder\.pe_layer\.": "prompt_encoder.pe_layer.",
+    r"^prompt_encoder\.(point_embeddings|not_a_point_embed)\.": r"prompt_encoder.\1.",
     r"^prompt_encoder\.": None,
     r"^mask_decoder\.output_hypernetworks_mlps\.0\.": "mask_decoder.output_hypernetworks_mlps.0.",
     r"^mask_decoder\.output_hypernetworks_mlps\.\d+\.": None,
@@ -103,21 +106,38 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        try:
+            state = load_file(str(path))
+        else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(f"checkpoint {path} could not be read as a torch state dict: {error}") from error
+    except Exception as error:  # noqa: BLE001 - safetensors and torch raise many types; re-raised with the file name
+        kind = "a safetensors file" if path.suffix == ".safetensors" else "a torch state dict"
+        raise ValueError(f"checkpoint {path} could not be read as {kind}: {type(error).__name__}: {error}") from error
     for wrapper in ("model", "state_dict"):
         if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} does not hold a state dict of tensors")
+    check_weights(state, path)
     return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def check_weights(state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse (``ValueError`` naming the tensor) weights that are not floating point or not finite: a converted
+    model would otherwise be written silently with them. Integer buffers (BatchNorm's ``num_batches_tracked``) are
+    the one exception."""
+    for key, tensor in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if not tensor.is_floating_point():
+            raise ValueError(f"checkpoint {source}: tensor {key} is {tensor.dtype}, expected floating-point weights "
+                             "(quantised checkpoints are not supported)")
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"checkpoint {source}: tensor {key} has {bad} NaN or infinite value(s)")
 
 
 def _flat_block_index(config: EspMedSamConfig, layer: int, block: int) -> int:
@@ -189,6 +209,22 @@ def convert_original_state_dict(
     return shared, bag, dropped, unknown
 
 
+def drop_unfitting_prompt_encoder(
+    model: EspMedSamModel, weights: dict[str, torch.Tensor], report: "ConversionReport"
+) -> None:
+    """Leave out, with a note, the checkpoint's point/box embeddings whose shapes do not fit the model's prompt
+    encoder (a decoder of another width): the model's prompt encoder then keeps its initialisation."""
+    expected = model.state_dict()
+    unfitting = sorted(
+        key for key in weights
+        if key.startswith("prompt_encoder.") and key in expected and weights[key].shape != expected[key].shape
+    )
+    for key in unfitting:
+        del weights[key]
+    if unfitting:
+        report.notes.append(f"prompt-encoder tensors left out (shapes do not fit): {', '.join(unfitting)}")
+
+
 def _load_into(model: EspMedSamModel, weights: dict[str, torch.Tensor], source: str) -> list[str]:
     """Load ``weights`` strictly except for the keys listed back as not in the checkpoint."""
     expected = model.state_dict()
@@ -206,8 +242,9 @@ def _load_into(model: EspMedSamModel, weights: dict[str, torch.Tensor], source: 
     return sorted(set(expected) - set(weights))
 
 
-ALLOWED_MISSING_PREFIXES = ("modality_classifier.",)
-"""Model weights that official checkpoints never hold (the modality classifier is this package's addition)."""
+ALLOWED_MISSING_PREFIXES = ("modality_classifier.", "prompt_encoder.")
+"""Model weights that official checkpoints may not hold: the modality classifier (this package's addition) and the
+point/box embeddings (kept where the checkpoint has them with fitting shapes)."""
 
 
 def convert_original_checkpoints(
@@ -259,6 +296,7 @@ def convert_original_checkpoints(
     weights = dict(shared_ref or {})
     for index, bag in bags.items():
         weights.update({f"modality_controller.bags.{index}.{key}": value for key, value in bag.items()})
+    drop_unfitting_prompt_encoder(model, weights, report)
     missing = _load_into(model, weights, ref_source)
     not_allowed = [
         key
@@ -338,8 +376,8 @@ def convert_litemedsam(
     """Initialise an ESP-MedSAM from LiteMedSAM weights.
 
     Taken: the aggregator (LiteMedSAM's image encoder), the two-way transformer, output upscaling and the
-    single-mask hypernetwork (SAM's output token 0) of its mask decoder, and the positional-encoding matrix of its
-    prompt encoder. The mask queries start from SAM's single-mask token (the extra query from its IoU token). The
+    single-mask hypernetwork (SAM's output token 0) of its mask decoder, and the positional-encoding matrix and the
+    point/box embeddings of its prompt encoder (optional prompts). The mask queries start from SAM's single-mask token (the extra query from its IoU token). The
     parameter bags start neutral (see ``neutralise_parameter_bags``), so the encoder reproduces LiteMedSAM's.
     """
     config = config or litemedsam_config()
@@ -356,14 +394,14 @@ def convert_litemedsam(
             state["mask_decoder.iou_token.weight"].expand(queries.shape[0] - config.num_modalities, -1),
         ]
     ).clone()
+    report = ConversionReport()
+    drop_unfitting_prompt_encoder(model, shared, report)
     missing = _load_into(model, shared, str(path))
     neutralise_parameter_bags(model)
     used_for_queries = {"mask_decoder.mask_tokens.weight", "mask_decoder.iou_token.weight"}
-    report = ConversionReport(
-        converted=sorted(shared),
-        dropped=sorted(k for k in dropped + dropped_official if k not in used_for_queries),
-        not_in_checkpoint=[k for k in missing if not k.startswith("modality_controller.bags.")],
-    )
+    report.converted = sorted(shared)
+    report.dropped = sorted(k for k in dropped + dropped_official if k not in used_for_queries)
+    report.not_in_checkpoint = [k for k in missing if not k.startswith("modality_controller.bags.")]
     report.notes.append(
         f"parameter bags ({len(model.modality_controller.bags)}) are not in LiteMedSAM: they start neutral "
         f"(parallel MLP output zero, token logit bias {NEUTRAL_TOKEN_BIAS})"

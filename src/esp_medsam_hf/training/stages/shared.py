@@ -18,7 +18,7 @@ from ...models.esp_medsam.losses import batch_loss
 from ...models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 from ...models.esp_medsam.pipeline_esp_medsam import save_pretrained_with_pipeline
 from ...models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
-from ..config import RELEASE, TrainingConfig
+from ..config import RELEASE, TrainingConfig, resolve_mixed_precision
 from ..data import Collator, SegmentationDataset, check_not_empty, load_domains
 from ..features import EspMedSamAfterCache, cache_features, cached_loss, collate_features
 from ..loop import StageTask, TrainingResult
@@ -107,14 +107,15 @@ def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig
     point = config.cache_point
     train_rows = SegmentationDataset(data, "train", augment=config.augment, seed=config.seed)
     views = config.feature_views if config.augment else 1
+    bf16 = resolve_mixed_precision(config.mixed_precision) == "bf16"
     features = cache_features(model, processor.image_processor, train_rows, views=views, frozen_stages=point,
-                              progress=config.progress, desc=f"{name}: encoding training images")
+                              bf16=bf16, progress=config.progress, desc=f"{name}: encoding training images")
     usable = {n: d for n, d in data.items() if len(d["validation"])}
     validation = None
     if usable and config.validate:
         rows = SegmentationDataset(usable, "validation")
         validation = cache_features(model, processor.image_processor, rows, views=1, frozen_stages=point,
-                                    progress=config.progress, desc=f"{name}: encoding validation images")
+                                    bf16=bf16, progress=config.progress, desc=f"{name}: encoding validation images")
     trainable = EspMedSamAfterCache(model, point)
 
     def validate(module: EspMedSamAfterCache) -> dict:
