@@ -71,9 +71,10 @@ def test_settings_and_likers(server):
     with pytest.raises(HfHubHTTPError) as refused:
         client.update_repo_settings("esp/settings", gated="auto")
     assert refused.value.response.status_code == 403
-    with pytest.raises(HfHubHTTPError) as refused:
-        client.update_repo_settings("esp/settings", private=True)
-    assert refused.value.response.status_code == 403
+    client.update_repo_settings("esp/settings", private=True)  # visibility is honoured (row 7 of issue 22)
+    assert repo_of(server, "esp/settings").private
+    client.update_repo_settings("esp/settings", visibility="public")
+    assert not repo_of(server, "esp/settings").private
     with pytest.raises(RepositoryNotFoundError):
         client.update_repo_settings("esp/absent", gated=False)
     assert list(client.list_repo_likers("esp/settings")) == []

@@ -3,7 +3,8 @@
 ``delete_tag``, ``super_squash_history``, ``update_repo_settings``, ``list_repo_likers``, ``delete_repo`` and
 ``move_repo`` are answered as the Hub answers them: the same routes, bodies and status codes (404
 ``RepoNotFound``/``RevisionNotFound`` for what does not exist, 409 for a target that does, 400 for a malformed
-body). Settings the local Hub cannot honour (gating, which needs user accounts) are refused with the Hub's 403 for
+body). Visibility (public or private) is changed; settings the local Hub cannot honour (gating and protected
+visibility, which need user accounts) are refused with the Hub's 403 for
 a setting not allowed to the caller, never silently accepted. The handlers are mixed into ``HubRequestHandler``.
 """
 
@@ -55,7 +56,7 @@ class RepoAdminMixin:
         self._send_json({"commitId": commit})
 
     def h_repo_settings(self, type: str, ns: str, name: str) -> None:
-        self._existing(type, ns, name)
+        repo = self._existing(type, ns, name)
         body = self._json_body()
         unknown = sorted(set(body) - {"gated", "private", "visibility", "discussionsDisabled"})
         if unknown:
@@ -66,9 +67,11 @@ class RepoAdminMixin:
             raise self.hub_error(400, f"invalid visibility {body['visibility']!r}: expected one of {_VISIBILITIES}")
         if body.get("gated") in ("auto", "manual"):
             raise self.hub_error(403, "gated access needs user accounts, which the local Hub does not have")
-        if body.get("visibility") not in (None, "public") or body.get("private"):
-            raise self.hub_error(403, "the local Hub serves every repository publicly on loopback; visibility cannot "
-                                "be changed")
+        if body.get("visibility") == "protected":
+            raise self.hub_error(403, "protected visibility needs user accounts, which the local Hub does not have")
+        private = self.requested_privacy(body)
+        if private is not None:
+            repo.set_private(private)
         self._send_json({"success": True})
 
     def h_repo_likers(self, type: str, ns: str, name: str) -> None:

@@ -226,6 +226,7 @@ class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
     server: LocalHubServer
     protocol_version = "HTTP/1.1"
     hub_error = HubError  # what RepoAdminMixin raises
+    requested_privacy = staticmethod(requested_privacy)  # what RepoAdminMixin reads a settings body's visibility with
 
     def setup(self) -> None:
         self.timeout = self.server.body_timeout_s  # applied to the socket by StreamRequestHandler.setup
