@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--checkpoint-every", type=int, help="also checkpoint every N optimizer steps")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder")
+    parser.add_argument("--lr-decay", type=float, help="learning-rate factor applied after every epoch (0, 1]")
+    parser.add_argument("--keep-checkpoints", type=int, help="periodic checkpoints kept (older ones are deleted)")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run folder")
     parser.add_argument("--report-to", nargs="+", help="accelerate trackers (tensorboard, wandb, ...)")
     parser.add_argument("--sam-checkpoint", help="teacher: SAM weights (facebook/sam-vit-b|l|huge or a folder)")
@@ -70,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-views", type=int, help="with --cache-features: views per image (1-4, default 2)")
     parser.add_argument("--intensity-augment", action="store_true", default=None,
                         help="distill: the student sees intensity-shifted images, the teacher the images themselves")
+    parser.add_argument("--new-target", metavar="NAME",
+                        help="espmedsam: add target NAME (its own bag and mask query) to --modality and train it")
+    parser.add_argument("--modality", dest="target_modality", help="espmedsam: the modality of --new-target")
+    parser.add_argument("--train-all", dest="only_new_target", action="store_false", default=None,
+                        help="with --new-target: also train the shared parts (default: only the new target's bag "
+                             "and query, so the other targets stay bit-identical)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="publish the stage to REPO on its branch when done")
     parser.add_argument("--also-main", action="store_true", help="with --push-to-hub: also publish it as main")
 
@@ -78,19 +86,43 @@ OPTION_NAMES = (
     "output_dir", "data", "domains", "model_size", "image_size", "epochs", "batch_size", "learning_rate",
     "gradient_accumulation_steps", "mixed_precision", "compile", "max_steps", "seed", "checkpoint_every", "resume",
     "overwrite", "report_to", "threads", "freeze", "frozen_encoder_stages", "cache_features",
-    "feature_views",
+    "feature_views", "lr_decay", "keep_checkpoints",
 )
 STAGE_OPTION_NAMES = {
     "teacher": ("sam_checkpoint", "sam_preset", "init_from"),
     "distill": ("teacher", "natural_images", "init_from", "intensity_augment"),
-    "espmedsam": ("init_from",),
+    "espmedsam": ("init_from", "new_target", "target_modality", "only_new_target"),
 }
 
 
 def stage_config(args: argparse.Namespace) -> TrainingConfig:
     """The stage's options: its defaults, then the ``--config`` file, then the flags given."""
     overrides = {name: getattr(args, name) for name in OPTION_NAMES + STAGE_OPTION_NAMES[args.stage]}
-    return load_config(args.stage, args.config, **overrides)
+    config = load_config(args.stage, args.config, **overrides)
+    saved = image_size_of(getattr(config, "init_from", None))
+    if saved is not None and saved != config.image_size and overrides["image_size"] is None:
+        in_file = args.config is not None and "image_size" in (load_yaml(args.config) or {})
+        if not in_file:
+            overrides["image_size"] = saved
+            config = load_config(args.stage, args.config, **overrides)
+    return config
+
+
+def image_size_of(folder: str | None) -> int | None:
+    """The ``image_size`` of the saved model in ``folder`` (``--init-from``), or None for anything else."""
+    import json
+    from pathlib import Path
+
+    if not folder or not (Path(folder) / "config.json").is_file():
+        return None
+    return json.loads((Path(folder) / "config.json").read_text()).get("image_size")
+
+
+def load_yaml(path: str) -> dict | None:
+    import yaml
+
+    with open(path) as handle:
+        return yaml.safe_load(handle)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -217,8 +217,12 @@ def get_domain(name: str) -> Domain:
     try:
         return _BY_NAME[name]
     except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, [*_BY_NAME, *GROUPS], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise KeyError(
-            f"unknown domain {name!r}; expected one of {', '.join(_BY_NAME)} (or prepare your own data with "
+            f"unknown domain {name!r}; {hint}expected one of {', '.join(_BY_NAME)} (or prepare your own data with "
             "`esp-medsam prepare --layout plain --modality MODALITY`)"
         ) from None
 

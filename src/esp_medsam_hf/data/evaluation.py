@@ -96,6 +96,7 @@ def evaluate_model(
     cases: dict | None = None,
     references: Mapping | None = None,
     scale=None,
+    target: int | str | None = None,
 ) -> dict:
     """Run ``model`` over ``datasets[name][split]`` for every name and score Dice (%) and Hausdorff distance (px).
 
@@ -109,6 +110,8 @@ def evaluate_model(
     image by Dice as ``{"best"|"worst": {"image", "mask", "prediction", "dice", "file_name"}}``.
     ``references`` maps a reference method's name to ``predict(image, mask, modality name) -> mask`` (see
     :mod:`.baselines`): each is scored on the same images (``dice_<name>`` per image, ``references`` per domain).
+    ``target`` (one of ``model.config.all_target_names``) decodes that target for every image instead of each
+    image's modality's own.
     Each image also records the modality the model's classifier picks (``classifier_modality``) and each domain
     its accuracy (``classifier_accuracy``, %). The model's train/eval mode is restored afterwards.
     Images go through ``prediction.predict`` with ``scale`` (``None``: the model's saved default, "auto" unless set;
@@ -140,7 +143,7 @@ def evaluate_model(
                 masks = [mask_to_bool(mask) for mask in batch["mask"]]
                 tick = time.perf_counter()
                 prediction = predict(model, processor, images, batch["modality"] if given_modality else None,
-                                     scale=scale)
+                                     scale=scale, target=target)
                 predictions, picked, used_scales = prediction.masks, prediction.classifier_modality, prediction.scales
                 model_seconds += time.perf_counter() - tick
                 for image, reference, prediction, file_name, modality, guess, used in zip(

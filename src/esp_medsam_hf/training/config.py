@@ -251,6 +251,11 @@ class EspMedSamStageConfig(TrainingConfig):
     classifier_domains: after training, fit the modality classifier alone (encoder frozen) on the train splits of
         these domains, e.g. all 12; the classifier reads detached stage-0 features, so segmentation is unchanged.
     classifier_epochs: epochs of that fit.
+    new_target / target_modality: add a target named ``new_target`` to modality ``target_modality`` (its own
+        parameter bag and mask query, initialised from the modality's own target; kept if ``init_from`` has it) and
+        train on the domains as that target.
+    only_new_target: with ``new_target``, train only the new target's bag and query (the default), so every other
+        target of the model stays bit-identical; False trains what ``freeze`` leaves.
     """
 
     stage: ClassVar[str] = "espmedsam"
@@ -258,6 +263,16 @@ class EspMedSamStageConfig(TrainingConfig):
     init_from: str | None = f"{DistillConfig.output_dir}/{RELEASE}"
     classifier_domains: list[str] | None = None
     classifier_epochs: int = 0
+    new_target: str | None = None
+    target_modality: str | None = None
+    only_new_target: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.new_target is None) != (self.target_modality is None):
+            raise ValueError("new_target and target_modality go together: --new-target NAME --modality MODALITY")
+        if self.new_target is not None and self.init_from is None:
+            raise ValueError("new_target needs a trained model to add it to: give init_from (--init-from)")
 
 
 FREEZABLE = ("encoder", "aggregator", "bags", "prompt_generator", "mask_decoder", "modality_classifier")

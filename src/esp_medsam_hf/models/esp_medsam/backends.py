@@ -286,11 +286,16 @@ def check_modality(model: nn.Module, modality: torch.Tensor, batch: int) -> torc
 
 @torch.no_grad()
 def run_inference(
-    model: nn.Module, pixel_values: torch.Tensor, modality: torch.Tensor | None = None, backend: str | None = None
+    model: nn.Module, pixel_values: torch.Tensor, modality: torch.Tensor | None = None, backend: str | None = None,
+    target: int | None = None,
 ) -> InferenceOutput:
     """One inference forward of ``model`` (eval mode) on ``pixel_values`` with ``modality`` per image (``-1`` or
-    ``None``: the classifier chooses), through the backend :func:`resolve_backend` picks."""
+    ``None``: the classifier chooses), through the backend :func:`resolve_backend` picks. A ``target`` index (a
+    model's extra target) decodes that target for every image, with the PyTorch model."""
     batch = pixel_values.shape[0]
+    if target is not None:
+        outputs = model(pixel_values=pixel_values, target=torch.full((batch,), target, device=pixel_values.device))
+        return InferenceOutput(outputs.pred_masks, outputs.patch_logits, outputs.modality_logits, outputs.modality)
     modality = check_modality(model, AUTOMATIC_MODALITY if modality is None else modality, batch)
     if resolve_backend(model, backend) == "onnxruntime":
         session = onnx_session(model)

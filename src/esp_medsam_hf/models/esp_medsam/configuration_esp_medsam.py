@@ -91,9 +91,14 @@ class EspMedSamConfigMixin(EspMedSamModalitiesMixin):
         if len(set(self.modality_names)) != len(self.modality_names):
             raise ValueError(f"modality_names must be unique, got {self.modality_names}")
         if self.id2label is None and "num_labels" not in kwargs:
-            self.id2label = {0: "background", **{i + 1: name for i, name in enumerate(self.target_names)}}
+            self.id2label = {0: "background", **{i + 1: name for i, name in enumerate(self.all_target_names)}}
             self.label2id = {name: i for i, name in self.id2label.items()}
         super().__post_init__(**kwargs)
+
+    @property
+    def all_target_names(self) -> list[str]:
+        """Every target in target (mask query) order: one per modality, then the student's extra targets."""
+        return list(self.target_names) + [extra["name"] for extra in getattr(self, "extra_targets", ())]
 
 
 @strict
@@ -233,6 +238,10 @@ class EspMedSamConfig(EspMedSamConfigMixin, PreTrainedConfig):
 
     modality_names / target_names / focal_loss_weight / patch_loss_weight: see ``EspMedSamConfigMixin``.
     image_size: square input size in pixels (official 1024); the embedding grid is image_size / total_stride.
+    extra_targets: targets added to a modality after the first, as ``{"name": ..., "modality": ...}`` in target
+        order: target ``num_modalities + i`` is ``extra_targets[i]``. Each has its own parameter bag and its own mask
+        query, which takes its modality's place among the decoder's queries, so the other targets' masks do not
+        change. ``modality=m`` decodes modality ``m``'s own target (``target_names[m]``); ``target=`` picks any.
     modality_loss_weight: weight of the cross-entropy of the modality classifier (not in the paper).
     modality_classifier_hidden_size: hidden width of the classifier on the aggregator's stage-0 features.
     """
@@ -250,11 +259,16 @@ class EspMedSamConfig(EspMedSamConfigMixin, PreTrainedConfig):
     prompt_generator_config: dict | PreTrainedConfig | None = None
     decoder_config: dict | PreTrainedConfig | None = None
     image_size: int = 1024
+    extra_targets: list[dict] | tuple[dict, ...] = ()
     modality_loss_weight: float = 1.0
     modality_classifier_hidden_size: int = 256
 
     def __post_init__(self, **kwargs):
+        self.extra_targets = [self._checked_extra_target(extra) for extra in self.extra_targets]
         super().__post_init__(**kwargs)
+        names = self.all_target_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"target names must be unique, got {names}")
         if self.aggregator_config.neck_dim != self.decoder_config.hidden_size:
             raise ValueError(
                 f"aggregator neck_dim ({self.aggregator_config.neck_dim}) must equal the decoder hidden_size "
@@ -268,6 +282,39 @@ class EspMedSamConfig(EspMedSamConfigMixin, PreTrainedConfig):
                 f"image_size {self.image_size} must be a multiple of {stride * cells} (the aggregator's total stride "
                 f"{stride} times the prompt generator's {cells})"
             )
+
+    def _checked_extra_target(self, extra: dict) -> dict:
+        if not isinstance(extra, dict) or not isinstance(extra.get("name"), str) or not extra["name"].strip():
+            raise ValueError(f"an extra target must be {{'name': str, 'modality': str}}, got {extra!r}")
+        self.modality_index(extra.get("modality", ""))
+        return {"name": extra["name"], "modality": extra["modality"]}
+
+    @property
+    def num_targets(self) -> int:
+        """Number of targets: of mask queries that decode a mask, and of parameter bags."""
+        return self.num_modalities + len(self.extra_targets)
+
+    @property
+    def target_modalities(self) -> list[int]:
+        """The modality index of every target, in target order."""
+        return list(range(self.num_modalities)) + [self.modality_index(e["modality"]) for e in self.extra_targets]
+
+    def target_index(self, target: int | str) -> int:
+        """Index of ``target`` (a name from ``all_target_names`` or an index); ``ValueError`` names the choices."""
+        names = self.all_target_names
+        if isinstance(target, str):
+            if target not in names:
+                raise ValueError(f"unknown target {target!r}; expected one of {names}")
+            return names.index(target)
+        if isinstance(target, bool) or not isinstance(target, numbers.Integral) or not 0 <= int(target) < len(names):
+            raise ValueError(f"target must be a name or an index 0..{len(names) - 1} ({', '.join(names)}), "
+                             f"got {target!r}")
+        return int(target)
+
+    def targets_of(self, modality: int | str) -> list[str]:
+        """The targets of ``modality``, its own (default) first."""
+        index = self.modality_index(modality)
+        return [n for n, m in zip(self.all_target_names, self.target_modalities) if m == index]
 
     @property
     def embedding_grid_size(self) -> int:

@@ -62,6 +62,8 @@ class EspMedSamOutput(ModelOutput):
     image_embeddings: (B, C, g, g) neck output of the image encoder (256x64x64 at 1024 px).
     modality_logits: (B, M) logits of the modality classifier on the aggregator's stage-0 features.
     modality: (B,) the modality index each image was decoded with (given, or chosen by the classifier).
+    target: (B,) the target index each image was decoded with, for a model with extra targets (``None`` otherwise:
+        there the target is the modality's own).
     mask_loss, patch_loss, modality_loss: the loss terms, for logging.
     hidden_states: with ``output_hidden_states``, the image encoder's stage outputs (B, C_i, H_i, W_i): the stem
         (patch embedding and stage 0), each TinyViT stage, then the neck (the same tensor as ``image_embeddings``).
@@ -84,6 +86,7 @@ class EspMedSamOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     iou_scores: torch.FloatTensor | None = None
+    target: torch.LongTensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,12 +158,13 @@ def single_modality(modality: torch.LongTensor) -> int | None:
 
 
 class ModalityController(nn.Module):
-    """Holds one ``ParameterBag`` per modality and plugs each image's bag into the aggregator's blocks."""
+    """Holds one ``ParameterBag`` per target (one per modality, then one per extra target) and plugs each image's
+    bag into the aggregator's blocks; ``modality`` below is the index of the bag (the image's target)."""
 
     def __init__(self, config: EspMedSamConfig):
         super().__init__()
         self.bags = nn.ModuleList(
-            [ParameterBag(config.aggregator_config, config.parameter_bag_config) for _ in config.modality_names]
+            [ParameterBag(config.aggregator_config, config.parameter_bag_config) for _ in range(config.num_targets)]
         )
 
     def gather(self, block_index: int, modality: torch.LongTensor, single: int | None = None) -> GatheredBagBlock:
@@ -572,14 +576,21 @@ class QueryDecoupledModalityDecoder(nn.Module):
     """SAM's two-way transformer over image embedding + dense prompt with one learned mask query per modality.
 
     Every image decodes only its own modality's query: the hypernetwork runs on that query alone and its dot
-    product with the upscaled image features gives the mask.
+    product with the upscaled image features gives the mask. An extra target of a modality (``target_modalities``
+    beyond the first ``num_modalities``) has its own query in ``target_queries``, which replaces its modality's
+    query for the images of that target, so the other targets' queries, and masks, stay as they were.
     """
 
-    def __init__(self, config: EspMedSamDecoderConfig, num_modalities: int):
+    def __init__(self, config: EspMedSamDecoderConfig, num_modalities: int, target_modalities: list[int] = ()):
         super().__init__()
         dim = config.hidden_size
         self.num_modalities = num_modalities
         self.mask_queries = nn.Embedding(num_modalities + config.num_extra_queries, dim)
+        extra = list(target_modalities)[num_modalities:]
+        if extra:
+            self.target_queries = nn.ParameterList([nn.Parameter(torch.zeros(dim)) for _ in extra])
+            # a plain list, not a buffer: from_pretrained leaves a non-persistent buffer uninitialised
+            self.query_rows = list(target_modalities)
         self.positional_encoding = RandomFourierPositionalEncoding(dim // 2, config.positional_encoding_scale)
         self.transformer = SamTwoWayTransformer(config)
         self.output_upscaling = nn.Sequential(
@@ -608,6 +619,18 @@ class QueryDecoupledModalityDecoder(nn.Module):
                 x = F.relu(x)
         return x.squeeze(1)
 
+    def queries_for(self, target: torch.LongTensor) -> tuple[torch.Tensor, torch.LongTensor]:
+        """(B, N, C) queries of each image and the (B,) row of its own query: the stored queries, with an extra
+        target's query in its modality's row (the stored queries alone when no image is of an extra target)."""
+        batch = target.shape[0]
+        queries = self.mask_queries.weight.unsqueeze(0).expand(batch, -1, -1)
+        if not hasattr(self, "target_queries") or not bool((target >= self.num_modalities).any()):
+            return queries, target
+        rows = torch.tensor(self.query_rows, device=target.device).index_select(0, target)
+        own = torch.cat([self.mask_queries.weight[: self.num_modalities], torch.stack(list(self.target_queries))])
+        chosen = torch.arange(queries.shape[1], device=target.device)[None] == rows[:, None]
+        return torch.where(chosen[..., None], own.index_select(0, target)[:, None], queries), rows
+
     def forward(
         self,
         image_embeddings: torch.Tensor,
@@ -615,10 +638,11 @@ class QueryDecoupledModalityDecoder(nn.Module):
         modality: torch.LongTensor,
         sparse_prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, 1, 4g, 4g) mask logits of each image's own query; ``sparse_prompts`` (B, T, C), SAM's point tokens,
-        join the queries as in SAM's mask decoder (after its output tokens)."""
+        """(B, 1, 4g, 4g) mask logits of each image's own query; ``modality`` is each image's target index (its
+        modality's for a model without extra targets). ``sparse_prompts`` (B, T, C), SAM's point tokens, join the
+        queries as in SAM's mask decoder (after its output tokens)."""
         batch, channels, height, width = image_embeddings.shape
-        queries = self.mask_queries.weight.unsqueeze(0).expand(batch, -1, -1)
+        queries, modality = self.queries_for(modality)
         if sparse_prompts is not None:
             queries = torch.cat([queries, sparse_prompts.to(queries.dtype)], dim=1)
         queries = queries.unsqueeze(1)
@@ -849,6 +873,7 @@ class EspMedSamModelMixin:
         labels: torch.FloatTensor | None = None,
         original_sizes: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        target: torch.LongTensor | None = None,
         **options: bool | None,
     ) -> EspMedSamOutput | tuple[torch.Tensor, ...]:
         r"""
@@ -861,16 +886,20 @@ class EspMedSamModelMixin:
         original_sizes: the image processor's (B, 2) sizes, accepted so that ``model(**processor(...))`` works;
             the forward does not use them (``post_process_masks`` does).
         return_dict: ``False`` returns ``EspMedSamOutput.to_tuple()`` (``config.return_dict``).
+        target: (B,) target indices (``config.all_target_names``) instead of ``modality``, for a model with extra
+            targets; ``modality=m`` is the same as ``target=m`` (modality ``m``'s own target).
         options: the model's own options, those of its ``segment`` (``output_hidden_states``, and the student's
             ``output_attentions``); any other argument is a ``TypeError``.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output = self.segment(pixel_values, self.check_inputs(pixel_values, modality), labels, **options)
+        output = self.segment(pixel_values, self.check_inputs(pixel_values, modality, target), labels, **options)
         return output if return_dict else output.to_tuple()
 
-    def check_inputs(self, pixel_values: torch.Tensor, modality: torch.Tensor | None) -> torch.LongTensor | None:
-        """Validate shapes, pixel values and modality indices; returns the modality as a (B,) LongTensor on the
-        pixels' device (``None`` when not given)."""
+    def check_inputs(
+        self, pixel_values: torch.Tensor, modality: torch.Tensor | None, target: torch.Tensor | None = None
+    ) -> torch.LongTensor | None:
+        """Validate shapes, pixel values and modality (or target) indices; returns the target as a (B,) LongTensor on
+        the pixels' device, modality ``m``'s own target being ``m`` (``None`` when neither is given)."""
         size, channels = self.config.image_size, self.num_channels
         if pixel_values.dim() != 4 or pixel_values.shape[1] != channels or pixel_values.shape[-2:] != (size, size):
             raise ValueError(
@@ -878,29 +907,40 @@ class EspMedSamModelMixin:
                 "use EspMedSamImageProcessor to resize and normalise images"
             )
         check_pixel_values(pixel_values, self.dtype)
-        return self.check_modality(modality, pixel_values.shape[0], pixel_values.device)
+        return self.check_modality(modality, pixel_values.shape[0], pixel_values.device, target)
 
     def check_modality(
-        self, modality: torch.Tensor | int | None, batch: int, device: torch.device
+        self, modality: torch.Tensor | int | None, batch: int, device: torch.device,
+        target: torch.Tensor | int | None = None,
     ) -> torch.LongTensor | None:
-        """``modality`` as a (batch,) LongTensor on ``device`` after checking its indices (``None`` stays None)."""
+        """``modality`` (or ``target``, not both) as a (batch,) LongTensor of target indices on ``device`` after
+        checking them, modality ``m``'s own target being ``m`` (``None`` when neither is given)."""
+        if target is not None:
+            if modality is not None:
+                raise ValueError("give modality or target, not both (a target implies its modality)")
+            return self._checked_indices(target, batch, device, "target", self.config.all_target_names)
         if modality is None:
             return None
+        return self._checked_indices(modality, batch, device, "modality", self.config.modality_names)
+
+    def _checked_indices(
+        self, modality: torch.Tensor | int, batch: int, device: torch.device, what: str, names: list[str]
+    ) -> torch.LongTensor:
+        """``modality`` (or a target) as a (batch,) LongTensor of indices into ``names``; clear errors otherwise."""
         modality = torch.as_tensor(modality, device=device)
         if modality.dim() == 0:
             modality = modality.expand(batch)
         if modality.shape != (batch,) or modality.dtype.is_floating_point:
             raise ValueError(
-                f"modality must be an integer tensor of shape ({batch},), got "
+                f"{what} must be an integer tensor of shape ({batch},), got "
                 f"{tuple(modality.shape)} {modality.dtype}"
             )
         if not torch.compiler.is_compiling():
             low, high = int(modality.min()), int(modality.max())
-            if low < 0 or high >= self.config.num_modalities:
+            if low < 0 or high >= len(names):
                 bad = low if low < 0 else high
                 raise ValueError(
-                    f"modality index {bad} is out of range; expected 0..{self.config.num_modalities - 1} "
-                    f"({', '.join(self.config.modality_names)})"
+                    f"{what} index {bad} is out of range; expected 0..{len(names) - 1} ({', '.join(names)})"
                 )
         return modality.long()
 
@@ -1041,7 +1081,9 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         self.prompt_generator = SelfPatchPromptGenerator(
             config.prompt_generator_config, config.aggregator_config.neck_dim
         )
-        self.mask_decoder = QueryDecoupledModalityDecoder(config.decoder_config, config.num_modalities)
+        self.mask_decoder = QueryDecoupledModalityDecoder(
+            config.decoder_config, config.num_modalities, config.target_modalities
+        )
         self.prompt_encoder = EspMedSamPromptEncoder(config, self.mask_decoder.positional_encoding)
         self.post_init()
 
@@ -1058,8 +1100,8 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
     ) -> EspMedSamOutput:
-        """The forward after the input checks: the modality ``given`` per image, else the classifier's; with
-        ``output_hidden_states`` (``config.output_hidden_states``) also the image encoder's stage outputs, with
+        """The forward after the input checks: the target ``given`` per image, else the classifier's modality's own;
+        with ``output_hidden_states`` (``config.output_hidden_states``) also the image encoder's stage outputs, with
         ``output_attentions`` (``config.output_attentions``) every TinyViT block's window-attention weights
         (computed by the eager attention)."""
         if output_hidden_states is None:
@@ -1071,12 +1113,13 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         image_embeddings, modality_logits, chosen = self.encode(pixel_values, given, hidden_states, attentions)
         modality_loss = None
         if labels is not None and given is not None and self.config.modality_loss_weight > 0:
-            modality_loss = F.cross_entropy(modality_logits, given)
+            modality_loss = F.cross_entropy(modality_logits, self.modality_of(given))
         output = self.decode_embeddings(
             image_embeddings, chosen, labels, modality_logits=modality_logits, modality_loss=modality_loss,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
             attentions=tuple(attentions) if attentions is not None else None,
         )
+        self.name_targets(output)
         if modality_loss is not None:
             output.loss = output.loss + self.config.modality_loss_weight * modality_loss
         return output
@@ -1093,6 +1136,7 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         input_boxes: torch.FloatTensor | None = None,
         image_embeddings: torch.FloatTensor | None = None,
         multimask_output: bool = False,
+        target: torch.LongTensor | None = None,
         **options: bool | None,
     ) -> EspMedSamOutput | tuple[torch.Tensor, ...]:
         r"""
@@ -1104,23 +1148,24 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
             -1 padding (ignored).
         input_boxes: (B, N, 4) x0, y0, x1, y1 boxes in model-input pixels, one per object; the mask stays inside.
         image_embeddings: (B, C, g, g) from ``get_image_embeddings``, instead of ``pixel_values`` (then
-            ``modality`` is required: each image decodes its modality's query).
+            ``modality`` or ``target`` is required: each image decodes its modality's, or its target's, query).
         multimask_output: accepted for SamModel's signature; the decoder has one query per modality, so K = 1.
+        target: as ``EspMedSamModelMixin.forward`` takes it; with prompts too, the target's query is decoded.
 
         With prompts ``pred_masks`` is (B, N, 1, h, w) and ``iou_scores`` (B, N, 1); without, the outputs are the
         prompt-free ones.
         """
         if image_embeddings is None and input_points is None and input_labels is None and input_boxes is None:
-            return super().forward(pixel_values, modality, labels, original_sizes, return_dict, **options)
+            return super().forward(pixel_values, modality, labels, original_sizes, return_dict, target, **options)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (pixel_values is None) == (image_embeddings is None):
             raise ValueError("pass either pixel_values or image_embeddings (from get_image_embeddings), not both")
         outputs: dict = {}
         if image_embeddings is None:
-            given = self.check_inputs(pixel_values, modality)
+            given = self.check_inputs(pixel_values, modality, target)
             image_embeddings, outputs["modality_logits"], chosen = self.encode(pixel_values, given)
         else:
-            chosen = self.check_embeddings(image_embeddings, modality)
+            chosen = self.check_embeddings(image_embeddings, modality, target)
         prompts = check_prompts(
             input_points, input_labels, input_boxes, image_embeddings.shape[0], self.config.image_size,
             image_embeddings.device,
@@ -1129,22 +1174,32 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
             output = self.decode_embeddings(image_embeddings, chosen, labels, **outputs)
         else:
             output = self.decode_prompts(image_embeddings, chosen, prompts, labels, **outputs)
+        self.name_targets(output)
         return output if return_dict else output.to_tuple()
 
-    def check_embeddings(self, image_embeddings: torch.Tensor, modality: torch.Tensor | int | None) -> torch.LongTensor:
-        """Check image embeddings passed instead of pixel values, and their (required) modality."""
+    def name_targets(self, output: EspMedSamOutput) -> None:
+        """For a model with extra targets: ``output.modality`` holds the decoded target indices; move them to
+        ``output.target`` and put their modalities in ``output.modality`` (nothing changes for other models)."""
+        if self.config.extra_targets:
+            output.target, output.modality = output.modality, self.modality_of(output.modality)
+
+    def check_embeddings(
+        self, image_embeddings: torch.Tensor, modality: torch.Tensor | int | None,
+        target: torch.Tensor | int | None = None,
+    ) -> torch.LongTensor:
+        """Check image embeddings passed instead of pixel values, and their (required) modality or target."""
         channels = self.config.aggregator_config.neck_dim
         if image_embeddings.dim() != 4 or image_embeddings.shape[1] != channels:
             raise ValueError(
                 f"image_embeddings must have shape (batch, {channels}, g, g) as get_image_embeddings gives them, got "
                 f"{tuple(image_embeddings.shape)}"
             )
-        if modality is None:
+        if modality is None and target is None:
             raise ValueError(
                 "modality is required with image_embeddings: each image decodes its modality's query (the modality "
-                "the classifier chose is the prompt-free output's `modality`)"
+                "the classifier chose is the prompt-free output's `modality`), or target= its target's"
             )
-        return self.check_modality(modality, image_embeddings.shape[0], image_embeddings.device)
+        return self.check_modality(modality, image_embeddings.shape[0], image_embeddings.device, target)
 
     def decode_prompts(
         self,
@@ -1231,6 +1286,12 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
             hidden_states.append(image_embeddings)
         return image_embeddings, modality_logits, chosen
 
+    def modality_of(self, target: torch.LongTensor) -> torch.LongTensor:
+        """The modality index of each target index (the same tensor for a model without extra targets)."""
+        if not self.config.extra_targets:
+            return target
+        return torch.tensor(self.config.target_modalities, device=target.device).index_select(0, target)
+
     def encode_stages(
         self,
         features: torch.FloatTensor,
@@ -1251,12 +1312,13 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         )
 
     def get_image_embeddings(
-        self, pixel_values: torch.FloatTensor, modality: torch.LongTensor | int | None = None
+        self, pixel_values: torch.FloatTensor, modality: torch.LongTensor | int | None = None,
+        target: torch.LongTensor | int | None = None,
     ) -> torch.FloatTensor:
         """The image embeddings (B, 256, 64, 64 at 1024 px) of ``pixel_values``, each image encoded with its
         modality's parameter bag (``modality`` as ``forward`` takes it; ``None``: the classifier's choice). SamModel's
         name: encode an image once and decode it many times."""
-        given = self.check_inputs(pixel_values, modality)
+        given = self.check_inputs(pixel_values, modality, target)
         return self.encode(pixel_values, given)[0]
 
     def predict_modality(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:

@@ -194,6 +194,7 @@ def _limit_factor(factor: float, height: int, width: int, options: TilingOptions
 def tiled_logits(
     model, image_processor, image: Any, original_size: Sequence[int], factor: float, modality: int,
     options: TilingOptions, backend: str | None = "eager", batch_size: int | None = None,
+    target_index: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One image of ``original_size`` (H, W) segmented at ``factor`` x its native pixels in overlapping tiles:
     (H x W float32 mask logits, (M,) classifier logits averaged over the tiles, ``None`` without a classifier).
@@ -202,7 +203,8 @@ def tiled_logits(
     whole view), is padded with zeros at the bottom and right to at least one tile, and MONAI's
     ``sliding_window_inference`` sends ``batch_size`` tiles per ``backends.run_inference`` call (default:
     ``backends.inference_batch_size``) and blends their logits with Gaussian weights. Tiles larger or smaller
-    than the model's input are resized to it and their logits back.
+    than the model's input are resized to it and their logits back. ``target_index`` (a model's target, see
+    ``predict``) decodes that target in every tile instead of ``modality``'s own.
     """
     from monai.inferers import sliding_window_inference
 
@@ -219,7 +221,7 @@ def tiled_logits(
         if tile != size:
             tiles = F.interpolate(tiles, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         index = torch.full((tiles.shape[0],), int(modality), dtype=torch.long)
-        outputs = run_inference(model, tiles.to(device, model.dtype), index, backend=backend)
+        outputs = run_inference(model, tiles.to(device, model.dtype), index, backend=backend, target=target_index)
         if outputs.modality_logits is not None:
             classifier.append(outputs.modality_logits.float().cpu())
         logits = F.interpolate(outputs.pred_masks.float().cpu(), size=(size, size), mode="bilinear",
@@ -252,10 +254,12 @@ def _process(model, processor, images: Sequence[Any], modality: Any) -> Any:
     return inputs
 
 
-def _whole_view(model, processor, inputs, backend: str | None) -> tuple[list[torch.Tensor], Any]:
+def _whole_view(model, processor, inputs, backend: str | None, target: int | None = None
+                ) -> tuple[list[torch.Tensor], Any]:
     """The whole-view forward of a processed batch: (HxW logits per image at its size, the backend's outputs)."""
     device = next(model.parameters()).device
-    outputs = run_inference(model, inputs["pixel_values"].to(device), inputs.get("modality"), backend=backend)
+    outputs = run_inference(model, inputs["pixel_values"].to(device), inputs.get("modality"), backend=backend,
+                            target=target)
     logits = processor.post_process_masks(outputs.pred_masks.float().cpu(), inputs["original_sizes"], binarize=False)
     return logits, outputs
 
@@ -284,6 +288,7 @@ def _scale_of(options: TilingOptions, view_logits: torch.Tensor | None, view_fac
 def predict(
     model, processor, images: Sequence[Any], modality: Any = None, *, backend: str | None = "eager",
     scale: Any = None, tile_size: int | None = None, overlap: int | None = None, tile_batch_size: int | None = None,
+    target: int | str | None = None,
 ) -> Prediction:
     """Segment a batch of images: ``processor`` -> ``model`` (whole view or tiles) -> post-processing.
 
@@ -293,17 +298,22 @@ def predict(
     automatic choice). ``scale``, ``tile_size`` and ``overlap`` (pixels) are described in the module docstring;
     ``None`` takes the image processor's saved default (:func:`tiling_options`). ``tile_batch_size`` tiles go to
     the backend per call. Masks keep the logits above 0 (probability 0.5).
+    ``target`` (a name or index in ``model.config.all_target_names``) decodes that target for every image, whole
+    view and tiles, instead of each image's modality's own; ``modality`` is then ignored (the target implies it).
     """
     image_processor = getattr(processor, "image_processor", processor)
     options = tiling_options(image_processor, scale, tile_size, overlap)
-    inputs = _process(model, processor, images, modality)
+    target_index = None if target is None else model.config.target_index(target)
+    inputs = _process(model, processor, images, modality if target_index is None else None)
     sizes = [tuple(int(v) for v in size) for size in inputs["original_sizes"].tolist()]
     given = inputs.get("modality")
+    if target_index is not None:
+        given = torch.full((len(sizes),), model.config.target_modalities[target_index], dtype=torch.long)
     logits: list[torch.Tensor | None] = [None] * len(sizes)
     classifier: torch.Tensor | None = None
     chosen = given.tolist() if given is not None else None
     if options.mode in SCALE_MODES or given is None:
-        logits, outputs = _whole_view(model, image_processor, inputs, backend)
+        logits, outputs = _whole_view(model, image_processor, inputs, backend, target_index)
         chosen = outputs.modality.tolist()
         classifier = None if outputs.modality_logits is None else outputs.modality_logits.float().cpu()
     scales, object_sizes, tile_classifier = [], [], []
@@ -313,7 +323,7 @@ def predict(
         if factor is not None:
             factor = _limit_factor(factor, height, width, options)
             logits[index], mean = tiled_logits(model, image_processor, images[index], (height, width), factor,
-                                               chosen[index], options, backend, tile_batch_size)
+                                               chosen[index], options, backend, tile_batch_size, target_index)
             tile_classifier.append(mean)
         scales.append(factor)
         object_sizes.append(object_size)

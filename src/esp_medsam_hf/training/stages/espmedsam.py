@@ -16,7 +16,9 @@ from ..data import check_not_empty, load_domains
 from ..features import FeatureDataset
 from ..loop import train
 from .modality_classifier import fit_modality_classifier
-from .shared import StageResult, cached_feature_task, save_with_processor, segmentation_task, source_data, write_release
+from ..targets import TargetTraining, prepare_target
+from .shared import (StageResult, cached_feature_task, dice_validation, save_with_processor, segmentation_task,
+                     source_data, write_release)
 from .student import apply_freeze, build_student, student_processor
 
 logger = logging.getLogger(__name__)
@@ -29,11 +31,27 @@ def espmedsam_task(config: EspMedSamStageConfig, model: EspMedSamModel | None = 
     processor = student_processor(model, None) if model is not None else None
     model = model if model is not None else build_student(config, config.init_from)
     processor = processor or student_processor(model, config.init_from)
+    if config.new_target is not None:
+        return new_target_task(config, model, data, processor)
     apply_freeze(model, config.freeze, config.frozen_encoder_stages)
     if config.cache_features:
         return cached_feature_task("espmedsam", model, config, data, processor)
     return segmentation_task("espmedsam", model, config, data, processor)
 
+
+def new_target_task(config: EspMedSamStageConfig, model: EspMedSamModel, data: dict, processor: EspMedSamProcessor):
+    """(task, processor, data) of training ``config.new_target``: every training image is decoded as that target, and
+    validated as it; with ``only_new_target`` only its bag and query train (else what ``freeze`` leaves)."""
+    model = prepare_target(model, config.new_target, config.target_modality, config.only_new_target)
+    if not config.only_new_target:
+        apply_freeze(model, config.freeze, config.frozen_encoder_stages)
+    target = model.config.target_index(config.new_target)
+    task, processor, data = segmentation_task("espmedsam", TargetTraining(model, target, config.only_new_target),
+                                              config, data, processor)
+    task.compute_loss = lambda module, batch: module(batch["pixel_values"], batch["labels"])
+    task.save = lambda module, folder: save_with_processor(module.model, processor, folder)
+    task.validate = lambda module: dice_validation(module.model, processor, data, config, target=target)
+    return task, processor, data
 
 
 def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = None,

@@ -66,8 +66,10 @@ def source_data(config: TrainingConfig) -> dict:
     return data
 
 
-def dice_validation(model: nn.Module, processor: EspMedSamProcessor, data: dict, config: TrainingConfig) -> dict:
-    """Mean validation Dice (%) over the domains, with ``data.evaluation.evaluate_model``."""
+def dice_validation(model: nn.Module, processor: EspMedSamProcessor, data: dict, config: TrainingConfig,
+                    target: int | None = None) -> dict:
+    """Mean validation Dice (%) over the domains, with ``data.evaluation.evaluate_model`` (decoding ``target`` for
+    every image when given)."""
     from ...data.evaluation import evaluate_model
 
     usable = {name: dataset for name, dataset in data.items() if len(dataset["validation"])}
@@ -75,7 +77,7 @@ def dice_validation(model: nn.Module, processor: EspMedSamProcessor, data: dict,
         return {"dice": float("nan")}
     report = evaluate_model(
         model, processor, usable, split="validation",
-        compute_hausdorff=False, max_images=config.validation_images, progress=False,
+        compute_hausdorff=False, max_images=config.validation_images, progress=False, target=target,
     )
     per_domain = {f"dice/{name}": row["dice"] for name, row in report["domains"].items()}
     return {"dice": float(np.mean(list(per_domain.values()))), **per_domain}

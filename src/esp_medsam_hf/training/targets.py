@@ -1,0 +1,97 @@
+"""New targets for a trained ESP-MedSAM: a target added to a modality gets its own parameter bag and mask query,
+initialised from the modality's own target (the nearest existing one), and can be trained alone, so that every other
+target's masks stay bit-identical."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..models.esp_medsam.configuration_esp_medsam import EspMedSamConfig
+from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
+
+logger = logging.getLogger(__name__)
+
+
+def add_target(model: EspMedSamModel, name: str, modality: str) -> EspMedSamModel:
+    """A copy of ``model`` with target ``name`` added to ``modality``: its bag and query start as copies of the
+    modality's own target's, so the new target first segments what that one does. Every existing weight is kept, and
+    the train/eval mode too (a forward in train mode would move the shared batch norms' statistics)."""
+    config = model.config
+    if name in config.all_target_names:
+        raise ValueError(f"the model already has a target named {name!r} (targets: {config.all_target_names})")
+    source = config.modality_index(modality)
+    data = config.to_dict()
+    data["extra_targets"] = [*config.extra_targets, {"name": name, "modality": modality}]
+    for key in ("id2label", "label2id"):
+        data.pop(key, None)
+    new_config = EspMedSamConfig.from_dict(data)
+    grown = EspMedSamModel(new_config).to(model.dtype).train(model.training)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    index = new_config.num_targets - 1
+    expected = {f"modality_controller.bags.{index}.", f"mask_decoder.target_queries.{index - config.num_modalities}"}
+    if unexpected or any(not key.startswith(tuple(expected)) for key in missing):
+        raise RuntimeError(f"adding a target changed the model's weights: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        grown.modality_controller.bags[index].load_state_dict(model.modality_controller.bags[source].state_dict())
+        grown.mask_decoder.target_queries[-1].copy_(model.mask_decoder.mask_queries.weight[source])
+    logger.info("added target %r to modality %r (target %d), initialised from %r", name, modality, index,
+                config.target_names[source])
+    return grown
+
+
+def target_parameters(model: EspMedSamModel, target: int | str) -> list[torch.nn.Parameter]:
+    """What is trained for an extra ``target`` alone: its parameter bag and its mask query."""
+    config = model.config
+    index = config.target_index(target)
+    if index < config.num_modalities:
+        raise ValueError(f"{config.all_target_names[index]!r} is a modality's own target; training it alone would "
+                         "change its modality's shared parts: train an added target (see add_target)")
+    return [*model.modality_controller.bags[index].parameters(),
+            model.mask_decoder.target_queries[index - config.num_modalities]]
+
+
+def freeze_all_but_target(model: EspMedSamModel, target: int | str) -> int:
+    """Freeze every parameter but ``target``'s (:func:`target_parameters`); returns how many stay trainable."""
+    model.requires_grad_(False)
+    trainable = target_parameters(model, target)
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    return sum(p.numel() for p in trainable)
+
+
+class TargetTraining(torch.nn.Module):
+    """The model trained as one target: every image of the batch is decoded as ``target``. With ``only_target`` the
+    model stays in eval mode (its frozen batch norms keep their statistics, which the other targets share); what
+    trains of it (a bag, a query) has no dropout or batch norm."""
+
+    def __init__(self, model: EspMedSamModel, target: int, only_target: bool):
+        super().__init__()
+        self.model, self.target, self.only_target = model, target, only_target
+
+    def train(self, mode: bool = True) -> "TargetTraining":
+        super().train(mode)
+        if self.only_target:
+            self.model.eval()
+        return self
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        target = torch.full((pixel_values.shape[0],), self.target, device=pixel_values.device)
+        return self.model(pixel_values=pixel_values, target=target, labels=labels).loss
+
+
+def prepare_target(model: EspMedSamModel, name: str, modality: str, only_target: bool) -> EspMedSamModel:
+    """``model`` with target ``name`` (added to ``modality`` unless it has it already), frozen but for that target's
+    parts with ``only_target``."""
+    if name in model.config.all_target_names:
+        index = model.config.target_index(name)
+        if model.config.target_modalities[index] != model.config.modality_index(modality):
+            raise ValueError(f"the model's target {name!r} belongs to another modality than {modality!r}")
+    else:
+        model = add_target(model, name, modality)
+    if only_target:
+        trainable = freeze_all_but_target(model, name)
+        logger.info("training only target %r: %d of %d parameters", name, trainable,
+                    sum(p.numel() for p in model.parameters()))
+    return model

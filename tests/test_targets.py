@@ -1,0 +1,160 @@
+"""Targets as first-class citizens: a target added to a modality has its own bag and query, starts as its
+modality's own target, survives saving and reloading, and training it alone leaves every other target bit-identical."""
+
+import numpy as np
+import pytest
+import torch
+
+from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
+from esp_medsam_hf.training import EspMedSamStageConfig, train
+from esp_medsam_hf.training.stages import espmedsam_task
+from esp_medsam_hf.training.targets import add_target, freeze_all_but_target
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZE = 64
+
+
+def base_model() -> EspMedSamModel:
+    torch.manual_seed(0)
+    return EspMedSamModel(EspMedSamConfig.tiny(image_size=SIZE)).eval()
+
+
+def masks(model: EspMedSamModel, images: torch.Tensor, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(images, **kwargs).pred_masks
+
+
+def test_added_target_starts_as_its_modality_and_is_named():
+    model, images = base_model(), torch.randn(3, 3, SIZE, SIZE)
+    grown = add_target(model, "optic disc", "fundus").eval()
+    assert grown.config.all_target_names[-1] == "optic disc"
+    assert grown.config.id2label[7] == "optic disc" and grown.config.targets_of("fundus") == ["retinal vessels",
+                                                                                               "optic disc"]
+    every = torch.tensor([0, 3, 4])
+    assert torch.equal(masks(model, images, modality=every), masks(grown, images, modality=every))
+    disc = grown(images, target=torch.tensor([6, 3, 6]))
+    assert disc.target.tolist() == [6, 3, 6] and disc.modality.tolist() == [3, 3, 3]
+    torch.testing.assert_close(disc.pred_masks[0], masks(model, images[:1], modality=3)[0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="already has a target named 'optic disc'"):
+        add_target(grown, "optic disc", "fundus")
+    with pytest.raises(ValueError, match="unknown modality 'retina'"):
+        add_target(model, "optic cup", "retina")
+    with pytest.raises(ValueError, match="target index 7 is out of range"):
+        grown(images, target=7)
+    with pytest.raises(ValueError, match="not both"):
+        grown(images, modality=3, target=6)
+
+
+def test_targets_survive_save_and_reload(tmp_path):
+    grown = grown_model()
+    grown.save_pretrained(tmp_path)
+    reloaded = EspMedSamModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config.extra_targets == [{"name": "optic disc", "modality": "fundus"}]
+    images = torch.randn(2, 3, SIZE, SIZE)
+    assert torch.equal(masks(grown, images, target=6), masks(reloaded, images, target=6))
+
+
+def test_a_model_without_extra_targets_is_unchanged():
+    model = base_model()
+    assert not hasattr(model.mask_decoder, "target_queries") and len(model.modality_controller.bags) == 6
+    assert "extra_targets" in model.config.to_dict() and model.config.num_targets == 6
+
+
+def grown_model() -> EspMedSamModel:
+    """The base model with "optic disc" added to fundus and its query moved, so its masks differ from fundus's."""
+    grown = add_target(base_model(), "optic disc", "fundus").eval()
+    with torch.no_grad():
+        grown.mask_decoder.target_queries[0].add_(0.5)
+    return grown
+
+
+def test_predict_decodes_the_target_in_the_whole_view_and_in_tiles():
+    from esp_medsam_hf import EspMedSamImageProcessor, EspMedSamProcessor
+    from esp_medsam_hf.models.esp_medsam.prediction import predict
+
+    grown = grown_model()
+    processor = EspMedSamProcessor(
+        EspMedSamImageProcessor(size={"height": SIZE, "width": SIZE}), grown.config.modality_names
+    )
+    images = [np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for seed in (0, 1)]
+    whole = predict(grown, processor, images, "dermoscopy", scale="whole", target="optic disc")
+    inputs = processor(images=images, return_tensors="pt")
+    direct = processor.image_processor.post_process_masks(
+        masks(grown, inputs["pixel_values"], target=6), inputs["original_sizes"], binarize=False
+    )
+    assert whole.modality == [3, 3] and whole.scales == [None, None]
+    torch.testing.assert_close(whole.logits[0], direct[0], rtol=0, atol=1e-4)
+    own = predict(grown, processor, images, "fundus", scale="whole")
+    assert not torch.allclose(whole.logits[0], own.logits[0])
+    tiled = predict(grown, processor, images, scale=2.0, target=6)
+    own_tiled = predict(grown, processor, images, "fundus", scale=2.0)
+    assert tiled.scales == [2.0, 2.0] and tiled.modality == [3, 3]
+    assert not torch.allclose(tiled.logits[0], own_tiled.logits[0])
+    fundus_by_target = predict(grown, processor, images, scale=2.0, target="retinal vessels")
+    torch.testing.assert_close(fundus_by_target.logits[0], own_tiled.logits[0], rtol=0, atol=1e-5)
+
+
+def test_prompts_decode_the_targets_query():
+    grown, images = grown_model(), torch.rand(2, 3, SIZE, SIZE)
+    points, labels = torch.tensor([[[[20.0, 30.0]]]] * 2), torch.ones(2, 1, 1, dtype=torch.long)
+    with torch.no_grad():
+        prompted = grown(images, target=6, input_points=points, input_labels=labels)
+        embeddings = grown.get_image_embeddings(images, target=6)
+        cached = grown(image_embeddings=embeddings, target=6, input_points=points, input_labels=labels)
+        own = grown(images, modality=3, input_points=points, input_labels=labels)
+    assert prompted.target.tolist() == [6, 6] and prompted.modality.tolist() == [3, 3]
+    torch.testing.assert_close(cached.pred_masks, prompted.pred_masks, rtol=0, atol=1e-5)
+    assert not torch.allclose(prompted.pred_masks, own.pred_masks)
+    with pytest.raises(ValueError, match="not both"):
+        grown(image_embeddings=embeddings, modality=3, target=6, input_points=points, input_labels=labels)
+
+
+def test_training_only_the_new_target_leaves_the_others_bit_identical(tmp_path, data):
+    model, images = base_model(), torch.randn(4, 3, SIZE, SIZE)
+    others = torch.tensor([0, 3, 4, 5])
+    before = masks(model, images, modality=others)
+    config = EspMedSamStageConfig(
+        output_dir=str(tmp_path), batch_size=3, epochs=2, validate=False, init_from="unused", model_size="tiny",
+        image_size=SIZE, progress=False, synthetic_valid_images=1, learning_rate=1e-2, new_target="optic disc",
+        target_modality="fundus", augment=False,
+    )
+    task, _, _ = espmedsam_task(config, model, data)
+    trained = task.model.model
+    start = masks(trained, images, target=6)
+    train(config, task)
+    trained.eval()
+    assert torch.equal(before, masks(trained, images, modality=others))
+    assert not torch.allclose(start, masks(trained, images, target=6))
+    reloaded = EspMedSamModel.from_pretrained(tmp_path / "final").eval()
+    assert torch.equal(before, masks(reloaded, images, modality=others))
+
+
+def test_only_an_added_target_can_train_alone():
+    with pytest.raises(ValueError, match="modality's own target"):
+        freeze_all_but_target(base_model(), "retinal vessels")
+    with pytest.raises(ValueError, match="new_target and target_modality go together"):
+        EspMedSamStageConfig(init_from="x", new_target="optic disc")
+
+
+def test_train_flags_reach_the_config_and_image_size_comes_from_init_from(tmp_path):
+    import argparse
+
+    from esp_medsam_hf.commands.train import add_arguments, stage_config
+
+    base_model().save_pretrained(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--stage", "espmedsam", "--init-from", str(tmp_path), "--lr-decay", "0.5",
+                              "--keep-checkpoints", "1", "--new-target", "optic disc", "--modality", "fundus"])
+    config = stage_config(args)
+    assert (config.image_size, config.lr_decay, config.keep_checkpoints) == (SIZE, 0.5, 1)
+    assert (config.new_target, config.target_modality, config.only_new_target) == ("optic disc", "fundus", True)
+    args = parser.parse_args(["--stage", "espmedsam", "--init-from", str(tmp_path), "--image-size", "128"])
+    assert stage_config(args).image_size == 128
+
+
+def test_a_typo_in_a_domain_name_suggests_the_closest():
+    from esp_medsam_hf.data.domains import resolve_domains
+
+    with pytest.raises(KeyError, match="did you mean 'vascx'"):
+        resolve_domains(["vasxc"])
