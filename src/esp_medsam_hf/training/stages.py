@@ -45,6 +45,7 @@ from .data import (
     load_domains,
     load_natural_images,
 )
+from .augment import training_augmentation
 from .features import (
     EspMedSamAfterCache,
     FeatureDataset,
@@ -161,7 +162,8 @@ def segmentation_task(name: str, model: nn.Module, config: TrainingConfig, data:
     task = StageTask(
         name=name,
         model=model,
-        train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed),
+        train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed,
+                                          scale_augmentation=training_augmentation(config)),
         collate_fn=Collator(processor.image_processor),
         compute_loss=batch_loss,
         save=lambda m, folder: save_with_processor(m, processor, folder),
@@ -490,7 +492,8 @@ def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig
     """(task, processor, data) of a segmentation stage on a frozen encoder prefix's cached features
     (:mod:`esp_medsam_hf.training.features`); validation Dice (%) on cached validation features at model size."""
     point = config.cache_point
-    train_rows = SegmentationDataset(data, "train", augment=config.augment, seed=config.seed)
+    train_rows = SegmentationDataset(data, "train", augment=config.augment, seed=config.seed,
+                                     scale_augmentation=training_augmentation(config))
     views = config.feature_views if config.augment else 1
     features = cache_features(model, processor.image_processor, train_rows, views=views, frozen_stages=point,
                               progress=config.progress, desc=f"{name}: encoding training images")
