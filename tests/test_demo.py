@@ -93,3 +93,22 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--quick", "--output", str(output), "--no-progress"]) == 1
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_the_cross_lab_check_holds_out_one_acquisition_group():
+    import datasets
+
+    from esp_medsam_hf.training.data import TrainingDataError
+    from esp_medsam_hf.training.demo import hold_out_group
+
+    names = {"train": ["training/A/1.png", "training/B/2.png", "training/A/6.png"],
+             "validation": ["validation/A/3.png"], "test": ["test/B/4.png", "test/A/5.png"]}
+    mnfinder = datasets.DatasetDict({split: datasets.Dataset.from_dict({"file_name": rows})
+                                     for split, rows in names.items()})
+    rest, held = hold_out_group(mnfinder, "A")
+    assert {split: rows["file_name"] for split, rows in rest.items()} == {
+        "train": ["training/B/2.png"], "validation": [], "test": ["test/B/4.png"]}
+    assert sorted(held["test"]["file_name"]) == ["test/A/5.png", "training/A/1.png", "training/A/6.png",
+                                                 "validation/A/3.png"]
+    with pytest.raises(TrainingDataError, match="no acquisition group 'C'.*A, B"):
+        hold_out_group(mnfinder, "C")

@@ -6,8 +6,9 @@ A domain's zoom is given either by the **object size** the crops should give in 
 relative to the native pixels (``scale: [0.5, 2]``: for fundus vessels, which native-resolution inference sees at
 scale 1). The scale of each crop is drawn log-uniformly, so every octave of object size is seen equally often.
 A crop shows ``size / scale`` native pixels resized to the model input (antialiased bilinear, the image
-processor's resampling); an image smaller than that at this scale is placed at a random position on a black
-canvas (the model input keeps the image's aspect ratio, as tiled inference does). Half the crops are centred on a
+processor's resampling); an image smaller than that at this scale is placed at a random position on a canvas of
+the colour that the image processor's normalisation maps to 0 (inference pads its whole views and tiles with zeros
+after normalisation), keeping its aspect ratio, as inference does. Half the crops are centred on a
 foreground pixel, so that sparse objects are not mostly missed at high zoom (nnU-Net oversamples foreground for
 the same reason). Randomness comes from the caller's generator, seeded by (seed, image, view) or (seed, epoch,
 image), so runs and resumed runs see the same crops.
@@ -108,11 +109,11 @@ def _crop_origin(rng: np.random.Generator, mask: np.ndarray, extent: tuple[int, 
 
 
 def zoom_crop(image: np.ndarray, mask: np.ndarray, scale: float, size: int, rng: np.random.Generator,
-              foreground_share: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+              foreground_share: float = 0.5, fill: tuple[int, int, int] = (0, 0, 0)) -> tuple[np.ndarray, np.ndarray]:
     """A ``size`` x ``size`` view of ``image`` (H x W x 3 uint8) and ``mask`` (H x W bool) at ``scale`` input pixels
     per native pixel, with a random horizontal and vertical flip. Where the scaled image is smaller than ``size``
-    it sits at a random position on black; the mask is resized like the image processor's labels (the share of
-    foreground under each new pixel, kept at >= 0.5)."""
+    it sits at a random position on a canvas of colour ``fill``; the mask is resized like the image processor's
+    labels (the share of foreground under each new pixel, kept at >= 0.5)."""
     height, width = mask.shape
     extent = (min(height, max(1, round(size / scale))), min(width, max(1, round(size / scale))))
     top, left = _crop_origin(rng, mask, extent, foreground_share)
@@ -120,7 +121,8 @@ def zoom_crop(image: np.ndarray, mask: np.ndarray, scale: float, size: int, rng:
     out = (min(size, max(1, round(extent[0] * scale))), min(size, max(1, round(extent[1] * scale))))
     pixels = _resize(torch.from_numpy(np.ascontiguousarray(image[window])).permute(2, 0, 1).float(), out)
     share = _resize(torch.from_numpy(np.ascontiguousarray(mask[window])).float()[None], out)
-    canvas = np.zeros((size, size, 3), np.uint8)
+    canvas = np.empty((size, size, 3), np.uint8)
+    canvas[:] = np.asarray(fill, np.uint8)
     labels = np.zeros((size, size), bool)
     y, x = int(rng.integers(size - out[0] + 1)), int(rng.integers(size - out[1] + 1))
     canvas[y : y + out[0], x : x + out[1]] = pixels.round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
@@ -168,12 +170,22 @@ def _blur(values: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[0]
 
 
+def padding_colour(image_processor) -> tuple[int, int, int]:
+    """The uint8 colour that ``image_processor``'s rescale and normalisation map to (about) 0: what its zero
+    padding after normalisation stands for."""
+    rescale = image_processor.rescale_factor if image_processor.do_rescale else 1.0
+    mean = image_processor.image_mean if image_processor.do_normalize else (0.0, 0.0, 0.0)
+    return tuple(int(np.clip(round(m / rescale), 0, 255)) for m in mean)
+
+
 class ScaleAugmentation:
     """Training views of native-resolution images: a zoom crop for the domains in ``zoom`` (the others keep the
-    whole image with random flips), then ``photometric`` changes if given. ``size``: the model input side."""
+    whole image with random flips), then ``photometric`` changes if given. ``size``: the model input side;
+    ``fill``: the colour of the canvas around an image smaller than a view (:func:`padding_colour`)."""
 
-    def __init__(self, zoom: Mapping[str, ZoomRange], size: int, photometric: Photometric | None = None):
-        self.zoom, self.size, self.photometric = dict(zoom), size, photometric
+    def __init__(self, zoom: Mapping[str, ZoomRange], size: int, photometric: Photometric | None = None,
+                 fill: tuple[int, int, int] = (0, 0, 0)):
+        self.zoom, self.size, self.photometric, self.fill = dict(zoom), size, photometric, tuple(fill)
         self._sizes: dict[tuple[str, int], float] = {}
 
     def reference_size(self, domain: str, key: int, mask: np.ndarray) -> float:
@@ -192,7 +204,7 @@ class ScaleAugmentation:
                 scale = self.zoom[domain].draw_scale(rng, reference)
             else:  # no object to size: the whole image
                 scale = self.size / max(mask.shape)
-            image, mask = zoom_crop(image, mask, scale, self.size, rng)
+            image, mask = zoom_crop(image, mask, scale, self.size, rng, fill=self.fill)
         else:
             if rng.random() < 0.5:
                 image, mask = image[:, ::-1], mask[:, ::-1]
@@ -202,9 +214,11 @@ class ScaleAugmentation:
         return image, mask
 
 
-def training_augmentation(config) -> ScaleAugmentation | None:
-    """The scale augmentation a training configuration asks for (``zoom``, ``photometric``), or None."""
+def training_augmentation(config, image_processor=None) -> ScaleAugmentation | None:
+    """The scale augmentation a training configuration asks for (``zoom``, ``photometric``), or None; the canvas
+    takes ``image_processor``'s padding colour (black without one)."""
     if not config.zoom and not config.photometric:
         return None
+    fill = padding_colour(image_processor) if image_processor is not None else (0, 0, 0)
     return ScaleAugmentation(parse_zoom(config.zoom), config.image_size,
-                             Photometric() if config.photometric else None)
+                             Photometric() if config.photometric else None, fill)

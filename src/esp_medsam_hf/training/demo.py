@@ -70,8 +70,18 @@ class DemoSettings:
     espmedsam_batch_size: int = 2
     espmedsam_frozen_stages: int = 3
     espmedsam_views: int = 2
+    nuclei_object_size: tuple[float, float] = (6.0, 40.0)
+    fundus_scale: tuple[float, float] = (0.5, 2.0)
+    photometric: bool = True
     classifier_epochs: int = 60
     classifier_images: int = 3
+
+    def zoom(self) -> dict:
+        """Stage 3's ``zoom``: mnfinder's nuclei 6 to 40 px across in the model's input (a 6.7x span around the
+        16 px that "auto" inference aims for), vascx's photographs at 0.5 to 2x their native pixels (native
+        resolution, where the thin vessels are, in the middle); the synthetic stand-ins keep whole images."""
+        return {"mnfinder": {"object_size": list(self.nuclei_object_size)},
+                "vascx": {"scale": list(self.fundus_scale)}}
 
     @classmethod
     def full(cls) -> "DemoSettings":
@@ -110,8 +120,39 @@ class DemoData:
     label: str
 
 
-def build_data(output: Path, settings: DemoSettings, seed: int, progress: bool) -> DemoData:
-    """The real domains prepared through ``esp-medsam prepare``'s plain layout, and the synthetic stand-ins."""
+def mnfinder_group(file_name: str) -> str:
+    """The acquisition group of an mnfinder row: the folder of its file (``training/2022-10-14_U2OS/1.png`` ->
+    ``2022-10-14_U2OS``)."""
+    parts = file_name.split("/")
+    return parts[1] if len(parts) == 3 else ""
+
+
+def hold_out_group(mnfinder, group: str) -> tuple:
+    """(mnfinder without the acquisition group ``group`` in any split, the group's images of every split as one
+    test split) for the cross-lab check; an unknown group is an error naming the known ones."""
+    import datasets
+
+    from .data import TrainingDataError
+
+    known = sorted({mnfinder_group(name) for split in mnfinder.values() for name in split["file_name"]})
+    if group not in known:
+        raise TrainingDataError(f"--hold-out-group: mnfinder has no acquisition group {group!r}; its groups: "
+                         f"{', '.join(known)}")
+
+    def keep(inside: bool):
+        return lambda names: [(mnfinder_group(name) == group) == inside for name in names]
+
+    rest = datasets.DatasetDict({split: rows.filter(keep(False), input_columns="file_name", batched=True)
+                                 for split, rows in mnfinder.items()})
+    held = datasets.concatenate_datasets([rows.filter(keep(True), input_columns="file_name", batched=True)
+                                          for rows in mnfinder.values()])
+    return rest, datasets.DatasetDict({"test": held})
+
+
+def build_data(output: Path, settings: DemoSettings, seed: int, progress: bool,
+               hold_out: str | None = None) -> DemoData:
+    """The real domains prepared through ``esp-medsam prepare``'s plain layout, and the synthetic stand-ins;
+    ``hold_out`` (an mnfinder acquisition group) leaves that group out of training and tests on all its images."""
     from ..data.real import archive_dir, prepare_real_domains
     from ..data.synthetic import synthetic_domains
     from .data import load_domains
@@ -120,6 +161,10 @@ def build_data(output: Path, settings: DemoSettings, seed: int, progress: bool) 
     cache = archive_dir().parent / ("real" if settings.real_limit is None else f"real-limit{settings.real_limit}")
     prepare_real_domains(real_names, output / "data", cache=cache, limit=settings.real_limit, progress=progress)
     real = load_domains(str(output / "data"), real_names, splits={"train": 0, "validation": 0, "test": 0})
+    if hold_out is not None:
+        real["mnfinder"], held = hold_out_group(real["mnfinder"], hold_out)
+        real[f"mnfinder-held-out:{hold_out}"] = held
+        real_names.append(f"mnfinder-held-out:{hold_out}")
     splits = {"train": settings.synthetic_train, "validation": 1, "test": settings.synthetic_test}
     source = synthetic_domains(list(SYNTHETIC_SOURCE), splits, seed=seed, size=settings.image_size)
     unseen_names = [n for n in DOMAIN_NAMES if n not in SOURCE_DOMAINS and get_domain(n).modality in
@@ -161,6 +206,7 @@ def stage_configs(output: Path, settings: DemoSettings, seed: int, progress: boo
         epochs=100, max_steps=settings.espmedsam_steps, batch_size=settings.espmedsam_batch_size, lr_decay=0.8,
         frozen_encoder_stages=settings.espmedsam_frozen_stages, cache_features=True,
         feature_views=settings.espmedsam_views, learning_rate=settings.espmedsam_learning_rate,
+        zoom=settings.zoom(), photometric=settings.photometric,
         classifier_domains=["all"], classifier_epochs=settings.classifier_epochs, **common,
     )
     return teacher, distill, espmedsam
@@ -191,8 +237,10 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
 
 
 def run_demo(output: str | Path, *, quick: bool = False, overwrite: bool = False, seed: int = 0,
-             progress: bool = True, threads: int | None = None) -> dict:
-    """Run the demo into ``output``; returns the summary (also written as summary.json and SUMMARY.md)."""
+             progress: bool = True, threads: int | None = None, hold_out: str | None = None) -> dict:
+    """Run the demo into ``output``; returns the summary (also written as summary.json and SUMMARY.md).
+    ``hold_out``: the cross-lab check, an mnfinder acquisition group (e.g. ``2022-10-14_U2OS``) left out of
+    training and tested on (all its images), beside Otsu."""
     from .stages import run_distill, run_espmedsam, run_teacher
 
     output = Path(output).resolve()
@@ -207,7 +255,7 @@ def run_demo(output: str | Path, *, quick: bool = False, overwrite: bool = False
         return time.perf_counter()
 
     tick = time.perf_counter()
-    data = build_data(output, settings, seed, progress)
+    data = build_data(output, settings, seed, progress, hold_out)
     tick = lap("data", tick)
     teacher_config, distill_config, esp_config = stage_configs(output, settings, seed, progress, threads)
 
@@ -302,6 +350,11 @@ def publish_and_reload(output: Path, releases: list, final_dir: Path) -> tuple[d
     return commits, reload
 
 
+def held_out_group(data: DemoData) -> str | None:
+    """The mnfinder acquisition group this run left out of training (the cross-lab check), or None."""
+    return next((name.split(":", 1)[1] for name in data.real_test if name.startswith("mnfinder-held-out:")), None)
+
+
 def _mean(report: dict, names) -> float:
     values = [report["domains"][n]["dice"] for n in names if n in report["domains"]]
     return float(np.mean(values)) if values else float("nan")
@@ -320,6 +373,7 @@ def demo_summary(output: Path, quick: bool, settings: DemoSettings, timings: dic
         "output": str(output),
         "final_model": str(esp.release_dir),
         "quick": quick,
+        "held_out_group": held_out_group(data),
         "settings": dataclasses.asdict(settings),
         "seconds": round(seconds, 1),
         "timings_s": timings,

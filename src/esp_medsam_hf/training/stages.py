@@ -163,7 +163,7 @@ def segmentation_task(name: str, model: nn.Module, config: TrainingConfig, data:
         name=name,
         model=model,
         train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed,
-                                          scale_augmentation=training_augmentation(config)),
+                                          scale_augmentation=training_augmentation(config, processor.image_processor)),
         collate_fn=Collator(processor.image_processor),
         compute_loss=batch_loss,
         save=lambda m, folder: save_with_processor(m, processor, folder),
@@ -493,7 +493,7 @@ def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig
     (:mod:`esp_medsam_hf.training.features`); validation Dice (%) on cached validation features at model size."""
     point = config.cache_point
     train_rows = SegmentationDataset(data, "train", augment=config.augment, seed=config.seed,
-                                     scale_augmentation=training_augmentation(config))
+                                     scale_augmentation=training_augmentation(config, processor.image_processor))
     views = config.feature_views if config.augment else 1
     features = cache_features(model, processor.image_processor, train_rows, views=views, frozen_stages=point,
                               progress=config.progress, desc=f"{name}: encoding training images")
