@@ -10,15 +10,10 @@ from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
 from esp_medsam_hf.training import DistillConfig, EspMedSamStageConfig, TeacherConfig, train
 from esp_medsam_hf.training.data import SegmentationDataset
 from esp_medsam_hf.training.features import VIEWS, EspMedSamAfterCache, apply_view, cache_features
-from esp_medsam_hf.training.stages import (
-    apply_freeze,
-    espmedsam_task,
-    intensity_augment,
-    make_processor,
-    run_distill,
-    run_espmedsam,
-    run_teacher,
-)
+from esp_medsam_hf.training.stages import espmedsam_task, run_distill, run_espmedsam, run_teacher
+from esp_medsam_hf.training.stages.distill import intensity_augment
+from esp_medsam_hf.training.stages.shared import make_processor
+from esp_medsam_hf.training.stages.student import apply_freeze
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64

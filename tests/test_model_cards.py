@@ -94,7 +94,7 @@ def test_usage_snippets_run_verbatim_on_every_branch(tmp_path):
     """Publish a tiny teacher and student per branch with their cards; run each card's code as written."""
     from esp_medsam_hf.models.esp_medsam.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
     from esp_medsam_hf.models.esp_medsam.modeling_esp_medsam_teacher import EspMedSamTeacherModel
-    from esp_medsam_hf.training.stages import make_processor, save_with_processor
+    from esp_medsam_hf.training.stages.shared import make_processor, save_with_processor
 
     teacher = EspMedSamTeacherModel(EspMedSamTeacherConfig.tiny(image_size=64)).eval()
     save_with_processor(teacher, make_processor(64, teacher.config.modality_names), tmp_path / "teacher")

@@ -20,7 +20,7 @@ from esp_medsam_hf.data.synthetic import synthetic_domain
 from esp_medsam_hf.models.esp_medsam.fileio import atomic_file, check_replaceable, staging_directory
 from esp_medsam_hf.inference import collect_inputs
 from esp_medsam_hf.training import EspMedSamStageConfig
-from esp_medsam_hf.training.loop import prepare_output_dir
+from esp_medsam_hf.training.run_folder import prepare_output_dir
 
 
 def tree(folder):

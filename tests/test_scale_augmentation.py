@@ -21,7 +21,8 @@ from esp_medsam_hf.training.augment import (
 )
 from esp_medsam_hf.training.data import SegmentationDataset
 from esp_medsam_hf.training.features import EspMedSamAfterCache, cache_features
-from esp_medsam_hf.training.stages import apply_freeze, make_processor
+from esp_medsam_hf.training.stages.shared import make_processor
+from esp_medsam_hf.training.stages.student import apply_freeze
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

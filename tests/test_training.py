@@ -204,7 +204,7 @@ def test_bad_input_is_reported_clearly(tmp_path, data):
         espmedsam_task(EspMedSamStageConfig(synthetic_train_images=0, domains=["isic"], init_from=None, **COMMON),
                        student())
     with pytest.raises(FileNotFoundError, match="train stage 1 first"):
-        from esp_medsam_hf.training.stages import load_teacher
+        from esp_medsam_hf.training.stages.distill import load_teacher
 
         load_teacher(tmp_path)
     run_dir = tmp_path / "run"
@@ -237,7 +237,7 @@ def test_default_inputs_chain_the_stages_through_their_release_folders(tmp_path,
 
     from esp_medsam_hf.commands.train import add_arguments, stage_config
     from esp_medsam_hf.training import STAGES
-    from esp_medsam_hf.training.stages import write_release
+    from esp_medsam_hf.training.stages.shared import write_release
 
     monkeypatch.chdir(tmp_path)
     parser = argparse.ArgumentParser()

@@ -25,7 +25,7 @@ from esp_medsam_hf.training import (
     run_stage,
     train,
 )
-from esp_medsam_hf.training.loop import save_checkpoint
+from esp_medsam_hf.training.checkpoints import save_checkpoint
 from esp_medsam_hf.training.stages import espmedsam_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from ..testing.localhub import LocalHubError
     from ..training.data import TrainingDataError
     from ..training.demo import run_demo
-    from ..training.loop import NonFiniteLossError
+    from ..training.checkpoints import NonFiniteLossError
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,15 +13,8 @@ from .config import (
     load_config,
 )
 from .data import TrainingDataError
-from .loop import (
-    CheckpointError,
-    NonFiniteLossError,
-    StageTask,
-    TrainingResult,
-    latest_checkpoint,
-    latest_intact_checkpoint,
-    train,
-)
+from .checkpoints import CheckpointError, NonFiniteLossError, latest_checkpoint, latest_intact_checkpoint
+from .loop import StageTask, TrainingResult, train
 from .stages import StageResult, run_distill, run_espmedsam, run_stage, run_teacher
 
 __all__ = [

@@ -286,10 +286,9 @@ def demo_releases(teacher, distill, esp, report: dict, configs: tuple, data: Dem
     """``(branch, folder, card)`` of every stage and of ``main``. The teacher and the distilled student are scored
     on the real DSB 2018 image for their cards (the final model's card has the whole evaluation)."""
     from ..data.evaluation import evaluate_model
-    from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
+    from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel, count_parameters
     from ..models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
     from .publishing import STAGE_TO_BRANCH, measured_efficiency, stage_card, training_data
-    from .stages import count_parameters
 
     teacher_config, distill_config, esp_config = configs
     synthetic = set(data.synthetic_test) | set(data.classifier) - set(REAL_TRAINING)

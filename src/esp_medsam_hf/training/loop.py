@@ -7,22 +7,16 @@ resume (the batch order is seeded by epoch through accelerate's seedable sampler
 ``load_state``, consumed batches are skipped with ``skip_first_batches``). What differs between the stages (model,
 data, loss, validation, which gradients to drop) is a ``StageTask``.
 
-What a checkpoint may be trusted with: it is written only when every parameter is finite; the progress counters
-are JSON (``progress.json``), so resuming never unpickles anything but accelerate's tensor files, which it reads
-with ``weights_only=True`` (a ``custom_checkpoint_*.pkl`` in a checkpoint is refused); ``--resume latest`` takes the
-newest checkpoint that verifies (weights readable and finite, RNG state and progress readable) and says which
-broken ones it passed over; a resume with options that differ from the run's ``config.yaml`` is refused.
+Checkpoints (and what one may be trusted with) are ``training.checkpoints``; the run folder's safety (no overwrite
+unless asked, no resume with other options) is ``training.run_folder``; the log files are ``training.run_log``.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import os
-import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,31 +26,25 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..models.esp_medsam.fileio import atomic_file, replace_directory, staging_directory
+from ..models.esp_medsam.fileio import staging_directory
+from .checkpoints import (
+    PROGRESS_FILE,
+    NonFiniteLossError,
+    TrainingProgress,
+    check_parameters_finite,
+    checkpoint_name,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainingConfig
+from .run_folder import prepare_output_dir
+from .run_log import RunLog
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "step-"
-CHECKPOINT_RE = re.compile(rf"{CHECKPOINT_PREFIX}(\d{{8}})")
-PROGRESS_FILE = "progress.json"
-# options that may differ between a run and its resumption (they do not change what is trained)
-RESUMABLE_OPTIONS = frozenset({
-    "output_dir", "resume", "overwrite", "progress", "num_workers", "report_to", "log_every", "checkpoint_every",
-    "keep_checkpoints",
-})
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss (or the gradients, or the parameters) became NaN or infinite; nothing from that step was applied
-    or saved."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be trusted (unreadable, non-finite, tampered) or does not match the run's options."""
 
 
 @dataclass
@@ -84,28 +72,6 @@ class StageTask:
     before_optimizer_step: Callable[[nn.Module, set[int]], None] | None = None
 
 
-class TrainingProgress:
-    """Where training stands; saved as ``progress.json`` beside the accelerate state of each checkpoint."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.batch = 0  # batches of the current epoch already consumed
-        self.global_step = 0  # optimizer steps
-        self.best_metric: float | None = None
-        self.best_step: int | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        expected = set(vars(self))
-        if not isinstance(state, dict) or set(state) != expected:
-            raise CheckpointError(f"progress state must hold exactly {sorted(expected)}, got {state!r}")
-        for key in ("epoch", "batch", "global_step"):
-            if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
-                raise CheckpointError(f"progress {key} must be a non-negative integer, got {state[key]!r}")
-        vars(self).update(state)
-
 
 @dataclass
 class TrainingResult:
@@ -117,103 +83,6 @@ class TrainingResult:
     history: list[dict] = field(default_factory=list)
 
 
-def checkpoint_name(step: int) -> str:
-    """The folder name of the checkpoint taken after optimizer step ``step`` (``step-NNNNNNNN``)."""
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
-
-
-def checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (``checkpoints/step-NNNNNNNN``), oldest first; temporary folders of interrupted saves
-    and folders of any other name (``step-zzz``) are not checkpoints."""
-    folder = Path(output_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_RE.fullmatch(p.name))
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint, unverified (see ``latest_intact_checkpoint``)."""
-    done = checkpoints(output_dir)
-    return done[-1] if done else None
-
-
-def verify_checkpoint(folder: Path) -> None:
-    """Raise ``CheckpointError`` unless ``folder`` is a checkpoint this loop wrote and can trust: no pickle to
-    run, weights readable and finite, progress and RNG state readable (with ``weights_only``)."""
-    from accelerate.utils import load as accelerate_load
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    planted = sorted(p.name for p in folder.glob("custom_checkpoint_*.pkl"))
-    if planted:
-        raise CheckpointError(f"{folder} holds {', '.join(planted)}: pickled state that this training loop never "
-                              "writes and will not load (loading it could run code); start from another checkpoint")
-    try:
-        TrainingProgress().load_state_dict(json.loads((folder / PROGRESS_FILE).read_text()))
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{folder}: no readable {PROGRESS_FILE} ({error})") from error
-    weights = sorted(folder.glob("model*.safetensors"))
-    if not weights:
-        raise CheckpointError(f"{folder}: no model*.safetensors")
-    for path in weights:
-        try:
-            tensors = load_file(path)
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointError(f"{path} is unreadable ({error})") from error
-        bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
-        if bad:
-            raise CheckpointError(f"{path}: {len(bad)} of {len(tensors)} tensors hold NaN or inf (e.g. {bad[0]})")
-    for path in sorted(folder.glob("random_states_*.pkl")) + sorted(folder.glob("optimizer*.bin")):
-        try:
-            state = accelerate_load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-            raise CheckpointError(f"{path} cannot be read safely ({type(error).__name__}: {error})") from error
-        if path.name.startswith("random_states"):
-            _check_rng_state(path, state)
-
-
-def _check_rng_state(path: Path, state: Any) -> None:
-    """accelerate only logs (at INFO) an RNG state it cannot restore; a resume that is not exact must fail."""
-    import random
-
-    import numpy as np
-
-    keys = ("random_state", "numpy_random_seed", "torch_manual_seed")
-    if not isinstance(state, dict) or any(key not in state for key in keys):
-        raise CheckpointError(f"{path}: not an RNG state (expected the keys {', '.join(keys)})")
-    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    try:  # restoring is the only full check of the values; the current states are put back right after
-        random.setstate(state["random_state"])
-        np.random.set_state(state["numpy_random_seed"])
-        torch.set_rng_state(state["torch_manual_seed"])
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: the RNG state cannot be restored ({error})") from error
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.set_rng_state(saved[2])
-
-
-def latest_intact_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint that passes ``verify_checkpoint``; each broken newer one is named in a warning."""
-    for folder in reversed(checkpoints(output_dir)):
-        try:
-            verify_checkpoint(folder)
-        except CheckpointError as error:
-            logger.warning("skipping checkpoint %s: %s; falling back to the previous one", folder.name, error)
-            continue
-        return folder
-    return None
-
-
-def check_parameters_finite(model: nn.Module, what: str) -> None:
-    """Raise ``NonFiniteLossError`` naming the non-finite parameters (nothing is saved from such a model)."""
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
-    if bad:
-        total = sum(1 for _ in model.parameters())
-        raise NonFiniteLossError(f"{what}: {len(bad)} of {total} parameters hold NaN or inf (e.g. {bad[0]})")
-
 
 def save_model_atomically(task: StageTask, model: nn.Module, target: Path) -> Path:
     """``task.save`` into a temporary sibling folder, then rename it to ``target`` (never a model with NaN/inf)."""
@@ -222,157 +91,6 @@ def save_model_atomically(task: StageTask, model: nn.Module, target: Path) -> Pa
         task.save(model, staging)
     return target
 
-
-def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, progress: TrainingProgress | None = None,
-                    model: nn.Module | None = None) -> Path:
-    """``accelerator.save_state`` into ``checkpoints/.tmp-step-N``, renamed to ``checkpoints/step-N`` when complete;
-    only then are the checkpoints beyond the newest ``keep`` deleted.
-
-    ``model``: checked finite first (a NaN model is never saved as a checkpoint); ``progress``: saved as JSON.
-    accelerate's own rotation (``ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=...)``) is not
-    used: it deletes the oldest checkpoints before writing the new one, straight into its final folder, so a crash
-    mid-save would leave fewer good checkpoints and a partial one under a checkpoint's name.
-    """
-    if model is not None:
-        check_parameters_finite(model, f"step {step}: not saved as a checkpoint")
-    folder = output_dir / "checkpoints"
-    target = folder / checkpoint_name(step)
-    staging = folder / f".tmp-{checkpoint_name(step)}"
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if progress is not None:
-            (staging / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()))
-        replace_directory(staging, target)
-        done = checkpoints(output_dir)
-        for old in done[: max(0, len(done) - max(1, keep))]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return target
-
-
-class RunLog:
-    """``log.csv`` (one row per logged optimizer step) and ``log.jsonl`` (every event, validation included)."""
-
-    FIELDS = ("time", "task", "epoch", "step", "loss", "lr")
-
-    def __init__(self, output_dir: Path, enabled: bool):
-        self.enabled = enabled
-        self.csv_path, self.jsonl_path = output_dir / "log.csv", output_dir / "log.jsonl"
-        self.history: list[dict] = []
-
-    def truncate_after(self, step: int) -> None:
-        """Drop the events logged after ``step`` (by a run that went on past the checkpoint now resumed)."""
-        if not self.enabled:
-            return
-        if self.jsonl_path.exists():
-            lines = [line for line in self.jsonl_path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if int(json.loads(line).get("step", 0)) <= step]
-            if len(kept) != len(lines):
-                with atomic_file(self.jsonl_path) as temporary:
-                    temporary.write_text("".join(line + "\n" for line in kept))
-        if self.csv_path.exists():
-            with self.csv_path.open(newline="") as handle:
-                rows = list(csv.DictReader(handle))
-            kept_rows = [row for row in rows if int(row["step"]) <= step]
-            if len(kept_rows) != len(rows):
-                with atomic_file(self.csv_path) as temporary, temporary.open("w", newline="") as handle:
-                    writer = csv.DictWriter(handle, fieldnames=self.FIELDS, extrasaction="ignore")
-                    writer.writeheader()
-                    writer.writerows(kept_rows)
-
-    def write(self, event: dict) -> None:
-        self.history.append(event)
-        if not self.enabled:
-            return
-        with self.jsonl_path.open("a") as handle:
-            handle.write(json.dumps(event) + "\n")
-        if event.get("event") == "train":
-            new = not self.csv_path.exists()
-            with self.csv_path.open("a", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=self.FIELDS, extrasaction="ignore")
-                if new:
-                    writer.writeheader()
-                writer.writerow(event)
-
-
-def prepare_output_dir(config: TrainingConfig, output_dir: Path) -> Path | None:
-    """Refuse to overwrite a finished or started run unless asked; returns the checkpoint to resume from."""
-    resume = None
-    if config.resume == "latest":
-        resume = latest_intact_checkpoint(output_dir)
-        if resume is None:
-            if checkpoints(output_dir):
-                raise CheckpointError(f"no checkpoint in {output_dir / 'checkpoints'} can be trusted (see the "
-                                      "warnings above); pass --overwrite without --resume to start again")
-            logger.info("no checkpoint in %s: starting from scratch", output_dir)
-    elif config.resume:
-        resume = Path(config.resume)
-        if not resume.is_dir():
-            raise FileNotFoundError(f"checkpoint {resume} does not exist")
-        verify_checkpoint(resume)
-    if resume is not None:
-        check_resume_options(config, output_dir)
-    started = output_dir.exists() and any(
-        (output_dir / name).exists() for name in ("checkpoints", "final", "best", "log.jsonl")
-    )
-    if started and resume is None:
-        if not config.overwrite:
-            raise FileExistsError(
-                f"{output_dir} already holds a run; pass --resume latest to continue it or --overwrite to replace it"
-            )
-        check_inputs_survive(config, [output_dir / name for name in RUN_ENTRIES])
-        for name in RUN_ENTRIES:
-            path = output_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    return resume
-
-
-RUN_ENTRIES = ("checkpoints", "final", "best", "log.csv", "log.jsonl")
-"""What ``--overwrite`` removes from a run folder (nothing else in it is touched)."""
-INPUT_OPTIONS = ("init_from", "teacher", "data", "natural_images", "sam_checkpoint")
-
-
-def check_inputs_survive(config: TrainingConfig, doomed: list[Path]) -> None:
-    """Refuse an ``--overwrite`` that would delete one of the run's own inputs (``init_from: run/final``, ...)."""
-    for option in INPUT_OPTIONS:
-        value = getattr(config, option, None)
-        if not value or value in ("synthetic", "litemedsam"):
-            continue
-        source = Path(value).resolve()
-        for path in doomed:
-            target = path.resolve()
-            if source == target or target in source.parents:
-                raise FileExistsError(
-                    f"--overwrite would delete {path}, which holds {option} ({value}); choose another output folder"
-                )
-
-
-def check_resume_options(config: TrainingConfig, output_dir: Path) -> None:
-    """Refuse to resume with options that change what is trained (the checkpoint was made under the saved ones)."""
-    import yaml
-
-    path = output_dir / "config.yaml"
-    if not path.is_file():
-        return
-    saved = yaml.safe_load(path.read_text()) or {}
-    current = config.to_dict()
-    changed = sorted(k for k in set(saved) | set(current)
-                     if k not in RESUMABLE_OPTIONS and saved.get(k) != current.get(k))
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise CheckpointError(
-            f"cannot resume {output_dir} with other options ({details}); its checkpoints were trained with "
-            f"{path.name}. Resume with the same options, or start a new run (another --output-dir, or "
-            "--init-from the previous run's final model)"
-        )
 
 
 @dataclass

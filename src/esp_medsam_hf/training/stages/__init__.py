@@ -1,0 +1,50 @@
+"""The three training stages of ESP-MedSAM as ``StageTask``s for the loop, and ``run_stage`` to run one; each
+stage reads top to bottom in its own module (``teacher``, ``distill``, ``espmedsam``).
+
+- teacher: SAM's frozen ViT + medical tokens and MLPs + SPPG + QDMD on the source domains (mask and patch losses).
+- distill (MMDKD): modality-common (the student's aggregator learns the frozen SAM encoder's embeddings on natural
+  photographs, parameter bags unplugged) then modality-specific (bag m learns the medical teacher's embeddings on
+  modality m, aggregator frozen; bags of modalities absent from a step get no gradient at all, so Adam leaves them
+  alone). MSE on the embeddings.
+- espmedsam: the distilled encoder with SPPG and QDMD on the source domains; the modality classifier trains jointly
+  through the model's loss.
+"""
+
+from __future__ import annotations
+
+from ..config import DistillConfig, EspMedSamStageConfig, TeacherConfig, TrainingConfig
+from .distill import EncoderDistillation, UnpluggedBags, distill_tasks, drop_absent_bag_gradients, run_distill
+from .espmedsam import espmedsam_task, run_espmedsam
+from .modality_classifier import fit_modality_classifier
+from .shared import StageResult
+from .student import build_student
+from .teacher import build_teacher, run_teacher, teacher_task
+
+
+def run_stage(config: TrainingConfig) -> StageResult:
+    """Run the stage that ``config`` describes (a TeacherConfig, DistillConfig or EspMedSamStageConfig)."""
+    if isinstance(config, TeacherConfig):
+        return run_teacher(config)
+    if isinstance(config, DistillConfig):
+        return run_distill(config)
+    if isinstance(config, EspMedSamStageConfig):
+        return run_espmedsam(config)
+    raise TypeError(f"unknown stage configuration {type(config).__name__}")
+
+
+__all__ = [
+    "EncoderDistillation",
+    "StageResult",
+    "UnpluggedBags",
+    "build_student",
+    "build_teacher",
+    "distill_tasks",
+    "drop_absent_bag_gradients",
+    "espmedsam_task",
+    "fit_modality_classifier",
+    "run_distill",
+    "run_espmedsam",
+    "run_stage",
+    "run_teacher",
+    "teacher_task",
+]

@@ -1,0 +1,85 @@
+"""Stage 3, ESP-MedSAM: the distilled encoder with SPPG and QDMD on the source domains; the modality classifier
+trains jointly through the model's loss, and may be fitted again alone on more domains for the release."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from ...models.esp_medsam.modeling_esp_medsam import EspMedSamModel
+from ...models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
+from ..config import EspMedSamStageConfig
+from ..data import check_not_empty, load_domains
+from ..features import FeatureDataset
+from ..loop import train
+from .modality_classifier import fit_modality_classifier
+from .shared import StageResult, cached_feature_task, save_with_processor, segmentation_task, source_data, write_release
+from .student import apply_freeze, build_student, student_processor
+
+logger = logging.getLogger(__name__)
+
+
+def espmedsam_task(config: EspMedSamStageConfig, model: EspMedSamModel | None = None, data: dict | None = None):
+    """(task, processor, data) of stage 3: everything but the ``freeze`` parts trains (the modality classifier on
+    detached features); with ``cache_features`` the frozen encoder's features are computed once."""
+    data = data or source_data(config)
+    processor = student_processor(model, None) if model is not None else None
+    model = model if model is not None else build_student(config, config.init_from)
+    processor = processor or student_processor(model, config.init_from)
+    apply_freeze(model, config.freeze, config.frozen_encoder_stages)
+    if config.cache_features:
+        return cached_feature_task("espmedsam", model, config, data, processor)
+    return segmentation_task("espmedsam", model, config, data, processor)
+
+
+
+def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = None,
+                  data: dict | None = None, classifier_data: dict | None = None) -> StageResult:
+    """Stage 3; the release (``output_dir/release``) is the best validation model (the final one without
+    validation), with the modality classifier fitted on ``classifier_domains`` (or ``classifier_data``, already
+    loaded domains) when asked. Seeded with ``config.seed`` before any model is built."""
+    set_seed(config.seed)
+    task, processor, data = espmedsam_task(config, model, data)
+    result = train(config, task)
+    chosen = result.best_dir or result.final_dir
+    metrics: dict = {"validation_dice": result.best_metric}
+    fitted: dict = {}
+    known = None
+    if isinstance(task.train_dataset, FeatureDataset) and classifier_data is not None:
+        # the stem is frozen below a feature cache: its pooled features of the training images are still right
+        cache = task.train_dataset
+        known = (cache.pooled.flatten(0, 1), cache.modality.repeat_interleave(cache.num_views))
+        classifier_data = {name: domain for name, domain in classifier_data.items() if name not in data}
+
+    def fit_classifier(staging: Path) -> None:
+        fitted.update(_fit_classifier_into(config, chosen, staging, processor, classifier_data, known))
+
+    release = write_release(chosen, Path(config.output_dir), fit_classifier)
+    metrics.update(fitted)
+    return StageResult("espmedsam", release, [result], metrics)
+
+
+def _fit_classifier_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, processor: EspMedSamProcessor,
+                         classifier_data: dict | None, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Fit the modality classifier of ``chosen`` when asked (``known``: pooled features already computed) and save
+    the model into ``staging``."""
+    metrics: dict = {}
+    if (config.classifier_domains or classifier_data or known) and config.classifier_epochs:
+        best = EspMedSamModel.from_pretrained(chosen)
+        if classifier_data is None:
+            classifier_data = load_domains(
+                config.data, config.classifier_domains, splits={"train": config.synthetic_train_images},
+                seed=config.seed, size=config.image_size,
+            )
+        if known is None:
+            check_not_empty(classifier_data, "train")
+        fit = fit_modality_classifier(best, processor, classifier_data, epochs=config.classifier_epochs,
+                                      seed=config.seed, progress=config.progress, known=known)
+        metrics["classifier_train_accuracy"] = fit["accuracy"]
+        logger.info("modality classifier fitted on %d images of %d domains: %.2f%% training accuracy",
+                    fit["images"], len(classifier_data), fit["accuracy"])
+        save_with_processor(best, processor, staging)
+    return metrics

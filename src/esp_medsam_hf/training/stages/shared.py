@@ -1,0 +1,164 @@
+"""What the three stages share: the stage result, the processor, the source data, the Dice validation, the
+segmentation task (on images or on cached encoder features) and the release folder."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch.nn.functional as F
+from accelerate import PartialState
+from torch import nn
+
+from ...models.esp_medsam.image_processing_esp_medsam import EspMedSamImageProcessor
+from ...models.esp_medsam.losses import batch_loss
+from ...models.esp_medsam.modeling_esp_medsam import EspMedSamModel
+from ...models.esp_medsam.pipeline_esp_medsam import save_pretrained_with_pipeline
+from ...models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
+from ..augment import training_augmentation
+from ..config import RELEASE, TrainingConfig
+from ..data import Collator, SegmentationDataset, check_not_empty, load_domains
+from ..features import EspMedSamAfterCache, cache_features, cached_loss, collate_features
+from ..loop import StageTask, TrainingResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: ``release_dir`` is the folder to publish (model, processor)."""
+
+    stage: str
+    release_dir: Path
+    results: list[TrainingResult]
+    metrics: dict
+
+
+def make_processor(image_size: int, modality_names) -> EspMedSamProcessor:
+    image_processor = EspMedSamImageProcessor(size={"height": image_size, "width": image_size})
+    return EspMedSamProcessor(image_processor, modality_names=list(modality_names))
+
+
+def save_with_processor(model: nn.Module, processor: EspMedSamProcessor, folder: Path) -> None:
+    """``save_pretrained`` of the model and processor, plus preprocessor_config.json for the stock pipeline; a
+    student folder also carries the "medical-image-segmentation" pipeline as remote code."""
+    if isinstance(model, EspMedSamModel):
+        save_pretrained_with_pipeline(model, processor, folder)
+        return
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+
+
+def freeze_all_but(model: nn.Module, trainable: list[nn.Module]) -> None:
+    model.requires_grad_(False)
+    for module in trainable:
+        module.requires_grad_(True)
+
+
+def source_data(config: TrainingConfig) -> dict:
+    """The training domains with ``train`` and ``validation`` splits; empty domains are an error."""
+    splits = {"train": config.synthetic_train_images, "validation": config.synthetic_valid_images}
+    data = load_domains(config.data, config.domains, splits=splits, seed=config.seed, size=config.image_size)
+    check_not_empty(data, "train")
+    return data
+
+
+def dice_validation(model: nn.Module, processor: EspMedSamProcessor, data: dict, config: TrainingConfig) -> dict:
+    """Mean validation Dice (%) over the domains, with ``data.evaluation.evaluate_model``."""
+    from ...data.evaluation import evaluate_model
+
+    usable = {name: dataset for name, dataset in data.items() if len(dataset["validation"])}
+    if not usable:
+        return {"dice": float("nan")}
+    report = evaluate_model(
+        model, processor, usable, split="validation",
+        compute_hausdorff=False, max_images=config.validation_images, progress=False,
+    )
+    per_domain = {f"dice/{name}": row["dice"] for name, row in report["domains"].items()}
+    return {"dice": float(np.mean(list(per_domain.values()))), **per_domain}
+
+
+def segmentation_task(name: str, model: nn.Module, config: TrainingConfig, data: dict,
+                      processor: EspMedSamProcessor | None = None):
+    """(task, processor, data) of a stage trained with the segmentation loss and validated by Dice (1 and 3)."""
+    processor = processor or make_processor(model.config.image_size, model.config.modality_names)
+    task = StageTask(
+        name=name,
+        model=model,
+        train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed,
+                                          scale_augmentation=training_augmentation(config, processor.image_processor)),
+        collate_fn=Collator(processor.image_processor),
+        compute_loss=batch_loss,
+        save=lambda m, folder: save_with_processor(m, processor, folder),
+        validate=lambda m: dice_validation(m, processor, data, config),
+    )
+    return task, processor, data
+
+
+
+def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig, data: dict,
+                        processor: EspMedSamProcessor):
+    """(task, processor, data) of a segmentation stage on a frozen encoder prefix's cached features
+    (:mod:`esp_medsam_hf.training.features`); validation Dice (%) on cached validation features at model size."""
+    point = config.cache_point
+    train_rows = SegmentationDataset(data, "train", augment=config.augment, seed=config.seed,
+                                     scale_augmentation=training_augmentation(config, processor.image_processor))
+    views = config.feature_views if config.augment else 1
+    features = cache_features(model, processor.image_processor, train_rows, views=views, frozen_stages=point,
+                              progress=config.progress, desc=f"{name}: encoding training images")
+    usable = {n: d for n, d in data.items() if len(d["validation"])}
+    validation = None
+    if usable and config.validate:
+        rows = SegmentationDataset(usable, "validation")
+        validation = cache_features(model, processor.image_processor, rows, views=1, frozen_stages=point,
+                                    progress=config.progress, desc=f"{name}: encoding validation images")
+    trainable = EspMedSamAfterCache(model, point)
+
+    def validate(module: EspMedSamAfterCache) -> dict:
+        from ...metrics.functional import dice_score
+
+        was_training = module.training
+        module.eval()
+        scores = []
+        for start in range(0, validation.num_images, 16):
+            logits = module.predict(validation.features[start : start + 16, 0],
+                                    validation.modality[start : start + 16])
+            labels = validation.labels[start : start + 16, 0]
+            masks = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear") > 0
+            scores += [dice_score(m[0].numpy(), l[0].numpy() > 0) for m, l in zip(masks, labels)]
+        module.train(was_training)
+        return {"dice": float(np.mean(scores))}
+
+    task = StageTask(
+        name=name,
+        model=trainable,
+        train_dataset=features,
+        collate_fn=collate_features,
+        compute_loss=cached_loss,
+        save=lambda m, folder: save_with_processor(m.model, processor, folder),
+        validate=validate if validation is not None else None,
+    )
+    return task, processor, data
+
+
+
+def write_release(chosen: Path, output_dir: Path, build=None) -> Path:
+    """``output_dir/release``: a copy of ``chosen`` (or what ``build(staging)`` writes), replaced atomically, by the
+    main process only under ``accelerate launch``."""
+    from ...models.esp_medsam.fileio import staging_directory
+
+    release = Path(output_dir) / RELEASE
+    state = PartialState()
+    if state.is_main_process:
+        with staging_directory(release) as staging:
+            if build is not None:
+                build(staging)
+            if not (staging / "config.json").is_file():
+                shutil.copytree(chosen, staging, dirs_exist_ok=True)
+    state.wait_for_everyone()
+    return release
+
