@@ -61,10 +61,13 @@ def test_16bit_png_is_stretched_like_the_image_processor(tmp_path):
     Image.fromarray(raw).save(tmp_path / "x16.png")
     assert Image.open(tmp_path / "x16.png").mode.startswith("I")
     image, _ = load_image(tmp_path / "x16.png")
-    expected = np.floor(raw.astype(np.float64) * 255 / 4000 + 0.5).astype(np.uint8)
+    low, high = np.percentile(raw.astype(np.float64), [1.0, 99.8])  # DEFAULT_PERCENTILES, StarDist's convention
+    expected = np.clip(np.floor((raw - low) * 255 / (high - low) + 0.5), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(image[..., 0], expected)
     assert image[0, 0, 0] == 0 and image[-1, -1, 0] == 255
-    # The image processor min-max stretches raw 16-bit arrays itself: loading first changes nothing.
+    minmax, _ = load_image(tmp_path / "x16.png", percentiles=None)
+    np.testing.assert_array_equal(minmax[..., 0], np.floor(raw.astype(np.float64) * 255 / 4000 + 0.5).astype(np.uint8))
+    # The image processor stretches raw 16-bit arrays itself with the same percentiles: loading first changes nothing.
     processor = EspMedSamImageProcessor(size={"height": 32, "width": 32})
     from_raw = processor(images=[np.repeat(raw[..., None], 3, axis=-1)], return_tensors="pt")["pixel_values"]
     from_loaded = processor(images=[image], return_tensors="pt")["pixel_values"]

@@ -42,7 +42,7 @@ def _rgb_image(height: int = 80, width: int = 100) -> np.ndarray:
 
 
 def _direct_mask(loaded, image: np.ndarray, modality: int | None) -> np.ndarray:
-    """The mask computed without the app: processor -> model -> post-processing."""
+    """The mask computed without the app: processor -> model -> post-processing (the whole view, scale "whole")."""
     inputs = loaded.processor(images=[image], modality=modality, return_tensors="pt")
     with torch.no_grad():
         outputs = loaded.model(pixel_values=inputs["pixel_values"], modality=inputs.get("modality"))
@@ -61,7 +61,7 @@ def test_segment_png_matches_the_model_and_writes_the_mask(tmp_path, loaded, seg
     image = _rgb_image()
     path = tmp_path / "scan.png"
     Image.fromarray(image).save(path)
-    overlay, mask, label, summary, mask_png = segment(str(path), "automatic")
+    overlay, mask, label, summary, mask_png = segment(str(path), "automatic", "whole")
 
     expected = _direct_mask(loaded, image, None)
     assert 0 < expected.sum() < expected.size, "a mask with both classes is needed to check the overlay"
@@ -76,6 +76,22 @@ def test_segment_png_matches_the_model_and_writes_the_mask(tmp_path, loaded, seg
     predicted = max(label, key=label.get)
     assert summary.startswith(f"Modality: {predicted} (predicted by the modality classifier;")
     assert re.search(r"time: \d+ ms", summary) and f"mask: {expected.mean():.1%}" in summary
+
+
+def test_scale_is_shown_and_can_be_overridden(tmp_path, loaded, segment):
+    from esp_medsam_hf.models.esp_medsam.prediction import predict
+
+    image = _rgb_image(60, 90)
+    path = tmp_path / "cells.png"
+    Image.fromarray(image).save(path)
+    _, mask, _, summary, _ = segment(str(path), "microscopy", "2")
+    assert "scale: 2 (tiles at x2 of the native pixels)" in summary
+    expected = predict(loaded.model, loaded.processor, [image], "microscopy", scale=2.0)
+    np.testing.assert_array_equal(mask > 0, expected.masks[0])
+    assert "scale: whole (whole image)" in segment(str(path), "microscopy", "whole")[3]
+    assert "scale: auto (" in segment(str(path), "microscopy")[3]
+    with pytest.raises(gr.Error, match="scale"):
+        segment(str(path), "microscopy", "zero")
 
 
 def test_mask_files_older_than_the_cache_age_are_removed(tmp_path, segment):
@@ -96,7 +112,7 @@ def test_chosen_modality_drives_the_model_and_the_label(tmp_path, loaded, segmen
     path = tmp_path / "eye.jpg"
     Image.fromarray(image).save(path, quality=95)
     read_back = np.array(Image.open(path).convert("RGB"))
-    _, mask, label, summary, _ = segment(str(path), "fundus")
+    _, mask, label, summary, _ = segment(str(path), "fundus", "whole")
     np.testing.assert_array_equal(mask > 0, _direct_mask(loaded, read_back, 3))
     assert label == {"fundus": 1.0}  # a given modality is certain; the classifier's view is in the summary
     assert "fundus (chosen by you" in summary and "classifier probability" in summary
@@ -113,7 +129,7 @@ def test_other_raster_formats(tmp_path, loaded, segment, kind):
         pil = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).convert("P")
     path = tmp_path / f"{kind}.png"
     pil.save(path)
-    overlay, mask, _, _, mask_png = segment(str(path), "microscopy")
+    overlay, mask, _, _, mask_png = segment(str(path), "microscopy", "whole")
     assert overlay.shape == (40, 56, 3) and overlay.dtype == np.uint8
     assert mask.shape == (40, 56) and Image.open(mask_png).size == (56, 40)
     expected_rgb = np.asarray(pil.convert("RGB")) if kind != "grey16" else None
@@ -235,7 +251,7 @@ app.load_litemedsam_default = app.load_random_tiny
 results = []
 for revision in sys.argv[4:]:
     loaded = app.load_model(sys.argv[2], revision)
-    _, mask, label, summary, _ = app.make_segment(loaded)(sys.argv[3], "microscopy")
+    _, mask, label, summary, _ = app.make_segment(loaded)(sys.argv[3], "microscopy", "whole")
     results.append({"source": loaded.source, "trained": loaded.trained, "notice": loaded.notice,
                      "mask": (mask > 0).astype(int).tolist()})
 print(json.dumps(results))

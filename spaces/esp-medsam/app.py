@@ -37,6 +37,9 @@ from esp_medsam_hf.models.esp_medsam.prediction import predict
 logger = logging.getLogger("esp_medsam_space")
 
 AUTOMATIC = "automatic"
+AUTOMATIC_SCALE = "auto"
+SCALE_CHOICES = (AUTOMATIC_SCALE, "whole", "0.5", "1", "2", "4")
+"""The scale menu; any other factor or "<n>px" object size may be typed (``prediction.predict`` checks it)."""
 DEFAULT_MAX_UPLOAD_MB = 20.0
 OVERLAY_COLOUR = (255, 214, 0)
 OVERLAY_ALPHA = 0.45
@@ -249,21 +252,39 @@ def preview(path: str | None) -> np.ndarray | None:
     return read_upload(path)[0]
 
 
-def run_model(loaded: LoadedModel, image: np.ndarray, modality: str | None) -> tuple[np.ndarray, dict[str, float], str]:
-    """One image -> (bool mask at the image size, classifier probability per modality, modality used).
+def run_model(
+    loaded: LoadedModel, image: np.ndarray, modality: str | None, scale: str | None = None
+) -> tuple[np.ndarray, dict[str, float], str, str]:
+    """One image -> (bool mask at the image size, classifier probability per modality, modality used, the scale
+    used in words). ``scale``: "auto", "whole", a zoom factor or "<n>px" (``prediction.predict``; ``None``: the
+    model's saved default).
 
     The forward runs on the fastest correct backend on this machine (onnxruntime on a CPU when installed;
     $ESP_MEDSAM_BACKEND overrides), exported once per model and cached.
     """
-    prediction = predict(loaded.model, loaded.processor, [image], modality, backend=None)
+    try:
+        prediction = predict(loaded.model, loaded.processor, [image], modality, backend=None, scale=scale)
+    except ValueError as error:
+        if "scale" in str(error):
+            raise gr.Error(str(error), title="Bad scale") from error
+        raise
     names = loaded.modality_names
-    return prediction.masks[0], dict(zip(names, prediction.modality_probabilities[0])), names[prediction.modality[0]]
+    probabilities = dict(zip(names, prediction.modality_probabilities[0]))
+    return prediction.masks[0], probabilities, names[prediction.modality[0]], describe_scale(prediction)
+
+
+def describe_scale(prediction) -> str:
+    """The scale a prediction used, in words: the whole view, or tiles at a zoom of the native pixels (with the
+    objects' size the automatic scale estimated)."""
+    factor, size = prediction.scales[0], prediction.object_sizes[0]
+    text = "whole image" if factor is None else f"tiles at x{factor:.2g} of the native pixels"
+    return text + (f", objects ~{size:.0f} px" if size is not None else "")
 
 
 def make_segment(loaded: LoadedModel):
     """The click handler: file + modality choice -> overlay, mask, classifier label, summary, mask PNG."""
 
-    def segment(path: str | None, modality_choice: str | None):
+    def segment(path: str | None, modality_choice: str | None, scale_choice: str | None = AUTOMATIC_SCALE):
         if not path:
             raise gr.Error("Upload an image or a DICOM file first, or pick one of the examples.", title="No image")
         image, tag_modality = read_upload(path)
@@ -275,11 +296,12 @@ def make_segment(loaded: LoadedModel):
         else:
             how = "chosen by you" if chosen else "predicted by the modality classifier"
         start = time.perf_counter()
-        mask, probabilities, used = run_model(loaded, image, chosen)
+        scale = (scale_choice or AUTOMATIC_SCALE).strip()
+        mask, probabilities, used, scale_used = run_model(loaded, image, chosen, scale)
         elapsed_ms = (time.perf_counter() - start) * 1000
         summary = (
             f"Modality: {used} ({how}; classifier probability {probabilities[used]:.0%}) · "
-            f"mask: {mask.mean():.1%} of the image · time: {elapsed_ms:.0f} ms"
+            f"mask: {mask.mean():.1%} of the image · scale: {scale} ({scale_used}) · time: {elapsed_ms:.0f} ms"
         )
         if not loaded.trained:
             summary += " · untrained model (see the notice above)"
@@ -340,6 +362,12 @@ def build_demo(loaded: LoadedModel) -> gr.Blocks:
                 modality = gr.Dropdown(
                     [AUTOMATIC, *loaded.modality_names], value=AUTOMATIC, label="Modality", elem_id="inp-modality"
                 )
+                scale = gr.Dropdown(
+                    list(SCALE_CHOICES), value=AUTOMATIC_SCALE, allow_custom_value=True, label="Scale",
+                    info="auto: estimated per image from a first pass; whole: the whole image at the model's input "
+                    "size; a zoom of the native pixels (1 = native, in tiles); or the objects' size, e.g. 30px",
+                    elem_id="inp-scale",
+                )
                 run = gr.Button("Segment", variant="primary", elem_id="run")
             with gr.Column():
                 overlay = gr.Image(label="Overlay", type="numpy", format="png", elem_id="out-overlay", height=320)
@@ -352,7 +380,7 @@ def build_demo(loaded: LoadedModel) -> gr.Blocks:
         segment = make_segment(loaded)
         outputs = [overlay, mask, label, summary, mask_file]
         file_in.change(preview, inputs=file_in, outputs=shown, api_visibility="private")
-        run.click(segment, inputs=[file_in, modality], outputs=outputs, api_name="segment")
+        run.click(segment, inputs=[file_in, modality, scale], outputs=outputs, api_name="segment")
         if examples:
             gr.Examples(
                 examples=[[path, modality_name] for path, modality_name, _ in examples],

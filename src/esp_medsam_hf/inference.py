@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 from .models.esp_medsam.fileio import atomic_file
 from .drawing import draw_caption, draw_mask, PREDICTION_COLOUR, save_png
-from .models.esp_medsam.image_reading import ImageLoadError, is_dicom, load_image, SUPPORTED_SUFFIXES
+from .models.esp_medsam.image_reading import (
+    DEFAULT_PERCENTILES,
+    ImageLoadError,
+    is_dicom,
+    load_image,
+    SUPPORTED_SUFFIXES,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +38,9 @@ CSV_NAME = "segmentation.csv"
 
 @dataclass
 class SegmentationRecord:
-    """One CSV row. ``seconds``: the wall time of the image's batch (reading, model, writing) over its size."""
+    """One CSV row. ``seconds``: the wall time of the image's batch (reading, model, writing) over its size;
+    ``scale``: the zoom factor of the native pixels the image was segmented at in tiles (empty: the whole view);
+    ``object_size``: the objects' size (native px) the automatic scale estimated."""
 
     file: str
     status: str = "ok"
@@ -40,6 +48,8 @@ class SegmentationRecord:
     modality_probability: float | None = None
     modality_source: str = ""
     score: float | None = None
+    scale: float | None = None
+    object_size: float | None = None
     mask_area: int | None = None
     mask_fraction: float | None = None
     height: int | None = None
@@ -153,10 +163,11 @@ def _batches(items: Sequence[InputFile], size: int) -> Iterable[list[InputFile]]
 
 
 def _read_batch(
-    batch: Sequence[InputFile], output_dir: Path, overwrite: bool
+    batch: Sequence[InputFile], output_dir: Path, overwrite: bool, percentiles=DEFAULT_PERCENTILES
 ) -> tuple[list[SegmentationRecord], list[Loaded]]:
     """One record per item, and the items to segment: those whose outputs may be written and whose file could be
-    read. The others' records say why not."""
+    read (16-bit and float images stretched with ``percentiles``, the image processor's). The others' records say
+    why not."""
     records: list[SegmentationRecord] = []
     loaded: list[Loaded] = []
     for item in batch:
@@ -168,7 +179,7 @@ def _read_batch(
             logger.error("%s: %s", item.path, record.error)
             continue
         try:
-            image, metadata = load_image(item.path)
+            image, metadata = load_image(item.path, percentiles)
         except (ImageLoadError, ImportError) as error:
             record.status, record.error = "error", str(error)
             logger.error("%s", error)
@@ -189,6 +200,8 @@ def _write_segment(item: InputFile, image: np.ndarray, segment: dict[str, Any], 
     record.modality_probability = round(segment["modality_probability"], 6)
     record.modality_source = segment["modality_source"]
     record.score = round(segment["score"], 6)
+    record.scale = None if segment.get("scale") is None else round(segment["scale"], 6)
+    record.object_size = None if segment.get("object_size") is None else round(segment["object_size"], 3)
     record.mask_area = int(mask.sum())
     record.mask_fraction = round(float(mask.mean()), 6)
     record.height, record.width = mask.shape
@@ -218,7 +231,8 @@ def segment_files(
     bar = tqdm(total=len(items), desc="segment", unit="image", disable=not progress)
     for batch in _batches(items, max(1, batch_size)):
         start = time.perf_counter()
-        batch_records, loaded = _read_batch(batch, output_dir, overwrite)
+        percentiles = getattr(pipe.image_processor, "intensity_percentiles", DEFAULT_PERCENTILES)
+        batch_records, loaded = _read_batch(batch, output_dir, overwrite, percentiles)
         outcomes = _run_pipeline(pipe, loaded, modality) if loaded else []
         for (item, image, _, record), segment in zip(loaded, outcomes):
             if isinstance(segment, Exception):
@@ -272,10 +286,11 @@ def progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def load_pipeline(model: str, revision: str | None = None, device: str | None = None, progress: bool = True,
-                  backend: str | None = None):
+                  backend: str | None = None, scale=None, tile_size: int | None = None, overlap: int | None = None):
     """The segmentation pipeline for a saved folder or Hub repo, on ``device`` (default: accelerate's device);
     ``progress=False`` hides the download and weight-loading bars; ``backend`` as in ``backends.resolve_backend``
-    (default: automatic)."""
+    (default: automatic); ``scale``, ``tile_size`` and ``overlap`` as in ``prediction.predict`` (default: the
+    model's saved ``inference_scale``, usually "auto"). Bad tiling values raise ``ValueError`` naming them."""
     from transformers import AutoImageProcessor, AutoModelForImageSegmentation
 
     from .models.esp_medsam.pipeline_esp_medsam import TASK, EspMedSamSegmentationPipeline
@@ -284,8 +299,10 @@ def load_pipeline(model: str, revision: str | None = None, device: str | None = 
     with progress_bars(progress):
         network = AutoModelForImageSegmentation.from_pretrained(model, revision=revision)
         image_processor = AutoImageProcessor.from_pretrained(model, revision=revision)
+    tiling = {key: value for key, value in (("scale", scale), ("tile_size", tile_size), ("overlap", overlap))
+              if value is not None}
     return EspMedSamSegmentationPipeline(
-        model=network.eval(), image_processor=image_processor, task=TASK, device=device, backend=backend
+        model=network.eval(), image_processor=image_processor, task=TASK, device=device, backend=backend, **tiling
     )
 
 

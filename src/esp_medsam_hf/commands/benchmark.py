@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--onnx-threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     parser.add_argument(
+        "--tiling", action="store_true",
+        help="measure only tiled inference: a 1024x1024 image at native scale (16 tiles of 256 px) through "
+        "prediction.predict against the 16 tiles' single forwards, interleaved; writes tiling.json and tiling.md",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of --tiling (default 5)")
+    parser.add_argument(
         "--quick", action="store_true",
         help="CI mode: tiny ESP-MedSAM and SAM configurations at 64 px, batch 1 and 2, one timed call each; "
         "LiteMedSAM (real, 256 px) only if named in --models",
@@ -86,9 +92,36 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tiling:
+        return run_tiling(args)
     settings = settings_from_args(args)
     with tqdm(desc="benchmark", unit="step") as bar:
         report = run_benchmark(settings, args.output, progress=lambda message: (bar.set_postfix_str(message), bar.update()))
     print(format_table(report))
     print(f"wrote {args.output}/benchmark.json, benchmark.md, benchmark.png")
+    return 0
+
+
+def run_tiling(args: argparse.Namespace) -> int:
+    """``--tiling``: the tiled-inference measurement (``benchmark.tiling``), printed and written to ``--output``."""
+    import json
+    from pathlib import Path
+
+    from ..benchmark.tiling import measure_tiling, tiling_markdown
+    from ..models.esp_medsam.fileio import atomic_file
+
+    if args.repeats < 1:
+        print(f"--repeats must be at least 1, got {args.repeats}", file=sys.stderr)
+        return 2
+    size, tile = (128, 64) if args.quick else (1024, 256)
+    result = measure_tiling(size, tile, repeats=args.repeats, backend=args.backend, device=args.device,
+                            quick=args.quick)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    with atomic_file(output / "tiling.json") as path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_file(output / "tiling.md") as path:
+        Path(path).write_text(tiling_markdown(result))
+    print(tiling_markdown(result))
+    print(f"wrote {output}/tiling.json, tiling.md")
     return 0

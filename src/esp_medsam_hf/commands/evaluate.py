@@ -33,6 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, help="synthetic image size (default: the model's input size)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--scale", default=None,
+        help="inference scale: auto (default, the model's saved setting), whole, a zoom factor of the native pixels "
+        "(1 = native, tiled) or an object size such as 30px",
+    )
+    parser.add_argument(
+        "--no-scale-table", action="store_true",
+        help="skip the scale table (Dice at x0.5, x1, x2, x4 beside Otsu on the microscopy and fundus domains)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
@@ -90,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.evaluation import evaluate_model, write_report
     from ..data.prepare import PreparationError
     from ..data.prepared import PreparedDataError
+    from ..data.scale_table import scale_tables
     from ..models.esp_medsam.fileio import check_replaceable
 
     try:
@@ -105,11 +115,14 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate_model(
             model, processor, data, split=args.split, batch_size=args.batch_size,
             compute_hausdorff=not args.no_hausdorff, given_modality=not args.predicted_modality,
-            max_images=args.max_images, cases=cases, references=reference_methods(tuple(names)),
+            max_images=args.max_images, cases=cases, references=reference_methods(tuple(names)), scale=args.scale,
         )
+        if not args.no_scale_table:
+            report["scale_tables"] = scale_tables(model, processor, data, split=args.split, scale=args.scale,
+                                                  max_images=args.max_images)
         report["model"] = str(args.model)
         output = write_report(report, args.output, cases=cases, data_label=label, overwrite=args.overwrite)
-    except (PreparationError, PreparedDataError, KeyError, FileExistsError, OSError) as error:
+    except (PreparationError, PreparedDataError, KeyError, FileExistsError, OSError, ValueError) as error:
         print(f"esp-medsam evaluate: error: {error.args[0] if error.args else error}", file=sys.stderr)
         return 1
     print((output / "results.md").read_text())

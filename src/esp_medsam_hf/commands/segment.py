@@ -24,6 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="inference backend (default: $ESP_MEDSAM_BACKEND, else auto: onnxruntime for fp32 on the CPU when "
         "installed, exported once and cached; else the PyTorch model)",
     )
+    parser.add_argument(
+        "--scale",
+        help="auto (default, from the model's preprocessor_config.json: a coarse pass estimates the objects' size), "
+        "whole (the whole image resized into the model's input), a zoom factor of the native pixels (1 = native, "
+        "tiled), or the objects' size in pixels such as 30px",
+    )
+    parser.add_argument("--tile-size", type=int, help="tile side in pixels (default: the model's input size)")
+    parser.add_argument("--overlap", type=int, help="overlap of neighbouring tiles in pixels (default: a quarter tile)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing masks, overlays and CSV")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -37,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     modality = int(args.modality) if args.modality is not None and args.modality.isdigit() else args.modality
     try:
         pipe = load_pipeline(args.model, revision=args.revision, device=args.device, progress=not args.no_progress,
-                             backend=args.backend)
+                             backend=args.backend, scale=args.scale, tile_size=args.tile_size, overlap=args.overlap)
         records = run_segmentation(
             args.paths,
             pipe,

@@ -21,6 +21,7 @@ from ..drawing import overlay, save_png
 from ..models.esp_medsam.prediction import predict
 from ..metrics.functional import dice_score, hausdorff_distance, mean_dice, mean_hausdorff
 from .domains import MODALITY_NAMES, get_domain
+from .scale_table import scale_table_markdown
 from .schema import image_to_rgb, mask_to_bool
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def evaluate_model(
     progress: bool = True,
     cases: dict | None = None,
     references: Mapping | None = None,
+    scale=None,
 ) -> dict:
     """Run ``model`` over ``datasets[name][split]`` for every name and score Dice (%) and Hausdorff distance (px).
 
@@ -109,6 +111,9 @@ def evaluate_model(
     :mod:`.baselines`): each is scored on the same images (``dice_<name>`` per image, ``references`` per domain).
     Each image also records the modality the model's classifier picks (``classifier_modality``) and each domain
     its accuracy (``classifier_accuracy``, %). The model's train/eval mode is restored afterwards.
+    Images go through ``prediction.predict`` with ``scale`` (``None``: the model's saved default, "auto" unless set;
+    "whole", a zoom factor of the native pixels such as 1, or "<n>px"); each image records the scale used
+    (``scale``: the zoom factor of its tiles, ``None`` for the whole view).
     """
     from tqdm.auto import tqdm
 
@@ -134,14 +139,15 @@ def evaluate_model(
                 images = [image_to_rgb(image) for image in batch["image"]]
                 masks = [mask_to_bool(mask) for mask in batch["mask"]]
                 tick = time.perf_counter()
-                prediction = predict(model, processor, images, batch["modality"] if given_modality else None)
-                predictions, picked = prediction.masks, prediction.classifier_modality
+                prediction = predict(model, processor, images, batch["modality"] if given_modality else None,
+                                     scale=scale)
+                predictions, picked, used_scales = prediction.masks, prediction.classifier_modality, prediction.scales
                 model_seconds += time.perf_counter() - tick
-                for image, reference, prediction, file_name, modality, guess in zip(
-                    images, masks, predictions, batch["file_name"], batch["modality"], picked
+                for image, reference, prediction, file_name, modality, guess, used in zip(
+                    images, masks, predictions, batch["file_name"], batch["modality"], picked, used_scales
                 ):
                     entry = _score_image(image, reference, prediction, modality, guess, references, compute_hausdorff)
-                    entry = {"file_name": file_name, **entry}
+                    entry = {"file_name": file_name, **entry, "scale": used}
                     sizes.add(f"{reference.shape[0]}x{reference.shape[1]}")
                     per_image.append(entry)
                     if cases is not None:
@@ -374,12 +380,16 @@ def write_report(
     report: dict, output_dir: str | Path, *, cases: dict | None = None, data_label: str = "", overwrite: bool = False
 ) -> Path:
     """Write ``results.md``, ``results.json`` (strict JSON: undefined values are null), ``dice_hd.png`` and
-    ``cases/`` into ``output_dir`` atomically."""
+    ``cases/`` into ``output_dir`` atomically. ``report["scale_tables"]`` (from ``scale_table.scale_tables``), when
+    present, adds the scale tables to ``results.md`` (and is saved in ``results.json``)."""
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} already exists and is not empty; pass overwrite=True (--overwrite)")
     with staging_directory(output_dir) as staging:
-        (staging / "results.md").write_text(f"# Evaluation\n\n{markdown_table(report, data_label)}")
+        text = f"# Evaluation\n\n{markdown_table(report, data_label)}"
+        if report.get("scale_tables"):
+            text += f"\n## Dice at other magnifications\n\n{scale_table_markdown(report['scale_tables'])}"
+        (staging / "results.md").write_text(text)
         saved = _json_safe({**report, "data": data_label})
         (staging / "results.json").write_text(json.dumps(saved, indent=2, allow_nan=False) + "\n")
         bar_chart(report, staging / "dice_hd.png", title=data_label)

@@ -1,7 +1,18 @@
-"""Image processor of ESP-MedSAM: square resize to the model size, normalisation, and mask post-processing.
+"""Image processor of ESP-MedSAM: resize to the model size, intensity and colour normalisation, and mask
+post-processing.
 
-ESP-MedSAM is trained on images stored already resized to a square (the official ``image_1024`` layout), so images
-are resized to ``size`` without keeping the aspect ratio (SAM's longest-edge resize and padding do not apply).
+By default the image keeps its aspect ratio: its longest side is resized to the model size and the rest is padded
+with zeros after normalisation (SAM's and LiteMedSAM's convention), so a 210x576 frame is not squashed 2.7:1.
+``keep_aspect_ratio=False`` resizes to the square without padding, as the official release (trained on images stored
+already resized to a square, the ``image_1024`` layout) does; ``EspMedSamImageProcessor.official()`` uses it.
+
+16-bit, float and bool images are brought to uint8 with ``image_reading.stretch_to_uint8`` and the processor's
+``intensity_percentiles`` (StarDist's and cellpose's percentile normalisation, 1-99.8 % by default; ``None``: a
+min-max stretch); the same function reads files for the pipelines and prepares the training data.
+
+The processor also keeps the model's inference defaults (``inference_scale``, ``tile_size``, ``tile_overlap``,
+``object_size``), saved in ``preprocessor_config.json``; ``prediction.predict`` reads them (see
+``prediction.tiling_options``); preprocessing does not use them.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
+from transformers.processing_utils import ImagesKwargs
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -21,7 +33,7 @@ from transformers.image_utils import (
 )
 
 from .dicom_plugin import register as register_dicom_plugin
-from .image_reading import stretch_to_uint8
+from .image_reading import DEFAULT_PERCENTILES, stretch_to_uint8
 
 # Pillow then reads DICOM files by content, so the stock pipeline's load_image(path) gets the windowed pixels.
 register_dicom_plugin()
@@ -35,9 +47,40 @@ def _channels_first(image: ImageInput) -> ImageInput:
     return image
 
 
-def _to_supported_dtype(image: ImageInput, index: int | None = None) -> ImageInput:
-    """Bring 16-bit, float and bool images to uint8 with ``image_reading.stretch_to_uint8`` (a per-image min-max
-    stretch; NaN and inf repaired with a warning); uint8 passes through untouched.
+def fit_size(height: int, width: int, size: tuple[int, int], keep_aspect_ratio: bool = True) -> tuple[int, int]:
+    """The (height, width) an image of ``height`` x ``width`` is resized to inside ``size``: the largest size with the
+    same aspect ratio that fits (each side at least 1 px), or ``size`` itself when not ``keep_aspect_ratio``."""
+    if not keep_aspect_ratio:
+        return int(size[0]), int(size[1])
+    factor = min(size[0] / height, size[1] / width)
+    return max(1, min(int(size[0]), round(height * factor))), max(1, min(int(size[1]), round(width * factor)))
+
+
+class EspMedSamImageProcessorKwargs(ImagesKwargs, total=False):
+    """The processor's own options beside transformers' ``ImagesKwargs`` (all saved in preprocessor_config.json).
+
+    keep_aspect_ratio: resize the longest side to ``size`` and pad (True), or resize to the square (False).
+    intensity_percentiles: (low, high) percentiles stretched to 0..255 for 16-bit/float images; None: min-max.
+    inference_scale: ``prediction.predict``'s default scale: "auto", "whole", a zoom factor or "<size>px".
+    tile_size: side of the tiles of tiled inference, in pixels of the rescaled image (None: the model size).
+    tile_overlap: overlap of neighbouring tiles in pixels (None: a quarter of the tile).
+    object_size: the object size (px across in the model's input) that "auto" and "<size>px" scales aim for.
+    """
+
+    keep_aspect_ratio: bool
+    intensity_percentiles: list[float] | tuple[float, float] | None
+    inference_scale: str | float | int
+    tile_size: int | None
+    tile_overlap: int | None
+    object_size: float | int
+
+
+def _to_supported_dtype(
+    image: ImageInput, index: int | None = None, percentiles: tuple[float, float] | None = DEFAULT_PERCENTILES
+) -> ImageInput:
+    """Bring 16-bit, float and bool images to uint8 with ``image_reading.stretch_to_uint8`` (a per-image
+    percentile stretch, or min-max with ``percentiles=None``; NaN and inf repaired with a warning); uint8 passes
+    through untouched.
 
     2-D arrays gain a trailing channel axis (transformers reads a bare 2-D array as ambiguous).
 
@@ -55,22 +98,26 @@ def _to_supported_dtype(image: ImageInput, index: int | None = None) -> ImageInp
         return image
     if array.dtype == np.uint8:
         return array[..., None] if array.ndim == 2 else image
-    result = stretch_to_uint8(array, "image" if index is None else f"image {index}")
+    result = stretch_to_uint8(array, "image" if index is None else f"image {index}", percentiles)
     if isinstance(image, torch.Tensor):  # a tensor keeps its own (channels-first) layout
         return torch.from_numpy(result[None] if result.ndim == 2 else result)
     return result[..., None] if result.ndim == 2 else result
 
 
 class EspMedSamImageProcessor(TorchvisionBackend):
-    r"""Resizes images to ``size`` (square, bilinear), rescales and normalises them; post-processes mask logits.
+    r"""Resizes images into ``size`` (bilinear; aspect kept and zero-padded unless ``keep_aspect_ratio=False``),
+    rescales and normalises them; post-processes mask logits. Its options: ``EspMedSamImageProcessorKwargs``.
 
     Defaults (rescale by 1/255, ImageNet mean and std, 1024 px) suit models trained by this package. Converted
     official checkpoints use the official preprocessing instead: no rescale, mean = std = (123.675, 116.28, 103.53)
     (``EspMedSamImageProcessor.official()``).
 
     Outputs: ``pixel_values`` (B, 3, S, S), ``original_sizes`` (B, 2) as (height, width), and ``labels`` (B, 1, S, S)
-    binary float masks when ``segmentation_maps`` are given.
+    binary float masks when ``segmentation_maps`` are given (resized and padded as the images). With
+    ``do_pad=False`` and ``return_tensors=None`` an aspect-kept image stays at its resized size (tiled inference).
     """
+
+    valid_kwargs = EspMedSamImageProcessorKwargs
 
     model_input_names = ["pixel_values", "original_sizes"]
     resample = PILImageResampling.BILINEAR
@@ -82,12 +129,20 @@ class EspMedSamImageProcessor(TorchvisionBackend):
     rescale_factor = 1 / 255
     do_normalize = True
     do_convert_rgb = True
+    do_pad = True
+    keep_aspect_ratio = True
+    intensity_percentiles = list(DEFAULT_PERCENTILES)
+    inference_scale = "auto"
+    tile_size = None
+    tile_overlap = None
+    object_size = 16.0
 
     @classmethod
     def official(cls, image_size: int = 1024) -> "EspMedSamImageProcessor":
         """The official release's preprocessing: no rescale, and the std equal to the mean (an upstream bug)."""
         mean = [123.675, 116.28, 103.53]
-        return cls(size={"height": image_size, "width": image_size}, do_rescale=False, image_mean=mean, image_std=mean)
+        return cls(size={"height": image_size, "width": image_size}, do_rescale=False, image_mean=mean, image_std=mean,
+                   keep_aspect_ratio=False, inference_scale="whole")
 
     def preprocess(self, images: ImageInput, segmentation_maps: ImageInput | None = None, **kwargs) -> BatchFeature:
         r"""
@@ -111,10 +166,11 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         device=None,
         **kwargs,
     ) -> BatchFeature:
+        percentiles = kwargs.get("intensity_percentiles")
         if isinstance(images, (list, tuple)):
-            images = [_to_supported_dtype(image, index) for index, image in enumerate(images)]
+            images = [_to_supported_dtype(image, index, percentiles) for index, image in enumerate(images)]
         else:
-            images = _to_supported_dtype(images)
+            images = _to_supported_dtype(images, None, percentiles)
         if input_data_format is None:  # numpy arrays are H x W x C (as PIL and esp_medsam_hf.models.esp_medsam.image_reading give them)
             images = [_channels_first(i) for i in images] if isinstance(images, list) else _channels_first(images)
         images = self._prepare_images_structure(images)
@@ -131,11 +187,32 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         data = dict(self._preprocess(images, return_tensors=None, **kwargs))
         data["original_sizes"] = original_sizes
         if segmentation_maps is not None:
-            data["labels"] = self._preprocess_masks(segmentation_maps, original_sizes, kwargs["size"])
+            data["labels"] = self._preprocess_masks(
+                segmentation_maps, original_sizes, kwargs["size"], kwargs["keep_aspect_ratio"], kwargs["do_pad"]
+            )
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    def _preprocess(
+        self, images: list[torch.Tensor], do_resize: bool, size: SizeDict, resample, do_rescale: bool,
+        rescale_factor: float, do_normalize: bool, image_mean, image_std, do_pad: bool | None,
+        keep_aspect_ratio: bool | None = None, return_tensors=None, **kwargs,
+    ) -> BatchFeature:
+        """Resize each image into ``size`` (aspect kept when ``keep_aspect_ratio``), rescale and normalise, then pad
+        with zeros to ``size`` at the bottom and right (``do_pad``)."""
+        processed = []
+        for image in images:
+            if do_resize:
+                height, width = fit_size(*image.shape[-2:], (size.height, size.width), bool(keep_aspect_ratio))
+                image = self.resize(image[None], SizeDict(height=height, width=width), resample=resample)[0]
+            image = self.rescale_and_normalize(image, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+            if do_pad and do_resize and tuple(image.shape[-2:]) != (size.height, size.width):
+                image = F.pad(image, (0, size.width - image.shape[-1], 0, size.height - image.shape[-2]))
+            processed.append(image)
+        return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
+
     def _preprocess_masks(
-        self, segmentation_maps: ImageInput, original_sizes: list[list[int]], size: SizeDict
+        self, segmentation_maps: ImageInput, original_sizes: list[list[int]], size: SizeDict,
+        keep_aspect_ratio: bool = False, do_pad: bool = True,
     ) -> list[torch.Tensor]:
         masks = self._prepare_images_structure(segmentation_maps, expected_ndims=2)
         if len(masks) != len(original_sizes):
@@ -150,7 +227,11 @@ class EspMedSamImageProcessor(TorchvisionBackend):
                     f"segmentation map {index} has size {list(tensor.shape)} but its image has {original}"
                 )
             binary = (tensor > 0).float()[None, None]
-            labels.append(self._resize_mask(binary, (size.height, size.width))[0])
+            fitted = fit_size(*original, (size.height, size.width), keep_aspect_ratio)
+            label = self._resize_mask(binary, fitted)[0]
+            if do_pad and fitted != (size.height, size.width):
+                label = F.pad(label, (0, size.width - fitted[1], 0, size.height - fitted[0]))
+            labels.append(label)
         return labels
 
     @staticmethod
@@ -176,8 +257,9 @@ class EspMedSamImageProcessor(TorchvisionBackend):
 
         SAM's conventions (``SamImageProcessor.post_process_masks``): the logits are upsampled bilinearly to the
         model input size (as the official forward does), cropped to ``reshaped_input_sizes`` (the resized image
-        inside the input; this processor resizes to the full input, so the default is the whole input), then
-        upsampled to ``original_sizes``. ``binarize`` keeps ``logits > mask_threshold`` (0.0: probability 0.5,
+        inside the input), then
+        upsampled to ``original_sizes``. With ``keep_aspect_ratio`` the default ``reshaped_input_sizes`` are the
+        aspect-kept sizes :func:`fit_size` gives for ``original_sizes``, so the padding is cropped. ``binarize`` keeps ``logits > mask_threshold`` (0.0: probability 0.5,
         the official threshold); otherwise the logits are returned, or their sigmoid with ``return_probabilities``.
         """
         if isinstance(original_sizes, torch.Tensor):
@@ -187,7 +269,7 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         model_size = SizeDict(**self.size) if isinstance(self.size, dict) else self.size
         size = (model_size.height, model_size.width)
         if reshaped_input_sizes is None:
-            reshaped_input_sizes = [size] * masks.shape[0]
+            reshaped_input_sizes = [fit_size(int(h), int(w), size, bool(self.keep_aspect_ratio)) for h, w in original_sizes]
         elif isinstance(reshaped_input_sizes, torch.Tensor):
             reshaped_input_sizes = reshaped_input_sizes.tolist()
         if len(reshaped_input_sizes) != masks.shape[0]:
@@ -264,4 +346,4 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         return [mask.long() * (int(m) + 1) for mask, m in zip(masks, modality)]
 
 
-__all__ = ["EspMedSamImageProcessor"]
+__all__ = ["EspMedSamImageProcessor", "EspMedSamImageProcessorKwargs", "fit_size"]

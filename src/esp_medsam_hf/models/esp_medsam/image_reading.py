@@ -5,7 +5,9 @@
   as HxWx3 uint8 RGB. The DICOM Modality tag gives the modality where it is unambiguous (``DICOM_MODALITIES``);
   otherwise the hint is ``None`` and the model's classifier decides.
 - Normalising: ``to_rgb_uint8`` turns any image into HxWx3 uint8 RGB with ``stretch_to_uint8``, the package's one
-  min-max stretch (the image processor applies it to non-uint8 inputs too).
+  intensity stretch (the image processor applies it to non-uint8 inputs too): the 1 and 99.8 percentiles of a 16-bit
+  or float image to 0 and 255 (``DEFAULT_PERCENTILES``, StarDist's and cellpose's convention for microscopy), or
+  its minimum and maximum with ``percentiles=None``.
 
 Every reader checks the image's size from its header before decoding anything: more than ``MAX_IMAGE_PIXELS``
 pixels (width x height x frames) is refused with an ``ImageLoadError`` naming the file, the same limit for PIL,
@@ -38,6 +40,10 @@ DICOM_MODALITIES: dict[str, str] = {
     "ES": "colonoscopy",
 }
 """DICOM Modality (0008,0060) codes that name one of the model's modalities unambiguously."""
+
+DEFAULT_PERCENTILES: tuple[float, float] = (1.0, 99.8)
+"""Percentiles of a 16-bit or float image stretched to 0 and 255: StarDist's ``normalize`` and cellpose's default
+(1 and 99.8 %), so that a few hot pixels or a dark border do not compress the objects' contrast as a min-max does."""
 
 MAX_IMAGE_PIXELS = 100_000_000
 """Largest image (width x height, times frames) any reader decodes: 10000 x 10000. Checked from the file's header
@@ -96,8 +102,12 @@ def scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((np.asarray(values, dtype=np.float64) - low) * scale + 0.5, 0, 255).astype(np.uint8)
 
 
-def stretch_to_uint8(array: np.ndarray, source: str | os.PathLike = "image") -> np.ndarray:
-    """Min-max stretch of any numeric array to uint8 (uint8 passes through; bool becomes 0/255; a constant image
+def stretch_to_uint8(
+    array: np.ndarray, source: str | os.PathLike = "image",
+    percentiles: tuple[float, float] | list[float] | None = DEFAULT_PERCENTILES,
+) -> np.ndarray:
+    """Stretch of any numeric array to uint8: its ``percentiles`` (low, high) to 0 and 255, clipped outside, or its
+    minimum and maximum with ``percentiles=None`` (uint8 passes through; bool becomes 0/255; a constant image
     becomes 0). NaN and infinite pixels are repaired first (``repair_non_finite``, warnings name ``source``).
 
     ``EspMedSamImageProcessor`` applies this to non-uint8 inputs, so loading a 16-bit file here and passing the raw
@@ -109,11 +119,28 @@ def stretch_to_uint8(array: np.ndarray, source: str | os.PathLike = "image") -> 
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
     data = repair_non_finite(array.astype(np.float64), source)
-    return scale_to_uint8(data, float(data.min()), float(data.max()))
+    if percentiles is None:
+        return scale_to_uint8(data, float(data.min()), float(data.max()))
+    low, high = check_percentiles(percentiles)
+    return scale_to_uint8(data, *(float(v) for v in np.percentile(data, [low, high])))
 
 
-def to_rgb_uint8(image: Image.Image | np.ndarray) -> np.ndarray:
-    """Any PIL image or HxW / HxWx{1,2,3,4} array -> HxWx3 uint8 RGB (alpha dropped, 16-bit/float stretched)."""
+def check_percentiles(percentiles) -> tuple[float, float]:
+    """(low, high) from a pair of percentiles with 0 <= low < high <= 100, else a ``ValueError`` naming the argument."""
+    try:
+        low, high = (float(v) for v in percentiles)
+    except (TypeError, ValueError):
+        raise ValueError(f"intensity_percentiles must be two numbers (low, high), got {percentiles!r}") from None
+    if not 0.0 <= low < high <= 100.0:
+        raise ValueError(f"intensity_percentiles must satisfy 0 <= low < high <= 100, got ({low:g}, {high:g})")
+    return low, high
+
+
+def to_rgb_uint8(
+    image: Image.Image | np.ndarray, percentiles: tuple[float, float] | list[float] | None = DEFAULT_PERCENTILES
+) -> np.ndarray:
+    """Any PIL image or HxW / HxWx{1,2,3,4} array -> HxWx3 uint8 RGB (alpha dropped, 16-bit/float stretched by
+    :func:`stretch_to_uint8` with ``percentiles``)."""
     if isinstance(image, Image.Image):
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
             array = np.asarray(image)
@@ -128,7 +155,7 @@ def to_rgb_uint8(image: Image.Image | np.ndarray) -> np.ndarray:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
         raise ValueError(f"expected an HxW or HxWxC (C in 1..4) image, got an array of shape {array.shape}")
-    array = stretch_to_uint8(array)
+    array = stretch_to_uint8(array, percentiles=percentiles)
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
     return np.ascontiguousarray(array)
@@ -196,7 +223,7 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         if voi_range is not None:
             grey = scale_to_uint8(apply_voi_lut(values, ds), *voi_range)
         else:
-            grey = stretch_to_uint8(values)
+            grey = stretch_to_uint8(values, path, percentiles=None)  # no window given: the stored value range
         if photometric == "MONOCHROME1":  # MONOCHROME1: the lowest value is displayed white
             grey = 255 - grey
         image = np.repeat(grey[..., None], 3, axis=-1)
@@ -213,8 +240,11 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     return image, metadata
 
 
-def read_raster(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    """PNG, JPEG, TIFF, BMP, GIF or WebP -> (HxWx3 uint8 RGB, metadata). EXIF orientation is applied."""
+def read_raster(
+    path: str | os.PathLike, percentiles: tuple[float, float] | list[float] | None = DEFAULT_PERCENTILES
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """PNG, JPEG, TIFF, BMP, GIF or WebP -> (HxWx3 uint8 RGB, metadata). EXIF orientation is applied; 16-bit and
+    float images are stretched with ``percentiles`` (:func:`stretch_to_uint8`)."""
     suffix = Path(path).suffix.lower()
     if suffix in (".tif", ".tiff"):
         # tifffile reads what PIL cannot (16-bit RGB, float, many samples); PIL remains the fallback.
@@ -237,7 +267,7 @@ def read_raster(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
             if array.ndim == 3 and axes.startswith("S"):
                 array = np.moveaxis(array, 0, -1)  # planar (C, H, W) storage, known from the header, not guessed
             try:
-                image = to_rgb_uint8(repair_non_finite(array, path))
+                image = to_rgb_uint8(repair_non_finite(array, path), percentiles)
             except ValueError as error:
                 raise ImageLoadError(path, str(error)) from error
             return image, {"path": str(path), "format": "tiff", "modality": None, "original_dtype": str(array.dtype)}
@@ -261,12 +291,15 @@ def read_raster(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         "original_mode": pil.mode,
     }
     if pil.mode == "F":  # float images may hold NaN or inf
-        return to_rgb_uint8(repair_non_finite(np.asarray(pil), path)), metadata
-    return to_rgb_uint8(pil), metadata
+        return to_rgb_uint8(repair_non_finite(np.asarray(pil), path), percentiles), metadata
+    return to_rgb_uint8(pil, percentiles), metadata
 
 
-def load_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read an image file -> (HxWx3 uint8 RGB array, metadata).
+def load_image(
+    path: str | os.PathLike, percentiles: tuple[float, float] | list[float] | None = DEFAULT_PERCENTILES
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read an image file -> (HxWx3 uint8 RGB array, metadata); a 16-bit or float raster image is stretched with
+    ``percentiles`` (the image processor's ``intensity_percentiles``; DICOM files use their own window).
 
     metadata: ``path``, ``format`` ("dicom", "png", "tiff", ...), ``modality`` (a modality name given by the file,
     i.e. an unambiguous DICOM Modality tag, else ``None``), plus format details (``dicom_modality``,
@@ -277,7 +310,7 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         raise ImageLoadError(path, "no such file")
     if is_dicom(path):
         return read_dicom(path)
-    return read_raster(path)
+    return read_raster(path, percentiles)
 
 
 __all__ = [
@@ -295,5 +328,7 @@ __all__ = [
     "repair_non_finite",
     "scale_to_uint8",
     "stretch_to_uint8",
+    "check_percentiles",
+    "DEFAULT_PERCENTILES",
     "to_rgb_uint8",
 ]

@@ -14,6 +14,11 @@ model's modality classifier. ``modality_probability`` is the classifier's probab
 P(label) is 1 for a given modality (argument or file) and the classifier's probability otherwise; an empty mask
 scores 0.
 
+Inference goes through ``prediction.predict``, the package's one front door: whole view or tiles at a scale
+(``scale``, ``tile_size``, ``overlap`` call arguments; default the image processor's saved ``inference_scale``,
+"auto"), and each result adds ``"scale"`` (the zoom factor of the native pixels it was segmented at, ``None`` for the
+whole view) and ``"object_size"`` (the objects' size "auto" estimated, native px).
+
 The forward runs on the fastest correct backend available (``backends.py``: onnxruntime for an fp32 model on the
 CPU when it is installed, else the PyTorch model); ``backend="eager"`` / ``"onnxruntime"`` when building or calling
 the pipeline, or ``$ESP_MEDSAM_BACKEND``, overrides the automatic choice.
@@ -34,8 +39,9 @@ from transformers.image_utils import load_image as load_image_from_url
 from transformers.models.auto import modeling_auto
 from transformers.pipelines import PIPELINE_REGISTRY, ImageSegmentationPipeline
 
-from .backends import AUTOMATIC_MODALITY, run_inference
+from .backends import AUTOMATIC_MODALITY
 from .image_reading import load_image, to_rgb_uint8
+from .prediction import predict, tiling_options
 
 TASK = "medical-image-segmentation"
 UNKNOWN_MODALITY = AUTOMATIC_MODALITY
@@ -47,7 +53,7 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
 
     Call arguments: ``modality`` (name or index, or a list with one per image), ``mask_threshold`` (0.5),
     ``batch_size``, ``timeout`` (for URLs), ``backend`` (``"auto"``, ``"onnxruntime"``, ``"eager"``; also accepted
-    when building the pipeline). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
+    when building the pipeline), ``scale``, ``tile_size``, ``overlap`` (``prediction.predict``). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
     or dicts ``{"image": ..., "modality": ..., "file_modality": ...}`` (``file_modality``: a hint read from the
     file by the caller, used like a DICOM tag when no modality is given).
     """
@@ -65,12 +71,17 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             return super().check_model_type([*supported_models, type(self.model).__name__])
         return super().check_model_type({**supported_models, self.model.config.model_type: type(self.model).__name__})
 
-    def _sanitize_parameters(self, modality=None, mask_threshold=None, timeout=None, backend=None, **kwargs):
+    def _sanitize_parameters(self, modality=None, mask_threshold=None, timeout=None, backend=None, scale=None,
+                             tile_size=None, overlap=None, **kwargs):
         preprocess: dict[str, Any] = {}
         forward: dict[str, Any] = {}
         postprocess: dict[str, Any] = {}
         if backend is not None:
             forward["backend"] = backend
+        tiling = {"scale": scale, "tile_size": tile_size, "overlap": overlap}
+        forward.update({key: value for key, value in tiling.items() if value is not None})
+        if forward.keys() - {"backend"}:  # bad values fail now, naming the argument, before any image is read
+            tiling_options(self.image_processor, scale, tile_size, overlap)
         if modality is not None:
             preprocess["modality"] = modality
         if timeout is not None:
@@ -95,18 +106,19 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
 
     def _read(self, image: Any, timeout: float | None) -> tuple[np.ndarray, str | None]:
         """(RGB uint8 array, modality hint from the file)."""
+        percentiles = getattr(self.image_processor, "intensity_percentiles", None)  # as the processor stretches
         if isinstance(image, (str, os.PathLike)):
             if str(image).startswith(("http://", "https://")):
-                return to_rgb_uint8(load_image_from_url(str(image), timeout=timeout)), None
-            array, metadata = load_image(image)
+                return to_rgb_uint8(load_image_from_url(str(image), timeout=timeout), percentiles), None
+            array, metadata = load_image(image, percentiles)
             return array, metadata.get("modality")
         if isinstance(image, (Image.Image, np.ndarray)):
-            return to_rgb_uint8(image), None
+            return to_rgb_uint8(image, percentiles), None
         if isinstance(image, torch.Tensor):
             array = image.detach().cpu().numpy()
             if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
                 array = np.moveaxis(array, 0, -1)
-            return to_rgb_uint8(array), None
+            return to_rgb_uint8(array, percentiles), None
         raise TypeError(
             f"unsupported image input of type {type(image).__name__}; expected a path, URL, PIL image, numpy array, "
             "tensor, or a dict {'image': ..., 'modality': ...}"
@@ -128,34 +140,41 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             index, source = self.model.config.modality_index(file_modality), "file"
         else:
             index, source = UNKNOWN_MODALITY, "classifier"
-        inputs = self.image_processor(images=[array], return_tensors="pt")
-        inputs = inputs.to(self.dtype)
-        inputs["modality"] = torch.tensor([index], dtype=torch.long)
-        inputs["modality_source"] = source
-        inputs["target_size"] = tuple(array.shape[:2])
-        return inputs
+        # The image stays an array: prediction.predict processes it (whole view or tiles); the loader batches
+        # arrays as lists.
+        return {"image": array, "modality": torch.tensor([index], dtype=torch.long), "modality_source": source}
 
-    def _forward(self, model_inputs, backend: str | None = None):
-        requested = model_inputs.pop("modality")
-        extras = {key: model_inputs.pop(key) for key in ("modality_source", "target_size")}
-        outputs = run_inference(self.model, model_inputs["pixel_values"], requested, backend=backend)
-        probabilities = outputs.modality_logits.float().softmax(-1)
-        return {
-            "pred_masks": outputs.pred_masks,
-            "modality": outputs.modality,
-            "modality_probability": probabilities.gather(1, outputs.modality.view(-1, 1))[:, 0],
-            **extras,
-        }
+    def _forward(self, model_inputs, backend: str | None = None, **tiling):
+        """The batch through ``prediction.predict``: images with the classifier's modality in one call, images with a
+        given modality in another. Outputs are per-image lists (the loader unrolls them)."""
+        images, sources = model_inputs["image"], model_inputs["modality_source"]
+        if not isinstance(images, list):  # batch_size=1: the item as preprocess made it
+            images, sources = [images], [sources]
+        requested = model_inputs["modality"].view(-1).tolist()
+        rows: list[dict[str, Any]] = [{} for _ in images]
+        for automatic in (True, False):
+            picked = [i for i, m in enumerate(requested) if (m == UNKNOWN_MODALITY) == automatic]
+            if not picked:
+                continue
+            modality = None if automatic else [requested[i] for i in picked]
+            prediction = predict(self.model, self.image_processor, [images[i] for i in picked], modality,
+                                 backend=backend, **tiling)
+            probabilities = prediction.modality_logits.float().softmax(-1)
+            for j, i in enumerate(picked):
+                chosen = prediction.modality[j]
+                rows[i] = {"probabilities": torch.sigmoid(prediction.logits[j]), "modality": chosen,
+                           "modality_probability": float(probabilities[j, chosen]), "scale": prediction.scales[j],
+                           "object_size": prediction.object_sizes[j], "modality_source": sources[i]}
+        return {key: [row[key] for row in rows] for key in rows[0]}
 
     def postprocess(self, model_outputs, mask_threshold: float = 0.5):
-        # Non-tensor entries reach here as preprocess made them: the loader unrolls batches back to single items.
-        target_size, source = model_outputs["target_size"], model_outputs["modality_source"]
-        probabilities = self.image_processor.post_process_masks(
-            model_outputs["pred_masks"], [list(target_size)], binarize=False, return_probabilities=True
-        )[0]
+        # One image: the loader unrolls batches into single entries (a tensor gains a batch axis of 1); without
+        # batching the lists of one come as _forward made them.
+        item = {key: value[0] if isinstance(value, list) else value for key, value in model_outputs.items()}
+        source, index = item["modality_source"], int(item["modality"])
+        probabilities = item["probabilities"].reshape(item["probabilities"].shape[-2:])
         mask = probabilities >= mask_threshold
-        index = int(model_outputs["modality"].reshape(-1)[0])
-        modality_probability = float(model_outputs["modality_probability"].reshape(-1)[0])
+        modality_probability = float(item["modality_probability"])
         label_probability = modality_probability if source == "classifier" else 1.0
         mask_score = float(probabilities[mask].mean()) if bool(mask.any()) else 0.0
         config = self.model.config
@@ -167,6 +186,8 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
                 "modality": config.modality_names[index],
                 "modality_probability": modality_probability,
                 "modality_source": source,
+                "scale": item["scale"],
+                "object_size": item["object_size"],
             }
         ]
 

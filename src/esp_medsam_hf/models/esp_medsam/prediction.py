@@ -1,16 +1,59 @@
-"""Segmenting a batch of images: ``predict`` runs processor -> backend -> post-processing and gives a
-``Prediction``. Ships with saved models as remote code."""
+"""Segmenting a batch of images, the one front door of inference: ``predict`` runs processor -> backend ->
+post-processing, on the whole image or on overlapping tiles at a chosen scale, and gives a ``Prediction``.
+Ships with saved models as remote code.
+
+Scales (``scale=``, default the image processor's ``inference_scale``, "auto" unless saved otherwise):
+
+- ``"whole"``: the whole image resized into the model's input (aspect kept and padded unless the image processor
+  says ``keep_aspect_ratio=False``): one forward per image, as the model was originally used.
+- a zoom factor (``2``, ``0.5``, ``1`` = native pixels): the image is resized by the factor and cut into
+  overlapping tiles of ``tile_size`` px (default the model's input size) that overlap by ``overlap`` px (default a
+  quarter of a tile); the tiles' logits are blended with Gaussian weights (MONAI's ``sliding_window_inference``).
+  The model's input has a fixed size, so a tile of another size is resized to it: the model then sees the image
+  at ``factor * model size / tile_size``.
+- an object size ``"<n>px"`` (e.g. ``"30px"``): the objects are about n px across in the image; the factor brings
+  them to the image processor's ``object_size`` (the size the model learnt, in its input's pixels).
+- ``"auto"``: a coarse whole-image pass first; its mask's connected components give the objects' size
+  (:func:`estimate_object_size`) and :func:`choose_scale` rescales when it lies outside what the model handles
+  (a factor ``AUTO_TOLERANCE`` away from ``object_size``). One or two large structures (an organ, a polyp) are never
+  zoomed out: they keep the whole view. An empty coarse mask keeps the whole view. The rule uses no image statistic
+  but the model's own mask, so it carries to images from labs never seen.
+
+Why MONAI's ``sliding_window_inference``: it is the field's maintained implementation of tiling with blended
+overlaps (Gaussian importance map, batched windows, padding of small inputs); its per-window bookkeeping is cheap
+next to a forward (docs/benchmark.md measures the whole tiled path against the tiles' own forwards). The image is
+padded at the bottom and right here (as the image processor pads) before MONAI sees it, so a single tile holds
+exactly the whole-image input and reproduces the whole-image forward.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .backends import run_inference
+from .backends import inference_batch_size, run_inference
+from .image_processing_esp_medsam import fit_size
+
+logger = logging.getLogger(__name__)
+
+SCALE_MODES = ("auto", "whole")
+AUTO_TOLERANCE = 1.5
+""""auto" keeps the whole view while the estimated object size is within this factor of ``object_size``."""
+AUTO_MIN_OBJECTS = 3
+""""auto" zooms out only for at least this many objects: fewer large ones are structures the whole view suits."""
+AUTO_ZOOM_RANGE = (0.25, 8.0)
+""""auto" changes the objects' size in the model's input by at most these factors."""
+MAX_ZOOM = 4.0
+"""Largest enlargement of the native pixels any scale uses (beyond it there is no detail to gain)."""
+MAX_TILES = 256
+"""Largest number of tiles per image; a larger request is reduced to the largest factor that fits (logged)."""
 
 
 @dataclass
@@ -23,6 +66,12 @@ class Prediction:
     """The modality index each image was decoded with: the given one, else the classifier's choice."""
     modality_logits: torch.Tensor | None
     """(B, M) float32 classifier logits on the CPU; ``None`` for a model without a classifier (the teacher)."""
+    logits: list[torch.Tensor] = field(default_factory=list)
+    """HxW float32 mask logits per image at its size (``masks`` is ``logits > 0``)."""
+    scales: list[float | None] = field(default_factory=list)
+    """Zoom factor of the native pixels each image was segmented at (tiled), or ``None`` for the whole view."""
+    object_sizes: list[float | None] = field(default_factory=list)
+    """"auto": the objects' size (px across, native pixels) the coarse pass estimated; else ``None``."""
 
     @property
     def classifier_modality(self) -> list[int | None]:
@@ -39,26 +88,250 @@ class Prediction:
         return self.modality_logits.softmax(-1).tolist()
 
 
-def predict(
-    model, processor, images: Sequence[Any], modality: Any = None, *, backend: str | None = "eager"
-) -> Prediction:
-    """Segment a batch of images: ``processor`` -> ``model`` -> ``processor.post_process_masks``.
+@dataclass(frozen=True)
+class TilingOptions:
+    """Checked inference options: ``mode`` "auto", "whole", "factor" or "object" with its ``value`` (the factor,
+    or the objects' size in native px), the tile size and overlap in px, and the object size the model learnt."""
 
-    ``processor`` is an ``EspMedSamProcessor``; ``modality`` is what it takes (a name or index for every image, or
-    one per image), or ``None`` for the classifier to choose. The pixel values go to the model's device and through
-    ``backends.run_inference`` with ``backend`` (``"eager"``: the PyTorch model; ``None``: the automatic choice,
-    onnxruntime for an fp32 model on the CPU when installed). Masks keep the logits above 0 (probability 0.5).
+    mode: str
+    value: float | None
+    tile_size: int
+    overlap: int
+    object_size: float
+    model_size: int
+
+
+def parse_scale(scale: Any) -> tuple[str, float | None]:
+    """``"auto"``/``"whole"`` -> (mode, None); a positive number or numeric string -> ("factor", f); ``"<n>px"`` ->
+    ("object", n). Anything else raises ``ValueError`` naming ``scale``."""
+    expected = "expected 'auto', 'whole', a positive zoom factor (e.g. 2) or an object size such as '30px'"
+    if isinstance(scale, str):
+        text = scale.strip().lower()
+        if text in SCALE_MODES:
+            return text, None
+        mode, number = ("object", text[:-2]) if text.endswith("px") else ("factor", text)
+        try:
+            value = float(number)
+        except ValueError:
+            raise ValueError(f"scale: {expected}, got {scale!r}") from None
+    elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        mode, value = "factor", float(scale)
+    else:
+        raise ValueError(f"scale: {expected}, got {scale!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"scale must be positive and finite ({expected}), got {scale!r}")
+    return mode, value
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer (pixels), got {value!r}")
+    return int(value)
+
+
+def tiling_options(image_processor, scale: Any = None, tile_size: int | None = None,
+                   overlap: int | None = None) -> TilingOptions:
+    """The checked options: each argument, else the image processor's saved default (``inference_scale``,
+    ``tile_size``, ``tile_overlap``; ``tile_size`` defaults to the model's input size and ``overlap`` to a quarter
+    of a tile). Raises ``ValueError`` naming the argument for zero/negative sizes or ``overlap >= tile_size``."""
+    size = image_processor.size
+    model_size = int(size["height"] if isinstance(size, dict) else size.height)
+    mode, value = parse_scale(scale if scale is not None else getattr(image_processor, "inference_scale", "whole"))
+    tile = tile_size if tile_size is not None else getattr(image_processor, "tile_size", None) or model_size
+    tile = _positive_int("tile_size", tile)
+    overlap = overlap if overlap is not None else getattr(image_processor, "tile_overlap", None)
+    overlap = tile // 4 if overlap is None else overlap
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be an integer number of pixels with 0 <= overlap < tile_size ({tile}), "
+                         f"got {overlap!r}")
+    object_size = float(getattr(image_processor, "object_size", 16.0))
+    if not (math.isfinite(object_size) and object_size > 0):
+        raise ValueError(f"object_size must be a positive number of pixels, got {object_size!r}")
+    return TilingOptions(mode, value, tile, int(overlap), object_size, model_size)
+
+
+def estimate_object_size(mask: np.ndarray) -> tuple[float, int]:
+    """(size, count) of a binary mask's objects: each connected component's width is the diameter of its largest
+    inscribed disc (twice its peak distance to the background: a nucleus' diameter, a vessel's calibre); the size
+    is the area-weighted median over components. ``(nan, 0)`` for an empty mask."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(np.asarray(mask, dtype=bool))
+    if count == 0:
+        return math.nan, 0
+    distance = ndimage.distance_transform_edt(labels > 0)
+    index = np.arange(1, count + 1)
+    widths = 2.0 * np.asarray(ndimage.maximum(distance, labels, index), dtype=np.float64)
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:].astype(np.float64)
+    order = np.argsort(widths)
+    cumulative = np.cumsum(areas[order])
+    return float(widths[order][np.searchsorted(cumulative, cumulative[-1] / 2.0)]), int(count)
+
+
+def choose_scale(size: float, count: int, view_factor: float, object_size: float) -> float | None:
+    """"auto": the zoom factor of the native pixels that brings objects of ``size`` px (in the whole view, made at
+    ``view_factor``) to ``object_size``, or ``None`` to keep the whole view (see the module docstring)."""
+    if count == 0 or not math.isfinite(size) or size <= 0:
+        return None
+    ratio = object_size / size
+    if 1.0 / AUTO_TOLERANCE <= ratio <= AUTO_TOLERANCE or (ratio < 1.0 and count < AUTO_MIN_OBJECTS):
+        return None
+    return view_factor * min(max(ratio, AUTO_ZOOM_RANGE[0]), AUTO_ZOOM_RANGE[1])
+
+
+def _limit_factor(factor: float, height: int, width: int, options: TilingOptions) -> float:
+    """``factor`` capped by ``MAX_ZOOM`` and by ``MAX_TILES`` tiles (logged when reduced)."""
+    stride = options.tile_size - options.overlap
+    most = (options.tile_size + (math.isqrt(MAX_TILES) - 1) * stride) / max(height, width)
+    limited = min(factor, MAX_ZOOM, most)
+    if limited < factor:
+        logger.info("scale %.3g reduced to %.3g (at most x%g and %d tiles per image)", factor, limited, MAX_ZOOM,
+                    MAX_TILES)
+    return limited
+
+
+def tiled_logits(
+    model, image_processor, image: Any, original_size: Sequence[int], factor: float, modality: int,
+    options: TilingOptions, backend: str | None = "eager", batch_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One image of ``original_size`` (H, W) segmented at ``factor`` x its native pixels in overlapping tiles:
+    (H x W float32 mask logits, (M,) classifier logits averaged over the tiles, ``None`` without a classifier).
+
+    The image goes through ``image_processor`` at the rescaled size (the same resizing and normalisation as the
+    whole view), is padded with zeros at the bottom and right to at least one tile, and MONAI's
+    ``sliding_window_inference`` sends ``batch_size`` tiles per ``backends.run_inference`` call (default:
+    ``backends.inference_batch_size``) and blends their logits with Gaussian weights. Tiles larger or smaller
+    than the model's input are resized to it and their logits back.
     """
+    from monai.inferers import sliding_window_inference
+
     device = next(model.parameters()).device
-    inputs = processor(images=images, modality=modality, return_tensors="pt")
+    height, width = (int(v) for v in original_size)
+    target = (max(1, round(height * factor)), max(1, round(width * factor)))
+    pixels = image_processor(images=[image], return_tensors=None, keep_aspect_ratio=False, do_pad=False,
+                             size={"height": target[0], "width": target[1]})["pixel_values"][0]
+    tile, size = options.tile_size, options.model_size
+    padded = F.pad(pixels[None].float(), (0, max(0, tile - target[1]), 0, max(0, tile - target[0])))
+    classifier: list[torch.Tensor] = []
+
+    def forward(tiles: torch.Tensor) -> torch.Tensor:
+        if tile != size:
+            tiles = F.interpolate(tiles, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        index = torch.full((tiles.shape[0],), int(modality), dtype=torch.long)
+        outputs = run_inference(model, tiles.to(device, model.dtype), index, backend=backend)
+        if outputs.modality_logits is not None:
+            classifier.append(outputs.modality_logits.float().cpu())
+        logits = F.interpolate(outputs.pred_masks.float().cpu(), size=(size, size), mode="bilinear",
+                               align_corners=False)
+        if tile != size:
+            logits = F.interpolate(logits, size=(tile, tile), mode="bilinear", align_corners=False)
+        return logits
+
+    blended = sliding_window_inference(
+        padded, roi_size=(tile, tile), sw_batch_size=batch_size or inference_batch_size(device), predictor=forward,
+        overlap=options.overlap / tile, mode="gaussian", padding_mode="constant", cval=0.0,
+    )
+    logits = blended[:, :, : target[0], : target[1]]
+    if (target[0], target[1]) != (height, width):
+        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+    return logits[0, 0], torch.cat(classifier).mean(0) if classifier else None
+
+
+def _process(model, processor, images: Sequence[Any], modality: Any) -> Any:
+    """``processor``'s inputs for ``images``: an ``EspMedSamProcessor`` maps the modality itself; with an image
+    processor alone the model's config does (a name or index, or one per image)."""
+    if getattr(processor, "image_processor", None) is not None:
+        return processor(images=images, modality=modality, return_tensors="pt")
+    inputs = processor(images=images, return_tensors="pt")
+    if modality is not None:
+        names = [modality] * len(images) if isinstance(modality, (str, int)) else list(modality)
+        if len(names) != len(images):
+            raise ValueError(f"got {len(names)} modalities for {len(images)} images")
+        inputs["modality"] = torch.tensor([model.config.modality_index(m) for m in names], dtype=torch.long)
+    return inputs
+
+
+def _whole_view(model, processor, inputs, backend: str | None) -> tuple[list[torch.Tensor], Any]:
+    """The whole-view forward of a processed batch: (HxW logits per image at its size, the backend's outputs)."""
+    device = next(model.parameters()).device
     outputs = run_inference(model, inputs["pixel_values"].to(device), inputs.get("modality"), backend=backend)
-    masks = processor.post_process_masks(outputs.pred_masks.float().cpu(), inputs["original_sizes"])
-    logits = outputs.modality_logits
+    logits = processor.post_process_masks(outputs.pred_masks.float().cpu(), inputs["original_sizes"], binarize=False)
+    return logits, outputs
+
+
+def _scale_of(options: TilingOptions, view_logits: torch.Tensor | None, view_factor: float
+              ) -> tuple[float | None, float | None]:
+    """(zoom factor of the native pixels or ``None`` for the whole view, estimated object size in native px).
+
+    ``object_size`` is in the model's input pixels; a tile of ``tile_size`` px is resized to the model's input, so
+    the factor of the tiled image is the factor the model sees times ``tile_size / model_size``."""
+    to_tiles = options.tile_size / options.model_size
+    if options.mode == "factor":
+        return options.value, None
+    if options.mode == "object":
+        return options.object_size / options.value * to_tiles, None
+    if options.mode == "whole":
+        return None, None
+    height, width = view_logits.shape[-2:]
+    view = fit_size(height, width, (options.model_size, options.model_size))
+    mask = F.interpolate(view_logits[None, None], size=view, mode="bilinear", align_corners=False)[0, 0] > 0
+    size, count = estimate_object_size(mask.numpy())
+    factor = choose_scale(size, count, view_factor, options.object_size)
+    return (None if factor is None else factor * to_tiles), (size / view_factor if count else None)
+
+
+def predict(
+    model, processor, images: Sequence[Any], modality: Any = None, *, backend: str | None = "eager",
+    scale: Any = None, tile_size: int | None = None, overlap: int | None = None, tile_batch_size: int | None = None,
+) -> Prediction:
+    """Segment a batch of images: ``processor`` -> ``model`` (whole view or tiles) -> post-processing.
+
+    ``processor`` is an ``EspMedSamProcessor`` (or its image processor); ``modality`` is what it takes (a name or index for every image, or
+    one per image), or ``None`` for the classifier to choose (on the whole view, then used for every tile). The
+    pixels go through ``backends.run_inference`` with ``backend`` (``"eager"``: the PyTorch model; ``None``: the
+    automatic choice). ``scale``, ``tile_size`` and ``overlap`` (pixels) are described in the module docstring;
+    ``None`` takes the image processor's saved default (:func:`tiling_options`). ``tile_batch_size`` tiles go to
+    the backend per call. Masks keep the logits above 0 (probability 0.5).
+    """
+    image_processor = getattr(processor, "image_processor", processor)
+    options = tiling_options(image_processor, scale, tile_size, overlap)
+    inputs = _process(model, processor, images, modality)
+    sizes = [tuple(int(v) for v in size) for size in inputs["original_sizes"].tolist()]
+    given = inputs.get("modality")
+    logits: list[torch.Tensor | None] = [None] * len(sizes)
+    classifier: torch.Tensor | None = None
+    chosen = given.tolist() if given is not None else None
+    if options.mode in SCALE_MODES or given is None:
+        logits, outputs = _whole_view(model, image_processor, inputs, backend)
+        chosen = outputs.modality.tolist()
+        classifier = None if outputs.modality_logits is None else outputs.modality_logits.float().cpu()
+    scales, object_sizes, tile_classifier = [], [], []
+    for index, (height, width) in enumerate(sizes):
+        view_factor = min(options.model_size / height, options.model_size / width)
+        factor, object_size = _scale_of(options, logits[index], view_factor)
+        if factor is not None:
+            factor = _limit_factor(factor, height, width, options)
+            logits[index], mean = tiled_logits(model, image_processor, images[index], (height, width), factor,
+                                               chosen[index], options, backend, tile_batch_size)
+            tile_classifier.append(mean)
+        scales.append(factor)
+        object_sizes.append(object_size)
+    if classifier is None and tile_classifier and all(t is not None for t in tile_classifier):
+        classifier = torch.stack(tile_classifier)
     return Prediction(
-        masks=[mask.numpy().astype(bool) for mask in masks],
-        modality=outputs.modality.tolist(),
-        modality_logits=None if logits is None else logits.float().cpu(),
+        masks=[(item > 0).numpy() for item in logits], modality=list(chosen), modality_logits=classifier,
+        logits=list(logits), scales=scales, object_sizes=object_sizes,
     )
 
 
-__all__ = ["Prediction", "predict"]
+__all__ = [
+    "Prediction",
+    "SCALE_MODES",
+    "TilingOptions",
+    "choose_scale",
+    "estimate_object_size",
+    "parse_scale",
+    "predict",
+    "tiled_logits",
+    "tiling_options",
+]

@@ -1,0 +1,156 @@
+"""The scale table: Dice of a model on the same images shown at several magnifications, Otsu beside each.
+
+A model that learnt one object size fails when a microscope, a camera or a crop changes it. The table shows each
+test image at x0.5 (a 2x2 mosaic of the image: objects half their size in the frame), x1, x2 (the centre crop of
+half the side) and x4 (the centre crop of a quarter of the side, as a user zooming in would send it), segmented
+through ``prediction.predict`` with the model's default scale ("auto" unless saved otherwise) and with Otsu's
+threshold (``baselines.otsu_mask``) on the same view. Two more rows at x1 show the whole-image view and native
+pixels in tiles (scale 1: vessel Dice at native resolution for fundus photographs).
+
+:func:`scale_tables` is the entry point (``esp-medsam evaluate`` and the main job's summary call it) and
+:func:`scale_table_markdown` writes its result as Markdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..metrics.functional import dice_score, mean_dice
+from ..models.esp_medsam.prediction import predict
+from .baselines import otsu_mask
+from .domains import MODALITY_NAMES
+from .schema import image_to_rgb, mask_to_bool
+
+logger = logging.getLogger(__name__)
+
+ZOOMS = (0.5, 1.0, 2.0, 4.0)
+"""The magnifications of the table: x0.5 is a 2x2 mosaic, x2 and x4 centre crops of 1/2 and 1/4 of the side."""
+EXTRA_VIEWS = (("x1, whole view", 1.0, "whole"), ("x1, native pixels in tiles", 1.0, 1.0))
+"""Rows beside the default scale: (label, zoom, scale given to ``predict``)."""
+SCALE_TABLE_MODALITIES = ("microscopy", "fundus")
+"""Domains whose images hold many objects, measured by default: nuclei (any zoom) and vessels."""
+
+
+def zoom_view(image: np.ndarray, mask: np.ndarray, zoom: float) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` (HxW[xC]) and ``mask`` (HxW) shown at ``zoom``: 0.5 tiles them 2x2 (objects half their size in a
+    frame twice as large), 1 returns them, a zoom above 1 crops the centre ``1/zoom`` of each side."""
+    if zoom == 0.5:
+        reps = (2, 2) + (1,) * (image.ndim - 2)
+        return np.tile(image, reps), np.tile(mask, (2, 2))
+    if zoom == 1.0:
+        return image, mask
+    if zoom < 1.0 or not math.isfinite(zoom):
+        raise ValueError(f"zoom must be 0.5 or at least 1, got {zoom!r}")
+    height, width = mask.shape[:2]
+    crop_h, crop_w = max(1, round(height / zoom)), max(1, round(width / zoom))
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return image[top : top + crop_h, left : left + crop_w], mask[top : top + crop_h, left : left + crop_w]
+
+
+def _row(model, processor, pairs: Sequence[tuple[np.ndarray, np.ndarray]], modality: str, zoom: float, scale: Any,
+         backend: str | None) -> dict:
+    """Mean Dice (%) of the model and of Otsu over ``pairs`` at ``zoom``, and the scales ``predict`` used."""
+    ours, otsu, scales = [], [], []
+    for image, mask in pairs:
+        view, reference = zoom_view(image, mask, zoom)
+        prediction = predict(model, processor, [view], modality, backend=backend, scale=scale)
+        ours.append(dice_score(prediction.masks[0], reference))
+        otsu.append(dice_score(otsu_mask(view, modality), reference))
+        scales.append(prediction.scales[0])
+    return {"zoom": zoom, "dice": mean_dice(ours), "otsu": mean_dice(otsu), "per_image": ours, "scales": scales}
+
+
+def scale_table(
+    model, processor, pairs: Sequence[tuple[np.ndarray, np.ndarray]], modality: str, *,
+    zooms: Iterable[float] = ZOOMS, scale: Any = None, extra_views: bool = True, backend: str | None = "eager",
+) -> dict:
+    """The table for ``pairs`` of (RGB image, bool mask) decoded with ``modality`` (a name).
+
+    Returns ``{"modality", "num_images", "rows": [{"label", "zoom", "scale", "dice", "otsu", "per_image",
+    "scales"}]}``: one row per zoom with ``scale`` (``None``: the model's default), then ``EXTRA_VIEWS`` when
+    ``extra_views``. Dice in %, means over the images (``metrics.functional.mean_dice``).
+    """
+    if modality not in MODALITY_NAMES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITY_NAMES)}, got {modality!r}")
+    was_training = model.training
+    model.eval()
+    views = [(f"x{zoom:g}", float(zoom), scale) for zoom in zooms]
+    views += list(EXTRA_VIEWS) if extra_views else []
+    rows = []
+    try:
+        for label, zoom, view_scale in views:
+            row = _row(model, processor, pairs, modality, zoom, view_scale, backend)
+            rows.append({"label": label, "scale": "default" if view_scale is None else view_scale, **row})
+            logger.info("scale table %s %s: Dice %.2f%% (Otsu %.2f%%)", modality, label, row["dice"], row["otsu"])
+    finally:
+        model.train(was_training)
+    return {"modality": modality, "num_images": len(pairs), "rows": rows}
+
+
+def dataset_pairs(dataset) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """(image, mask) pairs of a Dataset in the package schema, and its modality name (its first row's)."""
+    pairs = [(image_to_rgb(row["image"]), mask_to_bool(row["mask"])) for row in dataset]
+    modality = MODALITY_NAMES[dataset[0]["modality"]] if len(dataset) else ""
+    return pairs, modality
+
+
+def scale_tables(
+    model, processor, datasets: Mapping[str, Any], *, split: str = "test", names: Sequence[str] | None = None,
+    scale: Any = None, backend: str | None = "eager", max_images: int | None = None,
+) -> dict[str, dict]:
+    """:func:`scale_table` for each dataset of ``datasets`` ({name: Dataset or DatasetDict}, ``split`` taken from
+    a DatasetDict), as ``evaluate_model`` takes them. ``names``: which (default: those whose modality is in
+    ``SCALE_TABLE_MODALITIES``); ``max_images`` per dataset. Returns ``{name: table}``."""
+    tables = {}
+    for name, data in datasets.items():
+        dataset = data[split] if hasattr(data, "keys") and not hasattr(data, "features") else data
+        if max_images is not None:
+            dataset = dataset.select(range(min(max_images, len(dataset))))
+        if not len(dataset):
+            continue
+        modality = MODALITY_NAMES[dataset[0]["modality"]]
+        if (names is not None and name not in names) or (names is None and modality not in SCALE_TABLE_MODALITIES):
+            continue
+        pairs, modality = dataset_pairs(dataset)
+        tables[name] = scale_table(model, processor, pairs, modality, scale=scale, backend=backend)
+    return tables
+
+
+def _scales_text(scales: Sequence[float | None]) -> str:
+    tiled = [s for s in scales if s is not None]
+    if not tiled:
+        return "whole view"
+    low, high = min(tiled), max(tiled)
+    whole = len(scales) - len(tiled)
+    text = f"x{low:.2g}" if math.isclose(low, high, rel_tol=0.05) else f"x{low:.2g}-x{high:.2g}"
+    return text + (f" ({len(tiled)}), whole view ({whole})" if whole else "")
+
+
+def scale_table_markdown(tables: Mapping[str, dict]) -> str:
+    """The tables as Markdown: per dataset, Dice % of the model and of Otsu at each view, and the scales used."""
+    lines = []
+    for name, table in tables.items():
+        lines += [
+            f"### {name}: Dice at other magnifications ({table['num_images']} image(s), {table['modality']})",
+            "",
+            "| shown at | scale asked | Dice % (ours) | Dice % (Otsu) | scale used (native px x) |",
+            "| --- | --- | ---: | ---: | --- |",
+        ]
+        for row in table["rows"]:
+            asked = row["scale"] if isinstance(row["scale"], str) else f"{row['scale']:g}"
+            lines.append(f"| {row['label']} | {asked} | {row['dice']:.2f} | {row['otsu']:.2f} | "
+                         f"{_scales_text(row['scales'])} |")
+        lines.append("")
+    if lines:
+        lines += ["x0.5: a 2x2 mosaic of the image; x2, x4: centre crops of 1/2 and 1/4 of the side. 'default': the "
+                  "model's saved scale (automatic unless set).", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["EXTRA_VIEWS", "ZOOMS", "dataset_pairs", "scale_table", "scale_table_markdown", "scale_tables",
+           "zoom_view"]

@@ -1,0 +1,143 @@
+"""Native-resolution tiled inference (prediction.predict): one tile reproduces the whole view, blending has no
+seams, automatic scale follows the objects' size, options round-trip and bad values are refused."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from _inference_helpers import single_thread, tiny_model
+from esp_medsam_hf import EspMedSamImageProcessor
+from esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam import segment
+from esp_medsam_hf.models.esp_medsam.prediction import (
+    choose_scale,
+    estimate_object_size,
+    predict,
+    tiling_options,
+)
+
+_threads = pytest.fixture(scope="module", autouse=True)(single_thread)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model()
+
+
+def _threshold_model(model):
+    """``model`` answering with a pointwise function of its input: logits = 4 x (channel mean - 0.5) at the input's
+    full size, modality 0. Tiling such a model must give the same map as applying it to the whole image."""
+
+    def forward(pixel_values, modality=None, **kwargs):
+        batch = pixel_values.shape[0]
+        logits = model.config.num_modalities
+        return SimpleNamespace(
+            pred_masks=4.0 * (pixel_values.mean(1, keepdim=True) - 0.5), patch_logits=None,
+            modality_logits=torch.zeros(batch, logits), modality=torch.zeros(batch, dtype=torch.long),
+        )
+
+    model.forward = forward
+    return model
+
+
+@pytest.fixture()
+def pointwise():
+    model, processor = tiny_model()
+    # pixel values = the image's intensity in [0, 1] (no mean/std), so the threshold model thresholds the image
+    processor.image_processor.image_mean = [0.0, 0.0, 0.0]
+    processor.image_processor.image_std = [1.0, 1.0, 1.0]
+    return _threshold_model(model), processor
+
+
+def test_one_tile_reproduces_the_whole_view(tiny):
+    model, processor = tiny
+    image = np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8)
+    whole = predict(model, processor, [image], "microscopy", scale="whole")
+    size = processor.image_processor.size["height"]
+    tiled = predict(model, processor, [image], "microscopy", scale=size / 80)
+    assert whole.scales == [None] and tiled.scales == [pytest.approx(size / 80)]
+    # the same pixels go through the same forward: equal up to float rounding of the Gaussian blend
+    torch.testing.assert_close(tiled.logits[0], whole.logits[0], rtol=0, atol=1e-5)
+
+
+def test_blending_has_no_seams(pointwise):
+    model, processor = pointwise
+    constant = np.full((150, 230, 3), 200, dtype=np.uint8)
+    result = predict(model, processor, [constant], 0, scale=1.0, overlap=16)  # 4 x 5 tiles of 64 px
+    logits = result.logits[0]
+    assert logits.shape == (150, 230)
+    assert float(logits.max() - logits.min()) < 1e-5 and bool(result.masks[0].all())
+    # a pointwise model tiled equals the model on the whole image everywhere, tile borders included
+    ramp = np.repeat(np.linspace(0, 255, 230, dtype=np.float64)[None, :, None], 150, 0).repeat(3, 2).astype(np.uint8)
+    tiled = predict(model, processor, [ramp], 0, scale=1.0, overlap=16).logits[0]
+    expected = torch.from_numpy(4.0 * (ramp[..., 0] / 255.0 - 0.5)).float()
+    torch.testing.assert_close(tiled, expected, rtol=0, atol=1e-4)
+
+
+def _blobs(radius: int, size: int = 256, spacing: int | None = None) -> np.ndarray:
+    spacing = spacing or 4 * radius
+    yy, xx = np.mgrid[:size, :size]
+    image = np.zeros((size, size), dtype=np.uint8)
+    for cy in range(spacing // 2, size, spacing):
+        for cx in range(spacing // 2, size, spacing):
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = 255
+    return np.repeat(image[..., None], 3, axis=-1)
+
+
+def test_object_size_is_the_inscribed_diameter():
+    size, count = estimate_object_size(_blobs(radius=10)[..., 0] > 0)
+    assert count == 36 and size == pytest.approx(20, abs=2)
+    assert estimate_object_size(np.zeros((8, 8), bool)) == (pytest.approx(float("nan"), nan_ok=True), 0)
+
+
+def test_auto_zooms_in_more_for_small_objects(pointwise):
+    model, processor = pointwise
+    small = predict(model, processor, [_blobs(radius=3)], 0, scale="auto")
+    large = predict(model, processor, [_blobs(radius=12)], 0, scale="auto")
+    assert small.scales[0] is not None and large.scales[0] is not None
+    assert small.scales[0] > 1.5 * large.scales[0]
+    assert small.object_sizes[0] == pytest.approx(6, abs=2) and large.object_sizes[0] == pytest.approx(24, abs=3)
+    # objects the model's size already: the whole view is kept; one large structure is never zoomed out
+    assert choose_scale(16.0, 10, 0.25, 16.0) is None
+    assert choose_scale(60.0, 1, 0.25, 16.0) is None and choose_scale(60.0, 10, 0.25, 16.0) < 0.25
+
+
+def test_options_round_trip_through_save_and_load(tmp_path):
+    processor = EspMedSamImageProcessor(
+        size={"height": 64, "width": 64}, inference_scale="30px", tile_size=48, tile_overlap=8, object_size=12.0,
+        keep_aspect_ratio=False, intensity_percentiles=[2.0, 98.0],
+    )
+    processor.save_pretrained(tmp_path)
+    loaded = EspMedSamImageProcessor.from_pretrained(tmp_path)
+    for name in ("inference_scale", "tile_size", "tile_overlap", "object_size", "keep_aspect_ratio"):
+        assert getattr(loaded, name) == getattr(processor, name)
+    assert list(loaded.intensity_percentiles) == [2.0, 98.0]
+    assert tiling_options(loaded) == tiling_options(processor)
+    assert tiling_options(loaded).mode == "object" and tiling_options(loaded).value == 30.0
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [({"tile_size": 0}, "tile_size"), ({"tile_size": -64}, "tile_size"), ({"overlap": 64}, "overlap"),
+     ({"overlap": -1}, "overlap"), ({"scale": 0}, "scale"), ({"scale": "-3px"}, "scale"), ({"scale": "big"}, "scale")],
+)
+def test_bad_options_name_the_argument(tiny, options, name):
+    model, processor = tiny
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=name):
+        predict(model, processor, [image], 0, **options)
+    with pytest.raises(ValueError, match=name):
+        segment(image, model, processor.image_processor, modality=0, **options)
+
+
+def test_pipeline_goes_through_the_front_door(tiny):
+    model, processor = tiny
+    image = np.random.default_rng(1).integers(0, 256, (40, 90, 3), dtype=np.uint8)
+    direct = predict(model, processor, [image], "microscopy", scale=2.0, overlap=8)
+    [result] = segment(image, model, processor.image_processor, modality="microscopy", scale=2.0, overlap=8)
+    assert result["scale"] == 2.0
+    # the pipeline keeps probabilities >= its mask_threshold (0.5): the same logits, thresholded as probabilities
+    np.testing.assert_array_equal(np.asarray(result["mask"]) > 0, (torch.sigmoid(direct.logits[0]) >= 0.5).numpy())
