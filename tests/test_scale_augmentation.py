@@ -39,13 +39,10 @@ def disks(shape: tuple[int, int], diameter: float, spacing: int, seed: int = 0) 
     return mask
 
 
-def test_object_size_is_the_median_diameter():
-    assert object_size(disks((300, 300), 20, 50)) == pytest.approx(20, abs=1)
-    assert object_size(disks((300, 300), 8, 25)) == pytest.approx(8, abs=1)
+def test_object_size_is_the_diameter_inference_measures():
+    assert object_size(disks((300, 300), 20, 50)) == pytest.approx(20, abs=1.5)
+    assert object_size(disks((300, 300), 8, 25)) == pytest.approx(8, abs=1.5)
     assert math.isnan(object_size(np.zeros((10, 10), bool)))
-    specks = np.zeros((20, 20), bool)
-    specks[3, 3] = specks[10, 10] = True  # below min_area: not objects
-    assert math.isnan(object_size(specks))
 
 
 @pytest.mark.parametrize("scale", [0.25, 0.5, 1.0, 2.0])

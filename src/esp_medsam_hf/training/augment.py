@@ -2,7 +2,8 @@
 its objects at many sizes in its input, and random gamma, contrast, blur and noise.
 
 A domain's zoom is given either by the **object size** the crops should give in the model's input (``object_size:
-[6, 40]``: nuclei 6 to 40 px across), measured per image from its mask (:func:`object_size`), or by a **scale**
+[6, 40]``: nuclei 6 to 40 px across), measured per image from its mask as "auto" inference measures it
+(:func:`object_size`), or by a **scale**
 relative to the native pixels (``scale: [0.5, 2]``: for fundus vessels, which native-resolution inference sees at
 scale 1). The scale of each crop is drawn log-uniformly, so every octave of object size is seen equally often.
 A crop shows ``size / scale`` native pixels resized to the model input (antialiased bilinear, the image
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..models.esp_medsam.prediction import estimate_object_size
 
 ZOOM_KINDS = ("object_size", "scale")
 
@@ -65,25 +68,11 @@ def parse_zoom(zoom: Mapping[str, Mapping] | None) -> dict[str, ZoomRange]:
     return {str(domain): ZoomRange.parse(str(domain), spec) for domain, spec in zoom.items()}
 
 
-def object_size(mask: np.ndarray, min_area: int = 9) -> float:
-    """The typical object diameter of a binary mask in its pixels: the median equivalent diameter of its connected
-    components of at least ``min_area`` pixels, leaving out those the border cuts (unless all are cut); ``nan``
-    for a mask without objects."""
-    from scipy import ndimage
-
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return float("nan")
-    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    cut = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    inside = np.ones(count, bool)
-    inside[cut[cut > 0] - 1] = False
-    if (inside & (areas >= min_area)).any():
-        areas = areas[inside]
-    areas = areas[areas >= min_area]
-    if areas.size == 0:
-        return float("nan")
-    return float(np.median(2 * np.sqrt(areas / np.pi)))
+def object_size(mask: np.ndarray) -> float:
+    """The objects' size in a mask's pixels as "auto" inference measures it (``prediction.estimate_object_size``:
+    the area-weighted median width of the connected components), so that the sizes asked in training and the
+    size inference aims for (the image processor's ``object_size``) are one measure; ``nan`` without objects."""
+    return estimate_object_size(mask)[0]
 
 
 def _resize(array: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
