@@ -203,11 +203,12 @@ class ScaleAugmentation:
         return image, mask
 
 
-def training_augmentation(config, image_processor=None) -> ScaleAugmentation | None:
-    """The scale augmentation a training configuration asks for (``zoom``, ``photometric``), or None; the canvas
-    takes ``image_processor``'s padding colour (black without one)."""
-    if not config.zoom and not config.photometric:
+def training_augmentation(config, image_processor=None, photometric: bool = True) -> ScaleAugmentation | None:
+    """The scale augmentation a training configuration asks for (``zoom``, and ``photometric`` unless
+    ``photometric=False``), or None; the canvas takes ``image_processor``'s padding colour (black without one)."""
+    photometric = photometric and config.photometric
+    if not config.zoom and not photometric:
         return None
     fill = padding_colour(image_processor) if image_processor is not None else (0, 0, 0)
-    return ScaleAugmentation(parse_zoom(config.zoom), config.image_size,
-                             Photometric() if config.photometric else None, fill)
+    return ScaleAugmentation(parse_zoom(config.zoom), config.image_size, Photometric() if photometric else None,
+                             fill)

@@ -69,7 +69,7 @@ class DemoSettings:
     espmedsam_steps: int = 105
     espmedsam_batch_size: int = 2
     espmedsam_frozen_stages: int = 3
-    espmedsam_views: int = 2
+    espmedsam_views: int = 5
     nuclei_object_size: tuple[float, float] = (6.0, 40.0)
     fundus_scale: tuple[float, float] = (0.5, 2.0)
     photometric: bool = True
@@ -232,8 +232,29 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
     for key in ("num_images", "seconds"):
         report[key] += synthetic[key]
     report["images_per_second"] = report["num_images"] / report["seconds"]
+    report["scale_tables"] = demo_scale_tables(model, processor, data.real_test)
     write_report(report, output / "evaluation", cases=cases, data_label=data.label)
     return report
+
+
+def demo_scale_tables(model, processor, real_test: dict) -> dict:
+    """The scale table (``data.scale_table``) of the real test sets: mnfinder's and DSB's nuclei shown at x0.5, x1,
+    x2 and x4 through the model's default ("auto") scale, Otsu beside each; the fundus photographs at x1 with
+    "auto", the whole view and native pixels in tiles (the vessel Dice at native resolution)."""
+    from ..data.scale_table import ZOOMS, dataset_pairs, scale_table
+
+    tables = {}
+    for name, zooms, extra in (("mnfinder", ZOOMS, False), ("dsb-stardist", ZOOMS, False), ("vascx", (1.0,), True)):
+        if name in real_test and len(real_test[name]["test"]):
+            pairs, modality = dataset_pairs(real_test[name]["test"])
+            tables[name] = scale_table(model, processor, pairs, modality, zooms=zooms, extra_views=extra)
+    return tables
+
+
+def vessel_native_dice(report: dict) -> float | None:
+    """Dice (%) of the fundus vessels segmented at native resolution (tiles at scale 1) in the scale tables."""
+    rows = report.get("scale_tables", {}).get("vascx", {}).get("rows", [])
+    return next((row["dice"] for row in rows if row["scale"] == 1.0), None)
 
 
 def run_demo(output: str | Path, *, quick: bool = False, overwrite: bool = False, seed: int = 0,
@@ -380,6 +401,11 @@ def demo_summary(output: Path, quick: bool, settings: DemoSettings, timings: dic
         "validation_dice": {"teacher": teacher.metrics["validation_dice"], "espmedsam": esp.metrics["validation_dice"]},
         "distillation_mse": distill.metrics,
         "real": real,
+        "scale_tables": {name: {"modality": table["modality"], "images": table["num_images"],
+                                "rows": [{k: row[k] for k in ("label", "scale", "dice", "otsu", "scales")}
+                                         for row in table["rows"]]}
+                         for name, table in report.get("scale_tables", {}).items()},
+        "vessels_native_dice": vessel_native_dice(report),
         "synthetic": {"source_dice": _mean(report, synthetic_source), "unseen_dice": _mean(report, synthetic_unseen),
                       "per_domain_dice": {n: report["domains"][n]["dice"] for n in data.synthetic_test}},
         "modality_classifier": {"train_accuracy": esp.metrics.get("classifier_train_accuracy"),
@@ -408,6 +434,14 @@ def summary_markdown(summary: dict, report: dict) -> str:
         refs = row["references"]
         lines.append(f"| {name} | {row['images']} | **{row['dice']:.2f}** | {refs.get('otsu', float('nan')):.2f} | "
                      f"{refs.get('litemedsam-boxes', float('nan')):.2f} | {row['classifier_accuracy'] or 0:.1f} |")
+    if summary.get("vessels_native_dice") is not None:
+        lines += ["", f"Fundus vessels at native resolution (tiles of native pixels; vessel masks MADE BY VASCX'S "
+                      f"MODELS): Dice **{summary['vessels_native_dice']:.2f}** %."]
+    if report.get("scale_tables"):
+        from ..data.scale_table import scale_table_markdown
+
+        lines += ["", "## Dice at other magnifications (scale table)", "",
+                  scale_table_markdown(report["scale_tables"])]
     synthetic = summary["synthetic"]
     lines += [
         "", f"SYNTHETIC test images: source {synthetic['source_dice']:.2f} %, unseen (zero-shot) "
