@@ -112,3 +112,17 @@ def test_the_cross_lab_check_holds_out_one_acquisition_group():
                                                  "validation/A/3.png"]
     with pytest.raises(TrainingDataError, match="no acquisition group 'C'.*A, B"):
         hold_out_group(mnfinder, "C")
+
+
+def test_the_scale_tables_x1_row_is_the_evaluations_own():
+    from esp_medsam_hf.training.demo import evaluation_row, vessel_native_dice
+
+    domain = {"dice": 90.0, "references": {"otsu": 80.0},
+              "per_image": [{"dice": 88.0, "scale": 0.5}, {"dice": 92.0, "scale": None}]}
+    row = evaluation_row(domain)
+    assert row == {"label": "x1", "scale": "default", "zoom": 1.0, "dice": 90.0, "otsu": 80.0,
+                   "per_image": [88.0, 92.0], "scales": [0.5, None]}
+    rows = [row, {"label": "x1, whole view", "scale": "whole", "dice": 40.0},
+            {"label": "x1, native pixels in tiles", "scale": 1.0, "dice": 71.5}]
+    assert vessel_native_dice({"scale_tables": {"vascx": {"rows": rows}}}) == 71.5
+    assert vessel_native_dice({}) is None
