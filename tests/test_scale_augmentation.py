@@ -65,13 +65,6 @@ def test_a_zoomed_out_image_sits_on_black():
     assert not labels[~grey].any()
 
 
-def test_a_window_shows_a_smaller_image_than_the_view():
-    image = np.full((400, 400, 3), 100, np.uint8)
-    view, _ = zoom_crop(image, np.zeros((400, 400), bool), 1.0, 128, np.random.default_rng(0), fill=(7, 7, 7),
-                        window=(0.5, 0.25))
-    assert (view[..., 0] == 100).sum() == 64 * 32 and (view[..., 0] == 7).sum() == 128 * 128 - 64 * 32
-
-
 def test_views_span_the_object_sizes_asked():
     mask = disks((768, 869), 26, 70)
     image = np.where(mask[..., None], 180, 30).astype(np.uint8).repeat(3, -1)

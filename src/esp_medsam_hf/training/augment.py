@@ -11,9 +11,8 @@ processor's resampling); an image smaller than that at this scale is placed at a
 the colour that the image processor's normalisation maps to 0 (inference pads its whole views and tiles with zeros
 after normalisation), keeping its aspect ratio, as inference does. Half the crops are centred on a
 foreground pixel, so that sparse objects are not mostly missed at high zoom (nnU-Net oversamples foreground for
-the same reason), and a quarter show a smaller window of the image on the canvas, as images smaller than a tile
-(a user's crop) are shown at inference. Randomness comes from the caller's generator, seeded by (seed, image,
-view) or (seed, epoch, image), so runs and resumed runs see the same crops.
+the same reason). Randomness comes from the caller's generator, seeded by (seed, image, view) or (seed, epoch,
+image), so runs and resumed runs see the same crops.
 """
 
 from __future__ import annotations
@@ -99,15 +98,13 @@ def _crop_origin(rng: np.random.Generator, mask: np.ndarray, extent: tuple[int, 
 
 
 def zoom_crop(image: np.ndarray, mask: np.ndarray, scale: float, size: int, rng: np.random.Generator,
-              foreground_share: float = 0.5, fill: tuple[int, int, int] = (0, 0, 0),
-              window: tuple[float, float] = (1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+              foreground_share: float = 0.5, fill: tuple[int, int, int] = (0, 0, 0)) -> tuple[np.ndarray, np.ndarray]:
     """A ``size`` x ``size`` view of ``image`` (H x W x 3 uint8) and ``mask`` (H x W bool) at ``scale`` input pixels
-    per native pixel, with a random horizontal and vertical flip. ``window`` (fractions of the view's height and
-    width) crops less than a view, as an image smaller than a tile shows. Where the crop is smaller than ``size``
-    at this scale it sits at a random position on a canvas of colour ``fill``; the mask is resized like the image
-    processor's labels (the share of foreground under each new pixel, kept at >= 0.5)."""
+    per native pixel, with a random horizontal and vertical flip. Where the scaled image is smaller than ``size``
+    it sits at a random position on a canvas of colour ``fill``; the mask is resized like the image processor's
+    labels (the share of foreground under each new pixel, kept at >= 0.5)."""
     height, width = mask.shape
-    extent = (min(height, max(1, round(size * window[0] / scale))), min(width, max(1, round(size * window[1] / scale))))
+    extent = (min(height, max(1, round(size / scale))), min(width, max(1, round(size / scale))))
     top, left = _crop_origin(rng, mask, extent, foreground_share)
     window = (slice(top, top + extent[0]), slice(left, left + extent[1]))
     out = (min(size, max(1, round(extent[0] * scale))), min(size, max(1, round(extent[1] * scale))))
@@ -175,10 +172,6 @@ class ScaleAugmentation:
     whole image with random flips), then ``photometric`` changes if given. ``size``: the model input side;
     ``fill``: the colour of the canvas around an image smaller than a view (:func:`padding_colour`)."""
 
-    small_share = 0.25
-    """Share of zoom views cropped to a window of 30-100 % of the view's side per axis: the image then fills only
-    part of the view, as an image (or a user's crop) smaller than a tile does at inference."""
-
     def __init__(self, zoom: Mapping[str, ZoomRange], size: int, photometric: Photometric | None = None,
                  fill: tuple[int, int, int] = (0, 0, 0)):
         self.zoom, self.size, self.photometric, self.fill = dict(zoom), size, photometric, tuple(fill)
@@ -200,8 +193,7 @@ class ScaleAugmentation:
                 scale = self.zoom[domain].draw_scale(rng, reference)
             else:  # no object to size: the whole image
                 scale = self.size / max(mask.shape)
-            window = tuple(rng.uniform(0.3, 1.0, 2)) if rng.random() < self.small_share else (1.0, 1.0)
-            image, mask = zoom_crop(image, mask, scale, self.size, rng, fill=self.fill, window=window)
+            image, mask = zoom_crop(image, mask, scale, self.size, rng, fill=self.fill)
         else:
             if rng.random() < 0.5:
                 image, mask = image[:, ::-1], mask[:, ::-1]
