@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
@@ -30,8 +32,31 @@ def tiny_model(seed: int = 0, image_size: int = IMAGE_SIZE) -> tuple[EspMedSamMo
     torch.manual_seed(seed)
     config = EspMedSamConfig.tiny(image_size=image_size)
     model = EspMedSamModel(config).eval()
-    image_processor = EspMedSamImageProcessor(size={"height": image_size, "width": image_size})
+    # "whole": a random model's masks are noise, which the automatic scale would read as tiny objects and tile; the
+    # pipelines' tests compare against the whole-view forward and the stock pipeline (which is whole-view), and
+    # tests/test_tiling.py covers every scale
+    image_processor = EspMedSamImageProcessor(size={"height": image_size, "width": image_size}, inference_scale="whole")
     return model, EspMedSamProcessor(image_processor, config.modality_names)
+
+
+def pointwise_model() -> tuple[EspMedSamModel, EspMedSamProcessor]:
+    """A tiny model answering with a pointwise function of its input: logits = 4 x (channel mean - 0.5) at the
+    input's full size, modality 0; its processor feeds intensities in [0, 1] (no mean/std), so the model thresholds
+    the image at half its range. Tiling such a model must give the same map as applying it to the whole image."""
+    model, processor = tiny_model()
+    processor.image_processor.image_mean = [0.0, 0.0, 0.0]
+    processor.image_processor.image_std = [1.0, 1.0, 1.0]
+
+    def forward(pixel_values, modality=None, **kwargs):
+        batch = pixel_values.shape[0]
+        return SimpleNamespace(
+            pred_masks=4.0 * (pixel_values.mean(1, keepdim=True) - 0.5), patch_logits=None,
+            modality_logits=torch.zeros(batch, model.config.num_modalities),
+            modality=torch.zeros(batch, dtype=torch.long),
+        )
+
+    model.forward = forward
+    return model, processor
 
 
 def save_tiny_model(directory: Path, seed: int = 0) -> Path:

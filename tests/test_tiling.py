@@ -3,13 +3,11 @@ seams, automatic scale follows the objects' size, options round-trip and bad val
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 
-from _inference_helpers import single_thread, tiny_model
+from _inference_helpers import pointwise_model, single_thread, tiny_model
 from esp_medsam_hf import EspMedSamImageProcessor
 from esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam import segment
 from esp_medsam_hf.models.esp_medsam.prediction import (
@@ -27,29 +25,9 @@ def tiny():
     return tiny_model()
 
 
-def _threshold_model(model):
-    """``model`` answering with a pointwise function of its input: logits = 4 x (channel mean - 0.5) at the input's
-    full size, modality 0. Tiling such a model must give the same map as applying it to the whole image."""
-
-    def forward(pixel_values, modality=None, **kwargs):
-        batch = pixel_values.shape[0]
-        logits = model.config.num_modalities
-        return SimpleNamespace(
-            pred_masks=4.0 * (pixel_values.mean(1, keepdim=True) - 0.5), patch_logits=None,
-            modality_logits=torch.zeros(batch, logits), modality=torch.zeros(batch, dtype=torch.long),
-        )
-
-    model.forward = forward
-    return model
-
-
 @pytest.fixture()
 def pointwise():
-    model, processor = tiny_model()
-    # pixel values = the image's intensity in [0, 1] (no mean/std), so the threshold model thresholds the image
-    processor.image_processor.image_mean = [0.0, 0.0, 0.0]
-    processor.image_processor.image_std = [1.0, 1.0, 1.0]
-    return _threshold_model(model), processor
+    return pointwise_model()
 
 
 def test_one_tile_reproduces_the_whole_view(tiny):

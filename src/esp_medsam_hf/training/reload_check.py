@@ -70,6 +70,7 @@ def segment_real_images(model, processor, output_dir: Path) -> list[dict]:
             "size": list(item["image"].shape[:2]), "foreground_percent": float(mask.mean() * 100),
             "classifier_modality": model.config.modality_names[prediction.classifier_modality[0]],
             "classifier_probability": max(prediction.modality_probabilities[0]), "overlay": str(path),
+            "scale": prediction.scales[0], "object_size": prediction.object_sizes[0],
         }
         if item["mask"] is not None:
             record["dice"] = dice_score(mask, item["mask"])

@@ -122,7 +122,10 @@ def stretch_to_uint8(
     if percentiles is None:
         return scale_to_uint8(data, float(data.min()), float(data.max()))
     low, high = check_percentiles(percentiles)
-    return scale_to_uint8(data, *(float(v) for v in np.percentile(data, [low, high])))
+    # inverted_cdf depends only on the distribution of values: a grey image and the same image repeated as RGB
+    # (the processor's input) get the same bounds, which interpolating percentiles would not give
+    bounds = np.percentile(data, [low, high], method="inverted_cdf")
+    return scale_to_uint8(data, float(bounds[0]), float(bounds[1]))
 
 
 def check_percentiles(percentiles) -> tuple[float, float]:

@@ -52,8 +52,9 @@ AUTO_ZOOM_RANGE = (0.25, 8.0)
 """"auto" changes the objects' size in the model's input by at most these factors."""
 MAX_ZOOM = 4.0
 """Largest enlargement of the native pixels any scale uses (beyond it there is no detail to gain)."""
-MAX_TILES = 256
-"""Largest number of tiles per image; a larger request is reduced to the largest factor that fits (logged)."""
+MAX_TILES = 64
+"""Largest number of tiles per image (8 x 8: a 1600-px square at 256-px tiles with the default overlap); a larger
+request is reduced to the largest factor that fits (logged)."""
 
 
 @dataclass
