@@ -14,10 +14,12 @@ import argparse
 import logging
 import sys
 
+import esp_medsam_hf
 from esp_medsam_hf.commands import benchmark
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="benchmark.py", description=benchmark.__doc__)
     benchmark.add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    esp_medsam_hf.register()
     sys.exit(benchmark.run(parser.parse_args()))

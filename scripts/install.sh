@@ -24,4 +24,9 @@ mkdir -p "$ARCHIVES"
 [ -f "$ARCHIVES/mnfinder-1.2.3-py3-none-any.whl" ] || .venv/bin/python -m pip download -q --no-deps -d "$ARCHIVES" mnfinder==1.2.3
 [ -f "$ARCHIVES/retinalysis_vascx-2.1.0.tar.gz" ] || \
   .venv/bin/python -m pip download -q --no-deps --no-binary :all: -d "$ARCHIVES" retinalysis-vascx==2.1.0
+# transformers' common test mixins (tests/_transformers_common.py) come from the sdist of the version pyproject.toml
+# pins: read back from the venv, so the two cannot drift.
+TRANSFORMERS=$(.venv/bin/python -c "import transformers; print(transformers.__version__)")
+[ -f "$ARCHIVES/transformers-$TRANSFORMERS.tar.gz" ] || \
+  .venv/bin/python -m pip download -q --no-deps --no-binary :all: -d "$ARCHIVES" "transformers==$TRANSFORMERS"
 echo "install.sh: environment ready in .venv"

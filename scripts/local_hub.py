@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+import esp_medsam_hf
 from esp_medsam_hf.commands import hub
 
 
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="local_hub.py", description=hub.__doc__.splitlines()[0])
     hub.add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    esp_medsam_hf.register()
     return hub.run(parser.parse_args(argv))
 
 

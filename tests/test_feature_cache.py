@@ -196,3 +196,42 @@ def test_esp_medsam_teacher_then_intensity_distillation(tmp_path, data):
     assert changed and all(k.startswith("modality_controller.") for k in changed)
     touched = {int(k.split(".")[2]) for k in changed}
     assert touched <= {0, 4}  # isic (dermoscopy) and dsb (microscopy) bags only
+
+
+def test_bf16_encoding_stays_close_to_float32_and_is_stored_in_float32(data):
+    """The main job encodes under bf16 autocast where the CPU computes bf16 natively: the cached features stay
+    float32 and within 5 % of the largest feature of the float32 cache, and encoding twice gives the same bits."""
+    model = tiny_model()
+    apply_freeze(model, [], 2)
+    processor = make_processor(SIZE, model.config.modality_names)
+    rows = SegmentationDataset(data, "train", augment=False, seed=0)
+    exact = cache_features(model, processor.image_processor, rows, views=1, frozen_stages=2, progress=False)
+    fast = [cache_features(model, processor.image_processor, rows, views=1, frozen_stages=2, bf16=True,
+                           progress=False) for _ in range(2)]
+    assert fast[0].features.dtype == torch.float32
+    assert torch.equal(fast[0].features, fast[1].features)
+    scale = exact.features.abs().max()
+    assert (fast[0].features - exact.features).abs().max() <= 0.05 * scale
+    assert not torch.equal(fast[0].features, exact.features)
+
+
+def test_auto_mixed_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    from esp_medsam_hf.training.config import resolve_mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for avx512_bf16, amx, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "no")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_mixed_precision("auto") == expected
+        assert resolve_mixed_precision("no") == "no"
+    with pytest.raises(ValueError, match="mixed_precision"):
+        EspMedSamStageConfig(mixed_precision="bf17")
+
+
+def test_auto_mixed_precision_trains_on_cached_features(tmp_path, data):
+    config = EspMedSamStageConfig(output_dir=str(tmp_path / "run"), init_from=None, epochs=1, batch_size=2,
+                                  frozen_encoder_stages=2, cache_features=True, feature_views=1,
+                                  mixed_precision="auto", **COMMON)
+    changed, result, _ = train_and_compare(config, data)
+    assert any(k.startswith("mask_decoder.") for k in changed)
+    assert result.best_metric is not None and 0 <= result.best_metric <= 100

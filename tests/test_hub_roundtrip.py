@@ -362,7 +362,8 @@ def test_model_info_answers_like_the_hub(api, published, branch):
     info = api.model_info(REPO, revision=branch)
     assert info.sha == published["commits"][branch] and info.id == REPO
     assert info.pipeline_tag == "image-segmentation" and info.library_name == "transformers"
-    assert {"medical-imaging", "esp-medsam", branch, "safetensors", "license:apache-2.0"} <= set(info.tags)
+    assert {"medical-imaging", "esp-medsam", "safetensors", "license:apache-2.0"} <= set(info.tags)
+    assert branch not in info.tags  # the branch is training_stage, not a tag
     assert info.card_data.training_stage == branch and info.card_data.parameters == 28_460_000
     assert info.safetensors.parameters == {"F32": 64 * 96 + 17} and info.safetensors.total == 64 * 96 + 17
     assert {s.rfilename for s in info.siblings} == {".gitattributes", "README.md", *tree_hashes(folder)}

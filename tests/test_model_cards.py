@@ -51,12 +51,14 @@ def test_synthetic_and_real_rows_are_typed_by_the_runs_facts():
         "SYNTHETIC ")
     assert f"| microscopy | {dsb} | source | test | 512x512 | 28.00 | 40.50 |" in card.text
     assert "| 128x128 | 61.50 | 9.25 |" in card.text and "1024x1024" not in card.text
-    assert card.data.datasets == [f"synthetic-{name}" for name in SOURCE_DOMAINS]
+    assert card.data.datasets is None  # none of them is a Hub dataset: `datasets:` holds Hub ids only
     assert "Trained on SYNTHETIC images" in card.text and "a few public datasets" not in card.text
     real = _card("main", report=REPORT, synthetic=False, datasets=training_data(["dsb"], synthetic=False),
                  base_model="esp/litemedsam")
     assert {r.dataset_type for r in real.data.eval_results} == {"isic", "ph2", "dsb-real"}
-    assert real.data.datasets == ["dsb"] and real.data.base_model == "esp/litemedsam"
+    assert real.data.datasets is None and real.data.base_model == "esp/litemedsam"
+    with_hub_id = _card("main", datasets=[TrainingData("ISIC 2018", "isic", hub_id="org/isic-2018")])
+    assert with_hub_id.data.datasets == ["org/isic-2018"] and "- ISIC 2018 (`isic`)" in with_hub_id.text
     assert f"Trained on {get_domain('dsb').dataset} only" in real.text and "SYNTHETIC" not in real.text
 
 
@@ -87,7 +89,34 @@ def test_training_config_holds_relative_paths_only(tmp_path):
 def test_teacher_card_says_what_the_branch_is_for():
     teacher = _card(STAGE_TO_BRANCH["teacher"])
     assert "pipeline(" not in teacher.text and "intermediate training stage" in teacher.text
+    assert "SAM's frozen ViT" in teacher.text and "no modality classifier" in teacher.text
     assert 'pipeline("medical-image-segmentation"' in _card("stage-2-distill").text
+    # the main job's stage 1 is an ESP-MedSAM (TinyViT) model saved with both pipelines: its card says so
+    tinyvit = _card(STAGE_TO_BRANCH["teacher"], model_type="esp_medsam")
+    assert 'pipeline("medical-image-segmentation"' in tinyvit.text and "TinyViT image encoder" in tinyvit.text
+    assert "SAM's frozen ViT" not in tinyvit.text and "no modality classifier" not in tinyvit.text
+    assert "classifier is not trained at this stage" in tinyvit.text
+
+
+def test_card_metadata_and_snippets_are_true_for_any_branch():
+    for branch in BRANCHES:
+        card = _card(branch, report=REPORT)
+        assert branch not in card.data.tags and card.data.training_stage == branch
+        # images are read as the evaluation read them (PIL clips 16-bit images): the repo's own reader
+        assert "Image.open" not in card.text and 'get_class_from_dynamic_module("image_reading.load_image"' in card.text
+
+
+def test_stage_notes_leave_out_unmeasured_metrics_and_dsb_is_test_data_only():
+    from esp_medsam_hf.training.demo import data_label, stage_metrics_note
+
+    assert stage_metrics_note("distill", {"common_mse": None, "specific_mse": None}) == ""
+    assert stage_metrics_note("distill", {"common_mse": None, "specific_mse": 0.01234}) == (
+        " Stage metrics: modality-specific embedding MSE 0.01234.")
+    assert stage_metrics_note("teacher", {"validation_dice": 81.5}) == " Stage metrics: validation Dice 81.5."
+    assert "None" not in stage_metrics_note("teacher", {"validation_dice": None})
+    label = data_label(256)
+    trained_on, _, tested_on = label.partition("; the stardist")
+    assert "DSB" not in trained_on and "test image only, never trained on" in tested_on
 
 
 def test_usage_snippets_run_verbatim_on_every_branch(tmp_path):
@@ -157,3 +186,20 @@ def test_measured_efficiency_goes_into_the_card():
     assert f"FLOPs per image: {facts['flops']:.3g} G at 64x64" in text and "throughput: 12.50 images/s on cpu" in text
     assert "not measured" not in text
     assert "throughput" not in measured_efficiency(model)
+
+
+def test_card_image_reader_is_the_repos_own_and_reads_16_bit_tiff_as_the_evaluation(tmp_path):
+    """The cards' `get_class_from_dynamic_module("image_reading.load_image", repo)` gives the saved repo's reader,
+    which stretches a 16-bit TIFF as the package's loader does, where PIL's convert("RGB") clips it."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from esp_medsam_hf.models.esp_medsam.image_reading import load_image as package_reader
+
+    folder = save_tiny_model(tmp_path / "model")
+    repo_reader = get_class_from_dynamic_module("image_reading.load_image", str(folder))
+    path = tmp_path / "scan.tif"
+    Image.fromarray((np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 30)).save(path)
+    image, _ = repo_reader(str(path))
+    np.testing.assert_array_equal(image, package_reader(path)[0])
+    clipped = np.asarray(Image.open(path).convert("RGB"))
+    assert image.shape == clipped.shape == (40, 50, 3) and (image != clipped).mean() > 0.9

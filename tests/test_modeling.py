@@ -66,8 +66,10 @@ def test_default_config_has_the_papers_parameter_count():
     total = sum(p.numel() for p in model.parameters())
     bag = sum(p.numel() for p in model.modality_controller.bags[0].parameters())
     classifier = sum(p.numel() for p in model.modality_classifier.parameters())
+    prompts = sum(p.numel() for p in model.prompt_encoder.parameters())
     assert bag == 3_144_202  # the official modality-specific parameters of one bag
-    assert total - classifier == 28_182_737  # official used parameters with six bags (paper: 28.46 M)
+    assert prompts == 5 * 256  # SAM's point embeddings (negative, positive, two box corners) and not-a-point
+    assert total - classifier - prompts == 28_182_737  # official used parameters with six bags (paper: 28.46 M)
 
 
 def test_mixed_batch_equals_each_image_alone(tiny_model):

@@ -54,7 +54,10 @@ def test_conversion_report_lists_dropped_tensors(converted):
     _, report = converted
     assert "SemiTViT.head.weight" in report.dropped
     assert "prompt_encoder.no_mask_embed.weight" in report.dropped
-    assert len(report.dropped) == 20  # norm_head, head, and 16 prompt-encoder tensors the forward never uses
+    # norm_head, head, and SAM's mask input and no-mask embedding (11 prompt-encoder tensors); the point and box
+    # embeddings are kept for optional prompts
+    assert len(report.dropped) == 15
+    assert "prompt_encoder.point_embeddings.0.weight" not in report.dropped
     assert all(key.startswith("modality_classifier.") for key in report.not_in_checkpoint)
 
 

@@ -83,7 +83,9 @@ def test_given_modality_matches_model_and_processor(pipe, images):
         assert segment["label"] == config.target_names[index]
         assert segment["modality_probability"] == pytest.approx(modality_probability, abs=1e-6)
         inside = probs[probs >= 0.5]
-        assert segment["score"] == pytest.approx(inside.mean() if inside.size else 0.0, abs=1e-5)
+        # the classifier's own probability of the given modality, never 1 because it was given
+        expected = modality_probability * (inside.mean() if inside.size else 0.0)
+        assert segment["score"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_automatic_modality_is_the_classifiers_choice(pipe, images):
@@ -113,6 +115,40 @@ def test_per_image_modalities_and_batching_agree_with_single_calls(pipe, images)
     by_name = pipe(images[0], modality="colonoscopy")[0]
     assert by_name["modality"] == "colonoscopy" and by_name["label"] == "polyp"
     assert (_mask([by_name]) == _mask(pipe(images[0], modality=5))).all()
+
+
+def test_forced_modality_the_classifier_disagrees_with_warns_and_scores_its_probability(pipe, images, caplog):
+    image = images[0]
+    automatic = pipe(image)[0]
+    names = pipe.model.config.modality_names
+    forced = next(name for name in names if name != automatic["modality"])
+    with caplog.at_level("WARNING", logger="esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam"):
+        segment = pipe(image, modality=forced)[0]
+    probs, _, modality_probability = _reference(pipe, image, forced)
+    assert segment["modality"] == forced and segment["classifier_modality"] == automatic["modality"]
+    assert segment["modality_probability"] == pytest.approx(modality_probability, abs=1e-6)
+    assert modality_probability < automatic["modality_probability"]
+    inside = probs[probs >= 0.5]
+    assert segment["score"] == pytest.approx(modality_probability * (inside.mean() if inside.size else 0.0), abs=1e-5)
+    assert f"modality '{forced}' was given but the modality classifier gives it" in caplog.text
+    assert f"prefers '{automatic['modality']}'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam"):
+        agreeing = pipe(image, modality=automatic["modality"])[0]
+    assert "classifier_modality" not in agreeing and "prefers" not in caplog.text
+
+
+def test_unknown_keywords_raise_and_threshold_filters_segments(pipe, images):
+    with pytest.raises(TypeError, match="unexpected keyword argument.*mask_treshold"):
+        pipe(images[0], mask_treshold=0.3)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*subtask"):
+        pipe(images[0], subtask="panoptic")
+    score = pipe(images[0], modality=2)[0]["score"]
+    assert pipe(images[0], modality=2, threshold=score + 1e-3) == []
+    kept = pipe(images[0], modality=2, threshold=score - 1e-3)
+    assert len(kept) == 1 and kept[0]["score"] == pytest.approx(score, abs=1e-6)
+    batched = pipe(images, modality=2, threshold=score + 1e-3, batch_size=3)
+    assert batched[0] == [] and len(batched) == 3
 
 
 def test_modality_changes_the_mask(pipe, images):

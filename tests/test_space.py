@@ -114,8 +114,11 @@ def test_chosen_modality_drives_the_model_and_the_label(tmp_path, loaded, segmen
     read_back = np.array(Image.open(path).convert("RGB"))
     _, mask, label, summary, _ = segment(str(path), "fundus", "whole")
     np.testing.assert_array_equal(mask > 0, _direct_mask(loaded, read_back, 3))
-    assert label == {"fundus": 1.0}  # a given modality is certain; the classifier's view is in the summary
-    assert "fundus (chosen by you" in summary and "classifier probability" in summary
+    # the label is the classifier's own distribution: a forced modality is never shown as certain
+    assert set(label) == set(MODALITIES) and sum(label.values()) == pytest.approx(1.0, abs=1e-5)
+    assert f"fundus (chosen by you; classifier probability {label['fundus']:.0%})" in summary
+    preferred = max(label, key=label.get)
+    assert (f"warning: the modality classifier prefers {preferred}" in summary) == (preferred != "fundus")
 
 
 @pytest.mark.parametrize("kind", ["grey16", "rgba", "palette"])
@@ -146,8 +149,8 @@ def test_dicom_is_routed_by_its_modality_tag(tmp_path, segment):
     shutil.copy(source, path)
     overlay, mask, label, summary, mask_png = segment(str(path), "automatic")
     assert mask.shape == (header.Rows, header.Columns) and overlay.shape == (header.Rows, header.Columns, 3)
-    assert label == {"x-ray": 1.0}
-    assert "x-ray (from the DICOM Modality tag" in summary
+    assert set(label) == set(MODALITIES)
+    assert f"x-ray (from the DICOM Modality tag; classifier probability {label['x-ray']:.0%})" in summary
     assert Image.open(mask_png).size == (header.Columns, header.Rows)
 
 
@@ -308,3 +311,33 @@ def test_default_is_the_main_jobs_trained_model_else_a_run_it_first_notice(tmp_p
     assert ready.trained and ready.notice == "" and "main job's trained model" in ready.source
     (output / "summary.json").write_text(json.dumps({"final_model": "stage-3-esp-medsam/release"}))
     assert app.main_job_model() == folder  # a relative final_model is read against the run folder
+
+
+def test_click_to_correct_points_boxes_undo_and_reset(tmp_path, loaded, segment):
+    """Clicks and two-click boxes on the overlay correct the mask from the cached embedding; undo and reset."""
+    from esp_medsam_hf.models.esp_medsam.prompt_session import EspMedSamPromptSession
+
+    path = tmp_path / "cells.png"
+    image = _rgb_image()
+    Image.fromarray(image).save(path)
+    click, undo, reset = app.make_correct(loaded)
+    free_mask = segment(str(path), "microscopy")[1]
+
+    def at(x, y):
+        return gr.SelectData(None, {"index": [x, y], "value": None, "selected": True})
+
+    prompts = app.empty_prompts()
+    overlay, mask, summary, mask_png, prompts = click(str(path), "microscopy", prompts, app.CLICK_MODES[0], at(30, 20))
+    session = EspMedSamPromptSession(loaded.model, loaded.processor, image, "microscopy")
+    assert np.array_equal(mask > 0, session.mask(points=[(30, 20)], labels=[1]))
+    assert tuple(overlay[20, 30]) == (0, 200, 0) and "1 click(s)" in summary and Path(mask_png).is_file()
+    *_, prompts = click(str(path), "microscopy", prompts, app.CLICK_MODES[2], at(10, 5))  # first corner
+    assert prompts["corner"] == (10.0, 5.0) and prompts["boxes"] == []
+    assert "box corner set" in click(str(path), "microscopy", app.empty_prompts(), app.CLICK_MODES[2], at(1, 1))[2]
+    overlay, mask, summary, _, prompts = click(str(path), "microscopy", prompts, app.CLICK_MODES[2], at(60, 50))
+    assert prompts["boxes"] == [(10.0, 5.0, 60.0, 50.0)] and not (mask[55:] > 0).any()
+    assert np.array_equal(mask > 0, session.mask(points=[(30, 20)], labels=[1], boxes=[(10, 5, 60, 50)]))
+    _, mask, _, _, prompts = undo(str(path), "microscopy", prompts)
+    assert prompts["boxes"] == [] and len(prompts["points"]) == 1
+    _, mask, summary, _, prompts = reset(str(path), "microscopy", prompts)
+    assert prompts == app.empty_prompts() and np.array_equal(mask, free_mask) and "0 click(s)" in summary

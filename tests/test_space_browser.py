@@ -96,6 +96,21 @@ def test_browser_upload_segment_and_download(app_url, nuclei_png):
             assert set(np.unique(mask)) <= {0, 255} and 0 < (mask > 0).mean() < 1
             page.screenshot(path=str(screenshot), full_page=True)
 
+            # Click to correct: a positive click on the overlay, undo, a box from two clicks, reset.
+            summary = page.locator("#out-summary textarea")
+            overlay.click(position={"x": 60, "y": 80})
+            expect(summary).to_have_value(re.compile(r"^1 click\(s\), 0 box\(es\) .* cached embedding"), timeout=30_000)
+            page.locator("#undo").click()
+            expect(summary).to_have_value(re.compile(r"^0 click\(s\), 0 box\(es\)"), timeout=30_000)
+            page.get_by_label("box (click two corners)").check()
+            overlay.click(position={"x": 20, "y": 20})
+            expect(summary).to_have_value(re.compile(r"box corner set"), timeout=30_000)
+            overlay.click(position={"x": 150, "y": 150})
+            expect(summary).to_have_value(re.compile(r"^0 click\(s\), 1 box\(es\)"), timeout=30_000)
+            page.locator("#reset").click()
+            expect(summary).to_have_value(re.compile(r"^0 click\(s\), 0 box\(es\)"), timeout=30_000)
+            assert page.locator(".toast-body").count() == 0
+
             # A real example runs on click: the fundus photograph with its modality preset.
             page.get_by_role("button", name="Retina fundus photograph (real, scikit-image)").click()
             expect(page.get_by_role("combobox", name="Modality")).to_have_value("fundus")

@@ -30,11 +30,12 @@ from PIL import Image
 
 import esp_medsam_hf
 from esp_medsam_hf import assets
-from esp_medsam_hf.drawing import draw_mask
+from esp_medsam_hf.drawing import draw_mask, draw_prompts
 from esp_medsam_hf.models.esp_medsam.image_reading import is_dicom, load_image, SUPPORTED_SUFFIXES
 from esp_medsam_hf.models.esp_medsam.prediction import predict
 
 logger = logging.getLogger("esp_medsam_space")
+esp_medsam_hf.register()  # the Space is an entry point: AutoModel then knows a saved folder's classes
 
 AUTOMATIC = "automatic"
 AUTOMATIC_SCALE = "auto"
@@ -303,16 +304,122 @@ def make_segment(loaded: LoadedModel):
             f"Modality: {used} ({how}; classifier probability {probabilities[used]:.0%}) · "
             f"mask: {mask.mean():.1%} of the image · scale: {scale} ({scale_used}) · time: {elapsed_ms:.0f} ms"
         )
+        preferred = max(probabilities, key=probabilities.get)
+        if preferred != used:
+            summary += f" · warning: the modality classifier prefers {preferred} ({probabilities[preferred]:.0%})"
         if not loaded.trained:
             summary += " · untrained model (see the notice above)"
-        # The label's headline is always the modality used, with the confidence of its source: the classifier's
-        # distribution when it chose, certainty when the modality was given or read from the DICOM tag (as the
-        # pipelines' segment score counts it); the summary keeps the classifier's probability for comparison.
-        label = probabilities if chosen is None else {used: 1.0}
+        # The label is the classifier's own distribution, whatever the modality's source (as the pipeline's score
+        # uses the classifier's probability of the modality used): a forced modality never reads as certain.
+        label = probabilities
         mask_png = _write_mask_png(mask, Path(path).stem)
         return overlay_mask(image, mask), mask.astype(np.uint8) * 255, label, summary, mask_png
 
     return segment
+
+
+CLICK_MODES = ("positive point", "negative point", "box (click two corners)")
+MAX_SESSIONS = 4
+"""Images kept encoded for click-to-correct (each holds its image embedding)."""
+_SESSIONS: dict[tuple, tuple] = {}
+
+
+def prompt_session(loaded: LoadedModel, path: str, modality_choice: str | None):
+    """(session, image): the image encoded once, as the Segment button decoded it (the modality chosen, else the
+    DICOM tag's, else the classifier's); every correction then decodes from the cached embedding."""
+    from esp_medsam_hf.models.esp_medsam.prompt_session import EspMedSamPromptSession
+
+    if not hasattr(loaded.model, "prompt_encoder"):
+        raise gr.Error("This model was saved before prompts existed: it cannot take clicks or boxes.",
+                       title="No prompts")
+    key = (id(loaded.model), path, modality_choice)
+    if key not in _SESSIONS:
+        if len(_SESSIONS) >= MAX_SESSIONS:
+            _SESSIONS.pop(next(iter(_SESSIONS)))
+        image, tag_modality = read_upload(path)
+        chosen = None if modality_choice in (None, "", AUTOMATIC) else modality_choice
+        if chosen is None and tag_modality in loaded.modality_names:
+            chosen = tag_modality
+        _SESSIONS[key] = (EspMedSamPromptSession(loaded.model, loaded.processor, image, chosen), image)
+    return _SESSIONS[key]
+
+
+def empty_prompts() -> dict:
+    return {"points": [], "boxes": [], "corner": None, "history": []}
+
+
+def make_correct(loaded: LoadedModel):
+    """The click-to-correct handlers: a click on the overlay, undo and reset, each giving the new overlay, mask,
+    summary, mask PNG and prompt state."""
+
+    def render(path: str | None, modality_choice: str | None, prompts: dict):
+        if not path:
+            raise gr.Error("Upload an image or pick an example, and segment it, before clicking.", title="No image")
+        session, image = prompt_session(loaded, path, modality_choice)
+        start = time.perf_counter()
+        points = [(x, y) for x, y, _ in prompts["points"]]
+        labels = [label for _, _, label in prompts["points"]]
+        mask = session.mask(points=points, labels=labels, boxes=prompts["boxes"] or None)
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        summary = (f"{len(points)} click(s), {len(prompts['boxes'])} box(es) · mask: {mask.mean():.1%} of the image "
+                   f"· correction decoded from the cached embedding in {elapsed_ms:.0f} ms")
+        if prompts["corner"] is not None:
+            summary += " · box corner set: click the opposite corner"
+        overlay = draw_prompts(overlay_mask(image, mask), prompts["points"], prompts["boxes"], prompts["corner"])
+        return overlay, mask.astype(np.uint8) * 255, summary, _write_mask_png(mask, Path(path).stem), prompts
+
+    def click(path, modality_choice, prompts, mode, event: gr.SelectData):
+        prompts = {**prompts, "points": list(prompts["points"]), "boxes": list(prompts["boxes"]),
+                   "history": list(prompts["history"])}
+        x, y = (float(v) for v in event.index)
+        if mode == CLICK_MODES[2]:
+            if prompts["corner"] is None:
+                prompts["corner"] = (x, y)
+                prompts["history"].append("corner")
+            else:
+                (cx, cy), prompts["corner"] = prompts["corner"], None
+                prompts["boxes"].append((min(cx, x), min(cy, y), max(cx, x), max(cy, y)))
+                prompts["history"][-1] = "box"
+        else:
+            prompts["points"].append((x, y, 0 if mode == CLICK_MODES[1] else 1))
+            prompts["history"].append("point")
+        return render(path, modality_choice, prompts)
+
+    def undo(path, modality_choice, prompts):
+        prompts = {**prompts, "points": list(prompts["points"]), "boxes": list(prompts["boxes"]),
+                   "history": list(prompts["history"])}
+        if prompts["history"]:
+            kind = prompts["history"].pop()
+            if kind == "point":
+                prompts["points"].pop()
+            elif kind == "box":
+                prompts["boxes"].pop()
+            else:
+                prompts["corner"] = None
+        return render(path, modality_choice, prompts)
+
+    def reset(path, modality_choice, prompts):
+        return render(path, modality_choice, empty_prompts())
+
+    return click, undo, reset
+
+
+def add_click_to_correct(loaded: LoadedModel, inputs: list, run: gr.Button, outputs: list) -> None:
+    """The click mode, undo and reset under the outputs, wired to the overlay (``outputs[0]``); a new file or a new
+    *Segment* starts with no prompt. Inside a ``gr.Blocks``."""
+    with gr.Row():
+        click_mode = gr.Radio(list(CLICK_MODES), value=CLICK_MODES[0], elem_id="click-mode",
+                              label="Correct the mask: a click on the overlay adds")
+        undo = gr.Button("Undo", elem_id="undo")
+        reset = gr.Button("Reset", elem_id="reset")
+    prompts = gr.State(empty_prompts())
+    on_click, on_undo, on_reset = make_correct(loaded)
+    corrected = [*outputs, prompts]
+    inputs[0].change(empty_prompts, outputs=prompts, api_visibility="private")
+    run.click(empty_prompts, outputs=prompts, api_visibility="private")
+    outputs[0].select(on_click, inputs=[*inputs, prompts, click_mode], outputs=corrected, api_visibility="private")
+    undo.click(on_undo, inputs=[*inputs, prompts], outputs=corrected, api_visibility="private")
+    reset.click(on_reset, inputs=[*inputs, prompts], outputs=corrected, api_visibility="private")
 
 
 @dataclass(frozen=True)
@@ -346,7 +453,8 @@ def build_demo(loaded: LoadedModel) -> gr.Blocks:
             "# ESP-MedSAM: self-prompting segmentation of medical images\n"
             "Upload an image or a DICOM file, or pick an example; choose the modality or leave it on *automatic*. "
             "The model segments the modality's target (skin lesion, lung fields, breast tumour, retinal vessels, "
-            f"cell nuclei or polyp) with no point or box prompt. {DISCLAIMER}"
+            f"cell nuclei or polyp) with no point or box prompt. If its mask is wrong, click on the overlay to add a "
+            f"positive or negative point, or a box (two clicks, its corners); undo and reset below. {DISCLAIMER}"
         )
         gr.Markdown(loaded.describe(), elem_id="model-info")
         if loaded.notice:
@@ -381,6 +489,7 @@ def build_demo(loaded: LoadedModel) -> gr.Blocks:
         outputs = [overlay, mask, label, summary, mask_file]
         file_in.change(preview, inputs=file_in, outputs=shown, api_visibility="private")
         run.click(segment, inputs=[file_in, modality, scale], outputs=outputs, api_name="segment")
+        add_click_to_correct(loaded, [file_in, modality], run, [overlay, mask, summary, mask_file])
         if examples:
             gr.Examples(
                 examples=[[path, modality_name] for path, modality_name, _ in examples],

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("esp_medsam_hf.commands.segment", "segment image files and folders (DICOM too): masks, overlays, CSV"),
     "train": ("esp_medsam_hf.commands.train", "train one stage (teacher, distill, espmedsam) on Accelerate"),
     "demo": ("esp_medsam_hf.commands.demo", "the main job: train all stages on embedded data, evaluate, publish, reload"),
+    "cache": ("esp_medsam_hf.commands.cache", "show or empty the cache of ONNX exports (info/clear)"),
     "benchmark": ("esp_medsam_hf.commands.benchmark", "speed of ESP-MedSAM (fast and plain) vs SAM ViT-B/H, LiteMedSAM, ONNX"),
 }
 
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    from .registration import register
+
+    register()  # an entry point: the models, the pipeline task and the DICOM reader, declared once
     return int(importlib.import_module(args._module).run(args) or 0)
 
 

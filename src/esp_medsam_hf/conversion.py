@@ -38,6 +38,8 @@ ORIGINAL_TO_CONVERTED_KEY_MAPPING: dict[str, str | None] = {
     r"^SemiTViT\.neck\.": "aggregator.neck.",
     r"^SemiTViT\.(norm_head|head)\.": None,
     r"^prompt_encoder\.pe_layer\.positional_encoding_gaussian_matrix$": "mask_decoder.positional_encoding.gaussian_matrix",
+    r"^prompt_encoder\.point_embeddings\.(\d+)\.weight$": r"prompt_encoder.point_embed.\1.weight",
+    r"^prompt_encoder\.not_a_point_embed\.weight$": "prompt_encoder.not_a_point_embed.weight",
     r"^prompt_encoder\.": None,
     r"^mask_decoder\.transformer\.(.*)\.norm(\d)\.": r"mask_decoder.transformer.\1.layer_norm\2.",
     r"^mask_decoder\.transformer\.norm_final_attn\.": "mask_decoder.transformer.layer_norm_final_attn.",
@@ -60,6 +62,7 @@ ORIGINAL_BAG_KEY_MAPPING: dict[str, str] = {
 LITEMEDSAM_TO_ORIGINAL_PREFIXES: dict[str, str | None] = {
     r"^image_encoder\.": "SemiTViT.",
     r"^prompt_encoder\.pe_layer\.": "prompt_encoder.pe_layer.",
+    r"^prompt_encoder\.(point_embeddings|not_a_point_embed)\.": r"prompt_encoder.\1.",
     r"^prompt_encoder\.": None,
     r"^mask_decoder\.output_hypernetworks_mlps\.0\.": "mask_decoder.output_hypernetworks_mlps.0.",
     r"^mask_decoder\.output_hypernetworks_mlps\.\d+\.": None,
@@ -189,6 +192,22 @@ def convert_original_state_dict(
     return shared, bag, dropped, unknown
 
 
+def drop_unfitting_prompt_encoder(
+    model: EspMedSamModel, weights: dict[str, torch.Tensor], report: "ConversionReport"
+) -> None:
+    """Leave out, with a note, the checkpoint's point/box embeddings whose shapes do not fit the model's prompt
+    encoder (a decoder of another width): the model's prompt encoder then keeps its initialisation."""
+    expected = model.state_dict()
+    unfitting = sorted(
+        key for key in weights
+        if key.startswith("prompt_encoder.") and key in expected and weights[key].shape != expected[key].shape
+    )
+    for key in unfitting:
+        del weights[key]
+    if unfitting:
+        report.notes.append(f"prompt-encoder tensors left out (shapes do not fit): {', '.join(unfitting)}")
+
+
 def _load_into(model: EspMedSamModel, weights: dict[str, torch.Tensor], source: str) -> list[str]:
     """Load ``weights`` strictly except for the keys listed back as not in the checkpoint."""
     expected = model.state_dict()
@@ -206,8 +225,9 @@ def _load_into(model: EspMedSamModel, weights: dict[str, torch.Tensor], source: 
     return sorted(set(expected) - set(weights))
 
 
-ALLOWED_MISSING_PREFIXES = ("modality_classifier.",)
-"""Model weights that official checkpoints never hold (the modality classifier is this package's addition)."""
+ALLOWED_MISSING_PREFIXES = ("modality_classifier.", "prompt_encoder.")
+"""Model weights that official checkpoints may not hold: the modality classifier (this package's addition) and the
+point/box embeddings (kept where the checkpoint has them with fitting shapes)."""
 
 
 def convert_original_checkpoints(
@@ -259,6 +279,7 @@ def convert_original_checkpoints(
     weights = dict(shared_ref or {})
     for index, bag in bags.items():
         weights.update({f"modality_controller.bags.{index}.{key}": value for key, value in bag.items()})
+    drop_unfitting_prompt_encoder(model, weights, report)
     missing = _load_into(model, weights, ref_source)
     not_allowed = [
         key
@@ -338,8 +359,8 @@ def convert_litemedsam(
     """Initialise an ESP-MedSAM from LiteMedSAM weights.
 
     Taken: the aggregator (LiteMedSAM's image encoder), the two-way transformer, output upscaling and the
-    single-mask hypernetwork (SAM's output token 0) of its mask decoder, and the positional-encoding matrix of its
-    prompt encoder. The mask queries start from SAM's single-mask token (the extra query from its IoU token). The
+    single-mask hypernetwork (SAM's output token 0) of its mask decoder, and the positional-encoding matrix and the
+    point/box embeddings of its prompt encoder (optional prompts). The mask queries start from SAM's single-mask token (the extra query from its IoU token). The
     parameter bags start neutral (see ``neutralise_parameter_bags``), so the encoder reproduces LiteMedSAM's.
     """
     config = config or litemedsam_config()
@@ -356,14 +377,14 @@ def convert_litemedsam(
             state["mask_decoder.iou_token.weight"].expand(queries.shape[0] - config.num_modalities, -1),
         ]
     ).clone()
+    report = ConversionReport()
+    drop_unfitting_prompt_encoder(model, shared, report)
     missing = _load_into(model, shared, str(path))
     neutralise_parameter_bags(model)
     used_for_queries = {"mask_decoder.mask_tokens.weight", "mask_decoder.iou_token.weight"}
-    report = ConversionReport(
-        converted=sorted(shared),
-        dropped=sorted(k for k in dropped + dropped_official if k not in used_for_queries),
-        not_in_checkpoint=[k for k in missing if not k.startswith("modality_controller.bags.")],
-    )
+    report.converted = sorted(shared)
+    report.dropped = sorted(k for k in dropped + dropped_official if k not in used_for_queries)
+    report.not_in_checkpoint = [k for k in missing if not k.startswith("modality_controller.bags.")]
     report.notes.append(
         f"parameter bags ({len(model.modality_controller.bags)}) are not in LiteMedSAM: they start neutral "
         f"(parallel MLP output zero, token logit bias {NEUTRAL_TOKEN_BIAS})"

@@ -78,4 +78,32 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["GROUND_TRUTH_COLOUR", "PREDICTION_COLOUR", "draw_caption", "draw_mask", "outline", "overlay", "save_png"]
+__all__ = ["GROUND_TRUTH_COLOUR", "PREDICTION_COLOUR", "draw_caption", "draw_mask", "draw_prompts", "outline", "overlay", "save_png"]
+
+
+def draw_prompts(
+    picture: np.ndarray,
+    points: list[tuple[float, float, int]],
+    boxes: list[tuple[float, float, float, float]],
+    corner: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """A copy of ``picture`` (HxWx3 uint8) with clicks marked (green positive, red negative), box outlines and a
+    pending box corner (blue): what the Space's click-to-correct shows."""
+    picture = picture.copy()
+    radius = max(2, round(max(picture.shape[:2]) / 150))
+    height, width = picture.shape[:2]
+
+    def dot(x: float, y: float, colour: tuple[int, int, int]) -> None:
+        x, y = int(x), int(y)
+        picture[max(y - radius, 0) : y + radius + 1, max(x - radius, 0) : x + radius + 1] = colour
+
+    for x, y, label in points:
+        dot(x, y, (0, 200, 0) if label == 1 else (230, 0, 0))
+    for box in boxes:
+        x0, y0, x1, y1 = (min(int(v), limit - 1) for v, limit in zip(box, (width, height, width, height)))
+        for rows, cols in (((y0, y0 + 1), (x0, x1 + 1)), ((y1, y1 + 1), (x0, x1 + 1)),
+                           ((y0, y1 + 1), (x0, x0 + 1)), ((y0, y1 + 1), (x1, x1 + 1))):
+            picture[rows[0] : rows[1], cols[0] : cols[1]] = (0, 120, 255)
+    if corner is not None:
+        dot(*corner, (0, 120, 255))
+    return picture

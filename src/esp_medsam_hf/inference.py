@@ -294,7 +294,9 @@ def load_pipeline(model: str, revision: str | None = None, device: str | None = 
     from transformers import AutoImageProcessor, AutoModelForImageSegmentation
 
     from .models.esp_medsam.pipeline_esp_medsam import TASK, EspMedSamSegmentationPipeline
+    from .registration import register
 
+    register()  # the Auto classes load the package's model and processor without remote code
     device = device or str(process_state().device)
     with progress_bars(progress):
         network = AutoModelForImageSegmentation.from_pretrained(model, revision=revision)

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..training.config import FREEZABLE, DistillConfig, EspMedSamStageConfig, TrainingConfig, load_config
@@ -120,8 +122,11 @@ def publish(args: argparse.Namespace, config: TrainingConfig, result: StageResul
     from ..training.publishing import STAGE_TO_BRANCH, publish_stages, stage_card
 
     branch = STAGE_TO_BRANCH[args.stage]
+    model_type = json.loads((Path(result.release_dir) / "config.json").read_text())["model_type"]
+    measured = {key: value for key, value in result.metrics.items() if value is not None}
     card = stage_card(branch, args.push_to_hub.split("/")[-1], training_config=config.to_dict(),
-                      image_size=config.image_size, notes=f"Validation metrics: {result.metrics}.")
+                      image_size=config.image_size, model_type=model_type,
+                      notes=f"Validation metrics: {measured}." if measured else None)
     releases = [(branch, result.release_dir, card)]
     if args.also_main:
         import dataclasses

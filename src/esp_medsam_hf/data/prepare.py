@@ -28,7 +28,7 @@ from ..models.esp_medsam.image_reading import check_pixel_count, ImageLoadError,
 from .domains import Domain, all_official_names, get_domain
 from .layouts import PLAIN, Layout, SourceItem, detect_layout, get_layout
 from .prepared import check_card_replaceable, prepared_domains, write_card
-from .schema import encode_mask, encode_png, features
+from .schema import describe, encode_mask, encode_png, features
 
 logger = logging.getLogger(__name__)
 
@@ -362,31 +362,6 @@ def build_domain(
     dataset_dict = datasets.DatasetDict(result)
     describe(dataset_dict, spec)
     return dataset_dict, report
-
-
-def describe(dataset_dict, domain: Domain, synthetic: bool = False) -> None:
-    """Set the description and citation of every split's ``DatasetInfo``."""
-    if synthetic:
-        description = (
-            f"SYNTHETIC stand-in for the {domain.name} domain ({domain.modality}, target: {domain.target}, "
-            f"{domain.role} domain): procedurally generated images, not real patient data."
-        )
-        citation = ""
-    elif domain.is_official:
-        description = (
-            f"{domain.dataset}: {domain.modality} images with binary {domain.target} masks (0/255), "
-            f"ESP-MedSAM {domain.role} domain '{domain.name}', official train/valid/test lists."
-        )
-        citation = domain.citation
-    else:
-        description = (
-            f"{domain.dataset}: {domain.modality} images with binary {domain.target} masks (0/255), "
-            f"{domain.origin} domain '{domain.name}'. {domain.description}"
-        ).strip()
-        citation = domain.citation
-    for dataset in dataset_dict.values():
-        dataset.info.description = description
-        dataset.info.citation = citation
 
 
 def save_domain(dataset_dict, domain_dir: Path, report: dict | None = None, max_shard_bytes: int = MAX_SHARD_BYTES):

@@ -13,7 +13,7 @@ import numpy as np
 from datasets import ClassLabel, Features, Image, Value
 from PIL import Image as PILImage
 
-from .domains import MODALITY_NAMES
+from .domains import MODALITY_NAMES, Domain
 
 MASK_FOREGROUND = 255
 """Pixel value of the target in stored masks (the background is 0)."""
@@ -60,3 +60,28 @@ def image_to_rgb(image: PILImage.Image | np.ndarray) -> np.ndarray:
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
     return array[..., :3].astype(np.uint8)
+
+
+def describe(dataset_dict, domain: Domain, synthetic: bool = False) -> None:
+    """Set the description and citation of every split's ``DatasetInfo``."""
+    if synthetic:
+        description = (
+            f"SYNTHETIC stand-in for the {domain.name} domain ({domain.modality}, target: {domain.target}, "
+            f"{domain.role} domain): procedurally generated images, not real patient data."
+        )
+        citation = ""
+    elif domain.is_official:
+        description = (
+            f"{domain.dataset}: {domain.modality} images with binary {domain.target} masks (0/255), "
+            f"ESP-MedSAM {domain.role} domain '{domain.name}', official train/valid/test lists."
+        )
+        citation = domain.citation
+    else:
+        description = (
+            f"{domain.dataset}: {domain.modality} images with binary {domain.target} masks (0/255), "
+            f"{domain.origin} domain '{domain.name}'. {domain.description}"
+        ).strip()
+        citation = domain.citation
+    for dataset in dataset_dict.values():
+        dataset.info.description = description
+        dataset.info.citation = citation

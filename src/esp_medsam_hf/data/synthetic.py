@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from .domains import DOMAIN_NAMES, SPLIT_NAMES, get_domain
-from .schema import encode_mask, encode_png, features
+from .schema import describe, encode_mask, encode_png, features
 
 DEFAULT_SIZE = 128
 SPLITS = tuple(SPLIT_NAMES.values())
@@ -252,8 +252,6 @@ def synthetic_domain(
 ):
     """The DatasetDict of one synthetic domain (splits train/validation/test, or those given in a mapping)."""
     import datasets
-
-    from .prepare import describe
 
     spec = get_domain(domain)
     splits = {}

@@ -34,6 +34,12 @@ STAGE_DESCRIPTIONS = {
         "attention layer and a learnable MLP beside every block's MLP, plus the self-patch prompt generator and the "
         "query-decoupled modality decoder, fine-tuned on the six source domains."
     ),
+    "stage-1-teacher/esp_medsam": (
+        "Stage 1, the teacher: an ESP-MedSAM model (the TinyViT image encoder with its parameter bags, kept frozen) "
+        "whose self-patch prompt generator and query-decoupled modality decoder learn prompt-free segmentation on "
+        "the source domains. Its modality classifier is not trained at this stage (stage 3 fits it): give each "
+        "image's modality."
+    ),
     "stage-2-distill": (
         "Stage 2, multi-modal decoupled knowledge distillation: the student's modality aggregator learns SAM's "
         "image embeddings (modality-common) and each modality's parameter bag learns the stage-1 teacher's "
@@ -68,12 +74,14 @@ class DomainResult:
 
 @dataclass
 class TrainingData:
-    """One dataset a revision was trained on: ``dataset_id`` goes into the card's ``datasets`` metadata (a Hub
-    dataset id where one exists), ``synthetic`` says whether its images were generated rather than real."""
+    """One dataset a revision was trained on: ``dataset_id`` names it in the card's text, ``hub_id`` (a Hub dataset
+    id, where one exists) goes into the card's ``datasets`` metadata, which holds Hub ids only; ``synthetic`` says
+    whether its images were generated rather than real."""
 
     name: str
     dataset_id: str
     synthetic: bool = False
+    hub_id: str | None = None
 
 
 @dataclass
@@ -84,7 +92,8 @@ class ModelCardInfo:
     ``datasets``: the training data (``datasets`` metadata, and the Limitations section says whether it was real
     or synthetic); ``base_model``: the Hub id of the weights training started from; ``pipelines``: whether the
     revision carries both pipelines (a student saved with ``save_pretrained_with_pipeline``); without them the card
-    shows the Auto-class code only. ``config_root``: absolute paths in ``training_config`` are written relative to
+    shows the Auto-class code only. ``model_type``: the revision's ``config.model_type`` when a stage holds another
+    architecture than its usual one (the stage-1 teacher as an ``esp_medsam`` TinyViT model). ``config_root``: absolute paths in ``training_config`` are written relative to
     it (by default, to the deepest folder that holds all of them), so a card never shows the training machine's
     paths.
     """
@@ -104,6 +113,7 @@ class ModelCardInfo:
     notes: str | None = None
     datasets: list[TrainingData] = field(default_factory=list)
     pipelines: bool = True
+    model_type: str | None = None
     usage_modality: str = "dermoscopy"
     config_root: str | None = None
 
@@ -177,6 +187,12 @@ def portable_config(config: dict[str, Any], root: str | None = None) -> dict[str
     return convert(config)
 
 
+def stage_description(info: ModelCardInfo) -> str:
+    """What the revision is: its stage's description, for the architecture it holds (``info.model_type``)."""
+    specific = STAGE_DESCRIPTIONS.get(f"{info.stage}/{info.model_type}")
+    return specific or STAGE_DESCRIPTIONS.get(info.stage, f"Training stage {info.stage}.")
+
+
 def build_model_card(info: ModelCardInfo) -> ModelCard:
     """The model card of one stage branch (``info.stage``), ready for ``card.save`` or upload as README.md.
 
@@ -190,8 +206,8 @@ def build_model_card(info: ModelCardInfo) -> ModelCard:
         library_name="transformers",
         pipeline_tag="image-segmentation",
         base_model=info.base_model,
-        datasets=[d.dataset_id for d in info.datasets] or None,
-        tags=["medical-imaging", "image-segmentation", "segment-anything", "esp-medsam", info.stage],
+        datasets=[d.hub_id for d in info.datasets if d.hub_id] or None,
+        tags=["medical-imaging", "image-segmentation", "segment-anything", "esp-medsam"],
         metrics=sorted({result.metric_type for result in results}) or None,
         eval_results=results or None,
         training_stage=info.stage,
@@ -222,7 +238,7 @@ def build_model_card(info: ModelCardInfo) -> ModelCard:
         card_data,
         template_path=str(TEMPLATES / "model_card.md"),
         info=asdict(info),
-        stage_description=STAGE_DESCRIPTIONS.get(info.stage, f"Training stage {info.stage}."),
+        stage_description=stage_description(info),
         training_config_yaml=yaml.safe_dump(config, sort_keys=True).strip() if config else "",
         efficiency=efficiency,
         not_measured=not_measured,

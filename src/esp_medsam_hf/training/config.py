@@ -14,6 +14,21 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 STAGES = ("teacher", "distill", "espmedsam")
+
+
+def resolve_mixed_precision(value: str) -> str:
+    """``value``, with ``"auto"`` made ``"bf16"`` where the device training runs on computes bfloat16 natively (a CUDA
+    GPU that supports it; a CPU with AVX512-BF16 or AMX, where bf16 autocast cut the main job's stage-3 step by about
+    30 % and its encoding by 40 %, docs/training.md) and ``"no"`` elsewhere (a CPU without them emulates bf16, slower
+    than fp32)."""
+    if value != "auto":
+        return value
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16" if native else "no"
 RELEASE = "release"
 """The folder of a stage run that is published (``<output_dir>/release``), the same name for every stage; the next
 stage's input defaults to the previous stage's default ``release`` folder."""
@@ -29,6 +44,8 @@ class TrainingConfig:
     domains: training domains (default: the six source domains; unseen domains are never trained on).
     model_size: ``"official"`` (1024 px architecture) or ``"tiny"`` (the small test/demo configuration).
     max_steps: stop after this many optimizer steps (for short runs); None = ``epochs`` full epochs.
+    mixed_precision: ``no``, ``fp16``, ``bf16`` (accelerate's autocast), or ``auto``: bf16 where the hardware computes
+        it natively (:func:`resolve_mixed_precision`), else no. Feature caching encodes under the same precision.
     compile: ``torch.compile`` the model for training (accelerate's inductor backend); worth it on GPUs.
     checkpoint_every: also save an accelerate state every N optimizer steps (0: only at the end of each epoch).
     resume: ``"latest"`` (the newest complete checkpoint in ``output_dir``), a checkpoint folder, or None.
@@ -88,8 +105,8 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if self.model_size not in ("official", "tiny"):
             raise ValueError(f"model_size must be 'official' or 'tiny', got {self.model_size!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16", "auto"):
+            raise ValueError(f"mixed_precision must be no, fp16, bf16 or auto, got {self.mixed_precision!r}")
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

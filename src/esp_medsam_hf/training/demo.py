@@ -120,6 +120,13 @@ class DemoData:
     label: str
 
 
+def data_label(image_size: int) -> str:
+    """What the models are trained on, for the cards and the report: the DSB image is named as test data only."""
+    return ("REAL images: mnfinder nuclei (hand-made masks), vascx fundus (vessel masks made by vascx's models); "
+            "SYNTHETIC stand-ins for dermoscopy, chest X-ray, breast ultrasound and colonoscopy "
+            f"({image_size} px); the stardist DSB 2018 image (hand-made masks) is a test image only, never trained on")
+
+
 def mnfinder_group(file_name: str) -> str:
     """The acquisition group of an mnfinder row: the folder of its file (``training/2022-10-14_U2OS/1.png`` ->
     ``2022-10-14_U2OS``)."""
@@ -174,9 +181,7 @@ def build_data(output: Path, settings: DemoSettings, seed: int, progress: bool,
     others = synthetic_domains([n for n in DOMAIN_NAMES if n not in SYNTHETIC_SOURCE and n not in unseen_names],
                                {"train": settings.classifier_images}, seed=seed, size=settings.image_size)
     train = {**{name: real[name] for name in REAL_TRAINING}, **source}
-    label = ("REAL images: mnfinder nuclei (hand-made masks), vascx fundus (vessel masks made by vascx's models), "
-             "the stardist DSB 2018 image (hand-made); SYNTHETIC stand-ins for dermoscopy, chest X-ray, breast "
-             f"ultrasound and colonoscopy ({settings.image_size} px)")
+    label = data_label(settings.image_size)
     return DemoData(
         train=train,
         real_test={name: real[name] for name in real_names},
@@ -189,7 +194,7 @@ def build_data(output: Path, settings: DemoSettings, seed: int, progress: bool,
 def stage_configs(output: Path, settings: DemoSettings, seed: int, progress: bool, threads: int | None):
     """The three stage configurations of the demo (each also written as ``config.yaml`` in its run folder)."""
     common = dict(model_size="official", image_size=settings.image_size, seed=seed, progress=progress,
-                  threads=threads, checkpoint_every=0, keep_checkpoints=1)
+                  threads=threads, checkpoint_every=0, keep_checkpoints=1, mixed_precision="auto")
     teacher = TeacherConfig(
         output_dir=str(output / "stage-1-teacher"), init_from="litemedsam", freeze=["encoder"],
         cache_features=True, feature_views=settings.teacher_views, epochs=settings.teacher_epochs,
@@ -234,6 +239,12 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
     report["images_per_second"] = report["num_images"] / report["seconds"]
     report["scale_tables"] = demo_scale_tables(model, processor, data.real_test, report)
     write_report(report, output / "evaluation", cases=cases, data_label=data.label)
+    from ..data.baselines import LiteMedSamBoxes
+    from ..data.interactive import evaluate_interactive
+
+    # Prompts on the real test images: one GT box per object beside LiteMedSAM's, and the click curve.
+    evaluate_interactive(model, processor, data.real_test, output / "evaluation", litemedsam=LiteMedSamBoxes(),
+                         progress=progress)
     return report
 
 
@@ -342,8 +353,7 @@ def demo_releases(teacher, distill, esp, report: dict, configs: tuple, data: Dem
             processor = EspMedSamProcessor.from_pretrained(result.release_dir)
             stage_report = evaluate_model(model, processor, {"dsb-stardist": data.real_test["dsb-stardist"]},
                                           compute_hausdorff=False, progress=False)
-        extra = {"teacher": f" Validation Dice {result.metrics.get('validation_dice')}.",
-                 "distill": f" Embedding MSE: {result.metrics}.", "espmedsam": ""}[stage]
+        extra = stage_metrics_note(stage, result.metrics)
         architecture = json.dumps({k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"},
                                   sort_keys=True, default=str)
         efficiency = measured_efficiency(model, stage_report, flops.get(architecture))
@@ -351,7 +361,7 @@ def demo_releases(teacher, distill, esp, report: dict, configs: tuple, data: Dem
             flops[architecture] = efficiency["flops"]
         cards[stage] = stage_card(STAGE_TO_BRANCH[stage], name, training_config=config.to_dict(), report=stage_report,
                                   parameters=count_parameters(model), **{**facts, "notes": note + extra},
-                                  **efficiency)
+                                  model_type=model.config.model_type, **efficiency)
     main_card = dataclasses.replace(cards["espmedsam"], stage="main")
     return [
         (STAGE_TO_BRANCH["teacher"], teacher.release_dir, cards["teacher"]),
@@ -359,6 +369,15 @@ def demo_releases(teacher, distill, esp, report: dict, configs: tuple, data: Dem
         (STAGE_TO_BRANCH["espmedsam"], esp.release_dir, cards["espmedsam"]),
         ("main", esp.release_dir, main_card),
     ]
+
+
+def stage_metrics_note(stage: str, metrics: dict) -> str:
+    """The card note's sentence on a stage's own validation metrics; metrics the run did not measure are left out."""
+    names = {"teacher": {"validation_dice": "validation Dice"},
+             "distill": {"common_mse": "modality-common embedding MSE", "specific_mse": "modality-specific embedding MSE"}}
+    measured = [f"{label} {metrics[key]:.4g}" for key, label in names.get(stage, {}).items()
+                if isinstance(metrics.get(key), (int, float))]
+    return f" Stage metrics: {', '.join(measured)}." if measured else ""
 
 
 def publish_and_reload(output: Path, releases: list, final_dir: Path) -> tuple[dict, dict]:

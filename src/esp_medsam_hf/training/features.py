@@ -82,12 +82,10 @@ def encode(model: EspMedSamModel, pixel_values: torch.Tensor, modality: torch.Lo
            frozen_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features at the cache point, pooled classifier features) of a batch, as the model's forward computes
     them: the image embeddings when ``frozen_stages`` is None, else the output of stage ``frozen_stages - 1``."""
-    stem = model.aggregator.stem(pixel_values)
-    pooled = model.modality_classifier.pool(stem)
-    if frozen_stages == 1:
-        return stem, pooled
+    hidden_states: list[torch.Tensor] = []
     last = None if frozen_stages is None else frozen_stages - 1
-    return model.aggregator.forward_stages(stem, modality, model.modality_controller, last=last), pooled
+    features = model.encode(pixel_values, modality, hidden_states, last_stage=last)[0]
+    return features, model.modality_classifier.pool(hidden_states[0])
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -125,10 +123,13 @@ def collate_features(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: int, frozen_stages: int | None = None,
-                   batch_size: int | None = None, progress: bool = True, desc: str = "encoding") -> FeatureDataset:
+                   batch_size: int | None = None, bf16: bool = False, progress: bool = True,
+                   desc: str = "encoding") -> FeatureDataset:
     """Encode every row of ``dataset`` (a ``SegmentationDataset``) under the first ``views`` views, once, up to the
     cache point ``frozen_stages`` (None: the whole encoder), ``batch_size`` images at a time (default:
-    ``backends.inference_batch_size`` of the model's device)."""
+    ``backends.inference_batch_size`` of the model's device); ``bf16``: under bfloat16 autocast (the training's
+    mixed precision; on a CPU with AMX about 40 % less time, features within about 2 % of their largest value),
+    stored in float32 either way."""
     from tqdm.auto import tqdm
 
     scaled = getattr(dataset, "scale_augmentation", None) is not None
@@ -164,9 +165,10 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
         masks = [mask.astype(np.uint8) for _, mask in pairs]
         inputs = image_processor(images, segmentation_maps=masks, return_tensors="pt")
         modality = torch.tensor([modalities[i] for i, _ in chunk], device=device)
-        feature, pool = encode(encoder, inputs["pixel_values"].to(device), modality, frozen_stages)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            feature, pool = encode(encoder, inputs["pixel_values"].to(device), modality, frozen_stages)
         for j, key in enumerate(chunk):
-            features[key], pooled[key] = feature[j].cpu().contiguous(), pool[j].float().cpu()
+            features[key], pooled[key] = feature[j].float().cpu().contiguous(), pool[j].float().cpu()
             labels[key] = inputs["labels"][j].float()
         bar.update(len(chunk))
     bar.close()
@@ -199,8 +201,7 @@ class EspMedSamAfterCache(nn.Module):
         """Image embeddings from features at the cache point."""
         if self.frozen_stages is None:
             return features
-        model = self.model
-        return model.aggregator.forward_stages(features, modality, model.modality_controller, first=self.frozen_stages)
+        return self.model.encode_stages(features, modality, first=self.frozen_stages)
 
     def forward(self, features: torch.Tensor, pooled_features: torch.Tensor, modality: torch.LongTensor,
                 labels: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from .checkpoints import (
     latest_intact_checkpoint,
     save_checkpoint,
 )
-from .config import TrainingConfig
+from .config import TrainingConfig, resolve_mixed_precision
 from .run_folder import prepare_output_dir
 from .run_log import RunLog
 
@@ -179,7 +179,7 @@ def _build_accelerator(config: TrainingConfig, output_dir: Path) -> Accelerator:
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
+        mixed_precision=resolve_mixed_precision(config.mixed_precision),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,
         log_with=list(config.report_to) or None,
@@ -226,8 +226,9 @@ def _prepare_training(accelerator: Accelerator, config: TrainingConfig, task: St
     trainable = [p for p in task.model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"{task.name}: the model has no trainable parameters")
-    # Fused Adam (one kernel per step for all parameters) where it exists: on CUDA, with the model moved there first.
-    fused = accelerator.device.type == "cuda"
+    # Fused Adam (one kernel per step for all parameters) where it exists: on CUDA, with the model moved there first,
+    # and on the CPU, where the per-parameter Adam was a quarter of the main job's stage-3 step (docs/training.md).
+    fused = accelerator.device.type in ("cuda", "cpu")
     if fused:
         task.model.to(accelerator.device)
     optimizer = torch.optim.Adam(

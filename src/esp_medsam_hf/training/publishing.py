@@ -107,6 +107,11 @@ def measured_efficiency(model, report: dict | None = None, flops: float | None =
     return facts
 
 
+def default_model_type(branch: str) -> str:
+    """The architecture a branch holds unless told otherwise: the SAM-ViT teacher on stage 1, else the student."""
+    return "esp_medsam_teacher" if branch == STAGE_TO_BRANCH["teacher"] else "esp_medsam"
+
+
 def stage_card(
     branch: str,
     model_name: str,
@@ -123,10 +128,12 @@ def stage_card(
     throughput: float | None = None,
     throughput_device: str | None = None,
     config_root: str | Path | None = None,
+    model_type: str | None = None,
 ) -> ModelCardInfo:
     """The ``ModelCardInfo`` of one branch: the run's facts (training ``datasets``, evaluation ``report`` with
-    ``synthetic`` saying which rows are synthetic, ``base_model``, efficiency) as parameters. The teacher's branch
-    ships no pipeline, so its card shows the Auto-class code only."""
+    ``synthetic`` saying which rows are synthetic, ``base_model``, efficiency) as parameters. ``model_type`` is the
+    published model's ``config.model_type``: a SAM-ViT teacher (``esp_medsam_teacher``, the teacher branch's
+    default) ships no pipeline, so its card shows the Auto-class code only; a student (``esp_medsam``) ships both."""
     if branch not in (*STAGE_BRANCHES, MAIN_BRANCH):
         raise ValueError(f"unknown branch {branch!r}; expected one of {', '.join((*STAGE_BRANCHES, MAIN_BRANCH))}")
     return ModelCardInfo(
@@ -142,7 +149,8 @@ def stage_card(
         notes=notes,
         base_model=base_model,
         datasets=list(datasets or []),
-        pipelines=branch != STAGE_TO_BRANCH["teacher"],
+        pipelines=(model_type or default_model_type(branch)) == "esp_medsam",
+        model_type=model_type,
         config_root=str(config_root) if config_root is not None else None,
     )
 

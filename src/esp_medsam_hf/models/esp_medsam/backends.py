@@ -3,8 +3,12 @@
 - ``"onnxruntime"``: the model's inference graph exported once to ONNX (``export.export_onnx``: BatchNorm folded,
   SDPA) and run by onnxruntime's CPU provider, which fuses what eager PyTorch runs as separate kernels. The
   export is cached on disk, keyed by a hash of the configuration and the weights (``$ESP_MEDSAM_ONNX_CACHE``,
-  default ``$HF_HOME/esp_medsam_hf/onnx``), and its session is kept per model object, so a model is exported once
-  and loaded once per process. Outputs agree with the PyTorch forward within 1e-4 (tests/test_backends.py).
+  default ``$HF_HOME/esp_medsam_hf/onnx``), and its session is kept per model object while the model's weights
+  equal those it was exported from, so a model is exported once and loaded once per process. Outputs agree with
+  the PyTorch forward within 1e-4 (tests/test_backends.py).
+  Each export is logged with its path and size. The cache is bounded: least recently used exports are removed
+  once it holds more than ``$ESP_MEDSAM_ONNX_CACHE_MB`` megabytes (default 512; the export in use is always kept).
+  ``clear_cache()`` (``esp-medsam cache clear``) removes every export; only files named like an export are touched.
 - ``"eager"``: the PyTorch model itself.
 - ``"auto"`` (default): onnxruntime for an fp32 model on the CPU when ``onnxruntime`` is installed
   (``pip install esp-medsam-hf[onnx]``), else eager.
@@ -36,6 +40,13 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "eager")
 BACKEND_ENV = "ESP_MEDSAM_BACKEND"
 CACHE_ENV = "ESP_MEDSAM_ONNX_CACHE"
+CACHE_SIZE_ENV = "ESP_MEDSAM_ONNX_CACHE_MB"
+INT8_ENV = "ESP_MEDSAM_INT8"
+"""``1``/``on``: onnxruntime runs an int8 copy of the export (``export.quantize_onnx``, cached beside it); ``0``/``off``
+(default) or unset: the float32 export. Off until its Dice against float32 is measured on the real test sets."""
+DEFAULT_CACHE_MB = 512.0
+"""Bound of the export cache: about four full-size (1024 px) student exports of 110 MB."""
+_EXPORT_GLOB = "esp_medsam_*.onnx"
 AUTOMATIC_MODALITY = -1
 _CACHE_FORMAT = 1  # bump when the exported graph changes so older cached files are not reused
 
@@ -45,9 +56,10 @@ _lock = threading.Lock()
 
 @dataclass
 class _CachedSession:
-    fingerprint: tuple
+    weights: list[tuple[str, torch.Tensor]]  # a copy of the weights the session was exported from
     path: Path
     session: Any
+    int8: bool = False
 
 
 @dataclass
@@ -118,14 +130,72 @@ def cache_dir() -> Path:
     return Path(constants.HF_HOME) / "esp_medsam_hf" / "onnx"
 
 
+def cache_limit_bytes() -> int:
+    """The cache's bound in bytes: ``$ESP_MEDSAM_ONNX_CACHE_MB`` megabytes (default 512)."""
+    value = os.environ.get(CACHE_SIZE_ENV)
+    if not value:
+        return int(DEFAULT_CACHE_MB * 1e6)
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise ValueError(f"${CACHE_SIZE_ENV} must be a number of megabytes, got {value!r}") from None
+    if megabytes < 0:
+        raise ValueError(f"${CACHE_SIZE_ENV} must not be negative, got {value!r}")
+    return int(megabytes * 1e6)
+
+
+def cached_exports(folder: Path | None = None) -> list[Path]:
+    """The exports in the cache, least recently used first (use refreshes a file's modification time)."""
+    folder = cache_dir() if folder is None else folder
+    files = [path for path in folder.glob(_EXPORT_GLOB) if path.is_file()]
+    return sorted(files, key=lambda path: path.stat().st_mtime)
+
+
+def _evict(keep: Path) -> None:
+    """Remove least recently used exports until the cache fits its bound; ``keep`` (in use) always stays."""
+    limit = cache_limit_bytes()
+    exports = cached_exports(keep.parent)
+    total = sum(path.stat().st_size for path in exports)
+    for path in exports:
+        if total <= limit:
+            break
+        if path == keep:
+            continue
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)
+        total -= size
+        logger.info("removed the least recently used ONNX export %s (%.1f MB) to keep the cache under %.0f MB "
+                    "($%s)", path, size / 1e6, limit / 1e6, CACHE_SIZE_ENV)
+
+
+def clear_cache(folder: Path | None = None) -> tuple[int, int]:
+    """Remove every cached export (only files named like one) and forget this process's sessions; returns the
+    number of files and bytes removed."""
+    count = size = 0
+    with _lock:
+        _sessions.clear()
+        for path in cached_exports(folder):
+            size += path.stat().st_size
+            path.unlink(missing_ok=True)
+            count += 1
+    logger.info("removed %d cached ONNX export(s), %.1f MB, from %s", count, size / 1e6, folder or cache_dir())
+    return count, size
+
+
 def _state_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return sorted(model.state_dict(keep_vars=True).items())
 
 
-def _fingerprint(model: nn.Module) -> tuple:
-    """Cheap identity of the weights in memory: an in-place update (optimizer step, ``load_state_dict``) changes a
-    tensor's version counter, a replaced or moved tensor its storage."""
-    return tuple((name, t.data_ptr(), t._version, t.dtype) for name, t in _state_tensors(model))
+def _same_weights(model: nn.Module, snapshot: list[tuple[str, torch.Tensor]]) -> bool:
+    """Whether ``model``'s weights are exactly ``snapshot`` (names, dtypes, shapes and values): any update, in place
+    (an optimizer step, ``load_state_dict``, a manual edit) or not, shows. One pass over the weights, a few per cent
+    of an inference forward."""
+    current = _state_tensors(model)
+    return len(current) == len(snapshot) and all(
+        name == kept_name and tensor.dtype == kept.dtype and tensor.shape == kept.shape
+        and torch.equal(tensor.detach(), kept)
+        for (name, tensor), (kept_name, kept) in zip(current, snapshot)
+    )
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -142,27 +212,62 @@ def weights_hash(model: nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
-def onnx_session(model: nn.Module, num_threads: int | None = None):
-    """The onnxruntime session of ``model``'s exported graph: from this process's cache, else from the disk cache,
-    else exported now (once; logged). Re-exported when the model's weights changed since."""
-    from .export import export_onnx, onnxruntime_session
+def resolve_int8(int8: bool | None = None) -> bool:
+    """Whether onnxruntime runs the int8 copy: ``int8`` if given, else ``$ESP_MEDSAM_INT8`` (default off)."""
+    if int8 is not None:
+        return bool(int8)
+    value = os.environ.get(INT8_ENV, "").strip().lower()
+    if value in ("", "0", "off", "false", "no"):
+        return False
+    if value in ("1", "on", "true", "yes"):
+        return True
+    raise ValueError(f"${INT8_ENV} must be 1/on or 0/off, got {value!r}")
 
-    fingerprint = _fingerprint(model)
+
+def onnx_session(model: nn.Module, num_threads: int | None = None, int8: bool | None = None):
+    """The onnxruntime session of ``model``'s exported graph (its int8 copy when :func:`resolve_int8`): from this
+    process's cache, else from the disk cache, else exported now (once; logged). Re-exported when the model's
+    weights changed since."""
+    from .export import onnxruntime_session
+
+    int8 = resolve_int8(int8)
     with _lock:
         cached = _sessions.get(model)
-        if cached is not None and cached.fingerprint == fingerprint:
+        if cached is not None and cached.int8 == int8 and _same_weights(model, cached.weights):
             return cached.session
-        path = cache_dir() / f"esp_medsam_{weights_hash(model)}.onnx"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            logger.info("exporting the model to ONNX once for onnxruntime: %s", path)
-            try:
-                export_onnx(model, path)
-            except FileExistsError:  # another process exported the same weights meanwhile
-                pass
+        path = _cached_export(model, int8)
+        os.utime(path)  # most recently used
+        _evict(keep=path)
         session = onnxruntime_session(path, num_threads or torch.get_num_threads())
-        _sessions[model] = _CachedSession(fingerprint, path, session)
+        snapshot = [(name, tensor.detach().clone()) for name, tensor in _state_tensors(model)]
+        _sessions[model] = _CachedSession(snapshot, path, session, int8)
         return session
+
+
+def _cached_export(model: nn.Module, int8: bool) -> Path:
+    """The cached export of ``model`` (``esp_medsam_<hash>.onnx``), exported now if missing; with ``int8`` its int8
+    copy (``esp_medsam_<hash>.int8.onnx``, in the same bounded cache), quantised now if missing."""
+    from .export import export_onnx, quantize_onnx
+
+    path = cache_dir() / f"esp_medsam_{weights_hash(model)}.onnx"
+    if int8:
+        quantized = path.with_suffix(".int8.onnx")
+        if not quantized.is_file():
+            try:
+                quantize_onnx(_cached_export(model, False), quantized)
+            except FileExistsError:  # another process quantised the same weights meanwhile
+                pass
+        return quantized
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("exporting the model to ONNX once for onnxruntime: %s", path)
+        try:
+            export_onnx(model, path)
+            logger.info("exported %s (%.1f MB; `esp-medsam cache clear` empties the cache)", path,
+                        path.stat().st_size / 1e6)
+        except FileExistsError:  # another process exported the same weights meanwhile
+            pass
+    return path
 
 
 def check_modality(model: nn.Module, modality: torch.Tensor, batch: int) -> torch.LongTensor:
@@ -205,31 +310,46 @@ def run_inference(
     return InferenceOutput(outputs.pred_masks, outputs.patch_logits, outputs.modality_logits, outputs.modality)
 
 
-def use_backend(model: nn.Module, backend: str | None = None) -> nn.Module:
-    """Route ``model(...)``'s own inference calls through :func:`run_inference`, for code that calls the model
-    directly, such as transformers' stock "image-segmentation" pipeline. Returns ``model``.
+class EspMedSamWithBackend(nn.Module):
+    """``model`` whose own inference calls run through :func:`run_inference` on ``backend``, for code that calls the
+    model directly, such as transformers' stock "image-segmentation" pipeline (``pipe.model = use_backend(pipe.model)``).
 
     Only calls that :func:`run_inference` answers exactly go there: eval mode, no gradient, no ``labels``, and a
-    model the backend can run (else the PyTorch forward runs, so training is unaffected). ``backend="eager"``
-    restores the plain forward.
+    model the backend can run; the others run the model's PyTorch forward, so training is unaffected. Every other
+    attribute (``config``, ``dtype``, ``device``, ...) is the wrapped model's.
     """
-    model.__dict__.pop("forward", None)
-    if (backend or "").lower() == "eager":
-        return model
-    resolve_backend(model, backend)  # fail now on an unknown name or a backend that is not installed
-    plain_forward = model.forward
-    output_class = sys.modules[type(model).__module__].EspMedSamOutput  # the model's own (remote code included)
 
-    def forward(pixel_values: torch.Tensor, modality=None, labels=None, **kwargs):
+    def __init__(self, model: nn.Module, backend: str | None = None):
+        super().__init__()
+        self.model = model
+        self.backend = backend
+        self.train(model.training)  # the mode of the model it wraps (a new module starts in training mode)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    def forward(self, pixel_values: torch.Tensor, modality=None, labels=None, **kwargs):
+        model = self.model
         if labels is not None or model.training or torch.is_grad_enabled() or (
-            resolve_backend(model, backend) != "onnxruntime"
+            resolve_backend(model, self.backend) != "onnxruntime"
         ):
-            return plain_forward(pixel_values, modality=modality, labels=labels, **kwargs)
+            return model(pixel_values, modality=modality, labels=labels, **kwargs)
         outputs = run_inference(model, pixel_values, modality, backend="onnxruntime")
+        output_class = sys.modules[type(model).__module__].EspMedSamOutput  # the model's own (remote code included)
         return output_class(**vars(outputs))
 
-    model.forward = forward
-    return model
+
+def use_backend(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """``model`` wrapped in :class:`EspMedSamWithBackend` (``backend``: as in :func:`resolve_backend`); with
+    ``backend="eager"``, the plain model (unwrapped if it was wrapped). The model itself is not modified."""
+    plain = model.model if isinstance(model, EspMedSamWithBackend) else model
+    if (backend or "").lower() == "eager":
+        return plain
+    resolve_backend(plain, backend)  # fail now on an unknown name or a backend that is not installed
+    return EspMedSamWithBackend(plain, backend)
 
 
 __all__ = [
@@ -237,14 +357,21 @@ __all__ = [
     "BACKENDS",
     "BACKEND_ENV",
     "CACHE_ENV",
+    "CACHE_SIZE_ENV",
+    "INT8_ENV",
     "CPU_INFERENCE_BATCH",
+    "EspMedSamWithBackend",
     "InferenceOutput",
     "cache_dir",
+    "cache_limit_bytes",
+    "cached_exports",
+    "clear_cache",
     "check_modality",
     "inference_batch_size",
     "onnx_session",
     "onnxruntime_available",
     "resolve_backend",
+    "resolve_int8",
     "run_inference",
     "use_backend",
     "weights_hash",

@@ -217,6 +217,15 @@ class EspMedSamDecoderConfig(PreTrainedConfig):
             raise ValueError(f"decoder hidden_size must be a multiple of 8, got {self.hidden_size}")
         super().__post_init__(**kwargs)
 
+    @property
+    def scale(self) -> float:
+        """``SamPromptEncoderConfig``'s name for ``positional_encoding_scale`` (the Gaussian matrix's std)."""
+        return self.positional_encoding_scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self.positional_encoding_scale = value
+
 
 @strict
 class EspMedSamConfig(EspMedSamConfigMixin, PreTrainedConfig):

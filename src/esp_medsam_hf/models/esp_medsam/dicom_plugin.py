@@ -1,15 +1,17 @@
-"""A Pillow plugin that reads DICOM files, recognised by content (the "DICM" preamble), through ``io.read_dicom``.
+"""A Pillow plugin that reads DICOM files, recognised by content (the "DICM" preamble), through
+``image_reading.read_dicom``.
 
 Why: code that opens images with Pillow (transformers' ``load_image``, so the stock image-segmentation pipeline)
 would otherwise read a DICOM file that also carries a TIFF header in its preamble (as pydicom-data's
 ``RG1_UNCR.dcm`` does) as a 16-bit TIFF, which ``convert("RGB")`` clips to a white image, or fail on any other
-DICOM file. With this plugin, ``PIL.Image.open`` gives the same 8-bit RGB pixels as ``io.load_image``
+DICOM file. With this plugin, ``PIL.Image.open`` gives the same 8-bit RGB pixels as ``image_reading.load_image``
 (modality LUT, VOI window, MONOCHROME1 inversion) and ``image.info["modality"]`` holds the modality the file's
 Modality tag names, if any.
 
-The image processor registers the plugin when it is imported, so it is in place wherever the model's image
-processor is loaded, with the package or as remote code. It is tried before every other format, because a DICOM
-file can look like a TIFF to the TIFF plugin; for other files it only reads the 4 bytes at offset 128.
+Building an image processor registers the plugin (``EspMedSamImageProcessor.__init__``; importing it does not),
+so it is in place wherever the model's image processor is loaded, with the package or as remote code;
+``esp_medsam_hf.register()`` registers it too. It is tried before every other format, because a DICOM file can look
+like a TIFF to the TIFF plugin; for other files it only reads the 4 bytes at offset 128.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ class DicomImageFile(ImageFile.ImageFile):
 
 
 def register() -> None:
-    """Register the plugin (idempotent) and put it first in Pillow's list of formats to try."""
+    """Register the plugin and put it first in Pillow's list of formats to try (idempotent)."""
+    if Image.ID[:1] == [FORMAT] and FORMAT in Image.OPEN:
+        return
     Image.register_open(FORMAT, DicomImageFile)
     Image.register_extensions(FORMAT, [".dcm", ".dicom"])
     Image.ID.remove(FORMAT)

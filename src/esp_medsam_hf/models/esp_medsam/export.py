@@ -36,10 +36,7 @@ class EspMedSamInferenceGraph(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model = self.model
-        features = model.aggregator.stem(pixel_values)
-        modality_logits = model.modality_classifier(features)
-        chosen = torch.where(modality < 0, modality_logits.argmax(dim=-1), modality)
-        image_embeddings = model.aggregator.forward_stages(features, chosen, model.modality_controller)
+        image_embeddings, modality_logits, chosen = model.encode(pixel_values, modality)
         patch_logits, dense_prompt = model.prompt_generator(image_embeddings)
         pred_masks = model.mask_decoder(image_embeddings, dense_prompt, chosen)
         return pred_masks, patch_logits, modality_logits, chosen
@@ -94,6 +91,28 @@ def export_onnx(
     return path
 
 
+INT8_OP_TYPES = ("MatMul", "Gemm")
+"""The nodes :func:`quantize_onnx` makes int8: the attention and MLP products of the TinyViT stages and the
+decoder. Convolutions stay float32: onnxruntime's dynamic ``ConvInteger`` has no fused kernel on its CPU provider."""
+
+
+def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike, overwrite: bool = False) -> Path:
+    """An int8 copy of the exported graph ``source`` at ``target`` for onnxruntime's CPU provider: the weights of
+    the :data:`INT8_OP_TYPES` nodes stored in int8 per output channel, their activations quantised per call
+    (``onnxruntime.quantization.quantize_dynamic``), so no calibration images are needed and the shipped code stays
+    self-contained. Written to a temporary name first and moved into place."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
+    with atomic_file(target) as temporary:
+        quantize_dynamic(str(source), str(temporary), op_types_to_quantize=list(INT8_OP_TYPES), per_channel=True,
+                         weight_type=QuantType.QInt8)
+    logger.info("quantised %s to int8: %s (%.1f MB)", source, target, target.stat().st_size / 2**20)
+    return target
+
+
 def onnxruntime_session(path: str | os.PathLike, num_threads: int | None = None):
     """An onnxruntime CPU ``InferenceSession`` for an exported graph (all graph optimisations on)."""
     try:
@@ -107,4 +126,5 @@ def onnxruntime_session(path: str | os.PathLike, num_threads: int | None = None)
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-__all__ = ["OUTPUT_NAMES", "EspMedSamInferenceGraph", "export_onnx", "onnxruntime_session"]
+__all__ = ["INT8_OP_TYPES", "OUTPUT_NAMES", "EspMedSamInferenceGraph", "export_onnx", "onnxruntime_session",
+           "quantize_onnx"]

@@ -17,10 +17,13 @@ The processor also keeps the model's inference defaults (``inference_scale``, ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ImagesKwargs
 from transformers.image_utils import (
@@ -34,9 +37,6 @@ from transformers.image_utils import (
 
 from .dicom_plugin import register as register_dicom_plugin
 from .image_reading import DEFAULT_PERCENTILES, stretch_to_uint8
-
-# Pillow then reads DICOM files by content, so the stock pipeline's load_image(path) gets the windowed pixels.
-register_dicom_plugin()
 
 
 def _channels_first(image: ImageInput) -> ImageInput:
@@ -137,6 +137,12 @@ class EspMedSamImageProcessor(TorchvisionBackend):
     tile_overlap = None
     object_size = 16.0
 
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        # Pillow then reads DICOM files by content, so the stock pipeline's load_image(path) (Pillow) gets the
+        # windowed pixels, with the package or as remote code. Done when a processor is built, never at import.
+        register_dicom_plugin()
+
     @classmethod
     def official(cls, image_size: int = 1024) -> "EspMedSamImageProcessor":
         """The official release's preprocessing: no rescale, and the std equal to the mean (an upstream bug)."""
@@ -177,11 +183,14 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         images = self._prepare_image_like_inputs(
             images=images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=device
         )
+        # as many channels as image_mean has values (3, RGB, by default; a model built for other channels works)
+        mean = kwargs.get("image_mean")
+        channels = len(mean) if isinstance(mean, (list, tuple)) else 3
         for index, image in enumerate(images):
-            if image.shape[0] != 3:
+            if image.shape[0] != channels:
                 raise ValueError(
-                    f"image {index} has {image.shape[0]} channels after conversion; expected 3 (RGB). "
-                    "Pass do_convert_rgb=True for greyscale or RGBA images."
+                    f"image {index} has {image.shape[0]} channels after conversion; expected {channels} (as many as "
+                    "image_mean has values; 3 for RGB). Pass do_convert_rgb=True for greyscale or RGBA images."
                 )
         original_sizes = [list(image.shape[-2:]) for image in images]
         data = dict(self._preprocess(images, return_tensors=None, **kwargs))
@@ -244,6 +253,15 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         resized = F.interpolate(binary, size=size, mode="bilinear", antialias=True, align_corners=False)
         return (resized >= 0.5).to(binary.dtype)
 
+    def resized_sizes(self, original_sizes: torch.Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+        """The (height, width) each image of ``original_sizes`` (height, width) has inside the model input: aspect
+        kept (the rest padded at the bottom and right) or the square (``keep_aspect_ratio=False``)."""
+        if isinstance(original_sizes, torch.Tensor):
+            original_sizes = original_sizes.tolist()
+        model_size = SizeDict(**self.size) if isinstance(self.size, dict) else self.size
+        size = (model_size.height, model_size.width)
+        return [fit_size(int(h), int(w), size, bool(self.keep_aspect_ratio)) for h, w in original_sizes]
+
     def post_process_masks(
         self,
         masks: torch.Tensor,
@@ -253,7 +271,8 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         binarize: bool = True,
         return_probabilities: bool = False,
     ) -> list[torch.Tensor]:
-        """Low-resolution mask logits (B, 1, h, w) -> one (H, W) mask per image at its original size.
+        """Low-resolution mask logits (B, 1, h, w) -> one (H, W) mask per image at its original size; prompted
+        logits (B, N, K, h, w) -> one (N, K, H, W) tensor per image, as ``SamProcessor.post_process_masks`` gives.
 
         SAM's conventions (``SamImageProcessor.post_process_masks``): the logits are upsampled bilinearly to the
         model input size (as the official forward does), cropped to ``reshaped_input_sizes`` (the resized image
@@ -269,12 +288,16 @@ class EspMedSamImageProcessor(TorchvisionBackend):
         model_size = SizeDict(**self.size) if isinstance(self.size, dict) else self.size
         size = (model_size.height, model_size.width)
         if reshaped_input_sizes is None:
-            reshaped_input_sizes = [fit_size(int(h), int(w), size, bool(self.keep_aspect_ratio)) for h, w in original_sizes]
+            reshaped_input_sizes = self.resized_sizes(original_sizes)
         elif isinstance(reshaped_input_sizes, torch.Tensor):
             reshaped_input_sizes = reshaped_input_sizes.tolist()
         if len(reshaped_input_sizes) != masks.shape[0]:
             raise ValueError(f"got {len(reshaped_input_sizes)} reshaped input sizes for {masks.shape[0]} masks")
-        logits = F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False)
+        prompted = masks.dim() == 5
+        if masks.dim() not in (4, 5):
+            raise ValueError(f"masks must be (B, 1, h, w) or prompted (B, N, K, h, w) logits, got {tuple(masks.shape)}")
+        inner = masks.shape[1:-2]
+        logits = F.interpolate(masks.float().flatten(1, -3), size=size, mode="bilinear", align_corners=False)
         results = []
         for index, ((height, width), (input_height, input_width)) in enumerate(
             zip(original_sizes, reshaped_input_sizes)
@@ -287,7 +310,7 @@ class EspMedSamImageProcessor(TorchvisionBackend):
             mask = logits[index : index + 1, :, : int(input_height), : int(input_width)]
             if (int(height), int(width)) != tuple(mask.shape[-2:]):
                 mask = F.interpolate(mask, size=(int(height), int(width)), mode="bilinear", align_corners=False)
-            mask = mask[0, 0]
+            mask = mask[0].view(*inner, *mask.shape[-2:]) if prompted else mask[0, 0]
             if binarize:
                 results.append(mask > mask_threshold)
             else:
@@ -330,20 +353,39 @@ class EspMedSamImageProcessor(TorchvisionBackend):
                 )
         return results
 
-    def post_process_semantic_segmentation(self, outputs, target_sizes=None, threshold: float = 0.5):
+    def post_process_semantic_segmentation(
+        self, outputs, target_sizes=None, threshold: float = 0.5, return_segmentation_scores: bool = False
+    ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
         """Label maps for transformers' image-segmentation pipeline: 0 background, modality index + 1 foreground.
 
-        The labels match ``config.id2label`` (0: "background", m + 1: the target of modality m).
+        The labels match ``config.id2label`` (0: "background", m + 1: the target of modality m). With
+        ``return_segmentation_scores``, one ``SemanticSegmentationPostProcessorOutput`` per image whose
+        ``segmentation_scores`` (num_labels, H, W) hold the per-label probabilities: 1 - p for the background, p
+        for the image's modality target, 0 for the other targets (each image has one target).
         """
         pred_masks = outputs["pred_masks"]
         modality = outputs["modality"]
         if target_sizes is None:
             target_sizes = [pred_masks.shape[-2:]] * pred_masks.shape[0]
+        elif len(target_sizes) != pred_masks.shape[0]:
+            raise ValueError(f"target_sizes has {len(target_sizes)} sizes for {pred_masks.shape[0]} images")
         probabilities = self.post_process_masks(
             pred_masks, [list(s) for s in target_sizes], binarize=False, return_probabilities=True
         )
-        masks = [probs >= threshold for probs in probabilities]
-        return [mask.long() * (int(m) + 1) for mask, m in zip(masks, modality)]
+        labels = [(probs >= threshold).long() * (int(m) + 1) for probs, m in zip(probabilities, modality)]
+        if not return_segmentation_scores:
+            return labels
+        # background + one target per modality (the teacher has no classifier logits: up to the largest index here)
+        logits = outputs.get("modality_logits")
+        num_labels = logits.shape[-1] + 1 if logits is not None else int(modality.max()) + 2
+        results = []
+        for label_map, probs, m in zip(labels, probabilities, modality.tolist()):
+            scores = probs.new_zeros((num_labels, *probs.shape))
+            scores[0], scores[m + 1] = 1 - probs, probs
+            results.append(
+                SemanticSegmentationPostProcessorOutput(data={"segmentation": label_map, "segmentation_scores": scores})
+            )
+        return results
 
 
 __all__ = ["EspMedSamImageProcessor", "EspMedSamImageProcessorKwargs", "fit_size"]

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +28,17 @@ from timm.models.tiny_vit import PatchMerging as TinyVitPatchMerging
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.dynamic_module_utils import custom_object_save
+from transformers.dynamic_module_utils import get_cached_module_file, get_relative_import_files
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.sam.modeling_sam import SamFeedForward, SamTwoWayTransformer, eager_attention_forward
-from transformers.utils import ModelOutput
+from transformers.models.sam.configuration_sam import SamPromptEncoderConfig
+from transformers.models.sam.modeling_sam import (
+    SamFeedForward,
+    SamPromptEncoder,
+    SamTwoWayTransformer,
+    eager_attention_forward,
+)
+from transformers.utils import HF_MODULES_CACHE, ModelOutput
 
 from .configuration_esp_medsam import (
     EspMedSamAggregatorConfig,
@@ -57,6 +65,11 @@ class EspMedSamOutput(ModelOutput):
     mask_loss, patch_loss, modality_loss: the loss terms, for logging.
     hidden_states: with ``output_hidden_states``, the image encoder's stage outputs (B, C_i, H_i, W_i): the stem
         (patch embedding and stage 0), each TinyViT stage, then the neck (the same tensor as ``image_embeddings``).
+        The teacher's: the patch embedding and each ViT layer's output (B, H, W, C), then the neck.
+    attentions: with ``output_attentions`` (student), each TinyViT block's window-attention weights
+        (B * windows, heads, N, N + bag tokens).
+    iou_scores: with point or box prompts, (B, N, K) the stability score of each mask (SAM's IoU estimate without
+        an IoU head: the IoU of the mask thresholded at logit +1 and at -1); ``pred_masks`` is then (B, N, K, h, w).
     """
 
     loss: torch.FloatTensor | None = None
@@ -69,6 +82,8 @@ class EspMedSamOutput(ModelOutput):
     patch_loss: torch.FloatTensor | None = None
     modality_loss: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    iou_scores: torch.FloatTensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,7 +249,11 @@ class EspMedSamWindowAttention(TinyVitAttention):
         self.norm.eps = config.layer_norm_eps
         self.config = config
 
-    def forward(self, x: torch.Tensor, bag: GatheredBagBlock, windows_per_image: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, bag: GatheredBagBlock, windows_per_image: int, attentions: list | None = None
+    ) -> torch.Tensor:
+        """Attention over each window and its bag's tokens. A list given as ``attentions`` receives the weights
+        (num_windows, heads, N, N + T), computed by the eager attention (SDPA does not return them)."""
         num_windows, length, _ = x.shape
         # Indexed on every call: timm's eval-mode cache goes stale when weights are loaded after .eval().
         bias = self.attention_biases[:, self.attention_bias_idxs].to(x.dtype)  # (heads, N, N)
@@ -270,8 +289,11 @@ class EspMedSamWindowAttention(TinyVitAttention):
             else:
                 token_bias = x.new_zeros(num_windows, self.num_heads, length, num_tokens)
             mask = torch.cat([mask.expand(num_windows, -1, -1, -1), token_bias], dim=-1)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, _ = attention(self, q, k, v, mask, scaling=self.scale, dropout=0.0)
+        implementation = "eager" if attentions is not None else self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        out, weights = attention(self, q, k, v, mask, scaling=self.scale, dropout=0.0)
+        if attentions is not None:
+            attentions.append(weights)
         return self.proj(out.reshape(num_windows, length, self.out_dim))
 
 
@@ -287,7 +309,9 @@ class AggregatorBlock(GradientCheckpointingLayer):
         self.mlp = NormMlp(dim, int(dim * config.mlp_ratio), norm_layer=nn.LayerNorm, act_layer=nn.GELU)
         self.mlp.norm.eps = config.layer_norm_eps
 
-    def forward(self, hidden_states: torch.Tensor, bag: GatheredBagBlock) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, bag: GatheredBagBlock, attentions: list | None = None
+    ) -> torch.Tensor:
         batch, height, width, channels = hidden_states.shape
         ws = self.window_size
         pad_b, pad_r = (ws - height % ws) % ws, (ws - width % ws) % ws
@@ -295,7 +319,7 @@ class AggregatorBlock(GradientCheckpointingLayer):
         ph, pw = height + pad_b, width + pad_r
         nh, nw = ph // ws, pw // ws
         windows = x.view(batch, nh, ws, nw, ws, channels).transpose(2, 3).reshape(batch * nh * nw, ws * ws, channels)
-        windows = self.attn(windows, bag, nh * nw)
+        windows = self.attn(windows, bag, nh * nw, attentions)
         x = windows.view(batch, nh, nw, ws, ws, channels).transpose(2, 3).reshape(batch, ph, pw, channels)
         x = hidden_states + x[:, :height, :width]
         x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -373,12 +397,14 @@ class ModalityAggregator(nn.Module):
         hidden_states: list[torch.Tensor] | None = None,
         first: int = 1,
         last: int | None = None,
+        attentions: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Stages ``first``..``last`` (1-based; stage 0 is the stem) with each image's parameter bag plugged in, then
         the neck when ``last`` is None (run to the end): (B, C, g, g). ``features`` is the output of stage
         ``first - 1``; a frozen prefix of the encoder can so be computed once and the rest run on it.
 
-        When a list is given as ``hidden_states``, each stage's output (B, C, H, W) is appended to it.
+        When a list is given as ``hidden_states``, each stage's output (B, C, H, W) is appended to it; a list given
+        as ``attentions`` receives each block's window-attention weights (eager attention).
         """
         stages = self.stages[first - 1 : last]
         block_index = sum(len(stage.blocks) for stage in self.stages[: first - 1])
@@ -400,7 +426,7 @@ class ModalityAggregator(nn.Module):
                     if single is None
                     else controller.gather(block_index, modality, single)
                 )
-                x = block(x, bag)
+                x = block(x, bag, attentions)
                 block_index += 1
             x = x.permute(0, 3, 1, 2)
             if hidden_states is not None:
@@ -418,10 +444,11 @@ class ModalityClassifier(nn.Module):
     def __init__(self, in_dim: int, hidden_size: int, num_modalities: int):
         super().__init__()
         features = in_dim * 17
-        self.norm = nn.LayerNorm(features)
-        self.fc1 = nn.Linear(features, hidden_size)
+        # float32 whatever the default dtype: the module is in _keep_in_fp32_modules_strict
+        self.norm = nn.LayerNorm(features, dtype=torch.float32)
+        self.fc1 = nn.Linear(features, hidden_size, dtype=torch.float32)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_size, num_modalities)
+        self.fc2 = nn.Linear(hidden_size, num_modalities, dtype=torch.float32)
 
     @staticmethod
     def pool(features: torch.Tensor) -> torch.Tensor:
@@ -466,11 +493,16 @@ class SelfPatchPromptGenerator(nn.Module):
             nn.GELU(),
         )
 
-    def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (patch_logits (B,1,p,p), dense_prompt (B,C,g,g)); no gradient flows through the binarisation."""
+    def patch_map(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (patch_logits (B,1,p,p), the binarised patches on the embedding grid (B,1,g,g)); no gradient
+        flows through the binarisation. Point and box prompts edit this map before it is encoded."""
         patch_logits = self.patch_generator(image_embeddings)
         patches = (torch.sigmoid(patch_logits.detach()) >= self.threshold).to(image_embeddings.dtype)
-        patches = F.interpolate(patches, size=image_embeddings.shape[-2:], mode="nearest")
+        return patch_logits, F.interpolate(patches, size=image_embeddings.shape[-2:], mode="nearest")
+
+    def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (patch_logits (B,1,p,p), dense_prompt (B,C,g,g))."""
+        patch_logits, patches = self.patch_map(image_embeddings)
         return patch_logits, self.dense_prompt_encoder(patches)
 
 
@@ -488,7 +520,8 @@ class RandomFourierPositionalEncoding(nn.Module):
 
     def __init__(self, num_features: int, scale: float):
         super().__init__()
-        self.register_buffer("gaussian_matrix", scale * torch.randn(2, num_features))
+        # float32 whatever the default dtype: the module is in _keep_in_fp32_modules_strict
+        self.register_buffer("gaussian_matrix", scale * torch.randn(2, num_features, dtype=torch.float32))
 
     def forward(self, size: int) -> torch.Tensor:
         """(1, 2 * num_features, size, size), cell centres mapped to [-1, 1], x before y; computed in float32
@@ -499,6 +532,40 @@ class RandomFourierPositionalEncoding(nn.Module):
         coords = (2 * torch.stack([x, y], dim=-1) - 1) @ matrix
         coords = 2 * math.pi * coords
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1).permute(2, 0, 1).unsqueeze(0)
+
+    def encode_points(self, input_coords: torch.Tensor, input_shape: tuple[int, int]) -> torch.Tensor:
+        """(..., 2) x/y pixel coordinates in an ``input_shape`` (height, width) image -> (..., 2 * num_features):
+        ``SamPositionalEmbedding.forward``'s signature and function, from the same fixed matrix as the grid."""
+        matrix = self.gaussian_matrix.float()
+        scale = torch.tensor([input_shape[1], input_shape[0]], device=matrix.device, dtype=matrix.dtype)
+        coords = 2 * math.pi * ((2 * input_coords.to(matrix.dtype) / scale - 1) @ matrix)
+        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+
+
+class EspMedSamPromptEncoder(SamPromptEncoder):
+    """SAM's prompt encoder (transformers' ``SamPromptEncoder``) for optional point and box prompts.
+
+    Its point and box embeddings (``point_embed``: negative, positive, box corner 1 and 2; ``not_a_point_embed``)
+    are SAM's; the coordinates are encoded with the decoder's positional encoding (one fixed matrix for the grid and
+    the points, as SAM's ``shared_image_embedding``). SAM's mask input and no-mask embedding are left out: the
+    self-patch prompt generator's dense prompt takes their place.
+    """
+
+    def __init__(self, config: "EspMedSamConfig", positional_encoding: RandomFourierPositionalEncoding):
+        decoder = config.decoder_config
+        prompt_config = SamPromptEncoderConfig(hidden_size=decoder.hidden_size, image_size=config.image_size)
+        vision = SamPromptEncoderConfig(hidden_size=decoder.hidden_size)
+        vision.scale, vision.num_pos_feats = decoder.positional_encoding_scale, decoder.hidden_size // 2
+        holder = type("SamConfigView", (), {"vision_config": vision, "prompt_encoder_config": prompt_config})
+        super().__init__(holder)
+        del self.shared_embedding, self.mask_embed, self.no_mask_embed
+        # A bound method, not a submodule: the matrix stays one buffer of the decoder (no second copy to keep equal).
+        self.shared_embedding = positional_encoding.encode_points
+
+    def embed_points(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(R, P, 2) points in input pixels and (R, P) labels (1, 0; -1 padding) -> (R, P, C) SAM point tokens."""
+        tokens = self._embed_points(points[:, None], labels[:, None], pad=False)[:, 0]
+        return tokens.to(self.not_a_point_embed.weight.dtype)
 
 
 class QueryDecoupledModalityDecoder(nn.Module):
@@ -542,10 +609,19 @@ class QueryDecoupledModalityDecoder(nn.Module):
         return x.squeeze(1)
 
     def forward(
-        self, image_embeddings: torch.Tensor, dense_prompt: torch.Tensor, modality: torch.LongTensor
+        self,
+        image_embeddings: torch.Tensor,
+        dense_prompt: torch.Tensor,
+        modality: torch.LongTensor,
+        sparse_prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """(B, 1, 4g, 4g) mask logits of each image's own query; ``sparse_prompts`` (B, T, C), SAM's point tokens,
+        join the queries as in SAM's mask decoder (after its output tokens)."""
         batch, channels, height, width = image_embeddings.shape
-        queries = self.mask_queries.weight.unsqueeze(0).expand(batch, -1, -1).unsqueeze(1)
+        queries = self.mask_queries.weight.unsqueeze(0).expand(batch, -1, -1)
+        if sparse_prompts is not None:
+            queries = torch.cat([queries, sparse_prompts.to(queries.dtype)], dim=1)
+        queries = queries.unsqueeze(1)
         positional = self.positional_encoding(height).to(image_embeddings.dtype)
         queries, keys = self.transformer(
             point_embeddings=queries,
@@ -559,6 +635,141 @@ class QueryDecoupledModalityDecoder(nn.Module):
         hyper = self.hypernetwork(own_query, modality)
         masks = hyper.unsqueeze(1) @ upscaled.flatten(2)
         return masks.view(batch, 1, *upscaled.shape[-2:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optional point and box prompts (a correction of the self-prompted mask)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptRows:
+    """Point and box prompts in model-input pixels, one row per object (R = batch * objects)."""
+
+    points: torch.Tensor | None  # (R, P, 2) x, y
+    labels: torch.Tensor | None  # (R, P): 1 positive, 0 negative, -1 padding
+    boxes: torch.Tensor | None  # (R, 4) x0, y0, x1, y1
+    num_objects: int
+
+
+def _check_inside(name: str, coords: torch.Tensor, image_size: int) -> None:
+    """Refuse coordinates outside the [0, image_size] model input, naming the argument."""
+    if coords.numel() and bool(((coords < 0) | (coords > image_size)).any()):
+        bad = coords[((coords < 0) | (coords > image_size)).any(-1)][0].tolist()
+        raise ValueError(
+            f"{name} has a coordinate outside the image: {bad}; model-input coordinates lie within [0, {image_size}] "
+            "(EspMedSamProcessor rescales prompts given in original-image pixels and checks them against the image)"
+        )
+
+
+def check_prompts(
+    input_points: torch.Tensor | None,
+    input_labels: torch.Tensor | None,
+    input_boxes: torch.Tensor | None,
+    batch: int,
+    image_size: int,
+    device: torch.device,
+) -> PromptRows | None:
+    """Validate SAM-style prompts (points (B, N, P, 2) with labels (B, N, P), boxes (B, N, 4)); None without any."""
+    if input_points is None and input_labels is None and input_boxes is None:
+        return None
+    if (input_points is None) != (input_labels is None):
+        raise ValueError("input_points and input_labels go together: one label (1, 0 or -1 padding) per point")
+    points = labels = boxes = None
+    objects = []
+    if input_points is not None:
+        points = torch.as_tensor(input_points, dtype=torch.float32, device=device)
+        labels = torch.as_tensor(input_labels, device=device)
+        if points.dim() != 4 or points.shape[0] != batch or points.shape[-1] != 2:
+            raise ValueError(f"input_points must have shape ({batch}, objects, points, 2), got {tuple(points.shape)}")
+        if labels.shape != points.shape[:-1] or labels.dtype.is_floating_point:
+            raise ValueError(f"input_labels must be integers of shape {tuple(points.shape[:-1])}, got "
+                             f"{tuple(labels.shape)} {labels.dtype}")
+        if not bool(((labels >= -1) & (labels <= 1)).all()):
+            raise ValueError("input_labels must be 1 (positive), 0 (negative) or -1 (padding)")
+        _check_inside("input_points", points[labels != -1], image_size)
+        objects.append(points.shape[1])
+        points, labels = points.flatten(0, 1), labels.long().flatten(0, 1)
+    if input_boxes is not None:
+        boxes = torch.as_tensor(input_boxes, dtype=torch.float32, device=device)
+        if boxes.dim() != 3 or boxes.shape[0] != batch or boxes.shape[-1] != 4:
+            raise ValueError(f"input_boxes must have shape ({batch}, objects, 4), got {tuple(boxes.shape)}")
+        _check_inside("input_boxes", boxes.reshape(-1, 2, 2).flatten(0, 1), image_size)
+        if not bool((boxes[..., 2:] >= boxes[..., :2]).all()):
+            raise ValueError("input_boxes must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
+        objects.append(boxes.shape[1])
+        boxes = boxes.flatten(0, 1)
+    if len(set(objects)) > 1:
+        raise ValueError(f"input_points and input_boxes must have the same number of objects, got {objects}")
+    return PromptRows(points, labels, boxes, objects[0])
+
+
+def _pixel_centres(size: int, image_size: int, device: torch.device) -> torch.Tensor:
+    """Centres (size,) of a size x size grid's cells, in model-input pixels."""
+    return (torch.arange(size, device=device, dtype=torch.float32) + 0.5) * (image_size / size)
+
+
+def inside_boxes(boxes: torch.Tensor, size: int, image_size: int, overlap: bool) -> torch.Tensor:
+    """(R, size, size) bool: grid cells inside each box; ``overlap``: cells that touch it, else cells whose centre
+    lies in it. A box over the whole image keeps every cell either way."""
+    edges = torch.arange(size + 1, device=boxes.device, dtype=torch.float32) * (image_size / size)
+    if overlap:
+        x_in = (edges[1:] > boxes[:, None, 0]) & (edges[:-1] <= boxes[:, None, 2])
+        y_in = (edges[1:] > boxes[:, None, 1]) & (edges[:-1] <= boxes[:, None, 3])
+    else:
+        centres = _pixel_centres(size, image_size, boxes.device)
+        x_in = (centres >= boxes[:, None, 0]) & (centres <= boxes[:, None, 2])
+        y_in = (centres >= boxes[:, None, 1]) & (centres <= boxes[:, None, 3])
+    return y_in[:, :, None] & x_in[:, None, :]
+
+
+def connected_region(region: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """The cells of ``region`` (R, 1, g, g; 0/1) 8-connected to ``seeds`` (same shape), by repeated dilation."""
+    grown = seeds * region
+    for _ in range(region.shape[-1] * region.shape[-2]):
+        step = F.max_pool2d(grown, 3, stride=1, padding=1) * region
+        if torch.equal(step, grown):
+            break
+        grown = step
+    return grown
+
+
+def edit_patch_map(patches: torch.Tensor, prompts: PromptRows, image_size: int) -> torch.Tensor:
+    """Correct each row's binarised self-patch map (R, 1, g, g) with its prompts, before the dense-prompt encoder:
+    a box clears the patches outside it; a negative point clears the connected patch region it falls in; a positive
+    point sets its patch. The dense prompt then carries the correction, so a prompt corrects the self-prompted mask
+    instead of replacing it (a box over the whole image and padding points change nothing)."""
+    size = patches.shape[-1]
+    if prompts.boxes is not None:
+        patches = patches * inside_boxes(prompts.boxes, size, image_size, overlap=True)[:, None].to(patches.dtype)
+    if prompts.points is None:
+        return patches
+    cells = (prompts.points * (size / image_size)).floor().long().clamp(0, size - 1)
+    flat = (cells[..., 1] * size + cells[..., 0]).clamp(0, size * size - 1)  # (R, P)
+
+    def mark(label: int) -> torch.Tensor:
+        hits = torch.zeros(patches.shape[0], size * size, device=patches.device, dtype=patches.dtype)
+        hits.scatter_add_(1, flat, (prompts.labels == label).to(patches.dtype))
+        return (hits > 0).to(patches.dtype).view_as(patches)
+
+    negative, positive = mark(0), mark(1)
+    if bool(negative.any()):
+        patches = patches * (1 - connected_region(patches, negative))
+    return torch.maximum(patches, positive)
+
+
+def keep_inside_boxes(masks: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Mask logits (R, 1, h, w) with every pixel whose centre lies outside its row's box set to -1e4."""
+    inside = inside_boxes(boxes, masks.shape[-1], image_size, overlap=False)[:, None]
+    return masks.masked_fill(~inside, -1e4)
+
+
+def stability_scores(masks: torch.Tensor, offset: float = 1.0) -> torch.Tensor:
+    """SAM's stability score of mask logits (..., h, w): the IoU of the masks thresholded at +offset and -offset
+    (1 for a mask empty at both)."""
+    inner = (masks > offset).flatten(-2).sum(-1).float()
+    outer = (masks > -offset).flatten(-2).sum(-1).float()
+    return torch.where(outer > 0, inner / outer.clamp(min=1), torch.ones_like(outer))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -650,8 +861,8 @@ class EspMedSamModelMixin:
         original_sizes: the image processor's (B, 2) sizes, accepted so that ``model(**processor(...))`` works;
             the forward does not use them (``post_process_masks`` does).
         return_dict: ``False`` returns ``EspMedSamOutput.to_tuple()`` (``config.return_dict``).
-        options: the model's own options, those of its ``segment`` (the student's ``output_hidden_states``); any
-            other argument is a ``TypeError``.
+        options: the model's own options, those of its ``segment`` (``output_hidden_states``, and the student's
+            ``output_attentions``); any other argument is a ``TypeError``.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output = self.segment(pixel_values, self.check_inputs(pixel_values, modality), labels, **options)
@@ -667,14 +878,20 @@ class EspMedSamModelMixin:
                 "use EspMedSamImageProcessor to resize and normalise images"
             )
         check_pixel_values(pixel_values, self.dtype)
+        return self.check_modality(modality, pixel_values.shape[0], pixel_values.device)
+
+    def check_modality(
+        self, modality: torch.Tensor | int | None, batch: int, device: torch.device
+    ) -> torch.LongTensor | None:
+        """``modality`` as a (batch,) LongTensor on ``device`` after checking its indices (``None`` stays None)."""
         if modality is None:
             return None
-        modality = torch.as_tensor(modality, device=pixel_values.device)
+        modality = torch.as_tensor(modality, device=device)
         if modality.dim() == 0:
-            modality = modality.expand(pixel_values.shape[0])
-        if modality.shape != (pixel_values.shape[0],) or modality.dtype.is_floating_point:
+            modality = modality.expand(batch)
+        if modality.shape != (batch,) or modality.dtype.is_floating_point:
             raise ValueError(
-                f"modality must be an integer tensor of shape ({pixel_values.shape[0]},), got "
+                f"modality must be an integer tensor of shape ({batch},), got "
                 f"{tuple(modality.shape)} {modality.dtype}"
             )
         if not torch.compiler.is_compiling():
@@ -712,13 +929,34 @@ class EspMedSamModelMixin:
         return F.interpolate(pred_masks, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def pipeline_code_files(impl: str, source: str | None) -> list[Path]:
+    """The file of the pipeline class ``impl`` (``"module.Class"``, as ``custom_pipelines`` names it) and the files
+    it imports: beside this module (the package, or remote code whose pipeline was loaded), else in ``source``
+    (the folder or Hub repo the model was loaded from). Empty when the code is nowhere to be found."""
+    module, _, class_name = impl.rpartition(".")
+    if not module.isidentifier() or not class_name.isidentifier():
+        return []
+    candidates = [Path(__file__).with_name(f"{module}.py")]
+    if source and Path(source).is_dir():
+        candidates.append(Path(source) / f"{module}.py")
+    elif source:
+        try:
+            candidates.append(Path(HF_MODULES_CACHE) / get_cached_module_file(source, f"{module}.py"))
+        except (OSError, ValueError) as error:
+            logger.info("no code for pipeline %s in %s: %s", impl, source, error)
+    for path in candidates:
+        if path.is_file() and f"class {class_name}(" in path.read_text():
+            return [path, *(Path(needed) for needed in get_relative_import_files(path))]
+    return []
+
+
 class EspMedSamPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
     config_class = EspMedSamConfig
     base_model_prefix = "esp_medsam"
     _no_split_modules = ["AggregatorBlock", "QueryDecoupledModalityDecoder"]
-    # Stay float32 when loaded with dtype=torch.float16 / torch.bfloat16: the modality classifier (its argmax
-    # routes every image) and the positional encoding's Gaussian matrix (the argument of its sines).
-    _keep_in_fp32_modules = ["modality_classifier", "positional_encoding"]
+    # Stay float32 when loaded or built with dtype=torch.float16 / torch.bfloat16 (strict: bf16 too, and the modules
+    # create their tensors in float32): the modality classifier (its argmax routes every image) and the positional
+    # encoding's Gaussian matrix (the argument of its sines).
     _keep_in_fp32_modules_strict = ["modality_classifier", "positional_encoding"]
     supports_gradient_checkpointing = True
 
@@ -727,40 +965,39 @@ class EspMedSamPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
         (which the stock image-segmentation pipeline loads) to this class in ``config.json``.
 
         A config that advertises ``custom_pipelines`` (a model loaded from a folder saved with its pipeline) keeps
-        them only together with their code: this package's pipeline file and the modules it imports are written
-        next to the model code, and entries whose code is not available here are dropped with a warning. So
-        ``save_pretrained``/``push_to_hub`` of a reloaded model give a repo where both pipelines still load.
+        them only together with their code: each pipeline's file and the files it imports are copied next to the
+        model code, and entries whose code cannot be found are dropped with a warning. So
+        ``save_pretrained``/``push_to_hub`` of a reloaded model give a repo where both pipelines still load. The
+        model never imports a pipeline: it copies the files the config names.
         """
         if self._auto_class is not None:
             module = type(self).__module__.rsplit(".", 1)[-1]
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map.setdefault("AutoModelForImageSegmentation", f"{module}.{type(self).__name__}")
             self.config.auto_map = auto_map
-        pipeline_class = self._advertised_pipeline_class()
+        pipeline_files = self._advertised_pipeline_files()
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        if pipeline_class is not None and kwargs.get("is_main_process", True):
-            custom_object_save(pipeline_class, save_directory)
+        if kwargs.get("is_main_process", True):
+            for path in pipeline_files:
+                shutil.copyfile(path, Path(save_directory) / path.name)
         return result
 
-    def _advertised_pipeline_class(self) -> type | None:
-        """The pipeline class to save with the model when the config advertises it (other entries are dropped)."""
+    def _advertised_pipeline_files(self) -> list[Path]:
+        """The code files of the pipelines that the config advertises; entries without code are dropped."""
         advertised = getattr(self.config, "custom_pipelines", None)
         if not advertised:
-            return None
-        # A lazy relative import: remote code loading this module also fetches the pipeline's files.
-        from .pipeline_esp_medsam import EspMedSamSegmentationPipeline
-
-        ours = f"{EspMedSamSegmentationPipeline.__module__.rsplit('.', 1)[-1]}.{EspMedSamSegmentationPipeline.__name__}"
-        kept = {task: entry for task, entry in advertised.items() if entry.get("impl") == ours}
+            return []
+        found = {task: pipeline_code_files(entry.get("impl", ""), self.name_or_path)
+                 for task, entry in advertised.items()}
+        kept = {task: entry for task, entry in advertised.items() if found[task]}
         if len(kept) != len(advertised):
-            dropped = sorted(set(advertised) - set(kept))
             logger.warning("custom_pipelines %s left out of the saved config: their code is not part of this model",
-                           dropped)
+                           sorted(set(advertised) - set(kept)))
         if kept:
             self.config.custom_pipelines = kept
-            return EspMedSamSegmentationPipeline
-        del self.config.custom_pipelines
-        return None
+        else:
+            del self.config.custom_pipelines
+        return sorted({path for paths in found.values() for path in paths})
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -805,6 +1042,7 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
             config.prompt_generator_config, config.aggregator_config.neck_dim
         )
         self.mask_decoder = QueryDecoupledModalityDecoder(config.decoder_config, config.num_modalities)
+        self.prompt_encoder = EspMedSamPromptEncoder(config, self.mask_decoder.positional_encoding)
         self.post_init()
 
     @property
@@ -818,42 +1056,199 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         given: torch.LongTensor | None,
         labels: torch.FloatTensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> EspMedSamOutput:
         """The forward after the input checks: the modality ``given`` per image, else the classifier's; with
-        ``output_hidden_states`` (``config.output_hidden_states``) also the image encoder's stage outputs."""
+        ``output_hidden_states`` (``config.output_hidden_states``) also the image encoder's stage outputs, with
+        ``output_attentions`` (``config.output_attentions``) every TinyViT block's window-attention weights
+        (computed by the eager attention)."""
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         hidden_states = [] if output_hidden_states else None
-        image_embeddings, modality_logits, chosen = self.encode(pixel_values, given, hidden_states)
+        attentions = [] if output_attentions else None
+        image_embeddings, modality_logits, chosen = self.encode(pixel_values, given, hidden_states, attentions)
         modality_loss = None
         if labels is not None and given is not None and self.config.modality_loss_weight > 0:
             modality_loss = F.cross_entropy(modality_logits, given)
         output = self.decode_embeddings(
             image_embeddings, chosen, labels, modality_logits=modality_logits, modality_loss=modality_loss,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            attentions=tuple(attentions) if attentions is not None else None,
         )
         if modality_loss is not None:
             output.loss = output.loss + self.config.modality_loss_weight * modality_loss
         return output
 
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        modality: torch.LongTensor | None = None,
+        labels: torch.FloatTensor | None = None,
+        original_sizes: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        input_points: torch.FloatTensor | None = None,
+        input_labels: torch.LongTensor | None = None,
+        input_boxes: torch.FloatTensor | None = None,
+        image_embeddings: torch.FloatTensor | None = None,
+        multimask_output: bool = False,
+        **options: bool | None,
+    ) -> EspMedSamOutput | tuple[torch.Tensor, ...]:
+        r"""
+        The prompt-free forward (see ``EspMedSamModelMixin.forward``), and SamModel's optional prompts, which
+        correct the self-prompted mask (``edit_patch_map``, ``keep_inside_boxes``, SAM's point tokens):
+
+        input_points: (B, N, P, 2) x/y points in model-input pixels (``EspMedSamProcessor`` rescales them from
+            original-image pixels), N objects of P points each; ``input_labels`` (B, N, P): 1 positive, 0 negative,
+            -1 padding (ignored).
+        input_boxes: (B, N, 4) x0, y0, x1, y1 boxes in model-input pixels, one per object; the mask stays inside.
+        image_embeddings: (B, C, g, g) from ``get_image_embeddings``, instead of ``pixel_values`` (then
+            ``modality`` is required: each image decodes its modality's query).
+        multimask_output: accepted for SamModel's signature; the decoder has one query per modality, so K = 1.
+
+        With prompts ``pred_masks`` is (B, N, 1, h, w) and ``iou_scores`` (B, N, 1); without, the outputs are the
+        prompt-free ones.
+        """
+        if image_embeddings is None and input_points is None and input_labels is None and input_boxes is None:
+            return super().forward(pixel_values, modality, labels, original_sizes, return_dict, **options)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (pixel_values is None) == (image_embeddings is None):
+            raise ValueError("pass either pixel_values or image_embeddings (from get_image_embeddings), not both")
+        outputs: dict = {}
+        if image_embeddings is None:
+            given = self.check_inputs(pixel_values, modality)
+            image_embeddings, outputs["modality_logits"], chosen = self.encode(pixel_values, given)
+        else:
+            chosen = self.check_embeddings(image_embeddings, modality)
+        prompts = check_prompts(
+            input_points, input_labels, input_boxes, image_embeddings.shape[0], self.config.image_size,
+            image_embeddings.device,
+        )
+        if prompts is None:
+            output = self.decode_embeddings(image_embeddings, chosen, labels, **outputs)
+        else:
+            output = self.decode_prompts(image_embeddings, chosen, prompts, labels, **outputs)
+        return output if return_dict else output.to_tuple()
+
+    def check_embeddings(self, image_embeddings: torch.Tensor, modality: torch.Tensor | int | None) -> torch.LongTensor:
+        """Check image embeddings passed instead of pixel values, and their (required) modality."""
+        channels = self.config.aggregator_config.neck_dim
+        if image_embeddings.dim() != 4 or image_embeddings.shape[1] != channels:
+            raise ValueError(
+                f"image_embeddings must have shape (batch, {channels}, g, g) as get_image_embeddings gives them, got "
+                f"{tuple(image_embeddings.shape)}"
+            )
+        if modality is None:
+            raise ValueError(
+                "modality is required with image_embeddings: each image decodes its modality's query (the modality "
+                "the classifier chose is the prompt-free output's `modality`)"
+            )
+        return self.check_modality(modality, image_embeddings.shape[0], image_embeddings.device)
+
+    def decode_prompts(
+        self,
+        image_embeddings: torch.Tensor,
+        modality: torch.LongTensor,
+        prompts: PromptRows,
+        labels: torch.Tensor | None = None,
+        **outputs: torch.Tensor | None,
+    ) -> EspMedSamOutput:
+        """The heads with prompts: each object's row gets the image's self-patch map corrected by its prompts
+        (``edit_patch_map``) as dense prompt and its points as SAM tokens; a box keeps the mask inside it. With
+        ``labels`` (one object per image), the segmentation loss of the prompted masks."""
+        batch, objects, size = image_embeddings.shape[0], prompts.num_objects, self.config.image_size
+        patch_logits, patches = self.prompt_generator.patch_map(image_embeddings)
+        rows = image_embeddings.repeat_interleave(objects, dim=0)
+        row_modality = modality.repeat_interleave(objects)
+        patches = edit_patch_map(patches.repeat_interleave(objects, dim=0), prompts, size)
+        masks = self.decode_rows(rows, self.prompt_generator.dense_prompt_encoder(patches), row_modality, prompts)
+        if prompts.boxes is not None:
+            masks = keep_inside_boxes(masks, prompts.boxes, size)
+        masks = masks.view(batch, objects, 1, *masks.shape[-2:])
+        loss = mask_loss = patch_loss = None
+        if labels is not None:
+            if objects != 1:
+                raise ValueError(f"labels with prompts need one object per image (N = 1), got N = {objects}")
+            loss, mask_loss, patch_loss = segmentation_loss(masks[:, 0], patch_logits, labels, self.config)
+        return EspMedSamOutput(
+            loss=loss, pred_masks=masks, patch_logits=patch_logits, image_embeddings=image_embeddings,
+            modality=modality, mask_loss=mask_loss, patch_loss=patch_loss, iou_scores=stability_scores(masks),
+            **outputs,
+        )
+
+    def decode_rows(
+        self, rows: torch.Tensor, dense_prompt: torch.Tensor, modality: torch.LongTensor, prompts: PromptRows
+    ) -> torch.Tensor:
+        """Mask logits (R, 1, h, w) of every object row; its non-padding points join the queries as SAM tokens.
+        Rows are decoded in groups of equal point count, so padding points take no part at all."""
+        if prompts.points is None:
+            return self.mask_decoder(rows, dense_prompt, modality)
+        tokens = self.prompt_encoder.embed_points(prompts.points, prompts.labels)
+        valid = prompts.labels != -1
+        counts = valid.sum(dim=1)
+        masks = None
+        for count in counts.unique().tolist():
+            index = (counts == count).nonzero()[:, 0]
+            sparse = tokens[index][valid[index]].view(len(index), count, -1) if count else None
+            group = self.mask_decoder(rows[index], dense_prompt[index], modality[index], sparse)
+            if masks is None:
+                masks = group.new_empty(rows.shape[0], *group.shape[1:])
+            masks[index] = group
+        return masks
+
     def encode(
-        self, pixel_values: torch.FloatTensor, given: torch.LongTensor | None, hidden_states: list | None = None
+        self,
+        pixel_values: torch.FloatTensor,
+        given: torch.LongTensor | None,
+        hidden_states: list | None = None,
+        attentions: list | None = None,
+        *,
+        controller: ModalityController | None = None,
+        last_stage: int | None = None,
     ) -> tuple[torch.FloatTensor, torch.FloatTensor, torch.LongTensor]:
         """The image encoder, the one place its chain runs: stem, modality classifier on the stem's features, the
         TinyViT stages with each image's parameter bag, neck. Returns the image embeddings (B, 256, 64, 64 at 1024
-        px), the classifier's logits and the modality each image was encoded with (``given``, else the
-        classifier's). A list passed as ``hidden_states`` receives the stem's and every stage's output."""
+        px), the classifier's logits and the modality each image was encoded with: ``given``, except where it is
+        ``-1`` (or ``None`` for all), the classifier's. A list passed as ``hidden_states`` receives the stem's and
+        every stage's output, one passed as ``attentions`` every block's window-attention weights.
+
+        For training: ``controller`` replaces the model's parameter bags (a stand-in with the same ``gather``, such
+        as distillation's unplugged bags); ``last_stage`` stops after that stage (0: the stem), without the neck,
+        and returns its output in place of the embeddings (a frozen prefix's features, cached once).
+        """
         features = self.aggregator.stem(pixel_values)
         modality_logits = self.modality_classifier(features)
-        chosen = given if given is not None else modality_logits.argmax(dim=-1)
+        predicted = modality_logits.argmax(dim=-1)
+        chosen = predicted if given is None else torch.where(given < 0, predicted, given)
         if hidden_states is not None:
             hidden_states.append(features)
-        image_embeddings = self.aggregator.forward_stages(
-            features, chosen, self.modality_controller, hidden_states=hidden_states
+        image_embeddings = self.encode_stages(
+            features, chosen, last=last_stage, controller=controller, hidden_states=hidden_states,
+            attentions=attentions,
         )
-        if hidden_states is not None:
+        if hidden_states is not None and last_stage is None:
             hidden_states.append(image_embeddings)
         return image_embeddings, modality_logits, chosen
+
+    def encode_stages(
+        self,
+        features: torch.FloatTensor,
+        modality: torch.LongTensor,
+        *,
+        first: int = 1,
+        last: int | None = None,
+        controller: ModalityController | None = None,
+        hidden_states: list | None = None,
+        attentions: list | None = None,
+    ) -> torch.FloatTensor:
+        """The encoder from the output of stage ``first - 1`` (the stem's for 1): stages ``first``..``last`` with
+        each image's parameter bag (``controller``: the model's bags unless given), then the neck when ``last`` is
+        None. ``encode`` runs it after the stem; a feature cache runs the rest of the chain on stored features."""
+        controller = self.modality_controller if controller is None else controller
+        return self.aggregator.forward_stages(
+            features, modality, controller, hidden_states, first, last, attentions=attentions
+        )
 
     def get_image_embeddings(
         self, pixel_values: torch.FloatTensor, modality: torch.LongTensor | int | None = None
@@ -901,6 +1296,7 @@ __all__ = [
     "EspMedSamPatchEmbed",
     "EspMedSamPatchMerging",
     "EspMedSamPreTrainedModel",
+    "EspMedSamPromptEncoder",
     "EspMedSamWindowAttention",
     "ModalityAggregator",
     "ModalityClassifier",

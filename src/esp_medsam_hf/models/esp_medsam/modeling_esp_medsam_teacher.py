@@ -76,9 +76,10 @@ class EspMedSamTeacherVisionAttention(SamVisionAttention):
     config: SamVisionConfig
 
     def forward(
-        self, hidden_states: torch.Tensor, medical: MedicalLayer | None = None
+        self, hidden_states: torch.Tensor, medical: MedicalLayer | None = None, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(attention output (B, H, W, C), attention weights or ``None``), as ``SamVisionAttention``'s."""
+        """(attention output (B, H, W, C), attention weights or ``None``), as ``SamVisionAttention``'s; with
+        ``output_attentions`` the eager attention runs, so that the weights are returned."""
         batch, height, width, _ = hidden_states.shape
         heads, length = self.num_attention_heads, height * width
         qkv = self.qkv(hidden_states).reshape(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4)
@@ -91,7 +92,8 @@ class EspMedSamTeacherVisionAttention(SamVisionAttention):
             bias = bias.reshape(batch, heads, length, length).to(query.dtype)
         if medical is not None and medical.key_tokens.shape[1]:
             key, value, bias = self.append_tokens(medical, query, key, value, bias)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         dropout = self.dropout if self.training else 0.0
         out, weights = attention(self, query, key, value, bias, scaling=self.scale, dropout=dropout)
         return self.proj(out.reshape(batch, height, width, -1)), weights
@@ -135,14 +137,19 @@ class EspMedSamTeacherVisionLayer(SamVisionLayer):
         layer.attn.__class__ = EspMedSamTeacherVisionAttention
         layer.attn.config = config
 
-    def forward(self, hidden_states: torch.Tensor, medical: MedicalLayer | None = None) -> torch.Tensor:
-        """(B, H, W, C) hidden states through the layer, with ``medical``'s tokens and MLP when given."""
+    def forward(
+        self, hidden_states: torch.Tensor, medical: MedicalLayer | None = None, attentions: list | None = None
+    ) -> torch.Tensor:
+        """(B, H, W, C) hidden states through the layer, with ``medical``'s tokens and MLP when given; a list given
+        as ``attentions`` receives the attention weights (B * windows, heads, N, N + medical tokens)."""
         residual = hidden_states
         hidden_states = self.layer_norm1(hidden_states)
         if self.window_size > 0:
             height, width = hidden_states.shape[1], hidden_states.shape[2]
             hidden_states, padding = self.window_partition(hidden_states, self.window_size)
-        hidden_states, _ = self.attn(hidden_states, medical)
+        hidden_states, weights = self.attn(hidden_states, medical, output_attentions=attentions is not None)
+        if attentions is not None:
+            attentions.append(weights)
         if self.window_size > 0:
             hidden_states = self.window_unpartition(hidden_states, self.window_size, padding, (height, width))
         hidden_states = residual + hidden_states
@@ -156,7 +163,6 @@ class EspMedSamTeacherPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
     base_model_prefix = "esp_medsam_teacher"
     _no_split_modules = ["EspMedSamTeacherVisionLayer", "QueryDecoupledModalityDecoder"]
     # The decoder's positional encoding stays float32 under dtype=torch.float16 / torch.bfloat16 (see the student).
-    _keep_in_fp32_modules = ["positional_encoding"]
     _keep_in_fp32_modules_strict = ["positional_encoding"]
 
     @torch.no_grad()
@@ -206,10 +212,11 @@ class EspMedSamTeacherModel(EspMedSamTeacherPreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """As transformers' (loading replaces the parameters, so the SAM encoder is frozen again afterwards)."""
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
         if model.config.freeze_vision_encoder:
             model.vision_encoder.requires_grad_(False)
-        return model
+        return loaded
 
     @classmethod
     def from_sam_pretrained(
@@ -229,29 +236,56 @@ class EspMedSamTeacherModel(EspMedSamTeacherPreTrainedModel):
         model.vision_encoder.load_state_dict(vision.vision_encoder.state_dict())
         return model
 
-    def get_image_embeddings(self, pixel_values: torch.Tensor, medical: bool = True) -> torch.Tensor:
-        """(B, C, g, g) embeddings; ``medical=False`` runs SAM's encoder alone (no tokens, no medical MLPs)."""
+    def get_image_embeddings(
+        self,
+        pixel_values: torch.Tensor,
+        medical: bool = True,
+        hidden_states: list | None = None,
+        attentions: list | None = None,
+    ) -> torch.Tensor:
+        """(B, C, g, g) embeddings; ``medical=False`` runs SAM's encoder alone (no tokens, no medical MLPs). A list
+        given as ``hidden_states`` receives, as SAM's vision encoder returns them, the embedded patches and every
+        layer's output (B, H, W, C); one given as ``attentions`` every layer's attention weights."""
         encoder = self.vision_encoder
         if not medical:
+            if hidden_states is not None or attentions is not None:
+                raise ValueError("hidden_states and attentions are recorded for the medical encoder only")
             return encoder(pixel_values).last_hidden_state
         # SamVisionEncoder.forward, with each layer given its medical parameters
-        hidden_states = encoder.patch_embed(pixel_values)
+        states = encoder.patch_embed(pixel_values)
         if encoder.pos_embed is not None:
-            hidden_states = hidden_states + encoder.pos_embed
+            states = states + encoder.pos_embed
+        if hidden_states is not None:
+            hidden_states.append(states)
         for layer, medical_layer in zip(encoder.layers, self.medical_layers):
-            hidden_states = layer(hidden_states, medical_layer)
-        return encoder.neck(hidden_states)
+            states = layer(states, medical_layer, attentions)
+            if hidden_states is not None:
+                hidden_states.append(states)
+        return encoder.neck(states)
 
     def segment(
         self,
         pixel_values: torch.FloatTensor,
         modality: torch.LongTensor | None,
         labels: torch.FloatTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> EspMedSamOutput:
-        """The forward after the input checks (see ``EspMedSamModelMixin.forward``); the modality is required."""
+        """The forward after the input checks (see ``EspMedSamModelMixin.forward``); the modality is required. With
+        ``output_hidden_states`` / ``output_attentions`` (or the config's) also the encoder's hidden states and
+        attention weights, as SAM's vision encoder gives them."""
         if modality is None:
             raise ValueError("the teacher needs the modality of every image (it has no modality classifier)")
-        return self.decode_embeddings(self.get_image_embeddings(pixel_values), modality, labels)
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        hidden_states = [] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        embeddings = self.get_image_embeddings(pixel_values, hidden_states=hidden_states, attentions=attentions)
+        return self.decode_embeddings(
+            embeddings, modality, labels,
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            attentions=tuple(attentions) if attentions is not None else None,
+        )
 
 
 __all__ = [

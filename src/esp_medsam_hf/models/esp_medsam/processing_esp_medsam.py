@@ -1,25 +1,106 @@
 """Processor of ESP-MedSAM: the image processor plus the mapping of modality names to mask-query indices."""
 
-from __future__ import annotations
-
 import numbers
 
 from collections.abc import Sequence
 
 import torch
 from transformers.image_processing_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, Unpack
 
 from .configuration_esp_medsam import MODALITY_NAMES, EspMedSamModalitiesMixin
 
 
-class EspMedSamProcessor(EspMedSamModalitiesMixin, ProcessorMixin):
+def rescale_prompts(
+    original_sizes,
+    resized_sizes,
+    input_points=None,
+    input_labels=None,
+    input_boxes=None,
+    names: dict[str, str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """SAM-style prompts in original-image pixels, checked against ``original_sizes`` (B, 2; height, width) and
+    rescaled to ``resized_sizes`` (B, 2), the (height, width) each image has inside the model input
+    (``EspMedSamImageProcessor.resized_sizes``: x and y scale apart when the image is resized to the square). Returns ``input_points`` (B, N, P, 2), ``input_labels`` (B, N, P) and ``input_boxes`` (B, N, 4) for
+    those given. ``names`` renames the arguments in error messages (the pipeline's ``points=``...)."""
+    names = {"input_points": "input_points", "input_labels": "input_labels", "input_boxes": "input_boxes",
+             **(names or {})}
+    prompts: dict[str, torch.Tensor] = {}
+    if (input_points is None) != (input_labels is None):
+        raise ValueError(f"{names['input_points']} and {names['input_labels']} go together: one label (1, 0 or -1 "
+                         "padding) per point")
+    sizes = torch.as_tensor(original_sizes, dtype=torch.float32).view(-1, 2)
+    scale = torch.as_tensor(resized_sizes, dtype=torch.float32).view(-1, 2).flip(-1) / sizes.flip(-1)  # x, y
+    if input_points is not None:
+        points = _as_tensor(names["input_points"], input_points, torch.float32, 4, sizes.shape[0])
+        labels = _as_tensor(names["input_labels"], input_labels, torch.long, 3, sizes.shape[0])
+        if labels.shape != points.shape[:-1] or points.shape[-1] != 2:
+            raise ValueError(f"{names['input_points']} must be (images, objects, points, 2) with "
+                             f"{names['input_labels']} (images, objects, points), got {tuple(points.shape)} and "
+                             f"{tuple(labels.shape)}")
+        _check_inside(names["input_points"], points, sizes, labels != -1)
+        prompts["input_points"] = points * scale[:, None, None]
+        prompts["input_labels"] = labels
+    if input_boxes is not None:
+        boxes = _as_tensor(names["input_boxes"], input_boxes, torch.float32, 3, sizes.shape[0])
+        if boxes.shape[-1] != 4:
+            raise ValueError(f"{names['input_boxes']} must be (images, objects, 4), got {tuple(boxes.shape)}")
+        corners = boxes.view(*boxes.shape[:2], 2, 2)
+        _check_inside(names["input_boxes"], corners, sizes, None)
+        prompts["input_boxes"] = (corners * scale[:, None, None]).view_as(boxes)
+    return prompts
+
+
+def _as_tensor(name: str, value, dtype: torch.dtype, dims: int, batch: int) -> torch.Tensor:
+    """A nested list or tensor as a ``dims``-dimensional tensor with one entry per image."""
+    try:
+        tensor = torch.as_tensor(value, dtype=dtype)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{name} must be a rectangular nested list (pad points with label -1): {error}") from None
+    if tensor.dim() != dims or tensor.shape[0] != batch:
+        raise ValueError(f"{name} must have {dims} dimensions with one entry per image ({batch}), got "
+                         f"shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def _check_inside(name: str, coords: torch.Tensor, sizes: torch.Tensor, keep: torch.Tensor | None) -> None:
+    """Refuse x/y coordinates (B, ..., 2) outside their image's (width, height)."""
+    limits = sizes.flip(-1).view(-1, *([1] * (coords.dim() - 2)), 2)
+    outside = ((coords < 0) | (coords > limits)).any(-1)
+    if keep is not None:
+        outside &= keep
+    if bool(outside.any()):
+        index = outside.nonzero()[0].tolist()
+        image = index[0]
+        raise ValueError(
+            f"{name}{index} = {coords[tuple(index)].tolist()} lies outside image {image} "
+            f"(width {int(sizes[image, 1])}, height {int(sizes[image, 0])} pixels); prompts are given in "
+            "original-image pixels"
+        )
+
+
+class EspMedSamProcessorKwargs(ProcessingKwargs, total=False):
+    """Keyword arguments of ``EspMedSamProcessor.__call__``, merged by ``ProcessorMixin._merge_kwargs``: flat
+    image-processor arguments or an ``images_kwargs`` dict, and ``return_tensors`` (default ``"pt"``). Prompt
+    arguments go beside ``images_kwargs`` as further fields."""
+
+    images_kwargs: ImagesKwargs
+    _defaults = {"images_kwargs": {"return_tensors": "pt"}}
+
+
+class EspMedSamProcessor(ProcessorMixin, EspMedSamModalitiesMixin):
     r"""Wraps [`EspMedSamImageProcessor`] and turns modality names into the model's ``modality`` indices.
 
     ``processor(images, modality="x-ray")`` (one name or index for all images, or one per image) returns
     ``pixel_values``, ``original_sizes`` and ``modality``; ``segmentation_maps`` add ``labels``. Names are looked
-    up as the configs do (``modality_index``, from ``EspMedSamModalitiesMixin``).
+    up as the configs do (``modality_index``, from ``EspMedSamModalitiesMixin``). Without a modality the output
+    has no ``modality`` (the model's classifier decides), so ``model_input_names`` are the image processor's.
+    Other keyword arguments are the image processor's, flat or as ``images_kwargs={...}``
+    (``EspMedSamProcessorKwargs``); an unknown one is ignored with transformers' warning.
     """
+
+    valid_processor_kwargs = EspMedSamProcessorKwargs
 
     def __init__(self, image_processor=None, modality_names: Sequence[str] | None = None, **kwargs):
         self.modality_names = list(modality_names or MODALITY_NAMES)
@@ -27,15 +108,27 @@ class EspMedSamProcessor(EspMedSamModalitiesMixin, ProcessorMixin):
 
     def __call__(
         self,
-        images=None,
+        images: ImageInput | None = None,
         modality: int | str | Sequence[int | str] | torch.Tensor | None = None,
-        segmentation_maps=None,
-        return_tensors: str | None = "pt",
-        **kwargs,
+        segmentation_maps: ImageInput | None = None,
+        input_points: Sequence | torch.Tensor | None = None,
+        input_labels: Sequence | torch.Tensor | None = None,
+        input_boxes: Sequence | torch.Tensor | None = None,
+        **kwargs: Unpack[EspMedSamProcessorKwargs],
     ) -> BatchFeature:
+        r"""
+        input_points / input_labels / input_boxes: optional prompts as ``SamProcessor`` takes them, in original-image
+            pixels: points ``[image][object][point] = [x, y]`` with labels ``[image][object][point]`` (1 positive,
+            0 negative, -1 padding), boxes ``[image][object] = [x0, y0, x1, y1]``. They are checked against each
+            image's size and rescaled to the model input (the image is resized to a square, so x and y scale apart);
+            returned as (B, N, P, 2), (B, N, P) and (B, N, 4) tensors.
+        """
         if images is None:
             raise ValueError("images are required")
-        inputs = self.image_processor(images, segmentation_maps=segmentation_maps, return_tensors=return_tensors, **kwargs)
+        output_kwargs = self._merge_kwargs(EspMedSamProcessorKwargs, **kwargs)
+        inputs = self.image_processor(images, segmentation_maps=segmentation_maps, **output_kwargs["images_kwargs"])
+        resized = self.image_processor.resized_sizes(inputs["original_sizes"])
+        inputs.update(rescale_prompts(inputs["original_sizes"], resized, input_points, input_labels, input_boxes))
         if modality is not None:
             batch = len(inputs["original_sizes"])
             if isinstance(modality, torch.Tensor):
@@ -51,9 +144,15 @@ class EspMedSamProcessor(EspMedSamModalitiesMixin, ProcessorMixin):
         """See [`EspMedSamImageProcessor.post_process_masks`]."""
         return self.image_processor.post_process_masks(*args, **kwargs)
 
-    @property
-    def model_input_names(self) -> list[str]:
-        return [*self.image_processor.model_input_names, "modality"]
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """As ``ProcessorMixin.save_pretrained``, without keeping the ``auto_map`` that saving as remote code sets
+        on the processor in memory (``from_pretrained`` drops it, so a save/load round trip would differ)."""
+        had_auto_map = "auto_map" in vars(self)
+        try:
+            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        finally:
+            if not had_auto_map:
+                vars(self).pop("auto_map", None)
 
 
-__all__ = ["EspMedSamProcessor"]
+__all__ = ["EspMedSamProcessor", "rescale_prompts"]

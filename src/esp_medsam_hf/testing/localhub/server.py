@@ -44,6 +44,7 @@ from .gitrepo import (
     PathDelete,
     check_repo_path,
 )
+from .admin import RepoAdminMixin, admin_routes
 from .guard import GuardError, check_repo_name, check_request, upload_signature
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,11 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("POST", rf"/api/{_T}/{_REPO}/paths-info/(?P<rev>[^/]+)", "read_revision"),
         ("GET", rf"/{_PREFIX}{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "read_file"),
     ]
-]
+] + admin_routes({"T": _T, "REPO": _REPO})
+
+
+DRAIN_LIMIT = 1 << 20
+"""Largest refused request body the server reads and drops to keep the connection (bytes); larger: it closes."""
 
 
 def _size(value) -> int:
@@ -141,9 +146,10 @@ class LocalHubServer(ThreadingHTTPServer):
         return None
 
 
-class HubRequestHandler(BaseHTTPRequestHandler):
+class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
     server: LocalHubServer
     protocol_version = "HTTP/1.1"
+    hub_error = HubError  # what RepoAdminMixin raises
 
     def setup(self) -> None:
         self.timeout = self.server.body_timeout_s  # applied to the socket by StreamRequestHandler.setup
@@ -171,6 +177,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
+        self.body_started = False
         self.body_pending = bool(int(self.headers.get("Content-Length") or 0)) or (
             self.headers.get("Transfer-Encoding", "").lower() == "chunked"
         )
@@ -215,7 +222,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self.send_header("X-Error-Code", code)
         if status >= 400:
             self.send_header("X-Error-Message", str(payload.get("error", ""))[:500].replace("\n", " "))
-        if self.body_pending:  # refused before reading the body: the connection cannot carry another request
+        if self.body_pending:  # refused before reading the body: drop it, or close when it cannot be dropped
+            self._drain_refused_body()
+        if self.body_pending:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
@@ -224,6 +233,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def _body_chunks(self) -> Iterator[bytes]:
         """The request body in pieces, from Content-Length or chunked transfer encoding."""
+        self.body_started = True
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
@@ -245,6 +255,23 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def _body(self) -> bytes:
         return b"".join(self._body_chunks())
+
+    def _drain_refused_body(self) -> None:
+        """Read and drop the body of a request answered without reading it, so that the next request on a
+        keep-alive connection is parsed from its own first line; a body over ``DRAIN_LIMIT`` bytes, or one that
+        stalls or ends early, is left and the connection is closed instead (``body_pending`` stays True)."""
+        declared = int(self.headers.get("Content-Length") or 0)
+        if declared > DRAIN_LIMIT or self.body_started:  # too large, or partly read already: cannot resync
+            return
+        drained = 0
+        try:
+            for chunk in self._body_chunks():
+                drained += len(chunk)
+                if drained > DRAIN_LIMIT:
+                    self.body_pending = True
+                    return
+        except (OSError, ValueError):  # includes TimeoutError and ConnectionError
+            self.body_pending = True
 
     def _json_body(self) -> dict:
         try:
@@ -410,7 +437,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 if key == "file":
                     operations.append(FileAdd(path, content=base64.b64decode(value.get("content", ""))))
                 elif key == "lfsFile":
-                    operations.append(FileAdd(path, lfs_oid=value.get("oid"), lfs_size=int(value.get("size", -1))))
+                    operations.append(FileAdd(path, lfs_oid=value.get("oid"), lfs_size=self._lfs_size(repo, value)))
                 elif key in ("deletedFile", "deletedFolder"):
                     operations.append(PathDelete(path, folder=key == "deletedFolder"))
                 else:
@@ -436,6 +463,17 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         prefix = "" if type == "models" else f"{type}/"
         url = f"{self.server.endpoint}/{prefix}{ns}/{name}/commit/{commit}"
         self._send_json({"commitOid": commit, "commitUrl": url, "pullRequestUrl": None, "success": True})
+
+    @staticmethod
+    def _lfs_size(repo: GitRepo, value: dict) -> int:
+        """The size of an ``lfsFile`` operation: given, or for a copy (huggingface_hub's ``CommitOperationCopy``
+        sends only the source's oid) the size of the stored object; 404 when the object is not here."""
+        if "size" in value:
+            return _size(value["size"])
+        path = repo.lfs_object(str(value.get("oid")))
+        if not path.is_file():
+            raise HubError(404, f"LFS object {value.get('oid')} is not in this repository", "EntryNotFound")
+        return path.stat().st_size
 
     def h_health(self) -> None:
         self._send_json({"status": "ok", "olah": f"{self.server.olah.scheme}://{self.server.olah.netloc}"})
@@ -534,7 +572,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _proxy(self, path: str | None = None) -> None:
         """Forward the request to olah and stream its answer back, with olah's origin rewritten to ours."""
         olah = self.server.olah
-        body = self._body() if self.command in ("POST", "PUT") else None
+        body = self._body() if self.body_pending or self.command in ("POST", "PUT") else None
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
         headers["Host"] = olah.netloc
         conn = http.client.HTTPConnection(olah.hostname, olah.port, timeout=60)

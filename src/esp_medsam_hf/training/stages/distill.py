@@ -65,12 +65,10 @@ class EncoderDistillation(nn.Module):
         return self
 
     def forward(self, pixel_values: torch.Tensor, modality: torch.LongTensor) -> torch.Tensor:
-        aggregator = self.student.aggregator
-        features = aggregator.stem(pixel_values)
         if self.phase == "common":
             modality = torch.zeros(pixel_values.shape[0], dtype=torch.long, device=pixel_values.device)
-            return aggregator.forward_stages(features, modality, UnpluggedBags(self.student))
-        return aggregator.forward_stages(features, modality, self.student.modality_controller)
+            return self.student.encode(pixel_values, modality, controller=UnpluggedBags(self.student))[0]
+        return self.student.encode(pixel_values, modality)[0]
 
 
 def drop_absent_bag_gradients(wrapper: EncoderDistillation, modalities: set[int]) -> None:
@@ -93,11 +91,10 @@ class EspMedSamEmbeddingTeacher(nn.Module):
 
     def get_image_embeddings(self, pixel_values: torch.Tensor, medical: bool = True,
                              modality: torch.LongTensor | None = None) -> torch.Tensor:
-        aggregator = self.model.aggregator
         if modality is None:
             modality = torch.zeros(pixel_values.shape[0], dtype=torch.long, device=pixel_values.device)
-        controller = self.model.modality_controller if medical else UnpluggedBags(self.model)
-        return aggregator.forward_stages(aggregator.stem(pixel_values), modality, controller)
+        controller = None if medical else UnpluggedBags(self.model)
+        return self.model.encode(pixel_values, modality, controller=controller)[0]
 
 
 

@@ -19,7 +19,7 @@ from ...models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 from ...models.esp_medsam.pipeline_esp_medsam import save_pretrained_with_pipeline
 from ...models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
 from ..augment import training_augmentation
-from ..config import RELEASE, TrainingConfig
+from ..config import RELEASE, TrainingConfig, resolve_mixed_precision
 from ..data import Collator, SegmentationDataset, check_not_empty, load_domains
 from ..features import EspMedSamAfterCache, cache_features, cached_loss, collate_features
 from ..loop import StageTask, TrainingResult
@@ -114,8 +114,9 @@ def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig
     train_rows = SegmentationDataset(data, "train", augment=config.augment, seed=config.seed,
                                      scale_augmentation=training_augmentation(config, processor.image_processor))
     views = config.feature_views if config.augment else 1
+    bf16 = resolve_mixed_precision(config.mixed_precision) == "bf16"
     features = cache_features(model, processor.image_processor, train_rows, views=views, frozen_stages=point,
-                              progress=config.progress, desc=f"{name}: encoding training images")
+                              bf16=bf16, progress=config.progress, desc=f"{name}: encoding training images")
     usable = {n: d for n, d in data.items() if len(d["validation"])}
     validation = None
     if usable and config.validate:
@@ -124,7 +125,7 @@ def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig
                                    scale_augmentation=zoom)
         validation = cache_features(model, processor.image_processor, rows,
                                     views=VALIDATION_ZOOM_VIEWS if zoom is not None else 1, frozen_stages=point,
-                                    progress=config.progress, desc=f"{name}: encoding validation images")
+                                    bf16=bf16, progress=config.progress, desc=f"{name}: encoding validation images")
     trainable = EspMedSamAfterCache(model, point)
 
     def validate(module: EspMedSamAfterCache) -> dict:

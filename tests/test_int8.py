@@ -1,0 +1,84 @@
+"""The int8 copy of the ONNX export ($ESP_MEDSAM_INT8): close to float32 on a small model, the float32 path bit for
+bit when off, and kept in the same bounded cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from _inference_helpers import single_thread
+from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
+from esp_medsam_hf.models.esp_medsam import backends
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from single_thread()
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(backends.INT8_ENV, raising=False)
+    monkeypatch.delenv(backends.CACHE_SIZE_ENV, raising=False)
+    backends._sessions.clear()
+    yield
+    backends._sessions.clear()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return EspMedSamModel(EspMedSamConfig.tiny(image_size=SIZE, initializer_range=0.2)).eval()
+
+
+def forward(model, pixels, int8):
+    session = backends.onnx_session(model, int8=int8)
+    feed = {"pixel_values": pixels.numpy(), "modality": np.array([0, 3, -1][: len(pixels)])}
+    return session.run(None, feed)
+
+
+def test_int8_matches_float32_within_its_tolerance(model):
+    """Mask logits within 10 % of their largest magnitude (random weights of a tiny model: 6 % measured) and
+    >= 97 % of the mask pixels the same."""
+    pixels = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    exact, quantized = forward(model, pixels, False), forward(model, pixels, True)
+    scale = np.abs(exact[0]).max()
+    assert scale > 0.1
+    assert np.abs(quantized[0] - exact[0]).max() <= 0.10 * scale
+    assert ((quantized[0] > 0) == (exact[0] > 0)).mean() >= 0.97
+    assert not np.array_equal(quantized[0], exact[0])  # it did run the int8 graph
+
+
+def test_int8_off_is_the_float32_path_bit_for_bit(model, monkeypatch):
+    pixels = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    default = backends.run_inference(model, pixels, torch.tensor([1, -1]), backend="onnxruntime")
+    backends._sessions.clear()
+    monkeypatch.setenv(backends.INT8_ENV, "1")
+    quantized = backends.run_inference(model, pixels, torch.tensor([1, -1]), backend="onnxruntime")
+    monkeypatch.setenv(backends.INT8_ENV, "off")
+    off = backends.run_inference(model, pixels, torch.tensor([1, -1]), backend="onnxruntime")
+    assert torch.equal(off.pred_masks, default.pred_masks) and torch.equal(off.modality_logits,
+                                                                           default.modality_logits)
+    assert not torch.equal(quantized.pred_masks, default.pred_masks)
+    monkeypatch.setenv(backends.INT8_ENV, "maybe")
+    with pytest.raises(ValueError, match="ESP_MEDSAM_INT8 must be 1/on or 0/off, got 'maybe'"):
+        backends.resolve_int8()
+
+
+def test_int8_copy_lives_in_the_bounded_cache(model, tmp_path, monkeypatch):
+    backends.onnx_session(model, int8=True)
+    exports = backends.cached_exports(tmp_path)
+    assert len(exports) == 2 and exports[-1].name.endswith(".int8.onnx")
+    # a bound below both: only the copy in use stays
+    monkeypatch.setenv(backends.CACHE_SIZE_ENV, "0")
+    backends._sessions.clear()
+    backends.onnx_session(model, int8=True)
+    assert [p.name for p in backends.cached_exports(tmp_path)] == [exports[-1].name]
+    assert backends.clear_cache(tmp_path)[0] == 1 and not backends.cached_exports(tmp_path)
