@@ -66,10 +66,10 @@ class DemoSettings:
     distill_steps: int = 3
     distill_batch_size: int = 2
     espmedsam_learning_rate: float = 2e-4
-    espmedsam_steps: int = 63
+    espmedsam_steps: int = 147
     espmedsam_batch_size: int = 2
     espmedsam_frozen_stages: int = 3
-    espmedsam_views: int = 3
+    espmedsam_views: int = 7
     nuclei_object_size: tuple[float, float] = (6.0, 40.0)
     fundus_scale: tuple[float, float] = (0.5, 2.0)
     photometric: bool = True
