@@ -3,7 +3,8 @@
 The acceptance script runs in a subprocess because huggingface_hub reads HF_ENDPOINT once, at import time:
 ``python tests/_hub_helpers.py ENDPOINT WORKDIR`` publishes a tiny EspMedSamModel per stage branch, reloads each
 branch through the local Hub with ``from_pretrained(repo, revision=...)``, also round-trips transformers'
-``push_to_hub(revision=...)``, and prints one JSON line with the largest output differences.
+``push_to_hub(revision=...)`` and a private repository (refused without the token, loaded with it), and prints
+one JSON line with the largest output differences.
 """
 
 from __future__ import annotations
@@ -94,8 +95,33 @@ def acceptance(workdir: Path) -> dict:
         push_diff = float((reloaded(pixel_values=pixels, modality=modality).pred_masks
                            - pushed(pixel_values=pixels, modality=modality).pred_masks).abs().max())
     untouched = all(tree_hashes(workdir / branch) == before[branch] for branch in BRANCHES)
+    private_without_token, private_diff = private_round_trip(workdir / "main", pixels, modality, references["main"])
     return {"diffs": diffs, "distinct": distinct, "push_diff": push_diff, "auto_diff": auto_diff,
-            "untouched": untouched}
+            "untouched": untouched, "private_without_token": private_without_token, "private_diff": private_diff}
+
+
+def private_round_trip(folder: Path, pixels, modality, reference) -> tuple[list[str], float]:
+    """Publish ``folder`` to a private repository; from_pretrained without the token (the error's class and its
+    causes, by name), then with it (the largest output difference from ``reference``)."""
+    import torch
+
+    from esp_medsam_hf.hub.publish import RetryPolicy, StageRelease, publish_model
+    from esp_medsam_hf.models.esp_medsam.modeling_esp_medsam import EspMedSamModel
+
+    publish_model("esp/tiny-private", [StageRelease("main", folder)], private=True,
+                  retry=RetryPolicy(attempts=3, base_wait_s=0.1))
+    refused: list[str] = []
+    try:
+        EspMedSamModel.from_pretrained("esp/tiny-private", token=False)
+    except Exception as err:  # noqa: BLE001 - the chain of errors is what the test checks
+        cause: BaseException | None = err
+        while cause is not None:
+            refused.append(type(cause).__name__)
+            cause = cause.__cause__ or cause.__context__
+    loaded = EspMedSamModel.from_pretrained("esp/tiny-private").eval()  # HF_TOKEN: the hub's token
+    with torch.no_grad():
+        out = loaded(pixel_values=pixels, modality=modality).pred_masks
+    return refused, float((out - reference).abs().max())
 
 
 if __name__ == "__main__":

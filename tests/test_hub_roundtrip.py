@@ -225,7 +225,7 @@ def test_esp_medsam_model_round_trip_through_olah(hub, tmp_path):
     env = {**os.environ, **hub.env, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0"}
     script = Path(__file__).with_name("_hub_helpers.py")
     proc = subprocess.run([sys.executable, str(script), hub.endpoint, str(tmp_path / "work")], env=env,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert result["untouched"]
@@ -233,6 +233,49 @@ def test_esp_medsam_model_round_trip_through_olah(hub, tmp_path):
     assert all(diff > 1e-3 for diff in result["distinct"].values()), result  # each branch has its own weights
     assert result["push_diff"] == 0.0
     assert result["auto_diff"] == 0.0
+    assert "RepositoryNotFoundError" in result["private_without_token"]  # issue 22, row 7
+    assert result["private_diff"] == 0.0
+
+
+def listening_tcp_ports(pids: list[int]) -> set[int]:
+    """The TCP ports the processes ``pids`` listen on (their socket inodes matched against /proc/net/tcp*)."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = os.readlink(fd) if fd.is_symlink() else ""
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_a_private_repository_is_read_only_with_the_token_on_every_port(hub, api, tmp_path):
+    """Issue 22, row 7: a private repository was listed public and readable without the token through our server
+    and through olah's own port. olah now opens no port at all (a Unix socket in a 0700 folder), and on the one
+    port the launcher opens, the repository is read only with the token."""
+    folder = make_stage_folder(tmp_path / "m", seed=9)
+    publish_model("esp/private-rt", [StageRelease("main", folder)], api=api, private=True, retry=FAST)
+    state = json.loads((hub.root / "hub.json").read_text())
+    assert listening_tcp_ports([state["olah_pid"]]) == set()
+    assert listening_tcp_ports([state["olah_pid"], state["server_pid"]]) == {hub.port}
+    assert oct(Path(state["olah_socket"]).parent.stat().st_mode & 0o777) == "0o700"
+    for path in ("/esp/private-rt/resolve/main/config.json", "/api/models/esp/private-rt",
+                 "/api/models/esp%2Fprivate-rt", "/esp%2Fprivate-rt/resolve/main/config.json"):
+        assert httpx2.get(f"{hub.endpoint}{path}").status_code in (401, 404), path
+    with pytest.raises(RepositoryNotFoundError):
+        hf_hub_download("esp/private-rt", "config.json", endpoint=hub.endpoint, cache_dir=tmp_path / "c", token=False)
+    with pytest.raises(RepositoryNotFoundError):
+        snapshot_download("esp/private-rt", endpoint=hub.endpoint, cache_dir=tmp_path / "c", token=False)
+    snapshot = download(hub, tmp_path, "esp/private-rt", "main")
+    assert {k: v for k, v in tree_hashes(snapshot).items() if k != ".gitattributes"} == tree_hashes(folder)
+    assert api.model_info("esp/private-rt").private is True
+    assert "esp/private-rt" not in {m.id for m in HfApi(endpoint=hub.endpoint, token=False).list_models()}
+    assert api.model_info("esp/private-rt").sha == snapshot.name
 
 
 def test_republish_mirrors_the_folder(hub, api, tmp_path):

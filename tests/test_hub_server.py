@@ -17,7 +17,6 @@ from huggingface_hub.errors import BadRequestError, HfHubHTTPError
 
 from esp_medsam_hf.testing.localhub.gitrepo import FileAdd, GitRepo, PathDelete, check_repo_path
 from esp_medsam_hf.testing.localhub.guard import GuardError, check_branch_name, new_token
-from esp_medsam_hf.testing.localhub.launcher import free_port
 from esp_medsam_hf.testing.localhub.server import LocalHubServer
 
 TOKEN = new_token()
@@ -27,7 +26,7 @@ TOKEN = new_token()
 def server(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    srv = LocalHubServer(tmp_path / "repos", 0, f"http://127.0.0.1:{free_port()}", token=TOKEN, body_timeout_s=0.5)
+    srv = LocalHubServer(tmp_path / "repos", 0, tmp_path / "olah.sock", token=TOKEN, body_timeout_s=0.5)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield srv

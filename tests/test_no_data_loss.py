@@ -44,7 +44,7 @@ def evaluate(model, output, *extra):
 def test_evaluate_overwrite_refuses_the_model_folder(model_dir, capsys):
     before = tree(model_dir)
     assert evaluate(model_dir, model_dir, "--overwrite") == 1
-    assert "holds the input" in capsys.readouterr().err
+    assert "is the input" in capsys.readouterr().err
     assert tree(model_dir) == before
 
 

@@ -35,8 +35,20 @@ def whole_image_boxes(images: list[np.ndarray]) -> list[list[list[int]]]:
     return [[[0, 0, image.shape[1], image.shape[0]]] for image in images]
 
 
-def test_whole_image_box_reproduces_the_prompt_free_mask(model_and_processor, images):
+def test_boxes_rescale_to_each_images_aspect_kept_size(model_and_processor, images):
+    _, processor = model_and_processor
+    boxed = processor(images, modality=[0, 3], input_boxes=whole_image_boxes(images))
+    for i, (height, width) in enumerate(processor.image_processor.resized_sizes(boxed["original_sizes"])):
+        assert max(height, width) == IMAGE_SIZE
+        assert torch.allclose(boxed["input_boxes"][i, 0], torch.tensor([0.0, 0.0, width, height]), atol=0.5)
+
+
+def test_whole_image_box_reproduces_the_prompt_free_mask(model_and_processor):
+    """Square images fill the model input: a box over the whole image is the whole input and changes nothing. (An
+    aspect-kept image is padded; its whole-image box also clears what the self-prompt put in the padding.)"""
     model, processor = model_and_processor
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (48, 48, 3), dtype=np.uint8), rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)]
     plain = processor(images, modality=[0, 3])
     boxed = processor(images, modality=[0, 3], input_boxes=whole_image_boxes(images))
     assert torch.allclose(boxed["input_boxes"][0, 0], torch.tensor([0.0, 0.0, IMAGE_SIZE, IMAGE_SIZE]))
@@ -174,10 +186,11 @@ def test_pipeline_points_and_boxes(model_and_processor, images):
     from esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam import segment
 
     model, processor = model_and_processor
-    image = images[0]
-    free = segment(image, model, processor.image_processor, modality=1)
-    whole = segment(image, model, processor.image_processor, modality=1, boxes=[[0, 0, 70, 40]])
+    square = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    free = segment(square, model, processor.image_processor, modality=1)
+    whole = segment(square, model, processor.image_processor, modality=1, boxes=[[0, 0, 64, 64]])
     assert len(whole) == 1 and np.array_equal(np.asarray(whole[0]["mask"]), np.asarray(free[0]["mask"]))
+    image = images[0]
     assert 0.0 <= whole[0]["iou_score"] <= 1.0
     two = segment(image, model, processor.image_processor, modality=1, boxes=[[0, 0, 30, 20], [35, 5, 70, 40]])
     assert len(two) == 2 and not np.asarray(two[0]["mask"])[25:].any()

@@ -258,3 +258,39 @@ def test_train_overwrite_with_an_invalid_option_keeps_the_old_run(finished, caps
                  "--output-dir", str(run_dir), "--overwrite", "--learning-rate", "nan"])
     assert code == 1 and "learning_rate must be a finite number" in capsys.readouterr().err
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("tamper", ["other-values", "pickle"])
+def test_a_tampered_scheduler_falls_back_like_a_truncated_checkpoint(finished, data, caplog, tamper, tmp_path):
+    """Issue 22 row 12: every file of a checkpoint is verified (manifest.json, written last); a tampered
+    scheduler.bin raised a raw UnpicklingError advising weights_only=False instead of falling back."""
+    global MARKER
+    MARKER = str(tmp_path / "pwned")
+    run_dir = finished.output_dir
+    newest = latest_checkpoint(run_dir)
+    target = newest / "scheduler.bin" if (newest / "scheduler.bin").exists() else sorted(newest.glob("*.bin"))[0]
+    if tamper == "other-values":  # loads with weights_only: only the manifest tells it from the saved one
+        torch.save({"last_epoch": 10**6, "_step_count": 10**6}, target)
+    else:
+        target.write_bytes(pickle.dumps(_Planted()))
+    with caplog.at_level(logging.WARNING):
+        assert latest_intact_checkpoint(run_dir).name == "step-00000003"
+        _, result = run(dataclasses.replace(finished, resume="latest"), data)
+    assert "skipping checkpoint step-00000004" in caplog.text and target.name in caplog.text
+    assert result.global_step == 4 and not Path(MARKER).exists()
+
+
+def test_release_follows_the_overwrite_rule_and_never_deletes_init_from(tmp_path):
+    """Issue 22 row 2: ``--output-dir run --init-from run/release`` replaced the user's release/ silently."""
+    release = tmp_path / "run" / "release"
+    release.mkdir(parents=True)
+    (release / "model.safetensors").write_bytes(b"the user's model")
+    config = EspMedSamStageConfig(output_dir=str(tmp_path / "run"), init_from=str(release), **{
+        k: v for k, v in COMMON.items() if k != "init_from"})
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=r"would delete .*release, which holds init_from"):
+            run_stage(dataclasses.replace(config, overwrite=overwrite))
+    with pytest.raises(FileExistsError, match=r"release already exists; pass --overwrite"):
+        run_stage(dataclasses.replace(config, init_from=None))
+    assert (release / "model.safetensors").read_bytes() == b"the user's model"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["release"]

@@ -45,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     from .registration import register
 
     register()  # an entry point: the models, the pipeline task and the DICOM reader, declared once
-    return int(importlib.import_module(args._module).run(args) or 0)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except OSError as error:  # a file, folder, permission, disk or network problem: the user's to fix, no traceback
+        from .commands import error_message
+
+        print(f"esp-medsam {args.command}: error: {error_message(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

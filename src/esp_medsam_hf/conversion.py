@@ -106,21 +106,38 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        try:
+            state = load_file(str(path))
+        else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(f"checkpoint {path} could not be read as a torch state dict: {error}") from error
+    except Exception as error:  # noqa: BLE001 - safetensors and torch raise many types; re-raised with the file name
+        kind = "a safetensors file" if path.suffix == ".safetensors" else "a torch state dict"
+        raise ValueError(f"checkpoint {path} could not be read as {kind}: {type(error).__name__}: {error}") from error
     for wrapper in ("model", "state_dict"):
         if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} does not hold a state dict of tensors")
+    check_weights(state, path)
     return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def check_weights(state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse (``ValueError`` naming the tensor) weights that are not floating point or not finite: a converted
+    model would otherwise be written silently with them. Integer buffers (BatchNorm's ``num_batches_tracked``) are
+    the one exception."""
+    for key, tensor in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if not tensor.is_floating_point():
+            raise ValueError(f"checkpoint {source}: tensor {key} is {tensor.dtype}, expected floating-point weights "
+                             "(quantised checkpoints are not supported)")
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"checkpoint {source}: tensor {key} has {bad} NaN or infinite value(s)")
 
 
 def _flat_block_index(config: EspMedSamConfig, layer: int, block: int) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from .models.esp_medsam.fileio import atomic_file
+from .models.esp_medsam.fileio import atomic_file, check_clear_of_inputs
 from .drawing import draw_caption, draw_mask, PREDICTION_COLOUR, save_png
 from .models.esp_medsam.image_reading import (
     DEFAULT_PERCENTILES,
@@ -128,7 +128,8 @@ def write_csv(records: Sequence[SegmentationRecord], path: Path, overwrite: bool
     for record in records:
         writer.writerow({k: ("" if v is None else v) for k, v in asdict(record).items()})
     with atomic_file(path) as temporary:
-        temporary.write_text(buffer.getvalue(), encoding="utf-8")
+        # a file name that is not UTF-8 (bytes kept by Python as surrogates) is written with \udcXX escapes
+        temporary.write_text(buffer.getvalue(), encoding="utf-8", errors="backslashreplace")
     return path
 
 
@@ -325,12 +326,14 @@ def run_segmentation(
     on the main process.
 
     Every process writes its own images' outputs; the main process writes ``segmentation.csv`` with all rows
-    (input order). Returns all records on every process.
+    (input order). Returns all records on every process. An output folder that is or holds an input is refused
+    (``FileExistsError``) before anything is written.
     """
     from accelerate.utils import gather_object
 
     state = process_state(str(pipe.device))
     output_dir = Path(output_dir)
+    check_clear_of_inputs(output_dir, inputs, option="--output")
     csv_path = output_dir / CSV_NAME
     if csv_path.exists() and not overwrite:
         raise OutputExistsError(f"{csv_path} exists; pass --overwrite to replace it")

@@ -1,1 +1,14 @@
 """Sub-commands of the ``esp-medsam`` command line (see ``esp_medsam_hf.cli``)."""
+
+from __future__ import annotations
+
+
+def error_message(error: BaseException) -> str:
+    """One line for a user's mistake: an ``OSError`` as ``FILE: reason`` (not its errno, "error: 20"), a
+    ``KeyError`` as its text, anything else as ``str(error)``."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename is not None else ""
+        return f"{where}{error.strerror}"
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    return str(error)

@@ -88,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         checkpoints = parse_checkpoints(args.checkpoint) if args.checkpoint else None
         _, report = convert_to_folder(args.output, checkpoints, args.litemedsam, args.overwrite)
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
-        print(f"esp-medsam convert: error: {error}", file=sys.stderr)
+    except (OSError, ValueError) as error:
+        from . import error_message
+
+        print(f"esp-medsam convert: error: {error_message(error)}", file=sys.stderr)
         return 1
     for line in report.summary().splitlines():
         logger.info(line)

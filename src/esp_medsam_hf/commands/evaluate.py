@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from . import error_message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     from ..models.esp_medsam.fileio import check_replaceable
 
     try:
+        if os.path.lexists(args.output) and not os.path.isdir(args.output):
+            raise FileExistsError(f"--output {args.output} is a file; expected a folder (new or of evaluate's outputs)")
         if args.overwrite:
             data = None if args.data in ("synthetic", "real") else args.data
             check_replaceable(args.output, inputs=[args.model, data], owned=REPORT_FILES,
@@ -123,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         report["model"] = str(args.model)
         output = write_report(report, args.output, cases=cases, data_label=label, overwrite=args.overwrite)
     except (PreparationError, PreparedDataError, KeyError, FileExistsError, OSError, ValueError) as error:
-        print(f"esp-medsam evaluate: error: {error.args[0] if error.args else error}", file=sys.stderr)
+        print(f"esp-medsam evaluate: error: {error_message(error)}", file=sys.stderr)
         return 1
     print((output / "results.md").read_text())
     print(f"written: {output}/results.md, results.json, dice_hd.png, cases/")

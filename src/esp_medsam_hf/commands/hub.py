@@ -95,8 +95,10 @@ def _publish(args: argparse.Namespace) -> int:
         ]
         commits = publish_model(args.repo, releases, api=HfApi(endpoint=args.endpoint), private=args.private or None,
                                 retry=RetryPolicy(attempts=args.attempts))
-    except (ValueError, FileNotFoundError, HubUnavailableError, PublishError) as err:
-        print(f"error: {err}")
+    except (ValueError, OSError, HubUnavailableError, PublishError) as err:  # OSError: HfHubHTTPError (401...)
+        from . import error_message
+
+        print(f"error: {error_message(err)}")
         return 1
     for branch, commit in commits.items():
         print(f"{args.repo}@{branch}: {commit}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import error_message
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -39,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--size", type=int, help="resize images (bilinear) and masks (nearest) to SIZE x SIZE")
     parser.add_argument("--overwrite", action="store_true", help="replace domains already in the output folder")
+    parser.add_argument(
+        "--keep-metadata", action="store_true",
+        help="keep the PNG text chunks and EXIF of your files in the dataset (default: dropped, as they may name a "
+        "patient; pixels are unchanged either way)",
+    )
     parser.add_argument("--synthetic", action="store_true", help="write SYNTHETIC domains instead of reading data")
     parser.add_argument("--num-per-split", type=int, default=8, help="synthetic images per split (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
@@ -104,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
                     domain, args.data_dir, args.output, overwrite=args.overwrite, layout=args.layout,
                     strict=args.strict, skip_invalid=args.skip_invalid, mask_threshold=args.mask_threshold,
                     size=args.size, validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
-                    split_seed=args.split_seed,
+                    split_seed=args.split_seed, keep_metadata=args.keep_metadata,
                 )
                 reports.append(report)
             for report in reports:
@@ -117,8 +124,7 @@ def run(args: argparse.Namespace) -> int:
         if args.push_to_hub:
             commit = push_prepared(args.output, args.push_to_hub, token=args.token, private=args.private)
             print(f"pushed {args.output} to {args.push_to_hub}, commit {commit}")
-    except (PreparationError, LayoutError, KeyError, ValueError, FileExistsError, FileNotFoundError, ConnectionError,
-            PublishError) as error:
-        print(f"esp-medsam prepare: error: {error.args[0] if error.args else error}", file=sys.stderr)
+    except (PreparationError, LayoutError, KeyError, ValueError, OSError, PublishError) as error:
+        print(f"esp-medsam prepare: error: {error_message(error)}", file=sys.stderr)
         return 1
     return 0

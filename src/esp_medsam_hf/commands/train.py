@@ -109,9 +109,10 @@ def run(args: argparse.Namespace) -> int:
 
             if PartialState().is_main_process:
                 publish(args, config, result)
-    except (FileExistsError, FileNotFoundError, TrainingDataError, NonFiniteLossError, CheckpointError,
-            ValueError) as error:
-        print(f"esp-medsam train: error: {error}", file=sys.stderr)
+    except (OSError, TrainingDataError, NonFiniteLossError, CheckpointError, ValueError) as error:
+        from . import error_message
+
+        print(f"esp-medsam train: error: {error_message(error)}", file=sys.stderr)
         return 1
     print(f"{args.stage}: release folder {result.release_dir}; metrics {result.metrics}")
     return 0

@@ -58,14 +58,25 @@ class Layout:
         return self.finder(Path(root), domain)
 
 
-def _list_files(root: Path) -> list[Path]:
+def _list_files(root: Path, within: Path | None = None) -> list[Path]:
+    """The files under ``root`` (hidden ones left out); a symlink leading outside ``within`` (default: ``root``),
+    the input folder, is refused."""
     if not root.is_dir():
         raise LayoutError(f"{root}: not a folder")
     files: list[Path] = []
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         files.extend(Path(folder) / name for name in sorted(names) if not name.startswith("."))
+    for path in files:
+        _check_inside(path, within or root)
     return files
+
+
+def _check_inside(path: Path, root: Path) -> None:
+    """Refuse a symlink that leads outside the input folder ``root`` (to ``/dev/zero``, another user's files...)."""
+    if path.is_symlink() and root.resolve() not in path.resolve().parents:
+        raise LayoutError(f"{path} is a symlink to {path.resolve()}, outside the input folder {root}; copy the file "
+                          "into the folder instead")
 
 
 def _assemble(files: list[Path], image_key: KeyFunction, mask_key: KeyFunction) -> dict[str, SourceItem]:
@@ -377,12 +388,12 @@ def _find_plain(root: Path, domain: str) -> dict[str, SourceItem]:
     if not image_root.is_dir() or not mask_root.is_dir():
         raise LayoutError(f"{root}: the plain layout needs images/ and masks/ folders (or a CSV/JSON listing file)")
     masks: dict[tuple[str, str], Path] = {}
-    for path in _list_files(mask_root):
+    for path in _list_files(mask_root, root):
         if path.suffix.lower() in IMAGE_SUFFIXES:
             relative = path.relative_to(mask_root)
             masks[(str(relative.parent), path.stem)] = path
     items: dict[str, SourceItem] = {}
-    for path in _list_files(image_root):
+    for path in _list_files(image_root, root):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         relative = path.relative_to(image_root)

@@ -7,7 +7,6 @@ card (:mod:`.prepared`). ``esp_medsam_hf.hub.datasets.push_prepared`` uploads th
 """
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import logging
@@ -23,12 +22,13 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
-from ..models.esp_medsam.fileio import staging_directory
-from ..models.esp_medsam.image_reading import check_pixel_count, ImageLoadError, repair_non_finite, to_rgb_uint8
+from ..models.esp_medsam.fileio import check_clear_of_inputs, staging_directory
+from ..models.esp_medsam.image_reading import (check_image_budget, check_pil_budget, ImageLoadError, read_input_bytes,
+                                               repair_non_finite, to_rgb_uint8)
 from .domains import Domain, all_official_names, get_domain
 from .layouts import PLAIN, Layout, SourceItem, detect_layout, get_layout
 from .prepared import check_card_replaceable, prepared_domains, write_card
-from .schema import describe, encode_mask, encode_png, features
+from .schema import describe, encode_mask, encode_png, features, stored_png
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +62,26 @@ class PreparationReport:
         return {**asdict(self), "images_per_second": self.images_per_second}
 
 
+def _as_text(name: str) -> str:
+    """``name`` with the bytes of a non-UTF-8 file name (kept by Python as surrogates) as ``\\udcXX`` escapes, so that
+    reports, JSON and the terminal can hold it."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _open_bytes(path: Path) -> io.BytesIO:
-    data = path.read_bytes()
-    if path.suffix.lower() == ".gz":
-        data = gzip.decompress(data)
-    return io.BytesIO(data)
-
-
-def _check_size(path: Path, height: int, width: int) -> None:
-    """The package's one pixel limit (``esp_medsam_hf.models.esp_medsam.image_reading.MAX_IMAGE_PIXELS``), checked before decoding."""
+    """The file's bytes (``.gz`` inflated) under the package's file limits (``image_reading.read_input_bytes``:
+    regular files only, size-limited, gzip bombs refused while inflating)."""
     try:
-        check_pixel_count(path, height, width)
+        return io.BytesIO(read_input_bytes(path))
+    except ImageLoadError as error:
+        raise PreparationError(f"{path}: {error.reason}") from error
+
+
+def _check_budget(check, path: Path, *args, **kwargs) -> None:
+    """One of the package's memory-budget checks (``image_reading.check_image_budget``/``check_pil_budget``),
+    before decoding, as a ``PreparationError`` naming the file."""
+    try:
+        check(path, *args, **kwargs)
     except ImageLoadError as error:
         raise PreparationError(f"{path}: {error.reason}") from error
 
@@ -80,9 +89,10 @@ def _check_size(path: Path, height: int, width: int) -> None:
 def _read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
+    with tifffile.TiffFile(_open_bytes(path)) as tif:
         page = tif.pages[0]
-        _check_size(path, page.imagelength, page.imagewidth)
+        _check_budget(check_image_budget, path, page.imagelength, page.imagewidth, frames=max(page.imagedepth, 1),
+                      samples=page.samplesperpixel, bytes_per_sample=-(-page.bitspersample // 8))
         array = page.asarray()
         return np.moveaxis(array, 0, -1) if array.ndim == 3 and page.axes.startswith("S") else array
 
@@ -103,7 +113,7 @@ def _read_array(path: Path) -> np.ndarray:
 def _read_pixels(path: Path) -> np.ndarray:
     try:
         with PILImage.open(_open_bytes(path)) as image:
-            _check_size(path, image.height, image.width)
+            _check_budget(check_pil_budget, path, image)
             if image.mode in ("P", "PA"):
                 image = image.convert("RGBA" if "transparency" in image.info else "RGB")
             elif image.mode == "1":
@@ -167,6 +177,11 @@ def load_item(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read, check and merge one item: (HxWx3 uint8 image, HxW bool mask), resized to ``size`` if given;
     ``labels``: label maps are masks too (any non-zero value is foreground)."""
+    try:
+        item.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PreparationError(f"{item.image}: the file name is not valid UTF-8 (a dataset's file_name column holds "
+                               "text); rename the file") from None
     if not item.masks:
         raise PreparationError(f"{item.image}: no mask found for {item.name}")
     image = read_image(item.image)
@@ -183,21 +198,6 @@ def load_item(
         image = np.asarray(PILImage.fromarray(image).resize((size, size), PILImage.BILINEAR))
         mask = np.asarray(PILImage.fromarray(mask).resize((size, size), PILImage.NEAREST))
     return image, mask
-
-
-def _stored_png(path: Path, pixels: np.ndarray, mode: str) -> dict[str, bytes | None] | None:
-    """The file's own bytes when it already is what would be stored (an 8-bit PNG in ``mode``; for masks only the
-    values 0 and 255), so that checked files are not re-encoded; None otherwise."""
-    if path.suffix.lower() != ".png":
-        return None
-    with PILImage.open(path) as image:
-        if image.format != "PNG" or image.mode != mode or "transparency" in image.info:
-            return None
-    if mode == "L":
-        stored = np.asarray(PILImage.open(path))
-        if not np.array_equal(stored > 0, pixels) or not np.isin(stored, (0, 255)).all():
-            return None
-    return {"bytes": path.read_bytes(), "path": None}
 
 
 def assign_splits(names: list[str], *, validation_fraction: float, test_fraction: float,
@@ -305,6 +305,7 @@ def build_domain(
     validation_fraction: float = 0.1,
     test_fraction: float = 0.2,
     split_seed: int = 0,
+    keep_metadata: bool = False,
 ):
     """Build the ``DatasetDict`` (train/validation/test) of one domain from a folder in an accepted layout.
 
@@ -312,7 +313,8 @@ def build_domain(
     :func:`esp_medsam_hf.data.domains.custom_domain`). Official domains take the official lists; other domains
     take the split their layout gives (listing column, split sub-folders) and, for the rest, a split by
     ``split_seed`` with the given fractions. Bad files raise :class:`PreparationError` naming the file, or with
-    ``skip_invalid`` are skipped and listed in the report. The Arrow files live in ``cache_dir``. Returns
+    ``skip_invalid`` are skipped and listed in the report. Text chunks and EXIF of the files (a patient's name...)
+    are not stored unless ``keep_metadata``. The Arrow files live in ``cache_dir``. Returns
     ``(DatasetDict, PreparationReport)``.
     """
     import datasets
@@ -340,13 +342,14 @@ def build_domain(
             except PreparationError as error:
                 if not skip_invalid:
                     raise
-                report.skipped.append({"file_name": item.name, "split": split, "reason": str(error)})
+                report.skipped.append({"file_name": _as_text(item.name), "split": split,
+                                       "reason": _as_text(str(error))})
                 logger.warning("skipped %s", error)
                 continue
             resized = size is not None
             yield {
-                "image": (not resized and _stored_png(item.image, image, "RGB")) or encode_png(image),
-                "mask": (not resized and len(item.masks) == 1 and _stored_png(item.masks[0], mask, "L"))
+                "image": (not resized and stored_png(item.image, image, "RGB", keep_metadata)) or encode_png(image),
+                "mask": (not resized and len(item.masks) == 1 and stored_png(item.masks[0], mask, "L", keep_metadata))
                 or encode_mask(mask),
                 "modality": spec.modality_index,
                 "domain": domain,
@@ -452,6 +455,7 @@ def prepare_domain(
 
     spec = domain if isinstance(domain, Domain) else get_domain(domain)
     output_dir = Path(output_dir)
+    check_clear_of_inputs(output_dir, [data_dir], option="--output")
     if (output_dir / spec.name).exists() and not overwrite:
         raise FileExistsError(
             f"{output_dir / spec.name} already exists; pass overwrite=True (--overwrite) to replace it"

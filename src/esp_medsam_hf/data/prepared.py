@@ -43,13 +43,15 @@ def prepared_domain_spec(output_dir: str | Path, name: str) -> Domain:
 
 
 def check_card_replaceable(output_dir: Path, overwrite: bool) -> None:
-    """A ``README.md`` that is not this package's dataset card is the user's: replaced only with ``--overwrite``."""
+    """A ``README.md`` that is not this package's dataset card is the user's: never replaced, ``--overwrite`` or
+    not (a command replaces only what it wrote itself)."""
     readme = Path(output_dir) / "README.md"
-    if overwrite or not readme.is_file():
+    if not readme.is_file():
         return
     if CARD_TITLE not in readme.read_text(errors="replace"):
-        raise FileExistsError(f"{readme} is not a dataset card written by esp-medsam prepare; pass --overwrite to "
-                              "replace it with one, or choose another output folder")
+        why = " (--overwrite replaces only what prepare wrote)" if overwrite else ""
+        raise FileExistsError(f"{readme} is not a dataset card written by esp-medsam prepare{why}; move it away or "
+                              "choose another output folder")
 
 
 def write_card(output_dir: str | Path, synthetic: bool | None = None) -> Path:

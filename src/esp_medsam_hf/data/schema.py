@@ -8,6 +8,7 @@ the registered domains of :mod:`.domains` or a user's own) and ``file_name`` (th
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 from datasets import ClassLabel, Features, Image, Value
@@ -37,6 +38,40 @@ def encode_png(array: np.ndarray) -> dict[str, bytes | None]:
     buffer = io.BytesIO()
     PILImage.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=1)
     return {"bytes": buffer.getvalue(), "path": None}
+
+
+METADATA_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"})
+"""PNG chunks that hold text, EXIF or a timestamp (PatientName=..., a scanner's EXIF): never stored in a dataset
+unless asked (``esp-medsam prepare --keep-metadata``)."""
+
+
+def strip_png_metadata(data: bytes) -> bytes:
+    """A PNG file's bytes without its ``METADATA_CHUNKS`` (pixels and every other chunk as they were)."""
+    parts, position = [data[:8]], 8
+    while position + 8 <= len(data):
+        end = position + 12 + int.from_bytes(data[position:position + 4], "big")
+        if data[position + 4:position + 8] not in METADATA_CHUNKS:
+            parts.append(data[position:end])
+        position = end
+    return b"".join(parts)
+
+
+def stored_png(path: Path, pixels: np.ndarray, mode: str, keep_metadata: bool = False
+                ) -> dict[str, bytes | None] | None:
+    """The file's own bytes when it already is what would be stored (an 8-bit PNG in ``mode``; for masks only the
+    values 0 and 255), so that checked files are not re-encoded; None otherwise. Text, EXIF and time chunks are
+    dropped (``strip_png_metadata``) unless ``keep_metadata``."""
+    if path.suffix.lower() != ".png":
+        return None
+    with PILImage.open(path) as image:
+        if image.format != "PNG" or image.mode != mode or "transparency" in image.info:
+            return None
+    if mode == "L":
+        stored = np.asarray(PILImage.open(path))
+        if not np.array_equal(stored > 0, pixels) or not np.isin(stored, (0, 255)).all():
+            return None
+    data = path.read_bytes()
+    return {"bytes": data if keep_metadata else strip_png_metadata(data), "path": None}
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, bytes | None]:

@@ -10,6 +10,7 @@ broken ones it passed over.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
 CHECKPOINT_RE = re.compile(rf"{CHECKPOINT_PREFIX}(\d{{8}})")
 PROGRESS_FILE = "progress.json"
+MANIFEST_FILE = "manifest.json"
+"""The sha256 of every other file of a checkpoint, written last: a file changed, added or removed afterwards (a
+tampered ``scheduler.bin``) makes the checkpoint untrusted, and the loop falls back to the previous one."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,7 +89,8 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def verify_checkpoint(folder: Path) -> None:
     """Raise ``CheckpointError`` unless ``folder`` is a checkpoint this loop wrote and can trust: no pickle to
-    run, weights readable and finite, progress and RNG state readable (with ``weights_only``)."""
+    run, weights readable and finite, progress, RNG, optimizer and scheduler state readable (with
+    ``weights_only``), and every file the one the manifest recorded when it was saved (``check_manifest``)."""
     from accelerate.utils import load as accelerate_load
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -110,13 +115,14 @@ def verify_checkpoint(folder: Path) -> None:
         bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
         if bad:
             raise CheckpointError(f"{path}: {len(bad)} of {len(tensors)} tensors hold NaN or inf (e.g. {bad[0]})")
-    for path in sorted(folder.glob("random_states_*.pkl")) + sorted(folder.glob("optimizer*.bin")):
+    for path in sorted(folder.glob("random_states_*.pkl")) + sorted(folder.glob("*.bin")):  # optimizer, scheduler...
         try:
             state = accelerate_load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
             raise CheckpointError(f"{path} cannot be read safely ({type(error).__name__}: {error})") from error
         if path.name.startswith("random_states"):
             _check_rng_state(path, state)
+    check_manifest(folder)
 
 
 def _check_rng_state(path: Path, state: Any) -> None:
@@ -139,6 +145,44 @@ def _check_rng_state(path: Path, state: Any) -> None:
         random.setstate(saved[0])
         np.random.set_state(saved[1])
         torch.set_rng_state(saved[2])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE}
+
+
+def write_manifest(folder: Path) -> None:
+    """``MANIFEST_FILE``: the sha256 of every file of the finished checkpoint ``folder``; written last."""
+    hashes = {name: _sha256(folder / name) for name in sorted(_checkpoint_files(folder))}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"sha256": hashes}, indent=1))
+
+
+def check_manifest(folder: Path) -> None:
+    """Raise ``CheckpointError`` unless every file of ``folder`` is the one its manifest recorded (none changed,
+    added or removed since the checkpoint was saved)."""
+    try:
+        recorded = json.loads((folder / MANIFEST_FILE).read_text())["sha256"]
+        if not isinstance(recorded, dict):
+            raise TypeError("sha256 is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{folder}: no readable {MANIFEST_FILE} ({error}); it is written last, so the "
+                              "checkpoint is incomplete, from an older version, or altered") from error
+    present = _checkpoint_files(folder)
+    if set(recorded) != present:
+        changed = sorted(set(recorded) ^ present)
+        raise CheckpointError(f"{folder}: files added or removed since it was saved ({', '.join(changed[:5])})")
+    for name, digest in sorted(recorded.items()):
+        if _sha256(folder / name) != digest:
+            raise CheckpointError(f"{folder / name} is not the file saved with this checkpoint (its sha256 differs "
+                                  f"from {MANIFEST_FILE}): altered or corrupted")
 
 
 def latest_intact_checkpoint(output_dir: Path) -> Path | None:
@@ -186,6 +230,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, progres
     if accelerator.is_main_process:
         if progress is not None:
             (staging / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()))
+        write_manifest(staging)
         replace_directory(staging, target)
         done = checkpoints(output_dir)
         for old in done[: max(0, len(done) - max(1, keep))]:

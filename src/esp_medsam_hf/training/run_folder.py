@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from .checkpoints import CheckpointError, checkpoints, latest_intact_checkpoint, verify_checkpoint
-from .config import TrainingConfig
+from .config import RELEASE, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +17,6 @@ RESUMABLE_OPTIONS = frozenset({
     "output_dir", "resume", "overwrite", "progress", "num_workers", "report_to", "log_every", "checkpoint_every",
     "keep_checkpoints",
 })
-
 
 
 def prepare_output_dir(config: TrainingConfig, output_dir: Path) -> Path | None:
@@ -58,6 +57,19 @@ def prepare_output_dir(config: TrainingConfig, output_dir: Path) -> Path | None:
 RUN_ENTRIES = ("checkpoints", "final", "best", "log.csv", "log.jsonl")
 """What ``--overwrite`` removes from a run folder (nothing else in it is touched)."""
 INPUT_OPTIONS = ("init_from", "teacher", "data", "natural_images", "sam_checkpoint")
+
+
+def check_release_replaceable(config: TrainingConfig) -> None:
+    """The stage's ``release/`` follows the run folder's ``--overwrite`` rule, checked before any training: an
+    existing one (a model the user may have put or kept there) is replaced only with ``--overwrite`` or by the
+    resumed run that wrote it, and never when it holds one of the run's inputs (``--init-from run/release``)."""
+    release = Path(config.output_dir) / RELEASE
+    if not release.exists():
+        return
+    check_inputs_survive(config, [release])
+    if not config.overwrite and not config.resume:
+        raise FileExistsError(f"{release} already exists; pass --overwrite to replace it (or --resume latest to "
+                              "finish the run that wrote it)")
 
 
 def check_inputs_survive(config: TrainingConfig, doomed: list[Path]) -> None:

@@ -66,6 +66,24 @@ def staging_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_clear_of_inputs(
+    output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *, option: str = "the output"
+) -> None:
+    """The package's one rule for outputs and inputs: refuse (``FileExistsError``) an ``output`` that equals or
+    contains one of the ``inputs`` (a command deletes or replaces only what it wrote itself, never its inputs or a
+    folder holding them). Called before anything is read or written; ``option`` names the output in the message."""
+    resolved = Path(output).resolve()
+    for item in inputs:
+        if item is None or str(item) == "":
+            continue
+        path = Path(item).resolve()
+        if path == resolved or resolved in path.parents:
+            raise FileExistsError(
+                f"{option} {output} {'is' if path == resolved else 'holds'} the input {item}: writing there would "
+                "replace or delete it; choose another output folder"
+            )
+
+
 def check_replaceable(
     output: str | os.PathLike,
     *,
@@ -79,15 +97,7 @@ def check_replaceable(
     output = Path(output)
     if not output.exists():
         return
-    resolved = output.resolve()
-    for item in inputs:
-        if item is None or str(item) == "":
-            continue
-        path = Path(item).resolve()
-        if path == resolved or resolved in path.parents:
-            raise FileExistsError(
-                f"{output} holds the input {item}: --overwrite would delete it; choose another output folder"
-            )
+    check_clear_of_inputs(output, inputs)
     if not output.is_dir():
         raise FileExistsError(f"{output} is a file, not a folder; choose another output folder")
     patterns = tuple(owned)

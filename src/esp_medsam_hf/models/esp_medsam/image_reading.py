@@ -9,11 +9,18 @@
   or float image to 0 and 255 (``DEFAULT_PERCENTILES``, StarDist's and cellpose's convention for microscopy), or
   its minimum and maximum with ``percentiles=None``.
 
-Every reader checks the image's size from its header before decoding anything: more than ``MAX_IMAGE_PIXELS``
-pixels (width x height x frames) is refused with an ``ImageLoadError`` naming the file, the same limit for PIL,
-tifffile (tiled and compressed TIFF included) and DICOM. Float images with NaN or infinite pixels are repaired
-(NaN and -inf to the lowest finite value, +inf to the highest) with a warning naming the file; an image with no
-finite pixel is refused.
+Every reader checks the image's size from its header before decoding anything (``check_image_budget``): more than
+``MAX_IMAGE_PIXELS`` pixels (width x height x frames), or more than ``MAX_DECODED_BYTES`` decoded bytes (pixels x
+samples x frames x bytes per sample), is refused with an ``ImageLoadError`` naming the file, the same budget for
+PIL, tifffile (tiled and compressed TIFF included) and DICOM (deflated datasets are measured while inflating, in
+bounded chunks, before pydicom inflates them; encapsulated pixel data is checked before it is decoded). Only
+regular files are read, at most ``MAX_FILE_BYTES`` of them (``check_regular_file``: a FIFO, a device such as
+``/dev/zero`` or a socket is refused without being opened); ``read_input_bytes`` gives a file's bytes with a
+``.gz`` inflated under the same limit. The limits are module attributes, and the environment variables
+``ESP_MEDSAM_MAX_DECODED_BYTES`` and ``ESP_MEDSAM_MAX_FILE_BYTES`` override the byte limits.
+
+Float images with NaN or infinite pixels are repaired (NaN and -inf to the lowest finite value, +inf to the
+highest) with a warning naming the file; an image with no finite pixel is refused.
 
 This module ships with saved models as remote code (the custom pipeline imports it), so it depends only on numpy and
 Pillow at import time; pydicom and tifffile are imported when needed.
@@ -23,6 +30,8 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +58,17 @@ MAX_IMAGE_PIXELS = 100_000_000
 """Largest image (width x height, times frames) any reader decodes: 10000 x 10000. Checked from the file's header
 before decoding (PIL's own decompression-bomb check, at about 179 million pixels, may refuse a file first)."""
 
+MAX_DECODED_BYTES = 2**30
+"""Largest decoded image in bytes (pixels x samples x frames x bytes per sample): 1 GiB, e.g. a 10000 x 10000
+16-bit RGB image (600 MB) passes and 1024 x 1024 x 2000 samples does not. ``ESP_MEDSAM_MAX_DECODED_BYTES``
+overrides it."""
+
+MAX_FILE_BYTES = 512 * 2**20
+"""Largest input file in bytes (after inflating a ``.gz``): 512 MiB. ``ESP_MEDSAM_MAX_FILE_BYTES`` overrides it."""
+
+DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
+_INFLATE_CHUNK = 1 << 20
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm")
 """Raster image files by suffix: what ``esp-medsam segment`` collects from folders, the dataset layouts read and
@@ -74,6 +94,126 @@ def check_pixel_count(path: str | os.PathLike, height: int, width: int, frames: 
             path, f"image of {width} x {height} pixels{frames_text} exceeds the limit of {MAX_IMAGE_PIXELS:,} "
                   "pixels (esp_medsam_hf.models.esp_medsam.image_reading.MAX_IMAGE_PIXELS); downsample it first"
         )
+
+
+def _limit(name: str) -> int:
+    """A byte limit: the environment variable ``ESP_MEDSAM_<name>`` if set, else the module attribute ``name``."""
+    value = os.environ.get(f"ESP_MEDSAM_{name}")
+    if value is None:
+        return int(globals()[name])
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"ESP_MEDSAM_{name} must be a whole number of bytes, got {value!r}") from None
+
+
+def check_image_budget(path: str | os.PathLike, height: int, width: int, *, frames: int = 1, samples: int = 1,
+                       bytes_per_sample: int = 1) -> None:
+    """The package's one memory budget for a decoded image, checked from the header before decoding: the pixel
+    limit (``check_pixel_count``) and ``MAX_DECODED_BYTES`` for pixels x samples x frames x bytes per sample."""
+    check_pixel_count(path, height, width, frames)
+    limit = _limit("MAX_DECODED_BYTES")
+    size = int(height) * int(width) * max(int(frames), 1) * max(int(samples), 1) * max(int(bytes_per_sample), 1)
+    if size > limit:
+        raise ImageLoadError(
+            path, f"image of {width} x {height} pixels x {max(int(samples), 1)} samples x {max(int(frames), 1)} "
+                  f"frame(s) x {bytes_per_sample} byte(s) decodes to {size:,} bytes, over the limit of {limit:,} "
+                  "bytes (image_reading.MAX_DECODED_BYTES, or ESP_MEDSAM_MAX_DECODED_BYTES)"
+        )
+
+
+def check_regular_file(path: str | os.PathLike) -> int:
+    """Refuse anything but a regular file of at most ``MAX_FILE_BYTES`` (a FIFO, device, socket or folder, also
+    behind a symlink, is refused without being opened, so it can neither hang nor stream forever); returns the
+    size."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise ImageLoadError(path, f"no such file ({error.strerror})") from error
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageLoadError(path, "not a regular file (a folder, FIFO, device or socket); expected an image file")
+    limit = _limit("MAX_FILE_BYTES")
+    if info.st_size > limit:
+        raise ImageLoadError(path, f"file of {info.st_size:,} bytes is over the limit of {limit:,} bytes "
+                                   "(image_reading.MAX_FILE_BYTES, or ESP_MEDSAM_MAX_FILE_BYTES)")
+    return info.st_size
+
+
+def _refuse_over(path: str | os.PathLike, chunks, limit: int) -> None:
+    """Count (not keep) the bytes of ``chunks``; refuse as soon as they pass ``limit``."""
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise ImageLoadError(path, f"compressed data inflates to more than the limit of {limit:,} bytes")
+
+
+def _inflate_chunks(inflater, handle):
+    """The output of ``inflater`` over the rest of ``handle``, in chunks of at most ``_INFLATE_CHUNK`` bytes."""
+    while data := handle.read(_INFLATE_CHUNK):
+        while data and not inflater.eof:
+            yield inflater.decompress(data, _INFLATE_CHUNK)
+            data = inflater.unconsumed_tail
+
+
+def read_input_bytes(path: str | os.PathLike) -> bytes:
+    """A regular file's bytes (``check_regular_file``); a ``.gz`` file is inflated, refused once it passes
+    ``MAX_FILE_BYTES`` (measured in bounded chunks first, so a gzip bomb is never held in memory)."""
+    check_regular_file(path)
+    if not str(path).lower().endswith(".gz"):
+        with open(path, "rb") as handle:
+            return handle.read()
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as handle:
+            _refuse_over(path, iter(lambda: handle.read(_INFLATE_CHUNK), b""), _limit("MAX_FILE_BYTES"))
+        with gzip.open(path, "rb") as handle:
+            return handle.read()
+    except (OSError, EOFError, zlib.error) as error:
+        raise ImageLoadError(path, f"not a readable gzip file ({error})") from error
+
+
+def _dicom_dataset_offset(handle) -> int | None:
+    """Byte offset where a DICOM file's dataset starts (after the preamble and the explicit-VR group 2 file meta),
+    or ``None`` when the file has no preamble."""
+    handle.seek(128)
+    if handle.read(4) != b"DICM":
+        return None
+    long_vrs = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+    while True:
+        start = handle.tell()
+        header = handle.read(8)
+        if len(header) < 8 or int.from_bytes(header[:2], "little") != 0x0002:
+            return start
+        if header[4:6] in long_vrs:
+            length = int.from_bytes(handle.read(4), "little")
+        else:
+            length = int.from_bytes(header[6:8], "little")
+        handle.seek(length, os.SEEK_CUR)
+
+
+def check_dicom_inflation(path: str | os.PathLike) -> None:
+    """A deflated DICOM dataset (transfer syntax 1.2.840.10008.1.2.1.99) is measured in bounded chunks before
+    pydicom inflates it whole: more than ``MAX_DECODED_BYTES`` is refused."""
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        syntax = str(read_file_meta_info(path).get("TransferSyntaxUID", ""))
+    except Exception:  # no or broken file meta: pydicom's own reader reports it
+        return
+    if syntax != DEFLATED_TRANSFER_SYNTAX:
+        return
+    with open(path, "rb") as handle:
+        offset = _dicom_dataset_offset(handle)
+        if offset is None:
+            return
+        handle.seek(offset)
+        try:
+            _refuse_over(path, _inflate_chunks(zlib.decompressobj(-zlib.MAX_WBITS), handle),
+                         _limit("MAX_DECODED_BYTES"))
+        except zlib.error as error:
+            raise ImageLoadError(path, f"not a readable deflated DICOM dataset ({error})") from error
 
 
 def repair_non_finite(array: np.ndarray, source: str | os.PathLike = "image") -> np.ndarray:
@@ -169,6 +309,8 @@ def is_dicom(path: str | os.PathLike) -> bool:
     if str(path).lower().endswith(DICOM_SUFFIXES):
         return True
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # never open a FIFO or device to peek
+            return False
         with open(path, "rb") as handle:
             handle.seek(128)
             return handle.read(4) == b"DICM"
@@ -196,6 +338,32 @@ def _voi_output_range(ds: Any, apply_voi_lut) -> tuple[float, float] | None:
     return None
 
 
+def _dicom_to_rgb(ds: Any, pixels: np.ndarray, photometric: str, path: str | os.PathLike, apply_modality_lut,
+                  apply_voi_lut) -> np.ndarray:
+    """A DICOM frame -> HxWx3 uint8 RGB: colour as it is; grey through the modality LUT, the VOI LUT or window
+    (a window of width < 1 or a rescale that overflows is refused) and MONOCHROME1 inversion."""
+    if int(ds.get("SamplesPerPixel", 1)) > 1:  # colour: pydicom already converted YBR to RGB
+        return to_rgb_uint8(pixels)
+    if "WindowWidth" in ds and "VOILUTSequence" not in ds:
+        widths = ds.WindowWidth if ds["WindowWidth"].VM > 1 else [ds.WindowWidth]
+        if float(widths[0]) < 1:
+            raise ImageLoadError(path, f"WindowWidth {widths[0]} is below 1 (DICOM PS3.3 C.11.2.1.2)")
+    with np.errstate(over="ignore", invalid="ignore"):
+        modality_values = np.asarray(apply_modality_lut(pixels, ds))
+    stored_finite = not np.issubdtype(pixels.dtype, np.floating) or np.isfinite(pixels).all()
+    if stored_finite and np.issubdtype(modality_values.dtype, np.floating) and not np.isfinite(modality_values).all():
+        raise ImageLoadError(path, "RescaleSlope/RescaleIntercept overflow: the modality values are not finite")
+    modality_values = repair_non_finite(modality_values, path)
+    voi_range = _voi_output_range(ds, apply_voi_lut)
+    if voi_range is not None:
+        grey = scale_to_uint8(apply_voi_lut(modality_values, ds), *voi_range)
+    else:
+        grey = stretch_to_uint8(modality_values, path, percentiles=None)  # no window given: the stored value range
+    if photometric == "MONOCHROME1":  # MONOCHROME1: the lowest value is displayed white
+        grey = 255 - grey
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
 def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     """A DICOM file -> (HxWx3 uint8 RGB, metadata). Multi-frame files give their first frame."""
     try:
@@ -203,33 +371,30 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as error:  # optional for remote-code users who never read DICOM
         raise ImportError("reading DICOM files needs pydicom: pip install pydicom") from error
+    check_regular_file(path)
+    check_dicom_inflation(path)
     try:
         ds = pydicom.dcmread(path)
     except Exception as error:  # pydicom raises many types (InvalidDicomError, AttributeError, ValueError...)
         raise ImageLoadError(path, f"not a readable DICOM file ({type(error).__name__}: {error})") from error
-    check_pixel_count(path, int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0),
-                      int(ds.get("NumberOfFrames", 1) or 1))
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        shape = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+        samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 8) or 8)
+    except (TypeError, ValueError) as error:
+        raise ImageLoadError(path, f"DICOM image header is not numeric ({error})") from error
+    check_image_budget(path, *shape, frames=frames, samples=samples, bytes_per_sample=-(-bits // 8))
     try:
         pixels = ds.pixel_array
-    except Exception as error:  # pydicom raises many types (InvalidDicomError, AttributeError, ValueError...)
+        if frames > 1:
+            logger.warning("%s has %d frames; using the first", path, frames)
+            pixels = pixels[0]
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        image = _dicom_to_rgb(ds, pixels, photometric, path, apply_modality_lut, apply_voi_lut)
+    except ImageLoadError:
+        raise
+    except Exception as error:  # pydicom/numpy raise many types on bad tags (struct.error, ValueError, ...)
         raise ImageLoadError(path, f"not a readable DICOM image ({type(error).__name__}: {error})") from error
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        logger.warning("%s has %d frames; using the first", path, frames)
-        pixels = pixels[0]
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if int(ds.get("SamplesPerPixel", 1)) > 1:  # colour: pydicom already converted YBR to RGB
-        image = to_rgb_uint8(pixels)
-    else:
-        values = repair_non_finite(np.asarray(apply_modality_lut(pixels, ds)), path)
-        voi_range = _voi_output_range(ds, apply_voi_lut)
-        if voi_range is not None:
-            grey = scale_to_uint8(apply_voi_lut(values, ds), *voi_range)
-        else:
-            grey = stretch_to_uint8(values, path, percentiles=None)  # no window given: the stored value range
-        if photometric == "MONOCHROME1":  # MONOCHROME1: the lowest value is displayed white
-            grey = 255 - grey
-        image = np.repeat(grey[..., None], 3, axis=-1)
     code = str(ds.get("Modality", "") or "").upper()
     metadata = {
         "path": str(path),
@@ -243,12 +408,21 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     return image, metadata
 
 
+def check_pil_budget(path: str | os.PathLike, image: Image.Image) -> None:
+    """``check_image_budget`` for an opened (not yet decoded) PIL image: its bands and their bytes (mode I and F:
+    4, I;16: 2, the rest: 1)."""
+    bytes_per_sample = 4 if image.mode in ("I", "F") else 2 if image.mode.startswith("I;16") else 1
+    check_image_budget(path, image.height, image.width, samples=len(image.getbands()),
+                       bytes_per_sample=bytes_per_sample)
+
+
 def read_raster(
     path: str | os.PathLike, percentiles: tuple[float, float] | list[float] | None = DEFAULT_PERCENTILES
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """PNG, JPEG, TIFF, BMP, GIF or WebP -> (HxWx3 uint8 RGB, metadata). EXIF orientation is applied; 16-bit and
     float images are stretched with ``percentiles`` (:func:`stretch_to_uint8`)."""
     suffix = Path(path).suffix.lower()
+    check_regular_file(path)
     if suffix in (".tif", ".tiff"):
         # tifffile reads what PIL cannot (16-bit RGB, float, many samples); PIL remains the fallback.
         try:
@@ -260,7 +434,8 @@ def read_raster(
                 with tifffile.TiffFile(path) as tif:
                     page = tif.pages[0]
                     # the header gives the size; tiles and compression are only decoded after this check
-                    check_pixel_count(path, page.imagelength, page.imagewidth, max(page.imagedepth, 1))
+                    check_image_budget(path, page.imagelength, page.imagewidth, frames=max(page.imagedepth, 1),
+                                       samples=page.samplesperpixel, bytes_per_sample=-(-page.bitspersample // 8))
                     array = page.asarray()
                     axes = page.axes
             except ImageLoadError:
@@ -276,7 +451,7 @@ def read_raster(
             return image, {"path": str(path), "format": "tiff", "modality": None, "original_dtype": str(array.dtype)}
     try:
         with Image.open(path) as opened:
-            check_pixel_count(path, opened.height, opened.width)
+            check_pil_budget(path, opened)
             opened.seek(0)
             file_format = opened.format
             pil = ImageOps.exif_transpose(opened)
@@ -309,8 +484,7 @@ def load_image(
     ``photometric_interpretation``, ``original_dtype``/``original_mode``). Raises ``ImageLoadError`` (a
     ``ValueError``) naming the file when it is missing or unreadable.
     """
-    if not os.path.isfile(path):
-        raise ImageLoadError(path, "no such file")
+    check_regular_file(path)
     if is_dicom(path):
         return read_dicom(path)
     return read_raster(path, percentiles)
@@ -321,12 +495,19 @@ __all__ = [
     "DICOM_SUFFIXES",
     "IMAGE_SUFFIXES",
     "ImageLoadError",
+    "MAX_DECODED_BYTES",
+    "MAX_FILE_BYTES",
     "MAX_IMAGE_PIXELS",
     "SUPPORTED_SUFFIXES",
+    "check_dicom_inflation",
+    "check_image_budget",
+    "check_pil_budget",
     "check_pixel_count",
+    "check_regular_file",
     "is_dicom",
     "load_image",
     "read_dicom",
+    "read_input_bytes",
     "read_raster",
     "repair_non_finite",
     "scale_to_uint8",

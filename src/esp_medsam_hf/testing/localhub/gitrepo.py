@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import tempfile
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -27,6 +28,8 @@ LFS_SUFFIXES = (
 ).split()
 LFS_MIN_SIZE = 10 * 1024 * 1024
 GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
+PRIVATE_KEY = "hub.private"
+"""The git config key holding a repository's visibility (``true``: private)."""
 _IDENTITY = {
     "GIT_AUTHOR_NAME": "esp-medsam local hub",
     "GIT_AUTHOR_EMAIL": "local-hub@127.0.0.1",
@@ -61,18 +64,47 @@ class PathDelete:
     folder: bool = False
 
 
+UNREADABLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
+"""Unicode categories a repository path may not hold: controls (NUL, tab, U+0085 NEL), format characters (the
+bidi overrides U+202E and U+2066-2069, zero-width joiners), surrogates, private use and line/paragraph
+separators: names that display as something else, or that a listing cannot show."""
+
+
 def check_repo_path(path: str) -> str:
     """Return ``path`` normalised to a relative POSIX path, or raise ValueError for paths that escape the repo,
-    name git's own folder (``.git`` in any case) or hold control characters (NUL, newline, tab, ...)."""
+    name git's own folder (``.git`` in any case) or hold unreadable characters (``UNREADABLE_CATEGORIES``)."""
     parts = PurePosixPath(path.strip("/")).parts
     if (
         not parts
         or any(part in ("", ".", "..") or part.lower().rstrip(". ") == ".git" for part in parts)
         or "\\" in path
-        or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path)
     ):
         raise ValueError(f"invalid path in repository: {path!r}")
+    bad = [ch for ch in path if unicodedata.category(ch) in UNREADABLE_CATEGORIES]
+    if bad:
+        raise ValueError(f"invalid path in repository: {path!r} holds the unreadable character(s) "
+                         f"{', '.join(f'U+{ord(ch):04X}' for ch in dict.fromkeys(bad))}")
     return "/".join(parts)
+
+
+class PathConflict(ValueError):
+    """A commit that would replace a file by a folder or a folder by a file without deleting it first."""
+
+
+def check_no_replacement(existing: set[str], operations: list) -> None:
+    """Refuse (``PathConflict``) an added file where a folder is, or under a path that is a file, unless the commit
+    deletes what is there (as the Hub refuses it)."""
+    deleted = {op.path for op in operations if isinstance(op, PathDelete)}
+    folders = {op.path for op in operations if isinstance(op, PathDelete) and op.folder}
+    kept = {p for p in existing if p not in deleted and not any(p.startswith(f + "/") for f in folders)}
+    kept |= {op.path for op in operations if isinstance(op, FileAdd)}
+    for path in sorted(kept):
+        parents = path.split("/")[:-1]
+        for depth in range(1, len(parents) + 1):
+            folder = "/".join(parents[:depth])
+            if folder in kept:
+                raise PathConflict(f"{folder!r} is a file and {path!r} would make it a folder: delete {folder!r} "
+                                   "in the same commit to replace it")
 
 
 def lfs_pointer(oid: str, size: int) -> bytes:
@@ -104,19 +136,38 @@ class GitRepo:
         return (self.path / ".git" / "HEAD").is_file()
 
     @classmethod
-    def create(cls, path: Path) -> "GitRepo":
-        """Create the repository with a first commit on ``main`` holding the Hub's default ``.gitattributes``."""
+    def create(cls, path: Path, *, private: bool = False) -> "GitRepo":
+        """Create the repository with a first commit on ``main`` holding the Hub's default ``.gitattributes``;
+        ``private`` is recorded before the first commit, so that its content is never readable as public."""
         path.mkdir(parents=True, exist_ok=False)
         repo = cls(path)
         repo.git("init", "-q", "-b", "main")
+        repo.set_private(private)
         repo.commit("main", [FileAdd(".gitattributes", GITATTRIBUTES.encode())], "initial commit", parent=None)
         return repo
+
+    # -- settings ---------------------------------------------------------------------------------------------
+    @property
+    def private(self) -> bool:
+        """Whether the repository is private: read only with the hub's token (``hub.private`` in its git config,
+        the one place the flag is kept; ``set_private`` changes it)."""
+        proc = subprocess.run(["git", "-C", str(self.path), "config", "--type=bool", "--get", PRIVATE_KEY],
+                              capture_output=True)
+        if proc.returncode == 1:  # the key is not set: public, as the Hub creates repositories by default
+            return False
+        return proc.returncode != 0 or proc.stdout.strip() == b"true"  # an unreadable setting counts as private
+
+    def set_private(self, private: bool) -> None:
+        """Make the repository private or public (git writes its config through a lock file)."""
+        self.git("config", "--type=bool", PRIVATE_KEY, "true" if private else "false")
 
     # -- reading ----------------------------------------------------------------------------------------------
     def resolve(self, revision: str) -> str | None:
         """The commit id a branch, tag or (abbreviated) commit id points at, or None."""
         if not revision or revision.startswith("-") or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in revision):
             return None
+        if not revision.startswith("refs/") and self.branch_head(revision) is not None:
+            return self.branch_head(revision)  # a branch wins over a tag of the same name (git prefers the tag)
         out = self.git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{revision}^{{commit}}", check=False)
         return out.strip() or None
 
@@ -165,6 +216,8 @@ class GitRepo:
         """Tag ``commit`` (annotated when there is a message); an existing tag is a ``CommitConflict``."""
         if self.resolve(f"refs/tags/{tag}") is not None:
             raise CommitConflict(f"tag {tag!r} already exists")
+        if self.branch_head(tag) is not None:
+            raise CommitConflict(f"{tag!r} is a branch; a tag of the same name would shadow it")
         check_ref = subprocess.run(["git", "check-ref-format", f"refs/tags/{tag}"], capture_output=True)
         if check_ref.returncode != 0 or tag.startswith("-"):
             raise ValueError(f"invalid tag name {tag!r}")
@@ -205,6 +258,8 @@ class GitRepo:
     def create_branch(self, branch: str, start: str) -> str:
         """Create ``branch`` at commit ``start``; GitError if it already exists."""
         self.git("check-ref-format", "--branch", branch)
+        if self.resolve(f"refs/tags/{branch}") is not None:
+            raise GitError(f"{branch!r} is a tag; a branch of the same name would be shadowed by it")
         self.git("update-ref", f"refs/heads/{branch}", start, ZERO_OID)
         return start
 
@@ -217,6 +272,7 @@ class GitRepo:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             if parent is not None:
                 self.git("read-tree", parent, env=env)
+            check_no_replacement(set(self.git("ls-files", "-z", env=env).split("\0")) - {""}, operations)
             entries: list[str] = []
             for op in operations:
                 if isinstance(op, PathDelete):

@@ -1,16 +1,21 @@
-"""Start and stop the embedded local Hub: olah (read side) behind our write server, both on 127.0.0.1.
+"""Start and stop the embedded local Hub: olah (read side) behind our write server, the only one on a port.
 
 Layout under ``root``::
 
-    repos/models/<namespace>/<name>/   git repositories (olah's ``mirrors-path``), one branch per stage
-    olah/                              olah's config, cache database and logs
+    repos/models/<namespace>/<name>/   git repositories (olah's ``mirrors-path``), one branch per stage (mode 0700)
+    olah/                              olah's config, cache database and logs (mode 0700)
     logs/                              the write server's log
-    hub.json                           state while running: endpoint, ports and process ids
+    hub.json                           state while running: endpoint, port, olah's socket, process ids
     token                              the write token (mode 0600), new at each start
 
-The endpoint that clients use (``HF_ENDPOINT``) is the write server's: it answers the write API itself and
-proxies every read to olah, so one URL serves ``push_to_hub``, ``snapshot_download`` and ``from_pretrained``.
-Every write needs the token generated at start (``HF_TOKEN`` in ``LocalHub.env``); see guard.py for the checks.
+The endpoint that clients use (``HF_ENDPOINT``) is the write server's, on 127.0.0.1: it answers the write API
+itself and proxies every read to olah, so one URL serves ``push_to_hub``, ``snapshot_download`` and
+``from_pretrained``. Every write, and every read of a private repository, needs the token generated at start
+(``HF_TOKEN`` in ``LocalHub.env``); see guard.py for the checks.
+
+olah knows nothing of private repositories, so it opens no TCP port: it listens on a Unix socket in a fresh
+folder of mode 0700 (``tempfile.mkdtemp``; a socket path must stay under about 100 bytes, which ``root`` may not),
+which only this user can enter, and the write server is its only client (server.py says why).
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from shutil import which
 
 from .guard import new_token
+from .server import UnixHTTPConnection
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +44,6 @@ TOKEN_FILE = "token"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 OLAH_CONFIG = """[basic]
-host = "127.0.0.1"
-port = {olah_port}
 repos-path = "{state}"
 mirrors-path = ["{mirrors}"]
 hf-scheme = "http"
@@ -51,6 +57,9 @@ mirror-lfs-netloc = "127.0.0.1:{port}"
 offline = true
 """
 # hf-netloc points at a closed loopback port (the discard port) so that olah never reaches out to the internet.
+# No host or port: olah listens on the Unix socket given on its command line (see the module docstring).
+SOCKET_PREFIX = "esp-medsam-hub-"
+SOCKET_NAME = "olah.sock"
 
 
 class LocalHubError(RuntimeError):
@@ -116,8 +125,39 @@ def find_olah() -> Path:
     )
 
 
-def _http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def olah_python(olah_cli: Path) -> str:
+    """The interpreter olah is installed for: ``olah-cli``'s own (its ``#!`` line), else this one. olah is started
+    as ``python -m uvicorn olah.server:app --uds ...`` (olah reads ``OLAH_CONFIG`` when imported, as its
+    multi-worker mode does), because ``olah-cli`` can only listen on TCP."""
+    try:
+        first = olah_cli.read_bytes()[:500].split(b"\n", 1)[0].decode()
+    except (OSError, UnicodeDecodeError):
+        return sys.executable
+    interpreter = Path(first[2:].strip()) if first.startswith("#!") else None
+    if interpreter is not None and interpreter.is_absolute() and os.access(interpreter, os.X_OK):
+        return str(interpreter)
+    return sys.executable
+
+
+def _remove_socket(path: Path) -> None:
+    """Remove olah's socket and its folder, only when they are what ``start`` made (a socket named
+    ``SOCKET_NAME`` in a folder named ``SOCKET_PREFIX...``): an edited state file cannot name anything else."""
+    if path.name != SOCKET_NAME or not path.parent.name.startswith(SOCKET_PREFIX):
+        return
+    try:
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+        path.parent.rmdir()  # only when empty
+    except OSError:
+        pass
+
+
+def _http_status(port: int | Path, path: str, timeout: float = 1.0) -> int | None:
+    """The status of ``GET path`` on 127.0.0.1:``port``, or on the Unix socket ``port`` when it is a path."""
+    if isinstance(port, Path):
+        conn: http.client.HTTPConnection = UnixHTTPConnection(port, timeout=timeout)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", path)
         return conn.getresponse().status
@@ -127,24 +167,45 @@ def _http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
         conn.close()
 
 
-def _alive(pid: int, marker: str) -> bool:
-    """True when ``pid`` runs and its command line contains ``marker`` (guards against recycled pids)."""
+def process_start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, field 22 of ``/proc/PID/stat``), or None when it does not run:
+    with the pid, it names one process; a recycled pid has another start time."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        fields = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
+
+
+def _alive(pid: int, marker: str, started: int | None = None) -> bool:
+    """True when ``pid`` runs, its command line contains ``marker`` and, when ``started`` is given, it is the
+    process that started then (a stale or edited state file names another process: never signalled)."""
+    try:
+        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
         return False
-    return marker in cmdline
+    return marker in cmdline and (started is None or process_start_time(pid) == started)
 
 
-def _terminate(pid: int, marker: str) -> None:
-    if not _alive(pid, marker):
+def _terminate(pid: int, marker: str, started: int) -> None:
+    """Stop the process ``pid`` only while it is the one that started at ``started`` (SIGTERM, then SIGKILL)."""
+    if not _alive(pid, marker, started):
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline and _alive(pid, marker):
+    while time.monotonic() < deadline and _alive(pid, marker, started):
         time.sleep(0.05)
-    if _alive(pid, marker):
+    if _alive(pid, marker, started):
         os.kill(pid, signal.SIGKILL)
+
+
+def _recorded(state: dict, key: str) -> tuple[int, int] | None:
+    """``(pid, start time)`` of a process the state file records, or None when either is missing or not a number
+    (a state file written before start times were recorded, or edited, names no process we may stop)."""
+    pid, started = state.get(key), state.get(f"{key}_start")
+    if isinstance(pid, bool) or isinstance(started, bool) or not isinstance(pid, int) or not isinstance(started, int):
+        return None
+    return pid, started
 
 
 def read_state(root: Path) -> dict | None:
@@ -171,7 +232,8 @@ _SERVER_LAUNCHER = (
 
 def is_running(root: Path) -> bool:
     state = read_state(root)
-    return bool(state) and all(_alive(int(state.get(k, 0)), m) for k, m in _MARKERS.items())
+    return bool(state) and all((rec := _recorded(state, k)) is not None and _alive(rec[0], m, rec[1])
+                               for k, m in _MARKERS.items())
 
 
 class LocalHub:
@@ -190,6 +252,7 @@ class LocalHub:
         self.body_timeout_s = body_timeout_s
         self._token: str | None = None
         self._procs: dict[str, subprocess.Popen] = {}
+        self._olah_socket: Path | None = None
         self._logs: list = []
         self._xet_disabled_before: bool | None = None
 
@@ -221,52 +284,54 @@ class LocalHub:
         olah_cli = find_olah()
         if self.port is not None and not port_is_free(self.port):
             raise LocalHubError(f"port {self.port} on 127.0.0.1 is already in use; pick another --port or leave it out")
-        port, olah_port = self.port or free_port(), free_port()
+        port = self.port or free_port()
         for sub in ("repos/models", "repos/datasets", "olah/state", "olah/logs", "logs"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for private in ("repos", "olah"):  # private repositories stay unreadable to other users on disk too
+            (self.root / private).chmod(0o700)
         config = self.root / "olah" / "config.toml"
-        config.write_text(
-            OLAH_CONFIG.format(
-                olah_port=olah_port, port=port, state=self.root / "olah" / "state", mirrors=self.repos_dir
-            )
-        )
+        config.write_text(OLAH_CONFIG.format(port=port, state=self.root / "olah" / "state", mirrors=self.repos_dir))
         self.port = port
         self._token = _write_token(self.root)
+        self._olah_socket = Path(tempfile.mkdtemp(prefix=SOCKET_PREFIX)) / SOCKET_NAME
         try:
-            self._spawn("olah_pid", [str(olah_cli), "-c", str(config), "--log-path", str(self.root / "olah" / "logs")],
-                        self.root / "olah" / "olah.out")
+            self._spawn("olah_pid", [olah_python(olah_cli), "-m", "uvicorn", "olah.server:app",
+                                     "--uds", str(self._olah_socket), "--log-level", "info"],
+                        self.root / "olah" / "olah.out",
+                        {"OLAH_CONFIG": str(config), "OLAH_LOG_PATH": str(self.root / "olah" / "logs")})
             self._spawn("server_pid", [sys.executable, "-c", _SERVER_LAUNCHER, str(Path(__file__).parent),
                                        "--root", str(self.repos_dir), "--port", str(port),
-                                       "--olah-url", f"http://127.0.0.1:{olah_port}",
+                                       "--olah-socket", str(self._olah_socket),
                                        "--token-file", str(self.root / TOKEN_FILE),
                                        "--body-timeout", str(self.body_timeout_s)]
                         + (["--allow-faults"] if self.allow_faults else []), self.root / "logs" / "server.log")
             # readiness: an API route on olah (its HTML index answers 500), the health route on ours
-            self._wait_ready(olah_port, "/api/models/local-hub/ready/refs", "olah_pid")
+            self._wait_ready(self._olah_socket, "/api/models/local-hub/ready/refs", "olah_pid")
             self._wait_ready(port, "/_local/health", "server_pid")
         except BaseException:
             self.stop()
             raise
-        state = {"endpoint": self.endpoint, "port": port, "olah_port": olah_port, "root": str(self.root),
-                 **{key: proc.pid for key, proc in self._procs.items()}}
+        state = {"endpoint": self.endpoint, "port": port, "olah_socket": str(self._olah_socket),
+                 "root": str(self.root),
+                 **{key: proc.pid for key, proc in self._procs.items()},
+                 **{f"{key}_start": process_start_time(proc.pid) for key, proc in self._procs.items()}}
         tmp = self.root / f".{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, self.root / STATE_FILE)
-        logger.info(
-            "local hub ready at %s (olah on port %d, repositories in %s)", self.endpoint, olah_port, self.repos_dir
-        )
+        logger.info("local hub ready at %s (olah on %s, repositories in %s)", self.endpoint, self._olah_socket,
+                    self.repos_dir)
         return self
 
-    def _spawn(self, key: str, cmd: list[str], log_path: Path) -> None:
+    def _spawn(self, key: str, cmd: list[str], log_path: Path, extra_env: dict[str, str] | None = None) -> None:
         log = open(log_path, "ab")
         self._logs.append(log)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         # olah's own start-up would otherwise try to reach the Hub through any inherited HF_ENDPOINT
         env.pop("HF_ENDPOINT", None)
         self._procs[key] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env=env, cwd=self.root, start_new_session=True)
 
-    def _wait_ready(self, port: int, path: str, key: str) -> None:
+    def _wait_ready(self, port: int | Path, path: str, key: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._procs[key].poll() is not None:
@@ -275,7 +340,8 @@ class LocalHub:
             if _http_status(port, path) is not None:
                 return
             time.sleep(0.1)
-        raise LocalHubError(f"{key.split('_')[0]} did not answer on 127.0.0.1:{port} within {START_TIMEOUT_S:.0f} s")
+        where = port if isinstance(port, Path) else f"127.0.0.1:{port}"
+        raise LocalHubError(f"{key.split('_')[0]} did not answer on {where} within {START_TIMEOUT_S:.0f} s")
 
     def stop(self) -> None:
         """Stop both servers (those this object started, else those recorded in the state file)."""
@@ -290,11 +356,16 @@ class LocalHub:
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait()
-            elif key in state:
-                _terminate(int(state[key]), marker)
+            elif (recorded := _recorded(state, key)) is not None:
+                _terminate(recorded[0], marker, recorded[1])
         for log in self._logs:
             log.close()
         self._logs.clear()
+        recorded_socket = state.get("olah_socket")
+        for socket_path in (self._olah_socket, Path(recorded_socket) if isinstance(recorded_socket, str) else None):
+            if socket_path is not None:
+                _remove_socket(socket_path)
+        self._olah_socket = None
         (self.root / STATE_FILE).unlink(missing_ok=True)
         (self.root / TOKEN_FILE).unlink(missing_ok=True)
 

@@ -150,7 +150,7 @@ def repo_info(repo: GitRepo, kind: str, repo_id: str, commit: str, *, blobs: boo
         "sha": commit,
         "lastModified": _iso(_commit_date(repo, commit)),
         "createdAt": _iso(_commit_date(repo, first)),
-        "private": False,
+        "private": repo.private,
         "gated": False,
         "disabled": False,
         "downloads": 0,
@@ -185,9 +185,12 @@ def repo_commits(repo: GitRepo, commit: str) -> list[dict[str, Any]]:
     return commits
 
 
-def list_repos(root: Path, kind: str, query: dict[str, list[str]]) -> list[dict[str, Any]]:
+def list_repos(
+    root: Path, kind: str, query: dict[str, list[str]], *, include_private: bool = False
+) -> list[dict[str, Any]]:
     """``GET /api/models`` (or datasets, spaces): the repositories under ``root``, filtered as the Hub filters by
-    ``search`` (substring of the id), ``author``, ``filter`` (tags, all required) and ``pipeline_tag``; ``limit``."""
+    ``search`` (substring of the id), ``author``, ``filter`` (tags, all required) and ``pipeline_tag``; ``limit``.
+    Private repositories are listed only with ``include_private`` (a caller with the hub's token)."""
     search = (query.get("search") or [""])[0].lower()
     author = (query.get("author") or [None])[0]
     wanted_tags = set(query.get("filter") or [])
@@ -199,6 +202,8 @@ def list_repos(root: Path, kind: str, query: dict[str, list[str]]) -> list[dict[
         repo_id = f"{path.parent.name}/{path.name}"
         commit = repo.resolve("main") if repo.exists() else None
         if commit is None or search not in repo_id.lower() or (author and path.parent.name != author):
+            continue
+        if repo.private and not include_private:
             continue
         info = repo_info(repo, kind, repo_id, commit)
         if wanted_tags - set(info["tags"]) or (pipeline_tag and info.get("pipeline_tag") != pipeline_tag):

@@ -5,20 +5,29 @@ LFS batch, commit), and olah, the only packaged Hub-API server that runs here, i
 small ``http.server`` answers the calls huggingface_hub 2.4 makes to publish (with ``HF_HUB_DISABLE_XET=1``) and
 commits into the git repositories that olah serves. Read requests are checked against git first (so that a missing
 repository, revision or file gets the Hub's error code, which olah 0.5.4 reports as 401 RepoNotFound in all three
-cases) and then proxied to olah unchanged. The metadata routes olah leaves empty or broken (repo info, commits,
-listings, whoami, tags, discussions) are answered from git (``repoinfo.py``). Only loopback addresses are accepted.
+cases, and a private repository is read only with the token) and then proxied to olah unchanged. The metadata routes
+olah leaves empty or broken (repo info, commits, listings, whoami, tags, discussions) are answered from git
+(``repoinfo.py``). Only loopback addresses are accepted.
+
+olah has no notion of private repositories: it serves every repository under its mirrors path to whoever reaches
+it. So it listens on a Unix socket in a folder only this user can enter (``--olah-socket``; launcher.py starts it
+so), never on a TCP port, and this server is the only way in: every read it forwards has passed the checks above,
+and a path that no route here parses (an encoded ``esp%2Fprivate``, olah's own ``/repos`` pages) is answered 404,
+never forwarded. Serving private reads from git here instead would duplicate olah's resolve, range and LFS
+handling, and olah's port would still serve them.
 Every request first passes ``guard.check_request`` (Host/Origin, the write token, Content-Type, and every name
 before git sees it), and a request body that stalls longer than ``body_timeout_s`` is answered 408 and its
 connection closed.
 
 ``LocalHub`` (launcher.py) launches it; by hand:
-``python -m esp_medsam_hf.testing.localhub.server --root DIR --port P --olah-url URL --token-file FILE``.
+``python -m esp_medsam_hf.testing.localhub.server --root DIR --port P --olah-socket PATH --token-file FILE``.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import http.client
 import json
 import logging
@@ -26,6 +35,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -41,11 +51,20 @@ from .gitrepo import (
     FileAdd,
     GitError,
     GitRepo,
+    PathConflict,
     PathDelete,
     check_repo_path,
 )
 from .admin import RepoAdminMixin, admin_routes
-from .guard import GuardError, check_repo_name, check_request, upload_signature
+from .guard import (
+    UNAUTHORIZED,
+    GuardError,
+    check_repo_access,
+    check_repo_name,
+    check_request,
+    has_token,
+    upload_signature,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +111,54 @@ DRAIN_LIMIT = 1 << 20
 """Largest refused request body the server reads and drops to keep the connection (bytes); larger: it closes."""
 
 
+MAX_BODY_BYTES = 16 * 2**20
+"""Largest request body the server reads (JSON calls, proxied reads such as paths-info); more is answered 413
+before anything is read. Commits (regular files inline, base64) may carry ``MAX_COMMIT_BYTES``; LFS uploads are
+bounded by their declared size."""
+MAX_COMMIT_BYTES = 512 * 2**20
+
+
+def _strict_base64(value, path: str) -> bytes:
+    """A commit's inline file content: strict base64 (400 for anything else, not an empty or mangled file)."""
+    if not isinstance(value, str):
+        raise HubError(400, f"content of {path!r} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error as err:
+        raise HubError(400, f"content of {path!r} is not valid base64: {err}") from err
+
+
+def requested_privacy(body: dict) -> bool | None:
+    """The visibility a create (or settings) body asks for: ``visibility`` ("public"/"private", what
+    huggingface_hub 2.4 sends) or the older ``private`` boolean; None when it asks for neither."""
+    visibility, private = body.get("visibility"), body.get("private")
+    if visibility is not None and visibility not in ("public", "private"):
+        raise HubError(400, f"invalid visibility {visibility!r}: the local hub has 'public' and 'private'")
+    if private is not None and not isinstance(private, bool):
+        raise HubError(400, f"invalid private {private!r}: expected true or false")
+    if visibility is not None and private is not None and (visibility == "private") != private:
+        raise HubError(400, "'private' and 'visibility' disagree")
+    return (visibility == "private") if visibility is not None else private
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to a server listening on a Unix socket (olah's, see the module docstring)."""
+
+    def __init__(self, socket_path: str | Path, timeout: float = 60) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = str(socket_path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 def _size(value) -> int:
     """A size field of a request body: an integer (400 otherwise, as the Hub answers malformed bodies)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
@@ -111,7 +178,7 @@ class LocalHubServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, root: Path, port: int, olah_url: str, allow_faults: bool = False, *, token: str,
+        self, root: Path, port: int, olah_socket: str | Path, allow_faults: bool = False, *, token: str,
         body_timeout_s: float = 60.0,
     ) -> None:
         if not token:
@@ -120,7 +187,7 @@ class LocalHubServer(ThreadingHTTPServer):
         self.root = Path(root)
         self.token = token
         self.body_timeout_s = body_timeout_s
-        self.olah = urlsplit(olah_url)
+        self.olah_socket = Path(olah_socket)
         self.allow_faults = allow_faults
         self.faults: list[dict] = []
         self.locks: dict[str, threading.Lock] = {}
@@ -131,7 +198,16 @@ class LocalHubServer(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
     def repo(self, repo_type: str | None, namespace: str, name: str) -> GitRepo:
-        return GitRepo(self.root / (repo_type or "models") / namespace / name)
+        """The repository ``namespace/name``, matched without regard to case as the Hub does (``Probe/R1`` is
+        ``probe/r1`` when that exists)."""
+        kind = self.root / (repo_type or "models")
+        exact = kind / namespace / name
+        if exact.exists():
+            return GitRepo(exact)
+        for folder in (kind.glob("*/*") if kind.is_dir() else ()):
+            if (folder.parent.name.casefold(), folder.name.casefold()) == (namespace.casefold(), name.casefold()):
+                return GitRepo(folder)
+        return GitRepo(exact)
 
     def lock(self, repo: GitRepo) -> threading.Lock:
         with self.guard:
@@ -178,20 +254,21 @@ class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
         self.body_started = False
-        self.body_pending = bool(int(self.headers.get("Content-Length") or 0)) or (
-            self.headers.get("Transfer-Encoding", "").lower() == "chunked"
-        )
+        self.body_pending = True  # until the length is known: a refusal closes the connection
         lookup = "GET" if method == "HEAD" else method
         try:
+            self.body_pending = self._content_length() > 0 or self._chunked()
+            self.deadline = time.monotonic() + self.server.body_timeout_s
             for route_method, pattern, handler in ROUTES:
                 match = pattern.fullmatch(url.path)
                 if match and route_method == lookup:
                     params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
                     self._guard(method, handler, params)
+                    self._check_access(handler, params)
                     getattr(self, f"h_{handler}")(**params)
                     return
             self._guard(method, None, {})
-            self._proxy()
+            raise HubError(404, f"{url.path} is not served by the local hub")  # never forwarded: see the docstring
         except (HubError, GuardError) as err:
             self._send_json({"error": err.message, **err.extra}, err.status, code=err.code)
         except TimeoutError:  # a stalled body: answer if the socket still takes it, then drop the connection
@@ -202,15 +279,28 @@ class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
                 self.close_connection = True
         except ConnectionError:
             self.close_connection = True
+        except (KeyError, TypeError, AttributeError, ValueError) as err:  # a body of the wrong shape
+            self._send_json({"error": f"malformed request body: {type(err).__name__}: {err}"}, 400)
         except Exception as err:  # answer 500 rather than dropping the connection, and keep the server up
             logger.exception("local hub: %s %s failed", method, self.path)
             self._send_json({"error": f"internal error: {err}"}, 500)
+        finally:
+            self.connection.settimeout(self.server.body_timeout_s)  # the next request's wait, after _read's deadline
 
     def _guard(self, method: str, handler: str | None, params: dict[str, str]) -> None:
         url = urlsplit(self.path)
         check_request(method=method, handler=handler, params=params, headers=self.headers, query=self.query,
                       path=url.path if handler else unquote(url.path), port=self.server.server_address[1],
                       token=self.server.token, has_body=self.body_pending)
+
+    def _check_access(self, handler: str, params: dict[str, str]) -> None:
+        """Every request naming a repository: a private (or missing) one needs the token (guard.check_repo_access).
+        LFS uploads carry a signature instead, which only the token could make."""
+        if "ns" not in params or handler in ("lfs_put",):
+            return
+        repo = self.server.repo(params.get("type") or "models", params["ns"], params["name"])
+        exists = repo.exists()
+        check_repo_access(self.headers, self.server.token, exists=exists, private=exists and repo.private)
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def _send_json(self, payload, status: int = 200, code: str | None = None, ctype: str = "application/json") -> None:
@@ -231,46 +321,81 @@ class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _body_chunks(self) -> Iterator[bytes]:
-        """The request body in pieces, from Content-Length or chunked transfer encoding."""
+    def _content_length(self) -> int:
+        """The Content-Length header as a count of bytes; 400 for anything else (``abc``, ``-1``, two values)."""
+        value = self.headers.get("Content-Length")
+        if value is None:
+            return 0
+        if not value.strip().isdigit():
+            raise HubError(400, f"invalid Content-Length {value!r}: expected a number of bytes")
+        return int(value)
+
+    def _chunked(self) -> bool:
+        return self.headers.get("Transfer-Encoding", "").lower() == "chunked"
+
+    def _read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the body, within the request's total-time limit (``body_timeout_s`` for the whole
+        body, so a body trickled a byte at a time cannot hold the connection longer)."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request body took longer than the limit")
+        self.connection.settimeout(left)
+        return self.rfile.read1(size)
+
+    def _read_exactly(self, size: int) -> Iterator[bytes]:
+        while size > 0:
+            chunk = self._read(min(size, 1 << 20))
+            if not chunk:
+                raise ConnectionError("client closed the connection mid-body")
+            size -= len(chunk)
+            yield chunk
+
+    def _body_chunks(self, limit: int | None = None) -> Iterator[bytes]:
+        """The request body in pieces, from Content-Length or chunked transfer encoding; more than ``limit`` bytes
+        (default ``MAX_BODY_BYTES``; LFS uploads pass their declared size) is answered 413 before it is read."""
         self.body_started = True
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        limit = MAX_BODY_BYTES if limit is None else limit
+        if self._chunked():
+            total = 0
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                line = self.rfile.readline(100)
+                try:
+                    size = int(line.split(b";")[0].strip() or b"0", 16)
+                except ValueError:
+                    raise HubError(400, f"invalid chunk size {line[:40]!r}") from None
+                total += size
+                if total > limit:
+                    raise HubError(413, f"request body over the limit of {limit:,} bytes")
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    while self.rfile.readline(1000) not in (b"\r\n", b"\n", b""):
                         pass
                     self.body_pending = False
                     return
-                yield self.rfile.read(size)
-                self.rfile.readline()
-        remaining = int(self.headers.get("Content-Length") or 0)
-        while remaining > 0:
-            chunk = self.rfile.read(min(remaining, 1 << 20))
-            if not chunk:
-                raise ConnectionError("client closed the connection mid-body")
-            remaining -= len(chunk)
-            yield chunk
+                yield from self._read_exactly(size)
+                self.rfile.readline(10)
+        remaining = self._content_length()
+        if remaining > limit:
+            raise HubError(413, f"request body of {remaining:,} bytes is over the limit of {limit:,} bytes")
+        yield from self._read_exactly(remaining)
         self.body_pending = False
 
-    def _body(self) -> bytes:
-        return b"".join(self._body_chunks())
+    def _body(self, limit: int | None = None) -> bytes:
+        return b"".join(self._body_chunks(limit))
 
     def _drain_refused_body(self) -> None:
         """Read and drop the body of a request answered without reading it, so that the next request on a
         keep-alive connection is parsed from its own first line; a body over ``DRAIN_LIMIT`` bytes, or one that
         stalls or ends early, is left and the connection is closed instead (``body_pending`` stays True)."""
-        declared = int(self.headers.get("Content-Length") or 0)
+        try:
+            declared = self._content_length()
+        except HubError:  # a malformed length: no way to find the body's end
+            return
         if declared > DRAIN_LIMIT or self.body_started:  # too large, or partly read already: cannot resync
             return
-        drained = 0
         try:
-            for chunk in self._body_chunks():
-                drained += len(chunk)
-                if drained > DRAIN_LIMIT:
-                    self.body_pending = True
-                    return
-        except (OSError, ValueError):  # includes TimeoutError and ConnectionError
+            for _ in self._body_chunks(DRAIN_LIMIT):
+                pass
+        except (OSError, ValueError, HubError):  # includes TimeoutError, ConnectionError and a chunked body over
             self.body_pending = True
 
     def _json_body(self) -> dict:
@@ -320,6 +445,7 @@ class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
             raise HubError(400, "repo id must be 'namespace/name' of letters, digits, '.', '_' or '-' "
                                 "(the local hub has no user accounts, so the namespace is required)")
         check_repo_name(ns, name)
+        private = bool(requested_privacy(data))
         repo = self.server.repo(repo_type, ns, name)
         prefix = "" if repo_type == "models" else f"{repo_type}/"
         url = f"{self.server.endpoint}/{prefix}{ns}/{name}"
@@ -327,7 +453,7 @@ class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
             if repo.exists():
                 # the client reads "url" from the 409 answer when exist_ok=True, as the Hub sends it
                 raise HubError(409, f"You already created this {data.get('type') or 'model'} repo", url=url)
-            GitRepo.create(repo.path)
+            GitRepo.create(repo.path, private=private)
         self._send_json({"url": url, "name": f"{ns}/{name}", "id": f"{ns}/{name}"})
 
     def h_validate_yaml(self) -> None:
@@ -410,7 +536,7 @@ class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
             return
         repo = self._existing(type, ns, name)
         try:
-            repo.store_lfs_object(oid, int(size), self._body_chunks())
+            repo.store_lfs_object(oid, int(size), self._body_chunks(limit=int(size)))
         except ValueError as err:
             raise HubError(400, str(err)) from err
         self._send_json({})
@@ -421,7 +547,7 @@ class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
         repo = self._existing(type, ns, name)
         if self.query.get("create_pr", ["0"])[0] not in ("0", "false", ""):
             raise HubError(400, "the local hub does not support pull requests; commit to a branch instead")
-        lines = [line for line in self._body().splitlines() if line.strip()]
+        lines = [line for line in self._body(MAX_COMMIT_BYTES).splitlines() if line.strip()]
         try:
             items = [json.loads(line) for line in lines]
         except json.JSONDecodeError as err:
@@ -435,7 +561,7 @@ class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
                 key, value = item.get("key"), item.get("value", {})
                 path = check_repo_path(str(value.get("path", "")))
                 if key == "file":
-                    operations.append(FileAdd(path, content=base64.b64decode(value.get("content", ""))))
+                    operations.append(FileAdd(path, content=_strict_base64(value.get("content", ""), path)))
                 elif key == "lfsFile":
                     operations.append(FileAdd(path, lfs_oid=value.get("oid"), lfs_size=self._lfs_size(repo, value)))
                 elif key in ("deletedFile", "deletedFolder"):
@@ -460,6 +586,8 @@ class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
                 raise HubError(404, str(err), "EntryNotFound") from err
             except CommitConflict as err:
                 raise HubError(412, str(err)) from err
+            except PathConflict as err:
+                raise HubError(409, str(err)) from err
         prefix = "" if type == "models" else f"{type}/"
         url = f"{self.server.endpoint}/{prefix}{ns}/{name}/commit/{commit}"
         self._send_json({"commitOid": commit, "commitUrl": url, "pullRequestUrl": None, "success": True})
@@ -476,7 +604,7 @@ class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
         return path.stat().st_size
 
     def h_health(self) -> None:
-        self._send_json({"status": "ok", "olah": f"{self.server.olah.scheme}://{self.server.olah.netloc}"})
+        self._send_json({"status": "ok"})
 
     def h_set_faults(self) -> None:
         if not self.server.allow_faults:
@@ -508,10 +636,15 @@ class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
         self._send_json(repoinfo.repo_commits(repo, self._revision(repo, rev)))
 
     def h_list_repos(self, type: str) -> None:
-        self._send_json(repoinfo.list_repos(self.server.root, type, self.query))
+        """The listing holds private repositories only for a caller with the token, as the Hub lists them."""
+        private = has_token(self.headers, self.server.token)
+        self._send_json(repoinfo.list_repos(self.server.root, type, self.query, include_private=private))
 
     def h_whoami(self) -> None:
-        """The local Hub has one user, who owns every namespace and writes with any token."""
+        """The local Hub has one user, who owns every namespace; as on the Hub, only a caller with the token
+        learns who that is (the namespaces name private repositories' owners too)."""
+        if not has_token(self.headers, self.server.token):
+            raise HubError(401, UNAUTHORIZED)
         namespaces = sorted({p.name for kind in REPO_TYPES.values() for p in (self.server.root / kind).glob("*")})
         self._send_json({
             "type": "user", "id": "local", "name": LOCAL_USER, "fullname": "Local Hub user", "isPro": False,
@@ -570,18 +703,18 @@ class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
         self._proxy()
 
     def _proxy(self, path: str | None = None) -> None:
-        """Forward the request to olah and stream its answer back, with olah's origin rewritten to ours."""
-        olah = self.server.olah
+        """Forward the request to olah (on its Unix socket) and stream its answer back."""
         body = self._body() if self.body_pending or self.command in ("POST", "PUT") else None
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
-        headers["Host"] = olah.netloc
-        conn = http.client.HTTPConnection(olah.hostname, olah.port, timeout=60)
+        headers["Host"] = urlsplit(self.server.endpoint).netloc
+        conn = UnixHTTPConnection(self.server.olah_socket, timeout=60)
         try:
             conn.request(self.command, path or self.path, body=body, headers=headers)
             resp = conn.getresponse()
         except OSError as err:
             conn.close()
-            raise HubError(502, f"the read-side server (olah at {olah.netloc}) is not reachable: {err}") from err
+            raise HubError(502, f"the read-side server (olah at {self.server.olah_socket}) is not reachable: "
+                                f"{err}") from err
         try:
             length = resp.getheader("Content-Length")
             payload = None if length is not None or self.command == "HEAD" else resp.read()
@@ -589,8 +722,6 @@ class HubRequestHandler(RepoAdminMixin, BaseHTTPRequestHandler):
             for key, value in resp.getheaders():
                 if key.lower() in _HOP_HEADERS or key.lower() == "content-length":
                     continue
-                if key.lower() == "location":
-                    value = value.replace(f"{olah.scheme}://{olah.netloc}", self.server.endpoint)
                 self.send_header(key, value)
             self.send_header("Content-Length", length if length is not None else str(len(payload or b"")))
             self.end_headers()
@@ -614,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True, help="folder holding <type>s/<namespace>/<name> git repos")
     parser.add_argument("--port", type=int, required=True, help="loopback port to listen on")
-    parser.add_argument("--olah-url", required=True, help="olah's base URL, e.g. http://127.0.0.1:8091")
+    parser.add_argument("--olah-socket", type=Path, required=True,
+                        help="the Unix socket olah listens on (in a folder only this user can enter)")
     parser.add_argument("--allow-faults", action="store_true", help="enable POST /_local/faults (tests only)")
     parser.add_argument("--token-file", type=Path, required=True,
                         help="file holding the token every write must carry (Authorization: Bearer TOKEN)")
@@ -622,14 +754,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds a request may stall before it is answered 408 and closed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if urlsplit(args.olah_url).hostname not in ("127.0.0.1", "localhost"):
-        parser.error(f"--olah-url must be a loopback address, got {args.olah_url}")
     token = args.token_file.read_text().strip()
     if not token:
         parser.error(f"--token-file {args.token_file} is empty")
-    server = LocalHubServer(args.root, args.port, args.olah_url, allow_faults=args.allow_faults, token=token,
+    server = LocalHubServer(args.root, args.port, args.olah_socket, allow_faults=args.allow_faults, token=token,
                             body_timeout_s=args.body_timeout)
-    logger.info("local hub write server on %s (reads proxied to %s)", server.endpoint, args.olah_url)
+    logger.info("local hub write server on %s (reads proxied to olah at %s)", server.endpoint, args.olah_socket)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ stage reads top to bottom in its own module (``teacher``, ``distill``, ``espmeds
 from __future__ import annotations
 
 from ..config import DistillConfig, EspMedSamStageConfig, TeacherConfig, TrainingConfig
+from ..run_folder import check_release_replaceable
 from .distill import EncoderDistillation, UnpluggedBags, distill_tasks, drop_absent_bag_gradients, run_distill
 from .espmedsam import espmedsam_task, run_espmedsam
 from .modality_classifier import fit_modality_classifier
@@ -22,7 +23,9 @@ from .teacher import build_teacher, run_teacher, teacher_task
 
 
 def run_stage(config: TrainingConfig) -> StageResult:
-    """Run the stage that ``config`` describes (a TeacherConfig, DistillConfig or EspMedSamStageConfig)."""
+    """Run the stage that ``config`` describes (a TeacherConfig, DistillConfig or EspMedSamStageConfig); an existing
+    ``release/`` is checked first (``run_folder.check_release_replaceable``)."""
+    check_release_replaceable(config)
     if isinstance(config, TeacherConfig):
         return run_teacher(config)
     if isinstance(config, DistillConfig):
