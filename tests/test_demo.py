@@ -94,3 +94,36 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--quick", "--output", str(output), "--no-progress"]) == 1
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_the_cross_lab_check_holds_out_one_acquisition_group():
+    import datasets
+
+    from esp_medsam_hf.training.data import TrainingDataError
+    from esp_medsam_hf.training.demo import hold_out_group
+
+    names = {"train": ["training/A/1.png", "training/B/2.png", "training/A/6.png"],
+             "validation": ["validation/A/3.png"], "test": ["test/B/4.png", "test/A/5.png"]}
+    mnfinder = datasets.DatasetDict({split: datasets.Dataset.from_dict({"file_name": rows})
+                                     for split, rows in names.items()})
+    rest, held = hold_out_group(mnfinder, "A")
+    assert {split: rows["file_name"] for split, rows in rest.items()} == {
+        "train": ["training/B/2.png"], "validation": [], "test": ["test/B/4.png"]}
+    assert sorted(held["test"]["file_name"]) == ["test/A/5.png", "training/A/1.png", "training/A/6.png",
+                                                 "validation/A/3.png"]
+    with pytest.raises(TrainingDataError, match="no acquisition group 'C'.*A, B"):
+        hold_out_group(mnfinder, "C")
+
+
+def test_the_scale_tables_x1_row_is_the_evaluations_own():
+    from esp_medsam_hf.training.demo import evaluation_row, vessel_native_dice
+
+    domain = {"dice": 90.0, "references": {"otsu": 80.0},
+              "per_image": [{"dice": 88.0, "scale": 0.5}, {"dice": 92.0, "scale": None}]}
+    row = evaluation_row(domain)
+    assert row == {"label": "x1", "scale": "default", "zoom": 1.0, "dice": 90.0, "otsu": 80.0,
+                   "per_image": [88.0, 92.0], "scales": [0.5, None]}
+    rows = [row, {"label": "x1, whole view", "scale": "whole", "dice": 40.0},
+            {"label": "x1, native pixels in tiles", "scale": 1.0, "dice": 71.5}]
+    assert vessel_native_dice({"scale_tables": {"vascx": {"rows": rows}}}) == 71.5
+    assert vessel_native_dice({}) is None

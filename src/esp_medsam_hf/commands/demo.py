@@ -19,6 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch CPU threads (default 0: torch's choice, one per core)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    parser.add_argument(
+        "--hold-out-group", default=None, metavar="GROUP",
+        help="the cross-lab check: leave this mnfinder acquisition group (a folder, e.g. 2022-10-14_U2OS) out of "
+             "training and test on all its images beside Otsu (not part of the main job)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         summary = run_demo(args.output, quick=args.quick, overwrite=args.overwrite, seed=args.seed,
-                           progress=not args.no_progress, threads=args.threads or None)
+                           progress=not args.no_progress, threads=args.threads or None,
+                           hold_out=args.hold_out_group)
     except (FileExistsError, FileNotFoundError, TrainingDataError, NonFiniteLossError, LocalHubError,
             RuntimeError) as error:
         print(f"esp-medsam demo: error: {error}", file=sys.stderr)

@@ -55,7 +55,12 @@ class TrainingConfig:
         0, which no parameter bag touches; 2-4: also TinyViT stages 1-3 with their bags; 0: none).
     cache_features: with the encoder frozen (``freeze: [encoder]``) or its first stages (``frozen_encoder_stages``),
         encode every training image once per view (``feature_views``: 1-4 of identity, horizontal flip, vertical
-        flip, 180 degree rotation) up to there and train the rest on the stored features.
+        flip, 180 degree rotation) up to there and train the rest on the stored features; with ``zoom``, the views
+        are that many zoom crops per image (:mod:`esp_medsam_hf.training.augment`).
+    zoom: ``{domain: {object_size: [low, high]}}`` (object diameters in input pixels, measured from the masks) or
+        ``{domain: {scale: [low, high]}}`` (input pixels per native pixel): training sees crops of that domain's
+        native-resolution images at a log-uniform random zoom in that range; other domains: whole images, flips.
+    photometric: random gamma, contrast, blur and noise on every training view.
     """
 
     stage: ClassVar[str] = ""
@@ -94,6 +99,8 @@ class TrainingConfig:
     frozen_encoder_stages: int = 0
     cache_features: bool = False
     feature_views: int = 2
+    zoom: dict[str, dict[str, list[float]]] | None = None
+    photometric: bool = False
 
     def __post_init__(self) -> None:
         if self.model_size not in ("official", "tiny"):
@@ -117,8 +124,13 @@ class TrainingConfig:
         if self.cache_features and "encoder" not in expand_freeze(self.freeze) and not self.frozen_encoder_stages:
             raise ValueError("cache_features needs the encoder frozen: add 'encoder' to freeze, or freeze its first "
                              "stages with frozen_encoder_stages")
-        if not 1 <= self.feature_views <= 4:
-            raise ValueError(f"feature_views must be in 1..4, got {self.feature_views}")
+        from .augment import parse_zoom
+
+        parse_zoom(self.zoom)
+        if isinstance(self.feature_views, bool) or not isinstance(self.feature_views, int) or not (
+            1 <= self.feature_views <= (4 if not self.zoom else 1024)
+        ):
+            raise ValueError(f"feature_views must be in 1..4 (1..1024 with zoom), got {self.feature_views!r}")
         self._check_numbers()
 
     def _check_numbers(self) -> None:

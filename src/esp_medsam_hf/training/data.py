@@ -63,14 +63,18 @@ def check_not_empty(datasets: Mapping, split: str) -> None:
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """Rows of several domains' split as (image HxWx3 uint8, mask HxW bool, modality) with optional flips."""
+    """Rows of several domains' split as (image HxWx3 uint8, mask HxW bool, modality) with optional flips, or, with
+    ``scale_augmentation`` (:class:`esp_medsam_hf.training.augment.ScaleAugmentation`), views of the native-resolution
+    rows under random zoom and intensity changes."""
 
-    def __init__(self, datasets: Mapping, split: str, *, augment: bool = False, seed: int = 0):
+    def __init__(self, datasets: Mapping, split: str, *, augment: bool = False, seed: int = 0,
+                 scale_augmentation=None):
         import datasets as hf_datasets
 
         parts = [dataset[split] for dataset in datasets.values()]
         self.rows = hf_datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         self.augment, self.seed, self.epoch = augment, seed, 0
+        self.scale_augmentation = scale_augmentation if augment else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -84,9 +88,22 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.rows[int(index)]
         image, mask = image_to_rgb(row["image"]), mask_to_bool(row["mask"])
-        if self.augment and _rng(self.seed, self.epoch, index).random() < 0.5:
+        if self.scale_augmentation is not None:
+            image, mask = self.scale_augmentation(image, mask, row["domain"], int(index),
+                                                  _rng(self.seed, self.epoch, index))
+        elif self.augment and _rng(self.seed, self.epoch, index).random() < 0.5:
             image, mask = image[:, ::-1], mask[:, ::-1]
         return {"image": np.ascontiguousarray(image), "mask": np.ascontiguousarray(mask), "modality": row["modality"]}
+
+    def scaled_view(self, index: int, view: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(image, mask, modality) of view ``view`` of row ``index`` under the scale augmentation, drawn from
+        (seed, index, view) whatever the epoch: the views a feature cache stores."""
+        if self.scale_augmentation is None:
+            raise ValueError("scaled_view needs a dataset with scale_augmentation (and augment=True)")
+        row = self.rows[int(index)]
+        image, mask = self.scale_augmentation(image_to_rgb(row["image"]), mask_to_bool(row["mask"]), row["domain"],
+                                              int(index), _rng(self.seed, 1 << 20, index, view))
+        return image, mask, int(row["modality"])
 
 
 def skimage_photographs() -> list[Path]:

@@ -66,12 +66,22 @@ class DemoSettings:
     distill_steps: int = 3
     distill_batch_size: int = 2
     espmedsam_learning_rate: float = 2e-4
-    espmedsam_steps: int = 105
+    espmedsam_steps: int = 147
     espmedsam_batch_size: int = 2
     espmedsam_frozen_stages: int = 3
-    espmedsam_views: int = 2
+    espmedsam_views: int = 7
+    nuclei_object_size: tuple[float, float] = (6.0, 40.0)
+    fundus_scale: tuple[float, float] = (0.5, 2.0)
+    photometric: bool = True
     classifier_epochs: int = 60
     classifier_images: int = 3
+
+    def zoom(self) -> dict:
+        """Stage 3's ``zoom``: mnfinder's nuclei 6 to 40 px across in the model's input (a 6.7x span around the
+        16 px that "auto" inference aims for), vascx's photographs at 0.5 to 2x their native pixels (native
+        resolution, where the thin vessels are, in the middle); the synthetic stand-ins keep whole images."""
+        return {"mnfinder": {"object_size": list(self.nuclei_object_size)},
+                "vascx": {"scale": list(self.fundus_scale)}}
 
     @classmethod
     def full(cls) -> "DemoSettings":
@@ -117,8 +127,39 @@ def data_label(image_size: int) -> str:
             f"({image_size} px); the stardist DSB 2018 image (hand-made masks) is a test image only, never trained on")
 
 
-def build_data(output: Path, settings: DemoSettings, seed: int, progress: bool) -> DemoData:
-    """The real domains prepared through ``esp-medsam prepare``'s plain layout, and the synthetic stand-ins."""
+def mnfinder_group(file_name: str) -> str:
+    """The acquisition group of an mnfinder row: the folder of its file (``training/2022-10-14_U2OS/1.png`` ->
+    ``2022-10-14_U2OS``)."""
+    parts = file_name.split("/")
+    return parts[1] if len(parts) == 3 else ""
+
+
+def hold_out_group(mnfinder, group: str) -> tuple:
+    """(mnfinder without the acquisition group ``group`` in any split, the group's images of every split as one
+    test split) for the cross-lab check; an unknown group is an error naming the known ones."""
+    import datasets
+
+    from .data import TrainingDataError
+
+    known = sorted({mnfinder_group(name) for split in mnfinder.values() for name in split["file_name"]})
+    if group not in known:
+        raise TrainingDataError(f"--hold-out-group: mnfinder has no acquisition group {group!r}; its groups: "
+                         f"{', '.join(known)}")
+
+    def keep(inside: bool):
+        return lambda names: [(mnfinder_group(name) == group) == inside for name in names]
+
+    rest = datasets.DatasetDict({split: rows.filter(keep(False), input_columns="file_name", batched=True)
+                                 for split, rows in mnfinder.items()})
+    held = datasets.concatenate_datasets([rows.filter(keep(True), input_columns="file_name", batched=True)
+                                          for rows in mnfinder.values()])
+    return rest, datasets.DatasetDict({"test": held})
+
+
+def build_data(output: Path, settings: DemoSettings, seed: int, progress: bool,
+               hold_out: str | None = None) -> DemoData:
+    """The real domains prepared through ``esp-medsam prepare``'s plain layout, and the synthetic stand-ins;
+    ``hold_out`` (an mnfinder acquisition group) leaves that group out of training and tests on all its images."""
     from ..data.real import archive_dir, prepare_real_domains
     from ..data.synthetic import synthetic_domains
     from .data import load_domains
@@ -127,6 +168,10 @@ def build_data(output: Path, settings: DemoSettings, seed: int, progress: bool) 
     cache = archive_dir().parent / ("real" if settings.real_limit is None else f"real-limit{settings.real_limit}")
     prepare_real_domains(real_names, output / "data", cache=cache, limit=settings.real_limit, progress=progress)
     real = load_domains(str(output / "data"), real_names, splits={"train": 0, "validation": 0, "test": 0})
+    if hold_out is not None:
+        real["mnfinder"], held = hold_out_group(real["mnfinder"], hold_out)
+        real[f"mnfinder-held-out:{hold_out}"] = held
+        real_names.append(f"mnfinder-held-out:{hold_out}")
     splits = {"train": settings.synthetic_train, "validation": 1, "test": settings.synthetic_test}
     source = synthetic_domains(list(SYNTHETIC_SOURCE), splits, seed=seed, size=settings.image_size)
     unseen_names = [n for n in DOMAIN_NAMES if n not in SOURCE_DOMAINS and get_domain(n).modality in
@@ -166,6 +211,7 @@ def stage_configs(output: Path, settings: DemoSettings, seed: int, progress: boo
         epochs=100, max_steps=settings.espmedsam_steps, batch_size=settings.espmedsam_batch_size, lr_decay=0.8,
         frozen_encoder_stages=settings.espmedsam_frozen_stages, cache_features=True,
         feature_views=settings.espmedsam_views, learning_rate=settings.espmedsam_learning_rate,
+        zoom=settings.zoom(), photometric=settings.photometric,
         classifier_domains=["all"], classifier_epochs=settings.classifier_epochs, **common,
     )
     return teacher, distill, espmedsam
@@ -191,6 +237,7 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
     for key in ("num_images", "seconds"):
         report[key] += synthetic[key]
     report["images_per_second"] = report["num_images"] / report["seconds"]
+    report["scale_tables"] = demo_scale_tables(model, processor, data.real_test, report)
     write_report(report, output / "evaluation", cases=cases, data_label=data.label)
     from ..data.baselines import LiteMedSamBoxes
     from ..data.interactive import evaluate_interactive
@@ -201,9 +248,44 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
     return report
 
 
+def demo_scale_tables(model, processor, real_test: dict, report: dict) -> dict:
+    """The scale table (``data.scale_table``) of the real test sets: mnfinder's and DSB's nuclei shown at x0.5, x1,
+    x2 and x4 through the model's default ("auto") scale, Otsu beside each; the fundus photographs at x1 with
+    "auto", the whole view and native pixels in tiles (the vessel Dice at native resolution). The x1 rows are the
+    evaluation's own (``report``: the same images through the same default scale, Otsu beside), not run twice."""
+    from ..data.scale_table import ZOOMS, dataset_pairs, scale_table
+
+    tables = {}
+    for name, extra in (("mnfinder", False), ("dsb-stardist", False), ("vascx", True)):
+        if name not in real_test or not len(real_test[name]["test"]) or name not in report["domains"]:
+            continue
+        pairs, modality = dataset_pairs(real_test[name]["test"])
+        zooms = [zoom for zoom in ZOOMS if zoom != 1.0] if not extra else []
+        table = scale_table(model, processor, pairs, modality, zooms=zooms, extra_views=extra)
+        table["rows"].insert(sum(zoom < 1.0 for zoom in zooms), evaluation_row(report["domains"][name]))
+        tables[name] = table
+    return tables
+
+
+def evaluation_row(domain: dict) -> dict:
+    """A scale-table row (x1, the default scale) from an ``evaluate_model`` domain entry scored beside Otsu."""
+    per_image = domain["per_image"]
+    return {"label": "x1", "scale": "default", "zoom": 1.0, "dice": domain["dice"],
+            "otsu": domain["references"]["otsu"], "per_image": [entry["dice"] for entry in per_image],
+            "scales": [entry.get("scale") for entry in per_image]}
+
+
+def vessel_native_dice(report: dict) -> float | None:
+    """Dice (%) of the fundus vessels segmented at native resolution (tiles at scale 1) in the scale tables."""
+    rows = report.get("scale_tables", {}).get("vascx", {}).get("rows", [])
+    return next((row["dice"] for row in rows if row["scale"] == 1.0), None)
+
+
 def run_demo(output: str | Path, *, quick: bool = False, overwrite: bool = False, seed: int = 0,
-             progress: bool = True, threads: int | None = None) -> dict:
-    """Run the demo into ``output``; returns the summary (also written as summary.json and SUMMARY.md)."""
+             progress: bool = True, threads: int | None = None, hold_out: str | None = None) -> dict:
+    """Run the demo into ``output``; returns the summary (also written as summary.json and SUMMARY.md).
+    ``hold_out``: the cross-lab check, an mnfinder acquisition group (e.g. ``2022-10-14_U2OS``) left out of
+    training and tested on (all its images), beside Otsu."""
     from .stages import run_distill, run_espmedsam, run_teacher
 
     output = Path(output).resolve()
@@ -218,7 +300,7 @@ def run_demo(output: str | Path, *, quick: bool = False, overwrite: bool = False
         return time.perf_counter()
 
     tick = time.perf_counter()
-    data = build_data(output, settings, seed, progress)
+    data = build_data(output, settings, seed, progress, hold_out)
     tick = lap("data", tick)
     teacher_config, distill_config, esp_config = stage_configs(output, settings, seed, progress, threads)
 
@@ -320,6 +402,11 @@ def publish_and_reload(output: Path, releases: list, final_dir: Path) -> tuple[d
     return commits, reload
 
 
+def held_out_group(data: DemoData) -> str | None:
+    """The mnfinder acquisition group this run left out of training (the cross-lab check), or None."""
+    return next((name.split(":", 1)[1] for name in data.real_test if name.startswith("mnfinder-held-out:")), None)
+
+
 def _mean(report: dict, names) -> float:
     values = [report["domains"][n]["dice"] for n in names if n in report["domains"]]
     return float(np.mean(values)) if values else float("nan")
@@ -338,6 +425,7 @@ def demo_summary(output: Path, quick: bool, settings: DemoSettings, timings: dic
         "output": str(output),
         "final_model": str(esp.release_dir),
         "quick": quick,
+        "held_out_group": held_out_group(data),
         "settings": dataclasses.asdict(settings),
         "seconds": round(seconds, 1),
         "timings_s": timings,
@@ -345,6 +433,11 @@ def demo_summary(output: Path, quick: bool, settings: DemoSettings, timings: dic
         "validation_dice": {"teacher": teacher.metrics["validation_dice"], "espmedsam": esp.metrics["validation_dice"]},
         "distillation_mse": distill.metrics,
         "real": real,
+        "scale_tables": {name: {"modality": table["modality"], "images": table["num_images"],
+                                "rows": [{k: row[k] for k in ("label", "scale", "dice", "otsu", "scales")}
+                                         for row in table["rows"]]}
+                         for name, table in report.get("scale_tables", {}).items()},
+        "vessels_native_dice": vessel_native_dice(report),
         "synthetic": {"source_dice": _mean(report, synthetic_source), "unseen_dice": _mean(report, synthetic_unseen),
                       "per_domain_dice": {n: report["domains"][n]["dice"] for n in data.synthetic_test}},
         "modality_classifier": {"train_accuracy": esp.metrics.get("classifier_train_accuracy"),
@@ -373,6 +466,14 @@ def summary_markdown(summary: dict, report: dict) -> str:
         refs = row["references"]
         lines.append(f"| {name} | {row['images']} | **{row['dice']:.2f}** | {refs.get('otsu', float('nan')):.2f} | "
                      f"{refs.get('litemedsam-boxes', float('nan')):.2f} | {row['classifier_accuracy'] or 0:.1f} |")
+    if summary.get("vessels_native_dice") is not None:
+        lines += ["", f"Fundus vessels at native resolution (tiles of native pixels; vessel masks MADE BY VASCX'S "
+                      f"MODELS): Dice **{summary['vessels_native_dice']:.2f}** %."]
+    if report.get("scale_tables"):
+        from ..data.scale_table import scale_table_markdown
+
+        lines += ["", "## Dice at other magnifications (scale table)", "",
+                  scale_table_markdown(report["scale_tables"])]
     synthetic = summary["synthetic"]
     lines += [
         "", f"SYNTHETIC test images: source {synthetic['source_dice']:.2f} %, unseen (zero-shot) "

@@ -90,8 +90,8 @@ def encode(model: EspMedSamModel, pixel_values: torch.Tensor, modality: torch.Lo
 
 class FeatureDataset(torch.utils.data.Dataset):
     """The cached views of a ``SegmentationDataset``'s rows: per item the features at the cache point, pooled
-    classifier features, labels and modality of one view, drawn per epoch from ``(seed, epoch, index)`` (identity
-    only without ``augment``)."""
+    classifier features, labels and modality of one view: each image shows its views in turn, one per epoch, in an
+    order drawn from ``(seed, index)`` (identity only without ``augment``)."""
 
     def __init__(self, features: torch.Tensor, pooled: torch.Tensor, labels: torch.Tensor,
                  modality: torch.Tensor, *, augment: bool, seed: int):
@@ -111,7 +111,9 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         view = 0
         if self.augment and self.num_views > 1:
-            view = int(np.random.default_rng([self.seed, self.epoch, int(index)]).integers(self.num_views))
+            # every view once per num_views epochs, in an order drawn per image from (seed, index)
+            order = np.random.default_rng([self.seed, int(index)]).permutation(self.num_views)
+            view = int(order[self.epoch % self.num_views])
         return {"features": self.features[index, view], "pooled_features": self.pooled[index, view],
                 "labels": self.labels[index, view], "modality": self.modality[index]}
 
@@ -130,26 +132,39 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
     stored in float32 either way."""
     from tqdm.auto import tqdm
 
-    if not 1 <= views <= len(VIEWS):
-        raise ValueError(f"feature_views must be in 1..{len(VIEWS)}, got {views}")
+    scaled = getattr(dataset, "scale_augmentation", None) is not None
+    if views < 1 or (not scaled and views > len(VIEWS)):
+        raise ValueError(f"feature_views must be in 1..{len(VIEWS)} (any number >= 1 with zoom), got {views}")
     check_prefix_frozen(model, frozen_stages)
     # the prefix is frozen: an inference-optimized copy computes its output (the model itself keeps training)
     encoder = copy.deepcopy(model).optimize_for_inference()
     device = next(model.parameters()).device
     batch_size = batch_size or inference_batch_size(device)
-    rows = [dataset.rows[i] for i in range(len(dataset))]
-    items = [(image_to_rgb(row["image"]), mask_to_bool(row["mask"]), int(row["modality"])) for row in rows]
-    jobs = [(i, v) for i in range(len(items)) for v in range(views)]
+    if scaled:
+        def view_of(i: int, v: int) -> tuple[np.ndarray, np.ndarray]:
+            return dataset.scaled_view(i, v)[:2]
+
+        modalities = [int(m) for m in dataset.modalities()]
+    else:
+        rows = [dataset.rows[i] for i in range(len(dataset))]
+        items = [(image_to_rgb(row["image"]), mask_to_bool(row["mask"])) for row in rows]
+        modalities = [int(row["modality"]) for row in rows]
+
+        def view_of(i: int, v: int) -> tuple[np.ndarray, np.ndarray]:
+            return apply_view(items[i][0], VIEWS[v]), apply_view(items[i][1], VIEWS[v])
+
+    jobs = [(i, v) for i in range(len(modalities)) for v in range(views)]
     features: dict[tuple[int, int], torch.Tensor] = {}
     pooled: dict[tuple[int, int], torch.Tensor] = {}
     labels: dict[tuple[int, int], torch.Tensor] = {}
     bar = tqdm(total=len(jobs), desc=desc, unit="view", disable=not progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        images = [apply_view(items[i][0], VIEWS[v]) for i, v in chunk]
-        masks = [apply_view(items[i][1], VIEWS[v]).astype(np.uint8) for i, v in chunk]
+        pairs = [view_of(i, v) for i, v in chunk]
+        images = [image for image, _ in pairs]
+        masks = [mask.astype(np.uint8) for _, mask in pairs]
         inputs = image_processor(images, segmentation_maps=masks, return_tensors="pt")
-        modality = torch.tensor([items[i][2] for i, _ in chunk], device=device)
+        modality = torch.tensor([modalities[i] for i, _ in chunk], device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             feature, pool = encode(encoder, inputs["pixel_values"].to(device), modality, frozen_stages)
         for j, key in enumerate(chunk):
@@ -160,10 +175,10 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
     del encoder
 
     def stacked(table: Mapping) -> torch.Tensor:
-        return torch.stack([torch.stack([table[(i, v)] for v in range(views)]) for i in range(len(items))])
+        return torch.stack([torch.stack([table[(i, v)] for v in range(views)]) for i in range(len(modalities))])
 
-    return FeatureDataset(stacked(features), stacked(pooled), stacked(labels),
-                          torch.tensor([item[2] for item in items]), augment=dataset.augment, seed=dataset.seed)
+    return FeatureDataset(stacked(features), stacked(pooled), stacked(labels), torch.tensor(modalities),
+                          augment=dataset.augment, seed=dataset.seed)
 
 
 class EspMedSamAfterCache(nn.Module):

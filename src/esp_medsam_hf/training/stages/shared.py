@@ -18,6 +18,7 @@ from ...models.esp_medsam.losses import batch_loss
 from ...models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 from ...models.esp_medsam.pipeline_esp_medsam import save_pretrained_with_pipeline
 from ...models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
+from ..augment import training_augmentation
 from ..config import RELEASE, TrainingConfig, resolve_mixed_precision
 from ..data import Collator, SegmentationDataset, check_not_empty, load_domains
 from ..features import EspMedSamAfterCache, cache_features, cached_loss, collate_features
@@ -90,7 +91,8 @@ def segmentation_task(name: str, model: nn.Module, config: TrainingConfig, data:
     task = StageTask(
         name=name,
         model=model,
-        train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed),
+        train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed,
+                                          scale_augmentation=training_augmentation(config, processor.image_processor)),
         collate_fn=Collator(processor.image_processor),
         compute_loss=batch_loss,
         save=lambda m, folder: save_with_processor(m, processor, folder),
@@ -100,12 +102,19 @@ def segmentation_task(name: str, model: nn.Module, config: TrainingConfig, data:
 
 
 
+VALIDATION_ZOOM_VIEWS = 3
+"""With ``zoom``, validation scores this many zoom views of each validation image (drawn once from the seed, no
+photometric change), so that the best checkpoint is the best across object sizes, not at one."""
+
+
 def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig, data: dict,
                         processor: EspMedSamProcessor):
     """(task, processor, data) of a segmentation stage on a frozen encoder prefix's cached features
-    (:mod:`esp_medsam_hf.training.features`); validation Dice (%) on cached validation features at model size."""
+    (:mod:`esp_medsam_hf.training.features`); validation Dice (%) on cached validation features at model size
+    (whole images, or with ``zoom`` ``VALIDATION_ZOOM_VIEWS`` zoom views of each)."""
     point = config.cache_point
-    train_rows = SegmentationDataset(data, "train", augment=config.augment, seed=config.seed)
+    train_rows = SegmentationDataset(data, "train", augment=config.augment, seed=config.seed,
+                                     scale_augmentation=training_augmentation(config, processor.image_processor))
     views = config.feature_views if config.augment else 1
     bf16 = resolve_mixed_precision(config.mixed_precision) == "bf16"
     features = cache_features(model, processor.image_processor, train_rows, views=views, frozen_stages=point,
@@ -113,8 +122,11 @@ def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig
     usable = {n: d for n, d in data.items() if len(d["validation"])}
     validation = None
     if usable and config.validate:
-        rows = SegmentationDataset(usable, "validation")
-        validation = cache_features(model, processor.image_processor, rows, views=1, frozen_stages=point,
+        zoom = training_augmentation(config, processor.image_processor, photometric=False) if config.zoom else None
+        rows = SegmentationDataset(usable, "validation", augment=zoom is not None, seed=config.seed,
+                                   scale_augmentation=zoom)
+        validation = cache_features(model, processor.image_processor, rows,
+                                    views=VALIDATION_ZOOM_VIEWS if zoom is not None else 1, frozen_stages=point,
                                     bf16=bf16, progress=config.progress, desc=f"{name}: encoding validation images")
     trainable = EspMedSamAfterCache(model, point)
 
@@ -124,12 +136,13 @@ def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig
         was_training = module.training
         module.eval()
         scores = []
-        for start in range(0, validation.num_images, 16):
-            logits = module.predict(validation.features[start : start + 16, 0],
-                                    validation.modality[start : start + 16])
-            labels = validation.labels[start : start + 16, 0]
-            masks = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear") > 0
-            scores += [dice_score(m[0].numpy(), l[0].numpy() > 0) for m, l in zip(masks, labels)]
+        for view in range(validation.num_views):
+            for start in range(0, validation.num_images, 16):
+                logits = module.predict(validation.features[start : start + 16, view],
+                                        validation.modality[start : start + 16])
+                labels = validation.labels[start : start + 16, view]
+                masks = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear") > 0
+                scores += [dice_score(m[0].numpy(), l[0].numpy() > 0) for m, l in zip(masks, labels)]
         module.train(was_training)
         return {"dice": float(np.mean(scores))}
 

@@ -1,0 +1,135 @@
+"""Scale augmentation: object sizes measured from masks, zoom crops that give the asked object size, the span of
+sizes a training run sees, photometric changes, seeded views, the options' checks, and a feature cache of zoom
+views that gives the model's own loss."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
+from esp_medsam_hf.training import EspMedSamStageConfig
+from esp_medsam_hf.training.augment import (
+    Photometric,
+    ScaleAugmentation,
+    ZoomRange,
+    object_size,
+    parse_zoom,
+    training_augmentation,
+    zoom_crop,
+)
+from esp_medsam_hf.training.data import SegmentationDataset
+from esp_medsam_hf.training.features import EspMedSamAfterCache, cache_features
+from esp_medsam_hf.training.stages.shared import make_processor
+from esp_medsam_hf.training.stages.student import apply_freeze
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def disks(shape: tuple[int, int], diameter: float, spacing: int, seed: int = 0) -> np.ndarray:
+    """A mask of disks of ``diameter`` px on a grid of ``spacing`` px (jittered by ``seed``)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    mask = np.zeros(shape, bool)
+    for cy in range(spacing // 2, shape[0] - spacing // 2, spacing):
+        for cx in range(spacing // 2, shape[1] - spacing // 2, spacing):
+            jy, jx = rng.uniform(-2, 2, 2)
+            mask |= (yy - cy - jy) ** 2 + (xx - cx - jx) ** 2 <= (diameter / 2) ** 2
+    return mask
+
+
+def test_object_size_is_the_diameter_inference_measures():
+    assert object_size(disks((300, 300), 20, 50)) == pytest.approx(20, abs=1.5)
+    assert object_size(disks((300, 300), 8, 25)) == pytest.approx(8, abs=1.5)
+    assert math.isnan(object_size(np.zeros((10, 10), bool)))
+
+
+@pytest.mark.parametrize("scale", [0.25, 0.5, 1.0, 2.0])
+def test_a_zoom_crop_scales_the_objects(scale):
+    mask = disks((400, 500), 24, 60)
+    image = np.where(mask[..., None], 200, 20).astype(np.uint8).repeat(3, -1)
+    view, labels = zoom_crop(image, mask, scale, 128, np.random.default_rng(0))
+    assert view.shape == (128, 128, 3) and view.dtype == np.uint8 and labels.shape == (128, 128)
+    assert object_size(labels) == pytest.approx(24 * scale, rel=0.15, abs=1.5)
+    # the labels follow the image: bright pixels are foreground
+    assert (view[..., 0][labels] > 110).mean() > 0.9 and (view[..., 0][~labels] < 110).mean() > 0.9
+
+
+def test_a_zoomed_out_image_sits_on_black():
+    mask = disks((100, 60), 10, 30)
+    image = np.full((100, 60, 3), 100, np.uint8)
+    view, labels = zoom_crop(image, mask, 0.5, 128, np.random.default_rng(1))
+    grey = view[..., 0] > 0
+    assert grey.sum() == pytest.approx(50 * 30, rel=0.1)  # the image keeps its aspect ratio
+    assert not labels[~grey].any()
+
+
+def test_views_span_the_object_sizes_asked():
+    mask = disks((768, 869), 26, 70)
+    image = np.where(mask[..., None], 180, 30).astype(np.uint8).repeat(3, -1)
+    augmentation = ScaleAugmentation({"nuclei": ZoomRange("object_size", 6, 40)}, 256)
+    sizes = [object_size(augmentation(image, mask, "nuclei", 0, np.random.default_rng(seed))[1])
+             for seed in range(40)]
+    sizes = np.array([s for s in sizes if math.isfinite(s)])
+    assert sizes.min() < 9 and sizes.max() > 30 and 5 <= sizes.min() and sizes.max() <= 44
+    # log-uniform: about as many views below the geometric middle as above
+    assert 0.25 < (sizes < math.sqrt(6 * 40)).mean() < 0.75
+    first = augmentation(image, mask, "nuclei", 0, np.random.default_rng(3))
+    again = augmentation(image, mask, "nuclei", 0, np.random.default_rng(3))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    # a domain without a zoom keeps the whole image (flipped or not)
+    whole, _ = augmentation(image, mask, "other", 0, np.random.default_rng(0))
+    assert whole.shape == image.shape
+
+
+def test_photometric_changes_are_seeded_and_stay_in_range():
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    photometric = Photometric()
+    changed = [photometric(image, np.random.default_rng(seed)) for seed in range(6)]
+    assert all(c.dtype == np.uint8 and c.shape == image.shape for c in changed)
+    assert np.array_equal(changed[0], photometric(image, np.random.default_rng(0)))
+    assert any(not np.array_equal(c, image) for c in changed)
+
+
+def test_zoom_options_are_checked():
+    assert parse_zoom({"mnfinder": {"object_size": [6, 40]}, "vascx": {"scale": [0.5, 2]}}) == {
+        "mnfinder": ZoomRange("object_size", 6.0, 40.0), "vascx": ZoomRange("scale", 0.5, 2.0)}
+    for bad in ({"x": {"size": [1, 2]}}, {"x": {"scale": [2, 1]}}, {"x": {"scale": [0, 1]}},
+                {"x": {"scale": [1, float("nan")]}}, {"x": {"scale": [1]}}, {"x": [1, 2]}):
+        with pytest.raises(ValueError, match="zoom"):
+            EspMedSamStageConfig(zoom=bad)
+    assert EspMedSamStageConfig(zoom={"x": {"scale": [0.5, 2]}}, feature_views=12).feature_views == 12
+    with pytest.raises(ValueError, match="feature_views"):
+        EspMedSamStageConfig(feature_views=12)
+    assert training_augmentation(EspMedSamStageConfig()) is None
+    assert training_augmentation(EspMedSamStageConfig(photometric=True)).photometric is not None
+
+
+def test_a_cache_of_zoom_views_gives_the_models_own_loss(data):
+    torch.manual_seed(0)
+    model = EspMedSamModel(EspMedSamConfig.tiny(image_size=64))
+    apply_freeze(model, [], frozen_encoder_stages=2)
+    processor = make_processor(64, model.config.modality_names)
+    config = EspMedSamStageConfig(image_size=64, zoom={"dsb": {"scale": [0.5, 2]}}, photometric=True)
+    rows = SegmentationDataset(data, "train", augment=True, seed=0, scale_augmentation=training_augmentation(config))
+    features = cache_features(model, processor.image_processor, rows, views=5, frozen_stages=2, progress=False)
+    assert features.features.shape[:2] == (6, 5)
+    heads = EspMedSamAfterCache(model, 2).eval()
+    index = 4  # a dsb row: zoomed
+    for view in (0, 3):
+        image, mask, modality = rows.scaled_view(index, view)
+        inputs = processor.image_processor([image], segmentation_maps=[mask.astype(np.uint8)], return_tensors="pt")
+        modality = torch.tensor([modality])
+        with torch.no_grad():
+            expected = model(pixel_values=inputs["pixel_values"], modality=modality, labels=inputs["labels"]).loss
+            cached = heads(features.features[index : index + 1, view], features.pooled[index : index + 1, view],
+                           modality, features.labels[index : index + 1, view])
+        torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-5)
+    # every view once in five epochs
+    for item in range(6):
+        shown = set()
+        for epoch in range(5):
+            features.set_epoch(epoch)
+            shown.add(next(v for v in range(5) if torch.equal(features[item]["features"], features.features[item, v])))
+        assert shown == set(range(5))
