@@ -62,65 +62,85 @@ def _summary_line(report) -> str:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def _domains(args: argparse.Namespace) -> list:
+    """The domains the call names: registered names and groups, or one new domain of ``--modality``."""
+    from ..data.domains import GROUPS, custom_domain, get_domain, resolve_domains
+    from ..data.prepare import PreparationError
+
+    if args.modality is None:
+        return resolve_domains(args.domains)
+    if args.synthetic or not args.domains or len(args.domains) != 1 or args.domains[0] in GROUPS:
+        raise PreparationError("--modality names the modality of ONE new domain: pass --domains NAME "
+                               "(your own name) with --data-dir")
+    try:
+        get_domain(args.domains[0])
+        raise PreparationError(f"{args.domains[0]!r} is a registered domain; --modality is for your own "
+                               "data: choose another name")
+    except KeyError:
+        pass
+    return [custom_domain(args.domains[0], args.modality)]
+
+
+def _prepare_synthetic(args: argparse.Namespace, domains: list) -> None:
+    """Write SYNTHETIC stand-ins of ``domains`` (``--synthetic``)."""
     import time
 
-    from ..data.domains import GROUPS, custom_domain, get_domain, resolve_domains
-    from ..data.layouts import LayoutError
-    from ..data.prepare import PreparationError, prepare_domain, write_output
-    from ..data.real import prepare_real_domains
+    from ..data.prepare import write_output
     from ..data.synthetic import DEFAULT_SIZE, synthetic_domain
+
+    size = args.size or DEFAULT_SIZE
+    for domain in domains:
+        start = time.perf_counter()
+        dataset_dict = synthetic_domain(domain.name, args.num_per_split, seed=args.seed, size=size)
+        seconds = time.perf_counter() - start
+        report = {"domain": domain.name, "synthetic": True, "seed": args.seed, "size": size,
+                  "rows": {split: len(ds) for split, ds in dataset_dict.items()}, "seconds": seconds}
+        write_output(dataset_dict, args.output, domain.name, report, overwrite=args.overwrite, synthetic=True)
+        total = sum(report["rows"].values())
+        print(f"{domain.name}: SYNTHETIC, {total} rows, {total / seconds:.1f} images/s")
+
+
+def _prepare_files(args: argparse.Namespace, domains: list) -> None:
+    """Prepare the real domains and ``--data-dir``'s files of the others, and print what each holds."""
+    from ..data.prepare import PreparationError, prepare_domain
+    from ..data.real import prepare_real_domains
+
+    real = [domain for domain in domains if domain.origin == "real"]
+    if not args.domains or (len(real) < len(domains) and not args.data_dir):
+        raise PreparationError("--domains and --data-dir are required (or pass --synthetic; the real "
+                               "domains need no --data-dir)")
+    reports = list(prepare_real_domains([d.name for d in real], args.output, overwrite=args.overwrite,
+                                        size=args.size).values())
+    for domain in domains:
+        if domain.origin == "real":
+            continue
+        _, report = prepare_domain(
+            domain, args.data_dir, args.output, overwrite=args.overwrite, layout=args.layout,
+            strict=args.strict, skip_invalid=args.skip_invalid, mask_threshold=args.mask_threshold,
+            size=args.size, validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
+            split_seed=args.split_seed, keep_metadata=args.keep_metadata,
+        )
+        reports.append(report)
+    for report in reports:
+        print(_summary_line(report))
+        for label, names in (("missing", report.missing), ("unlisted", report.unlisted)):
+            if names:
+                print(f"  {label}: {', '.join(names)}")
+        for skipped in report.skipped:
+            print(f"  skipped {skipped['file_name']}: {skipped['reason']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.layouts import LayoutError
+    from ..data.prepare import PreparationError
     from ..hub import PublishError, push_prepared
 
     try:
-        if args.modality is not None:
-            if args.synthetic or not args.domains or len(args.domains) != 1 or args.domains[0] in GROUPS:
-                raise PreparationError("--modality names the modality of ONE new domain: pass --domains NAME "
-                                       "(your own name) with --data-dir")
-            try:
-                get_domain(args.domains[0])
-                raise PreparationError(f"{args.domains[0]!r} is a registered domain; --modality is for your own "
-                                       "data: choose another name")
-            except KeyError:
-                pass
-            domains = [custom_domain(args.domains[0], args.modality)]
-        else:
-            domains = resolve_domains(args.domains)
+        domains = _domains(args)
         if args.synthetic:
-            size = args.size or DEFAULT_SIZE
-            for domain in domains:
-                start = time.perf_counter()
-                dataset_dict = synthetic_domain(domain.name, args.num_per_split, seed=args.seed, size=size)
-                seconds = time.perf_counter() - start
-                report = {"domain": domain.name, "synthetic": True, "seed": args.seed, "size": size,
-                          "rows": {split: len(ds) for split, ds in dataset_dict.items()}, "seconds": seconds}
-                write_output(dataset_dict, args.output, domain.name, report, overwrite=args.overwrite, synthetic=True)
-                total = sum(report["rows"].values())
-                print(f"{domain.name}: SYNTHETIC, {total} rows, {total / seconds:.1f} images/s")
+            _prepare_synthetic(args, domains)
         elif args.data_dir or not args.push_to_hub:
-            real = [domain for domain in domains if domain.origin == "real"]
-            if not args.domains or (len(real) < len(domains) and not args.data_dir):
-                raise PreparationError("--domains and --data-dir are required (or pass --synthetic; the real "
-                                       "domains need no --data-dir)")
-            reports = list(prepare_real_domains([d.name for d in real], args.output, overwrite=args.overwrite,
-                                                size=args.size).values())
-            for domain in domains:
-                if domain.origin == "real":
-                    continue
-                _, report = prepare_domain(
-                    domain, args.data_dir, args.output, overwrite=args.overwrite, layout=args.layout,
-                    strict=args.strict, skip_invalid=args.skip_invalid, mask_threshold=args.mask_threshold,
-                    size=args.size, validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
-                    split_seed=args.split_seed, keep_metadata=args.keep_metadata,
-                )
-                reports.append(report)
-            for report in reports:
-                print(_summary_line(report))
-                for label, names in (("missing", report.missing), ("unlisted", report.unlisted)):
-                    if names:
-                        print(f"  {label}: {', '.join(names)}")
-                for skipped in report.skipped:
-                    print(f"  skipped {skipped['file_name']}: {skipped['reason']}")
+            _prepare_files(args, domains)
         if args.push_to_hub:
             commit = push_prepared(args.output, args.push_to_hub, token=args.token, private=args.private)
             print(f"pushed {args.output} to {args.push_to_hub}, commit {commit}")

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--gradient-accumulation-steps", type=int)
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16", "auto"),
+                        help="auto: bf16 where the hardware computes it natively, else fp32")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the model for training (accelerate's inductor backend; worth it on GPUs)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
@@ -48,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-checkpoints", type=int, help="periodic checkpoints kept (older ones are deleted)")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run folder")
     parser.add_argument("--report-to", nargs="+", help="accelerate trackers (tensorboard, wandb, ...)")
+    add_stage_arguments(parser)
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of one stage or of the encoder's freezing and caching (see ``add_arguments``)."""
     parser.add_argument("--sam-checkpoint", help="teacher: SAM weights (facebook/sam-vit-b|l|huge or a folder)")
     parser.add_argument("--sam-preset", choices=("vit-b", "vit-l", "vit-h"), help="teacher: SAM encoder size")
     parser.add_argument("--teacher", help=f"distill: the stage-1 teacher folder (default: {DistillConfig.teacher})")
