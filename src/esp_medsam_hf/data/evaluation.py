@@ -83,40 +83,22 @@ def _keep_extremes(extremes: dict, case: dict) -> None:
 
 
 def evaluate_model(
-    model,
-    processor,
-    datasets: Mapping,
-    *,
-    split: str = "test",
-    batch_size: int | None = None,
-    compute_hausdorff: bool = True,
-    given_modality: bool = True,
-    max_images: int | None = None,
-    progress: bool = True,
-    cases: dict | None = None,
-    references: Mapping | None = None,
-    scale=None,
-    target: int | str | None = None,
+    model, processor, datasets: Mapping, *, split: str = "test", batch_size: int | None = None,
+    compute_hausdorff: bool = True, given_modality: bool = True, max_images: int | None = None, progress: bool = True,
+    cases: dict | None = None, references: Mapping | None = None, scale=None, target: int | str | None = None,
 ) -> dict:
-    """Run ``model`` over ``datasets[name][split]`` for every name and score Dice (%) and Hausdorff distance (px).
+    """Run ``model`` over ``datasets[name][split]`` (a Dataset or DatasetDict in the package schema, per report
+    name) and score Dice (%) and Hausdorff distance (px) at the stored mask size.
 
-    ``datasets`` maps a report name (usually the domain) to a Dataset or DatasetDict in the package schema.
-    ``batch_size`` images go through the model at a time (default: ``backends.inference_batch_size``).
-    Each image is decoded with its own modality (``given_modality``, as the official evaluation does) or with the
-    one the model predicts. Masks are compared at the stored mask size (1024 px for data prepared as the paper's).
-    Returns a JSON-ready dict: per domain ``dice``, ``hd``, ``hd95`` (means; HD means over the images where both
-    masks are non-empty, see :mod:`esp_medsam_hf.metrics.functional`), the paper's figures, per-image values, and
-    averages over source and unseen domains. If ``cases`` is a dict it receives, per name, the best and worst
-    image by Dice as ``{"best"|"worst": {"image", "mask", "prediction", "dice", "file_name"}}``.
-    ``references`` maps a reference method's name to ``predict(image, mask, modality name) -> mask`` (see
-    :mod:`.baselines`): each is scored on the same images (``dice_<name>`` per image, ``references`` per domain).
-    ``target`` (one of ``model.config.all_target_names``) decodes that target for every image instead of each
-    image's modality's own.
-    Each image also records the modality the model's classifier picks (``classifier_modality``) and each domain
-    its accuracy (``classifier_accuracy``, %). The model's train/eval mode is restored afterwards.
-    Images go through ``prediction.predict`` with ``scale`` (``None``: the model's saved default, "auto" unless set;
-    "whole", a zoom factor of the native pixels such as 1, or "<n>px"); each image records the scale used
-    (``scale``: the zoom factor of its tiles, ``None`` for the whole view).
+    Images go through ``prediction.predict`` ``batch_size`` at a time (default ``backends.inference_batch_size``),
+    each with its own modality (``given_modality``, as the official evaluation) or the predicted one, or with
+    ``target`` (one of ``config.all_target_names``), at ``scale`` (``None``: the model's saved default; "whole", a
+    zoom factor of the native pixels, or "<n>px"). Returns a JSON-ready dict: per domain ``dice``, ``hd``,
+    ``hd95`` (HD means over images where both masks are non-empty, :mod:`esp_medsam_hf.metrics.functional`), the
+    per-image values with the scale used and the classifier's pick (``classifier_accuracy`` per domain), and means
+    over source and unseen domains. ``cases`` (a dict) receives each name's best and worst image; ``references``
+    maps a method's name to ``predict(image, mask, modality name) -> mask`` (:mod:`.baselines`), scored on the
+    same images. The model's train/eval mode is restored afterwards.
     """
     from tqdm.auto import tqdm
 
@@ -133,46 +115,58 @@ def evaluate_model(
             dataset = _as_split(data, split)
             if max_images is not None:
                 dataset = dataset.select(range(min(max_images, len(dataset))))
-            domain = _domain_of(dataset)
-            per_image: list[dict] = []
-            sizes: set[str] = set()
-            extremes: dict = {}
             bar = tqdm(total=len(dataset), desc=f"evaluate {name}", unit="img", disable=not progress)
-            for batch in dataset.iter(batch_size=batch_size):
-                images = [image_to_rgb(image) for image in batch["image"]]
-                masks = [mask_to_bool(mask) for mask in batch["mask"]]
-                tick = time.perf_counter()
-                prediction = predict(model, processor, images, batch["modality"] if given_modality else None,
-                                     scale=scale, target=target)
-                predictions, picked, used_scales = prediction.masks, prediction.classifier_modality, prediction.scales
-                model_seconds += time.perf_counter() - tick
-                for image, reference, prediction, file_name, modality, guess, used in zip(
-                    images, masks, predictions, batch["file_name"], batch["modality"], picked, used_scales
-                ):
-                    entry = _score_image(image, reference, prediction, modality, guess, references, compute_hausdorff)
-                    entry = {"file_name": file_name, **entry, "scale": used}
-                    sizes.add(f"{reference.shape[0]}x{reference.shape[1]}")
-                    per_image.append(entry)
-                    if cases is not None:
-                        _keep_extremes(extremes, {"image": image, "mask": reference, "prediction": prediction,
-                                                  "dice": entry["dice"], "file_name": file_name})
-                bar.update(len(images))
+            per_image, sizes, extremes, seconds = _evaluate_dataset(
+                model, processor, dataset, bar, batch_size=batch_size, given_modality=given_modality, scale=scale,
+                target=target, references=references, compute_hausdorff=compute_hausdorff,
+                keep_cases=cases is not None,
+            )
             bar.close()
-            total_images += len(per_image)
-            report["domains"][name] = _domain_summary(domain, per_image, compute_hausdorff, list(references or ()))
-            report["domains"][name]["mask_sizes"] = sorted(sizes)
+            model_seconds, total_images = model_seconds + seconds, total_images + len(per_image)
+            summary = _domain_summary(_domain_of(dataset), per_image, compute_hausdorff, list(references or ()))
+            report["domains"][name] = {**summary, "mask_sizes": sorted(sizes)}
             if cases is not None and extremes:
                 cases[name] = extremes
-            logger.info("%s: Dice %.2f%% over %d image(s)", name, report["domains"][name]["dice"], len(per_image))
+            logger.info("%s: Dice %.2f%% over %d image(s)", name, summary["dice"], len(per_image))
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
-    report["num_images"] = total_images
-    report["seconds"] = seconds
-    report["images_per_second"] = total_images / seconds if seconds > 0 else math.nan
-    report["model_images_per_second"] = total_images / model_seconds if model_seconds > 0 else math.nan
-    report["summary"] = _role_summary(report["domains"])
+    report.update(num_images=total_images, seconds=seconds, summary=_role_summary(report["domains"]),
+                  images_per_second=total_images / seconds if seconds > 0 else math.nan,
+                  model_images_per_second=total_images / model_seconds if model_seconds > 0 else math.nan)
     return report
+
+
+def _evaluate_dataset(
+    model, processor, dataset, bar, *, batch_size: int, given_modality: bool, scale, target, references,
+    compute_hausdorff: bool, keep_cases: bool,
+) -> tuple[list[dict], set[str], dict, float]:
+    """One domain's images through ``prediction.predict`` and scored: (per-image entries, mask sizes, best and
+    worst cases when ``keep_cases``, seconds spent in the model). ``bar`` advances by each batch."""
+    per_image: list[dict] = []
+    sizes: set[str] = set()
+    extremes: dict = {}
+    model_seconds = 0.0
+    for batch in dataset.iter(batch_size=batch_size):
+        images = [image_to_rgb(image) for image in batch["image"]]
+        masks = [mask_to_bool(mask) for mask in batch["mask"]]
+        tick = time.perf_counter()
+        prediction = predict(model, processor, images, batch["modality"] if given_modality else None,
+                             scale=scale, target=target)
+        predictions, picked, used_scales = prediction.masks, prediction.classifier_modality, prediction.scales
+        model_seconds += time.perf_counter() - tick
+        for image, reference, prediction, file_name, modality, guess, used in zip(
+            images, masks, predictions, batch["file_name"], batch["modality"], picked, used_scales
+        ):
+            entry = _score_image(image, reference, prediction, modality, guess, references, compute_hausdorff)
+            entry = {"file_name": file_name, **entry, "scale": used}
+            sizes.add(f"{reference.shape[0]}x{reference.shape[1]}")
+            per_image.append(entry)
+            if keep_cases:
+                _keep_extremes(extremes, {"image": image, "mask": reference, "prediction": prediction,
+                                          "dice": entry["dice"], "file_name": file_name})
+        bar.update(len(images))
+    return per_image, sizes, extremes, model_seconds
 
 
 def _domain_summary(domain: str, per_image: list[dict], compute_hausdorff: bool, references: list[str]) -> dict:
