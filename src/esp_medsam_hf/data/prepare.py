@@ -291,20 +291,18 @@ def _generate_splits(
     return result
 
 
+def _find_items(data_dir: Path, domain: str, layout: str | None) -> tuple[Layout, dict[str, SourceItem]]:
+    """The layout of ``data_dir`` (``layout`` by name, else detected) and the items it finds for ``domain``."""
+    if layout is None:
+        return detect_layout(data_dir, domain)
+    chosen = get_layout(domain, layout)
+    return chosen, chosen.find(data_dir, domain)
+
+
 def build_domain(
-    domain: str | Domain,
-    data_dir: str | Path,
-    *,
-    cache_dir: str | Path,
-    layout: str | None = None,
-    strict: bool = False,
-    skip_invalid: bool = False,
-    mask_threshold: float | None = None,
-    size: int | None = None,
-    progress: bool = True,
-    validation_fraction: float = 0.1,
-    test_fraction: float = 0.2,
-    split_seed: int = 0,
+    domain: str | Domain, data_dir: str | Path, *, cache_dir: str | Path, layout: str | None = None,
+    strict: bool = False, skip_invalid: bool = False, mask_threshold: float | None = None, size: int | None = None,
+    progress: bool = True, validation_fraction: float = 0.1, test_fraction: float = 0.2, split_seed: int = 0,
     keep_metadata: bool = False,
 ):
     """Build the ``DatasetDict`` (train/validation/test) of one domain from a folder in an accepted layout.
@@ -323,12 +321,7 @@ def build_domain(
     spec = domain if isinstance(domain, Domain) else get_domain(domain)
     domain = spec.name
     data_dir = Path(data_dir)
-    chosen: Layout
-    if layout is None:
-        chosen, items = detect_layout(data_dir, domain)
-    else:
-        chosen = get_layout(domain, layout)
-        items = chosen.find(data_dir, domain)
+    chosen, items = _find_items(data_dir, domain, layout)
     report = PreparationReport(domain, chosen.name, str(data_dir))
     split_options = {"validation_fraction": validation_fraction, "test_fraction": test_fraction, "seed": split_seed}
     splits = _split_items(spec, items, report, strict, split_options)
