@@ -247,6 +247,31 @@ ALLOWED_MISSING_PREFIXES = ("modality_classifier.", "prompt_encoder.")
 point/box embeddings (kept where the checkpoint has them with fitting shapes)."""
 
 
+def _check_mergeable(
+    reference: Mapping[str, torch.Tensor], shared: Mapping[str, torch.Tensor], path: str | Path, source: str
+) -> None:
+    """Two checkpoints merge only when their shared weights are equal; a ``ValueError`` names the tensors that
+    differ."""
+    differing = sorted(
+        key for key in set(reference) | set(shared)
+        if key not in reference or key not in shared or not torch.equal(reference[key], shared[key])
+    )
+    if differing:
+        raise ValueError(f"cannot merge {path} with {source}: their shared weights differ in {len(differing)} "
+                         f"tensors: {', '.join(differing)}")
+
+
+def _check_missing(missing: list[str], bags: Mapping[int, dict], source: str) -> list[int]:
+    """Refuse keys a converted model lacks other than the allowed ones and the bags of modalities without a
+    checkpoint; returns those modalities' indices (their bags keep their initialisation)."""
+    bag_prefix = "modality_controller.bags."
+    not_allowed = [k for k in missing if not k.startswith(ALLOWED_MISSING_PREFIXES) and not k.startswith(bag_prefix)]
+    not_allowed += [k for k in missing if k.startswith(bag_prefix) and int(k.split(".")[2]) in bags]
+    if not_allowed:
+        raise CheckpointKeyError(f"{source}: missing keys: {', '.join(not_allowed)}")
+    return sorted({int(k.split(".")[2]) for k in missing if k.startswith(bag_prefix)})
+
+
 def convert_original_checkpoints(
     checkpoints: Mapping[str | None, str | Path], config: EspMedSamConfig | None = None
 ) -> tuple[EspMedSamModel, ConversionReport]:
@@ -277,16 +302,7 @@ def convert_original_checkpoints(
             shared_ref, ref_source = shared, str(path)
             report.dropped = dropped
         else:
-            differing = sorted(
-                key
-                for key in set(shared_ref) | set(shared)
-                if key not in shared_ref or key not in shared or not torch.equal(shared_ref[key], shared[key])
-            )
-            if differing:
-                raise ValueError(
-                    f"cannot merge {path} with {ref_source}: their shared weights differ in "
-                    f"{len(differing)} tensors: {', '.join(differing)}"
-                )
+            _check_mergeable(shared_ref, shared, path, ref_source)
         if modality is None:
             for index in range(config.num_modalities):
                 bags[index] = bag
@@ -298,19 +314,7 @@ def convert_original_checkpoints(
         weights.update({f"modality_controller.bags.{index}.{key}": value for key, value in bag.items()})
     drop_unfitting_prompt_encoder(model, weights, report)
     missing = _load_into(model, weights, ref_source)
-    not_allowed = [
-        key
-        for key in missing
-        if not key.startswith(ALLOWED_MISSING_PREFIXES) and not key.startswith("modality_controller.bags.")
-    ]
-    if not_allowed:
-        raise CheckpointKeyError(f"{ref_source}: missing keys: {', '.join(not_allowed)}")
-    untouched_bags = sorted({int(k.split(".")[2]) for k in missing if k.startswith("modality_controller.bags.")})
-    bag_keys_missing = [
-        k for k in missing if k.startswith("modality_controller.bags.") and int(k.split(".")[2]) in bags
-    ]
-    if bag_keys_missing:
-        raise CheckpointKeyError(f"{ref_source}: missing keys: {', '.join(bag_keys_missing)}")
+    untouched_bags = _check_missing(missing, bags, ref_source)
     report.converted = sorted(weights)
     report.not_in_checkpoint = [k for k in missing if k.startswith(ALLOWED_MISSING_PREFIXES)]
     if untouched_bags:
