@@ -35,7 +35,11 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def initial_model() -> EspMedSamModel:
     torch.manual_seed(0)
-    return EspMedSamModel(EspMedSamConfig.tiny(image_size=SIZE)).eval().fuse_batchnorm().train()
+    model = EspMedSamModel(EspMedSamConfig.tiny(image_size=SIZE)).eval().fuse_batchnorm().train()
+    # as the stages' apply_freeze: prompt-free training never runs the prompt encoder, and DDP needs every trainable
+    # parameter to get a gradient
+    model.prompt_encoder.requires_grad_(False)
+    return model
 
 
 def save(model: torch.nn.Module, folder: Path) -> None:

@@ -223,7 +223,7 @@ def build_user_path(settings: BenchmarkSettings, workdir: Path) -> Candidate:
     """ESP-MedSAM as the entry points run it: the model in its loaded state (SDPA attention, BatchNorm unfused,
     fp32 weights) through ``backends.run_inference`` with the backend it resolves; a bf16 row runs under autocast
     on the eager backend, as a user's autocast would."""
-    from .. import backends
+    from ..models.esp_medsam import backends
     from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 
     config = esp_medsam_config(settings)

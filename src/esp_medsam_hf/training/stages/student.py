@@ -56,12 +56,15 @@ def student_processor(model: EspMedSamModel, init_from: str | None) -> EspMedSam
 
 
 def apply_freeze(model: EspMedSamModel, names: list[str], frozen_encoder_stages: int = 0) -> None:
-    """Everything trains except the parts ``names`` lists (see ``training.config.FREEZABLE``) and the encoder's
-    first ``frozen_encoder_stages`` stages with their bags."""
+    """Everything trains except the parts ``names`` lists (see ``training.config.FREEZABLE``), the encoder's first
+    ``frozen_encoder_stages`` stages with their bags, and the prompt encoder."""
     parts = {"aggregator": model.aggregator, "bags": model.modality_controller,
              "prompt_generator": model.prompt_generator, "mask_decoder": model.mask_decoder,
              "modality_classifier": model.modality_classifier}
     model.requires_grad_(True)
+    # Prompt-free training never runs SAM's prompt encoder (prompted training is not built yet): a parameter that
+    # gets no gradient would leave distributed data parallel's reduction waiting.
+    model.prompt_encoder.requires_grad_(False)
     for name in expand_freeze(names) - {"encoder"}:
         parts[name].requires_grad_(False)
     if frozen_encoder_stages:
