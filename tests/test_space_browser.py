@@ -136,7 +136,8 @@ def test_api_dicom_and_rejected_files(app_url, tmp_path):
     overlay, mask_image, label, summary, mask_png = client.predict(
         handle_file(str(dicom)), "automatic", api_name="/segment"
     )
-    assert label["label"] == "x-ray" and [c["label"] for c in label["confidences"]] == ["x-ray"]
+    # the label is the classifier's own distribution over the six modalities, whatever the modality's source
+    assert sorted(c["label"] for c in label["confidences"]) == sorted(MODALITIES)
     assert "x-ray (from the DICOM Modality tag" in summary
     for path in (overlay, mask_png):
         assert Image.open(path).size == (header.Columns, header.Rows)
