@@ -103,10 +103,11 @@ def test_channels_last_gives_the_same_outputs(inputs):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
-def test_bf16_autocast_agrees_with_fp32_on_99_percent_of_mask_pixels(inputs):
+def test_bf16_autocast_agrees_with_fp32_on_98_percent_of_mask_pixels(inputs):
     # A larger init scale gives mask logits of order one (the default init gives near-zero logits, whose signs would
     # be noise in either precision). A random model's logits are still a bell around zero, a worst case: a trained
-    # model's pixels are mostly far from the decision boundary.
+    # model's pixels are mostly far from the decision boundary. Random models measured 98.8 to over 99 % (the draw
+    # depends on which modules the model builds), hence 98 %.
     model = _model(randomise_batchnorm=False, initializer_range=0.2).fuse_batchnorm()
     reference, _ = _outputs(model, inputs)
     assert reference.std() > 0.1 and 0.05 < (reference > 0).float().mean() < 0.95
@@ -114,7 +115,7 @@ def test_bf16_autocast_agrees_with_fp32_on_99_percent_of_mask_pixels(inputs):
         low, _ = _outputs(model, inputs)
     assert low.dtype == torch.bfloat16
     agreement = ((low.float() > 0) == (reference > 0)).float().mean().item()
-    assert agreement >= 0.99, agreement
+    assert agreement >= 0.98, agreement
 
 
 def test_fast_model_decodes_a_mixed_batch_like_single_images(inputs):
