@@ -64,7 +64,8 @@ def test_browser_upload_segment_and_download(app_url, nuclei_png):
                 "request",
                 lambda request: request.url.startswith((app_url, "data:", "blob:")) or external.append(request.url),
             )
-            page.goto(app_url, wait_until="networkidle")
+            # "load", not "networkidle": the click-to-correct state keeps Gradio's session heartbeat connection open
+            page.goto(app_url, wait_until="load")
             run = page.get_by_role("button", name="Segment")
             expect(run).to_be_visible()
             expect(page.locator("#model-info")).to_contain_text("tiny-model")
