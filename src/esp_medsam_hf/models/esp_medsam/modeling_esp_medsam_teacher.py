@@ -268,12 +268,14 @@ class EspMedSamTeacherModel(EspMedSamTeacherPreTrainedModel):
         pixel_values: torch.FloatTensor,
         modality: torch.LongTensor | None,
         labels: torch.FloatTensor | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         output_attentions: bool | None = None,
     ) -> EspMedSamOutput:
         """The forward after the input checks (see ``EspMedSamModelMixin.forward``); the modality is required. With
         ``output_hidden_states`` / ``output_attentions`` (or the config's) also the encoder's hidden states and
-        attention weights, as SAM's vision encoder gives them."""
+        attention weights, as SAM's vision encoder gives them. A list of indices for ``output_hidden_states`` keeps
+        those states (negative ones count from the end) and leaves ``None`` in the other places, as transformers'
+        output capture does."""
         if modality is None:
             raise ValueError("the teacher needs the modality of every image (it has no modality classifier)")
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -281,6 +283,9 @@ class EspMedSamTeacherModel(EspMedSamTeacherPreTrainedModel):
         hidden_states = [] if output_hidden_states else None
         attentions = [] if output_attentions else None
         embeddings = self.get_image_embeddings(pixel_values, hidden_states=hidden_states, attentions=attentions)
+        if hidden_states is not None and not isinstance(output_hidden_states, bool):
+            kept = {index % len(hidden_states) for index in output_hidden_states}
+            hidden_states = [state if index in kept else None for index, state in enumerate(hidden_states)]
         return self.decode_embeddings(
             embeddings, modality, labels,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
