@@ -27,6 +27,7 @@ connection closed.
 ``python -m esp_medsam_hf.testing.localhub.server --root DIR --port P --olah-socket PATH --token-file FILE``.
 """
 
+from __future__ import annotations
 
 import argparse
 import logging
