@@ -133,3 +133,24 @@ def test_a_cache_of_zoom_views_gives_the_models_own_loss(data):
             features.set_epoch(epoch)
             shown.add(next(v for v in range(5) if torch.equal(features[item]["features"], features.features[item, v])))
         assert shown == set(range(5))
+
+
+def test_a_partial_field_is_a_small_patch_at_the_scale_asked():
+    mask = disks((400, 500), 24, 60)
+    image = np.where(mask[..., None], 200, 20).astype(np.uint8).repeat(3, -1)
+    view, labels = zoom_crop(image, mask, 0.5, 128, np.random.default_rng(0), field=(0.5, 0.75))
+    content = view[..., 0] > 0
+    rows, cols = np.nonzero(content)
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (64, 96)  # the share of each side
+    assert not labels[~content].any()
+    assert object_size(labels) == pytest.approx(24 * 0.5, rel=0.2, abs=1.5)  # objects keep the scale asked
+
+
+def test_some_views_cover_only_part_of_the_input():
+    mask = disks((768, 869), 26, 70)
+    image = np.where(mask[..., None], 180, 30).astype(np.uint8).repeat(3, -1)
+    augmentation = ScaleAugmentation({"nuclei": ZoomRange("object_size", 20, 30)}, 256)
+    filled = [(augmentation(image, mask, "nuclei", 0, np.random.default_rng(seed))[0][..., 0] > 0).mean()
+              for seed in range(40)]
+    partial = np.mean([share < 0.95 for share in filled])
+    assert 0.1 < partial < 0.45  # about PARTIAL_VIEW_SHARE of the views, though the image fills the input

@@ -9,7 +9,11 @@ scale 1). The scale of each crop is drawn log-uniformly, so every octave of obje
 A crop shows ``size / scale`` native pixels resized to the model input (antialiased bilinear, the image
 processor's resampling); an image smaller than that at this scale is placed at a random position on a canvas of
 the colour that the image processor's normalisation maps to 0 (inference pads its whole views and tiles with zeros
-after normalisation), keeping its aspect ratio, as inference does. Half the crops are centred on a
+after normalisation), keeping its aspect ratio, as inference does. A quarter of the crops
+(``PARTIAL_VIEW_SHARE``) cover only part of the view, 30 % to 100 % of each side, on that canvas: an image that is
+small for its objects' size (a user's crop, a zoomed-in field) reaches inference as a small patch on zero padding,
+whatever the objects' size, and without these views training would show such a canvas only with the smallest
+objects. Half the crops are centred on a
 foreground pixel, so that sparse objects are not mostly missed at high zoom (nnU-Net oversamples foreground for
 the same reason). Randomness comes from the caller's generator, seeded by (seed, image, view) or (seed, epoch,
 image), so runs and resumed runs see the same crops.
@@ -28,6 +32,9 @@ import torch.nn.functional as F
 from ..models.esp_medsam.prediction import estimate_object_size
 
 ZOOM_KINDS = ("object_size", "scale")
+PARTIAL_VIEW_SHARE = 0.25
+"""Share of the zoom crops that fill only part of the view (each side 30 % to 100 % of it)."""
+PARTIAL_VIEW_SIDES = (0.3, 1.0)
 
 
 @dataclass(frozen=True)
@@ -98,13 +105,15 @@ def _crop_origin(rng: np.random.Generator, mask: np.ndarray, extent: tuple[int, 
 
 
 def zoom_crop(image: np.ndarray, mask: np.ndarray, scale: float, size: int, rng: np.random.Generator,
-              foreground_share: float = 0.5, fill: tuple[int, int, int] = (0, 0, 0)) -> tuple[np.ndarray, np.ndarray]:
+              foreground_share: float = 0.5, fill: tuple[int, int, int] = (0, 0, 0),
+              field: tuple[float, float] = (1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
     """A ``size`` x ``size`` view of ``image`` (H x W x 3 uint8) and ``mask`` (H x W bool) at ``scale`` input pixels
-    per native pixel, with a random horizontal and vertical flip. Where the scaled image is smaller than ``size``
-    it sits at a random position on a canvas of colour ``fill``; the mask is resized like the image processor's
-    labels (the share of foreground under each new pixel, kept at >= 0.5)."""
+    per native pixel, with a random horizontal and vertical flip. The crop covers ``field`` (height, width shares)
+    of the view's sides; where it, or the scaled image, is smaller than ``size`` it sits at a random position on a
+    canvas of colour ``fill``. The mask is resized like the image processor's labels (the share of foreground under
+    each new pixel, kept at >= 0.5)."""
     height, width = mask.shape
-    extent = (min(height, max(1, round(size / scale))), min(width, max(1, round(size / scale))))
+    extent = (min(height, max(1, round(size * field[0] / scale))), min(width, max(1, round(size * field[1] / scale))))
     top, left = _crop_origin(rng, mask, extent, foreground_share)
     window = (slice(top, top + extent[0]), slice(left, left + extent[1]))
     out = (min(size, max(1, round(extent[0] * scale))), min(size, max(1, round(extent[1] * scale))))
@@ -193,7 +202,9 @@ class ScaleAugmentation:
                 scale = self.zoom[domain].draw_scale(rng, reference)
             else:  # no object to size: the whole image
                 scale = self.size / max(mask.shape)
-            image, mask = zoom_crop(image, mask, scale, self.size, rng, fill=self.fill)
+            field = (tuple(rng.uniform(*PARTIAL_VIEW_SIDES, size=2)) if rng.random() < PARTIAL_VIEW_SHARE
+                     else (1.0, 1.0))
+            image, mask = zoom_crop(image, mask, scale, self.size, rng, fill=self.fill, field=field)
         else:
             if rng.random() < 0.5:
                 image, mask = image[:, ::-1], mask[:, ::-1]
