@@ -84,6 +84,9 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-all", dest="only_new_target", action="store_false", default=None,
                         help="with --new-target: also train the shared parts (default: only the new target's bag "
                              "and query, so the other targets stay bit-identical)")
+    parser.add_argument("--no-calibrate-object-size", dest="calibrate_object_size", action="store_false",
+                        default=None, help="espmedsam: keep the image processor's object size instead of choosing "
+                                           "it on the validation images of the --zoom object-size domains")
     parser.add_argument("--push-to-hub", metavar="REPO", help="publish the stage to REPO on its branch when done")
     parser.add_argument("--also-main", action="store_true", help="with --push-to-hub: also publish it as main")
 
@@ -97,7 +100,7 @@ OPTION_NAMES = (
 STAGE_OPTION_NAMES = {
     "teacher": ("sam_checkpoint", "sam_preset", "init_from"),
     "distill": ("teacher", "natural_images", "init_from", "intensity_augment"),
-    "espmedsam": ("init_from", "new_target", "target_modality", "only_new_target"),
+    "espmedsam": ("init_from", "new_target", "target_modality", "only_new_target", "calibrate_object_size"),
 }
 
 

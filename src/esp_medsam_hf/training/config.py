@@ -268,6 +268,8 @@ class EspMedSamStageConfig(TrainingConfig):
         train on the domains as that target.
     only_new_target: with ``new_target``, train only the new target's bag and query (the default), so every other
         target of the model stays bit-identical; False trains what ``freeze`` leaves.
+    calibrate_object_size: with ``zoom`` object-size domains, choose the release's "auto" inference object size on
+        their validation images (``training.calibration``); False keeps the image processor's.
     """
 
     stage: ClassVar[str] = "espmedsam"
@@ -278,6 +280,7 @@ class EspMedSamStageConfig(TrainingConfig):
     new_target: str | None = None
     target_modality: str | None = None
     only_new_target: bool = True
+    calibrate_object_size: bool = True
 
     def __post_init__(self):
         super().__post_init__()

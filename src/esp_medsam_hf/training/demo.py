@@ -220,7 +220,7 @@ def stage_configs(output: Path, settings: DemoSettings, seed: int, progress: boo
 def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool) -> dict:
     """Dice/HD of the final model on the real test images (beside Otsu and LiteMedSAM with ground-truth boxes) and
     on the synthetic test images; the report in ``output/evaluation``."""
-    from ..data.baselines import reference_methods
+    from ..data.baselines import LiteMedSamBoxes, reference_methods
     from ..data.evaluation import evaluate_model, write_report
     from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
     from ..models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
@@ -228,8 +228,9 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
     model = EspMedSamModel.from_pretrained(model_dir).optimize_for_inference()
     processor = EspMedSamProcessor.from_pretrained(model_dir)
     cases: dict = {}
+    litemedsam = LiteMedSamBoxes()  # one instance: the interactive report reuses the evaluation's box masks
     report = evaluate_model(model, processor, data.real_test, split="test", cases=cases, progress=progress,
-                            references=reference_methods())
+                            references=reference_methods(litemedsam=litemedsam))
     synthetic = evaluate_model(model, processor, data.synthetic_test, split="test", cases=cases, progress=progress,
                                references=reference_methods(("otsu",)))
     report["domains"].update(synthetic["domains"])
@@ -239,11 +240,10 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
     report["images_per_second"] = report["num_images"] / report["seconds"]
     report["scale_tables"] = demo_scale_tables(model, processor, data.real_test, report)
     write_report(report, output / "evaluation", cases=cases, data_label=data.label)
-    from ..data.baselines import LiteMedSamBoxes
     from ..data.interactive import evaluate_interactive
 
     # Prompts on the real test images: one GT box per object beside LiteMedSAM's, and the click curve.
-    evaluate_interactive(model, processor, data.real_test, output / "evaluation", litemedsam=LiteMedSamBoxes(),
+    evaluate_interactive(model, processor, data.real_test, output / "evaluation", litemedsam=litemedsam,
                          progress=progress)
     return report
 

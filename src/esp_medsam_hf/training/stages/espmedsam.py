@@ -4,6 +4,7 @@ trains jointly through the model's loss, and may be fitted again alone on more d
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from ..data import check_not_empty, load_domains
 from ..features import FeatureDataset
 from ..loop import train
 from .modality_classifier import fit_modality_classifier
+from ..augment import parse_zoom
+from ..calibration import calibrate_object_size
 from ..targets import TargetTraining, prepare_target
 from .shared import (StageResult, cached_feature_task, dice_validation, save_with_processor, segmentation_task,
                      source_data, write_release)
@@ -72,12 +75,37 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
         known = (cache.pooled.flatten(0, 1), cache.modality.repeat_interleave(cache.num_views))
         classifier_data = {name: domain for name, domain in classifier_data.items() if name not in data}
 
-    def fit_classifier(staging: Path) -> None:
+    def build(staging: Path) -> None:
         fitted.update(_fit_classifier_into(config, chosen, staging, processor, classifier_data, known))
+        fitted.update(_calibrate_into(config, chosen, staging, processor, data))
 
-    release = write_release(chosen, Path(config.output_dir), fit_classifier)
+    release = write_release(chosen, Path(config.output_dir), build)
     metrics.update(fitted)
     return StageResult("espmedsam", release, [result], metrics)
+
+
+def _calibrate_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, processor: EspMedSamProcessor,
+                    data: dict) -> dict:
+    """Choose the "auto" object size on the validation images (``training.calibration``) when asked and the
+    ``zoom`` has object-size domains; the processor in ``staging`` (a copy of ``chosen`` if nothing is there yet)
+    gets it. Returns the metrics (``object_size`` and each candidate's validation Dice)."""
+    zoom = {name: spec for name, spec in parse_zoom(config.zoom).items() if spec.kind == "object_size"}
+    if not (config.calibrate_object_size and zoom and config.new_target is None):
+        return {}
+    if not (staging / "config.json").is_file():
+        shutil.copytree(chosen, staging, dirs_exist_ok=True)
+    model = EspMedSamModel.from_pretrained(staging).optimize_for_inference()
+    with torch.no_grad():
+        found = calibrate_object_size(model, processor, data, zoom)
+    if found is None:
+        return {}
+    processor.image_processor.object_size = found["object_size"]
+    processor.save_pretrained(staging)
+    processor.image_processor.save_pretrained(staging)
+    logger.info("auto inference object size: %.1f px (validation Dice %s)", found["object_size"],
+                ", ".join(f"{size:g} px {dice:.2f}%" for size, dice in found["candidates"].items()))
+    return {"object_size": found["object_size"],
+            "object_size_validation_dice": {f"{size:g}": dice for size, dice in found["candidates"].items()}}
 
 
 def _fit_classifier_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, processor: EspMedSamProcessor,

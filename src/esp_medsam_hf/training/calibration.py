@@ -1,0 +1,84 @@
+"""The object size that "auto" inference aims for, chosen on the validation images after training.
+
+Training shows each object-size domain at sizes drawn log-uniformly from a range (``zoom: {object_size: [6, 40]}``),
+and "auto" inference rescales an image so that its objects reach the image processor's ``object_size``. The middle
+of the training range is a guess: Dice weighs a one-pixel boundary error less on a larger object, so a model is
+often most accurate in the upper part of the range it learnt. Which size suits the trained model is measured, not
+assumed: the validation images of those domains, shown at two magnifications (``scale_table.zoom_view``: centre
+crops of 1/2 and 1/4 of the side, which "auto" rescales, as it does any image whose objects are off-size), are
+segmented with each candidate size, and the smallest size whose mean Dice is within ``TOLERANCE`` points of the
+best is saved with the release: a larger size means more tiles per image (the area grows with its square), so a
+size that gains nothing measurable is not worth its time. Only validation images are used; the test images never
+choose it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ..data.scale_table import dataset_pairs, zoom_view
+from ..metrics.functional import dice_score
+from ..models.esp_medsam.prediction import predict
+from .augment import ZoomRange
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_ZOOMS = (2.0, 4.0)
+"""The magnifications of each validation image the candidates are scored on."""
+TOLERANCE = 0.25
+"""Dice points (mean over the views) within which a smaller, cheaper size is preferred to the best."""
+CANDIDATES = 4
+"""Number of candidate sizes, log-spaced from the middle of the training range to 0.8 of its top."""
+
+
+def candidate_sizes(ranges: Sequence[ZoomRange], count: int = CANDIDATES) -> list[float]:
+    """Log-spaced sizes from the geometric middle of the object-size ranges to 0.8 of their top (objects at the
+    very top of the range would leave a view no margin to grow); one size if the range is a single value."""
+    low = max(r.low for r in ranges)
+    high = min(r.high for r in ranges)
+    middle = math.sqrt(low * high)
+    top = max(middle, 0.8 * high)
+    if math.isclose(middle, top):
+        return [round(middle, 1)]
+    return [round(float(size), 1) for size in np.geomspace(middle, top, count)]
+
+
+def calibrate_object_size(model, processor, data: Mapping[str, Mapping], zoom: Mapping[str, ZoomRange],
+                          split: str = "validation") -> dict | None:
+    """Choose the image processor's ``object_size`` on ``split`` of the object-size domains of ``zoom``.
+
+    Returns ``{"object_size", "candidates": {size: mean Dice %}, "images", "views"}``, or ``None`` when no such
+    domain has images in ``split``. ``processor`` is left unchanged; the caller saves the chosen size. Ties go to
+    the smaller size (the middle of the training range)."""
+    ranges = {name: spec for name, spec in zoom.items() if spec.kind == "object_size"}
+    pairs, modalities = [], []
+    for name in ranges:
+        if name in data and split in data[name] and len(data[name][split]):
+            found, modality = dataset_pairs(data[name][split])
+            pairs += found
+            modalities += [modality] * len(found)
+    if not pairs:
+        logger.info("object size not calibrated: no %s images in %s", split, ", ".join(ranges) or "any domain")
+        return None
+    candidates = candidate_sizes(list(ranges.values()))
+    views = [(zoom_view(image, mask, factor), modality) for (image, mask), modality in zip(pairs, modalities)
+             for factor in CALIBRATION_ZOOMS]
+    trial = copy.deepcopy(processor)
+    scores = {}
+    for size in candidates:
+        trial.image_processor.object_size = size
+        dice = [dice_score(predict(model, trial, [view], modality, scale="auto").masks[0], reference)
+                for (view, reference), modality in views]
+        scores[size] = float(np.mean(dice))
+        logger.info("object size %.1f px: validation Dice %.2f%% over %d views", size, scores[size], len(views))
+    top = max(scores.values())
+    best = min(size for size in candidates if scores[size] >= top - TOLERANCE)
+    return {"object_size": best, "candidates": scores, "images": len(pairs), "views": len(views)}
+
+
+__all__ = ["CALIBRATION_ZOOMS", "CANDIDATES", "TOLERANCE", "calibrate_object_size", "candidate_sizes"]

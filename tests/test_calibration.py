@@ -1,0 +1,98 @@
+"""The "auto" object size chosen on validation images after stage 3 (training.calibration): the candidates span
+the upper half of the training range, the smallest size within the tolerance of the best validation Dice wins,
+test images are never used, and a stage-3 release carries the chosen size in its image processor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from datasets import Dataset, DatasetDict
+
+from esp_medsam_hf.data.synthetic import synthetic_domains
+from esp_medsam_hf.training import EspMedSamStageConfig
+from esp_medsam_hf.training import calibration
+from esp_medsam_hf.training.augment import ZoomRange
+from esp_medsam_hf.training.calibration import calibrate_object_size, candidate_sizes
+from esp_medsam_hf.training.stages import run_espmedsam
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_candidates_run_from_the_middle_to_near_the_top_of_the_range():
+    sizes = candidate_sizes([ZoomRange("object_size", 6, 40)])
+    assert sizes[0] == pytest.approx(15.5, abs=0.1) and sizes[-1] == pytest.approx(32.0, abs=0.1)
+    assert len(sizes) == 4 and all(a < b for a, b in zip(sizes, sizes[1:]))
+    assert candidate_sizes([ZoomRange("object_size", 20, 20)]) == [20.0]
+
+
+class _Prediction:
+    def __init__(self, mask):
+        self.masks = [mask]
+
+
+def _fake_predict(best: float, calls: list):
+    """A stand-in for ``prediction.predict`` that is right only with the image processor's size ``best``."""
+    def predict(model, processor, images, modality, scale):
+        calls.append(processor.image_processor.object_size)
+        image = images[0]
+        truth = image[..., 0] > 127
+        return _Prediction(truth if processor.image_processor.object_size == best else ~truth)
+    return predict
+
+
+def _split(rows: int, seed: int) -> Dataset:
+    rng = np.random.default_rng(seed)
+    images = [np.where(rng.random((32, 32))[..., None] > 0.5, 200, 20).astype(np.uint8).repeat(3, -1)
+              for _ in range(rows)]
+    return Dataset.from_dict({"image": images, "mask": [(i[..., 0] > 127).astype(np.uint8) for i in images],
+                              "modality": [4] * rows})
+
+
+def test_the_best_validation_dice_wins_and_test_images_are_not_used(monkeypatch):
+    from esp_medsam_hf import EspMedSamConfig, EspMedSamProcessor
+    from esp_medsam_hf.training.stages.shared import make_processor
+
+    processor: EspMedSamProcessor = make_processor(64, EspMedSamConfig.tiny().modality_names)
+    zoom = {"nuclei": ZoomRange("object_size", 6, 40)}
+    best = candidate_sizes(list(zoom.values()))[2]
+    calls: list = []
+    monkeypatch.setattr(calibration, "predict", _fake_predict(best, calls))
+    data = {"nuclei": DatasetDict(validation=_split(2, 0), test=_split(5, 1))}
+    found = calibrate_object_size(None, processor, data, zoom)
+    assert found["object_size"] == best and found["candidates"][best] == pytest.approx(100.0)
+    assert found["images"] == 2 and found["views"] == 2 * len(calibration.CALIBRATION_ZOOMS)
+    assert len(calls) == 4 * found["views"]  # every candidate on every validation view, no test image
+    assert processor.image_processor.object_size == 16.0  # the caller saves the choice
+    # ties, and gains within the tolerance, go to the smaller (cheaper) size
+    monkeypatch.setattr(calibration, "predict", lambda model, processor, images, modality, scale:
+                        _Prediction(images[0][..., 0] > 127))
+    assert calibrate_object_size(None, processor, data, zoom)["object_size"] == candidate_sizes(list(zoom.values()))[0]
+    gains = dict(zip(candidate_sizes(list(zoom.values())), (95.0, 95.6, 96.0, 96.2)))
+    monkeypatch.setattr(calibration, "dice_score", lambda mask, reference: gains[processor_sizes[-1]])
+    processor_sizes: list = []
+    monkeypatch.setattr(calibration, "predict", lambda model, trial, images, modality, scale: (
+        processor_sizes.append(trial.image_processor.object_size), _Prediction(images[0][..., 0] > 127))[1])
+    assert calibrate_object_size(None, processor, data, zoom)["object_size"] == list(gains)[2]  # 96.0 >= 96.2 - 0.25
+    # nothing to calibrate on
+    assert calibrate_object_size(None, processor, {"nuclei": DatasetDict(test=_split(2, 1))}, zoom) is None
+    assert calibrate_object_size(None, processor, data, {"nuclei": ZoomRange("scale", 0.5, 2)}) is None
+
+
+def test_a_stage_3_release_carries_the_chosen_object_size(tmp_path):
+    data = synthetic_domains(["dsb"], {"train": 2, "validation": 1}, seed=0, size=64)
+    config = EspMedSamStageConfig(output_dir=str(tmp_path / "run"), init_from=None, model_size="tiny", image_size=64,
+                                  epochs=1, batch_size=2, progress=False, zoom={"dsb": {"object_size": [6, 40]}})
+    result = run_espmedsam(config, data=data)
+    saved = json.loads((result.release_dir / "preprocessor_config.json").read_text())
+    assert saved["object_size"] in candidate_sizes([ZoomRange("object_size", 6, 40)])
+    assert saved["object_size"] == result.metrics["object_size"]
+    assert set(result.metrics["object_size_validation_dice"]) == {f"{s:g}" for s in candidate_sizes(
+        [ZoomRange("object_size", 6, 40)])}
+    off = EspMedSamStageConfig(output_dir=str(tmp_path / "off"), init_from=None, model_size="tiny", image_size=64,
+                               epochs=1, batch_size=2, progress=False, zoom={"dsb": {"object_size": [6, 40]}},
+                               calibrate_object_size=False)
+    result = run_espmedsam(off, data=data)
+    assert json.loads((result.release_dir / "preprocessor_config.json").read_text())["object_size"] == 16.0
+    assert "object_size" not in result.metrics
