@@ -124,6 +124,45 @@ def test_export_happens_once_per_weights_and_again_when_they_change(export_count
     torch.testing.assert_close(fast.pred_masks, eager.pred_masks, atol=1e-4, rtol=0)
 
 
+def test_weights_are_hashed_only_when_their_fingerprint_changes(export_counter, tmp_path, monkeypatch):
+    """Repeated calls check a cheap fingerprint, not the weights; an in-place edit, a fused optimizer's step (which
+    leaves PyTorch's version counters alone) and a reload are all seen; another model's step costs a hash, not an
+    export."""
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path))
+    hashes = []
+    original = backends.weights_hash
+    monkeypatch.setattr(backends, "weights_hash", lambda m: hashes.append(1) or original(m))
+    torch.manual_seed(4)
+    model = EspMedSamModel(EspMedSamConfig.tiny(image_size=SIZE)).eval()
+    pixels, modality = torch.randn(2, 3, SIZE, SIZE), torch.tensor([1, 4])
+    for _ in range(3):
+        backends.run_inference(model, pixels, modality, backend="onnxruntime")
+    assert (len(hashes), len(export_counter)) == (1, 1)
+
+    with torch.no_grad():
+        model.mask_decoder.mask_queries.weight.add_(0.5)
+    backends.run_inference(model, pixels, modality, backend="onnxruntime")
+    assert (len(hashes), len(export_counter)) == (2, 2)
+
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    model(pixels, modality=modality, labels=torch.ones(2, 1, SIZE, SIZE)).loss.backward()
+    version = model.mask_decoder.mask_queries.weight._version
+    optimizer.step()
+    assert model.mask_decoder.mask_queries.weight._version == version  # fused: the counters do not show it
+    model.eval()
+    fast = backends.run_inference(model, pixels, modality, backend="onnxruntime")
+    assert (len(hashes), len(export_counter)) == (3, 3)
+    eager = backends.run_inference(model, pixels, modality, backend="eager")
+    torch.testing.assert_close(fast.pred_masks, eager.pred_masks, atol=1e-4, rtol=0)
+
+    other = torch.nn.Linear(2, 1)
+    torch.optim.SGD(other.parameters(), lr=0.1).step()
+    backends.run_inference(model, pixels, modality, backend="onnxruntime")
+    backends.run_inference(model, pixels, modality, backend="onnxruntime")
+    assert (len(hashes), len(export_counter)) == (4, 3)  # hashed once, same weights: the session is kept
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("backends") / "model", seed=5)
