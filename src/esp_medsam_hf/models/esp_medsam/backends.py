@@ -85,10 +85,18 @@ CPU_INFERENCE_BATCH = 2
 256 px) make larger batches memory-bound: measured on 2 cores, 1.7 s per image through the encoder at 2, 2.1 s at 4."""
 
 
-def inference_batch_size(device: torch.device | str, accelerator_batch: int = 8) -> int:
-    """How many images an inference forward takes on ``device``: ``CPU_INFERENCE_BATCH`` on a CPU, else
-    ``accelerator_batch``."""
-    return CPU_INFERENCE_BATCH if torch.device(device).type == "cpu" else accelerator_batch
+ONNX_CPU_BATCH = 4
+"""Images (or tiles) per onnxruntime call on a CPU: onnxruntime keeps its activations in a reused arena and runs
+each operator once for the batch, so more images per call amortise the per-operator cost (measured on 2 cores,
+docs/benchmark.md)."""
+
+
+def inference_batch_size(device: torch.device | str, accelerator_batch: int = 8, backend: str | None = None) -> int:
+    """How many images an inference forward takes on ``device``: on a CPU ``ONNX_CPU_BATCH`` for
+    ``backend="onnxruntime"`` and ``CPU_INFERENCE_BATCH`` otherwise, else ``accelerator_batch``."""
+    if torch.device(device).type != "cpu":
+        return accelerator_batch
+    return ONNX_CPU_BATCH if backend == "onnxruntime" else CPU_INFERENCE_BATCH
 
 
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -313,18 +321,19 @@ def check_modality(model: nn.Module, modality: torch.Tensor, batch: int) -> torc
 @torch.no_grad()
 def run_inference(
     model: nn.Module, pixel_values: torch.Tensor, modality: torch.Tensor | None = None, backend: str | None = None,
-    target: int | None = None,
+    target: int | None = None, int8: bool | None = None,
 ) -> InferenceOutput:
     """One inference forward of ``model`` (eval mode) on ``pixel_values`` with ``modality`` per image (``-1`` or
     ``None``: the classifier chooses), through the backend :func:`resolve_backend` picks. A ``target`` index (a
-    model's extra target) decodes that target for every image, with the PyTorch model."""
+    model's extra target) decodes that target for every image, with the PyTorch model. ``int8``: onnxruntime runs
+    the int8 copy (``None``: :func:`resolve_int8`'s default); the eager backend ignores it."""
     batch = pixel_values.shape[0]
     if target is not None:
         outputs = model(pixel_values=pixel_values, target=torch.full((batch,), target, device=pixel_values.device))
         return InferenceOutput(outputs.pred_masks, outputs.patch_logits, outputs.modality_logits, outputs.modality)
     modality = check_modality(model, AUTOMATIC_MODALITY if modality is None else modality, batch)
     if resolve_backend(model, backend) == "onnxruntime":
-        session = onnx_session(model)
+        session = onnx_session(model, int8=int8)
         feed = {"pixel_values": pixel_values.detach().float().cpu().numpy(), "modality": modality.numpy()}
         masks, patches, logits, chosen = (torch.from_numpy(a) for a in session.run(None, feed))
         return InferenceOutput(masks, patches, logits, chosen.long())
@@ -391,6 +400,7 @@ __all__ = [
     "CACHE_SIZE_ENV",
     "INT8_ENV",
     "CPU_INFERENCE_BATCH",
+    "ONNX_CPU_BATCH",
     "EspMedSamWithBackend",
     "InferenceOutput",
     "cache_dir",
