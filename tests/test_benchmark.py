@@ -9,6 +9,7 @@ import torch
 
 from esp_medsam_hf.benchmark import BenchmarkSettings, count_flops, format_table, run_benchmark
 from esp_medsam_hf.commands import benchmark as command
+from esp_medsam_hf.models.esp_medsam import backends
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,7 @@ def test_cpu_paths_quick_run_writes_every_figure_beside_its_target(tmp_path, mon
     from esp_medsam_hf.benchmark.cpu_paths import MODELS
 
     monkeypatch.delenv("ESP_MEDSAM_BACKEND", raising=False)
+    monkeypatch.delenv("ESP_MEDSAM_INT8", raising=False)  # the default precision: int8
     monkeypatch.setenv("ESP_MEDSAM_ONNX_CACHE", str(tmp_path / "cache"))
     parser = __import__("argparse").ArgumentParser()
     command.add_arguments(parser)
@@ -141,7 +143,10 @@ def test_cpu_paths_quick_run_writes_every_figure_beside_its_target(tmp_path, mon
     assert set(summary["ratio_to_official"]) == set(MODELS) and summary["ratio_to_official"]["esp-medsam-plain"] == 1
     assert summary["tiled_to_whole_ratio"] > 0 and summary["int8_met"] is None
     tiling = json.loads((tmp_path / "out" / "tiling.json").read_text())
-    assert tiling["tiles"] == 4 and len(tiling["whole_fp32_seconds"]) == 1
+    assert tiling["tiles"] == 4 and len(tiling["whole_fp32_seconds"]) == 1 and tiling["int8"] is True
+    assert tiling["tile_batch_size"] == backends.ONNX_CPU_BATCH
+    report = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    assert "backend onnxruntime int8" in report["models"]["esp-medsam-user"]["description"]
     text = (tmp_path / "out" / "cpu_paths.md").read_text()
     assert "| esp-medsam-onnx-int8 |" in text and "target <= 0.4" in text and "target <= 8" in text
     before = (tmp_path / "out" / "cpu_paths.md").stat().st_mtime_ns

@@ -302,8 +302,9 @@ def predict(
     the backend per call. Masks keep the logits above 0 (probability 0.5).
     ``target`` (a name or index in ``model.config.all_target_names``) decodes that target for every image, whole
     view and tiles, instead of each image's modality's own; ``modality`` is then ignored (the target implies it).
-    ``int8``: on the onnxruntime backend, the int8 copy of the export (``None``: ``backends.resolve_int8``'s
-    default; ``False``: the float32 export, bit for bit).
+    ``int8``: on the onnxruntime backend, the tiles and the "whole" view run on the int8 copy of the export
+    (``None``: ``backends.resolve_int8``'s default; ``False``: the float32 export, bit for bit); a whole view that
+    decides the scale ("auto") or the tiles' modality always runs in float32.
     """
     image_processor = getattr(processor, "image_processor", processor)
     options = tiling_options(image_processor, scale, tile_size, overlap)
@@ -317,7 +318,10 @@ def predict(
     classifier: torch.Tensor | None = None
     chosen = given.tolist() if given is not None else None
     if options.mode in SCALE_MODES or given is None:
-        logits, outputs = _whole_view(model, image_processor, inputs, backend, target_index, int8)
+        # A whole view that decides (the scale of "auto", the modality of tiles) runs in float32, so that int8 never
+        # changes which scale or bag an image is segmented with; only a final whole view ("whole") takes int8.
+        view_int8 = int8 if options.mode == "whole" else False
+        logits, outputs = _whole_view(model, image_processor, inputs, backend, target_index, view_int8)
         chosen = outputs.modality.tolist()
         classifier = None if outputs.modality_logits is None else outputs.modality_logits.float().cpu()
     scales, object_sizes, tile_classifier = [], [], []
