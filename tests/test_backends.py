@@ -177,7 +177,7 @@ def images():
 def test_pipeline_uses_onnxruntime_by_default_and_eager_on_request(saved, images, monkeypatch):
     used = []
     original = backends.onnx_session
-    monkeypatch.setattr(backends, "onnx_session", lambda m: used.append(m) or original(m))
+    monkeypatch.setattr(backends, "onnx_session", lambda m, **kwargs: used.append(m) or original(m, **kwargs))
     auto = pipeline(TASK, model=str(saved), pipeline_class=EspMedSamSegmentationPipeline)
     fast = auto(images, modality=["dermoscopy", None, "microscopy"], batch_size=3)
     assert used and all(m is auto.model for m in used)
@@ -198,7 +198,7 @@ def test_pipeline_uses_onnxruntime_by_default_and_eager_on_request(saved, images
 def test_stock_pipeline_through_use_backend(saved, images, monkeypatch):
     used = []
     original = backends.onnx_session
-    monkeypatch.setattr(backends, "onnx_session", lambda m: used.append(m) or original(m))
+    monkeypatch.setattr(backends, "onnx_session", lambda m, **kwargs: used.append(m) or original(m, **kwargs))
     stock = pipeline("image-segmentation", model=str(saved))
     reference = stock(Image.fromarray(images[0]))
     assert not used
@@ -224,7 +224,7 @@ def test_segment_command_takes_the_backend_option(saved, images, tmp_path, monke
 
     used = []
     original = backends.onnx_session
-    monkeypatch.setattr(backends, "onnx_session", lambda m: used.append(m) or original(m))
+    monkeypatch.setattr(backends, "onnx_session", lambda m, **kwargs: used.append(m) or original(m, **kwargs))
     folder = tmp_path / "in"
     folder.mkdir()
     Image.fromarray(images[0]).save(folder / "a.png")
@@ -244,6 +244,8 @@ def test_inference_batch_size_is_small_on_a_cpu_and_larger_on_an_accelerator():
 
     assert inference_batch_size("cpu") == inference_batch_size(torch.device("cpu")) == CPU_INFERENCE_BATCH == 2
     assert inference_batch_size("cuda:0") == 8 and inference_batch_size("cuda", accelerator_batch=32) == 32
+    assert inference_batch_size("cpu", backend="onnxruntime") == backends.ONNX_CPU_BATCH == 4
+    assert inference_batch_size("cpu", backend="eager") == 2
 
 
 def test_export_is_logged_with_path_and_size_and_the_cache_is_bounded_lru(model, tmp_path, monkeypatch, caplog):

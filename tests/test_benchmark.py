@@ -133,7 +133,7 @@ def test_cpu_paths_quick_run_writes_every_figure_beside_its_target(tmp_path, mon
     from esp_medsam_hf.benchmark.cpu_paths import MODELS
 
     monkeypatch.delenv("ESP_MEDSAM_BACKEND", raising=False)
-    monkeypatch.delenv("ESP_MEDSAM_INT8", raising=False)  # the default precision: int8
+    monkeypatch.delenv("ESP_MEDSAM_INT8", raising=False)  # the default precision: int8 where it holds
     monkeypatch.setenv("ESP_MEDSAM_ONNX_CACHE", str(tmp_path / "cache"))
     parser = __import__("argparse").ArgumentParser()
     command.add_arguments(parser)
@@ -146,7 +146,7 @@ def test_cpu_paths_quick_run_writes_every_figure_beside_its_target(tmp_path, mon
     assert tiling["tiles"] == 4 and len(tiling["whole_fp32_seconds"]) == 1 and tiling["int8"] is True
     assert tiling["tile_batch_size"] == backends.ONNX_CPU_BATCH
     report = json.loads((tmp_path / "out" / "benchmark.json").read_text())
-    assert "backend onnxruntime int8" in report["models"]["esp-medsam-user"]["description"]
+    assert "backend onnxruntime int8 for microscopy, else float32" in report["models"]["esp-medsam-user"]["description"]
     text = (tmp_path / "out" / "cpu_paths.md").read_text()
     assert "| esp-medsam-onnx-int8 |" in text and "target <= 0.4" in text and "target <= 8" in text
     before = (tmp_path / "out" / "cpu_paths.md").stat().st_mtime_ns

@@ -247,7 +247,10 @@ def build_user_path(settings: BenchmarkSettings, workdir: Path) -> Candidate:
             else:
                 os.environ[backends.CACHE_ENV] = previous
     device = torch.device(settings.device)
-    precision = (" int8" if backends.resolve_int8() else " float32") if backend == "onnxruntime" else ""
+    precision = ""
+    if backend == "onnxruntime":
+        int8 = [name for name in config.modality_names if backends.resolve_int8(None, [name])]
+        precision = f" int8 for {', '.join(int8)}, else float32" if int8 else " float32"
 
     def make_step(batch_size: int, dtype: str):
         pixels = torch.randn(batch_size, 3, config.image_size, config.image_size, device=device)

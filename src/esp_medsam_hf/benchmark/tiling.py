@@ -1,5 +1,5 @@
 """What tiled inference costs: ``prediction.predict`` on a 1024x1024 image at native scale (16 tiles of 256 px, no
-overlap, the backend's default precision: int8 on onnxruntime, and its tile batch) against
+overlap, microscopy, the backend's default precision: int8 on onnxruntime, and its tile batch) against
 
 - the same 16 tiles sent one by one through ``backends.run_inference`` in the same precision (what tiling adds
   beyond its tiles' forwards; issue 19's target: at most 1.2x), and
@@ -77,7 +77,7 @@ def measure_tiling(
     to_whole = [a / b for a, b in zip(seconds["tiled"], seconds["whole_fp32"])]
     return {
         "image_size": image_size, "tile": tile, "tiles": len(crops), "repeats": repeats, "backend": chosen,
-        "int8": chosen == "onnxruntime" and resolve_int8(), "device": device, "quick": quick,
+        "int8": chosen == "onnxruntime" and resolve_int8(None, ["microscopy"]), "device": device, "quick": quick,
         "tile_batch_size": inference_batch_size(device, backend=chosen), "threads": torch.get_num_threads(),
         "tiled_seconds": seconds["tiled"], "singles_seconds": seconds["singles"],
         "whole_fp32_seconds": seconds["whole_fp32"], "ratios": ratios, "ratio_median": statistics.median(ratios),
