@@ -124,6 +124,45 @@ def test_export_happens_once_per_weights_and_again_when_they_change(export_count
     torch.testing.assert_close(fast.pred_masks, eager.pred_masks, atol=1e-4, rtol=0)
 
 
+def test_weights_are_hashed_only_when_their_fingerprint_changes(export_counter, tmp_path, monkeypatch):
+    """Repeated calls check a cheap fingerprint, not the weights; an in-place edit, a fused optimizer's step (which
+    leaves PyTorch's version counters alone) and a reload are all seen; another model's step costs a hash, not an
+    export."""
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path))
+    hashes = []
+    original = backends.weights_hash
+    monkeypatch.setattr(backends, "weights_hash", lambda m: hashes.append(1) or original(m))
+    torch.manual_seed(4)
+    model = EspMedSamModel(EspMedSamConfig.tiny(image_size=SIZE)).eval()
+    pixels, modality = torch.randn(2, 3, SIZE, SIZE), torch.tensor([1, 4])
+    for _ in range(3):
+        backends.run_inference(model, pixels, modality, backend="onnxruntime")
+    assert (len(hashes), len(export_counter)) == (1, 1)
+
+    with torch.no_grad():
+        model.mask_decoder.mask_queries.weight.add_(0.5)
+    backends.run_inference(model, pixels, modality, backend="onnxruntime")
+    assert (len(hashes), len(export_counter)) == (2, 2)
+
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    model(pixels, modality=modality, labels=torch.ones(2, 1, SIZE, SIZE)).loss.backward()
+    version = model.mask_decoder.mask_queries.weight._version
+    optimizer.step()
+    assert model.mask_decoder.mask_queries.weight._version == version  # fused: the counters do not show it
+    model.eval()
+    fast = backends.run_inference(model, pixels, modality, backend="onnxruntime")
+    assert (len(hashes), len(export_counter)) == (3, 3)
+    eager = backends.run_inference(model, pixels, modality, backend="eager")
+    torch.testing.assert_close(fast.pred_masks, eager.pred_masks, atol=1e-4, rtol=0)
+
+    other = torch.nn.Linear(2, 1)
+    torch.optim.SGD(other.parameters(), lr=0.1).step()
+    backends.run_inference(model, pixels, modality, backend="onnxruntime")
+    backends.run_inference(model, pixels, modality, backend="onnxruntime")
+    assert (len(hashes), len(export_counter)) == (4, 3)  # hashed once, same weights: the session is kept
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("backends") / "model", seed=5)
@@ -138,7 +177,7 @@ def images():
 def test_pipeline_uses_onnxruntime_by_default_and_eager_on_request(saved, images, monkeypatch):
     used = []
     original = backends.onnx_session
-    monkeypatch.setattr(backends, "onnx_session", lambda m: used.append(m) or original(m))
+    monkeypatch.setattr(backends, "onnx_session", lambda m, **kwargs: used.append(m) or original(m, **kwargs))
     auto = pipeline(TASK, model=str(saved), pipeline_class=EspMedSamSegmentationPipeline)
     fast = auto(images, modality=["dermoscopy", None, "microscopy"], batch_size=3)
     assert used and all(m is auto.model for m in used)
@@ -159,7 +198,7 @@ def test_pipeline_uses_onnxruntime_by_default_and_eager_on_request(saved, images
 def test_stock_pipeline_through_use_backend(saved, images, monkeypatch):
     used = []
     original = backends.onnx_session
-    monkeypatch.setattr(backends, "onnx_session", lambda m: used.append(m) or original(m))
+    monkeypatch.setattr(backends, "onnx_session", lambda m, **kwargs: used.append(m) or original(m, **kwargs))
     stock = pipeline("image-segmentation", model=str(saved))
     reference = stock(Image.fromarray(images[0]))
     assert not used
@@ -185,7 +224,7 @@ def test_segment_command_takes_the_backend_option(saved, images, tmp_path, monke
 
     used = []
     original = backends.onnx_session
-    monkeypatch.setattr(backends, "onnx_session", lambda m: used.append(m) or original(m))
+    monkeypatch.setattr(backends, "onnx_session", lambda m, **kwargs: used.append(m) or original(m, **kwargs))
     folder = tmp_path / "in"
     folder.mkdir()
     Image.fromarray(images[0]).save(folder / "a.png")
@@ -205,6 +244,8 @@ def test_inference_batch_size_is_small_on_a_cpu_and_larger_on_an_accelerator():
 
     assert inference_batch_size("cpu") == inference_batch_size(torch.device("cpu")) == CPU_INFERENCE_BATCH == 2
     assert inference_batch_size("cuda:0") == 8 and inference_batch_size("cuda", accelerator_batch=32) == 32
+    assert inference_batch_size("cpu", backend="onnxruntime") == backends.ONNX_CPU_BATCH == 4
+    assert inference_batch_size("cpu", backend="eager") == 2
 
 
 def test_export_is_logged_with_path_and_size_and_the_cache_is_bounded_lru(model, tmp_path, monkeypatch, caplog):

@@ -9,6 +9,7 @@ import torch
 
 from esp_medsam_hf.benchmark import BenchmarkSettings, count_flops, format_table, run_benchmark
 from esp_medsam_hf.commands import benchmark as command
+from esp_medsam_hf.models.esp_medsam import backends
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,53 @@ def test_user_path_row_is_measured_with_its_baseline(tmp_path, monkeypatch):
     user = [r for r in report["results"] if r["model"] == "esp-medsam-user"]
     assert len(user) == 1 and user[0]["ratio_to_plain"] > 0
     assert "| esp-medsam-user |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_cpu_paths_quick_run_writes_every_figure_beside_its_target(tmp_path, monkeypatch):
+    """The issue-25 run in CI mode: the five rows at batch 1, the tiling against one whole forward, the summary;
+    an earlier run's files are kept unless --overwrite."""
+    pytest.importorskip("onnxruntime")
+    from esp_medsam_hf.benchmark.cpu_paths import MODELS
+
+    monkeypatch.delenv("ESP_MEDSAM_BACKEND", raising=False)
+    monkeypatch.delenv("ESP_MEDSAM_INT8", raising=False)  # the default precision: int8 where it holds
+    monkeypatch.setenv("ESP_MEDSAM_ONNX_CACHE", str(tmp_path / "cache"))
+    parser = __import__("argparse").ArgumentParser()
+    command.add_arguments(parser)
+    arguments = ["--quick", "--threads", "1", "--cpu-paths", "--repeats", "1", "--output", str(tmp_path / "out")]
+    assert command.run(parser.parse_args(arguments)) == 0
+    summary = json.loads((tmp_path / "out" / "cpu_paths.json").read_text())
+    assert set(summary["ratio_to_official"]) == set(MODELS) and summary["ratio_to_official"]["esp-medsam-plain"] == 1
+    assert summary["tiled_to_whole_ratio"] > 0 and summary["int8_met"] is None
+    tiling = json.loads((tmp_path / "out" / "tiling.json").read_text())
+    assert tiling["tiles"] == 4 and len(tiling["whole_fp32_seconds"]) == 1 and tiling["int8"] is True
+    assert tiling["tile_batch_size"] == backends.ONNX_CPU_BATCH
+    report = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    assert "backend onnxruntime int8 for microscopy, else float32" in report["models"]["esp-medsam-user"]["description"]
+    text = (tmp_path / "out" / "cpu_paths.md").read_text()
+    assert "| esp-medsam-onnx-int8 |" in text and "target <= 0.4" in text and "target <= 8" in text
+    before = (tmp_path / "out" / "cpu_paths.md").stat().st_mtime_ns
+    assert command.run(parser.parse_args(arguments)) == 2  # refuses to replace the earlier run
+    assert (tmp_path / "out" / "cpu_paths.md").stat().st_mtime_ns == before
+
+
+def test_int8_accuracy_rows_on_a_small_model():
+    """``measure_set`` scores both precisions against the reference and counts agreeing pixels (tiny model,
+    synthetic images: a check of the bookkeeping, not of int8's accuracy, which tests/test_int8.py bounds)."""
+    pytest.importorskip("onnxruntime")
+    from _inference_helpers import tiny_model
+    from esp_medsam_hf.data.int8_accuracy import int8_accuracy_markdown, measure_set
+    from esp_medsam_hf.data.synthetic import synthetic_example
+
+    model, processor = tiny_model(seed=2)
+    items = []
+    for index in range(2):
+        image, mask = synthetic_example("dsb", index, split="test", size=48)
+        items.append({"image": image, "mask": mask, "modality": 4})
+    row = measure_set(model, processor, items, "whole")
+    assert row["images"] == 2 and 0 <= row["dice_fp32"] <= 100 and 0 <= row["dice_int8"] <= 100
+    assert row["dice_difference"] == pytest.approx(row["dice_int8"] - row["dice_fp32"])
+    assert 0.5 <= row["pixel_agreement_lowest_image"] <= row["pixel_agreement"] <= 1
+    result = {"model": "tiny", "rows": [{"set": "dsb", "scale": "whole", **row, "meets_target": False}],
+              "dice_tolerance": 0.5, "agreement_target": 0.99, "all_met": False}
+    assert "| dsb | whole | 2 |" in int8_accuracy_markdown(result) and "NOT met" in int8_accuracy_markdown(result)

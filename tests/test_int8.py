@@ -1,5 +1,6 @@
-"""The int8 copy of the ONNX export ($ESP_MEDSAM_INT8): close to float32 on a small model, the float32 path bit for
-bit when off, and kept in the same bounded cache."""
+"""The int8 copy of the ONNX export (the onnxruntime path's default where it holds, microscopy; $ESP_MEDSAM_INT8
+or int8= override): close to float32 on a small model, the float32 path bit for bit when off, and kept in the same
+bounded cache."""
 
 from __future__ import annotations
 
@@ -56,19 +57,37 @@ def test_int8_matches_float32_within_its_tolerance(model):
     assert not np.array_equal(quantized[0], exact[0])  # it did run the int8 graph
 
 
-def test_int8_off_is_the_float32_path_bit_for_bit(model, monkeypatch):
+def test_int8_by_default_where_it_holds_and_off_is_the_float32_path_bit_for_bit(model, monkeypatch, tmp_path):
+    """Unset, the onnxruntime path runs the int8 copy for microscopy batches (where it was measured to hold) and the
+    float32 export otherwise; ``ESP_MEDSAM_INT8=0`` or ``int8=False`` give exactly what a session of the float32
+    export gives, ``ESP_MEDSAM_INT8=1`` int8 for every batch."""
+    from esp_medsam_hf.models.esp_medsam.export import export_onnx, onnxruntime_session
+
     pixels = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
-    default = backends.run_inference(model, pixels, torch.tensor([1, -1]), backend="onnxruntime")
-    backends._sessions.clear()
-    monkeypatch.setenv(backends.INT8_ENV, "1")
-    quantized = backends.run_inference(model, pixels, torch.tensor([1, -1]), backend="onnxruntime")
+    microscopy, other = torch.tensor([4, 4]), torch.tensor([1, -1])
+    assert backends.INT8_MODALITIES == ("microscopy",) and model.config.modality_names[4] == "microscopy"
+    plain = onnxruntime_session(export_onnx(model, tmp_path / "plain" / "graph.onnx"), 1)
+
+    def reference(modality):
+        return plain.run(None, {"pixel_values": pixels.numpy(), "modality": modality.numpy()})
+
+    def run(modality, **kwargs):
+        return backends.run_inference(model, pixels, modality, backend="onnxruntime", **kwargs)
+
+    quantized = run(microscopy, int8=True)
+    assert torch.equal(run(microscopy).pred_masks, quantized.pred_masks)  # automatic: int8 for microscopy
+    assert np.array_equal(run(other).pred_masks.numpy(), reference(other)[0])  # automatic: float32 otherwise
+    keyword = run(microscopy, int8=False)
     monkeypatch.setenv(backends.INT8_ENV, "off")
-    off = backends.run_inference(model, pixels, torch.tensor([1, -1]), backend="onnxruntime")
-    assert torch.equal(off.pred_masks, default.pred_masks) and torch.equal(off.modality_logits,
-                                                                           default.modality_logits)
-    assert not torch.equal(quantized.pred_masks, default.pred_masks)
+    environment = run(microscopy)
+    for off in (keyword, environment):
+        assert np.array_equal(off.pred_masks.numpy(), reference(microscopy)[0])
+        assert np.array_equal(off.modality_logits.numpy(), reference(microscopy)[2])
+    assert not torch.equal(quantized.pred_masks, keyword.pred_masks)
+    monkeypatch.setenv(backends.INT8_ENV, "1")
+    assert torch.equal(run(other).pred_masks, run(other, int8=True).pred_masks)
     monkeypatch.setenv(backends.INT8_ENV, "maybe")
-    with pytest.raises(ValueError, match="ESP_MEDSAM_INT8 must be 1/on or 0/off, got 'maybe'"):
+    with pytest.raises(ValueError, match="ESP_MEDSAM_INT8 must be 1/on or 0/off .*, got 'maybe'"):
         backends.resolve_int8()
 
 

@@ -187,17 +187,22 @@ def build_litemedsam(settings: BenchmarkSettings) -> Candidate:
     )
 
 
-def build_onnx(settings: BenchmarkSettings, workdir: Path) -> Candidate:
-    """ESP-MedSAM exported to ONNX (BatchNorm folded, SDPA) and run by onnxruntime's CPU provider."""
+def build_onnx(settings: BenchmarkSettings, workdir: Path, int8: bool = False) -> Candidate:
+    """ESP-MedSAM exported to ONNX (BatchNorm folded, SDPA) and run by onnxruntime's CPU provider; with ``int8``
+    its int8 copy (``export.quantize_onnx``). Both rows share one export (same configuration and seed)."""
     import numpy as np
 
-    from ..models.esp_medsam.export import export_onnx, onnxruntime_session
+    from ..models.esp_medsam.export import export_onnx, onnxruntime_session, quantize_onnx
     from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 
     config = esp_medsam_config(settings)
     torch.manual_seed(0)
     model = EspMedSamModel(config).eval()
-    path = export_onnx(model, workdir / "esp_medsam.onnx", overwrite=True)
+    path = workdir / "esp_medsam.onnx"
+    if not path.is_file():
+        export_onnx(model, path)
+    if int8:
+        path = quantize_onnx(path, workdir / "esp_medsam.int8.onnx", overwrite=True)
     session = onnxruntime_session(path, settings.onnx_threads)
     size = config.image_size
 
@@ -209,9 +214,10 @@ def build_onnx(settings: BenchmarkSettings, workdir: Path) -> Candidate:
         }
         return lambda: session.run(["pred_masks"], feed)
 
+    kind = "its int8 copy (MatMul/Gemm weights int8, dynamic activations)" if int8 else "float32"
     return Candidate(
-        name="esp-medsam-onnx",
-        description=f"ESP-MedSAM exported to ONNX, onnxruntime {dist_version('onnxruntime')} CPU provider",
+        name="esp-medsam-onnx-int8" if int8 else "esp-medsam-onnx",
+        description=f"ESP-MedSAM exported to ONNX, {kind}, onnxruntime {dist_version('onnxruntime')} CPU provider",
         image_size=size,
         parameters=count_parameters(model),
         make_step=make_step,
@@ -241,6 +247,10 @@ def build_user_path(settings: BenchmarkSettings, workdir: Path) -> Candidate:
             else:
                 os.environ[backends.CACHE_ENV] = previous
     device = torch.device(settings.device)
+    precision = ""
+    if backend == "onnxruntime":
+        int8 = [name for name in config.modality_names if backends.resolve_int8(None, [name])]
+        precision = f" int8 for {', '.join(int8)}, else float32" if int8 else " float32"
 
     def make_step(batch_size: int, dtype: str):
         pixels = torch.randn(batch_size, 3, config.image_size, config.image_size, device=device)
@@ -255,8 +265,8 @@ def build_user_path(settings: BenchmarkSettings, workdir: Path) -> Candidate:
 
     return Candidate(
         name="esp-medsam-user",
-        description=f"ESP-MedSAM, six bags, as the pipelines / segment / Space run it: backend {backend} "
-        "(backends.run_inference, automatic choice unless --backend)",
+        description=f"ESP-MedSAM, six bags, as the pipelines / segment / Space run it: backend {backend}"
+        f"{precision} (backends.run_inference, automatic choice unless --backend)",
         image_size=config.image_size,
         parameters=count_parameters(model),
         make_step=make_step,
@@ -274,4 +284,4 @@ def build_candidate(name: str, settings: BenchmarkSettings, workdir: Path) -> Ca
         return build_litemedsam(settings)
     if name == "esp-medsam-user":
         return build_user_path(settings, workdir)
-    return build_onnx(settings, workdir)
+    return build_onnx(settings, workdir, int8=name == "esp-medsam-onnx-int8")

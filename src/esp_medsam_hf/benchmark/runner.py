@@ -45,7 +45,7 @@ def run_benchmark(
     }
     with tempfile.TemporaryDirectory() as workdir:
         for name in settings.models:
-            if name == "esp-medsam-onnx" and settings.device != "cpu":
+            if name.startswith("esp-medsam-onnx") and settings.device != "cpu":
                 report["skipped"][name] = "onnxruntime runs on the CPU only in this benchmark"
                 continue
             try:

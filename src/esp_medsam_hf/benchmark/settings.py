@@ -13,6 +13,7 @@ ALL_MODELS = (
     "sam-vit-b",
     "sam-vit-h",
     "esp-medsam-onnx",
+    "esp-medsam-onnx-int8",
     "esp-medsam-user",
 )
 BASELINE = "esp-medsam-plain"

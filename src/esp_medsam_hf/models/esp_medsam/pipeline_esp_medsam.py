@@ -70,8 +70,8 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
     Call arguments: ``modality`` (name or index, or a list with one per image), ``mask_threshold`` (0.5),
     ``threshold`` (minimum segment score; ``None``), ``batch_size``, ``timeout`` (for URLs), ``backend``
     (``"auto"``, ``"onnxruntime"``, ``"eager"``; also accepted when building the pipeline), ``scale``,
-    ``tile_size``, ``overlap`` (``prediction.predict``), ``points``, ``point_labels``, ``boxes`` (prompts, see the
-    module docstring). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
+    ``tile_size``, ``overlap``, ``int8`` (``prediction.predict``; ``int8=False`` keeps onnxruntime in float32),
+    ``points``, ``point_labels``, ``boxes`` (prompts, see the module docstring). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
     or dicts ``{"image": ..., "modality": ..., "file_modality": ...}`` (``file_modality``: a hint read from the
     file by the caller, used like a DICOM tag when no modality is given).
     """
@@ -91,13 +91,13 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
 
     def _sanitize_parameters(
         self, modality=None, mask_threshold=None, threshold=None, timeout=None, backend=None, scale=None,
-        tile_size=None, overlap=None, points=None, point_labels=None, boxes=None, **unknown
+        tile_size=None, overlap=None, points=None, point_labels=None, boxes=None, int8=None, **unknown
     ):
         if unknown:
             raise TypeError(
                 f"{type(self).__name__} got unexpected keyword argument(s) {', '.join(sorted(unknown))}; it takes "
                 "modality, mask_threshold, threshold, timeout, backend, scale, tile_size, overlap, points, "
-                "point_labels, boxes (and batch_size, num_workers)"
+                "point_labels, boxes, int8 (and batch_size, num_workers)"
             )
         preprocess: dict[str, Any] = {}
         forward: dict[str, Any] = {}
@@ -108,9 +108,11 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             preprocess["prompts"] = prompt_arguments(points, point_labels, boxes)
         if backend is not None:
             forward["backend"] = backend
+        if int8 is not None:
+            forward["int8"] = bool(int8)
         tiling = {"scale": scale, "tile_size": tile_size, "overlap": overlap}
         forward.update({key: value for key, value in tiling.items() if value is not None})
-        if forward.keys() - {"backend"}:  # bad values fail now, naming the argument, before any image is read
+        if forward.keys() - {"backend", "int8"}:  # bad values fail now, naming the argument, before any image is read
             tiling_options(self.image_processor, scale, tile_size, overlap)
         if modality is not None:
             preprocess["modality"] = modality
@@ -186,7 +188,7 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         inputs.update(rescale_prompts(sizes, self.image_processor.resized_sizes(sizes), **prompts, names=PROMPT_ARGUMENTS))
         return {**inputs, "modality": requested, "modality_source": source, "target_size": tuple(array.shape[:2])}
 
-    def _forward(self, model_inputs, backend: str | None = None, **tiling):
+    def _forward(self, model_inputs, backend: str | None = None, int8: bool | None = None, **tiling):
         """The batch through ``prediction.predict``: images with the classifier's modality in one call, images with a
         given modality in another. Outputs are per-image lists (the loader unrolls them). Prompted inputs take
         ``_forward_prompted``."""
@@ -203,7 +205,7 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
                 continue
             modality = None if automatic else [requested[i] for i in picked]
             prediction = predict(self.model, self.image_processor, [images[i] for i in picked], modality,
-                                 backend=backend, **tiling)
+                                 backend=backend, int8=int8, **tiling)
             probabilities = prediction.modality_logits.float().softmax(-1)
             for j, i in enumerate(picked):
                 chosen = prediction.modality[j]

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backends import inference_batch_size, run_inference
+from .backends import inference_batch_size, resolve_backend, run_inference
 from .image_processing_esp_medsam import fit_size
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def _limit_factor(factor: float, height: int, width: int, options: TilingOptions
 def tiled_logits(
     model, image_processor, image: Any, original_size: Sequence[int], factor: float, modality: int,
     options: TilingOptions, backend: str | None = "eager", batch_size: int | None = None,
-    target_index: int | None = None,
+    target_index: int | None = None, int8: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One image of ``original_size`` (H, W) segmented at ``factor`` x its native pixels in overlapping tiles:
     (H x W float32 mask logits, (M,) classifier logits averaged over the tiles, ``None`` without a classifier).
@@ -202,9 +202,9 @@ def tiled_logits(
     The image goes through ``image_processor`` at the rescaled size (the same resizing and normalisation as the
     whole view), is padded with zeros at the bottom and right to at least one tile, and MONAI's
     ``sliding_window_inference`` sends ``batch_size`` tiles per ``backends.run_inference`` call (default:
-    ``backends.inference_batch_size``) and blends their logits with Gaussian weights. Tiles larger or smaller
-    than the model's input are resized to it and their logits back. ``target_index`` (a model's target, see
-    ``predict``) decodes that target in every tile instead of ``modality``'s own.
+    ``backends.inference_batch_size`` of the device and backend) and blends their logits with Gaussian weights.
+    Tiles larger or smaller than the model's input are resized to it and their logits back. ``target_index`` (a model's target, see
+    ``predict``) decodes that target in every tile instead of ``modality``'s own; ``int8`` as in ``predict``.
     """
     from monai.inferers import sliding_window_inference
 
@@ -221,7 +221,8 @@ def tiled_logits(
         if tile != size:
             tiles = F.interpolate(tiles, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         index = torch.full((tiles.shape[0],), int(modality), dtype=torch.long)
-        outputs = run_inference(model, tiles.to(device, model.dtype), index, backend=backend, target=target_index)
+        outputs = run_inference(model, tiles.to(device, model.dtype), index, backend=backend, target=target_index,
+                                int8=int8)
         if outputs.modality_logits is not None:
             classifier.append(outputs.modality_logits.float().cpu())
         logits = F.interpolate(outputs.pred_masks.float().cpu(), size=(size, size), mode="bilinear",
@@ -230,9 +231,10 @@ def tiled_logits(
             logits = F.interpolate(logits, size=(tile, tile), mode="bilinear", align_corners=False)
         return logits
 
+    runs_on = "eager" if target_index is not None else resolve_backend(model, backend)  # targets run eagerly
     blended = sliding_window_inference(
-        padded, roi_size=(tile, tile), sw_batch_size=batch_size or inference_batch_size(device), predictor=forward,
-        overlap=options.overlap / tile, mode="gaussian", padding_mode="constant", cval=0.0,
+        padded, roi_size=(tile, tile), sw_batch_size=batch_size or inference_batch_size(device, backend=runs_on),
+        predictor=forward, overlap=options.overlap / tile, mode="gaussian", padding_mode="constant", cval=0.0,
     )
     logits = blended[:, :, : target[0], : target[1]]
     if (target[0], target[1]) != (height, width):
@@ -254,12 +256,12 @@ def _process(model, processor, images: Sequence[Any], modality: Any) -> Any:
     return inputs
 
 
-def _whole_view(model, processor, inputs, backend: str | None, target: int | None = None
-                ) -> tuple[list[torch.Tensor], Any]:
+def _whole_view(model, processor, inputs, backend: str | None, target: int | None = None,
+                int8: bool | None = None) -> tuple[list[torch.Tensor], Any]:
     """The whole-view forward of a processed batch: (HxW logits per image at its size, the backend's outputs)."""
     device = next(model.parameters()).device
     outputs = run_inference(model, inputs["pixel_values"].to(device), inputs.get("modality"), backend=backend,
-                            target=target)
+                            target=target, int8=int8)
     logits = processor.post_process_masks(outputs.pred_masks.float().cpu(), inputs["original_sizes"], binarize=False)
     return logits, outputs
 
@@ -288,7 +290,7 @@ def _scale_of(options: TilingOptions, view_logits: torch.Tensor | None, view_fac
 def predict(
     model, processor, images: Sequence[Any], modality: Any = None, *, backend: str | None = "eager",
     scale: Any = None, tile_size: int | None = None, overlap: int | None = None, tile_batch_size: int | None = None,
-    target: int | str | None = None,
+    target: int | str | None = None, int8: bool | None = None,
 ) -> Prediction:
     """Segment a batch of images: ``processor`` -> ``model`` (whole view or tiles) -> post-processing.
 
@@ -300,6 +302,9 @@ def predict(
     the backend per call. Masks keep the logits above 0 (probability 0.5).
     ``target`` (a name or index in ``model.config.all_target_names``) decodes that target for every image, whole
     view and tiles, instead of each image's modality's own; ``modality`` is then ignored (the target implies it).
+    ``int8``: on the onnxruntime backend, the tiles and the "whole" view run on the int8 copy of the export
+    (``None``: ``backends.resolve_int8``'s default; ``False``: the float32 export, bit for bit); a whole view that
+    decides the scale ("auto") or the tiles' modality always runs in float32.
     """
     image_processor = getattr(processor, "image_processor", processor)
     options = tiling_options(image_processor, scale, tile_size, overlap)
@@ -313,7 +318,10 @@ def predict(
     classifier: torch.Tensor | None = None
     chosen = given.tolist() if given is not None else None
     if options.mode in SCALE_MODES or given is None:
-        logits, outputs = _whole_view(model, image_processor, inputs, backend, target_index)
+        # A whole view that decides (the scale of "auto", the modality of tiles) runs in float32, so that int8 never
+        # changes which scale or bag an image is segmented with; only a final whole view ("whole") takes int8.
+        view_int8 = int8 if options.mode == "whole" else False
+        logits, outputs = _whole_view(model, image_processor, inputs, backend, target_index, view_int8)
         chosen = outputs.modality.tolist()
         classifier = None if outputs.modality_logits is None else outputs.modality_logits.float().cpu()
     scales, object_sizes, tile_classifier = [], [], []
@@ -323,7 +331,8 @@ def predict(
         if factor is not None:
             factor = _limit_factor(factor, height, width, options)
             logits[index], mean = tiled_logits(model, image_processor, images[index], (height, width), factor,
-                                               chosen[index], options, backend, tile_batch_size, target_index)
+                                               chosen[index], options, backend, tile_batch_size, target_index,
+                                               int8)
             tile_classifier.append(mean)
         scales.append(factor)
         object_sizes.append(object_size)
