@@ -77,7 +77,7 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
 
     release = write_release(chosen, Path(config.output_dir), fit_classifier)
     metrics.update(fitted)
-    return StageResult("espmedsam", release, [result], metrics)
+    return StageResult("espmedsam", release, [result], metrics, list(data))
 
 
 def _fit_classifier_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, processor: EspMedSamProcessor,
