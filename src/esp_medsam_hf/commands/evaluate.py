@@ -152,12 +152,16 @@ def run(args: argparse.Namespace) -> int:
     from ..data.evaluation import evaluate_model, write_report
     from ..data.prepare import PreparationError
     from ..data.prepared import PreparedDataError
+    from accelerate import PartialState
+
     from ..data.scale_table import scale_tables
 
+    state = PartialState()  # under accelerate launch: each process scores its share, the main one writes
     try:
         check_arguments(args)
-        model, processor = load_model(args.model, args.device)
-        data, label = load_data(args, model.config.image_size)
+        model, processor = load_model(args.model, args.device or str(state.device))
+        with state.main_process_first():  # real data is prepared once, by the main process
+            data, label = load_data(args, model.config.image_size)
         cases: dict = {}
         names = args.references if args.references is not None else (() if args.data == "synthetic" else REFERENCES)
         references = reference_methods(tuple(names))
@@ -165,8 +169,10 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate_model(
             model, processor, data, split=args.split, batch_size=args.batch_size,
             compute_hausdorff=not args.no_hausdorff, given_modality=not args.predicted_modality,
-            max_images=args.max_images, cases=cases, references=references, scale=args.scale,
+            max_images=args.max_images, cases=cases, references=references, scale=args.scale, distributed=True,
         )
+        if not state.is_main_process:
+            return 0
         if not args.no_scale_table:
             report["scale_tables"] = scale_tables(model, processor, data, split=args.split, scale=args.scale,
                                                   max_images=args.max_images)

@@ -205,7 +205,10 @@ def run(args: argparse.Namespace) -> int:
         if PartialState().is_main_process:
             print(f"esp-medsam train: {interrupted_message(args, config, stop)}", file=sys.stderr)
         return 130
-    print(f"{args.stage}: release folder {result.release_dir}; metrics {result.metrics}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under accelerate launch, one final line
+        print(f"{args.stage}: release folder {result.release_dir}; metrics {result.metrics}")
     return 0
 
 
@@ -227,19 +230,13 @@ def interrupted_message(args: argparse.Namespace, config: TrainingConfig | None,
 
 
 def publish(args: argparse.Namespace, config: TrainingConfig, result: StageResult) -> None:
-    """Publish the stage's release folder (and optionally main) with a model card."""
-    from ..training.publishing import STAGE_TO_BRANCH, publish_stages, stage_card
+    """Publish the stage's release folder (and optionally main) with the run's model card (``run_card``)."""
+    from ..training.publishing import publish_stages, run_card
 
-    branch = STAGE_TO_BRANCH[args.stage]
-    model_type = json.loads((Path(result.release_dir) / "config.json").read_text())["model_type"]
-    measured = {key: value for key, value in result.metrics.items() if value is not None}
-    card = stage_card(branch, args.push_to_hub.split("/")[-1], training_config=config.to_dict(),
-                      image_size=config.image_size, model_type=model_type,
-                      notes=f"Validation metrics: {measured}." if measured else None)
+    card = dataclasses.replace(run_card(config, result), model_name=args.push_to_hub.split("/")[-1])
+    branch = card.stage
     releases = [(branch, result.release_dir, card)]
     if args.also_main:
-        import dataclasses
-
         releases.append(("main", result.release_dir, dataclasses.replace(card, stage="main")))
     commits = publish_stages(args.push_to_hub, releases)
     for name, commit in commits.items():

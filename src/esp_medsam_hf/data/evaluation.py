@@ -87,6 +87,7 @@ def evaluate_model(
     model, processor, datasets: Mapping, *, split: str = "test", batch_size: int | None = None,
     compute_hausdorff: bool = True, given_modality: bool = True, max_images: int | None = None, progress: bool = True,
     cases: dict | None = None, references: Mapping | None = None, scale=None, target: int | str | None = None,
+    distributed: bool = False,
 ) -> dict:
     """Run ``model`` over ``datasets[name][split]`` (a Dataset or DatasetDict in the package schema, per report
     name) and score Dice (%) and Hausdorff distance (px) at the stored mask size.
@@ -99,10 +100,9 @@ def evaluate_model(
     per-image values with the scale used and the classifier's pick (``classifier_accuracy`` per domain), and means
     over source and unseen domains. ``cases`` (a dict) receives each name's best and worst image; ``references``
     maps a method's name to ``predict(image, mask, modality name) -> mask`` (:mod:`.baselines`), scored on the
-    same images. The model's train/eval mode is restored afterwards.
+    same images. The model's train/eval mode is restored afterwards. ``distributed``: every process of an
+    ``accelerate launch`` (all must call it) scores its share of each domain and all get the whole report.
     """
-    from tqdm.auto import tqdm
-
     from ..models.esp_medsam.backends import inference_batch_size
 
     was_training = model.training
@@ -116,13 +116,10 @@ def evaluate_model(
             dataset = _as_split(data, split)
             if max_images is not None:
                 dataset = dataset.select(range(min(max_images, len(dataset))))
-            bar = tqdm(total=len(dataset), desc=f"evaluate {name}", unit="img", disable=not progress)
-            per_image, sizes, extremes, seconds = _evaluate_dataset(
-                model, processor, dataset, bar, batch_size=batch_size, given_modality=given_modality, scale=scale,
-                target=target, references=references, compute_hausdorff=compute_hausdorff,
-                keep_cases=cases is not None, name=name,
-            )
-            bar.close()
+            options = dict(batch_size=batch_size, given_modality=given_modality, scale=scale, target=target,
+                           references=references, compute_hausdorff=compute_hausdorff, keep_cases=cases is not None)
+            per_image, sizes, extremes, seconds = _evaluate_domain(model, processor, name, dataset, options,
+                                                                   progress=progress, distributed=distributed)
             model_seconds, total_images = model_seconds + seconds, total_images + len(per_image)
             summary = _domain_summary(_domain_of(dataset), per_image, compute_hausdorff, list(references or ()))
             notes = {method: run.describe(name, summary.get("modality", ""))
@@ -140,6 +137,43 @@ def evaluate_model(
                   images_per_second=total_images / seconds if seconds > 0 else math.nan,
                   model_images_per_second=total_images / model_seconds if model_seconds > 0 else math.nan)
     return report
+
+
+def _evaluate_domain(model, processor, name: str, dataset, options: dict, *, progress: bool, distributed: bool):
+    """``_evaluate_dataset`` on one domain behind a progress bar; ``distributed``: each process on its share, and
+    every process gets all the results."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    if distributed:
+        dataset = _shard(dataset)
+    bar = tqdm(total=len(dataset), desc=f"evaluate {name}", unit="img",
+               disable=not progress or (distributed and not PartialState().is_main_process))
+    results = _evaluate_dataset(model, processor, dataset, bar, name=name, **options)
+    bar.close()
+    return _gather_domain(*results) if distributed else results
+
+
+def _shard(dataset):
+    """This process's contiguous share of ``dataset`` (accelerate's ``split_between_processes``)."""
+    from accelerate import PartialState
+
+    with PartialState().split_between_processes(list(range(len(dataset)))) as indices:
+        return dataset.select(list(indices))
+
+
+def _gather_domain(per_image: list[dict], sizes: set[str], extremes: dict, seconds: float):
+    """Every process's scores of one domain, in the dataset's order (the shares are contiguous), on every process:
+    the entries, mask sizes, best and worst cases, and the longest time in the model."""
+    from accelerate.utils import gather_object
+
+    parts = gather_object([(per_image, sorted(sizes), extremes, seconds)])
+    merged: dict = {}
+    for _, _, cases, _ in parts:
+        for case in cases.values():
+            _keep_extremes(merged, case)
+    return ([entry for part in parts for entry in part[0]], {size for part in parts for size in part[1]}, merged,
+            max(part[3] for part in parts))
 
 
 def _evaluate_dataset(
