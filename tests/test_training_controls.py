@@ -201,3 +201,24 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path, 
     monkeypatch.setattr(loop, "_training_step", original)
     assert main(resume[1:]) == 0
     assert latest_checkpoint(output).name == "step-00000006" and (output / "release" / "config.json").is_file()
+
+
+def test_an_existing_run_is_refused_before_any_data_is_loaded(tmp_path, data, monkeypatch):
+    from esp_medsam_hf.training import run_stage
+    from esp_medsam_hf.training.stages import espmedsam as stage_three
+
+    config = EspMedSamStageConfig(output_dir=str(tmp_path), max_steps=1, validate=False, **COMMON)
+    run(config, data)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the stage loaded its data before checking its run folder")
+
+    monkeypatch.setattr(stage_three, "espmedsam_task", no_work)
+    with pytest.raises(FileExistsError, match="already holds a run; pass --resume latest"):
+        run_stage(config)
+    with pytest.raises(FileNotFoundError, match="checkpoint .*nowhere does not exist"):
+        run_stage(dataclasses.replace(config, resume=str(tmp_path / "nowhere")))
+    with pytest.raises(Exception, match="cannot resume .* with other options"):
+        run_stage(dataclasses.replace(config, resume="latest", learning_rate=0.5))
+    with pytest.raises(FileExistsError, match="would delete"):
+        run_stage(dataclasses.replace(config, overwrite=True, init_from=str(tmp_path / "final")))
