@@ -180,39 +180,32 @@ def load_yaml(path: str) -> dict | None:
 def run(args: argparse.Namespace) -> int:
     """Train the stage (and publish it with ``--push-to-hub``); 1 with a one-line error for bad options or data."""
     import torch
+    from accelerate import PartialState
 
     from ..training import CheckpointError, NonFiniteLossError, TrainingDataError, run_stage
 
-    config = None
     try:
         config = stage_config(args)
         if config.threads:
             torch.set_num_threads(config.threads)
         result = run_stage(config)
-        if args.push_to_hub:
-            from accelerate import PartialState
-
-            if PartialState().is_main_process:
-                publish(args, config, result)
+        if args.push_to_hub and PartialState().is_main_process:
+            publish(args, config, result)
     except (OSError, TrainingDataError, NonFiniteLossError, CheckpointError, ValueError) as error:
         from . import error_message
 
         print(f"esp-medsam train: error: {error_message(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:
-        from accelerate import PartialState
-
         if PartialState().is_main_process:
-            print(f"esp-medsam train: {interrupted_message(args, config, stop)}", file=sys.stderr)
+            print(f"esp-medsam train: {interrupted_message(args, stop)}", file=sys.stderr)
         return 130
-    from accelerate import PartialState
-
     if PartialState().is_main_process:  # under accelerate launch, one final line
         print(f"{args.stage}: release folder {result.release_dir}; metrics {result.metrics}")
     return 0
 
 
-def interrupted_message(args: argparse.Namespace, config: TrainingConfig | None, stop: KeyboardInterrupt) -> str:
+def interrupted_message(args: argparse.Namespace, stop: KeyboardInterrupt) -> str:
     """One line for Ctrl-C: where training stopped and the command that resumes it from the newest checkpoint
     (the run folder's config.yaml holds every option of the run)."""
     from ..training import TrainingInterrupted

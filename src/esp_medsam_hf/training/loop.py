@@ -6,6 +6,9 @@ accumulation, checkpoints written by ``save_state`` (atomically: a temporary fol
 resume (the batch order is seeded by epoch through accelerate's seedable sampler, RNG states come back with
 ``load_state``, consumed batches are skipped with ``skip_first_batches``). What differs between the stages (model,
 data, loss, validation, which gradients to drop) is a ``StageTask``.
+Validation and checkpoints come after every epoch (the paper's) or every ``eval_every`` steps or only at the end,
+never twice at one step; ``early_stopping_patience`` stops a run whose validation stopped improving; Ctrl-C raises
+``TrainingInterrupted`` (where it stopped and the newest checkpoint), with nothing half-written.
 
 Checkpoints (and what one may be trusted with) are ``training.checkpoints``; the run folder's safety (no overwrite
 unless asked, no resume with other options) is ``training.run_folder``; the log files are ``training.run_log``.
@@ -195,8 +198,8 @@ def train(config: TrainingConfig, task: StageTask, output_dir: str | Path | None
 
 def _build_accelerator(config: TrainingConfig, output_dir: Path) -> Accelerator:
     """The accelerator of the run, refusing processes it did not join; seeds every RNG. The loop steps the
-    learning-rate scheduler itself (after every epoch or every optimizer step, ``_step_schedule``), so accelerate
-    does not step it with the optimizer."""
+    learning-rate scheduler itself (after every epoch, ``_end_epoch``, or after every optimizer step,
+    ``_after_optimizer_step``), so accelerate does not step it with the optimizer."""
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
 
