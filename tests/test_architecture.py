@@ -3,7 +3,8 @@
 inside functions included, is read with ``ast`` and checked against the table below, and the graph they make must
 have no cycle. Layers are package prefixes, so modules that are added, renamed or moved inside a layer are covered
 without touching this file. What ships as remote code (``models/esp_medsam``) imports only its siblings, with
-single-dot imports, as transformers copies them."""
+single-dot imports, as transformers copies them. No file under src/ is over 500 lines but the modeling files, and no
+function is over 60 lines."""
 
 from __future__ import annotations
 
@@ -205,3 +206,46 @@ def test_modules_are_placed_by_their_package_prefix(module, layer):
 def test_imports_are_resolved_relative_to_their_package():
     assert imported_modules(SRC / PACKAGE / "training" / "data.py") >= {f"{PACKAGE}.data", f"{PACKAGE}.data.schema"}
     assert f"{PACKAGE}.training.publishing" in imported_modules(SRC / PACKAGE / "training" / "demo.py")
+
+
+MAX_FILE_LINES = 500
+MAX_FUNCTION_LINES = 60
+LONG_FILES_ALLOWED = "modeling_*.py"  # the modeling files, as in transformers: one file a model
+
+
+def long_files(paths: list[Path]) -> list[str]:
+    """The files over ``MAX_FILE_LINES`` lines, other than the modeling files."""
+    return [f"{path}: {count} lines" for path in paths if not path.match(LONG_FILES_ALLOWED)
+            and (count := len(path.read_text().splitlines())) > MAX_FILE_LINES]
+
+
+def long_functions(paths: list[Path]) -> list[str]:
+    """The functions and methods over ``MAX_FUNCTION_LINES`` lines (decorators not counted, docstrings counted)."""
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{path}:{node.lineno} {node.name}: {length} lines")
+    return found
+
+
+def test_no_file_over_500_lines_but_the_modeling_files():
+    assert long_files(sorted((SRC / PACKAGE).rglob("*.py"))) == []
+
+
+def test_no_function_over_60_lines():
+    assert long_functions(sorted((SRC / PACKAGE).rglob("*.py"))) == []
+
+
+def test_the_length_checks_see_a_long_file_and_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long_function.py").write_text(f"def f():\n{body}\n")
+    (tmp_path / "short_function.py").write_text(f"def f():\n{body[:body.rindex(chr(10))]}\n")
+    (tmp_path / "long.py").write_text("x = 1\n" * (MAX_FILE_LINES + 1))
+    (tmp_path / "modeling_long.py").write_text("x = 1\n" * (MAX_FILE_LINES + 1))
+    (tmp_path / "short.py").write_text("x = 1\n" * MAX_FILE_LINES)
+    paths = sorted(tmp_path.glob("*.py"))
+    assert long_functions(paths) == [f"{tmp_path / 'long_function.py'}:1 f: {MAX_FUNCTION_LINES + 1} lines"]
+    assert long_files(paths) == [f"{tmp_path / 'long.py'}: {MAX_FILE_LINES + 1} lines"]

@@ -20,7 +20,7 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from esp_medsam_hf.testing.localhub.gitrepo import check_repo_path
 from esp_medsam_hf.testing.localhub.launcher import is_running, process_start_time, stop_local_hub
-from esp_medsam_hf.testing.localhub import server as hub_server
+from esp_medsam_hf.testing.localhub import request_body
 from test_hub_server import TOKEN, api, create, repo_of, request, server, tree  # noqa: F401 - server is a fixture
 
 BASE = "/api/models/esp/target"
@@ -87,7 +87,7 @@ def test_a_malformed_create_body_is_400(server):
 
 def test_an_oversize_body_is_refused_before_it_is_read(server, monkeypatch):
     """Row 8: an unauthenticated 256 MB POST to paths-info was buffered in full."""
-    monkeypatch.setattr(hub_server, "MAX_BODY_BYTES", 1000)
+    monkeypatch.setattr(request_body, "MAX_BODY_BYTES", 1000)
     create(server)
     answer = raw(server, head(server, "POST", f"{BASE}/paths-info/main", "268435456") + b"paths=a")
     assert answer.startswith(b"HTTP/1.1 413") and b"Connection: close" in answer

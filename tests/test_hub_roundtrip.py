@@ -39,8 +39,9 @@ def card_for(branch: str, index: int) -> ModelCardInfo:
         stage=branch,
         training_config={"epochs": 2 + index, "lr": 1e-4, "stage": branch},
         results=[
-            DomainResult("dermoscopy", "ISIC 2018", "isic2018", dice=80.0 + index, hd=90.5 - index),
-            DomainResult("dermoscopy", "PH2", "ph2", dice=70.25 + index, hd=None, unseen=True),
+            DomainResult("dermoscopy", "ISIC 2018", "isic2018", dice=80.0 + index, hd=90.5 - index,
+                         hub_id="esp/isic-2018", hub_config="isic"),
+            DomainResult("dermoscopy", "PH2", "ph2", dice=70.25 + index, hd=None, unseen=True, hub_id="esp/ph2"),
         ],
         parameters=28_460_000,
         flops=113.4,
@@ -107,9 +108,9 @@ def test_each_card_parses_and_carries_its_metrics(hub, published, tmp_path, inde
     assert card.data.parameters == 28_460_000
     metrics = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert metrics == {
-        ("isic2018", "dice"): 80.0 + index,
-        ("isic2018", "hausdorff_distance"): 90.5 - index,
-        ("ph2", "dice"): 70.25 + index,
+        ("esp/isic-2018", "dice"): 80.0 + index,
+        ("esp/isic-2018", "hausdorff_distance"): 90.5 - index,
+        ("esp/ph2", "dice"): 70.25 + index,
     }
     assert "not a medical device" in card.text and "arXiv:2407.14153" in card.text
     assert f"epochs: {2 + index}" in card.text
@@ -391,7 +392,8 @@ def test_push_to_hub_of_a_remote_code_model_keeps_both_pipelines(hub, api, tmp_p
         hub_env=hub.env,
     )
     result = json.loads((tmp_path / "result.json").read_text())
-    assert {"pipeline_esp_medsam.py", "image_reading.py", "modeling_esp_medsam.py", "config.json"} <= set(result["files"])
+    assert {"pipeline_esp_medsam.py", "image_reading.py", "image_intensity.py", "modeling_esp_medsam.py",
+            "config.json"} <= set(result["files"])
     assert result["esp/pushed-copy"] == result["esp/with-pipeline"]
     assert result["esp/pushed-copy"]["label"] == "lung fields" and result["esp/pushed-copy"]["stock"]
 

@@ -79,7 +79,7 @@ def test_float_tiff_with_one_inf_pixel_is_not_read_as_black(tmp_path, caplog):
     data = np.linspace(0, 1, 12 * 16, dtype=np.float32).reshape(12, 16)
     data[3, 4] = np.inf
     tifffile.imwrite(tmp_path / "inf.tif", data)
-    with caplog.at_level(logging.WARNING, logger="esp_medsam_hf.models.esp_medsam.image_reading"):
+    with caplog.at_level(logging.WARNING, logger="esp_medsam_hf.models.esp_medsam.image_intensity"):
         image, _ = load_image(tmp_path / "inf.tif")
     assert "inf.tif: 1 pixel(s) are NaN or infinite" in caplog.text
     assert image[..., 0].max() == 255 and image[0, 0, 0] == 0 and image[11, 15, 0] == 255

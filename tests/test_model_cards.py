@@ -5,12 +5,12 @@ in a process that cannot import this package."""
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard, constants
+from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 
 from _inference_helpers import run_without_package, save_tiny_model, single_thread
@@ -18,7 +18,7 @@ from esp_medsam_hf.data.domains import SOURCE_DOMAINS, get_domain
 from esp_medsam_hf.hub import RetryPolicy, StageRelease, build_model_card, publish_model
 from esp_medsam_hf.hub.cards import ModelCardInfo, TrainingData, portable_config
 from esp_medsam_hf.testing.localhub import LocalHub
-from esp_medsam_hf.training.publishing import STAGE_TO_BRANCH, stage_card, training_data
+from esp_medsam_hf.training.publishing import STAGE_TO_BRANCH, domain_results, stage_card, training_data
 
 BRANCHES = ("stage-1-teacher", "stage-2-distill", "stage-3-esp-medsam", "main")
 REPORT = {
@@ -42,24 +42,58 @@ def _card(branch: str, **kwargs) -> ModelCard:
     return ModelCard(str(build_model_card(info)))
 
 
+def metadata_dataset_ids(card: ModelCard) -> list[str]:
+    """Every dataset the card's metadata names: its ``datasets`` and each model-index result's ``dataset.type``."""
+    metadata = card.data.to_dict()
+    return list(metadata.get("datasets") or []) + [result["dataset"]["type"] for entry in metadata.get("model-index", [])
+                                                   for result in entry["results"]]
+
+
 def test_synthetic_and_real_rows_are_typed_by_the_runs_facts():
     card = _card("stage-3-esp-medsam", report=REPORT, datasets=training_data(SOURCE_DOMAINS), image_size=128)
-    by_type = {r.dataset_type: r for r in card.data.eval_results}
-    assert {"synthetic-isic", "synthetic-ph2", "dsb-real"} <= set(by_type)
-    dsb = get_domain("dsb").dataset
-    assert by_type["dsb-real"].dataset_name == dsb and by_type["synthetic-isic"].dataset_name.startswith(
-        "SYNTHETIC ")
+    dsb, isic = get_domain("dsb").dataset, get_domain("isic").dataset
     assert f"| microscopy | {dsb} | source | test | 512x512 | 28.00 | 40.50 |" in card.text
-    assert "| 128x128 | 61.50 | 9.25 |" in card.text and "1024x1024" not in card.text
-    assert card.data.datasets is None  # none of them is a Hub dataset: `datasets:` holds Hub ids only
+    assert f"| dermoscopy | SYNTHETIC {isic} | source | test | 128x128 | 61.50 | 9.25 |" in card.text
+    assert "1024x1024" not in card.text
     assert "Trained on SYNTHETIC images" in card.text and "a few public datasets" not in card.text
     real = _card("main", report=REPORT, synthetic=False, datasets=training_data(["dsb"], synthetic=False),
                  base_model="esp/litemedsam")
-    assert {r.dataset_type for r in real.data.eval_results} == {"isic", "ph2", "dsb-real"}
-    assert real.data.datasets is None and real.data.base_model == "esp/litemedsam"
-    with_hub_id = _card("main", datasets=[TrainingData("ISIC 2018", "isic", hub_id="org/isic-2018")])
-    assert with_hub_id.data.datasets == ["org/isic-2018"] and "- ISIC 2018 (`isic`)" in with_hub_id.text
-    assert f"Trained on {get_domain('dsb').dataset} only" in real.text and "SYNTHETIC" not in real.text
+    assert f"| dermoscopy | {isic} | source |" in real.text and "SYNTHETIC" not in real.text
+    assert real.data.base_model == "esp/litemedsam"
+    assert f"Trained on {get_domain('dsb').dataset} only" in real.text
+
+
+def test_card_metadata_names_hub_datasets_only():
+    """`datasets:` and the model-index name Hub dataset ids (owner/name); data that is not on the Hub is described in
+    the card's text, and its results stay in the table."""
+    off_hub = _card("main", report=REPORT, datasets=training_data(SOURCE_DOMAINS))
+    assert metadata_dataset_ids(off_hub) == [] and off_hub.data.eval_results is None
+    assert "model-index" not in off_hub.data.to_dict() and "model_name" not in off_hub.data.to_dict()
+    assert off_hub.data.metrics == ["dice", "hausdorff_distance"]  # the table's metrics
+    assert "None of these images is a Hub dataset, so this table is their only record" in off_hub.text
+    assert f"- SYNTHETIC {get_domain('isic').dataset} (`synthetic-isic`): SYNTHETIC images" in off_hub.text
+
+    hub_ids = {"isic": "esp/isic-2018"}
+    on_hub = _card("main", report=REPORT, synthetic=False, dataset_hub_ids=hub_ids,
+                   datasets=training_data(["isic", "dsb"], synthetic=False, hub_ids=hub_ids))
+    assert metadata_dataset_ids(on_hub) == ["esp/isic-2018"] * 2  # `datasets`, and the isic row (Dice and HD)
+    for dataset_id in metadata_dataset_ids(on_hub):
+        validate_repo_id(dataset_id)
+    dice, hd = on_hub.data.eval_results  # read back by huggingface_hub's own model-index parser
+    assert (dice.dataset_type, dice.dataset_config, dice.dataset_split, dice.metric_value) == (
+        "esp/isic-2018", "isic", "test", 61.5)
+    assert hd.metric_type == "hausdorff_distance" and hd.metric_value == 9.25
+    assert on_hub.data.to_dict()["model-index"][0]["name"] == "esp-medsam-test"
+    assert "[`esp/isic-2018`](https://huggingface.co/datasets/esp/isic-2018)" in on_hub.text
+    assert f"measured on a Hub dataset ({get_domain('isic').dataset}) are also in this card's" in on_hub.text
+    reloaded = ModelCard(str(on_hub))
+    assert reloaded.data.to_dict() == on_hub.data.to_dict()
+
+    for bad in ("isic", "synthetic-isic", "esp/isic/2018", "-esp/isic"):
+        with pytest.raises(ValueError, match="not a Hub dataset id"):
+            TrainingData("ISIC 2018", "isic", hub_id=bad)
+        with pytest.raises(ValueError, match="not a Hub dataset id"):
+            domain_results(REPORT, hub_ids={"isic": bad})
 
 
 def test_metadata_has_no_stray_keys_and_efficiency_says_what_was_measured():
@@ -68,7 +102,7 @@ def test_metadata_has_no_stray_keys_and_efficiency_says_what_was_measured():
     assert "parameters: 1.50 M" in without.text
     assert "FLOPs and throughput were not measured for this run." in without.text
     assert "not measured" not in _card("main", parameters=1, flops=2.5, throughput=3.0, image_size=128).text
-    with_results = _card("stage-2-distill", report=REPORT)
+    with_results = _card("stage-2-distill", report=REPORT, dataset_hub_ids={"ph2": "esp/ph2"})
     assert with_results.data.to_dict()["model-index"][0]["name"] == "esp-medsam-test"
     assert with_results.data.metrics == ["dice", "hausdorff_distance"]
     dice_only = {"domains": {"isic": {"domain": "isic", "dice": 50.0, "mask_sizes": ["64x64"]}}}
@@ -136,7 +170,8 @@ def test_usage_snippets_run_verbatim_on_every_branch(tmp_path):
         with LocalHub(tmp_path / "hub") as hub:
             releases = []
             for branch in BRANCHES:
-                info = stage_card(branch, "esp-medsam-test", report=REPORT, datasets=datasets, image_size=64)
+                info = stage_card(branch, "esp-medsam-test", report=REPORT, datasets=datasets, image_size=64,
+                                  dataset_hub_ids={"dsb-real": "esp/dsb-2018"})
                 releases.append(StageRelease(branch, folders.get(branch, student), info))
             publish_model("esp/cards", releases, retry=RetryPolicy(attempts=2, base_wait_s=0.1),
                           api=__import__("huggingface_hub").HfApi(endpoint=hub.endpoint, token=hub.token))
@@ -155,7 +190,7 @@ def test_usage_snippets_run_verbatim_on_every_branch(tmp_path):
                             assert tuple(namespace["mask"].shape) == (50, 70), branch
                         else:
                             assert [s["mask"].size for s in namespace["segments"]] == [(70, 50)], branch
-                    ran[branch] = [len(blocks), [r.dataset_type for r in card.data.eval_results]]
+                    ran[branch] = [len(blocks), [r.dataset_type for r in card.data.eval_results or []]]
                 json.dump(ran, open("ran.json", "w"))
                 """,
                 tmp_path,
@@ -165,8 +200,7 @@ def test_usage_snippets_run_verbatim_on_every_branch(tmp_path):
     ran = json.loads((tmp_path / "ran.json").read_text())
     assert {branch: n for branch, (n, _) in ran.items()} == {
         "stage-1-teacher": 1, "stage-2-distill": 2, "stage-3-esp-medsam": 2, "main": 2}
-    assert all("dsb-real" in types for _, types in ran.values())
-    assert re.search(r"synthetic-dsb-real", json.dumps(ran)) is None
+    assert all(types == ["esp/dsb-2018"] * 2 for _, types in ran.values())  # the Hub dataset only: Dice and HD
 
 
 def test_measured_efficiency_goes_into_the_card():

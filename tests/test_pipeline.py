@@ -66,7 +66,8 @@ def test_saved_folder_holds_both_pipelines(saved):
     config = json.loads((saved / "config.json").read_text())
     assert config["custom_pipelines"][TASK]["impl"] == "pipeline_esp_medsam.EspMedSamSegmentationPipeline"
     assert config["auto_map"]["AutoModelForImageSegmentation"] == "modeling_esp_medsam.EspMedSamModel"
-    for name in ("pipeline_esp_medsam.py", "image_reading.py", "preprocessor_config.json", "processor_config.json"):
+    for name in ("pipeline_esp_medsam.py", "image_reading.py", "image_intensity.py", "preprocessor_config.json",
+                 "processor_config.json"):
         assert (saved / name).is_file(), name
 
 

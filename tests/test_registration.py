@@ -98,7 +98,8 @@ def test_saving_for_the_hub_writes_remote_code_without_register_and_leaves_the_c
     assert "medical-image-segmentation" in config["custom_pipelines"]
     preprocessor = json.loads((tmp_path / "hub" / "preprocessor_config.json").read_text())
     assert preprocessor["auto_map"]["AutoImageProcessor"] == "image_processing_esp_medsam.EspMedSamImageProcessor"
-    for name in ("modeling_esp_medsam.py", "pipeline_esp_medsam.py", "image_reading.py", "backends.py"):
+    for name in ("modeling_esp_medsam.py", "pipeline_esp_medsam.py", "image_reading.py", "image_intensity.py",
+                 "backends.py"):
         assert (tmp_path / "hub" / name).is_file(), name
     # a plain save_pretrained without register(): transformers' default, no remote code
     assert "auto_map" not in json.loads((tmp_path / "plain" / "config.json").read_text())

@@ -314,6 +314,17 @@ def test_default_is_the_main_jobs_trained_model_else_a_run_it_first_notice(tmp_p
     assert app.main_job_model() == folder  # a relative final_model is read against the run folder
 
 
+def test_docs_state_the_default_the_app_loads(monkeypatch):
+    """docs/space.md once said the Space defaults to an untrained conversion (issue 23): it names the main job's
+    model, at the place the app reads it from; the conversion is the fallback."""
+    docs = (app.REPOSITORY_ROOT / "docs" / "space.md").read_text()
+    assert "**The default model is the main job's trained model.**" in docs
+    monkeypatch.delenv("ESP_MEDSAM_DEMO_OUTPUT", raising=False)
+    assert app.main_job_summary() == app.REPOSITORY_ROOT / "outputs" / "demo" / "summary.json"
+    assert "`summary.json` in `$ESP_MEDSAM_DEMO_OUTPUT` (default `outputs/demo`" in docs
+    assert "Only when that run is missing does it fall back" in docs
+
+
 def test_click_to_correct_points_boxes_undo_and_reset(tmp_path, loaded, segment):
     """Clicks and two-click boxes on the overlay correct the mask from the cached embedding; undo and reset."""
     from esp_medsam_hf.models.esp_medsam.prompt_session import EspMedSamPromptSession

@@ -1,8 +1,13 @@
 """Model cards, one per stage branch, built with huggingface_hub's ``ModelCard.from_template``.
 
 Metrics, parameter counts, FLOPs and throughput are passed in as data (evaluation and benchmarking compute them);
-this module only lays them out: per-domain Dice and Hausdorff distance go into the card's ``model-index`` as
-``eval_results`` so that the Hub (and ``ModelCard.load``) can read them back.
+this module only lays them out: per-domain Dice and Hausdorff distance go into the card's results table, and those
+measured on a Hub dataset also into its ``model-index`` as ``eval_results`` so that the Hub (and ``ModelCard.load``)
+can read them back.
+
+Every dataset the metadata names (``datasets`` and each ``model-index`` result's ``dataset.type``) is a Hub dataset
+id ``owner/name`` (``check_hub_dataset_id``), as the Hub's model card specification asks; data that is not on the
+Hub (the demo's synthetic images, images that PyPI packages ship) is described in the card's text only.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 TEMPLATES = Path(__file__).with_name("templates")
 PAPER_URL = "https://arxiv.org/abs/2407.14153"
@@ -53,12 +60,26 @@ STAGE_DESCRIPTIONS = {
 }
 
 
+def check_hub_dataset_id(value: str, what: str = "hub_id") -> str:
+    """``value`` when it is a Hub dataset id ``owner/name`` (huggingface_hub's ``validate_repo_id``, with an owner),
+    else a ``ValueError`` naming ``what``: the card's metadata names Hub datasets only."""
+    try:
+        validate_repo_id(value)
+    except HFValidationError as err:
+        raise ValueError(f"{what} {value!r} is not a Hub dataset id 'owner/name': {err}") from None
+    if not isinstance(value, str) or value.count("/") != 1:
+        raise ValueError(f"{what} {value!r} is not a Hub dataset id: expected 'owner/name'")
+    return value
+
+
 @dataclass
 class DomainResult:
     """Test metrics of one domain: Dice in percent, Hausdorff distance in pixels (None when not measured).
 
     ``synthetic``: the test images are synthetic; ``mask_sizes``: the sizes (``"HxW"``) of the masks the metrics
-    were computed on, so that the Hausdorff distance in pixels can be read.
+    were computed on, so that the Hausdorff distance in pixels can be read. ``hub_id`` (``owner/name``) and
+    ``hub_config``: the Hub dataset (and its configuration) the images came from, where they are on the Hub; only
+    such results go into the card's ``model-index``.
     """
 
     modality: str
@@ -70,6 +91,12 @@ class DomainResult:
     unseen: bool = False
     synthetic: bool = False
     mask_sizes: list[str] = field(default_factory=list)
+    hub_id: str | None = None
+    hub_config: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.hub_id is not None:
+            check_hub_dataset_id(self.hub_id, f"the hub_id of the {self.dataset_id!r} result")
 
 
 @dataclass
@@ -82,6 +109,10 @@ class TrainingData:
     dataset_id: str
     synthetic: bool = False
     hub_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.hub_id is not None:
+            check_hub_dataset_id(self.hub_id, f"the hub_id of training data {self.dataset_id!r}")
 
 
 @dataclass
@@ -156,14 +187,18 @@ def find_run_card(folder: str | Path) -> Path | None:
 
 
 def eval_results(info: ModelCardInfo) -> list[EvalResult]:
-    """Two EvalResults (Dice, Hausdorff distance) per domain, in the card's model-index."""
+    """Two EvalResults (Dice, Hausdorff distance) per domain measured on a Hub dataset (``hub_id``), in the card's
+    model-index; the other results are in the card's table only."""
     results = []
     for r in info.results:
+        if r.hub_id is None:
+            continue
         common = dict(
             task_type="image-segmentation",
             task_name=f"{r.modality} segmentation",
-            dataset_type=r.dataset_id,
+            dataset_type=r.hub_id,
             dataset_name=r.dataset + (" (unseen domain)" if r.unseen else ""),
+            dataset_config=r.hub_config,
             dataset_split=r.split,
         )
         results.append(EvalResult(metric_type="dice", metric_name="Dice (%)", metric_value=float(r.dice), **common))
@@ -175,6 +210,12 @@ def eval_results(info: ModelCardInfo) -> list[EvalResult]:
                 )
             )
     return results
+
+
+def measured_metrics(info: ModelCardInfo) -> list[str]:
+    """The metrics of the card's results (its table and model-index): Dice, and the Hausdorff distance where measured."""
+    hd = any(r.hd is not None for r in info.results)
+    return (["dice"] + (["hausdorff_distance"] if hd else [])) if info.results else []
 
 
 def _absolute_paths(value: Any) -> list[str]:
@@ -214,8 +255,8 @@ def stage_description(info: ModelCardInfo) -> str:
 def build_model_card(info: ModelCardInfo) -> ModelCard:
     """The model card of one stage branch (``info.stage``), ready for ``card.save`` or upload as README.md.
 
-    Metadata: library, pipeline tag, tags, license, ``base_model`` and ``datasets`` when given, and the
-    ``model-index`` (named ``info.model_name``) when the revision has results.
+    Metadata: library, pipeline tag, tags, license, ``base_model`` and the Hub ``datasets`` when given, the metrics
+    of the results, and the ``model-index`` (named ``info.model_name``) when results were measured on Hub datasets.
     """
     results = eval_results(info)
     card_data = ModelCardData(
@@ -226,7 +267,7 @@ def build_model_card(info: ModelCardInfo) -> ModelCard:
         base_model=info.base_model,
         datasets=[d.hub_id for d in info.datasets if d.hub_id] or None,
         tags=["medical-imaging", "image-segmentation", "segment-anything", "esp-medsam"],
-        metrics=sorted({result.metric_type for result in results}) or None,
+        metrics=measured_metrics(info) or None,
         eval_results=results or None,
         training_stage=info.stage,
         parameters=info.parameters,

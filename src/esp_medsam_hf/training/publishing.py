@@ -8,7 +8,7 @@ when it is imported.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,18 @@ def _is_synthetic(name: str, synthetic: bool | Collection[str]) -> bool:
     return name in synthetic
 
 
-def domain_results(report: dict, synthetic: bool | Collection[str] = True) -> list[DomainResult]:
+def domain_results(report: dict, synthetic: bool | Collection[str] = True,
+                   hub_ids: Mapping[str, str] | None = None) -> list[DomainResult]:
     """The per-domain Dice/HD of an ``evaluate_model`` report as model card results.
 
     ``synthetic``: ``True`` marks the rows named after one of the 12 domains as synthetic (the demo's generated
     data) and any other row (e.g. ``dsb-real``) as real; ``False`` marks every row real; a collection names the
     synthetic rows. A row that is not a domain name but carries one in ``row["domain"]`` takes that domain's
-    dataset name and modality.
+    dataset name and modality. ``hub_ids``: row name -> the Hub dataset (``owner/name``) its images came from, a
+    folder of ``esp-medsam prepare --push-to-hub`` whose configuration is the row's domain; only those rows go into
+    the card's model-index.
     """
+    hub_ids = hub_ids or {}
     results = []
     for name, row in report.get("domains", {}).items():
         fake = _is_synthetic(name, synthetic)
@@ -45,24 +49,30 @@ def domain_results(report: dict, synthetic: bool | Collection[str] = True) -> li
         else:
             dataset, modality, unseen = name, row.get("modality", "unknown"), False
         hd = row.get("hd")
+        hub_id = hub_ids.get(name)
         results.append(DomainResult(
             modality=modality, dataset=f"SYNTHETIC {dataset}" if fake else dataset,
             dataset_id=f"synthetic-{name}" if fake else name,
             dice=float(row["dice"]), hd=float(hd) if hd is not None and hd == hd and hd != float("inf") else None,
             split=report.get("split", "test"), unseen=unseen, synthetic=fake,
-            mask_sizes=list(row.get("mask_sizes", [])),
+            mask_sizes=list(row.get("mask_sizes", [])), hub_id=hub_id,
+            hub_config=(domain if domain in REGISTERED else name) if hub_id else None,
         ))
     return results
 
 
-def training_data(domains: Collection[str], synthetic: bool | Collection[str] = True) -> list[TrainingData]:
-    """The card's training datasets for the given domain names (``synthetic`` as in ``domain_results``)."""
+def training_data(domains: Collection[str], synthetic: bool | Collection[str] = True,
+                  hub_ids: Mapping[str, str] | None = None) -> list[TrainingData]:
+    """The card's training datasets for the given domain names (``synthetic`` and ``hub_ids``, the Hub datasets
+    they came from, as in ``domain_results``)."""
+    hub_ids = hub_ids or {}
     data = []
     for name in domains:
         fake = _is_synthetic(name, synthetic)
         dataset = get_domain(name).dataset if name in REGISTERED else name
         data.append(TrainingData(name=f"SYNTHETIC {dataset}" if fake else dataset,
-                                 dataset_id=f"synthetic-{name}" if fake else name, synthetic=fake))
+                                 dataset_id=f"synthetic-{name}" if fake else name, synthetic=fake,
+                                 hub_id=hub_ids.get(name)))
     return data
 
 
@@ -129,18 +139,20 @@ def stage_card(
     throughput_device: str | None = None,
     config_root: str | Path | None = None,
     model_type: str | None = None,
+    dataset_hub_ids: Mapping[str, str] | None = None,
 ) -> ModelCardInfo:
     """The ``ModelCardInfo`` of one branch: the run's facts (training ``datasets``, evaluation ``report`` with
     ``synthetic`` saying which rows are synthetic, ``base_model``, efficiency) as parameters. ``model_type`` is the
     published model's ``config.model_type``: a SAM-ViT teacher (``esp_medsam_teacher``, the teacher branch's
-    default) ships no pipeline, so its card shows the Auto-class code only; a student (``esp_medsam``) ships both."""
+    default) ships no pipeline, so its card shows the Auto-class code only; a student (``esp_medsam``) ships both.
+    ``dataset_hub_ids``: the report rows measured on Hub datasets (``domain_results``' ``hub_ids``)."""
     if branch not in (*STAGE_BRANCHES, MAIN_BRANCH):
         raise ValueError(f"unknown branch {branch!r}; expected one of {', '.join((*STAGE_BRANCHES, MAIN_BRANCH))}")
     return ModelCardInfo(
         model_name=model_name,
         stage=branch,
         training_config=dict(training_config or {}),
-        results=domain_results(report, synthetic) if report else [],
+        results=domain_results(report, synthetic, dataset_hub_ids) if report else [],
         parameters=parameters,
         flops=flops,
         throughput=throughput,

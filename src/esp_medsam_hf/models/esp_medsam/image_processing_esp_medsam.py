@@ -6,7 +6,7 @@ with zeros after normalisation (SAM's and LiteMedSAM's convention), so a 210x576
 ``keep_aspect_ratio=False`` resizes to the square without padding, as the official release (trained on images stored
 already resized to a square, the ``image_1024`` layout) does; ``EspMedSamImageProcessor.official()`` uses it.
 
-16-bit, float and bool images are brought to uint8 with ``image_reading.stretch_to_uint8`` and the processor's
+16-bit, float and bool images are brought to uint8 with ``image_intensity.stretch_to_uint8`` and the processor's
 ``intensity_percentiles`` (StarDist's and cellpose's percentile normalisation, 1-99.8 % by default; ``None``: a
 min-max stretch); the same function reads files for the pipelines and prepares the training data.
 
@@ -36,7 +36,7 @@ from transformers.image_utils import (
 )
 
 from .dicom_plugin import register as register_dicom_plugin
-from .image_reading import DEFAULT_PERCENTILES, stretch_to_uint8
+from .image_intensity import DEFAULT_PERCENTILES, stretch_to_uint8
 
 
 def _channels_first(image: ImageInput) -> ImageInput:
@@ -78,7 +78,7 @@ class EspMedSamImageProcessorKwargs(ImagesKwargs, total=False):
 def _to_supported_dtype(
     image: ImageInput, index: int | None = None, percentiles: tuple[float, float] | None = DEFAULT_PERCENTILES
 ) -> ImageInput:
-    """Bring 16-bit, float and bool images to uint8 with ``image_reading.stretch_to_uint8`` (a per-image
+    """Bring 16-bit, float and bool images to uint8 with ``image_intensity.stretch_to_uint8`` (a per-image
     percentile stretch, or min-max with ``percentiles=None``; NaN and inf repaired with a warning); uint8 passes
     through untouched.
 

@@ -50,7 +50,8 @@ from transformers.models.auto import modeling_auto
 from transformers.pipelines import PIPELINE_REGISTRY, ImageSegmentationPipeline, PipelineRegistry
 
 from .backends import AUTOMATIC_MODALITY
-from .image_reading import load_image, to_rgb_uint8
+from .image_intensity import to_rgb_uint8
+from .image_reading import load_image
 from .prediction import predict, tiling_options
 from .processing_esp_medsam import rescale_prompts
 
@@ -361,7 +362,8 @@ def save_pretrained_with_pipeline(model, processor, directory: str | os.PathLike
 
     ``processor`` is an ``EspMedSamProcessor`` or an ``EspMedSamImageProcessor``. ``config.json`` gets
     ``custom_pipelines`` (the "medical-image-segmentation" task) and the folder gets this file and the modules it
-    imports (``image_reading.py``, and ``backends.py`` with ``export.py`` and ``fileio.py`` for the onnxruntime backend).
+    imports (``image_reading.py`` with ``image_intensity.py``, and ``backends.py`` with ``export.py`` and ``fileio.py``
+    for the onnxruntime backend).
     The code and ``auto_map`` are written whether or not ``esp_medsam_hf.register()`` ran.
     """
     image_processor = getattr(processor, "image_processor", processor)

@@ -10,33 +10,24 @@ a setting not allowed to the caller, never silently accepted. The handlers are m
 
 from __future__ import annotations
 
-import re
 import shutil
 
 from .guard import check_repo_name
+from .request_body import HubError, requested_privacy
+from .routes import REPO_TYPES
 
-# (method, path pattern, handler name), added to the server's routes; the patterns use the server's names.
-ADMIN_ROUTE_PATTERNS = [
-    ("DELETE", "/api/{T}/{REPO}/tag/(?P<rev>[^/]+)", "delete_tag"),
-    ("POST", "/api/{T}/{REPO}/super-squash/(?P<rev>[^/]+)", "super_squash"),
-    ("PUT", "/api/{T}/{REPO}/settings", "repo_settings"),
-    ("GET", "/api/{T}/{REPO}/likers", "repo_likers"),
-    ("DELETE", "/api/repos/delete", "delete_repo"),
-    ("POST", "/api/repos/move", "move_repo"),
-]
-_TYPES = {"model": "models", "dataset": "datasets", "space": "spaces"}
 _VISIBILITIES = ("public", "private", "protected")
 
 
 class RepoAdminMixin:
-    """Handlers (``h_<name>``) of :data:`ADMIN_ROUTE_PATTERNS`; they use the request handler's helpers and raise
-    its ``hub_error`` class (the server's ``HubError``) to answer an error."""
+    """Handlers (``h_<name>``) of the administration routes in ``routes.ROUTES``; they use the request handler's
+    helpers."""
 
     def h_delete_tag(self, type: str, ns: str, name: str, rev: str) -> None:
         repo = self._existing(type, ns, name)
         with self.server.lock(repo):
             if rev not in repo.tags():
-                raise self.hub_error(404, f"Invalid rev id: {rev} (no such tag)", "RevisionNotFound")
+                raise HubError(404, f"Invalid rev id: {rev} (no such tag)", "RevisionNotFound")
             repo.git("tag", "-d", "--", rev)
         self._send_json({"success": True})
 
@@ -47,7 +38,7 @@ class RepoAdminMixin:
         with self.server.lock(repo):
             head = repo.branch_head(rev)
             if head is None:
-                raise self.hub_error(404, f"Invalid rev id: {rev} (not a branch)", "RevisionNotFound")
+                raise HubError(404, f"Invalid rev id: {rev} (not a branch)", "RevisionNotFound")
             tree = repo.git("rev-parse", f"{head}^{{tree}}").strip()
             env = {"GIT_AUTHOR_NAME": "local", "GIT_AUTHOR_EMAIL": "local@localhost",
                    "GIT_COMMITTER_NAME": "local", "GIT_COMMITTER_EMAIL": "local@localhost"}
@@ -60,16 +51,16 @@ class RepoAdminMixin:
         body = self._json_body()
         unknown = sorted(set(body) - {"gated", "private", "visibility", "discussionsDisabled"})
         if unknown:
-            raise self.hub_error(400, f"unknown repository settings {unknown}")
+            raise HubError(400, f"unknown repository settings {unknown}")
         if body.get("gated") not in (None, False, "auto", "manual"):
-            raise self.hub_error(400, f"invalid gated status {body['gated']!r}: expected 'auto', 'manual' or false")
+            raise HubError(400, f"invalid gated status {body['gated']!r}: expected 'auto', 'manual' or false")
         if body.get("visibility") not in (None, *_VISIBILITIES):
-            raise self.hub_error(400, f"invalid visibility {body['visibility']!r}: expected one of {_VISIBILITIES}")
+            raise HubError(400, f"invalid visibility {body['visibility']!r}: expected one of {_VISIBILITIES}")
         if body.get("gated") in ("auto", "manual"):
-            raise self.hub_error(403, "gated access needs user accounts, which the local Hub does not have")
+            raise HubError(403, "gated access needs user accounts, which the local Hub does not have")
         if body.get("visibility") == "protected":
-            raise self.hub_error(403, "protected visibility needs user accounts, which the local Hub does not have")
-        private = self.requested_privacy(body)
+            raise HubError(403, "protected visibility needs user accounts, which the local Hub does not have")
+        private = requested_privacy(body)
         if private is not None:
             repo.set_private(private)
         self._send_json({"success": True})
@@ -81,14 +72,14 @@ class RepoAdminMixin:
 
     def _repo_from_body(self, ns_key: str | None, name_key: str, body: dict) -> tuple[str, str, str]:
         """(type folder, namespace, name) named by a repos/delete or repos/move body; 400 when malformed."""
-        repo_type = _TYPES.get(body.get("type") or "model")
+        repo_type = REPO_TYPES.get(body.get("type") or "model")
         if ns_key is None:
             ns, _, name = str(body.get(name_key) or "").partition("/")
         else:
             ns, name = str(body.get(ns_key) or ""), str(body.get(name_key) or "")
         if repo_type is None or not ns or not name or "/" in name:
-            raise self.hub_error(400, f"expected a repository id 'namespace/name' and a type in {sorted(_TYPES)}, "
-                                f"got {body!r}")
+            raise HubError(400, f"expected a repository id 'namespace/name' and a type in {sorted(REPO_TYPES)}, "
+                           f"got {body!r}")
         check_repo_name(ns, name)
         return repo_type, ns, name
 
@@ -109,13 +100,7 @@ class RepoAdminMixin:
         target = self.server.repo(target_type, to_ns, to_name)
         with self.server.lock(source), self.server.lock(target):
             if target.exists():
-                raise self.hub_error(409, f"You already have a repository named {to_ns}/{to_name}")
+                raise HubError(409, f"You already have a repository named {to_ns}/{to_name}")
             target.path.parent.mkdir(parents=True, exist_ok=True)
             source.path.rename(target.path)
         self._send_json({"success": True})
-
-
-def admin_routes(names: dict[str, str]) -> list[tuple[str, re.Pattern[str], str]]:
-    """The compiled routes, with the server's ``{T}`` (repo type) and ``{REPO}`` (namespace/name) patterns."""
-    return [(method, re.compile(pattern.replace("{T}", names["T"]).replace("{REPO}", names["REPO"])), handler)
-            for method, pattern, handler in ADMIN_ROUTE_PATTERNS]

@@ -35,7 +35,7 @@ from pathlib import Path
 from shutil import which
 
 from .guard import new_token
-from .server import UnixHTTPConnection
+from .read_routes import UnixHTTPConnection
 
 logger = logging.getLogger(__name__)
 
