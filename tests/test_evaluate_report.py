@@ -243,7 +243,7 @@ def test_a_reference_that_scores_zero_is_flagged_and_no_otsu_claims_nothing():
     entry = {"file_name": "a.png", "dice": 60.0, "dice_otsu": 0.0, "missed": 40.0, "extra": 1.0,
              "missed_otsu": 100.0, "extra_otsu": 0.0}
     row = {"role": "custom", "modality": "fundus", "num_images": 1, "dice": 60.0, "references": {"otsu": 0.0},
-           "reference_notes": {"otsu": "dark targets (fundus's usual polarity; no training images to learn it on)"},
+           "reference_notes": {"otsu": "dark targets (fundus's usual polarity, not learnt on training images)"},
            "per_image": [entry]}
     text = "\n".join(reference_table({"domains": {"disc": row}}))
     assert "**Warning: Otsu scores 0 on disc**" in text

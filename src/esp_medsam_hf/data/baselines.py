@@ -79,7 +79,7 @@ class OtsuReference:
         if domain in self.learnt:
             polarity, count = self.learnt[domain]
             return f"{polarity} targets (learnt on {count} training image{'s' if count != 1 else ''})"
-        return f"{modality_polarity(modality)} targets ({modality}'s usual polarity; no training images to learn it on)"
+        return f"{modality_polarity(modality)} targets ({modality}'s usual polarity, not learnt on training images)"
 
     def __call__(self, image: np.ndarray, reference: np.ndarray, modality: str, domain: str | None = None) -> np.ndarray:
         return otsu_mask(image, modality, self.polarity(domain, modality))
