@@ -186,6 +186,12 @@ def test_prepare_command_synthetic(tmp_path, capsys):
     args = ["--domains", DOMAIN, "--data-dir", str(root), "--output", str(tmp_path / "syn")]
     assert run_command(prepare_command, args) == 1
     assert "holds synthetic domains" in capsys.readouterr().err
+    # a domain already there stops the command before any domain is generated
+    again = ["--synthetic", "--domains", "isic", "busi", "--num-per-split", "2", "--size", "64", "--output",
+             str(tmp_path / "syn")]
+    assert run_command(prepare_command, again) == 1
+    assert "syn already holds busi; pass --overwrite to replace it" in capsys.readouterr().err
+    assert not (tmp_path / "syn" / "isic").exists()
 
 
 def test_push_to_the_local_hub(tmp_path, official):

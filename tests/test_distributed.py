@@ -1,9 +1,11 @@
 """Scale-out: two CPU processes (``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2``: gloo;
 ``accelerate launch --cpu --num_processes 2`` starts one process only) train to the same weights as one process
-with the same global batch."""
+with the same global batch; feature encoding and evaluation are shared between the processes, and only the main
+process prints the train command's final line."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -38,7 +40,7 @@ def test_two_processes_give_the_weights_of_one_process_with_the_same_global_batc
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
     try:
-        _, stderr = launcher.communicate(timeout=240)
+        stdout, stderr = launcher.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and both workers
         launcher.communicate()
@@ -59,6 +61,23 @@ def test_two_processes_give_the_weights_of_one_process_with_the_same_global_batc
         moved += int(not torch.equal(one[name], initial[name])) if name in initial else 0
     assert moved > 50  # training changed the weights, so agreeing means something
     assert "step-00000002" in os.listdir(tmp_path / "two" / "checkpoints")
+    # each process encoded half of the six images and segmented its share of each domain's three (2 and 1);
+    # together they give what one process gives
+    work = [json.loads((tmp_path / "two" / f"work-{rank}.json").read_text()) for rank in (0, 1)]
+    assert work == [{"encoded": 3, "segmented": 4}, {"encoded": 3, "segmented": 2}]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = tiny_run.shared_work(tmp_path / "alone")
+    finally:
+        torch.set_num_threads(threads)
+    shared = torch.load(tmp_path / "two" / "work.pt")
+    torch.testing.assert_close(shared["features"], alone["features"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared["pooled"], alone["pooled"], atol=1e-5, rtol=1e-5)
+    assert shared["dice"] == pytest.approx(alone["dice"], abs=1e-6)
+    # the train command's final line, once; no "None" metrics from another process
+    finals = [line for line in stdout.splitlines() if line.startswith("espmedsam: release folder")]
+    assert len(finals) == 1 and "None" not in finals[0], stdout[-2000:]
 
 
 def test_processes_that_accelerate_did_not_join_are_refused(tmp_path, monkeypatch):

@@ -206,3 +206,88 @@ def test_below_baseline_names_each_losing_image_with_the_larger_error():
     assert "c.png" not in table
     assert below_baseline([("nuclei", {"per_image": [entry("c.png", 95.0, 90.0, 1.0, 1.0)]})]) == [
         "Ours is at or above Otsu on all 1 images.", ""]
+
+
+def bright_disc(seed: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """A fundus-like photo: a bright disc on a darker, noisy background, and its mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    mask = (yy - size / 2 - seed) ** 2 + (xx - size / 2) ** 2 < (size / 5) ** 2
+    image = rng.normal(70, 10, (size, size, 3)) + 120 * mask[..., None]
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def test_otsu_learns_the_polarity_on_training_images_and_says_which():
+    import datasets
+
+    from esp_medsam_hf.data.baselines import OtsuReference, reference_methods
+
+    rows = [bright_disc(seed) for seed in range(3)]
+    train = datasets.Dataset.from_dict({"image": [Image.fromarray(i) for i, _ in rows],
+                                        "mask": [Image.fromarray(m.astype(np.uint8) * 255) for _, m in rows],
+                                        "modality": [3, 3, 3]})
+    image, mask = bright_disc(4)
+    otsu = reference_methods(("otsu",))["otsu"]
+    assert isinstance(otsu, OtsuReference)
+    assert dice_score(otsu(image, mask, "fundus", domain="disc"), mask) < 5  # fundus's usual: dark targets
+    assert "fundus's usual polarity" in otsu.describe("disc", "fundus")
+    assert otsu.learn("disc", train) == "bright"
+    assert dice_score(otsu(image, mask, "fundus", domain="disc"), mask) > 90
+    assert otsu.describe("disc", "fundus") == "bright targets (learnt on 3 training images)"
+    assert otsu.polarity("vessels", "fundus") == "dark"  # learnt per domain
+
+
+def test_a_reference_that_scores_zero_is_flagged_and_no_otsu_claims_nothing():
+    from esp_medsam_hf.data.evaluation import reference_table
+
+    entry = {"file_name": "a.png", "dice": 60.0, "dice_otsu": 0.0, "missed": 40.0, "extra": 1.0,
+             "missed_otsu": 100.0, "extra_otsu": 0.0}
+    row = {"role": "custom", "modality": "fundus", "num_images": 1, "dice": 60.0, "references": {"otsu": 0.0},
+           "reference_notes": {"otsu": "dark targets (fundus's usual polarity, not learnt on training images)"},
+           "per_image": [entry]}
+    text = "\n".join(reference_table({"domains": {"disc": row}}))
+    assert "**Warning: Otsu scores 0 on disc**" in text
+    assert "- Otsu on disc: dark targets (fundus's usual polarity" in text
+    bare = {**row, "references": {}, "reference_notes": {}, "per_image": [{"file_name": "a.png", "dice": 60.0}]}
+    text = "\n".join(reference_table({"domains": {"disc": bare}}))
+    assert "Otsu" not in text and "Warning" not in text
+
+
+def test_evaluate_checks_its_options_and_output_before_any_work(tmp_path, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("evaluate loaded the model before checking its options")
+
+    monkeypatch.setattr(evaluate_command, "load_model", no_work)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.md").write_text("an earlier run")
+    base = ["--model", str(tmp_path / "model"), "--output", str(tmp_path / "eval")]
+    assert run_command(evaluate_command, base) == 1
+    assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert run_command(evaluate_command, base[:2] + ["--output", str(tmp_path / "new"), "--batch-size", "0"]) == 1
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+    assert run_command(evaluate_command, ["--model", str(tmp_path / "none"), "--output", str(tmp_path / "n")]) == 1
+    assert "is not a folder; expected a saved EspMedSamModel" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_command(evaluate_command, base + ["--references"])
+    assert "expected at least one argument" in capsys.readouterr().err
+    assert (tmp_path / "eval" / "results.md").read_text() == "an earlier run" and not (tmp_path / "new").exists()
+
+
+def test_evaluate_learns_otsus_polarity_on_the_train_split_and_no_references_means_none(
+    tmp_path, model_and_processor, capsys
+):
+    model, processor = model_and_processor
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    write_output(synthetic_domain("ph2", {"train": 2, "test": 2}, size=64), tmp_path / "prepared", "ph2",
+                 synthetic=True)
+    args = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "prepared"), "--no-hausdorff",
+            "--no-scale-table"]
+    assert run_command(evaluate_command, args + ["--references", "otsu", "--output", str(tmp_path / "a")]) == 0
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert saved["domains"]["ph2"]["reference_notes"]["otsu"].endswith("(learnt on 2 training images)")
+    assert run_command(evaluate_command, args + ["--no-references", "--output", str(tmp_path / "b")]) == 0
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert "references" not in saved["domains"]["ph2"]
+    assert "Otsu" not in (tmp_path / "b" / "results.md").read_text()

@@ -237,3 +237,43 @@ def test_card_image_reader_is_the_repos_own_and_reads_16_bit_tiff_as_the_evaluat
     np.testing.assert_array_equal(image, package_reader(path)[0])
     clipped = np.asarray(Image.open(path).convert("RGB"))
     assert image.shape == clipped.shape == (40, 50, 3) and (image != clipped).mean() > 0.9
+
+
+def test_train_writes_the_runs_card_and_hub_publish_uses_it(tmp_path, monkeypatch, capsys):
+    """Issue 24, item 7: a new target's run records its data, its own target name, its metrics and what it started
+    from; ``hub publish`` without --card uses them, names only the branches the repository has, and its usage code
+    passes the trained modality."""
+    from esp_medsam_hf.cli import main
+    from esp_medsam_hf.hub.cards import find_run_card
+
+    save_tiny_model(tmp_path / "init")
+    run = tmp_path / "disc-run"
+    code = main(["train", "--stage", "espmedsam", "--init-from", str(tmp_path / "init"), "--data", "synthetic",
+                 "--domains", "isic", "--synthetic-train-images", "2", "--synthetic-valid-images", "1",
+                 "--batch-size", "2", "--max-steps", "1", "--no-progress", "--new-target", "optic disc",
+                 "--modality", "fundus", "--output-dir", str(run)])
+    assert code == 0, capsys.readouterr().err
+    assert find_run_card(run / "release") == run / "card.json"
+    info = ModelCardInfo.from_json(run / "card.json")
+    assert info.stage == "stage-3-esp-medsam" and info.usage_modality == "fundus"
+    assert info.targets[-1] == "optic disc" and "retinal vessels" in info.targets
+    assert [d.dataset_id for d in info.datasets] == ["synthetic-isic"] and info.datasets[0].synthetic
+    assert "Adds the target \"optic disc\" to fundus" in info.notes and "validation_dice" in info.notes
+    assert "local model `init`" in info.notes and info.base_model is None
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with LocalHub(tmp_path / "hub") as hub:
+        for key, value in hub.env.items():
+            monkeypatch.setenv(key, value)
+        assert main(["hub", "publish", "--repo", "me/disc", "--endpoint", hub.endpoint, "--attempts", "2",
+                     "--stage", f"stage-3-esp-medsam={run / 'release'}", "--stage", f"main={run / 'release'}"]) == 0
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=hub.endpoint, token=hub.token)
+        texts = {branch: open(api.hf_hub_download("me/disc", "README.md", revision=branch)).read()
+                 for branch in ("main", "stage-3-esp-medsam")}
+    for branch, text in texts.items():
+        assert f"(`{branch}`)" in text
+        assert "Branches of this repository: `stage-3-esp-medsam`, `main`" in text
+        assert "stage-1-teacher" not in text and "stage-2-distill" not in text
+        assert 'modality="fundus"' in text and 'modality="dermoscopy"' not in text
+        assert "optic disc" in text and "Not recorded for this revision" not in text

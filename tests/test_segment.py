@@ -148,3 +148,21 @@ def test_dicom_without_suffix_is_found_by_its_preamble_and_no_progress_is_quiet(
     assert row["file"].endswith("IM0001") and row["status"] == "ok"
     assert (row["modality"], row["modality_source"], row["height"], row["width"]) == ("ultrasound", "file", "30", "20")
     assert "it/s" not in capfd.readouterr().err  # no tqdm bar: neither weight loading nor segmentation
+
+
+def test_an_existing_csv_or_a_file_as_output_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch, caplog):
+    import esp_medsam_hf.inference as inference
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("segment loaded the model before checking its output")
+
+    monkeypatch.setattr(inference, "load_pipeline", no_work)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "segmentation.csv").write_text("mine")
+    assert main(["segment", str(tmp_path), "--model", "unused", "--output", str(out)]) == 2
+    assert "segmentation.csv exists; pass --overwrite" in caplog.text
+    (tmp_path / "file").write_text("mine")
+    assert main(["segment", str(tmp_path), "--model", "unused", "--output", str(tmp_path / "file")]) == 2
+    assert "is a file; expected a folder" in caplog.text
+    assert (out / "segmentation.csv").read_text() == "mine"

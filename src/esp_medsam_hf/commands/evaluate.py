@@ -20,11 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'synthetic' (default), 'real' (the real domains that install offline: mnfinder, vascx, dsb-stardist), "
         "or a folder made by esp-medsam prepare (your own data too)",
     )
-    parser.add_argument(
-        "--references", nargs="*", choices=("otsu", "litemedsam-boxes"), default=None,
+    references = parser.add_mutually_exclusive_group()
+    references.add_argument(
+        "--references", nargs="+", choices=REFERENCES, default=None,
         help="reference methods scored on the same images (default: both for real and prepared data, none for "
-        "synthetic data; give the option with no name for none)",
+        "synthetic data); Otsu's polarity is learnt on each domain's train split where it has one",
     )
+    references.add_argument("--no-references", dest="references", action="store_const", const=[],
+                            help="score no reference method")
     parser.add_argument("--output", required=True, help="folder for results.md, results.json, dice_hd.png, cases/")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -46,6 +49,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the scale table (Dice at x0.5, x1, x2, x4 beside Otsu on the microscopy and fundus domains)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+REFERENCES = ("otsu", "litemedsam-boxes")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything that can be checked before any work: the numbers, and the output folder (a file, or a folder
+    that is not empty without ``--overwrite``, or one that ``--overwrite`` may not replace)."""
+    from ..models.esp_medsam.fileio import check_replaceable
+
+    for name in ("batch_size", "max_images", "num_per_split", "size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if os.path.lexists(args.output) and not os.path.isdir(args.output):
+        raise FileExistsError(f"--output {args.output} is a file; expected a folder (new or of evaluate's outputs)")
+    if not args.overwrite and os.path.isdir(args.output) and os.listdir(args.output):
+        raise FileExistsError(f"--output {args.output} already exists and is not empty; pass --overwrite to replace "
+                              "its results, or choose another folder")
+    if args.overwrite:
+        data = None if args.data in ("synthetic", "real") else args.data
+        check_replaceable(args.output, inputs=[args.model, data], owned=REPORT_FILES, command="esp-medsam evaluate")
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model} is not a folder; expected a saved EspMedSamModel")
+
+
+def learn_references(references: dict, args: argparse.Namespace, names: list[str]) -> None:
+    """Learn Otsu's polarity on each domain's train split, for real and prepared data whose domains have one."""
+    from pathlib import Path
+
+    from ..data.prepared import PreparedDataError, load_domains
+
+    otsu = references.get("otsu")
+    if otsu is None or args.data == "synthetic" or args.split == "train":
+        return
+    if args.data == "real":
+        from ..data.real import archive_dir
+
+        root = archive_dir().parent / "prepared"
+    else:
+        root = Path(args.data)
+    for name in names:
+        try:
+            train = load_domains(root, [name], splits={"train": 0})[name]["train"]
+        except PreparedDataError:
+            continue  # no train split: the modality's polarity, which the report says
+        otsu.learn(name, train)
 
 
 REPORT_FILES = ("results.md", "results.json", "dice_hd.png", "cases")
@@ -102,26 +152,27 @@ def run(args: argparse.Namespace) -> int:
     from ..data.evaluation import evaluate_model, write_report
     from ..data.prepare import PreparationError
     from ..data.prepared import PreparedDataError
-    from ..data.scale_table import scale_tables
-    from ..models.esp_medsam.fileio import check_replaceable
+    from accelerate import PartialState
 
+    from ..data.scale_table import scale_tables
+
+    state = PartialState()  # under accelerate launch: each process scores its share, the main one writes
     try:
-        if os.path.lexists(args.output) and not os.path.isdir(args.output):
-            raise FileExistsError(f"--output {args.output} is a file; expected a folder (new or of evaluate's outputs)")
-        if args.overwrite:
-            data = None if args.data in ("synthetic", "real") else args.data
-            check_replaceable(args.output, inputs=[args.model, data], owned=REPORT_FILES,
-                              command="esp-medsam evaluate")
-        model, processor = load_model(args.model, args.device)
-        data, label = load_data(args, model.config.image_size)
+        check_arguments(args)
+        model, processor = load_model(args.model, args.device or str(state.device))
+        with state.main_process_first():  # real data is prepared once, by the main process
+            data, label = load_data(args, model.config.image_size)
         cases: dict = {}
-        names = args.references if args.references is not None else (
-            () if args.data == "synthetic" else ("otsu", "litemedsam-boxes"))
+        names = args.references if args.references is not None else (() if args.data == "synthetic" else REFERENCES)
+        references = reference_methods(tuple(names))
+        learn_references(references, args, list(data))
         report = evaluate_model(
             model, processor, data, split=args.split, batch_size=args.batch_size,
             compute_hausdorff=not args.no_hausdorff, given_modality=not args.predicted_modality,
-            max_images=args.max_images, cases=cases, references=reference_methods(tuple(names)), scale=args.scale,
+            max_images=args.max_images, cases=cases, references=references, scale=args.scale, distributed=True,
         )
+        if not state.is_main_process:
+            return 0
         if not args.no_scale_table:
             report["scale_tables"] = scale_tables(model, processor, data, split=args.split, scale=args.scale,
                                                   max_images=args.max_images)

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="a branch (stage-1-teacher, stage-2-distill, stage-3-esp-medsam, main) and the folder "
                               "saved with save_pretrained; repeat for each stage, in order")
     publish.add_argument("--card", action="append", default=[], metavar="BRANCH=JSON",
-                         help="a JSON file with that branch's model card fields (see ModelCardInfo)")
+                         help="a JSON file with that branch's model card fields (see ModelCardInfo); default: the "
+                              "card.json that `esp-medsam train` wrote into the folder's run folder")
     publish.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or the Hub)")
     publish.add_argument("--private", action="store_true", help="create the repository as private")
     publish.add_argument("--attempts", type=int, default=5, help="tries per request on transient errors")
@@ -35,6 +36,20 @@ def _pairs(values: list[str], flag: str) -> dict[str, Path]:
             raise SystemExit(f"{flag} expects BRANCH=PATH, got {value!r}")
         pairs[branch] = Path(path)
     return pairs
+
+
+def _card(branch: str, folder: Path, given: Path | None):
+    """The branch's ``ModelCardInfo``: from ``--card``, else from the run's ``card.json`` (its stage's card, which
+    ``main`` takes too); None without either."""
+    import dataclasses
+
+    from esp_medsam_hf.hub.cards import ModelCardInfo, find_run_card
+
+    path = given or find_run_card(folder)
+    if path is None:
+        return None
+    card = ModelCardInfo.from_json(path)
+    return dataclasses.replace(card, stage=branch) if given is None and branch == "main" else card
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     from huggingface_hub import HfApi
 
-    from esp_medsam_hf.hub.cards import ModelCardInfo
     from esp_medsam_hf.hub.publish import HubUnavailableError, PublishError, RetryPolicy, StageRelease, publish_model
 
     stages, cards = _pairs(args.stage, "--stage"), _pairs(args.card, "--card")
@@ -89,10 +103,8 @@ def _publish(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"--card given for branches that are not published: {unknown}")
     try:
-        releases = [
-            StageRelease(branch, folder, ModelCardInfo.from_json(cards[branch]) if branch in cards else None)
-            for branch, folder in stages.items()
-        ]
+        releases = [StageRelease(branch, folder, _card(branch, folder, cards.get(branch)))
+                    for branch, folder in stages.items()]
         commits = publish_model(args.repo, releases, api=HfApi(endpoint=args.endpoint), private=args.private or None,
                                 retry=RetryPolicy(attempts=args.attempts))
     except (ValueError, OSError, HubUnavailableError, PublishError) as err:  # OSError: HfHubHTTPError (401...)

@@ -81,6 +81,23 @@ def _domains(args: argparse.Namespace) -> list:
     return [custom_domain(args.domains[0], args.modality)]
 
 
+def _check_output(args: argparse.Namespace, domains: list) -> None:
+    """Before any domain is read or generated: the output is no file, a domain already there needs
+    ``--overwrite``, and a README.md that is not prepare's own is never replaced (``check_card_replaceable``)."""
+    from pathlib import Path
+
+    from ..data.prepared import check_card_replaceable
+
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"--output {output} is a file; expected a folder")
+    present = [domain.name for domain in domains if (output / domain.name).exists()]
+    if present and not args.overwrite:
+        raise FileExistsError(f"{output} already holds {', '.join(present)}; pass --overwrite to replace "
+                              f"{'them' if len(present) > 1 else 'it'}")
+    check_card_replaceable(output, args.overwrite)
+
+
 def _prepare_synthetic(args: argparse.Namespace, domains: list) -> None:
     """Write SYNTHETIC stand-ins of ``domains`` (``--synthetic``)."""
     import time
@@ -137,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         domains = _domains(args)
+        if args.synthetic or args.data_dir or not args.push_to_hub:
+            _check_output(args, domains)
         if args.synthetic:
             _prepare_synthetic(args, domains)
         elif args.data_dir or not args.push_to_hub:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,13 @@ def run(args: argparse.Namespace) -> int:
         logger.error("--batch-size must be at least 1, got %d", args.batch_size)
         return 2
     modality = int(args.modality) if args.modality is not None and args.modality.isdigit() else args.modality
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        logger.error("--output %s is a file; expected a folder", output)
+        return 2
+    if (output / CSV_NAME).exists() and not args.overwrite:  # checked again, with the inputs, before any image
+        logger.error("%s exists; pass --overwrite to replace it", output / CSV_NAME)
+        return 2
     try:
         pipe = load_pipeline(args.model, revision=args.revision, device=args.device, progress=not args.no_progress,
                              backend=args.backend, scale=args.scale, tile_size=args.tile_size, overlap=args.overlap)

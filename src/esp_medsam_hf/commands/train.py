@@ -4,12 +4,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..training.config import FREEZABLE, DistillConfig, EspMedSamStageConfig, TrainingConfig, load_config
+from ..training.config import (
+    FREEZABLE,
+    LR_SCHEDULES,
+    STAGE_CONFIGS,
+    DistillConfig,
+    EspMedSamStageConfig,
+    TrainingConfig,
+    load_config,
+)
 
 if TYPE_CHECKING:
     from ..training.stages import StageResult
@@ -47,6 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", help="'latest' or a checkpoint folder")
     parser.add_argument("--lr-decay", type=float, help="learning-rate factor applied after every epoch (0, 1]")
     parser.add_argument("--keep-checkpoints", type=int, help="periodic checkpoints kept (older ones are deleted)")
+    parser.add_argument("--eval-every", metavar="N|epoch|end",
+                        help="validate, keep the best model and checkpoint every N optimizer steps, after every "
+                             "epoch (default) or only at the end (end or 0)")
+    parser.add_argument("--early-stopping-patience", type=int, metavar="K",
+                        help="stop after K validations in a row without a better validation metric")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                        help="exponential (default: times --lr-decay after every epoch) or a transformers schedule "
+                             "stepped with the optimizer, e.g. cosine")
+    parser.add_argument("--warmup-steps", type=int, help="with a transformers --lr-schedule: linear warmup steps")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run folder")
     parser.add_argument("--report-to", nargs="+", help="accelerate trackers (tensorboard, wandb, ...)")
     add_stage_arguments(parser)
@@ -84,29 +102,54 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-all", dest="only_new_target", action="store_false", default=None,
                         help="with --new-target: also train the shared parts (default: only the new target's bag "
                              "and query, so the other targets stay bit-identical)")
-    parser.add_argument("--no-calibrate-object-size", dest="calibrate_object_size", action="store_false",
-                        default=None, help="espmedsam: keep the image processor's object size instead of choosing "
-                                           "it on the validation images of the --zoom object-size domains")
     parser.add_argument("--push-to-hub", metavar="REPO", help="publish the stage to REPO on its branch when done")
     parser.add_argument("--also-main", action="store_true", help="with --push-to-hub: also publish it as main")
+    add_remaining_options(parser)
 
 
-OPTION_NAMES = (
-    "output_dir", "data", "domains", "model_size", "image_size", "epochs", "batch_size", "learning_rate",
-    "gradient_accumulation_steps", "mixed_precision", "compile", "max_steps", "seed", "checkpoint_every", "resume",
-    "overwrite", "report_to", "threads", "freeze", "frozen_encoder_stages", "cache_features",
-    "feature_views", "lr_decay", "keep_checkpoints",
-)
-STAGE_OPTION_NAMES = {
-    "teacher": ("sam_checkpoint", "sam_preset", "init_from"),
-    "distill": ("teacher", "natural_images", "init_from", "intensity_augment"),
-    "espmedsam": ("init_from", "new_target", "target_modality", "only_new_target", "calibrate_object_size"),
-}
+def add_remaining_options(parser: argparse.ArgumentParser) -> None:
+    """A flag for every option of the stage configurations that has none above (``--weight-decay``,
+    ``--no-augment``, ``--zoom JSON``, ...), typed from its dataclass field, so that every option can be given on
+    the command line as in ``--config``."""
+    registered = {action.dest for action in parser._actions}
+    common = {f.name for f in dataclasses.fields(TrainingConfig)}
+    for stage, config in STAGE_CONFIGS.items():
+        for option in dataclasses.fields(config):
+            if option.name in registered:
+                continue
+            registered.add(option.name)
+            where = "every stage" if option.name in common else stage
+            parser.add_argument(f"--{option.name.replace('_', '-')}", dest=option.name,
+                                help=f"{where}: {option.name} (docs/training.md)", **flag_kind(str(option.type)))
+
+
+def flag_kind(annotation: str) -> dict:
+    """argparse settings for a configuration field of type ``annotation``; a flag not given stays None."""
+    if annotation == "bool":
+        return {"action": argparse.BooleanOptionalAction, "default": None}
+    if annotation.startswith("dict"):
+        return {"type": json.loads, "metavar": "JSON"}
+    if annotation.startswith("list"):
+        return {"nargs": "+"}
+    kinds = [part.strip() for part in annotation.split("|")]
+    return {"type": int if "int" in kinds else float if "float" in kinds else str}
+
+
+def option_names(stage: str) -> list[str]:
+    """The options of ``stage``: the fields of its configuration dataclass."""
+    return [option.name for option in dataclasses.fields(STAGE_CONFIGS[stage])]
 
 
 def stage_config(args: argparse.Namespace) -> TrainingConfig:
-    """The stage's options: its defaults, then the ``--config`` file, then the flags given."""
-    overrides = {name: getattr(args, name) for name in OPTION_NAMES + STAGE_OPTION_NAMES[args.stage]}
+    """The stage's options: its defaults, then the ``--config`` file, then the flags given; a flag of another
+    stage is an error."""
+    names = option_names(args.stage)
+    others = sorted({name for stage in STAGE_CONFIGS for name in option_names(stage)} - set(names))
+    foreign = [name for name in others if getattr(args, name, None) is not None]
+    if foreign:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in foreign)
+        raise ValueError(f"{flags}: not an option of stage {args.stage}")
+    overrides = {name: getattr(args, name, None) for name in names}
     config = load_config(args.stage, args.config, **overrides)
     saved = image_size_of(getattr(config, "init_from", None))
     if saved is not None and saved != config.image_size and overrides["image_size"] is None:
@@ -137,6 +180,7 @@ def load_yaml(path: str) -> dict | None:
 def run(args: argparse.Namespace) -> int:
     """Train the stage (and publish it with ``--push-to-hub``); 1 with a one-line error for bad options or data."""
     import torch
+    from accelerate import PartialState
 
     from ..training import CheckpointError, NonFiniteLossError, TrainingDataError, run_stage
 
@@ -145,34 +189,47 @@ def run(args: argparse.Namespace) -> int:
         if config.threads:
             torch.set_num_threads(config.threads)
         result = run_stage(config)
-        if args.push_to_hub:
-            from accelerate import PartialState
-
-            if PartialState().is_main_process:
-                publish(args, config, result)
+        if args.push_to_hub and PartialState().is_main_process:
+            publish(args, config, result)
     except (OSError, TrainingDataError, NonFiniteLossError, CheckpointError, ValueError) as error:
         from . import error_message
 
         print(f"esp-medsam train: error: {error_message(error)}", file=sys.stderr)
         return 1
-    print(f"{args.stage}: release folder {result.release_dir}; metrics {result.metrics}")
+    except KeyboardInterrupt as stop:
+        if PartialState().is_main_process:
+            print(f"esp-medsam train: {interrupted_message(args, stop)}", file=sys.stderr)
+        return 130
+    if PartialState().is_main_process:  # under accelerate launch, one final line
+        print(f"{args.stage}: release folder {result.release_dir}; metrics {result.metrics}")
     return 0
 
 
-def publish(args: argparse.Namespace, config: TrainingConfig, result: StageResult) -> None:
-    """Publish the stage's release folder (and optionally main) with a model card."""
-    from ..training.publishing import STAGE_TO_BRANCH, publish_stages, stage_card
+def interrupted_message(args: argparse.Namespace, stop: KeyboardInterrupt) -> str:
+    """One line for Ctrl-C: where training stopped and the command that resumes it from the newest checkpoint
+    (the run folder's config.yaml holds every option of the run)."""
+    from ..training import TrainingInterrupted
 
-    branch = STAGE_TO_BRANCH[args.stage]
-    model_type = json.loads((Path(result.release_dir) / "config.json").read_text())["model_type"]
-    measured = {key: value for key, value in result.metrics.items() if value is not None}
-    card = stage_card(branch, args.push_to_hub.split("/")[-1], training_config=config.to_dict(),
-                      image_size=config.image_size, model_type=model_type,
-                      notes=f"Validation metrics: {measured}." if measured else None)
+    if not isinstance(stop, TrainingInterrupted):
+        return "interrupted before training began; nothing to resume"
+    saved = Path(stop.output_dir) / "config.yaml"
+    again = f"esp-medsam train --stage {args.stage} --config {saved}"
+    if args.push_to_hub:
+        again += f" --push-to-hub {args.push_to_hub}" + (" --also-main" if args.also_main else "")
+    if stop.checkpoint is None or not saved.is_file():
+        return f"interrupted at step {stop.step} ({stop.task}) before its first checkpoint; start again with: " \
+               f"{again} --overwrite"
+    return f"interrupted at step {stop.step} ({stop.task}); resume with: {again} --resume latest"
+
+
+def publish(args: argparse.Namespace, config: TrainingConfig, result: StageResult) -> None:
+    """Publish the stage's release folder (and optionally main) with the run's model card (``run_card``)."""
+    from ..training.publishing import publish_stages, run_card
+
+    card = dataclasses.replace(run_card(config, result), model_name=args.push_to_hub.split("/")[-1])
+    branch = card.stage
     releases = [(branch, result.release_dir, card)]
     if args.also_main:
-        import dataclasses
-
         releases.append(("main", result.release_dir, dataclasses.replace(card, stage="main")))
     commits = publish_stages(args.push_to_hub, releases)
     for name, commit in commits.items():

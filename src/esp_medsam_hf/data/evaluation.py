@@ -48,6 +48,7 @@ def _score_image(
     guess: int | None,
     references: Mapping | None,
     compute_hausdorff: bool,
+    domain: str | None = None,
 ) -> dict:
     """One image's scores: Dice (and HD, HD95) of the prediction, each reference method's Dice, the errors of
     both (:func:`error_split`), and the modality beside the classifier's pick."""
@@ -56,7 +57,7 @@ def _score_image(
     if references:
         entry["missed"], entry["extra"] = error_split(prediction, reference)
     for method, run in (references or {}).items():
-        mask = run(image, reference, MODALITY_NAMES[modality])
+        mask = run(image, reference, MODALITY_NAMES[modality], domain=domain)
         entry[f"dice_{method}"] = dice_score(mask, reference)
         entry[f"missed_{method}"], entry[f"extra_{method}"] = error_split(mask, reference)
     if compute_hausdorff:
@@ -86,6 +87,7 @@ def evaluate_model(
     model, processor, datasets: Mapping, *, split: str = "test", batch_size: int | None = None,
     compute_hausdorff: bool = True, given_modality: bool = True, max_images: int | None = None, progress: bool = True,
     cases: dict | None = None, references: Mapping | None = None, scale=None, target: int | str | None = None,
+    distributed: bool = False,
 ) -> dict:
     """Run ``model`` over ``datasets[name][split]`` (a Dataset or DatasetDict in the package schema, per report
     name) and score Dice (%) and Hausdorff distance (px) at the stored mask size.
@@ -98,10 +100,9 @@ def evaluate_model(
     per-image values with the scale used and the classifier's pick (``classifier_accuracy`` per domain), and means
     over source and unseen domains. ``cases`` (a dict) receives each name's best and worst image; ``references``
     maps a method's name to ``predict(image, mask, modality name) -> mask`` (:mod:`.baselines`), scored on the
-    same images. The model's train/eval mode is restored afterwards.
+    same images. The model's train/eval mode is restored afterwards. ``distributed``: every process of an
+    ``accelerate launch`` (all must call it) scores its share of each domain and all get the whole report.
     """
-    from tqdm.auto import tqdm
-
     from ..models.esp_medsam.backends import inference_batch_size
 
     was_training = model.training
@@ -115,15 +116,16 @@ def evaluate_model(
             dataset = _as_split(data, split)
             if max_images is not None:
                 dataset = dataset.select(range(min(max_images, len(dataset))))
-            bar = tqdm(total=len(dataset), desc=f"evaluate {name}", unit="img", disable=not progress)
-            per_image, sizes, extremes, seconds = _evaluate_dataset(
-                model, processor, dataset, bar, batch_size=batch_size, given_modality=given_modality, scale=scale,
-                target=target, references=references, compute_hausdorff=compute_hausdorff,
-                keep_cases=cases is not None,
-            )
-            bar.close()
+            options = dict(batch_size=batch_size, given_modality=given_modality, scale=scale, target=target,
+                           references=references, compute_hausdorff=compute_hausdorff, keep_cases=cases is not None)
+            per_image, sizes, extremes, seconds = _evaluate_domain(model, processor, name, dataset, options,
+                                                                   progress=progress, distributed=distributed)
             model_seconds, total_images = model_seconds + seconds, total_images + len(per_image)
             summary = _domain_summary(_domain_of(dataset), per_image, compute_hausdorff, list(references or ()))
+            notes = {method: run.describe(name, summary.get("modality", ""))
+                     for method, run in (references or {}).items() if hasattr(run, "describe")}
+            if notes:
+                summary["reference_notes"] = notes
             report["domains"][name] = {**summary, "mask_sizes": sorted(sizes)}
             if cases is not None and extremes:
                 cases[name] = extremes
@@ -137,9 +139,46 @@ def evaluate_model(
     return report
 
 
+def _evaluate_domain(model, processor, name: str, dataset, options: dict, *, progress: bool, distributed: bool):
+    """``_evaluate_dataset`` on one domain behind a progress bar; ``distributed``: each process on its share, and
+    every process gets all the results."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    if distributed:
+        dataset = _shard(dataset)
+    bar = tqdm(total=len(dataset), desc=f"evaluate {name}", unit="img",
+               disable=not progress or (distributed and not PartialState().is_main_process))
+    results = _evaluate_dataset(model, processor, dataset, bar, name=name, **options)
+    bar.close()
+    return _gather_domain(*results) if distributed else results
+
+
+def _shard(dataset):
+    """This process's contiguous share of ``dataset`` (accelerate's ``split_between_processes``)."""
+    from accelerate import PartialState
+
+    with PartialState().split_between_processes(list(range(len(dataset)))) as indices:
+        return dataset.select(list(indices))
+
+
+def _gather_domain(per_image: list[dict], sizes: set[str], extremes: dict, seconds: float):
+    """Every process's scores of one domain, in the dataset's order (the shares are contiguous), on every process:
+    the entries, mask sizes, best and worst cases, and the longest time in the model."""
+    from accelerate.utils import gather_object
+
+    parts = gather_object([(per_image, sorted(sizes), extremes, seconds)])
+    merged: dict = {}
+    for _, _, cases, _ in parts:
+        for case in cases.values():
+            _keep_extremes(merged, case)
+    return ([entry for part in parts for entry in part[0]], {size for part in parts for size in part[1]}, merged,
+            max(part[3] for part in parts))
+
+
 def _evaluate_dataset(
     model, processor, dataset, bar, *, batch_size: int, given_modality: bool, scale, target, references,
-    compute_hausdorff: bool, keep_cases: bool,
+    compute_hausdorff: bool, keep_cases: bool, name: str | None = None,
 ) -> tuple[list[dict], set[str], dict, float]:
     """One domain's images through ``prediction.predict`` and scored: (per-image entries, mask sizes, best and
     worst cases when ``keep_cases``, seconds spent in the model). ``bar`` advances by each batch."""
@@ -158,7 +197,8 @@ def _evaluate_dataset(
         for image, reference, prediction, file_name, modality, guess, used in zip(
             images, masks, predictions, batch["file_name"], batch["modality"], picked, used_scales
         ):
-            entry = _score_image(image, reference, prediction, modality, guess, references, compute_hausdorff)
+            entry = _score_image(image, reference, prediction, modality, guess, references, compute_hausdorff,
+                                 domain=name)
             entry = {"file_name": file_name, **entry, "scale": used}
             sizes.add(f"{reference.shape[0]}x{reference.shape[1]}")
             per_image.append(entry)
@@ -294,7 +334,22 @@ def reference_table(report: dict) -> list[str]:
                          + " | ".join(_number(entry.get(f"dice_{m}")) for m in methods)
                          + f" | {entry.get('classifier_modality') or 'n/a'} |")
     lines += ["", "</details>", ""]
-    return lines + below_baseline(rows)
+    return lines + reference_notes(rows) + below_baseline(rows)
+
+
+def reference_notes(rows: list[tuple[str, dict]]) -> list[str]:
+    """Markdown lines: how each reference ran per domain (Otsu's polarity and where it came from), and a warning for
+    a reference that scores 0 on a domain (it found nothing of the target: a wrong polarity or channel, not a
+    baseline to beat)."""
+    lines = []
+    for name, row in rows:
+        for method, note in row.get("reference_notes", {}).items():
+            lines.append(f"- {REFERENCE_TITLES.get(method, method)} on {name}: {note}.")
+        for method, value in row.get("references", {}).items():
+            if row["num_images"] and value is not None and value == 0:
+                lines.append(f"- **Warning: {REFERENCE_TITLES.get(method, method)} scores 0 on {name}**: it finds "
+                             "none of the target there (a wrong polarity or channel?); it is no baseline on it.")
+    return lines + [""] if lines else []
 
 
 def below_baseline(rows: list[tuple[str, dict]], method: str = "otsu") -> list[str]:
@@ -314,6 +369,8 @@ def below_baseline(rows: list[tuple[str, dict]], method: str = "otsu") -> list[s
                          f"{_number(entry['missed'], 1)} / {_number(entry[f'missed_{method}'], 1)} | "
                          f"{_number(entry['extra'], 1)} / {_number(entry[f'extra_{method}'], 1)} | {why} |")
     total = sum(len(row["per_image"]) for _, row in rows)
+    if not any(f"dice_{method}" in entry for _, row in rows for entry in row["per_image"]):
+        return []
     if not lines:
         return [f"Ours is at or above {title} on all {total} images.", ""]
     return [f"### Images where ours is below {title} ({len(lines)} of {total}), and why", "",

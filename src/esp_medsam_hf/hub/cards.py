@@ -126,7 +126,10 @@ class ModelCardInfo:
     shows the Auto-class code only. ``model_type``: the revision's ``config.model_type`` when a stage holds another
     architecture than its usual one (the stage-1 teacher as an ``esp_medsam`` TinyViT model). ``config_root``: absolute paths in ``training_config`` are written relative to
     it (by default, to the deepest folder that holds all of them), so a card never shows the training machine's
-    paths.
+    paths. ``usage_modality``: the modality the usage code passes (the model's own: the trained target's).
+    ``targets``: the names of what the model segments (its ``config.all_target_names``, an added target's own name
+    included); ``branches``: the repository's branches (``publish_model`` fills them in from the repository), the
+    only ones the card names.
     """
 
     model_name: str
@@ -147,6 +150,8 @@ class ModelCardInfo:
     model_type: str | None = None
     usage_modality: str = "dermoscopy"
     config_root: str | None = None
+    targets: list[str] = field(default_factory=list)
+    branches: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelCardInfo":
@@ -166,6 +171,19 @@ class ModelCardInfo:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: not a valid model card description ({err})") from err
+
+
+RUN_CARD_FILE = "card.json"
+"""The card data ``esp-medsam train`` writes into its run folder (``ModelCardInfo`` as JSON)."""
+
+
+def find_run_card(folder: str | Path) -> Path | None:
+    """The ``card.json`` of a run whose model folder (``release/``, ``final/``, ``best/``) is ``folder``: in the
+    folder itself or in the run folder holding it; None when there is none."""
+    for candidate in (Path(folder) / RUN_CARD_FILE, Path(folder).parent / RUN_CARD_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def eval_results(info: ModelCardInfo) -> list[EvalResult]:

@@ -18,6 +18,7 @@ needs ``HF_HUB_DISABLE_XET=1`` in the environment before huggingface_hub is impo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -123,14 +124,15 @@ def _check_folder(folder: Path) -> None:
         raise FileNotFoundError(f"model folder {folder} holds no files to publish")
 
 
-def _generated_files(release: StageRelease, repo_id: str) -> dict[str, bytes]:
-    """What the commit adds to the folder's files: ``extra_files`` and the model card as README.md."""
+def _generated_files(release: StageRelease, repo_id: str, branches: list[str] | None = None) -> dict[str, bytes]:
+    """What the commit adds to the folder's files: ``extra_files`` and the model card as README.md (naming
+    ``branches``, the repository's branches once published, when known)."""
     card = release.card
     if isinstance(card, ModelCardInfo):
         if card.stage != release.branch:
             raise ValueError(f"the card for branch {release.branch!r} describes stage {card.stage!r}")
         card.repo_id = card.repo_id or repo_id
-        card = build_model_card(card)
+        card = build_model_card(dataclasses.replace(card, branches=branches or card.branches))
     readme = {"README.md": str(card).encode()} if card is not None else {}
     return {**release.extra_files, **readme}
 
@@ -215,6 +217,8 @@ def _publish(
     _check_xet(api, branches)
     with_retries(lambda: api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True),
                  f"creating {repo_id}", retry)
+    present = _branches_after(api, repo_id, branches, repo_type=repo_type, retry=retry)
+    plans = [(release, _generated_files(release, repo_id, present)) for release, _ in plans]
     uploaded: dict[str, str] = {}
     for index, (release, generated) in enumerate(plans):
         branch = release.branch
@@ -232,6 +236,16 @@ def _publish(
         uploaded[branch] = commit
         logger.info("published %s to %s@%s (commit %s)", release.folder, repo_id, branch, commit[:12])
     return uploaded
+
+
+def _branches_after(api: HfApi, repo_id: str, branches: list[str], *, repo_type: str,
+                    retry: RetryPolicy) -> list[str]:
+    """The branches ``repo_id`` will have once ``branches`` are published: the stage branches first, in order."""
+    refs = with_retries(lambda: api.list_repo_refs(repo_id, repo_type=repo_type), f"listing {repo_id}'s branches",
+                        retry)
+    names = {ref.name for ref in refs.branches} | set(branches)
+    known = [name for name in (*STAGE_BRANCHES, MAIN_BRANCH) if name in names]
+    return known + sorted(names - set(known))
 
 
 def _upload(

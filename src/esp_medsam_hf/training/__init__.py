@@ -13,7 +13,13 @@ from .config import (
     load_config,
 )
 from .data import TrainingDataError
-from .checkpoints import CheckpointError, NonFiniteLossError, latest_checkpoint, latest_intact_checkpoint
+from .checkpoints import (
+    CheckpointError,
+    NonFiniteLossError,
+    TrainingInterrupted,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+)
 from .loop import StageTask, TrainingResult, train
 from .stages import StageResult, run_distill, run_espmedsam, run_stage, run_teacher
 
@@ -28,6 +34,7 @@ __all__ = [
     "TeacherConfig",
     "TrainingConfig",
     "TrainingDataError",
+    "TrainingInterrupted",
     "TrainingResult",
     "latest_checkpoint",
     "latest_intact_checkpoint",

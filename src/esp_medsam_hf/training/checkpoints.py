@@ -42,6 +42,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be trusted (unreadable, non-finite, tampered) or does not match the run's options."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped training ``task`` after optimizer step ``step``; ``checkpoint`` is the newest complete
+    checkpoint in ``output_dir`` (None: none yet). Nothing is left half-written: every file of a run is written to
+    a temporary name first."""
+
+    def __init__(self, task: str, step: int, output_dir: Path, checkpoint: Path | None):
+        super().__init__(f"{task}: interrupted at step {step}")
+        self.task, self.step, self.output_dir, self.checkpoint = task, step, Path(output_dir), checkpoint
+
+
 
 class TrainingProgress:
     """Where training stands; saved as ``progress.json`` beside the accelerate state of each checkpoint."""
@@ -52,15 +62,18 @@ class TrainingProgress:
         self.global_step = 0  # optimizer steps
         self.best_metric: float | None = None
         self.best_step: int | None = None
+        self.bad_validations = 0  # validations in a row without a better metric (early stopping)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         expected = set(vars(self))
+        if isinstance(state, dict) and "bad_validations" not in state:  # written before early stopping existed
+            state = {**state, "bad_validations": 0}
         if not isinstance(state, dict) or set(state) != expected:
             raise CheckpointError(f"progress state must hold exactly {sorted(expected)}, got {state!r}")
-        for key in ("epoch", "batch", "global_step"):
+        for key in ("epoch", "batch", "global_step", "bad_validations"):
             if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
                 raise CheckpointError(f"progress {key} must be a non-negative integer, got {state[key]!r}")
         vars(self).update(state)

@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 STAGES = ("teacher", "distill", "espmedsam")
+LR_SCHEDULES = ("exponential", "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
+                "polynomial", "inverse_sqrt")
+"""``lr_schedule`` values: the paper's per-epoch ``exponential`` decay, or a schedule of ``transformers.get_scheduler``
+(the ones that need no other argument), stepped after every optimizer step."""
 
 
 def resolve_mixed_precision(value: str) -> str:
@@ -48,6 +52,13 @@ class TrainingConfig:
         it natively (:func:`resolve_mixed_precision`), else no. Feature caching encodes under the same precision.
     compile: ``torch.compile`` the model for training (accelerate's inductor backend); worth it on GPUs.
     checkpoint_every: also save an accelerate state every N optimizer steps (0: only at the end of each epoch).
+    eval_every: when to validate, keep the best model and checkpoint: ``"epoch"`` (after every epoch, the paper's
+        and the default), every N optimizer steps, or ``"end"`` (also ``0``: once, where the run stops); never twice
+        at one step. With a few images an epoch is a step or two, so ``"epoch"`` validates far too often.
+    early_stopping_patience: stop after this many validations in a row without a better metric (None: never).
+    lr_schedule: ``"exponential"`` (the paper's: times ``lr_decay`` after every epoch) or a transformers schedule
+        stepped with the optimizer (:data:`LR_SCHEDULES`, ``transformers.get_scheduler``) over the run's steps,
+        after ``warmup_steps`` of linear warmup.
     resume: ``"latest"`` (the newest complete checkpoint in ``output_dir``), a checkpoint folder, or None.
     threads: torch's CPU threads for this run (None: torch's choice).
     freeze: parts of an ESP-MedSAM model kept frozen (:data:`FREEZABLE`; stages 1 and 3 with an ESP-MedSAM model).
@@ -87,6 +98,10 @@ class TrainingConfig:
     num_workers: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    eval_every: int | str = "epoch"
+    early_stopping_patience: int | None = None
+    lr_schedule: str = "exponential"
+    warmup_steps: int = 0
     resume: str | None = None
     validate: bool = True
     validation_images: int | None = None
@@ -132,6 +147,29 @@ class TrainingConfig:
         ):
             raise ValueError(f"feature_views must be in 1..4 (1..1024 with zoom), got {self.feature_views!r}")
         self._check_numbers()
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """``eval_every``, ``early_stopping_patience``, ``lr_schedule`` and ``warmup_steps``."""
+        if self.eval_every == 0:
+            self.eval_every = "end"
+        if self.eval_every not in ("epoch", "end") and (
+            isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1
+        ):
+            raise ValueError(f"eval_every must be 'epoch', 'end' (or 0) or a number of steps >= 1, "
+                             f"got {self.eval_every!r}")
+        patience = self.early_stopping_patience
+        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+            raise ValueError(f"early_stopping_patience must be an integer >= 1, got {patience!r}")
+        if patience is not None and not self.validate:
+            raise ValueError("early_stopping_patience needs validation (validate: true)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.warmup_steps and self.lr_schedule == "exponential":
+            raise ValueError("warmup_steps needs a step schedule: give lr_schedule (e.g. cosine), not exponential")
+        check_trackers(self.report_to)
 
     def _check_numbers(self) -> None:
         """Every option is checked before anything is touched (a bad one must not cost the previous run)."""
@@ -194,6 +232,8 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
         except ValueError:
             raise ValueError(f"{name} must be a number, got {value!r}") from None
     if "int" in kinds and not isinstance(value, bool):
+        if "str" in kinds and isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+            return value
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -292,6 +332,22 @@ class EspMedSamStageConfig(TrainingConfig):
 
 FREEZABLE = ("encoder", "aggregator", "bags", "prompt_generator", "mask_decoder", "modality_classifier")
 """Parts of an ``EspMedSamModel`` that ``freeze`` may name (``encoder`` = ``aggregator`` + ``bags``)."""
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every ``report_to`` tracker is one accelerate knows and is installed (accelerate itself only logs a missing
+    one at debug level and trains on without it)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [kind.value for kind in LoggerType if kind.value != "all"]
+    available = {str(kind.value if isinstance(kind, LoggerType) else kind) for kind in get_available_trackers()}
+    for name in names:
+        if name not in known:
+            raise ValueError(f"report_to: unknown tracker {name!r}; expected some of {', '.join(known)}")
+        if name not in available:
+            raise ValueError(f"report_to: {name} is not installed (pip install {name.replace('_', '-')}), or leave "
+                             "it out of --report-to")
 
 
 def check_freeze(names: list[str]) -> None:

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from torch import nn
 
 from ..models.esp_medsam.backends import inference_batch_size
@@ -129,7 +131,9 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
     cache point ``frozen_stages`` (None: the whole encoder), ``batch_size`` images at a time (default:
     ``backends.inference_batch_size`` of the model's device); ``bf16``: under bfloat16 autocast (the training's
     mixed precision; on a CPU with AMX about 40 % less time, features within about 2 % of their largest value),
-    stored in float32 either way."""
+    stored in float32 either way. Under ``accelerate launch`` every process encodes its share of the views
+    (``split_between_processes``) and all of them get every feature (``gather_object``): each trains on the whole
+    cache."""
     from tqdm.auto import tqdm
 
     scaled = getattr(dataset, "scale_augmentation", None) is not None
@@ -153,11 +157,34 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
         def view_of(i: int, v: int) -> tuple[np.ndarray, np.ndarray]:
             return apply_view(items[i][0], VIEWS[v]), apply_view(items[i][1], VIEWS[v])
 
-    jobs = [(i, v) for i in range(len(modalities)) for v in range(views)]
+    every_job = [(i, v) for i in range(len(modalities)) for v in range(views)]
+    state = PartialState()
+    with state.split_between_processes(every_job) as jobs:
+        jobs = list(jobs)
+    bar = tqdm(total=len(jobs), desc=desc, unit="view", disable=not progress or not state.is_local_main_process)
+    features, pooled, labels = _encode_views(encoder, image_processor, view_of, modalities, jobs, frozen_stages,
+                                             batch_size=batch_size, bf16=bf16, bar=bar)
+    bar.close()
+    del encoder
+    if state.num_processes > 1:
+        shared = gather_object([(key, features[key], pooled[key], labels[key]) for key in jobs])
+        for key, feature, pool, label in shared:
+            features[tuple(key)], pooled[tuple(key)], labels[tuple(key)] = feature, pool, label
+
+    def stacked(table: Mapping) -> torch.Tensor:
+        return torch.stack([torch.stack([table[(i, v)] for v in range(views)]) for i in range(len(modalities))])
+
+    return FeatureDataset(stacked(features), stacked(pooled), stacked(labels), torch.tensor(modalities),
+                          augment=dataset.augment, seed=dataset.seed)
+
+
+def _encode_views(encoder: EspMedSamModel, image_processor, view_of, modalities: list[int], jobs: list,
+                  frozen_stages: int | None, *, batch_size: int, bf16: bool, bar) -> tuple[dict, dict, dict]:
+    """Features, pooled features and labels of the ``(image, view)`` ``jobs``, ``batch_size`` at a time."""
+    device = next(encoder.parameters()).device
     features: dict[tuple[int, int], torch.Tensor] = {}
     pooled: dict[tuple[int, int], torch.Tensor] = {}
     labels: dict[tuple[int, int], torch.Tensor] = {}
-    bar = tqdm(total=len(jobs), desc=desc, unit="view", disable=not progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         pairs = [view_of(i, v) for i, v in chunk]
@@ -171,14 +198,7 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
             features[key], pooled[key] = feature[j].float().cpu().contiguous(), pool[j].float().cpu()
             labels[key] = inputs["labels"][j].float()
         bar.update(len(chunk))
-    bar.close()
-    del encoder
-
-    def stacked(table: Mapping) -> torch.Tensor:
-        return torch.stack([torch.stack([table[(i, v)] for v in range(views)]) for i in range(len(modalities))])
-
-    return FeatureDataset(stacked(features), stacked(pooled), stacked(labels), torch.tensor(modalities),
-                          augment=dataset.augment, seed=dataset.seed)
+    return features, pooled, labels
 
 
 class EspMedSamAfterCache(nn.Module):

@@ -6,6 +6,9 @@ accumulation, checkpoints written by ``save_state`` (atomically: a temporary fol
 resume (the batch order is seeded by epoch through accelerate's seedable sampler, RNG states come back with
 ``load_state``, consumed batches are skipped with ``skip_first_batches``). What differs between the stages (model,
 data, loss, validation, which gradients to drop) is a ``StageTask``.
+Validation and checkpoints come after every epoch (the paper's) or every ``eval_every`` steps or only at the end,
+never twice at one step; ``early_stopping_patience`` stops a run whose validation stopped improving; Ctrl-C raises
+``TrainingInterrupted`` (where it stopped and the newest checkpoint), with nothing half-written.
 
 Checkpoints (and what one may be trusted with) are ``training.checkpoints``; the run folder's safety (no overwrite
 unless asked, no resume with other options) is ``training.run_folder``; the log files are ``training.run_log``.
@@ -30,6 +33,7 @@ from ..models.esp_medsam.fileio import staging_directory
 from .checkpoints import (
     PROGRESS_FILE,
     NonFiniteLossError,
+    TrainingInterrupted,
     TrainingProgress,
     check_parameters_finite,
     checkpoint_name,
@@ -113,21 +117,37 @@ class _Run:
     start: float = 0.0  # time.perf_counter() when the epochs begin (the log's time column counts from there)
     seen_modalities: set[int] = field(default_factory=set)  # by the batches accumulated into the next step
     last_validated_step: int | None = None
+    last_checkpoint_step: int | None = None
 
     @property
     def best_dir(self) -> Path:
         return self.output_dir / "best"
 
     @property
+    def stopped_early(self) -> bool:
+        patience = self.config.early_stopping_patience
+        return patience is not None and self.progress.bad_validations >= patience
+
+    @property
     def finished(self) -> bool:
-        return self.progress.global_step >= self.total_steps
+        return self.progress.global_step >= self.total_steps or self.stopped_early
 
     def unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.accelerator, self.output_dir, self.progress.global_step,
-                               self.config.keep_checkpoints, self.progress, self.unwrapped_model())
+    def save_checkpoint(self) -> None:
+        """Checkpoint the current step, once: a step already saved (a periodic save that is also the end) is not
+        saved again."""
+        if self.last_checkpoint_step == self.progress.global_step:
+            return
+        save_checkpoint(self.accelerator, self.output_dir, self.progress.global_step, self.config.keep_checkpoints,
+                        self.progress, self.unwrapped_model())
+        self.last_checkpoint_step = self.progress.global_step
+
+    def validate_and_checkpoint(self, epoch: int) -> None:
+        """Validate (keeping the best model) and checkpoint the current step."""
+        _validate_and_keep_best(self, epoch)
+        self.save_checkpoint()
 
 
 def train(config: TrainingConfig, task: StageTask, output_dir: str | Path | None = None) -> TrainingResult:
@@ -144,14 +164,14 @@ def train(config: TrainingConfig, task: StageTask, output_dir: str | Path | None
             accelerator.init_trackers(f"esp-medsam-{task.name}",
                                       config={k: str(v) for k, v in config.to_dict().items()})
 
-        # 2. Data, optimizer (Adam on the trainable parameters) and the per-epoch decay, through accelerate.
+        # 2. Data, optimizer (Adam on the trainable parameters) and the learning-rate schedule, through accelerate.
         run = _prepare_training(accelerator, config, task, output_dir)
 
         # 3. Resume: parameters, optimizer, scheduler, RNG states (all verified first) and the progress counters.
         if resume is not None:
             _resume(run, resume)
 
-        # 4. The epochs: optimizer steps; a complete epoch ends with the decay, validation, best model, checkpoint.
+        # 4. The epochs: optimizer steps; validation, best model and checkpoint after every epoch or eval_every steps.
         run.bar = tqdm(total=run.total_steps, initial=min(run.progress.global_step, run.total_steps), desc=task.name,
                        unit="step", disable=not (accelerator.is_local_main_process and config.progress),
                        dynamic_ncols=True)
@@ -164,6 +184,10 @@ def train(config: TrainingConfig, task: StageTask, output_dir: str | Path | None
 
         # 5. A stop inside an epoch (max_steps) validates and checkpoints there too; then the final model.
         return _finish(run)
+    except KeyboardInterrupt:
+        # every file of a run is written atomically: what Ctrl-C stopped half-way is a temporary file or folder
+        step = run.progress.global_step if "run" in locals() else 0
+        raise TrainingInterrupted(task.name, step, output_dir, latest_checkpoint(output_dir)) from None
     finally:
         # accelerate keeps its settings in process-wide singletons; the next run (next stage or phase, possibly
         # with other mixed-precision or accumulation settings) starts from a clean state. The process group stays.
@@ -173,8 +197,9 @@ def train(config: TrainingConfig, task: StageTask, output_dir: str | Path | None
 
 
 def _build_accelerator(config: TrainingConfig, output_dir: Path) -> Accelerator:
-    """The accelerator of the run, refusing processes it did not join; seeds every RNG. The learning rate decays
-    once per epoch (the paper's schedule), so the scheduler is not stepped with the optimizer."""
+    """The accelerator of the run, refusing processes it did not join; seeds every RNG. The loop steps the
+    learning-rate scheduler itself (after every epoch, ``_end_epoch``, or after every optimizer step,
+    ``_after_optimizer_step``), so accelerate does not step it with the optimizer."""
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
 
@@ -217,8 +242,8 @@ def _prepare_run_folder(accelerator: Accelerator, config: TrainingConfig, output
 
 
 def _prepare_training(accelerator: Accelerator, config: TrainingConfig, task: StageTask, output_dir: Path) -> _Run:
-    """Data loader, Adam on the trainable parameters only and the per-epoch exponential decay, prepared by
-    ``accelerator``; the number of optimizer steps the run will take."""
+    """Data loader, Adam on the trainable parameters only and the learning-rate schedule (``build_scheduler``),
+    prepared by ``accelerator``; the number of optimizer steps the run will take."""
     train_dataloader = torch.utils.data.DataLoader(
         task.train_dataset, batch_size=config.batch_size, shuffle=True, collate_fn=task.collate_fn,
         num_workers=config.num_workers,
@@ -234,15 +259,27 @@ def _prepare_training(accelerator: Accelerator, config: TrainingConfig, task: St
     optimizer = torch.optim.Adam(
         trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True if fused else None
     )
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
-    model, optimizer, train_dataloader, scheduler = accelerator.prepare(
-        task.model, optimizer, train_dataloader, scheduler
-    )
+    model, prepared_optimizer, train_dataloader = accelerator.prepare(task.model, optimizer, train_dataloader)
     total_steps = config.epochs * math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
+    scheduler = accelerator.prepare(build_scheduler(config, optimizer, total_steps))
+    optimizer = prepared_optimizer
     return _Run(config, task, output_dir, accelerator, model, optimizer, train_dataloader, scheduler, trainable,
                 total_steps, RunLog(output_dir, accelerator.is_main_process))
+
+
+def build_scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer,
+                    total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The ``lr_schedule``: the paper's exponential decay (stepped after every epoch), or transformers'
+    ``get_scheduler`` of that name over ``total_steps`` optimizer steps with ``warmup_steps`` of warmup (stepped
+    after every optimizer step)."""
+    if config.lr_schedule == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
+    from transformers import get_scheduler
+
+    return get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps,
+                         num_training_steps=total_steps)
 
 
 def _resume(run: _Run, checkpoint: Path) -> None:
@@ -252,6 +289,9 @@ def _resume(run: _Run, checkpoint: Path) -> None:
     run.accelerator.load_state(str(checkpoint))
     progress.load_state_dict(json.loads((Path(checkpoint) / PROGRESS_FILE).read_text()))
     run.run_log.truncate_after(progress.global_step)
+    run.last_checkpoint_step = progress.global_step
+    if run.stopped_early:  # decided by the validation at this step
+        run.last_validated_step = progress.global_step
     logger.info("%s: resumed from %s (epoch %d, batch %d, step %d)",
                 run.task.name, checkpoint, progress.epoch, progress.batch, progress.global_step)
     if run.finished:
@@ -312,34 +352,44 @@ def _non_finite(run: _Run, what: str, epoch: int) -> NonFiniteLossError:
 
 
 def _after_optimizer_step(run: _Run, epoch: int, loss: torch.Tensor) -> None:
-    """Count the step; log it every ``log_every`` steps (and the last one); checkpoint every ``checkpoint_every``."""
+    """Count the step and step a per-step schedule; log it every ``log_every`` steps (and the last one); validate
+    every ``eval_every`` steps; checkpoint then and every ``checkpoint_every`` steps (at an epoch's last step,
+    validated after the epoch: once, after it)."""
     progress, config, accelerator = run.progress, run.config, run.accelerator
     progress.global_step += 1
     run.seen_modalities = set()
     run.bar.update(1)
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step was taken with
+    if config.lr_schedule != "exponential":
+        run.scheduler.step()
     if progress.global_step % config.log_every == 0 or progress.global_step == run.total_steps:
-        lr = run.scheduler.get_last_lr()[0]
         value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
         run.bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", epoch=epoch)
         run.run_log.write({"event": "train", "time": round(time.perf_counter() - run.start, 3),
                            "task": run.task.name, "epoch": epoch, "step": progress.global_step, "loss": value,
                            "lr": lr})
         accelerator.log({"train/loss": value, "train/lr": lr}, step=progress.global_step)
-    if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0:
-        run.save_checkpoint()
+    if isinstance(config.eval_every, int) and progress.global_step % config.eval_every == 0:
+        run.validate_and_checkpoint(epoch)
+    elif config.checkpoint_every and progress.global_step % config.checkpoint_every == 0:
+        epoch_ends = config.eval_every == "epoch" and progress.batch >= len(run.dataloader)
+        if not epoch_ends:
+            run.save_checkpoint()
 
 
 def _end_epoch(run: _Run, epoch: int) -> None:
-    """A complete epoch: decay the learning rate, validate, keep the best model, checkpoint."""
-    run.scheduler.step()
+    """A complete epoch: the exponential decay; with ``eval_every: epoch``, validate, keep the best, checkpoint."""
+    if run.config.lr_schedule == "exponential":
+        run.scheduler.step()
     run.progress.epoch, run.progress.batch = epoch + 1, 0
-    _validate_and_keep_best(run, epoch)
-    run.save_checkpoint()
+    if run.config.eval_every == "epoch":
+        run.validate_and_checkpoint(epoch)
 
 
 def _validate_and_keep_best(run: _Run, epoch: int) -> None:
     """Validate on the main process (when the task can and ``config.validate``), save ``best/`` when the metric
-    improved, log it; the other processes wait."""
+    improved, log it, count validations without improvement (``early_stopping_patience``); every process gets the
+    main process's counters."""
     task, progress, accelerator = run.task, run.progress, run.accelerator
     run.last_validated_step = progress.global_step
     if task.validate is None or not run.config.validate:
@@ -352,14 +402,29 @@ def _validate_and_keep_best(run: _Run, epoch: int) -> None:
         )
         if better and math.isfinite(value):
             progress.best_metric, progress.best_step = value, progress.global_step
+            progress.bad_validations = 0
             save_model_atomically(task, run.unwrapped_model(), run.best_dir)
+        else:
+            progress.bad_validations += 1
         run.run_log.write({"event": "validation", "task": task.name, "epoch": epoch, "step": progress.global_step,
                            **metrics, "best": progress.best_metric})
         logger.info("%s: epoch %d step %d: validation %s %.4f (best %.4f at step %s)", task.name, epoch,
                     progress.global_step, task.metric_name, value, progress.best_metric, progress.best_step)
         accelerator.log({f"validation/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
                         step=progress.global_step)
-    accelerator.wait_for_everyone()
+    _share_progress(progress)
+    if run.stopped_early:
+        logger.info("%s: early stopping at step %d: no better validation %s in %d validations (best %.4f at "
+                    "step %s)", task.name, progress.global_step, task.metric_name, progress.bad_validations,
+                    progress.best_metric, progress.best_step)
+
+
+def _share_progress(progress: TrainingProgress) -> None:
+    """The main process's validation counters on every process (which then agree on early stopping)."""
+    from accelerate.utils import broadcast_object_list
+
+    shared = [progress.best_metric, progress.best_step, progress.bad_validations]
+    progress.best_metric, progress.best_step, progress.bad_validations = broadcast_object_list(shared)
 
 
 def _finish(run: _Run) -> TrainingResult:
@@ -367,9 +432,9 @@ def _finish(run: _Run) -> TrainingResult:
     progress, accelerator = run.progress, run.accelerator
     if run.last_validated_step != progress.global_step:
         _validate_and_keep_best(run, progress.epoch)
-        latest = latest_checkpoint(run.output_dir)
-        if latest is None or latest.name != checkpoint_name(progress.global_step):
-            run.save_checkpoint()
+    latest = latest_checkpoint(run.output_dir)
+    if latest is None or latest.name != checkpoint_name(progress.global_step):
+        run.save_checkpoint()
     final_dir = run.output_dir / "final"
     if accelerator.is_main_process:
         save_model_atomically(run.task, run.unwrapped_model(), final_dir)

@@ -177,3 +177,55 @@ def publish_stages(
     api = HfApi(endpoint=endpoint, token=token)
     stage_releases = [StageRelease(branch, Path(folder), card) for branch, folder, card in releases]
     return publish_model(repo_id, stage_releases, api=api, retry=RetryPolicy(attempts=attempts, base_wait_s=0.5))
+
+
+def run_card(config, result) -> ModelCardInfo:
+    """The model card data of a training run (``config``: its ``TrainingConfig``; ``result``: its ``StageResult``):
+    the training domains (real or SYNTHETIC), the released model's target names (an added target's own name
+    included), the validation metrics, the model it started from, and usage code with the trained modality."""
+    import json
+
+    from ..models.esp_medsam.configuration_esp_medsam import EspMedSamConfig
+
+    saved = json.loads((Path(result.release_dir) / "config.json").read_text())
+    targets = EspMedSamConfig.from_dict(saved).all_target_names if saved["model_type"] == "esp_medsam" else []
+    synthetic = config.data == "synthetic" or (Path(config.data) / ".synthetic").exists()
+    modality = getattr(config, "target_modality", None) or next(
+        (get_domain(name).modality for name in result.domains if name in REGISTERED), "dermoscopy")
+    start = getattr(config, "init_from", None) or getattr(config, "sam_checkpoint", None)
+    base_model = "bowang-lab/LiteMedSAM" if start == "litemedsam" else (
+        start if start and not Path(start).exists() and start.count("/") == 1 else None)
+    notes = []
+    if getattr(config, "new_target", None):
+        notes.append(f"Adds the target \"{config.new_target}\" to {config.target_modality} images: its own parameter "
+                     "bag and mask query" + (", the only parts trained" if config.only_new_target else "") + ".")
+    measured = {key: round(value, 4) for key, value in result.metrics.items() if isinstance(value, (int, float))}
+    if measured:
+        notes.append(f"Validation metrics of the training run: {measured}.")
+    if start and base_model is None:
+        notes.append(f"Training started from the local model `{Path(start).name}`.")
+    card = stage_card(STAGE_TO_BRANCH[result.stage], Path(config.output_dir).resolve().name,
+                      training_config=config.to_dict(), image_size=config.image_size, model_type=saved["model_type"],
+                      notes=" ".join(notes) or None, base_model=base_model,
+                      datasets=training_data(result.domains, synthetic))
+    card.usage_modality, card.targets = modality, list(targets)
+    return card
+
+
+def write_run_card(config, result) -> Path | None:
+    """``output_dir/card.json``: ``run_card`` as JSON, written atomically by the main process (which ``esp-medsam
+    hub publish`` uses for a folder of the run); None on the other processes."""
+    import dataclasses
+    import json
+
+    from accelerate import PartialState
+
+    from ..hub.cards import RUN_CARD_FILE
+    from ..models.esp_medsam.fileio import atomic_file
+
+    if not PartialState().is_main_process:
+        return None
+    path = Path(config.output_dir) / RUN_CARD_FILE
+    with atomic_file(path) as temporary:
+        temporary.write_text(json.dumps(dataclasses.asdict(run_card(config, result)), indent=1, default=str))
+    return path

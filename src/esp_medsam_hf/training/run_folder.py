@@ -36,10 +36,7 @@ def prepare_output_dir(config: TrainingConfig, output_dir: Path) -> Path | None:
         verify_checkpoint(resume)
     if resume is not None:
         check_resume_options(config, output_dir)
-    started = output_dir.exists() and any(
-        (output_dir / name).exists() for name in ("checkpoints", "final", "best", "log.jsonl")
-    )
-    if started and resume is None:
+    if holds_run(output_dir) and resume is None:
         if not config.overwrite:
             raise FileExistsError(
                 f"{output_dir} already holds a run; pass --resume latest to continue it or --overwrite to replace it"
@@ -52,6 +49,32 @@ def prepare_output_dir(config: TrainingConfig, output_dir: Path) -> Path | None:
             elif path.exists():
                 path.unlink()
     return resume
+
+
+def holds_run(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds a started or finished run."""
+    return output_dir.exists() and any(
+        (output_dir / name).exists() for name in ("checkpoints", "final", "best", "log.jsonl")
+    )
+
+
+def check_run_folders(config: TrainingConfig, folders: list[Path]) -> None:
+    """``prepare_output_dir``'s refusals for the run folders of a stage, before any data is loaded or model built:
+    a folder holding a run needs ``--resume`` (with the run's options) or ``--overwrite`` (sparing the run's
+    inputs); a ``--resume`` checkpoint folder must exist. Nothing is deleted or written here."""
+    if config.resume and config.resume != "latest" and not Path(config.resume).is_dir():
+        raise FileNotFoundError(f"checkpoint {config.resume} does not exist")
+    for folder in folders:
+        if not holds_run(folder):
+            continue
+        if config.resume:
+            check_resume_options(config, folder)
+        elif not config.overwrite:
+            raise FileExistsError(
+                f"{folder} already holds a run; pass --resume latest to continue it or --overwrite to replace it"
+            )
+        else:
+            check_inputs_survive(config, [folder / name for name in RUN_ENTRIES])
 
 
 RUN_ENTRIES = ("checkpoints", "final", "best", "log.csv", "log.jsonl")

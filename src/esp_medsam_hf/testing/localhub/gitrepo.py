@@ -206,6 +206,18 @@ class GitRepo:
         """The bytes of a blob, named by its id or as ``<commit>:<path>``."""
         return self._blob(name)
 
+    def lfs_file(self, commit: str, path: str) -> tuple[str, Path] | None:
+        """``(sha256, stored object)`` of ``path`` at ``commit`` when it is an LFS pointer whose object is stored
+        here; None for a regular blob."""
+        size = self.git("cat-file", "-s", f"{commit}:{path}").strip()
+        if not (size.isdigit() and 100 < int(size) < 200):
+            return None
+        match = LFS_POINTER_RE.fullmatch(self.read_blob(f"{commit}:{path}"))
+        if match is None:
+            return None
+        stored = self.lfs_object(match.group(1).decode())
+        return (match.group(1).decode(), stored) if stored.is_file() else None
+
     def tags(self) -> dict[str, str]:
         """Tag name -> the commit it points at."""
         out = self.git("for-each-ref", "--format=%(refname:lstrip=2) %(objectname) %(*objectname)", "refs/tags")

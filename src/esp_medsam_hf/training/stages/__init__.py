@@ -12,8 +12,11 @@ stage reads top to bottom in its own module (``teacher``, ``distill``, ``espmeds
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import DistillConfig, EspMedSamStageConfig, TeacherConfig, TrainingConfig
-from ..run_folder import check_release_replaceable
+from ..publishing import write_run_card
+from ..run_folder import check_release_replaceable, check_run_folders
 from .distill import EncoderDistillation, UnpluggedBags, distill_tasks, drop_absent_bag_gradients, run_distill
 from .espmedsam import espmedsam_task, run_espmedsam
 from .modality_classifier import fit_modality_classifier
@@ -24,15 +27,22 @@ from .teacher import build_teacher, run_teacher, teacher_task
 
 def run_stage(config: TrainingConfig) -> StageResult:
     """Run the stage that ``config`` describes (a TeacherConfig, DistillConfig or EspMedSamStageConfig); an existing
-    ``release/`` is checked first (``run_folder.check_release_replaceable``)."""
+    ``release/`` and the run folders are checked first (``run_folder.check_release_replaceable``,
+    ``check_run_folders``); the run's model card data are written
+    to ``output_dir/card.json`` (``publishing.write_run_card``), which ``esp-medsam hub publish`` uses."""
     check_release_replaceable(config)
+    root = Path(config.output_dir)
+    check_run_folders(config, [root / "common", root / "specific"] if isinstance(config, DistillConfig) else [root])
     if isinstance(config, TeacherConfig):
-        return run_teacher(config)
-    if isinstance(config, DistillConfig):
-        return run_distill(config)
-    if isinstance(config, EspMedSamStageConfig):
-        return run_espmedsam(config)
-    raise TypeError(f"unknown stage configuration {type(config).__name__}")
+        result = run_teacher(config)
+    elif isinstance(config, DistillConfig):
+        result = run_distill(config)
+    elif isinstance(config, EspMedSamStageConfig):
+        result = run_espmedsam(config)
+    else:
+        raise TypeError(f"unknown stage configuration {type(config).__name__}")
+    write_run_card(config, result)
+    return result
 
 
 __all__ = [

@@ -263,4 +263,4 @@ def run_distill(config: DistillConfig, teacher: EspMedSamTeacherModel | None = N
     second = train(specific_config, specific, root / "specific")
     release = write_release(second.final_dir, root)
     metrics = {"common_mse": first.best_metric if first else None, "specific_mse": second.best_metric}
-    return StageResult("distill", release, [r for r in (first, second) if r], metrics)
+    return StageResult("distill", release, [r for r in (first, second) if r], metrics, list(data))

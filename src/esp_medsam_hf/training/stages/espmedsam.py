@@ -81,7 +81,7 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
 
     release = write_release(chosen, Path(config.output_dir), build)
     metrics.update(fitted)
-    return StageResult("espmedsam", release, [result], metrics)
+    return StageResult("espmedsam", release, [result], metrics, list(data))
 
 
 def _calibrate_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, processor: EspMedSamProcessor,

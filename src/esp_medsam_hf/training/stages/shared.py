@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ class StageResult:
     release_dir: Path
     results: list[TrainingResult]
     metrics: dict
+    domains: list[str] = field(default_factory=list)  # the training domains (for the model card)
 
 
 def make_processor(image_size: int, modality_names) -> EspMedSamProcessor:

@@ -60,8 +60,8 @@ def run_teacher(config: TeacherConfig, data: dict | None = None) -> StageResult:
     """Stage 1; the release (``output_dir/release``) is the best validation model (the final one without
     validation). Seeded with ``config.seed`` before any model is built: one seed, one result."""
     set_seed(config.seed)
-    task, _, _ = teacher_task(config, data=data)
+    task, _, data = teacher_task(config, data=data)
     result = train(config, task)
     release = write_release(result.best_dir or result.final_dir, Path(config.output_dir))
-    return StageResult("teacher", release, [result], {"validation_dice": result.best_metric})
+    return StageResult("teacher", release, [result], {"validation_dice": result.best_metric}, list(data))
 
