@@ -1,26 +1,107 @@
 """An interactive session on one image: encoded once, its prompt-free mask corrected by clicks and boxes decoded
-from the cached image embedding (SamModel's ``get_image_embeddings`` then ``image_embeddings=``)."""
+from the cached image embedding (SamModel's ``get_image_embeddings`` then ``image_embeddings=``).
+
+SAM's decoder, given a point, outputs the clicked object only; on an image of many objects (nuclei, vessels) that
+one object would replace the whole mask. The session therefore edits instead of replacing (docs/inference.md,
+"Prompts"):
+
+- **Boxes** (one per object, as SAM and LiteMedSAM take them): inside each box, the mask decoded for that box
+  united with the prompt-free mask there; outside every box, background (the boxes cover every object).
+- **A positive click** adds the decoded object at the click: the connected component of the click's decoded mask
+  that holds the click (else the nearest one), cut to a window of ``CLICK_WINDOW`` object sizes around the click.
+- **A negative click** removes the object under it: the connected part of the current mask around the click that
+  the click's decoded mask drops (else the current mask's component under the click), cut to the same window.
+- Everything away from the click stays bit-identical. Clicks apply in order, each to the mask the previous ones
+  left, so ``mask(points[:-1], labels[:-1])`` is the mask before the last click (an undo).
+
+``decode`` keeps the raw SAM-style output (the union of the prompted objects' masks).
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from .prediction import estimate_object_size
+
+logger = logging.getLogger(__name__)
+
 OBJECTS_PER_DECODE = 16
 """Object rows decoded per model call: each row repeats the image embedding, so a batch of them is memory-bound."""
+CLICK_WINDOW = 2.0
+"""Half-side of the square a click edits, in object sizes (``prediction.estimate_object_size`` of the current
+mask, a diameter): an object up to four typical diameters across fits; a bigger one takes more clicks."""
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def click_window(shape: tuple[int, int], x: int, y: int, *masks: np.ndarray) -> np.ndarray:
+    """The square around (x, y) that a click may edit: ``CLICK_WINDOW`` object sizes each side, the object size
+    taken from the first of ``masks`` that holds objects (the whole image when none does)."""
+    window = np.zeros(shape, dtype=bool)
+    for mask in masks:
+        size, count = estimate_object_size(mask)
+        if count:
+            half = max(1, math.ceil(CLICK_WINDOW * size))
+            window[max(0, y - half): y + half + 1, max(0, x - half): x + half + 1] = True
+            return window
+    window[:] = True
+    return window
+
+
+def component_at(mask: np.ndarray, x: int, y: int, nearest: bool = False) -> np.ndarray:
+    """The 8-connected component of ``mask`` that holds (x, y); with ``nearest``, the component closest to (x, y)
+    when none holds it. Empty when there is none."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=_EIGHT)
+    label = labels[y, x]
+    if label == 0 and nearest and count:
+        rows, columns = np.nonzero(labels)
+        closest = int(np.argmin((rows - y) ** 2 + (columns - x) ** 2))
+        label = labels[rows[closest], columns[closest]]
+    return labels == label if label else np.zeros_like(mask)
+
+
+def add_click(current: np.ndarray, decoded: np.ndarray, x: int, y: int) -> np.ndarray:
+    """``current`` with the object of a positive click at (x, y) added (see the module docstring)."""
+    window = click_window(current.shape, x, y, current, decoded)
+    return current | component_at(decoded & window, x, y, nearest=True)
+
+
+def remove_click(current: np.ndarray, decoded: np.ndarray, x: int, y: int) -> np.ndarray:
+    """``current`` with the object under a negative click at (x, y) removed (see the module docstring)."""
+    window = click_window(current.shape, x, y, current)
+    removed = component_at(current & ~decoded & window, x, y)
+    if not removed.any():
+        removed = component_at(current & window, x, y)
+    return current & ~removed
+
+
+def combine_boxes(free_mask: np.ndarray, box_masks: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+    """One box per object: inside each box, its decoded mask (``box_masks`` (N, H, W)) united with the prompt-free
+    mask there; outside every box, background."""
+    inside = np.zeros_like(free_mask)
+    height, width = free_mask.shape
+    for x0, y0, x1, y1 in boxes:
+        # pixel centres inside the box, as the model's keep_inside_boxes counts them
+        columns = slice(max(0, math.ceil(x0 - 0.5)), min(width, math.floor(x1 - 0.5) + 1))
+        rows = slice(max(0, math.ceil(y0 - 0.5)), min(height, math.floor(y1 - 0.5) + 1))
+        inside[rows, columns] = True
+    return (free_mask & inside) | box_masks.any(axis=0)
 
 
 class EspMedSamPromptSession:
     """``session = EspMedSamPromptSession(model, processor, image, modality)`` runs the encoder once and keeps the
-    prompt-free mask (``free_mask``); ``session.mask(points=..., labels=..., boxes=...)`` decodes prompts in
-    original-image pixels from the cached embedding and returns the union of the objects' masks (H, W) bool.
-
-    ``points`` ([x, y], ...) with ``labels`` (1 positive, 0 negative) refine one object, the whole self-prompted
-    mask; ``boxes`` ([x0, y0, x1, y1], ...) give one object each (the points, if any, then apply to every box).
-    """
+    prompt-free mask (``free_mask``); ``session.mask(points=..., labels=..., boxes=...)`` corrects it with prompts
+    in original-image pixels (``points`` [x, y] with ``labels`` 1 positive / 0 negative, ``boxes`` [x0, y0, x1, y1]
+    one per object) as the module docstring says, and returns an (H, W) bool mask. ``session.decode(...)`` gives
+    the raw SAM-style union of the prompted objects' masks instead. Each click's decode is cached, so replaying
+    a list of clicks (the Space's undo) decodes only the new ones."""
 
     def __init__(self, model, processor, image: np.ndarray, modality: Any = None):
         self.model, self.processor = model, processor
@@ -35,27 +116,29 @@ class EspMedSamPromptSession:
         self.image_embeddings = outputs.image_embeddings
         self.modality = outputs.modality
         self.free_logits = outputs.pred_masks
-        self.free_mask = self._masks(outputs.pred_masks)
+        self.free_mask = self._masks(outputs.pred_masks)[0]
+        self._clicks: dict[tuple[int, int, int], np.ndarray] = {}
 
     def _masks(self, pred_masks: torch.Tensor) -> np.ndarray:
-        """Low-resolution logits (1, 1, h, w) or (1, N, 1, h, w) -> the union of the objects' masks (H, W)."""
+        """Low-resolution logits (1, 1, h, w) or (1, N, 1, h, w) -> the objects' masks (N, H, W)."""
         masks = self.processor.post_process_masks(pred_masks.float().cpu(), self.original_sizes)[0]
-        return (masks.reshape(-1, *masks.shape[-2:]).any(dim=0) if masks.dim() > 2 else masks).numpy()
+        return masks.reshape(-1, *masks.shape[-2:]).numpy()
 
-    def mask(
+    def decode_objects(
         self,
         points: Sequence[Sequence[float]] | None = None,
         labels: Sequence[int] | None = None,
         boxes: Sequence[Sequence[float]] | None = None,
     ) -> np.ndarray:
-        """The mask with these prompts (original-image pixels); the prompt-free mask without any."""
+        """The model's raw masks (N, H, W), one per box (or one for points alone; the points, if any, apply to
+        every box), decoded from the cached embedding; the prompt-free mask (1, H, W) without prompts."""
         if not points and boxes is None:
-            return self.free_mask
+            return self.free_mask[None]
         from .processing_esp_medsam import rescale_prompts
 
         objects = 1 if boxes is None else len(boxes)
         if objects == 0:
-            return np.zeros_like(self.free_mask)
+            return np.zeros((0, *self.free_mask.shape), dtype=bool)
         given: dict[str, Any] = {}
         if boxes is not None:
             given["input_boxes"] = [list(map(list, boxes))]
@@ -72,5 +155,44 @@ class EspMedSamPromptSession:
                 logits.append(output.pred_masks.float().cpu())
         return self._masks(torch.cat(logits, dim=1))
 
+    def decode(self, points=None, labels=None, boxes=None) -> np.ndarray:
+        """The raw SAM-style mask (H, W): the union of :meth:`decode_objects`."""
+        objects = self.decode_objects(points, labels, boxes)
+        return objects.any(axis=0) if len(objects) else np.zeros_like(self.free_mask)
 
-__all__ = ["EspMedSamPromptSession"]
+    def click(self, current: np.ndarray, x: float, y: float, label: int) -> np.ndarray:
+        """``current`` corrected by one click at (x, y) (label 1 adds the object there, 0 removes the one under
+        it); the click's decode is cached."""
+        height, width = current.shape
+        column, row = min(max(int(x), 0), width - 1), min(max(int(y), 0), height - 1)
+        key = (column, row, int(label))
+        if key not in self._clicks:
+            self._clicks[key] = self.decode(points=[(x, y)], labels=[int(label)])
+        decoded = self._clicks[key]
+        if label == 1:
+            return add_click(current, decoded, column, row)
+        if label == 0:
+            return remove_click(current, decoded, column, row)
+        raise ValueError(f"labels must be 1 (positive) or 0 (negative), got {label!r}")
+
+    def mask(
+        self,
+        points: Sequence[Sequence[float]] | None = None,
+        labels: Sequence[int] | None = None,
+        boxes: Sequence[Sequence[float]] | None = None,
+    ) -> np.ndarray:
+        """The corrected mask (H, W): the boxes' combination (the prompt-free mask without boxes), then each click
+        in order; the prompt-free mask without any prompt."""
+        points = list(points or [])
+        labels = [1] * len(points) if labels is None else list(labels)
+        if len(labels) != len(points):
+            raise ValueError(f"labels must give one label per point: {len(points)} points, {len(labels)} labels")
+        current = self.free_mask
+        if boxes is not None:
+            current = combine_boxes(self.free_mask, self.decode_objects(boxes=boxes), boxes)
+        for (x, y), label in zip(points, labels):
+            current = self.click(current, x, y, label)
+        return current
+
+
+__all__ = ["EspMedSamPromptSession", "add_click", "combine_boxes", "remove_click"]
