@@ -10,6 +10,7 @@ from esp_medsam_hf.data.interactive import click_curve
 from esp_medsam_hf.models.esp_medsam.prompt_session import (
     EspMedSamPromptSession,
     add_click,
+    box_region,
     combine_boxes,
     remove_click,
 )
@@ -63,15 +64,15 @@ def test_negative_click_removes_only_the_object_under_it():
     assert not corrected[19, 10] and corrected[10, 10] and np.array_equal(corrected[:, 30:], merged[:, 30:])
 
 
-def test_box_combination_keeps_the_mask_inside_the_boxes_only():
+def test_box_combination_keeps_the_prompt_free_mask_inside_the_boxes_only():
     free = discs((64, 96), CENTRES)
-    boxes = [(0, 0, 25, 25), (30, 0, 55, 25)]
-    box_masks = np.stack([discs((64, 96), [(10, 10)], 7) & (np.arange(96) < 25), np.zeros((64, 96), bool)])
-    combined = combine_boxes(free, box_masks, boxes)
-    assert np.array_equal(combined[:, 55:], np.zeros((64, 41), bool)) and not combined[25:].any()
-    assert np.array_equal(combined[:25, 30:55], free[:25, 30:55])
-    assert np.array_equal(combined[:25, :25], free[:25, :25] | box_masks[0][:25, :25])
-
+    boxes = [(0, 0, 24, 24), (30, 0, 55, 25)]  # inclusive pixel indices: column 24 and row 24 are inside
+    combined = combine_boxes(free, boxes)
+    inside = np.zeros_like(free)
+    inside[:25, :25] = inside[:26, 30:56] = True
+    assert np.array_equal(combined, free & inside)
+    assert np.array_equal(box_region(free.shape, boxes), inside)
+    assert np.array_equal(combine_boxes(free, [(0, 0, 95, 63)]), free)  # a box over the whole image
 
 class ScriptedSession(EspMedSamPromptSession):
     """A session whose decoder gives, for any click, every reference object (SAM's output for a point on an image

@@ -5,8 +5,8 @@ SAM's decoder, given a point, outputs the clicked object only; on an image of ma
 one object would replace the whole mask. The session therefore edits instead of replacing (docs/inference.md,
 "Prompts"):
 
-- **Boxes** (one per object, as SAM and LiteMedSAM take them): inside each box, the mask decoded for that box
-  united with the prompt-free mask there; outside every box, background (the boxes cover every object).
+- **Boxes** (one per object, as SAM and LiteMedSAM take them): the prompt-free mask inside the boxes, background
+  outside every box (the boxes cover every object, so a click's edit outside them is dropped too).
 - **A positive click** adds the decoded object at the click: the connected component of the click's decoded mask
   that holds the click (else the nearest one), cut to a window of ``CLICK_WINDOW`` object sizes around the click.
 - **A negative click** removes the object under it: the connected part of the current mask around the click that
@@ -82,18 +82,27 @@ def remove_click(current: np.ndarray, decoded: np.ndarray, x: int, y: int) -> np
     return current & ~removed
 
 
-def combine_boxes(free_mask: np.ndarray, box_masks: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
-    """One box per object: inside each box, its decoded mask (``box_masks`` (N, H, W)) united with the prompt-free
-    mask there; outside every box, background."""
-    inside = np.zeros_like(free_mask)
-    height, width = free_mask.shape
+def box_region(shape: tuple[int, int], boxes: Sequence[Sequence[float]]) -> np.ndarray:
+    """The pixels (H, W) that at least one box [x0, y0, x1, y1] touches (pixel (c, r) covers [c, c + 1] x
+    [r, r + 1], as the model's patch-map edit counts cells), so a box given by inclusive pixel indices holds its
+    last row and column."""
+    inside = np.zeros(shape, dtype=bool)
+    height, width = shape
     for x0, y0, x1, y1 in boxes:
-        # pixel centres inside the box, as the model's keep_inside_boxes counts them
-        columns = slice(max(0, math.ceil(x0 - 0.5)), min(width, math.floor(x1 - 0.5) + 1))
-        rows = slice(max(0, math.ceil(y0 - 0.5)), min(height, math.floor(y1 - 0.5) + 1))
+        columns = slice(max(0, math.floor(x0)), min(width, math.floor(x1) + 1))
+        rows = slice(max(0, math.floor(y0)), min(height, math.floor(y1) + 1))
         inside[rows, columns] = True
-    return (free_mask & inside) | box_masks.any(axis=0)
+    return inside
 
+
+def combine_boxes(free_mask: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+    """One box per object: the prompt-free mask inside the boxes, background outside every box.
+
+    The model's own box decode (``decode_objects(boxes=...)``) is not used: boxes are not SAM tokens in this model
+    (docs/inference.md), so a box's decode is the self-prompted decode with the patch map cleared outside the box,
+    and its union measured below the prompt-free mask cut to the boxes on mnfinder test (93.2 against 94.5) and the
+    DSB image (85.0 against 88.6)."""
+    return free_mask & box_region(free_mask.shape, boxes)
 
 class EspMedSamPromptSession:
     """``session = EspMedSamPromptSession(model, processor, image, modality)`` runs the encoder once and keeps the
@@ -189,10 +198,10 @@ class EspMedSamPromptSession:
             raise ValueError(f"labels must give one label per point: {len(points)} points, {len(labels)} labels")
         current = self.free_mask
         if boxes is not None:
-            current = combine_boxes(self.free_mask, self.decode_objects(boxes=boxes), boxes)
+            current = combine_boxes(self.free_mask, boxes)
         for (x, y), label in zip(points, labels):
             current = self.click(current, x, y, label)
-        return current
+        return current if boxes is None else current & box_region(current.shape, boxes)
 
 
-__all__ = ["EspMedSamPromptSession", "add_click", "combine_boxes", "remove_click"]
+__all__ = ["EspMedSamPromptSession", "add_click", "box_region", "combine_boxes", "remove_click"]
