@@ -54,15 +54,16 @@ def test_positive_click_is_cut_to_the_object_size_window():
 
 def test_negative_click_removes_only_the_object_under_it():
     current = discs((64, 96), CENTRES) | discs((64, 96), [(25, 30)], radius=3)  # an extra blob
-    decoded = current.copy()  # a decode that drops nothing: the component under the click goes
-    corrected = remove_click(current, decoded, 25, 30)
+    logits = np.where(current, 5.0, -5.0)
+    corrected = remove_click(current, logits, 25, 30)
     assert np.array_equal(corrected, discs((64, 96), CENTRES))
-    # a decode that drops part of a merged component removes that part only
-    merged = current | discs((64, 96), [(10, 18)], radius=4)
-    decoded = merged & ~discs((64, 96), [(10, 19)], radius=4)
-    corrected = remove_click(merged, decoded, 10, 19)
-    assert not corrected[19, 10] and corrected[10, 10] and np.array_equal(corrected[:, 30:], merged[:, 30:])
-
+    # a less sure lobe on a true object: the lobe goes, the object it hangs on stays
+    lobe = discs((64, 96), [(10, 18)], radius=4) & ~discs((64, 96), [(10, 10)])
+    merged = current | lobe
+    logits = np.where(lobe, 1.0, logits)
+    corrected = remove_click(merged, logits, 10, 19)
+    assert np.array_equal(corrected, current)
+    assert np.array_equal(remove_click(current, logits, 90, 60), current)  # a click on the background
 
 def test_box_combination_keeps_the_prompt_free_mask_inside_the_boxes_only():
     free = discs((64, 96), CENTRES)
@@ -80,9 +81,10 @@ class ScriptedSession(EspMedSamPromptSession):
 
     def __init__(self, free_mask, decoded):
         self.free_mask, self._decoded, self._clicks = free_mask, decoded, {}
+        self.free_logit_map = np.where(free_mask, 1.0, -1.0)
 
     def decode(self, points=None, labels=None, boxes=None):
-        return self._decoded if labels[0] == 1 else np.zeros_like(self._decoded)
+        return self._decoded
 
 
 def test_click_curve_never_falls_on_many_objects_and_undo_restores():
@@ -107,6 +109,7 @@ def test_session_on_a_tiny_model_corrects_from_the_cached_embedding():
     decoded = session.decode(points=[(30, 20)], labels=[1])
     assert np.array_equal(corrected, add_click(session.free_mask, decoded, 30, 20))
     assert np.array_equal(session.mask(points=[(30, 20), (5, 5)], labels=[1, 0]),
-                          session.click(corrected, 5, 5, 0))
+                          remove_click(corrected, session.free_logit_map, 5, 5))
+    assert np.array_equal(session.free_logit_map > 0, session.free_mask)
     with pytest.raises(ValueError, match="one label per point"):
         session.mask(points=[(1, 1)], labels=[1, 0])

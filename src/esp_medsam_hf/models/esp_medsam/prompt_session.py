@@ -9,8 +9,10 @@ one object would replace the whole mask. The session therefore edits instead of 
   outside every box (the boxes cover every object, so a click's edit outside them is dropped too).
 - **A positive click** adds the decoded object at the click: the connected component of the click's decoded mask
   that holds the click (else the nearest one), cut to a window of ``CLICK_WINDOW`` object sizes around the click.
-- **A negative click** removes the object under it: the connected part of the current mask around the click that
-  the click's decoded mask drops (else the current mask's component under the click), cut to the same window.
+- **A negative click** removes the part of the current mask under it that the model was no surer of than of the
+  clicked pixel: the pixels connected to the click whose prompt-free logit is at most the click's, cut to the same
+  window (a threshold raised to the click's logit, locally). A whole false object goes; an extra rim or lobe on a
+  true object goes without the surer object it hangs on.
 - Everything away from the click stays bit-identical. Clicks apply in order, each to the mask the previous ones
   left, so ``mask(points[:-1], labels[:-1])`` is the mask before the last click (an undo).
 
@@ -73,14 +75,13 @@ def add_click(current: np.ndarray, decoded: np.ndarray, x: int, y: int) -> np.nd
     return current | component_at(decoded & window, x, y, nearest=True)
 
 
-def remove_click(current: np.ndarray, decoded: np.ndarray, x: int, y: int) -> np.ndarray:
-    """``current`` with the object under a negative click at (x, y) removed (see the module docstring)."""
+def remove_click(current: np.ndarray, logits: np.ndarray, x: int, y: int) -> np.ndarray:
+    """``current`` with the part under a negative click at (x, y) removed: the pixels of ``current`` connected to
+    the click whose prompt-free logit (``logits`` (H, W)) is at most the click's, in the click's window. The click
+    raises the threshold there to its own logit: an extra rim or lobe the model was less sure of goes, the surer
+    object it hangs on stays (see the module docstring)."""
     window = click_window(current.shape, x, y, current)
-    removed = component_at(current & ~decoded & window, x, y)
-    if not removed.any():
-        removed = component_at(current & window, x, y)
-    return current & ~removed
-
+    return current & ~component_at(current & window & (logits <= logits[y, x]), x, y)
 
 def box_region(shape: tuple[int, int], boxes: Sequence[Sequence[float]]) -> np.ndarray:
     """The pixels (H, W) that at least one box [x0, y0, x1, y1] touches (pixel (c, r) covers [c, c + 1] x
@@ -109,8 +110,8 @@ class EspMedSamPromptSession:
     prompt-free mask (``free_mask``); ``session.mask(points=..., labels=..., boxes=...)`` corrects it with prompts
     in original-image pixels (``points`` [x, y] with ``labels`` 1 positive / 0 negative, ``boxes`` [x0, y0, x1, y1]
     one per object) as the module docstring says, and returns an (H, W) bool mask. ``session.decode(...)`` gives
-    the raw SAM-style union of the prompted objects' masks instead. Each click's decode is cached, so replaying
-    a list of clicks (the Space's undo) decodes only the new ones."""
+    the raw SAM-style union of the prompted objects' masks instead. Each positive click's decode is cached, so
+    replaying a list of clicks (the Space's undo) decodes only the new ones; a negative click needs no decode."""
 
     def __init__(self, model, processor, image: np.ndarray, modality: Any = None):
         self.model, self.processor = model, processor
@@ -126,7 +127,9 @@ class EspMedSamPromptSession:
         self.modality = outputs.modality
         self.free_logits = outputs.pred_masks
         self.free_mask = self._masks(outputs.pred_masks)[0]
-        self._clicks: dict[tuple[int, int, int], np.ndarray] = {}
+        self.free_logit_map = self.processor.post_process_masks(
+            outputs.pred_masks.float().cpu(), self.original_sizes, binarize=False)[0].numpy()
+        self._clicks: dict[tuple[int, int], np.ndarray] = {}
 
     def _masks(self, pred_masks: torch.Tensor) -> np.ndarray:
         """Low-resolution logits (1, 1, h, w) or (1, N, 1, h, w) -> the objects' masks (N, H, W)."""
@@ -171,18 +174,16 @@ class EspMedSamPromptSession:
 
     def click(self, current: np.ndarray, x: float, y: float, label: int) -> np.ndarray:
         """``current`` corrected by one click at (x, y) (label 1 adds the object there, 0 removes the one under
-        it); the click's decode is cached."""
+        it); a positive click's decode is cached."""
         height, width = current.shape
         column, row = min(max(int(x), 0), width - 1), min(max(int(y), 0), height - 1)
-        key = (column, row, int(label))
-        if key not in self._clicks:
-            self._clicks[key] = self.decode(points=[(x, y)], labels=[int(label)])
-        decoded = self._clicks[key]
-        if label == 1:
-            return add_click(current, decoded, column, row)
         if label == 0:
-            return remove_click(current, decoded, column, row)
-        raise ValueError(f"labels must be 1 (positive) or 0 (negative), got {label!r}")
+            return remove_click(current, self.free_logit_map, column, row)
+        if label != 1:
+            raise ValueError(f"labels must be 1 (positive) or 0 (negative), got {label!r}")
+        if (column, row) not in self._clicks:
+            self._clicks[column, row] = self.decode(points=[(x, y)], labels=[1])
+        return add_click(current, self._clicks[column, row], column, row)
 
     def mask(
         self,
