@@ -1,26 +1,117 @@
 """An interactive session on one image: encoded once, its prompt-free mask corrected by clicks and boxes decoded
-from the cached image embedding (SamModel's ``get_image_embeddings`` then ``image_embeddings=``)."""
+from the cached image embedding (SamModel's ``get_image_embeddings`` then ``image_embeddings=``).
+
+SAM's decoder, given a point, outputs the clicked object only; on an image of many objects (nuclei, vessels) that
+one object would replace the whole mask. The session therefore edits instead of replacing (docs/inference.md,
+"Prompts"):
+
+- **Boxes** (one per object, as SAM and LiteMedSAM take them): the prompt-free mask inside the boxes, background
+  outside every box (the boxes cover every object, so a click's edit outside them is dropped too).
+- **A positive click** adds the decoded object at the click: the connected component of the click's decoded mask
+  that holds the click (else the nearest one), cut to a window of ``CLICK_WINDOW`` object sizes around the click.
+- **A negative click** removes the part of the current mask under it that the model was no surer of than of the
+  clicked pixel: the pixels connected to the click whose prompt-free logit is at most the click's, cut to the same
+  window (a threshold raised to the click's logit, locally). A whole false object goes; an extra rim or lobe on a
+  true object goes without the surer object it hangs on.
+- Everything away from the click stays bit-identical. Clicks apply in order, each to the mask the previous ones
+  left, so ``mask(points[:-1], labels[:-1])`` is the mask before the last click (an undo).
+
+``decode`` keeps the raw SAM-style output (the union of the prompted objects' masks).
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from .prediction import estimate_object_size
+
+logger = logging.getLogger(__name__)
+
 OBJECTS_PER_DECODE = 16
 """Object rows decoded per model call: each row repeats the image embedding, so a batch of them is memory-bound."""
+CLICK_WINDOW = 2.0
+"""Half-side of the square a click edits, in object sizes (``prediction.estimate_object_size`` of the current
+mask, a diameter): an object up to four typical diameters across fits; a bigger one takes more clicks."""
+_EIGHT = np.ones((3, 3), dtype=bool)
 
+
+def click_window(shape: tuple[int, int], x: int, y: int, *masks: np.ndarray) -> np.ndarray:
+    """The square around (x, y) that a click may edit: ``CLICK_WINDOW`` object sizes each side, the object size
+    taken from the first of ``masks`` that holds objects (the whole image when none does)."""
+    window = np.zeros(shape, dtype=bool)
+    for mask in masks:
+        size, count = estimate_object_size(mask)
+        if count:
+            half = max(1, math.ceil(CLICK_WINDOW * size))
+            window[max(0, y - half): y + half + 1, max(0, x - half): x + half + 1] = True
+            return window
+    window[:] = True
+    return window
+
+
+def component_at(mask: np.ndarray, x: int, y: int, nearest: bool = False) -> np.ndarray:
+    """The 8-connected component of ``mask`` that holds (x, y); with ``nearest``, the component closest to (x, y)
+    when none holds it. Empty when there is none."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=_EIGHT)
+    label = labels[y, x]
+    if label == 0 and nearest and count:
+        rows, columns = np.nonzero(labels)
+        closest = int(np.argmin((rows - y) ** 2 + (columns - x) ** 2))
+        label = labels[rows[closest], columns[closest]]
+    return labels == label if label else np.zeros_like(mask)
+
+
+def add_click(current: np.ndarray, decoded: np.ndarray, x: int, y: int) -> np.ndarray:
+    """``current`` with the object of a positive click at (x, y) added (see the module docstring)."""
+    window = click_window(current.shape, x, y, current, decoded)
+    return current | component_at(decoded & window, x, y, nearest=True)
+
+
+def remove_click(current: np.ndarray, logits: np.ndarray, x: int, y: int) -> np.ndarray:
+    """``current`` with the part under a negative click at (x, y) removed: the pixels of ``current`` connected to
+    the click whose prompt-free logit (``logits`` (H, W)) is at most the click's, in the click's window. The click
+    raises the threshold there to its own logit: an extra rim or lobe the model was less sure of goes, the surer
+    object it hangs on stays (see the module docstring)."""
+    window = click_window(current.shape, x, y, current)
+    return current & ~component_at(current & window & (logits <= logits[y, x]), x, y)
+
+def box_region(shape: tuple[int, int], boxes: Sequence[Sequence[float]]) -> np.ndarray:
+    """The pixels (H, W) that at least one box [x0, y0, x1, y1] touches (pixel (c, r) covers [c, c + 1] x
+    [r, r + 1], as the model's patch-map edit counts cells), so a box given by inclusive pixel indices holds its
+    last row and column."""
+    inside = np.zeros(shape, dtype=bool)
+    height, width = shape
+    for x0, y0, x1, y1 in boxes:
+        columns = slice(max(0, math.floor(x0)), min(width, math.floor(x1) + 1))
+        rows = slice(max(0, math.floor(y0)), min(height, math.floor(y1) + 1))
+        inside[rows, columns] = True
+    return inside
+
+
+def combine_boxes(free_mask: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
+    """One box per object: the prompt-free mask inside the boxes, background outside every box.
+
+    The model's own box decode (``decode_objects(boxes=...)``) is not used: boxes are not SAM tokens in this model
+    (docs/inference.md), so a box's decode is the self-prompted decode with the patch map cleared outside the box,
+    and its union measured below the prompt-free mask cut to the boxes on mnfinder test (93.2 against 94.4) and the
+    DSB image (85.0 against 88.1)."""
+    return free_mask & box_region(free_mask.shape, boxes)
 
 class EspMedSamPromptSession:
     """``session = EspMedSamPromptSession(model, processor, image, modality)`` runs the encoder once and keeps the
-    prompt-free mask (``free_mask``); ``session.mask(points=..., labels=..., boxes=...)`` decodes prompts in
-    original-image pixels from the cached embedding and returns the union of the objects' masks (H, W) bool.
-
-    ``points`` ([x, y], ...) with ``labels`` (1 positive, 0 negative) refine one object, the whole self-prompted
-    mask; ``boxes`` ([x0, y0, x1, y1], ...) give one object each (the points, if any, then apply to every box).
-    """
+    prompt-free mask (``free_mask``); ``session.mask(points=..., labels=..., boxes=...)`` corrects it with prompts
+    in original-image pixels (``points`` [x, y] with ``labels`` 1 positive / 0 negative, ``boxes`` [x0, y0, x1, y1]
+    one per object) as the module docstring says, and returns an (H, W) bool mask. ``session.decode(...)`` gives
+    the raw SAM-style union of the prompted objects' masks instead. Each positive click's decode is cached, so
+    replaying a list of clicks (the Space's undo) decodes only the new ones; a negative click needs no decode."""
 
     def __init__(self, model, processor, image: np.ndarray, modality: Any = None):
         self.model, self.processor = model, processor
@@ -35,27 +126,31 @@ class EspMedSamPromptSession:
         self.image_embeddings = outputs.image_embeddings
         self.modality = outputs.modality
         self.free_logits = outputs.pred_masks
-        self.free_mask = self._masks(outputs.pred_masks)
+        self.free_mask = self._masks(outputs.pred_masks)[0]
+        self.free_logit_map = self.processor.post_process_masks(
+            outputs.pred_masks.float().cpu(), self.original_sizes, binarize=False)[0].numpy()
+        self._clicks: dict[tuple[int, int], np.ndarray] = {}
 
     def _masks(self, pred_masks: torch.Tensor) -> np.ndarray:
-        """Low-resolution logits (1, 1, h, w) or (1, N, 1, h, w) -> the union of the objects' masks (H, W)."""
+        """Low-resolution logits (1, 1, h, w) or (1, N, 1, h, w) -> the objects' masks (N, H, W)."""
         masks = self.processor.post_process_masks(pred_masks.float().cpu(), self.original_sizes)[0]
-        return (masks.reshape(-1, *masks.shape[-2:]).any(dim=0) if masks.dim() > 2 else masks).numpy()
+        return masks.reshape(-1, *masks.shape[-2:]).numpy()
 
-    def mask(
+    def decode_objects(
         self,
         points: Sequence[Sequence[float]] | None = None,
         labels: Sequence[int] | None = None,
         boxes: Sequence[Sequence[float]] | None = None,
     ) -> np.ndarray:
-        """The mask with these prompts (original-image pixels); the prompt-free mask without any."""
+        """The model's raw masks (N, H, W), one per box (or one for points alone; the points, if any, apply to
+        every box), decoded from the cached embedding; the prompt-free mask (1, H, W) without prompts."""
         if not points and boxes is None:
-            return self.free_mask
+            return self.free_mask[None]
         from .processing_esp_medsam import rescale_prompts
 
         objects = 1 if boxes is None else len(boxes)
         if objects == 0:
-            return np.zeros_like(self.free_mask)
+            return np.zeros((0, *self.free_mask.shape), dtype=bool)
         given: dict[str, Any] = {}
         if boxes is not None:
             given["input_boxes"] = [list(map(list, boxes))]
@@ -72,5 +167,42 @@ class EspMedSamPromptSession:
                 logits.append(output.pred_masks.float().cpu())
         return self._masks(torch.cat(logits, dim=1))
 
+    def decode(self, points=None, labels=None, boxes=None) -> np.ndarray:
+        """The raw SAM-style mask (H, W): the union of :meth:`decode_objects`."""
+        objects = self.decode_objects(points, labels, boxes)
+        return objects.any(axis=0) if len(objects) else np.zeros_like(self.free_mask)
 
-__all__ = ["EspMedSamPromptSession"]
+    def click(self, current: np.ndarray, x: float, y: float, label: int) -> np.ndarray:
+        """``current`` corrected by one click at (x, y) (label 1 adds the object there, 0 removes the one under
+        it); a positive click's decode is cached."""
+        height, width = current.shape
+        column, row = min(max(int(x), 0), width - 1), min(max(int(y), 0), height - 1)
+        if label == 0:
+            return remove_click(current, self.free_logit_map, column, row)
+        if label != 1:
+            raise ValueError(f"labels must be 1 (positive) or 0 (negative), got {label!r}")
+        if (column, row) not in self._clicks:
+            self._clicks[column, row] = self.decode(points=[(x, y)], labels=[1])
+        return add_click(current, self._clicks[column, row], column, row)
+
+    def mask(
+        self,
+        points: Sequence[Sequence[float]] | None = None,
+        labels: Sequence[int] | None = None,
+        boxes: Sequence[Sequence[float]] | None = None,
+    ) -> np.ndarray:
+        """The corrected mask (H, W): the boxes' combination (the prompt-free mask without boxes), then each click
+        in order; the prompt-free mask without any prompt."""
+        points = list(points or [])
+        labels = [1] * len(points) if labels is None else list(labels)
+        if len(labels) != len(points):
+            raise ValueError(f"labels must give one label per point: {len(points)} points, {len(labels)} labels")
+        current = self.free_mask
+        if boxes is not None:
+            current = combine_boxes(self.free_mask, boxes)
+        for (x, y), label in zip(points, labels):
+            current = self.click(current, x, y, label)
+        return current if boxes is None else current & box_region(current.shape, boxes)
+
+
+__all__ = ["EspMedSamPromptSession", "add_click", "box_region", "combine_boxes", "remove_click"]

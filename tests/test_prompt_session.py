@@ -1,0 +1,115 @@
+"""Click-to-correct semantics of EspMedSamPromptSession: a click edits the object under it, nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from _inference_helpers import single_thread, tiny_model
+from esp_medsam_hf.data.interactive import click_curve
+from esp_medsam_hf.models.esp_medsam.prompt_session import (
+    EspMedSamPromptSession,
+    add_click,
+    box_region,
+    combine_boxes,
+    remove_click,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from single_thread()
+
+
+def discs(shape, centres, radius=5):
+    """A mask of discs of ``radius`` at ``centres`` ((x, y), ...)."""
+    rows, columns = np.mgrid[: shape[0], : shape[1]]
+    mask = np.zeros(shape, dtype=bool)
+    for x, y in centres:
+        mask |= (columns - x) ** 2 + (rows - y) ** 2 <= radius**2
+    return mask
+
+
+CENTRES = [(10, 10), (40, 12), (70, 10), (12, 45), (45, 45), (75, 48)]
+
+
+def test_positive_click_adds_only_the_clicked_object():
+    reference = discs((64, 96), CENTRES)
+    current = discs((64, 96), CENTRES[:3])  # three nuclei missed
+    decoded = discs((64, 96), [(45, 45)], radius=6) | discs((64, 96), [(12, 45), (75, 48)])  # SAM: a few objects
+    corrected = add_click(current, decoded, 45, 45)
+    clicked = discs((64, 96), [(45, 45)], radius=6)
+    assert np.array_equal(corrected[clicked], np.ones(clicked.sum(), bool))
+    assert np.array_equal(corrected[~clicked], current[~clicked])  # bit-identical away from the clicked object
+
+
+def test_positive_click_is_cut_to_the_object_size_window():
+    current = discs((64, 96), CENTRES)  # objects 11 px across
+    decoded = np.ones((64, 96), dtype=bool)  # a runaway decode: everything
+    corrected = add_click(current, decoded, 45, 30)
+    added = corrected & ~current
+    rows, columns = np.nonzero(added)
+    assert added.any() and np.abs(columns - 45).max() <= 23 and np.abs(rows - 30).max() <= 23
+
+
+def test_negative_click_removes_only_the_object_under_it():
+    current = discs((64, 96), CENTRES) | discs((64, 96), [(25, 30)], radius=3)  # an extra blob
+    logits = np.where(current, 5.0, -5.0)
+    corrected = remove_click(current, logits, 25, 30)
+    assert np.array_equal(corrected, discs((64, 96), CENTRES))
+    # a less sure lobe on a true object: the lobe goes, the object it hangs on stays
+    lobe = discs((64, 96), [(10, 18)], radius=4) & ~discs((64, 96), [(10, 10)])
+    merged = current | lobe
+    logits = np.where(lobe, 1.0, logits)
+    corrected = remove_click(merged, logits, 10, 19)
+    assert np.array_equal(corrected, current)
+    assert np.array_equal(remove_click(current, logits, 90, 60), current)  # a click on the background
+
+def test_box_combination_keeps_the_prompt_free_mask_inside_the_boxes_only():
+    free = discs((64, 96), CENTRES)
+    boxes = [(0, 0, 24, 24), (30, 0, 55, 25)]  # inclusive pixel indices: column 24 and row 24 are inside
+    combined = combine_boxes(free, boxes)
+    inside = np.zeros_like(free)
+    inside[:25, :25] = inside[:26, 30:56] = True
+    assert np.array_equal(combined, free & inside)
+    assert np.array_equal(box_region(free.shape, boxes), inside)
+    assert np.array_equal(combine_boxes(free, [(0, 0, 95, 63)]), free)  # a box over the whole image
+
+class ScriptedSession(EspMedSamPromptSession):
+    """A session whose decoder gives, for any click, every reference object (SAM's output for a point on an image
+    of many objects is some of them), so only the click semantics decide what changes."""
+
+    def __init__(self, free_mask, decoded):
+        self.free_mask, self._decoded, self._clicks = free_mask, decoded, {}
+        self.free_logit_map = np.where(free_mask, 1.0, -1.0)
+
+    def decode(self, points=None, labels=None, boxes=None):
+        return self._decoded
+
+
+def test_click_curve_never_falls_on_many_objects_and_undo_restores():
+    reference = discs((64, 96), CENTRES)
+    free = discs((64, 96), CENTRES[:4]) | discs((64, 96), [(25, 30), (60, 30)], radius=3)
+    session = ScriptedSession(free, reference)
+    curve = click_curve(session, reference, clicks=5)
+    assert all(b >= a for a, b in zip(curve, curve[1:])) and curve[-1] == 100.0
+    points, labels = [(45, 45), (25, 30)], [1, 0]
+    before = session.mask(points=points[:1], labels=labels[:1])
+    session.mask(points=points, labels=labels)
+    assert np.array_equal(session.mask(points=points[:1], labels=labels[:1]), before)  # undo
+    assert np.array_equal(session.mask(), free)  # reset
+
+
+def test_session_on_a_tiny_model_corrects_from_the_cached_embedding():
+    model, processor = tiny_model(seed=1)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    session = EspMedSamPromptSession(model, processor, image, "microscopy")
+    corrected = session.mask(points=[(30, 20)], labels=[1])
+    decoded = session.decode(points=[(30, 20)], labels=[1])
+    assert np.array_equal(corrected, add_click(session.free_mask, decoded, 30, 20))
+    assert np.array_equal(session.mask(points=[(30, 20), (5, 5)], labels=[1, 0]),
+                          remove_click(corrected, session.free_logit_map, 5, 5))
+    assert np.array_equal(session.free_logit_map > 0, session.free_mask)
+    with pytest.raises(ValueError, match="one label per point"):
+        session.mask(points=[(1, 1)], labels=[1, 0])
