@@ -35,10 +35,10 @@ class _Prediction:
 def _fake_predict(best: float, calls: list):
     """A stand-in for ``prediction.predict`` that is right only with the image processor's size ``best``."""
     def predict(model, processor, images, modality, scale):
-        calls.append(processor.image_processor.object_size)
-        image = images[0]
-        truth = image[..., 0] > 127
-        return _Prediction(truth if processor.image_processor.object_size == best else ~truth)
+        size = processor.image_processor.modality_object_sizes[modality]
+        calls.append(size)
+        truth = images[0][..., 0] > 127
+        return _Prediction(truth if size == best else ~truth)
     return predict
 
 
@@ -64,7 +64,8 @@ def test_the_best_validation_dice_wins_and_test_images_are_not_used(monkeypatch)
     assert found["object_size"] == best and found["candidates"][best] == pytest.approx(100.0)
     assert found["images"] == 2 and found["views"] == 2 * len(calibration.CALIBRATION_ZOOMS)
     assert len(calls) == 4 * found["views"]  # every candidate on every validation view, no test image
-    assert processor.image_processor.object_size == 16.0  # the caller saves the choice
+    assert found["modalities"] == ["microscopy"]
+    assert processor.image_processor.modality_object_sizes is None  # the caller saves the choice
     # ties, and gains within the tolerance, go to the smaller (cheaper) size
     monkeypatch.setattr(calibration, "predict", lambda model, processor, images, modality, scale:
                         _Prediction(images[0][..., 0] > 127))
@@ -73,7 +74,8 @@ def test_the_best_validation_dice_wins_and_test_images_are_not_used(monkeypatch)
     monkeypatch.setattr(calibration, "dice_score", lambda mask, reference: gains[processor_sizes[-1]])
     processor_sizes: list = []
     monkeypatch.setattr(calibration, "predict", lambda model, trial, images, modality, scale: (
-        processor_sizes.append(trial.image_processor.object_size), _Prediction(images[0][..., 0] > 127))[1])
+        processor_sizes.append(trial.image_processor.modality_object_sizes[modality]),
+        _Prediction(images[0][..., 0] > 127))[1])
     assert calibrate_object_size(None, processor, data, zoom)["object_size"] == list(gains)[2]  # 96.0 >= 96.2 - 0.25
     # nothing to calibrate on
     assert calibrate_object_size(None, processor, {"nuclei": DatasetDict(test=_split(2, 1))}, zoom) is None
@@ -86,13 +88,14 @@ def test_a_stage_3_release_carries_the_chosen_object_size(tmp_path):
                                   epochs=1, batch_size=2, progress=False, zoom={"dsb": {"object_size": [6, 40]}})
     result = run_espmedsam(config, data=data)
     saved = json.loads((result.release_dir / "preprocessor_config.json").read_text())
-    assert saved["object_size"] in candidate_sizes([ZoomRange("object_size", 6, 40)])
-    assert saved["object_size"] == result.metrics["object_size"]
+    assert saved["object_size"] == 16.0  # other modalities keep the default
+    assert saved["modality_object_sizes"] == {"microscopy": result.metrics["object_size"]}
+    assert result.metrics["object_size"] in candidate_sizes([ZoomRange("object_size", 6, 40)])
     assert set(result.metrics["object_size_validation_dice"]) == {f"{s:g}" for s in candidate_sizes(
         [ZoomRange("object_size", 6, 40)])}
     off = EspMedSamStageConfig(output_dir=str(tmp_path / "off"), init_from=None, model_size="tiny", image_size=64,
                                epochs=1, batch_size=2, progress=False, zoom={"dsb": {"object_size": [6, 40]}},
                                calibrate_object_size=False)
     result = run_espmedsam(off, data=data)
-    assert json.loads((result.release_dir / "preprocessor_config.json").read_text())["object_size"] == 16.0
+    assert json.loads((result.release_dir / "preprocessor_config.json").read_text()).get("modality_object_sizes") is None
     assert "object_size" not in result.metrics

@@ -119,3 +119,28 @@ def test_pipeline_goes_through_the_front_door(tiny):
     assert result["scale"] == 2.0
     # the pipeline keeps probabilities >= its mask_threshold (0.5): the same logits, thresholded as probabilities
     np.testing.assert_array_equal(np.asarray(result["mask"]) > 0, (torch.sigmoid(direct.logits[0]) >= 0.5).numpy())
+
+
+def test_a_modality_object_size_changes_only_that_modality(pointwise):
+    model, processor = pointwise  # it decodes every image as modality 0
+    image = _blobs(radius=12)
+    names = model.config.modality_names
+    default = predict(model, processor, [image], 0, scale="auto").scales[0]
+    scales = {}
+    try:
+        for name in (names[4], names[0]):
+            processor.image_processor.modality_object_sizes = {name: 32.0}
+            scales[name] = predict(model, processor, [image], 0, scale="auto").scales[0]
+        assert tiling_options(processor.image_processor).for_modality(names[0]).object_size == 32.0
+        assert tiling_options(processor.image_processor).for_modality(names[4]).object_size == 16.0
+    finally:
+        processor.image_processor.modality_object_sizes = None
+    assert scales[names[4]] == default  # another modality's size leaves this one at the default
+    assert scales[names[0]] == pytest.approx(2 * default, rel=0.05)  # objects brought to 32 px instead of 16
+
+
+@pytest.mark.parametrize("sizes", [{"microscopy": 0}, {"microscopy": float("nan")}, {"microscopy": "big"}, [4]])
+def test_bad_modality_object_sizes_are_named(sizes):
+    processor = EspMedSamImageProcessor(size={"height": 64, "width": 64}, modality_object_sizes=sizes)
+    with pytest.raises(ValueError, match="modality_object_sizes"):
+        tiling_options(processor)

@@ -52,8 +52,9 @@ def calibrate_object_size(model, processor, data: Mapping[str, Mapping], zoom: M
                           split: str = "validation") -> dict | None:
     """Choose the image processor's ``object_size`` on ``split`` of the object-size domains of ``zoom``.
 
-    Returns ``{"object_size", "candidates": {size: mean Dice %}, "images", "views"}``, or ``None`` when no such
-    domain has images in ``split``. ``processor`` is left unchanged; the caller saves the chosen size. Ties go to
+    Returns ``{"object_size", "modalities", "candidates": {size: mean Dice %}, "images", "views"}``, or ``None``
+    when no such domain has images in ``split``. The size is for those domains' modalities only (the image
+    processor's ``modality_object_sizes``): another modality's objects (vessels, organs) keep their own. ``processor`` is left unchanged; the caller saves the chosen size. Ties go to
     the smaller size (the middle of the training range)."""
     ranges = {name: spec for name, spec in zoom.items() if spec.kind == "object_size"}
     pairs, modalities = [], []
@@ -69,16 +70,19 @@ def calibrate_object_size(model, processor, data: Mapping[str, Mapping], zoom: M
     views = [(zoom_view(image, mask, factor), modality) for (image, mask), modality in zip(pairs, modalities)
              for factor in CALIBRATION_ZOOMS]
     trial = copy.deepcopy(processor)
+    calibrated = sorted(set(modalities))
     scores = {}
     for size in candidates:
-        trial.image_processor.object_size = size
+        trial.image_processor.modality_object_sizes = {
+            **(processor.image_processor.modality_object_sizes or {}), **{name: size for name in calibrated}}
         dice = [dice_score(predict(model, trial, [view], modality, scale="auto").masks[0], reference)
                 for (view, reference), modality in views]
         scores[size] = float(np.mean(dice))
         logger.info("object size %.1f px: validation Dice %.2f%% over %d views", size, scores[size], len(views))
     top = max(scores.values())
     best = min(size for size in candidates if scores[size] >= top - TOLERANCE)
-    return {"object_size": best, "candidates": scores, "images": len(pairs), "views": len(views)}
+    return {"object_size": best, "modalities": calibrated, "candidates": scores, "images": len(pairs),
+            "views": len(views)}
 
 
 __all__ = ["CALIBRATION_ZOOMS", "CANDIDATES", "TOLERANCE", "calibrate_object_size", "candidate_sizes"]

@@ -65,6 +65,8 @@ class EspMedSamImageProcessorKwargs(ImagesKwargs, total=False):
     tile_size: side of the tiles of tiled inference, in pixels of the rescaled image (None: the model size).
     tile_overlap: overlap of neighbouring tiles in pixels (None: a quarter of the tile).
     object_size: the object size (px across in the model's input) that "auto" and "<size>px" scales aim for.
+    modality_object_sizes: ``{modality name: size}`` replacing ``object_size`` for those modalities (what stage 3
+        measured best on a modality's validation images); None: ``object_size`` for every modality.
     """
 
     keep_aspect_ratio: bool
@@ -73,6 +75,7 @@ class EspMedSamImageProcessorKwargs(ImagesKwargs, total=False):
     tile_size: int | None
     tile_overlap: int | None
     object_size: float | int
+    modality_object_sizes: dict[str, float] | None
 
 
 def _to_supported_dtype(
@@ -136,6 +139,7 @@ class EspMedSamImageProcessor(TorchvisionBackend):
     tile_size = None
     tile_overlap = None
     object_size = 16.0
+    modality_object_sizes = None
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

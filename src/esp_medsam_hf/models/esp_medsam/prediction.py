@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -92,7 +92,8 @@ class Prediction:
 @dataclass(frozen=True)
 class TilingOptions:
     """Checked inference options: ``mode`` "auto", "whole", "factor" or "object" with its ``value`` (the factor,
-    or the objects' size in native px), the tile size and overlap in px, and the object size the model learnt."""
+    or the objects' size in native px), the tile size and overlap in px, and the object size the model learnt
+    (``modality_object_sizes``: per modality name, replacing it)."""
 
     mode: str
     value: float | None
@@ -100,6 +101,13 @@ class TilingOptions:
     overlap: int
     object_size: float
     model_size: int
+    modality_object_sizes: dict[str, float] = field(default_factory=dict)
+
+    def for_modality(self, name: str | None) -> "TilingOptions":
+        """These options with the object size of modality ``name`` (its own if it has one)."""
+        if name not in self.modality_object_sizes:
+            return self
+        return replace(self, object_size=self.modality_object_sizes[name])
 
 
 def parse_scale(scale: Any) -> tuple[str, float | None]:
@@ -145,10 +153,19 @@ def tiling_options(image_processor, scale: Any = None, tile_size: int | None = N
     if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or not 0 <= overlap < tile:
         raise ValueError(f"overlap must be an integer number of pixels with 0 <= overlap < tile_size ({tile}), "
                          f"got {overlap!r}")
-    object_size = float(getattr(image_processor, "object_size", 16.0))
-    if not (math.isfinite(object_size) and object_size > 0):
-        raise ValueError(f"object_size must be a positive number of pixels, got {object_size!r}")
-    return TilingOptions(mode, value, tile, int(overlap), object_size, model_size)
+    object_size = _object_size("object_size", getattr(image_processor, "object_size", 16.0))
+    per_modality = getattr(image_processor, "modality_object_sizes", None) or {}
+    if not isinstance(per_modality, dict):
+        raise ValueError(f"modality_object_sizes must map modality names to sizes, got {per_modality!r}")
+    sizes = {str(name): _object_size(f"modality_object_sizes[{name!r}]", size) for name, size in per_modality.items()}
+    return TilingOptions(mode, value, tile, int(overlap), object_size, model_size, sizes)
+
+
+def _object_size(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number of pixels, got {value!r}")
+    return float(value)
 
 
 def estimate_object_size(mask: np.ndarray) -> tuple[float, int]:
@@ -287,6 +304,11 @@ def _scale_of(options: TilingOptions, view_logits: torch.Tensor | None, view_fac
     return (None if factor is None else factor * to_tiles), (size / view_factor if count else None)
 
 
+def _modality_name(model, index: int | None) -> str | None:
+    names = getattr(model.config, "modality_names", None)
+    return names[index] if names is not None and index is not None and 0 <= index < len(names) else None
+
+
 def predict(
     model, processor, images: Sequence[Any], modality: Any = None, *, backend: str | None = "eager",
     scale: Any = None, tile_size: int | None = None, overlap: int | None = None, tile_batch_size: int | None = None,
@@ -327,7 +349,8 @@ def predict(
     scales, object_sizes, tile_classifier = [], [], []
     for index, (height, width) in enumerate(sizes):
         view_factor = min(options.model_size / height, options.model_size / width)
-        factor, object_size = _scale_of(options, logits[index], view_factor)
+        factor, object_size = _scale_of(options.for_modality(_modality_name(model, chosen[index])), logits[index],
+                                        view_factor)
         if factor is not None:
             factor = _limit_factor(factor, height, width, options)
             logits[index], mean = tiled_logits(model, image_processor, images[index], (height, width), factor,

@@ -99,11 +99,13 @@ def _calibrate_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, p
         found = calibrate_object_size(model, processor, data, zoom)
     if found is None:
         return {}
-    processor.image_processor.object_size = found["object_size"]
+    processor.image_processor.modality_object_sizes = {
+        **(processor.image_processor.modality_object_sizes or {}),
+        **{name: found["object_size"] for name in found["modalities"]}}
     processor.save_pretrained(staging)
     processor.image_processor.save_pretrained(staging)
-    logger.info("auto inference object size: %.1f px (validation Dice %s)", found["object_size"],
-                ", ".join(f"{size:g} px {dice:.2f}%" for size, dice in found["candidates"].items()))
+    logger.info("auto inference object size for %s: %.1f px (validation Dice %s)", ", ".join(found["modalities"]),
+                found["object_size"], ", ".join(f"{size:g} px {dice:.2f}%" for size, dice in found["candidates"].items()))
     return {"object_size": found["object_size"],
             "object_size_validation_dice": {f"{size:g}": dice for size, dice in found["candidates"].items()}}
 
