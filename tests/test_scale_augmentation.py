@@ -154,3 +154,6 @@ def test_some_views_cover_only_part_of_the_input():
               for seed in range(40)]
     partial = np.mean([share < 0.95 for share in filled])
     assert 0.1 < partial < 0.45  # about PARTIAL_VIEW_SHARE of the views, though the image fills the input
+    by_scale = ScaleAugmentation({"fundus": ZoomRange("scale", 0.5, 2)}, 256)
+    assert all((by_scale(image, mask, "fundus", 0, np.random.default_rng(seed))[0][..., 0] > 0).mean() > 0.99
+               for seed in range(20))  # scale domains' views are always full

@@ -9,11 +9,12 @@ scale 1). The scale of each crop is drawn log-uniformly, so every octave of obje
 A crop shows ``size / scale`` native pixels resized to the model input (antialiased bilinear, the image
 processor's resampling); an image smaller than that at this scale is placed at a random position on a canvas of
 the colour that the image processor's normalisation maps to 0 (inference pads its whole views and tiles with zeros
-after normalisation), keeping its aspect ratio, as inference does. A quarter of the crops
-(``PARTIAL_VIEW_SHARE``) cover only part of the view, 30 % to 100 % of each side, on that canvas: an image that is
-small for its objects' size (a user's crop, a zoomed-in field) reaches inference as a small patch on zero padding,
-whatever the objects' size, and without these views training would show such a canvas only with the smallest
-objects. Half the crops are centred on a
+after normalisation), keeping its aspect ratio, as inference does. In the object-size domains a quarter of the
+crops (``PARTIAL_VIEW_SHARE``) cover only part of the view, 30 % to 100 % of each side, on that canvas: an image
+that is small for its objects' size (a user's crop, a zoomed-in field) reaches "auto" inference as a small patch on
+zero padding, whatever the objects' size, and without these views training would show such a canvas only with the
+smallest objects. Scale domains (fundus vessels) never get them: their native-scale tiles are always full, and
+partial views of fundus photographs, whose black surround already borders the view, took the vessel Dice to 0. Half the crops are centred on a
 foreground pixel, so that sparse objects are not mostly missed at high zoom (nnU-Net oversamples foreground for
 the same reason). Randomness comes from the caller's generator, seeded by (seed, image, view) or (seed, epoch,
 image), so runs and resumed runs see the same crops.
@@ -33,7 +34,7 @@ from ..models.esp_medsam.prediction import estimate_object_size
 
 ZOOM_KINDS = ("object_size", "scale")
 PARTIAL_VIEW_SHARE = 0.25
-"""Share of the zoom crops that fill only part of the view (each side 30 % to 100 % of it)."""
+"""Share of the object-size domains' zoom crops that fill only part of the view (each side 30 % to 100 % of it)."""
 PARTIAL_VIEW_SIDES = (0.3, 1.0)
 
 
@@ -202,8 +203,8 @@ class ScaleAugmentation:
                 scale = self.zoom[domain].draw_scale(rng, reference)
             else:  # no object to size: the whole image
                 scale = self.size / max(mask.shape)
-            field = (tuple(rng.uniform(*PARTIAL_VIEW_SIDES, size=2)) if rng.random() < PARTIAL_VIEW_SHARE
-                     else (1.0, 1.0))
+            partial = self.zoom[domain].kind == "object_size" and rng.random() < PARTIAL_VIEW_SHARE
+            field = tuple(rng.uniform(*PARTIAL_VIEW_SIDES, size=2)) if partial else (1.0, 1.0)
             image, mask = zoom_crop(image, mask, scale, self.size, rng, fill=self.fill, field=field)
         else:
             if rng.random() < 0.5:
