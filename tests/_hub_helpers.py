@@ -17,6 +17,17 @@ from pathlib import Path
 BRANCHES = ("stage-1-teacher", "stage-2-distill", "stage-3-esp-medsam", "main")
 
 
+def olah_available() -> bool:
+    """Whether the olah mirror the local Hub reads through is installed (tests needing it skip otherwise)."""
+    from esp_medsam_hf.testing.localhub import LocalHubError, find_olah
+
+    try:
+        find_olah()
+    except LocalHubError:
+        return False
+    return True
+
+
 def tree_hashes(folder: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file below ``folder`` (to prove that publishing never changes them)."""
     return {

@@ -10,20 +10,12 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
+from _hub_helpers import olah_available
 from esp_medsam_hf.cli import main
 from esp_medsam_hf.data.real import MNFINDER_ARCHIVE, VASCX_ARCHIVE
-from esp_medsam_hf.testing.localhub import LocalHubError, find_olah
 from esp_medsam_hf.testing.localhub.gitrepo import GitRepo
 
 STAGES = ("stage-1-teacher", "stage-2-distill", "stage-3-esp-medsam")
-
-
-def olah_available() -> bool:
-    try:
-        find_olah()
-    except LocalHubError:
-        return False
-    return True
 
 
 def check_published_branches(output: Path, summary: dict) -> None:

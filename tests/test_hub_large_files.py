@@ -10,15 +10,8 @@ import os
 import pytest
 from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 
-from esp_medsam_hf.testing.localhub import LocalHub, LocalHubError, find_olah
-
-
-def olah_available() -> bool:
-    try:
-        find_olah()
-    except LocalHubError:
-        return False
-    return True
+from _hub_helpers import olah_available
+from esp_medsam_hf.testing.localhub import LocalHub
 
 
 @pytest.mark.skipif(not olah_available(), reason="the local Hub needs olah (the dev extra)")
