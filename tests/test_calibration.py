@@ -34,7 +34,7 @@ class _Prediction:
 
 def _fake_predict(best: float, calls: list):
     """A stand-in for ``prediction.predict`` that is right only with the image processor's size ``best``."""
-    def predict(model, processor, images, modality, scale):
+    def predict(model, processor, images, modality, scale, backend=None):
         size = processor.image_processor.modality_object_sizes[modality]
         calls.append(size)
         truth = images[0][..., 0] > 127
@@ -67,13 +67,13 @@ def test_the_best_validation_dice_wins_and_test_images_are_not_used(monkeypatch)
     assert found["modalities"] == ["microscopy"]
     assert processor.image_processor.modality_object_sizes is None  # the caller saves the choice
     # ties, and gains within the tolerance, go to the smaller (cheaper) size
-    monkeypatch.setattr(calibration, "predict", lambda model, processor, images, modality, scale:
+    monkeypatch.setattr(calibration, "predict", lambda model, processor, images, modality, scale, backend=None:
                         _Prediction(images[0][..., 0] > 127))
     assert calibrate_object_size(None, processor, data, zoom)["object_size"] == candidate_sizes(list(zoom.values()))[0]
     gains = dict(zip(candidate_sizes(list(zoom.values())), (95.0, 95.6, 96.0, 96.2)))
     monkeypatch.setattr(calibration, "dice_score", lambda mask, reference: gains[processor_sizes[-1]])
     processor_sizes: list = []
-    monkeypatch.setattr(calibration, "predict", lambda model, trial, images, modality, scale: (
+    monkeypatch.setattr(calibration, "predict", lambda model, trial, images, modality, scale, backend=None: (
         processor_sizes.append(trial.image_processor.modality_object_sizes[modality]),
         _Prediction(images[0][..., 0] > 127))[1])
     assert calibrate_object_size(None, processor, data, zoom)["object_size"] == list(gains)[2]  # 96.0 >= 96.2 - 0.25

@@ -49,13 +49,14 @@ def candidate_sizes(ranges: Sequence[ZoomRange], count: int = CANDIDATES) -> lis
 
 
 def calibrate_object_size(model, processor, data: Mapping[str, Mapping], zoom: Mapping[str, ZoomRange],
-                          split: str = "validation") -> dict | None:
+                          split: str = "validation", backend: str | None = None) -> dict | None:
     """Choose the image processor's ``object_size`` on ``split`` of the object-size domains of ``zoom``.
 
     Returns ``{"object_size", "modalities", "candidates": {size: mean Dice %}, "images", "views"}``, or ``None``
     when no such domain has images in ``split``. The size is for those domains' modalities only (the image
     processor's ``modality_object_sizes``): another modality's objects (vessels, organs) keep their own. ``processor`` is left unchanged; the caller saves the chosen size. Ties go to
-    the smaller size (the middle of the training range)."""
+    the smaller size (the middle of the training range). ``backend``: as ``prediction.predict`` takes it (default the
+    automatic choice, the path users take, whose onnxruntime export the evaluation of the same weights then reuses)."""
     ranges = {name: spec for name, spec in zoom.items() if spec.kind == "object_size"}
     pairs, modalities = [], []
     for name in ranges:
@@ -75,7 +76,8 @@ def calibrate_object_size(model, processor, data: Mapping[str, Mapping], zoom: M
     for size in candidates:
         trial.image_processor.modality_object_sizes = {
             **(processor.image_processor.modality_object_sizes or {}), **{name: size for name in calibrated}}
-        dice = [dice_score(predict(model, trial, [view], modality, scale="auto").masks[0], reference)
+        dice = [dice_score(predict(model, trial, [view], modality, scale="auto", backend=backend).masks[0],
+                           reference)
                 for (view, reference), modality in views]
         scores[size] = float(np.mean(dice))
         logger.info("object size %.1f px: validation Dice %.2f%% over %d views", size, scores[size], len(views))

@@ -16,8 +16,11 @@ Scales (``scale=``, default the image processor's ``inference_scale``, "auto" un
 - ``"auto"``: a coarse whole-image pass first; its mask's connected components give the objects' size
   (:func:`estimate_object_size`) and :func:`choose_scale` rescales when it lies outside what the model handles
   (a factor ``AUTO_TOLERANCE`` away from ``object_size``). One or two large structures (an organ, a polyp) are never
-  zoomed out: they keep the whole view. An empty coarse mask keeps the whole view. The rule uses no image statistic
-  but the model's own mask, so it carries to images from labs never seen.
+  zoomed out: they keep the whole view, unless the modality has its own calibrated object size
+  (``modality_object_sizes``: a modality of many small objects, such as nuclei, whose training showed them at a range
+  of sizes), where a view holding one or two objects is a close-up, zoomed out like any other. An empty coarse mask
+  keeps the whole view. The rule uses no image statistic but the model's own mask, so it carries to images from labs
+  never seen.
 
 Why MONAI's ``sliding_window_inference``: it is the field's maintained implementation of tiling with blended
 overlaps (Gaussian importance map, batched windows, padding of small inputs); its per-window bookkeeping is cheap
@@ -47,7 +50,8 @@ SCALE_MODES = ("auto", "whole")
 AUTO_TOLERANCE = 1.5
 """"auto" keeps the whole view while the estimated object size is within this factor of ``object_size``."""
 AUTO_MIN_OBJECTS = 3
-""""auto" zooms out only for at least this many objects: fewer large ones are structures the whole view suits."""
+""""auto" zooms out only for at least this many objects: fewer large ones are structures the whole view suits
+(except in a modality with its own calibrated object size, see ``TilingOptions.for_modality``)."""
 AUTO_ZOOM_RANGE = (0.25, 8.0)
 """"auto" changes the objects' size in the model's input by at most these factors."""
 MAX_ZOOM = 4.0
@@ -93,7 +97,8 @@ class Prediction:
 class TilingOptions:
     """Checked inference options: ``mode`` "auto", "whole", "factor" or "object" with its ``value`` (the factor,
     or the objects' size in native px), the tile size and overlap in px, and the object size the model learnt
-    (``modality_object_sizes``: per modality name, replacing it)."""
+    (``modality_object_sizes``: per modality name, replacing it); ``min_objects``: the fewest objects "auto" zooms
+    out for."""
 
     mode: str
     value: float | None
@@ -102,12 +107,17 @@ class TilingOptions:
     object_size: float
     model_size: int
     modality_object_sizes: dict[str, float] = field(default_factory=dict)
+    min_objects: int = AUTO_MIN_OBJECTS
 
     def for_modality(self, name: str | None) -> "TilingOptions":
-        """These options with the object size of modality ``name`` (its own if it has one)."""
+        """These options for modality ``name``: with its own object size if it has one, and then zooming out for
+        any number of objects. Its objects are small ones measured at many sizes in training (nuclei), so one or
+        two large objects in a view are a close-up of them, not an organ: measured on mnfinder's training and
+        validation images at x4 (centre crops of a quarter of the side), a crop holding two nuclei went from 77.9 to
+        95.8 % Dice, the mean from 93.05 to 93.55 %, and no x2 view changed."""
         if name not in self.modality_object_sizes:
             return self
-        return replace(self, object_size=self.modality_object_sizes[name])
+        return replace(self, object_size=self.modality_object_sizes[name], min_objects=1)
 
 
 def parse_scale(scale: Any) -> tuple[str, float | None]:
@@ -186,13 +196,15 @@ def estimate_object_size(mask: np.ndarray) -> tuple[float, int]:
     return float(widths[order][np.searchsorted(cumulative, cumulative[-1] / 2.0)]), int(count)
 
 
-def choose_scale(size: float, count: int, view_factor: float, object_size: float) -> float | None:
+def choose_scale(size: float, count: int, view_factor: float, object_size: float,
+                 min_objects: int = AUTO_MIN_OBJECTS) -> float | None:
     """"auto": the zoom factor of the native pixels that brings objects of ``size`` px (in the whole view, made at
-    ``view_factor``) to ``object_size``, or ``None`` to keep the whole view (see the module docstring)."""
+    ``view_factor``) to ``object_size``, or ``None`` to keep the whole view (see the module docstring); fewer than
+    ``min_objects`` objects larger than ``object_size`` keep the whole view."""
     if count == 0 or not math.isfinite(size) or size <= 0:
         return None
     ratio = object_size / size
-    if 1.0 / AUTO_TOLERANCE <= ratio <= AUTO_TOLERANCE or (ratio < 1.0 and count < AUTO_MIN_OBJECTS):
+    if 1.0 / AUTO_TOLERANCE <= ratio <= AUTO_TOLERANCE or (ratio < 1.0 and count < min_objects):
         return None
     return view_factor * min(max(ratio, AUTO_ZOOM_RANGE[0]), AUTO_ZOOM_RANGE[1])
 
@@ -300,7 +312,7 @@ def _scale_of(options: TilingOptions, view_logits: torch.Tensor | None, view_fac
     view = fit_size(height, width, (options.model_size, options.model_size))
     mask = F.interpolate(view_logits[None, None], size=view, mode="bilinear", align_corners=False)[0, 0] > 0
     size, count = estimate_object_size(mask.numpy())
-    factor = choose_scale(size, count, view_factor, options.object_size)
+    factor = choose_scale(size, count, view_factor, options.object_size, options.min_objects)
     return (None if factor is None else factor * to_tiles), (size / view_factor if count else None)
 
 
