@@ -98,6 +98,26 @@ def test_a_calibrated_modality_zooms_out_a_close_up_of_few_objects():
     assert choose_scale(22.0, 1, 0.5, nuclei.object_size, nuclei.min_objects) is None
 
 
+def test_masks_keep_the_logits_above_the_modalitys_calibrated_threshold(pointwise, tmp_path):
+    model, processor = pointwise
+    ramp = np.repeat(np.linspace(0, 255, 64, dtype=np.float64)[None, :, None], 8, 0).repeat(3, 2).astype(np.uint8)
+    name = model.config.modality_names[0]
+    default = predict(model, processor, [ramp], 0, scale="whole")
+    processor.image_processor.modality_mask_thresholds = {name: 1.0}
+    try:
+        raised = predict(model, processor, [ramp], 0, scale="whole")
+        processor.image_processor.save_pretrained(tmp_path)
+        assert EspMedSamImageProcessor.from_pretrained(tmp_path).modality_mask_thresholds == {name: 1.0}
+        processor.image_processor.modality_mask_thresholds = {name: float("nan")}
+        with pytest.raises(ValueError, match="modality_mask_thresholds"):
+            predict(model, processor, [ramp], 0, scale="whole")
+    finally:
+        processor.image_processor.modality_mask_thresholds = None
+    torch.testing.assert_close(raised.logits[0], default.logits[0])  # the logits are the model's, only the cut moves
+    assert np.array_equal(default.masks[0], default.logits[0].numpy() > 0)
+    assert np.array_equal(raised.masks[0], raised.logits[0].numpy() > 1.0) and raised.masks[0].sum() < default.masks[0].sum()
+
+
 def test_options_round_trip_through_save_and_load(tmp_path):
     processor = EspMedSamImageProcessor(
         size={"height": 64, "width": 64}, inference_scale="30px", tile_size=48, tile_overlap=8, object_size=12.0,
