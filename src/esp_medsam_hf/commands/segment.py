@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "tiled), or the objects' size in pixels such as 30px",
     )
     parser.add_argument("--tile-size", type=int, help="tile side in pixels (default: the model's input size)")
-    parser.add_argument("--overlap", type=int, help="overlap of neighbouring tiles in pixels (default: a quarter tile)")
+    parser.add_argument("--overlap", type=int, help="overlap of neighbouring tiles in pixels (default: an eighth of a tile)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing masks, overlays and CSV")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

@@ -63,7 +63,7 @@ class EspMedSamImageProcessorKwargs(ImagesKwargs, total=False):
     intensity_percentiles: (low, high) percentiles stretched to 0..255 for 16-bit/float images; None: min-max.
     inference_scale: ``prediction.predict``'s default scale: "auto", "whole", a zoom factor or "<size>px".
     tile_size: side of the tiles of tiled inference, in pixels of the rescaled image (None: the model size).
-    tile_overlap: overlap of neighbouring tiles in pixels (None: a quarter of the tile).
+    tile_overlap: overlap of neighbouring tiles in pixels (None: an eighth of the tile).
     object_size: the object size (px across in the model's input) that "auto" and "<size>px" scales aim for.
     modality_object_sizes: ``{modality name: size}`` replacing ``object_size`` for those modalities (what stage 3
         measured best on a modality's validation images); None: ``object_size`` for every modality.

