@@ -135,3 +135,23 @@ def test_the_pipeline_decodes_and_names_the_target(tmp_path):
         pipe(image, target="optic disc", modality="x-ray")
     with pytest.raises(ValueError, match="unknown target 'optic cup'"):
         pipe(image, target="optic cup")
+
+
+def test_the_processor_turns_target_names_into_what_the_model_decodes(tmp_path):
+    grown = add_target(base_model(), "optic disc", "fundus").eval()
+    processor = EspMedSamProcessor(EspMedSamImageProcessor(size={"height": SIZE, "width": SIZE}))
+    processor.target_names = grown.config.all_target_names
+    processor.save_pretrained(tmp_path)
+    reloaded = EspMedSamProcessor.from_pretrained(tmp_path)
+    assert reloaded.target_names[-1] == "optic disc"
+    images = [np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for seed in (0, 1)]
+    inputs = reloaded(images, target=["optic disc", "retinal vessels"])
+    assert inputs["target"].tolist() == [6, 3] and "modality" not in inputs
+    outputs = grown(pixel_values=inputs["pixel_values"], target=inputs["target"])
+    assert outputs.target.tolist() == [6, 3] and outputs.modality.tolist() == [3, 3]
+    with pytest.raises(ValueError, match="not both"):
+        reloaded(images, modality="fundus", target="optic disc")
+    with pytest.raises(ValueError, match="unknown target 'optic cup'"):
+        reloaded(images, target="optic cup")
+    with pytest.raises(ValueError, match="got 3 targets for 2 images"):
+        reloaded(images, target=[6, 6, 6])

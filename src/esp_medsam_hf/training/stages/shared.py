@@ -47,6 +47,7 @@ def save_with_processor(model: nn.Module, processor: EspMedSamProcessor, folder:
     """``save_pretrained`` of the model and processor, plus preprocessor_config.json for the stock pipeline; a
     student folder also carries the "medical-image-segmentation" pipeline as remote code."""
     if isinstance(model, EspMedSamModel):
+        processor.target_names = model.config.all_target_names  # target= names what the model decodes
         save_pretrained_with_pipeline(model, processor, folder)
         return
     model.save_pretrained(folder)
