@@ -994,8 +994,9 @@ def pipeline_code_files(impl: str, source: str | None) -> list[Path]:
 
 def weights_download_error(repo_id, kwargs: dict) -> tuple[bool, BaseException | None]:
     """Whether the weights of Hub repository ``repo_id`` (with ``from_pretrained``'s ``kwargs``) were fetched
-    directly, and the innermost error of doing so (None: the download works now). (False, None) for a local path,
-    offline, or a repository, revision or file that is really missing: transformers' own message is right then."""
+    directly, and the error of doing so (the cause behind huggingface_hub's "not in the cache"; None: the download
+    works now). (False, None) for a local path, offline, or a repository, revision or file that is really missing:
+    transformers' own message is right then."""
     if os.path.exists(str(repo_id)) or kwargs.get("local_files_only") or huggingface_hub.constants.HF_HUB_OFFLINE:
         return False, None
     options = {key: kwargs[key] for key in ("revision", "cache_dir", "token", "subfolder") if kwargs.get(key)}
@@ -1006,7 +1007,7 @@ def weights_download_error(repo_id, kwargs: dict) -> tuple[bool, BaseException |
         return False, None
     except Exception as error:  # noqa: BLE001 - any failure of the download is the cause to report (a timeout or
         # a server error arrives as LocalEntryNotFoundError: "not in the cache", with the real error as its cause)
-        while error.__cause__ is not None:
+        while isinstance(error, huggingface_hub.errors.LocalEntryNotFoundError) and error.__cause__ is not None:
             error = error.__cause__
         return True, error
     return True, None
