@@ -63,7 +63,7 @@ def set_faults(hub, *faults: dict) -> None:
 def load(hub, tmp_path) -> dict:
     """``from_pretrained(REPO)`` in a fresh process (huggingface_hub reads HF_ENDPOINT at import), empty cache."""
     env = {**os.environ, **hub.env, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0"}
-    proc = subprocess.run([sys.executable, "-c", LOAD, REPO], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", LOAD, REPO], env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.split("RESULT ", 1)[1])
 

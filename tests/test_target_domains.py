@@ -127,7 +127,7 @@ def test_the_pipeline_decodes_and_names_the_target(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     [segment] = pipe(image, target="optic disc", scale="whole", backend="eager")
     assert (segment["label"], segment["modality"], segment["modality_source"]) == ("optic disc", "fundus", "given")
-    expected = predict(grown, processor, [image], "fundus", scale="whole", target="optic disc")
+    expected = predict(pipe.model, pipe.image_processor, [image], "fundus", scale="whole", target="optic disc")
     assert_masks_agree(np.array(segment["mask"]) > 0, expected.masks[0])
     [own] = pipe(image, modality="fundus", scale="whole", backend="eager")
     assert own["label"] == "retinal vessels"
