@@ -7,13 +7,14 @@
 #
 #   scripts/example_new_target.sh RELEASE [WORKDIR]     (RELEASE: a stage-3 release folder, e.g. outputs/demo's)
 #
-# ESP_MEDSAM (default: esp-medsam) is the command; ESP_MEDSAM_ARCHIVES where the vascx sdist is (scripts/install.sh
-# fetches it). Extra train flags can be given in TRAIN_FLAGS.
+# ESP_MEDSAM (default: esp-medsam) is the command, PYTHON (default: python) the interpreter with the package,
+# ESP_MEDSAM_ARCHIVES where the vascx sdist is (scripts/install.sh fetches it); TRAIN_FLAGS adds train flags.
 set -euo pipefail
 
 RELEASE=${1:?usage: scripts/example_new_target.sh RELEASE [WORKDIR]}
 WORK=${2:-runs/example-disc}
 ESP=${ESP_MEDSAM:-esp-medsam}
+PY=${PYTHON:-python}
 ARCHIVES=${ESP_MEDSAM_ARCHIVES:-$HOME/.cache/esp-medsam/archives}
 ARCHIVE=$ARCHIVES/retinalysis_vascx-2.1.0.tar.gz
 SAMPLES=retinalysis_vascx-2.1.0/samples/fundus
@@ -39,21 +40,22 @@ tar -xzf "$ARCHIVE" -C "$WORK/photos" --strip-components 3 "$SAMPLES/rgb" "$SAMP
 "$ESP" prepare --domains disc --modality fundus --target "optic disc" --layout plain \
     --data-dir "$WORK/photos/pairs.csv" --output "$WORK/data"
 
-# 2. The new target: its own bag and query, initialised from the vessels', the only parts that train. The encoder up
-#    to TinyViT stage 1 (with the target's bag there, kept the vessels') is encoded once per view (4 flips).
+# 2. The new target (from domain.json): its own bag and query, initialised from the vessels', the only parts that
+#    train. The encoder up to TinyViT stage 1 (the target's bag there kept the vessels') is encoded once per view.
 # shellcheck disable=SC2086
 "$ESP" train --stage espmedsam --init-from "$RELEASE" --data "$WORK/data" --domains disc \
     --cache-features --frozen-encoder-stages 2 --feature-views 4 --batch-size 4 \
-    --learning-rate 1e-3 --lr-schedule cosine --warmup-steps 5 --max-steps 60 \
-    --eval-every 20 --keep-checkpoints 1 --output-dir "$WORK/run" ${TRAIN_FLAGS:-}
+    --learning-rate 1e-3 --lr-schedule cosine --warmup-steps 3 --max-steps 24 \
+    --eval-every 12 --keep-checkpoints 1 --output-dir "$WORK/run" ${TRAIN_FLAGS:-}
 
-# 3. The disc on the 2 held-out photos, beside Otsu and LiteMedSAM with the true boxes.
-"$ESP" evaluate --model "$WORK/run/release" --data "$WORK/data" --domains disc --no-scale-table \
+# 3. The disc on the 2 held-out photos, beside Otsu and LiteMedSAM with the true boxes; in the whole view, as it
+#    was trained ("auto" would tile fundus photographs at native pixels, the vessels' scale).
+"$ESP" evaluate --model "$WORK/run/release" --data "$WORK/data" --domains disc --scale whole --no-scale-table \
     --output "$WORK/eval-disc"
 
 # 4. Every other target unchanged: the weights (all but the new bag and query are the release's, bit for bit), and
 #    the vessels' and nuclei's test sets segmented by both models.
-python - "$RELEASE" "$WORK/run/release" <<'EOF'
+"$PY" - "$RELEASE" "$WORK/run/release" <<'EOF'
 import sys
 from safetensors.torch import load_file
 
@@ -68,7 +70,7 @@ for model in "$RELEASE" "$WORK/run/release"; do
     "$ESP" evaluate --model "$model" --data real --domains vascx mnfinder --no-references --no-scale-table \
         --output "$WORK/eval-$name"
 done
-python - "$WORK/eval-before/results.json" "$WORK/eval-after/results.json" <<'EOF'
+"$PY" - "$WORK/eval-before/results.json" "$WORK/eval-after/results.json" <<'EOF'
 import json
 import sys
 
