@@ -145,6 +145,8 @@ def freeze_target_prefix(model: EspMedSamModel, target: int, frozen_stages: int 
                          f"before the cache point ({differing[0]}, ...): train it without cache_features")
     for module in frozen_prefix_modules(model, frozen_stages):
         module.requires_grad_(False)
+    logger.info("target %r on cached features: %d parameters train", config.all_target_names[target],
+                sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 def domains_target(specs: dict) -> tuple[str, str] | None:
