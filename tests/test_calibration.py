@@ -28,13 +28,14 @@ def test_candidates_run_from_the_middle_to_near_the_top_of_the_range():
 
 
 class _Prediction:
-    def __init__(self, mask):
+    def __init__(self, mask, logits=None):
         self.masks = [mask]
+        self.logits = [np.where(mask, 1.0, -1.0) if logits is None else logits]
 
 
 def _fake_predict(best: float, calls: list):
     """A stand-in for ``prediction.predict`` that is right only with the image processor's size ``best``."""
-    def predict(model, processor, images, modality, scale):
+    def predict(model, processor, images, modality, scale, backend=None):
         size = processor.image_processor.modality_object_sizes[modality]
         calls.append(size)
         truth = images[0][..., 0] > 127
@@ -50,11 +51,15 @@ def _split(rows: int, seed: int) -> Dataset:
                               "modality": [4] * rows})
 
 
-def test_the_best_validation_dice_wins_and_test_images_are_not_used(monkeypatch):
-    from esp_medsam_hf import EspMedSamConfig, EspMedSamProcessor
+def _processor():
+    from esp_medsam_hf import EspMedSamConfig
     from esp_medsam_hf.training.stages.shared import make_processor
 
-    processor: EspMedSamProcessor = make_processor(64, EspMedSamConfig.tiny().modality_names)
+    return make_processor(64, EspMedSamConfig.tiny().modality_names)
+
+
+def test_the_best_validation_dice_wins_and_test_images_are_not_used(monkeypatch):
+    processor = _processor()
     zoom = {"nuclei": ZoomRange("object_size", 6, 40)}
     best = candidate_sizes(list(zoom.values()))[2]
     calls: list = []
@@ -67,13 +72,13 @@ def test_the_best_validation_dice_wins_and_test_images_are_not_used(monkeypatch)
     assert found["modalities"] == ["microscopy"]
     assert processor.image_processor.modality_object_sizes is None  # the caller saves the choice
     # ties, and gains within the tolerance, go to the smaller (cheaper) size
-    monkeypatch.setattr(calibration, "predict", lambda model, processor, images, modality, scale:
+    monkeypatch.setattr(calibration, "predict", lambda model, processor, images, modality, scale, backend=None:
                         _Prediction(images[0][..., 0] > 127))
     assert calibrate_object_size(None, processor, data, zoom)["object_size"] == candidate_sizes(list(zoom.values()))[0]
     gains = dict(zip(candidate_sizes(list(zoom.values())), (95.0, 95.6, 96.0, 96.2)))
     monkeypatch.setattr(calibration, "dice_score", lambda mask, reference: gains[processor_sizes[-1]])
     processor_sizes: list = []
-    monkeypatch.setattr(calibration, "predict", lambda model, trial, images, modality, scale: (
+    monkeypatch.setattr(calibration, "predict", lambda model, trial, images, modality, scale, backend=None: (
         processor_sizes.append(trial.image_processor.modality_object_sizes[modality]),
         _Prediction(images[0][..., 0] > 127))[1])
     assert calibrate_object_size(None, processor, data, zoom)["object_size"] == list(gains)[2]  # 96.0 >= 96.2 - 0.25
@@ -90,6 +95,8 @@ def test_a_stage_3_release_carries_the_chosen_object_size(tmp_path):
     saved = json.loads((result.release_dir / "preprocessor_config.json").read_text())
     assert saved["object_size"] == 16.0  # other modalities keep the default
     assert saved["modality_object_sizes"] == {"microscopy": result.metrics["object_size"]}
+    assert saved["modality_mask_thresholds"] == {"microscopy": result.metrics["mask_threshold"]}
+    assert result.metrics["mask_threshold"] in calibration.MASK_THRESHOLDS
     assert result.metrics["object_size"] in candidate_sizes([ZoomRange("object_size", 6, 40)])
     assert set(result.metrics["object_size_validation_dice"]) == {f"{s:g}" for s in candidate_sizes(
         [ZoomRange("object_size", 6, 40)])}
@@ -99,3 +106,26 @@ def test_a_stage_3_release_carries_the_chosen_object_size(tmp_path):
     result = run_espmedsam(off, data=data)
     assert json.loads((result.release_dir / "preprocessor_config.json").read_text()).get("modality_object_sizes") is None
     assert "object_size" not in result.metrics
+
+
+def test_the_mask_threshold_is_chosen_on_the_validation_views_at_the_chosen_size(monkeypatch):
+    """Logits one unit too generous at the border: the threshold that removes that rim wins; logits already right
+    keep SAM's 0 (the closest to 0 within the tolerance)."""
+    processor = _processor()
+    zoom = {"nuclei": ZoomRange("object_size", 6, 40)}
+    data = {"nuclei": DatasetDict(validation=_split(2, 0))}
+
+    def wide(model, trial, images, modality, scale, backend=None):
+        truth = images[0][..., 0] > 127
+        from scipy import ndimage
+
+        rim = ndimage.binary_dilation(truth) & ~truth
+        return _Prediction(truth | rim, np.where(truth, 3.0, np.where(rim, 0.4, -3.0)))
+
+    monkeypatch.setattr(calibration, "predict", wide)
+    found = calibrate_object_size(None, processor, data, zoom)
+    assert found["thresholds"][0.5] == pytest.approx(100.0) and found["thresholds"][0.0] < 100.0
+    assert found["mask_threshold"] == 0.5  # the smallest threshold above the rim's 0.4
+    monkeypatch.setattr(calibration, "predict", lambda model, trial, images, modality, scale, backend=None:
+                        _Prediction(images[0][..., 0] > 127))
+    assert calibrate_object_size(None, processor, data, zoom)["mask_threshold"] == 0.0

@@ -73,6 +73,27 @@ def test_report_numbers_match_an_independent_scoring(model_and_processor, data, 
     assert report["images_per_second"] > 0
 
 
+def test_the_backend_users_take_scores_as_the_eager_model(model_and_processor, data, monkeypatch):
+    """``backend=None`` (the automatic choice: onnxruntime on a CPU) reaches every forward and gives the eager
+    model's Dice within 0.5 points (float32 graphs agree within 1e-4; a random model's logits sit near 0)."""
+    pytest.importorskip("onnxruntime")
+    from esp_medsam_hf.models.esp_medsam import prediction
+
+    model, processor = model_and_processor
+    seen, run = [], prediction.run_inference
+    monkeypatch.setattr(prediction, "run_inference", lambda *a, backend=None, **k: (
+        seen.append(backend), run(*a, backend=backend, **k))[1])
+    eager = evaluate_model(model, processor, data, batch_size=2, progress=False, compute_hausdorff=False)
+    assert set(seen) == {"eager"}
+    seen.clear()
+    users = evaluate_model(model, processor, data, batch_size=2, progress=False, compute_hausdorff=False,
+                           backend=None)
+    assert set(seen) == {None}
+    for name in data:
+        assert [e["dice"] for e in users["domains"][name]["per_image"]] == pytest.approx(
+            [e["dice"] for e in eager["domains"][name]["per_image"]], abs=0.5)
+
+
 def test_best_and_worst_cases(evaluated):
     report, cases = evaluated
     for name, pair in cases.items():

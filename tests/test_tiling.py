@@ -11,6 +11,8 @@ from _inference_helpers import pointwise_model, single_thread, tiny_model
 from esp_medsam_hf import EspMedSamImageProcessor
 from esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam import segment
 from esp_medsam_hf.models.esp_medsam.prediction import (
+    AUTO_MIN_OBJECTS,
+    TilingOptions,
     choose_scale,
     estimate_object_size,
     predict,
@@ -81,6 +83,39 @@ def test_auto_zooms_in_more_for_small_objects(pointwise):
     # objects the model's size already: the whole view is kept; one large structure is never zoomed out
     assert choose_scale(16.0, 10, 0.25, 16.0) is None
     assert choose_scale(60.0, 1, 0.25, 16.0) is None and choose_scale(60.0, 10, 0.25, 16.0) < 0.25
+
+
+def test_a_calibrated_modality_zooms_out_a_close_up_of_few_objects():
+    """In a modality with its own object size (nuclei), one or two large objects are a close-up: "auto" zooms out;
+    in another (an organ, a polyp) the whole view stays."""
+    options = TilingOptions("auto", None, 64, 16, 16.0, 64, {"microscopy": 20.0})
+    nuclei, organ = options.for_modality("microscopy"), options.for_modality("x-ray")
+    assert (nuclei.object_size, nuclei.min_objects) == (20.0, 1)
+    assert (organ.object_size, organ.min_objects) == (16.0, AUTO_MIN_OBJECTS)
+    assert choose_scale(60.0, 2, 0.5, organ.object_size, organ.min_objects) is None
+    assert choose_scale(60.0, 2, 0.5, nuclei.object_size, nuclei.min_objects) == pytest.approx(0.5 * 20 / 60)
+    # sizes already within the tolerance keep the whole view in both
+    assert choose_scale(22.0, 1, 0.5, nuclei.object_size, nuclei.min_objects) is None
+
+
+def test_masks_keep_the_logits_above_the_modalitys_calibrated_threshold(pointwise, tmp_path):
+    model, processor = pointwise
+    ramp = np.repeat(np.linspace(0, 255, 64, dtype=np.float64)[None, :, None], 8, 0).repeat(3, 2).astype(np.uint8)
+    name = model.config.modality_names[0]
+    default = predict(model, processor, [ramp], 0, scale="whole")
+    processor.image_processor.modality_mask_thresholds = {name: 1.0}
+    try:
+        raised = predict(model, processor, [ramp], 0, scale="whole")
+        processor.image_processor.save_pretrained(tmp_path)
+        assert EspMedSamImageProcessor.from_pretrained(tmp_path).modality_mask_thresholds == {name: 1.0}
+        processor.image_processor.modality_mask_thresholds = {name: float("nan")}
+        with pytest.raises(ValueError, match="modality_mask_thresholds"):
+            predict(model, processor, [ramp], 0, scale="whole")
+    finally:
+        processor.image_processor.modality_mask_thresholds = None
+    torch.testing.assert_close(raised.logits[0], default.logits[0])  # the logits are the model's, only the cut moves
+    assert np.array_equal(default.masks[0], default.logits[0].numpy() > 0)
+    assert np.array_equal(raised.masks[0], raised.logits[0].numpy() > 1.0) and raised.masks[0].sum() < default.masks[0].sum()
 
 
 def test_options_round_trip_through_save_and_load(tmp_path):

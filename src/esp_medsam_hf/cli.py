@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    # Libraries that log through the root logger itself (onnxruntime's quantiser: an INFO line per tensor) are shown
+    # from WARNING up; named loggers keep the chosen level.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: record.name != "root" or record.levelno >= logging.WARNING or args.verbose)
     from .registration import register
 
     register()  # an entry point: the models, the pipeline task and the DICOM reader, declared once

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from . import error_message
+from . import add_backend_argument, error_message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, help="synthetic image size (default: the model's input size)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_backend_argument(parser)
     parser.add_argument(
         "--scale", default=None,
         help="inference scale: auto (default, the model's saved setting), whole, a zoom factor of the native pixels "
@@ -186,13 +187,13 @@ def run(args: argparse.Namespace) -> int:
             model, processor, data, split=args.split, batch_size=args.batch_size,
             compute_hausdorff=not args.no_hausdorff, given_modality=not args.predicted_modality,
             max_images=args.max_images, cases=cases, references=references, scale=args.scale, distributed=True,
-            target=domain_targets(args, list(data), model.config),
+            target=domain_targets(args, list(data), model.config), backend=args.backend,
         )
         if not state.is_main_process:
             return 0
         if not args.no_scale_table:
             report["scale_tables"] = scale_tables(model, processor, data, split=args.split, scale=args.scale,
-                                                  max_images=args.max_images)
+                                                  max_images=args.max_images, backend=args.backend)
         report["model"] = str(args.model)
         output = write_report(report, args.output, cases=cases, data_label=label, overwrite=args.overwrite)
     except (PreparationError, PreparedDataError, KeyError, FileExistsError, OSError, ValueError) as error:

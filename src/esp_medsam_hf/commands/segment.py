@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from . import add_backend_argument
+
 logger = logging.getLogger(__name__)
 
 
@@ -19,12 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="segmentation", help="output folder (default: ./segmentation)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     parser.add_argument("--device", help="torch device (default: accelerate's device for this process)")
-    parser.add_argument(
-        "--backend",
-        choices=("auto", "onnxruntime", "eager"),
-        help="inference backend (default: $ESP_MEDSAM_BACKEND, else auto: onnxruntime for fp32 on the CPU when "
-        "installed, exported once and cached; else the PyTorch model)",
-    )
+    add_backend_argument(parser)
     parser.add_argument(
         "--scale",
         help="auto (default, from the model's preprocessor_config.json: a coarse pass estimates the objects' size), "

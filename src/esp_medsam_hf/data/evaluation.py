@@ -87,7 +87,7 @@ def evaluate_model(
     model, processor, datasets: Mapping, *, split: str = "test", batch_size: int | None = None,
     compute_hausdorff: bool = True, given_modality: bool = True, max_images: int | None = None, progress: bool = True,
     cases: dict | None = None, references: Mapping | None = None, scale=None, target: int | str | None = None,
-    distributed: bool = False,
+    distributed: bool = False, backend: str | None = "eager",
 ) -> dict:
     """Run ``model`` over ``datasets[name][split]`` (a Dataset or DatasetDict in the package schema, per report
     name) and score Dice (%) and Hausdorff distance (px) at the stored mask size.
@@ -100,7 +100,9 @@ def evaluate_model(
     per-image values with the scale used and the classifier's pick (``classifier_accuracy`` per domain), and means
     over source and unseen domains. ``cases`` (a dict) receives each name's best and worst image; ``references``
     maps a method's name to ``predict(image, mask, modality name) -> mask`` (:mod:`.baselines`), scored on the
-    same images. The model's train/eval mode is restored afterwards. ``distributed``: every process of an
+    same images. ``backend`` goes to ``backends.run_inference`` (``"eager"``, the default: the PyTorch model, as
+    training's validation needs while the weights move; ``None``/``"auto"``: the path users take, onnxruntime on a
+    CPU, in int8 where that holds). The model's train/eval mode is restored afterwards. ``distributed``: every process of an
     ``accelerate launch`` (all must call it) scores its share of each domain and all get the whole report.
     """
     from ..models.esp_medsam.backends import inference_batch_size
@@ -118,7 +120,8 @@ def evaluate_model(
                 dataset = dataset.select(range(min(max_images, len(dataset))))
             domain_target = target.get(name) if isinstance(target, Mapping) else target
             options = dict(batch_size=batch_size, given_modality=given_modality, scale=scale, target=domain_target,
-                           references=references, compute_hausdorff=compute_hausdorff, keep_cases=cases is not None)
+                           backend=backend, references=references, compute_hausdorff=compute_hausdorff,
+                           keep_cases=cases is not None)
             per_image, sizes, extremes, seconds = _evaluate_domain(model, processor, name, dataset, options,
                                                                    progress=progress, distributed=distributed)
             model_seconds, total_images = model_seconds + seconds, total_images + len(per_image)
@@ -181,7 +184,7 @@ def _gather_domain(per_image: list[dict], sizes: set[str], extremes: dict, secon
 
 def _evaluate_dataset(
     model, processor, dataset, bar, *, batch_size: int, given_modality: bool, scale, target, references,
-    compute_hausdorff: bool, keep_cases: bool, name: str | None = None,
+    compute_hausdorff: bool, keep_cases: bool, name: str | None = None, backend: str | None = "eager",
 ) -> tuple[list[dict], set[str], dict, float]:
     """One domain's images through ``prediction.predict`` and scored: (per-image entries, mask sizes, best and
     worst cases when ``keep_cases``, seconds spent in the model). ``bar`` advances by each batch."""
@@ -194,7 +197,7 @@ def _evaluate_dataset(
         masks = [mask_to_bool(mask) for mask in batch["mask"]]
         tick = time.perf_counter()
         prediction = predict(model, processor, images, batch["modality"] if given_modality else None,
-                             scale=scale, target=target)
+                             scale=scale, target=target, backend=backend)
         predictions, picked, used_scales = prediction.masks, prediction.classifier_modality, prediction.scales
         model_seconds += time.perf_counter() - tick
         for image, reference, prediction, file_name, modality, guess, used in zip(

@@ -8,8 +8,12 @@ assumed: the validation images of those domains, shown at two magnifications (``
 crops of 1/2 and 1/4 of the side, which "auto" rescales, as it does any image whose objects are off-size), are
 segmented with each candidate size, and the smallest size whose mean Dice is within ``TOLERANCE`` points of the
 best is saved with the release: a larger size means more tiles per image (the area grows with its square), so a
-size that gains nothing measurable is not worth its time. Only validation images are used; the test images never
-choose it.
+size that gains nothing measurable is not worth its time. At the chosen size, the same views then choose the
+modality's mask-logit threshold (``modality_mask_thresholds``, which ``prediction.predict`` applies): SAM's 0
+(probability 0.5) is where the loss balances the training masks' pixels, which need not be where Dice is best on
+the model's upsampled low-resolution logits (in the main job the masks came out about a pixel too wide at 0). The
+threshold closest to 0 within ``THRESHOLD_TOLERANCE`` points of the best wins. Only validation images are used; the
+test images never choose either.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ TOLERANCE = 0.25
 """Dice points (mean over the views) within which a smaller, cheaper size is preferred to the best."""
 CANDIDATES = 4
 """Number of candidate sizes, log-spaced from the middle of the training range to 0.8 of its top."""
+MASK_THRESHOLDS = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+"""Candidate mask-logit thresholds (probabilities 0.27 to 0.88)."""
+THRESHOLD_TOLERANCE = 0.05
+"""Dice points within which the threshold closest to 0 is preferred to the best."""
 
 
 def candidate_sizes(ranges: Sequence[ZoomRange], count: int = CANDIDATES) -> list[float]:
@@ -49,13 +57,15 @@ def candidate_sizes(ranges: Sequence[ZoomRange], count: int = CANDIDATES) -> lis
 
 
 def calibrate_object_size(model, processor, data: Mapping[str, Mapping], zoom: Mapping[str, ZoomRange],
-                          split: str = "validation") -> dict | None:
+                          split: str = "validation", backend: str | None = None) -> dict | None:
     """Choose the image processor's ``object_size`` on ``split`` of the object-size domains of ``zoom``.
 
-    Returns ``{"object_size", "modalities", "candidates": {size: mean Dice %}, "images", "views"}``, or ``None``
+    Returns ``{"object_size", "modalities", "candidates": {size: mean Dice %}, "mask_threshold", "thresholds":
+    {threshold: mean Dice % at the chosen size}, "images", "views"}``, or ``None``
     when no such domain has images in ``split``. The size is for those domains' modalities only (the image
     processor's ``modality_object_sizes``): another modality's objects (vessels, organs) keep their own. ``processor`` is left unchanged; the caller saves the chosen size. Ties go to
-    the smaller size (the middle of the training range)."""
+    the smaller size (the middle of the training range). ``backend``: as ``prediction.predict`` takes it (default the
+    automatic choice, the path users take, whose onnxruntime export the evaluation of the same weights then reuses)."""
     ranges = {name: spec for name, spec in zoom.items() if spec.kind == "object_size"}
     pairs, modalities = [], []
     for name in ranges:
@@ -70,19 +80,30 @@ def calibrate_object_size(model, processor, data: Mapping[str, Mapping], zoom: M
     views = [(zoom_view(image, mask, factor), modality) for (image, mask), modality in zip(pairs, modalities)
              for factor in CALIBRATION_ZOOMS]
     trial = copy.deepcopy(processor)
+    trial.image_processor.modality_mask_thresholds = None  # sizes are compared at SAM's threshold, 0
     calibrated = sorted(set(modalities))
-    scores = {}
+    scores, logits = {}, {}
     for size in candidates:
         trial.image_processor.modality_object_sizes = {
             **(processor.image_processor.modality_object_sizes or {}), **{name: size for name in calibrated}}
-        dice = [dice_score(predict(model, trial, [view], modality, scale="auto").masks[0], reference)
-                for (view, reference), modality in views]
-        scores[size] = float(np.mean(dice))
+        found = [predict(model, trial, [view], modality, scale="auto", backend=backend) for (view, _), modality in views]
+        scores[size] = float(np.mean([dice_score(item.masks[0], reference)
+                                      for item, ((_, reference), _) in zip(found, views)]))
+        logits[size] = [item.logits[0] for item in found]
         logger.info("object size %.1f px: validation Dice %.2f%% over %d views", size, scores[size], len(views))
     top = max(scores.values())
     best = min(size for size in candidates if scores[size] >= top - TOLERANCE)
-    return {"object_size": best, "modalities": calibrated, "candidates": scores, "images": len(pairs),
-            "views": len(views)}
+    references = [reference for (_, reference), _ in views]
+    thresholds = {cut: float(np.mean([dice_score(np.asarray(item > cut), reference)
+                                      for item, reference in zip(logits[best], references)]))
+                  for cut in MASK_THRESHOLDS}
+    top = max(thresholds.values())
+    cut = min((value for value in MASK_THRESHOLDS if thresholds[value] >= top - THRESHOLD_TOLERANCE), key=abs)
+    logger.info("mask threshold at %.1f px: %s; chosen %g", best,
+                ", ".join(f"{value:g}: {dice:.2f}%" for value, dice in thresholds.items()), cut)
+    return {"object_size": best, "modalities": calibrated, "candidates": scores, "mask_threshold": cut,
+            "thresholds": thresholds, "images": len(pairs), "views": len(views)}
 
 
-__all__ = ["CALIBRATION_ZOOMS", "CANDIDATES", "TOLERANCE", "calibrate_object_size", "candidate_sizes"]
+__all__ = ["CALIBRATION_ZOOMS", "CANDIDATES", "MASK_THRESHOLDS", "THRESHOLD_TOLERANCE", "TOLERANCE",
+           "calibrate_object_size", "candidate_sizes"]

@@ -219,7 +219,9 @@ def stage_configs(output: Path, settings: DemoSettings, seed: int, progress: boo
 
 def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool) -> dict:
     """Dice/HD of the final model on the real test images (beside Otsu and LiteMedSAM with ground-truth boxes) and
-    on the synthetic test images; the report in ``output/evaluation``."""
+    on the synthetic test images; the report in ``output/evaluation``. The images take the path users take
+    (``backends.resolve_backend``'s automatic choice: onnxruntime on a CPU, int8 where it holds), which is what the
+    figures describe, and is 0.55x the eager model's time per tile on a 2-core CPU (docs/training.md)."""
     from ..data.baselines import LiteMedSamBoxes, reference_methods
     from ..data.evaluation import evaluate_model, write_report
     from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
@@ -230,15 +232,15 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
     cases: dict = {}
     litemedsam = LiteMedSamBoxes()  # one instance: the interactive report reuses the evaluation's box masks
     report = evaluate_model(model, processor, data.real_test, split="test", cases=cases, progress=progress,
-                            references=reference_methods(litemedsam=litemedsam))
+                            references=reference_methods(litemedsam=litemedsam), backend=None)
     synthetic = evaluate_model(model, processor, data.synthetic_test, split="test", cases=cases, progress=progress,
-                               references=reference_methods(("otsu",)))
+                               references=reference_methods(("otsu",)), backend=None)
     report["domains"].update(synthetic["domains"])
     report["summary"] = synthetic["summary"]
     for key in ("num_images", "seconds"):
         report[key] += synthetic[key]
     report["images_per_second"] = report["num_images"] / report["seconds"]
-    report["scale_tables"] = demo_scale_tables(model, processor, data.real_test, report)
+    report["scale_tables"] = demo_scale_tables(model, processor, data.real_test, report, backend=None)
     write_report(report, output / "evaluation", cases=cases, data_label=data.label)
     from ..data.interactive import evaluate_interactive
 
@@ -248,11 +250,12 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
     return report
 
 
-def demo_scale_tables(model, processor, real_test: dict, report: dict) -> dict:
+def demo_scale_tables(model, processor, real_test: dict, report: dict, backend: str | None = "eager") -> dict:
     """The scale table (``data.scale_table``) of the real test sets: mnfinder's and DSB's nuclei shown at x0.5, x1,
     x2 and x4 through the model's default ("auto") scale, Otsu beside each; the fundus photographs at x1 with
     "auto", the whole view and native pixels in tiles (the vessel Dice at native resolution). The x1 rows are the
-    evaluation's own (``report``: the same images through the same default scale, Otsu beside), not run twice."""
+    evaluation's own (``report``: the same images through the same default scale, Otsu beside), not run twice.
+    ``backend`` as ``evaluate_model`` takes it."""
     from ..data.scale_table import ZOOMS, dataset_pairs, scale_table
 
     tables = {}
@@ -261,7 +264,7 @@ def demo_scale_tables(model, processor, real_test: dict, report: dict) -> dict:
             continue
         pairs, modality = dataset_pairs(real_test[name]["test"])
         zooms = [zoom for zoom in ZOOMS if zoom != 1.0] if not extra else []
-        table = scale_table(model, processor, pairs, modality, zooms=zooms, extra_views=extra)
+        table = scale_table(model, processor, pairs, modality, zooms=zooms, extra_views=extra, backend=backend)
         table["rows"].insert(sum(zoom < 1.0 for zoom in zooms), evaluation_row(report["domains"][name]))
         tables[name] = table
     return tables
@@ -329,7 +332,7 @@ def run_demo(output: str | Path, *, quick: bool = False, overwrite: bool = False
 def demo_releases(teacher, distill, esp, report: dict, configs: tuple, data: DemoData, settings: DemoSettings,
                   output: Path):
     """``(branch, folder, card)`` of every stage and of ``main``. The teacher and the distilled student are scored
-    on the real DSB 2018 image for their cards (the final model's card has the whole evaluation)."""
+    on the real DSB 2018 image, whole view, for their cards (the final model's card has the whole evaluation)."""
     from ..data.evaluation import evaluate_model
     from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel, count_parameters
     from ..models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
@@ -351,9 +354,12 @@ def demo_releases(teacher, distill, esp, report: dict, configs: tuple, data: Dem
             stage_report = report
         else:
             processor = EspMedSamProcessor.from_pretrained(result.release_dir)
+            # the whole view: a stage before ESP-MedSAM has no calibrated object size for "auto" to aim at
             stage_report = evaluate_model(model, processor, {"dsb-stardist": data.real_test["dsb-stardist"]},
-                                          compute_hausdorff=False, progress=False)
+                                          compute_hausdorff=False, progress=False, scale="whole")
         extra = stage_metrics_note(stage, result.metrics)
+        if stage != "espmedsam":
+            extra += " Its Dice on the DSB 2018 image is the whole image in one view (scale 'whole')."
         architecture = json.dumps({k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"},
                                   sort_keys=True, default=str)
         efficiency = measured_efficiency(model, stage_report, flops.get(architecture))

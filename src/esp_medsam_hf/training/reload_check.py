@@ -54,14 +54,15 @@ def real_images() -> list[dict]:
 
 
 def segment_real_images(model, processor, output_dir: Path) -> list[dict]:
-    """Segment every real image with its modality given (and report the classifier's own choice); overlays."""
+    """Segment every real image with its modality given (and report the classifier's own choice) on the path users
+    take (the automatic backend, as ``esp-medsam segment``); overlays."""
     from ..drawing import overlay, save_png
     from ..models.esp_medsam.prediction import predict
     from ..metrics.functional import dice_score
 
     records = []
     for item in real_images():
-        prediction = predict(model, processor, [item["image"]], [item["modality"]])
+        prediction = predict(model, processor, [item["image"]], [item["modality"]], backend=None)
         mask = prediction.masks[0]
         picture = overlay(item["image"], item["mask"], mask)
         path = save_png(picture, output_dir / f"{item['name']}_overlay.png")

@@ -67,6 +67,8 @@ class EspMedSamImageProcessorKwargs(ImagesKwargs, total=False):
     object_size: the object size (px across in the model's input) that "auto" and "<size>px" scales aim for.
     modality_object_sizes: ``{modality name: size}`` replacing ``object_size`` for those modalities (what stage 3
         measured best on a modality's validation images); None: ``object_size`` for every modality.
+    modality_mask_thresholds: ``{modality name: logit}``: ``prediction.predict`` keeps a modality's mask logits
+        above its threshold (stage 3 measures it on the validation images); 0 (probability 0.5) for the others.
     """
 
     keep_aspect_ratio: bool
@@ -76,6 +78,7 @@ class EspMedSamImageProcessorKwargs(ImagesKwargs, total=False):
     tile_overlap: int | None
     object_size: float | int
     modality_object_sizes: dict[str, float] | None
+    modality_mask_thresholds: dict[str, float] | None
 
 
 def _to_supported_dtype(
@@ -140,6 +143,7 @@ class EspMedSamImageProcessor(TorchvisionBackend):
     tile_overlap = None
     object_size = 16.0
     modality_object_sizes = None
+    modality_mask_thresholds = None
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -16,8 +16,11 @@ Scales (``scale=``, default the image processor's ``inference_scale``, "auto" un
 - ``"auto"``: a coarse whole-image pass first; its mask's connected components give the objects' size
   (:func:`estimate_object_size`) and :func:`choose_scale` rescales when it lies outside what the model handles
   (a factor ``AUTO_TOLERANCE`` away from ``object_size``). One or two large structures (an organ, a polyp) are never
-  zoomed out: they keep the whole view. An empty coarse mask keeps the whole view. The rule uses no image statistic
-  but the model's own mask, so it carries to images from labs never seen.
+  zoomed out: they keep the whole view, unless the modality has its own calibrated object size
+  (``modality_object_sizes``: a modality of many small objects, such as nuclei, whose training showed them at a range
+  of sizes), where a view holding one or two objects is a close-up, zoomed out like any other. An empty coarse mask
+  keeps the whole view. The rule uses no image statistic but the model's own mask, so it carries to images from labs
+  never seen.
 
 Why MONAI's ``sliding_window_inference``: it is the field's maintained implementation of tiling with blended
 overlaps (Gaussian importance map, batched windows, padding of small inputs); its per-window bookkeeping is cheap
@@ -39,7 +42,6 @@ import torch
 import torch.nn.functional as F
 
 from .backends import inference_batch_size, resolve_backend, run_inference
-from .image_processing_esp_medsam import fit_size
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ SCALE_MODES = ("auto", "whole")
 AUTO_TOLERANCE = 1.5
 """"auto" keeps the whole view while the estimated object size is within this factor of ``object_size``."""
 AUTO_MIN_OBJECTS = 3
-""""auto" zooms out only for at least this many objects: fewer large ones are structures the whole view suits."""
+""""auto" zooms out only for at least this many objects: fewer large ones are structures the whole view suits
+(except in a modality with its own calibrated object size, see ``TilingOptions.for_modality``)."""
 AUTO_ZOOM_RANGE = (0.25, 8.0)
 """"auto" changes the objects' size in the model's input by at most these factors."""
 MAX_ZOOM = 4.0
@@ -68,7 +71,7 @@ class Prediction:
     modality_logits: torch.Tensor | None
     """(B, M) float32 classifier logits on the CPU; ``None`` for a model without a classifier (the teacher)."""
     logits: list[torch.Tensor] = field(default_factory=list)
-    """HxW float32 mask logits per image at its size (``masks`` is ``logits > 0``)."""
+    """HxW float32 mask logits per image at its size (``masks`` is ``logits`` above the modality's threshold)."""
     scales: list[float | None] = field(default_factory=list)
     """Zoom factor of the native pixels each image was segmented at (tiled), or ``None`` for the whole view."""
     object_sizes: list[float | None] = field(default_factory=list)
@@ -93,7 +96,8 @@ class Prediction:
 class TilingOptions:
     """Checked inference options: ``mode`` "auto", "whole", "factor" or "object" with its ``value`` (the factor,
     or the objects' size in native px), the tile size and overlap in px, and the object size the model learnt
-    (``modality_object_sizes``: per modality name, replacing it)."""
+    (``modality_object_sizes``: per modality name, replacing it); ``object_domain``: the options are those of a
+    modality with its own calibrated object size (see :meth:`for_modality`)."""
 
     mode: str
     value: float | None
@@ -102,12 +106,23 @@ class TilingOptions:
     object_size: float
     model_size: int
     modality_object_sizes: dict[str, float] = field(default_factory=dict)
+    object_domain: bool = False
+
+    @property
+    def min_objects(self) -> int:
+        """The fewest objects larger than ``object_size`` that "auto" zooms out for."""
+        return 1 if self.object_domain else AUTO_MIN_OBJECTS
 
     def for_modality(self, name: str | None) -> "TilingOptions":
-        """These options with the object size of modality ``name`` (its own if it has one)."""
+        """These options for modality ``name``: with its own object size if it has one (an ``object_domain``). Its
+        objects are small ones seen at many sizes in training (nuclei), so "auto" zooms out one or two large objects
+        in a view (a close-up of them, not an organ). Measured on mnfinder's training and validation images at x4
+        (centre crops of a quarter of the side): a crop holding two nuclei went from 77.9 to 95.8 % Dice, the mean
+        from 93.05 to 93.55 %, and no x2 view changed. (Measuring a small image's objects at its native pixels
+        instead of enlarged into the input was tried too: 93.45 % on the same views, so it is not done.)"""
         if name not in self.modality_object_sizes:
             return self
-        return replace(self, object_size=self.modality_object_sizes[name])
+        return replace(self, object_size=self.modality_object_sizes[name], object_domain=True)
 
 
 def parse_scale(scale: Any) -> tuple[str, float | None]:
@@ -186,13 +201,15 @@ def estimate_object_size(mask: np.ndarray) -> tuple[float, int]:
     return float(widths[order][np.searchsorted(cumulative, cumulative[-1] / 2.0)]), int(count)
 
 
-def choose_scale(size: float, count: int, view_factor: float, object_size: float) -> float | None:
+def choose_scale(size: float, count: int, view_factor: float, object_size: float,
+                 min_objects: int = AUTO_MIN_OBJECTS) -> float | None:
     """"auto": the zoom factor of the native pixels that brings objects of ``size`` px (in the whole view, made at
-    ``view_factor``) to ``object_size``, or ``None`` to keep the whole view (see the module docstring)."""
+    ``view_factor``) to ``object_size``, or ``None`` to keep the whole view (see the module docstring); fewer than
+    ``min_objects`` objects larger than ``object_size`` keep the whole view."""
     if count == 0 or not math.isfinite(size) or size <= 0:
         return None
     ratio = object_size / size
-    if 1.0 / AUTO_TOLERANCE <= ratio <= AUTO_TOLERANCE or (ratio < 1.0 and count < AUTO_MIN_OBJECTS):
+    if 1.0 / AUTO_TOLERANCE <= ratio <= AUTO_TOLERANCE or (ratio < 1.0 and count < min_objects):
         return None
     return view_factor * min(max(ratio, AUTO_ZOOM_RANGE[0]), AUTO_ZOOM_RANGE[1])
 
@@ -286,6 +303,7 @@ def _whole_view(model, processor, inputs, backend: str | None, target: int | Non
 def _scale_of(options: TilingOptions, view_logits: torch.Tensor | None, view_factor: float
               ) -> tuple[float | None, float | None]:
     """(zoom factor of the native pixels or ``None`` for the whole view, estimated object size in native px).
+    ``view_logits`` (the image's H x W) came from a view of the image at ``view_factor`` x its native pixels.
 
     ``object_size`` is in the model's input pixels; a tile of ``tile_size`` px is resized to the model's input, so
     the factor of the tiled image is the factor the model sees times ``tile_size / model_size``."""
@@ -297,11 +315,37 @@ def _scale_of(options: TilingOptions, view_logits: torch.Tensor | None, view_fac
     if options.mode == "whole":
         return None, None
     height, width = view_logits.shape[-2:]
-    view = fit_size(height, width, (options.model_size, options.model_size))
+    view = (max(1, round(height * view_factor)), max(1, round(width * view_factor)))
     mask = F.interpolate(view_logits[None, None], size=view, mode="bilinear", align_corners=False)[0, 0] > 0
     size, count = estimate_object_size(mask.numpy())
-    factor = choose_scale(size, count, view_factor, options.object_size)
+    factor = choose_scale(size, count, view_factor, options.object_size, options.min_objects)
     return (None if factor is None else factor * to_tiles), (size / view_factor if count else None)
+
+
+def _at_its_scale(model, image_processor, image: Any, size: tuple[int, int], view_logits: torch.Tensor | None,
+                  modality: int, options: TilingOptions, backend: str | None, tile_batch_size: int | None,
+                  target_index: int | None, int8: bool | None):
+    """One image of ``size`` (H, W) at the scale ``options`` choose, from its whole view's ``view_logits`` (None when
+    no whole view ran): (H x W logits, the zoom factor of the native pixels used or ``None`` for the whole view,
+    the estimated object size or ``None``, the tiles' classifier logits or ``None``)."""
+    height, width = size
+    factor, object_size = _scale_of(options, view_logits, min(options.model_size / height, options.model_size / width))
+    if factor is None:
+        return view_logits, None, object_size, None
+    factor = _limit_factor(factor, height, width, options)
+    logits, mean = tiled_logits(model, image_processor, image, size, factor, modality, options, backend,
+                                tile_batch_size, target_index, int8)
+    return logits, factor, object_size, mean
+
+
+def mask_threshold(image_processor, name: str | None) -> float:
+    """The mask-logit threshold of modality ``name``: the image processor's ``modality_mask_thresholds`` entry
+    (what stage 3 measured best on that modality's validation images), else 0. Raises ``ValueError`` for a value
+    that is not a finite number."""
+    value = (getattr(image_processor, "modality_mask_thresholds", None) or {}).get(name, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+        raise ValueError(f"modality_mask_thresholds[{name!r}] must be a finite number (a mask logit), got {value!r}")
+    return float(value)
 
 
 def _modality_name(model, index: int | None) -> str | None:
@@ -321,7 +365,8 @@ def predict(
     pixels go through ``backends.run_inference`` with ``backend`` (``"eager"``: the PyTorch model; ``None``: the
     automatic choice). ``scale``, ``tile_size`` and ``overlap`` (pixels) are described in the module docstring;
     ``None`` takes the image processor's saved default (:func:`tiling_options`). ``tile_batch_size`` tiles go to
-    the backend per call. Masks keep the logits above 0 (probability 0.5).
+    the backend per call. Masks keep the logits above the image's modality's threshold (:func:`mask_threshold`:
+    the image processor's ``modality_mask_thresholds``, else 0, probability 0.5).
     ``target`` (a name or index in ``model.config.all_target_names``) decodes that target for every image, whole
     view and tiles, instead of each image's modality's own; ``modality`` is then ignored (the target implies it).
     ``int8``: on the onnxruntime backend, the tiles and the "whole" view run on the int8 copy of the export
@@ -347,22 +392,21 @@ def predict(
         chosen = outputs.modality.tolist()
         classifier = None if outputs.modality_logits is None else outputs.modality_logits.float().cpu()
     scales, object_sizes, tile_classifier = [], [], []
-    for index, (height, width) in enumerate(sizes):
-        view_factor = min(options.model_size / height, options.model_size / width)
-        factor, object_size = _scale_of(options.for_modality(_modality_name(model, chosen[index])), logits[index],
-                                        view_factor)
-        if factor is not None:
-            factor = _limit_factor(factor, height, width, options)
-            logits[index], mean = tiled_logits(model, image_processor, images[index], (height, width), factor,
-                                               chosen[index], options, backend, tile_batch_size, target_index,
-                                               int8)
+    for index, size in enumerate(sizes):
+        image_options = options.for_modality(_modality_name(model, chosen[index]))
+        logits[index], scale, object_size, mean = _at_its_scale(
+            model, image_processor, images[index], size, logits[index], chosen[index], image_options, backend,
+            tile_batch_size, target_index, int8)
+        if scale is not None:
             tile_classifier.append(mean)
-        scales.append(factor)
+        scales.append(scale)
         object_sizes.append(object_size)
     if classifier is None and tile_classifier and all(t is not None for t in tile_classifier):
         classifier = torch.stack(tile_classifier)
+    thresholds = [mask_threshold(image_processor, _modality_name(model, index)) for index in chosen]
     return Prediction(
-        masks=[(item > 0).numpy() for item in logits], modality=list(chosen), modality_logits=classifier,
+        masks=[(item > cut).numpy() for item, cut in zip(logits, thresholds)], modality=list(chosen),
+        modality_logits=classifier,
         logits=list(logits), scales=scales, object_sizes=object_sizes,
     )
 
@@ -373,6 +417,7 @@ __all__ = [
     "TilingOptions",
     "choose_scale",
     "estimate_object_size",
+    "mask_threshold",
     "parse_scale",
     "predict",
     "tiled_logits",

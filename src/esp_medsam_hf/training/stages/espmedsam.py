@@ -114,9 +114,9 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
 
 def _calibrate_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, processor: EspMedSamProcessor,
                     data: dict) -> dict:
-    """Choose the "auto" object size on the validation images (``training.calibration``) when asked and the
-    ``zoom`` has object-size domains; the processor in ``staging`` (a copy of ``chosen`` if nothing is there yet)
-    gets it. Returns the metrics (``object_size`` and each candidate's validation Dice)."""
+    """Choose the "auto" object size and the mask threshold on the validation images (``training.calibration``)
+    when asked and the ``zoom`` has object-size domains; the processor in ``staging`` (a copy of ``chosen`` if
+    nothing is there yet) gets them. Returns the metrics (both and each candidate's validation Dice)."""
     zoom = {name: spec for name, spec in parse_zoom(config.zoom).items() if spec.kind == "object_size"}
     if not (config.calibrate_object_size and zoom and config.new_target is None):
         return {}
@@ -130,12 +130,16 @@ def _calibrate_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, p
     processor.image_processor.modality_object_sizes = {
         **(processor.image_processor.modality_object_sizes or {}),
         **{name: found["object_size"] for name in found["modalities"]}}
+    processor.image_processor.modality_mask_thresholds = {
+        **(processor.image_processor.modality_mask_thresholds or {}),
+        **{name: found["mask_threshold"] for name in found["modalities"]}}
     processor.save_pretrained(staging)
     processor.image_processor.save_pretrained(staging)
     logger.info("auto inference object size for %s: %.1f px (validation Dice %s)", ", ".join(found["modalities"]),
                 found["object_size"], ", ".join(f"{size:g} px {dice:.2f}%" for size, dice in found["candidates"].items()))
-    return {"object_size": found["object_size"],
-            "object_size_validation_dice": {f"{size:g}": dice for size, dice in found["candidates"].items()}}
+    return {"object_size": found["object_size"], "mask_threshold": found["mask_threshold"],
+            "object_size_validation_dice": {f"{size:g}": dice for size, dice in found["candidates"].items()},
+            "mask_threshold_validation_dice": {f"{cut:g}": dice for cut, dice in found["thresholds"].items()}}
 
 
 def _fit_classifier_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, processor: EspMedSamProcessor,
