@@ -128,7 +128,9 @@ def test_the_pipeline_decodes_and_names_the_target(tmp_path):
     [segment] = pipe(image, target="optic disc", scale="whole", backend="eager")
     assert (segment["label"], segment["modality"], segment["modality_source"]) == ("optic disc", "fundus", "given")
     expected = predict(pipe.model, pipe.image_processor, [image], "fundus", scale="whole", target="optic disc")
-    assert_masks_agree(np.array(segment["mask"]) > 0, expected.masks[0])
+    # the pipeline keeps sigmoid(logit) >= 0.5, which float32 rounds up for logits just below 0 (a random model has
+    # many): the same rule on predict's logits
+    assert_masks_agree(np.array(segment["mask"]) > 0, (torch.sigmoid(expected.logits[0]) >= 0.5).numpy())
     [own] = pipe(image, modality="fundus", scale="whole", backend="eager")
     assert own["label"] == "retinal vessels"
     assert not np.array_equal(np.array(own["mask"]), np.array(segment["mask"]))
