@@ -148,6 +148,22 @@ def load_data(args: argparse.Namespace, image_size: int) -> tuple[dict, str]:
     return load_domains(root, names, splits={args.split: 0}), label
 
 
+def domain_targets(args: argparse.Namespace, names: list[str], config) -> dict[str, str]:
+    """``{domain: target}`` for the prepared domains whose ``domain.json`` records a target of their own (a new
+    target added to a modality); the model must have it."""
+    from ..data.prepared import prepared_domain_spec
+
+    if args.data in ("synthetic", "real"):
+        return {}
+    targets = {name: prepared_domain_spec(args.data, name).target_name for name in names}
+    targets = {name: target for name, target in targets.items() if target is not None}
+    for name, target in targets.items():
+        if target not in config.all_target_names:
+            raise ValueError(f"domain {name!r} records the target {target!r}, which the model does not have (its "
+                             f"targets: {', '.join(config.all_target_names)}); train it with --new-target first")
+    return targets
+
+
 def run(args: argparse.Namespace) -> int:
     from ..data.baselines import reference_methods
     from ..data.evaluation import evaluate_model, write_report
@@ -171,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             model, processor, data, split=args.split, batch_size=args.batch_size,
             compute_hausdorff=not args.no_hausdorff, given_modality=not args.predicted_modality,
             max_images=args.max_images, cases=cases, references=references, scale=args.scale, distributed=True,
-            backend=args.backend,
+            target=domain_targets(args, list(data), model.config), backend=args.backend,
         )
         if not state.is_main_process:
             return 0

@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modality", help="modality of your own domain (dermoscopy, x-ray, ultrasound, fundus, microscopy, colonoscopy)"
     )
+    parser.add_argument(
+        "--target", help="your own domain: what its masks show when it is not the modality's own target (e.g. "
+        "'optic disc' for fundus); recorded in domain.json, training adds it as a new target and evaluation decodes it"
+    )
     parser.add_argument("--validation-fraction", type=float, default=0.1,
                         help="your own data: share of unsplit images for validation (default 0.1)")
     parser.add_argument("--test-fraction", type=float, default=0.2,
@@ -68,6 +72,8 @@ def _domains(args: argparse.Namespace) -> list:
     from ..data.prepare import PreparationError
 
     if args.modality is None:
+        if args.target is not None:
+            raise PreparationError("--target names what the masks of your own domain show: pass it with --modality")
         return resolve_domains(args.domains)
     if args.synthetic or not args.domains or len(args.domains) != 1 or args.domains[0] in GROUPS:
         raise PreparationError("--modality names the modality of ONE new domain: pass --domains NAME "
@@ -78,7 +84,7 @@ def _domains(args: argparse.Namespace) -> list:
                                "data: choose another name")
     except KeyError:
         pass
-    return [custom_domain(args.domains[0], args.modality)]
+    return [custom_domain(args.domains[0], args.modality, target=args.target)]
 
 
 def _check_output(args: argparse.Namespace, domains: list) -> None:

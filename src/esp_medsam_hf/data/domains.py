@@ -45,6 +45,9 @@ class Domain:
     paper: PaperFigures | None = None
     origin: str = "official"
     description: str = ""
+    target_name: str | None = None
+    """What the masks show when it is not the modality's own target (``target`` in ``domain.json``): a target that
+    training adds to the modality (``training.targets``) and evaluation decodes."""
 
     @property
     def modality_index(self) -> int:
@@ -58,7 +61,8 @@ class Domain:
 
     @property
     def target(self) -> str:
-        return TARGET_NAMES[self.modality_index]
+        """What the masks show: ``target_name``, else the modality's own target."""
+        return self.target_name or TARGET_NAMES[self.modality_index]
 
     @property
     def is_source(self) -> bool:
@@ -81,16 +85,21 @@ class Domain:
 
     def to_dict(self) -> dict:
         """What a prepared folder records about its domain (``<domain>/domain.json``)."""
-        return {"name": self.name, "modality": self.modality, "role": self.role, "dataset": self.dataset,
-                "citation": self.citation, "origin": self.origin, "description": self.description}
+        record = {"name": self.name, "modality": self.modality, "role": self.role, "dataset": self.dataset,
+                  "citation": self.citation, "origin": self.origin, "description": self.description}
+        return {**record, "target": self.target_name} if self.target_name else record
 
     @classmethod
     def from_dict(cls, data: dict) -> "Domain":
         if data.get("modality") not in MODALITY_NAMES:
             raise ValueError(f"domain {data.get('name')!r}: modality must be one of {', '.join(MODALITY_NAMES)}, "
                              f"got {data.get('modality')!r}")
+        target = data.get("target")
+        if target is not None and (not isinstance(target, str) or not target.strip()):
+            raise ValueError(f"domain {data.get('name')!r}: target must be a non-empty name, got {target!r}")
         return cls(data["name"], data["modality"], data.get("role", "custom"), data.get("dataset", data["name"]),
-                   data.get("citation", ""), None, data.get("origin", "custom"), data.get("description", ""))
+                   data.get("citation", ""), None, data.get("origin", "custom"), data.get("description", ""),
+                   None if target in (None, TARGET_NAMES[MODALITY_NAMES.index(data["modality"])]) else target)
 
 
 @lru_cache(maxsize=None)
@@ -227,14 +236,16 @@ def get_domain(name: str) -> Domain:
         ) from None
 
 
-def custom_domain(name: str, modality: str, dataset: str | None = None, description: str = "") -> Domain:
-    """A user's own domain: any name that is not a registered one, and one of the six modalities."""
+def custom_domain(name: str, modality: str, dataset: str | None = None, description: str = "",
+                  target: str | None = None) -> Domain:
+    """A user's own domain: any name that is not a registered one, and one of the six modalities; ``target``: what
+    its masks show when it is not the modality's own target (a new target, ``training.targets``)."""
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
         raise ValueError(f"domain name {name!r} must be letters, digits, '-', '_' or '.' (it names a folder)")
     if name in _BY_NAME or name in GROUPS:
         raise ValueError(f"domain name {name!r} is taken by a registered domain or group; choose another")
     return Domain.from_dict({"name": name, "modality": modality, "role": "custom", "dataset": dataset or name,
-                             "origin": "custom", "description": description})
+                             "origin": "custom", "description": description, "target": target})
 
 
 def resolve_domains(names: list[str] | tuple[str, ...] | None) -> list[Domain]:

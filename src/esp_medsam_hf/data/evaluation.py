@@ -94,7 +94,7 @@ def evaluate_model(
 
     Images go through ``prediction.predict`` ``batch_size`` at a time (default ``backends.inference_batch_size``),
     each with its own modality (``given_modality``, as the official evaluation) or the predicted one, or with
-    ``target`` (one of ``config.all_target_names``), at ``scale`` (``None``: the model's saved default; "whole", a
+    ``target`` (one of ``config.all_target_names``; or ``{name: target}`` per domain), at ``scale`` (``None``: the model's saved default; "whole", a
     zoom factor of the native pixels, or "<n>px"). Returns a JSON-ready dict: per domain ``dice``, ``hd``,
     ``hd95`` (HD means over images where both masks are non-empty, :mod:`esp_medsam_hf.metrics.functional`), the
     per-image values with the scale used and the classifier's pick (``classifier_accuracy`` per domain), and means
@@ -118,7 +118,8 @@ def evaluate_model(
             dataset = _as_split(data, split)
             if max_images is not None:
                 dataset = dataset.select(range(min(max_images, len(dataset))))
-            options = dict(batch_size=batch_size, given_modality=given_modality, scale=scale, target=target,
+            domain_target = target.get(name) if isinstance(target, Mapping) else target
+            options = dict(batch_size=batch_size, given_modality=given_modality, scale=scale, target=domain_target,
                            backend=backend, references=references, compute_hausdorff=compute_hausdorff,
                            keep_cases=cases is not None)
             per_image, sizes, extremes, seconds = _evaluate_domain(model, processor, name, dataset, options,
@@ -129,6 +130,8 @@ def evaluate_model(
                      for method, run in (references or {}).items() if hasattr(run, "describe")}
             if notes:
                 summary["reference_notes"] = notes
+            if domain_target is not None:
+                summary["target"] = model.config.all_target_names[model.config.target_index(domain_target)]
             report["domains"][name] = {**summary, "mask_sizes": sorted(sizes)}
             if cases is not None and extremes:
                 cases[name] = extremes

@@ -105,6 +105,13 @@ def load_domains(
         names = [d.name for d in resolve_domains(domains)] if domains else list(SOURCE_DOMAINS)
         return synthetic_domains(names, dict(splits), seed=seed, size=size)
     root = Path(data)
+    return {name: _load_domain(root / name, splits) for name in prepared_names(root, domains)}
+
+
+def prepared_names(root: str | Path, domains: Sequence[str] | None) -> list[str]:
+    """The domains of prepared folder ``root`` that ``load_domains`` loads for ``domains`` (names and groups; none:
+    the source domains it holds, else all it holds); a missing folder or domain raises ``PreparedDataError``."""
+    root = Path(root)
     if not root.is_dir():
         raise PreparedDataError(
             f"dataset folder {root} does not exist; prepare it with `esp-medsam prepare` or use data: synthetic"
@@ -120,7 +127,7 @@ def load_domains(
                 f"{root} has no prepared data for domain {name!r} (it has: {', '.join(available) or 'nothing'}); "
                 f"run `esp-medsam prepare --domains {name} --output {root}`"
             )
-    return {name: _load_domain(root / name, splits) for name in names}
+    return names
 
 
 def _load_domain(folder: Path, splits: Mapping[str, int]):

@@ -10,6 +10,7 @@ import torch
 
 from ..models.esp_medsam.configuration_esp_medsam import EspMedSamConfig
 from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
+from .features import EspMedSamAfterCache, frozen_prefix_modules
 
 logger = logging.getLogger(__name__)
 
@@ -95,3 +96,66 @@ def prepare_target(model: EspMedSamModel, name: str, modality: str, only_target:
         logger.info("training only target %r: %d of %d parameters", name, trainable,
                     sum(p.numel() for p in model.parameters()))
     return model
+
+
+class TargetAfterCache(EspMedSamAfterCache):
+    """``EspMedSamAfterCache`` for one added target: every cached image is decoded as ``target`` (its bag after the
+    cache point, its query), in eval mode, without the modality classifier's loss (the classifier is frozen).
+
+    The cache is encoded with each image's modality, whose bag blocks before the cache point equal the target's:
+    :func:`freeze_target_prefix` keeps them the copies :func:`add_target` made."""
+
+    def __init__(self, model: EspMedSamModel, frozen_stages: int | None, target: int):
+        super().__init__(model, frozen_stages)
+        self.target = target
+
+    def train(self, mode: bool = True) -> "TargetAfterCache":
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def _targets(self, modality: torch.LongTensor) -> torch.LongTensor:
+        return torch.full_like(modality, self.target)
+
+    def forward(self, features: torch.Tensor, pooled_features: torch.Tensor, modality: torch.LongTensor,
+                labels: torch.Tensor) -> torch.Tensor:
+        target = self._targets(modality)
+        return self.model.decode_embeddings(self.embed(features, target), target, labels).loss
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor, modality: torch.LongTensor) -> torch.Tensor:
+        target = self._targets(modality)
+        return self.model.decode_embeddings(self.embed(features, target), target).pred_masks
+
+
+def freeze_target_prefix(model: EspMedSamModel, target: int, frozen_stages: int | None) -> None:
+    """Freeze ``target``'s bag blocks before a feature cache's point (``frozen_stages``), after checking that they
+    still equal its modality's (so features encoded with the modality's bag are the target's)."""
+    config = model.config
+    bags = model.modality_controller.bags
+    own = bags[target].state_dict()
+    source = bags[config.target_modalities[target]].state_dict()
+    prefix = {id(block) for block in frozen_prefix_modules(model, frozen_stages)}
+    names = [f"blocks.{i}." for i, block in enumerate(bags[target].blocks) if id(block) in prefix]
+    if frozen_stages is None:
+        names = ["blocks."]
+    differing = [key for key in own if key.startswith(tuple(names)) and not torch.equal(own[key], source[key])]
+    if differing:
+        raise ValueError(f"target {config.all_target_names[target]!r}'s parameter bag differs from its modality's "
+                         f"before the cache point ({differing[0]}, ...): train it without cache_features")
+    for module in frozen_prefix_modules(model, frozen_stages):
+        module.requires_grad_(False)
+    logger.info("target %r on cached features: %d parameters train", config.all_target_names[target],
+                sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def domains_target(specs: dict) -> tuple[str, str] | None:
+    """(target, modality) that the prepared domains ``specs`` (``{name: Domain}``) record in their ``domain.json``
+    (``Domain.target_name``), or None when none records one; domains that disagree are an error."""
+    recorded = {(spec.target_name, spec.modality) for spec in specs.values()}
+    if recorded == {(None, spec.modality) for spec in specs.values()}:
+        return None
+    if len(recorded) > 1:
+        listed = ", ".join(f"{name}: {spec.target} ({spec.modality})" for name, spec in specs.items())
+        raise ValueError(f"the training domains record different targets ({listed}); train one new target at a time")
+    return next(iter(recorded))

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
@@ -38,7 +40,7 @@ from transformers.models.sam.modeling_sam import (
     SamTwoWayTransformer,
     eager_attention_forward,
 )
-from transformers.utils import HF_MODULES_CACHE, ModelOutput
+from transformers.utils import HF_MODULES_CACHE, SAFE_WEIGHTS_NAME, ModelOutput
 
 from .configuration_esp_medsam import (
     EspMedSamAggregatorConfig,
@@ -990,6 +992,27 @@ def pipeline_code_files(impl: str, source: str | None) -> list[Path]:
     return []
 
 
+def weights_download_error(repo_id, kwargs: dict) -> tuple[bool, BaseException | None]:
+    """Whether the weights of Hub repository ``repo_id`` (with ``from_pretrained``'s ``kwargs``) were fetched
+    directly, and the error of doing so (the cause behind huggingface_hub's "not in the cache"; None: the download
+    works now). (False, None) for a local path, offline, or a repository, revision or file that is really missing:
+    transformers' own message is right then."""
+    if os.path.exists(str(repo_id)) or kwargs.get("local_files_only") or huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False, None
+    options = {key: kwargs[key] for key in ("revision", "cache_dir", "token", "subfolder") if kwargs.get(key)}
+    try:
+        huggingface_hub.hf_hub_download(str(repo_id), SAFE_WEIGHTS_NAME, **options)
+    except (huggingface_hub.errors.RemoteEntryNotFoundError, huggingface_hub.errors.RepositoryNotFoundError,
+            huggingface_hub.errors.RevisionNotFoundError):
+        return False, None
+    except Exception as error:  # noqa: BLE001 - any failure of the download is the cause to report (a timeout or
+        # a server error arrives as LocalEntryNotFoundError: "not in the cache", with the real error as its cause)
+        while isinstance(error, huggingface_hub.errors.LocalEntryNotFoundError) and error.__cause__ is not None:
+            error = error.__cause__
+        return True, error
+    return True, None
+
+
 class EspMedSamPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
     config_class = EspMedSamConfig
     base_model_prefix = "esp_medsam"
@@ -999,6 +1022,26 @@ class EspMedSamPreTrainedModel(EspMedSamModelMixin, PreTrainedModel):
     # encoding's Gaussian matrix (the argument of its sines).
     _keep_in_fp32_modules_strict = ["modality_classifier", "positional_encoding"]
     supports_gradient_checkpointing = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Loads as transformers does; when loading from a Hub repository fails, the weights file is fetched directly
+        to find out why, and that error is raised (chained) instead of the message transformers gives.
+
+        transformers asks for ``model.safetensors`` with missing entries allowed, and huggingface_hub turns a timeout
+        or a server error into "not found": transformers then tries the other weight names and reports a missing
+        ``pytorch_model.bin``. A transient failure is survived: if the direct fetch works, the load is tried again
+        (the file is then in the cache)."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except OSError as error:
+            fetched, cause = weights_download_error(pretrained_model_name_or_path, kwargs)
+            if not fetched:
+                raise
+            if cause is None:  # the weights download works now: the failure was transient
+                return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            raise OSError(f"{pretrained_model_name_or_path}: downloading {SAFE_WEIGHTS_NAME} failed: "
+                          f"{type(cause).__name__}: {cause}") from cause
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves as transformers does; with remote code registered, also maps ``AutoModelForImageSegmentation``

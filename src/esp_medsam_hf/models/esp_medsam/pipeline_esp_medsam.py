@@ -71,7 +71,9 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
     ``threshold`` (minimum segment score; ``None``), ``batch_size``, ``timeout`` (for URLs), ``backend``
     (``"auto"``, ``"onnxruntime"``, ``"eager"``; also accepted when building the pipeline), ``scale``,
     ``tile_size``, ``overlap``, ``int8`` (``prediction.predict``; ``int8=False`` keeps onnxruntime in float32),
-    ``points``, ``point_labels``, ``boxes`` (prompts, see the module docstring). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
+    ``points``, ``point_labels``, ``boxes`` (prompts, see the module docstring), ``target`` (a name or index of
+    ``config.all_target_names``: decode that target, e.g. a target added to a modality, for every image; the
+    modality is the target's and the segment's label its name). Inputs: file paths (DICOM included), URLs, PIL images, numpy arrays,
     or dicts ``{"image": ..., "modality": ..., "file_modality": ...}`` (``file_modality``: a hint read from the
     file by the caller, used like a DICOM tag when no modality is given).
     """
@@ -91,13 +93,13 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
 
     def _sanitize_parameters(
         self, modality=None, mask_threshold=None, threshold=None, timeout=None, backend=None, scale=None,
-        tile_size=None, overlap=None, points=None, point_labels=None, boxes=None, int8=None, **unknown
+        tile_size=None, overlap=None, points=None, point_labels=None, boxes=None, int8=None, target=None, **unknown
     ):
         if unknown:
             raise TypeError(
                 f"{type(self).__name__} got unexpected keyword argument(s) {', '.join(sorted(unknown))}; it takes "
                 "modality, mask_threshold, threshold, timeout, backend, scale, tile_size, overlap, points, "
-                "point_labels, boxes, int8 (and batch_size, num_workers)"
+                "point_labels, boxes, int8, target (and batch_size, num_workers)"
             )
         preprocess: dict[str, Any] = {}
         forward: dict[str, Any] = {}
@@ -114,6 +116,9 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         forward.update({key: value for key, value in tiling.items() if value is not None})
         if forward.keys() - {"backend", "int8"}:  # bad values fail now, naming the argument, before any image is read
             tiling_options(self.image_processor, scale, tile_size, overlap)
+        if target is not None:
+            modality = self._target_modality(target, modality)
+            forward["target"] = postprocess["target"] = self.model.config.target_index(target)
         if modality is not None:
             preprocess["modality"] = modality
         if timeout is not None:
@@ -123,6 +128,16 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         if threshold is not None:
             postprocess["threshold"] = threshold
         return preprocess, forward, postprocess
+
+    def _target_modality(self, target, modality):
+        """The modality of ``target`` (a name or index of ``config.all_target_names``); a ``modality`` given beside
+        it must be that one."""
+        config = self.model.config
+        own = config.modality_names[config.target_modalities[config.target_index(target)]]
+        if modality is not None and (isinstance(modality, (list, tuple)) or config.modality_index(modality) !=
+                                     config.modality_index(own)):
+            raise ValueError(f"target {target!r} is a target of {own!r} images; give no other modality= beside it")
+        return own
 
     def __call__(self, inputs=None, **kwargs):
         """``modality`` may be a list with one entry per input image (``None`` entries: automatic)."""
@@ -188,12 +203,13 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         inputs.update(rescale_prompts(sizes, self.image_processor.resized_sizes(sizes), **prompts, names=PROMPT_ARGUMENTS))
         return {**inputs, "modality": requested, "modality_source": source, "target_size": tuple(array.shape[:2])}
 
-    def _forward(self, model_inputs, backend: str | None = None, int8: bool | None = None, **tiling):
+    def _forward(self, model_inputs, backend: str | None = None, int8: bool | None = None, target: int | None = None,
+                 **tiling):
         """The batch through ``prediction.predict``: images with the classifier's modality in one call, images with a
-        given modality in another. Outputs are per-image lists (the loader unrolls them). Prompted inputs take
-        ``_forward_prompted``."""
+        given modality in another (decoding ``target`` when given). Outputs are per-image lists (the loader unrolls
+        them). Prompted inputs take ``_forward_prompted``."""
         if "input_points" in model_inputs or "input_boxes" in model_inputs:
-            return self._forward_prompted(model_inputs)
+            return self._forward_prompted(model_inputs, target)
         images, sources = model_inputs["image"], model_inputs["modality_source"]
         if not isinstance(images, list):  # batch_size=1: the item as preprocess made it
             images, sources = [images], [sources]
@@ -205,7 +221,7 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
                 continue
             modality = None if automatic else [requested[i] for i in picked]
             prediction = predict(self.model, self.image_processor, [images[i] for i in picked], modality,
-                                 backend=backend, int8=int8, **tiling)
+                                 backend=backend, int8=int8, target=target, **tiling)
             probabilities = prediction.modality_logits.float().softmax(-1)
             for j, i in enumerate(picked):
                 chosen = prediction.modality[j]
@@ -215,12 +231,14 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
                            "object_size": prediction.object_sizes[j], "modality_source": sources[i]}
         return {key: [row[key] for row in rows] for key in rows[0]}
 
-    def _forward_prompted(self, model_inputs: dict) -> dict[str, Any]:
+    def _forward_prompted(self, model_inputs: dict, target: int | None = None) -> dict[str, Any]:
         """The prompted branch: the PyTorch model on the whole view with the prompts (``input_*`` tensors)."""
         requested = model_inputs.pop("modality")
         extras = {key: model_inputs.pop(key) for key in ("modality_source", "target_size")}
         modality = None if int(requested[0]) == UNKNOWN_MODALITY else requested.to(self.model.device)
         prompts = {k: v.to(self.model.device) for k, v in model_inputs.items() if k.startswith("input_")}
+        if target is not None:
+            prompts["target"], modality = torch.full_like(requested, target).to(self.model.device), None
         outputs = self.model(pixel_values=model_inputs["pixel_values"].to(self.model.device), modality=modality,
                              **prompts)
         probabilities = outputs.modality_logits.float().softmax(-1)
@@ -242,12 +260,13 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         return names[choice]
 
     def _segment(self, mask: torch.Tensor, probabilities: torch.Tensor, index: int, source: str,
-                 modality_probability: float, classifier_modality: int) -> dict[str, Any]:
-        """One segment: score = the classifier's probability of the modality used x mean mask probability."""
+                 modality_probability: float, classifier_modality: int, target: int | None = None) -> dict[str, Any]:
+        """One segment: score = the classifier's probability of the modality used x mean mask probability; labelled
+        with ``target``'s name (default: the modality's own target)."""
         mask_score = float(probabilities[mask].mean()) if bool(mask.any()) else 0.0
         config = self.model.config
         segment = {
-            "label": config.id2label[index + 1],
+            "label": config.id2label[(index if target is None else target) + 1],
             "score": modality_probability * mask_score,
             "mask": Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L"),
             "modality": config.modality_names[index],
@@ -259,9 +278,10 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             segment["classifier_modality"] = disagreement
         return segment
 
-    def postprocess(self, model_outputs, mask_threshold: float = 0.5, threshold: float | None = None):
+    def postprocess(self, model_outputs, mask_threshold: float = 0.5, threshold: float | None = None,
+                    target: int | None = None):
         if "iou_scores" in model_outputs:
-            segments = self._postprocess_prompted(model_outputs, mask_threshold)
+            segments = self._postprocess_prompted(model_outputs, mask_threshold, target)
         else:
             # One image: the loader unrolls batches into single entries (a tensor gains a batch axis of 1); without
             # batching the lists of one come as _forward made them.
@@ -269,12 +289,13 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             probabilities = item["probabilities"].reshape(item["probabilities"].shape[-2:])
             segment = self._segment(
                 probabilities >= mask_threshold, probabilities, int(item["modality"]), item["modality_source"],
-                float(item["modality_probability"]), int(item["classifier_modality"]),
+                float(item["modality_probability"]), int(item["classifier_modality"]), target,
             )
             segments = [{**segment, "scale": item["scale"], "object_size": item["object_size"]}]
         return [s for s in segments if threshold is None or s["score"] >= threshold]
 
-    def _postprocess_prompted(self, model_outputs, mask_threshold: float) -> list[dict[str, Any]]:
+    def _postprocess_prompted(self, model_outputs, mask_threshold: float, target: int | None = None
+                              ) -> list[dict[str, Any]]:
         """One segment per prompted object: as the prompt-free segment, plus ``iou_score``."""
         target_size, source = model_outputs["target_size"], model_outputs["modality_source"]
         pred_masks = model_outputs["pred_masks"].float().cpu()
@@ -286,7 +307,7 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
         modality_probability = float(model_outputs["modality_probability"].reshape(-1)[0])
         choice = int(model_outputs["classifier_modality"].reshape(-1)[0])
         return [
-            {**self._segment(probs >= mask_threshold, probs, index, source, modality_probability, choice),
+            {**self._segment(probs >= mask_threshold, probs, index, source, modality_probability, choice, target),
              "iou_score": iou}
             for probs, iou in zip(probabilities, model_outputs["iou_scores"].reshape(-1).tolist())
         ]

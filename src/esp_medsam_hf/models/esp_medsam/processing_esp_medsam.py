@@ -9,7 +9,7 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, Unpack
 
-from .configuration_esp_medsam import MODALITY_NAMES, EspMedSamModalitiesMixin
+from .configuration_esp_medsam import MODALITY_NAMES, TARGET_NAMES, EspMedSamModalitiesMixin
 
 
 def rescale_prompts(
@@ -96,15 +96,30 @@ class EspMedSamProcessor(ProcessorMixin, EspMedSamModalitiesMixin):
     ``pixel_values``, ``original_sizes`` and ``modality``; ``segmentation_maps`` add ``labels``. Names are looked
     up as the configs do (``modality_index``, from ``EspMedSamModalitiesMixin``). Without a modality the output
     has no ``modality`` (the model's classifier decides), so ``model_input_names`` are the image processor's.
-    Other keyword arguments are the image processor's, flat or as ``images_kwargs={...}``
+    ``target="optic disc"`` (a name of ``target_names``, the model's ``config.all_target_names``, or an index; one
+    for all images or one per image) returns ``target`` instead, which the model decodes (a target added to a
+    modality). Other keyword arguments are the image processor's, flat or as ``images_kwargs={...}``
     (``EspMedSamProcessorKwargs``); an unknown one is ignored with transformers' warning.
     """
 
     valid_processor_kwargs = EspMedSamProcessorKwargs
 
-    def __init__(self, image_processor=None, modality_names: Sequence[str] | None = None, **kwargs):
+    def __init__(self, image_processor=None, modality_names: Sequence[str] | None = None,
+                 target_names: Sequence[str] | None = None, **kwargs):
         self.modality_names = list(modality_names or MODALITY_NAMES)
+        official = self.modality_names == list(MODALITY_NAMES)
+        self.target_names = list(target_names or (TARGET_NAMES if official else ()))
         super().__init__(image_processor, **kwargs)
+
+    def target_index(self, target: int | str) -> int:
+        """Index of ``target`` (a name of ``target_names`` or an index); ``ValueError`` names the choices."""
+        if isinstance(target, str):
+            if target not in self.target_names:
+                raise ValueError(f"unknown target {target!r}; expected one of {self.target_names}")
+            return self.target_names.index(target)
+        if isinstance(target, bool) or not isinstance(target, numbers.Integral) or target < 0:
+            raise ValueError(f"target must be a name ({', '.join(self.target_names)}) or an index, got {target!r}")
+        return int(target)
 
     def __call__(
         self,
@@ -114,6 +129,7 @@ class EspMedSamProcessor(ProcessorMixin, EspMedSamModalitiesMixin):
         input_points: Sequence | torch.Tensor | None = None,
         input_labels: Sequence | torch.Tensor | None = None,
         input_boxes: Sequence | torch.Tensor | None = None,
+        target: int | str | Sequence[int | str] | None = None,
         **kwargs: Unpack[EspMedSamProcessorKwargs],
     ) -> BatchFeature:
         r"""
@@ -125,19 +141,24 @@ class EspMedSamProcessor(ProcessorMixin, EspMedSamModalitiesMixin):
         """
         if images is None:
             raise ValueError("images are required")
+        if modality is not None and target is not None:
+            raise ValueError("give modality= or target= (a target implies its modality), not both")
         output_kwargs = self._merge_kwargs(EspMedSamProcessorKwargs, **kwargs)
         inputs = self.image_processor(images, segmentation_maps=segmentation_maps, **output_kwargs["images_kwargs"])
         resized = self.image_processor.resized_sizes(inputs["original_sizes"])
         inputs.update(rescale_prompts(inputs["original_sizes"], resized, input_points, input_labels, input_boxes))
-        if modality is not None:
-            batch = len(inputs["original_sizes"])
-            if isinstance(modality, torch.Tensor):
-                modality = modality.tolist()
-            if isinstance(modality, (str, numbers.Number)):  # one for every image (a float is refused below)
-                modality = [modality] * batch
-            if len(modality) != batch:
-                raise ValueError(f"got {len(modality)} modalities for {batch} images")
-            inputs["modality"] = torch.tensor([self.modality_index(m) for m in modality], dtype=torch.long)
+        batch = len(inputs["original_sizes"])
+        for key, value, lookup in (("modality", modality, self.modality_index), ("target", target, self.target_index)):
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                value = value.tolist()
+            if isinstance(value, (str, numbers.Number)):  # one for every image (a float is refused below)
+                value = [value] * batch
+            if len(value) != batch:
+                raise ValueError(f"got {len(value)} {'modalities' if key == 'modality' else 'targets'} for {batch} "
+                                 "images")
+            inputs[key] = torch.tensor([lookup(v) for v in value], dtype=torch.long)
         return inputs
 
     def post_process_masks(self, *args, **kwargs) -> list[torch.Tensor]:

@@ -114,6 +114,8 @@ class RepoReadMixin:
         commit = self._revision(repo, rev)
         if not repo.has_path(commit, path):
             raise HubError(404, f"{path} does not exist on {rev!r}", "EntryNotFound")
+        if self._fault("read-file", rev, path):
+            return
         stored = repo.lfs_file(commit, path)
         if stored is None:
             self._proxy()

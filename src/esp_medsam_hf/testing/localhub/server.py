@@ -88,10 +88,11 @@ class LocalHubServer(ThreadingHTTPServer):
         with self.guard:
             return self.locks.setdefault(str(repo.path), threading.Lock())
 
-    def take_fault(self, route: str, revision: str | None) -> dict | None:
+    def take_fault(self, route: str, revision: str | None, path: str | None = None) -> dict | None:
         with self.guard:
             for fault in self.faults:
-                if fault["route"] == route and fault["times"] > 0 and fault["revision"] in (None, revision):
+                if (fault["route"] == route and fault["times"] > 0 and fault["revision"] in (None, revision)
+                        and fault["path"] in (None, path)):
                     fault["times"] -= 1
                     return fault
         return None
@@ -188,9 +189,10 @@ class HubRequestHandler(RepoWriteMixin, RepoReadMixin, RepoAdminMixin, RequestBo
             raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
         return commit
 
-    def _fault(self, route: str, revision: str | None = None) -> bool:
-        """Apply an injected fault for ``route``; True when the request must not be handled further."""
-        fault = self.server.take_fault(route, revision)
+    def _fault(self, route: str, revision: str | None = None, path: str | None = None) -> bool:
+        """Apply an injected fault for ``route`` (a file's ``path`` for ``read-file``); True when the request must
+        not be handled further."""
+        fault = self.server.take_fault(route, revision, path)
         if fault is None:
             return False
         if fault["action"] == "drop":
@@ -213,14 +215,14 @@ class HubRequestHandler(RepoWriteMixin, RepoReadMixin, RepoAdminMixin, RequestBo
             raise HubError(403, "fault injection is off (start the server with --allow-faults)")
         faults = self._json_body().get("faults", [])
         for fault in faults:
-            if fault.get("route") not in ("preupload", "lfs-upload", "commit") or str(fault.get("action")) not in (
+            if fault.get("route") not in ("preupload", "lfs-upload", "commit", "read-file") or str(fault.get("action")) not in (
                 "drop", "500", "502", "503", "504"
             ):
                 raise HubError(400, f"invalid fault {fault}")
         with self.server.guard:
             self.server.faults = [
                 {"route": f["route"], "action": str(f["action"]), "times": int(f.get("times", 1)),
-                 "revision": f.get("revision")}
+                 "revision": f.get("revision"), "path": f.get("path")}
                 for f in faults
             ]
         self._send_json({"faults": self.server.faults})

@@ -18,7 +18,7 @@ from ..config import DistillConfig, EspMedSamStageConfig, TeacherConfig, Trainin
 from ..publishing import write_run_card
 from ..run_folder import check_release_replaceable, check_run_folders
 from .distill import EncoderDistillation, UnpluggedBags, distill_tasks, drop_absent_bag_gradients, run_distill
-from .espmedsam import espmedsam_task, run_espmedsam
+from .espmedsam import espmedsam_task, run_espmedsam, with_domains_target
 from .modality_classifier import fit_modality_classifier
 from .shared import StageResult
 from .student import build_student
@@ -30,6 +30,8 @@ def run_stage(config: TrainingConfig) -> StageResult:
     ``release/`` and the run folders are checked first (``run_folder.check_release_replaceable``,
     ``check_run_folders``); the run's model card data are written
     to ``output_dir/card.json`` (``publishing.write_run_card``), which ``esp-medsam hub publish`` uses."""
+    if isinstance(config, EspMedSamStageConfig):
+        config = with_domains_target(config)  # the card and the run's config.yaml name the target domain.json gives
     check_release_replaceable(config)
     root = Path(config.output_dir)
     check_run_folders(config, [root / "common", root / "specific"] if isinstance(config, DistillConfig) else [root])

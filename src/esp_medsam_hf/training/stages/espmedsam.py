@@ -3,6 +3,7 @@ trains jointly through the model's loss, and may be fitted again alone on more d
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -19,7 +20,8 @@ from ..loop import train
 from .modality_classifier import fit_modality_classifier
 from ..augment import parse_zoom
 from ..calibration import calibrate_object_size
-from ..targets import TargetTraining, prepare_target
+from ...data.prepared import prepared_domain_spec, prepared_names
+from ..targets import TargetAfterCache, TargetTraining, domains_target, freeze_target_prefix, prepare_target
 from .shared import (StageResult, cached_feature_task, dice_validation, save_with_processor, segmentation_task,
                      source_data, write_release)
 from .student import apply_freeze, build_student, student_processor
@@ -34,6 +36,7 @@ def espmedsam_task(config: EspMedSamStageConfig, model: EspMedSamModel | None = 
     processor = student_processor(model, None) if model is not None else None
     model = model if model is not None else build_student(config, config.init_from)
     processor = processor or student_processor(model, config.init_from)
+    config = with_domains_target(config)
     if config.new_target is not None:
         return new_target_task(config, model, data, processor)
     apply_freeze(model, config.freeze, config.frozen_encoder_stages)
@@ -42,13 +45,37 @@ def espmedsam_task(config: EspMedSamStageConfig, model: EspMedSamModel | None = 
     return segmentation_task("espmedsam", model, config, data, processor)
 
 
+def with_domains_target(config: EspMedSamStageConfig) -> EspMedSamStageConfig:
+    """``config`` with the new target that its prepared training domains record (``target`` in ``domain.json``)
+    when it names none; a different ``new_target`` than they record is an error."""
+    if config.data == "synthetic":
+        return config
+    names = prepared_names(config.data, config.domains)
+    recorded = domains_target({name: prepared_domain_spec(config.data, name) for name in names})
+    if recorded is None:
+        return config
+    if config.new_target is None:
+        logger.info("the training domains record the target %r (%s): training it as a new target", *recorded)
+        return dataclasses.replace(config, new_target=recorded[0], target_modality=recorded[1])
+    if (config.new_target, config.target_modality) != recorded:
+        raise ValueError(f"--new-target {config.new_target!r} --modality {config.target_modality} differs from the "
+                         f"target the training domains record: {recorded[0]!r} ({recorded[1]})")
+    return config
+
+
 def new_target_task(config: EspMedSamStageConfig, model: EspMedSamModel, data: dict, processor: EspMedSamProcessor):
     """(task, processor, data) of training ``config.new_target``: every training image is decoded as that target, and
-    validated as it; with ``only_new_target`` only its bag and query train (else what ``freeze`` leaves)."""
+    validated as it; with ``only_new_target`` only its bag and query train (else what ``freeze`` leaves). With
+    ``cache_features`` and ``only_new_target`` the encoder up to ``frozen_encoder_stages`` (the target's bag blocks
+    there included, kept the modality's) is encoded once and only the rest of its bag and its query train."""
     model = prepare_target(model, config.new_target, config.target_modality, config.only_new_target)
     if not config.only_new_target:
         apply_freeze(model, config.freeze, config.frozen_encoder_stages)
     target = model.config.target_index(config.new_target)
+    if config.cache_features and config.only_new_target:
+        freeze_target_prefix(model, target, config.cache_point)
+        return cached_feature_task("espmedsam", model, config, data, processor,
+                                   trainable=TargetAfterCache(model, config.cache_point, target))
     task, processor, data = segmentation_task("espmedsam", TargetTraining(model, target, config.only_new_target),
                                               config, data, processor)
     task.compute_loss = lambda module, batch: module(batch["pixel_values"], batch["labels"])
@@ -63,6 +90,7 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
     validation), with the modality classifier fitted on ``classifier_domains`` (or ``classifier_data``, already
     loaded domains) when asked. Seeded with ``config.seed`` before any model is built."""
     set_seed(config.seed)
+    config = with_domains_target(config)
     task, processor, data = espmedsam_task(config, model, data)
     result = train(config, task)
     chosen = result.best_dir or result.final_dir

@@ -47,6 +47,7 @@ def save_with_processor(model: nn.Module, processor: EspMedSamProcessor, folder:
     """``save_pretrained`` of the model and processor, plus preprocessor_config.json for the stock pipeline; a
     student folder also carries the "medical-image-segmentation" pipeline as remote code."""
     if isinstance(model, EspMedSamModel):
+        processor.target_names = model.config.all_target_names  # target= names what the model decodes
         save_pretrained_with_pipeline(model, processor, folder)
         return
     model.save_pretrained(folder)
@@ -109,10 +110,11 @@ photometric change), so that the best checkpoint is the best across object sizes
 
 
 def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig, data: dict,
-                        processor: EspMedSamProcessor):
+                        processor: EspMedSamProcessor, trainable: EspMedSamAfterCache | None = None):
     """(task, processor, data) of a segmentation stage on a frozen encoder prefix's cached features
     (:mod:`esp_medsam_hf.training.features`); validation Dice (%) on cached validation features at model size
-    (whole images, or with ``zoom`` ``VALIDATION_ZOOM_VIEWS`` zoom views of each)."""
+    (whole images, or with ``zoom`` ``VALIDATION_ZOOM_VIEWS`` zoom views of each). ``trainable``: what learns on
+    the features (default ``EspMedSamAfterCache(model, config.cache_point)``)."""
     point = config.cache_point
     train_rows = SegmentationDataset(data, "train", augment=config.augment, seed=config.seed,
                                      scale_augmentation=training_augmentation(config, processor.image_processor))
@@ -129,7 +131,7 @@ def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig
         validation = cache_features(model, processor.image_processor, rows,
                                     views=VALIDATION_ZOOM_VIEWS if zoom is not None else 1, frozen_stages=point,
                                     bf16=bf16, progress=config.progress, desc=f"{name}: encoding validation images")
-    trainable = EspMedSamAfterCache(model, point)
+    trainable = trainable or EspMedSamAfterCache(model, point)
 
     def validate(module: EspMedSamAfterCache) -> dict:
         from ...metrics.functional import dice_score
