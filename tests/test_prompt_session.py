@@ -33,26 +33,47 @@ def discs(shape, centres, radius=5):
 CENTRES = [(10, 10), (40, 12), (70, 10), (12, 45), (45, 45), (75, 48)]
 
 
+def cones(shape, centres, radius=5, height=4.0):
+    """Logits (H, W): a cone per centre ((x, y) or (x, y, height)), ``height`` at its centre and 0 at ``radius``,
+    the highest cone where they meet, so two touching objects have a valley between them."""
+    rows, columns = np.mgrid[: shape[0], : shape[1]]
+    logits = np.full(shape, -height)
+    for centre in centres:
+        x, y, top = centre if len(centre) == 3 else (*centre, height)
+        logits = np.maximum(logits, top * (1 - np.hypot(columns - x, rows - y) / radius))
+    return logits
+
+
 def test_positive_click_adds_only_the_clicked_object():
     reference = discs((64, 96), CENTRES)
     current = discs((64, 96), CENTRES[:3])  # three nuclei missed
-    decoded = discs((64, 96), [(45, 45)], radius=6) | discs((64, 96), [(12, 45), (75, 48)])  # SAM: a few objects
-    corrected = add_click(current, decoded, 45, 45)
-    clicked = discs((64, 96), [(45, 45)], radius=6)
-    assert np.array_equal(corrected[clicked], np.ones(clicked.sum(), bool))
-    assert np.array_equal(corrected[~clicked], current[~clicked])  # bit-identical away from the clicked object
+    # SAM's decode holds the clicked nucleus, joined to a false blob beside it, and two other nuclei
+    decoded = cones((64, 96), [(45, 45), (52, 45, 6.0), (12, 45), (75, 48)])
+    corrected = add_click(current, decoded, decoded, 44, 45)
+    assert corrected[discs((64, 96), [(45, 45)], radius=2)].all()  # the clicked nucleus comes in ...
+    assert not corrected[discs((64, 96), [(53, 45)], radius=3)].any()  # ... without the blob behind the valley
+    beyond = (corrected & ~current) & ~discs((64, 96), [(45, 45)])
+    assert np.all(decoded[beyond] < 1.7)  # beyond the nucleus: at most the blob's flank below the valley's level
+    edited = beyond | discs((64, 96), [(45, 45)])
+    assert np.array_equal(corrected[~edited], current[~edited])  # bit-identical elsewhere
+    # a decode without the click: the prompt-free logits' object at the click, down to half its height
+    rows, columns = np.mgrid[:64, :96]
+    dim = -1 - 3 * np.hypot(columns - 30, rows - 30) / 5  # a missed object: -1 at its centre, -4 at 5 px
+    free = np.maximum(cones((64, 96), CENTRES[:3]), dim)
+    corrected = add_click(current, decoded, free, 31, 30)
+    assert np.array_equal(corrected & ~current, dim > -2.5)
 
 
 def test_positive_click_is_cut_to_the_object_size_window():
     current = discs((64, 96), CENTRES)  # objects 11 px across
-    decoded = np.ones((64, 96), dtype=bool)  # a runaway decode: everything
-    corrected = add_click(current, decoded, 45, 30)
+    decoded = np.full((64, 96), 2.0)  # a runaway decode: everything, flat
+    corrected = add_click(current, decoded, decoded, 45, 30)
     added = corrected & ~current
     rows, columns = np.nonzero(added)
     assert added.any() and np.abs(columns - 45).max() <= 23 and np.abs(rows - 30).max() <= 23
 
 
-def test_negative_click_removes_only_the_object_under_it():
+def test_negative_click_removes_only_the_slope_below_it():
     current = discs((64, 96), CENTRES) | discs((64, 96), [(25, 30)], radius=3)  # an extra blob
     logits = np.where(current, 5.0, -5.0)
     corrected = remove_click(current, logits, 25, 30)
@@ -64,6 +85,12 @@ def test_negative_click_removes_only_the_object_under_it():
     corrected = remove_click(merged, logits, 10, 19)
     assert np.array_equal(corrected, current)
     assert np.array_equal(remove_click(current, logits, 90, 60), current)  # a click on the background
+    # a bright false blob touching a dimmer true nucleus: the blob goes, the nucleus behind the valley stays
+    logits = cones((64, 96), [(45, 45, 2.0), (54, 45, 6.0)])
+    mask = logits > 0
+    corrected = remove_click(mask, logits, 54, 45)
+    assert corrected[discs((64, 96), [(45, 45)], radius=3)].all()
+    assert not corrected[discs((64, 96), [(54, 45)], radius=4)].any()
 
 def test_box_combination_keeps_the_prompt_free_mask_inside_the_boxes_only():
     free = discs((64, 96), CENTRES)
@@ -79,25 +106,28 @@ class ScriptedSession(EspMedSamPromptSession):
     """A session whose decoder gives, for any click, every reference object (SAM's output for a point on an image
     of many objects is some of them), so only the click semantics decide what changes."""
 
-    def __init__(self, free_mask, decoded):
-        self.free_mask, self._decoded, self._clicks = free_mask, decoded, {}
-        self.free_logit_map = np.where(free_mask, 1.0, -1.0)
+    def __init__(self, free_logits, decoded):
+        self.free_logit_map, self._decoded, self._clicks = free_logits, decoded, {}
+        self.free_mask = free_logits > 0
 
-    def decode(self, points=None, labels=None, boxes=None):
+    def decode_logits(self, points=None, labels=None):
         return self._decoded
 
 
 def test_click_curve_never_falls_on_many_objects_and_undo_restores():
     reference = discs((64, 96), CENTRES)
-    free = discs((64, 96), CENTRES[:4]) | discs((64, 96), [(25, 30), (60, 30)], radius=3)
-    session = ScriptedSession(free, reference)
+    # the model: four nuclei found (two of them dim), two missed, two false blobs, one of them bright and touching a
+    # dim true nucleus; the decode of any click: every reference nucleus with the bright blob joined to its neighbour
+    free = cones((64, 96), [(10, 10), (40, 12, 2.0), (70, 10), (12, 45, 2.0), (25, 30, 3.0), (49, 14, 6.0)])
+    decoded = cones((64, 96), [*CENTRES, (49, 14, 6.0)])
+    session = ScriptedSession(free, decoded)
     curve = click_curve(session, reference, clicks=5)
-    assert all(b >= a for a, b in zip(curve, curve[1:])) and curve[-1] == 100.0
+    assert all(b >= a for a, b in zip(curve, curve[1:])) and curve[-1] > curve[0] + 10
     points, labels = [(45, 45), (25, 30)], [1, 0]
     before = session.mask(points=points[:1], labels=labels[:1])
     session.mask(points=points, labels=labels)
     assert np.array_equal(session.mask(points=points[:1], labels=labels[:1]), before)  # undo
-    assert np.array_equal(session.mask(), free)  # reset
+    assert np.array_equal(session.mask(), session.free_mask)  # reset
 
 
 def test_session_on_a_tiny_model_corrects_from_the_cached_embedding():
@@ -106,8 +136,9 @@ def test_session_on_a_tiny_model_corrects_from_the_cached_embedding():
     image = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
     session = EspMedSamPromptSession(model, processor, image, "microscopy")
     corrected = session.mask(points=[(30, 20)], labels=[1])
-    decoded = session.decode(points=[(30, 20)], labels=[1])
-    assert np.array_equal(corrected, add_click(session.free_mask, decoded, 30, 20))
+    decoded = session.decode_logits(points=[(30, 20)], labels=[1])
+    assert np.array_equal(decoded > 0, session.decode(points=[(30, 20)], labels=[1]))
+    assert np.array_equal(corrected, add_click(session.free_mask, decoded, session.free_logit_map, 30, 20))
     assert np.array_equal(session.mask(points=[(30, 20), (5, 5)], labels=[1, 0]),
                           remove_click(corrected, session.free_logit_map, 5, 5))
     assert np.array_equal(session.free_logit_map > 0, session.free_mask)

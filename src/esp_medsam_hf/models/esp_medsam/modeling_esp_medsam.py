@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -506,15 +507,30 @@ class SelfPatchPromptGenerator(nn.Module):
         patches = (torch.sigmoid(patch_logits.detach()) >= self.threshold).to(image_embeddings.dtype)
         return patch_logits, F.interpolate(patches, size=image_embeddings.shape[-2:], mode="nearest")
 
+    def encode_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """The dense prompt (B,C,g,g) of a binarised patch map (B,1,g,g). The encoder (1x1 convolution, channel
+        LayerNorm, GELU) acts on each cell alone and a cell is 0 or 1, so it is run on those two values only and
+        each cell takes its value's embedding: the same numbers as running it on the map, without its cost on
+        every cell (a prompt on a cached embedding re-encodes its edited map)."""
+        values = torch.tensor([0.0, 1.0], device=patches.device, dtype=patches.dtype).view(1, 1, 1, 2)
+        off, on = self.dense_prompt_encoder(values).unbind(-1)  # (1, C, 1) each
+        return torch.where(patches > 0, on[..., None], off[..., None])
+
     def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (patch_logits (B,1,p,p), dense_prompt (B,C,g,g))."""
         patch_logits, patches = self.patch_map(image_embeddings)
-        return patch_logits, self.dense_prompt_encoder(patches)
+        return patch_logits, self.encode_patches(patches)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Query-decoupled modality decoder
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter of ``tensor`` (``None`` for an inference-mode tensor, which has none): a
+    result kept for a tensor is reused only while its version is unchanged."""
+    return None if tensor.is_inference() else tensor._version
 
 
 class RandomFourierPositionalEncoding(nn.Module):
@@ -528,10 +544,25 @@ class RandomFourierPositionalEncoding(nn.Module):
         super().__init__()
         # float32 whatever the default dtype: the module is in _keep_in_fp32_modules_strict
         self.register_buffer("gaussian_matrix", scale * torch.randn(2, num_features, dtype=torch.float32))
+        self._grid: tuple[tuple, torch.Tensor] | None = None
 
     def forward(self, size: int) -> torch.Tensor:
         """(1, 2 * num_features, size, size), cell centres mapped to [-1, 1], x before y; computed in float32
-        whatever the model's dtype (sines of bf16 arguments are too coarse)."""
+        whatever the model's dtype (sines of bf16 arguments are too coarse). The grid depends on the fixed matrix
+        and the size only, so it is computed once and kept (recomputed when the matrix is loaded or moved);
+        traced and compiled graphs compute it."""
+        matrix = self.gaussian_matrix
+        key = (size, matrix.device, matrix.dtype, matrix.data_ptr(), tensor_version(matrix))
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if not tracing and self._grid is not None and self._grid[0] == key:
+            return self._grid[1]
+        grid = self.grid(size)
+        if not tracing:
+            self._grid = (key, grid)
+        return grid
+
+    def grid(self, size: int) -> torch.Tensor:
+        """The encoding of ``forward``, computed."""
         matrix = self.gaussian_matrix.float()
         centres = (torch.arange(size, device=matrix.device, dtype=matrix.dtype) + 0.5) / size
         y, x = torch.meshgrid(centres, centres, indexing="ij")
@@ -822,6 +853,11 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+_LAST_PATCH_MAPS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+"""Per model, (a weak reference to the last embeddings, their version, their patch map): outside the model, so
+that a model still pickles and copies as before."""
+
+
 class EspMedSamModelMixin:
     """What the student and the teacher share around their image encoders: the input checks, the heads (self-patch
     prompt generator and query-decoupled modality decoder, with the segmentation loss), the upscaling of the mask
@@ -955,8 +991,8 @@ class EspMedSamModelMixin:
     ) -> EspMedSamOutput:
         """The heads on (B, C, g, g) image embeddings: patch logits and dense prompt, then each image's mask logits
         from its modality's query; with ``labels``, the segmentation loss. ``outputs`` are further output fields."""
-        patch_logits, dense_prompt = self.prompt_generator(image_embeddings)
-        pred_masks = self.mask_decoder(image_embeddings, dense_prompt, modality)
+        patch_logits, patches = self.patch_map(image_embeddings)
+        pred_masks = self.mask_decoder(image_embeddings, self.prompt_generator.encode_patches(patches), modality)
         loss = mask_loss = patch_loss = None
         if labels is not None:
             loss, mask_loss, patch_loss = segmentation_loss(pred_masks, patch_logits, labels, self.config)
@@ -964,6 +1000,21 @@ class EspMedSamModelMixin:
             loss=loss, pred_masks=pred_masks, patch_logits=patch_logits, image_embeddings=image_embeddings,
             modality=modality, mask_loss=mask_loss, patch_loss=patch_loss, **outputs,
         )
+
+    def patch_map(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The self-patch prompt generator's ``patch_map`` of ``image_embeddings``. Without gradients the result
+        for the last embeddings seen is kept with them, so prompts decoded from a cached embedding
+        (``get_image_embeddings`` or a forward's ``image_embeddings``, then ``model(image_embeddings=...)``) do not
+        run the generator again; the same tensor, unchanged in place, is needed to reuse it."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self.prompt_generator.patch_map(image_embeddings)
+        cached = _LAST_PATCH_MAPS.get(self)
+        version = tensor_version(image_embeddings)
+        if cached is not None and cached[0]() is image_embeddings and cached[1] == version:
+            return cached[2]
+        result = self.prompt_generator.patch_map(image_embeddings)
+        _LAST_PATCH_MAPS[self] = (weakref.ref(image_embeddings), version, result)
+        return result
 
     def upscale_masks(self, pred_masks: torch.Tensor) -> torch.Tensor:
         """Low-resolution logits to the input size (bilinear, as the official forward's last step)."""
@@ -1256,11 +1307,11 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         (``edit_patch_map``) as dense prompt and its points as SAM tokens; a box keeps the mask inside it. With
         ``labels`` (one object per image), the segmentation loss of the prompted masks."""
         batch, objects, size = image_embeddings.shape[0], prompts.num_objects, self.config.image_size
-        patch_logits, patches = self.prompt_generator.patch_map(image_embeddings)
+        patch_logits, patches = self.patch_map(image_embeddings)
         rows = image_embeddings.repeat_interleave(objects, dim=0)
         row_modality = modality.repeat_interleave(objects)
         patches = edit_patch_map(patches.repeat_interleave(objects, dim=0), prompts, size)
-        masks = self.decode_rows(rows, self.prompt_generator.dense_prompt_encoder(patches), row_modality, prompts)
+        masks = self.decode_rows(rows, self.prompt_generator.encode_patches(patches), row_modality, prompts)
         if prompts.boxes is not None:
             masks = keep_inside_boxes(masks, prompts.boxes, size)
         masks = masks.view(batch, objects, 1, *masks.shape[-2:])
@@ -1362,7 +1413,10 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
         modality's parameter bag (``modality`` as ``forward`` takes it; ``None``: the classifier's choice). SamModel's
         name: encode an image once and decode it many times."""
         given = self.check_inputs(pixel_values, modality, target)
-        return self.encode(pixel_values, given)[0]
+        image_embeddings = self.encode(pixel_values, given)[0]
+        if not torch.is_grad_enabled():
+            self.patch_map(image_embeddings)  # kept with the embeddings for the prompts that follow
+        return image_embeddings
 
     def predict_modality(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """The modality classifier's logits (B, num_modalities) for images of unknown modality, without decoding a

@@ -7,12 +7,17 @@ one object would replace the whole mask. The session therefore edits instead of 
 
 - **Boxes** (one per object, as SAM and LiteMedSAM take them): the prompt-free mask inside the boxes, background
   outside every box (the boxes cover every object, so a click's edit outside them is dropped too).
-- **A positive click** adds the decoded object at the click: the connected component of the click's decoded mask
-  that holds the click (else the nearest one), cut to a window of ``CLICK_WINDOW`` object sizes around the click.
-- **A negative click** removes the part of the current mask under it that the model was no surer of than of the
-  clicked pixel: the pixels connected to the click whose prompt-free logit is at most the click's, cut to the same
-  window (a threshold raised to the click's logit, locally). A whole false object goes; an extra rim or lobe on a
-  true object goes without the surer object it hangs on.
+- **A positive click** adds the slope below the click in the click's decode (that point alone, from the cached
+  embedding): the pixels of the decoded mask reachable from the click along paths on which the decoded logit never
+  rises, cut to a window of ``CLICK_WINDOW`` object sizes around the click. The object under the click comes in
+  down to its rim; a neighbour or a false blob the decode joins to it stays out behind the valley between them.
+  A decode that does not hold the click adds nothing.
+- **A negative click** removes the slope below the click in the prompt-free logits: the pixels of the current
+  mask reachable from the click along paths on which the prompt-free logit never rises, cut to the same window. An
+  extra rim or lobe the model was less sure of goes, a false object clicked at its centre goes, and a surer object
+  it hangs on, or a neighbour behind a valley, stays. (Taking every connected pixel no surer than the click, as
+  before, also took dimmer true nuclei that touched a bright false blob, and the next positive click put them
+  back with the blob: the curve see-sawed.)
 - Everything away from the click stays bit-identical. Clicks apply in order, each to the mask the previous ones
   left, so ``mask(points[:-1], labels[:-1])`` is the mask before the last click (an undo).
 
@@ -39,6 +44,7 @@ CLICK_WINDOW = 2.0
 """Half-side of the square a click edits, in object sizes (``prediction.estimate_object_size`` of the current
 mask, a diameter): an object up to four typical diameters across fits; a bigger one takes more clicks."""
 _EIGHT = np.ones((3, 3), dtype=bool)
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
 
 def click_window(shape: tuple[int, int], x: int, y: int, *masks: np.ndarray) -> np.ndarray:
@@ -69,19 +75,81 @@ def component_at(mask: np.ndarray, x: int, y: int, nearest: bool = False) -> np.
     return labels == label if label else np.zeros_like(mask)
 
 
-def add_click(current: np.ndarray, decoded: np.ndarray, x: int, y: int) -> np.ndarray:
-    """``current`` with the object of a positive click at (x, y) added (see the module docstring)."""
-    window = click_window(current.shape, x, y, current, decoded)
-    return current | component_at(decoded & window, x, y, nearest=True)
+def basin_at(allowed: np.ndarray, logits: np.ndarray, x: int, y: int) -> np.ndarray:
+    """The catchment basin of ``logits`` holding (x, y), within ``allowed`` (skimage's watershed of the negated
+    logits from their peaks): the object whose peak the pixel drains to, so that a slope followed down from a
+    click stops at the valley instead of running on around a neighbour's foot."""
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+
+    rows, columns = ndimage.find_objects(allowed.astype(np.int8))[0]
+    labels = watershed(-logits[rows, columns], mask=allowed[rows, columns], connectivity=2)
+    basin = np.zeros_like(allowed)
+    basin[rows, columns] = labels == labels[y - rows.start, x - columns.start]
+    return basin
+
+
+def descent_region(allowed: np.ndarray, logits: np.ndarray, x: int, y: int) -> np.ndarray:
+    """The pixels of ``allowed`` reachable from (x, y) by 8-connected paths along which ``logits`` never rise,
+    within the basin of (x, y) (:func:`basin_at`): the slope below the clicked pixel, down to the valleys around its
+    object. Empty when (x, y) is not allowed."""
+    from collections import deque
+
+    region = np.zeros_like(allowed)
+    if not allowed[y, x]:
+        return region
+    allowed = allowed & basin_at(allowed, logits, x, y)
+    height, width = allowed.shape
+    region[y, x] = True
+    queue = deque([(y, x)])
+    while queue:
+        row, column = queue.popleft()
+        level = logits[row, column]
+        for dy, dx in _NEIGHBOURS:
+            r, c = row + dy, column + dx
+            if 0 <= r < height and 0 <= c < width and allowed[r, c] and not region[r, c] and logits[r, c] <= level:
+                region[r, c] = True
+                queue.append((r, c))
+    return region
+
+
+def climb(allowed: np.ndarray, logits: np.ndarray, x: int, y: int) -> tuple[int, int]:
+    """(x, y) of the peak reached from (x, y) by steepest ascent of ``logits`` within ``allowed``."""
+    height, width = logits.shape
+    while True:
+        best = (logits[y, x], x, y)
+        for dy, dx in _NEIGHBOURS:
+            r, c = y + dy, x + dx
+            if 0 <= r < height and 0 <= c < width and allowed[r, c] and logits[r, c] > best[0]:
+                best = (logits[r, c], c, r)
+        if best[1:] == (x, y):
+            return x, y
+        x, y = best[1], best[2]
+
+
+def add_click(current: np.ndarray, decoded: np.ndarray, free_logits: np.ndarray, x: int, y: int) -> np.ndarray:
+    """``current`` with the object of a positive click at (x, y) added (see the module docstring): from the peak
+    the click climbs to, the slope below it, in the click's decode (``decoded``: its logits (H, W)) where the decode
+    holds the click, else in the prompt-free logits (``free_logits``) down to half-way between the peak and the
+    window's lowest logit; inside the click's window."""
+    window = click_window(current.shape, x, y, current, decoded > 0)
+    logits, allowed = decoded, (decoded > 0) & window
+    if allowed[y, x]:
+        peak_x, peak_y = climb(allowed, logits, x, y)
+    else:
+        logits = free_logits
+        peak_x, peak_y = climb(window, logits, x, y)
+        allowed = window & (logits > (logits[peak_y, peak_x] + logits[window].min()) / 2)
+    return current | descent_region(allowed, logits, peak_x, peak_y)
 
 
 def remove_click(current: np.ndarray, logits: np.ndarray, x: int, y: int) -> np.ndarray:
-    """``current`` with the part under a negative click at (x, y) removed: the pixels of ``current`` connected to
-    the click whose prompt-free logit (``logits`` (H, W)) is at most the click's, in the click's window. The click
-    raises the threshold there to its own logit: an extra rim or lobe the model was less sure of goes, the surer
-    object it hangs on stays (see the module docstring)."""
+    """``current`` with the part under a negative click at (x, y) removed: the pixels of ``current`` on the slope
+    below the click in the prompt-free logits (``logits`` (H, W)), in the click's window (see the module docstring).
+    An extra rim or lobe the model was less sure of goes, and so does a false object clicked at its peak; a surer
+    object it hangs on, or a neighbour behind a valley, stays."""
     window = click_window(current.shape, x, y, current)
-    return current & ~component_at(current & window & (logits <= logits[y, x]), x, y)
+    return current & ~descent_region(current & window, logits, x, y)
 
 def box_region(shape: tuple[int, int], boxes: Sequence[Sequence[float]]) -> np.ndarray:
     """The pixels (H, W) that at least one box [x0, y0, x1, y1] touches (pixel (c, r) covers [c, c + 1] x
@@ -146,11 +214,15 @@ class EspMedSamPromptSession:
         every box), decoded from the cached embedding; the prompt-free mask (1, H, W) without prompts."""
         if not points and boxes is None:
             return self.free_mask[None]
+        if boxes is not None and len(boxes) == 0:
+            return np.zeros((0, *self.free_mask.shape), dtype=bool)
+        return self._masks(self._decode(points, labels, boxes))
+
+    def _decode(self, points=None, labels=None, boxes=None) -> torch.Tensor:
+        """The low-resolution logits (1, N, 1, h, w) of :meth:`decode_objects`."""
         from .processing_esp_medsam import rescale_prompts
 
         objects = 1 if boxes is None else len(boxes)
-        if objects == 0:
-            return np.zeros((0, *self.free_mask.shape), dtype=bool)
         given: dict[str, Any] = {}
         if boxes is not None:
             given["input_boxes"] = [list(map(list, boxes))]
@@ -165,7 +237,12 @@ class EspMedSamPromptSession:
                 chunk = {k: v[:, start : start + OBJECTS_PER_DECODE].to(self.device) for k, v in prompts.items()}
                 output = self.model(image_embeddings=self.image_embeddings, modality=self.modality, **chunk)
                 logits.append(output.pred_masks.float().cpu())
-        return self._masks(torch.cat(logits, dim=1))
+        return torch.cat(logits, dim=1)
+
+    def decode_logits(self, points: Sequence[Sequence[float]], labels: Sequence[int] | None = None) -> np.ndarray:
+        """The logits (H, W) of the model's raw mask for ``points`` (one object), at the original size."""
+        logits = self.processor.post_process_masks(self._decode(points, labels), self.original_sizes, binarize=False)[0]
+        return logits.reshape(-1, *logits.shape[-2:])[0].numpy()
 
     def decode(self, points=None, labels=None, boxes=None) -> np.ndarray:
         """The raw SAM-style mask (H, W): the union of :meth:`decode_objects`."""
@@ -182,8 +259,8 @@ class EspMedSamPromptSession:
         if label != 1:
             raise ValueError(f"labels must be 1 (positive) or 0 (negative), got {label!r}")
         if (column, row) not in self._clicks:
-            self._clicks[column, row] = self.decode(points=[(x, y)], labels=[1])
-        return add_click(current, self._clicks[column, row], column, row)
+            self._clicks[column, row] = self.decode_logits(points=[(x, y)], labels=[1])
+        return add_click(current, self._clicks[column, row], self.free_logit_map, column, row)
 
     def mask(
         self,
