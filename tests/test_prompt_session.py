@@ -144,3 +144,18 @@ def test_session_on_a_tiny_model_corrects_from_the_cached_embedding():
     assert np.array_equal(session.free_logit_map > 0, session.free_mask)
     with pytest.raises(ValueError, match="one label per point"):
         session.mask(points=[(1, 1)], labels=[1, 0])
+
+
+def test_the_prompt_free_mask_is_cut_at_the_modalitys_calibrated_threshold():
+    """The session's prompt-free mask is ``prediction.predict``'s: the modality's calibrated logit threshold."""
+    model, processor = tiny_model(seed=1)
+    image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    logits = EspMedSamPromptSession(model, processor, image, "microscopy").free_logit_map
+    cut = float(np.median(logits))
+    processor.image_processor.modality_mask_thresholds = {"microscopy": cut}
+    try:
+        session = EspMedSamPromptSession(model, processor, image, "microscopy")
+    finally:
+        processor.image_processor.modality_mask_thresholds = None
+    assert np.array_equal(session.free_mask, logits.reshape(session.free_mask.shape) > cut)
+    assert np.array_equal(session.mask(), session.free_mask)
