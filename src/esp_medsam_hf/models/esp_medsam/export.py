@@ -144,6 +144,11 @@ def onnxruntime_session(path: str | os.PathLike, num_threads: int | None = None)
     # The arena keeps activation buffers between calls: tiles come in many calls of the same shapes, so each call
     # reuses the last one's memory instead of allocating it again (without it: 7 % more CPU time per tile).
     options.enable_cpu_mem_arena = True
+    # No spinning: onnxruntime's idle intra-op threads busy-wait for the next operator by default, which burns a
+    # core that a shared or small machine needs. Measured on 2 shared cores (256-px graph, interleaved rounds,
+    # docs/benchmark.md): float32 batch 1 0.098 s process CPU and 0.19 s wall per forward without spinning, 0.20 s
+    # and 0.30 s with it; int8, 16 tiles per call, 0.12 / 0.26 s per tile without, 0.16 / 0.42 s with.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
