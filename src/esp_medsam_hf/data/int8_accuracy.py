@@ -63,7 +63,9 @@ def measure_set(model, processor, dataset, scale: Any) -> dict[str, Any]:
     dice: dict[bool, list[float]] = {False: [], True: []}
     same = total = 0
     lowest = 1.0
+    names = set()
     for item in dataset:
+        names.add(_modality_name(model, int(item["modality"])))
         reference = mask_to_bool(item["mask"])
         masks = _masks(model, processor, image_to_rgb(item["image"]), int(item["modality"]), scale)
         for int8, mask in masks.items():
@@ -72,9 +74,9 @@ def measure_set(model, processor, dataset, scale: Any) -> dict[str, Any]:
         same, total = same + agreeing, total + masks[False].size
         lowest = min(lowest, agreeing / masks[False].size)
     fp32, int8 = mean_dice(dice[False]), mean_dice(dice[True])
-    names = {_modality_name(model, int(item["modality"])) for item in dataset}
     return {"images": len(dice[False]), "modalities": sorted(names),
-            "int8_by_default": bool(names) and all(name in INT8_MODALITIES for name in names), "dice_fp32": fp32, "dice_int8": int8, "dice_difference": int8 - fp32,
+            "int8_by_default": bool(names) and all(name in INT8_MODALITIES for name in names),
+            "dice_fp32": fp32, "dice_int8": int8, "dice_difference": int8 - fp32,
             "pixel_agreement": same / max(total, 1), "pixel_agreement_lowest_image": lowest}
 
 
@@ -114,7 +116,8 @@ def int8_accuracy_markdown(result: dict[str, Any]) -> str:
     ]
     for row in result["rows"]:
         lines.append(
-            f"| {row['set']} | {row['scale']} | {'yes' if row.get('int8_by_default') else 'no'} | {row['images']} | {row['dice_fp32']:.2f} | {row['dice_int8']:.2f} "
+            f"| {row['set']} | {row['scale']} | {'yes' if row.get('int8_by_default') else 'no'} | {row['images']} "
+            f"| {row['dice_fp32']:.2f} | {row['dice_int8']:.2f} "
             f"| {row['dice_difference']:+.2f} | {100 * row['pixel_agreement']:.2f} "
             f"| {100 * row['pixel_agreement_lowest_image']:.2f} | {'yes' if row['meets_target'] else 'no'} |"
         )
