@@ -144,11 +144,14 @@ def test_cpu_paths_quick_run_writes_every_figure_beside_its_target(tmp_path, mon
     assert summary["tiled_to_whole_ratio"] > 0 and summary["int8_met"] is None
     tiling = json.loads((tmp_path / "out" / "tiling.json").read_text())
     assert tiling["tiles"] == 4 and len(tiling["whole_fp32_seconds"]) == 1 and tiling["int8"] is True
+    assert len(tiling["whole_eager_fp32_seconds"]) == 1 and tiling["ratio_to_eager_whole_median"] > 0
+    assert set(tiling["cpu_seconds"]) == {"tiled", "singles", "whole_fp32", "whole_eager_fp32"}
     assert tiling["tile_batch_size"] == backends.ONNX_CPU_BATCH
     report = json.loads((tmp_path / "out" / "benchmark.json").read_text())
     assert "backend onnxruntime int8 for microscopy, else float32" in report["models"]["esp-medsam-user"]["description"]
     text = (tmp_path / "out" / "cpu_paths.md").read_text()
     assert "| esp-medsam-onnx-int8 |" in text and "target <= 0.4" in text and "target <= 8" in text
+    assert "eager PyTorch's float32 forward" in text and "in process CPU time" in text
     before = (tmp_path / "out" / "cpu_paths.md").stat().st_mtime_ns
     assert command.run(parser.parse_args(arguments)) == 2  # refuses to replace the earlier run
     assert (tmp_path / "out" / "cpu_paths.md").stat().st_mtime_ns == before
@@ -171,6 +174,9 @@ def test_int8_accuracy_rows_on_a_small_model():
     assert row["images"] == 2 and 0 <= row["dice_fp32"] <= 100 and 0 <= row["dice_int8"] <= 100
     assert row["dice_difference"] == pytest.approx(row["dice_int8"] - row["dice_fp32"])
     assert 0.5 <= row["pixel_agreement_lowest_image"] <= row["pixel_agreement"] <= 1
+    assert row["modalities"] == ["microscopy"] and row["int8_by_default"] is True  # microscopy: int8 by default
     result = {"model": "tiny", "rows": [{"set": "dsb", "scale": "whole", **row, "meets_target": False}],
-              "dice_tolerance": 0.5, "agreement_target": 0.99, "all_met": False}
-    assert "| dsb | whole | 2 |" in int8_accuracy_markdown(result) and "NOT met" in int8_accuracy_markdown(result)
+              "dice_tolerance": 0.5, "agreement_target": 0.99, "all_met": False, "default_met": False}
+    text = int8_accuracy_markdown(result)
+    assert "| dsb | whole | yes | 2 |" in text
+    assert "(microscopy) NOT met; on every set, int8 forced for all, NOT met" in text

@@ -93,7 +93,17 @@ def export_onnx(
 
 INT8_OP_TYPES = ("MatMul", "Gemm")
 """The nodes :func:`quantize_onnx` makes int8: the attention and MLP products of the TinyViT stages and the
-decoder. Convolutions stay float32: onnxruntime's dynamic ``ConvInteger`` has no fused kernel on its CPU provider."""
+decoder. Convolutions stay float32: onnxruntime's dynamic ``ConvInteger`` has no fused kernel on its CPU provider.
+
+Why dynamic and not static QDQ (int8 convolutions too, activations calibrated on real images of each modality):
+measured, static QDQ was slower. On the official configuration at 256 px, 4 tiles per call, 2 shared cores
+(``scripts/int8_static_trial.py`` and interleaved rounds, docs/benchmark.md), the QDQ graph took 0.23-0.26 s of
+process CPU time per tile against 0.14-0.18 s for this dynamic copy (spinning threads), and, calibrated on real
+training images of mnfinder, DSB and vascx with the sessions as shipped, 0.136 s against 0.097 s, keeping fewer
+mask pixels of the float32 graph. Not profiled further; the likely cause: the float32 operators between the
+quantised ones (LayerNorm, GELU, Softmax, the residual adds) each need a DequantizeLinear/QuantizeLinear pair,
+which cost more than the int8 convolutions save at this size. It also needs calibration images at export time,
+which the shipped code (exporting on the user's machine) does not have."""
 
 
 def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -144,6 +154,11 @@ def onnxruntime_session(path: str | os.PathLike, num_threads: int | None = None)
     # The arena keeps activation buffers between calls: tiles come in many calls of the same shapes, so each call
     # reuses the last one's memory instead of allocating it again (without it: 7 % more CPU time per tile).
     options.enable_cpu_mem_arena = True
+    # No spinning: onnxruntime's idle intra-op threads busy-wait for the next operator by default, which burns a
+    # core that a shared or small machine needs. Measured on 2 shared cores (256-px graph, interleaved rounds,
+    # docs/benchmark.md): float32 batch 1 0.098 s process CPU and 0.19 s wall per forward without spinning, 0.20 s
+    # and 0.30 s with it; int8, 16 tiles per call, 0.12 / 0.26 s per tile without, 0.16 / 0.42 s with.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
