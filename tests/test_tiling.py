@@ -11,7 +11,6 @@ from _inference_helpers import pointwise_model, single_thread, tiny_model
 from esp_medsam_hf import EspMedSamImageProcessor
 from esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam import segment
 from esp_medsam_hf.models.esp_medsam.prediction import (
-    AUTO_MIN_OBJECTS,
     TilingOptions,
     choose_scale,
     estimate_object_size,
@@ -80,22 +79,25 @@ def test_auto_zooms_in_more_for_small_objects(pointwise):
     assert small.scales[0] is not None and large.scales[0] is not None
     assert small.scales[0] > 1.5 * large.scales[0]
     assert small.object_sizes[0] == pytest.approx(6, abs=2) and large.object_sizes[0] == pytest.approx(24, abs=3)
-    # objects the model's size already: the whole view is kept; one large structure is never zoomed out
+    # objects the model's size already: the whole view is kept; large structures are not zoomed out below it
     assert choose_scale(16.0, 10, 0.25, 16.0) is None
-    assert choose_scale(60.0, 1, 0.25, 16.0) is None and choose_scale(60.0, 10, 0.25, 16.0) < 0.25
+    assert choose_scale(60.0, 1, 0.25, 16.0) is None and choose_scale(60.0, 10, 0.25, 16.0) is None
+    assert choose_scale(60.0, 10, 0.25, 16.0, zoom_out=True) < 0.25
 
 
 def test_a_calibrated_modality_zooms_out_a_close_up_of_few_objects():
     """In a modality with its own object size (nuclei), one or two large objects are a close-up: "auto" zooms out;
-    in another (an organ, a polyp) the whole view stays."""
+    in another (an organ, a polyp, blobs over a fundus photograph) the whole view stays, however many."""
     options = TilingOptions("auto", None, 64, 16, 16.0, 64, {"microscopy": 20.0})
     nuclei, organ = options.for_modality("microscopy"), options.for_modality("x-ray")
-    assert (nuclei.object_size, nuclei.min_objects) == (20.0, 1)
-    assert (organ.object_size, organ.min_objects) == (16.0, AUTO_MIN_OBJECTS)
-    assert choose_scale(60.0, 2, 0.5, organ.object_size, organ.min_objects) is None
-    assert choose_scale(60.0, 2, 0.5, nuclei.object_size, nuclei.min_objects) == pytest.approx(0.5 * 20 / 60)
-    # sizes already within the tolerance keep the whole view in both
-    assert choose_scale(22.0, 1, 0.5, nuclei.object_size, nuclei.min_objects) is None
+    assert (nuclei.object_size, nuclei.object_domain) == (20.0, True)
+    assert (organ.object_size, organ.object_domain) == (16.0, False)
+    assert choose_scale(60.0, 2, 0.5, organ.object_size, organ.object_domain) is None
+    assert choose_scale(60.0, 12, 0.5, organ.object_size, organ.object_domain) is None
+    assert choose_scale(60.0, 2, 0.5, nuclei.object_size, nuclei.object_domain) == pytest.approx(0.5 * 20 / 60)
+    # small objects are zoomed in everywhere; sizes within the tolerance keep the whole view in both
+    assert choose_scale(4.0, 12, 0.5, organ.object_size, organ.object_domain) == pytest.approx(0.5 * 16 / 4)
+    assert choose_scale(22.0, 1, 0.5, nuclei.object_size, nuclei.object_domain) is None
 
 
 def test_masks_keep_the_logits_above_the_modalitys_calibrated_threshold(pointwise, tmp_path):

@@ -15,11 +15,11 @@ Scales (``scale=``, default the image processor's ``inference_scale``, "auto" un
   them to the image processor's ``object_size`` (the size the model learnt, in its input's pixels).
 - ``"auto"``: a coarse whole-image pass first; its mask's connected components give the objects' size
   (:func:`estimate_object_size`) and :func:`choose_scale` rescales when it lies outside what the model handles
-  (a factor ``AUTO_TOLERANCE`` away from ``object_size``). One or two large structures (an organ, a polyp) are never
-  zoomed out: they keep the whole view, unless the modality has its own calibrated object size
-  (``modality_object_sizes``: a modality of many small objects, such as nuclei, whose training showed them at a range
-  of sizes), where a view holding one or two objects is a close-up, zoomed out like any other. An empty coarse mask
-  keeps the whole view. The rule uses no image statistic but the model's own mask, so it carries to images from labs
+  (a factor ``AUTO_TOLERANCE`` away from ``object_size``). Only a modality with its own calibrated object size
+  (``modality_object_sizes``: many small objects, such as nuclei, seen at a range of sizes in training) is zoomed
+  out below the whole view, however few its large objects (a close-up); elsewhere large structures (an organ, a
+  polyp, a blob over a fundus photograph) keep the whole view, which already shows the whole image. An empty coarse
+  mask keeps the whole view. The rule uses no image statistic but the model's own mask, so it carries to images from labs
   never seen.
 
 Why MONAI's ``sliding_window_inference``: it is the field's maintained implementation of tiling with blended
@@ -48,9 +48,6 @@ logger = logging.getLogger(__name__)
 SCALE_MODES = ("auto", "whole")
 AUTO_TOLERANCE = 1.5
 """"auto" keeps the whole view while the estimated object size is within this factor of ``object_size``."""
-AUTO_MIN_OBJECTS = 3
-""""auto" zooms out only for at least this many objects: fewer large ones are structures the whole view suits
-(except in a modality with its own calibrated object size, see ``TilingOptions.for_modality``)."""
 AUTO_ZOOM_RANGE = (0.25, 8.0)
 """"auto" changes the objects' size in the model's input by at most these factors."""
 MAX_ZOOM = 4.0
@@ -112,11 +109,6 @@ class TilingOptions:
     model_size: int
     modality_object_sizes: dict[str, float] = field(default_factory=dict)
     object_domain: bool = False
-
-    @property
-    def min_objects(self) -> int:
-        """The fewest objects larger than ``object_size`` that "auto" zooms out for."""
-        return 1 if self.object_domain else AUTO_MIN_OBJECTS
 
     def for_modality(self, name: str | None) -> "TilingOptions":
         """These options for modality ``name``: with its own object size if it has one (an ``object_domain``). Its
@@ -207,14 +199,17 @@ def estimate_object_size(mask: np.ndarray) -> tuple[float, int]:
 
 
 def choose_scale(size: float, count: int, view_factor: float, object_size: float,
-                 min_objects: int = AUTO_MIN_OBJECTS) -> float | None:
+                 zoom_out: bool = False) -> float | None:
     """"auto": the zoom factor of the native pixels that brings objects of ``size`` px (in the whole view, made at
-    ``view_factor``) to ``object_size``, or ``None`` to keep the whole view (see the module docstring); fewer than
-    ``min_objects`` objects larger than ``object_size`` keep the whole view."""
+    ``view_factor``) to ``object_size``, or ``None`` to keep the whole view (see the module docstring). Objects
+    larger than ``object_size`` are zoomed out only with ``zoom_out`` (a modality with its own calibrated object
+    size): elsewhere the whole view already shows the whole image, and shrinking it further only puts it in a
+    corner of the input (a fundus photograph whose coarse mask held large blobs went to x0.12 and came out as one
+    blob over the whole retina)."""
     if count == 0 or not math.isfinite(size) or size <= 0:
         return None
     ratio = object_size / size
-    if 1.0 / AUTO_TOLERANCE <= ratio <= AUTO_TOLERANCE or (ratio < 1.0 and count < min_objects):
+    if 1.0 / AUTO_TOLERANCE <= ratio <= AUTO_TOLERANCE or (ratio < 1.0 and not zoom_out):
         return None
     return view_factor * min(max(ratio, AUTO_ZOOM_RANGE[0]), AUTO_ZOOM_RANGE[1])
 
@@ -323,7 +318,7 @@ def _scale_of(options: TilingOptions, view_logits: torch.Tensor | None, view_fac
     view = (max(1, round(height * view_factor)), max(1, round(width * view_factor)))
     mask = F.interpolate(view_logits[None, None], size=view, mode="bilinear", align_corners=False)[0, 0] > 0
     size, count = estimate_object_size(mask.numpy())
-    factor = choose_scale(size, count, view_factor, options.object_size, options.min_objects)
+    factor = choose_scale(size, count, view_factor, options.object_size, options.object_domain)
     return (None if factor is None else factor * to_tiles), (size / view_factor if count else None)
 
 
