@@ -544,25 +544,12 @@ class RandomFourierPositionalEncoding(nn.Module):
         super().__init__()
         # float32 whatever the default dtype: the module is in _keep_in_fp32_modules_strict
         self.register_buffer("gaussian_matrix", scale * torch.randn(2, num_features, dtype=torch.float32))
-        self._grid: tuple[tuple, torch.Tensor] | None = None
 
     def forward(self, size: int) -> torch.Tensor:
         """(1, 2 * num_features, size, size), cell centres mapped to [-1, 1], x before y; computed in float32
-        whatever the model's dtype (sines of bf16 arguments are too coarse). The grid depends on the fixed matrix
-        and the size only, so it is computed once and kept (recomputed when the matrix is loaded or moved);
-        traced and compiled graphs compute it."""
-        matrix = self.gaussian_matrix
-        key = (size, matrix.device, matrix.dtype, matrix.data_ptr(), tensor_version(matrix))
-        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
-        if not tracing and self._grid is not None and self._grid[0] == key:
-            return self._grid[1]
-        grid = self.grid(size)
-        if not tracing:
-            self._grid = (key, grid)
-        return grid
-
-    def grid(self, size: int) -> torch.Tensor:
-        """The encoding of ``forward``, computed."""
+        whatever the model's dtype (sines of bf16 arguments are too coarse). Computed on every call: keeping it
+        made a forward's FLOPs depend on the calls before it and broke ``torch.compile`` for a few per cent of a
+        prompt's time (docs/benchmark.md)."""
         matrix = self.gaussian_matrix.float()
         centres = (torch.arange(size, device=matrix.device, dtype=matrix.dtype) + 0.5) / size
         y, x = torch.meshgrid(centres, centres, indexing="ij")
