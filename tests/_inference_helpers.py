@@ -144,3 +144,19 @@ def assert_masks_agree(actual: np.ndarray, expected: np.ndarray, min_agreement: 
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     agreement = float((actual == expected).mean())
     assert agreement >= min_agreement, f"masks agree on {agreement:.6%} of pixels, expected >= {min_agreement:.4%}"
+
+
+TARGET_SIZE = 64
+"""Input size of the tiny models of the target tests."""
+
+
+def base_model() -> EspMedSamModel:
+    """The target tests' tiny model (seed 0, eval mode)."""
+    torch.manual_seed(0)
+    return EspMedSamModel(EspMedSamConfig.tiny(image_size=TARGET_SIZE)).eval()
+
+
+def masks(model: EspMedSamModel, images: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``model``'s mask logits for ``images`` without gradients."""
+    with torch.no_grad():
+        return model(images, **kwargs).pred_masks

@@ -52,3 +52,17 @@ def data():
 
 # Stand-ins for modules transformers' common tests import (tests/_transformers_common.py); not tests themselves.
 collect_ignore = ["transformers_standins"]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A local Hub (olah behind our server) that takes fault injections, online whatever the session says; one per
+    test module."""
+    from huggingface_hub import constants
+
+    from esp_medsam_hf.testing.localhub import LocalHub
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "HF_HUB_OFFLINE", False)
+        with LocalHub(tmp_path_factory.mktemp("localhub"), allow_faults=True) as local_hub:
+            yield local_hub

@@ -16,9 +16,7 @@ import sys
 import httpx2
 import pytest
 from _hub_helpers import olah_available
-from huggingface_hub import HfApi, constants
-
-from esp_medsam_hf.testing.localhub import LocalHub
+from huggingface_hub import HfApi
 
 pytestmark = pytest.mark.skipif(not olah_available(), reason="olah (the local Hub's mirror) is not installed")
 REPO = "esp/download-errors"
@@ -35,29 +33,30 @@ except OSError as error:
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(constants, "HF_HUB_OFFLINE", False)
-        with LocalHub(tmp_path_factory.mktemp("localhub"), allow_faults=True) as local_hub:
-            yield local_hub
-
-
-@pytest.fixture(scope="module")
 def published(hub, tmp_path_factory):
     from esp_medsam_hf.models.esp_medsam.configuration_esp_medsam import EspMedSamConfig
     from esp_medsam_hf.models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 
-    folder = tmp_path_factory.mktemp("tiny")
-    EspMedSamModel(EspMedSamConfig.tiny()).save_pretrained(folder)
+    folder, model = tmp_path_factory.mktemp("tiny"), EspMedSamModel(EspMedSamConfig.tiny())
+    model.save_pretrained(folder)
     api = HfApi(endpoint=hub.endpoint, token=hub.token)
     api.create_repo(REPO, exist_ok=True)
     api.upload_folder(repo_id=REPO, folder_path=folder)
-    return sum(p.numel() for p in EspMedSamModel(EspMedSamConfig.tiny()).parameters())
+    return sum(p.numel() for p in model.parameters())
 
 
 def set_faults(hub, *faults: dict) -> None:
     httpx2.post(f"{hub.endpoint}/_local/faults", json={"faults": list(faults)},
                 headers={"Authorization": f"Bearer {hub.token}"}).raise_for_status()
+
+
+def load_with_failures(hub, tmp_path, times: int) -> dict:
+    """``load`` while the local Hub answers 503 to the first ``times`` reads of ``model.safetensors``."""
+    set_faults(hub, {"route": "read-file", "action": "503", "times": times, "path": "model.safetensors"})
+    try:
+        return load(hub, tmp_path)
+    finally:
+        set_faults(hub)
 
 
 def load(hub, tmp_path) -> dict:
@@ -69,20 +68,12 @@ def load(hub, tmp_path) -> dict:
 
 
 def test_a_failing_weights_download_names_the_server_error(hub, published, tmp_path):
-    set_faults(hub, {"route": "read-file", "action": "503", "times": 100, "path": "model.safetensors"})
-    try:
-        result = load(hub, tmp_path)
-    finally:
-        set_faults(hub)
+    result = load_with_failures(hub, tmp_path, times=100)
     assert not result["loaded"]
     assert "pytorch_model.bin" not in result["message"], result["message"]
     assert "model.safetensors failed" in result["message"] and "503" in result["message"], result["message"]
 
 
 def test_a_transient_weights_failure_is_survived(hub, published, tmp_path):
-    set_faults(hub, {"route": "read-file", "action": "503", "times": 1, "path": "model.safetensors"})
-    try:
-        result = load(hub, tmp_path)
-    finally:
-        set_faults(hub)
+    result = load_with_failures(hub, tmp_path, times=1)
     assert result == {"loaded": True, "parameters": published}

@@ -52,14 +52,6 @@ def card_for(branch: str, index: int) -> ModelCardInfo:
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(constants, "HF_HUB_OFFLINE", False)
-        with LocalHub(tmp_path_factory.mktemp("localhub"), allow_faults=True) as local_hub:
-            yield local_hub
-
-
-@pytest.fixture(scope="module")
 def api(hub) -> HfApi:
     return HfApi(endpoint=hub.endpoint, token=hub.token)
 

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from _inference_helpers import assert_masks_agree, save_pretrained_with_pipeline
+from _inference_helpers import TARGET_SIZE as SIZE
+from _inference_helpers import assert_masks_agree, base_model, masks, save_pretrained_with_pipeline
 from transformers import pipeline
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamImageProcessor, EspMedSamModel, EspMedSamProcessor
@@ -20,17 +21,6 @@ from esp_medsam_hf.training.stages import espmedsam_task, with_domains_target
 from esp_medsam_hf.training.targets import add_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SIZE = 64
-
-
-def base_model() -> EspMedSamModel:
-    torch.manual_seed(0)
-    return EspMedSamModel(EspMedSamConfig.tiny(image_size=SIZE)).eval()
-
-
-def masks(model: EspMedSamModel, images: torch.Tensor, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(images, **kwargs).pred_masks
 
 
 def fake_prepared(root, records: dict) -> str:

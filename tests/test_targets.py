@@ -4,6 +4,7 @@ modality's own target, survives saving and reloading, and training it alone leav
 import numpy as np
 import pytest
 import torch
+from _inference_helpers import TARGET_SIZE, base_model, masks
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
 from esp_medsam_hf.training import EspMedSamStageConfig, train
@@ -11,17 +12,7 @@ from esp_medsam_hf.training.stages import espmedsam_task
 from esp_medsam_hf.training.targets import add_target, freeze_all_but_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SIZE = 64
-
-
-def base_model() -> EspMedSamModel:
-    torch.manual_seed(0)
-    return EspMedSamModel(EspMedSamConfig.tiny(image_size=SIZE)).eval()
-
-
-def masks(model: EspMedSamModel, images: torch.Tensor, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(images, **kwargs).pred_masks
+SIZE = TARGET_SIZE
 
 
 def test_added_target_starts_as_its_modality_and_is_named():

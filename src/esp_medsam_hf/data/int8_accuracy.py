@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..models.esp_medsam.backends import INT8_MODALITIES
+from ..models.esp_medsam.prediction import modality_name
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ def _masks(model, processor, image: np.ndarray, modality: int, scale: Any) -> di
                           int8=int8).masks[0] for int8 in (False, True)}
 
 
-def _modality_name(model, index: int) -> str:
-    return model.config.modality_names[index]
-
-
 def measure_set(model, processor, dataset, scale: Any) -> dict[str, Any]:
     """One set's row: images, Dice of float32 and int8 (mean over images, %), their difference in points, and the
     pixel agreement of the two masks (over all the set's pixels, and the lowest of one image)."""
@@ -65,7 +62,7 @@ def measure_set(model, processor, dataset, scale: Any) -> dict[str, Any]:
     lowest = 1.0
     names = set()
     for item in dataset:
-        names.add(_modality_name(model, int(item["modality"])))
+        names.add(modality_name(model, int(item["modality"])))
         reference = mask_to_bool(item["mask"])
         masks = _masks(model, processor, image_to_rgb(item["image"]), int(item["modality"]), scale)
         for int8, mask in masks.items():

@@ -348,7 +348,8 @@ def mask_threshold(image_processor, name: str | None) -> float:
     return float(value)
 
 
-def _modality_name(model, index: int | None) -> str | None:
+def modality_name(model, index: int | None) -> str | None:
+    """The name of modality ``index`` in ``model``'s config (``None`` without names or for an index out of range)."""
     names = getattr(model.config, "modality_names", None)
     return names[index] if names is not None and index is not None and 0 <= index < len(names) else None
 
@@ -393,7 +394,7 @@ def predict(
         classifier = None if outputs.modality_logits is None else outputs.modality_logits.float().cpu()
     scales, object_sizes, tile_classifier = [], [], []
     for index, size in enumerate(sizes):
-        image_options = options.for_modality(_modality_name(model, chosen[index]))
+        image_options = options.for_modality(modality_name(model, chosen[index]))
         logits[index], scale, object_size, mean = _at_its_scale(
             model, image_processor, images[index], size, logits[index], chosen[index], image_options, backend,
             tile_batch_size, target_index, int8)
@@ -403,7 +404,7 @@ def predict(
         object_sizes.append(object_size)
     if classifier is None and tile_classifier and all(t is not None for t in tile_classifier):
         classifier = torch.stack(tile_classifier)
-    thresholds = [mask_threshold(image_processor, _modality_name(model, index)) for index in chosen]
+    thresholds = [mask_threshold(image_processor, modality_name(model, index)) for index in chosen]
     return Prediction(
         masks=[(item > cut).numpy() for item, cut in zip(logits, thresholds)], modality=list(chosen),
         modality_logits=classifier,
@@ -418,6 +419,7 @@ __all__ = [
     "choose_scale",
     "estimate_object_size",
     "mask_threshold",
+    "modality_name",
     "parse_scale",
     "predict",
     "tiled_logits",

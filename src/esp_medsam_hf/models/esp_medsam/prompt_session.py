@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .prediction import estimate_object_size, mask_threshold
+from .prediction import estimate_object_size, mask_threshold, modality_name
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +196,7 @@ class EspMedSamPromptSession:
         self.free_logits = outputs.pred_masks
         self.free_logit_map = self.processor.post_process_masks(
             outputs.pred_masks.float().cpu(), self.original_sizes, binarize=False)[0].numpy()
-        names = getattr(model.config, "modality_names", None)
-        name = names[int(self.modality[0])] if names is not None and self.modality is not None else None
+        name = None if self.modality is None else modality_name(model, int(self.modality[0]))
         # the prompt-free mask is cut where prediction.predict cuts it: the modality's calibrated threshold, else 0
         self.free_mask = self.free_logit_map.reshape(self.free_logit_map.shape[-2:]) > mask_threshold(
             getattr(processor, "image_processor", processor), name)
