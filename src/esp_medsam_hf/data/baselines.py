@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .prompt_simulation import component_boxes
+
 logger = logging.getLogger(__name__)
 
 BRIGHT_TARGET_MODALITIES = ("microscopy",)
@@ -84,19 +86,6 @@ class OtsuReference:
 
     def __call__(self, image: np.ndarray, reference: np.ndarray, modality: str, domain: str | None = None) -> np.ndarray:
         return otsu_mask(image, modality, self.polarity(domain, modality))
-
-
-def component_boxes(mask: np.ndarray, margin: int = 2) -> np.ndarray:
-    """(N, 4) x0, y0, x1, y1 boxes of the 8-connected components of ``mask``, ``margin`` pixels wider."""
-    from scipy import ndimage
-
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    boxes = []
-    height, width = mask.shape
-    for rows, cols in ndimage.find_objects(labels):
-        boxes.append([max(cols.start - margin, 0), max(rows.start - margin, 0),
-                      min(cols.stop - 1 + margin, width - 1), min(rows.stop - 1 + margin, height - 1)])
-    return np.asarray(boxes, dtype=np.float32).reshape(count, 4)
 
 
 class LiteMedSamBoxes:

@@ -18,37 +18,14 @@ import numpy as np
 from ..metrics.functional import dice_score
 from ..models.esp_medsam.fileio import atomic_file
 from ..models.esp_medsam.prompt_session import EspMedSamPromptSession
-from .baselines import component_boxes
 from .domains import MODALITY_NAMES
+from .prompt_simulation import click_at_largest_error, component_boxes
 from .schema import image_to_rgb, mask_to_bool
 
 logger = logging.getLogger(__name__)
 
 CLICKS = 5
 """Clicks of the interactive curve."""
-
-
-def click_at_largest_error(prediction: np.ndarray, reference: np.ndarray) -> tuple[int, int, int] | None:
-    """(x, y, label) of the next simulated click: the point of the largest 8-connected error region farthest from
-    its border (its centre, as interactive-segmentation benchmarks place clicks), labelled 1 if the region is
-    missed (in the reference, not the prediction) and 0 if extra; ``None`` when the prediction is exact."""
-    from scipy import ndimage
-
-    best: tuple[int, np.ndarray, int] | None = None
-    structure = np.ones((3, 3), dtype=bool)
-    for label, error in ((1, reference & ~prediction), (0, prediction & ~reference)):
-        regions, count = ndimage.label(error, structure=structure)
-        if count == 0:
-            continue
-        sizes = np.bincount(regions.ravel())[1:]
-        largest = int(sizes.argmax())
-        if best is None or sizes[largest] > best[0]:
-            best = (int(sizes[largest]), regions == largest + 1, label)
-    if best is None:
-        return None
-    distance = ndimage.distance_transform_edt(np.pad(best[1], 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(int(distance.argmax()), distance.shape)
-    return int(x), int(y), best[2]
 
 
 def click_curve(session: EspMedSamPromptSession, reference: np.ndarray, clicks: int = CLICKS) -> list[float]:

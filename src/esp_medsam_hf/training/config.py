@@ -310,6 +310,10 @@ class EspMedSamStageConfig(TrainingConfig):
         target of the model stays bit-identical; False trains what ``freeze`` leaves.
     calibrate_object_size: with ``zoom`` object-size domains, choose the release's "auto" inference object size on
         their validation images (``training.calibration``); False keeps the image processor's.
+    prompt_fraction: the share of batches (drawn from the seed) that are prompted, with boxes or clicks simulated
+        from the ground truth (``training.prompts``); the rest stay prompt-free. 0: prompt-free training only.
+    prompt_max_objects: a boxes batch prompts at most this many objects per image (drawn when there are more).
+    prompt_box_jitter: each side of a simulated box is pushed out by up to this share of the box's side.
     """
 
     stage: ClassVar[str] = "espmedsam"
@@ -321,13 +325,29 @@ class EspMedSamStageConfig(TrainingConfig):
     target_modality: str | None = None
     only_new_target: bool = True
     calibrate_object_size: bool = True
+    prompt_fraction: float = 0.0
+    prompt_max_objects: int = 8
+    prompt_box_jitter: float = 0.1
 
     def __post_init__(self):
         super().__post_init__()
+        self._check_prompts()
         if (self.new_target is None) != (self.target_modality is None):
             raise ValueError("new_target and target_modality go together: --new-target NAME --modality MODALITY")
         if self.new_target is not None and self.init_from is None:
             raise ValueError("new_target needs a trained model to add it to: give init_from (--init-from)")
+        if self.prompt_fraction and self.new_target is not None:
+            raise ValueError("prompt_fraction trains the prompted masks of the model's own targets; it cannot be "
+                             "combined with new_target")
+
+    def _check_prompts(self) -> None:
+        for name, low, high in (("prompt_fraction", 0, 1), ("prompt_box_jitter", 0, 10)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        value = self.prompt_max_objects
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"prompt_max_objects must be an integer >= 1, got {value!r}")
 
 
 FREEZABLE = ("encoder", "aggregator", "bags", "prompt_generator", "mask_decoder", "modality_classifier")

@@ -224,9 +224,16 @@ class EspMedSamAfterCache(nn.Module):
         return self.model.encode_stages(features, modality, first=self.frozen_stages)
 
     def forward(self, features: torch.Tensor, pooled_features: torch.Tensor, modality: torch.LongTensor,
-                labels: torch.Tensor) -> torch.Tensor:
+                labels: torch.Tensor, prompt=None) -> torch.Tensor:
+        """The loss of a batch; with ``prompt`` (a ``training.prompts.PromptDraw``) the prompted batch's
+        (``training.prompts.prompted_loss``, decoded from the image embeddings of the cached features)."""
         model = self.model
-        loss = model.decode_embeddings(self.embed(features, modality), modality, labels).loss
+        if prompt is None:
+            loss = model.decode_embeddings(self.embed(features, modality), modality, labels).loss
+        else:
+            from .prompts import prompted_loss
+
+            loss = prompted_loss(model, self.embed(features, modality), modality, labels, prompt)
         if model.config.modality_loss_weight > 0:
             logits = model.modality_classifier.head(pooled_features)
             loss = loss + model.config.modality_loss_weight * nn.functional.cross_entropy(logits, modality)

@@ -62,6 +62,10 @@ class StageTask:
     save(unwrapped_model, folder): write a ``save_pretrained`` folder (model, processor).
     before_optimizer_step(unwrapped_model, modalities): called once gradients are final, with the set of
         modalities seen in the accumulated batches (on all processes); may drop gradients (set them to None).
+    prepare_batch(batch, epoch, index) -> batch: called on every batch before ``compute_loss`` with its epoch and
+        index in the epoch (the same on resume), e.g. to add seeded prompts (``training.prompts``).
+    find_unused_parameters: some trainable parameters get no gradient in some batches (distributed data parallel
+        must then look for them).
     """
 
     name: str
@@ -74,6 +78,8 @@ class StageTask:
     metric_name: str = "dice"
     greater_is_better: bool = True
     before_optimizer_step: Callable[[nn.Module, set[int]], None] | None = None
+    prepare_batch: Callable[[dict, int, int], dict] | None = None
+    find_unused_parameters: bool = False
 
 
 
@@ -158,7 +164,7 @@ def train(config: TrainingConfig, task: StageTask, output_dir: str | Path | None
     output_dir = Path(output_dir or config.output_dir)
     try:
         # 1. Accelerator (devices, processes, mixed precision, gradient accumulation) and the run folder.
-        accelerator = _build_accelerator(config, output_dir)
+        accelerator = _build_accelerator(config, output_dir, task.find_unused_parameters)
         resume = _prepare_run_folder(accelerator, config, output_dir)
         if config.report_to:
             accelerator.init_trackers(f"esp-medsam-{task.name}",
@@ -196,12 +202,13 @@ def train(config: TrainingConfig, task: StageTask, output_dir: str | Path | None
         GradientState._reset_state()
 
 
-def _build_accelerator(config: TrainingConfig, output_dir: Path) -> Accelerator:
+def _build_accelerator(config: TrainingConfig, output_dir: Path, find_unused_parameters: bool = False) -> Accelerator:
     """The accelerator of the run, refusing processes it did not join; seeds every RNG. The loop steps the
     learning-rate scheduler itself (after every epoch, ``_end_epoch``, or after every optimizer step,
-    ``_after_optimizer_step``), so accelerate does not step it with the optimizer."""
+    ``_after_optimizer_step``), so accelerate does not step it with the optimizer. ``find_unused_parameters``:
+    distributed data parallel looks for parameters a batch leaves without gradient."""
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(config.mixed_precision),
@@ -211,6 +218,8 @@ def _build_accelerator(config: TrainingConfig, output_dir: Path) -> Accelerator:
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         dynamo_backend="inductor" if config.compile else None,  # None: what accelerate launch was given
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters
+        else None,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
@@ -309,6 +318,8 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     consumed = run.progress.batch
     batches = run.accelerator.skip_first_batches(run.dataloader, consumed) if consumed else run.dataloader
     for batch in batches:
+        if run.task.prepare_batch is not None:
+            batch = run.task.prepare_batch(batch, epoch, run.progress.batch)
         loss = _training_step(run, batch, epoch)
         run.progress.batch += 1
         if run.accelerator.sync_gradients:

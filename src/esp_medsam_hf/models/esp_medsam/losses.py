@@ -52,16 +52,32 @@ def mask_and_patch_losses(
     The mask logits are upsampled bilinearly to the label size; the mask loss is
     ``lambda * focal + (1 - lambda) * dice``; the patch loss is BCE against the label max-pooled to the patch grid.
     """
+    labels = _checked_labels(labels, pred_masks.dtype)
+    return mask_loss_of(pred_masks, labels, focal_loss_weight), patch_loss_of(patch_logits, labels)
+
+
+def _checked_labels(labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Binary ``labels`` (B, [1,] H, W) as (B, 1, H, W) of ``dtype``."""
     check_binary_labels(labels)
-    labels = labels.to(pred_masks.dtype)
-    if labels.dim() == 3:
-        labels = labels.unsqueeze(1)
+    labels = labels.to(dtype)
+    return labels.unsqueeze(1) if labels.dim() == 3 else labels
+
+
+def mask_loss_of(pred_masks: torch.Tensor, labels: torch.Tensor, focal_loss_weight: float) -> torch.Tensor:
+    """The paper's mask loss ``lambda * focal + (1 - lambda) * dice`` of mask logits (B, 1, h, w), upsampled
+    bilinearly to the size of the binary ``labels`` (B, [1,] H, W)."""
+    labels = _checked_labels(labels, pred_masks.dtype)
     logits = F.interpolate(pred_masks, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     focal = sigmoid_focal_loss(logits, labels, reduction="mean")
-    mask_loss = focal_loss_weight * focal + (1 - focal_loss_weight) * dice_loss(logits, labels)
+    return focal_loss_weight * focal + (1 - focal_loss_weight) * dice_loss(logits, labels)
+
+
+def patch_loss_of(patch_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The paper's patch loss: BCE of the patch logits (B, 1, g, g) against the binary ``labels`` (B, [1,] H, W)
+    max-pooled to the patch grid."""
+    labels = _checked_labels(labels, patch_logits.dtype)
     patch_targets = F.adaptive_max_pool2d(labels, patch_logits.shape[-2:])
-    patch_loss = F.binary_cross_entropy_with_logits(patch_logits, patch_targets)
-    return mask_loss, patch_loss
+    return F.binary_cross_entropy_with_logits(patch_logits, patch_targets)
 
 
 def segmentation_loss(
@@ -84,5 +100,7 @@ __all__ = [
     "check_binary_labels",
     "dice_loss",
     "mask_and_patch_losses",
+    "mask_loss_of",
+    "patch_loss_of",
     "segmentation_loss",
 ]

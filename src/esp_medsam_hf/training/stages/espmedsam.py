@@ -17,6 +17,7 @@ from ..config import EspMedSamStageConfig
 from ..data import check_not_empty, load_domains
 from ..features import FeatureDataset
 from ..loop import train
+from ..prompts import add_prompts
 from .modality_classifier import fit_modality_classifier
 from ..augment import parse_zoom
 from ..calibration import calibrate_object_size
@@ -31,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 def espmedsam_task(config: EspMedSamStageConfig, model: EspMedSamModel | None = None, data: dict | None = None):
     """(task, processor, data) of stage 3: everything but the ``freeze`` parts trains (the modality classifier on
-    detached features); with ``cache_features`` the frozen encoder's features are computed once."""
+    detached features); with ``cache_features`` the frozen encoder's features are computed once; with
+    ``prompt_fraction`` that share of the batches is prompted (``training.prompts``)."""
     data = data or source_data(config)
     processor = student_processor(model, None) if model is not None else None
     model = model if model is not None else build_student(config, config.init_from)
@@ -39,10 +41,14 @@ def espmedsam_task(config: EspMedSamStageConfig, model: EspMedSamModel | None = 
     config = with_domains_target(config)
     if config.new_target is not None:
         return new_target_task(config, model, data, processor)
-    apply_freeze(model, config.freeze, config.frozen_encoder_stages)
+    apply_freeze(model, config.freeze, config.frozen_encoder_stages, prompts=config.prompt_fraction > 0)
     if config.cache_features:
-        return cached_feature_task("espmedsam", model, config, data, processor)
-    return segmentation_task("espmedsam", model, config, data, processor)
+        task, processor, data = cached_feature_task("espmedsam", model, config, data, processor)
+    else:
+        task, processor, data = segmentation_task("espmedsam", model, config, data, processor)
+    if config.prompt_fraction > 0:
+        add_prompts(task, config)
+    return task, processor, data
 
 
 def with_domains_target(config: EspMedSamStageConfig) -> EspMedSamStageConfig:

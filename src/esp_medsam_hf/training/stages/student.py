@@ -55,16 +55,23 @@ def student_processor(model: EspMedSamModel, init_from: str | None) -> EspMedSam
     return make_processor(model.config.image_size, model.config.modality_names)
 
 
-def apply_freeze(model: EspMedSamModel, names: list[str], frozen_encoder_stages: int = 0) -> None:
+def apply_freeze(model: EspMedSamModel, names: list[str], frozen_encoder_stages: int = 0,
+                 prompts: bool = False) -> None:
     """Everything trains except the parts ``names`` lists (see ``training.config.FREEZABLE``), the encoder's first
-    ``frozen_encoder_stages`` stages with their bags, and the prompt encoder."""
+    ``frozen_encoder_stages`` stages with their bags, and the prompt encoder (with ``prompts``, prompted training,
+    all of it but its point embeddings: ``training.prompts.prompt_trainable``)."""
+    from ..prompts import prompt_trainable
+
     parts = {"aggregator": model.aggregator, "bags": model.modality_controller,
              "prompt_generator": model.prompt_generator, "mask_decoder": model.mask_decoder,
              "modality_classifier": model.modality_classifier}
     model.requires_grad_(True)
-    # Prompt-free training never runs SAM's prompt encoder (prompted training is not built yet): a parameter that
-    # gets no gradient would leave distributed data parallel's reduction waiting.
+    # Prompt-free training never runs SAM's prompt encoder, and clicks only its point embeddings: a parameter that
+    # never gets a gradient would leave distributed data parallel's reduction waiting.
     model.prompt_encoder.requires_grad_(False)
+    if prompts:
+        for module in prompt_trainable(model):
+            module.requires_grad_(True)
     for name in expand_freeze(names) - {"encoder"}:
         parts[name].requires_grad_(False)
     if frozen_encoder_stages:
