@@ -179,8 +179,6 @@ def add_prompts(task, config) -> None:
     """Make ``task`` (stage 3's, on images or on cached features) draw prompted batches with
     ``config.prompt_fraction``: its batches get a ``prompt`` (``draw_prompt``) and its loss decodes them; on images
     the model is wrapped in ``EspMedSamPromptedTraining`` (save and validation unwrap it)."""
-    from .features import EspMedSamAfterCache
-
     def prepare_batch(batch: dict, epoch: int, index: int) -> dict:
         draw = draw_prompt(config.prompt_fraction, config.seed, epoch, index, max_objects=config.prompt_max_objects,
                            box_jitter=config.prompt_box_jitter)
@@ -188,7 +186,7 @@ def add_prompts(task, config) -> None:
 
     task.prepare_batch = prepare_batch
     task.find_unused_parameters = True  # a prompt-free or boxes batch leaves the point embeddings without gradient
-    if isinstance(task.model, EspMedSamAfterCache):
+    if config.cache_features:  # the task trains an EspMedSamAfterCache
         task.compute_loss = prompted_cached_loss
         return
     save, validate = task.save, task.validate
