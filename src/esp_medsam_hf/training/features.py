@@ -29,6 +29,7 @@ from torch import nn
 from ..models.esp_medsam.backends import inference_batch_size
 from ..data.schema import image_to_rgb, mask_to_bool
 from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
+from .prompts import PromptDraw, prompted_loss
 
 logger = logging.getLogger(__name__)
 
@@ -224,15 +225,13 @@ class EspMedSamAfterCache(nn.Module):
         return self.model.encode_stages(features, modality, first=self.frozen_stages)
 
     def forward(self, features: torch.Tensor, pooled_features: torch.Tensor, modality: torch.LongTensor,
-                labels: torch.Tensor, prompt=None) -> torch.Tensor:
-        """The loss of a batch; with ``prompt`` (a ``training.prompts.PromptDraw``) the prompted batch's
-        (``training.prompts.prompted_loss``, decoded from the image embeddings of the cached features)."""
+                labels: torch.Tensor, prompt: PromptDraw | None = None) -> torch.Tensor:
+        """The loss of a batch; with ``prompt`` the prompted batch's (``training.prompts.prompted_loss``, decoded
+        from the image embeddings of the cached features)."""
         model = self.model
         if prompt is None:
             loss = model.decode_embeddings(self.embed(features, modality), modality, labels).loss
         else:
-            from .prompts import prompted_loss
-
             loss = prompted_loss(model, self.embed(features, modality), modality, labels, prompt)
         if model.config.modality_loss_weight > 0:
             logits = model.modality_classifier.head(pooled_features)

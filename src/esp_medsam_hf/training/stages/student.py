@@ -11,6 +11,7 @@ from ...models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 from ...models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
 from ..config import TrainingConfig, expand_freeze
 from ..features import frozen_prefix_modules
+from ..prompts import prompt_trainable
 from .shared import make_processor
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,8 @@ def student_processor(model: EspMedSamModel, init_from: str | None) -> EspMedSam
 def apply_freeze(model: EspMedSamModel, names: list[str], frozen_encoder_stages: int = 0,
                  prompts: bool = False) -> None:
     """Everything trains except the parts ``names`` lists (see ``training.config.FREEZABLE``), the encoder's first
-    ``frozen_encoder_stages`` stages with their bags, and the prompt encoder (with ``prompts``, prompted training,
-    all of it but its point embeddings: ``training.prompts.prompt_trainable``)."""
-    from ..prompts import prompt_trainable
-
+    ``frozen_encoder_stages`` stages with their bags, and the prompt encoder; with ``prompts`` (prompted training)
+    its point embeddings train (``training.prompts.prompt_trainable``)."""
     parts = {"aggregator": model.aggregator, "bags": model.modality_controller,
              "prompt_generator": model.prompt_generator, "mask_decoder": model.mask_decoder,
              "modality_classifier": model.modality_classifier}
