@@ -19,7 +19,7 @@ from ..features import FeatureDataset
 from ..loop import train
 from .modality_classifier import fit_modality_classifier
 from ..augment import parse_zoom
-from ..calibration import calibrate_object_size
+from ..calibration import calibrate_object_size, native_long_sides
 from ...data.prepared import prepared_domain_spec, prepared_names
 from ..targets import TargetAfterCache, TargetTraining, domains_target, freeze_target_prefix, prepare_target
 from .shared import (StageResult, cached_feature_task, dice_validation, save_with_processor, segmentation_task,
@@ -115,18 +115,32 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
 def _calibrate_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, processor: EspMedSamProcessor,
                     data: dict) -> dict:
     """Choose the "auto" object size and the mask threshold on the validation images (``training.calibration``)
-    when asked and the ``zoom`` has object-size domains; the processor in ``staging`` (a copy of ``chosen`` if
-    nothing is there yet) gets them. Returns the metrics (both and each candidate's validation Dice)."""
-    zoom = {name: spec for name, spec in parse_zoom(config.zoom).items() if spec.kind == "object_size"}
-    if not (config.calibrate_object_size and zoom and config.new_target is None):
+    when asked and the ``zoom`` has object-size domains, and the long side at which "auto" tiles the modalities of
+    its scale domains; the processor in ``staging`` (a copy of ``chosen`` if nothing is there yet) gets them.
+    Returns the metrics (the choices and each candidate's validation Dice)."""
+    zoom = parse_zoom(config.zoom)
+    if config.new_target is not None or not zoom:
         return {}
     if not (staging / "config.json").is_file():
         shutil.copytree(chosen, staging, dirs_exist_ok=True)
+    metrics: dict = {}
+    sides = native_long_sides(data, zoom)
+    if sides:
+        processor.image_processor.modality_long_sides = {**(processor.image_processor.modality_long_sides or {}),
+                                                         **sides}
+        processor.save_pretrained(staging)
+        processor.image_processor.save_pretrained(staging)
+        logger.info("auto inference tiles %s at a long side of %s px (their training resolution)",
+                    ", ".join(sides), ", ".join(str(side) for side in sides.values()))
+        metrics["long_sides"] = sides
+    zoom = {name: spec for name, spec in zoom.items() if spec.kind == "object_size"}
+    if not (config.calibrate_object_size and zoom):
+        return metrics
     model = EspMedSamModel.from_pretrained(staging).optimize_for_inference()
     with torch.no_grad():
         found = calibrate_object_size(model, processor, data, zoom)
     if found is None:
-        return {}
+        return metrics
     processor.image_processor.modality_object_sizes = {
         **(processor.image_processor.modality_object_sizes or {}),
         **{name: found["object_size"] for name in found["modalities"]}}
@@ -137,7 +151,7 @@ def _calibrate_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, p
     processor.image_processor.save_pretrained(staging)
     logger.info("auto inference object size for %s: %.1f px (validation Dice %s)", ", ".join(found["modalities"]),
                 found["object_size"], ", ".join(f"{size:g} px {dice:.2f}%" for size, dice in found["candidates"].items()))
-    return {"object_size": found["object_size"], "mask_threshold": found["mask_threshold"],
+    return {**metrics, "object_size": found["object_size"], "mask_threshold": found["mask_threshold"],
             "object_size_validation_dice": {f"{size:g}": dice for size, dice in found["candidates"].items()},
             "mask_threshold_validation_dice": {f"{cut:g}": dice for cut, dice in found["thresholds"].items()}}
 
