@@ -209,3 +209,27 @@ def test_train_new_modality_from_the_command_line(tmp_path, capsys):
     assert "unknown modality 'retina'" in capsys.readouterr().err
     assert main([*again, "--new-modality", "mri"]) == 1
     assert "--new-modality NAME --like MODALITY" in capsys.readouterr().err
+
+
+def test_training_the_new_modality_on_cached_features(tmp_path, data):
+    model, images = with_disc(), torch.randn(4, 3, SIZE, SIZE)
+    before = masks(model, images, modality=OLD)
+    config = EspMedSamStageConfig(
+        output_dir=str(tmp_path), batch_size=3, epochs=2, init_from="unused", model_size="tiny", image_size=SIZE,
+        progress=False, synthetic_valid_images=1, learning_rate=1e-2, new_modality="ct", like_modality="dermoscopy",
+        cache_features=True, frozen_encoder_stages=2, feature_views=1,
+    )
+    with pytest.raises(ValueError, match=r"prepared as 'dermoscopy' images \(--like\), they record \['dermoscopy', "
+                                         r"'microscopy'\]"):
+        espmedsam_task(config, model, data)
+    task, _, _ = espmedsam_task(config, model, {"isic": data["isic"]})  # dermoscopy images: encoded with its bag
+    trained = task.model.model
+    start = masks(trained, images, modality=6)
+    assert train(config, task).best_metric is not None  # validated as the new modality on cached features
+    trained.eval()
+    assert torch.equal(before, masks(trained, images, modality=OLD))
+    prefix = len(trained.aggregator.stages[0].blocks)  # bag blocks of the frozen TinyViT stage 1: still like's
+    bags = trained.modality_controller.bags
+    for index, (own, like) in enumerate(zip(bags[6].blocks, bags[0].blocks)):
+        assert all(torch.equal(a, b) for a, b in zip(own.parameters(), like.parameters())) == (index < prefix)
+    assert not torch.allclose(start, masks(trained, images, modality=6))
