@@ -233,3 +233,21 @@ def test_training_the_new_modality_on_cached_features(tmp_path, data):
     for index, (own, like) in enumerate(zip(bags[6].blocks, bags[0].blocks)):
         assert all(torch.equal(a, b) for a, b in zip(own.parameters(), like.parameters())) == (index < prefix)
     assert not torch.allclose(start, masks(trained, images, modality=6))
+
+
+def test_evaluate_decodes_the_new_modality_by_its_target(tmp_path, data):
+    import argparse
+
+    from test_target_domains import fake_prepared
+
+    from esp_medsam_hf.commands.evaluate import domain_targets
+    from esp_medsam_hf.data.evaluation import evaluate_model
+
+    grown = add_modality(base_model(), "ct", like="x-ray", target="liver").eval()
+    root = fake_prepared(tmp_path, {"scans": {"name": "scans", "modality": "x-ray", "target": "liver"}})
+    assert domain_targets(argparse.Namespace(data=root), ["scans"], grown.config) == {"scans": "liver"}
+    processor = EspMedSamProcessor(EspMedSamImageProcessor(size={"height": SIZE, "width": SIZE},
+                                                           inference_scale="whole"), grown.config.modality_names)
+    scores = [evaluate_model(grown, processor, {"isic": data["isic"]}, split="validation", compute_hausdorff=False,
+                             progress=False, target=target)["domains"]["isic"]["dice"] for target in (6, 1)]
+    assert scores[0] == scores[1]  # before training, ct segments as x-ray
