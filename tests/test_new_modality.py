@@ -131,6 +131,11 @@ def test_training_only_the_new_modality_leaves_the_others_bit_identical(tmp_path
     trained = task.model.model
     assert processor.modality_names[-1] == "ct" and processor.target_names[6] == "ct"
     start, state = masks(trained, images, modality=6), {k: v.clone() for k, v in trained.state_dict().items()}
+    labels = (torch.rand(4, 1, SIZE, SIZE) > 0.5).float()
+    with torch.no_grad():  # the segmentation loss alone: not the frozen classifier's (about 30 on the new class)
+        ct = torch.full((4,), 6)
+        assert task.model(images, labels) == trained.decode_embeddings(trained.encode(images, ct)[0], ct,
+                                                                          labels).loss < 5
     train(config, task)
     trained.eval()
     changed = {key for key, value in trained.state_dict().items() if not torch.equal(value, state[key])}

@@ -87,7 +87,11 @@ class TargetTraining(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         target = torch.full((pixel_values.shape[0],), self.target, device=pixel_values.device)
-        return self.model(pixel_values=pixel_values, target=target, labels=labels).loss
+        if any(p.requires_grad for p in self.model.modality_classifier.parameters()):
+            return self.model(pixel_values=pixel_values, target=target, labels=labels).loss
+        # a frozen classifier's loss would only add a constant (about 30 for an added modality, whose class starts
+        # far below its like's): the segmentation loss alone, as TargetAfterCache computes it
+        return self.model.decode_embeddings(self.model.encode(pixel_values, target)[0], target, labels).loss
 
 
 def prepare_target(model: EspMedSamModel, name: str, modality: str, only_target: bool) -> EspMedSamModel:
@@ -152,7 +156,8 @@ def freeze_target_prefix(model: EspMedSamModel, target: int, frozen_stages: int 
     differing = [key for key in own if key.startswith(tuple(names)) and not torch.equal(own[key], source[key])]
     if differing:
         raise ValueError(f"target {config.all_target_names[target]!r}'s parameter bag differs from the one its "
-                         f"images are encoded with before the cache point ({differing[0]}, ...): train it without cache_features")
+                         f"images are encoded with before the cache point ({differing[0]}, ...): train it without "
+                         "cache_features")
     for module in frozen_prefix_modules(model, frozen_stages):
         module.requires_grad_(False)
     logger.info("target %r on cached features: %d parameters train", config.all_target_names[target],
