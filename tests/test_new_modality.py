@@ -256,3 +256,15 @@ def test_evaluate_decodes_the_new_modality_by_its_target(tmp_path, data):
     scores = [evaluate_model(grown, processor, {"isic": data["isic"]}, split="validation", compute_hausdorff=False,
                              progress=False, target=target)["domains"]["isic"]["dice"] for target in (6, 1)]
     assert scores[0] == scores[1]  # before training, ct segments as x-ray
+
+
+def test_a_model_saved_without_the_field_loads_unchanged(tmp_path):
+    model, images = with_disc(), torch.randn(2, 3, SIZE, SIZE)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved.pop("added_modalities") == []
+    (tmp_path / "config.json").write_text(json.dumps(saved))  # as a checkpoint from before added modalities
+    reloaded = EspMedSamModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_query_rows == 6 and reloaded.config.target_query_rows == [0, 1, 2, 3, 4, 5, 3]
+    for kwargs in ({"modality": torch.tensor([0, 5])}, {"target": 6}):
+        assert torch.equal(masks(model, images, **kwargs), masks(reloaded, images, **kwargs))
