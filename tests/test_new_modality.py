@@ -249,8 +249,13 @@ def test_evaluate_decodes_the_new_modality_by_its_target(tmp_path, data):
     from esp_medsam_hf.data.evaluation import evaluate_model
 
     grown = add_modality(base_model(), "ct", like="x-ray", target="liver").eval()
-    root = fake_prepared(tmp_path, {"scans": {"name": "scans", "modality": "x-ray", "target": "liver"}})
-    assert domain_targets(argparse.Namespace(data=root), ["scans"], grown.config) == {"scans": "liver"}
+    root = fake_prepared(tmp_path, {"scans": {"name": "scans", "modality": "x-ray", "new_modality": "ct",
+                                              "target": "liver"}})
+    args = argparse.Namespace(data=root)
+    assert domain_targets(args, ["scans"], grown.config) == {"scans": "liver"}
+    with pytest.raises(ValueError, match="records the new modality 'ct', which the model does not have .* train it "
+                                         "with --new-modality ct --like x-ray first"):
+        domain_targets(args, ["scans"], base_model().config)
     processor = EspMedSamProcessor(EspMedSamImageProcessor(size={"height": SIZE, "width": SIZE},
                                                            inference_scale="whole"), grown.config.modality_names)
     scores = [evaluate_model(grown, processor, {"isic": data["isic"]}, split="validation", compute_hausdorff=False,
@@ -268,3 +273,41 @@ def test_a_model_saved_without_the_field_loads_unchanged(tmp_path):
     assert reloaded.config.num_query_rows == 6 and reloaded.config.target_query_rows == [0, 1, 2, 3, 4, 5, 3]
     for kwargs in ({"modality": torch.tensor([0, 5])}, {"target": 6}):
         assert torch.equal(masks(model, images, **kwargs), masks(reloaded, images, **kwargs))
+
+
+def test_a_prepared_domain_records_the_new_modality_and_training_takes_it(tmp_path):
+    import argparse
+
+    from test_target_domains import fake_prepared
+
+    from esp_medsam_hf.commands.prepare import _domains, add_arguments
+    from esp_medsam_hf.data.domains import Domain, custom_domain
+    from esp_medsam_hf.data.prepare import PreparationError
+    from esp_medsam_hf.training.stages import with_domains_target
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    [scans] = _domains(parser.parse_args(["--domains", "scans", "--modality", "ct", "--like", "x-ray",
+                                          "--output", "o"]))
+    assert (scans.modality, scans.new_modality, scans.target) == ("x-ray", "ct", "ct")
+    assert scans.to_dict()["new_modality"] == "ct" and Domain.from_dict(scans.to_dict()) == scans
+    assert "new_modality" not in custom_domain("plain", "x-ray").to_dict()
+    with pytest.raises(ValueError, match="for a new modality give the one it is like"):
+        _domains(parser.parse_args(["--domains", "scans", "--modality", "ct", "--output", "o"]))
+    with pytest.raises(PreparationError, match="--like names the modality"):
+        _domains(parser.parse_args(["--domains", "isic", "--like", "x-ray", "--output", "o"]))
+    with pytest.raises(ValueError, match="new_modality must be a name that is none of the six"):
+        custom_domain("scans", "x-ray", new_modality="fundus")
+    scans = {"name": "scans", "modality": "x-ray", "new_modality": "ct", "target": "liver"}
+    root = fake_prepared(tmp_path / "data", {"scans": scans, "chest": {"name": "chest", "modality": "x-ray"}})
+    resolved = with_domains_target(EspMedSamStageConfig(data=root, domains=["scans"], init_from="x"))
+    assert (resolved.new_modality, resolved.like_modality, resolved.new_modality_target) == ("ct", "x-ray", "liver")
+    assert with_domains_target(resolved) == resolved
+    with pytest.raises(ValueError, match="record different modalities"):
+        with_domains_target(EspMedSamStageConfig(data=root, domains=["scans", "chest"], init_from="x"))
+    with pytest.raises(ValueError, match="differs from what the training domains record"):
+        with_domains_target(EspMedSamStageConfig(data=root, domains=["scans"], init_from="x", new_modality="mri",
+                                                 like_modality="x-ray"))
+    with pytest.raises(ValueError, match="--new-target adds a target to a modality the model has"):
+        with_domains_target(EspMedSamStageConfig(data=root, domains=["scans"], init_from="x", new_target="liver",
+                                                 target_modality="x-ray"))

@@ -124,3 +124,17 @@ def prepare_modality(model: EspMedSamModel, name: str, like: str, target: str | 
         logger.info("training only modality %r: %d of %d parameters", name, trainable,
                     sum(p.numel() for p in model.parameters()))
     return model
+
+
+def domains_modality(specs: dict) -> tuple[str, str, str | None] | None:
+    """(new modality, like, target or None) that the prepared domains ``specs`` (``{name: Domain}``) record in their
+    ``domain.json`` (``Domain.new_modality``), or None when none records one; domains that disagree (or some of the
+    six modalities beside it) are an error."""
+    recorded = {(spec.new_modality, spec.modality, spec.target_name) for spec in specs.values()}
+    if all(new is None for new, _, _ in recorded):
+        return None
+    if len(recorded) > 1:
+        listed = ", ".join(f"{name}: {spec.new_modality or spec.modality}" for name, spec in specs.items())
+        raise ValueError(f"the training domains record different modalities ({listed}); train one new modality at "
+                         "a time, on its own domains")
+    return next(iter(recorded))

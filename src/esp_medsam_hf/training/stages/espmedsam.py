@@ -22,7 +22,7 @@ from ..augment import parse_zoom
 from ..calibration import calibrate_object_size
 from ...data.domains import MODALITY_NAMES
 from ...data.prepared import prepared_domain_spec, prepared_names
-from ..modalities import add_modality_to_processor, prepare_modality
+from ..modalities import add_modality_to_processor, domains_modality, prepare_modality
 from ..targets import TargetAfterCache, TargetTraining, domains_target, freeze_target_prefix, prepare_target
 from .shared import (StageResult, cached_feature_task, dice_validation, save_with_processor, segmentation_task,
                      source_data, write_release)
@@ -55,7 +55,11 @@ def with_domains_target(config: EspMedSamStageConfig) -> EspMedSamStageConfig:
     if config.data == "synthetic":
         return config
     names = prepared_names(config.data, config.domains)
-    recorded = domains_target({name: prepared_domain_spec(config.data, name) for name in names})
+    specs = {name: prepared_domain_spec(config.data, name) for name in names}
+    modality = domains_modality(specs)
+    if modality is not None:
+        return with_domains_modality(config, *modality)
+    recorded = domains_target(specs)
     if recorded is None:
         return config
     if config.new_modality is not None:
@@ -70,6 +74,22 @@ def with_domains_target(config: EspMedSamStageConfig) -> EspMedSamStageConfig:
     if (config.new_target, config.target_modality) != recorded:
         raise ValueError(f"--new-target {config.new_target!r} --modality {config.target_modality} differs from the "
                          f"target the training domains record: {recorded[0]!r} ({recorded[1]})")
+    return config
+
+
+def with_domains_modality(config: EspMedSamStageConfig, name: str, like: str, target: str | None):
+    """``config`` with the new modality its training domains record (``new_modality`` in ``domain.json``, prepared
+    as ``like``); another ``new_modality`` (or ``like``, target) given, or a ``new_target``, is an error."""
+    if config.new_target is not None:
+        raise ValueError(f"the training domains record the new modality {name!r}; --new-target adds a target to a "
+                         "modality the model has: leave it out")
+    if config.new_modality is None:
+        logger.info("the training domains record the new modality %r (like %s): adding it", name, like)
+        return dataclasses.replace(config, new_modality=name, like_modality=like, new_modality_target=target)
+    given = (config.new_modality, config.like_modality, config.new_modality_target or config.new_modality)
+    if given != (name, like, target or name):
+        raise ValueError(f"--new-modality {config.new_modality!r} --like {config.like_modality} differs from what the "
+                         f"training domains record: {name!r} like {like} (target {target or name!r})")
     return config
 
 
