@@ -311,3 +311,42 @@ def test_a_prepared_domain_records_the_new_modality_and_training_takes_it(tmp_pa
     with pytest.raises(ValueError, match="--new-target adds a target to a modality the model has"):
         with_domains_target(EspMedSamStageConfig(data=root, domains=["scans"], init_from="x", new_target="liver",
                                                  target_modality="x-ray"))
+
+
+def test_prepare_train_evaluate_a_new_modality_from_the_command_line(tmp_path, capsys):
+    """The researcher's path: ``prepare --modality ct --like x-ray``, ``train`` (the modality from ``domain.json``),
+    ``evaluate`` decoding it; a model without the modality is refused by ``evaluate`` with the command that adds it."""
+    from _inference_helpers import save_tiny_model
+    from PIL import Image
+
+    from esp_medsam_hf.cli import main
+
+    raw = tmp_path / "raw"
+    for folder in ("images", "masks"):
+        (raw / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(raw / "images" / f"s{index}.png")
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:20, 6 + index : 18 + index] = 255
+        Image.fromarray(mask).save(raw / "masks" / f"s{index}.png")
+    prepared = tmp_path / "prepared"
+    assert main(["prepare", "--domains", "scans", "--modality", "ct", "--like", "x-ray", "--target", "liver",
+                 "--layout", "plain", "--data-dir", str(raw), "--output", str(prepared)]) == 0, \
+        capsys.readouterr().err
+    assert json.loads((prepared / "scans" / "domain.json").read_text())["new_modality"] == "ct"
+    base = save_tiny_model(tmp_path / "init")
+    run = tmp_path / "run"
+    assert main(["train", "--stage", "espmedsam", "--init-from", str(base), "--data", str(prepared), "--domains",
+                 "scans", "--batch-size", "2", "--max-steps", "1", "--no-progress", "--output-dir", str(run)]) == 0, \
+        capsys.readouterr().err
+    release = EspMedSamModel.from_pretrained(run / "release").config
+    assert release.added_modalities == [{"name": "ct", "like": "x-ray"}] and release.target_names[-1] == "liver"
+    common = ["evaluate", "--data", str(prepared), "--domains", "scans", "--no-references", "--no-hausdorff",
+              "--no-scale-table", "--scale", "whole"]
+    assert main([*common, "--model", str(run / "release"), "--output", str(tmp_path / "eval")]) == 0, \
+        capsys.readouterr().err
+    assert "scans" in json.loads((tmp_path / "eval" / "results.json").read_text())["domains"]
+    capsys.readouterr()
+    assert main([*common, "--model", str(base), "--output", str(tmp_path / "refused")]) == 1
+    assert "train it with --new-modality ct --like x-ray first" in capsys.readouterr().err
