@@ -347,6 +347,14 @@ def test_prepare_train_evaluate_a_new_modality_from_the_command_line(tmp_path, c
     assert main([*common, "--model", str(run / "release"), "--output", str(tmp_path / "eval")]) == 0, \
         capsys.readouterr().err
     assert "scans" in json.loads((tmp_path / "eval" / "results.json").read_text())["domains"]
+    assert main(["segment", str(raw / "images" / "s0.png"), "--model", str(run / "release"), "--modality", "ct",
+                 "--scale", "whole", "--output", str(tmp_path / "masks"), "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    import csv
+
+    with open(tmp_path / "masks" / "segmentation.csv", newline="") as handle:
+        [row] = list(csv.DictReader(handle))
+    assert (row["modality"], row["modality_source"]) == ("ct", "given")
     capsys.readouterr()
     assert main([*common, "--model", str(base), "--output", str(tmp_path / "refused")]) == 1
     assert "train it with --new-modality ct --like x-ray first" in capsys.readouterr().err
