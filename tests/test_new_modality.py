@@ -261,6 +261,11 @@ def test_evaluate_decodes_the_new_modality_by_its_target(tmp_path, data):
     scores = [evaluate_model(grown, processor, {"isic": data["isic"]}, split="validation", compute_hausdorff=False,
                              progress=False, target=target)["domains"]["isic"]["dice"] for target in (6, 1)]
     assert scores[0] == scores[1]  # before training, ct segments as x-ray
+    with torch.no_grad():
+        grown.modality_classifier.fc2.bias[6] += 1000  # a classifier that picks ct for every image
+    report = evaluate_model(grown, processor, {"isic": data["isic"]}, split="validation", compute_hausdorff=False,
+                            progress=False)
+    assert report["domains"]["isic"]["classifier_accuracy"] == 0.0  # named from the model's modalities: no error
 
 
 def test_a_model_saved_without_the_field_loads_unchanged(tmp_path):
