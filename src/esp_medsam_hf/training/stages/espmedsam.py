@@ -20,7 +20,9 @@ from ..loop import train
 from .modality_classifier import fit_modality_classifier
 from ..augment import parse_zoom
 from ..calibration import calibrate_object_size, native_long_sides
+from ...data.domains import MODALITY_NAMES
 from ...data.prepared import prepared_domain_spec, prepared_names
+from ..modalities import add_modality_to_processor, domains_modality, prepare_modality
 from ..targets import TargetAfterCache, TargetTraining, domains_target, freeze_target_prefix, prepare_target
 from .shared import (StageResult, cached_feature_task, dice_validation, save_with_processor, segmentation_task,
                      source_data, write_release)
@@ -39,6 +41,8 @@ def espmedsam_task(config: EspMedSamStageConfig, model: EspMedSamModel | None = 
     config = with_domains_target(config)
     if config.new_target is not None:
         return new_target_task(config, model, data, processor)
+    if config.new_modality is not None:
+        return new_modality_task(config, model, data, processor)
     apply_freeze(model, config.freeze, config.frozen_encoder_stages)
     if config.cache_features:
         return cached_feature_task("espmedsam", model, config, data, processor)
@@ -51,8 +55,18 @@ def with_domains_target(config: EspMedSamStageConfig) -> EspMedSamStageConfig:
     if config.data == "synthetic":
         return config
     names = prepared_names(config.data, config.domains)
-    recorded = domains_target({name: prepared_domain_spec(config.data, name) for name in names})
+    specs = {name: prepared_domain_spec(config.data, name) for name in names}
+    modality = domains_modality(specs)
+    if modality is not None:
+        return with_domains_modality(config, *modality)
+    recorded = domains_target(specs)
     if recorded is None:
+        return config
+    if config.new_modality is not None:
+        own = config.new_modality_target or config.new_modality
+        if recorded[0] != own:
+            raise ValueError(f"the training domains record the target {recorded[0]!r}, not {own!r}, which "
+                             f"--new-modality {config.new_modality!r} segments (give --new-modality-target)")
         return config
     if config.new_target is None:
         logger.info("the training domains record the target %r (%s): training it as a new target", *recorded)
@@ -63,17 +77,62 @@ def with_domains_target(config: EspMedSamStageConfig) -> EspMedSamStageConfig:
     return config
 
 
+def with_domains_modality(config: EspMedSamStageConfig, name: str, like: str, target: str | None):
+    """``config`` with the new modality its training domains record (``new_modality`` in ``domain.json``, prepared
+    as ``like``); another ``new_modality`` (or ``like``, target) given, or a ``new_target``, is an error."""
+    if config.new_target is not None:
+        raise ValueError(f"the training domains record the new modality {name!r}; --new-target adds a target to a "
+                         "modality the model has: leave it out")
+    if config.new_modality is None:
+        logger.info("the training domains record the new modality %r (like %s): adding it", name, like)
+        return dataclasses.replace(config, new_modality=name, like_modality=like, new_modality_target=target)
+    given = (config.new_modality, config.like_modality, config.new_modality_target or config.new_modality)
+    if given != (name, like, target or name):
+        raise ValueError(f"--new-modality {config.new_modality!r} --like {config.like_modality} differs from what the "
+                         f"training domains record: {name!r} like {like} (target {target or name!r})")
+    return config
+
+
 def new_target_task(config: EspMedSamStageConfig, model: EspMedSamModel, data: dict, processor: EspMedSamProcessor):
     """(task, processor, data) of training ``config.new_target``: every training image is decoded as that target, and
     validated as it; with ``only_new_target`` only its bag and query train (else what ``freeze`` leaves). With
     ``cache_features`` and ``only_new_target`` the encoder up to ``frozen_encoder_stages`` (the target's bag blocks
     there included, kept the modality's) is encoded once and only the rest of its bag and its query train."""
     model = prepare_target(model, config.new_target, config.target_modality, config.only_new_target)
-    if not config.only_new_target:
-        apply_freeze(model, config.freeze, config.frozen_encoder_stages)
-    target = model.config.target_index(config.new_target)
+    return one_target_task(config, model, model.config.target_index(config.new_target), data, processor)
+
+
+def new_modality_task(config: EspMedSamStageConfig, model: EspMedSamModel, data: dict,
+                      processor: EspMedSamProcessor):
+    """(task, processor, data) of training ``config.new_modality`` (added like ``config.like_modality``): every
+    training image is decoded as that modality, as ``new_target_task`` decodes a target; its classifier class does
+    not train (``training.modalities.ADDED_CLASS_LOGIT_OFFSET``). With ``cache_features`` the domains must record
+    the ``like`` modality (the cache encodes each image with its recorded modality's bag)."""
+    model = prepare_modality(model, config.new_modality, config.like_modality, config.new_modality_target,
+                             config.only_new_target)
+    add_modality_to_processor(processor, model.config)
+    like = model.config.modality_index(config.like_modality)
     if config.cache_features and config.only_new_target:
-        freeze_target_prefix(model, target, config.cache_point)
+        recorded = {MODALITY_NAMES[int(m)] for d in data.values() for m in d["train"]["modality"]}
+        if recorded != {config.like_modality}:
+            raise ValueError(f"with cache_features the training domains must be prepared as {config.like_modality!r} "
+                             f"images (--like), they record {sorted(recorded)}: prepare them with --modality "
+                             f"{config.like_modality} or train without --cache-features")
+    # with --train-all too, the classifier stays frozen: the new modality's images alone cannot teach it to tell
+    # that modality from the others
+    return one_target_task(config, model, model.config.modality_index(config.new_modality), data, processor,
+                           source=like, frozen=["modality_classifier"])
+
+
+def one_target_task(config: EspMedSamStageConfig, model: EspMedSamModel, target: int, data: dict,
+                    processor: EspMedSamProcessor, source: int | None = None, frozen: list[str] = ()):
+    """(task, processor, data) of training ``model`` on every image as ``target`` (a new target's or modality's;
+    ``source``: the bag a feature cache encodes its images with, see ``freeze_target_prefix``; ``frozen``: parts
+    kept frozen beside ``config.freeze`` when not only the target trains)."""
+    if not config.only_new_target:
+        apply_freeze(model, [*config.freeze, *frozen], config.frozen_encoder_stages)
+    if config.cache_features and config.only_new_target:
+        freeze_target_prefix(model, target, config.cache_point, source)
         return cached_feature_task("espmedsam", model, config, data, processor,
                                    trainable=TargetAfterCache(model, config.cache_point, target))
     task, processor, data = segmentation_task("espmedsam", TargetTraining(model, target, config.only_new_target),
@@ -119,7 +178,7 @@ def _calibrate_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, p
     its scale domains; the processor in ``staging`` (a copy of ``chosen`` if nothing is there yet) gets them.
     Returns the metrics (the choices and each candidate's validation Dice)."""
     zoom = parse_zoom(config.zoom)
-    if config.new_target is not None or not zoom:
+    if config.new_target is not None or config.new_modality is not None or not zoom:
         return {}
     if not (staging / "config.json").is_file():
         shutil.copytree(chosen, staging, dirs_exist_ok=True)
