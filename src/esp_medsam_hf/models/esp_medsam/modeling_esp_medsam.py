@@ -164,6 +164,10 @@ class ModalityController(nn.Module):
     """Holds one ``ParameterBag`` per target (one per modality, then one per extra target) and plugs each image's
     bag into the aggregator's blocks; ``modality`` below is the index of the bag (the image's target)."""
 
+    fixed_modality: int | None = None
+    """Set on a copy being exported for one modality (``export.export_onnx(..., modality=)``): every image uses
+    that bag through the shared path, which tracing otherwise never takes (it cannot read the batch's modalities)."""
+
     def __init__(self, config: EspMedSamConfig):
         super().__init__()
         self.bags = nn.ModuleList(
@@ -424,7 +428,7 @@ class ModalityAggregator(nn.Module):
         if isinstance(controller, ModalityController) and not (
             torch.is_grad_enabled() and any(p.requires_grad for p in controller.parameters())
         ):
-            single = single_modality(modality)
+            single = controller.fixed_modality if controller.fixed_modality is not None else single_modality(modality)
         for stage in stages:
             x = stage.downsample(x).permute(0, 2, 3, 1)
             for block in stage.blocks:

@@ -268,7 +268,7 @@ def tiled_logits(
             tiles = F.interpolate(tiles, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         index = torch.full((tiles.shape[0],), int(modality), dtype=torch.long)
         outputs = run_inference(model, tiles.to(device, model.dtype), index, backend=backend, target=target_index,
-                                int8=int8)
+                                int8=int8, one_modality_graph=True)
         if outputs.modality_logits is not None:
             classifier.append(outputs.modality_logits.float().cpu())
         logits = F.interpolate(outputs.pred_masks.float().cpu(), size=(size, size), mode="bilinear",
