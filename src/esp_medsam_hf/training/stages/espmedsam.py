@@ -159,7 +159,8 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
     if isinstance(task.train_dataset, FeatureDataset) and classifier_data is not None:
         # the stem is frozen below a feature cache: its pooled features of the training images are still right
         cache = task.train_dataset
-        known = (cache.pooled.flatten(0, 1), cache.modality.repeat_interleave(cache.num_views))
+        encoded = cache.encoded.flatten()  # the views the run showed (the others were not encoded)
+        known = (cache.pooled.flatten(0, 1)[encoded], cache.modality.repeat_interleave(cache.num_views)[encoded])
         classifier_data = {name: domain for name, domain in classifier_data.items() if name not in data}
 
     def build(staging: Path) -> None:
