@@ -129,3 +129,31 @@ def test_the_mask_threshold_is_chosen_on_the_validation_views_at_the_chosen_size
     monkeypatch.setattr(calibration, "predict", lambda model, trial, images, modality, scale, backend=None:
                         _Prediction(images[0][..., 0] > 127))
     assert calibrate_object_size(None, processor, data, zoom)["mask_threshold"] == 0.0
+
+
+def _photos(sizes: list[tuple[int, int]], modality: int = 3) -> Dataset:
+    images = [np.zeros((height, width, 3), dtype=np.uint8) for height, width in sizes]
+    return Dataset.from_dict({"image": images, "mask": [image[..., 0] for image in images],
+                              "modality": [modality] * len(images)})
+
+
+def test_a_scale_domain_is_tiled_at_its_training_resolution():
+    data = {"photos": DatasetDict(train=_photos([(32, 48), (40, 40), (64, 30)]), test=_photos([(500, 500)])),
+            "nuclei": DatasetDict(train=_photos([(90, 90)], modality=4))}
+    # the median longest side of the training images (48 px) at the middle of the scale range
+    assert calibration.native_long_sides(data, {"photos": ZoomRange("scale", 0.5, 2)}) == {"fundus": 48}
+    assert calibration.native_long_sides(data, {"photos": ZoomRange("scale", 1, 4)}) == {"fundus": 96}
+    # object-size domains are calibrated on validation views instead; a domain without training images gives nothing
+    assert calibration.native_long_sides(data, {"nuclei": ZoomRange("object_size", 6, 40)}) == {}
+    assert calibration.native_long_sides({"photos": DatasetDict(test=_photos([(8, 8)]))},
+                                         {"photos": ZoomRange("scale", 0.5, 2)}) == {}
+
+
+def test_a_stage_3_release_tiles_a_scale_domain_at_its_training_resolution(tmp_path):
+    data = synthetic_domains(["retinal"], {"train": 2, "validation": 1}, seed=0, size=64)
+    config = EspMedSamStageConfig(output_dir=str(tmp_path / "run"), init_from=None, model_size="tiny", image_size=64,
+                                  epochs=1, batch_size=2, progress=False, zoom={"retinal": {"scale": [0.5, 2]}})
+    result = run_espmedsam(config, data=data)
+    saved = json.loads((result.release_dir / "preprocessor_config.json").read_text())
+    assert saved["modality_long_sides"] == {"fundus": 64} == result.metrics["long_sides"]
+    assert saved.get("modality_object_sizes") is None  # no object-size domain, nothing calibrated

@@ -157,3 +157,32 @@ def test_some_views_cover_only_part_of_the_input():
     by_scale = ScaleAugmentation({"fundus": ZoomRange("scale", 0.5, 2)}, 256)
     assert all((by_scale(image, mask, "fundus", 0, np.random.default_rng(seed))[0][..., 0] > 0).mean() > 0.99
                for seed in range(20))  # scale domains' views are always full
+
+
+def test_views_a_short_run_never_shows_are_not_encoded(data):
+    from esp_medsam_hf.training.features import shown_view
+    from esp_medsam_hf.training.stages.shared import epochs_at_most
+
+    torch.manual_seed(0)
+    model = EspMedSamModel(EspMedSamConfig.tiny(image_size=64))
+    apply_freeze(model, [], frozen_encoder_stages=2)
+    processor = make_processor(64, model.config.modality_names)
+    config = EspMedSamStageConfig(image_size=64, zoom={"dsb": {"scale": [0.5, 2]}})
+    rows = SegmentationDataset(data, "train", augment=True, seed=0, scale_augmentation=training_augmentation(config))
+    full = cache_features(model, processor.image_processor, rows, views=5, frozen_stages=2, progress=False)
+    short = cache_features(model, processor.image_processor, rows, views=5, frozen_stages=2, progress=False, epochs=2)
+    assert short.encoded.sum(1).tolist() == [2] * 6 and bool(full.encoded.all())
+    for epoch in (0, 1):
+        short.set_epoch(epoch)
+        full.set_epoch(epoch)
+        for index in range(6):
+            assert short.encoded[index, shown_view(index, epoch, 5, augment=True, seed=0)]
+            # encoded in other batches: equal up to float rounding
+            torch.testing.assert_close(short[index]["features"], full[index]["features"], rtol=1e-4, atol=1e-6)
+    short.set_epoch(2)
+    with pytest.raises(RuntimeError, match="not encoded"):
+        [short[index] for index in range(6)]
+    # the bound: 6 images at batch 2 are 3 steps an epoch, so 7 steps take at most 3 epochs (never fewer)
+    assert epochs_at_most(EspMedSamStageConfig(batch_size=2, max_steps=7, epochs=100), 6) == 3
+    assert epochs_at_most(EspMedSamStageConfig(batch_size=2, epochs=4), 6) == 4
+    assert epochs_at_most(EspMedSamStageConfig(batch_size=4, max_steps=7, epochs=100), 6) == 4  # 2 batches, 1 step

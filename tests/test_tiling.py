@@ -181,3 +181,38 @@ def test_bad_modality_object_sizes_are_named(sizes):
     processor = EspMedSamImageProcessor(size={"height": 64, "width": 64}, modality_object_sizes=sizes)
     with pytest.raises(ValueError, match="modality_object_sizes"):
         tiling_options(processor)
+
+
+def test_a_modality_long_side_tiles_it_at_that_resolution_without_a_coarse_pass(tiny, monkeypatch):
+    from esp_medsam_hf.models.esp_medsam import prediction
+
+    model, processor = tiny
+    image = np.random.default_rng(3).integers(0, 256, (100, 200, 3), dtype=np.uint8)
+    processor.image_processor.modality_long_sides = {"fundus": 128}
+    try:
+        at_factor = predict(model, processor, [image], "fundus", scale=0.64, overlap=8)
+        whole_views = []
+        original = prediction._whole_view
+        monkeypatch.setattr(prediction, "_whole_view", lambda *a, **k: whole_views.append(1) or original(*a, **k))
+        auto = predict(model, processor, [image], "fundus", scale="auto", overlap=8)
+        assert whole_views == []  # the modality is given and has a long side: no coarse pass
+        assert auto.scales == [pytest.approx(128 / 200)] and auto.object_sizes == [None]
+        torch.testing.assert_close(auto.logits[0], at_factor.logits[0], rtol=0, atol=0)
+        other = predict(model, processor, [image], "microscopy", scale="auto", overlap=8)
+        assert whole_views == [1]  # another modality keeps the coarse pass of "auto"
+        predict(model, processor, [image], None, scale="auto", overlap=8)
+        assert whole_views == [1, 1]  # without a modality the whole view's classifier chooses it first
+    finally:
+        processor.image_processor.modality_long_sides = None
+    assert other.scales == predict(model, processor, [image], "microscopy", scale="auto", overlap=8).scales
+
+
+def test_modality_long_sides_round_trip_and_bad_values_are_named(tmp_path):
+    processor = EspMedSamImageProcessor(size={"height": 64, "width": 64}, modality_long_sides={"fundus": 1024})
+    processor.save_pretrained(tmp_path)
+    assert EspMedSamImageProcessor.from_pretrained(tmp_path).modality_long_sides == {"fundus": 1024}
+    assert tiling_options(processor).for_modality("fundus").long_side == 1024.0
+    assert tiling_options(processor).for_modality("microscopy").long_side is None
+    for sides in ({"fundus": 0}, {"fundus": 1.5}, {"fundus": "big"}, [4]):
+        with pytest.raises(ValueError, match="modality_long_sides"):
+            tiling_options(EspMedSamImageProcessor(size={"height": 64, "width": 64}, modality_long_sides=sides))

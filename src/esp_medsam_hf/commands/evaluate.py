@@ -150,13 +150,18 @@ def load_data(args: argparse.Namespace, image_size: int) -> tuple[dict, str]:
 
 def domain_targets(args: argparse.Namespace, names: list[str], config) -> dict[str, str]:
     """``{domain: target}`` for the prepared domains whose ``domain.json`` records a target of their own (a new
-    target added to a modality); the model must have it."""
+    target added to a modality) or a new modality (its target); the model must have it."""
     from ..data.prepared import prepared_domain_spec
 
     if args.data in ("synthetic", "real"):
         return {}
-    targets = {name: prepared_domain_spec(args.data, name).target_name for name in names}
-    targets = {name: target for name, target in targets.items() if target is not None}
+    specs = {name: prepared_domain_spec(args.data, name) for name in names}
+    for name, spec in specs.items():
+        if spec.new_modality is not None and spec.new_modality not in config.modality_names:
+            raise ValueError(f"domain {name!r} records the new modality {spec.new_modality!r}, which the model does "
+                             f"not have (its modalities: {', '.join(config.modality_names)}); train it with "
+                             f"--new-modality {spec.new_modality} --like {spec.modality} first")
+    targets = {name: spec.target for name, spec in specs.items() if spec.target_name or spec.new_modality}
     for name, target in targets.items():
         if target not in config.all_target_names:
             raise ValueError(f"domain {name!r} records the target {target!r}, which the model does not have (its "

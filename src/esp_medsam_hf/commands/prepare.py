@@ -23,11 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="output folder (one sub-folder per domain + README.md)")
     parser.add_argument("--layout", help="force a layout (default: detected); see docs/data.md")
     parser.add_argument(
-        "--modality", help="modality of your own domain (dermoscopy, x-ray, ultrasound, fundus, microscopy, colonoscopy)"
+        "--modality", help="modality of your own domain (dermoscopy, x-ray, ultrasound, fundus, microscopy, "
+        "colonoscopy; another name with --like)"
     )
     parser.add_argument(
         "--target", help="your own domain: what its masks show when it is not the modality's own target (e.g. "
         "'optic disc' for fundus); recorded in domain.json, training adds it as a new target and evaluation decodes it"
+    )
+    parser.add_argument(
+        "--like", help="your own domain of a modality that is none of the six (--modality NAME): the one it is like "
+        "(recorded in domain.json; training adds NAME as a new modality from it)"
     )
     parser.add_argument("--validation-fraction", type=float, default=0.1,
                         help="your own data: share of unsplit images for validation (default 0.1)")
@@ -74,6 +79,9 @@ def _domains(args: argparse.Namespace) -> list:
     if args.modality is None:
         if args.target is not None:
             raise PreparationError("--target names what the masks of your own domain show: pass it with --modality")
+        if args.like is not None:
+            raise PreparationError("--like names the modality your own domain's new modality is like: pass it with "
+                                   "--modality NAME")
         return resolve_domains(args.domains)
     if args.synthetic or not args.domains or len(args.domains) != 1 or args.domains[0] in GROUPS:
         raise PreparationError("--modality names the modality of ONE new domain: pass --domains NAME "
@@ -84,7 +92,9 @@ def _domains(args: argparse.Namespace) -> list:
                                "data: choose another name")
     except KeyError:
         pass
-    return [custom_domain(args.domains[0], args.modality, target=args.target)]
+    if args.like is None:
+        return [custom_domain(args.domains[0], args.modality, target=args.target)]
+    return [custom_domain(args.domains[0], args.like, target=args.target, new_modality=args.modality)]
 
 
 def _check_output(args: argparse.Namespace, domains: list) -> None:

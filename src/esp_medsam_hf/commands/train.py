@@ -99,9 +99,16 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-target", metavar="NAME",
                         help="espmedsam: add target NAME (its own bag and mask query) to --modality and train it")
     parser.add_argument("--modality", dest="target_modality", help="espmedsam: the modality of --new-target")
+    parser.add_argument("--new-modality", metavar="NAME",
+                        help="espmedsam: add modality NAME (its own bag, mask query and classifier class, copied "
+                             "from --like's) and train it on the domains")
+    parser.add_argument("--like", dest="like_modality", metavar="MODALITY",
+                        help="espmedsam: the existing modality that --new-modality starts from")
+    parser.add_argument("--new-modality-target", metavar="TARGET",
+                        help="espmedsam: what --new-modality segments (its label; default: NAME)")
     parser.add_argument("--train-all", dest="only_new_target", action="store_false", default=None,
-                        help="with --new-target: also train the shared parts (default: only the new target's bag "
-                             "and query, so the other targets stay bit-identical)")
+                        help="with --new-target or --new-modality: also train the shared parts (default: only the "
+                             "new target's or modality's bag and query, so the others stay bit-identical)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="publish the stage to REPO on its branch when done")
     parser.add_argument("--also-main", action="store_true", help="with --push-to-hub: also publish it as main")
     add_remaining_options(parser)

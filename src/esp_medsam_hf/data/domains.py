@@ -48,6 +48,10 @@ class Domain:
     target_name: str | None = None
     """What the masks show when it is not the modality's own target (``target`` in ``domain.json``): a target that
     training adds to the modality (``training.targets``) and evaluation decodes."""
+    new_modality: str | None = None
+    """The images' modality when it is none of the six (``new_modality`` in ``domain.json``; ``prepare --modality
+    NAME --like MODALITY``): ``modality`` is then the one it is like, which training adds it from
+    (``training.modalities``); its target is ``target_name``, else the new modality's name."""
 
     @property
     def modality_index(self) -> int:
@@ -62,7 +66,7 @@ class Domain:
     @property
     def target(self) -> str:
         """What the masks show: ``target_name``, else the modality's own target."""
-        return self.target_name or TARGET_NAMES[self.modality_index]
+        return self.target_name or self.new_modality or TARGET_NAMES[self.modality_index]
 
     @property
     def is_source(self) -> bool:
@@ -87,19 +91,27 @@ class Domain:
         """What a prepared folder records about its domain (``<domain>/domain.json``)."""
         record = {"name": self.name, "modality": self.modality, "role": self.role, "dataset": self.dataset,
                   "citation": self.citation, "origin": self.origin, "description": self.description}
-        return {**record, "target": self.target_name} if self.target_name else record
+        record = {**record, "target": self.target_name} if self.target_name else record
+        return {**record, "new_modality": self.new_modality} if self.new_modality else record
 
     @classmethod
     def from_dict(cls, data: dict) -> "Domain":
         if data.get("modality") not in MODALITY_NAMES:
             raise ValueError(f"domain {data.get('name')!r}: modality must be one of {', '.join(MODALITY_NAMES)}, "
-                             f"got {data.get('modality')!r}")
+                             f"got {data.get('modality')!r} (for a new modality give the one it is like: "
+                             "prepare --modality NAME --like MODALITY)")
+        new_modality = data.get("new_modality")
+        if new_modality is not None and (not isinstance(new_modality, str) or not new_modality.strip()
+                                         or new_modality in MODALITY_NAMES):
+            raise ValueError(f"domain {data.get('name')!r}: new_modality must be a name that is none of the six "
+                             f"modalities, got {new_modality!r}")
         target = data.get("target")
         if target is not None and (not isinstance(target, str) or not target.strip()):
             raise ValueError(f"domain {data.get('name')!r}: target must be a non-empty name, got {target!r}")
         return cls(data["name"], data["modality"], data.get("role", "custom"), data.get("dataset", data["name"]),
                    data.get("citation", ""), None, data.get("origin", "custom"), data.get("description", ""),
-                   None if target in (None, TARGET_NAMES[MODALITY_NAMES.index(data["modality"])]) else target)
+                   None if target in (None, TARGET_NAMES[MODALITY_NAMES.index(data["modality"])]) else target,
+                   new_modality)
 
 
 @lru_cache(maxsize=None)
@@ -237,15 +249,17 @@ def get_domain(name: str) -> Domain:
 
 
 def custom_domain(name: str, modality: str, dataset: str | None = None, description: str = "",
-                  target: str | None = None) -> Domain:
+                  target: str | None = None, new_modality: str | None = None) -> Domain:
     """A user's own domain: any name that is not a registered one, and one of the six modalities; ``target``: what
-    its masks show when it is not the modality's own target (a new target, ``training.targets``)."""
+    its masks show when it is not the modality's own target (a new target, ``training.targets``); ``new_modality``:
+    the images' own modality when it is none of the six (``modality`` is then the one it is like)."""
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
         raise ValueError(f"domain name {name!r} must be letters, digits, '-', '_' or '.' (it names a folder)")
     if name in _BY_NAME or name in GROUPS:
         raise ValueError(f"domain name {name!r} is taken by a registered domain or group; choose another")
     return Domain.from_dict({"name": name, "modality": modality, "role": "custom", "dataset": dataset or name,
-                             "origin": "custom", "description": description, "target": target})
+                             "origin": "custom", "description": description, "target": target,
+                             "new_modality": new_modality})
 
 
 def resolve_domains(names: list[str] | tuple[str, ...] | None) -> list[Domain]:

@@ -45,15 +45,16 @@ def _score_image(
     reference: np.ndarray,
     prediction: np.ndarray,
     modality: int,
-    guess: int | None,
+    guess: str | None,
     references: Mapping | None,
     compute_hausdorff: bool,
     domain: str | None = None,
 ) -> dict:
     """One image's scores: Dice (and HD, HD95) of the prediction, each reference method's Dice, the errors of
-    both (:func:`error_split`), and the modality beside the classifier's pick."""
+    both (:func:`error_split`), and the modality (a dataset index) beside the classifier's pick (a name of the
+    model's own modalities, which may have more than the six)."""
     entry = {"dice": dice_score(prediction, reference), "modality": MODALITY_NAMES[modality],
-             "classifier_modality": None if guess is None else MODALITY_NAMES[guess]}
+             "classifier_modality": guess}
     if references:
         entry["missed"], entry["extra"] = error_split(prediction, reference)
     for method, run in (references or {}).items():
@@ -203,6 +204,7 @@ def _evaluate_dataset(
         for image, reference, prediction, file_name, modality, guess, used in zip(
             images, masks, predictions, batch["file_name"], batch["modality"], picked, used_scales
         ):
+            guess = None if guess is None else model.config.modality_names[guess]
             entry = _score_image(image, reference, prediction, modality, guess, references, compute_hausdorff,
                                  domain=name)
             entry = {"file_name": file_name, **entry, "scale": used}

@@ -65,15 +65,25 @@ def _row(model, processor, pairs: Sequence[tuple[np.ndarray, np.ndarray]], modal
     return {"zoom": zoom, "dice": mean_dice(ours), "otsu": mean_dice(otsu), "per_image": ours, "scales": scales}
 
 
+def _same_view(row: Mapping[str, Any], zoom: float, scale: Any) -> bool:
+    """Whether ``row`` (measured at the model's default scale) segmented every image at zoom factor ``scale`` of
+    ``zoom``'s view: the same tiles, so the same masks, as asking for ``scale`` itself."""
+    return (isinstance(scale, float) and row.get("zoom") == zoom and bool(row.get("scales"))
+            and all(used is not None and math.isclose(used, scale) for used in row["scales"]))
+
+
 def scale_table(
     model, processor, pairs: Sequence[tuple[np.ndarray, np.ndarray]], modality: str, *,
     zooms: Iterable[float] = ZOOMS, scale: Any = None, extra_views: bool = True, backend: str | None = "eager",
+    known: Sequence[Mapping[str, Any]] = (),
 ) -> dict:
     """The table for ``pairs`` of (RGB image, bool mask) decoded with ``modality`` (a name).
 
     Returns ``{"modality", "num_images", "rows": [{"label", "zoom", "scale", "dice", "otsu", "per_image",
     "scales"}]}``: one row per zoom with ``scale`` (``None``: the model's default), then ``EXTRA_VIEWS`` when
-    ``extra_views``. Dice in %, means over the images (``metrics.functional.mean_dice``).
+    ``extra_views``. Dice in %, means over the images (``metrics.functional.mean_dice``). ``known``: rows already
+    measured on the same images at the default scale (the evaluation's x1); an extra view that its images were all
+    segmented at is taken from it instead of run again.
     """
     if modality not in MODALITY_NAMES:
         raise ValueError(f"modality must be one of {', '.join(MODALITY_NAMES)}, got {modality!r}")
@@ -84,7 +94,9 @@ def scale_table(
     rows = []
     try:
         for label, zoom, view_scale in views:
-            row = _row(model, processor, pairs, modality, zoom, view_scale, backend)
+            same = next((row for row in known if _same_view(row, zoom, view_scale)), None)
+            row = ({key: same[key] for key in ("zoom", "dice", "otsu", "per_image", "scales")} if same is not None
+                   else _row(model, processor, pairs, modality, zoom, view_scale, backend))
             rows.append({"label": label, "scale": "default" if view_scale is None else view_scale, **row})
             logger.info("scale table %s %s: Dice %.2f%% (Otsu %.2f%%)", modality, label, row["dice"], row["otsu"])
     finally:

@@ -14,6 +14,12 @@ modality's mask-logit threshold (``modality_mask_thresholds``, which ``predictio
 the model's upsampled low-resolution logits (in the main job the masks came out about a pixel too wide at 0). The
 threshold closest to 0 within ``THRESHOLD_TOLERANCE`` points of the best wins. Only validation images are used; the
 test images never choose either.
+
+A domain trained at a **scale** of its native pixels (``zoom: {scale: [0.5, 2]}``: fundus photographs, whose thin
+vessels a whole view shrinks away) needs no search: "auto" tiles its modality at the resolution it was trained at,
+the training images' median longest side times the geometric middle of the range (:func:`native_long_sides`,
+saved as the image processor's ``modality_long_sides``), so that a photograph from another camera is brought to the
+training photographs' resolution instead of being taken at its own pixels.
 """
 
 from __future__ import annotations
@@ -105,5 +111,23 @@ def calibrate_object_size(model, processor, data: Mapping[str, Mapping], zoom: M
             "thresholds": thresholds, "images": len(pairs), "views": len(views)}
 
 
+def native_long_sides(data: Mapping[str, Mapping], zoom: Mapping[str, ZoomRange], split: str = "train"
+                      ) -> dict[str, int]:
+    """``{modality name: pixels}`` for the modalities of ``zoom``'s scale domains with images in ``split``: the
+    median longest side of those images times the geometric middle of the domains' scale range (the resolution
+    their training crops showed on average)."""
+    from ..data.domains import MODALITY_NAMES
+
+    sides: dict[str, list[float]] = {}
+    for name, spec in zoom.items():
+        if spec.kind != "scale" or name not in data or split not in data[name] or not len(data[name][split]):
+            continue
+        rows = data[name][split]
+        middle = math.sqrt(spec.low * spec.high)
+        for row in rows:
+            sides.setdefault(MODALITY_NAMES[row["modality"]], []).append(max(np.asarray(row["image"]).shape[:2]) * middle)
+    return {modality: int(round(float(np.median(values)))) for modality, values in sides.items()}
+
+
 __all__ = ["CALIBRATION_ZOOMS", "CANDIDATES", "MASK_THRESHOLDS", "THRESHOLD_TOLERANCE", "TOLERANCE",
-           "calibrate_object_size", "candidate_sizes"]
+           "calibrate_object_size", "candidate_sizes", "native_long_sides"]

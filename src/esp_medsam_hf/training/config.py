@@ -306,8 +306,13 @@ class EspMedSamStageConfig(TrainingConfig):
     new_target / target_modality: add a target named ``new_target`` to modality ``target_modality`` (its own
         parameter bag and mask query, initialised from the modality's own target; kept if ``init_from`` has it) and
         train on the domains as that target.
-    only_new_target: with ``new_target``, train only the new target's bag and query (the default), so every other
-        target of the model stays bit-identical; False trains what ``freeze`` leaves.
+    new_modality / like_modality / new_modality_target: add a modality named ``new_modality`` (its own parameter
+        bag, mask query and classifier class, initialised from ``like_modality``'s; its target named
+        ``new_modality_target``, default ``new_modality``; kept if ``init_from`` has it) and train on the domains as
+        that modality (``training.modalities``).
+    only_new_target: with ``new_target`` (or ``new_modality``), train only the new target's (modality's) bag and
+        query (the default), so every other target of the model stays bit-identical; False trains what ``freeze``
+        leaves.
     calibrate_object_size: with ``zoom`` object-size domains, choose the release's "auto" inference object size on
         their validation images (``training.calibration``); False keeps the image processor's.
     prompt_fraction: the share of batches (drawn from the seed) that are prompted, with boxes or clicks simulated
@@ -323,6 +328,9 @@ class EspMedSamStageConfig(TrainingConfig):
     classifier_epochs: int = 0
     new_target: str | None = None
     target_modality: str | None = None
+    new_modality: str | None = None
+    like_modality: str | None = None
+    new_modality_target: str | None = None
     only_new_target: bool = True
     calibrate_object_size: bool = True
     prompt_fraction: float = 0.0
@@ -336,9 +344,16 @@ class EspMedSamStageConfig(TrainingConfig):
             raise ValueError("new_target and target_modality go together: --new-target NAME --modality MODALITY")
         if self.new_target is not None and self.init_from is None:
             raise ValueError("new_target needs a trained model to add it to: give init_from (--init-from)")
-        if self.prompt_fraction and self.new_target is not None:
+        if (self.new_modality is None) != (self.like_modality is None):
+            raise ValueError("new_modality and like_modality go together: --new-modality NAME --like MODALITY")
+        if self.new_modality is None and self.new_modality_target is not None:
+            raise ValueError("new_modality_target names the target of a new modality: give --new-modality too")
+        if self.new_modality is not None and (self.init_from is None or self.new_target is not None):
+            raise ValueError("new_modality needs a trained model to add it to (give init_from, --init-from) and "
+                             "goes without new_target: add one modality or one target at a time")
+        if self.prompt_fraction and (self.new_target is not None or self.new_modality is not None):
             raise ValueError("prompt_fraction trains the prompted masks of the model's own targets; it cannot be "
-                             "combined with new_target")
+                             "combined with new_target or new_modality")
 
     def _check_prompts(self) -> None:
         for name, low, high in (("prompt_fraction", 0, 1), ("prompt_box_jitter", 0, 10)):

@@ -91,16 +91,30 @@ def encode(model: EspMedSamModel, pixel_values: torch.Tensor, modality: torch.Lo
     return features, model.modality_classifier.pool(hidden_states[0])
 
 
+def shown_view(index: int, epoch: int, num_views: int, *, augment: bool, seed: int) -> int:
+    """The view image ``index`` shows in ``epoch``: every view once per ``num_views`` epochs, in an order drawn per
+    image from ``(seed, index)`` (view 0 without ``augment``)."""
+    if not augment or num_views == 1:
+        return 0
+    order = np.random.default_rng([seed, int(index)]).permutation(num_views)
+    return int(order[epoch % num_views])
+
+
 class FeatureDataset(torch.utils.data.Dataset):
     """The cached views of a ``SegmentationDataset``'s rows: per item the features at the cache point, pooled
     classifier features, labels and modality of one view: each image shows its views in turn, one per epoch, in an
     order drawn from ``(seed, index)`` (identity only without ``augment``)."""
 
     def __init__(self, features: torch.Tensor, pooled: torch.Tensor, labels: torch.Tensor,
-                 modality: torch.Tensor, *, augment: bool, seed: int):
+                 modality: torch.Tensor, *, augment: bool, seed: int, encoded: torch.Tensor | None = None):
         self.features, self.pooled, self.labels, self.modality = features, pooled, labels, modality
         self.num_images, self.num_views = features.shape[0], features.shape[1]
         self.augment, self.seed, self.epoch = augment, seed, 0
+        # (images, views) bool: which views were encoded (``shown_views``); the others hold zeros and are never served
+        self.encoded = encoded if encoded is not None else torch.ones(self.num_images, self.num_views, dtype=torch.bool)
+
+    def view_of(self, index: int, epoch: int) -> int:
+        return shown_view(index, epoch, self.num_views, augment=self.augment, seed=self.seed)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -112,11 +126,10 @@ class FeatureDataset(torch.utils.data.Dataset):
         return self.modality.tolist()
 
     def __getitem__(self, index: int) -> dict:
-        view = 0
-        if self.augment and self.num_views > 1:
-            # every view once per num_views epochs, in an order drawn per image from (seed, index)
-            order = np.random.default_rng([self.seed, int(index)]).permutation(self.num_views)
-            view = int(order[self.epoch % self.num_views])
+        view = self.view_of(index, self.epoch)
+        if not bool(self.encoded[index, view]):
+            raise RuntimeError(f"view {view} of image {index} was not encoded: the cache was built for fewer epochs "
+                               f"than epoch {self.epoch} (cache_features' epochs)")
         return {"features": self.features[index, view], "pooled_features": self.pooled[index, view],
                 "labels": self.labels[index, view], "modality": self.modality[index]}
 
@@ -127,14 +140,15 @@ def collate_features(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: int, frozen_stages: int | None = None,
                    batch_size: int | None = None, bf16: bool = False, progress: bool = True,
-                   desc: str = "encoding") -> FeatureDataset:
+                   desc: str = "encoding", epochs: int | None = None) -> FeatureDataset:
     """Encode every row of ``dataset`` (a ``SegmentationDataset``) under the first ``views`` views, once, up to the
     cache point ``frozen_stages`` (None: the whole encoder), ``batch_size`` images at a time (default:
     ``backends.inference_batch_size`` of the model's device); ``bf16``: under bfloat16 autocast (the training's
     mixed precision; on a CPU with AMX about 40 % less time, features within about 2 % of their largest value),
     stored in float32 either way. Under ``accelerate launch`` every process encodes its share of the views
     (``split_between_processes``) and all of them get every feature (``gather_object``): each trains on the whole
-    cache."""
+    cache. ``epochs``: how many epochs will train on the cache (``None``: any number); a view no image shows in those
+    epochs is not encoded (a run shorter than ``views`` epochs would only waste its encoding)."""
     from tqdm.auto import tqdm
 
     scaled = getattr(dataset, "scale_augmentation", None) is not None
@@ -158,7 +172,10 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
         def view_of(i: int, v: int) -> tuple[np.ndarray, np.ndarray]:
             return apply_view(items[i][0], VIEWS[v]), apply_view(items[i][1], VIEWS[v])
 
-    every_job = [(i, v) for i in range(len(modalities)) for v in range(views)]
+    used = None if epochs is None else {
+        (i, shown_view(i, epoch, views, augment=dataset.augment, seed=dataset.seed))
+        for i in range(len(modalities)) for epoch in range(epochs)}
+    every_job = [(i, v) for i in range(len(modalities)) for v in range(views) if used is None or (i, v) in used]
     state = PartialState()
     with state.split_between_processes(every_job) as jobs:
         jobs = list(jobs)
@@ -173,10 +190,13 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
             features[tuple(key)], pooled[tuple(key)], labels[tuple(key)] = feature, pool, label
 
     def stacked(table: Mapping) -> torch.Tensor:
-        return torch.stack([torch.stack([table[(i, v)] for v in range(views)]) for i in range(len(modalities))])
+        blank = torch.zeros_like(next(iter(table.values())))
+        return torch.stack([torch.stack([table.get((i, v), blank) for v in range(views)])
+                            for i in range(len(modalities))])
 
+    encoded = torch.tensor([[used is None or (i, v) in used for v in range(views)] for i in range(len(modalities))])
     return FeatureDataset(stacked(features), stacked(pooled), stacked(labels), torch.tensor(modalities),
-                          augment=dataset.augment, seed=dataset.seed)
+                          augment=dataset.augment, seed=dataset.seed, encoded=encoded)
 
 
 def _encode_views(encoder: EspMedSamModel, image_processor, view_of, modalities: list[int], jobs: list,

@@ -190,7 +190,7 @@ def run_card(config, result) -> ModelCardInfo:
     saved = json.loads((Path(result.release_dir) / "config.json").read_text())
     targets = EspMedSamConfig.from_dict(saved).all_target_names if saved["model_type"] == "esp_medsam" else []
     synthetic = config.data == "synthetic" or (Path(config.data) / ".synthetic").exists()
-    modality = getattr(config, "target_modality", None) or next(
+    modality = getattr(config, "new_modality", None) or getattr(config, "target_modality", None) or next(
         (get_domain(name).modality for name in result.domains if name in REGISTERED), "dermoscopy")
     start = getattr(config, "init_from", None) or getattr(config, "sam_checkpoint", None)
     base_model = "bowang-lab/LiteMedSAM" if start == "litemedsam" else (
@@ -199,6 +199,12 @@ def run_card(config, result) -> ModelCardInfo:
     if getattr(config, "new_target", None):
         notes.append(f"Adds the target \"{config.new_target}\" to {config.target_modality} images: its own parameter "
                      "bag and mask query" + (", the only parts trained" if config.only_new_target else "") + ".")
+    if getattr(config, "new_modality", None):
+        notes.append(f"Adds the modality \"{config.new_modality}\" (segmenting "
+                     f"\"{config.new_modality_target or config.new_modality}\"), started from {config.like_modality}: "
+                     "its own parameter bag, mask query and modality-classifier class" +
+                     ("; its bag and query the only parts trained" if config.only_new_target else "") +
+                     ". The modality classifier does not choose it: give modality=\"" + config.new_modality + "\".")
     measured = {key: round(value, 4) for key, value in result.metrics.items() if isinstance(value, (int, float))}
     if measured:
         notes.append(f"Validation metrics of the training run: {measured}.")

@@ -31,26 +31,34 @@ def add_target(model: EspMedSamModel, name: str, modality: str) -> EspMedSamMode
     grown = EspMedSamModel(new_config).to(model.dtype).train(model.training)
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
     index = new_config.num_targets - 1
-    expected = {f"modality_controller.bags.{index}.", f"mask_decoder.target_queries.{index - config.num_modalities}"}
+    expected = {f"modality_controller.bags.{index}.", f"mask_decoder.target_queries.{index - config.num_query_rows}"}
     if unexpected or any(not key.startswith(tuple(expected)) for key in missing):
         raise RuntimeError(f"adding a target changed the model's weights: missing {missing}, unexpected {unexpected}")
     with torch.no_grad():
         grown.modality_controller.bags[index].load_state_dict(model.modality_controller.bags[source].state_dict())
-        grown.mask_decoder.target_queries[-1].copy_(model.mask_decoder.mask_queries.weight[source])
+        grown.mask_decoder.target_queries[-1].copy_(target_query(model, source))
     logger.info("added target %r to modality %r (target %d), initialised from %r", name, modality, index,
                 config.target_names[source])
     return grown
 
 
+def target_query(model: EspMedSamModel, target: int) -> torch.Tensor:
+    """The mask query that target ``target`` decodes with: a modality row of ``mask_queries``, or its own entry of
+    ``target_queries`` (an extra target's, an added modality's: ``training.modalities``)."""
+    rows = model.config.num_query_rows
+    decoder = model.mask_decoder
+    return decoder.mask_queries.weight[target] if target < rows else decoder.target_queries[target - rows]
+
+
 def target_parameters(model: EspMedSamModel, target: int | str) -> list[torch.nn.Parameter]:
-    """What is trained for an extra ``target`` alone: its parameter bag and its mask query."""
+    """What is trained for an extra ``target`` (or an added modality's own) alone: its parameter bag and its mask
+    query."""
     config = model.config
     index = config.target_index(target)
-    if index < config.num_modalities:
+    if index < config.num_query_rows:
         raise ValueError(f"{config.all_target_names[index]!r} is a modality's own target; training it alone would "
                          "change its modality's shared parts: train an added target (see add_target)")
-    return [*model.modality_controller.bags[index].parameters(),
-            model.mask_decoder.target_queries[index - config.num_modalities]]
+    return [*model.modality_controller.bags[index].parameters(), target_query(model, index)]
 
 
 def freeze_all_but_target(model: EspMedSamModel, target: int | str) -> int:
@@ -79,7 +87,11 @@ class TargetTraining(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         target = torch.full((pixel_values.shape[0],), self.target, device=pixel_values.device)
-        return self.model(pixel_values=pixel_values, target=target, labels=labels).loss
+        if any(p.requires_grad for p in self.model.modality_classifier.parameters()):
+            return self.model(pixel_values=pixel_values, target=target, labels=labels).loss
+        # a frozen classifier's loss would only add a constant (about 30 for an added modality, whose class starts
+        # far below its like's): the segmentation loss alone, as TargetAfterCache computes it
+        return self.model.decode_embeddings(self.model.encode(pixel_values, target)[0], target, labels).loss
 
 
 def prepare_target(model: EspMedSamModel, name: str, modality: str, only_target: bool) -> EspMedSamModel:
@@ -128,21 +140,24 @@ class TargetAfterCache(EspMedSamAfterCache):
         return self.model.decode_embeddings(self.embed(features, target), target).pred_masks
 
 
-def freeze_target_prefix(model: EspMedSamModel, target: int, frozen_stages: int | None) -> None:
+def freeze_target_prefix(model: EspMedSamModel, target: int, frozen_stages: int | None,
+                         source: int | None = None) -> None:
     """Freeze ``target``'s bag blocks before a feature cache's point (``frozen_stages``), after checking that they
-    still equal its modality's (so features encoded with the modality's bag are the target's)."""
+    still equal those of the bag the cache encodes its images with, ``source`` (default: its modality's), so that
+    the cached features are the target's."""
     config = model.config
     bags = model.modality_controller.bags
     own = bags[target].state_dict()
-    source = bags[config.target_modalities[target]].state_dict()
+    source = bags[config.target_modalities[target] if source is None else source].state_dict()
     prefix = {id(block) for block in frozen_prefix_modules(model, frozen_stages)}
     names = [f"blocks.{i}." for i, block in enumerate(bags[target].blocks) if id(block) in prefix]
     if frozen_stages is None:
         names = ["blocks."]
     differing = [key for key in own if key.startswith(tuple(names)) and not torch.equal(own[key], source[key])]
     if differing:
-        raise ValueError(f"target {config.all_target_names[target]!r}'s parameter bag differs from its modality's "
-                         f"before the cache point ({differing[0]}, ...): train it without cache_features")
+        raise ValueError(f"target {config.all_target_names[target]!r}'s parameter bag differs from the one its "
+                         f"images are encoded with before the cache point ({differing[0]}, ...): train it without "
+                         "cache_features")
     for module in frozen_prefix_modules(model, frozen_stages):
         module.requires_grad_(False)
     logger.info("target %r on cached features: %d parameters train", config.all_target_names[target],

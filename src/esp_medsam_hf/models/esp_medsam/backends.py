@@ -68,11 +68,12 @@ _lock = threading.Lock()
 
 @dataclass
 class _CachedSession:
-    """A model object's sessions (float32 and/or int8) and what identifies the weights they were exported from."""
+    """A model object's sessions (float32 and/or int8, general or of one modality) and what identifies the weights
+    they were exported from."""
 
     fingerprint: tuple | None  # _fingerprint(model) when last checked
     digest: str  # weights_hash(model): the weights' content
-    sessions: dict[bool, Any] = field(default_factory=dict)  # int8 -> onnxruntime session
+    sessions: dict[tuple[bool, int | None], Any] = field(default_factory=dict)  # (int8, one modality) -> session
 
 
 @dataclass
@@ -266,9 +267,11 @@ def resolve_int8(int8: bool | None = None, modalities: Sequence[str] | None = No
     return bool(modalities) and all(name in INT8_MODALITIES for name in modalities)
 
 
-def onnx_session(model: nn.Module, num_threads: int | None = None, int8: bool | None = None):
+def onnx_session(model: nn.Module, num_threads: int | None = None, int8: bool | None = None,
+                 modality: int | None = None):
     """The onnxruntime session of ``model``'s exported graph (its int8 copy when ``int8``, else as
-    :func:`resolve_int8` says for unknown modalities): from this
+    :func:`resolve_int8` says for unknown modalities; with ``modality``, the graph of that modality alone,
+    ``export.EspMedSamModalityGraph``): from this
     process's cache, else from the disk cache, else exported now (once; logged). Re-exported when the model's
     weights changed since: a cheap :func:`_fingerprint` is checked on every call, and the weights are hashed
     (:func:`weights_hash`) only when it differs."""
@@ -283,27 +286,29 @@ def onnx_session(model: nn.Module, num_threads: int | None = None, int8: bool | 
             if cached is None or digest != cached.digest:
                 cached = _sessions[model] = _CachedSession(fingerprint, digest)
             cached.fingerprint = fingerprint
-        session = cached.sessions.get(int8)
+        session = cached.sessions.get((int8, modality))
         if session is None:
-            path = _cached_export(model, int8, cached.digest)
+            path = _cached_export(model, int8, cached.digest, modality)
             os.utime(path)  # most recently used
             _evict(keep=path)
-            session = cached.sessions[int8] = onnxruntime_session(path, num_threads or torch.get_num_threads())
+            session = onnxruntime_session(path, num_threads or torch.get_num_threads())
+            cached.sessions[(int8, modality)] = session
         return session
 
 
-def _cached_export(model: nn.Module, int8: bool, digest: str) -> Path:
-    """The cached export of ``model`` (``esp_medsam_<hash>.onnx``), exported now if missing; with ``int8`` its int8
-    copy (``esp_medsam_<hash>.int8.onnx``, in the same bounded cache), quantised now if missing. ``digest``: the
-    model's :func:`weights_hash`."""
+def _cached_export(model: nn.Module, int8: bool, digest: str, modality: int | None = None) -> Path:
+    """The cached export of ``model`` (``esp_medsam_<hash>.onnx``; ``esp_medsam_<hash>.m<modality>.onnx`` for one
+    modality's graph), exported now if missing; with ``int8`` its int8 copy (``.int8.onnx``, in the same bounded
+    cache), quantised now if missing. ``digest``: the model's :func:`weights_hash`."""
     from .export import export_onnx, quantize_onnx
 
-    path = cache_dir() / f"esp_medsam_{digest}.onnx"
+    path = cache_dir() / f"esp_medsam_{digest}{'' if modality is None else f'.m{modality}'}.onnx"
     if int8:
         quantized = path.with_suffix(".int8.onnx")
         if not quantized.is_file():
             try:
-                quantize_onnx(_cached_export(model, False, digest), quantized)
+                quantize_onnx(_cached_export(model, False, digest, modality), quantized,
+                              infer_shapes=modality is not None)
             except FileExistsError:  # another process quantised the same weights meanwhile
                 pass
         return quantized
@@ -311,7 +316,7 @@ def _cached_export(model: nn.Module, int8: bool, digest: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         logger.info("exporting the model to ONNX once for onnxruntime: %s", path)
         try:
-            export_onnx(model, path)
+            export_onnx(model, path, modality=modality)
             logger.info("exported %s (%.1f MB; `esp-medsam cache clear` empties the cache)", path,
                         path.stat().st_size / 1e6)
         except FileExistsError:  # another process exported the same weights meanwhile
@@ -336,12 +341,16 @@ def check_modality(model: nn.Module, modality: torch.Tensor, batch: int) -> torc
 @torch.no_grad()
 def run_inference(
     model: nn.Module, pixel_values: torch.Tensor, modality: torch.Tensor | None = None, backend: str | None = None,
-    target: int | None = None, int8: bool | None = None,
+    target: int | None = None, int8: bool | None = None, one_modality_graph: bool = False,
 ) -> InferenceOutput:
     """One inference forward of ``model`` (eval mode) on ``pixel_values`` with ``modality`` per image (``-1`` or
     ``None``: the classifier chooses), through the backend :func:`resolve_backend` picks. A ``target`` index (a
     model's extra target) decodes that target for every image, with the PyTorch model. ``int8``: onnxruntime runs
-    the int8 copy (``None``: :func:`resolve_int8` for the batch's given modalities); the eager backend ignores it."""
+    the int8 copy (``None``: :func:`resolve_int8` for the batch's given modalities); the eager backend ignores it.
+    ``one_modality_graph``: a batch whose images all have one given modality runs on onnxruntime through that
+    modality's own graph (exported once more, for callers that send it many batches: tiled inference). Its bag is
+    part of the graph's constants, so int8 covers it too: on a 2-core CPU an int8 tile costs about 0.7x the
+    general int8 graph's (docs/benchmark.md)."""
     batch = pixel_values.shape[0]
     if target is not None:
         outputs = model(pixel_values=pixel_values, target=torch.full((batch,), target, device=pixel_values.device))
@@ -349,8 +358,11 @@ def run_inference(
     modality = check_modality(model, AUTOMATIC_MODALITY if modality is None else modality, batch)
     if resolve_backend(model, backend) == "onnxruntime":
         names = None if bool((modality < 0).any()) else [model.config.modality_names[i] for i in modality.tolist()]
-        session = onnx_session(model, int8=resolve_int8(int8, names))
-        feed = {"pixel_values": pixel_values.detach().float().cpu().numpy(), "modality": modality.numpy()}
+        single = modality[0].item() if one_modality_graph and names and bool((modality == modality[0]).all()) else None
+        session = onnx_session(model, int8=resolve_int8(int8, names), modality=single)
+        feed = {"pixel_values": pixel_values.detach().float().cpu().numpy()}
+        if single is None:
+            feed["modality"] = modality.numpy()
         masks, patches, logits, chosen = (torch.from_numpy(a) for a in session.run(None, feed))
         return InferenceOutput(masks, patches, logits, chosen.long())
     modality = modality.to(pixel_values.device)

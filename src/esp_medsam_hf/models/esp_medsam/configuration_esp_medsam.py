@@ -242,6 +242,10 @@ class EspMedSamConfig(EspMedSamConfigMixin, PreTrainedConfig):
         order: target ``num_modalities + i`` is ``extra_targets[i]``. Each has its own parameter bag and its own mask
         query, which takes its modality's place among the decoder's queries, so the other targets' masks do not
         change. ``modality=m`` decodes modality ``m``'s own target (``target_names[m]``); ``target=`` picks any.
+    added_modalities: modalities added to a trained model after its own, as ``{"name": ..., "like": ...}``, the last
+        entries of ``modality_names`` in order. Each has its own parameter bag, mask query and modality-classifier
+        class, and decodes in its ``like`` modality's row among the decoder's queries (the decoder keeps
+        ``num_query_rows`` modality rows), so the other modalities' masks do not change.
     modality_loss_weight: weight of the cross-entropy of the modality classifier (not in the paper).
     modality_classifier_hidden_size: hidden width of the classifier on the aggregator's stage-0 features.
     """
@@ -260,12 +264,14 @@ class EspMedSamConfig(EspMedSamConfigMixin, PreTrainedConfig):
     decoder_config: dict | PreTrainedConfig | None = None
     image_size: int = 1024
     extra_targets: list[dict] | tuple[dict, ...] = ()
+    added_modalities: list[dict] | tuple[dict, ...] = ()
     modality_loss_weight: float = 1.0
     modality_classifier_hidden_size: int = 256
 
     def __post_init__(self, **kwargs):
         self.extra_targets = [self._checked_extra_target(extra) for extra in self.extra_targets]
         super().__post_init__(**kwargs)
+        self.added_modalities = self._checked_added_modalities(self.added_modalities)
         names = self.all_target_names
         if len(set(names)) != len(names):
             raise ValueError(f"target names must be unique, got {names}")
@@ -288,6 +294,37 @@ class EspMedSamConfig(EspMedSamConfigMixin, PreTrainedConfig):
             raise ValueError(f"an extra target must be {{'name': str, 'modality': str}}, got {extra!r}")
         self.modality_index(extra.get("modality", ""))
         return {"name": extra["name"], "modality": extra["modality"]}
+
+    def _checked_added_modalities(self, added: list | tuple) -> list[dict]:
+        """``added_modalities`` checked: the last entries of ``modality_names``, each like an earlier modality."""
+        added = [dict(entry) if isinstance(entry, dict) else entry for entry in added]
+        first = len(self.modality_names) - len(added)
+        names = [entry.get("name") if isinstance(entry, dict) else None for entry in added]
+        if first < 1 or names != self.modality_names[first:]:
+            raise ValueError(f"added_modalities must be the last modality_names in order as {{'name': str, 'like': "
+                             f"str}}, got {added} for modality_names {self.modality_names}")
+        for index, entry in enumerate(added, start=first):
+            if entry.get("like") not in self.modality_names[:index]:
+                raise ValueError(f"added modality {entry['name']!r}: like must be a modality before it "
+                                 f"({', '.join(self.modality_names[:index])}), got {entry.get('like')!r}")
+        return [{"name": entry["name"], "like": entry["like"]} for entry in added]
+
+    @property
+    def num_query_rows(self) -> int:
+        """Number of modality rows among the decoder's mask queries: the modalities but the added ones."""
+        return self.num_modalities - len(self.added_modalities)
+
+    def query_row(self, modality: int | str) -> int:
+        """The decoder query row that ``modality`` decodes in: its own, or an added modality's ``like``'s."""
+        index = self.modality_index(modality)
+        while index >= self.num_query_rows:
+            index = self.modality_index(self.added_modalities[index - self.num_query_rows]["like"])
+        return index
+
+    @property
+    def target_query_rows(self) -> list[int]:
+        """The decoder query row of every target, in target order (its modality's row)."""
+        return [self.query_row(modality) for modality in self.target_modalities]
 
     @property
     def num_targets(self) -> int:

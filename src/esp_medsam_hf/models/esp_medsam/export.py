@@ -35,11 +35,30 @@ class EspMedSamInferenceGraph(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.decode(pixel_values, modality)
+
+    def decode(self, pixel_values: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model = self.model
         image_embeddings, modality_logits, chosen = model.encode(pixel_values, modality)
         patch_logits, dense_prompt = model.prompt_generator(image_embeddings)
         pred_masks = model.mask_decoder(image_embeddings, dense_prompt, chosen)
         return pred_masks, patch_logits, modality_logits, chosen
+
+
+class EspMedSamModalityGraph(EspMedSamInferenceGraph):
+    """The inference forward of one modality: only ``pixel_values`` in, every image decoded with ``modality``'s
+    parameter bag and query (the classifier's logits still come out). Its bag's weights are constants of the graph
+    (the shared path, ``ModalityController.fixed_modality``), so int8 covers them and no per-image gather or copy
+    is left: the graph tiled inference runs, whose tiles all share one modality."""
+
+    def __init__(self, model: EspMedSamModel, modality: int):
+        super().__init__(model)
+        self.modality = int(modality)
+        model.modality_controller.fixed_modality = self.modality
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        modality = torch.full((pixel_values.shape[0],), self.modality, dtype=torch.long, device=pixel_values.device)
+        return self.decode(pixel_values, modality)
 
 
 def export_onnx(
@@ -48,8 +67,11 @@ def export_onnx(
     batch_size: int = 2,
     opset_version: int = 18,
     overwrite: bool = False,
+    modality: int | None = None,
 ) -> Path:
-    """Export ``model`` (a copy is put in eval mode with BatchNorm fused) to an ONNX file at ``path``.
+    """Export ``model`` (a copy is put in eval mode with BatchNorm fused) to an ONNX file at ``path``; with
+    ``modality`` (an index), the graph of that modality alone (:class:`EspMedSamModalityGraph`: no ``modality``
+    input).
 
     Uses the TorchScript exporter (``dynamo=False``): it exports SDPA with a float attention mask as plain
     MatMul/Softmax nodes and gives a single self-contained file. The batch axis is dynamic; ``batch_size`` is only
@@ -65,13 +87,18 @@ def export_onnx(
     if export_model.config._attn_implementation == "eager":
         export_model.set_attn_implementation("sdpa")
     export_model.fuse_batchnorm()
-    graph = EspMedSamInferenceGraph(export_model).eval()
     config = model.config
     size, channels = config.image_size, config.aggregator_config.num_channels
     pixel_values = torch.randn(batch_size, channels, size, size)
-    modality = torch.arange(batch_size, dtype=torch.long) % config.num_modalities
-    modality[0] = -1  # traced with one automatic image, so both branches of the modality choice are in the graph
-    dynamic_axes = {name: {0: "batch"} for name in ("pixel_values", "modality", *OUTPUT_NAMES)}
+    if modality is None:
+        graph = EspMedSamInferenceGraph(export_model).eval()
+        modalities = torch.arange(batch_size, dtype=torch.long) % config.num_modalities
+        modalities[0] = -1  # traced with one automatic image, so both branches of the modality choice are in the graph
+        inputs, input_names = (pixel_values, modalities), ["pixel_values", "modality"]
+    else:
+        graph = EspMedSamModalityGraph(export_model, config.modality_index(modality)).eval()
+        inputs, input_names = (pixel_values,), ["pixel_values"]
+    dynamic_axes = {name: {0: "batch"} for name in (*input_names, *OUTPUT_NAMES)}
     with atomic_file(path) as temporary, torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python-level shape decision; the traced graph is checked against the
         # PyTorch forward in tests/test_export.py and tests/test_backends.py.
@@ -79,9 +106,9 @@ def export_onnx(
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is chosen on purpose
         torch.onnx.export(
             graph,
-            (pixel_values, modality),
+            inputs,
             str(temporary),
-            input_names=["pixel_values", "modality"],
+            input_names=input_names,
             output_names=list(OUTPUT_NAMES),
             dynamic_axes=dynamic_axes,
             opset_version=opset_version,
@@ -106,17 +133,26 @@ which cost more than the int8 convolutions save at this size. It also needs cali
 which the shipped code (exporting on the user's machine) does not have."""
 
 
-def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike, overwrite: bool = False) -> Path:
+def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike, overwrite: bool = False,
+                  infer_shapes: bool = False) -> Path:
     """An int8 copy of the exported graph ``source`` at ``target`` for onnxruntime's CPU provider: the weights of
     the :data:`INT8_OP_TYPES` nodes stored in int8 per output channel, their activations quantised per call
     (``onnxruntime.quantization.quantize_dynamic``), so no calibration images are needed and the shipped code stays
-    self-contained. Written to a temporary name first and moved into place."""
+    self-contained. Written to a temporary name first and moved into place.
+
+    ``infer_shapes``: run onnxruntime's pre-processing (shape inference) first. A one-modality graph needs it: its
+    bag's MLP is folded into the block's MLP, whose products the quantiser otherwise gives scales of the wrong
+    shape (the session then fails to load); the general graph is quantised as it always was."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     target = Path(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
     with atomic_file(target) as temporary:
+        if infer_shapes:
+            quant_pre_process(str(source), str(temporary), skip_symbolic_shape=True)
+            source = temporary
         quantize_dynamic(str(source), str(temporary), op_types_to_quantize=list(INT8_OP_TYPES), per_channel=True,
                          weight_type=QuantType.QInt8)
     logger.info("quantised %s to int8: %s (%.1f MB)", source, target, target.stat().st_size / 2**20)
@@ -162,5 +198,5 @@ def onnxruntime_session(path: str | os.PathLike, num_threads: int | None = None)
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-__all__ = ["INT8_OP_TYPES", "OUTPUT_NAMES", "EspMedSamInferenceGraph", "export_onnx", "onnxruntime_session",
-           "physical_cores", "quantize_onnx"]
+__all__ = ["INT8_OP_TYPES", "OUTPUT_NAMES", "EspMedSamInferenceGraph", "EspMedSamModalityGraph", "export_onnx",
+           "onnxruntime_session", "physical_cores", "quantize_onnx"]

@@ -69,6 +69,8 @@ class EspMedSamImageProcessorKwargs(ImagesKwargs, total=False):
         measured best on a modality's validation images); None: ``object_size`` for every modality.
     modality_mask_thresholds: ``{modality name: logit}``: ``prediction.predict`` keeps a modality's mask logits
         above its threshold (stage 3 measures it on the validation images); 0 (probability 0.5) for the others.
+    modality_long_sides: ``{modality name: pixels}``: "auto" tiles an image of those modalities with its longest
+        side resized to this (what stage 3 sets for a modality trained on native-resolution crops).
     """
 
     keep_aspect_ratio: bool
@@ -79,6 +81,7 @@ class EspMedSamImageProcessorKwargs(ImagesKwargs, total=False):
     object_size: float | int
     modality_object_sizes: dict[str, float] | None
     modality_mask_thresholds: dict[str, float] | None
+    modality_long_sides: dict[str, int] | None
 
 
 def _to_supported_dtype(
@@ -144,6 +147,7 @@ class EspMedSamImageProcessor(TorchvisionBackend):
     object_size = 16.0
     modality_object_sizes = None
     modality_mask_thresholds = None
+    modality_long_sides = None
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

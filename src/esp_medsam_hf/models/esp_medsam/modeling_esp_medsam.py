@@ -164,6 +164,10 @@ class ModalityController(nn.Module):
     """Holds one ``ParameterBag`` per target (one per modality, then one per extra target) and plugs each image's
     bag into the aggregator's blocks; ``modality`` below is the index of the bag (the image's target)."""
 
+    fixed_modality: int | None = None
+    """Set on a copy being exported for one modality (``export.export_onnx(..., modality=)``): every image uses
+    that bag through the shared path, which tracing otherwise never takes (it cannot read the batch's modalities)."""
+
     def __init__(self, config: EspMedSamConfig):
         super().__init__()
         self.bags = nn.ModuleList(
@@ -424,7 +428,7 @@ class ModalityAggregator(nn.Module):
         if isinstance(controller, ModalityController) and not (
             torch.is_grad_enabled() and any(p.requires_grad for p in controller.parameters())
         ):
-            single = single_modality(modality)
+            single = controller.fixed_modality if controller.fixed_modality is not None else single_modality(modality)
         for stage in stages:
             x = stage.downsample(x).permute(0, 2, 3, 1)
             for block in stage.blocks:
@@ -596,21 +600,22 @@ class QueryDecoupledModalityDecoder(nn.Module):
     """SAM's two-way transformer over image embedding + dense prompt with one learned mask query per modality.
 
     Every image decodes only its own modality's query: the hypernetwork runs on that query alone and its dot
-    product with the upscaled image features gives the mask. An extra target of a modality (``target_modalities``
-    beyond the first ``num_modalities``) has its own query in ``target_queries``, which replaces its modality's
-    query for the images of that target, so the other targets' queries, and masks, stay as they were.
+    product with the upscaled image features gives the mask. A target beyond the first ``num_modalities`` (the
+    modality rows; ``target_rows`` gives every target's row: an extra target's is its modality's, an added
+    modality's its ``like``'s) has its own query in ``target_queries``, which replaces that row's query for the
+    images of that target, so the other targets' queries, and masks, stay as they were.
     """
 
-    def __init__(self, config: EspMedSamDecoderConfig, num_modalities: int, target_modalities: list[int] = ()):
+    def __init__(self, config: EspMedSamDecoderConfig, num_modalities: int, target_rows: list[int] = ()):
         super().__init__()
         dim = config.hidden_size
         self.num_modalities = num_modalities
         self.mask_queries = nn.Embedding(num_modalities + config.num_extra_queries, dim)
-        extra = list(target_modalities)[num_modalities:]
+        extra = list(target_rows)[num_modalities:]
         if extra:
             self.target_queries = nn.ParameterList([nn.Parameter(torch.zeros(dim)) for _ in extra])
             # a plain list, not a buffer: from_pretrained leaves a non-persistent buffer uninitialised
-            self.query_rows = list(target_modalities)
+            self.query_rows = list(target_rows)
         self.positional_encoding = RandomFourierPositionalEncoding(dim // 2, config.positional_encoding_scale)
         self.transformer = SamTwoWayTransformer(config)
         self.output_upscaling = nn.Sequential(
@@ -1163,7 +1168,7 @@ class EspMedSamModel(EspMedSamPreTrainedModel):
             config.prompt_generator_config, config.aggregator_config.neck_dim
         )
         self.mask_decoder = QueryDecoupledModalityDecoder(
-            config.decoder_config, config.num_modalities, config.target_modalities
+            config.decoder_config, config.num_query_rows, config.target_query_rows
         )
         self.prompt_encoder = EspMedSamPromptEncoder(config, self.mask_decoder.positional_encoding)
         self.post_init()

@@ -20,7 +20,10 @@ Scales (``scale=``, default the image processor's ``inference_scale``, "auto" un
   out below the whole view, however few its large objects (a close-up); elsewhere large structures (an organ, a
   polyp, a blob over a fundus photograph) keep the whole view, which already shows the whole image. An empty coarse
   mask keeps the whole view. The rule uses no image statistic but the model's own mask, so it carries to images from labs
-  never seen.
+  never seen. A modality trained on native-resolution crops (``modality_long_sides``: fundus photographs, whose thin
+  vessels a whole view shrinks away) is instead tiled at the resolution it was trained at: the image is resized so
+  that its longest side is that modality's long side (its training images' median longest side at the centre of the
+  trained zoom range), whatever camera took it, and no coarse pass is needed when the modality is given.
 
 Why MONAI's ``sliding_window_inference``: it is the field's maintained implementation of tiling with blended
 overlaps (Gaussian importance map, batched windows, padding of small inputs); its per-window bookkeeping is cheap
@@ -99,7 +102,8 @@ class TilingOptions:
     """Checked inference options: ``mode`` "auto", "whole", "factor" or "object" with its ``value`` (the factor,
     or the objects' size in native px), the tile size and overlap in px, and the object size the model learnt
     (``modality_object_sizes``: per modality name, replacing it); ``object_domain``: the options are those of a
-    modality with its own calibrated object size (see :meth:`for_modality`)."""
+    modality with its own calibrated object size (see :meth:`for_modality`); ``long_side``: "auto" tiles the image
+    with its longest side at this many pixels (a modality of ``modality_long_sides``)."""
 
     mode: str
     value: float | None
@@ -109,6 +113,8 @@ class TilingOptions:
     model_size: int
     modality_object_sizes: dict[str, float] = field(default_factory=dict)
     object_domain: bool = False
+    modality_long_sides: dict[str, float] = field(default_factory=dict)
+    long_side: float | None = None
 
     def for_modality(self, name: str | None) -> "TilingOptions":
         """These options for modality ``name``: with its own object size if it has one (an ``object_domain``). Its
@@ -117,6 +123,8 @@ class TilingOptions:
         (centre crops of a quarter of the side): a crop holding two nuclei went from 77.9 to 95.8 % Dice, the mean
         from 93.05 to 93.55 %, and no x2 view changed. (Measuring a small image's objects at its native pixels
         instead of enlarged into the input was tried too: 93.45 % on the same views, so it is not done.)"""
+        if name in self.modality_long_sides:
+            return replace(self, long_side=self.modality_long_sides[name])
         if name not in self.modality_object_sizes:
             return self
         return replace(self, object_size=self.modality_object_sizes[name], object_domain=True)
@@ -170,7 +178,11 @@ def tiling_options(image_processor, scale: Any = None, tile_size: int | None = N
     if not isinstance(per_modality, dict):
         raise ValueError(f"modality_object_sizes must map modality names to sizes, got {per_modality!r}")
     sizes = {str(name): _object_size(f"modality_object_sizes[{name!r}]", size) for name, size in per_modality.items()}
-    return TilingOptions(mode, value, tile, int(overlap), object_size, model_size, sizes)
+    long_sides = getattr(image_processor, "modality_long_sides", None) or {}
+    if not isinstance(long_sides, dict):
+        raise ValueError(f"modality_long_sides must map modality names to pixels, got {long_sides!r}")
+    sides = {str(name): float(_positive_int(f"modality_long_sides[{name!r}]", side)) for name, side in long_sides.items()}
+    return TilingOptions(mode, value, tile, int(overlap), object_size, model_size, sizes, modality_long_sides=sides)
 
 
 def _object_size(name: str, value: Any) -> float:
@@ -256,7 +268,7 @@ def tiled_logits(
             tiles = F.interpolate(tiles, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         index = torch.full((tiles.shape[0],), int(modality), dtype=torch.long)
         outputs = run_inference(model, tiles.to(device, model.dtype), index, backend=backend, target=target_index,
-                                int8=int8)
+                                int8=int8, one_modality_graph=True)
         if outputs.modality_logits is not None:
             classifier.append(outputs.modality_logits.float().cpu())
         logits = F.interpolate(outputs.pred_masks.float().cpu(), size=(size, size), mode="bilinear",
@@ -300,10 +312,11 @@ def _whole_view(model, processor, inputs, backend: str | None, target: int | Non
     return logits, outputs
 
 
-def _scale_of(options: TilingOptions, view_logits: torch.Tensor | None, view_factor: float
-              ) -> tuple[float | None, float | None]:
+def _scale_of(options: TilingOptions, view_logits: torch.Tensor | None, view_factor: float,
+              view_size: tuple[int, int]) -> tuple[float | None, float | None]:
     """(zoom factor of the native pixels or ``None`` for the whole view, estimated object size in native px).
-    ``view_logits`` (the image's H x W) came from a view of the image at ``view_factor`` x its native pixels.
+    ``view_logits`` (the image's H x W = ``view_size``) came from a view of the image at ``view_factor`` x its
+    native pixels (``None`` when no whole view ran: a given scale, or a modality with a long side).
 
     ``object_size`` is in the model's input pixels; a tile of ``tile_size`` px is resized to the model's input, so
     the factor of the tiled image is the factor the model sees times ``tile_size / model_size``."""
@@ -314,6 +327,8 @@ def _scale_of(options: TilingOptions, view_logits: torch.Tensor | None, view_fac
         return options.object_size / options.value * to_tiles, None
     if options.mode == "whole":
         return None, None
+    if options.long_side is not None:
+        return options.long_side / max(view_size) * to_tiles, None
     height, width = view_logits.shape[-2:]
     view = (max(1, round(height * view_factor)), max(1, round(width * view_factor)))
     mask = F.interpolate(view_logits[None, None], size=view, mode="bilinear", align_corners=False)[0, 0] > 0
@@ -329,7 +344,8 @@ def _at_its_scale(model, image_processor, image: Any, size: tuple[int, int], vie
     no whole view ran): (H x W logits, the zoom factor of the native pixels used or ``None`` for the whole view,
     the estimated object size or ``None``, the tiles' classifier logits or ``None``)."""
     height, width = size
-    factor, object_size = _scale_of(options, view_logits, min(options.model_size / height, options.model_size / width))
+    factor, object_size = _scale_of(options, view_logits, min(options.model_size / height, options.model_size / width),
+                                    size)
     if factor is None:
         return view_logits, None, object_size, None
     factor = _limit_factor(factor, height, width, options)
@@ -385,7 +401,9 @@ def predict(
     logits: list[torch.Tensor | None] = [None] * len(sizes)
     classifier: torch.Tensor | None = None
     chosen = given.tolist() if given is not None else None
-    if options.mode in SCALE_MODES or given is None:
+    needs_view = options.mode == "whole" or given is None or (options.mode == "auto" and any(
+        options.for_modality(modality_name(model, index)).long_side is None for index in chosen))
+    if needs_view:
         # A whole view that decides (the scale of "auto", the modality of tiles) runs in float32, so that int8 never
         # changes which scale or bag an image is segmented with; only a final whole view ("whole") takes int8.
         view_int8 = int8 if options.mode == "whole" else False

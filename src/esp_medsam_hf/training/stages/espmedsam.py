@@ -20,8 +20,10 @@ from ..loop import train
 from ..prompts import add_prompts
 from .modality_classifier import fit_modality_classifier
 from ..augment import parse_zoom
-from ..calibration import calibrate_object_size
+from ..calibration import calibrate_object_size, native_long_sides
+from ...data.domains import MODALITY_NAMES
 from ...data.prepared import prepared_domain_spec, prepared_names
+from ..modalities import add_modality_to_processor, domains_modality, prepare_modality
 from ..targets import TargetAfterCache, TargetTraining, domains_target, freeze_target_prefix, prepare_target
 from .shared import (StageResult, cached_feature_task, dice_validation, save_with_processor, segmentation_task,
                      source_data, write_release)
@@ -41,6 +43,8 @@ def espmedsam_task(config: EspMedSamStageConfig, model: EspMedSamModel | None = 
     config = with_domains_target(config)
     if config.new_target is not None:
         return new_target_task(config, model, data, processor)
+    if config.new_modality is not None:
+        return new_modality_task(config, model, data, processor)
     apply_freeze(model, config.freeze, config.frozen_encoder_stages, prompts=config.prompt_fraction > 0)
     if config.cache_features:
         task, processor, data = cached_feature_task("espmedsam", model, config, data, processor)
@@ -57,8 +61,18 @@ def with_domains_target(config: EspMedSamStageConfig) -> EspMedSamStageConfig:
     if config.data == "synthetic":
         return config
     names = prepared_names(config.data, config.domains)
-    recorded = domains_target({name: prepared_domain_spec(config.data, name) for name in names})
+    specs = {name: prepared_domain_spec(config.data, name) for name in names}
+    modality = domains_modality(specs)
+    if modality is not None:
+        return with_domains_modality(config, *modality)
+    recorded = domains_target(specs)
     if recorded is None:
+        return config
+    if config.new_modality is not None:
+        own = config.new_modality_target or config.new_modality
+        if recorded[0] != own:
+            raise ValueError(f"the training domains record the target {recorded[0]!r}, not {own!r}, which "
+                             f"--new-modality {config.new_modality!r} segments (give --new-modality-target)")
         return config
     if config.new_target is None:
         logger.info("the training domains record the target %r (%s): training it as a new target", *recorded)
@@ -69,17 +83,62 @@ def with_domains_target(config: EspMedSamStageConfig) -> EspMedSamStageConfig:
     return config
 
 
+def with_domains_modality(config: EspMedSamStageConfig, name: str, like: str, target: str | None):
+    """``config`` with the new modality its training domains record (``new_modality`` in ``domain.json``, prepared
+    as ``like``); another ``new_modality`` (or ``like``, target) given, or a ``new_target``, is an error."""
+    if config.new_target is not None:
+        raise ValueError(f"the training domains record the new modality {name!r}; --new-target adds a target to a "
+                         "modality the model has: leave it out")
+    if config.new_modality is None:
+        logger.info("the training domains record the new modality %r (like %s): adding it", name, like)
+        return dataclasses.replace(config, new_modality=name, like_modality=like, new_modality_target=target)
+    given = (config.new_modality, config.like_modality, config.new_modality_target or config.new_modality)
+    if given != (name, like, target or name):
+        raise ValueError(f"--new-modality {config.new_modality!r} --like {config.like_modality} differs from what the "
+                         f"training domains record: {name!r} like {like} (target {target or name!r})")
+    return config
+
+
 def new_target_task(config: EspMedSamStageConfig, model: EspMedSamModel, data: dict, processor: EspMedSamProcessor):
     """(task, processor, data) of training ``config.new_target``: every training image is decoded as that target, and
     validated as it; with ``only_new_target`` only its bag and query train (else what ``freeze`` leaves). With
     ``cache_features`` and ``only_new_target`` the encoder up to ``frozen_encoder_stages`` (the target's bag blocks
     there included, kept the modality's) is encoded once and only the rest of its bag and its query train."""
     model = prepare_target(model, config.new_target, config.target_modality, config.only_new_target)
-    if not config.only_new_target:
-        apply_freeze(model, config.freeze, config.frozen_encoder_stages)
-    target = model.config.target_index(config.new_target)
+    return one_target_task(config, model, model.config.target_index(config.new_target), data, processor)
+
+
+def new_modality_task(config: EspMedSamStageConfig, model: EspMedSamModel, data: dict,
+                      processor: EspMedSamProcessor):
+    """(task, processor, data) of training ``config.new_modality`` (added like ``config.like_modality``): every
+    training image is decoded as that modality, as ``new_target_task`` decodes a target; its classifier class does
+    not train (``training.modalities.ADDED_CLASS_LOGIT_OFFSET``). With ``cache_features`` the domains must record
+    the ``like`` modality (the cache encodes each image with its recorded modality's bag)."""
+    model = prepare_modality(model, config.new_modality, config.like_modality, config.new_modality_target,
+                             config.only_new_target)
+    add_modality_to_processor(processor, model.config)
+    like = model.config.modality_index(config.like_modality)
     if config.cache_features and config.only_new_target:
-        freeze_target_prefix(model, target, config.cache_point)
+        recorded = {MODALITY_NAMES[int(m)] for d in data.values() for m in d["train"]["modality"]}
+        if recorded != {config.like_modality}:
+            raise ValueError(f"with cache_features the training domains must be prepared as {config.like_modality!r} "
+                             f"images (--like), they record {sorted(recorded)}: prepare them with --modality "
+                             f"{config.like_modality} or train without --cache-features")
+    # with --train-all too, the classifier stays frozen: the new modality's images alone cannot teach it to tell
+    # that modality from the others
+    return one_target_task(config, model, model.config.modality_index(config.new_modality), data, processor,
+                           source=like, frozen=["modality_classifier"])
+
+
+def one_target_task(config: EspMedSamStageConfig, model: EspMedSamModel, target: int, data: dict,
+                    processor: EspMedSamProcessor, source: int | None = None, frozen: list[str] = ()):
+    """(task, processor, data) of training ``model`` on every image as ``target`` (a new target's or modality's;
+    ``source``: the bag a feature cache encodes its images with, see ``freeze_target_prefix``; ``frozen``: parts
+    kept frozen beside ``config.freeze`` when not only the target trains)."""
+    if not config.only_new_target:
+        apply_freeze(model, [*config.freeze, *frozen], config.frozen_encoder_stages)
+    if config.cache_features and config.only_new_target:
+        freeze_target_prefix(model, target, config.cache_point, source)
         return cached_feature_task("espmedsam", model, config, data, processor,
                                    trainable=TargetAfterCache(model, config.cache_point, target))
     task, processor, data = segmentation_task("espmedsam", TargetTraining(model, target, config.only_new_target),
@@ -106,7 +165,8 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
     if isinstance(task.train_dataset, FeatureDataset) and classifier_data is not None:
         # the stem is frozen below a feature cache: its pooled features of the training images are still right
         cache = task.train_dataset
-        known = (cache.pooled.flatten(0, 1), cache.modality.repeat_interleave(cache.num_views))
+        encoded = cache.encoded.flatten()  # the views the run showed (the others were not encoded)
+        known = (cache.pooled.flatten(0, 1)[encoded], cache.modality.repeat_interleave(cache.num_views)[encoded])
         classifier_data = {name: domain for name, domain in classifier_data.items() if name not in data}
 
     def build(staging: Path) -> None:
@@ -121,18 +181,32 @@ def run_espmedsam(config: EspMedSamStageConfig, model: EspMedSamModel | None = N
 def _calibrate_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, processor: EspMedSamProcessor,
                     data: dict) -> dict:
     """Choose the "auto" object size and the mask threshold on the validation images (``training.calibration``)
-    when asked and the ``zoom`` has object-size domains; the processor in ``staging`` (a copy of ``chosen`` if
-    nothing is there yet) gets them. Returns the metrics (both and each candidate's validation Dice)."""
-    zoom = {name: spec for name, spec in parse_zoom(config.zoom).items() if spec.kind == "object_size"}
-    if not (config.calibrate_object_size and zoom and config.new_target is None):
+    when asked and the ``zoom`` has object-size domains, and the long side at which "auto" tiles the modalities of
+    its scale domains; the processor in ``staging`` (a copy of ``chosen`` if nothing is there yet) gets them.
+    Returns the metrics (the choices and each candidate's validation Dice)."""
+    zoom = parse_zoom(config.zoom)
+    if config.new_target is not None or config.new_modality is not None or not zoom:
         return {}
     if not (staging / "config.json").is_file():
         shutil.copytree(chosen, staging, dirs_exist_ok=True)
+    metrics: dict = {}
+    sides = native_long_sides(data, zoom)
+    if sides:
+        processor.image_processor.modality_long_sides = {**(processor.image_processor.modality_long_sides or {}),
+                                                         **sides}
+        processor.save_pretrained(staging)
+        processor.image_processor.save_pretrained(staging)
+        logger.info("auto inference tiles %s at a long side of %s px (their training resolution)",
+                    ", ".join(sides), ", ".join(str(side) for side in sides.values()))
+        metrics["long_sides"] = sides
+    zoom = {name: spec for name, spec in zoom.items() if spec.kind == "object_size"}
+    if not (config.calibrate_object_size and zoom):
+        return metrics
     model = EspMedSamModel.from_pretrained(staging).optimize_for_inference()
     with torch.no_grad():
         found = calibrate_object_size(model, processor, data, zoom)
     if found is None:
-        return {}
+        return metrics
     processor.image_processor.modality_object_sizes = {
         **(processor.image_processor.modality_object_sizes or {}),
         **{name: found["object_size"] for name in found["modalities"]}}
@@ -143,7 +217,7 @@ def _calibrate_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, p
     processor.image_processor.save_pretrained(staging)
     logger.info("auto inference object size for %s: %.1f px (validation Dice %s)", ", ".join(found["modalities"]),
                 found["object_size"], ", ".join(f"{size:g} px {dice:.2f}%" for size, dice in found["candidates"].items()))
-    return {"object_size": found["object_size"], "mask_threshold": found["mask_threshold"],
+    return {**metrics, "object_size": found["object_size"], "mask_threshold": found["mask_threshold"],
             "object_size_validation_dice": {f"{size:g}": dice for size, dice in found["candidates"].items()},
             "mask_threshold_validation_dice": {f"{cut:g}": dice for cut, dice in found["thresholds"].items()}}
 

@@ -4,6 +4,7 @@ segmentation task (on images or on cached encoder features) and the release fold
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,18 @@ VALIDATION_ZOOM_VIEWS = 3
 photometric change), so that the best checkpoint is the best across object sizes, not at one."""
 
 
+def epochs_at_most(config: TrainingConfig, num_images: int) -> int:
+    """An upper bound of the epochs a run of ``config`` on ``num_images`` images takes (``max_steps`` may end it
+    early): its views beyond are never shown, so not encoded. Each process's share of the batches is rounded down,
+    so the bound holds however accelerate rounds it."""
+    if config.max_steps is None:
+        return config.epochs
+    batches = math.ceil(num_images / config.batch_size)
+    per_process = max(1, batches // PartialState().num_processes)
+    steps_per_epoch = max(1, per_process // config.gradient_accumulation_steps)
+    return min(config.epochs, math.ceil(config.max_steps / steps_per_epoch))
+
+
 def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig, data: dict,
                         processor: EspMedSamProcessor, trainable: EspMedSamAfterCache | None = None):
     """(task, processor, data) of a segmentation stage on a frozen encoder prefix's cached features
@@ -121,7 +134,8 @@ def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig
     views = config.feature_views if config.augment else 1
     bf16 = resolve_mixed_precision(config.mixed_precision) == "bf16"
     features = cache_features(model, processor.image_processor, train_rows, views=views, frozen_stages=point,
-                              bf16=bf16, progress=config.progress, desc=f"{name}: encoding training images")
+                              bf16=bf16, progress=config.progress, desc=f"{name}: encoding training images",
+                              epochs=epochs_at_most(config, len(train_rows)))
     usable = {n: d for n, d in data.items() if len(d["validation"])}
     validation = None
     if usable and config.validate:
