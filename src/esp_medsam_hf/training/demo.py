@@ -251,12 +251,9 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
 
 
 def demo_scale_tables(model, processor, real_test: dict, report: dict, backend: str | None = "eager") -> dict:
-    """The scale table (``data.scale_table``) of the real test sets: mnfinder's and DSB's nuclei shown at x0.5, x1,
-    x2 and x4 through the model's default ("auto") scale, Otsu beside each; the fundus photographs at x1 with
-    "auto", the whole view and native pixels in tiles (the vessel Dice at native resolution). The x1 rows are the
-    evaluation's own (``report``: the same images through the same default scale, Otsu beside), not run twice, nor
-    is the native-pixel row of photographs that "auto" already tiled at native pixels. ``backend`` as
-    ``evaluate_model`` takes it."""
+    """The scale table (``data.scale_table``) of the real test sets: the nuclei at x0.5, x1, x2 and x4 through the
+    default ("auto") scale, Otsu beside; the fundus photographs at x1 with "auto", the whole view and native pixels
+    in tiles. The x1 rows are the evaluation's own (``report``), not run again, nor is a view they equal."""
     from ..data.scale_table import ZOOMS, dataset_pairs, scale_table
 
     tables = {}
@@ -266,8 +263,7 @@ def demo_scale_tables(model, processor, real_test: dict, report: dict, backend: 
         pairs, modality = dataset_pairs(real_test[name]["test"])
         zooms = [zoom for zoom in ZOOMS if zoom != 1.0] if not extra else []
         x1 = evaluation_row(report["domains"][name])
-        table = scale_table(model, processor, pairs, modality, zooms=zooms, extra_views=extra, backend=backend,
-                            known=[x1])
+        table = scale_table(model, processor, pairs, modality, zooms=zooms, extra_views=extra, backend=backend, known=[x1])
         table["rows"].insert(sum(zoom < 1.0 for zoom in zooms), x1)
         tables[name] = table
     return tables
