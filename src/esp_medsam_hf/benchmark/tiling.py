@@ -1,7 +1,8 @@
 """What tiled inference costs: ``prediction.predict`` on a 1024x1024 image at native scale (16 tiles of 256 px, no
 overlap, microscopy, the backend's default precision: int8 on onnxruntime, and its tile batch) against
 
-- the same 16 tiles sent one by one through ``backends.run_inference`` in the same precision (what tiling adds
+- the same 16 tiles sent one by one through ``backends.run_inference`` in the same precision and through the same
+  graph, microscopy's own (``one_modality_graph``, as tiled inference sends them; what tiling adds
   beyond its tiles' forwards; issue 19's target: at most 1.2x), and
 - one whole-image 256-px float32 forward of the same model on the same backend (what a native-scale 1024-px image
   costs against the whole view; issue 25's target: at most 8x, with int8 and tile batching together), and the same
@@ -62,7 +63,7 @@ def measure_tiling(
     modality = torch.tensor([MICROSCOPY])
     steps = {
         "tiled": lambda: predict(model, processor, [image], MICROSCOPY, backend=chosen, scale=1.0, overlap=0),
-        "singles": lambda: [run_inference(model, p, modality, backend=chosen) for p in pixels],
+        "singles": lambda: [run_inference(model, p, modality, backend=chosen, one_modality_graph=True) for p in pixels],
         "whole_fp32": lambda: run_inference(model, whole, modality, backend=chosen, int8=False),
         "whole_eager_fp32": lambda: run_inference(model, whole, modality, backend="eager"),
     }
