@@ -87,10 +87,15 @@ def test_the_best_validation_dice_wins_and_test_images_are_not_used(monkeypatch)
     assert calibrate_object_size(None, processor, data, {"nuclei": ZoomRange("scale", 0.5, 2)}) is None
 
 
+def _stage_3(folder, zoom: dict, **options) -> EspMedSamStageConfig:
+    """A one-epoch stage 3 of a tiny model into ``folder``."""
+    return EspMedSamStageConfig(output_dir=str(folder), init_from=None, model_size="tiny", image_size=64, epochs=1,
+                                batch_size=2, progress=False, zoom=zoom, **options)
+
+
 def test_a_stage_3_release_carries_the_chosen_object_size(tmp_path):
     data = synthetic_domains(["dsb"], {"train": 2, "validation": 1}, seed=0, size=64)
-    config = EspMedSamStageConfig(output_dir=str(tmp_path / "run"), init_from=None, model_size="tiny", image_size=64,
-                                  epochs=1, batch_size=2, progress=False, zoom={"dsb": {"object_size": [6, 40]}})
+    config = _stage_3(tmp_path / "run", {"dsb": {"object_size": [6, 40]}})
     result = run_espmedsam(config, data=data)
     saved = json.loads((result.release_dir / "preprocessor_config.json").read_text())
     assert saved["object_size"] == 16.0  # other modalities keep the default
@@ -100,9 +105,7 @@ def test_a_stage_3_release_carries_the_chosen_object_size(tmp_path):
     assert result.metrics["object_size"] in candidate_sizes([ZoomRange("object_size", 6, 40)])
     assert set(result.metrics["object_size_validation_dice"]) == {f"{s:g}" for s in candidate_sizes(
         [ZoomRange("object_size", 6, 40)])}
-    off = EspMedSamStageConfig(output_dir=str(tmp_path / "off"), init_from=None, model_size="tiny", image_size=64,
-                               epochs=1, batch_size=2, progress=False, zoom={"dsb": {"object_size": [6, 40]}},
-                               calibrate_object_size=False)
+    off = _stage_3(tmp_path / "off", {"dsb": {"object_size": [6, 40]}}, calibrate_object_size=False)
     result = run_espmedsam(off, data=data)
     assert json.loads((result.release_dir / "preprocessor_config.json").read_text()).get("modality_object_sizes") is None
     assert "object_size" not in result.metrics
@@ -151,8 +154,7 @@ def test_a_scale_domain_is_tiled_at_its_training_resolution():
 
 def test_a_stage_3_release_tiles_a_scale_domain_at_its_training_resolution(tmp_path):
     data = synthetic_domains(["retinal"], {"train": 2, "validation": 1}, seed=0, size=64)
-    config = EspMedSamStageConfig(output_dir=str(tmp_path / "run"), init_from=None, model_size="tiny", image_size=64,
-                                  epochs=1, batch_size=2, progress=False, zoom={"retinal": {"scale": [0.5, 2]}})
+    config = _stage_3(tmp_path / "run", {"retinal": {"scale": [0.5, 2]}})
     result = run_espmedsam(config, data=data)
     saved = json.loads((result.release_dir / "preprocessor_config.json").read_text())
     assert saved["modality_long_sides"] == {"fundus": 64} == result.metrics["long_sides"]

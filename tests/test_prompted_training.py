@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
-from esp_medsam_hf.training import EspMedSamStageConfig, latest_checkpoint, train
+from _training_helpers import assert_resume_matches_straight
+from esp_medsam_hf.training import EspMedSamStageConfig, train
 from esp_medsam_hf.training.features import EspMedSamAfterCache, encode
 from esp_medsam_hf.training.prompts import (
     EspMedSamPromptedTraining,
@@ -198,27 +199,4 @@ def test_resume_with_prompts_gives_the_same_parameters(tmp_path, data, cached):
                                   keep_checkpoints=3, prompt_fraction=0.5, seed=3, **extra, **COMMON)
     draws = [draw_prompt(0.5, 3, e, b, max_objects=8, box_jitter=0.1) for e, b in [(0, 0), (0, 1), (0, 2), (1, 0)]]
     assert [d and d.kind for d in draws] == ["clicks", "boxes", None, "clicks"]  # 3 batches per epoch
-    straight = dataclasses.replace(config, output_dir=str(tmp_path / "straight"))
-    task, _, _ = espmedsam_task(straight, student(), data)
-    a = final_weights(straight, task)
-
-    broken = dataclasses.replace(config, output_dir=str(tmp_path / "resumed"))
-    task, _, _ = espmedsam_task(broken, student(), data)
-    compute, calls = task.compute_loss, []
-
-    def crash_on_third_step(model, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        return compute(model, batch)
-
-    task.compute_loss = crash_on_third_step
-    with pytest.raises(KeyboardInterrupt):
-        train(broken, task)
-    assert latest_checkpoint(tmp_path / "resumed").name == "step-00000002"
-    resumed = dataclasses.replace(broken, resume="latest")
-    task, _, _ = espmedsam_task(resumed, student(), data)
-    b = final_weights(resumed, task)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+    assert_resume_matches_straight(config, lambda c: espmedsam_task(c, student(), data)[0], tmp_path)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _training_helpers import assert_resume_matches_straight
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
 from esp_medsam_hf.models.esp_medsam.configuration_esp_medsam_teacher import EspMedSamTeacherConfig
 from esp_medsam_hf.models.esp_medsam.modeling_esp_medsam_teacher import EspMedSamTeacherModel
@@ -70,34 +71,8 @@ def test_resume_after_interruption_gives_the_same_parameters(tmp_path, data):
     """Interrupted at step 3 (a crash), resumed from the step-2 checkpoint: same parameters as uninterrupted."""
     config = EspMedSamStageConfig(output_dir="unused", batch_size=2, epochs=3, max_steps=4, validate=False,
                                   checkpoint_every=1, keep_checkpoints=3, init_from=None, **COMMON)
-
-    straight = dataclasses.replace(config, output_dir=str(tmp_path / "straight"))
-    task, _, _ = espmedsam_task(straight, student(), data)
-    train(straight, task)
-
-    broken = dataclasses.replace(config, output_dir=str(tmp_path / "resumed"))
-    task, _, _ = espmedsam_task(broken, student(), data)
-    compute, calls = task.compute_loss, []
-
-    def crash_on_third_step(model, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        return compute(model, batch)
-
-    task.compute_loss = crash_on_third_step
-    with pytest.raises(KeyboardInterrupt):
-        train(broken, task)
-    assert latest_checkpoint(tmp_path / "resumed").name == "step-00000002"
-    resumed = dataclasses.replace(broken, resume="latest")
-    task, _, _ = espmedsam_task(resumed, student(), data)  # a fresh process would rebuild everything
-    result = train(resumed, task)
+    result, a = assert_resume_matches_straight(config, lambda c: espmedsam_task(c, student(), data)[0], tmp_path)
     assert result.global_step == 4  # 3 batches per epoch: the resumed run crossed an epoch boundary
-    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
     assert any(not torch.equal(a[name], student().state_dict()[name]) for name in a)  # it did train
 
 

@@ -125,7 +125,9 @@ def native_long_sides(data: Mapping[str, Mapping], zoom: Mapping[str, ZoomRange]
         rows = data[name][split]
         middle = math.sqrt(spec.low * spec.high)
         for row in rows:
-            sides.setdefault(MODALITY_NAMES[row["modality"]], []).append(max(np.asarray(row["image"]).shape[:2]) * middle)
+            image = row["image"]  # a PIL image reads its size from the header: no pixels decoded
+            side = max(image.size) if hasattr(image, "getbbox") else max(np.shape(image)[:2])
+            sides.setdefault(MODALITY_NAMES[row["modality"]], []).append(side * middle)
     return {modality: int(round(float(np.median(values)))) for modality, values in sides.items()}
 
 
