@@ -60,7 +60,7 @@ DEFAULT_CACHE_MB = 512.0
 """Bound of the export cache: about four full-size (1024 px) student exports of 110 MB."""
 _EXPORT_GLOB = "esp_medsam_*.onnx"
 AUTOMATIC_MODALITY = -1
-_CACHE_FORMAT = 1  # bump when the exported graph changes so older cached files are not reused
+_CACHE_FORMAT = 2  # bump when the exported graph changes so older cached files are not reused
 
 _sessions: "weakref.WeakKeyDictionary[nn.Module, _CachedSession]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()

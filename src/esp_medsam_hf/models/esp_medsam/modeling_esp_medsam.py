@@ -250,6 +250,13 @@ class EspMedSamWindowAttention(TinyVitAttention):
     The relative-position bias and the tokens' logit bias form the attention mask. The attention itself is the
     function of transformers' attention interface that ``config._attn_implementation`` names, read at every call:
     ``"sdpa"`` (``F.scaled_dot_product_attention`` with the mask), ``"eager"`` (SAM's explicit softmax attention).
+
+    Windows that overhang the feature map are zero-padded, as in TinyViT: the padded positions are keys and values
+    of their window, but their own outputs are cut away. So only the map's own tokens are projected and queried
+    here, the same function with less work: a padded token's normalised value (the LayerNorm's bias) is one
+    q/k/v row for every padded position, and the windows are attended in up to four groups of equal query shape
+    (the full windows, the right column, the bottom row, the corner). At 256 px a 16x16 map in 14-px windows is
+    padded to 28x28: three times the tokens (measured, docs/benchmark.md).
     """
 
     is_causal = False
@@ -258,54 +265,94 @@ class EspMedSamWindowAttention(TinyVitAttention):
         head_dim = dim // num_heads
         super().__init__(dim, head_dim, num_heads, attn_ratio=1, resolution=(window_size, window_size))
         self.norm.eps = config.layer_norm_eps
+        self.window_size = window_size
         self.config = config
 
-    def forward(
-        self, x: torch.Tensor, bag: GatheredBagBlock, windows_per_image: int, attentions: list | None = None
-    ) -> torch.Tensor:
-        """Attention over each window and its bag's tokens. A list given as ``attentions`` receives the weights
-        (num_windows, heads, N, N + T), computed by the eager attention (SDPA does not return them)."""
-        num_windows, length, _ = x.shape
-        # Indexed on every call: timm's eval-mode cache goes stale when weights are loaded after .eval().
-        bias = self.attention_biases[:, self.attention_bias_idxs].to(x.dtype)  # (heads, N, N)
-        x = self.norm(x)
-        q, k, v = (
-            self.qkv(x)
-            .view(num_windows, length, self.num_heads, -1)
-            .split([self.key_dim, self.key_dim, self.val_dim], dim=3)
-        )
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        mask = bias.unsqueeze(0)
-        if bag.tokens is not None and bag.shared:
-            # One bag for the whole batch: its tokens are broadcast to every window (no per-window copy before the
-            # join) and the mask is one (1, heads, N, N + T) tensor that SDPA broadcasts over the windows.
-            num_tokens = bag.tokens.shape[1]
-            tokens = bag.tokens.to(x.dtype).expand(num_windows, -1, -1, -1)
-            k = torch.cat([k, tokens], dim=2)
-            v = torch.cat([v, tokens], dim=2)
-            token_bias = (
-                bag.token_bias.to(x.dtype).expand(self.num_heads, length, num_tokens)
-                if bag.token_bias is not None
-                else bias.new_zeros(self.num_heads, length, num_tokens)
-            )
-            mask = torch.cat([bias, token_bias], dim=-1).unsqueeze(0)
-        elif bag.tokens is not None:
-            tokens = bag.tokens.to(x.dtype).repeat_interleave(windows_per_image, dim=0)
-            k = torch.cat([k, tokens], dim=2)
-            v = torch.cat([v, tokens], dim=2)
-            num_tokens = tokens.shape[2]
-            if bag.token_bias is not None:
-                token_bias = bag.token_bias.to(x.dtype).repeat_interleave(windows_per_image, dim=0)
-                token_bias = token_bias[:, None, None, :].expand(num_windows, self.num_heads, length, num_tokens)
-            else:
-                token_bias = x.new_zeros(num_windows, self.num_heads, length, num_tokens)
-            mask = torch.cat([mask.expand(num_windows, -1, -1, -1), token_bias], dim=-1)
+    def forward(self, x: torch.Tensor, bag: GatheredBagBlock, attentions: list | None = None) -> torch.Tensor:
+        """Window attention on the feature map x (B, H, W, C), each window with its bag's tokens: (B, H, W, C). A
+        list given as ``attentions`` receives the weights (windows, heads, N, N + T), computed by the eager
+        attention (SDPA does not return them) over every window in full, padded queries included, so that they
+        are the weights the output is computed from."""
+        batch, height, width, _ = x.shape
+        ws, heads = self.window_size, self.num_heads
+        pad_b, pad_r = (ws - height % ws) % ws, (ws - width % ws) % ws
+        q, k, v = self.window_qkv(x, pad_b, pad_r)
+        k, v, mask = self.join_bag(k, v, bag, x.dtype)
+        nh, nw = q.shape[1], q.shape[2]
         implementation = "eager" if attentions is not None else self.config._attn_implementation
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        out, weights = attention(self, q, k, v, mask, scaling=self.scale, dropout=0.0)
-        if attentions is not None:
-            attentions.append(weights)
-        return self.proj(out.reshape(num_windows, length, self.out_dim))
+        if attentions is None:
+            full_h, full_w = (nh - 1 if pad_b else nh), (nw - 1 if pad_r else nw)
+            row_bands = [(slice(0, full_h), ws)] if full_h else []
+            row_bands += [(slice(full_h, nh), ws - pad_b)] if pad_b else []
+            col_bands = [(slice(0, full_w), ws)] if full_w else []
+            col_bands += [(slice(full_w, nw), ws - pad_r)] if pad_r else []
+        else:
+            row_bands, col_bands = [(slice(0, nh), ws)], [(slice(0, nw), ws)]
+        rows = []
+        for row_windows, qh in row_bands:
+            pieces = []
+            for col_windows, qw in col_bands:
+                gh, gw = len(range(nh)[row_windows]), len(range(nw)[col_windows])
+                windows = batch * gh * gw
+                group_mask = mask.view(*mask.shape[:4], ws, ws, -1)[..., :qh, :qw, :]
+                group_mask = group_mask.expand(-1, gh, gw, -1, -1, -1, -1) if group_mask.shape[0] > 1 else group_mask
+                out, weights = attention(
+                    self,
+                    q[:, row_windows, col_windows, :, :qh, :qw].reshape(windows, heads, qh * qw, -1),
+                    k[:, row_windows, col_windows].reshape(windows, heads, k.shape[4], -1),
+                    v[:, row_windows, col_windows].reshape(windows, heads, v.shape[4], -1),
+                    group_mask.reshape(-1, heads, qh * qw, mask.shape[-1]),
+                    scaling=self.scale,
+                    dropout=0.0,
+                )
+                if attentions is not None:
+                    attentions.append(weights)
+                pieces.append(out.reshape(batch, gh, gw, qh, qw, -1).transpose(2, 3).reshape(batch, gh * qh, gw * qw, -1))
+            rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+        out = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
+        return self.proj(out[:, :height, :width] if attentions is not None and (pad_b or pad_r) else out)
+
+    def window_qkv(self, x: torch.Tensor, pad_b: int, pad_r: int) -> tuple[torch.Tensor, ...]:
+        """Queries (B, nh, nw, heads, ws, ws, d) and keys and values (B, nh, nw, heads, N, d) of the map x
+        (B, H, W, C) zero-padded by ``pad_b`` rows and ``pad_r`` columns, projecting only the map's own tokens."""
+        batch, height, width, channels = x.shape
+        ws, heads = self.window_size, self.num_heads
+        qkv = self.qkv(self.norm(x))
+        if pad_b or pad_r:
+            padded = self.qkv(self.norm(x.new_zeros(1, 1, 1, channels)))
+            if pad_r:
+                qkv = torch.cat([qkv, padded.expand(batch, height, pad_r, -1)], dim=2)
+            if pad_b:
+                qkv = torch.cat([qkv, padded.expand(batch, pad_b, width + pad_r, -1)], dim=1)
+        nh, nw = (height + pad_b) // ws, (width + pad_r) // ws
+        # Each head's q, k and v lie side by side in TinyViT's qkv layout.
+        qkv = qkv.view(batch, nh, ws, nw, ws, heads, -1).permute(0, 1, 3, 5, 2, 4, 6)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=-1)
+        return (q, k.reshape(batch, nh, nw, heads, ws * ws, self.key_dim),
+                v.reshape(batch, nh, nw, heads, ws * ws, self.val_dim))
+
+    def join_bag(
+        self, k: torch.Tensor, v: torch.Tensor, bag: GatheredBagBlock, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values with the bag's tokens appended (B, nh, nw, heads, N + T, d), and the attention mask
+        (1 or B, 1, 1, heads, N, N + T): the relative-position bias, then the tokens' logit bias. One bag for the
+        whole batch is broadcast (no per-window copy before the join); else each image has its own."""
+        batch, nh, nw, heads, length, _ = k.shape
+        # Indexed on every call: timm's eval-mode cache goes stale when weights are loaded after .eval().
+        mask = self.attention_biases[:, self.attention_bias_idxs].to(dtype)[None, None, None]
+        if bag.tokens is None:
+            return k, v, mask
+        tokens = bag.tokens.to(dtype)
+        tokens = (tokens[None, None, None] if bag.shared else tokens[:, None, None]).expand(batch, nh, nw, -1, -1, -1)
+        k, v = torch.cat([k, tokens], dim=4), torch.cat([v, tokens], dim=4)
+        if bag.token_bias is None:
+            token_bias = mask.new_zeros(1, 1, 1, 1, 1, tokens.shape[-2])
+        else:
+            token_bias = bag.token_bias.to(dtype)
+            token_bias = token_bias[None, None, None, None, None] if bag.shared else token_bias[:, None, None, None, None]
+        mask = mask.expand(token_bias.shape[0], -1, -1, -1, -1, -1)
+        return k, v, torch.cat([mask, token_bias.expand(-1, -1, -1, heads, length, -1)], dim=-1)
 
 
 class AggregatorBlock(GradientCheckpointingLayer):
@@ -313,7 +360,6 @@ class AggregatorBlock(GradientCheckpointingLayer):
 
     def __init__(self, dim: int, num_heads: int, window_size: int, config: EspMedSamAggregatorConfig):
         super().__init__()
-        self.window_size = window_size
         self.attn = EspMedSamWindowAttention(dim, num_heads, window_size, config)
         pad = config.local_conv_size // 2
         self.local_conv = ConvNorm(dim, dim, config.local_conv_size, 1, pad, groups=dim)
@@ -324,15 +370,7 @@ class AggregatorBlock(GradientCheckpointingLayer):
         self, hidden_states: torch.Tensor, bag: GatheredBagBlock, attentions: list | None = None
     ) -> torch.Tensor:
         batch, height, width, channels = hidden_states.shape
-        ws = self.window_size
-        pad_b, pad_r = (ws - height % ws) % ws, (ws - width % ws) % ws
-        x = F.pad(hidden_states, (0, 0, 0, pad_r, 0, pad_b)) if pad_b or pad_r else hidden_states
-        ph, pw = height + pad_b, width + pad_r
-        nh, nw = ph // ws, pw // ws
-        windows = x.view(batch, nh, ws, nw, ws, channels).transpose(2, 3).reshape(batch * nh * nw, ws * ws, channels)
-        windows = self.attn(windows, bag, nh * nw, attentions)
-        x = windows.view(batch, nh, nw, ws, ws, channels).transpose(2, 3).reshape(batch, ph, pw, channels)
-        x = hidden_states + x[:, :height, :width]
+        x = hidden_states + self.attn(hidden_states, bag, attentions)
         x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         tokens = x.reshape(batch, height * width, channels)
         if bag.shared and bag.eps == self.mlp.norm.eps:
