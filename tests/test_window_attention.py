@@ -1,6 +1,7 @@
-"""The window attention projects and queries only the feature map's own tokens (padded windows attended in groups):
-it must compute what TinyViT's plain form computes, pad the map with zeros, attend every window in full, cut the
-padding away, for every kind of overhang, one bag or one per image, forward and backward."""
+"""The window attention attends only the feature map's own tokens, the padded positions of an overhanging window
+merged into one key (windows attended in groups of one shape): it must compute what TinyViT's plain form computes,
+pad the map with zeros, attend every window in full, cut the padding away, for every kind of overhang, one bag or
+one per image, forward and backward."""
 
 from __future__ import annotations
 
@@ -75,19 +76,20 @@ def test_padded_windows_match_tinyvits_form(parts, height, width, implementation
     assert (grad_ours - grad_reference).abs().max().item() < TOLERANCE
 
 
-def test_attention_weights_are_those_of_every_full_window(parts):
-    """Asked for its weights, the attention attends every window in full (as TinyViT does), so that the weights it
-    returns are the ones its output is computed from: gradients reach them."""
+def test_attention_weights_are_those_of_tinyvits_padded_windows(parts):
+    """Asked for its weights, the attention runs TinyViT's padded windows in full and returns one map per block in
+    TinyViT's layout, the weights its output is computed from (gradients reach them), with the same output."""
     attn, controller = parts
     attn.config._attn_implementation = "eager"
     bag = controller.gather(1, torch.tensor([1]), 1)
-    x = torch.randn(1, 7, 6, attn.qkv.in_features)
+    x = torch.randn(1, 7, 6, attn.qkv.in_features)  # windows of 5: the map padded to 10x10, 2x2 windows
     weights: list[torch.Tensor] = []
     out = attn(x, bag, weights)
     (map_,) = weights
-    assert map_.shape == (4, attn.num_heads, 25, 25 + bag.tokens.shape[1])  # 2x2 windows of 5x5 over 10x10
+    assert map_.shape == (4, attn.num_heads, 25, 25 + bag.tokens.shape[1])
     assert torch.allclose(map_.sum(-1), torch.ones(()), atol=TOLERANCE)
     assert (out - attn(x, bag)).abs().max().item() < TOLERANCE
+    assert (out - padded_window_attention(attn, x, bag)).abs().max().item() < TOLERANCE
     map_.retain_grad()
     out.sum().backward()
     assert map_.grad is not None and map_.grad.abs().sum() > 0

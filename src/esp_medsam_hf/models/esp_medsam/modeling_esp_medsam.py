@@ -251,12 +251,13 @@ class EspMedSamWindowAttention(TinyVitAttention):
     function of transformers' attention interface that ``config._attn_implementation`` names, read at every call:
     ``"sdpa"`` (``F.scaled_dot_product_attention`` with the mask), ``"eager"`` (SAM's explicit softmax attention).
 
-    Windows that overhang the feature map are zero-padded, as in TinyViT: the padded positions are keys and values
-    of their window, but their own outputs are cut away. So only the map's own tokens are projected and queried
-    here, the same function with less work: a padded token's normalised value (the LayerNorm's bias) is one
-    q/k/v row for every padded position, and the windows are attended in up to four groups of equal query shape
-    (the full windows, the right column, the bottom row, the corner). At 256 px a 16x16 map in 14-px windows is
-    padded to 28x28: three times the tokens (measured, docs/benchmark.md).
+    Windows that overhang the feature map are zero-padded in TinyViT: the padded positions are keys and values of
+    their window, but their own outputs are cut away. Every padded position has the same key and value (its
+    normalised value is the LayerNorm's bias) and differs only in its position bias, so their terms of the softmax
+    sum to one key with the log-sum-exp of those biases. That is how they are attended here: the same function
+    without padding the map, projecting padded tokens or querying them, in up to four groups of windows of one
+    shape each (the whole windows, the right column, the bottom row, the corner). At 256 px a 16x16 map in 14-px
+    windows is padded to 28x28, three times its tokens (the speed-up is measured in docs/benchmark.md).
     """
 
     is_causal = False
@@ -269,90 +270,96 @@ class EspMedSamWindowAttention(TinyVitAttention):
         self.config = config
 
     def forward(self, x: torch.Tensor, bag: GatheredBagBlock, attentions: list | None = None) -> torch.Tensor:
-        """Window attention on the feature map x (B, H, W, C), each window with its bag's tokens: (B, H, W, C). A
-        list given as ``attentions`` receives the weights (windows, heads, N, N + T), computed by the eager
-        attention (SDPA does not return them) over every window in full, padded queries included, so that they
-        are the weights the output is computed from."""
-        batch, height, width, _ = x.shape
+        """Window attention on the feature map x (B, H, W, C), each window with its bag's tokens: (B, H, W, C).
+
+        A list given as ``attentions`` receives the weights (windows, heads, N, N + T), computed by the eager
+        attention (SDPA does not return them) over TinyViT's padded windows in full, so that they are the weights
+        the output is computed from, in TinyViT's layout."""
+        _, height, width, channels = x.shape
         ws, heads = self.window_size, self.num_heads
-        pad_b, pad_r = (ws - height % ws) % ws, (ws - width % ws) % ws
-        q, k, v = self.window_qkv(x, pad_b, pad_r)
-        k, v, mask = self.join_bag(k, v, bag, x.dtype)
-        nh, nw = q.shape[1], q.shape[2]
+        split = [self.key_dim, self.key_dim, self.val_dim]
+        # Shapes are given with -1 for the batch and constants elsewhere: an exported graph then computes no shapes.
+        qkv = self.qkv(self.norm(x))
+        padding = None
+        if height % ws or width % ws:
+            padded_row = self.qkv(self.norm(x.new_zeros(channels)))
+            padding = padded_row.view(heads, 1, -1).split(split, dim=-1)[1:]
+            if attentions is not None:
+                qkv = torch.cat([qkv, padded_row.expand(qkv.shape[0], height, -width % ws, -1)], dim=2)
+                qkv = torch.cat([qkv, padded_row.expand(qkv.shape[0], -height % ws, qkv.shape[2], -1)], dim=1)
         implementation = "eager" if attentions is not None else self.config._attn_implementation
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        if attentions is None:
-            full_h, full_w = (nh - 1 if pad_b else nh), (nw - 1 if pad_r else nw)
-            row_bands = [(slice(0, full_h), ws)] if full_h else []
-            row_bands += [(slice(full_h, nh), ws - pad_b)] if pad_b else []
-            col_bands = [(slice(0, full_w), ws)] if full_w else []
-            col_bands += [(slice(full_w, nw), ws - pad_r)] if pad_r else []
-        else:
-            row_bands, col_bands = [(slice(0, nh), ws)], [(slice(0, nw), ws)]
         rows = []
-        for row_windows, qh in row_bands:
+        for top, row_windows, rows_per_window in self.bands(qkv.shape[1]):
             pieces = []
-            for col_windows, qw in col_bands:
-                gh, gw = len(range(nh)[row_windows]), len(range(nw)[col_windows])
-                windows = batch * gh * gw
-                group_mask = mask.view(*mask.shape[:4], ws, ws, -1)[..., :qh, :qw, :]
-                group_mask = group_mask.expand(-1, gh, gw, -1, -1, -1, -1) if group_mask.shape[0] > 1 else group_mask
-                out, weights = attention(
-                    self,
-                    q[:, row_windows, col_windows, :, :qh, :qw].reshape(windows, heads, qh * qw, -1),
-                    k[:, row_windows, col_windows].reshape(windows, heads, k.shape[4], -1),
-                    v[:, row_windows, col_windows].reshape(windows, heads, v.shape[4], -1),
-                    group_mask.reshape(-1, heads, qh * qw, mask.shape[-1]),
-                    scaling=self.scale,
-                    dropout=0.0,
+            for left, col_windows, cols_per_window in self.bands(qkv.shape[2]):
+                length = rows_per_window * cols_per_window
+                region = qkv[:, top : top + row_windows * rows_per_window, left : left + col_windows * cols_per_window]
+                q, k, v = (
+                    region.reshape(-1, row_windows, rows_per_window, col_windows, cols_per_window, heads, sum(split))
+                    .permute(0, 1, 3, 5, 2, 4, 6)
+                    .reshape(-1, heads, length, sum(split))
+                    .split(split, dim=-1)
                 )
+                windows = q.shape[0]
+                mask = self.position_bias(rows_per_window, cols_per_window).to(x.dtype)
+                if length < ws * ws:
+                    k = torch.cat([k, padding[0].expand(windows, -1, -1, -1)], dim=2)
+                    v = torch.cat([v, padding[1].expand(windows, -1, -1, -1)], dim=2)
+                k, v, mask = self.join_bag(k, v, mask, bag, row_windows * col_windows)
+                out, weights = attention(self, q, k, v, mask, scaling=self.scale, dropout=0.0)
                 if attentions is not None:
                     attentions.append(weights)
-                pieces.append(out.reshape(batch, gh, gw, qh, qw, -1).transpose(2, 3).reshape(batch, gh * qh, gw * qw, -1))
+                out = out.reshape(-1, row_windows, col_windows, rows_per_window, cols_per_window, self.out_dim)
+                pieces.append(out.transpose(2, 3).reshape(
+                    -1, row_windows * rows_per_window, col_windows * cols_per_window, self.out_dim))
             rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
         out = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
-        return self.proj(out[:, :height, :width] if attentions is not None and (pad_b or pad_r) else out)
+        return self.proj(out if out.shape[1:3] == x.shape[1:3] else out[:, :height, :width])
 
-    def window_qkv(self, x: torch.Tensor, pad_b: int, pad_r: int) -> tuple[torch.Tensor, ...]:
-        """Queries (B, nh, nw, heads, ws, ws, d) and keys and values (B, nh, nw, heads, N, d) of the map x
-        (B, H, W, C) zero-padded by ``pad_b`` rows and ``pad_r`` columns, projecting only the map's own tokens."""
-        batch, height, width, channels = x.shape
+    def bands(self, size: int) -> list[tuple[int, int, int]]:
+        """A side of ``size`` cut into windows: (first index, windows, tokens per window) of the whole windows
+        and of the overhanging last one. (A traced export fixes them, as its image size is fixed.)"""
+        whole, rest = divmod(int(size), self.window_size)
+        return ([(0, whole, self.window_size)] if whole else []) + ([(whole * self.window_size, 1, rest)] if rest else [])
+
+    def position_bias(self, rows: int, cols: int) -> torch.Tensor:
+        """(heads, n, n [+ 1]): the relative-position bias among a window's ``rows`` x ``cols`` own tokens (its
+        top-left part), and, when the window overhangs the map, the log-sum-exp of the biases to its padded
+        positions, the logit bias of their one merged key."""
         ws, heads = self.window_size, self.num_heads
-        qkv = self.qkv(self.norm(x))
-        if pad_b or pad_r:
-            padded = self.qkv(self.norm(x.new_zeros(1, 1, 1, channels)))
-            if pad_r:
-                qkv = torch.cat([qkv, padded.expand(batch, height, pad_r, -1)], dim=2)
-            if pad_b:
-                qkv = torch.cat([qkv, padded.expand(batch, pad_b, width + pad_r, -1)], dim=1)
-        nh, nw = (height + pad_b) // ws, (width + pad_r) // ws
-        # Each head's q, k and v lie side by side in TinyViT's qkv layout.
-        qkv = qkv.view(batch, nh, ws, nw, ws, heads, -1).permute(0, 1, 3, 5, 2, 4, 6)
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=-1)
-        return (q, k.reshape(batch, nh, nw, heads, ws * ws, self.key_dim),
-                v.reshape(batch, nh, nw, heads, ws * ws, self.val_dim))
+        # Indexed on every call: timm's eval-mode cache goes stale when weights are loaded after .eval().
+        bias = self.attention_biases[:, self.attention_bias_idxs].view(heads, ws, ws, ws * ws)[:, :rows, :cols]
+        bias = bias.reshape(heads, rows * cols, ws * ws)
+        if rows * cols == ws * ws:
+            return bias
+        own = [r * ws + c for r in range(rows) for c in range(cols)]
+        padded = [i for i in range(ws * ws) if i % ws >= cols or i // ws >= rows]
+        own_bias = bias.index_select(-1, torch.tensor(own, device=bias.device))
+        padded_bias = bias.index_select(-1, torch.tensor(padded, device=bias.device)).logsumexp(-1, keepdim=True)
+        return torch.cat([own_bias, padded_bias], dim=-1)
 
     def join_bag(
-        self, k: torch.Tensor, v: torch.Tensor, bag: GatheredBagBlock, dtype: torch.dtype
+        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, bag: GatheredBagBlock, per_image: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys and values with the bag's tokens appended (B, nh, nw, heads, N + T, d), and the attention mask
-        (1 or B, 1, 1, heads, N, N + T): the relative-position bias, then the tokens' logit bias. One bag for the
-        whole batch is broadcast (no per-window copy before the join); else each image has its own."""
-        batch, nh, nw, heads, length, _ = k.shape
-        # Indexed on every call: timm's eval-mode cache goes stale when weights are loaded after .eval().
-        mask = self.attention_biases[:, self.attention_bias_idxs].to(dtype)[None, None, None]
+        """Keys, values (windows, heads, n', d) and the mask (heads, n, n') with the bag's tokens appended; the mask
+        gains a leading dimension, 1 for one bag shared by the batch (broadcast, no per-window copy) or one row per
+        window. ``per_image``: windows per image."""
         if bag.tokens is None:
-            return k, v, mask
-        tokens = bag.tokens.to(dtype)
-        tokens = (tokens[None, None, None] if bag.shared else tokens[:, None, None]).expand(batch, nh, nw, -1, -1, -1)
-        k, v = torch.cat([k, tokens], dim=4), torch.cat([v, tokens], dim=4)
+            return k, v, mask.unsqueeze(0)
+        windows, heads, length = k.shape[0], k.shape[1], mask.shape[1]
+        tokens = bag.tokens.to(k.dtype)
+        tokens = tokens.expand(windows, -1, -1, -1) if bag.shared else tokens.repeat_interleave(per_image, dim=0)
+        num_tokens = tokens.shape[2]
         if bag.token_bias is None:
-            token_bias = mask.new_zeros(1, 1, 1, 1, 1, tokens.shape[-2])
+            token_bias = mask.new_zeros(1, heads, length, num_tokens)
+        elif bag.shared:
+            token_bias = bag.token_bias.to(mask.dtype).expand(1, heads, length, num_tokens)
         else:
-            token_bias = bag.token_bias.to(dtype)
-            token_bias = token_bias[None, None, None, None, None] if bag.shared else token_bias[:, None, None, None, None]
-        mask = mask.expand(token_bias.shape[0], -1, -1, -1, -1, -1)
-        return k, v, torch.cat([mask, token_bias.expand(-1, -1, -1, heads, length, -1)], dim=-1)
+            token_bias = bag.token_bias.to(mask.dtype).repeat_interleave(per_image, dim=0)
+            token_bias = token_bias[:, None, None, :].expand(windows, heads, length, num_tokens)
+        mask = mask.unsqueeze(0).expand(token_bias.shape[0], -1, -1, -1)
+        return torch.cat([k, tokens], dim=2), torch.cat([v, tokens], dim=2), torch.cat([mask, token_bias], dim=-1)
 
 
 class AggregatorBlock(GradientCheckpointingLayer):
