@@ -57,7 +57,10 @@ def test_two_processes_give_the_weights_of_one_process_with_the_same_global_batc
     assert one.keys() == two.keys()
     moved = 0
     for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=2e-6, rtol=1e-5, msg=name)
+        # Two half batches all-reduced against one batch: the gradients are summed in other orders, and Adam divides
+        # each update by its gradient's own scale, so rounding shows at its size even where gradients are tiny
+        # (measured up to 3.1e-6 on a bag's MLP weights of magnitude 0.075 after two steps at lr 1e-3).
+        torch.testing.assert_close(two[name], one[name], atol=5e-6, rtol=1e-5, msg=name)
         moved += int(not torch.equal(one[name], initial[name])) if name in initial else 0
     assert moved > 50  # training changed the weights, so agreeing means something
     assert "step-00000002" in os.listdir(tmp_path / "two" / "checkpoints")
