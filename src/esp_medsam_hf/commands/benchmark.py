@@ -50,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ONNX int8 and the users' path at batch 1, then the tiling measurement, then (with --model) int8 against "
         "float32 on the real test sets; writes cpu_paths.md with each target",
     )
-    parser.add_argument("--model", help="--cpu-paths: a trained model folder for the int8 comparison on real images")
+    parser.add_argument("--model", help="--cpu-paths: a trained model folder for the int8 comparison on real images: "
+                        "a release (the demo's summary.json final_model, stage-3-esp-medsam/release), whose image "
+                        "processor holds the calibrated inference settings; a stage's final/ folder lacks them")
     parser.add_argument("--real-data", help="--cpu-paths: prepared real domains (default: prepared from the archives)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --output")
     parser.add_argument(
