@@ -156,6 +156,17 @@ def base_model() -> EspMedSamModel:
     return EspMedSamModel(EspMedSamConfig.tiny(image_size=TARGET_SIZE)).eval()
 
 
+def model_with_disc() -> EspMedSamModel:
+    """:func:`base_model` with the extra target "optic disc" (fundus), its query moved so that its masks are its own
+    (not fundus's)."""
+    from esp_medsam_hf.training.targets import add_target
+
+    model = add_target(base_model(), "optic disc", "fundus").eval()
+    with torch.no_grad():
+        model.mask_decoder.target_queries[0].add_(0.5)
+    return model
+
+
 def masks(model: EspMedSamModel, images: torch.Tensor, **kwargs) -> torch.Tensor:
     """``model``'s mask logits for ``images`` without gradients."""
     with torch.no_grad():

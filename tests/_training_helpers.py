@@ -13,6 +13,19 @@ from safetensors.torch import load_file
 from esp_medsam_hf.training import latest_checkpoint, train
 
 
+def interrupt_at_step(task, step: int) -> None:
+    """Make ``task``'s ``step``-th loss computation raise ``KeyboardInterrupt``, as a Ctrl-C in that step would."""
+    compute, calls = task.compute_loss, []
+
+    def interrupted(model, batch):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt("simulated interruption")
+        return compute(model, batch)
+
+    task.compute_loss = interrupted
+
+
 def assert_resume_matches_straight(config, build_task: Callable, root: Path):
     """Train ``config`` straight into ``root/straight``; train it again into ``root/resumed``, crashing at step 3,
     then resume from the step-2 checkpoint. The final parameters must agree within 1e-6. ``build_task(config)``
@@ -23,15 +36,7 @@ def assert_resume_matches_straight(config, build_task: Callable, root: Path):
 
     broken = dataclasses.replace(config, output_dir=str(root / "resumed"))
     task = build_task(broken)
-    compute, calls = task.compute_loss, []
-
-    def crash_on_third_step(model, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        return compute(model, batch)
-
-    task.compute_loss = crash_on_third_step
+    interrupt_at_step(task, 3)
     with pytest.raises(KeyboardInterrupt):
         train(broken, task)
     assert latest_checkpoint(root / "resumed").name == "step-00000002"

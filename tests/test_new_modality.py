@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from _inference_helpers import TARGET_SIZE as SIZE
-from _inference_helpers import base_model, masks, run_without_package, save_pretrained_with_pipeline
+from _inference_helpers import base_model, masks, model_with_disc, run_without_package, save_pretrained_with_pipeline
 from transformers import AutoModel, pipeline
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamImageProcessor, EspMedSamModel, EspMedSamProcessor
@@ -23,16 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 OLD = torch.tensor([0, 1, 3, 5])  # dermoscopy, x-ray (the new one's like), fundus, colonoscopy
 
 
-def with_disc() -> EspMedSamModel:
-    """The base model with the extra target "optic disc" (fundus), its query moved so that its masks are its own."""
-    model = add_target(base_model(), "optic disc", "fundus").eval()
-    with torch.no_grad():
-        model.mask_decoder.target_queries[0].add_(0.5)
-    return model
-
-
 def test_adding_a_modality_keeps_every_tensor_and_adds_only_its_own():
-    model = with_disc()
+    model = model_with_disc()
     grown = add_modality(model, "ct", like="x-ray", target="liver")
     config = grown.config
     assert config.modality_names[-1] == "ct" and config.added_modalities == [{"name": "ct", "like": "x-ray"}]
@@ -61,7 +53,7 @@ def test_adding_a_modality_keeps_every_tensor_and_adds_only_its_own():
 
 
 def test_the_new_modality_starts_as_its_like_and_the_others_are_unchanged():
-    model, images = with_disc(), torch.randn(3, 3, SIZE, SIZE)
+    model, images = model_with_disc(), torch.randn(3, 3, SIZE, SIZE)
     grown = add_modality(model, "ct", like="x-ray").eval()
     assert grown.config.target_names[-1] == "ct"  # the target's name defaults to the modality's
     for modality in OLD.tolist():
@@ -104,7 +96,7 @@ def test_the_errors_name_what_is_wrong():
 
 
 def test_the_modality_and_a_target_added_to_it_survive_save_and_reload(tmp_path):
-    grown = add_target(add_modality(with_disc(), "ct", like="x-ray", target="liver"), "spleen", "ct").eval()
+    grown = add_target(add_modality(model_with_disc(), "ct", like="x-ray", target="liver"), "spleen", "ct").eval()
     assert grown.config.target_query_rows[-1] == 1  # a target of ct decodes in x-ray's row too
     images = torch.randn(4, 3, SIZE, SIZE)
     assert torch.equal(masks(grown, images, target=8), masks(grown, images, modality=6))  # spleen starts as ct
@@ -120,7 +112,7 @@ def test_the_modality_and_a_target_added_to_it_survive_save_and_reload(tmp_path)
 
 
 def test_training_only_the_new_modality_leaves_the_others_bit_identical(tmp_path, data):
-    model, images = with_disc(), torch.randn(4, 3, SIZE, SIZE)
+    model, images = model_with_disc(), torch.randn(4, 3, SIZE, SIZE)
     before, disc = masks(model, images, modality=OLD), masks(model, images, target=6)
     config = EspMedSamStageConfig(
         output_dir=str(tmp_path), batch_size=3, epochs=2, validate=False, init_from="unused", model_size="tiny",
@@ -217,7 +209,7 @@ def test_train_new_modality_from_the_command_line(tmp_path, capsys):
 
 
 def test_training_the_new_modality_on_cached_features(tmp_path, data):
-    model, images = with_disc(), torch.randn(4, 3, SIZE, SIZE)
+    model, images = model_with_disc(), torch.randn(4, 3, SIZE, SIZE)
     before = masks(model, images, modality=OLD)
     config = EspMedSamStageConfig(
         output_dir=str(tmp_path), batch_size=3, epochs=2, init_from="unused", model_size="tiny", image_size=SIZE,
@@ -269,7 +261,7 @@ def test_evaluate_decodes_the_new_modality_by_its_target(tmp_path, data):
 
 
 def test_a_model_saved_without_the_field_loads_unchanged(tmp_path):
-    model, images = with_disc(), torch.randn(2, 3, SIZE, SIZE)
+    model, images = model_with_disc(), torch.randn(2, 3, SIZE, SIZE)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved.pop("added_modalities") == []

@@ -4,7 +4,7 @@ modality's own target, survives saving and reloading, and training it alone leav
 import numpy as np
 import pytest
 import torch
-from _inference_helpers import TARGET_SIZE, base_model, masks
+from _inference_helpers import TARGET_SIZE, base_model, masks, model_with_disc
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
 from esp_medsam_hf.training import EspMedSamStageConfig, train
@@ -37,7 +37,7 @@ def test_added_target_starts_as_its_modality_and_is_named():
 
 
 def test_targets_survive_save_and_reload(tmp_path):
-    grown = grown_model()
+    grown = model_with_disc()
     grown.save_pretrained(tmp_path)
     reloaded = EspMedSamModel.from_pretrained(tmp_path).eval()
     assert reloaded.config.extra_targets == [{"name": "optic disc", "modality": "fundus"}]
@@ -51,19 +51,11 @@ def test_a_model_without_extra_targets_is_unchanged():
     assert "extra_targets" in model.config.to_dict() and model.config.num_targets == 6
 
 
-def grown_model() -> EspMedSamModel:
-    """The base model with "optic disc" added to fundus and its query moved, so its masks differ from fundus's."""
-    grown = add_target(base_model(), "optic disc", "fundus").eval()
-    with torch.no_grad():
-        grown.mask_decoder.target_queries[0].add_(0.5)
-    return grown
-
-
 def test_predict_decodes_the_target_in_the_whole_view_and_in_tiles():
     from esp_medsam_hf import EspMedSamImageProcessor, EspMedSamProcessor
     from esp_medsam_hf.models.esp_medsam.prediction import predict
 
-    grown = grown_model()
+    grown = model_with_disc()
     processor = EspMedSamProcessor(
         EspMedSamImageProcessor(size={"height": SIZE, "width": SIZE}), grown.config.modality_names
     )
@@ -86,7 +78,7 @@ def test_predict_decodes_the_target_in_the_whole_view_and_in_tiles():
 
 
 def test_prompts_decode_the_targets_query():
-    grown, images = grown_model(), torch.rand(2, 3, SIZE, SIZE)
+    grown, images = model_with_disc(), torch.rand(2, 3, SIZE, SIZE)
     points, labels = torch.tensor([[[[20.0, 30.0]]]] * 2), torch.ones(2, 1, 1, dtype=torch.long)
     with torch.no_grad():
         prompted = grown(images, target=6, input_points=points, input_labels=labels)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _training_helpers import interrupt_at_step
 from safetensors.torch import load_file
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
@@ -202,17 +203,8 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(finished, 
 
 def test_log_does_not_repeat_steps_after_a_resume(tmp_path, data):
     config = EspMedSamStageConfig(output_dir=str(tmp_path), epochs=2, max_steps=5, checkpoint_every=2, **COMMON)
-    calls = []
     task, _, _ = espmedsam_task(config, student(), data)
-    compute = task.compute_loss
-
-    def crash_on_fourth(model, batch):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt("simulated interruption")
-        return compute(model, batch)
-
-    task.compute_loss = crash_on_fourth
+    interrupt_at_step(task, 4)
     with pytest.raises(KeyboardInterrupt):
         train(config, task)
     assert logged_steps(tmp_path) == [1, 2, 3]  # step 3 is past the step-2 checkpoint
