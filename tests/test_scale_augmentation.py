@@ -14,6 +14,7 @@ from esp_medsam_hf.training.augment import (
     Photometric,
     ScaleAugmentation,
     ZoomRange,
+    crops_per_epoch,
     object_size,
     parse_zoom,
     training_augmentation,
@@ -93,10 +94,13 @@ def test_photometric_changes_are_seeded_and_stay_in_range():
 
 
 def test_zoom_options_are_checked():
-    assert parse_zoom({"mnfinder": {"object_size": [6, 40]}, "vascx": {"scale": [0.5, 2]}}) == {
-        "mnfinder": ZoomRange("object_size", 6.0, 40.0), "vascx": ZoomRange("scale", 0.5, 2.0)}
+    assert parse_zoom({"mnfinder": {"object_size": [6, 40]}, "vascx": {"scale": [0.5, 2], "crops": 4}}) == {
+        "mnfinder": ZoomRange("object_size", 6.0, 40.0), "vascx": ZoomRange("scale", 0.5, 2.0, crops=4)}
     for bad in ({"x": {"size": [1, 2]}}, {"x": {"scale": [2, 1]}}, {"x": {"scale": [0, 1]}},
-                {"x": {"scale": [1, float("nan")]}}, {"x": {"scale": [1]}}, {"x": [1, 2]}):
+                {"x": {"scale": [1, float("nan")]}}, {"x": {"scale": [1]}}, {"x": [1, 2]},
+                {"x": {"scale": [1, 2], "crops": 0}}, {"x": {"scale": [1, 2], "crops": 1.5}},
+                {"x": {"scale": [1, 2], "object_size": [6, 40]}}, {"x": {"crops": 2}},
+                {"x": {"scale": [1, 2], "crop": 2}}):
         with pytest.raises(ValueError, match="zoom"):
             EspMedSamStageConfig(zoom=bad)
     assert EspMedSamStageConfig(zoom={"x": {"scale": [0.5, 2]}}, feature_views=12).feature_views == 12
@@ -104,6 +108,25 @@ def test_zoom_options_are_checked():
         EspMedSamStageConfig(feature_views=12)
     assert training_augmentation(EspMedSamStageConfig()) is None
     assert training_augmentation(EspMedSamStageConfig(photometric=True)).photometric is not None
+
+
+def test_crops_show_each_image_of_a_domain_that_many_times_an_epoch(data):
+    config = EspMedSamStageConfig(image_size=64, zoom={"dsb": {"scale": [0.5, 2], "crops": 3}})
+    rows = SegmentationDataset(data, "train", augment=True, seed=0, scale_augmentation=training_augmentation(config),
+                               repeats=crops_per_epoch(config.zoom))
+    plain = SegmentationDataset(data, "train")
+    dsb = [i for i in range(len(plain)) if plain.rows[i]["domain"] == "dsb"]
+    others = [i for i in range(len(plain)) if plain.rows[i]["domain"] != "dsb"]
+    assert dsb and others and crops_per_epoch(config.zoom) == {"dsb": 3}
+    assert len(rows) == len(others) + 3 * len(dsb)
+    shown = [rows.rows[i]["file_name"] for i in range(len(rows))]
+    for i in dsb:  # each image three times, and each time its own crop
+        name = plain.rows[i]["file_name"]
+        copies = [j for j, other in enumerate(shown) if other == name]
+        assert len(copies) == 3
+        crops = [rows.scaled_view(j, 0)[0] for j in copies]
+        assert not np.array_equal(crops[0], crops[1]) and not np.array_equal(crops[1], crops[2])
+    assert crops_per_epoch({"dsb": {"scale": [0.5, 2]}}) == {} and crops_per_epoch(None) == {}
 
 
 def test_a_cache_of_zoom_views_gives_the_models_own_loss(data):

@@ -41,25 +41,32 @@ PARTIAL_VIEW_SIDES = (0.3, 1.0)
 @dataclass(frozen=True)
 class ZoomRange:
     """How a domain's training crops are zoomed: ``kind`` ``"object_size"`` (low/high: object diameters in input
-    pixels, measured from the mask) or ``"scale"`` (low/high: input pixels per native pixel)."""
+    pixels, measured from the mask) or ``"scale"`` (low/high: input pixels per native pixel); ``crops``: how many
+    crops of each of the domain's images an epoch shows (a large photograph holds many crops' worth of objects)."""
 
     kind: str
     low: float
     high: float
+    crops: int = 1
 
     @classmethod
     def parse(cls, domain: str, spec: Mapping) -> "ZoomRange":
-        """``{"object_size": [low, high]}`` or ``{"scale": [low, high]}``; anything else is an error naming the
-        domain."""
-        if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in ZOOM_KINDS:
+        """``{"object_size": [low, high]}`` or ``{"scale": [low, high]}``, optionally with ``"crops": N``;
+        anything else is an error naming the domain."""
+        kinds = [key for key in spec if key in ZOOM_KINDS] if isinstance(spec, Mapping) else []
+        if len(kinds) != 1 or set(spec) - {kinds[0], "crops"}:
             raise ValueError(f"zoom[{domain!r}] must be {{object_size: [low, high]}} or {{scale: [low, high]}}, "
-                             f"got {spec!r}")
-        kind, bounds = next(iter(spec.items()))
+                             f"optionally with crops: N, got {spec!r}")
+        kind = kinds[0]
+        bounds = spec[kind]
         if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2
                 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
                 or not all(math.isfinite(b) and b > 0 for b in bounds) or bounds[0] > bounds[1]):
             raise ValueError(f"zoom[{domain!r}][{kind!r}] must be two finite numbers 0 < low <= high, got {bounds!r}")
-        return cls(kind, float(bounds[0]), float(bounds[1]))
+        crops = spec.get("crops", 1)
+        if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:
+            raise ValueError(f"zoom[{domain!r}]['crops'] must be an integer >= 1, got {crops!r}")
+        return cls(kind, float(bounds[0]), float(bounds[1]), crops)
 
     def draw_scale(self, rng: np.random.Generator, reference_size: float) -> float:
         """A scale drawn log-uniformly; for ``object_size``, relative to the image's object size in native px."""
@@ -74,6 +81,11 @@ def parse_zoom(zoom: Mapping[str, Mapping] | None) -> dict[str, ZoomRange]:
     if not isinstance(zoom, Mapping):
         raise ValueError(f"zoom must map domain names to {{object_size|scale: [low, high]}}, got {zoom!r}")
     return {str(domain): ZoomRange.parse(str(domain), spec) for domain, spec in zoom.items()}
+
+
+def crops_per_epoch(zoom: Mapping[str, Mapping] | None) -> dict[str, int]:
+    """``{domain: crops}`` of the zoom domains whose epochs show more than one crop of each image."""
+    return {name: spec.crops for name, spec in parse_zoom(zoom).items() if spec.crops > 1}
 
 
 def object_size(mask: np.ndarray) -> float:

@@ -71,6 +71,7 @@ class TrainingConfig:
     zoom: ``{domain: {object_size: [low, high]}}`` (object diameters in input pixels, measured from the masks) or
         ``{domain: {scale: [low, high]}}`` (input pixels per native pixel): training sees crops of that domain's
         native-resolution images at a log-uniform random zoom in that range; other domains: whole images, flips.
+        ``crops: N`` beside the range: every epoch shows N crops of each of that domain's images.
     photometric: random gamma, contrast, blur and noise on every training view.
     """
 
@@ -114,7 +115,7 @@ class TrainingConfig:
     frozen_encoder_stages: int = 0
     cache_features: bool = False
     feature_views: int = 2
-    zoom: dict[str, dict[str, list[float]]] | None = None
+    zoom: dict[str, dict[str, list[float] | int]] | None = None
     photometric: bool = False
 
     def __post_init__(self) -> None:

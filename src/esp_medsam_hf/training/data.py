@@ -65,13 +65,15 @@ def check_not_empty(datasets: Mapping, split: str) -> None:
 class SegmentationDataset(torch.utils.data.Dataset):
     """Rows of several domains' split as (image HxWx3 uint8, mask HxW bool, modality) with optional flips, or, with
     ``scale_augmentation`` (:class:`esp_medsam_hf.training.augment.ScaleAugmentation`), views of the native-resolution
-    rows under random zoom and intensity changes."""
+    rows under random zoom and intensity changes. ``repeats``: ``{domain: N}``, that domain's rows N times (each
+    a row of its own, so each draws its own crops: the zoom's ``crops``)."""
 
     def __init__(self, datasets: Mapping, split: str, *, augment: bool = False, seed: int = 0,
-                 scale_augmentation=None):
+                 scale_augmentation=None, repeats: Mapping[str, int] | None = None):
         import datasets as hf_datasets
 
-        parts = [dataset[split] for dataset in datasets.values()]
+        repeats = repeats or {}
+        parts = [part for name, dataset in datasets.items() for part in [dataset[split]] * repeats.get(name, 1)]
         self.rows = hf_datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         self.augment, self.seed, self.epoch = augment, seed, 0
         self.scale_augmentation = scale_augmentation if augment else None

@@ -72,6 +72,7 @@ class DemoSettings:
     espmedsam_views: int = 7
     nuclei_object_size: tuple[float, float] = (6.0, 40.0)
     fundus_scale: tuple[float, float] = (0.5, 2.0)
+    fundus_crops: int = 8
     photometric: bool = True
     classifier_epochs: int = 60
     classifier_images: int = 3
@@ -79,9 +80,12 @@ class DemoSettings:
     def zoom(self) -> dict:
         """Stage 3's ``zoom``: mnfinder's nuclei 6 to 40 px across in the model's input (a 6.7x span around the
         16 px that "auto" inference aims for), vascx's photographs at 0.5 to 2x their native pixels (native
-        resolution, where the thin vessels are, in the middle); the synthetic stand-ins keep whole images."""
+        resolution, where the thin vessels are, in the middle), ``fundus_crops`` crops of each an epoch (a 1024-px
+        photograph holds sixteen 256-px crops at native scale; with one crop an epoch the four photographs were 4 of
+        an epoch's 42 views, and the vessels' native-resolution Dice stayed below 50, docs/training.md); the
+        synthetic stand-ins keep whole images."""
         return {"mnfinder": {"object_size": list(self.nuclei_object_size)},
-                "vascx": {"scale": list(self.fundus_scale)}}
+                "vascx": {"scale": list(self.fundus_scale), "crops": self.fundus_crops}}
 
     @classmethod
     def full(cls) -> "DemoSettings":
@@ -90,7 +94,7 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> "DemoSettings":
         return cls(real_limit=1, synthetic_train=1, synthetic_test=1, batch_size=4, teacher_epochs=1,
-                   distill_steps=1, espmedsam_steps=2, espmedsam_batch_size=4, espmedsam_views=1,
+                   distill_steps=1, espmedsam_steps=2, espmedsam_batch_size=4, espmedsam_views=1, fundus_crops=2,
                    classifier_epochs=3, classifier_images=1)
 
 

@@ -19,7 +19,7 @@ from ...models.esp_medsam.losses import batch_loss
 from ...models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 from ...models.esp_medsam.pipeline_esp_medsam import save_pretrained_with_pipeline
 from ...models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
-from ..augment import training_augmentation
+from ..augment import crops_per_epoch, training_augmentation
 from ..config import RELEASE, TrainingConfig, resolve_mixed_precision
 from ..data import Collator, SegmentationDataset, check_not_empty, load_domains
 from ..features import EspMedSamAfterCache, cache_features, cached_loss, collate_features
@@ -95,6 +95,7 @@ def segmentation_task(name: str, model: nn.Module, config: TrainingConfig, data:
         name=name,
         model=model,
         train_dataset=SegmentationDataset(data, "train", augment=config.augment, seed=config.seed,
+                                          repeats=crops_per_epoch(config.zoom),
                                           scale_augmentation=training_augmentation(config, processor.image_processor)),
         collate_fn=Collator(processor.image_processor),
         compute_loss=batch_loss,
@@ -130,6 +131,7 @@ def cached_feature_task(name: str, model: EspMedSamModel, config: TrainingConfig
     the features (default ``EspMedSamAfterCache(model, config.cache_point)``)."""
     point = config.cache_point
     train_rows = SegmentationDataset(data, "train", augment=config.augment, seed=config.seed,
+                                     repeats=crops_per_epoch(config.zoom),
                                      scale_augmentation=training_augmentation(config, processor.image_processor))
     views = config.feature_views if config.augment else 1
     bf16 = resolve_mixed_precision(config.mixed_precision) == "bf16"
