@@ -108,6 +108,48 @@ def test_the_exponential_default_decays_once_per_epoch(tmp_path, data):
     assert logged == pytest.approx([1e-3] * 3 + [5e-4] * 3 + [2.5e-4] * 3)
 
 
+def test_a_moving_average_of_the_weights_is_what_is_validated_and_saved(tmp_path, data):
+    """``ema_decay``: final/ is e_1 = w_1, e_k = d e_(k-1) + (1 - d) w_k over the trained weights w_k of every step
+    (each step's checkpoint holds them), validation sees the average, and a resumed run gives the same average."""
+    from safetensors.torch import load_file
+
+    decay = 0.6
+    config = EspMedSamStageConfig(output_dir=str(tmp_path / "run"), ema_decay=decay, checkpoint_every=1, **COMMON)
+    validated = []
+    result = run(config, data, validate=lambda module: validated.append(
+        {k: v.detach().clone() for k, v in module.state_dict().items()}) or {"dice": 0.0})
+    steps = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(steps) == result.global_step == 9
+    trained = [load_file(step / "model.safetensors") for step in steps]
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    moved = [name for name in final if final[name].is_floating_point()
+             and not torch.equal(trained[0][name], trained[-1][name])]
+    assert moved
+    for name in moved:
+        average = trained[0][name].clone()
+        for weights in trained[1:]:
+            average = decay * average + (1 - decay) * weights[name]
+        torch.testing.assert_close(final[name], average, rtol=1e-5, atol=1e-7)
+    # not the last step's weights
+    assert sum(not torch.allclose(final[name], trained[-1][name], rtol=1e-3, atol=1e-6) for name in moved) > len(moved) / 2
+    # the validation after the last epoch saw the average: its weights are final/'s
+    last = {k.removeprefix("model."): v for k, v in validated[-1].items()}
+    assert all(torch.equal(last[name], final[name]) for name in moved if name in last)
+    assert sum(name in last for name in moved) == len(moved)
+    with pytest.raises(ValueError, match="ema_decay"):
+        EspMedSamStageConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        EspMedSamStageConfig(ema_decay=-0.1)
+
+
+def test_a_resumed_run_continues_the_moving_average(tmp_path, data):
+    from _training_helpers import assert_resume_matches_straight
+
+    config = EspMedSamStageConfig(output_dir="unused", ema_decay=0.6, checkpoint_every=1, validate=False,
+                                  **{**COMMON, "epochs": 2})
+    assert_resume_matches_straight(config, lambda c: espmedsam_task(c, student(), data)[0], tmp_path)
+
+
 def test_schedule_options_are_checked():
     with pytest.raises(ValueError, match="warmup_steps needs a step schedule"):
         EspMedSamStageConfig(warmup_steps=10)

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
 CHECKPOINT_RE = re.compile(rf"{CHECKPOINT_PREFIX}(\d{{8}})")
 PROGRESS_FILE = "progress.json"
+EMA_FILE = "ema.safetensors"
+"""The moving average of the weights (``ema_decay``) in a checkpoint: its state dict, safetensors (never a pickle)."""
 MANIFEST_FILE = "manifest.json"
 """The sha256 of every other file of a checkpoint, written last: a file changed, added or removed afterwards (a
 tampered ``scheduler.bin``) makes the checkpoint untrusted, and the loop falls back to the previous one."""
@@ -120,7 +122,7 @@ def verify_checkpoint(folder: Path) -> None:
     weights = sorted(folder.glob("model*.safetensors"))
     if not weights:
         raise CheckpointError(f"{folder}: no model*.safetensors")
-    for path in weights:
+    for path in weights + sorted(folder.glob(EMA_FILE)):
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError, ValueError) as error:
@@ -219,12 +221,25 @@ def check_parameters_finite(model: nn.Module, what: str) -> None:
 
 
 
+def load_moving_average(ema: nn.Module, checkpoint: Path) -> None:
+    """The moving average saved in ``checkpoint`` (``EMA_FILE``) into ``ema``; a checkpoint without one (written
+    without ``ema_decay``) is a ``CheckpointError``."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / EMA_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint} holds no {EMA_FILE}: it was saved without ema_decay; resume it without "
+                              "ema_decay or start a new run")
+    ema.load_state_dict(load_file(path))
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, progress: TrainingProgress | None = None,
-                    model: nn.Module | None = None) -> Path:
+                    model: nn.Module | None = None, ema: nn.Module | None = None) -> Path:
     """``accelerator.save_state`` into ``checkpoints/.tmp-step-N``, renamed to ``checkpoints/step-N`` when complete;
     only then are the checkpoints beyond the newest ``keep`` deleted.
 
-    ``model``: checked finite first (a NaN model is never saved as a checkpoint); ``progress``: saved as JSON.
+    ``model``: checked finite first (a NaN model is never saved as a checkpoint); ``progress``: saved as JSON;
+    ``ema``: the weights' moving average (``torch.optim.swa_utils.AveragedModel``), saved as ``EMA_FILE``.
     accelerate's own rotation (``ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=...)``) is not
     used: it deletes the oldest checkpoints before writing the new one, straight into its final folder, so a crash
     mid-save would leave fewer good checkpoints and a partial one under a checkpoint's name.
@@ -243,6 +258,11 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, progres
     if accelerator.is_main_process:
         if progress is not None:
             (staging / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()))
+        if ema is not None:
+            from safetensors.torch import save_file
+
+            save_file({name: tensor.detach().contiguous() for name, tensor in ema.state_dict().items()},
+                      staging / EMA_FILE)
         write_manifest(staging)
         replace_directory(staging, target)
         done = checkpoints(output_dir)

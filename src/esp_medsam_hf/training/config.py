@@ -73,6 +73,9 @@ class TrainingConfig:
         native-resolution images at a log-uniform random zoom in that range; other domains: whole images, flips.
         ``crops: N`` beside the range: every epoch shows N crops of each of that domain's images.
     photometric: random gamma, contrast, blur and noise on every training view.
+    ema_decay: validate and save (``best/``, ``final/``) an exponential moving average of the weights, updated
+        after every optimizer step with this decay (PyTorch's ``AveragedModel``; 0.95 averages over about the last
+        20 steps), instead of the weights of the last step; checkpoints carry it, so a resume is exact. None: off.
     """
 
     stage: ClassVar[str] = ""
@@ -117,6 +120,7 @@ class TrainingConfig:
     feature_views: int = 2
     zoom: dict[str, dict[str, list[float] | int]] | None = None
     photometric: bool = False
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.model_size not in ("official", "tiny"):
@@ -187,6 +191,10 @@ class TrainingConfig:
         finite("focal_loss_weight", 0, 1)
         if self.max_grad_norm is not None:
             finite("max_grad_norm", 0, low_open=True)
+        if self.ema_decay is not None:
+            finite("ema_decay", 0, 1)
+            if self.ema_decay == 1:
+                raise ValueError("ema_decay must be below 1 (1 would keep the initial weights)")
         for name in ("num_workers", "checkpoint_every", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -39,6 +39,7 @@ from .checkpoints import (
     checkpoint_name,
     latest_checkpoint,
     latest_intact_checkpoint,
+    load_moving_average,
     save_checkpoint,
 )
 from .config import TrainingConfig, resolve_mixed_precision
@@ -124,6 +125,7 @@ class _Run:
     seen_modalities: set[int] = field(default_factory=set)  # by the batches accumulated into the next step
     last_validated_step: int | None = None
     last_checkpoint_step: int | None = None
+    ema: torch.optim.swa_utils.AveragedModel | None = None  # the weights' moving average (``ema_decay``)
 
     @property
     def best_dir(self) -> Path:
@@ -141,13 +143,18 @@ class _Run:
     def unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    def evaluated_model(self) -> nn.Module:
+        """What is validated and saved as ``best/`` and ``final/``: the weights' moving average with
+        ``ema_decay``, else the trained model itself."""
+        return self.ema.module if self.ema is not None else self.unwrapped_model()
+
     def save_checkpoint(self) -> None:
         """Checkpoint the current step, once: a step already saved (a periodic save that is also the end) is not
         saved again."""
         if self.last_checkpoint_step == self.progress.global_step:
             return
         save_checkpoint(self.accelerator, self.output_dir, self.progress.global_step, self.config.keep_checkpoints,
-                        self.progress, self.unwrapped_model())
+                        self.progress, self.unwrapped_model(), self.ema)
         self.last_checkpoint_step = self.progress.global_step
 
     def validate_and_checkpoint(self, epoch: int) -> None:
@@ -275,7 +282,18 @@ def _prepare_training(accelerator: Accelerator, config: TrainingConfig, task: St
     scheduler = accelerator.prepare(build_scheduler(config, optimizer, total_steps))
     optimizer = prepared_optimizer
     return _Run(config, task, output_dir, accelerator, model, optimizer, train_dataloader, scheduler, trainable,
-                total_steps, RunLog(output_dir, accelerator.is_main_process))
+                total_steps, RunLog(output_dir, accelerator.is_main_process),
+                ema=moving_average(accelerator.unwrap_model(model), config.ema_decay))
+
+
+def moving_average(model: nn.Module, decay: float | None) -> torch.optim.swa_utils.AveragedModel | None:
+    """PyTorch's exponential moving average of ``model``'s parameters and buffers (``None`` without ``decay``);
+    it copies the model, and starts from its weights at the first update."""
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def build_scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer,
@@ -296,6 +314,8 @@ def _resume(run: _Run, checkpoint: Path) -> None:
     steps logged after it."""
     progress = run.progress
     run.accelerator.load_state(str(checkpoint))
+    if run.ema is not None:
+        load_moving_average(run.ema, checkpoint)
     progress.load_state_dict(json.loads((Path(checkpoint) / PROGRESS_FILE).read_text()))
     run.run_log.truncate_after(progress.global_step)
     run.last_checkpoint_step = progress.global_step
@@ -369,6 +389,8 @@ def _after_optimizer_step(run: _Run, epoch: int, loss: torch.Tensor) -> None:
     progress, config, accelerator = run.progress, run.config, run.accelerator
     progress.global_step += 1
     run.seen_modalities = set()
+    if run.ema is not None:
+        run.ema.update_parameters(run.unwrapped_model())
     run.bar.update(1)
     lr = run.scheduler.get_last_lr()[0]  # the rate this step was taken with
     if config.lr_schedule != "exponential":
@@ -406,7 +428,7 @@ def _validate_and_keep_best(run: _Run, epoch: int) -> None:
     if task.validate is None or not run.config.validate:
         return
     if accelerator.is_main_process:
-        metrics = task.validate(run.unwrapped_model())
+        metrics = task.validate(run.evaluated_model())
         value = float(metrics[task.metric_name])
         better = progress.best_metric is None or (
             value > progress.best_metric if task.greater_is_better else value < progress.best_metric
@@ -414,7 +436,7 @@ def _validate_and_keep_best(run: _Run, epoch: int) -> None:
         if better and math.isfinite(value):
             progress.best_metric, progress.best_step = value, progress.global_step
             progress.bad_validations = 0
-            save_model_atomically(task, run.unwrapped_model(), run.best_dir)
+            save_model_atomically(task, run.evaluated_model(), run.best_dir)
         else:
             progress.bad_validations += 1
         run.run_log.write({"event": "validation", "task": task.name, "epoch": epoch, "step": progress.global_step,
@@ -448,7 +470,7 @@ def _finish(run: _Run) -> TrainingResult:
         run.save_checkpoint()
     final_dir = run.output_dir / "final"
     if accelerator.is_main_process:
-        save_model_atomically(run.task, run.unwrapped_model(), final_dir)
+        save_model_atomically(run.task, run.evaluated_model(), final_dir)
     accelerator.wait_for_everyone()
     if run.config.report_to:
         accelerator.end_training()
