@@ -159,3 +159,38 @@ def test_the_prompt_free_mask_is_cut_at_the_modalitys_calibrated_threshold():
         processor.image_processor.modality_mask_thresholds = None
     assert np.array_equal(session.free_mask, logits.reshape(session.free_mask.shape) > cut)
     assert np.array_equal(session.mask(), session.free_mask)
+
+
+def test_a_tiled_session_starts_from_the_tiled_mask_and_decodes_a_click_on_its_tile():
+    """At a scale that tiles the image, the prompt-free mask is ``predict``'s at that scale (what the pipeline and
+    the evaluation show), and a positive click decodes on the tile around it (nearby clicks share it)."""
+    from esp_medsam_hf.models.esp_medsam.prediction import predict
+    from esp_medsam_hf.models.esp_medsam.prompt_session import TILE_OUTSIDE
+
+    model, processor = tiny_model(seed=1)
+    side = processor.image_processor.size["height"]
+    image = np.random.default_rng(0).integers(0, 255, (150, 200, 3), dtype=np.uint8)
+    session = EspMedSamPromptSession(model, processor, image, "microscopy", scale=1.0)
+    expected = predict(model, processor, [image], "microscopy", scale=1.0)
+    assert session.scale == 1.0 and np.array_equal(session.free_mask, expected.masks[0])
+    np.testing.assert_allclose(session.free_logit_map, expected.logits[0].numpy(), rtol=0, atol=1e-6)
+    assert not np.array_equal(session.free_mask, EspMedSamPromptSession(model, processor, image, "microscopy").free_mask)
+
+    x, y = 100, 70
+    decoded = session.decode_logits([(x, y)])
+    left, top, tile = session._tile_at(x, y)
+    assert tile.scale is None and len(session._tiles) == 1
+    assert abs(x - left - side / 2) <= side / 8 and abs(y - top - side / 2) <= side / 8
+    alone = EspMedSamPromptSession(model, processor, image[top : top + side, left : left + side], "microscopy",
+                                   scale="whole").decode_logits([(x - left, y - top)])
+    np.testing.assert_allclose(decoded[top : top + side, left : left + side], alone, rtol=0, atol=1e-6)
+    outside = np.ones(decoded.shape, dtype=bool)
+    outside[top : top + side, left : left + side] = False
+    assert (decoded[outside] == TILE_OUTSIDE).all()
+    assert np.array_equal(session.mask(points=[(x, y)], labels=[1]),
+                          add_click(session.free_mask, decoded, session.free_logit_map, x, y))
+    session.decode_logits([(x + 2, y + 1)])
+    assert len(session._tiles) == 1  # the same tile, encoded once
+    # a negative click edits the tiled mask by the tiled logits
+    assert np.array_equal(session.mask(points=[(x, y)], labels=[0]),
+                          remove_click(session.free_mask, session.free_logit_map, x, y))

@@ -339,17 +339,17 @@ def test_click_to_correct_points_boxes_undo_and_reset(tmp_path, loaded, segment)
         return gr.SelectData(None, {"index": [x, y], "value": None, "selected": True})
 
     prompts = app.empty_prompts()
-    overlay, mask, summary, mask_png, prompts = click(str(path), "microscopy", prompts, app.CLICK_MODES[0], at(30, 20))
+    overlay, mask, summary, mask_png, prompts = click(str(path), "microscopy", app.AUTOMATIC_SCALE, prompts, app.CLICK_MODES[0], at(30, 20))
     session = EspMedSamPromptSession(loaded.model, loaded.processor, image, "microscopy")
     assert np.array_equal(mask > 0, session.mask(points=[(30, 20)], labels=[1]))
     assert tuple(overlay[20, 30]) == (0, 200, 0) and "1 click(s)" in summary and Path(mask_png).is_file()
-    *_, prompts = click(str(path), "microscopy", prompts, app.CLICK_MODES[2], at(10, 5))  # first corner
+    *_, prompts = click(str(path), "microscopy", app.AUTOMATIC_SCALE, prompts, app.CLICK_MODES[2], at(10, 5))  # first corner
     assert prompts["corner"] == (10.0, 5.0) and prompts["boxes"] == []
-    assert "box corner set" in click(str(path), "microscopy", app.empty_prompts(), app.CLICK_MODES[2], at(1, 1))[2]
-    overlay, mask, summary, _, prompts = click(str(path), "microscopy", prompts, app.CLICK_MODES[2], at(60, 50))
+    assert "box corner set" in click(str(path), "microscopy", app.AUTOMATIC_SCALE, app.empty_prompts(), app.CLICK_MODES[2], at(1, 1))[2]
+    overlay, mask, summary, _, prompts = click(str(path), "microscopy", app.AUTOMATIC_SCALE, prompts, app.CLICK_MODES[2], at(60, 50))
     assert prompts["boxes"] == [(10.0, 5.0, 60.0, 50.0)] and not (mask[55:] > 0).any()
     assert np.array_equal(mask > 0, session.mask(points=[(30, 20)], labels=[1], boxes=[(10, 5, 60, 50)]))
-    _, mask, _, _, prompts = undo(str(path), "microscopy", prompts)
+    _, mask, _, _, prompts = undo(str(path), "microscopy", app.AUTOMATIC_SCALE, prompts)
     assert prompts["boxes"] == [] and len(prompts["points"]) == 1
-    _, mask, summary, _, prompts = reset(str(path), "microscopy", prompts)
+    _, mask, summary, _, prompts = reset(str(path), "microscopy", app.AUTOMATIC_SCALE, prompts)
     assert prompts == app.empty_prompts() and np.array_equal(mask, free_mask) and "0 click(s)" in summary

@@ -324,15 +324,17 @@ MAX_SESSIONS = 4
 _SESSIONS: dict[tuple, tuple] = {}
 
 
-def prompt_session(loaded: LoadedModel, path: str, modality_choice: str | None):
+def prompt_session(loaded: LoadedModel, path: str, modality_choice: str | None, scale_choice: str | None = None):
     """(session, image): the image encoded once, as the Segment button decoded it (the modality chosen, else the
-    DICOM tag's, else the classifier's); every correction then decodes from the cached embedding."""
+    DICOM tag's, else the classifier's; at the scale chosen, on the same backend: the prompt-free mask is the
+    Segment button's); every correction then decodes from the cached embedding (of its tile, when tiled)."""
     from esp_medsam_hf.models.esp_medsam.prompt_session import EspMedSamPromptSession
 
     if not hasattr(loaded.model, "prompt_encoder"):
         raise gr.Error("This model was saved before prompts existed: it cannot take clicks or boxes.",
                        title="No prompts")
-    key = (id(loaded.model), path, modality_choice)
+    scale = (scale_choice or AUTOMATIC_SCALE).strip()
+    key = (id(loaded.model), path, modality_choice, scale)
     if key not in _SESSIONS:
         if len(_SESSIONS) >= MAX_SESSIONS:
             _SESSIONS.pop(next(iter(_SESSIONS)))
@@ -340,7 +342,11 @@ def prompt_session(loaded: LoadedModel, path: str, modality_choice: str | None):
         chosen = None if modality_choice in (None, "", AUTOMATIC) else modality_choice
         if chosen is None and tag_modality in loaded.modality_names:
             chosen = tag_modality
-        _SESSIONS[key] = (EspMedSamPromptSession(loaded.model, loaded.processor, image, chosen), image)
+        try:
+            session = EspMedSamPromptSession(loaded.model, loaded.processor, image, chosen, scale=scale, backend=None)
+        except ValueError as error:
+            raise gr.Error(str(error), title="Bad scale") from error
+        _SESSIONS[key] = (session, image)
     return _SESSIONS[key]
 
 
@@ -352,10 +358,10 @@ def make_correct(loaded: LoadedModel):
     """The click-to-correct handlers: a click on the overlay, undo and reset, each giving the new overlay, mask,
     summary, mask PNG and prompt state."""
 
-    def render(path: str | None, modality_choice: str | None, prompts: dict):
+    def render(path: str | None, modality_choice: str | None, scale_choice: str | None, prompts: dict):
         if not path:
             raise gr.Error("Upload an image or pick an example, and segment it, before clicking.", title="No image")
-        session, image = prompt_session(loaded, path, modality_choice)
+        session, image = prompt_session(loaded, path, modality_choice, scale_choice)
         start = time.perf_counter()
         points = [(x, y) for x, y, _ in prompts["points"]]
         labels = [label for _, _, label in prompts["points"]]
@@ -368,7 +374,7 @@ def make_correct(loaded: LoadedModel):
         overlay = draw_prompts(overlay_mask(image, mask), prompts["points"], prompts["boxes"], prompts["corner"])
         return overlay, mask.astype(np.uint8) * 255, summary, _write_mask_png(mask, Path(path).stem), prompts
 
-    def click(path, modality_choice, prompts, mode, event: gr.SelectData):
+    def click(path, modality_choice, scale_choice, prompts, mode, event: gr.SelectData):
         prompts = {**prompts, "points": list(prompts["points"]), "boxes": list(prompts["boxes"]),
                    "history": list(prompts["history"])}
         x, y = (float(v) for v in event.index)
@@ -383,9 +389,9 @@ def make_correct(loaded: LoadedModel):
         else:
             prompts["points"].append((x, y, 0 if mode == CLICK_MODES[1] else 1))
             prompts["history"].append("point")
-        return render(path, modality_choice, prompts)
+        return render(path, modality_choice, scale_choice, prompts)
 
-    def undo(path, modality_choice, prompts):
+    def undo(path, modality_choice, scale_choice, prompts):
         prompts = {**prompts, "points": list(prompts["points"]), "boxes": list(prompts["boxes"]),
                    "history": list(prompts["history"])}
         if prompts["history"]:
@@ -396,10 +402,10 @@ def make_correct(loaded: LoadedModel):
                 prompts["boxes"].pop()
             else:
                 prompts["corner"] = None
-        return render(path, modality_choice, prompts)
+        return render(path, modality_choice, scale_choice, prompts)
 
-    def reset(path, modality_choice, prompts):
-        return render(path, modality_choice, empty_prompts())
+    def reset(path, modality_choice, scale_choice, prompts):
+        return render(path, modality_choice, scale_choice, empty_prompts())
 
     return click, undo, reset
 
@@ -489,7 +495,7 @@ def build_demo(loaded: LoadedModel) -> gr.Blocks:
         outputs = [overlay, mask, label, summary, mask_file]
         file_in.change(preview, inputs=file_in, outputs=shown, api_visibility="private")
         run.click(segment, inputs=[file_in, modality, scale], outputs=outputs, api_name="segment")
-        add_click_to_correct(loaded, [file_in, modality], run, [overlay, mask, summary, mask_file])
+        add_click_to_correct(loaded, [file_in, modality, scale], run, [overlay, mask, summary, mask_file])
         if examples:
             gr.Examples(
                 examples=[[path, modality_name] for path, modality_name, _ in examples],

@@ -250,7 +250,7 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
 
     # Prompts on the real test images: one GT box per object beside LiteMedSAM's, and the click curve.
     evaluate_interactive(model, processor, data.real_test, output / "evaluation", litemedsam=litemedsam,
-                         progress=progress)
+                         progress=progress, backend=None)
     return report
 
 

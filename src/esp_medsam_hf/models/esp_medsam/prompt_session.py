@@ -18,6 +18,8 @@ one object would replace the whole mask. The session therefore edits instead of 
   it hangs on, or a neighbour behind a valley, stays. (Taking every connected pixel no surer than the click, as
   before, also took dimmer true nuclei that touched a bright false blob, and the next positive click put them
   back with the blob: the curve see-sawed.)
+- At a scale that tiles the image (``scale``, default the image processor's "auto"), the prompt-free mask is the
+  tiled one ``prediction.predict`` gives, and a positive click decodes on the tile around it.
 - Everything away from the click stays bit-identical. Clicks apply in order, each to the mask the previous ones
   left, so ``mask(points[:-1], labels[:-1])`` is the mask before the last click (an undo).
 
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 OBJECTS_PER_DECODE = 16
 """Object rows decoded per model call: each row repeats the image embedding, so a batch of them is memory-bound."""
+TILE_OUTSIDE = -1e4
+"""The logit a tiled session's click decode gives the pixels outside its tile: far below any threshold."""
 CLICK_WINDOW = 2.0
 """Half-side of the square a click edits, in object sizes (``prediction.estimate_object_size`` of the current
 mask, a diameter): an object up to four typical diameters across fits; a bigger one takes more clicks."""
@@ -181,7 +185,8 @@ class EspMedSamPromptSession:
     the raw SAM-style union of the prompted objects' masks instead. Each positive click's decode is cached, so
     replaying a list of clicks (the Space's undo) decodes only the new ones; a negative click needs no decode."""
 
-    def __init__(self, model, processor, image: np.ndarray, modality: Any = None):
+    def __init__(self, model, processor, image: np.ndarray, modality: Any = None, scale: Any = None,
+                 backend: str | None = "eager"):
         self.model, self.processor = model, processor
         self.device = next(model.parameters()).device
         inputs = processor(images=[image], modality=modality, return_tensors="pt")
@@ -201,6 +206,46 @@ class EspMedSamPromptSession:
         self.free_mask = self.free_logit_map.reshape(self.free_logit_map.shape[-2:]) > mask_threshold(
             getattr(processor, "image_processor", processor), name)
         self._clicks: dict[tuple[int, int], np.ndarray] = {}
+        self.scale: float | None = None
+        self._tiles: dict[tuple[int, int], EspMedSamPromptSession] = {}
+        self._at_its_scale(image, scale, backend)
+
+    def _at_its_scale(self, image: Any, scale: Any, backend: str | None) -> None:
+        """Where ``scale`` (default: the image processor's ``inference_scale``) tiles the image, the prompt-free
+        mask and logits become ``prediction.predict``'s at that scale (as the pipeline and the evaluation segment
+        it: fundus photographs at native resolution), and positive clicks decode on a tile at that scale
+        (:meth:`_tile_at`); the whole view otherwise."""
+        from .prediction import predict, tiling_options
+
+        image_processor = getattr(self.processor, "image_processor", self.processor)
+        array = np.asarray(image)  # tiles are cut from it: an (H, W[, C]) array or a PIL image
+        if (tiling_options(image_processor, scale).mode == "whole" or self.modality is None
+                or array.shape[:2] != self.free_mask.shape):
+            return
+        prediction = predict(self.model, self.processor, [image], int(self.modality[0]), backend=backend,
+                             scale=scale)
+        if prediction.scales[0] is None:
+            return
+        self.scale, self.tile_size = prediction.scales[0], tiling_options(image_processor, scale).tile_size
+        self.image = array
+        self.free_logit_map = prediction.logits[0].numpy()
+        self.free_mask = prediction.masks[0]
+
+    def _tile_at(self, x: float, y: float) -> tuple[int, int, "EspMedSamPromptSession"]:
+        """(left, top, session) of the tile a positive click at (x, y) decodes on when the session is tiled: the
+        ``tile_size / scale`` native pixels around the click (its origin on a grid of a quarter tile, so that
+        nearby clicks share one encoded tile), seen whole, which the processor resizes by about ``scale``."""
+        height, width = self.free_mask.shape
+        side = max(1, round(self.tile_size / self.scale))
+        tile_h, tile_w = min(side, height), min(side, width)
+        step = max(1, side // 4)
+        left = int(min(max(round((x - tile_w / 2) / step) * step, 0), width - tile_w))
+        top = int(min(max(round((y - tile_h / 2) / step) * step, 0), height - tile_h))
+        if (left, top) not in self._tiles:
+            crop = self.image[top : top + tile_h, left : left + tile_w]
+            self._tiles[left, top] = EspMedSamPromptSession(self.model, self.processor, crop,
+                                                            int(self.modality[0]), scale="whole")
+        return left, top, self._tiles[left, top]
 
     def _masks(self, pred_masks: torch.Tensor) -> np.ndarray:
         """Low-resolution logits (1, 1, h, w) or (1, N, 1, h, w) -> the objects' masks (N, H, W)."""
@@ -243,7 +288,14 @@ class EspMedSamPromptSession:
         return torch.cat(logits, dim=1)
 
     def decode_logits(self, points: Sequence[Sequence[float]], labels: Sequence[int] | None = None) -> np.ndarray:
-        """The logits (H, W) of the model's raw mask for ``points`` (one object), at the original size."""
+        """The logits (H, W) of the model's raw mask for ``points`` (one object), at the original size; a tiled
+        session decodes them on the tile around the first point (``TILE_OUTSIDE`` beyond it)."""
+        if self.scale is not None:
+            left, top, tile = self._tile_at(*points[0])
+            inside = tile.decode_logits([(px - left, py - top) for px, py in points], labels)
+            logits = np.full(self.free_mask.shape, TILE_OUTSIDE, dtype=np.float32)
+            logits[top : top + inside.shape[0], left : left + inside.shape[1]] = inside
+            return logits
         logits = self.processor.post_process_masks(self._decode(points, labels), self.original_sizes, binarize=False)[0]
         return logits.reshape(-1, *logits.shape[-2:])[0].numpy()
 
