@@ -78,12 +78,9 @@ class DemoSettings:
     classifier_images: int = 3
 
     def zoom(self) -> dict:
-        """Stage 3's ``zoom``: mnfinder's nuclei 6 to 40 px across in the model's input (a 6.7x span around the
-        16 px that "auto" inference aims for), vascx's photographs at 0.5 to 2x their native pixels (native
-        resolution, where the thin vessels are, in the middle), ``fundus_crops`` crops of each an epoch (a 1024-px
-        photograph holds sixteen 256-px crops at native scale; with one crop an epoch the four photographs were 4 of
-        an epoch's 42 views, and the vessels' native-resolution Dice stayed below 50, docs/training.md); the
-        synthetic stand-ins keep whole images."""
+        """Stage 3's ``zoom``: mnfinder's nuclei 6 to 40 px across in the model's input (around the 16 px "auto"
+        aims for), vascx's photographs at 0.5 to 2x their native pixels, ``fundus_crops`` crops of each an epoch
+        (one crop an epoch left the vessels undertrained, docs/training.md); synthetic stand-ins: whole images."""
         return {"mnfinder": {"object_size": list(self.nuclei_object_size)},
                 "vascx": {"scale": list(self.fundus_scale), "crops": self.fundus_crops}}
 
