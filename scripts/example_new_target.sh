@@ -41,10 +41,13 @@ tar -xzf "$ARCHIVE" -C "$WORK/photos" --strip-components 3 "$SAMPLES/rgb" "$SAMP
     --data-dir "$WORK/photos/pairs.csv" --output "$WORK/data"
 
 # 2. The new target (from domain.json): its own bag and query, initialised from the vessels', the only parts that
-#    train. The encoder up to TinyViT stage 1 (the target's bag there kept the vessels') is encoded once per view.
+#    train. The encoder up to TinyViT stage 1 (the target's bag there kept the vessels') is encoded once per view:
+#    8 views of 4 crops of each photograph, each at 0.2 to 0.35x its native pixels (a 1024-px photograph whole or
+#    nearly, as the whole view shows it at 0.25x) with photometric changes (other cameras, other clinics).
 # shellcheck disable=SC2086
 "$ESP" train --stage espmedsam --init-from "$RELEASE" --data "$WORK/data" --domains disc \
-    --cache-features --frozen-encoder-stages 2 --feature-views 4 --batch-size 4 \
+    --cache-features --frozen-encoder-stages 2 --feature-views 8 --batch-size 4 \
+    --zoom '{"disc": {"scale": [0.2, 0.35], "crops": 4}}' --photometric \
     --learning-rate 1e-3 --lr-schedule cosine --warmup-steps 3 --max-steps 24 \
     --eval-every 12 --keep-checkpoints 1 --output-dir "$WORK/run" ${TRAIN_FLAGS:-}
 
