@@ -77,6 +77,24 @@ def test_predict_decodes_the_target_in_the_whole_view_and_in_tiles():
     torch.testing.assert_close(fundus_by_target.logits[0], own_tiled.logits[0], rtol=0, atol=1e-5)
 
 
+def test_a_model_with_an_added_target_runs_on_onnxruntime_as_in_pytorch():
+    """The exported graph of a grown model (an extra target: one more decoder query) gives its modalities' masks as
+    the PyTorch model does; the target itself is decoded by the PyTorch model on every backend."""
+    pytest.importorskip("onnxruntime")
+    from esp_medsam_hf.models.esp_medsam.backends import run_inference
+
+    model = model_with_disc()
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, TARGET_SIZE, TARGET_SIZE)
+    modality = torch.tensor([3, 4])
+    eager = run_inference(model, pixels, modality, backend="eager")
+    exported = run_inference(model, pixels, modality, backend="onnxruntime", int8=False)
+    torch.testing.assert_close(exported.pred_masks, eager.pred_masks, rtol=1e-4, atol=1e-4)
+    disc = model.config.target_index("optic disc")
+    on_onnx = run_inference(model, pixels, backend="onnxruntime", target=disc).pred_masks
+    assert torch.equal(on_onnx, masks(model, pixels, target=torch.full((2,), disc)))
+
+
 def test_prompts_decode_the_targets_query():
     grown, images = model_with_disc(), torch.rand(2, 3, SIZE, SIZE)
     points, labels = torch.tensor([[[[20.0, 30.0]]]] * 2), torch.ones(2, 1, 1, dtype=torch.long)
