@@ -274,6 +274,11 @@ def run_model(
     return prediction.masks[0], probabilities, names[prediction.modality[0]], describe_scale(prediction)
 
 
+def chosen_scale(scale_choice: str | None) -> str:
+    """The scale menu's value as ``prediction.predict`` takes it (empty: "auto")."""
+    return (scale_choice or AUTOMATIC_SCALE).strip()
+
+
 def describe_scale(prediction) -> str:
     """The scale a prediction used, in words: the whole view, or tiles at a zoom of the native pixels (with the
     objects' size the automatic scale estimated)."""
@@ -297,7 +302,7 @@ def make_segment(loaded: LoadedModel):
         else:
             how = "chosen by you" if chosen else "predicted by the modality classifier"
         start = time.perf_counter()
-        scale = (scale_choice or AUTOMATIC_SCALE).strip()
+        scale = chosen_scale(scale_choice)
         mask, probabilities, used, scale_used = run_model(loaded, image, chosen, scale)
         elapsed_ms = (time.perf_counter() - start) * 1000
         summary = (
@@ -333,7 +338,7 @@ def prompt_session(loaded: LoadedModel, path: str, modality_choice: str | None, 
     if not hasattr(loaded.model, "prompt_encoder"):
         raise gr.Error("This model was saved before prompts existed: it cannot take clicks or boxes.",
                        title="No prompts")
-    scale = (scale_choice or AUTOMATIC_SCALE).strip()
+    scale = chosen_scale(scale_choice)
     key = (id(loaded.model), path, modality_choice, scale)
     if key not in _SESSIONS:
         if len(_SESSIONS) >= MAX_SESSIONS:

@@ -217,16 +217,15 @@ class EspMedSamPromptSession:
         (:meth:`_tile_at`); the whole view otherwise."""
         from .prediction import predict, tiling_options
 
-        image_processor = getattr(self.processor, "image_processor", self.processor)
+        options = tiling_options(getattr(self.processor, "image_processor", self.processor), scale)
         array = np.asarray(image)  # tiles are cut from it: an (H, W[, C]) array or a PIL image
-        if (tiling_options(image_processor, scale).mode == "whole" or self.modality is None
-                or array.shape[:2] != self.free_mask.shape):
+        if options.mode == "whole" or self.modality is None or array.shape[:2] != self.free_mask.shape:
             return
         prediction = predict(self.model, self.processor, [image], int(self.modality[0]), backend=backend,
                              scale=scale)
         if prediction.scales[0] is None:
             return
-        self.scale, self.tile_size = prediction.scales[0], tiling_options(image_processor, scale).tile_size
+        self.scale, self.tile_size = prediction.scales[0], options.tile_size
         self.image = array
         self.free_logit_map = prediction.logits[0].numpy()
         self.free_mask = prediction.masks[0]
