@@ -209,3 +209,21 @@ def test_views_a_short_run_never_shows_are_not_encoded(data):
     assert epochs_at_most(EspMedSamStageConfig(batch_size=2, max_steps=7, epochs=100), 6) == 3
     assert epochs_at_most(EspMedSamStageConfig(batch_size=2, epochs=4), 6) == 4
     assert epochs_at_most(EspMedSamStageConfig(batch_size=4, max_steps=7, epochs=100), 6) == 4  # 2 batches, 1 step
+
+
+def test_training_on_images_validates_on_the_zoom_views_a_feature_cache_validates_on(data):
+    """With a zoom, a run that does not cache features validates on the same zoom views as one that does (not on
+    whole images at the processor's scale, which a zoom-trained target never saw)."""
+    from esp_medsam_hf.training.stages.shared import cached_feature_task, dice_validation
+
+    torch.manual_seed(0)
+    model = EspMedSamModel(EspMedSamConfig.tiny(image_size=64)).eval()
+    apply_freeze(model, [], frozen_encoder_stages=2)
+    processor = make_processor(64, model.config.modality_names)
+    config = EspMedSamStageConfig(image_size=64, zoom={"dsb": {"scale": [0.5, 2]}}, frozen_encoder_stages=2,
+                                  cache_features=True, progress=False)
+    cached_task, _, _ = cached_feature_task("espmedsam", model, config, data, processor)
+    cached = cached_task.validate(cached_task.model)["dice"]
+    on_images = dice_validation(model, processor, data, config)
+    assert set(on_images) == {"dice", "dice/isic", "dice/dsb"}
+    assert on_images["dice"] == pytest.approx(cached, abs=0.1)  # a full forward against cached features

@@ -130,6 +130,44 @@ def test_training_only_the_new_target_leaves_the_others_bit_identical(tmp_path, 
     assert torch.equal(before, masks(reloaded, images, modality=others))
 
 
+def _norm_statistics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in model.named_buffers() if "running_" in name}
+
+
+def test_training_all_for_a_new_target_keeps_every_batch_norm(tmp_path, data):
+    """--train-all: the shared parts train on the new target's images, but the batch norms (weights and statistics,
+    shared by every modality) stay; without that a few images' small batches moved them in a handful of steps."""
+    model = base_model()
+    before = _norm_statistics(model)
+    config = EspMedSamStageConfig(
+        output_dir=str(tmp_path), batch_size=3, epochs=2, validate=False, init_from="unused", model_size="tiny",
+        image_size=SIZE, progress=False, synthetic_valid_images=1, learning_rate=1e-2, new_target="optic disc",
+        target_modality="fundus", augment=False, only_new_target=False,
+    )
+    task, _, _ = espmedsam_task(config, model, data)
+    trained = task.model.model
+    shared = trained.aggregator.stages[-1].blocks[0].attn.qkv.weight.clone()
+    train(config, task)
+    assert before and all(torch.equal(before[name], tensor) for name, tensor in _norm_statistics(trained).items())
+    assert not torch.equal(shared, trained.aggregator.stages[-1].blocks[0].attn.qkv.weight)
+
+
+def test_a_frozen_stage_keeps_its_batch_norm_statistics_while_trained_ones_move(tmp_path, data):
+    model = base_model()
+    before = _norm_statistics(model)
+    config = EspMedSamStageConfig(
+        output_dir=str(tmp_path), batch_size=3, epochs=1, validate=False, init_from="unused", model_size="tiny",
+        image_size=SIZE, progress=False, synthetic_valid_images=1, frozen_encoder_stages=1, augment=False,
+    )
+    task, _, _ = espmedsam_task(config, model, data)
+    train(config, task)
+    after = _norm_statistics(model)
+    frozen = [name for name in before if name.startswith(("aggregator.patch_embed.", "aggregator.stage0."))]
+    moved = [name for name in before if name not in frozen and not torch.equal(before[name], after[name])]
+    assert frozen and all(torch.equal(before[name], after[name]) for name in frozen)
+    assert moved
+
+
 def test_only_an_added_target_can_train_alone():
     with pytest.raises(ValueError, match="modality's own target"):
         freeze_all_but_target(base_model(), "retinal vessels")

@@ -43,6 +43,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import TrainingConfig, resolve_mixed_precision
+from .norms import hold_frozen_norm_statistics
 from .run_folder import prepare_output_dir
 from .run_log import RunLog
 
@@ -340,6 +341,7 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     for batch in batches:
         if run.task.prepare_batch is not None:
             batch = run.task.prepare_batch(batch, epoch, run.progress.batch)
+        hold_frozen_norm_statistics(run.model)
         loss = _training_step(run, batch, epoch)
         run.progress.batch += 1
         if run.accelerator.sync_gradients:
