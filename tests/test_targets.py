@@ -135,8 +135,8 @@ def _norm_statistics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_training_all_for_a_new_target_keeps_every_batch_norm(tmp_path, data):
-    """--train-all: the shared parts train on the new target's images, but the batch norms (weights and statistics,
-    shared by every modality) stay; without that a few images' small batches moved them in a handful of steps."""
+    """--train-all: the shared encoder and decoder train on the new target's images, but the batch norms (weights and
+    statistics, shared by every modality), the classifier and the self-patch prompt generator stay."""
     model = base_model()
     before = _norm_statistics(model)
     config = EspMedSamStageConfig(
@@ -147,8 +147,11 @@ def test_training_all_for_a_new_target_keeps_every_batch_norm(tmp_path, data):
     task, _, _ = espmedsam_task(config, model, data)
     trained = task.model.model
     shared = trained.aggregator.stages[-1].blocks[0].attn.qkv.weight.clone()
+    kept = {name: tensor.clone() for name, tensor in trained.state_dict().items()
+            if name.startswith(("prompt_generator.", "modality_classifier."))}
     train(config, task)
     assert before and all(torch.equal(before[name], tensor) for name, tensor in _norm_statistics(trained).items())
+    assert kept and all(torch.equal(kept[name], trained.state_dict()[name]) for name in kept)
     assert not torch.equal(shared, trained.aggregator.stages[-1].blocks[0].attn.qkv.weight)
 
 

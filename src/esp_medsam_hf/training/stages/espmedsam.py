@@ -106,13 +106,7 @@ def new_target_task(config: EspMedSamStageConfig, model: EspMedSamModel, data: d
     ``cache_features`` and ``only_new_target`` the encoder up to ``frozen_encoder_stages`` (the target's bag blocks
     there included, kept the modality's) is encoded once and only the rest of its bag and its query train."""
     model = prepare_target(model, config.new_target, config.target_modality, config.only_new_target)
-    # With --train-all too, two shared parts stay frozen. The classifier: the target's images are all of one
-    # modality, so it could only learn to call every image that one, and it routes every other modality's images.
-    # The self-patch prompt generator (one for all targets): trained on the optic disc (lr 1e-3 and 1e-4) the loss
-    # fell from 1.5 to 0.55 in four steps and stayed there, the disc's logits on a test photograph all near -2
-    # (Dice 0); kept frozen, the same run reached validation Dice 94.8 and 87.8 on the test photographs.
-    return one_target_task(config, model, model.config.target_index(config.new_target), data, processor,
-                           frozen=["modality_classifier", "prompt_generator"])
+    return one_target_task(config, model, model.config.target_index(config.new_target), data, processor)
 
 
 def new_modality_task(config: EspMedSamStageConfig, model: EspMedSamModel, data: dict,
@@ -131,22 +125,28 @@ def new_modality_task(config: EspMedSamStageConfig, model: EspMedSamModel, data:
             raise ValueError(f"with cache_features the training domains must be prepared as {config.like_modality!r} "
                              f"images (--like), they record {sorted(recorded)}: prepare them with --modality "
                              f"{config.like_modality} or train without --cache-features")
-    # with --train-all too, the classifier stays frozen: the new modality's images alone cannot teach it to tell
-    # that modality from the others
     return one_target_task(config, model, model.config.modality_index(config.new_modality), data, processor,
-                           source=like, frozen=["modality_classifier"])
+                           source=like)
+
+
+TRAIN_ALL_FROZEN = ("modality_classifier", "prompt_generator")
+"""Shared parts that stay frozen when a new target or modality trains with everything else (``only_new_target``
+False), as do the batch norms (weights and statistics). The classifier: the new images are all of one modality,
+so it could only learn to call every image that one, and it routes every other modality's images. The self-patch
+prompt generator, one for all targets: training the optic disc with it (lr 1e-3 and 1e-4) the loss fell from 1.5 to
+0.55 in four steps and stayed there, every disc logit of a test photograph near -2 (Dice 0); kept frozen, with the
+batch norms, the same run reached validation Dice 94.8 and 87.8 on the test photographs. The batch norms: every
+modality normalises with their statistics, and a few images' small batches moved them (``training.norms``)."""
 
 
 def one_target_task(config: EspMedSamStageConfig, model: EspMedSamModel, target: int, data: dict,
-                    processor: EspMedSamProcessor, source: int | None = None, frozen: list[str] = ()):
+                    processor: EspMedSamProcessor, source: int | None = None):
     """(task, processor, data) of training ``model`` on every image as ``target`` (a new target's or modality's;
-    ``source``: the bag a feature cache encodes its images with, see ``freeze_target_prefix``; ``frozen``: parts
-    kept frozen beside ``config.freeze`` when not only the target trains)."""
+    ``source``: the bag a feature cache encodes its images with, see ``freeze_target_prefix``); with everything
+    training (not ``only_new_target``), ``TRAIN_ALL_FROZEN`` and the batch norms stay frozen beside ``config.freeze``."""
     if not config.only_new_target:
-        apply_freeze(model, [*config.freeze, *frozen], config.frozen_encoder_stages)
-        # every other modality normalises with these statistics, and a few images' small batches would move them
-        # (the loop holds a frozen batch norm's statistics, training.norms)
-        logger.info("the %d batch norms stay frozen, statistics included", freeze_norms(model))
+        apply_freeze(model, [*config.freeze, *TRAIN_ALL_FROZEN], config.frozen_encoder_stages)
+        logger.info("training all but %s and the %d batch norms", ", ".join(TRAIN_ALL_FROZEN), freeze_norms(model))
     if config.cache_features and config.only_new_target:
         freeze_target_prefix(model, target, config.cache_point, source)
         return cached_feature_task("espmedsam", model, config, data, processor,
