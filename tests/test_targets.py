@@ -155,6 +155,38 @@ def test_training_all_for_a_new_target_keeps_every_batch_norm(tmp_path, data):
     assert not torch.equal(shared, trained.aggregator.stages[-1].blocks[0].attn.qkv.weight)
 
 
+def test_keeping_the_others_holds_the_modalitys_own_target_while_the_shared_parts_train(tmp_path, data):
+    """--train-all with keep_others_weight (learning without forgetting): the term is 0 before anything moved, the
+    starting copy is neither trained nor saved, and the fundus target's masks move far less than without it. (A
+    tiny random model's masks are nearly constant, so the old and new targets pull one output bias: the weight
+    here is large; docs/training.md measures the real model.)"""
+    images = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    drift = {}
+    for keep in (0.0, 200.0):
+        model = base_model()
+        before = masks(model, images, modality=torch.full((3,), 3))
+        config = EspMedSamStageConfig(
+            output_dir=str(tmp_path / f"keep{keep:g}"), batch_size=3, epochs=3, validate=False, init_from="unused",
+            model_size="tiny", image_size=SIZE, progress=False, synthetic_valid_images=1, learning_rate=1e-2,
+            new_target="optic disc", target_modality="fundus", augment=False, only_new_target=False,
+            keep_others_weight=keep,
+        )
+        task, _, _ = espmedsam_task(config, model, data)
+        batch = task.collate_fn([task.train_dataset[i] for i in range(3)])
+        with torch.no_grad():
+            first = task.model(batch["pixel_values"], batch["labels"])
+        train(config, task)
+        task.model.eval()
+        drift[keep] = (first, float((masks(task.model.model, images, modality=torch.full((3,), 3)) - before).abs().mean()))
+        assert set(task.model.state_dict()) == {f"model.{name}" for name in task.model.model.state_dict()}
+    torch.testing.assert_close(drift[200.0][0], drift[0.0][0], rtol=0, atol=1e-5)  # nothing has moved yet
+    assert drift[200.0][1] < 0.5 * drift[0.0][1]
+    with pytest.raises(ValueError, match="keep_others_weight"):
+        EspMedSamStageConfig(init_from="x", new_target="optic disc", target_modality="fundus", keep_others_weight=1.0)
+    with pytest.raises(ValueError, match="keep_others_weight must be"):
+        EspMedSamStageConfig(init_from="x", only_new_target=False, keep_others_weight=-1.0)
+
+
 def test_a_frozen_stage_keeps_its_batch_norm_statistics_while_trained_ones_move(tmp_path, data):
     model = base_model()
     before = _norm_statistics(model)

@@ -322,6 +322,9 @@ class EspMedSamStageConfig(TrainingConfig):
     only_new_target: with ``new_target`` (or ``new_modality``), train only the new target's (modality's) bag and
         query (the default), so every other target of the model stays bit-identical; False trains what ``freeze``
         leaves.
+    keep_others_weight: with ``only_new_target`` False, the weight of a learning-without-forgetting term that keeps
+        the modality's own target's masks on the training images at the starting model's
+        (``training.targets.TargetTraining``; a new target's or modality's training only); 0: none.
     calibrate_object_size: with ``zoom`` object-size domains, choose the release's "auto" inference object size on
         their validation images (``training.calibration``); False keeps the image processor's.
     prompt_fraction: the share of batches (drawn from the seed) that are prompted, with boxes or clicks simulated
@@ -341,6 +344,7 @@ class EspMedSamStageConfig(TrainingConfig):
     like_modality: str | None = None
     new_modality_target: str | None = None
     only_new_target: bool = True
+    keep_others_weight: float = 0.0
     calibrate_object_size: bool = True
     prompt_fraction: float = 0.0
     prompt_max_objects: int = 8
@@ -360,6 +364,12 @@ class EspMedSamStageConfig(TrainingConfig):
         if self.new_modality is not None and (self.init_from is None or self.new_target is not None):
             raise ValueError("new_modality needs a trained model to add it to (give init_from, --init-from) and "
                              "goes without new_target: add one modality or one target at a time")
+        value = self.keep_others_weight
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"keep_others_weight must be a number >= 0, got {value!r}")
+        if value and self.only_new_target:
+            raise ValueError("keep_others_weight keeps the other targets while a new target or modality trains with "
+                             "the shared parts: give it with --train-all")
         if self.prompt_fraction and (self.new_target is not None or self.new_modality is not None):
             raise ValueError("prompt_fraction trains the prompted masks of the model's own targets; it cannot be "
                              "combined with new_target or new_modality")

@@ -4,9 +4,11 @@ target's masks stay bit-identical."""
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from ..models.esp_medsam.configuration_esp_medsam import EspMedSamConfig
 from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
@@ -73,11 +75,20 @@ def freeze_all_but_target(model: EspMedSamModel, target: int | str) -> int:
 class TargetTraining(torch.nn.Module):
     """The model trained as one target: every image of the batch is decoded as ``target``. With ``only_target`` the
     model stays in eval mode (its frozen batch norms keep their statistics, which the other targets share); what
-    trains of it (a bag, a query) has no dropout or batch norm."""
+    trains of it (a bag, a query) has no dropout or batch norm.
 
-    def __init__(self, model: EspMedSamModel, target: int, only_target: bool):
+    ``keep`` (with the shared parts training): learning without forgetting (Li and Hoiem, 2016) for target ``kept``
+    (the modality's own target): its mask logits on the batch are pulled, with this weight, towards those of a
+    frozen copy of the model as it started (the KL divergence between their per-pixel probabilities), so that the
+    shared encoder and decoder learn the new target without unlearning the old one. It costs two more forwards a
+    step (the copy's without gradients)."""
+
+    def __init__(self, model: EspMedSamModel, target: int, only_target: bool, keep: float = 0.0,
+                 kept: int | None = None):
         super().__init__()
-        self.model, self.target, self.only_target = model, target, only_target
+        self.model, self.target, self.only_target, self.keep, self.kept = model, target, only_target, keep, kept
+        # not a submodule: the copy neither trains nor goes into checkpoints
+        self._start = [copy.deepcopy(model).eval().requires_grad_(False)] if keep and not only_target else []
 
     def train(self, mode: bool = True) -> "TargetTraining":
         super().train(mode)
@@ -88,10 +99,23 @@ class TargetTraining(torch.nn.Module):
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         target = torch.full((pixel_values.shape[0],), self.target, device=pixel_values.device)
         if any(p.requires_grad for p in self.model.modality_classifier.parameters()):
-            return self.model(pixel_values=pixel_values, target=target, labels=labels).loss
-        # a frozen classifier's loss would only add a constant (about 30 for an added modality, whose class starts
-        # far below its like's): the segmentation loss alone, as TargetAfterCache computes it
-        return self.model.decode_embeddings(self.model.encode(pixel_values, target)[0], target, labels).loss
+            loss = self.model(pixel_values=pixel_values, target=target, labels=labels).loss
+        else:
+            # a frozen classifier's loss would only add a constant (about 30 for an added modality, whose class
+            # starts far below its like's): the segmentation loss alone, as TargetAfterCache computes it
+            loss = self.model.decode_embeddings(self.model.encode(pixel_values, target)[0], target, labels).loss
+        if not self._start:
+            return loss
+        start = self._start[0].to(pixel_values.device)
+        kept = torch.full_like(target, self.kept)
+        with torch.no_grad():
+            reference = start.decode_embeddings(start.encode(pixel_values, kept)[0], kept).pred_masks
+        now = self.model.decode_embeddings(self.model.encode(pixel_values, kept)[0], kept).pred_masks
+        kept_masks = torch.sigmoid(reference)
+        # less the copy's own entropy: the term is the KL divergence, 0 while nothing has moved
+        forgetting = (F.binary_cross_entropy_with_logits(now, kept_masks)
+                      - F.binary_cross_entropy_with_logits(reference, kept_masks))
+        return loss + self.keep * forgetting
 
 
 def prepare_target(model: EspMedSamModel, name: str, modality: str, only_target: bool) -> EspMedSamModel:

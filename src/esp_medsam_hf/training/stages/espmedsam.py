@@ -151,8 +151,9 @@ def one_target_task(config: EspMedSamStageConfig, model: EspMedSamModel, target:
         freeze_target_prefix(model, target, config.cache_point, source)
         return cached_feature_task("espmedsam", model, config, data, processor,
                                    trainable=TargetAfterCache(model, config.cache_point, target))
-    task, processor, data = segmentation_task("espmedsam", TargetTraining(model, target, config.only_new_target),
-                                              config, data, processor)
+    kept = source if source is not None else model.config.target_modalities[target]  # the nearest old target
+    training = TargetTraining(model, target, config.only_new_target, config.keep_others_weight, kept)
+    task, processor, data = segmentation_task("espmedsam", training, config, data, processor)
     task.compute_loss = lambda module, batch: module(batch["pixel_values"], batch["labels"])
     task.save = lambda module, folder: save_with_processor(module.model, processor, folder)
     task.validate = lambda module: dice_validation(module.model, processor, data, config, target=target)
