@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 
 from ...models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 from ...models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
-from ..config import EspMedSamStageConfig
+from ..config import KEEP_OTHERS_WEIGHT, EspMedSamStageConfig
 from ..data import check_not_empty, load_domains
 from ..features import FeatureDataset
 from ..loop import train
@@ -152,7 +152,8 @@ def one_target_task(config: EspMedSamStageConfig, model: EspMedSamModel, target:
         return cached_feature_task("espmedsam", model, config, data, processor,
                                    trainable=TargetAfterCache(model, config.cache_point, target))
     kept = source if source is not None else model.config.target_modalities[target]  # the nearest old target
-    training = TargetTraining(model, target, config.only_new_target, config.keep_others_weight, kept)
+    keep = KEEP_OTHERS_WEIGHT if config.keep_others_weight is None else config.keep_others_weight
+    training = TargetTraining(model, target, config.only_new_target, keep, kept)
     task, processor, data = segmentation_task("espmedsam", training, config, data, processor)
     task.compute_loss = lambda module, batch: module(batch["pixel_values"], batch["labels"])
     task.save = lambda module, folder: save_with_processor(module.model, processor, folder)
