@@ -34,14 +34,14 @@ def resolve_mixed_precision(value: str) -> str:
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return "bf16" if native else "no"
 RELEASE = "release"
+"""The folder of a stage run that is published (``<output_dir>/release``), the same name for every stage; the next
+stage's input defaults to the previous stage's default ``release`` folder."""
 
 KEEP_OTHERS_WEIGHT = 10.0
 """``keep_others_weight`` when a new target trains with the shared parts and none is given. Measured on the optic-disc
 example (``--train-all --learning-rate 1e-4``, 24 steps, the final release): without the term disc Dice 87.82 on
 the 2 test photographs, vessels 76.23 -> 0.04, nuclei 94.04 -> 90.35; with 10: disc 93.34, vessels 76.23 -> 70.24,
 nuclei 94.04 -> 93.76 (docs/training.md)."""
-"""The folder of a stage run that is published (``<output_dir>/release``), the same name for every stage; the next
-stage's input defaults to the previous stage's default ``release`` folder."""
 
 
 @dataclass

@@ -13,10 +13,14 @@ from __future__ import annotations
 from torch import nn
 
 
+def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [norm for norm in module.modules() if isinstance(norm, nn.modules.batchnorm._BatchNorm)]
+
+
 def frozen_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The batch norms in ``module`` that have affine parameters and none of them trains."""
-    return [norm for norm in module.modules() if isinstance(norm, nn.modules.batchnorm._BatchNorm)
-            and any(True for _ in norm.parameters()) and not any(p.requires_grad for p in norm.parameters())]
+    return [norm for norm in _batch_norms(module)
+            if (weights := list(norm.parameters())) and not any(p.requires_grad for p in weights)]
 
 
 def hold_frozen_norm_statistics(module: nn.Module) -> None:
@@ -28,7 +32,7 @@ def hold_frozen_norm_statistics(module: nn.Module) -> None:
 
 def freeze_norms(module: nn.Module) -> int:
     """Freeze every batch norm of ``module`` (affine weights and, through the loop, statistics); returns how many."""
-    norms = [norm for norm in module.modules() if isinstance(norm, nn.modules.batchnorm._BatchNorm)]
+    norms = _batch_norms(module)
     for norm in norms:
         norm.requires_grad_(False)
     return len(norms)

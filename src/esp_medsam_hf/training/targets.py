@@ -98,12 +98,9 @@ class TargetTraining(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         target = torch.full((pixel_values.shape[0],), self.target, device=pixel_values.device)
-        if any(p.requires_grad for p in self.model.modality_classifier.parameters()):
-            loss = self.model(pixel_values=pixel_values, target=target, labels=labels).loss
-        else:
-            # a frozen classifier's loss would only add a constant (about 30 for an added modality, whose class
-            # starts far below its like's): the segmentation loss alone, as TargetAfterCache computes it
-            loss = self.model.decode_embeddings(self.model.encode(pixel_values, target)[0], target, labels).loss
+        # the classifier is frozen whatever trains (freeze_all_but_target, stages.espmedsam.TRAIN_ALL_FROZEN): its
+        # loss would only add a constant, so the segmentation loss alone, as TargetAfterCache computes it
+        loss = self.model.decode_embeddings(self.model.encode(pixel_values, target)[0], target, labels).loss
         if not self._start:
             return loss
         start = self._start[0].to(pixel_values.device)
