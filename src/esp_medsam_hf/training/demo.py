@@ -66,7 +66,7 @@ class DemoSettings:
     distill_steps: int = 3
     distill_batch_size: int = 2
     espmedsam_learning_rate: float = 2e-4
-    espmedsam_steps: int = 126
+    espmedsam_steps: int = 252
     espmedsam_batch_size: int = 2
     espmedsam_frozen_stages: int = 3
     espmedsam_views: int = 7
