@@ -74,3 +74,28 @@ def test_evaluate_interactive_writes_the_table_and_the_plot(tmp_path):
     assert "| isic | 2 |" in (tmp_path / "interactive.md").read_text()
     assert json.loads((tmp_path / "interactive.json").read_text())["clicks"] == 2
     assert (tmp_path / "interactive_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_interactive_report_reuses_the_evaluations_predictions(tmp_path, monkeypatch):
+    """``evaluate_model(predictions=...)`` keeps each image's prediction; the interactive report given them segments
+    no image again (``predict`` is not called) and reports what it reports without them."""
+    from esp_medsam_hf.data.evaluation import evaluate_model
+    from esp_medsam_hf.models.esp_medsam import prediction
+
+    model, processor = tiny_model(seed=1)
+    processor.image_processor.inference_scale = 1.0  # native pixels in tiles: the sessions' own predict path
+    data = synthetic_domains(["isic"], {"test": 2}, size=48)
+    predictions: dict = {}
+    report = evaluate_model(model, processor, data, compute_hausdorff=False, progress=False, predictions=predictions)
+    names = [entry["file_name"] for entry in report["domains"]["isic"]["per_image"]]
+    assert sorted(predictions) == sorted(("isic", name) for name in names)
+    assert all(len(p.masks) == 1 and p.scales == [1.0] for p in predictions.values())
+    without = evaluate_interactive(model, processor, data, tmp_path / "a", clicks=2, progress=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("predict called although the evaluation's prediction was given")
+
+    monkeypatch.setattr(prediction, "predict", refuse)
+    given = evaluate_interactive(model, processor, data, tmp_path / "b", clicks=2, progress=False,
+                                 predictions=predictions)
+    assert given["domains"]["isic"]["images"] == without["domains"]["isic"]["images"]

@@ -194,3 +194,24 @@ def test_a_tiled_session_starts_from_the_tiled_mask_and_decodes_a_click_on_its_t
     # a negative click edits the tiled mask by the tiled logits
     assert np.array_equal(session.mask(points=[(x, y)], labels=[0]),
                           remove_click(session.free_mask, session.free_logit_map, x, y))
+
+
+def test_a_session_given_the_images_prediction_reuses_it():
+    """A session given ``predict``'s result for its image (one image of a batch, ``Prediction.item``) starts from
+    it: the same mask, logits and clicks as a session that segments the image itself; a prediction of another
+    image is refused."""
+    from esp_medsam_hf.models.esp_medsam.prediction import predict
+
+    model, processor = tiny_model(seed=1)
+    rng = np.random.default_rng(0)
+    image, other = (rng.integers(0, 255, shape, dtype=np.uint8) for shape in ((150, 200, 3), (90, 120, 3)))
+    batch = predict(model, processor, [image, other], "microscopy", scale=1.0)
+    alone = EspMedSamPromptSession(model, processor, image, "microscopy", scale=1.0)
+    given = EspMedSamPromptSession(model, processor, image, "microscopy", scale=1.0, prediction=batch.item(0))
+    assert given.scale == alone.scale == 1.0
+    assert np.array_equal(given.free_mask, alone.free_mask)
+    np.testing.assert_allclose(given.free_logit_map, alone.free_logit_map, rtol=0, atol=1e-6)
+    clicks = dict(points=[(100, 70), (30, 40)], labels=[1, 0])
+    assert np.array_equal(given.mask(**clicks), alone.mask(**clicks))
+    with pytest.raises(ValueError, match="prediction: expected one image's prediction of size"):
+        EspMedSamPromptSession(model, processor, image, "microscopy", scale=1.0, prediction=batch.item(1))

@@ -88,7 +88,7 @@ def evaluate_model(
     model, processor, datasets: Mapping, *, split: str = "test", batch_size: int | None = None,
     compute_hausdorff: bool = True, given_modality: bool = True, max_images: int | None = None, progress: bool = True,
     cases: dict | None = None, references: Mapping | None = None, scale=None, target: int | str | None = None,
-    distributed: bool = False, backend: str | None = "eager",
+    distributed: bool = False, backend: str | None = "eager", predictions: dict | None = None,
 ) -> dict:
     """Run ``model`` over ``datasets[name][split]`` (a Dataset or DatasetDict in the package schema, per report
     name) and score Dice (%) and Hausdorff distance (px) at the stored mask size.
@@ -101,7 +101,8 @@ def evaluate_model(
     per-image values with the scale used and the classifier's pick (``classifier_accuracy`` per domain), and means
     over source and unseen domains. ``cases`` (a dict) receives each name's best and worst image; ``references``
     maps a method's name to ``predict(image, mask, modality name) -> mask`` (:mod:`.baselines`), scored on the
-    same images. ``backend`` goes to ``backends.run_inference`` (``"eager"``, the default: the PyTorch model, as
+    same images; ``predictions`` (a dict) each image's ``Prediction.item`` by ``(name, file_name)`` (for
+    ``data.interactive`` to reuse; this process's images when ``distributed``). ``backend`` goes to ``backends.run_inference`` (``"eager"``, the default: the PyTorch model, as
     training's validation needs while the weights move; ``None``/``"auto"``: the path users take, onnxruntime on a
     CPU, in int8 where that holds). The model's train/eval mode is restored afterwards. ``distributed``: every process of an
     ``accelerate launch`` (all must call it) scores its share of each domain and all get the whole report.
@@ -112,8 +113,7 @@ def evaluate_model(
     model.eval()
     batch_size = batch_size or inference_batch_size(next(model.parameters()).device)
     report: dict = {"split": split, "domains": {}, "given_modality": given_modality}
-    total_images, model_seconds = 0, 0.0
-    start = time.perf_counter()
+    total_images, model_seconds, start = 0, 0.0, time.perf_counter()
     try:
         for name, data in datasets.items():
             dataset = _as_split(data, split)
@@ -122,7 +122,7 @@ def evaluate_model(
             domain_target = target.get(name) if isinstance(target, Mapping) else target
             options = dict(batch_size=batch_size, given_modality=given_modality, scale=scale, target=domain_target,
                            backend=backend, references=references, compute_hausdorff=compute_hausdorff,
-                           keep_cases=cases is not None)
+                           keep_cases=cases is not None, predictions=predictions)
             per_image, sizes, extremes, seconds = _evaluate_domain(model, processor, name, dataset, options,
                                                                    progress=progress, distributed=distributed)
             model_seconds, total_images = model_seconds + seconds, total_images + len(per_image)
@@ -186,9 +186,11 @@ def _gather_domain(per_image: list[dict], sizes: set[str], extremes: dict, secon
 def _evaluate_dataset(
     model, processor, dataset, bar, *, batch_size: int, given_modality: bool, scale, target, references,
     compute_hausdorff: bool, keep_cases: bool, name: str | None = None, backend: str | None = "eager",
+    predictions: dict | None = None,
 ) -> tuple[list[dict], set[str], dict, float]:
     """One domain's images through ``prediction.predict`` and scored: (per-image entries, mask sizes, best and
-    worst cases when ``keep_cases``, seconds spent in the model). ``bar`` advances by each batch."""
+    worst cases when ``keep_cases``, seconds spent in the model). ``bar`` advances by each batch; ``predictions``
+    as ``evaluate_model`` says."""
     per_image: list[dict] = []
     sizes: set[str] = set()
     extremes: dict = {}
@@ -197,13 +199,15 @@ def _evaluate_dataset(
         images = [image_to_rgb(image) for image in batch["image"]]
         masks = [mask_to_bool(mask) for mask in batch["mask"]]
         tick = time.perf_counter()
-        prediction = predict(model, processor, images, batch["modality"] if given_modality else None,
-                             scale=scale, target=target, backend=backend)
-        predictions, picked, used_scales = prediction.masks, prediction.classifier_modality, prediction.scales
+        batch_prediction = predict(model, processor, images, batch["modality"] if given_modality else None,
+                                   scale=scale, target=target, backend=backend)
         model_seconds += time.perf_counter() - tick
-        for image, reference, prediction, file_name, modality, guess, used in zip(
-            images, masks, predictions, batch["file_name"], batch["modality"], picked, used_scales
-        ):
+        for index, (image, reference, prediction, file_name, modality, guess, used) in enumerate(zip(
+            images, masks, batch_prediction.masks, batch["file_name"], batch["modality"],
+            batch_prediction.classifier_modality, batch_prediction.scales
+        )):
+            if predictions is not None:
+                predictions[name, file_name] = batch_prediction.item(index)
             guess = None if guess is None else model.config.modality_names[guess]
             entry = _score_image(image, reference, prediction, modality, guess, references, compute_hausdorff,
                                  domain=name)

@@ -45,11 +45,12 @@ def click_curve(session: EspMedSamPromptSession, reference: np.ndarray, clicks: 
 
 
 def score_image(model, processor, image: np.ndarray, reference: np.ndarray, modality: int,
-                litemedsam: Callable | None, clicks: int, backend: str | None = "eager") -> dict:
+                litemedsam: Callable | None, clicks: int, backend: str | None = "eager", prediction=None) -> dict:
     """One image: prompt-free Dice, Dice with one ground-truth box per object (LiteMedSAM's boxes), LiteMedSAM's
     Dice with the same boxes, and the click curve. The session segments the image at the default scale on
-    ``backend`` (as the evaluation does: its prompt-free mask is the evaluation's)."""
-    session = EspMedSamPromptSession(model, processor, image, modality, backend=backend)
+    ``backend`` (as the evaluation does: its prompt-free mask is the evaluation's), or takes ``prediction``, the
+    evaluation's own ``predict`` result for the image (``EspMedSamPromptSession``'s ``prediction``)."""
+    session = EspMedSamPromptSession(model, processor, image, modality, backend=backend, prediction=prediction)
     boxes = component_boxes(reference)
     entry = {"dice": dice_score(session.free_mask, reference), "objects": len(boxes),
              "dice_boxes": dice_score(session.mask(boxes=boxes.tolist()), reference),
@@ -61,9 +62,11 @@ def score_image(model, processor, image: np.ndarray, reference: np.ndarray, moda
 
 def interactive_report(model, processor, datasets: Mapping, *, split: str = "test", clicks: int = CLICKS,
                        litemedsam: Callable | None = None, progress: bool = True,
-                       backend: str | None = "eager") -> dict:
+                       backend: str | None = "eager", predictions: Mapping | None = None) -> dict:
     """Per domain of ``datasets`` (as ``evaluate_model`` takes them): mean prompt-free, box and LiteMedSAM-box Dice,
-    the mean click curve and the curve of the image lowest prompt-free; per image entries too."""
+    the mean click curve and the curve of the image lowest prompt-free; per image entries too. ``predictions``:
+    ``evaluate_model``'s of the same images at the default scale on ``backend`` (keyed ``(name, file_name)``),
+    reused instead of segmenting each image again."""
     from tqdm.auto import tqdm
 
     from .evaluation import _as_split
@@ -77,7 +80,8 @@ def interactive_report(model, processor, datasets: Mapping, *, split: str = "tes
             per_image = []
             for row in tqdm(dataset, desc=f"interactive {name}", unit="img", disable=not progress):
                 entry = score_image(model, processor, image_to_rgb(row["image"]), mask_to_bool(row["mask"]),
-                                    row["modality"], litemedsam, clicks, backend)
+                                    row["modality"], litemedsam, clicks, backend,
+                                    (predictions or {}).get((name, row["file_name"])))
                 per_image.append({"file_name": row["file_name"], "modality": MODALITY_NAMES[row["modality"]],
                                   **entry})
             report["domains"][name] = domain_summary(per_image)
@@ -158,9 +162,10 @@ def write_interactive_report(report: dict, directory: Path) -> None:
 
 def evaluate_interactive(model, processor, datasets: Mapping, directory: Path, *, split: str = "test",
                          clicks: int = CLICKS, litemedsam: Callable | None = None, progress: bool = True,
-                         backend: str | None = "eager") -> dict:
-    """Score boxes and clicks on ``datasets`` and write the report to ``directory``; returns the report."""
+                         backend: str | None = "eager", predictions: Mapping | None = None) -> dict:
+    """Score boxes and clicks on ``datasets`` and write the report to ``directory``; returns the report
+    (``predictions`` as :func:`interactive_report` takes them)."""
     report = interactive_report(model, processor, datasets, split=split, clicks=clicks, litemedsam=litemedsam,
-                                progress=progress, backend=backend)
+                                progress=progress, backend=backend, predictions=predictions)
     write_interactive_report(report, Path(directory))
     return report

@@ -230,10 +230,10 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
 
     model = EspMedSamModel.from_pretrained(model_dir).optimize_for_inference()
     processor = EspMedSamProcessor.from_pretrained(model_dir)
-    cases: dict = {}
-    litemedsam = LiteMedSamBoxes()  # one instance: the interactive report reuses the evaluation's box masks
+    # the interactive report reuses the evaluation's prompt-free predictions and LiteMedSAM's box masks
+    cases, predictions, litemedsam = {}, {}, LiteMedSamBoxes()
     report = evaluate_model(model, processor, data.real_test, split="test", cases=cases, progress=progress,
-                            references=reference_methods(litemedsam=litemedsam), backend=None)
+                            references=reference_methods(litemedsam=litemedsam), backend=None, predictions=predictions)
     synthetic = evaluate_model(model, processor, data.synthetic_test, split="test", cases=cases, progress=progress,
                                references=reference_methods(("otsu",)), backend=None)
     report["domains"].update(synthetic["domains"])
@@ -245,9 +245,9 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
     write_report(report, output / "evaluation", cases=cases, data_label=data.label)
     from ..data.interactive import evaluate_interactive
 
-    # Prompts on the real test images: one GT box per object beside LiteMedSAM's, and the click curve.
+    # prompts on the real test images: one GT box per object beside LiteMedSAM's, and the click curve
     evaluate_interactive(model, processor, data.real_test, output / "evaluation", litemedsam=litemedsam,
-                         progress=progress, backend=None)
+                         progress=progress, backend=None, predictions=predictions)
     return report
 
 

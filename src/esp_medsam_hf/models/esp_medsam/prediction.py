@@ -82,6 +82,14 @@ class Prediction:
     object_sizes: list[float | None] = field(default_factory=list)
     """"auto": the objects' size (px across, native pixels) the coarse pass estimated; else ``None``."""
 
+    def item(self, index: int) -> "Prediction":
+        """The prediction of the batch's ``index``-th image alone, as ``predict`` gives it for a batch of one."""
+        return Prediction(
+            masks=[self.masks[index]], modality=[self.modality[index]],
+            modality_logits=None if self.modality_logits is None else self.modality_logits[index : index + 1],
+            logits=self.logits[index : index + 1], scales=self.scales[index : index + 1],
+            object_sizes=self.object_sizes[index : index + 1])
+
     @property
     def classifier_modality(self) -> list[int | None]:
         """The modality the classifier picks for each image, whatever modality was given."""

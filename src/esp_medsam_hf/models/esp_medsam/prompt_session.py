@@ -183,10 +183,12 @@ class EspMedSamPromptSession:
     in original-image pixels (``points`` [x, y] with ``labels`` 1 positive / 0 negative, ``boxes`` [x0, y0, x1, y1]
     one per object) as the module docstring says, and returns an (H, W) bool mask. ``session.decode(...)`` gives
     the raw SAM-style union of the prompted objects' masks instead. Each positive click's decode is cached, so
-    replaying a list of clicks (the Space's undo) decodes only the new ones; a negative click needs no decode."""
+    replaying a list of clicks (the Space's undo) decodes only the new ones; a negative click needs no decode.
+    ``prediction``: the image's ``prediction.predict`` result at ``scale`` when the caller already has it (see
+    :meth:`_at_its_scale`)."""
 
     def __init__(self, model, processor, image: np.ndarray, modality: Any = None, scale: Any = None,
-                 backend: str | None = "eager"):
+                 backend: str | None = "eager", prediction: Any = None):
         self.model, self.processor = model, processor
         self.device = next(model.parameters()).device
         inputs = processor(images=[image], modality=modality, return_tensors="pt")
@@ -208,21 +210,28 @@ class EspMedSamPromptSession:
         self._clicks: dict[tuple[int, int], np.ndarray] = {}
         self.scale: float | None = None
         self._tiles: dict[tuple[int, int], EspMedSamPromptSession] = {}
-        self._at_its_scale(image, scale, backend)
+        self._at_its_scale(image, scale, backend, prediction)
 
-    def _at_its_scale(self, image: Any, scale: Any, backend: str | None) -> None:
+    def _at_its_scale(self, image: Any, scale: Any, backend: str | None, prediction: Any = None) -> None:
         """Where ``scale`` (default: the image processor's ``inference_scale``) tiles the image, the prompt-free
         mask and logits become ``prediction.predict``'s at that scale (as the pipeline and the evaluation segment
         it: fundus photographs at native resolution), and positive clicks decode on a tile at that scale
-        (:meth:`_tile_at`); the whole view otherwise."""
+        (:meth:`_tile_at`); the whole view otherwise. ``prediction``: that ``predict`` result for this image alone
+        (``Prediction.item``), already made at ``scale`` on ``backend`` with this modality (the evaluation's),
+        used instead of segmenting the image again."""
         from .prediction import predict, tiling_options
 
         options = tiling_options(getattr(self.processor, "image_processor", self.processor), scale)
         array = np.asarray(image)  # tiles are cut from it: an (H, W[, C]) array or a PIL image
         if options.mode == "whole" or self.modality is None or array.shape[:2] != self.free_mask.shape:
             return
-        prediction = predict(self.model, self.processor, [image], int(self.modality[0]), backend=backend,
-                             scale=scale)
+        if prediction is None:
+            prediction = predict(self.model, self.processor, [image], int(self.modality[0]), backend=backend,
+                                 scale=scale)
+        elif prediction.masks[0].shape != self.free_mask.shape or prediction.modality[0] != int(self.modality[0]):
+            raise ValueError(f"prediction: expected one image's prediction of size {self.free_mask.shape} with "
+                             f"modality {int(self.modality[0])}, got size {prediction.masks[0].shape} and modality "
+                             f"{prediction.modality[0]}")
         if prediction.scales[0] is None:
             return
         self.scale, self.tile_size = prediction.scales[0], options.tile_size
