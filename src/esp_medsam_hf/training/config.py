@@ -39,7 +39,7 @@ stage's input defaults to the previous stage's default ``release`` folder."""
 
 KEEP_OTHERS_WEIGHT = 10.0
 """``keep_others_weight`` when a new target trains with the shared parts and none is given. Measured on the optic-disc
-example (``--train-all --learning-rate 1e-4``, 24 steps, the final release): without the term disc Dice 87.82 on
+example (``--train-all --learning-rate 1e-4``, 24 steps, the 642ce3b release): without the term disc Dice 87.82 on
 the 2 test photographs, vessels 76.23 -> 0.04, nuclei 94.04 -> 90.35; with 10: disc 93.34, vessels 76.23 -> 70.24,
 nuclei 94.04 -> 93.76 (docs/training.md)."""
 
