@@ -57,6 +57,9 @@ class TrainingConfig:
     mixed_precision: ``no``, ``fp16``, ``bf16`` (accelerate's autocast), or ``auto``: bf16 where the hardware computes
         it natively (:func:`resolve_mixed_precision`), else no. Feature caching encodes under the same precision.
     compile: ``torch.compile`` the model for training (accelerate's inductor backend); worth it on GPUs.
+    fused_optimizer: Adam's fused implementation (one kernel per step for all parameters) where the device has one
+        (CPU, CUDA); False: the per-parameter implementation, as training ran before (``scripts/benchmark_stage3.py``'s
+        baseline).
     checkpoint_every: also save an accelerate state every N optimizer steps (0: only at the end of each epoch).
     eval_every: when to validate, keep the best model and checkpoint: ``"epoch"`` (after every epoch, the paper's
         and the default), every N optimizer steps, or ``"end"`` (also ``0``: once, where the run stops); never twice
@@ -102,6 +105,7 @@ class TrainingConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"
     compile: bool = False
+    fused_optimizer: bool = True
     max_steps: int | None = None
     seed: int = 0
     augment: bool = True

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -181,7 +182,7 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
         jobs = list(jobs)
     bar = tqdm(total=len(jobs), desc=desc, unit="view", disable=not progress or not state.is_local_main_process)
     features, pooled, labels = _encode_views(encoder, image_processor, view_of, modalities, jobs, frozen_stages,
-                                             batch_size=batch_size, bf16=bf16, bar=bar)
+                                             batch_size=batch_size, bf16=bf16, bar=bar, desc=desc)
     bar.close()
     del encoder
     if state.num_processes > 1:
@@ -200,8 +201,11 @@ def cache_features(model: EspMedSamModel, image_processor, dataset, *, views: in
 
 
 def _encode_views(encoder: EspMedSamModel, image_processor, view_of, modalities: list[int], jobs: list,
-                  frozen_stages: int | None, *, batch_size: int, bf16: bool, bar) -> tuple[dict, dict, dict]:
-    """Features, pooled features and labels of the ``(image, view)`` ``jobs``, ``batch_size`` at a time."""
+                  frozen_stages: int | None, *, batch_size: int, bf16: bool, bar,
+                  desc: str) -> tuple[dict, dict, dict]:
+    """Features, pooled features and labels of the ``(image, view)`` ``jobs``, ``batch_size`` at a time; the time
+    taken is logged (the record's ``encoding_seconds``: ``scripts/benchmark_stage3.py`` reads it)."""
+    start = time.perf_counter()
     device = next(encoder.parameters()).device
     features: dict[tuple[int, int], torch.Tensor] = {}
     pooled: dict[tuple[int, int], torch.Tensor] = {}
@@ -219,6 +223,9 @@ def _encode_views(encoder: EspMedSamModel, image_processor, view_of, modalities:
             features[key], pooled[key] = feature[j].float().cpu().contiguous(), pool[j].float().cpu()
             labels[key] = inputs["labels"][j].float()
         bar.update(len(chunk))
+    seconds = time.perf_counter() - start
+    logger.info("%s: %d views of %d images in %.1f s", desc, len(jobs), len(modalities), seconds,
+                extra={"encoding_seconds": seconds})
     return features, pooled, labels
 
 

@@ -270,7 +270,7 @@ def _prepare_training(accelerator: Accelerator, config: TrainingConfig, task: St
         raise ValueError(f"{task.name}: the model has no trainable parameters")
     # Fused Adam (one kernel per step for all parameters) where it exists: on CUDA, with the model moved there first,
     # and on the CPU, where the per-parameter Adam was a quarter of the main job's stage-3 step (docs/training.md).
-    fused = accelerator.device.type in ("cuda", "cpu")
+    fused = config.fused_optimizer and accelerator.device.type in ("cuda", "cpu")
     if fused:
         task.model.to(accelerator.device)
     optimizer = torch.optim.Adam(
