@@ -131,3 +131,27 @@ def test_one_modality_graph_matches_the_general_graph_and_is_cached_beside_it(mo
     assert mixed.modality.tolist() == [4, 0, 4]
     assert len(list(tmp_path.glob("esp_medsam_*.onnx"))) == 3  # no graph for a mixed batch
     assert backends.clear_cache(tmp_path)[0] == 3
+
+
+def test_a_batch_is_shared_between_threads_and_matches_one_call(model):
+    """With two torch threads a batch runs image by image on two Python threads, each on a one-thread session:
+    float32 within 1e-5 of one call of the whole batch on a two-thread session (another code path: onnxruntime may
+    order its sums by thread), and an image's int8 output is the same whichever images share its batch."""
+    pixels = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    modality = torch.tensor([0, 3, -1, 4])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        split = backends.run_inference(model, pixels, modality, backend="onnxruntime", int8=False)
+        whole = backends.onnx_session(model, num_threads=2, int8=False).run(
+            None, {"pixel_values": pixels.numpy(), "modality": modality.numpy()})
+        torch.testing.assert_close(split.pred_masks, torch.from_numpy(whole[0]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(split.modality_logits, torch.from_numpy(whole[2]), rtol=0, atol=1e-5)
+        assert split.modality.tolist() == whole[3].tolist()
+        assert (False, None, 1) in backends._sessions[model].sessions  # the split ran on one-thread sessions
+        microscopy = torch.full((3,), 4)
+        first = backends.run_inference(model, pixels[[0, 1, 2]], microscopy, backend="onnxruntime", int8=True)
+        second = backends.run_inference(model, pixels[[0, 3, 3]], microscopy, backend="onnxruntime", int8=True)
+        torch.testing.assert_close(first.pred_masks[0], second.pred_masks[0], rtol=0, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)

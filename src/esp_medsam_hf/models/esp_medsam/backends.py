@@ -23,6 +23,7 @@ automatic and mixed batches.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -32,11 +33,13 @@ import sys
 import threading
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -73,7 +76,8 @@ class _CachedSession:
 
     fingerprint: tuple | None  # _fingerprint(model) when last checked
     digest: str  # weights_hash(model): the weights' content
-    sessions: dict[tuple[bool, int | None], Any] = field(default_factory=dict)  # (int8, one modality) -> session
+    # (int8, one modality, intra-op threads) -> session
+    sessions: dict[tuple[bool, int | None, int], Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -278,6 +282,7 @@ def onnx_session(model: nn.Module, num_threads: int | None = None, int8: bool | 
     from .export import onnxruntime_session
 
     int8 = resolve_int8(int8)
+    threads = num_threads or torch.get_num_threads()
     with _lock:
         fingerprint = _fingerprint(model)
         cached = _sessions.get(model)
@@ -286,13 +291,13 @@ def onnx_session(model: nn.Module, num_threads: int | None = None, int8: bool | 
             if cached is None or digest != cached.digest:
                 cached = _sessions[model] = _CachedSession(fingerprint, digest)
             cached.fingerprint = fingerprint
-        session = cached.sessions.get((int8, modality))
+        session = cached.sessions.get((int8, modality, threads))
         if session is None:
             path = _cached_export(model, int8, cached.digest, modality)
             os.utime(path)  # most recently used
             _evict(keep=path)
-            session = onnxruntime_session(path, num_threads or torch.get_num_threads())
-            cached.sessions[(int8, modality)] = session
+            session = onnxruntime_session(path, threads)
+            cached.sessions[(int8, modality, threads)] = session
         return session
 
 
@@ -338,6 +343,41 @@ def check_modality(model: nn.Module, modality: torch.Tensor, batch: int) -> torc
     return modality.long()
 
 
+def _run_split(model: nn.Module, pixels: np.ndarray, modality: np.ndarray, int8: bool,
+               single: int | None) -> list[np.ndarray]:
+    """The onnxruntime outputs of a batch (``single``: the one-modality graph's index, else the general graph).
+
+    A batch of one runs on a session with all of torch's threads. A larger one is shared between
+    ``workers = min(threads, batch)`` Python threads, each running its images one at a time on a session with
+    ``threads // workers`` intra-op threads (onnxruntime releases the GIL and a session may run from several
+    threads at once). The graph is a long chain of small operators (window slicing, transposes, softmaxes of 49
+    tokens) that one core runs about as fast as two, so images side by side use the cores better than one image's
+    operators split across them: on 2 cores, 16 tiles of 256 px in 4 calls of 4 took 0.30 s split against 0.37 s
+    as one 2-thread call each (int8; float32 0.50 against 0.57 s; docs/benchmark.md). One image per run also makes
+    an image's int8 output independent of the other images of its batch (the activations' int8 scale is taken
+    over the whole input of a run)."""
+    threads = torch.get_num_threads()
+    workers = min(threads, len(pixels))
+
+    def run(session, start: int, stop: int) -> list[np.ndarray]:
+        feed = {"pixel_values": pixels[start:stop]}
+        if single is None:
+            feed["modality"] = modality[start:stop]
+        return session.run(None, feed)
+
+    if workers < 2:
+        return run(onnx_session(model, num_threads=threads, int8=int8, modality=single), 0, len(pixels))
+    session = onnx_session(model, num_threads=threads // workers, int8=int8, modality=single)
+    parts = _executor(workers).map(lambda index: run(session, index, index + 1), range(len(pixels)))
+    return [np.concatenate(arrays) for arrays in zip(*parts)]
+
+
+@functools.cache
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads for :func:`_run_split`, made once per size and kept for the process."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="esp-medsam-onnx")
+
+
 @torch.no_grad()
 def run_inference(
     model: nn.Module, pixel_values: torch.Tensor, modality: torch.Tensor | None = None, backend: str | None = None,
@@ -359,11 +399,9 @@ def run_inference(
     if resolve_backend(model, backend) == "onnxruntime":
         names = None if bool((modality < 0).any()) else [model.config.modality_names[i] for i in modality.tolist()]
         single = modality[0].item() if one_modality_graph and names and bool((modality == modality[0]).all()) else None
-        session = onnx_session(model, int8=resolve_int8(int8, names), modality=single)
-        feed = {"pixel_values": pixel_values.detach().float().cpu().numpy()}
-        if single is None:
-            feed["modality"] = modality.numpy()
-        masks, patches, logits, chosen = (torch.from_numpy(a) for a in session.run(None, feed))
+        pixels = pixel_values.detach().float().cpu().numpy()
+        outputs = _run_split(model, pixels, modality.numpy(), resolve_int8(int8, names), single)
+        masks, patches, logits, chosen = (torch.from_numpy(a) for a in outputs)
         return InferenceOutput(masks, patches, logits, chosen.long())
     modality = modality.to(pixel_values.device)
     automatic = modality == AUTOMATIC_MODALITY
