@@ -101,8 +101,9 @@ CPU_INFERENCE_BATCH = 2
 
 
 ONNX_CPU_BATCH = 4
-"""Images (or tiles) per onnxruntime call on a CPU: onnxruntime keeps its activations in a reused arena and runs
-each operator once for the batch, so more images per call amortise the per-operator cost (measured on 2 cores,
+"""Images (or tiles) per onnxruntime call on a CPU: a call shares its images between the threads (``_run_split``),
+so it needs at least as many images as threads, and a few more keep the threads busy while the caller prepares
+the next batch (on 2 cores, 16 int8 tiles took 0.30 s in calls of 4 or of 2 split image by image,
 docs/benchmark.md)."""
 
 
@@ -368,13 +369,14 @@ def _run_split(model: nn.Module, pixels: np.ndarray, modality: np.ndarray, int8:
     if workers < 2:
         return run(onnx_session(model, num_threads=threads, int8=int8, modality=single), 0, len(pixels))
     session = onnx_session(model, num_threads=threads // workers, int8=int8, modality=single)
-    parts = _executor(workers).map(lambda index: run(session, index, index + 1), range(len(pixels)))
+    parts = _executor(workers, os.getpid()).map(lambda index: run(session, index, index + 1), range(len(pixels)))
     return [np.concatenate(arrays) for arrays in zip(*parts)]
 
 
 @functools.cache
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """A pool of ``workers`` threads for :func:`_run_split`, made once per size and kept for the process."""
+def _executor(workers: int, pid: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads for :func:`_run_split`, made once per size and process: a forked child (a data
+    loader's worker) has none of its parent's threads, so it gets its own pool (``pid``)."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="esp-medsam-onnx")
 
 
