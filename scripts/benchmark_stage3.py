@@ -34,15 +34,16 @@ SETTINGS = {
 
 
 class EncodingTimes(logging.Handler):
-    """Collects ``training.features.cache_features``'s encoding seconds (its log record's ``encoding_seconds``)."""
+    """Collects ``training.features.cache_features``'s encoding seconds by what was encoded (its log record's first
+    argument, e.g. "espmedsam: encoding training images", and its ``encoding_seconds``)."""
 
     def __init__(self):
         super().__init__(logging.INFO)
-        self.seconds: list[float] = []
+        self.seconds: dict[str, float] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         if hasattr(record, "encoding_seconds"):
-            self.seconds.append(record.encoding_seconds)
+            self.seconds[str(record.args[0])] = record.encoding_seconds
 
 
 def step_seconds(log_jsonl: Path) -> list[float]:
@@ -69,7 +70,8 @@ def run_setting(setting: str, run_dir: Path, steps: int, init_from: str | None, 
                                  calibrate_object_size=False, classifier_domains=[], **SETTINGS[setting])
     run_espmedsam(config, data=data.train)  # no classifier fit, no calibration: not what is timed
     steps_s = step_seconds(Path(config.output_dir) / "log.jsonl")
-    return {"setting": setting, **SETTINGS[setting], "encoding_s": handler.seconds[0],
+    training = [seconds for what, seconds in handler.seconds.items() if "training images" in what]
+    return {"setting": setting, **SETTINGS[setting], "encoding_s": training[0],
             "step_s_median": statistics.median(steps_s), "steps_timed": len(steps_s)}
 
 
