@@ -7,22 +7,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from esp_medsam_hf.data.real import MNFINDER_ARCHIVE, VASCX_ARCHIVE
-from test_gpu_benchmark_smoke import _load_script
+from _script_helpers import SCRIPTS, load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_stage3.py"
+SCRIPT = SCRIPTS / "benchmark_stage3.py"
 pytestmark = pytest.mark.skipif(not (MNFINDER_ARCHIVE.path().is_file() and VASCX_ARCHIVE.path().is_file()),
                                 reason="the real-data archives are fetched by scripts/install.sh")
 
 
 def test_each_setting_reaches_the_optimizer_and_the_precision(tmp_path, monkeypatch):
-    benchmark = _load_script("benchmark_stage3")
+    benchmark = load_script("benchmark_stage3")
     made: list[dict] = []
 
     class RecordingAdam(torch.optim.Adam):

@@ -115,15 +115,12 @@ def test_synthetic_rejects_bad_arguments():
 
 
 def test_contact_sheet_script(tmp_path):
-    """scripts/synthetic_contact_sheet.py (docs/data.md), loaded by path as tests/test_gpu_benchmark_smoke.py does."""
-    import importlib.util
-
+    """scripts/synthetic_contact_sheet.py (docs/data.md), loaded by path."""
     from PIL import Image
 
-    spec = importlib.util.spec_from_file_location(
-        "synthetic_contact_sheet", Path(__file__).resolve().parents[1] / "scripts" / "synthetic_contact_sheet.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from _script_helpers import load_script
+
+    script = load_script("synthetic_contact_sheet")
     path = tmp_path / "sheet.png"
     assert script.main([str(path), "--size", "64"]) == 0
     with Image.open(path) as sheet:

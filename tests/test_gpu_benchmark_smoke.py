@@ -3,26 +3,13 @@ once for all batch sizes (dynamic batch axis, batch 1 bucketed). Nothing timed i
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
+from _script_helpers import load_script
 
-def _load_script(name: str):
-    """A script of scripts/ as a module, loaded by path: putting scripts/ on sys.path would let scripts/evaluate.py
-    shadow the ``evaluate`` library for every later test."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_benchmark = _load_script("gpu_benchmark")
+gpu_benchmark = load_script("gpu_benchmark")
 
 
 def test_smoke_run_writes_one_table_with_every_kind_of_row(tmp_path):

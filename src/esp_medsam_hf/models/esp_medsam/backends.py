@@ -369,15 +369,18 @@ def _run_split(model: nn.Module, pixels: np.ndarray, modality: np.ndarray, int8:
     if workers < 2:
         return run(onnx_session(model, num_threads=threads, int8=int8, modality=single), 0, len(pixels))
     session = onnx_session(model, num_threads=threads // workers, int8=int8, modality=single)
-    parts = _executor(workers, os.getpid()).map(lambda index: run(session, index, index + 1), range(len(pixels)))
+    parts = _executor(workers).map(lambda index: run(session, index, index + 1), range(len(pixels)))
     return [np.concatenate(arrays) for arrays in zip(*parts)]
 
 
 @functools.cache
-def _executor(workers: int, pid: int) -> ThreadPoolExecutor:
-    """A pool of ``workers`` threads for :func:`_run_split`, made once per size and process: a forked child (a data
-    loader's worker) has none of its parent's threads, so it gets its own pool (``pid``)."""
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads for :func:`_run_split`, made once per size and kept for the process."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="esp-medsam-onnx")
+
+
+# a forked child (a data loader's worker) has none of its parent's threads: it makes its own pools
+os.register_at_fork(after_in_child=_executor.cache_clear)
 
 
 @torch.no_grad()
