@@ -8,6 +8,7 @@ from _inference_helpers import TARGET_SIZE, base_model, masks, model_with_disc
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
 from esp_medsam_hf.training import EspMedSamStageConfig, train
+from esp_medsam_hf.training.loop import parameter_groups
 from esp_medsam_hf.training.stages import espmedsam_task
 from esp_medsam_hf.training.targets import add_target, freeze_all_but_target
 
@@ -169,7 +170,7 @@ def test_keeping_the_others_holds_the_modalitys_own_target_while_the_shared_part
             output_dir=str(tmp_path / f"keep{keep:g}"), batch_size=3, epochs=3, validate=False, init_from="unused",
             model_size="tiny", image_size=SIZE, progress=False, synthetic_valid_images=1, learning_rate=1e-2,
             new_target="optic disc", target_modality="fundus", augment=False, only_new_target=False,
-            keep_others_weight=keep,
+            keep_others_weight=keep, shared_lr_scale=1.0,
         )
         task, _, _ = espmedsam_task(config, model, data)
         batch = task.collate_fn([task.train_dataset[i] for i in range(3)])
@@ -185,6 +186,39 @@ def test_keeping_the_others_holds_the_modalitys_own_target_while_the_shared_part
         EspMedSamStageConfig(init_from="x", new_target="optic disc", target_modality="fundus", keep_others_weight=1.0)
     with pytest.raises(ValueError, match="keep_others_weight must be"):
         EspMedSamStageConfig(init_from="x", only_new_target=False, keep_others_weight=-1.0)
+
+
+def test_the_shared_parts_train_at_their_own_learning_rate_with_train_all(tmp_path, data, caplog):
+    """--train-all with shared_lr_scale: the new target's bag and query take Adam's steps at the learning rate, the
+    shared encoder and decoder at that rate times the scale (Adam's steps scale with the rate, so the shared weights
+    move about 100 times less at 0.01), and the optimizer has one group each."""
+    moved = {}
+    for scale in (1.0, 0.01):
+        config = EspMedSamStageConfig(
+            output_dir=str(tmp_path / f"scale{scale:g}"), batch_size=3, max_steps=2, validate=False,
+            init_from="unused", model_size="tiny", image_size=SIZE, progress=False, synthetic_valid_images=1,
+            learning_rate=1e-3, new_target="optic disc", target_modality="fundus", augment=False,
+            only_new_target=False, keep_others_weight=0.0, shared_lr_scale=scale, cache_features=scale < 1,
+            frozen_encoder_stages=1,
+        )
+        with caplog.at_level("WARNING"):
+            task, _, _ = espmedsam_task(config, base_model(), data)
+        assert ("cache_features is not used" in caplog.text) == (scale < 1)
+        shared = task.model.model.aggregator.stages[-1].blocks[0].attn.qkv.weight
+        query = task.model.model.mask_decoder.target_queries[0]
+        start, query_start = shared.detach().clone(), query.detach().clone()
+        groups = parameter_groups(task, [p for p in task.model.parameters() if p.requires_grad], 1e-3)
+        assert [group["lr"] for group in groups] == [1e-3, 1e-3 * scale]
+        assert any(p is query for p in groups[0]["params"]) and any(p is shared for p in groups[1]["params"])
+        train(config, task)
+        moved[scale] = (float((shared.detach() - start).abs().max()),
+                        float((query.detach() - query_start).abs().max()))
+    assert moved[0.01][0] < 0.05 * moved[1.0][0]
+    assert moved[0.01][1] > 0.5 * moved[1.0][1]
+    with pytest.raises(ValueError, match="shared_lr_scale sets"):
+        EspMedSamStageConfig(init_from="x", new_target="optic disc", target_modality="fundus", shared_lr_scale=0.1)
+    with pytest.raises(ValueError, match="shared_lr_scale must be"):
+        EspMedSamStageConfig(init_from="x", only_new_target=False, shared_lr_scale=0.0)
 
 
 def test_a_frozen_stage_keeps_its_batch_norm_statistics_while_trained_ones_move(tmp_path, data):

@@ -108,9 +108,10 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
                         help="espmedsam: what --new-modality segments (its label; default: NAME)")
     parser.add_argument("--train-all", dest="only_new_target", action="store_false", default=None,
                         help="with --new-target or --new-modality: also train the shared encoder and decoder (not "
-                             "the classifier, prompt generator or batch norms), holding the modality's own target "
-                             "with --keep-others-weight (default 10); the other targets then change (default: only "
-                             "the new target's or modality's bag and query, so the others stay bit-identical)")
+                             "the classifier, prompt generator or batch norms) at --shared-lr-scale (default 0.01) "
+                             "times the learning rate, holding the modality's own target with --keep-others-weight "
+                             "(default 10); the other targets then change (default: only the new target's or "
+                             "modality's bag and query, so the others stay bit-identical)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="publish the stage to REPO on its branch when done")
     parser.add_argument("--also-main", action="store_true", help="with --push-to-hub: also publish it as main")
     add_remaining_options(parser)

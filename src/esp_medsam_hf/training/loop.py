@@ -68,6 +68,8 @@ class StageTask:
         index in the epoch (the same on resume), e.g. to add seeded prompts (``training.prompts``).
     find_unused_parameters: some trainable parameters get no gradient in some batches (distributed data parallel
         must then look for them).
+    lr_scales(model) -> [(parameters, scale), ...]: parameters that train at ``scale`` times the learning rate (the
+        schedule scales every group alike); the trainable parameters listed nowhere train at the learning rate.
     """
 
     name: str
@@ -82,6 +84,7 @@ class StageTask:
     before_optimizer_step: Callable[[nn.Module, set[int]], None] | None = None
     prepare_batch: Callable[[dict, int, int], dict] | None = None
     find_unused_parameters: bool = False
+    lr_scales: Callable[[nn.Module], list[tuple[list[nn.Parameter], float]]] | None = None
 
 
 
@@ -273,9 +276,8 @@ def _prepare_training(accelerator: Accelerator, config: TrainingConfig, task: St
     fused = config.fused_optimizer and accelerator.device.type in ("cuda", "cpu")
     if fused:
         task.model.to(accelerator.device)
-    optimizer = torch.optim.Adam(
-        trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True if fused else None
-    )
+    optimizer = torch.optim.Adam(parameter_groups(task, trainable, config.learning_rate), lr=config.learning_rate,
+                                 weight_decay=config.weight_decay, fused=True if fused else None)
     model, prepared_optimizer, train_dataloader = accelerator.prepare(task.model, optimizer, train_dataloader)
     total_steps = config.epochs * math.ceil(len(train_dataloader) / config.gradient_accumulation_steps)
     if config.max_steps is not None:
@@ -285,6 +287,16 @@ def _prepare_training(accelerator: Accelerator, config: TrainingConfig, task: St
     return _Run(config, task, output_dir, accelerator, model, optimizer, train_dataloader, scheduler, trainable,
                 total_steps, RunLog(output_dir, accelerator.is_main_process),
                 ema=moving_average(accelerator.unwrap_model(model), config.ema_decay))
+
+
+def parameter_groups(task: StageTask, trainable: list[nn.Parameter], learning_rate: float) -> list[dict]:
+    """Adam's non-empty parameter groups: the ``trainable`` parameters that ``task.lr_scales`` lists nowhere, then
+    its entries' trainable ones at their scaled rates."""
+    scaled = [(list(parameters), scale) for parameters, scale in (task.lr_scales or (lambda _: []))(task.model)]
+    listed = {id(p) for parameters, _ in scaled for p in parameters}
+    groups = [([p for p in trainable if id(p) not in listed], 1.0), *scaled]
+    return [{"params": [p for p in params if p.requires_grad], "lr": learning_rate * scale}
+            for params, scale in groups if any(p.requires_grad for p in params)]
 
 
 def moving_average(model: nn.Module, decay: float | None) -> torch.optim.swa_utils.AveragedModel | None:

@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 
 from ...models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 from ...models.esp_medsam.processing_esp_medsam import EspMedSamProcessor
-from ..config import KEEP_OTHERS_WEIGHT, EspMedSamStageConfig
+from ..config import KEEP_OTHERS_WEIGHT, SHARED_LR_SCALE, EspMedSamStageConfig
 from ..data import check_not_empty, load_domains
 from ..features import FeatureDataset
 from ..loop import train
@@ -25,7 +25,8 @@ from ...data.domains import MODALITY_NAMES
 from ...data.prepared import prepared_domain_spec, prepared_names
 from ..modalities import add_modality_to_processor, domains_modality, prepare_modality
 from ..norms import freeze_norms
-from ..targets import TargetAfterCache, TargetTraining, domains_target, freeze_target_prefix, prepare_target
+from ..targets import (TargetAfterCache, TargetTraining, domains_target, freeze_target_prefix, prepare_target,
+                       target_parameters)
 from .shared import (StageResult, cached_feature_task, dice_validation, save_with_processor, segmentation_task,
                      source_data, write_release)
 from .student import apply_freeze, build_student, student_processor
@@ -147,6 +148,9 @@ def one_target_task(config: EspMedSamStageConfig, model: EspMedSamModel, target:
     if not config.only_new_target:
         apply_freeze(model, [*config.freeze, *TRAIN_ALL_FROZEN], config.frozen_encoder_stages)
         logger.info("training all but %s and the %d batch norms", ", ".join(TRAIN_ALL_FROZEN), freeze_norms(model))
+        if config.cache_features:
+            logger.warning("cache_features is not used with the shared parts training (--train-all): the encoder "
+                           "changes every step, so every step encodes its images")
     if config.cache_features and config.only_new_target:
         freeze_target_prefix(model, target, config.cache_point, source)
         return cached_feature_task("espmedsam", model, config, data, processor,
@@ -155,6 +159,10 @@ def one_target_task(config: EspMedSamStageConfig, model: EspMedSamModel, target:
     keep = KEEP_OTHERS_WEIGHT if config.keep_others_weight is None else config.keep_others_weight
     training = TargetTraining(model, target, config.only_new_target, keep, kept)
     task, processor, data = segmentation_task("espmedsam", training, config, data, processor)
+    if not config.only_new_target:
+        own = {id(p) for p in target_parameters(model, target)}
+        scale = SHARED_LR_SCALE if config.shared_lr_scale is None else config.shared_lr_scale
+        task.lr_scales = lambda module: [([p for p in model.parameters() if id(p) not in own], scale)]
     task.compute_loss = lambda module, batch: module(batch["pixel_values"], batch["labels"])
     task.save = lambda module, folder: save_with_processor(module.model, processor, folder)
     task.validate = lambda module: dice_validation(module.model, processor, data, config, target=target)
