@@ -108,7 +108,7 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
                         help="espmedsam: what --new-modality segments (its label; default: NAME)")
     parser.add_argument("--train-all", dest="only_new_target", action="store_false", default=None,
                         help="with --new-target or --new-modality: also train the shared encoder and decoder (not "
-                             "the classifier, prompt generator or batch norms) at --shared-lr-scale (default 0.01) "
+                             "the classifier, prompt generator or batch norms) at --shared-lr-scale (default 0.003) "
                              "times the learning rate, holding the modality's own target with --keep-others-weight "
                              "(default 10); the other targets then change (default: only the new target's or "
                              "modality's bag and query, so the others stay bit-identical)")
