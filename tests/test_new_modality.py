@@ -15,6 +15,8 @@ from transformers import AutoModel, pipeline
 from esp_medsam_hf import EspMedSamConfig, EspMedSamImageProcessor, EspMedSamModel, EspMedSamProcessor
 from esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam import TASK, EspMedSamSegmentationPipeline
 from esp_medsam_hf.training import EspMedSamStageConfig, train
+from esp_medsam_hf.training.config import SHARED_LR_SCALE
+from esp_medsam_hf.training.loop import parameter_groups
 from esp_medsam_hf.training.modalities import ADDED_CLASS_LOGIT_OFFSET, add_modality, add_modality_to_processor
 from esp_medsam_hf.training.stages import espmedsam_task
 from esp_medsam_hf.training.targets import add_target
@@ -109,6 +111,24 @@ def test_the_modality_and_a_target_added_to_it_survive_save_and_reload(tmp_path)
         assert reloaded.config.all_target_names[6:] == ["liver", "optic disc", "spleen"]
         for kwargs in ({"modality": 6}, {"target": 7}, {"target": 8}, {"modality": OLD}):
             assert torch.equal(masks(grown, images, **kwargs), masks(reloaded, images, **kwargs)), kwargs
+
+
+def test_train_all_for_a_new_modality_trains_its_own_parts_at_the_rate_and_the_shared_at_the_scale(tmp_path, data):
+    """--train-all with a new modality: its bag and query (shared_lr_scale's "new target's parts") take the learning
+    rate, every other trainable part the rate times the scale (the default, SHARED_LR_SCALE), and it trains."""
+    config = EspMedSamStageConfig(
+        output_dir=str(tmp_path), batch_size=3, max_steps=1, validate=False, init_from="unused", model_size="tiny",
+        image_size=SIZE, progress=False, synthetic_valid_images=1, learning_rate=1e-2, new_modality="ct",
+        like_modality="x-ray", augment=False, only_new_target=False,
+    )
+    task, _, _ = espmedsam_task(config, model_with_disc(), data)
+    trained = task.model.model
+    own = {id(p) for p in [*trained.modality_controller.bags[6].parameters(), trained.mask_decoder.target_queries[0]]}
+    first, shared = parameter_groups(task, [p for p in task.model.parameters() if p.requires_grad], 1e-2)
+    assert {id(p) for p in first["params"]} == own and first["lr"] == 1e-2
+    assert shared["lr"] == pytest.approx(1e-2 * SHARED_LR_SCALE) and not own & {id(p) for p in shared["params"]}
+    assert any(p is trained.aggregator.stages[-1].blocks[0].attn.qkv.weight for p in shared["params"])
+    train(config, task)
 
 
 def test_training_only_the_new_modality_leaves_the_others_bit_identical(tmp_path, data):
