@@ -103,7 +103,7 @@ def main() -> None:
             runs.append({"repeat": repeat, **json.loads(done.stdout.strip().splitlines()[-1])})
             print(f"repeat {repeat + 1} {setting}: encoding {runs[-1]['encoding_s']:.1f} s, "
                   f"step {runs[-1]['step_s_median']:.3f} s (median of {runs[-1]['steps_timed']})", flush=True)
-    pairs = [(b, a) for b, a in zip(runs[0::2], runs[1::2])]
+    pairs = list(zip(runs[0::2], runs[1::2]))  # (before, after) of each repeat
     result = {"steps": args.steps, "init_from": args.init_from, "quick": args.quick, "runs": runs,
               "encoding_ratio": [a["encoding_s"] / b["encoding_s"] for b, a in pairs],
               "step_ratio": [a["step_s_median"] / b["step_s_median"] for b, a in pairs]}

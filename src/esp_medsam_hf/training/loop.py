@@ -68,8 +68,8 @@ class StageTask:
         index in the epoch (the same on resume), e.g. to add seeded prompts (``training.prompts``).
     find_unused_parameters: some trainable parameters get no gradient in some batches (distributed data parallel
         must then look for them).
-    lr_scales(model) -> [(parameters, scale), ...]: parameters that train at ``scale`` times the learning rate (the
-        schedule scales every group alike); the trainable parameters listed nowhere train at the learning rate.
+    lr_scales: [(parameters, scale), ...]: parameters that train at ``scale`` times the learning rate (the schedule
+        scales every group alike); the trainable parameters listed nowhere train at the learning rate.
     """
 
     name: str
@@ -84,7 +84,7 @@ class StageTask:
     before_optimizer_step: Callable[[nn.Module, set[int]], None] | None = None
     prepare_batch: Callable[[dict, int, int], dict] | None = None
     find_unused_parameters: bool = False
-    lr_scales: Callable[[nn.Module], list[tuple[list[nn.Parameter], float]]] | None = None
+    lr_scales: list[tuple[list[nn.Parameter], float]] = field(default_factory=list)
 
 
 
@@ -292,9 +292,8 @@ def _prepare_training(accelerator: Accelerator, config: TrainingConfig, task: St
 def parameter_groups(task: StageTask, trainable: list[nn.Parameter], learning_rate: float) -> list[dict]:
     """Adam's non-empty parameter groups: the ``trainable`` parameters that ``task.lr_scales`` lists nowhere, then
     its entries' trainable ones at their scaled rates."""
-    scaled = [(list(parameters), scale) for parameters, scale in (task.lr_scales or (lambda _: []))(task.model)]
-    listed = {id(p) for parameters, _ in scaled for p in parameters}
-    groups = [([p for p in trainable if id(p) not in listed], 1.0), *scaled]
+    listed = {id(p) for parameters, _ in task.lr_scales for p in parameters}
+    groups = [([p for p in trainable if id(p) not in listed], 1.0), *task.lr_scales]
     return [{"params": [p for p in params if p.requires_grad], "lr": learning_rate * scale}
             for params, scale in groups if any(p.requires_grad for p in params)]
 

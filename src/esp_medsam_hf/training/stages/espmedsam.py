@@ -162,7 +162,7 @@ def one_target_task(config: EspMedSamStageConfig, model: EspMedSamModel, target:
     if not config.only_new_target:
         own = {id(p) for p in target_parameters(model, target)}
         scale = SHARED_LR_SCALE if config.shared_lr_scale is None else config.shared_lr_scale
-        task.lr_scales = lambda module: [([p for p in model.parameters() if id(p) not in own], scale)]
+        task.lr_scales = [([p for p in model.parameters() if id(p) not in own], scale)]
     task.compute_loss = lambda module, batch: module(batch["pixel_values"], batch["labels"])
     task.save = lambda module, folder: save_with_processor(module.model, processor, folder)
     task.validate = lambda module: dice_validation(module.model, processor, data, config, target=target)
