@@ -100,6 +100,25 @@ def test_a_calibrated_modality_zooms_out_a_close_up_of_few_objects():
     assert choose_scale(22.0, 1, 0.5, nuclei.object_size, nuclei.object_domain) is None
 
 
+def test_a_calibrated_modality_takes_native_pixels_within_the_tolerance():
+    """Where the objects' native size is within AUTO_TOLERANCE of the model's, nuclei are segmented at the native
+    pixels (factor 1, no resampling) instead of a nearby factor or an enlarged whole view; other modalities and
+    sizes outside the tolerance keep the rule before it."""
+    nuclei = TilingOptions("auto", None, 64, 16, 16.0, 64, {"microscopy": 20.0}).for_modality("microscopy")
+    # a small crop enlarged x2 in its whole view, its nuclei 30 px there (15 native): native, not the whole view
+    assert choose_scale(30.0, 5, 2.0, nuclei.object_size, nuclei.object_domain) == 1.0
+    # nuclei 12 px in a whole view at x0.5 (24 native): native instead of x0.83
+    assert choose_scale(12.0, 5, 0.5, nuclei.object_size, nuclei.object_domain) == 1.0
+    # nuclei 7 px in a whole view at x0.5 (14 native): x1.43 brings them to 20 px, native pixels are within the
+    # tolerance; a modality without its own size keeps its factor
+    assert choose_scale(7.0, 5, 0.5, nuclei.object_size, nuclei.object_domain) == 1.0
+    assert choose_scale(7.0, 5, 0.5, 16.0) == pytest.approx(0.5 * 16 / 7)
+    # native nuclei of 40 px (native pixels x2 off, outside the tolerance): the whole view where they are 20 px
+    # there, else zoomed out
+    assert choose_scale(20.0, 5, 0.5, nuclei.object_size, nuclei.object_domain) is None
+    assert choose_scale(80.0, 5, 2.0, nuclei.object_size, nuclei.object_domain) == pytest.approx(0.5)
+
+
 def test_masks_keep_the_logits_above_the_modalitys_calibrated_threshold(pointwise, tmp_path):
     model, processor = pointwise
     ramp = np.repeat(np.linspace(0, 255, 64, dtype=np.float64)[None, :, None], 8, 0).repeat(3, 2).astype(np.uint8)
@@ -166,14 +185,14 @@ def test_a_modality_object_size_changes_only_that_modality(pointwise):
     scales = {}
     try:
         for name in (names[4], names[0]):
-            processor.image_processor.modality_object_sizes = {name: 32.0}
+            processor.image_processor.modality_object_sizes = {name: 3.0}
             scales[name] = predict(model, processor, [image], 0, scale="auto").scales[0]
-        assert tiling_options(processor.image_processor).for_modality(names[0]).object_size == 32.0
+        assert tiling_options(processor.image_processor).for_modality(names[0]).object_size == 3.0
         assert tiling_options(processor.image_processor).for_modality(names[4]).object_size == 16.0
     finally:
         processor.image_processor.modality_object_sizes = None
     assert scales[names[4]] == default  # another modality's size leaves this one at the default
-    assert scales[names[0]] == pytest.approx(2 * default, rel=0.05)  # objects brought to 32 px instead of 16
+    assert scales[names[0]] == pytest.approx(default * 3 / 16, rel=0.05)  # objects brought to 3 px, not 16
 
 
 @pytest.mark.parametrize("sizes", [{"microscopy": 0}, {"microscopy": float("nan")}, {"microscopy": "big"}, [4]])
