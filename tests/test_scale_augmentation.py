@@ -1,16 +1,18 @@
 """Scale augmentation: object sizes measured from masks, zoom crops that give the asked object size, the span of
-sizes a training run sees, photometric changes, seeded views, the options' checks, and a feature cache of zoom
-views that gives the model's own loss."""
+sizes a training run sees, photometric changes, the halo beside nuclei, seeded views, the options' checks, and a
+feature cache of zoom views that gives the model's own loss."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
 from esp_medsam_hf.training import EspMedSamStageConfig
 from esp_medsam_hf.training.augment import (
+    Halo,
     Photometric,
     ScaleAugmentation,
     ZoomRange,
@@ -91,6 +93,40 @@ def test_photometric_changes_are_seeded_and_stay_in_range():
     assert all(c.dtype == np.uint8 and c.shape == image.shape for c in changed)
     assert np.array_equal(changed[0], photometric(image, np.random.default_rng(0)))
     assert any(not np.array_equal(c, image) for c in changed)
+
+
+def test_a_halo_glows_beside_the_objects_without_marking_their_edges():
+    mask = disks((96, 96), 16, 48)
+    image = np.where(mask, 200, 10).astype(np.uint8)[..., None].repeat(3, -1)
+    halo = Halo(share=1.0, reach=(0.5, 0.5), strength=(0.4, 0.4))
+    glowing = halo(image, mask, 16.0, np.random.default_rng(0))
+    assert np.array_equal(glowing, halo(image, mask, 16.0, np.random.default_rng(0)))  # seeded
+    added = glowing[..., 0].astype(float) - image[..., 0]
+    distance = ndimage.distance_transform_edt(~mask)
+    near, far = added[(distance > 0) & (distance <= 3)].mean(), added[distance > 12].mean()
+    assert near > 25 and far < 0.2 * near  # about 0.4 of the 190 of contrast beside them, fading with distance
+    rim_inside = added[mask & (ndimage.distance_transform_edt(mask) <= 2)].mean()
+    assert rim_inside == pytest.approx(near, rel=0.35)  # the glow goes over the edge: no dark rim marks the objects
+    assert np.array_equal(Halo(share=0.0)(image, mask, 16.0, np.random.default_rng(0)), image)
+    assert np.array_equal(halo(image, np.zeros_like(mask), 16.0, np.random.default_rng(0)), image)
+    dark_objects = np.where(mask, 10, 200).astype(np.uint8)[..., None].repeat(3, -1)
+    assert np.array_equal(halo(dark_objects, mask, 16.0, np.random.default_rng(0)), dark_objects)
+
+
+def test_only_object_size_domains_get_a_halo():
+    """Fundus photographs (a scale domain) are left as they were; nuclei views (an object-size domain) glow."""
+    mask = disks((200, 200), 20, 50)
+    image = np.where(mask, 220, 20).astype(np.uint8)[..., None].repeat(3, -1)
+    zoom = parse_zoom({"nuclei": {"object_size": [20, 20]}, "fundus": {"scale": [1, 1]}})
+    plain = ScaleAugmentation(zoom, 64)
+    halo = ScaleAugmentation(zoom, 64, halo=Halo(share=1.0))
+    for key in range(3):
+        a = plain(image, mask, "fundus", key, np.random.default_rng(key))
+        b = halo(image, mask, "fundus", key, np.random.default_rng(key))
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    a = plain(image, mask, "nuclei", 0, np.random.default_rng(0))
+    b = halo(image, mask, "nuclei", 0, np.random.default_rng(0))
+    assert np.array_equal(a[1], b[1]) and int(b[0].sum()) > int(a[0].sum())
 
 
 def test_zoom_options_are_checked():
