@@ -6,12 +6,9 @@ of the training range is a guess: Dice weighs a one-pixel boundary error less on
 often most accurate in the upper part of the range it learnt. Which size suits the trained model is measured, not
 assumed: the validation images of those domains, shown at two magnifications (``scale_table.zoom_view``: centre
 crops of 1/2 and 1/4 of the side, which "auto" rescales, as it does any image whose objects are off-size), are
-segmented with each candidate size, and the size with the best mean Dice is saved with the release (exact ties go
-to the smaller, cheaper one). Preferring the smallest size within a quarter of a point of the best, to save tiles,
-was tried and dropped: with two or three validation images the candidates' scores lie within a few tenths of each
-other, and in the cross-lab run (mnfinder's U2OS group held out, 2 validation images) it chose 15.5 px over the best
-19.7 px, which shrank the held-out images to half their native pixels: 92.45 % on them against 94.21 % at 25.1 px
-with the same weights. At the chosen size, the same views then choose the
+segmented with each candidate size, and the smallest size whose mean Dice is within ``TOLERANCE`` points of the
+best is saved with the release: a larger size means more tiles per image (the area grows with its square), so a
+size that gains nothing measurable is not worth its time. At the chosen size, the same views then choose the
 modality's mask-logit threshold (``modality_mask_thresholds``, which ``prediction.predict`` applies): SAM's 0
 (probability 0.5) is where the loss balances the training masks' pixels, which need not be where Dice is best on
 the model's upsampled low-resolution logits (in the main job the masks came out about a pixel too wide at 0). The
@@ -43,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_ZOOMS = (2.0, 4.0)
 """The magnifications of each validation image the candidates are scored on."""
+TOLERANCE = 0.25
+"""Dice points (mean over the views) within which a smaller, cheaper size is preferred to the best."""
 CANDIDATES = 4
 """Number of candidate sizes, log-spaced from the middle of the training range to 0.8 of its top."""
 MASK_THRESHOLDS = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -70,11 +69,9 @@ def calibrate_object_size(model, processor, data: Mapping[str, Mapping], zoom: M
     Returns ``{"object_size", "modalities", "candidates": {size: mean Dice %}, "mask_threshold", "thresholds":
     {threshold: mean Dice % at the chosen size}, "images", "views"}``, or ``None``
     when no such domain has images in ``split``. The size is for those domains' modalities only (the image
-    processor's ``modality_object_sizes``): another modality's objects (vessels, organs) keep their own.
-    ``processor`` is left unchanged; the caller saves the chosen size. The best mean Dice wins; ties go to the
-    smaller size (nearer the middle of the training range). ``backend``: as ``prediction.predict`` takes it
-    (default the automatic choice, the path users take, whose onnxruntime export the evaluation of the same weights
-    then reuses)."""
+    processor's ``modality_object_sizes``): another modality's objects (vessels, organs) keep their own. ``processor`` is left unchanged; the caller saves the chosen size. Ties go to
+    the smaller size (the middle of the training range). ``backend``: as ``prediction.predict`` takes it (default the
+    automatic choice, the path users take, whose onnxruntime export the evaluation of the same weights then reuses)."""
     ranges = {name: spec for name, spec in zoom.items() if spec.kind == "object_size"}
     pairs, modalities = [], []
     for name in ranges:
@@ -100,7 +97,8 @@ def calibrate_object_size(model, processor, data: Mapping[str, Mapping], zoom: M
                                       for item, ((_, reference), _) in zip(found, views)]))
         logits[size] = [item.logits[0] for item in found]
         logger.info("object size %.1f px: validation Dice %.2f%% over %d views", size, scores[size], len(views))
-    best = min(candidates, key=lambda size: (-scores[size], size))
+    top = max(scores.values())
+    best = min(size for size in candidates if scores[size] >= top - TOLERANCE)
     references = [reference for (_, reference), _ in views]
     thresholds = {cut: float(np.mean([dice_score(np.asarray(item > cut), reference)
                                       for item, reference in zip(logits[best], references)]))
@@ -133,5 +131,5 @@ def native_long_sides(data: Mapping[str, Mapping], zoom: Mapping[str, ZoomRange]
     return {modality: int(round(float(np.median(values)))) for modality, values in sides.items()}
 
 
-__all__ = ["CALIBRATION_ZOOMS", "CANDIDATES", "MASK_THRESHOLDS", "THRESHOLD_TOLERANCE",
+__all__ = ["CALIBRATION_ZOOMS", "CANDIDATES", "MASK_THRESHOLDS", "THRESHOLD_TOLERANCE", "TOLERANCE",
            "calibrate_object_size", "candidate_sizes", "native_long_sides"]
