@@ -1,5 +1,6 @@
 """Scale and photometric augmentation: crops of native-resolution images under random zoom, so that the model sees
-its objects at many sizes in its input, and random gamma, contrast, blur and noise.
+its objects at many sizes in its input, and random gamma, contrast, blur and noise (with a halo of light beside the
+objects on half the object-size domains' views: :class:`Halo`).
 
 A domain's zoom is given either by the **object size** the crops should give in the model's input (``object_size:
 [6, 40]``: nuclei 6 to 40 px across), measured per image from its mask as "auto" inference measures it

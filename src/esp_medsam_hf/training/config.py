@@ -88,7 +88,8 @@ class TrainingConfig:
         ``{domain: {scale: [low, high]}}`` (input pixels per native pixel): training sees crops of that domain's
         native-resolution images at a log-uniform random zoom in that range; other domains: whole images, flips.
         ``crops: N`` beside the range: every epoch shows N crops of each of that domain's images.
-    photometric: random gamma, contrast, blur and noise on every training view.
+    photometric: random gamma, contrast, blur and noise on every training view, and a halo of light beside the
+        objects on half the object-size domains' views (:class:`~esp_medsam_hf.training.augment.Halo`).
     ema_decay: validate and save (``best/``, ``final/``) an exponential moving average of the weights, updated
         after every optimizer step with this decay (PyTorch's ``AveragedModel``; 0.95 averages over about the last
         20 steps), instead of the weights of the last step; checkpoints carry it, so a resume is exact. None: off.
