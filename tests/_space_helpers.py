@@ -67,7 +67,12 @@ def running_app(env: dict[str, str], log_path: Path, timeout_s: float = 180.0) -
     """Run ``python app.py`` on a free loopback port; yields its URL once ``GET /`` answers 200."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    full_env = {**os.environ, **OFFLINE_ENV, **env, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)}
+    temporary = log_path.parent / "app-tmp"  # the app's and gradio's temporary files die with the test's folder
+    temporary.mkdir(exist_ok=True)
+    full_env = {
+        **os.environ, **OFFLINE_ENV, **env, "TMPDIR": str(temporary),
+        "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+    }
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, str(APP_PATH)], cwd=SPACE_DIR, env=full_env, stdout=log, stderr=subprocess.STDOUT

@@ -31,7 +31,12 @@ def free_port() -> int:
 def test_two_processes_give_the_weights_of_one_process_with_the_same_global_batch(tmp_path):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     assert accelerate, "the accelerate command is not installed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    temporary = tmp_path / "launcher-tmp"  # torchelastic's folders die with the test's folder
+    temporary.mkdir()
+    env = {
+        **os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "TMPDIR": str(temporary),
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
     command = [
         accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(HELPER), str(tmp_path / "two"),
