@@ -11,7 +11,9 @@ from esp_medsam_hf.models.esp_medsam.prompt_session import (
     EspMedSamPromptSession,
     add_click,
     box_region,
+    click_window,
     combine_boxes,
+    descent_region,
     remove_click,
 )
 
@@ -91,6 +93,20 @@ def test_negative_click_removes_only_the_slope_below_it():
     corrected = remove_click(mask, logits, 54, 45)
     assert corrected[discs((64, 96), [(45, 45)], radius=3)].all()
     assert not corrected[discs((64, 96), [(54, 45)], radius=4)].any()
+
+def test_negative_click_removes_a_lobe_as_sure_as_its_nucleus_at_the_neck():
+    """One saturated plateau of logits with a pixel-scale ripple over a nucleus and a false lobe (the model as sure
+    of both): the logits alone give the click a few pixels; the mask's shape takes the lobe off at the neck."""
+    nucleus = discs((48, 48), [(20, 18)], radius=7)
+    lobe = discs((48, 48), [(20, 28)], radius=5) & ~nucleus
+    mask = nucleus | lobe
+    logits = np.where(mask, 8.0 + np.random.default_rng(0).uniform(-1.0, 1.0, mask.shape), -8.0)
+    corrected = remove_click(mask, logits, 20, 28)
+    assert (corrected & lobe).sum() <= 0.1 * lobe.sum() and (nucleus & ~corrected).sum() <= 0.02 * nucleus.sum()
+    by_logits = descent_region(mask & click_window(mask.shape, 20, 28, mask), logits, 20, 28)
+    assert (by_logits & lobe).sum() < 0.25 * lobe.sum()  # what the logits' slope alone would have removed
+    assert np.array_equal(corrected & ~mask, np.zeros_like(mask))  # a negative click adds nothing
+
 
 def test_box_combination_keeps_the_prompt_free_mask_inside_the_boxes_only():
     free = discs((64, 96), CENTRES)

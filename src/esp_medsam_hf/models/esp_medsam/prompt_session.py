@@ -12,12 +12,13 @@ one object would replace the whole mask. The session therefore edits instead of 
   rises, cut to a window of ``CLICK_WINDOW`` object sizes around the click. The object under the click comes in
   down to its rim; a neighbour or a false blob the decode joins to it stays out behind the valley between them.
   A decode that does not hold the click adds nothing.
-- **A negative click** removes the slope below the click in the prompt-free logits: the pixels of the current
-  mask reachable from the click along paths on which the prompt-free logit never rises, cut to the same window. An
-  extra rim or lobe the model was less sure of goes, a false object clicked at its centre goes, and a surer object
-  it hangs on, or a neighbour behind a valley, stays. (Taking every connected pixel no surer than the click, as
-  before, also took dimmer true nuclei that touched a bright false blob, and the next positive click put them
-  back with the blob: the curve see-sawed.)
+- **A negative click** removes the slope below the click, cut to the same window: the pixels of the current mask
+  reachable from the click along paths on which the prompt-free logit never rises (a rim or lobe the model was
+  less sure of), and those on which :func:`removal_relief`, the mask's shape added to the logits, never rises (a
+  lobe as sure as its nucleus, behind the neck between them). A false object clicked at its centre goes, and the
+  object it hangs on behind a neck or a valley stays. (Taking every connected pixel no surer
+  than the click, as before that, also took dimmer true nuclei that touched a bright false blob, and the next
+  positive click put them back with the blob: the curve see-sawed.)
 - At a scale that tiles the image (``scale``, default the image processor's "auto"), the prompt-free mask is the
   tiled one ``prediction.predict`` gives, and a positive click decodes on the tile around it.
 - Everything away from the click stays bit-identical. Clicks apply in order, each to the mask the previous ones
@@ -44,6 +45,9 @@ OBJECTS_PER_DECODE = 16
 """Object rows decoded per model call: each row repeats the image embedding, so a batch of them is memory-bound."""
 TILE_OUTSIDE = -1e4
 """The logit a tiled session's click decode gives the pixels outside its tile: far below any threshold."""
+REMOVAL_SMOOTHING = 2.0
+"""Gaussian sigma (px) of the prompt-free logits in a negative click's relief: it flattens the pixel-scale ripple
+of a saturated plateau, where the ripple's local peaks cut a click's slope to a few pixels."""
 CLICK_WINDOW = 2.0
 """Half-side of the square a click edits, in object sizes (``prediction.estimate_object_size`` of the current
 mask, a diameter): an object up to four typical diameters across fits; a bigger one takes more clicks."""
@@ -147,13 +151,29 @@ def add_click(current: np.ndarray, decoded: np.ndarray, free_logits: np.ndarray,
     return current | descent_region(allowed, logits, peak_x, peak_y)
 
 
+def removal_relief(current: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """The relief a negative click's slope follows: each pixel's distance to the background of ``current`` (in px)
+    plus the prompt-free ``logits`` smoothed by ``REMOVAL_SMOOTHING``. The model is often as sure of a false lobe as
+    of the nucleus it hangs on (one saturated plateau of logits, no valley between them), so the logits alone cut
+    nothing there: the distance adds the shape, whose ridge falls at the neck between the two. Measured with the
+    release of the main job of f69e1ea (simulated clicks, rule chosen on mnfinder's training and validation images
+    against the logits alone and the distance alone): after 3 clicks, train (30 images) +0.18 points of mean Dice
+    against +0.08 with the logits alone, validation (3) +0.33 against +0.05, no image falling after any click. The
+    click also removes the logits' own slope (:func:`remove_click`): the smoothing and the distance raise a less
+    sure lobe's neck to the level of the click, and the logits alone take that lobe whole."""
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(current) + ndimage.gaussian_filter(logits, REMOVAL_SMOOTHING)
+
+
 def remove_click(current: np.ndarray, logits: np.ndarray, x: int, y: int) -> np.ndarray:
     """``current`` with the part under a negative click at (x, y) removed: the pixels of ``current`` on the slope
-    below the click in the prompt-free logits (``logits`` (H, W)), in the click's window (see the module docstring).
-    An extra rim or lobe the model was less sure of goes, and so does a false object clicked at its peak; a surer
-    object it hangs on, or a neighbour behind a valley, stays."""
-    window = click_window(current.shape, x, y, current)
-    return current & ~descent_region(current & window, logits, x, y)
+    below the click in the prompt-free ``logits`` (H, W) or in :func:`removal_relief` of ``current`` and them, in
+    the click's window (see the module docstring). An extra rim or lobe goes, and so does a false object clicked at its centre;
+    the object it hangs on behind a neck or a valley stays."""
+    allowed = current & click_window(current.shape, x, y, current)
+    removed = descent_region(allowed, logits, x, y) | descent_region(allowed, removal_relief(current, logits), x, y)
+    return current & ~removed
 
 def box_region(shape: tuple[int, int], boxes: Sequence[Sequence[float]]) -> np.ndarray:
     """The pixels (H, W) that at least one box [x0, y0, x1, y1] touches (pixel (c, r) covers [c, c + 1] x
@@ -345,4 +365,4 @@ class EspMedSamPromptSession:
         return current if boxes is None else current & box_region(current.shape, boxes)
 
 
-__all__ = ["EspMedSamPromptSession", "add_click", "box_region", "combine_boxes", "remove_click"]
+__all__ = ["EspMedSamPromptSession", "add_click", "box_region", "combine_boxes", "remove_click", "removal_relief"]
