@@ -124,14 +124,18 @@ def test_browser_upload_segment_and_download(app_url, nuclei_png):
     assert not external, f"the page made requests off the machine: {external}"
 
 
-def test_api_dicom_and_rejected_files(app_url, tmp_path):
+def test_api_dicom_and_rejected_files(app_url, tmp_path, monkeypatch):
+    import tempfile
+
     import httpx
     import pydicom
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
+    # the client downloads each output through a folder of its own in the temporary directory: the test's folder
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     # analytics_enabled=False: the client ignores GRADIO_ANALYTICS_ENABLED.
-    client = Client(app_url, verbose=False, analytics_enabled=False)
+    client = Client(app_url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "downloads"))
     dicom = assets.CHEST_XRAY_DICOM.path()
     header = pydicom.dcmread(dicom, stop_before_pixels=True)
     overlay, mask_image, label, summary, mask_png = client.predict(
