@@ -1,5 +1,5 @@
-"""Session-wide test settings: exported ONNX graphs are cached in a temporary folder, never in the user's cache, and
-the onnxruntime path runs the float32 export unless a test asks for int8."""
+"""Session-wide test settings: exported ONNX graphs and gradio's files are kept in temporary folders, never in the
+user's cache or /tmp, and the onnxruntime path runs the float32 export unless a test asks for int8."""
 
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ def pytest_configure(config):
     esp_medsam_hf.register()
     # Set before any test (and inherited by the subprocesses tests start), removed at the end of the session.
     folder = tempfile.mkdtemp(prefix="esp_medsam_onnx_cache_")
-    config._esp_medsam_onnx_cache = folder
     os.environ["ESP_MEDSAM_ONNX_CACHE"] = folder
+    # gradio caches the Space's examples and uploads in GRADIO_TEMP_DIR (default /tmp/gradio), kept after the app.
+    gradio = tempfile.mkdtemp(prefix="esp_medsam_gradio_")
+    os.environ["GRADIO_TEMP_DIR"] = gradio
+    config._esp_medsam_temporary = (folder, gradio)
     # The onnxruntime path runs microscopy batches in int8 by default; the suite compares that path with PyTorch at
     # float32 tolerances, so it runs the float32 export. tests/test_int8.py and tests/test_benchmark.py unset this
     # to test the int8 default itself.
@@ -28,8 +31,7 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    folder = getattr(config, "_esp_medsam_onnx_cache", None)
-    if folder:
+    for folder in getattr(config, "_esp_medsam_temporary", ()):
         shutil.rmtree(folder, ignore_errors=True)
 
 
