@@ -94,6 +94,7 @@ def test_negative_click_removes_only_the_slope_below_it():
     assert corrected[discs((64, 96), [(45, 45)], radius=3)].all()
     assert not corrected[discs((64, 96), [(54, 45)], radius=4)].any()
 
+
 def test_negative_click_removes_a_lobe_as_sure_as_its_nucleus_at_the_neck():
     """One saturated plateau of logits with a pixel-scale ripple over a nucleus and a false lobe (the model as sure
     of both): the logits alone give the click a few pixels; the mask's shape takes the lobe off at the neck."""

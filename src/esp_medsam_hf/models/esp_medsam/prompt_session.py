@@ -176,6 +176,7 @@ def remove_click(current: np.ndarray, logits: np.ndarray, x: int, y: int) -> np.
     removed = descent_region(allowed, logits, x, y) | descent_region(allowed, removal_relief(current, logits), x, y)
     return current & ~removed
 
+
 def box_region(shape: tuple[int, int], boxes: Sequence[Sequence[float]]) -> np.ndarray:
     """The pixels (H, W) that at least one box [x0, y0, x1, y1] touches (pixel (c, r) covers [c, c + 1] x
     [r, r + 1], as the model's patch-map edit counts cells), so a box given by inclusive pixel indices holds its
