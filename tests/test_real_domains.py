@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,24 @@ def test_dsb_stardist_image_prepares_from_its_label_map(tmp_path):
     mask = np.asarray(row["mask"]) > 0
     assert 100 <= label(mask)[1] <= 125  # 125 annotated nuclei, a few touching ones merge in the binary mask
     assert "hand-annotated" in dataset["test"].info.description
+
+
+def test_a_cached_listing_whose_files_are_gone_is_unpacked_again(tmp_path, caplog):
+    """A cache kept between runs can outlive the environment it names (stardist's image is read in place from
+    the installed package): the listing is rebuilt rather than handed on with paths that do not exist."""
+    from esp_medsam_hf.assets import DSB2018_IMAGE
+    from esp_medsam_hf.data.real import unpack_real_domain
+
+    stale = tmp_path / "cache" / "dsb-stardist"
+    stale.mkdir(parents=True)
+    gone = tmp_path / "removed-environment" / "img2d.tif"
+    (stale / "pairs.csv").write_text(f"name,image,mask,split\na.png,{gone},{gone},test\n")
+    with caplog.at_level("WARNING", logger="esp_medsam_hf.data.real"):
+        listing = unpack_real_domain("dsb-stardist", tmp_path / "cache")
+    rows = list(csv.DictReader(open(listing, newline="")))
+    assert [Path(row["image"]) for row in rows] == [DSB2018_IMAGE.path()]
+    assert all(Path(row[column]).is_file() for row in rows for column in ("image", "mask"))
+    assert "names files that are gone" in caplog.text
+    before = listing.stat().st_mtime_ns
+    assert unpack_real_domain("dsb-stardist", tmp_path / "cache") == listing  # a whole listing is kept as it is
+    assert listing.stat().st_mtime_ns == before

@@ -171,14 +171,28 @@ def unpack_dsb_stardist(destination: Path) -> Path:
 UNPACKERS = {"mnfinder": unpack_mnfinder, "vascx": unpack_vascx, "dsb-stardist": unpack_dsb_stardist}
 
 
+def _listing_is_whole(listing: Path) -> bool:
+    """Whether every image and mask that a cached ``pairs.csv`` names still exists (relative names are read beside
+    it). A listing can outlive its files: stardist's image is named by its place in the environment that was
+    installed when the listing was written, and that environment may since have been removed or moved."""
+    if not listing.is_file():
+        return False
+    with open(listing, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    named = [row.get(column) or "" for row in rows for column in ("image", "mask")]
+    return bool(named) and all(name and (listing.parent / name).is_file() for name in named)
+
+
 def unpack_real_domain(name: str, cache: Path, limit: int | None = None) -> Path:
-    """The plain-layout listing of real domain ``name``, unpacked under ``cache/<name>`` (kept between runs);
-    ``limit`` keeps at most that many mnfinder pairs per split."""
+    """The plain-layout listing of real domain ``name``, unpacked under ``cache/<name>`` (kept between runs, and
+    unpacked again when a file it names is gone); ``limit`` keeps at most that many mnfinder pairs per split."""
     get_domain(name)
     folder = Path(cache) / name
     listing = folder / "pairs.csv"
-    if listing.is_file():
+    if _listing_is_whole(listing):
         return listing
+    if listing.is_file():
+        logger.warning("%s names files that are gone; unpacking %s again", listing, name)
     with staging_directory(folder) as staging:
         if name == "mnfinder":
             unpack_mnfinder(staging, limit=limit)
