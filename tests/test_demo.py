@@ -85,6 +85,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert (output / "real_images" / f"{record['name']}_overlay.png").is_file()
     summary_page = (output / "SUMMARY.md").read_text()
     assert "SYNTHETIC" in summary_page and "REAL" in summary_page
+    # the scale table cuts the evaluation's own x1 masks like each view; at x1 that is the x1 row's own Dice
+    rows = {row["label"]: row for row in summary["scale_tables"]["mnfinder"]["rows"]}
+    assert list(rows) == ["x0.5", "x1", "x2", "x4"] and all(row["x1_cut"] is not None for row in rows.values())
+    assert rows["x1"]["x1_cut"] == pytest.approx(rows["x1"]["dice"], abs=0.01)
+    assert "our x1 mask, cut like the view" in summary_page
     # a second run never overwrites the first one unless asked
     capsys.readouterr()
     assert main(["demo", "--quick", "--output", str(output), "--no-progress"]) == 1

@@ -7,6 +7,12 @@ through ``prediction.predict`` with the model's default scale ("auto" unless sav
 threshold (``baselines.otsu_mask``) on the same view. Two more rows at x1 show the whole-image view and native
 pixels in tiles (scale 1: vessel Dice at native resolution for fundus photographs).
 
+A third figure per row separates what the scale costs from what the view holds: the model's own x1 mask cut (or
+tiled) like the view, scored against the view's mask (``x1_cut``). It is what a model that repeated its x1 result at
+every magnification would score, so the drop from x1 to it is the view's share (a crop keeps the cut edges of
+nuclei and whatever its labels leave out, in a larger share of its pixels) and the drop from it to the row's own
+Dice is the scale's.
+
 :func:`scale_tables` is the entry point (``esp-medsam evaluate`` and the main job's summary call it) and
 :func:`scale_table_markdown` writes its result as Markdown.
 """
@@ -55,19 +61,29 @@ def zoom_view(image: np.ndarray, mask: np.ndarray, zoom: float) -> tuple[np.ndar
 def _row(model, processor, pairs: Sequence[tuple[np.ndarray, np.ndarray]], modality: str, zoom: float, scale: Any,
          backend: str | None) -> dict:
     """Mean Dice (%) of the model and of Otsu over ``pairs`` at ``zoom``, and the scales ``predict`` used."""
-    ours, otsu, scales = [], [], []
+    ours, otsu, scales, masks = [], [], [], []
     for image, mask in pairs:
         view, reference = zoom_view(image, mask, zoom)
         prediction = predict(model, processor, [view], modality, backend=backend, scale=scale)
         ours.append(dice_score(prediction.masks[0], reference))
         otsu.append(dice_score(otsu_mask(view, modality), reference))
         scales.append(prediction.scales[0])
-    return {"zoom": zoom, "dice": mean_dice(ours), "otsu": mean_dice(otsu), "per_image": ours, "scales": scales}
+        masks.append(prediction.masks[0])
+    return {"zoom": zoom, "dice": mean_dice(ours), "otsu": mean_dice(otsu), "per_image": ours, "scales": scales,
+            "masks": masks}
+
+
+def _x1_cut(pairs: Sequence[tuple[np.ndarray, np.ndarray]], x1_masks: Sequence[np.ndarray], zoom: float) -> float:
+    """Mean Dice (%) of the x1 masks cut like ``zoom``'s view against the view's masks (module docstring)."""
+    return mean_dice([dice_score(zoom_view(image, cut, zoom)[1], zoom_view(image, mask, zoom)[1])
+                      for (image, mask), cut in zip(pairs, x1_masks, strict=True)])
 
 
 def _same_view(row: Mapping[str, Any], zoom: float, scale: Any) -> bool:
-    """Whether ``row`` (measured at the model's default scale) segmented every image at zoom factor ``scale`` of
-    ``zoom``'s view: the same tiles, so the same masks, as asking for ``scale`` itself."""
+    """Whether ``row`` (measured at the model's default scale) is ``zoom``'s view at ``scale``: the default scale
+    itself (``None``), or a factor ``scale`` that it segmented every image at (the same tiles, so the same masks)."""
+    if scale is None:
+        return row.get("zoom") == zoom and row.get("scale") == "default"
     return (isinstance(scale, float) and row.get("zoom") == zoom and bool(row.get("scales"))
             and all(used is not None and math.isclose(used, scale) for used in row["scales"]))
 
@@ -75,15 +91,17 @@ def _same_view(row: Mapping[str, Any], zoom: float, scale: Any) -> bool:
 def scale_table(
     model, processor, pairs: Sequence[tuple[np.ndarray, np.ndarray]], modality: str, *,
     zooms: Iterable[float] = ZOOMS, scale: Any = None, extra_views: bool = True, backend: str | None = "eager",
-    known: Sequence[Mapping[str, Any]] = (),
+    known: Sequence[Mapping[str, Any]] = (), x1_masks: Sequence[np.ndarray] | None = None,
 ) -> dict:
     """The table for ``pairs`` of (RGB image, bool mask) decoded with ``modality`` (a name).
 
-    Returns ``{"modality", "num_images", "rows": [{"label", "zoom", "scale", "dice", "otsu", "per_image",
-    "scales"}]}``: one row per zoom with ``scale`` (``None``: the model's default), then ``EXTRA_VIEWS`` when
-    ``extra_views``. Dice in %, means over the images (``metrics.functional.mean_dice``). ``known``: rows already
-    measured on the same images at the default scale (the evaluation's x1); an extra view that its images were all
-    segmented at is taken from it instead of run again.
+    Returns ``{"modality", "num_images", "rows": [{"label", "zoom", "scale", "dice", "otsu", "x1_cut",
+    "per_image", "scales"}]}``: one row per zoom with ``scale`` (``None``: the model's default), then
+    ``EXTRA_VIEWS`` when ``extra_views``. Dice in %, means over the images (``metrics.functional.mean_dice``).
+    ``known``: rows already measured on the same images at the default scale (the evaluation's x1); an extra view
+    that its images were all segmented at is taken from it instead of run again. ``x1_cut`` (module docstring)
+    scores ``x1_masks``, the masks of the model at x1 and its default scale, or, when not given, those of the x1
+    row when the table measures one; ``None`` without either.
     """
     if modality not in MODALITY_NAMES:
         raise ValueError(f"modality must be one of {', '.join(MODALITY_NAMES)}, got {modality!r}")
@@ -97,10 +115,15 @@ def scale_table(
             same = next((row for row in known if _same_view(row, zoom, view_scale)), None)
             row = ({key: same[key] for key in ("zoom", "dice", "otsu", "per_image", "scales")} if same is not None
                    else _row(model, processor, pairs, modality, zoom, view_scale, backend))
-            rows.append({"label": label, "scale": "default" if view_scale is None else view_scale, **row})
+            if x1_masks is None and zoom == 1.0 and view_scale == scale and "masks" in row:
+                x1_masks = row["masks"]
+            rows.append({"label": label, "scale": "default" if view_scale is None else view_scale,
+                         **{key: value for key, value in row.items() if key != "masks"}})
             logger.info("scale table %s %s: Dice %.2f%% (Otsu %.2f%%)", modality, label, row["dice"], row["otsu"])
     finally:
         model.train(was_training)
+    for row in rows:
+        row["x1_cut"] = None if x1_masks is None else _x1_cut(pairs, x1_masks, row["zoom"])
     return {"modality": modality, "num_images": len(pairs), "rows": rows}
 
 
@@ -133,6 +156,14 @@ def scale_tables(
     return tables
 
 
+def scale_table_summary(tables: Mapping[str, dict]) -> dict[str, dict]:
+    """The tables without their per-image figures, as a run's summary keeps them."""
+    return {name: {"modality": table["modality"], "images": table["num_images"],
+                   "rows": [{key: row.get(key) for key in ("label", "scale", "dice", "otsu", "x1_cut", "scales")}
+                            for row in table["rows"]]}
+            for name, table in tables.items()}
+
+
 def _scales_text(scales: Sequence[float | None]) -> str:
     tiled = [s for s in scales if s is not None]
     if not tiled:
@@ -150,19 +181,24 @@ def scale_table_markdown(tables: Mapping[str, dict]) -> str:
         lines += [
             f"### {name}: Dice at other magnifications ({table['num_images']} image(s), {table['modality']})",
             "",
-            "| shown at | scale asked | Dice % (ours) | Dice % (Otsu) | scale used (native px x) |",
-            "| --- | --- | ---: | ---: | --- |",
+            "| shown at | scale asked | Dice % (ours) | Dice % (Otsu) | Dice % (our x1 mask, cut like the view) "
+            "| scale used (native px x) |",
+            "| --- | --- | ---: | ---: | ---: | --- |",
         ]
         for row in table["rows"]:
             asked = row["scale"] if isinstance(row["scale"], str) else f"{row['scale']:g}"
-            lines.append(f"| {row['label']} | {asked} | {row['dice']:.2f} | {row['otsu']:.2f} | "
+            cut = "n/a" if row.get("x1_cut") is None else f"{row['x1_cut']:.2f}"
+            lines.append(f"| {row['label']} | {asked} | {row['dice']:.2f} | {row['otsu']:.2f} | {cut} | "
                          f"{_scales_text(row['scales'])} |")
         lines.append("")
     if lines:
         lines += ["x0.5: a 2x2 mosaic of the image; x2, x4: centre crops of 1/2 and 1/4 of the side. 'default': the "
-                  "model's saved scale (automatic unless set).", ""]
+                  "model's saved scale (automatic unless set). 'Our x1 mask, cut like the view': the model's mask of "
+                  "the whole image at x1, cropped (or tiled) like the view and scored against the view's mask: what a "
+                  "model that repeated its x1 result at every magnification would score, so x1 minus it is the view's "
+                  "share of a drop and it minus the row's Dice the scale's.", ""]
     return "\n".join(lines)
 
 
-__all__ = ["EXTRA_VIEWS", "ZOOMS", "dataset_pairs", "scale_table", "scale_table_markdown", "scale_tables",
-           "zoom_view"]
+__all__ = ["EXTRA_VIEWS", "ZOOMS", "dataset_pairs", "scale_table", "scale_table_markdown", "scale_table_summary",
+           "scale_tables", "zoom_view"]

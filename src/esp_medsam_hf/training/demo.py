@@ -241,7 +241,8 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
     for key in ("num_images", "seconds"):
         report[key] += synthetic[key]
     report["images_per_second"] = report["num_images"] / report["seconds"]
-    report["scale_tables"] = demo_scale_tables(model, processor, data.real_test, report, backend=None)
+    report["scale_tables"] = demo_scale_tables(model, processor, data.real_test, report, backend=None,
+                                               predictions=predictions)
     write_report(report, output / "evaluation", cases=cases, data_label=data.label)
     from ..data.interactive import evaluate_interactive
 
@@ -251,10 +252,11 @@ def evaluate_final(model_dir: Path, data: DemoData, output: Path, progress: bool
     return report
 
 
-def demo_scale_tables(model, processor, real_test: dict, report: dict, backend: str | None = "eager") -> dict:
-    """The scale table (``data.scale_table``) of the real test sets: the nuclei at x0.5, x1, x2 and x4 through the
-    default ("auto") scale, Otsu beside; the fundus photographs at x1 with "auto", the whole view and native pixels
-    in tiles. The x1 rows are the evaluation's own (``report``), not run again, nor is a view they equal."""
+def demo_scale_tables(model, processor, real_test: dict, report: dict, backend: str | None = "eager",
+                      predictions: dict | None = None) -> dict:
+    """The scale table (``data.scale_table``) of the real test sets: the nuclei at x0.5, x1, x2 and x4 at the default
+    ("auto") scale, Otsu beside; the fundus photographs at x1 ("auto", whole view, native pixels in tiles). The x1 rows
+    and masks (``report``, ``predictions``) are the evaluation's own, not run again, nor is a view they equal."""
     from ..data.scale_table import ZOOMS, dataset_pairs, scale_table
 
     tables = {}
@@ -262,11 +264,10 @@ def demo_scale_tables(model, processor, real_test: dict, report: dict, backend: 
         if name not in real_test or not len(real_test[name]["test"]) or name not in report["domains"]:
             continue
         pairs, modality = dataset_pairs(real_test[name]["test"])
-        zooms = [zoom for zoom in ZOOMS if zoom != 1.0] if not extra else []
-        x1 = evaluation_row(report["domains"][name])
-        table = scale_table(model, processor, pairs, modality, zooms=zooms, extra_views=extra, backend=backend, known=[x1])
-        table["rows"].insert(sum(zoom < 1.0 for zoom in zooms), x1)
-        tables[name] = table
+        x1 = [(predictions or {}).get((name, file)) for file in real_test[name]["test"]["file_name"]]
+        tables[name] = scale_table(model, processor, pairs, modality, zooms=ZOOMS if not extra else [1.0],
+                                   extra_views=extra, backend=backend, known=[evaluation_row(report["domains"][name])],
+                                   x1_masks=None if None in x1 else [prediction.masks[0] for prediction in x1])
     return tables
 
 
@@ -421,6 +422,8 @@ def _mean(report: dict, names) -> float:
 def demo_summary(output: Path, quick: bool, settings: DemoSettings, timings: dict, seconds: float, data: DemoData,
                  report: dict, teacher, distill, esp, commits: dict, reload: dict) -> dict:
     """The figures of the run (summary.json)."""
+    from ..data.scale_table import scale_table_summary
+
     real = {name: {"dice": row["dice"], "references": row.get("references", {}),
                    "classifier_accuracy": row.get("classifier_accuracy"), "images": row["num_images"]}
             for name, row in report["domains"].items() if row.get("role") == "real"}
@@ -439,10 +442,7 @@ def demo_summary(output: Path, quick: bool, settings: DemoSettings, timings: dic
         "validation_dice": {"teacher": teacher.metrics["validation_dice"], "espmedsam": esp.metrics["validation_dice"]},
         "distillation_mse": distill.metrics,
         "real": real,
-        "scale_tables": {name: {"modality": table["modality"], "images": table["num_images"],
-                                "rows": [{k: row[k] for k in ("label", "scale", "dice", "otsu", "scales")}
-                                         for row in table["rows"]]}
-                         for name, table in report.get("scale_tables", {}).items()},
+        "scale_tables": scale_table_summary(report.get("scale_tables", {})),
         "vessels_native_dice": vessel_native_dice(report),
         "synthetic": {"source_dice": _mean(report, synthetic_source), "unseen_dice": _mean(report, synthetic_unseen),
                       "per_domain_dice": {n: report["domains"][n]["dice"] for n in data.synthetic_test}},
