@@ -109,6 +109,32 @@ def test_negative_click_removes_a_lobe_as_sure_as_its_nucleus_at_the_neck():
     assert np.array_equal(corrected & ~mask, np.zeros_like(mask))  # a negative click adds nothing
 
 
+def test_negative_click_on_the_clicked_objects_part_of_the_image_equals_the_whole_image_rule():
+    """A negative click computes its relief only where the clicked objects lie; the mask it leaves is the one the
+    rule gives on the whole image (distance and smoothing of the whole image), for objects of every size, at the
+    image's edge and in its middle, among many small ones."""
+    from esp_medsam_hf.models.esp_medsam.prompt_session import _relief_crop, removal_relief
+
+    rng = np.random.default_rng(1)
+    shape = (160, 200)
+    small = [(int(x), int(y)) for x, y in zip(rng.integers(0, 200, 40), rng.integers(0, 160, 40))]
+    mask = discs(shape, small, radius=4) | discs(shape, [(100, 80)], radius=30) | discs(shape, [(0, 150)], radius=20)
+    logits = np.where(mask, 6.0, -6.0) + rng.normal(0.0, 1.5, shape)
+    ys, xs = np.nonzero(mask)
+    cropped = 0
+    for index in rng.choice(len(xs), 25, replace=False):
+        x, y = int(xs[index]), int(ys[index])
+        allowed = mask & click_window(shape, x, y, mask)
+        whole = mask & ~(descent_region(allowed, logits, x, y)
+                         | descent_region(allowed, removal_relief(mask, logits), x, y))
+        assert np.array_equal(remove_click(mask, logits, x, y), whole), (x, y)
+        crop = _relief_crop(mask, allowed)  # the relief itself, where the click's slopes may run
+        on_crop = removal_relief(mask[crop], logits[crop])[allowed[crop]]
+        np.testing.assert_allclose(on_crop, removal_relief(mask, logits)[crop][allowed[crop]], rtol=0, atol=1e-9)
+        cropped += mask[crop].size < mask.size
+    assert cropped >= 5  # clicks computed on a part of the image
+
+
 def test_box_combination_keeps_the_prompt_free_mask_inside_the_boxes_only():
     free = discs((64, 96), CENTRES)
     boxes = [(0, 0, 24, 24), (30, 0, 55, 25)]  # inclusive pixel indices: column 24 and row 24 are inside
