@@ -100,8 +100,8 @@ def scale_table(
     ``EXTRA_VIEWS`` when ``extra_views``. Dice in %, means over the images (``metrics.functional.mean_dice``).
     ``known``: rows already measured on the same images at the default scale (the evaluation's x1); an extra view
     that its images were all segmented at is taken from it instead of run again. ``x1_cut`` (module docstring)
-    scores ``x1_masks``, the masks of the model at x1 and its default scale, or, when not given, those of the x1
-    row when the table measures one; ``None`` without either.
+    scores ``x1_masks``, the model's masks of the images at x1 and the table's ``scale``, or, when not given, those
+    of the x1 row when the table measures one; ``None`` without either.
     """
     if modality not in MODALITY_NAMES:
         raise ValueError(f"modality must be one of {', '.join(MODALITY_NAMES)}, got {modality!r}")
