@@ -75,8 +75,7 @@ def _row(model, processor, pairs: Sequence[tuple[np.ndarray, np.ndarray]], modal
 
 def _x1_cut(pairs: Sequence[tuple[np.ndarray, np.ndarray]], x1_masks: Sequence[np.ndarray], zoom: float) -> float:
     """Mean Dice (%) of the x1 masks cut like ``zoom``'s view against the view's masks (module docstring)."""
-    return mean_dice([dice_score(zoom_view(image, cut, zoom)[1], zoom_view(image, mask, zoom)[1])
-                      for (image, mask), cut in zip(pairs, x1_masks, strict=True)])
+    return mean_dice([dice_score(*zoom_view(cut, mask, zoom)) for (_, mask), cut in zip(pairs, x1_masks, strict=True)])
 
 
 def _same_view(row: Mapping[str, Any], zoom: float, scale: Any) -> bool:
