@@ -205,7 +205,7 @@ def _encode_views(encoder: EspMedSamModel, image_processor, view_of, modalities:
                   desc: str) -> tuple[dict, dict, dict]:
     """Features, pooled features and labels of the ``(image, view)`` ``jobs``, ``batch_size`` at a time; the time
     taken is logged (the record's ``encoding_seconds``: ``scripts/benchmark_stage3.py`` reads it)."""
-    start = time.perf_counter()
+    began = time.perf_counter()
     device = next(encoder.parameters()).device
     features: dict[tuple[int, int], torch.Tensor] = {}
     pooled: dict[tuple[int, int], torch.Tensor] = {}
@@ -223,7 +223,7 @@ def _encode_views(encoder: EspMedSamModel, image_processor, view_of, modalities:
             features[key], pooled[key] = feature[j].float().cpu().contiguous(), pool[j].float().cpu()
             labels[key] = inputs["labels"][j].float()
         bar.update(len(chunk))
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - began
     logger.info("%s: %d views of %d images in %.1f s", desc, len(jobs), len(modalities), seconds,
                 extra={"encoding_seconds": seconds})
     return features, pooled, labels
