@@ -127,8 +127,8 @@ def test_user_path_row_is_measured_with_its_baseline(tmp_path, monkeypatch):
 
 
 def test_cpu_paths_quick_run_writes_every_figure_beside_its_target(tmp_path, monkeypatch):
-    """The issue-25 run in CI mode: the five rows at batch 1, the tiling against one whole forward, the summary;
-    an earlier run's files are kept unless --overwrite."""
+    """The issue-25 run in CI mode: the six rows at batch 1 (the path users take on float32 and on int8 images),
+    the tiling against one whole forward, the summary; an earlier run's files are kept unless --overwrite."""
     pytest.importorskip("onnxruntime")
     from esp_medsam_hf.benchmark.cpu_paths import MODELS
 
@@ -149,7 +149,10 @@ def test_cpu_paths_quick_run_writes_every_figure_beside_its_target(tmp_path, mon
     assert tiling["tile_batch_size"] == backends.ONNX_CPU_BATCH
     report = json.loads((tmp_path / "out" / "benchmark.json").read_text())
     assert "backend onnxruntime int8 for microscopy, else float32" in report["models"]["esp-medsam-user"]["description"]
+    assert report["models"]["esp-medsam-user-microscopy"]["description"].endswith("images: microscopy")
+    assert set(summary["user_path_ratio"]) == set(summary["user_path_met"]) == {"dermoscopy", "microscopy"}
     text = (tmp_path / "out" / "cpu_paths.md").read_text()
+    assert "batch 1, microscopy images:" in text and "batch 1, dermoscopy images:" in text
     assert "| esp-medsam-onnx-int8 |" in text and "target <= 0.4" in text and "target <= 8" in text
     assert "eager PyTorch's float32 forward" in text and "in process CPU time" in text
     before = (tmp_path / "out" / "cpu_paths.md").stat().st_mtime_ns

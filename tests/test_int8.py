@@ -133,6 +133,25 @@ def test_one_modality_graph_matches_the_general_graph_and_is_cached_beside_it(mo
     assert backends.clear_cache(tmp_path)[0] == 3
 
 
+def test_an_int8_batch_of_one_modality_runs_on_its_own_graph_unasked(model, tmp_path):
+    """int8 is where a modality's own graph pays (its bag's products are int8 too: 0.32x against 0.45x the official
+    release's latency at batch 1 and 1024 px, docs/benchmark.md), so an int8 batch of one given modality (the
+    automatic choice for microscopy) runs on it without ``one_modality_graph``; float32 and mixed batches keep the
+    general graph."""
+    pixels = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    microscopy = torch.full((2,), 4)
+    unasked = backends.run_inference(model, pixels, microscopy, backend="onnxruntime")
+    asked = backends.run_inference(model, pixels, microscopy, backend="onnxruntime", int8=True,
+                                   one_modality_graph=True)
+    assert torch.equal(unasked.pred_masks, asked.pred_masks) and unasked.modality.tolist() == [4, 4]
+    assert {key[:2] for key in backends._sessions[model].sessions} == {(True, 4)}
+    assert sorted(path.name.split(".", 1)[1] for path in tmp_path.glob("esp_medsam_*.onnx")) == ["m4.int8.onnx",
+                                                                                               "m4.onnx"]
+    backends.run_inference(model, pixels, microscopy, backend="onnxruntime", int8=False)
+    backends.run_inference(model, pixels, torch.tensor([4, 0]), backend="onnxruntime", int8=True)
+    assert {key[:2] for key in backends._sessions[model].sessions} == {(True, 4), (False, None), (True, None)}
+
+
 def test_a_batch_is_shared_between_threads_and_matches_one_call(model):
     """With two torch threads a batch runs image by image on two Python threads, each on a one-thread session:
     float32 within 1e-5 of one call of the whole batch on a two-thread session (another code path: onnxruntime may

@@ -10,7 +10,8 @@ Candidates (see :func:`build_candidate`):
 - ``esp-medsam-onnx``: the exported inference graph run by onnxruntime on the CPU.
 - ``esp-medsam-user``: the path users take (the pipelines, ``esp-medsam segment``, the Space): the model as
   ``from_pretrained`` gives it, run by ``backends.run_inference`` on the backend it picks (``settings.backend``,
-  default automatic), export included in the build, not in the timings.
+  default automatic), export included in the build, not in the timings; its images are dermoscopy (modality 0,
+  float32 by default). ``esp-medsam-user-microscopy``: the same path on microscopy images, int8 by default.
 
 Timings are wall-clock medians after warm-up (CUDA synchronised); nothing here asserts on a timing.
 

@@ -225,10 +225,12 @@ def build_onnx(settings: BenchmarkSettings, workdir: Path, int8: bool = False) -
     )
 
 
-def build_user_path(settings: BenchmarkSettings, workdir: Path) -> Candidate:
+def build_user_path(settings: BenchmarkSettings, workdir: Path, modality: str | None = None) -> Candidate:
     """ESP-MedSAM as the entry points run it: the model in its loaded state (SDPA attention, BatchNorm unfused,
     fp32 weights) through ``backends.run_inference`` with the backend it resolves; a bf16 row runs under autocast
-    on the eager backend, as a user's autocast would."""
+    on the eager backend, as a user's autocast would. Images of ``modality`` (a name), or with ``None`` of the
+    modalities in turn from the first (batch 1: dermoscopy); the export is built for the modality or modalities
+    the step sends."""
     from ..models.esp_medsam import backends
     from ..models.esp_medsam.modeling_esp_medsam import EspMedSamModel
 
@@ -236,37 +238,45 @@ def build_user_path(settings: BenchmarkSettings, workdir: Path) -> Candidate:
     torch.manual_seed(0)
     model = EspMedSamModel(config).eval().to(settings.device)
     backend = backends.resolve_backend(model, settings.backend)
+    device = torch.device(settings.device)
+
+    def inputs(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.randn(batch_size, 3, config.image_size, config.image_size, device=device)
+        if modality is not None:
+            return pixels, torch.full((batch_size,), config.modality_index(modality), device=device)
+        return pixels, torch.arange(batch_size, device=device) % config.num_modalities
+
     if backend == "onnxruntime":
         previous = os.environ.get(backends.CACHE_ENV)
         os.environ[backends.CACHE_ENV] = str(workdir / "user_path_cache")
         try:
-            backends.onnx_session(model)  # the one-time export, outside the timings; kept per model in memory
+            # The one-time export, outside the timings (kept per model in memory): the first call builds it.
+            backends.run_inference(model, *inputs(1))
         finally:
             if previous is None:
                 os.environ.pop(backends.CACHE_ENV)
             else:
                 os.environ[backends.CACHE_ENV] = previous
-    device = torch.device(settings.device)
     precision = ""
     if backend == "onnxruntime":
         int8 = [name for name in config.modality_names if backends.resolve_int8(None, [name])]
         precision = f" int8 for {', '.join(int8)}, else float32" if int8 else " float32"
 
     def make_step(batch_size: int, dtype: str):
-        pixels = torch.randn(batch_size, 3, config.image_size, config.image_size, device=device)
-        modality = torch.arange(batch_size, device=device) % config.num_modalities
+        pixels, modalities = inputs(batch_size)
         chosen = "eager" if dtype == "bf16" else backend
 
         def step():
             with autocast(settings.device, dtype):
-                return backends.run_inference(model, pixels, modality, backend=chosen).pred_masks
+                return backends.run_inference(model, pixels, modalities, backend=chosen).pred_masks
 
         return step
 
     return Candidate(
-        name="esp-medsam-user",
+        name="esp-medsam-user" + (f"-{modality}" if modality else ""),
         description=f"ESP-MedSAM, six bags, as the pipelines / segment / Space run it: backend {backend}"
-        f"{precision} (backends.run_inference, automatic choice unless --backend)",
+        f"{precision} (backends.run_inference, automatic choice unless --backend); images: "
+        f"{modality or 'the modalities in turn, batch 1 ' + config.modality_names[0]}",
         image_size=config.image_size,
         parameters=count_parameters(model),
         make_step=make_step,
@@ -282,6 +292,6 @@ def build_candidate(name: str, settings: BenchmarkSettings, workdir: Path) -> Ca
         return build_sam(settings, name)
     if name == "litemedsam":
         return build_litemedsam(settings)
-    if name == "esp-medsam-user":
-        return build_user_path(settings, workdir)
+    if name.startswith("esp-medsam-user"):
+        return build_user_path(settings, workdir, name.removeprefix("esp-medsam-user").lstrip("-") or None)
     return build_onnx(settings, workdir, int8=name == "esp-medsam-onnx-int8")

@@ -15,6 +15,7 @@ ALL_MODELS = (
     "esp-medsam-onnx",
     "esp-medsam-onnx-int8",
     "esp-medsam-user",
+    "esp-medsam-user-microscopy",
 )
 BASELINE = "esp-medsam-plain"
 

@@ -392,10 +392,13 @@ def run_inference(
     ``None``: the classifier chooses), through the backend :func:`resolve_backend` picks. A ``target`` index (a
     model's extra target) decodes that target for every image, with the PyTorch model. ``int8``: onnxruntime runs
     the int8 copy (``None``: :func:`resolve_int8` for the batch's given modalities); the eager backend ignores it.
-    ``one_modality_graph``: a batch whose images all have one given modality runs on onnxruntime through that
-    modality's own graph (exported once more, for callers that send it many batches: tiled inference). Its bag is
-    part of the graph's constants, so int8 covers it too: on a 2-core CPU an int8 tile costs about 0.7x the
-    general int8 graph's (docs/benchmark.md)."""
+    ``one_modality_graph``: a float32 batch whose images all have one given modality runs on onnxruntime through
+    that modality's own graph (exported once more, for callers that send it many batches: tiled inference). An int8
+    batch of one given modality always does: the bag is part of that graph's constants, so int8 covers the bag's
+    products too, and on a 2-core CPU the int8 forward costs about 0.7x the general int8 graph's (a 256-px tile;
+    at batch 1 and 1024 px 0.32x against 0.45x the official release's latency, docs/benchmark.md). A float32 one
+    keeps the general graph unless asked: there its own graph gained 3-8 %, not worth a second export of up to
+    110 MB per modality for a few calls."""
     batch = pixel_values.shape[0]
     if target is not None:
         outputs = model(pixel_values=pixel_values, target=torch.full((batch,), target, device=pixel_values.device))
@@ -403,9 +406,11 @@ def run_inference(
     modality = check_modality(model, AUTOMATIC_MODALITY if modality is None else modality, batch)
     if resolve_backend(model, backend) == "onnxruntime":
         names = None if bool((modality < 0).any()) else [model.config.modality_names[i] for i in modality.tolist()]
-        single = modality[0].item() if one_modality_graph and names and bool((modality == modality[0]).all()) else None
+        int8 = resolve_int8(int8, names)
+        uniform = bool(names) and bool((modality == modality[0]).all())
+        single = modality[0].item() if uniform and (one_modality_graph or int8) else None
         pixels = pixel_values.detach().float().cpu().numpy()
-        outputs = _run_split(model, pixels, modality.numpy(), resolve_int8(int8, names), single)
+        outputs = _run_split(model, pixels, modality.numpy(), int8, single)
         masks, patches, logits, chosen = (torch.from_numpy(a) for a in outputs)
         return InferenceOutput(masks, patches, logits, chosen.long())
     modality = modality.to(pixel_values.device)
