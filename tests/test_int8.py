@@ -1,5 +1,5 @@
-"""The int8 copy of the ONNX export (the onnxruntime path's default where it holds, microscopy; $ESP_MEDSAM_INT8
-or int8= override): close to float32 on a small model, the float32 path bit for bit when off, and kept in the same
+"""The int8 copy of the ONNX export (the onnxruntime path's default where it holds, microscopy and fundus;
+$ESP_MEDSAM_INT8 or int8= override): close to float32 on a small model, the float32 path bit for bit when off, and kept in the same
 bounded cache."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_int8_by_default_where_it_holds_and_off_is_the_float32_path_bit_for_bit(
 
     pixels = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     microscopy, other = torch.tensor([4, 4]), torch.tensor([1, -1])
-    assert backends.INT8_MODALITIES == ("microscopy",) and model.config.modality_names[4] == "microscopy"
+    assert backends.INT8_MODALITIES == ("microscopy", "fundus") and model.config.modality_names[4] == "microscopy"
     plain = onnxruntime_session(export_onnx(model, tmp_path / "plain" / "graph.onnx"), 1)
 
     def reference(modality):
@@ -150,6 +150,44 @@ def test_an_int8_batch_of_one_modality_runs_on_its_own_graph_unasked(model, tmp_
     backends.run_inference(model, pixels, microscopy, backend="onnxruntime", int8=False)
     backends.run_inference(model, pixels, torch.tensor([4, 0]), backend="onnxruntime", int8=True)
     assert {key[:2] for key in backends._sessions[model].sessions} == {(True, 4), (False, None), (True, None)}
+
+
+def _float_products(path) -> set[str]:
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    constants = {tensor.name for tensor in graph.initializer}
+    return {node.name for node in graph.node
+            if node.op_type in ("MatMul", "Gemm") and any(item in constants for item in node.input)}
+
+
+def test_fundus_and_the_general_graph_keep_the_products_after_a_gelu_float32(model, tmp_path):
+    """The products that read a GELU's output (the TinyViT MLPs' second ones, one a block) stay float32 in the int8
+    copy of fundus's own graph and of the general graph, which may see fundus images; microscopy's graph quantises
+    them. Fundus batches run int8 by default, within the int8 tolerance of float32."""
+    from esp_medsam_hf.models.esp_medsam.export import gelu_fed_products
+
+    fundus, microscopy = (model.config.modality_index(name) for name in ("fundus", "microscopy"))
+    pixels = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    exact = backends.run_inference(model, pixels, torch.full((2,), fundus), backend="onnxruntime", int8=False)
+    quantized = backends.run_inference(model, pixels, torch.full((2,), fundus), backend="onnxruntime")
+    assert not torch.equal(quantized.pred_masks, exact.pred_masks)  # int8 by default
+    scale = float(exact.pred_masks.abs().max())
+    assert float((quantized.pred_masks - exact.pred_masks).abs().max()) <= 0.10 * scale
+    backends.run_inference(model, pixels, torch.full((2,), microscopy), backend="onnxruntime")
+    backends.run_inference(model, pixels, torch.tensor([fundus, microscopy]), backend="onnxruntime")
+    files = {path.name.split(".", 1)[1]: path for path in tmp_path.glob("esp_medsam_*.onnx")}
+    assert set(files) == {"onnx", "int8.onnx", f"m{fundus}.onnx", f"m{fundus}.int8.onnx", f"m{microscopy}.onnx",
+                          f"m{microscopy}.int8.onnx"}
+    depth = sum(model.config.aggregator_config.depths[1:])  # the TinyViT blocks with an MLP
+    for name in ("", f"m{fundus}.", f"m{microscopy}."):
+        gelu_fed = set(gelu_fed_products(files[f"{name}onnx"]))
+        assert len(gelu_fed) == depth and all("MatMul" in node.rsplit("/", 1)[-1] for node in gelu_fed)
+        kept = _float_products(files[f"{name}int8.onnx"])
+        if name == f"m{microscopy}.":
+            assert not kept & gelu_fed
+        else:
+            assert gelu_fed <= kept and len(kept) < len(_float_products(files[f"{name}onnx"]))
 
 
 def test_a_batch_is_shared_between_threads_and_matches_one_call(model):

@@ -53,17 +53,22 @@ CACHE_SIZE_ENV = "ESP_MEDSAM_ONNX_CACHE_MB"
 INT8_ENV = "ESP_MEDSAM_INT8"
 """``1``/``on``: onnxruntime runs an int8 copy of the export (``export.quantize_onnx``, cached beside it) for every
 image; ``0``/``off``: the float32 export, bit for bit; unset: automatic, int8 where it holds (:data:`INT8_MODALITIES`)."""
-INT8_MODALITIES = ("microscopy",)
+INT8_MODALITIES = ("microscopy", "fundus")
 """Modalities whose batches the onnxruntime path runs in int8 by default: where int8 was measured to hold on real
 test images (Dice within 0.5 points of float32 and >= 99 % of the mask pixels the same: mnfinder's nuclei and the
-DSB image, docs/benchmark.md). The vascx fundus photographs missed it (an earlier model: 98.8 % of the pixels at
-the default scale; the release model: Dice +0.61 points in native-scale tiles) and the other modalities have no real
-test set, so they stay float32."""
+DSB image; the vascx fundus photographs with :data:`INT8_FLOAT_AFTER_GELU`; docs/benchmark.md). The other
+modalities have no real test set, so they stay float32."""
+INT8_FLOAT_AFTER_GELU = ("fundus",)
+"""Modalities whose int8 copy keeps float32 the products that read a GELU's output (``export.quantize_onnx``'s
+``float_after_gelu``): the fundus photographs' thin vessels lost 2.5-3.9 Dice points to them (98 % of the pixels
+the same) and kept within 0.11 points and 99.85 % without them. The general graph's int8 copy, which may see any
+modality (mixed batches, ``$ESP_MEDSAM_INT8=1``), keeps them float32 too; microscopy's own graph, where all of
+int8 held, quantises them."""
 DEFAULT_CACHE_MB = 512.0
 """Bound of the export cache: about four full-size (1024 px) student exports of 110 MB."""
 _EXPORT_GLOB = "esp_medsam_*.onnx"
 AUTOMATIC_MODALITY = -1
-_CACHE_FORMAT = 2  # bump when the exported graph changes so older cached files are not reused
+_CACHE_FORMAT = 3  # bump when the exported graph changes so older cached files are not reused
 
 _sessions: "weakref.WeakKeyDictionary[nn.Module, _CachedSession]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
@@ -305,7 +310,8 @@ def onnx_session(model: nn.Module, num_threads: int | None = None, int8: bool | 
 def _cached_export(model: nn.Module, int8: bool, digest: str, modality: int | None = None) -> Path:
     """The cached export of ``model`` (``esp_medsam_<hash>.onnx``; ``esp_medsam_<hash>.m<modality>.onnx`` for one
     modality's graph), exported now if missing; with ``int8`` its int8 copy (``.int8.onnx``, in the same bounded
-    cache), quantised now if missing. ``digest``: the model's :func:`weights_hash`."""
+    cache; GELU-fed products float32 in the general graph and for :data:`INT8_FLOAT_AFTER_GELU`), quantised now if
+    missing. ``digest``: the model's :func:`weights_hash`."""
     from .export import export_onnx, quantize_onnx
 
     path = cache_dir() / f"esp_medsam_{digest}{'' if modality is None else f'.m{modality}'}.onnx"
@@ -313,8 +319,9 @@ def _cached_export(model: nn.Module, int8: bool, digest: str, modality: int | No
         quantized = path.with_suffix(".int8.onnx")
         if not quantized.is_file():
             try:
+                strict = modality is None or model.config.modality_names[modality] in INT8_FLOAT_AFTER_GELU
                 quantize_onnx(_cached_export(model, False, digest, modality), quantized,
-                              infer_shapes=modality is not None)
+                              infer_shapes=modality is not None, float_after_gelu=strict)
             except FileExistsError:  # another process quantised the same weights meanwhile
                 pass
         return quantized
@@ -475,6 +482,7 @@ __all__ = [
     "CACHE_ENV",
     "CACHE_SIZE_ENV",
     "INT8_ENV",
+    "INT8_FLOAT_AFTER_GELU",
     "INT8_MODALITIES",
     "CPU_INFERENCE_BATCH",
     "ONNX_CPU_BATCH",
