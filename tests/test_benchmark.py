@@ -148,7 +148,8 @@ def test_cpu_paths_quick_run_writes_every_figure_beside_its_target(tmp_path, mon
     assert set(tiling["cpu_seconds"]) == {"tiled", "singles", "whole_fp32", "whole_eager_fp32"}
     assert tiling["tile_batch_size"] == backends.ONNX_CPU_BATCH
     report = json.loads((tmp_path / "out" / "benchmark.json").read_text())
-    assert "backend onnxruntime int8 for microscopy, else float32" in report["models"]["esp-medsam-user"]["description"]
+    description = report["models"]["esp-medsam-user"]["description"]
+    assert "backend onnxruntime int8 for microscopy, fundus, else float32" in description
     assert report["models"]["esp-medsam-user-microscopy"]["description"].endswith("images: microscopy")
     assert set(summary["user_path_ratio"]) == set(summary["user_path_met"]) == {"dermoscopy", "microscopy"}
     text = (tmp_path / "out" / "cpu_paths.md").read_text()
@@ -182,4 +183,4 @@ def test_int8_accuracy_rows_on_a_small_model():
               "dice_tolerance": 0.5, "agreement_target": 0.99, "all_met": False, "default_met": False}
     text = int8_accuracy_markdown(result)
     assert "| dsb | whole | yes | 2 |" in text
-    assert "(microscopy) NOT met; on every set, int8 forced for all, NOT met" in text
+    assert "(microscopy, fundus) NOT met; on every set, int8 forced for all, NOT met" in text

@@ -1,6 +1,6 @@
 """The int8 copy of the ONNX export (the onnxruntime path's default where it holds, microscopy and fundus;
-$ESP_MEDSAM_INT8 or int8= override): close to float32 on a small model, the float32 path bit for bit when off, and kept in the same
-bounded cache."""
+$ESP_MEDSAM_INT8 or int8= override): close to float32 on a small model, the float32 path bit for bit when off,
+and kept in the same bounded cache."""
 
 from __future__ import annotations
 
