@@ -149,7 +149,7 @@ def test_cpu_paths_quick_run_writes_every_figure_beside_its_target(tmp_path, mon
     assert tiling["tile_batch_size"] == backends.ONNX_CPU_BATCH
     report = json.loads((tmp_path / "out" / "benchmark.json").read_text())
     description = report["models"]["esp-medsam-user"]["description"]
-    assert "backend onnxruntime int8 for microscopy, fundus, else float32" in description
+    assert "backend onnxruntime int8 for fundus, microscopy, else float32" in description
     assert report["models"]["esp-medsam-user-microscopy"]["description"].endswith("images: microscopy")
     assert set(summary["user_path_ratio"]) == set(summary["user_path_met"]) == {"dermoscopy", "microscopy"}
     text = (tmp_path / "out" / "cpu_paths.md").read_text()

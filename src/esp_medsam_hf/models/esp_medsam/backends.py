@@ -59,11 +59,9 @@ test images (Dice within 0.5 points of float32 and >= 99 % of the mask pixels th
 DSB image; the vascx fundus photographs with :data:`INT8_FLOAT_AFTER_GELU`; docs/benchmark.md). The other
 modalities have no real test set, so they stay float32."""
 INT8_FLOAT_AFTER_GELU = ("fundus",)
-"""Modalities whose int8 copy keeps float32 the products that read a GELU's output (``export.quantize_onnx``'s
-``float_after_gelu``): the fundus photographs' thin vessels lost 2.5-3.9 Dice points to them (98 % of the pixels
-the same) and kept within 0.11 points and 99.85 % without them. The general graph's int8 copy, which may see any
-modality (mixed batches, ``$ESP_MEDSAM_INT8=1``), keeps them float32 too; microscopy's own graph, where all of
-int8 held, quantises them."""
+"""Modalities whose int8 copy keeps the products that read a GELU's output float32 (``export.quantize_onnx``):
+the vessels lost 2.5-3.9 Dice points to them and kept within 0.11 points and 99.85 % of the pixels without them.
+So does the general graph's int8 copy, which any modality may reach (mixed batches, ``$ESP_MEDSAM_INT8=1``)."""
 DEFAULT_CACHE_MB = 512.0
 """Bound of the export cache: about four full-size (1024 px) student exports of 110 MB."""
 _EXPORT_GLOB = "esp_medsam_*.onnx"
@@ -399,13 +397,10 @@ def run_inference(
     ``None``: the classifier chooses), through the backend :func:`resolve_backend` picks. A ``target`` index (a
     model's extra target) decodes that target for every image, with the PyTorch model. ``int8``: onnxruntime runs
     the int8 copy (``None``: :func:`resolve_int8` for the batch's given modalities); the eager backend ignores it.
-    ``one_modality_graph``: a float32 batch whose images all have one given modality runs on onnxruntime through
-    that modality's own graph (exported once more, for callers that send it many batches: tiled inference). An int8
-    batch of one given modality always does: the bag is part of that graph's constants, so int8 covers the bag's
-    products too, and on a 2-core CPU the int8 forward costs about 0.7x the general int8 graph's (a 256-px tile;
-    at batch 1 and 1024 px 0.32x against 0.45x the official release's latency, docs/benchmark.md). A float32 one
-    keeps the general graph unless asked: there its own graph gained 3-8 %, not worth a second export of up to
-    110 MB per modality for a few calls."""
+    ``one_modality_graph``: a float32 batch of one given modality runs on that modality's own graph (exported
+    once more, for callers that send it many batches: tiled inference; alone it gains 3-8 %). An int8 one always
+    does: the bag's products are int8 there too (batch 1, 1024 px: 0.32x the official release's latency against
+    0.45x on the general graph, docs/benchmark.md)."""
     batch = pixel_values.shape[0]
     if target is not None:
         outputs = model(pixel_values=pixel_values, target=torch.full((batch,), target, device=pixel_values.device))
