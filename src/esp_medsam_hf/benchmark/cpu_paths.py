@@ -16,8 +16,8 @@ from ..models.esp_medsam.fileio import atomic_file
 from .settings import BASELINE, BenchmarkSettings
 
 USER_ROWS = {"esp-medsam-user": "dermoscopy", "esp-medsam-user-microscopy": "microscopy"}
-"""The path users take, by the modality of its images: float32 by default (dermoscopy, as every modality but
-microscopy) and int8 by default (microscopy)."""
+"""The path users take, by the modality of its images: float32 by default (dermoscopy, as every modality outside
+``backends.INT8_MODALITIES``) and int8 by default (microscopy)."""
 MODELS = ("esp-medsam-plain", "esp-medsam-fast", "esp-medsam-onnx", "esp-medsam-onnx-int8", *USER_ROWS)
 """The rows: the baseline first, then ours from plain PyTorch to the path users take."""
 USER_PATH_TARGET = 0.4
