@@ -249,6 +249,14 @@ def test_progress_bar_counts_every_image_of_a_split(tmp_path, capsys):
     assert f"{DOMAIN}/test: 100%" in err and f"{len(test_names)}/{len(test_names)}" in err
 
 
+def test_preparing_without_progress_writes_no_bar_and_leaves_datasets_bars_as_they_were(tmp_path, official, capfd):
+    root, _, _ = official
+    assert datasets.is_progress_bar_enabled()
+    prepare_domain(DOMAIN, root, tmp_path / "out", progress=False)
+    assert "%|" not in capfd.readouterr().err
+    assert datasets.is_progress_bar_enabled()
+
+
 def test_rebuilding_with_the_same_cache_folder_reads_the_files_again(tmp_path, official):
     root, names, _ = official
     first, _ = build_domain(DOMAIN, root, cache_dir=tmp_path / "cache", progress=False)

@@ -15,6 +15,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -258,10 +260,8 @@ def _generate_splits(
     # files changed on disk (its fingerprint hashes the generator's arguments, not the files)
     cache_dir.mkdir(parents=True, exist_ok=True)
     build_cache = tempfile.mkdtemp(prefix="build-", dir=cache_dir)
-    bars_were_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
     result = {}
-    try:
+    with _datasets_bars_hidden():
         for split, split_items in splits.items():
             skipped_before = len(report.skipped)
             try:
@@ -285,10 +285,22 @@ def _generate_splits(
                 result[split] = datasets.Dataset.from_dict(
                     {name: [] for name in features()}, features=features(), split=datasets.Split(split)
                 )
+    return result
+
+
+@contextmanager
+def _datasets_bars_hidden() -> Iterator[None]:
+    """Hide datasets' own progress bars (one per split and shard, each a fraction of a second: noise in a log;
+    preparation shows one bar per split itself, which ``progress`` turns off), restoring them afterwards."""
+    import datasets
+
+    bars_were_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
     finally:
         if bars_were_enabled:
             datasets.enable_progress_bars()
-    return result
 
 
 def _find_items(data_dir: Path, domain: str, layout: str | None) -> tuple[Layout, dict[str, SourceItem]]:
@@ -366,14 +378,15 @@ def save_domain(dataset_dict, domain_dir: Path, report: dict | None = None, max_
     num_shards = {
         split: max(1, math.ceil(dataset.data.nbytes / max_shard_bytes)) for split, dataset in dataset_dict.items()
     }
-    dataset_dict.save_to_disk(str(domain_dir / "arrow"), num_shards=num_shards)
     data_dir = domain_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    for split, dataset in dataset_dict.items():
-        shards = num_shards[split]
-        for index in range(shards):
-            shard = dataset.shard(shards, index, contiguous=True)
-            shard.to_parquet(str(data_dir / f"{split}-{index:05d}-of-{shards:05d}.parquet"))
+    with _datasets_bars_hidden():
+        dataset_dict.save_to_disk(str(domain_dir / "arrow"), num_shards=num_shards)
+        for split, dataset in dataset_dict.items():
+            shards = num_shards[split]
+            for index in range(shards):
+                shard = dataset.shard(shards, index, contiguous=True)
+                shard.to_parquet(str(data_dir / f"{split}-{index:05d}-of-{shards:05d}.parquet"))
     if report is not None:
         (domain_dir / "preparation_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
