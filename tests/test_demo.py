@@ -52,6 +52,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert main(["demo", "--quick", "--output", str(output), "--no-progress"]) == 0
     finally:
         torch.set_num_threads(threads)
+    # --no-progress: no bar of ours nor of the libraries (weight loading and saving, datasets' maps and saves)
+    assert "%|" not in capsys.readouterr().err
     summary = json.loads((output / "summary.json").read_text())
     assert summary["quick"] is True
     # the final model is named and loads

@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..data.prepare import datasets_bars_hidden
+    from ..inference import progress_bars
     from ..testing.localhub import LocalHubError
     from ..training.data import TrainingDataError
     from ..training.demo import run_demo
@@ -40,9 +42,11 @@ def run(args: argparse.Namespace) -> int:
     for name in ("accelerate", "httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        summary = run_demo(args.output, quick=args.quick, overwrite=args.overwrite, seed=args.seed,
-                           progress=not args.no_progress, threads=args.threads or None,
-                           hold_out=args.hold_out_group)
+        # --no-progress also silences the libraries' own bars (weight loading and saving, datasets' maps)
+        with progress_bars(not args.no_progress), datasets_bars_hidden(args.no_progress):
+            summary = run_demo(args.output, quick=args.quick, overwrite=args.overwrite, seed=args.seed,
+                               progress=not args.no_progress, threads=args.threads or None,
+                               hold_out=args.hold_out_group)
     except (FileExistsError, FileNotFoundError, TrainingDataError, NonFiniteLossError, LocalHubError,
             RuntimeError) as error:
         print(f"esp-medsam demo: error: {error}", file=sys.stderr)
