@@ -3,7 +3,9 @@
 (stem, modality-classifier pooling, TinyViT stages 1-2; at 256 px the official stem keeps all 256x256 pixels at 64
 and 256 channels), profiled with ``torch.profiler`` in float32 and under the training's bf16 autocast, beside a
 memory probe: copying, GELU and ReLU of one stem-sized activation. When GELU runs no faster than a plain copy of
-the same tensor, the stem is bound by memory bandwidth, which is what slow machines lack most.
+the same tensor, the stem is bound by memory bandwidth, which is what slow machines lack most. Last, the stem run
+whole against the same stem run in bands of rows (each with the rows its 3x3 depthwise convolutions reach beyond
+it), whose activations stay in cache: the output is the same, the time is what a banded stem would save.
 
 Examples:
     python scripts/profile_encoding.py                      # the main job's architecture (256 px), batch 2
@@ -67,6 +69,23 @@ def memory_probe(shape: tuple[int, ...], dtype: torch.dtype, repeats: int) -> di
             "copy_gb_per_s": 2 * values.numel() * values.element_size() / copy / 1e9}
 
 
+def banded_stem(model: EspMedSamModel, pixels: torch.Tensor, band: int) -> torch.Tensor:
+    """The stem's output computed ``band`` rows at a time: each band runs with the rows stage 0's 3x3 depthwise
+    convolutions (one per MBConv) reach beyond it, which are cut off afterwards; a 1x1 stride-1 patch embedding
+    (the main job's architecture) reaches no further, so the result equals the whole stem's."""
+    aggregator = model.aggregator
+    if (model.config.aggregator_config.patch_embed_kernel_size, model.config.aggregator_config.patch_embed_stride) \
+            != (1, 1):
+        raise ValueError("banded_stem needs a 1x1 stride-1 patch embedding (the main-job architecture)")
+    reach = model.config.aggregator_config.depths[0]
+    height = pixels.shape[-2]
+    rows = []
+    for top in range(0, height, band):
+        low, high = max(0, top - reach), min(height, top + band + reach)
+        rows.append(aggregator.stem(pixels[..., low:high, :])[..., top - low : top - low + min(band, height - top), :])
+    return torch.cat(rows, dim=-2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="main-job")
@@ -101,6 +120,20 @@ def main() -> None:
         probe = memory_probe(expanded, dtype, args.repeats)
         print(f"| {str(dtype)[6:]} | {probe['copy_ms']:.1f} | {probe['gelu_ms']:.1f} | {probe['relu_ms']:.1f} | "
               f"{probe['copy_gb_per_s']:.1f} |")
+    if args.architecture == "main-job":
+        print("\n| stem | float32 (ms per batch) | bf16 autocast (ms per batch) | max difference to whole |\n"
+              "| --- | ---: | ---: | ---: |")
+        with torch.no_grad():
+            whole = model.aggregator.stem(pixels)
+            for band in (None, 16, 32):
+                def run(bf16: bool, band: int | None = band) -> None:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        model.aggregator.stem(pixels) if band is None else banded_stem(model, pixels, band)
+
+                difference = 0.0 if band is None else (banded_stem(model, pixels, band) - whole).abs().max().item()
+                print(f"| {'whole' if band is None else f'{band}-row bands'} | "
+                      f"{1e3 * seconds(lambda: run(False), args.repeats):.0f} | "
+                      f"{1e3 * seconds(lambda: run(True), args.repeats):.0f} | {difference:.1e} |")
     with contextlib.suppress(BrokenPipeError):
         print()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from _script_helpers import SCRIPTS, load_script
@@ -56,3 +57,17 @@ def test_bad_counts_are_refused_naming_the_options():
     result = subprocess.run([sys.executable, str(SCRIPT), "--architecture", "tiny", "--repeats", "0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--repeats" in result.stderr
+
+
+def test_a_banded_stem_equals_the_whole_stem_and_needs_a_pointwise_patch_embedding():
+    profile = load_script("profile_encoding")
+    torch.manual_seed(0)
+    model = profile.EspMedSamModel(profile.ARCHITECTURES["main-job"]()).eval()
+    pixels = torch.randn(1, 3, 40, 24)
+    with torch.no_grad():
+        whole = model.aggregator.stem(pixels)
+        for band in (1, 7, 16, 40):
+            torch.testing.assert_close(profile.banded_stem(model, pixels, band), whole, rtol=0, atol=1e-5)
+    official = profile.EspMedSamModel(profile.ARCHITECTURES["tiny"]()).eval()
+    with pytest.raises(ValueError, match="1x1 stride-1"):
+        profile.banded_stem(official, torch.randn(1, 3, 64, 64), 16)
