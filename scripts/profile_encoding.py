@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
+import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from esp_medsam_hf import EspMedSamConfig, EspMedSamModel
+from esp_medsam_hf.benchmark.timing import time_step
 from esp_medsam_hf.conversion import litemedsam_config
 from esp_medsam_hf.training.features import encode
 
@@ -37,14 +38,8 @@ ARCHITECTURES = {
 
 
 def seconds(call, repeats: int) -> float:
-    """Median wall seconds of ``call`` after one warm-up call."""
-    call()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - began)
-    return sorted(times)[len(times) // 2]
+    """Median wall seconds of ``repeats`` calls of ``call`` after one warm-up call (``benchmark.timing.time_step``)."""
+    return statistics.median(time_step(call, "cpu", warmup=1, iterations=repeats)[0])
 
 
 def operator_shares(model: EspMedSamModel, pixels: torch.Tensor, bf16: bool, top: int) -> list[tuple[str, float]]:
@@ -103,8 +98,8 @@ def main() -> None:
     with torch.no_grad():
         stem = model.aggregator.stem(pixels)
     expanded = (args.batch_size, stem.shape[1] * 4, *stem.shape[2:])  # an MBConv's expanded activation
-    print(f"{args.architecture} architecture, {config.image_size} px, batch {args.batch_size}, encoder prefix up to stage {CACHE_POINT - 1}, "
-          f"{torch.get_num_threads()} threads; stem output {tuple(stem.shape)}")
+    print(f"{args.architecture} architecture, {config.image_size} px, batch {args.batch_size}, encoder prefix up to "
+          f"stage {CACHE_POINT - 1}, {torch.get_num_threads()} threads; stem output {tuple(stem.shape)}")
     print("\n| setting | ms per image | top operators (share of self CPU time) |\n| --- | ---: | --- |")
     for name, bf16 in (("float32", False), ("bf16 autocast", True)):
         def run(bf16: bool = bf16) -> None:

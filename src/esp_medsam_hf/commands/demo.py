@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data.prepare import datasets_bars_hidden
+    from ..data.prepare import datasets_progress_bars
     from ..inference import progress_bars
     from ..testing.localhub import LocalHubError
     from ..training.data import TrainingDataError
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         # --no-progress also silences the libraries' own bars (weight loading and saving, datasets' maps)
-        with progress_bars(not args.no_progress), datasets_bars_hidden(args.no_progress):
+        with progress_bars(not args.no_progress), datasets_progress_bars(not args.no_progress):
             summary = run_demo(args.output, quick=args.quick, overwrite=args.overwrite, seed=args.seed,
                                progress=not args.no_progress, threads=args.threads or None,
                                hold_out=args.hold_out_group)

@@ -261,7 +261,7 @@ def _generate_splits(
     cache_dir.mkdir(parents=True, exist_ok=True)
     build_cache = tempfile.mkdtemp(prefix="build-", dir=cache_dir)
     result = {}
-    with datasets_bars_hidden():
+    with datasets_progress_bars(False):
         for split, split_items in splits.items():
             skipped_before = len(report.skipped)
             try:
@@ -289,14 +289,14 @@ def _generate_splits(
 
 
 @contextmanager
-def datasets_bars_hidden(hidden: bool = True) -> Iterator[None]:
-    """Hide datasets' own progress bars (one per split, shard or map, each a fraction of a second: noise in a log;
-    preparation shows one bar per split itself, which ``progress`` turns off), restoring them afterwards; with
-    ``hidden=False`` leave them as they are."""
+def datasets_progress_bars(enabled: bool) -> Iterator[None]:
+    """datasets' own progress bars (one per split, shard or map, each a fraction of a second: noise in a log;
+    preparation shows one bar per split itself, which ``progress`` turns off) off inside the block unless
+    ``enabled``, restored afterwards: ``inference.progress_bars`` for datasets, which keeps its own switch."""
     import datasets
 
     bars_were_enabled = datasets.is_progress_bar_enabled()
-    if hidden:
+    if not enabled:
         datasets.disable_progress_bars()
     try:
         yield
@@ -382,7 +382,7 @@ def save_domain(dataset_dict, domain_dir: Path, report: dict | None = None, max_
     }
     data_dir = domain_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    with datasets_bars_hidden():
+    with datasets_progress_bars(False):
         dataset_dict.save_to_disk(str(domain_dir / "arrow"), num_shards=num_shards)
         for split, dataset in dataset_dict.items():
             shards = num_shards[split]
