@@ -29,6 +29,7 @@ LAYERS = {
     f"{PACKAGE}.testing": "testing",
     # the entry points that run the local Hub, a test double: `esp-medsam demo` and `esp-medsam hub start|stop|status`
     f"{PACKAGE}.training.demo": "demo",
+    f"{PACKAGE}.training.demo_summary": "demo",
     f"{PACKAGE}.commands.demo": "demo",
     f"{PACKAGE}.commands.hub": "demo",
 }

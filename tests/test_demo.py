@@ -118,7 +118,8 @@ def test_the_cross_lab_check_holds_out_one_acquisition_group():
 
 
 def test_the_scale_tables_x1_row_is_the_evaluations_own():
-    from esp_medsam_hf.training.demo import evaluation_row, vessel_native_dice
+    from esp_medsam_hf.training.demo import evaluation_row
+    from esp_medsam_hf.training.demo_summary import vessel_native_dice
 
     domain = {"dice": 90.0, "references": {"otsu": 80.0},
               "per_image": [{"dice": 88.0, "scale": 0.5}, {"dice": 92.0, "scale": None}]}
@@ -129,6 +130,16 @@ def test_the_scale_tables_x1_row_is_the_evaluations_own():
             {"label": "x1, native pixels in tiles", "scale": 1.0, "dice": 71.5}]
     assert vessel_native_dice({"scale_tables": {"vascx": {"rows": rows}}}) == 71.5
     assert vessel_native_dice({}) is None
+
+
+def test_the_summary_is_written_whole_or_not_at_all(tmp_path):
+    from esp_medsam_hf.training.demo_summary import write_summary
+
+    (tmp_path / "SUMMARY.md").write_text("an earlier page")
+    with pytest.raises(KeyError):  # a summary without its figures: the page cannot be made
+        write_summary(tmp_path, {"seconds": 1.0}, {})
+    assert (tmp_path / "SUMMARY.md").read_text() == "an earlier page"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SUMMARY.md"]  # no summary.json, no temporary file
 
 
 def test_readme_gives_the_spread_of_runs_not_a_repeat_to_the_last_digit():
