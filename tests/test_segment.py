@@ -14,7 +14,7 @@ from _inference_helpers import save_tiny_model, single_thread, write_dicom
 from esp_medsam_hf import assets
 from esp_medsam_hf.cli import main
 from esp_medsam_hf.data.synthetic import synthetic_example
-from esp_medsam_hf.inference import collect_inputs, load_pipeline, run_segmentation
+from esp_medsam_hf.inference import check_model_location, collect_inputs, load_pipeline, run_segmentation
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -123,6 +123,19 @@ def test_bad_paths_and_arguments(saved, tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name / "same.png")
     with pytest.raises(ValueError, match="same_mask.png"):
         collect_inputs([tmp_path / "a", tmp_path / "b"])
+
+
+def test_a_model_path_that_is_not_a_folder_is_named(tmp_path, caplog):
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    for model in (tmp_path / "no-model", "./no-model", "runs/demo/no-model"):
+        caplog.clear()
+        assert main(["segment", str(image), "--model", str(model), "--output", str(tmp_path / "out")]) == 2
+        assert f"model {str(model)!r}: no such folder" in caplog.text
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_pipeline(str(tmp_path / "no-model"))
+    check_model_location("owner/name")  # a Hub repo id is the Hub's to answer
+    check_model_location(tmp_path)  # an existing folder
 
 
 def test_run_segmentation_single_process_split_and_gather(saved, inputs, tmp_path):

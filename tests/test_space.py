@@ -214,7 +214,7 @@ def test_random_weights_are_the_last_resort(monkeypatch, tmp_path):
     monkeypatch.setattr(app, "load_litemedsam_default", unavailable)
     loaded = app.load_model(str(tmp_path / "missing"))
     assert not loaded.trained and "random weights" in loaded.source
-    assert f"Could not load `{tmp_path / 'missing'}`: {tmp_path / 'missing'} is not a folder" in loaded.notice
+    assert f"Could not load `{tmp_path / 'missing'}`: model '{tmp_path / 'missing'}': no such folder" in loaded.notice
     assert "Loading the LiteMedSAM default failed: LiteMedSAM weights are not installed" in loaded.notice
     assert "weights are random" in loaded.notice
 

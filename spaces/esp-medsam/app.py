@@ -31,6 +31,7 @@ from PIL import Image
 import esp_medsam_hf
 from esp_medsam_hf import assets
 from esp_medsam_hf.drawing import draw_mask, draw_prompts
+from esp_medsam_hf.inference import check_model_location
 from esp_medsam_hf.models.esp_medsam.image_reading import is_dicom, load_image, SUPPORTED_SUFFIXES
 from esp_medsam_hf.models.esp_medsam.prediction import predict
 
@@ -95,9 +96,8 @@ def load_pretrained(source: str, revision: str | None = None) -> LoadedModel:
     """A saved folder, or a Hub repo id through its remote code (``trust_remote_code=True``)."""
     from transformers import AutoImageProcessor, AutoModel
 
+    check_model_location(source)
     is_folder = Path(source).expanduser().is_dir()
-    if not is_folder and source.startswith(("/", "./", "../", "~")):
-        raise FileNotFoundError(f"{source} is not a folder (a model folder, or a Hub repo id such as 'org/name')")
     location = str(Path(source).expanduser()) if is_folder else source
     options = {} if is_folder else {"revision": revision, "trust_remote_code": True}
     model = AutoModel.from_pretrained(location, **options)

@@ -286,17 +286,31 @@ def progress_bars(enabled: bool) -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
+def check_model_location(model: str | os.PathLike) -> None:
+    """Raise ``FileNotFoundError`` naming ``model`` when it can only be a local path (absolute, starting with "." or
+    "~", or with more folders than a Hub repo id's "owner/name") and no such folder exists: otherwise the Hub would
+    be asked for it and answer that it is not a valid repo id."""
+    text = os.fspath(model)
+    separators = text.count("/") + (text.count(os.sep) if os.sep != "/" else 0)
+    local = os.path.isabs(text) or text.startswith((".", "~")) or separators > 1
+    if local and not os.path.isdir(os.path.expanduser(text)):
+        raise FileNotFoundError(f"model {text!r}: no such folder (expected a saved model folder, or a Hub repo id "
+                                "such as 'owner/name')")
+
+
 def load_pipeline(model: str, revision: str | None = None, device: str | None = None, progress: bool = True,
                   backend: str | None = None, scale=None, tile_size: int | None = None, overlap: int | None = None):
     """The segmentation pipeline for a saved folder or Hub repo, on ``device`` (default: accelerate's device);
     ``progress=False`` hides the download and weight-loading bars; ``backend`` as in ``backends.resolve_backend``
     (default: automatic); ``scale``, ``tile_size`` and ``overlap`` as in ``prediction.predict`` (default: the
-    model's saved ``inference_scale``, usually "auto"). Bad tiling values raise ``ValueError`` naming them."""
+    model's saved ``inference_scale``, usually "auto"). Bad tiling values raise ``ValueError`` naming them; a local
+    path that is not a folder, ``FileNotFoundError`` (:func:`check_model_location`)."""
     from transformers import AutoImageProcessor, AutoModelForImageSegmentation
 
     from .models.esp_medsam.pipeline_esp_medsam import TASK, EspMedSamSegmentationPipeline
     from .registration import register
 
+    check_model_location(model)
     register()  # the Auto classes load the package's model and processor without remote code
     device = device or str(process_state().device)
     with progress_bars(progress):
