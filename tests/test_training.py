@@ -203,6 +203,12 @@ def test_yaml_config_defaults_and_errors(tmp_path):
     path.write_text("epochs: 2\nlearning_rat: 0.1\n")
     with pytest.raises(ValueError, match="learning_rat"):
         load_config("distill", path)
+    path.write_text("epochs: 2\ndomains: [isic, lung\n")  # an unclosed list
+    with pytest.raises(ValueError, match=r"distill.yaml: not valid YAML \(line 3, column 1\)"):
+        load_config("distill", path)
+    path.write_text("- epochs\n")
+    with pytest.raises(ValueError, match="distill.yaml: expected a mapping of options, got list"):
+        load_config("distill", path)
 
 
 def test_default_inputs_chain_the_stages_through_their_release_folders(tmp_path, monkeypatch):

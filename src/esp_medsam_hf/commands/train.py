@@ -18,6 +18,7 @@ from ..training.config import (
     EspMedSamStageConfig,
     TrainingConfig,
     load_config,
+    read_config_file,
 )
 
 if TYPE_CHECKING:
@@ -163,7 +164,7 @@ def stage_config(args: argparse.Namespace) -> TrainingConfig:
     config = load_config(args.stage, args.config, **overrides)
     saved = image_size_of(getattr(config, "init_from", None))
     if saved is not None and saved != config.image_size and overrides["image_size"] is None:
-        in_file = args.config is not None and "image_size" in (load_yaml(args.config) or {})
+        in_file = args.config is not None and "image_size" in read_config_file(args.config)
         if not in_file:
             overrides["image_size"] = saved
             config = load_config(args.stage, args.config, **overrides)
@@ -178,13 +179,6 @@ def image_size_of(folder: str | None) -> int | None:
     if not folder or not (Path(folder) / "config.json").is_file():
         return None
     return json.loads((Path(folder) / "config.json").read_text()).get("image_size")
-
-
-def load_yaml(path: str) -> dict | None:
-    import yaml
-
-    with open(path) as handle:
-        return yaml.safe_load(handle)
 
 
 def run(args: argparse.Namespace) -> int:

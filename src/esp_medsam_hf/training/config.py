@@ -456,20 +456,33 @@ STAGE_CONFIGS: dict[str, type[TrainingConfig]] = {
 }
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The options of a YAML config file (an empty file has none); a missing file, YAML that does not parse, or
+    YAML that is not a mapping is an error naming the file (and the line and column where parsing stopped)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of options, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(stage: str, path: str | Path | None = None, **overrides: Any) -> TrainingConfig:
     """The configuration of ``stage``: defaults, then the YAML file at ``path``, then ``overrides`` (not None)."""
     if stage not in STAGE_CONFIGS:
         raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
     data: dict[str, Any] = {}
     if path is not None:
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of options, got {type(loaded).__name__}")
+        loaded = read_config_file(path)
         if loaded.get("stage", stage) != stage:
             raise ValueError(f"{path} is a config for stage {loaded['stage']!r}, not {stage!r}")
         data.update(loaded)
