@@ -141,6 +141,24 @@ def test_evaluate_output_that_is_a_file_is_named(tmp_path, capsys):
     assert target.read_text() == "mine"
 
 
+def test_evaluate_names_a_data_folder_that_is_missing_or_a_file_before_loading_the_model(tmp_path, capsys,
+                                                                                         monkeypatch):
+    from esp_medsam_hf.commands import evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before --data was checked")
+
+    monkeypatch.setattr(evaluate, "load_model", never)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "notes.yaml").write_text("mine")
+    for data, what in (("nowhere", "does not exist"), ("notes.yaml", "is a file, not a folder")):
+        path = tmp_path / data
+        assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(path),
+                     "--output", str(tmp_path / "out")]) == 1
+        assert f"dataset folder {path} {what}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and (tmp_path / "notes.yaml").read_text() == "mine"
+
+
 def test_a_read_only_folder_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     """Row 18: a read-only output said "error: 30" (evaluate) or gave a traceback (prepare, train, convert)."""
     import esp_medsam_hf.data.prepare as preparing

@@ -56,8 +56,9 @@ REFERENCES = ("otsu", "litemedsam-boxes")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Everything that can be checked before any work: the numbers, and the output folder (a file, or a folder
-    that is not empty without ``--overwrite``, or one that ``--overwrite`` may not replace)."""
+    """Everything that can be checked before any work: the numbers, the output folder (a file, or a folder that is
+    not empty without ``--overwrite``, or one that ``--overwrite`` may not replace), the model folder, and a
+    prepared ``--data`` folder with the ``--domains`` asked for."""
     from ..models.esp_medsam.fileio import check_replaceable
 
     for name in ("batch_size", "max_images", "num_per_split", "size"):
@@ -74,6 +75,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_replaceable(args.output, inputs=[args.model, data], owned=REPORT_FILES, command="esp-medsam evaluate")
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model} is not a folder; expected a saved EspMedSamModel")
+    if args.data not in ("synthetic", "real"):  # a prepared folder and its domains, before the model loads
+        from ..data.prepared import prepared_names
+
+        prepared_names(args.data, args.domains)
 
 
 def learn_references(references: dict, args: argparse.Namespace, names: list[str]) -> None:

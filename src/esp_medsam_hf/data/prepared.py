@@ -113,8 +113,9 @@ def prepared_names(root: str | Path, domains: Sequence[str] | None) -> list[str]
     the source domains it holds, else all it holds); a missing folder or domain raises ``PreparedDataError``."""
     root = Path(root)
     if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
         raise PreparedDataError(
-            f"dataset folder {root} does not exist; prepare it with `esp-medsam prepare` or use data: synthetic"
+            f"dataset folder {root} {what}; prepare it with `esp-medsam prepare` or use data: synthetic"
         )
     available = prepared_domains(root)
     if domains:
