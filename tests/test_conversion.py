@@ -81,10 +81,28 @@ def test_unexpected_and_missing_keys_are_listed(official_state, tmp_path):
 def test_unreadable_checkpoint_names_the_file(tmp_path):
     bad = tmp_path / "broken.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="broken.pth could not be read"):
+    with pytest.raises(ValueError, match="broken.pth is not a PyTorch checkpoint"):
+        load_checkpoint(bad)
+    bad.write_bytes(b"PK\x03\x04 a truncated zip archive")
+    with pytest.raises(ValueError, match="broken.pth could not be read as a torch state dict"):
         load_checkpoint(bad)
     with pytest.raises(FileNotFoundError, match="nowhere.pth does not exist"):
         load_checkpoint(tmp_path / "nowhere.pth")
+
+
+def test_a_checkpoint_with_python_objects_says_what_was_refused_in_one_line(tmp_path):
+    """An official training checkpoint may pickle its argparse options beside the weights: torch.load with
+    weights_only=True refuses them in a dozen lines; the error names the object and what to do, in one."""
+    import argparse
+
+    path = tmp_path / "with_args.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=1e-4)}, path)
+    with pytest.raises(ValueError) as raised:
+        load_checkpoint(path)
+    message = str(raised.value)
+    assert "\n" not in message and "argparse.Namespace" in message and "save its state_dict()" in message
+    torch.save({"model": {"w": torch.zeros(2)}}, path)  # the same weights alone load
+    assert list(load_checkpoint(path)) == ["w"]
 
 
 @needs_parity

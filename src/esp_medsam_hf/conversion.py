@@ -7,6 +7,7 @@ strict checks of missing and unexpected keys, then ``save_pretrained`` of the mo
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -106,6 +107,12 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix != ".safetensors":
+        with path.open("rb") as handle:
+            magic = handle.read(2)
+        if magic != b"PK" and magic[:1] != b"\x80":  # torch.save's zip archive, or a pickle (protocol 2 and later)
+            raise ValueError(f"checkpoint {path} is not a PyTorch checkpoint (neither torch.save's zip archive nor a "
+                             "pickle); expected a .pth/.pt/.bin state dict or a .safetensors file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -113,6 +120,13 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message runs to a dozen lines; its "WeightsUnpickler error:" line names what was refused
+        reason = next((line.strip().split(": ", 1)[1] for line in str(error).splitlines()
+                       if line.strip().startswith("WeightsUnpickler error: ")), type(error).__name__)
+        raise ValueError(f"checkpoint {path} could not be loaded with torch.load(weights_only=True): it may hold "
+                         "Python objects besides tensors, which are not unpickled for safety; save its state_dict() "
+                         f"with torch.save and convert that ({reason.split('. ')[0]})") from error
     except Exception as error:  # noqa: BLE001 - safetensors and torch raise many types; re-raised with the file name
         kind = "a safetensors file" if path.suffix == ".safetensors" else "a torch state dict"
         raise ValueError(f"checkpoint {path} could not be read as {kind}: {type(error).__name__}: {error}") from error
