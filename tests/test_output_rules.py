@@ -186,7 +186,7 @@ def test_a_wrong_hub_token_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "release"
     folder.mkdir()
     assert main(["hub", "publish", "--repo", "me/model", "--stage", f"main={folder}"]) == 1
-    assert "error: 401 Unauthorized: invalid token" in capsys.readouterr().out
+    assert "esp-medsam hub publish: error: 401 Unauthorized: invalid token" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             hub = LocalHub(args.root, port=args.port).start()
         except LocalHubError as err:
-            print(f"error: {err}")
+            print(f"esp-medsam hub start: error: {err}", file=sys.stderr)
             return 1
         print(f"local hub running at {hub.endpoint} (repositories in {hub.repos_dir})")
         print("use it with (HF_TOKEN is this run's write token; every upload needs it):")
@@ -110,7 +111,7 @@ def _publish(args: argparse.Namespace) -> int:
     except (ValueError, OSError, HubUnavailableError, PublishError) as err:  # OSError: HfHubHTTPError (401...)
         from . import error_message
 
-        print(f"error: {error_message(err)}")
+        print(f"esp-medsam hub publish: error: {error_message(err)}", file=sys.stderr)
         return 1
     for branch, commit in commits.items():
         print(f"{args.repo}@{branch}: {commit}")
