@@ -132,6 +132,27 @@ def test_the_scale_tables_x1_row_is_the_evaluations_own():
     assert vessel_native_dice({}) is None
 
 
+def test_the_output_folder_is_checked_and_only_a_runs_own_outputs_are_replaced(tmp_path, capsys):
+    from esp_medsam_hf.training.demo import OUTPUTS, check_output
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert main(["demo", "--output", str(notes), "--no-progress"]) == 1
+    assert f"--output {notes} is a file; expected a folder" in capsys.readouterr().err
+    run = tmp_path / "run"
+    for name in OUTPUTS:
+        (run / name).mkdir(parents=True) if "." not in name else (run / name).write_text("{}")
+    with pytest.raises(FileExistsError, match="already holds files; choose another --output or pass --overwrite"):
+        check_output(run, overwrite=False)
+    (run / "mine.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"not a demo's \(mine.txt\); not touching it"):
+        check_output(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == sorted([*OUTPUTS, "mine.txt"])  # nothing removed
+    (run / "mine.txt").unlink()
+    check_output(run, overwrite=True)
+    assert run.is_dir() and not any(run.iterdir()) and notes.read_text() == "mine"
+
+
 def test_the_summary_is_written_whole_or_not_at_all(tmp_path):
     from esp_medsam_hf.training.demo_summary import write_summary
 

@@ -96,6 +96,8 @@ class DemoSettings:
 
 def check_output(output: Path, overwrite: bool) -> None:
     """Refuse to touch an existing run unless ``overwrite``; then remove only what a demo run writes."""
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"--output {output} is a file; expected a folder (new, or a demo run's)")
     existing = [name for name in OUTPUTS if (output / name).exists()]
     if output.exists() and any(output.iterdir()):
         if not overwrite:
