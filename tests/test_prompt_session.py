@@ -187,6 +187,13 @@ def test_session_on_a_tiny_model_corrects_from_the_cached_embedding():
     assert np.array_equal(session.free_logit_map > 0, session.free_mask)
     with pytest.raises(ValueError, match="one label per point"):
         session.mask(points=[(1, 1)], labels=[1, 0])
+    # prompts outside the image are refused whether or not they decode (a negative click or a box needs no decode)
+    with pytest.raises(ValueError, match=r"points\[0, 0, 1\] = \[-5.0, 10.0\] lies outside image 0 \(width 64"):
+        session.mask(points=[(30, 20), (-5, 10)], labels=[1, 0])
+    with pytest.raises(ValueError, match=r"boxes\[0, 0, 1\] = \[70.0, 40.0\] lies outside image 0"):
+        session.mask(boxes=[[0, 0, 70, 40]])
+    with pytest.raises(ValueError, match=r"lies outside image 0 \(width 64, height 48"):
+        session.click(session.free_mask, 10, 48.5, 0)
 
 
 def test_the_prompt_free_mask_is_cut_at_the_modalitys_calibrated_threshold():

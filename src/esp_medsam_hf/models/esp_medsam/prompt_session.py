@@ -357,9 +357,26 @@ class EspMedSamPromptSession:
         objects = self.decode_objects(points, labels, boxes)
         return objects.any(axis=0) if len(objects) else np.zeros_like(self.free_mask)
 
+    def _check_inside(self, points: Sequence[Sequence[float]], labels: Sequence[int],
+                      boxes: Sequence[Sequence[float]] | None = None) -> None:
+        """Refuse (``ValueError`` naming the prompt) points or boxes outside the image, as the model's prompts are
+        refused (``processing_esp_medsam.rescale_prompts``), whether or not the edit would decode them."""
+        from .processing_esp_medsam import rescale_prompts
+
+        given: dict[str, Any] = {}
+        if points:
+            given.update(input_points=[[list(map(list, points))]], input_labels=[[list(labels)]])
+        if boxes:
+            given["input_boxes"] = [list(map(list, boxes))]
+        if given:  # checked against the image's own size; the rescaled prompts are not needed here
+            size = [list(self.free_mask.shape)]
+            rescale_prompts(size, size, **given,
+                            names={"input_points": "points", "input_labels": "labels", "input_boxes": "boxes"})
+
     def click(self, current: np.ndarray, x: float, y: float, label: int) -> np.ndarray:
         """``current`` corrected by one click at (x, y) (label 1 adds the object there, 0 removes the one under
-        it); a positive click's decode is cached."""
+        it); a positive click's decode is cached. A click outside the image is refused."""
+        self._check_inside([(x, y)], [label])
         height, width = current.shape
         column, row = min(max(int(x), 0), width - 1), min(max(int(y), 0), height - 1)
         if label == 0:
@@ -382,6 +399,7 @@ class EspMedSamPromptSession:
         labels = [1] * len(points) if labels is None else list(labels)
         if len(labels) != len(points):
             raise ValueError(f"labels must give one label per point: {len(points)} points, {len(labels)} labels")
+        self._check_inside(points, labels, boxes)
         current = self.free_mask
         if boxes is not None:
             current = combine_boxes(self.free_mask, boxes)
