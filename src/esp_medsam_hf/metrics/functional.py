@@ -50,9 +50,16 @@ def _pair(prediction, reference) -> tuple[np.ndarray, np.ndarray]:
     return prediction, reference
 
 
-def dice_score(prediction, reference) -> float:
-    """Dice coefficient in % of two binary masks (non-zero = foreground); 100 if both are empty."""
+def dice_score(prediction, reference, ignore=None) -> float:
+    """Dice coefficient in % of two binary masks (non-zero = foreground); 100 if both are empty. ``ignore``: a mask
+    of the same shape whose pixels count in neither (a don't-care region, such as bodies a dataset's masks leave
+    out on purpose)."""
     prediction, reference = _pair(prediction, reference)
+    if ignore is not None:
+        ignore = _as_mask(ignore, "ignore")
+        if ignore.shape != reference.shape:
+            raise ValueError(f"ignore shape {ignore.shape} differs from reference shape {reference.shape}")
+        prediction, reference = prediction & ~ignore, reference & ~ignore
     total = int(prediction.sum()) + int(reference.sum())
     if total == 0:
         return 100.0
