@@ -25,6 +25,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..assets import DSB2018_IMAGE, DSB2018_MASK
 from ..models.esp_medsam.fileio import atomic_file, staging_directory
 from .domains import get_domain
@@ -109,6 +111,30 @@ def mnfinder_members(archive: zipfile.ZipFile) -> list[tuple[str, str, str, str]
         name = f"{parts[1].split('-')[0]}/{parts[2]}/{parts[4][: -len('.tif')]}.png"
         pairs.append((name, member, mask, split))
     return pairs
+
+
+def mnfinder_micronuclei(names: list[str], archive: Path | None = None) -> list[np.ndarray]:
+    """The micronucleus masks (HxW bool) of mnfinder images named as the prepared dataset names them
+    (``test/<batch>/<N>.png``): the wheel's ``mn_masks/<N>.png`` beside each nucleus mask (RGBA, alpha > 0, as the
+    nucleus masks), which mark the small bodies the nucleus masks leave out on purpose."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    prefixes = {split.split("-")[0]: split for split in MNFINDER_SPLITS}
+    masks = []
+    with zipfile.ZipFile(archive or MNFINDER_ARCHIVE.ensure()) as bundle:
+        members = set(bundle.namelist())
+        for name in names:
+            parts = name.split("/")
+            member = (f"mnfinder/{prefixes[parts[0]]}/{parts[1]}/mn_masks/{parts[2]}"
+                      if len(parts) == 3 and parts[0] in prefixes else None)
+            if member not in members:
+                raise FileNotFoundError(f"{name!r}: no micronucleus mask in mnfinder's wheel (expected "
+                                        f"{member or 'a name <split>/<batch>/<N>.png'})")
+            array = np.asarray(Image.open(BytesIO(bundle.read(member))))
+            masks.append(array[..., -1] > 0 if array.ndim == 3 and array.shape[-1] in (2, 4) else array > 0)
+    return masks
 
 
 def unpack_mnfinder(destination: Path, archive: Path | None = None, limit: int | None = None) -> Path:
