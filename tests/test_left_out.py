@@ -70,6 +70,10 @@ def test_left_out_table_measures_what_marking_the_bodies_costs_at_each_zoom():
     for row in rows:  # the resized views blur the outlines by a pixel: the same picture within tolerance
         assert row["dice"] < row["dice_dont_care"] - 1 and row["dice_dont_care"] > 97
         assert row["false_positive_share"] > 80 and len(row["per_image"]) == 1
+    exact = left_out_table(model, processor, [(image, nucleus | micronucleus)], [micronucleus], "microscopy",
+                           zooms=(1.0,))[0]
+    assert exact["false_positive_share"] is None and exact["dice"] > 99  # nothing marked beyond the reference
+    assert "| x1 | " in left_out_markdown([exact]) and " - |" in left_out_markdown([exact])
     table = left_out_markdown(rows, 1)
     assert "| x1 | " in table and "grown by 1 px" in table and table.count("\n| x") == 3
     with pytest.raises(ValueError, match="1 masks for 2 images"):

@@ -54,7 +54,8 @@ def left_out_table(
     """One row per zoom: ``{"zoom", "dice", "dice_dont_care", "false_positive_share", "per_image"}`` over
     ``pairs`` of (RGB image, bool mask) and their ``left_out`` masks, segmented through ``prediction.predict``
     at ``scale`` (``None``: the model's default) on ``backend``. Dice in % (means over the images,
-    ``metrics.functional.mean_dice``); ``false_positive_share``: % of all false-positive pixels on left-out bodies."""
+    ``metrics.functional.mean_dice``); ``false_positive_share``: % of all false-positive pixels on left-out bodies
+    (``None`` without false positives)."""
     from tqdm.auto import tqdm
 
     if len(left_out) != len(pairs):
@@ -76,7 +77,7 @@ def left_out_table(
             on = sum(entry["false_positive_on"] for entry in per_image)
             rows.append({"zoom": zoom, "dice": mean_dice([e["dice"] for e in per_image]),
                          "dice_dont_care": mean_dice([e["dice_dont_care"] for e in per_image]),
-                         "false_positive_share": 100.0 * on / false_positive if false_positive else 0.0,
+                         "false_positive_share": 100.0 * on / false_positive if false_positive else None,
                          "per_image": per_image})
             logger.info("left-out bodies x%g: Dice %.2f%%, with them as don't care %.2f%%", zoom, rows[-1]["dice"],
                         rows[-1]["dice_dont_care"])
@@ -87,8 +88,11 @@ def left_out_markdown(rows: Sequence[dict], margin: int = MARGIN) -> str:
     """:func:`left_out_table`'s rows as a Markdown table."""
     lines = ["| shown at | Dice % | Dice %, left-out bodies don't care | false positives on them % |",
              "| --- | ---: | ---: | ---: |"]
+    def share(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
     lines += [f"| x{row['zoom']:g} | {row['dice']:.2f} | {row['dice_dont_care']:.2f} | "
-              f"{row['false_positive_share']:.1f} |" for row in rows]
+              f"{share(row['false_positive_share'])} |" for row in rows]
     return "\n".join(lines) + (f"\n\nLeft-out bodies grown by {margin} px. x0.5: a 2x2 mosaic of each image; x2, x4: "
                                "centre crops of 1/2 and 1/4 of the side.\n")
 
