@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """How much of a model's error on mnfinder is the micronuclei that mnfinder's nucleus masks leave out on purpose
 (docs/training.md, "Micronuclei"): per magnification of the scale table, Dice, Dice with the micronuclei as don't
-care, and the share of the model's false-positive pixels that lie on them (``esp_medsam_hf.data.left_out``).
+care, and the share of the model's false-positive pixels that lie on them (``esp_medsam_hf.data.left_out``; the
+evaluation's scale table carries the same column).
 
 Example (the main job's model and data):
     python scripts/mnfinder_micronuclei.py --model OUTPUT/stage-3-esp-medsam/release --data OUTPUT/data
@@ -15,11 +16,11 @@ from pathlib import Path
 
 from esp_medsam_hf.commands import add_backend_argument, error_message
 from esp_medsam_hf.commands.evaluate import load_data, load_model
-from esp_medsam_hf.data.left_out import MARGIN, left_out_markdown, left_out_table
+from esp_medsam_hf.data.left_out import MARGIN, left_out_markdown
 from esp_medsam_hf.data.prepare import PreparationError
 from esp_medsam_hf.data.prepared import PreparedDataError
 from esp_medsam_hf.data.real import mnfinder_micronuclei
-from esp_medsam_hf.data.scale_table import ZOOMS, dataset_pairs
+from esp_medsam_hf.data.scale_table import ZOOMS, dataset_pairs, scale_table
 from esp_medsam_hf.models.esp_medsam.fileio import atomic_file
 
 
@@ -54,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         request = argparse.Namespace(data=args.data, domains=["mnfinder"], split=args.split)
         dataset = load_data(request, model.config.image_size)[0]["mnfinder"][args.split]
         pairs, modality = dataset_pairs(dataset)
-        rows = left_out_table(model, processor, pairs, mnfinder_micronuclei(dataset["file_name"]), modality,
-                              zooms=args.zooms, margin=args.margin, backend=args.backend,
-                              progress=not args.no_progress)
+        micronuclei = ("micronuclei", mnfinder_micronuclei(dataset["file_name"]))
+        rows = scale_table(model, processor, pairs, modality, zooms=args.zooms, extra_views=False,
+                           backend=args.backend, left_out=micronuclei, margin=args.margin,
+                           progress=not args.no_progress)["rows"]
         table = f"mnfinder {args.split} ({len(pairs)} images), micronuclei left out of the nucleus masks\n\n"
-        table += left_out_markdown(rows, args.margin)
+        table += left_out_markdown(rows, "micronuclei", args.margin)
         if output is not None:
             with atomic_file(output) as temporary:
                 Path(temporary).write_text(table)

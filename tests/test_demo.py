@@ -92,6 +92,12 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert list(rows) == ["x0.5", "x1", "x2", "x4"] and all(row["x1_cut"] is not None for row in rows.values())
     assert rows["x1"]["x1_cut"] == pytest.approx(rows["x1"]["dice"], abs=0.01)
     assert "our x1 mask, cut like the view" in summary_page
+    # mnfinder's micronuclei (its wheel's own masks) are scored as don't care beside, on every view's masks
+    assert summary["scale_tables"]["mnfinder"]["left_out"] == "micronuclei"
+    assert all(row["dice_dont_care"] is not None for row in rows.values())
+    assert "| Dice % (ours, micronuclei don't care) |" in summary_page
+    dsb_header = next(line for line in summary_page.split("### dsb-stardist")[1].splitlines() if "shown at" in line)
+    assert "don't care" not in dsb_header  # a domain without left-out bodies keeps the plain table
     # a second run never overwrites the first one unless asked
     capsys.readouterr()
     assert main(["demo", "--quick", "--output", str(output), "--no-progress"]) == 1

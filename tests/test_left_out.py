@@ -1,5 +1,5 @@
 """Bodies a dataset's masks leave out on purpose (mnfinder's micronuclei): Dice with a don't-care region, the
-per-zoom table of what marking them costs, mnfinder's micronucleus masks, and scripts/mnfinder_micronuclei.py."""
+scale table's column of what marking them costs, mnfinder's micronucleus masks, and scripts/mnfinder_micronuclei.py."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 
 from _inference_helpers import pointwise_model, save_tiny_model
 from _script_helpers import load_script
-from esp_medsam_hf.data.left_out import grown, left_out_markdown, left_out_scores, left_out_table
-from esp_medsam_hf.data.real import MNFINDER_ARCHIVE, mnfinder_micronuclei, prepare_real_domains
+from esp_medsam_hf.data.left_out import grown, left_out_markdown, left_out_scores
+from esp_medsam_hf.data.real import MNFINDER_ARCHIVE, left_out_masks, mnfinder_micronuclei, prepare_real_domains
+from esp_medsam_hf.data.scale_table import scale_table, scale_table_markdown, scale_table_summary
 from esp_medsam_hf.metrics.functional import dice_score
 
 needs_mnfinder = pytest.mark.skipif(not MNFINDER_ARCHIVE.path().is_file(),
@@ -55,31 +56,62 @@ def test_left_out_scores_and_growth():
         grown(body, -1)
 
 
-def test_left_out_table_measures_what_marking_the_bodies_costs_at_each_zoom():
+def test_scale_table_scores_each_view_with_the_left_out_bodies_as_dont_care():
     model, processor = pointwise_model()  # marks every pixel brighter than half the range
     shape = (64, 64)
     nucleus, micronucleus = disc(shape, (28, 28), 10), disc(shape, (36, 46), 4)
     image = np.repeat(np.where(nucleus | micronucleus, 220, 20).astype(np.uint8)[..., None], 3, axis=-1)
-    rows = left_out_table(model, processor, [(image, nucleus)], [micronucleus], "microscopy", zooms=(0.5, 1.0, 2.0),
-                          margin=1)
-    assert [row["zoom"] for row in rows] == [0.5, 1.0, 2.0]
+    table = scale_table(model, processor, [(image, nucleus)], "microscopy", zooms=(0.5, 1.0, 2.0), extra_views=False,
+                        left_out=("micronuclei", [micronucleus]), margin=1)
+    rows = table["rows"]
+    assert table["left_out"] == "micronuclei" and [row["zoom"] for row in rows] == [0.5, 1.0, 2.0]
     x1 = rows[1]
-    expected = dice_score(nucleus | micronucleus, nucleus)
-    assert x1["dice"] == pytest.approx(expected, abs=0.5)
+    assert x1["dice"] == pytest.approx(dice_score(nucleus | micronucleus, nucleus), abs=0.5)
     assert x1["dice_dont_care"] == pytest.approx(100.0, abs=0.5) and x1["false_positive_share"] > 95
     for row in rows:  # the resized views blur the outlines by a pixel: the same picture within tolerance
         assert row["dice"] < row["dice_dont_care"] - 1 and row["dice_dont_care"] > 97
-        assert row["false_positive_share"] > 80 and len(row["per_image"]) == 1
-    exact = left_out_table(model, processor, [(image, nucleus | micronucleus)], [micronucleus], "microscopy",
-                           zooms=(1.0,))[0]
+        assert row["false_positive_share"] > 80
+    exact = scale_table(model, processor, [(image, nucleus | micronucleus)], "microscopy", zooms=(1.0,),
+                        extra_views=False, left_out=("micronuclei", [micronucleus]))["rows"][0]
     assert exact["false_positive_share"] is None and exact["dice"] > 99  # nothing marked beyond the reference
-    assert "| x1 | " in left_out_markdown([exact]) and " - |" in left_out_markdown([exact])
-    table = left_out_markdown(rows, 1)
-    assert "| x1 | " in table and "grown by 1 px" in table and table.count("\n| x") == 3
+    assert " - |" in left_out_markdown([exact], "micronuclei")
+    text = left_out_markdown(rows, "micronuclei", 1)
+    assert "| x1 | " in text and "Micronuclei grown by 1 px" in text and text.count("\n| x") == 3
+    page = scale_table_markdown({"mnfinder": table})
+    assert "| Dice % (ours, micronuclei don't care) |" in page and "'micronuclei don't care'" in page
+    assert f"| {x1['dice_dont_care']:.2f} | " in page
+    plain = scale_table(model, processor, [(image, nucleus)], "microscopy", zooms=(1.0,), extra_views=False)
+    assert plain["left_out"] is None and "dice_dont_care" not in plain["rows"][0]
+    assert "don't care" not in scale_table_markdown({"x": plain})
+    summary = scale_table_summary({"mnfinder": table, "x": plain})
+    assert summary["mnfinder"]["rows"][1]["dice_dont_care"] == x1["dice_dont_care"]
+    assert "dice_dont_care" not in summary["x"]["rows"][0]
+
+
+def test_a_known_row_takes_the_x1_masks_and_bad_left_out_masks_are_refused():
+    model, processor = pointwise_model()
+    nucleus, micronucleus = disc((64, 64), (28, 28), 10), disc((64, 64), (36, 46), 4)
+    image = np.repeat(np.where(nucleus | micronucleus, 220, 20).astype(np.uint8)[..., None], 3, axis=-1)
+    known = {"zoom": 1.0, "scale": "default", "dice": 1.0, "otsu": 2.0, "per_image": [1.0], "scales": [None]}
+    left_out = ("micronuclei", [micronucleus])
+    without = scale_table(model, processor, [(image, nucleus)], "microscopy", zooms=(1.0,), extra_views=False,
+                          known=[known], left_out=left_out)["rows"][0]
+    assert without["dice"] == 1.0 and without["dice_dont_care"] is None  # taken from known, no masks at hand
+    given = scale_table(model, processor, [(image, nucleus)], "microscopy", zooms=(1.0,), extra_views=False,
+                        known=[known], x1_masks=[nucleus | micronucleus], left_out=left_out)["rows"][0]
+    assert given["dice_dont_care"] == pytest.approx(100.0) and given["false_positive_share"] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="1 masks for 2 images"):
-        left_out_table(model, processor, [(image, nucleus)] * 2, [micronucleus], "microscopy")
+        scale_table(model, processor, [(image, nucleus)] * 2, "microscopy", left_out=left_out)
     with pytest.raises(ValueError, match="left-out mask of shape"):
-        left_out_table(model, processor, [(image, nucleus)], [micronucleus[:10]], "microscopy")
+        scale_table(model, processor, [(image, nucleus)], "microscopy", left_out=("m", [micronucleus[:10]]))
+
+
+def test_left_out_masks_are_optional(monkeypatch, tmp_path, caplog):
+    assert left_out_masks("vascx", ["CHASEDB1_12R.png"]) is None
+    monkeypatch.setenv("ESP_MEDSAM_ARCHIVES", str(tmp_path))  # no archive at hand: nothing fetched, a warning
+    with caplog.at_level("WARNING"):
+        assert left_out_masks("mnfinder", ["test/2022-10-14_U2OS/4.png"]) is None
+    assert "micronuclei not scored as don't care" in caplog.text and "mnfinder-1.2.3" in caplog.text
 
 
 @needs_mnfinder
@@ -92,6 +124,9 @@ def test_mnfinder_micronuclei_are_read_beside_the_nucleus_masks():
         mnfinder_micronuclei(["test/none/1.png"])
     with pytest.raises(FileNotFoundError, match="<split>/<batch>/<N>.png"):
         mnfinder_micronuclei(["1.png"])
+    what, found = left_out_masks("mnfinder", names)
+    assert what == "micronuclei" and all(np.array_equal(a, b) for a, b in zip(found, masks))
+    assert left_out_masks("mnfinder", ["mine/1.png"]) is None  # a user's own folder named mnfinder: no column
 
 
 @needs_mnfinder

@@ -137,6 +137,29 @@ def mnfinder_micronuclei(names: list[str], archive: Path | None = None) -> list[
     return masks
 
 
+
+LEFT_OUT = {"mnfinder": (mnfinder_micronuclei, MNFINDER_ARCHIVE, "micronuclei")}
+"""Real domains whose masks leave bodies out on purpose: (reader of their masks by file name, archive, what)."""
+
+
+def left_out_masks(name: str, file_names: list[str]) -> tuple[str, list[np.ndarray]] | None:
+    """``(what, masks)`` of the bodies domain ``name``'s masks leave out on purpose (``LEFT_OUT``), for its images
+    ``file_names``; ``None`` for a domain without them, or when its archive is not at hand or does not name these
+    images (a user's own folder of that name): the scale table's column they feed is optional, so nothing is
+    fetched for it and its absence is logged, not raised."""
+    if name not in LEFT_OUT:
+        return None
+    reader, archive, what = LEFT_OUT[name]
+    if not archive.path().is_file():
+        logger.warning("%s: %s not scored as don't care (%s is not in %s)", name, what, archive.file_name,
+                       archive.path().parent)
+        return None
+    try:
+        return what, reader(list(file_names), archive.path())
+    except FileNotFoundError as error:
+        logger.warning("%s: %s not scored as don't care (%s)", name, what, error)
+        return None
+
 def unpack_mnfinder(destination: Path, archive: Path | None = None, limit: int | None = None) -> Path:
     """Unpack mnfinder's images and nucleus masks into ``destination``; returns its ``pairs.csv`` listing.
     ``limit`` keeps the first N pairs of each split (for tests)."""

@@ -30,6 +30,7 @@ from ..metrics.functional import dice_score, mean_dice
 from ..models.esp_medsam.prediction import predict
 from .baselines import otsu_mask
 from .domains import MODALITY_NAMES
+from .left_out import MARGIN, grown, left_out_scores, left_out_summary
 from .schema import image_to_rgb, mask_to_bool
 
 logger = logging.getLogger(__name__)
@@ -59,10 +60,12 @@ def zoom_view(image: np.ndarray, mask: np.ndarray, zoom: float) -> tuple[np.ndar
 
 
 def _row(model, processor, pairs: Sequence[tuple[np.ndarray, np.ndarray]], modality: str, zoom: float, scale: Any,
-         backend: str | None) -> dict:
+         backend: str | None, progress: bool = False) -> dict:
     """Mean Dice (%) of the model and of Otsu over ``pairs`` at ``zoom``, and the scales ``predict`` used."""
+    from tqdm.auto import tqdm
+
     ours, otsu, scales, masks = [], [], [], []
-    for image, mask in pairs:
+    for image, mask in tqdm(pairs, desc=f"scale table x{zoom:g}", unit="img", disable=not progress, leave=False):
         view, reference = zoom_view(image, mask, zoom)
         prediction = predict(model, processor, [view], modality, backend=backend, scale=scale)
         ours.append(dice_score(prediction.masks[0], reference))
@@ -71,6 +74,19 @@ def _row(model, processor, pairs: Sequence[tuple[np.ndarray, np.ndarray]], modal
         masks.append(prediction.masks[0])
     return {"zoom": zoom, "dice": mean_dice(ours), "otsu": mean_dice(otsu), "per_image": ours, "scales": scales,
             "masks": masks}
+
+
+def _dont_care(pairs: Sequence[tuple[np.ndarray, np.ndarray]], masks: Sequence[np.ndarray] | None,
+               bodies: Sequence[np.ndarray], zoom: float) -> dict:
+    """``left_out.left_out_summary`` of ``masks`` (a view's, ``None`` when not at hand) against ``zoom``'s views of
+    the references, with ``zoom``'s views of the grown left-out ``bodies`` as don't care."""
+    if masks is None:
+        return {"dice_dont_care": None, "false_positive_share": None}
+    scores = []
+    for (_, mask), body, prediction in zip(pairs, bodies, masks, strict=True):
+        body_view, reference = zoom_view(body, mask, zoom)
+        scores.append(left_out_scores(prediction, reference, body_view))
+    return left_out_summary(scores)
 
 
 def _x1_cut(pairs: Sequence[tuple[np.ndarray, np.ndarray]], x1_masks: Sequence[np.ndarray], zoom: float) -> float:
@@ -91,19 +107,24 @@ def scale_table(
     model, processor, pairs: Sequence[tuple[np.ndarray, np.ndarray]], modality: str, *,
     zooms: Iterable[float] = ZOOMS, scale: Any = None, extra_views: bool = True, backend: str | None = "eager",
     known: Sequence[Mapping[str, Any]] = (), x1_masks: Sequence[np.ndarray] | None = None,
+    left_out: tuple[str, Sequence[np.ndarray]] | None = None, margin: int = MARGIN, progress: bool = False,
 ) -> dict:
     """The table for ``pairs`` of (RGB image, bool mask) decoded with ``modality`` (a name).
 
-    Returns ``{"modality", "num_images", "rows": [{"label", "zoom", "scale", "dice", "otsu", "x1_cut",
+    Returns ``{"modality", "num_images", "left_out", "rows": [{"label", "zoom", "scale", "dice", "otsu", "x1_cut",
     "per_image", "scales"}]}``: one row per zoom with ``scale`` (``None``: the model's default), then
     ``EXTRA_VIEWS`` when ``extra_views``. Dice in %, means over the images (``metrics.functional.mean_dice``).
     ``known``: rows already measured on the same images at the default scale (the evaluation's x1); an extra view
     that its images were all segmented at is taken from it instead of run again. ``x1_cut`` (module docstring)
     scores ``x1_masks``, the model's masks of the images at x1 and the table's ``scale``, or, when not given, those
-    of the x1 row when the table measures one; ``None`` without either.
+    of the x1 row when the table measures one; ``None`` without either. ``left_out``: ``(what, masks)`` of bodies
+    the masks leave out on purpose (``real.left_out_masks``); each row then gains ``dice_dont_care`` and
+    ``false_positive_share`` (``data.left_out``, the bodies grown by ``margin`` px; ``None`` for a row taken from
+    ``known`` without ``x1_masks``). ``progress``: a bar per view.
     """
     if modality not in MODALITY_NAMES:
         raise ValueError(f"modality must be one of {', '.join(MODALITY_NAMES)}, got {modality!r}")
+    bodies = _grown_bodies(pairs, left_out, margin)
     was_training = model.training
     model.eval()
     views = [(f"x{zoom:g}", float(zoom), scale) for zoom in zooms]
@@ -113,17 +134,35 @@ def scale_table(
         for label, zoom, view_scale in views:
             same = next((row for row in known if _same_view(row, zoom, view_scale)), None)
             row = ({key: same[key] for key in ("zoom", "dice", "otsu", "per_image", "scales")} if same is not None
-                   else _row(model, processor, pairs, modality, zoom, view_scale, backend))
+                   else _row(model, processor, pairs, modality, zoom, view_scale, backend, progress))
             if x1_masks is None and zoom == 1.0 and view_scale == scale and "masks" in row:
                 x1_masks = row["masks"]
-            rows.append({"label": label, "scale": "default" if view_scale is None else view_scale,
-                         **{key: value for key, value in row.items() if key != "masks"}})
+            entry = {"label": label, "scale": "default" if view_scale is None else view_scale,
+                     **{key: value for key, value in row.items() if key != "masks"}}
+            if bodies is not None:  # a known row is the x1 view, whose masks x1_masks are
+                entry.update(_dont_care(pairs, row.get("masks", x1_masks), bodies, zoom))
+            rows.append(entry)
             logger.info("scale table %s %s: Dice %.2f%% (Otsu %.2f%%)", modality, label, row["dice"], row["otsu"])
     finally:
         model.train(was_training)
     for row in rows:
         row["x1_cut"] = None if x1_masks is None else _x1_cut(pairs, x1_masks, row["zoom"])
-    return {"modality": modality, "num_images": len(pairs), "rows": rows}
+    return {"modality": modality, "num_images": len(pairs), "left_out": None if left_out is None else left_out[0],
+            "margin": margin, "rows": rows}
+
+
+def _grown_bodies(pairs: Sequence[tuple[np.ndarray, np.ndarray]], left_out: tuple[str, Sequence[np.ndarray]] | None,
+                  margin: int) -> list[np.ndarray] | None:
+    """The left-out masks of ``left_out`` grown by ``margin`` px, checked against ``pairs``; ``None`` without."""
+    if left_out is None:
+        return None
+    masks = left_out[1]
+    if len(masks) != len(pairs):
+        raise ValueError(f"left_out holds {len(masks)} masks for {len(pairs)} images")
+    for (_, mask), body in zip(pairs, masks):
+        if body.shape != mask.shape:
+            raise ValueError(f"a left-out mask of shape {body.shape} beside a mask of shape {mask.shape}")
+    return [grown(body, margin) for body in masks]
 
 
 def dataset_pairs(dataset) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
@@ -139,7 +178,11 @@ def scale_tables(
 ) -> dict[str, dict]:
     """:func:`scale_table` for each dataset of ``datasets`` ({name: Dataset or DatasetDict}, ``split`` taken from
     a DatasetDict), as ``evaluate_model`` takes them. ``names``: which (default: those whose modality is in
-    ``SCALE_TABLE_MODALITIES``); ``max_images`` per dataset. Returns ``{name: table}``."""
+    ``SCALE_TABLE_MODALITIES``); ``max_images`` per dataset. A domain whose masks leave bodies out on purpose
+    (``real.left_out_masks``: mnfinder's micronuclei) is scored with them as don't care too. Returns
+    ``{name: table}``."""
+    from .real import left_out_masks
+
     tables = {}
     for name, data in datasets.items():
         dataset = data[split] if hasattr(data, "keys") and not hasattr(data, "features") else data
@@ -151,14 +194,17 @@ def scale_tables(
         if (names is not None and name not in names) or (names is None and modality not in SCALE_TABLE_MODALITIES):
             continue
         pairs, modality = dataset_pairs(dataset)
-        tables[name] = scale_table(model, processor, pairs, modality, scale=scale, backend=backend)
+        tables[name] = scale_table(model, processor, pairs, modality, scale=scale, backend=backend,
+                                   left_out=left_out_masks(name, dataset["file_name"]))
     return tables
 
 
 def scale_table_summary(tables: Mapping[str, dict]) -> dict[str, dict]:
     """The tables without their per-image figures, as a run's summary keeps them."""
     return {name: {"modality": table["modality"], "images": table["num_images"],
-                   "rows": [{key: row.get(key) for key in ("label", "scale", "dice", "otsu", "x1_cut", "scales")}
+                   "left_out": table.get("left_out"),
+                   "rows": [{key: row.get(key) for key in ("label", "scale", "dice", "otsu", "x1_cut", "scales")
+                             + (("dice_dont_care", "false_positive_share") if table.get("left_out") else ())}
                             for row in table["rows"]]}
             for name, table in tables.items()}
 
@@ -175,27 +221,36 @@ def _scales_text(scales: Sequence[float | None]) -> str:
 
 def scale_table_markdown(tables: Mapping[str, dict]) -> str:
     """The tables as Markdown: per dataset, Dice % of the model and of Otsu at each view, and the scales used."""
-    lines = []
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    lines, left_out = [], {}
     for name, table in tables.items():
+        what = table.get("left_out")
+        if what:
+            left_out[what] = table.get("margin", MARGIN)
         lines += [
             f"### {name}: Dice at other magnifications ({table['num_images']} image(s), {table['modality']})",
             "",
             "| shown at | scale asked | Dice % (ours) | Dice % (Otsu) | Dice % (our x1 mask, cut like the view) "
-            "| scale used (native px x) |",
-            "| --- | --- | ---: | ---: | ---: | --- |",
+            + (f"| Dice % (ours, {what} don't care) " if what else "") + "| scale used (native px x) |",
+            "| --- | --- | ---: | ---: | ---: |" + (" ---: |" if what else "") + " --- |",
         ]
         for row in table["rows"]:
             asked = row["scale"] if isinstance(row["scale"], str) else f"{row['scale']:g}"
-            cut = "n/a" if row.get("x1_cut") is None else f"{row['x1_cut']:.2f}"
-            lines.append(f"| {row['label']} | {asked} | {row['dice']:.2f} | {row['otsu']:.2f} | {cut} | "
-                         f"{_scales_text(row['scales'])} |")
+            dont_care = f"{number(row.get('dice_dont_care'))} | " if what else ""
+            lines.append(f"| {row['label']} | {asked} | {row['dice']:.2f} | {row['otsu']:.2f} | "
+                         f"{number(row.get('x1_cut'))} | {dont_care}{_scales_text(row['scales'])} |")
         lines.append("")
     if lines:
         lines += ["x0.5: a 2x2 mosaic of the image; x2, x4: centre crops of 1/2 and 1/4 of the side. 'default': the "
                   "model's saved scale (automatic unless set). 'Our x1 mask, cut like the view': the model's mask of "
                   "the whole image at x1, cropped (or tiled) like the view and scored against the view's mask: what a "
                   "model that repeated its x1 result at every magnification would score, so x1 minus it is the view's "
-                  "share of a drop and it minus the row's Dice the scale's.", ""]
+                  "share of a drop and it minus the row's Dice the scale's."
+                  + "".join(f" '{what} don't care': our masks scored with the {what} that the dataset's masks leave "
+                            f"out on purpose (grown by {margin} px) counting in neither mask (data.left_out)."
+                            for what, margin in left_out.items()), ""]
     return "\n".join(lines)
 
 

@@ -257,7 +257,9 @@ def demo_scale_tables(model, processor, real_test: dict, report: dict, backend: 
                       predictions: dict | None = None) -> dict:
     """The scale table (``data.scale_table``) of the real test sets: the nuclei at x0.5, x1, x2 and x4 at the default
     ("auto") scale, Otsu beside; the fundus photographs at x1 ("auto", whole view, native pixels in tiles). The x1 rows
-    and masks (``report``, ``predictions``) are the evaluation's own, not run again, nor is a view they equal."""
+    and masks (``report``, ``predictions``) are the evaluation's own, not run again, nor is a view they equal.
+    mnfinder's micronuclei, which its masks leave out, are scored as don't care too (``real.left_out_masks``)."""
+    from ..data.real import left_out_masks
     from ..data.scale_table import ZOOMS, dataset_pairs, scale_table
 
     tables = {}
@@ -265,10 +267,12 @@ def demo_scale_tables(model, processor, real_test: dict, report: dict, backend: 
         if name not in real_test or not len(real_test[name]["test"]) or name not in report["domains"]:
             continue
         pairs, modality = dataset_pairs(real_test[name]["test"])
-        x1 = [(predictions or {}).get((name, file)) for file in real_test[name]["test"]["file_name"]]
+        files = real_test[name]["test"]["file_name"]
+        x1 = [(predictions or {}).get((name, file)) for file in files]
         tables[name] = scale_table(model, processor, pairs, modality, zooms=ZOOMS if not extra else [1.0],
                                    extra_views=extra, backend=backend, known=[evaluation_row(report["domains"][name])],
-                                   x1_masks=None if None in x1 else [prediction.masks[0] for prediction in x1])
+                                   x1_masks=None if None in x1 else [prediction.masks[0] for prediction in x1],
+                                   left_out=left_out_masks(name, files))
     return tables
 
 
