@@ -137,7 +137,6 @@ def mnfinder_micronuclei(names: list[str], archive: Path | None = None) -> list[
     return masks
 
 
-
 LEFT_OUT = {"mnfinder": (mnfinder_micronuclei, MNFINDER_ARCHIVE, "micronuclei")}
 """Real domains whose masks leave bodies out on purpose: (reader of their masks by file name, archive, what)."""
 
@@ -159,6 +158,7 @@ def left_out_masks(name: str, file_names: list[str]) -> tuple[str, list[np.ndarr
     except FileNotFoundError as error:
         logger.warning("%s: %s not scored as don't care (%s)", name, what, error)
         return None
+
 
 def unpack_mnfinder(destination: Path, archive: Path | None = None, limit: int | None = None) -> Path:
     """Unpack mnfinder's images and nucleus masks into ``destination``; returns its ``pairs.csv`` listing.

@@ -111,8 +111,8 @@ def scale_table(
 ) -> dict:
     """The table for ``pairs`` of (RGB image, bool mask) decoded with ``modality`` (a name).
 
-    Returns ``{"modality", "num_images", "left_out", "rows": [{"label", "zoom", "scale", "dice", "otsu", "x1_cut",
-    "per_image", "scales"}]}``: one row per zoom with ``scale`` (``None``: the model's default), then
+    Returns ``{"modality", "num_images", "left_out", "margin", "rows": [{"label", "zoom", "scale", "dice", "otsu",
+    "x1_cut", "per_image", "scales"}]}``: one row per zoom with ``scale`` (``None``: the model's default), then
     ``EXTRA_VIEWS`` when ``extra_views``. Dice in %, means over the images (``metrics.functional.mean_dice``).
     ``known``: rows already measured on the same images at the default scale (the evaluation's x1); an extra view
     that its images were all segmented at is taken from it instead of run again. ``x1_cut`` (module docstring)
