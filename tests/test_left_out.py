@@ -10,7 +10,8 @@ from _inference_helpers import pointwise_model, save_tiny_model
 from _script_helpers import load_script
 from esp_medsam_hf.data.left_out import grown, left_out_markdown, left_out_scores
 from esp_medsam_hf.data.real import MNFINDER_ARCHIVE, left_out_masks, mnfinder_micronuclei, prepare_real_domains
-from esp_medsam_hf.data.scale_table import scale_table, scale_table_markdown, scale_table_summary
+from esp_medsam_hf.data.prepared import load_domains
+from esp_medsam_hf.data.scale_table import scale_table, scale_table_markdown, scale_table_summary, scale_tables
 from esp_medsam_hf.metrics.functional import dice_score
 
 needs_mnfinder = pytest.mark.skipif(not MNFINDER_ARCHIVE.path().is_file(),
@@ -148,3 +149,9 @@ def test_script_writes_the_table_and_keeps_an_existing_file(tmp_path, capsys):
     assert "--zooms must be 0.5 or at least 1, got 0.7" in capsys.readouterr().err
     assert script.main(["--model", str(model), "--data", str(tmp_path / "nothing"), "--no-progress"]) == 1
     assert "mnfinder_micronuclei: error:" in capsys.readouterr().err
+    # esp-medsam evaluate's scale tables look the micronuclei up by the domain's name
+    tiny, processor = pointwise_model()
+    dataset = load_domains(data, ["mnfinder"], splits={"test": 0})["mnfinder"]
+    tables = scale_tables(tiny, processor, {"mnfinder": dataset}, names=["mnfinder"], backend="eager")
+    assert tables["mnfinder"]["left_out"] == "micronuclei"
+    assert all(row["dice_dont_care"] is not None for row in tables["mnfinder"]["rows"])
