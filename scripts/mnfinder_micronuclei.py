@@ -20,7 +20,7 @@ from esp_medsam_hf.data.left_out import MARGIN, left_out_markdown
 from esp_medsam_hf.data.prepare import PreparationError
 from esp_medsam_hf.data.prepared import PreparedDataError
 from esp_medsam_hf.data.real import mnfinder_micronuclei
-from esp_medsam_hf.data.scale_table import ZOOMS, dataset_pairs, scale_table
+from esp_medsam_hf.data.scale_table import ZOOMS, check_zoom, dataset_pairs, scale_table
 from esp_medsam_hf.models.esp_medsam.fileio import atomic_file
 
 
@@ -49,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
             raise FileExistsError(f"--output {output} exists; pass --overwrite to replace it")
         if args.margin < 0:
             raise ValueError(f"--margin must be >= 0 pixels, got {args.margin}")
-        if any(not (zoom == 0.5 or 1.0 <= zoom < float("inf")) for zoom in args.zooms):
-            raise ValueError(f"--zooms must be 0.5 or at least 1, got {' '.join(map(str, args.zooms))}")
+        for zoom in args.zooms:  # before the model loads
+            try:
+                check_zoom(zoom)
+            except ValueError:
+                raise ValueError(f"--zooms must be 0.5 or at least 1, got {' '.join(map(str, args.zooms))}") from None
         model, processor = load_model(args.model)
         request = argparse.Namespace(data=args.data, domains=["mnfinder"], split=args.split)
         dataset = load_data(request, model.config.image_size)[0]["mnfinder"][args.split]

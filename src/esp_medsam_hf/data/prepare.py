@@ -153,13 +153,19 @@ def read_mask(path: Path, threshold: float | None = None, labels: bool = False) 
     any non-zero value is foreground (0/1, 0/255 and instance label maps alike); else the file must be binary
     (0 and at most one other value).
     """
-    array = _read_array(path)
+    return mask_from_array(_read_array(path), path, threshold, labels)
+
+
+def mask_from_array(array: np.ndarray, source: Path | str, threshold: float | None = None,
+                    labels: bool = False) -> np.ndarray:
+    """:func:`read_mask`'s rules on pixels already read (``source`` names them in errors): a mask an archive holds
+    is decoded the way a mask file is."""
     if array.ndim == 3 and array.shape[-1] in (2, 4) and array[..., -1].min() != array[..., -1].max():
         return array[..., -1] > 0
     if array.ndim == 3:
         array = array[..., :3].max(axis=-1) if array.shape[-1] in (3, 4) else array[..., 0]
     if array.ndim != 2:
-        raise PreparationError(f"{path}: expected a 2-D mask, got an array of shape {array.shape}")
+        raise PreparationError(f"{source}: expected a 2-D mask, got an array of shape {array.shape}")
     if threshold is not None:
         return array > threshold
     if labels:
@@ -168,7 +174,7 @@ def read_mask(path: Path, threshold: float | None = None, labels: bool = False) 
     if len(values) > 2 or (len(values) == 2 and values[0] != 0):
         shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
         raise PreparationError(
-            f"{path}: mask is not binary (values {shown}); expected 0 and one foreground value "
+            f"{source}: mask is not binary (values {shown}); expected 0 and one foreground value "
             "(pass a mask threshold to binarise it)"
         )
     return array > 0

@@ -115,25 +115,25 @@ def mnfinder_members(archive: zipfile.ZipFile) -> list[tuple[str, str, str, str]
 
 def mnfinder_micronuclei(names: list[str], archive: Path | None = None) -> list[np.ndarray]:
     """The micronucleus masks (HxW bool) of mnfinder images named as the prepared dataset names them
-    (``test/<batch>/<N>.png``): the wheel's ``mn_masks/<N>.png`` beside each nucleus mask (RGBA, alpha > 0, as the
-    nucleus masks), which mark the small bodies the nucleus masks leave out on purpose."""
+    (:func:`mnfinder_members`' names, ``test/<batch>/<N>.png``): the wheel's ``mn_masks/<N>.png`` beside each
+    nucleus mask, decoded as the nucleus masks are (``prepare.mask_from_array``: RGBA, alpha > 0), which mark the
+    small bodies the nucleus masks leave out on purpose."""
     from io import BytesIO
 
     from PIL import Image
 
-    prefixes = {split.split("-")[0]: split for split in MNFINDER_SPLITS}
+    from .prepare import mask_from_array
+
     masks = []
     with zipfile.ZipFile(archive or MNFINDER_ARCHIVE.ensure()) as bundle:
+        nucleus_masks = {name: mask for name, _, mask, _ in mnfinder_members(bundle)}
         members = set(bundle.namelist())
         for name in names:
-            parts = name.split("/")
-            member = (f"mnfinder/{prefixes[parts[0]]}/{parts[1]}/mn_masks/{parts[2]}"
-                      if len(parts) == 3 and parts[0] in prefixes else None)
+            member = nucleus_masks.get(name, "").replace("/nucleus_masks/", "/mn_masks/")
             if member not in members:
-                raise FileNotFoundError(f"{name!r}: no micronucleus mask in mnfinder's wheel (expected "
-                                        f"{member or 'a name <split>/<batch>/<N>.png'})")
-            array = np.asarray(Image.open(BytesIO(bundle.read(member))))
-            masks.append(array[..., -1] > 0 if array.ndim == 3 and array.shape[-1] in (2, 4) else array > 0)
+                raise FileNotFoundError(f"{name!r}: no micronucleus mask in mnfinder's wheel (expected the name of "
+                                        "one of its images, <split>/<batch>/<N>.png)")
+            masks.append(mask_from_array(np.asarray(Image.open(BytesIO(bundle.read(member)))), member, labels=True))
     return masks
 
 

@@ -43,16 +43,21 @@ SCALE_TABLE_MODALITIES = ("microscopy", "fundus")
 """Domains whose images hold many objects, measured by default: nuclei (any zoom) and vessels."""
 
 
+def check_zoom(zoom: float) -> None:
+    """Refuse (``ValueError``) a zoom :func:`zoom_view` cannot show: 0.5 (a mosaic) or at least 1 (a crop)."""
+    if zoom != 0.5 and not (zoom >= 1.0 and math.isfinite(zoom)):
+        raise ValueError(f"zoom must be 0.5 or at least 1, got {zoom!r}")
+
+
 def zoom_view(image: np.ndarray, mask: np.ndarray, zoom: float) -> tuple[np.ndarray, np.ndarray]:
     """``image`` (HxW[xC]) and ``mask`` (HxW) shown at ``zoom``: 0.5 tiles them 2x2 (objects half their size in a
     frame twice as large), 1 returns them, a zoom above 1 crops the centre ``1/zoom`` of each side."""
     if zoom == 0.5:
         reps = (2, 2) + (1,) * (image.ndim - 2)
         return np.tile(image, reps), np.tile(mask, (2, 2))
+    check_zoom(zoom)
     if zoom == 1.0:
         return image, mask
-    if zoom < 1.0 or not math.isfinite(zoom):
-        raise ValueError(f"zoom must be 0.5 or at least 1, got {zoom!r}")
     height, width = mask.shape[:2]
     crop_h, crop_w = max(1, round(height / zoom)), max(1, round(width / zoom))
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
@@ -254,5 +259,5 @@ def scale_table_markdown(tables: Mapping[str, dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EXTRA_VIEWS", "ZOOMS", "dataset_pairs", "scale_table", "scale_table_markdown", "scale_table_summary",
-           "scale_tables", "zoom_view"]
+__all__ = ["EXTRA_VIEWS", "ZOOMS", "check_zoom", "dataset_pairs", "scale_table", "scale_table_markdown",
+           "scale_table_summary", "scale_tables", "zoom_view"]
