@@ -101,6 +101,9 @@ def test_a_stage_3_release_carries_the_chosen_object_size(tmp_path):
     assert saved["object_size"] == 16.0  # other modalities keep the default
     assert saved["modality_object_sizes"] == {"microscopy": result.metrics["object_size"]}
     assert saved["modality_mask_thresholds"] == {"microscopy": result.metrics["mask_threshold"]}
+    assert saved["modality_min_object_fractions"] == {"microscopy": result.metrics["min_object_fraction"]}
+    assert result.metrics["min_object_fraction"] in (0.0, calibration.SMALL_BODY_FRACTION)
+    assert set(result.metrics["small_bodies_validation_dice"]) == {"0", "0.333"}
     assert result.metrics["mask_threshold"] in calibration.MASK_THRESHOLDS
     assert result.metrics["object_size"] in candidate_sizes([ZoomRange("object_size", 6, 40)])
     assert set(result.metrics["object_size_validation_dice"]) == {f"{s:g}" for s in candidate_sizes(
@@ -132,6 +135,33 @@ def test_the_mask_threshold_is_chosen_on_the_validation_views_at_the_chosen_size
     monkeypatch.setattr(calibration, "predict", lambda model, trial, images, modality, scale, backend=None:
                         _Prediction(images[0][..., 0] > 127))
     assert calibrate_object_size(None, processor, data, zoom)["mask_threshold"] == 0.0
+
+
+def _nuclei_and_specks(specks_marked: bool) -> Dataset:
+    """64-px images of nuclei 7 px across every 10 px with a 1-px speck between each four, all bright; the masks
+    mark the specks or not."""
+    yy, xx = np.mgrid[:64, :64]
+    nuclei = ((yy % 10 - 5) ** 2 + (xx % 10 - 5) ** 2) <= 9
+    specks = (yy % 10 == 0) & (xx % 10 == 0)
+    image = np.repeat(np.where(nuclei | specks, 220, 20).astype(np.uint8)[..., None], 3, -1)
+    mask = (nuclei | specks) if specks_marked else nuclei
+    return Dataset.from_dict({"image": [image] * 2, "mask": [mask.astype(np.uint8)] * 2, "modality": [4] * 2})
+
+
+@pytest.mark.parametrize("specks_marked", [False, True])
+def test_small_bodies_are_removed_unless_that_lowers_the_validation_dice(monkeypatch, specks_marked):
+    """A model that marks every bright body: where the masks leave the specks out, removing bodies under a third of
+    the nuclei's width raises the validation Dice and is chosen; where the masks mark them, it is not."""
+    monkeypatch.setattr(calibration, "predict", lambda model, trial, images, modality, scale, backend=None:
+                        _Prediction(images[0][..., 0] > 127))
+    data = {"nuclei": DatasetDict(validation=_nuclei_and_specks(specks_marked))}
+    found = calibrate_object_size(None, _processor(), data, {"nuclei": ZoomRange("object_size", 6, 40)})
+    kept, removed = found["small_bodies"][0.0], found["small_bodies"][calibration.SMALL_BODY_FRACTION]
+    if specks_marked:
+        assert kept == pytest.approx(100.0) and removed < kept and found["min_object_fraction"] == 0.0
+    else:
+        assert removed == pytest.approx(100.0) and kept < removed
+        assert found["min_object_fraction"] == calibration.SMALL_BODY_FRACTION
 
 
 def _photos(sizes: list[tuple[int, int]], modality: int = 3) -> Dataset:

@@ -166,9 +166,11 @@ def test_the_pipeline_and_the_processor_name_the_new_modality(tmp_path):
     with torch.no_grad():
         grown.mask_decoder.target_queries[0].add_(0.5)
     image_processor = EspMedSamImageProcessor(size={"height": SIZE, "width": SIZE},
-                                              modality_object_sizes={"x-ray": 40.0})
+                                              modality_object_sizes={"x-ray": 40.0},
+                                              modality_min_object_fractions={"x-ray": 0.25})
     processor = add_modality_to_processor(EspMedSamProcessor(image_processor), grown.config)
     assert processor.image_processor.modality_object_sizes == {"x-ray": 40.0, "ct": 40.0}
+    assert processor.image_processor.modality_min_object_fractions == {"x-ray": 0.25, "ct": 0.25}
     assert processor(np.zeros((SIZE, SIZE, 3), np.uint8), modality="ct")["modality"].tolist() == [6]
     folder = save_pretrained_with_pipeline(grown, processor, tmp_path / "model")
     pipe = pipeline(TASK, model=str(folder), pipeline_class=EspMedSamSegmentationPipeline)

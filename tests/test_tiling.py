@@ -10,13 +10,8 @@ import torch
 from _inference_helpers import pointwise_model, single_thread, tiny_model
 from esp_medsam_hf import EspMedSamImageProcessor
 from esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam import segment
-from esp_medsam_hf.models.esp_medsam.prediction import (
-    TilingOptions,
-    choose_scale,
-    estimate_object_size,
-    predict,
-    tiling_options,
-)
+from esp_medsam_hf.models.esp_medsam.object_sizes import estimate_object_size
+from esp_medsam_hf.models.esp_medsam.prediction import TilingOptions, choose_scale, predict, tiling_options
 
 _threads = pytest.fixture(scope="module", autouse=True)(single_thread)
 

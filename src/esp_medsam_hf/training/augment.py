@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.esp_medsam.prediction import estimate_object_size
+from ..models.esp_medsam.object_sizes import estimate_object_size
 
 ZOOM_KINDS = ("object_size", "scale")
 PARTIAL_VIEW_SHARE = 0.25
@@ -90,7 +90,7 @@ def crops_per_epoch(zoom: Mapping[str, Mapping] | None) -> dict[str, int]:
 
 
 def object_size(mask: np.ndarray) -> float:
-    """The objects' size in a mask's pixels as "auto" inference measures it (``prediction.estimate_object_size``:
+    """The objects' size in a mask's pixels as "auto" inference measures it (``object_sizes.estimate_object_size``:
     the area-weighted median width of the connected components), so that the sizes asked in training and the
     size inference aims for (the image processor's ``object_size``) are one measure; ``nan`` without objects."""
     return estimate_object_size(mask)[0]

@@ -90,12 +90,13 @@ def add_modality(model: EspMedSamModel, name: str, like: str, target: str | None
 
 def add_modality_to_processor(processor: EspMedSamProcessor, config: EspMedSamConfig) -> EspMedSamProcessor:
     """``processor`` naming ``config``'s modalities and targets; an added modality gets its ``like``'s inference
-    settings (object size and mask threshold per modality), so it also preprocesses as ``like`` does."""
+    settings (object size, mask threshold and smallest body kept per modality), so it also preprocesses as ``like``
+    does."""
     processor.modality_names = list(config.modality_names)
     processor.target_names = config.all_target_names
     image_processor = processor.image_processor
     for added in config.added_modalities:
-        for field in ("modality_object_sizes", "modality_mask_thresholds"):
+        for field in ("modality_object_sizes", "modality_mask_thresholds", "modality_min_object_fractions"):
             settings = getattr(image_processor, field, None)
             if settings and added["like"] in settings and added["name"] not in settings:
                 setattr(image_processor, field, {**settings, added["name"]: settings[added["like"]]})

@@ -11,7 +11,8 @@ already resized to a square, the ``image_1024`` layout) does; ``EspMedSamImagePr
 min-max stretch); the same function reads files for the pipelines and prepares the training data.
 
 The processor also keeps the model's inference defaults (``inference_scale``, ``tile_size``, ``tile_overlap``,
-``object_size``), saved in ``preprocessor_config.json``; ``prediction.predict`` reads them (see
+``object_size``, and per modality the object size, mask threshold, long side and smallest body kept), saved in
+``preprocessor_config.json``; ``prediction.predict`` reads them (see
 ``prediction.tiling_options``); preprocessing does not use them.
 """
 
@@ -71,6 +72,9 @@ class EspMedSamImageProcessorKwargs(ImagesKwargs, total=False):
         above its threshold (stage 3 measures it on the validation images); 0 (probability 0.5) for the others.
     modality_long_sides: ``{modality name: pixels}``: "auto" tiles an image of those modalities with its longest
         side resized to this (what stage 3 sets for a modality trained on native-resolution crops).
+    modality_min_object_fractions: ``{modality name: fraction}``: ``prediction.predict`` removes from a mask of
+        those modalities each body narrower than this fraction of the image's typical object width (micronuclei
+        beside nuclei; stage 3 sets a third for a modality whose object size it calibrates); None: none removed.
     """
 
     keep_aspect_ratio: bool
@@ -82,6 +86,7 @@ class EspMedSamImageProcessorKwargs(ImagesKwargs, total=False):
     modality_object_sizes: dict[str, float] | None
     modality_mask_thresholds: dict[str, float] | None
     modality_long_sides: dict[str, int] | None
+    modality_min_object_fractions: dict[str, float] | None
 
 
 def _to_supported_dtype(
@@ -148,6 +153,7 @@ class EspMedSamImageProcessor(TorchvisionBackend):
     modality_object_sizes = None
     modality_mask_thresholds = None
     modality_long_sides = None
+    modality_min_object_fractions = None
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .prediction import estimate_object_size, mask_threshold, modality_name
+from .object_sizes import estimate_object_size
+from .prediction import mask_threshold, modality_name
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ REMOVAL_SMOOTHING = 2.0
 """Gaussian sigma (px) of the prompt-free logits in a negative click's relief: it flattens the pixel-scale ripple
 of a saturated plateau, where the ripple's local peaks cut a click's slope to a few pixels."""
 CLICK_WINDOW = 2.0
-"""Half-side of the square a click edits, in object sizes (``prediction.estimate_object_size`` of the current
+"""Half-side of the square a click edits, in object sizes (``object_sizes.estimate_object_size`` of the current
 mask, a diameter): an object up to four typical diameters across fits; a bigger one takes more clicks."""
 _EIGHT = np.ones((3, 3), dtype=bool)
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]

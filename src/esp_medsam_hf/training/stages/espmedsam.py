@@ -233,13 +233,18 @@ def _calibrate_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, p
     processor.image_processor.modality_mask_thresholds = {
         **(processor.image_processor.modality_mask_thresholds or {}),
         **{name: found["mask_threshold"] for name in found["modalities"]}}
+    processor.image_processor.modality_min_object_fractions = {
+        **(processor.image_processor.modality_min_object_fractions or {}),
+        **{name: found["min_object_fraction"] for name in found["modalities"]}}
     processor.save_pretrained(staging)
     processor.image_processor.save_pretrained(staging)
     logger.info("auto inference object size for %s: %.1f px (validation Dice %s)", ", ".join(found["modalities"]),
                 found["object_size"], ", ".join(f"{size:g} px {dice:.2f}%" for size, dice in found["candidates"].items()))
     return {**metrics, "object_size": found["object_size"], "mask_threshold": found["mask_threshold"],
             "object_size_validation_dice": {f"{size:g}": dice for size, dice in found["candidates"].items()},
-            "mask_threshold_validation_dice": {f"{cut:g}": dice for cut, dice in found["thresholds"].items()}}
+            "mask_threshold_validation_dice": {f"{cut:g}": dice for cut, dice in found["thresholds"].items()},
+            "min_object_fraction": found["min_object_fraction"],
+            "small_bodies_validation_dice": {f"{fraction:.3g}": dice for fraction, dice in found["small_bodies"].items()}}
 
 
 def _fit_classifier_into(config: EspMedSamStageConfig, chosen: Path, staging: Path, processor: EspMedSamProcessor,
