@@ -10,6 +10,7 @@ import torch
 
 from _inference_helpers import pointwise_model
 from esp_medsam_hf import EspMedSamImageProcessor
+from esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam import segment
 from esp_medsam_hf.models.esp_medsam.object_sizes import estimate_object_size, remove_small_bodies
 from esp_medsam_hf.models.esp_medsam.prediction import predict
 
@@ -74,6 +75,27 @@ def test_predict_removes_the_named_modalitys_small_bodies_and_keeps_its_logits(t
     loaded = EspMedSamImageProcessor.from_pretrained(tmp_path)
     assert loaded.modality_min_object_fractions == {name: pytest.approx(1 / 3)}
     assert EspMedSamImageProcessor().modality_min_object_fractions is None  # nothing removed unless asked
+
+
+def test_the_pipeline_gives_predicts_mask_with_its_threshold_and_without_small_bodies():
+    """The pipeline's default mask is predict's (the modality's calibrated threshold, small bodies removed); a
+    mask_threshold it is given thresholds the probabilities instead, and the small bodies still go."""
+    model, processor = pointwise_model()
+    mask, bodies = _field()
+    image = np.repeat(np.where(mask, 230, 20).astype(np.uint8)[..., None], 3, -1)
+    image[bodies["border"]] = image[bodies["joined"]] = 140  # logit 4 x (140 / 255 - 0.5) = 0.2: a dim body
+    image_processor = processor.image_processor
+    name = model.config.modality_names[0]
+    image_processor.modality_min_object_fractions = {name: 1 / 3}
+    image_processor.modality_mask_thresholds = {name: 0.5}
+    [result] = segment(image, model, image_processor, modality=0, scale="whole", backend="eager")
+    direct = predict(model, processor, [image], 0, scale="whole")
+    assert np.array_equal(np.asarray(result["mask"]) > 0, direct.masks[0])
+    assert not direct.masks[0][bodies["alone"]] and not direct.masks[0][bodies["border"]]  # under the threshold
+    [result] = segment(image, model, image_processor, modality=0, scale="whole", backend="eager", mask_threshold=0.5)
+    kept = np.asarray(result["mask"]) > 0
+    assert kept[bodies["border"]] and not kept[bodies["alone"]]
+    assert np.array_equal(kept, remove_small_bodies(torch.sigmoid(direct.logits[0]).numpy() >= 0.5, 1 / 3))
 
 
 @pytest.mark.parametrize("value", [1.0, -0.1, float("nan"), "a third", True])

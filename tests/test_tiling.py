@@ -168,8 +168,11 @@ def test_pipeline_goes_through_the_front_door(tiny):
     direct = predict(model, processor, [image], "microscopy", scale=2.0, overlap=8)
     [result] = segment(image, model, processor.image_processor, modality="microscopy", scale=2.0, overlap=8)
     assert result["scale"] == 2.0
-    # the pipeline keeps probabilities >= its mask_threshold (0.5): the same logits, thresholded as probabilities
-    np.testing.assert_array_equal(np.asarray(result["mask"]) > 0, (torch.sigmoid(direct.logits[0]) >= 0.5).numpy())
+    np.testing.assert_array_equal(np.asarray(result["mask"]) > 0, direct.masks[0])  # predict's mask
+    # a mask_threshold thresholds the same logits as probabilities
+    [result] = segment(image, model, processor.image_processor, modality="microscopy", scale=2.0, overlap=8,
+                       mask_threshold=0.7)
+    np.testing.assert_array_equal(np.asarray(result["mask"]) > 0, (torch.sigmoid(direct.logits[0]) >= 0.7).numpy())
 
 
 def test_a_modality_object_size_changes_only_that_modality(pointwise):

@@ -52,7 +52,8 @@ from transformers.pipelines import PIPELINE_REGISTRY, ImageSegmentationPipeline,
 from .backends import AUTOMATIC_MODALITY
 from .image_intensity import to_rgb_uint8
 from .image_reading import load_image
-from .prediction import predict, tiling_options
+from .object_sizes import remove_small_bodies
+from .prediction import min_object_fraction, predict, tiling_options
 from .processing_esp_medsam import rescale_prompts
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ PROMPT_ARGUMENTS = {"input_points": "points", "input_labels": "point_labels", "i
 class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
     """Segments each image's modality target with ESP-MedSAM; see the module docstring for inputs and outputs.
 
-    Call arguments: ``modality`` (name or index, or a list with one per image), ``mask_threshold`` (0.5),
+    Call arguments: ``modality`` (name or index, or a list with one per image), ``mask_threshold`` (``None``:
+    ``prediction.predict``'s mask; a probability: the probabilities at or above it; 0.5 for prompts),
     ``threshold`` (minimum segment score; ``None``), ``batch_size``, ``timeout`` (for URLs), ``backend``
     (``"auto"``, ``"onnxruntime"``, ``"eager"``; also accepted when building the pipeline), ``scale``,
     ``tile_size``, ``overlap``, ``int8`` (``prediction.predict``; ``int8=False`` keeps onnxruntime in float32),
@@ -225,7 +227,8 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             probabilities = prediction.modality_logits.float().softmax(-1)
             for j, i in enumerate(picked):
                 chosen = prediction.modality[j]
-                rows[i] = {"probabilities": torch.sigmoid(prediction.logits[j]), "modality": chosen,
+                rows[i] = {"probabilities": torch.sigmoid(prediction.logits[j]),
+                           "mask": torch.from_numpy(prediction.masks[j]), "modality": chosen,
                            "modality_probability": float(probabilities[j, chosen]),
                            "classifier_modality": int(probabilities[j].argmax()), "scale": prediction.scales[j],
                            "object_size": prediction.object_sizes[j], "modality_source": sources[i]}
@@ -278,17 +281,25 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             segment["classifier_modality"] = disagreement
         return segment
 
-    def postprocess(self, model_outputs, mask_threshold: float = 0.5, threshold: float | None = None,
+    def postprocess(self, model_outputs, mask_threshold: float | None = None, threshold: float | None = None,
                     target: int | None = None):
+        """``mask_threshold`` ``None``: ``prediction.predict``'s mask (the modality's calibrated threshold, less its
+        small bodies); a probability: the probabilities at or above it, less the same small bodies."""
         if "iou_scores" in model_outputs:
-            segments = self._postprocess_prompted(model_outputs, mask_threshold, target)
+            segments = self._postprocess_prompted(model_outputs, 0.5 if mask_threshold is None else mask_threshold,
+                                                  target)
         else:
             # One image: the loader unrolls batches into single entries (a tensor gains a batch axis of 1); without
             # batching the lists of one come as _forward made them.
             item = {key: value[0] if isinstance(value, list) else value for key, value in model_outputs.items()}
             probabilities = item["probabilities"].reshape(item["probabilities"].shape[-2:])
+            mask = item["mask"].reshape(probabilities.shape)
+            if mask_threshold is not None:
+                name = self.model.config.modality_names[int(item["modality"])]
+                mask = torch.from_numpy(remove_small_bodies((probabilities >= mask_threshold).numpy(),
+                                                            min_object_fraction(self.image_processor, name)))
             segment = self._segment(
-                probabilities >= mask_threshold, probabilities, int(item["modality"]), item["modality_source"],
+                mask, probabilities, int(item["modality"]), item["modality_source"],
                 float(item["modality_probability"]), int(item["classifier_modality"]), target,
             )
             segments = [{**segment, "scale": item["scale"], "object_size": item["object_size"]}]
