@@ -222,12 +222,15 @@ def test_esp_medsam_model_round_trip_through_olah(hub, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert result["untouched"]
-    assert all(diff == 0.0 for diff in result["diffs"].values()), result
+    # the same weights give the same outputs up to float rounding: tensors loaded from safetensors can take other
+    # CPU kernels than those built in memory (up to 1.4e-8 on an AMD EPYC, 0 on the Intel CI machine)
+    same = 1e-6
+    assert all(diff <= same for diff in result["diffs"].values()), result
     assert all(diff > 1e-3 for diff in result["distinct"].values()), result  # each branch has its own weights
-    assert result["push_diff"] == 0.0
-    assert result["auto_diff"] == 0.0
+    assert result["push_diff"] <= same
+    assert result["auto_diff"] <= same
     assert "RepositoryNotFoundError" in result["private_without_token"]  # issue 22, row 7
-    assert result["private_diff"] == 0.0
+    assert result["private_diff"] <= same
 
 
 def listening_tcp_ports(pids: list[int]) -> set[int]:
