@@ -133,7 +133,8 @@ def test_cpu_paths_quick_run_writes_every_figure_beside_its_target(tmp_path, mon
     from esp_medsam_hf.benchmark.cpu_paths import MODELS
 
     monkeypatch.delenv("ESP_MEDSAM_BACKEND", raising=False)
-    monkeypatch.delenv("ESP_MEDSAM_INT8", raising=False)  # the default precision: int8 where it holds
+    monkeypatch.delenv("ESP_MEDSAM_INT8", raising=False)  # the default precision: int8 where it holds,
+    monkeypatch.setattr(backends, "int8_holds_on_this_cpu", lambda: True)  # as on a CPU with VNNI
     monkeypatch.setenv("ESP_MEDSAM_ONNX_CACHE", str(tmp_path / "cache"))
     parser = __import__("argparse").ArgumentParser()
     command.add_arguments(parser)

@@ -1,6 +1,6 @@
-"""The int8 copy of the ONNX export (the onnxruntime path's default where it holds, microscopy and fundus;
-$ESP_MEDSAM_INT8 or int8= override): close to float32 on a small model, the float32 path bit for bit when off,
-and kept in the same bounded cache."""
+"""The int8 copy of the ONNX export (the onnxruntime path's default where it holds, microscopy and fundus on a CPU
+with VNNI; $ESP_MEDSAM_INT8 or int8= override): close to float32 on a small model, the float32 path bit for bit
+when off, and kept in the same bounded cache."""
 
 from __future__ import annotations
 
@@ -39,12 +39,25 @@ def model():
     return EspMedSamModel(EspMedSamConfig.tiny(image_size=SIZE, initializer_range=0.2)).eval()
 
 
+needs_vnni = pytest.mark.skipif(
+    not backends.int8_holds_on_this_cpu(),
+    reason="int8's accuracy holds where onnxruntime has VNNI; without it (AVX2's saturating products) the automatic "
+    "choice runs float32 (test_automatic_int8_needs_vnni)")
+
+
+@pytest.fixture()
+def vnni(monkeypatch):
+    """The automatic choice as on a CPU with VNNI, whatever this one has."""
+    monkeypatch.setattr(backends, "int8_holds_on_this_cpu", lambda: True)
+
+
 def forward(model, pixels, int8):
     session = backends.onnx_session(model, int8=int8)
     feed = {"pixel_values": pixels.numpy(), "modality": np.array([0, 3, -1][: len(pixels)])}
     return session.run(None, feed)
 
 
+@needs_vnni
 def test_int8_matches_float32_within_its_tolerance(model):
     """Mask logits within 10 % of their largest magnitude (random weights of a tiny model: 6 % measured) and
     >= 97 % of the mask pixels the same."""
@@ -57,7 +70,7 @@ def test_int8_matches_float32_within_its_tolerance(model):
     assert not np.array_equal(quantized[0], exact[0])  # it did run the int8 graph
 
 
-def test_int8_by_default_where_it_holds_and_off_is_the_float32_path_bit_for_bit(model, monkeypatch, tmp_path):
+def test_int8_by_default_where_it_holds_and_off_is_the_float32_path_bit_for_bit(model, monkeypatch, tmp_path, vnni):
     """Unset, the onnxruntime path runs the int8 copy for microscopy batches (where it was measured to hold) and the
     float32 export otherwise; ``ESP_MEDSAM_INT8=0`` or ``int8=False`` give exactly what a session of the float32
     export gives, ``ESP_MEDSAM_INT8=1`` int8 for every batch."""
@@ -103,6 +116,7 @@ def test_int8_copy_lives_in_the_bounded_cache(model, tmp_path, monkeypatch):
     assert backends.clear_cache(tmp_path)[0] == 1 and not backends.cached_exports(tmp_path)
 
 
+@needs_vnni
 def test_one_modality_graph_matches_the_general_graph_and_is_cached_beside_it(model, tmp_path):
     """Tiles run through their modality's own graph (bag weights as constants): float32 within 1e-4 of the general
     graph, int8 within the int8 tolerance of float32; a batch of mixed modalities keeps the general graph."""
@@ -133,7 +147,7 @@ def test_one_modality_graph_matches_the_general_graph_and_is_cached_beside_it(mo
     assert backends.clear_cache(tmp_path)[0] == 3
 
 
-def test_an_int8_batch_of_one_modality_runs_on_its_own_graph_unasked(model, tmp_path):
+def test_an_int8_batch_of_one_modality_runs_on_its_own_graph_unasked(model, tmp_path, vnni):
     """int8 is where a modality's own graph pays (its bag's products are int8 too: 0.32x against 0.45x the official
     release's latency at batch 1 and 1024 px, docs/benchmark.md), so an int8 batch of one given modality (the
     automatic choice for microscopy) runs on it without ``one_modality_graph``; float32 and mixed batches keep the
@@ -152,6 +166,23 @@ def test_an_int8_batch_of_one_modality_runs_on_its_own_graph_unasked(model, tmp_
     assert {key[:2] for key in backends._sessions[model].sessions} == {(True, 4), (False, None), (True, None)}
 
 
+def test_automatic_int8_needs_vnni(model, monkeypatch, tmp_path):
+    """Without VNNI the automatic choice is float32 for every modality (bit for bit the float32 export's session);
+    int8 asked for still runs."""
+    monkeypatch.setattr(backends, "int8_holds_on_this_cpu", lambda: False)
+    assert not backends.resolve_int8(None, ["microscopy"]) and not backends.resolve_int8(None, ["fundus"])
+    assert backends.resolve_int8(True, ["x-ray"])
+    pixels = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(6))
+    microscopy = torch.full((2,), 4)
+    unasked = backends.run_inference(model, pixels, microscopy, backend="onnxruntime")
+    exact = backends.run_inference(model, pixels, microscopy, backend="onnxruntime", int8=False)
+    assert torch.equal(unasked.pred_masks, exact.pred_masks)
+    monkeypatch.setenv(backends.INT8_ENV, "1")
+    assert backends.resolve_int8(None, ["microscopy"])
+    assert not torch.equal(backends.run_inference(model, pixels, microscopy, backend="onnxruntime").pred_masks,
+                           exact.pred_masks)
+
+
 def _float_products(path) -> set[str]:
     import onnx
 
@@ -161,7 +192,8 @@ def _float_products(path) -> set[str]:
             if node.op_type in ("MatMul", "Gemm") and any(item in constants for item in node.input)}
 
 
-def test_fundus_and_the_general_graph_keep_the_products_after_a_gelu_float32(model, tmp_path):
+@needs_vnni
+def test_fundus_and_the_general_graph_keep_the_products_after_a_gelu_float32(model, tmp_path, vnni):
     """The products that read a GELU's output (the TinyViT MLPs' second ones, one a block) stay float32 in the int8
     copy of fundus's own graph and of the general graph, which may see fundus images; microscopy's graph quantises
     them. Fundus batches run int8 by default, within the int8 tolerance of float32."""
