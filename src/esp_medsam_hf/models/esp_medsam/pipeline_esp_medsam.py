@@ -53,7 +53,7 @@ from .backends import AUTOMATIC_MODALITY
 from .image_intensity import to_rgb_uint8
 from .image_reading import load_image
 from .object_sizes import remove_small_bodies
-from .prediction import min_object_fraction, predict, tiling_options
+from .prediction import min_object_fraction, modality_name, predict, tiling_options
 from .processing_esp_medsam import rescale_prompts
 
 logger = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             probabilities = item["probabilities"].reshape(item["probabilities"].shape[-2:])
             mask = item["mask"].reshape(probabilities.shape)
             if mask_threshold is not None:
-                name = self.model.config.modality_names[int(item["modality"])]
+                name = modality_name(self.model, int(item["modality"]))
                 mask = torch.from_numpy(remove_small_bodies((probabilities >= mask_threshold).numpy(),
                                                             min_object_fraction(self.image_processor, name)))
             segment = self._segment(
