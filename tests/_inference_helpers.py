@@ -50,7 +50,7 @@ def pointwise_model() -> tuple[EspMedSamModel, EspMedSamProcessor]:
     def forward(pixel_values, modality=None, **kwargs):
         batch = pixel_values.shape[0]
         return SimpleNamespace(
-            pred_masks=4.0 * (pixel_values.mean(1, keepdim=True) - 0.5), patch_logits=None,
+            pred_masks=4.0 * (pixel_values.mean(1, keepdim=True) - 0.5), patch_logits=None, image_embeddings=None,
             modality_logits=torch.zeros(batch, model.config.num_modalities),
             modality=torch.zeros(batch, dtype=torch.long),
         )

@@ -13,6 +13,7 @@ from esp_medsam_hf import EspMedSamImageProcessor
 from esp_medsam_hf.models.esp_medsam.pipeline_esp_medsam import segment
 from esp_medsam_hf.models.esp_medsam.object_sizes import estimate_object_size, remove_small_bodies
 from esp_medsam_hf.models.esp_medsam.prediction import predict
+from esp_medsam_hf.models.esp_medsam.prompt_session import EspMedSamPromptSession
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,3 +105,18 @@ def test_bad_fractions_are_named(value):
     processor.image_processor.modality_min_object_fractions = {model.config.modality_names[0]: value}
     with pytest.raises(ValueError, match=r"modality_min_object_fractions\[.*\[0, 1\)"):
         predict(model, processor, [np.zeros((64, 64, 3), np.uint8)], 0, scale="whole")
+
+
+@pytest.mark.parametrize("scale", ["whole", 1.0])
+def test_a_prompt_sessions_free_mask_is_predicts_without_small_bodies(scale):
+    """The interactive session starts from predict's mask, whole view or tiles: without the small bodies, so that
+    the click curve's first point is the evaluation's prompt-free Dice."""
+    model, processor = pointwise_model()
+    mask, bodies = _field()
+    image = np.repeat(np.where(mask, 230, 20).astype(np.uint8)[..., None], 3, -1)
+    processor.image_processor.modality_min_object_fractions = {model.config.modality_names[0]: 1 / 3}
+    session = EspMedSamPromptSession(model, processor, image, 0, scale=scale)
+    direct = predict(model, processor, [image], 0, scale=scale)
+    assert np.array_equal(session.free_mask, direct.masks[0])
+    assert not session.free_mask[bodies["alone"]] and session.free_mask[bodies["joined"]]
+    assert np.array_equal(session.mask(points=[], labels=[]), direct.masks[0])

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .object_sizes import estimate_object_size
-from .prediction import mask_threshold, modality_name
+from .prediction import modality_mask, modality_name
 
 logger = logging.getLogger(__name__)
 
@@ -250,9 +250,10 @@ class EspMedSamPromptSession:
         self.free_logit_map = self.processor.post_process_masks(
             outputs.pred_masks.float().cpu(), self.original_sizes, binarize=False)[0].numpy()
         name = None if self.modality is None else modality_name(model, int(self.modality[0]))
-        # the prompt-free mask is cut where prediction.predict cuts it: the modality's calibrated threshold, else 0
-        self.free_mask = self.free_logit_map.reshape(self.free_logit_map.shape[-2:]) > mask_threshold(
-            getattr(processor, "image_processor", processor), name)
+        # the prompt-free mask is prediction.predict's: the modality's calibrated threshold (else 0), less its small
+        # bodies
+        self.free_mask = modality_mask(getattr(processor, "image_processor", processor), torch.from_numpy(
+            self.free_logit_map.reshape(self.free_logit_map.shape[-2:])), name)
         self._clicks: dict[tuple[int, int], np.ndarray] = {}
         self.scale: float | None = None
         self._tiles: dict[tuple[int, int], EspMedSamPromptSession] = {}
