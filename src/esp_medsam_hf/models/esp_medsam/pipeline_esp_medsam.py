@@ -52,8 +52,7 @@ from transformers.pipelines import PIPELINE_REGISTRY, ImageSegmentationPipeline,
 from .backends import AUTOMATIC_MODALITY
 from .image_intensity import to_rgb_uint8
 from .image_reading import load_image
-from .object_sizes import remove_small_bodies
-from .prediction import min_object_fraction, modality_name, predict, tiling_options
+from .prediction import modality_name, predict, tiling_options, without_small_bodies
 from .processing_esp_medsam import rescale_prompts
 
 logger = logging.getLogger(__name__)
@@ -296,8 +295,8 @@ class EspMedSamSegmentationPipeline(ImageSegmentationPipeline):
             mask = item["mask"].reshape(probabilities.shape)
             if mask_threshold is not None:
                 name = modality_name(self.model, int(item["modality"]))
-                mask = torch.from_numpy(remove_small_bodies((probabilities >= mask_threshold).numpy(),
-                                                            min_object_fraction(self.image_processor, name)))
+                mask = torch.from_numpy(without_small_bodies(self.image_processor,
+                                                             (probabilities >= mask_threshold).numpy(), name))
             segment = self._segment(
                 mask, probabilities, int(item["modality"]), item["modality_source"],
                 float(item["modality_probability"]), int(item["classifier_modality"]), target,

@@ -384,11 +384,16 @@ def mask_threshold(image_processor, name: str | None) -> float:
     return float(value)
 
 
-def modality_mask(image_processor, logits: torch.Tensor, name: str | None) -> np.ndarray:
-    """Modality ``name``'s HxW bool mask from its ``logits``: above :func:`mask_threshold`, less the bodies narrower
-    than :func:`min_object_fraction` of the typical object (``object_sizes.remove_small_bodies``)."""
-    return remove_small_bodies((logits > mask_threshold(image_processor, name)).numpy(),
-                               min_object_fraction(image_processor, name))
+def without_small_bodies(image_processor, mask: np.ndarray, name: str | None) -> np.ndarray:
+    """``mask`` less the bodies narrower than modality ``name``'s :func:`min_object_fraction` of the typical object
+    (``object_sizes.remove_small_bodies``)."""
+    return remove_small_bodies(mask, min_object_fraction(image_processor, name))
+
+
+def modality_mask(image_processor, logits: torch.Tensor | np.ndarray, name: str | None) -> np.ndarray:
+    """Modality ``name``'s HxW bool mask from its ``logits``: above :func:`mask_threshold`, less its small bodies
+    (:func:`without_small_bodies`)."""
+    return without_small_bodies(image_processor, np.asarray(logits > mask_threshold(image_processor, name)), name)
 
 
 def modality_name(model, index: int | None) -> str | None:
@@ -470,4 +475,5 @@ __all__ = [
     "predict",
     "tiled_logits",
     "tiling_options",
+    "without_small_bodies",
 ]

@@ -252,8 +252,8 @@ class EspMedSamPromptSession:
         name = None if self.modality is None else modality_name(model, int(self.modality[0]))
         # the prompt-free mask is prediction.predict's: the modality's calibrated threshold (else 0), less its small
         # bodies
-        self.free_mask = modality_mask(getattr(processor, "image_processor", processor), torch.from_numpy(
-            self.free_logit_map.reshape(self.free_logit_map.shape[-2:])), name)
+        self.free_mask = modality_mask(getattr(processor, "image_processor", processor),
+                                       self.free_logit_map.reshape(self.free_logit_map.shape[-2:]), name)
         self._clicks: dict[tuple[int, int], np.ndarray] = {}
         self.scale: float | None = None
         self._tiles: dict[tuple[int, int], EspMedSamPromptSession] = {}
