@@ -14,6 +14,8 @@ from esp_medsam_hf.models.esp_medsam.prompt_session import (
     click_window,
     combine_boxes,
     descent_region,
+    edge_region,
+    intensity_map,
     remove_click,
 )
 
@@ -109,6 +111,51 @@ def test_negative_click_removes_a_lobe_as_sure_as_its_nucleus_at_the_neck():
     assert np.array_equal(corrected & ~mask, np.zeros_like(mask))  # a negative click adds nothing
 
 
+def crescent_image(shape=(64, 64), nucleus=(30, 30)):
+    """(image, mask, nucleus, crescent): a bright nucleus (radius 10) with a dim crescent of cytoplasm glow on its
+    right (out to radius 16) on a dark background; the model's mask holds both, one plateau of logits."""
+    rows, columns = np.mgrid[: shape[0], : shape[1]]
+    radius = np.hypot(columns - nucleus[0], rows - nucleus[1])
+    inner = radius <= 10
+    crescent = (radius > 10) & (radius <= 16) & (columns > nucleus[0] + 2)
+    image = np.where(inner, 200, np.where(crescent, 70, 10)).astype(np.uint8)
+    return np.stack([image] * 3, axis=-1), inner | crescent, inner, crescent
+
+
+def test_negative_click_on_a_crescent_around_a_nucleus_ends_at_the_nucleus_edge():
+    """A crescent of glow the model is as sure of as of its nucleus: the logits and the shape take part of it (the
+    slope below the click); the image's edge between glow and nucleus takes the rest, and the nucleus stays."""
+    image, mask, nucleus, crescent = crescent_image()
+    logits = np.where(mask, 8.0 + np.random.default_rng(0).uniform(-1.0, 1.0, mask.shape), -8.0)
+    intensity = intensity_map(image, mask.shape)
+    x, y = 43, 30  # the crescent's thickest part, 3 px from the background
+    by_shape = remove_click(mask, logits, x, y)
+    by_edges = remove_click(mask, logits, x, y, intensity)
+    assert (by_edges & crescent).sum() <= 0.1 * crescent.sum()  # at most its one-pixel rim on the edge
+    assert (nucleus & ~by_edges).sum() <= 0.02 * nucleus.sum()
+    assert (by_shape & crescent).sum() >= 0.2 * crescent.sum()  # what the rule without the edges leaves
+    assert not (by_edges & ~by_shape).any()  # the edges only remove
+    # a click in the object's core is on the object itself: the edges take nothing there
+    allowed = mask & click_window(mask.shape, 30, 30, mask)
+    assert not edge_region(allowed, mask, intensity, 30, 30).any()
+    assert np.array_equal(remove_click(mask, logits, 30, 30, intensity), remove_click(mask, logits, 30, 30))
+    # the edge's polarity does not matter: dark nuclei on a bright background (brightfield) cut the same
+    assert np.array_equal(remove_click(mask, logits, x, y, intensity_map(255 - image, mask.shape)), by_edges)
+
+
+def test_intensity_map_reads_the_image_as_the_package_does():
+    from PIL import Image
+
+    image, mask, _, _ = crescent_image()
+    np.testing.assert_allclose(intensity_map(image, mask.shape), image[..., 0].astype(np.float32), atol=1e-4)
+    palette = Image.fromarray(image).convert("P", palette=Image.Palette.ADAPTIVE)
+    np.testing.assert_allclose(intensity_map(palette, mask.shape), intensity_map(image, mask.shape),
+                               atol=1e-4)  # a palette image: its colours, not its indices
+    wide = image[..., 0].astype(np.uint16) * 256  # 16 bits: stretched to 0..255 first
+    assert intensity_map(wide, mask.shape).max() == pytest.approx(255.0)
+    assert intensity_map(np.moveaxis(image, -1, 0), mask.shape) is None  # channels first: not the mask's layout
+
+
 def test_negative_click_on_the_clicked_objects_part_of_the_image_equals_the_whole_image_rule():
     """A negative click computes its relief only where the clicked objects lie; the mask it leaves is the one the
     rule gives on the whole image (distance and smoothing of the whole image), for objects of every size, at the
@@ -120,19 +167,23 @@ def test_negative_click_on_the_clicked_objects_part_of_the_image_equals_the_whol
     small = [(int(x), int(y)) for x, y in zip(rng.integers(0, 200, 40), rng.integers(0, 160, 40))]
     mask = discs(shape, small, radius=4) | discs(shape, [(100, 80)], radius=30) | discs(shape, [(0, 150)], radius=20)
     logits = np.where(mask, 6.0, -6.0) + rng.normal(0.0, 1.5, shape)
+    intensity = np.where(mask, 150.0, 20.0) + rng.normal(0.0, 30.0, shape)
     ys, xs = np.nonzero(mask)
-    cropped = 0
+    cropped = edges_cut = 0
     for index in rng.choice(len(xs), 25, replace=False):
         x, y = int(xs[index]), int(ys[index])
         allowed = mask & click_window(shape, x, y, mask)
         whole = mask & ~(descent_region(allowed, logits, x, y)
                          | descent_region(allowed, removal_relief(mask, logits), x, y))
         assert np.array_equal(remove_click(mask, logits, x, y), whole), (x, y)
+        with_edges = whole & ~edge_region(allowed, mask, intensity, x, y)
+        assert np.array_equal(remove_click(mask, logits, x, y, intensity), with_edges), (x, y)
+        edges_cut += not np.array_equal(with_edges, whole)
         crop = _relief_crop(mask, allowed)  # the relief itself, where the click's slopes may run
         on_crop = removal_relief(mask[crop], logits[crop])[allowed[crop]]
         np.testing.assert_allclose(on_crop, removal_relief(mask, logits)[crop][allowed[crop]], rtol=0, atol=1e-9)
         cropped += mask[crop].size < mask.size
-    assert cropped >= 5  # clicks computed on a part of the image
+    assert cropped >= 5 and edges_cut >= 3  # clicks computed on a part of the image, some cut at edges
 
 
 def test_box_combination_keeps_the_prompt_free_mask_inside_the_boxes_only():
@@ -150,7 +201,7 @@ class ScriptedSession(EspMedSamPromptSession):
     of many objects is some of them), so only the click semantics decide what changes."""
 
     def __init__(self, free_logits, decoded):
-        self.free_logit_map, self._decoded, self._clicks = free_logits, decoded, {}
+        self.free_logit_map, self._decoded, self._clicks, self.intensity = free_logits, decoded, {}, None
         self.free_mask = free_logits > 0
 
     def decode_logits(self, points=None, labels=None):
@@ -183,7 +234,8 @@ def test_session_on_a_tiny_model_corrects_from_the_cached_embedding():
     assert np.array_equal(decoded > 0, session.decode(points=[(30, 20)], labels=[1]))
     assert np.array_equal(corrected, add_click(session.free_mask, decoded, session.free_logit_map, 30, 20))
     assert np.array_equal(session.mask(points=[(30, 20), (5, 5)], labels=[1, 0]),
-                          remove_click(corrected, session.free_logit_map, 5, 5))
+                          remove_click(corrected, session.free_logit_map, 5, 5, intensity_map(image, (48, 64))))
+    np.testing.assert_allclose(session.intensity, image.mean(axis=-1), atol=1e-4)
     assert np.array_equal(session.free_logit_map > 0, session.free_mask)
     with pytest.raises(ValueError, match="one label per point"):
         session.mask(points=[(1, 1)], labels=[1, 0])

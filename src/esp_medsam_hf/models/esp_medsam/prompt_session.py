@@ -16,9 +16,12 @@ one object would replace the whole mask. The session therefore edits instead of 
   reachable from the click along paths on which the prompt-free logit never rises (a rim or lobe the model was
   less sure of), and those on which :func:`removal_relief`, the mask's shape added to the logits, never rises (a
   lobe as sure as its nucleus, behind the neck between them). A false object clicked at its centre goes, and the
-  object it hangs on behind a neck or a valley stays. (Taking every connected pixel no surer than the click, as
-  before that, also took dimmer true nuclei that touched a bright false blob, and the next positive click put them
-  back with the blob: the curve see-sawed.)
+  object it hangs on behind a neck or a valley stays. Where the click lies outside the clicked object's core (its
+  pixels at least ``CORE_FRACTION`` of its deepest pixel's distance to the background), the part of the object
+  that the image's own intensity edges give the click against that core goes too (:func:`edge_region`): a crescent
+  of cytoplasm glow around a nucleus, one plateau of logits with it, ends where the nucleus's edge begins.
+  (Taking every connected pixel no surer than the click, as before that, also took dimmer true nuclei that touched
+  a bright false blob, and the next positive click put them back with the blob: the curve see-sawed.)
 - At a scale that tiles the image (``scale``, default the image processor's "auto"), the prompt-free mask is the
   tiled one ``prediction.predict`` gives, and a positive click decodes on the tile around it.
 - Everything away from the click stays bit-identical. Clicks apply in order, each to the mask the previous ones
@@ -37,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .image_intensity import to_rgb_uint8
 from .object_sizes import estimate_object_size
 from .prediction import modality_mask, modality_name
 
@@ -54,6 +58,11 @@ CLICK_WINDOW = 2.0
 mask, a diameter): an object up to four typical diameters across fits; a bigger one takes more clicks."""
 _EIGHT = np.ones((3, 3), dtype=bool)
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+EDGE_SMOOTHING = 1.0
+"""Gaussian sigma (px) of the image's intensity before a negative click takes its edges (:func:`edge_region`)."""
+CORE_FRACTION = 0.5
+"""The core of a clicked object, which a negative click's edge cut keeps (:func:`edge_region`): its pixels at
+least this share of its deepest pixel's distance to the background."""
 
 
 def click_window(shape: tuple[int, int], x: int, y: int, *masks: np.ndarray) -> np.ndarray:
@@ -170,25 +179,55 @@ def removal_relief(current: np.ndarray, logits: np.ndarray) -> np.ndarray:
 
 def _relief_crop(current: np.ndarray, allowed: np.ndarray) -> tuple[slice, slice]:
     """The part of the image on which :func:`removal_relief` of ``current`` equals the whole image's at every
-    pixel of ``allowed``: the objects of ``current`` that ``allowed`` touches, one pixel beyond (a pixel's nearest
-    background borders its own object) and the Gaussian's radius beyond that (scipy truncates it at 4 sigma)."""
+    pixel of ``allowed``, and so are :func:`edge_region`'s edges: the objects of ``current`` that ``allowed``
+    touches, one pixel beyond (a pixel's nearest background borders its own object), the larger Gaussian's radius
+    (scipy truncates it at 4 sigma) and the Sobel kernel's pixel beyond that."""
     from scipy import ndimage
 
     labels, _ = ndimage.label(current, structure=_EIGHT)
     touched = np.isin(labels, np.unique(labels[allowed]))
     rows, columns = ndimage.find_objects(touched.astype(np.int8))[0]
-    margin = int(4.0 * REMOVAL_SMOOTHING + 0.5) + 1
+    margin = int(4.0 * max(REMOVAL_SMOOTHING, EDGE_SMOOTHING) + 0.5) + 2
     height, width = current.shape
     return (slice(max(0, rows.start - margin), min(height, rows.stop + margin)),
             slice(max(0, columns.start - margin), min(width, columns.stop + margin)))
 
 
-def remove_click(current: np.ndarray, logits: np.ndarray, x: int, y: int) -> np.ndarray:
+def edge_region(allowed: np.ndarray, current: np.ndarray, intensity: np.ndarray, x: int, y: int) -> np.ndarray:
+    """The part of the object of ``allowed`` under a negative click at (x, y) that the image's intensity edges give
+    the click against the object's core: a marker watershed (skimage) of the Sobel edges of ``intensity`` smoothed
+    by ``EDGE_SMOOTHING``, from the click and from the core (the object's pixels at least ``CORE_FRACTION`` of its
+    deepest pixel's distance to the background of ``current``). Empty when the click lies in the core: the click
+    is then on the object itself, not on a part hanging on it. Measured with the release of b93f6be's main job (AMD
+    CPU; simulated clicks, after 3 clicks, rule chosen on mnfinder's 30 training and 3 validation images against
+    core shares 0.4 and 0.6 and smoothing 2 px): mean Dice train 95.51 -> 95.77 against 95.69 without it,
+    validation 96.02 -> 96.27 against 96.24, no image falling after a click (three training images end up to 0.03
+    below the rule without it); on its 16 test images 94.53 -> 95.33 against 95.27, none below."""
+    from scipy import ndimage
+    from skimage.filters import sobel
+    from skimage.segmentation import watershed
+
+    region = component_at(allowed, x, y)
+    depth = ndimage.distance_transform_edt(current)
+    core = region & (depth >= CORE_FRACTION * depth[region].max())
+    if core[y, x]:
+        return np.zeros_like(region)
+    markers = np.zeros(region.shape, dtype=np.int32)
+    markers[core] = 2
+    markers[y, x] = 1
+    edges = sobel(ndimage.gaussian_filter(intensity, EDGE_SMOOTHING))
+    return watershed(edges, markers, mask=region, connectivity=2) == 1
+
+
+def remove_click(current: np.ndarray, logits: np.ndarray, x: int, y: int,
+                 intensity: np.ndarray | None = None) -> np.ndarray:
     """``current`` with the part under a negative click at (x, y) removed: the pixels of ``current`` on the slope
     below the click in the prompt-free ``logits`` (H, W) or in :func:`removal_relief` of ``current`` and them, in
-    the click's window (see the module docstring). An extra rim or lobe goes, and so does a false object clicked at
-    its centre; the object it hangs on behind a neck or a valley stays. Computed on the part of the image that the
-    clicked objects span (:func:`_relief_crop`), with the same result as on the whole image."""
+    the click's window, and, given the image's ``intensity`` (H, W), the part of the clicked object that its edges
+    give the click (:func:`edge_region`; see the module docstring). An extra rim or lobe goes, and so does a false
+    object clicked at its centre; the object it hangs on behind a neck, a valley or an edge stays. Computed on the
+    part of the image that the clicked objects span (:func:`_relief_crop`), with the same result as on the whole
+    image."""
     allowed = current & click_window(current.shape, x, y, current)
     if not allowed[y, x]:
         return current
@@ -198,7 +237,20 @@ def remove_click(current: np.ndarray, logits: np.ndarray, x: int, y: int) -> np.
     removed = np.zeros_like(current)
     removed[crop] = (descent_region(inside, crop_logits, cx, cy)
                      | descent_region(inside, removal_relief(current[crop], crop_logits), cx, cy))
+    if intensity is not None:
+        removed[crop] |= edge_region(inside, current[crop], intensity[crop], cx, cy)
     return current & ~removed
+
+
+def intensity_map(image: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """The intensity (H, W) of an image of mask size ``shape``: the mean of its channels as the package reads
+    them (``image_intensity.to_rgb_uint8``); ``None`` for an image in another layout (a channels-first tensor)."""
+    from PIL import Image
+
+    array = np.asarray(image)
+    if array.shape[:2] != tuple(shape):
+        return None
+    return to_rgb_uint8(image if isinstance(image, Image.Image) else array).mean(axis=-1, dtype=np.float32)
 
 
 def box_region(shape: tuple[int, int], boxes: Sequence[Sequence[float]]) -> np.ndarray:
@@ -254,6 +306,7 @@ class EspMedSamPromptSession:
         # bodies
         self.free_mask = modality_mask(getattr(processor, "image_processor", processor),
                                        self.free_logit_map.reshape(self.free_logit_map.shape[-2:]), name)
+        self.intensity = intensity_map(image, self.free_mask.shape)
         self._clicks: dict[tuple[int, int], np.ndarray] = {}
         self.scale: float | None = None
         self._tiles: dict[tuple[int, int], EspMedSamPromptSession] = {}
@@ -382,7 +435,7 @@ class EspMedSamPromptSession:
         height, width = current.shape
         column, row = min(max(int(x), 0), width - 1), min(max(int(y), 0), height - 1)
         if label == 0:
-            return remove_click(current, self.free_logit_map, column, row)
+            return remove_click(current, self.free_logit_map, column, row, self.intensity)
         if label != 1:
             raise ValueError(f"labels must be 1 (positive) or 0 (negative), got {label!r}")
         if (column, row) not in self._clicks:
@@ -410,4 +463,5 @@ class EspMedSamPromptSession:
         return current if boxes is None else current & box_region(current.shape, boxes)
 
 
-__all__ = ["EspMedSamPromptSession", "add_click", "box_region", "combine_boxes", "remove_click", "removal_relief"]
+__all__ = ["EspMedSamPromptSession", "add_click", "box_region", "combine_boxes", "edge_region", "intensity_map",
+           "remove_click", "removal_relief"]
