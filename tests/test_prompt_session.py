@@ -16,6 +16,7 @@ from esp_medsam_hf.models.esp_medsam.prompt_session import (
     descent_region,
     edge_region,
     intensity_map,
+    level_region,
     remove_click,
 )
 
@@ -143,6 +144,38 @@ def test_negative_click_on_a_crescent_around_a_nucleus_ends_at_the_nucleus_edge(
     assert np.array_equal(remove_click(mask, logits, x, y, intensity_map(255 - image, mask.shape)), by_edges)
 
 
+def haloed_nuclei(shape=(48, 64), centres=((20, 24), (42, 24))):
+    """(image, found, radius): nuclei bright (200) out to radius 8 and fading to the background (20) at radius 16,
+    each pixel lit by its nearest nucleus; the model found each out to radius 8 (``found``); ``radius``: each
+    pixel's distance to its nearest nucleus's centre."""
+    rows, columns = np.mgrid[: shape[0], : shape[1]]
+    radius = np.min([np.hypot(columns - x, rows - y) for x, y in centres], axis=0)
+    image = (200.0 - 180.0 * np.clip((radius - 8.0) / 8.0, 0.0, 1.0)).astype(np.uint8)
+    return np.stack([image] * 3, axis=-1), radius <= 8, radius
+
+
+def test_positive_click_on_a_halo_the_logits_leave_out_adds_it_out_to_the_clicks_contour():
+    """A missed halo of a found nucleus, where the logits are flat and the decode ignores the point: the logits add
+    nothing; the image's intensity adds the nucleus's pixels as bright as the click, not its neighbour's halo
+    behind the saddle between them, and a click on flat background adds nothing."""
+    image, found, radius = haloed_nuclei()
+    free = np.where(found, 8.0, -8.0)
+    decoded = np.full(found.shape, -8.0)
+    intensity = intensity_map(image, found.shape)
+    x, y = 20, 36  # 12 px below the left nucleus's centre, on its halo, below the saddle's brightness
+    assert np.array_equal(add_click(found, decoded, free, x, y), found)
+    added = add_click(found, decoded, free, x, y, intensity) & ~found
+    rows, columns = np.mgrid[: found.shape[0], : found.shape[1]]
+    left = np.hypot(columns - 20, rows - 24) <= 11.5
+    assert added[y, x] and (left & ~found & ~added).sum() <= 0.05 * (left & ~found).sum()
+    assert not added[radius > 13].any() and not added[:, 32:].any()  # not beyond the contour, nor the neighbour
+    flipped = add_click(found, decoded, free, x, y, intensity_map(255 - image, found.shape)) & ~found
+    assert (flipped ^ added).sum() <= 2  # dark objects on a bright background: the same contour (but for
+    # a pixel or two at the click's own level, where the inverted image's smoothing rounds the other way)
+    window = click_window(found.shape, 3, 45, found)
+    assert not level_region(found, window, intensity, 3, 45).any()  # the background's level: no object there
+
+
 def test_intensity_map_reads_the_image_as_the_package_does():
     from PIL import Image
 
@@ -232,7 +265,8 @@ def test_session_on_a_tiny_model_corrects_from_the_cached_embedding():
     corrected = session.mask(points=[(30, 20)], labels=[1])
     decoded = session.decode_logits(points=[(30, 20)], labels=[1])
     assert np.array_equal(decoded > 0, session.decode(points=[(30, 20)], labels=[1]))
-    assert np.array_equal(corrected, add_click(session.free_mask, decoded, session.free_logit_map, 30, 20))
+    assert np.array_equal(corrected, add_click(session.free_mask, decoded, session.free_logit_map, 30, 20,
+                                               intensity_map(image, (48, 64))))
     assert np.array_equal(session.mask(points=[(30, 20), (5, 5)], labels=[1, 0]),
                           remove_click(corrected, session.free_logit_map, 5, 5, intensity_map(image, (48, 64))))
     np.testing.assert_allclose(session.intensity, image.mean(axis=-1), atol=1e-4)
@@ -289,13 +323,14 @@ def test_a_tiled_session_starts_from_the_tiled_mask_and_decodes_a_click_on_its_t
     outside = np.ones(decoded.shape, dtype=bool)
     outside[top : top + side, left : left + side] = False
     assert (decoded[outside] == TILE_OUTSIDE).all()
+    intensity = intensity_map(image, image.shape[:2])  # the whole image's, as the tiled mask is
     assert np.array_equal(session.mask(points=[(x, y)], labels=[1]),
-                          add_click(session.free_mask, decoded, session.free_logit_map, x, y))
+                          add_click(session.free_mask, decoded, session.free_logit_map, x, y, intensity))
     session.decode_logits([(x + 2, y + 1)])
     assert len(session._tiles) == 1  # the same tile, encoded once
     # a negative click edits the tiled mask by the tiled logits
     assert np.array_equal(session.mask(points=[(x, y)], labels=[0]),
-                          remove_click(session.free_mask, session.free_logit_map, x, y))
+                          remove_click(session.free_mask, session.free_logit_map, x, y, intensity))
 
 
 def test_a_session_given_the_images_prediction_reuses_it():
